@@ -1,0 +1,7 @@
+"""`python -m proxy` runs the same command line as the `shared-ollama-proxy` script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

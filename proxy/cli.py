@@ -1,0 +1,148 @@
+"""`shared-ollama-proxy serve|emulate|check-config`: the command line (also `python -m proxy`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import attrs
+
+from . import __version__
+from .config import ConfigError, UpstreamConfig, load_config, parse_listen
+
+__all__ = ["main"]
+
+log = logging.getLogger("proxy")
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (it measurably lowers per-request CPU), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import build_app
+    from .serving import run_until_signalled, start_site
+    from .telemetry.setup import build_telemetry
+
+    try:
+        config = load_config(args.config)
+        if args.listen:
+            parse_listen(args.listen)
+            config = attrs.evolve(config, server=attrs.evolve(config.server, listen=args.listen))
+        if args.upstream:
+            config = attrs.evolve(config, upstreams=tuple(UpstreamConfig(url=u) for u in args.upstream))
+    except (ConfigError, ValueError) as exc:
+        print(f"shared-ollama-proxy: {exc}", file=sys.stderr)
+        return 2
+    host, port = parse_listen(config.server.listen)
+
+    async def serve() -> None:
+        telemetry = build_telemetry(config.telemetry)
+        app = build_app(config, telemetry)
+        runner = await start_site(app, host, port, backlog=config.server.backlog,
+                                  header_timeout_s=config.server.header_timeout_s,
+                                  keepalive_timeout_s=config.server.keepalive_timeout_s,
+                                  shutdown_timeout_s=config.server.shutdown_timeout_s)
+        log.info("shared-ollama-proxy %s listening on http://%s:%d, upstreams: %s", __version__,
+                 host, port, ", ".join(u.url for u in config.upstreams))
+        try:
+            await run_until_signalled(runner)
+        finally:
+            telemetry.shutdown()
+
+    _run(serve())
+    return 0
+
+
+def _emulate(args: argparse.Namespace) -> int:
+    from .emulator.app import create_emulator_app
+    from .emulator.engine import EngineSettings
+    from .serving import run_until_signalled, start_site
+
+    host, port = parse_listen(args.listen)
+    settings = EngineSettings(seed=args.seed, decode_tokens_per_s=args.decode_tokens_per_s,
+                              prefill_tokens_per_s=args.prefill_tokens_per_s, load_s=args.load_s,
+                              fixed_clock_ns=args.fixed_clock_ns)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+
+    async def serve() -> None:
+        app = create_emulator_app(settings, models, loopback_guard=not args.no_host_check)
+        runner = await start_site(app, host, port, header_timeout_s=3600, keepalive_timeout_s=3600)
+        log.info("emulated Ollama %s on http://%s:%d with models %s", settings.version, host, port,
+                 ", ".join(models))
+        await run_until_signalled(runner)
+
+    _run(serve())
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK ({len(config.upstreams)} upstream(s), listen {config.server.listen})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shared-ollama-proxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help="YAML configuration file")
+    serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:11435; env SOP_LISTEN)")
+    serve.add_argument("--upstream", action="append", metavar="URL",
+                       help="an Ollama replica URL; repeat for several (default http://127.0.0.1:11434)")
+    serve.set_defaults(func=_serve)
+
+    emulate = commands.add_parser("emulate", help="run an emulated Ollama daemon (tests, demos, benches)")
+    emulate.add_argument("--listen", default="127.0.0.1:11434")
+    emulate.add_argument("--models", default="llama3.2,qwen3,nomic-embed-text",
+                         help="comma-separated local models")
+    emulate.add_argument("--seed", type=int, default=0, help="seed of the deterministic text")
+    emulate.add_argument("--decode-tokens-per-s", type=float, default=0.0,
+                         help="token rate of streams (0 = as fast as possible)")
+    emulate.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
+                         help="prompt processing rate (0 = instant)")
+    emulate.add_argument("--load-s", type=float, default=0.0, help="time to load a model")
+    emulate.add_argument("--fixed-clock-ns", type=int, default=None,
+                         help="freeze created_at and report modelled durations (reproducible bytes)")
+    emulate.add_argument("--no-host-check", action="store_true",
+                         help="accept any Host header (Ollama checks it when bound to loopback)")
+    emulate.set_defaults(func=_emulate)
+
+    check = commands.add_parser("check-config", help="validate a configuration file without serving")
+    check.add_argument("file")
+    check.set_defaults(func=_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `shared-ollama-proxy` console script."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

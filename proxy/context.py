@@ -1,0 +1,73 @@
+"""RequestContext: everything the chain learns about one request, stored once under `CONTEXT`.
+
+Steps read and write it; ingress creates it and turns it into the access log line, span status and
+metrics. It never holds a prompt for logging: `body` is the raw request body, used only for forwarding and
+parsing values such as `model`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+import orjson
+from aiohttp import web
+from opentelemetry.trace import Span
+
+from .ollama import RouteInfo, Usage
+
+__all__ = ["CONTEXT", "RequestContext"]
+
+
+@attrs.define
+class RequestContext:
+    """Per-request state shared by ingress, the steps and the forwarder."""
+
+    request_id: str
+    route: RouteInfo
+    started: float = attrs.field(factory=time.monotonic)
+    body: bytes | None = None
+    """The request body once read (None for bodiless requests and streamed blob uploads)."""
+    upstream_name: str | None = None
+    outcome: str = "ok"
+    """`ok`, a ProxyError code, `client_disconnect`, or `upstream_error` for a mid-stream failure."""
+    status: int = 0
+    first_byte_at: float | None = None
+    bytes_out: int = 0
+    usage: Usage | None = None
+    root_span: Span | None = None
+    _json: Any = attrs.field(default=None, alias="_json")
+    _json_parsed: bool = attrs.field(default=False, alias="_json_parsed")
+
+    def json(self) -> Any:
+        """The body parsed as JSON (cached), or None if it is absent or not JSON."""
+        if not self._json_parsed:
+            self._json_parsed = True
+            if self.body:
+                try:
+                    self._json = orjson.loads(self.body)
+                except orjson.JSONDecodeError:
+                    self._json = None
+        return self._json
+
+    @property
+    def model(self) -> str | None:
+        """The `model` the client asked for, if the body names one."""
+        value = self.json()
+        if isinstance(value, dict):
+            model = value.get("model") or value.get("name")
+            if isinstance(model, str):
+                return model
+        return None
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the client asked for a stream (the route's default when the body does not say)."""
+        value = self.json()
+        if isinstance(value, dict) and isinstance(value.get("stream"), bool):
+            return bool(value["stream"])
+        return self.route.stream_default
+
+
+CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("sop_context", RequestContext)

@@ -1,0 +1,230 @@
+"""The emulator's HTTP surface: gin's routing rules (404/405/trailing-slash redirect), the Host and CORS
+guards of reference §3, body decoding with Go's error texts, and `/_emulator/*` introspection.
+
+Routing is done here rather than by aiohttp's router so that fallbacks match gin byte for byte.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+from aiohttp import web
+
+from . import wire
+from .anthropic_compat import AnthropicError, AnthropicRoutes, anthropic_error_type
+from .catalog import ModelStore
+from .engine import Engine, EngineSettings
+from .management import ManagementRoutes
+from .native import NativeRoutes, RequestError
+from .openai_compat import OpenAIError, OpenAIRoutes, openai_error_type
+from .vocabulary import Vocabulary, default_vocabulary
+
+__all__ = ["ENGINE", "DEFAULT_MODELS", "create_emulator_app"]
+
+ENGINE: web.AppKey[Engine] = web.AppKey("emulator_engine", Engine)
+DEFAULT_MODELS = ("llama3.2", "qwen3", "nomic-embed-text")
+
+Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
+
+
+@attrs.frozen
+class Route:
+    """One registered path: its methods, handler and how its JSON body is decoded."""
+
+    pattern: re.Pattern[str]
+    methods: tuple[str, ...]
+    handler: Handler
+    struct: str | None = None
+    types: dict[str, tuple[type, str]] = attrs.field(factory=dict)
+
+
+_GEN_TYPES: dict[str, tuple[type, str]] = {
+    "model": (str, "string"), "prompt": (str, "string"), "stream": (bool, "bool"),
+    "raw": (bool, "bool"), "system": (str, "string"), "suffix": (str, "string")}
+_CHAT_TYPES: dict[str, tuple[type, str]] = {
+    "model": (str, "string"), "stream": (bool, "bool"), "messages": (list, "[]api.Message")}
+_MODEL_TYPES: dict[str, tuple[type, str]] = {"model": (str, "string"), "stream": (bool, "bool")}
+
+_CORS_ALLOW_HEADERS = ("Authorization,Content-Type,User-Agent,Accept,X-Requested-With,Openai-Beta,"
+                       "X-Stainless-Arch,X-Stainless-Async,X-Stainless-Custom-Poll-Interval,"
+                       "X-Stainless-Helper-Method,X-Stainless-Lang,X-Stainless-Os,"
+                       "X-Stainless-Package-Version,X-Stainless-Poll-Helper,X-Stainless-Retry-Count,"
+                       "X-Stainless-Runtime,X-Stainless-Runtime-Version,X-Stainless-Timeout")
+_CORS_ORIGINS = tuple(
+    f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "0.0.0.0")
+    for scheme in ("http", "https") for port in ("", ":*")
+) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+
+
+def _route(path: str, methods: tuple[str, ...], handler: Handler, struct: str | None = None,
+           types: dict[str, tuple[type, str]] | None = None) -> Route:
+    regex = "^" + re.sub(r":(\w+)", r"(?P<\1>[^/]+)", path) + "$"
+    return Route(re.compile(regex), methods, handler, struct, types or {})
+
+
+def _routes(engine: Engine) -> list[Route]:
+    native = NativeRoutes(engine)
+    manage = ManagementRoutes(engine)
+    openai = OpenAIRoutes(engine)
+    anthropic = AnthropicRoutes(engine)
+    head_get = ("GET", "HEAD")
+    return [
+        _route("/", head_get, manage.root),
+        _route("/api/version", head_get, manage.version),
+        _route("/api/status", ("GET",), manage.status),
+        _route("/api/pull", ("POST",), manage.pull, "PullRequest", _MODEL_TYPES),
+        _route("/api/push", ("POST",), manage.push, "PushRequest", _MODEL_TYPES),
+        _route("/api/tags", head_get, manage.tags),
+        _route("/api/show", ("POST",), manage.show, "ShowRequest", {"model": (str, "string")}),
+        _route("/api/delete", ("DELETE",), manage.delete, "DeleteRequest",
+               {"model": (str, "string")}),
+        _route("/api/create", ("POST",), manage.create, "CreateRequest", _MODEL_TYPES),
+        _route("/api/blobs/:digest", ("POST", "HEAD"), _blob_dispatch(manage)),
+        _route("/api/copy", ("POST",), manage.copy, "CopyRequest",
+               {"source": (str, "string"), "destination": (str, "string")}),
+        _route("/api/experimental/model-recommendations", ("GET",), manage.recommendations),
+        _route("/api/ps", ("GET",), manage.ps),
+        _route("/api/generate", ("POST",), native.generate, "GenerateRequest", _GEN_TYPES),
+        _route("/api/chat", ("POST",), native.chat, "ChatRequest", _CHAT_TYPES),
+        _route("/api/embed", ("POST",), native.embed, "EmbedRequest", {"model": (str, "string")}),
+        _route("/api/embeddings", ("POST",), native.embeddings, "EmbeddingRequest",
+               {"model": (str, "string"), "prompt": (str, "string")}),
+        _route("/v1/chat/completions", ("POST",), openai.chat_completions, "ChatCompletionRequest"),
+        _route("/v1/completions", ("POST",), openai.completions, "CompletionRequest"),
+        _route("/v1/embeddings", ("POST",), openai.embeddings, "EmbedRequest"),
+        _route("/v1/models", ("GET",), openai.models),
+        _route("/v1/models/:model", ("GET",), openai.model),
+        _route("/v1/messages", ("POST",), anthropic.messages, "MessagesRequest"),
+    ]
+
+
+def _blob_dispatch(manage: ManagementRoutes) -> Handler:
+    async def handler(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        if request.method == "HEAD":
+            return await manage.head_blob(request, body)
+        return await manage.create_blob(request, body)
+    return handler
+
+
+def _redirect(request: web.Request, location: str) -> web.Response:
+    """gin's trailing-slash redirect through Go's http.Redirect: 301 with a small HTML body for GET,
+    307 with no body and no Content-Type otherwise."""
+    if request.method == "GET":
+        body = f'<a href="{location}">Moved Permanently</a>.\n\n'.encode()
+        return web.Response(status=301, body=body, headers={
+            "Location": location, "Content-Type": "text/html; charset=utf-8"})
+    return web.Response(status=307, headers={"Location": location})
+
+
+def _host_allowed(host_header: str) -> bool:
+    """Ollama's DNS-rebinding guard for a loopback listener (reference §3.2)."""
+    host = host_header
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    host = host.lower()
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return (host in ("", "localhost", socket.gethostname().lower())
+                or host.endswith((".localhost", ".local", ".internal")))
+    return address.is_loopback or address.is_private or address.is_unspecified
+
+
+def _origin_allowed(origin: str) -> bool:
+    return any(fnmatch.fnmatchcase(origin, pattern) for pattern in _CORS_ORIGINS)
+
+
+def create_emulator_app(settings: EngineSettings | None = None, models: tuple[str, ...] = DEFAULT_MODELS,
+                        vocabulary: Vocabulary | None = None, loopback_guard: bool = True
+                        ) -> web.Application:
+    """An aiohttp application that behaves like one Ollama daemon holding `models`.
+
+    `loopback_guard` turns on the Host check Ollama applies when it listens on loopback.
+    """
+    settings = settings or EngineSettings()
+    store = ModelStore.with_models(models, settings.fixed_clock_ns or time.time_ns())
+    engine = Engine(settings, store, vocabulary or default_vocabulary())
+    routes = _routes(engine)
+    anthropic_ids = AnthropicRoutes(engine)
+
+    async def render_error(request: web.Request, exc: RequestError) -> web.StreamResponse:
+        if isinstance(exc, OpenAIError) or (request.path.startswith("/v1/")
+                                            and not request.path.startswith("/v1/messages")):
+            value = {"error": {"message": exc.message, "type": openai_error_type(exc.status),
+                               "param": None, "code": None}}
+            return await wire.send_json(request, value, exc.status, wire.CT_JSON_PLAIN, newline=True)
+        if isinstance(exc, AnthropicError) or request.path == "/v1/messages":
+            value = {"type": "error", "error": {"type": anthropic_error_type(exc.status),
+                                                "message": exc.message},
+                     "request_id": anthropic_ids.request_id()}
+            return await wire.send_json(request, value, exc.status, wire.CT_JSON_PLAIN, newline=True)
+        return await wire.send_error(request, exc.status, exc.message)
+
+    async def stats(request: web.Request) -> web.StreamResponse:
+        per_model = {name: s.as_dict() for name, s in sorted(engine.stats.items())}
+        totals = {key: sum(s[key] for s in per_model.values())
+                  for key in ("active", "waiting", "completed", "cancelled")}
+        return web.json_response({**totals, "models": per_model,
+                                  "loaded": sorted(engine.loaded)})
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path == "/_emulator/stats" and request.method == "GET":
+            return await stats(request)
+        origin = request.headers.get("Origin")
+        host = request.headers.get("Host", "")
+        cors_headers: dict[str, str] = {}
+        if origin and origin not in (f"http://{host}", f"https://{host}"):
+            if not _origin_allowed(origin):
+                return web.Response(status=403)
+            if request.method == "OPTIONS":
+                return web.Response(status=204, headers={
+                    "Access-Control-Allow-Origin": origin,
+                    "Access-Control-Allow-Methods": "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS",
+                    "Access-Control-Allow-Headers": _CORS_ALLOW_HEADERS,
+                    "Access-Control-Max-Age": "43200", "Vary": "Origin"})
+            cors_headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if loopback_guard and not _host_allowed(host):
+            return web.Response(status=403)
+        matches = [(route, m) for route in routes if (m := route.pattern.match(path))]
+        if not matches and path != "/" and path.endswith("/"):
+            trimmed = path.rstrip("/")
+            if any(route.pattern.match(trimmed) for route in routes):
+                location = request.headers.get("X-Forwarded-Prefix", "") + trimmed
+                return _redirect(request, location)
+        if not matches:
+            return await wire.send_bytes(request, 404, b"404 page not found", "text/plain")
+        for route, match in matches:
+            if request.method in route.methods:
+                request.match_info.update(match.groupdict())  # type: ignore[attr-defined]
+                try:
+                    body: dict[str, Any] = {}
+                    if route.struct is not None:
+                        raw = await request.read()
+                        try:
+                            body = wire.decode_body(raw, route.struct, route.types)
+                        except wire.GoDecodeError as exc:
+                            raise RequestError(400, str(exc)) from None
+                    response = await route.handler(request, body)
+                except RequestError as exc:
+                    response = await render_error(request, exc)
+                if cors_headers and not response.prepared:
+                    response.headers.update(cors_headers)
+                return response
+        allow = ", ".join(dict.fromkeys(m for route, _ in matches for m in route.methods))
+        return await wire.send_bytes(request, 405, b"405 method not allowed", "text/plain",
+                                     {"Allow": allow})
+
+    app = web.Application(client_max_size=1 << 40)
+    app[ENGINE] = engine
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    return app

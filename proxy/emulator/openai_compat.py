@@ -1,0 +1,217 @@
+"""Emulated OpenAI-compatible routes (reference §7): chat completions, completions, embeddings, models.
+
+Bodies end with `\n` and carry `Content-Type: application/json` (Go's json.Encoder); errors use OpenAI's shape;
+streams are SSE `data: {...}\n\n` events ending with `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any
+
+from aiohttp import web
+
+from . import wire
+from .catalog import display_name
+from .engine import Engine, RunResult
+from .native import RequestError
+
+__all__ = ["OpenAIError", "OpenAIRoutes", "openai_error_type"]
+
+
+class OpenAIError(RequestError):
+    """An error rendered in OpenAI's shape."""
+
+
+def openai_error_type(status: int) -> str:
+    return {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+
+
+def _event(value: Any) -> bytes:
+    return b"data: " + wire.gojson.dumps_bytes(value) + b"\n\n"
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+class OpenAIRoutes:
+    """Handlers for `/v1/*` OpenAI compatibility, bound to one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sequence = 0
+
+    def _id(self, prefix: str) -> str:
+        self._sequence = (self._sequence + 1) % 999
+        return f"{prefix}-{self._sequence}"
+
+    def _entry(self, model: str, capability: str) -> Any:
+        entry = self.engine.store.get(model) if model else None
+        if entry is None:
+            raise OpenAIError(404, f"model '{model}' not found")
+        if capability not in entry.capabilities:
+            raise OpenAIError(400, f'"{model}" does not support {capability}')
+        return entry
+
+    @staticmethod
+    def _options(body: dict[str, Any]) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if isinstance(body.get("max_tokens"), int):
+            options["num_predict"] = body["max_tokens"]
+        if isinstance(body.get("seed"), int):
+            options["seed"] = body["seed"]
+        return options
+
+    async def chat_completions(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise OpenAIError(400, "[] is too short - 'messages'")
+        model = body.get("model") or ""
+        entry = self._entry(model, "completion")
+        engine = self.engine
+        flat = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in messages
+                if isinstance(m, dict)]
+        result = RunResult()
+        tokens = engine.generate(entry, engine.count_chat(flat), ("chat", repr(flat)),
+                                 self._options(body), None, result)
+        ident = self._id("chatcmpl")
+        created = engine.now_ns() // 1_000_000_000
+        base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": "fp_ollama"}
+        if body.get("stream") is True:
+            response: web.StreamResponse | None = None
+            first = True
+            async for token in tokens:
+                if response is None:
+                    response = await wire.start_stream(request, wire.CT_SSE)
+                delta: dict[str, Any] = {"role": "assistant", "content": token} if first else {
+                    "content": token}
+                first = False
+                await response.write(_event({**base, "choices": [
+                    {"index": 0, "delta": delta, "finish_reason": None}]}))
+            if response is None:
+                response = await wire.start_stream(request, wire.CT_SSE)
+            await response.write(_event({**base, "choices": [
+                {"index": 0, "delta": {}, "finish_reason": _finish(result.done_reason)}]}))
+            options = body.get("stream_options")
+            if isinstance(options, dict) and options.get("include_usage"):
+                await response.write(_event({**base, "choices": [], "usage": _usage(result)}))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        text = "".join([token async for token in tokens])
+        value = {"id": ident, "object": "chat.completion", "created": created, "model": model,
+                 "system_fingerprint": "fp_ollama",
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                              "finish_reason": _finish(result.done_reason)}],
+                 "usage": _usage(result)}
+        return await wire.send_json(request, value, content_type=wire.CT_JSON_PLAIN, newline=True)
+
+    async def completions(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        model = body.get("model") or ""
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise OpenAIError(400, "invalid type for 'prompt' field: only string is supported")
+        entry = self._entry(model, "completion")
+        engine = self.engine
+        result = RunResult()
+        tokens = engine.generate(entry, engine.count_prompt(prompt), ("generate", prompt),
+                                 self._options(body), None, result)
+        ident = self._id("cmpl")
+        if body.get("stream") is True:
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            response = await wire.start_stream(request, wire.CT_SSE)
+            pending: str | None = None
+
+            def chunk(text: str, reason: str | None) -> dict[str, Any]:
+                value: dict[str, Any] = {
+                    "id": ident, "object": "text_completion", "created": engine.now_ns() // 10**9,
+                    "choices": [{"text": text, "index": 0, "finish_reason": reason}],
+                    "model": model, "system_fingerprint": "fp_ollama"}
+                if include_usage:
+                    value["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+                return value
+
+            async for token in tokens:
+                if pending is not None:
+                    await response.write(_event(chunk(pending, None)))
+                pending = token
+            await response.write(_event(chunk(pending or "", _finish(result.done_reason))))
+            if include_usage:
+                await response.write(_event({
+                    "id": ident, "object": "text_completion", "created": engine.now_ns() // 10**9,
+                    "choices": [], "model": model, "system_fingerprint": "fp_ollama",
+                    "usage": _usage(result)}))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        text = "".join([token async for token in tokens])
+        value = {"id": ident, "object": "text_completion", "created": engine.now_ns() // 10**9,
+                 "model": model, "system_fingerprint": "fp_ollama",
+                 "choices": [{"text": text, "index": 0, "finish_reason": _finish(result.done_reason)}],
+                 "usage": _usage(result)}
+        return await wire.send_json(request, value, content_type=wire.CT_JSON_PLAIN, newline=True)
+
+    async def embeddings(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        model = body.get("model") or ""
+        raw = body.get("input")
+        if raw is None or raw == []:
+            raise OpenAIError(400, "invalid input")
+        texts = [raw] if isinstance(raw, str) else raw
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise OpenAIError(400, "invalid input")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise OpenAIError(400, f"Invalid value for 'encoding_format' = {encoding}. "
+                                   "Supported values: ['float', 'base64'].")
+        entry = self.engine.store.get(model) if model else None
+        if entry is None:
+            raise OpenAIError(404, f'model "{model}" not found, try pulling it first')
+        dimensions = body.get("dimensions")
+        vectors, result = await self.engine.embed(
+            entry, texts, None, normalize=True,
+            dimensions=dimensions if isinstance(dimensions, int) else None)
+        data = []
+        for index, vector in enumerate(vectors):
+            embedding: Any = vector
+            if encoding == "base64":
+                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "embedding": embedding, "index": index})
+        value = {"object": "list", "data": data, "model": model,
+                 "usage": {"prompt_tokens": result.prompt_eval_count,
+                           "total_tokens": result.prompt_eval_count}}
+        return await wire.send_json(request, value, content_type=wire.CT_JSON_PLAIN, newline=True)
+
+    async def models(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        del body
+        entries = self.engine.store.by_recency()
+        data = [{"id": e.name, "object": "model", "created": e.modified_ns // 10**9,
+                 "owned_by": e.namespace} for e in entries] or None
+        return await wire.send_json(request, {"object": "list", "data": data},
+                                    content_type=wire.CT_JSON_PLAIN, newline=True)
+
+    async def model(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        del body
+        name = request.match_info["model"]
+        entry = self.engine.store.get(name)
+        if entry is None:
+            raise OpenAIError(404, f"model '{display_name(name)}' not found")
+        value = {"id": name, "object": "model", "created": entry.modified_ns // 10**9,
+                 "owned_by": entry.namespace}
+        return await wire.send_json(request, value, content_type=wire.CT_JSON_PLAIN, newline=True)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def _usage(result: RunResult) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_eval_count, "completion_tokens": result.eval_count,
+            "total_tokens": result.prompt_eval_count + result.eval_count}

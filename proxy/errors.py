@@ -1,0 +1,68 @@
+"""The ProxyError tree: every refusal the proxy itself makes, with one table of status, code and Retry-After.
+
+Codes use Envoy's vocabulary; the same string is `error.type` on spans and metrics and the outcome in the
+access log. Steps raise these; only ingress renders them (see proxy/ingress.py).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InternalProxyError",
+    "ProxyError",
+    "RequestPayloadTooLarge",
+    "UpstreamConnectFailure",
+    "UpstreamResetBeforeResponseStarted",
+    "UpstreamResponseTimeout",
+]
+
+
+class ProxyError(Exception):
+    """A request the proxy ends itself.
+
+    Contract: `status` is the HTTP status before the first byte; `code` is a stable machine-readable
+    reason; `message` is safe to show a client (never a prompt, body or key); `retry_after_s`, when set,
+    becomes the `Retry-After` header (whole seconds, rounded up) and `retry_after_s` in the body.
+    """
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class RequestPayloadTooLarge(ProxyError):
+    """The body is larger than `server.max_body_bytes`."""
+
+    status = 413
+    code = "request_payload_too_large"
+
+
+class UpstreamConnectFailure(ProxyError):
+    """No TCP connection to the replica could be made."""
+
+    status = 502
+    code = "upstream_connect_failure"
+
+
+class UpstreamResetBeforeResponseStarted(ProxyError):
+    """The replica closed the connection before sending response headers."""
+
+    status = 502
+    code = "upstream_reset_before_response_started"
+
+
+class UpstreamResponseTimeout(ProxyError):
+    """The replica sent no headers within the first-byte timeout (or a body chunk within the idle one)."""
+
+    status = 504
+    code = "upstream_response_timeout"
+
+
+class InternalProxyError(ProxyError):
+    """An unexpected failure inside the proxy; details go to the log and the span only."""
+
+    status = 500
+    code = "internal_error"

@@ -1,0 +1,316 @@
+"""The terminal handler: one upstream call per request, relayed byte for byte.
+
+Header policy: hop-by-hop headers (and those named in `Connection`) are dropped both ways; `Host` is the
+replica's own address (Ollama's loopback guard refuses foreign hosts, reference §3.2); `X-Forwarded-For/
+-Proto/-Host` are added; `traceparent` is the GenAI CLIENT span's. aiohttp's automatic request headers
+(User-Agent, Accept, Accept-Encoding, Content-Type) are suppressed so the replica sees what the client sent.
+
+Relay: bytes are written as they arrive (`readany`), never decoded, re-encoded or compressed; the response
+keeps the upstream's framing (Content-Length when it sent one, chunked otherwise). Timeouts are by phase:
+connect, first byte, idle gap between chunks; there is no total timeout. A client that goes away cancels
+the handler, and the `finally` below closes the upstream connection at once: Ollama's only cancel signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, istr
+from opentelemetry import trace
+from opentelemetry.propagators.textmap import DefaultSetter
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from .config import ForwardingConfig
+from .context import CONTEXT, RequestContext
+from .errors import (
+    UpstreamConnectFailure,
+    UpstreamResetBeforeResponseStarted,
+    UpstreamResponseTimeout,
+)
+from .ollama import UsageScanner
+from .telemetry import semconv
+from .telemetry.setup import Telemetry
+from .upstreams import Upstream, UpstreamSet
+
+__all__ = ["HOP_BY_HOP", "Forwarder", "mid_stream_error"]
+
+log = logging.getLogger("proxy.forwarding")
+
+HOP_BY_HOP = frozenset(istr(h) for h in (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE",
+    "Trailer", "Transfer-Encoding", "Upgrade"))
+_DROP_REQUEST = HOP_BY_HOP | {istr("Host"), istr("Content-Length"), istr("traceparent"),
+                              istr("tracestate")}
+_DROP_RESPONSE = HOP_BY_HOP | {istr("Content-Length")}
+_SKIP_AUTO = (istr("User-Agent"), istr("Accept"), istr("Accept-Encoding"), istr("Content-Type"))
+_PROPAGATOR = TraceContextTextMapPropagator()
+_SETTER: DefaultSetter[Any] = DefaultSetter()
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def _connection_tokens(headers: Any) -> set[str]:
+    return {token.strip().lower() for value in headers.getall("Connection", ())
+            for token in value.split(",") if token.strip()}
+
+
+def mid_stream_error(content_type: str, message: str, code: str) -> bytes | None:
+    """The one final record that ends a broken stream in its own framing, or None when the body is not
+    a stream (then the connection is aborted instead, so the client sees a truncated response)."""
+    if content_type.startswith("application/x-ndjson"):
+        return orjson.dumps({"error": message, "code": code}) + b"\n"
+    if content_type.startswith("text/event-stream"):
+        payload = {"error": {"message": message, "type": "api_error", "param": None, "code": code}}
+        return b"data: " + orjson.dumps(payload) + b"\n\n"
+    return None
+
+
+class Forwarder:
+    """Owns the upstream connection pool and relays requests to the replica the chain chose."""
+
+    def __init__(self, upstreams: UpstreamSet, config: ForwardingConfig, telemetry: Telemetry) -> None:
+        self.upstreams = upstreams
+        self.config = config
+        self.telemetry = telemetry
+        self._session: aiohttp.ClientSession | None = None
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context: the pool lives exactly as long as the application."""
+        del app
+        connector = aiohttp.TCPConnector(limit=self.config.pool_size,
+                                         keepalive_timeout=self.config.keepalive_s,
+                                         enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, connect=None,
+                                          sock_connect=self.config.connect_timeout_s,
+                                          sock_read=None))
+        try:
+            yield
+        finally:
+            await self._session.close()
+            self._session = None
+
+    # request side ------------------------------------------------------------------------------------
+    def _request_headers(self, request: web.Request, upstream: Upstream, span: Span
+                         ) -> CIMultiDict[str]:
+        named = _connection_tokens(request.headers)
+        headers: CIMultiDict[str] = CIMultiDict()
+        for key, value in request.headers.items():
+            if key in _DROP_REQUEST or key.lower() in named:
+                continue
+            headers.add(key, value)
+        headers["Host"] = upstream.host_header
+        peer = request.remote or ""
+        prior = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        headers["X-Forwarded-Proto"] = request.scheme
+        if "X-Forwarded-Host" not in headers and "Host" in request.headers:
+            headers["X-Forwarded-Host"] = request.headers["Host"]
+        _PROPAGATOR.inject(headers, context=trace.set_span_in_context(span), setter=_SETTER)
+        return headers
+
+    def _request_data(self, request: web.Request, ctx: RequestContext) -> Any:
+        if ctx.route.streams_body_upload:
+            return request.content.iter_chunked(1 << 16)
+        return ctx.body
+
+    def _start_client_span(self, ctx: RequestContext, request: web.Request,
+                           upstream: Upstream) -> Span:
+        operation = ctx.route.operation
+        model = ctx.model
+        attributes: dict[str, Any] = {
+            semconv.ATTR_SERVER_ADDRESS: upstream.url.host or "",
+            semconv.ATTR_SERVER_PORT: upstream.url.port or 0,
+            semconv.ATTR_UPSTREAM_NAME: upstream.name,
+            semconv.ATTR_HTTP_METHOD: request.method,
+        }
+        if operation is not None:
+            name = f"{operation} {model}" if model else operation
+            attributes[semconv.ATTR_GEN_AI_OPERATION] = operation
+            attributes[semconv.ATTR_GEN_AI_PROVIDER] = semconv.PROVIDER_OLLAMA
+            if model:
+                attributes[semconv.ATTR_GEN_AI_REQUEST_MODEL] = model
+        else:
+            name = f"{request.method} upstream"
+        return self.telemetry.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+
+    # the handler -------------------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Forward `request` to the next replica and relay its response."""
+        ctx = request[CONTEXT]
+        upstream = self.upstreams.next()
+        ctx.upstream_name = upstream.name
+        span = self._start_client_span(ctx, request, upstream)
+        started = time.monotonic()
+        upstream.in_flight += 1
+        try:
+            return await self._exchange(request, ctx, upstream, span, started)
+        finally:
+            upstream.in_flight -= 1
+            self._finish(ctx, span, started)
+
+    async def _exchange(self, request: web.Request, ctx: RequestContext, upstream: Upstream,
+                        span: Span, started: float) -> web.StreamResponse:
+        session = self._session
+        assert session is not None, "forwarder used outside the application lifecycle"
+        headers = self._request_headers(request, upstream, span)
+        try:
+            async with asyncio.timeout(self.config.first_byte_timeout_s):
+                upstream_response = await session.request(
+                    request.method, upstream.target(request.raw_path), headers=headers,
+                    data=self._request_data(request, ctx), allow_redirects=False,
+                    skip_auto_headers=_SKIP_AUTO, compress=None)
+        except TimeoutError:
+            raise UpstreamResponseTimeout(
+                f"upstream {upstream.name} sent no response within "
+                f"{self.config.first_byte_timeout_s:g}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamConnectFailure(f"cannot connect to upstream {upstream.name}: "
+                                         f"{exc.os_error.strerror or exc.os_error}") from None
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamConnectFailure(f"timed out connecting to upstream {upstream.name}") from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise UpstreamResetBeforeResponseStarted(
+                f"upstream {upstream.name} closed the connection before responding "
+                f"({type(exc).__name__})") from None
+        try:
+            return await self._relay(request, ctx, upstream_response, span, started)
+        finally:
+            # Not fully read (client gone, timeout, error): closing drops the connection, which is the
+            # cancel signal Ollama understands. After a complete read, release returns it to the pool.
+            if upstream_response.content.is_eof():
+                upstream_response.release()
+            else:
+                upstream_response.close()
+
+    async def _relay(self, request: web.Request, ctx: RequestContext,
+                     upstream_response: aiohttp.ClientResponse, span: Span,
+                     started: float) -> web.StreamResponse:
+        headers: CIMultiDict[str] = CIMultiDict()
+        named = _connection_tokens(upstream_response.headers)
+        for key, value in upstream_response.headers.items():
+            if key in _DROP_RESPONSE or key.lower() in named:
+                continue
+            headers.add(key, value)
+        response = web.StreamResponse(status=upstream_response.status,
+                                      reason=upstream_response.reason, headers=headers)
+        length = upstream_response.headers.get("Content-Length")
+        if length is not None:
+            response.content_length = int(length)
+        elif (request.method != "HEAD" and upstream_response.status not in _NO_BODY_STATUSES
+              and upstream_response.status >= 200):
+            response.enable_chunked_encoding()
+        ctx.status = upstream_response.status
+        span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
+        await response.prepare(request)
+        scanner = UsageScanner()
+        content = upstream_response.content
+        loop = asyncio.get_running_loop()
+        idle = self.config.idle_timeout_s
+        try:
+            async with asyncio.timeout(idle) as deadline:
+                while True:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    if ctx.first_byte_at is None:
+                        ctx.first_byte_at = time.monotonic()
+                        self._record_first_chunk(ctx, started)
+                    scanner.feed(chunk)
+                    await response.write(chunk)
+                    deadline.reschedule(loop.time() + idle)
+        except TimeoutError:
+            await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout",
+                                        f"upstream sent nothing for {idle:g}s")
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            if request.transport is None or request.transport.is_closing():
+                ctx.outcome = "client_disconnect"  # our write failed: the client went away
+            else:
+                await self._fail_mid_stream(request, response, ctx, "upstream_reset_after_response_started",
+                                            "upstream connection lost mid-response "
+                                            f"({type(exc).__name__})")
+        ctx.bytes_out = scanner.bytes_seen
+        ctx.usage = scanner.usage()
+        if ctx.outcome == "ok":
+            await response.write_eof()
+        return response
+
+    async def _fail_mid_stream(self, request: web.Request, response: web.StreamResponse,
+                               ctx: RequestContext, code: str, message: str) -> None:
+        """End a response whose headers are already sent: a final error record, or an abort."""
+        ctx.outcome = code
+        self.telemetry.metrics.upstream_errors.add(1, {semconv.ATTR_ERROR_TYPE: code})
+        log.warning("upstream %s failed mid-response: %s", ctx.upstream_name, code)
+        record = mid_stream_error(response.headers.get("Content-Type", ""), message, code)
+        if record is not None and response.chunked:
+            await response.write(record)
+            await response.write_eof()
+        elif request.transport is not None:
+            request.transport.close()
+
+    def _record_first_chunk(self, ctx: RequestContext, started: float) -> None:
+        if ctx.route.operation is None:
+            return
+        attributes = self._metric_attributes(ctx)
+        self.telemetry.metrics.time_to_first_chunk.record(time.monotonic() - started, attributes)
+
+    def _metric_attributes(self, ctx: RequestContext) -> dict[str, Any]:
+        attributes: dict[str, Any] = {
+            semconv.ATTR_GEN_AI_OPERATION: ctx.route.operation or "",
+            semconv.ATTR_GEN_AI_PROVIDER: semconv.PROVIDER_OLLAMA,
+            semconv.ATTR_GEN_AI_REQUEST_MODEL: ctx.model or "",
+            semconv.ATTR_UPSTREAM_NAME: ctx.upstream_name or "",
+        }
+        return attributes
+
+    def _finish(self, ctx: RequestContext, span: Span, started: float) -> None:
+        """Close the CLIENT span and record GenAI metrics once the last byte is out (or the request died)."""
+        usage = ctx.usage
+        if usage is not None:
+            if usage.response_model:
+                span.set_attribute(semconv.ATTR_GEN_AI_RESPONSE_MODEL, usage.response_model)
+            if usage.finish_reason:
+                span.set_attribute(semconv.ATTR_GEN_AI_RESPONSE_FINISH_REASONS, [usage.finish_reason])
+            if usage.input_tokens is not None:
+                span.set_attribute(semconv.ATTR_GEN_AI_USAGE_INPUT, usage.input_tokens)
+            if usage.output_tokens is not None:
+                span.set_attribute(semconv.ATTR_GEN_AI_USAGE_OUTPUT, usage.output_tokens)
+            for attribute, value in ((semconv.ATTR_OLLAMA_LOAD_DURATION, usage.load_duration_ns),
+                                     (semconv.ATTR_OLLAMA_PROMPT_EVAL_DURATION,
+                                      usage.prompt_eval_duration_ns),
+                                     (semconv.ATTR_OLLAMA_EVAL_DURATION, usage.eval_duration_ns)):
+                if value is not None:
+                    span.set_attribute(attribute, value)
+            if (usage.load_duration_ns or 0) >= semconv.COLD_LOAD_THRESHOLD_NS:
+                span.add_event(semconv.COLD_LOAD_EVENT,
+                               {semconv.ATTR_OLLAMA_LOAD_DURATION: usage.load_duration_ns or 0})
+        error_type = None if ctx.outcome == "ok" else ctx.outcome
+        if error_type is None and ctx.status >= 500:
+            error_type = str(ctx.status)
+        if error_type is not None:
+            span.set_attribute(semconv.ATTR_ERROR_TYPE, error_type)
+            span.set_status(Status(StatusCode.ERROR, error_type))
+        span.end()
+        if ctx.route.operation is None:
+            return
+        attributes = self._metric_attributes(ctx)
+        if error_type is not None:
+            attributes[semconv.ATTR_ERROR_TYPE] = error_type
+        metrics = self.telemetry.metrics
+        metrics.operation_duration.record(time.monotonic() - started, attributes)
+        if usage is not None and error_type is None:
+            if usage.input_tokens is not None:
+                metrics.token_usage.record(usage.input_tokens,
+                                           {**attributes, semconv.ATTR_GEN_AI_TOKEN_TYPE: "input"})
+            if usage.output_tokens is not None:
+                metrics.token_usage.record(usage.output_tokens,
+                                           {**attributes, semconv.ATTR_GEN_AI_TOKEN_TYPE: "output"})
+

@@ -1,0 +1,46 @@
+"""The proxy's metric instruments, created once per process from a Meter.
+
+Duration histograms use the GenAI/HTTP semconv bucket advice: seconds with boundaries that reach minutes,
+because a completion of 45 s is normal here.
+"""
+
+from __future__ import annotations
+
+from opentelemetry.metrics import Meter
+
+from . import semconv
+
+__all__ = ["DURATION_BUCKETS_S", "TOKEN_BUCKETS", "ProxyMetrics"]
+
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90,
+                      120, 180, 300)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+
+
+class ProxyMetrics:
+    """Instruments shared by ingress and the forwarder."""
+
+    def __init__(self, meter: Meter, prefix: str) -> None:
+        self.prefix = prefix
+        self.request_duration = meter.create_histogram(
+            semconv.METRIC_HTTP_REQUEST_DURATION, unit="s",
+            description="Duration of HTTP server requests, to the last byte of the response.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
+        self.active_requests = meter.create_up_down_counter(
+            semconv.METRIC_HTTP_ACTIVE_REQUESTS, unit="{request}",
+            description="Number of active HTTP server requests.")
+        self.token_usage = meter.create_histogram(
+            semconv.METRIC_GEN_AI_TOKEN_USAGE, unit="{token}",
+            description="Number of input and output tokens used, as reported by Ollama.",
+            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+        self.operation_duration = meter.create_histogram(
+            semconv.METRIC_GEN_AI_OPERATION_DURATION, unit="s",
+            description="GenAI operation duration, to the last byte.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
+        self.time_to_first_chunk = meter.create_histogram(
+            semconv.METRIC_GEN_AI_TIME_TO_FIRST_CHUNK, unit="s",
+            description="Time from request to the first response body chunk from the upstream.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
+        self.upstream_errors = meter.create_counter(
+            semconv.metric_name(prefix, "upstream", "errors"), unit="{error}",
+            description="Upstream failures by error.type (connect, timeout, reset, mid-stream).")
