@@ -173,7 +173,7 @@ class ManagementRoutes:
                        {"status": "success"}]
         failure = None if known else "pull model manifest: file does not exist"
         return await self._progress(request, body, events, failure,
-                                    on_success=lambda: self.engine.store.add(model, time.time_ns()))
+                                    on_success=lambda: self.engine.store.add(model, self.engine.now_ns()))
 
     async def push(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         model = body.get("model") or body.get("name") or ""
@@ -215,7 +215,7 @@ class ManagementRoutes:
         events += [{"status": "writing manifest"}, {"status": "success"}]
 
         def add() -> None:
-            self.engine.store.add(model, time.time_ns(), preset=base.preset if base else None)
+            self.engine.store.add(model, self.engine.now_ns(), preset=base.preset if base else None)
 
         return await self._progress(request, body, events, failure, on_success=add)
 
@@ -250,7 +250,7 @@ class ManagementRoutes:
         entry = self.engine.store.get(source)
         if entry is None:
             raise RequestError(404, f'model "{source}" not found')
-        self.engine.store.add(destination, time.time_ns(), preset=entry.preset, digest=entry.digest)
+        self.engine.store.add(destination, self.engine.now_ns(), preset=entry.preset, digest=entry.digest)
         return web.Response(status=200)
 
     async def delete(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:

@@ -1,0 +1,31 @@
+"""Shared fixtures: an emulator and a proxy in front of it, as real processes on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.servers import Server, start_emulator, start_proxy
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def emulator(session_tmp: Path) -> Iterator[Server]:
+    """A shared emulator with a fixed clock and a decode rate that keeps streams observable."""
+    server = start_emulator(session_tmp, decode_tokens_per_s=400)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(session_tmp: Path, emulator: Server) -> Iterator[Server]:
+    """The proxy, as started in production, in front of `emulator`."""
+    server = start_proxy(session_tmp, [emulator.url])
+    yield server
+    server.stop()

@@ -1,0 +1,253 @@
+"""The forwarder against real peers: streaming without buffering, header policy, client disconnects that
+reach the upstream, phase timeouts and upstream failures before and after the first byte."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pytest
+from aiohttp import web
+
+from tests.support.servers import Server, free_port, start_emulator, start_proxy
+from tests.support.threaded import ThreadedApp
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("forwarding")
+
+
+@pytest.fixture(scope="module")
+def slow(tmp: Path) -> Iterator[tuple[Server, Server]]:
+    """An emulator decoding 20 tokens/s and loading models in 1.5 s, behind a proxy."""
+    emulator = start_emulator(tmp, decode_tokens_per_s=20, load_s=1.5, fixed_clock=False, name="slow")
+    proxy = start_proxy(tmp, [emulator.url], name="slow-proxy")
+    yield emulator, proxy
+    proxy.stop()
+    emulator.stop()
+
+
+def _wait_for(predicate: object, timeout_s: float = 5.0) -> float:
+    """Poll until predicate() is true; returns the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if predicate():  # type: ignore[operator]
+            return time.monotonic() - start
+        time.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_stream_lines_arrive_before_generation_ends(slow: tuple[Server, Server]) -> None:
+    _, proxy = slow
+    body = {"model": "llama3.2", "prompt": "count", "options": {"num_predict": 30}, "keep_alive": -1}
+    async with aiohttp.ClientSession() as session:
+        # load the model first so the timing below is pure decoding
+        async with session.post(f"{proxy.url}/api/generate", json={"model": "llama3.2"}) as r:
+            assert (await r.json())["done_reason"] == "load"
+        start = time.monotonic()
+        arrivals: list[float] = []
+        async with session.post(f"{proxy.url}/api/generate", json=body) as response:
+            assert response.headers["Content-Type"] == "application/x-ndjson"
+            async for line in response.content:
+                arrivals.append(time.monotonic() - start)
+                assert line.endswith(b"\n") and line.strip()  # nothing injected, no blank lines
+        assert len(arrivals) == 31
+        # 30 tokens at 20/s take 1.5 s: the first line must arrive long before the end
+        assert arrivals[0] < arrivals[-1] / 3
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        assert max(gaps) < 0.5  # each line was flushed as it came, not batched
+
+
+async def test_disconnect_mid_stream_cancels_upstream(slow: tuple[Server, Server]) -> None:
+    emulator, proxy = slow
+    before = emulator.stats()["cancelled"]
+    body = {"model": "llama3.2", "prompt": "long", "options": {"num_predict": 500}, "keep_alive": -1}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"{proxy.url}/api/generate", json=body)
+        await response.content.readline()
+        assert emulator.stats()["active"] == 1
+        response.close()  # the client hangs up mid-stream
+        gone = time.monotonic()
+    took = await asyncio.to_thread(_wait_for, lambda: emulator.stats()["cancelled"] == before + 1)
+    stats = emulator.stats()
+    assert stats["active"] == 0 and stats["waiting"] == 0
+    print(f"upstream saw the mid-stream disconnect after {(time.monotonic() - gone) * 1000:.0f} ms")
+    assert took < 1.0
+
+
+async def test_disconnect_while_waiting_for_headers_cancels_upstream(
+        slow: tuple[Server, Server]) -> None:
+    emulator, proxy = slow
+    before = emulator.stats()["cancelled"]
+    body = {"model": "qwen3", "prompt": "x", "keep_alive": 0}  # qwen3 is not loaded: 1.5 s load
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(asyncio.TimeoutError):
+            async with asyncio.timeout(0.4):
+                await session.post(f"{proxy.url}/api/generate", json=body)
+    took = await asyncio.to_thread(_wait_for, lambda: emulator.stats()["cancelled"] == before + 1)
+    assert emulator.stats()["waiting"] == 0
+    assert took < 1.0
+
+
+def test_unreachable_upstream_is_502_with_code(tmp: Path) -> None:
+    proxy = start_proxy(tmp, [f"http://127.0.0.1:{free_port()}"], name="unreachable")
+    try:
+        response = httpx.post(f"{proxy.url}/api/chat", json={"model": "llama3.2", "messages": []})
+        assert response.status_code == 502
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["code"] == "upstream_connect_failure"
+        assert "cannot connect" in response.json()["error"]
+        v1 = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "m", "messages": []})
+        assert v1.status_code == 502 and v1.json()["error"]["code"] == "upstream_connect_failure"
+    finally:
+        proxy.stop()
+
+
+def test_first_byte_timeout_is_504(tmp: Path) -> None:
+    emulator = start_emulator(tmp, load_s=3, name="cold")
+    proxy = start_proxy(tmp, [emulator.url], {"forwarding": {"first_byte_timeout_s": 0.5}},
+                        name="impatient")
+    try:
+        response = httpx.post(f"{proxy.url}/api/generate", json={"model": "llama3.2", "prompt": "x"})
+        assert response.status_code == 504
+        assert response.json()["code"] == "upstream_response_timeout"
+        _wait_for(lambda: emulator.stats()["cancelled"] == 1)
+    finally:
+        proxy.stop()
+        emulator.stop()
+
+
+def test_idle_gap_timeout_ends_stream_with_error_line(tmp: Path) -> None:
+    emulator = start_emulator(tmp, decode_tokens_per_s=2, name="dribble")
+    proxy = start_proxy(tmp, [emulator.url], {"forwarding": {"idle_timeout_s": 0.2}}, name="idle")
+    try:
+        with httpx.stream("POST", f"{proxy.url}/api/generate", timeout=10,
+                          json={"model": "llama3.2", "prompt": "x"}) as response:
+            assert response.status_code == 200
+            lines = [json.loads(line) for line in response.iter_lines()]
+        assert lines[-1]["code"] == "upstream_response_timeout" and "error" in lines[-1]
+        assert not any(line.get("done") for line in lines)
+    finally:
+        proxy.stop()
+        emulator.stop()
+
+
+@pytest.mark.parametrize("path,body,sse", [
+    ("/api/chat", {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}],
+                   "options": {"num_predict": 400}}, False),
+    ("/v1/chat/completions", {"model": "llama3.2", "stream": True, "max_tokens": 400,
+                              "messages": [{"role": "user", "content": "x"}]}, True),
+])
+def test_upstream_dying_mid_stream_ends_with_one_error_record(
+        tmp: Path, path: str, body: dict[str, object], sse: bool) -> None:
+    emulator = start_emulator(tmp, decode_tokens_per_s=50, name="doomed")
+    proxy = start_proxy(tmp, [emulator.url], name="survivor")
+    try:
+        with httpx.stream("POST", proxy.url + path, json=body, timeout=10) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            first = next(lines)
+            assert first
+            emulator.kill()
+            rest = [line for line in lines if line]
+        last = rest[-1]
+        if sse:
+            assert last.startswith("data: ")
+            error = json.loads(last[len("data: "):])["error"]
+            assert error["code"] == "upstream_reset_after_response_started"
+            assert "[DONE]" not in "".join(rest)
+        else:
+            error = json.loads(last)
+            assert error["code"] == "upstream_reset_after_response_started" and error["error"]
+    finally:
+        proxy.stop()
+        emulator.stop()
+
+
+def test_round_robin_across_upstreams(tmp: Path) -> None:
+    first = start_emulator(tmp, models="llama3.2", name="rr-a")
+    second = start_emulator(tmp, models="qwen3", name="rr-b")
+    proxy = start_proxy(tmp, [first.url, second.url], name="rr")
+    try:
+        seen = [httpx.get(f"{proxy.url}/api/tags").json()["models"][0]["name"] for _ in range(4)]
+        assert seen == ["llama3.2:latest", "qwen3:latest", "llama3.2:latest", "qwen3:latest"]
+    finally:
+        for server in (proxy, first, second):
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def echo(tmp: Path) -> Iterator[tuple[ThreadedApp, Server]]:
+    """An upstream that answers with the request it received, behind a proxy."""
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response(
+            {"method": request.method, "path": request.raw_path,
+             "headers": [[k, v] for k, v in request.headers.items()], "body": body.decode()},
+            headers={"Keep-Alive": "timeout=5", "X-Upstream": "kept", "Connection": "keep-alive"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    with ThreadedApp(app) as upstream:
+        proxy = start_proxy(tmp, [upstream.url], name="echo-proxy")
+        yield upstream, proxy
+        proxy.stop()
+
+
+def _received(response: httpx.Response) -> dict[str, str]:
+    return {k.lower(): v for k, v in response.json()["headers"]}
+
+
+def test_request_header_policy(echo: tuple[ThreadedApp, Server]) -> None:
+    upstream, proxy = echo
+    response = httpx.post(
+        f"{proxy.url}/api/chat?keep=1", content=b'{"model":"m"}',
+        headers={"Host": "gateway.example:8080", "X-Custom": "yes", "Connection": "X-Drop",
+                 "X-Drop": "hop", "TE": "trailers", "Authorization": "Bearer k",
+                 "User-Agent": "ollama-python/0.6.3", "Content-Type": "application/json"})
+    seen = _received(response)
+    assert response.json()["path"] == "/api/chat?keep=1"
+    assert response.json()["body"] == '{"model":"m"}'
+    assert seen["host"] == f"127.0.0.1:{upstream.port}"
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"] == "gateway.example:8080"
+    assert seen["x-custom"] == "yes" and seen["authorization"] == "Bearer k"
+    assert seen["user-agent"] == "ollama-python/0.6.3"
+    assert "x-drop" not in seen and "te" not in seen
+    version, trace_id, span_id, flags = seen["traceparent"].split("-")
+    assert version == "00" and len(trace_id) == 32 and len(span_id) == 16
+    assert int(flags, 16) & 1  # sampled
+    assert response.headers["x-upstream"] == "kept"
+    assert "keep-alive" not in response.headers
+
+
+def test_no_headers_are_invented(echo: tuple[ThreadedApp, Server]) -> None:
+    """aiohttp's automatic User-Agent/Accept/Content-Type must not reach the upstream."""
+    _, proxy = echo
+    import socket
+
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /api/x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nConnection: close"
+                     b"\r\n\r\n{}")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    seen = {k.lower(): v for k, v in json.loads(raw.split(b"\r\n\r\n", 1)[1])["headers"]}
+    assert "user-agent" not in seen and "accept" not in seen and "content-type" not in seen
+    assert "accept-encoding" not in seen
+
+
+def test_incoming_trace_is_continued(echo: tuple[ThreadedApp, Server]) -> None:
+    _, proxy = echo
+    incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    seen = _received(httpx.get(f"{proxy.url}/api/tags", headers={"traceparent": incoming}))
+    assert seen["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
+    assert seen["traceparent"].split("-")[2] != "b7ad6b7169203331"
