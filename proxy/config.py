@@ -240,7 +240,7 @@ def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
         if protocol := environ.get("OTEL_EXPORTER_OTLP_PROTOCOL"):
             if protocol not in ("grpc", "http/protobuf"):
                 raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r}")
-            telemetry = attrs.evolve(telemetry, otlp_protocol=protocol)
+            telemetry = attrs.evolve(telemetry, otlp_protocol=protocol)  # type: ignore[arg-type]
         return attrs.evolve(config, telemetry=telemetry)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -24,7 +24,6 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, istr
 from opentelemetry import trace
-from opentelemetry.propagators.textmap import DefaultSetter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -52,7 +51,6 @@ _DROP_REQUEST = HOP_BY_HOP | {istr("Host"), istr("Content-Length"), istr("tracep
 _DROP_RESPONSE = HOP_BY_HOP | {istr("Content-Length")}
 _SKIP_AUTO = (istr("User-Agent"), istr("Accept"), istr("Accept-Encoding"), istr("Content-Type"))
 _PROPAGATOR = TraceContextTextMapPropagator()
-_SETTER: DefaultSetter[Any] = DefaultSetter()
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -114,7 +112,9 @@ class Forwarder:
         headers["X-Forwarded-Proto"] = request.scheme
         if "X-Forwarded-Host" not in headers and "Host" in request.headers:
             headers["X-Forwarded-Host"] = request.headers["Host"]
-        _PROPAGATOR.inject(headers, context=trace.set_span_in_context(span), setter=_SETTER)
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        headers.update(carrier)
         return headers
 
     def _request_data(self, request: web.Request, ctx: RequestContext) -> Any:

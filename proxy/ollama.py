@@ -12,7 +12,7 @@ import re
 
 import attrs
 
-__all__ = ["RouteInfo", "UsageScanner", "Usage", "classify"]
+__all__ = ["RouteInfo", "Usage", "UsageScanner", "classify"]
 
 
 @attrs.frozen

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import wire
+from . import gojson, wire
 from .engine import Engine, RunResult
 from .native import RequestError
 
@@ -27,7 +27,7 @@ def anthropic_error_type(status: int) -> str:
 
 
 def _event(name: str, value: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: ".encode() + wire.gojson.dumps_bytes(value) + b"\n\n"
+    return f"event: {name}\ndata: ".encode() + gojson.dumps_bytes(value) + b"\n\n"
 
 
 def _text(content: Any) -> str:

@@ -26,7 +26,7 @@ from .native import NativeRoutes, RequestError
 from .openai_compat import OpenAIError, OpenAIRoutes, openai_error_type
 from .vocabulary import Vocabulary, default_vocabulary
 
-__all__ = ["ENGINE", "DEFAULT_MODELS", "create_emulator_app"]
+__all__ = ["DEFAULT_MODELS", "ENGINE", "create_emulator_app"]
 
 ENGINE: web.AppKey[Engine] = web.AppKey("emulator_engine", Engine)
 DEFAULT_MODELS = ("llama3.2", "qwen3", "nomic-embed-text")
@@ -57,10 +57,10 @@ _CORS_ALLOW_HEADERS = ("Authorization,Content-Type,User-Agent,Accept,X-Requested
                        "X-Stainless-Helper-Method,X-Stainless-Lang,X-Stainless-Os,"
                        "X-Stainless-Package-Version,X-Stainless-Poll-Helper,X-Stainless-Retry-Count,"
                        "X-Stainless-Runtime,X-Stainless-Runtime-Version,X-Stainless-Timeout")
-_CORS_ORIGINS = tuple(
-    f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "0.0.0.0")
-    for scheme in ("http", "https") for port in ("", ":*")
-) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+_CORS_ORIGINS = (
+    *(f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "0.0.0.0")
+      for scheme in ("http", "https") for port in ("", ":*")),
+    "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 
 
 def _route(path: str, methods: tuple[str, ...], handler: Handler, struct: str | None = None,
@@ -159,8 +159,9 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
     async def render_error(request: web.Request, exc: RequestError) -> web.StreamResponse:
         if isinstance(exc, OpenAIError) or (request.path.startswith("/v1/")
                                             and not request.path.startswith("/v1/messages")):
-            value = {"error": {"message": exc.message, "type": openai_error_type(exc.status),
-                               "param": None, "code": None}}
+            value: dict[str, Any] = {"error": {"message": exc.message,
+                                               "type": openai_error_type(exc.status),
+                                               "param": None, "code": None}}
             return await wire.send_json(request, value, exc.status, wire.CT_JSON_PLAIN, newline=True)
         if isinstance(exc, AnthropicError) or request.path == "/v1/messages":
             value = {"type": "error", "error": {"type": anthropic_error_type(exc.status),
@@ -205,7 +206,7 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
             return await wire.send_bytes(request, 404, b"404 page not found", "text/plain")
         for route, match in matches:
             if request.method in route.methods:
-                request.match_info.update(match.groupdict())  # type: ignore[attr-defined]
+                request.match_info.update(match.groupdict())
                 try:
                     body: dict[str, Any] = {}
                     if route.struct is not None:

@@ -1,9 +1,9 @@
 """The emulator's inference engine: model residency, deterministic text and embeddings, timing and stats.
 
 Every front end (native `/api/*`, OpenAI `/v1/*`, Anthropic `/v1/messages`) asks the engine for a run and
-formats what it yields. Text is seeded by (emulator seed, model, prompt, options.seed), so the same request gives
-the same bytes; with a fixed clock, timestamps and durations are computed from the timing model instead of
-measured, which makes whole responses reproducible.
+formats what it yields. Text is seeded by (emulator seed, model, prompt, options.seed), so the same request
+gives the same bytes; with a fixed clock, timestamps and durations are computed from the timing model
+instead of measured, which makes whole responses reproducible.
 """
 
 from __future__ import annotations

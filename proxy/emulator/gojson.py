@@ -9,6 +9,7 @@ values (embeddings) use the shortest repr that round-trips through 32 bits.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from decimal import Decimal
 from typing import Any
@@ -45,7 +46,7 @@ def _shortest32(value: float) -> str:
 
 def go_float(value: float, bits: int = 64) -> str:
     """Render a float as Go's encoding/json does for float64 (`bits=64`) or float32 (`bits=32`)."""
-    if value != value or value in (float("inf"), float("-inf")):
+    if math.isnan(value) or math.isinf(value):
         raise ValueError(f"json: unsupported value: {value}")
     if value == 0:
         return "-0" if str(value).startswith("-") else "0"

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from typing import Any
 
 from aiohttp import web
 
-from . import wire
+from . import gojson, wire
 from .catalog import KNOWN_MODELS, ModelEntry, display_name, valid_name
 from .durations import FOREVER_NS
 from .engine import Engine, LoadedModel
@@ -230,11 +229,11 @@ class ManagementRoutes:
             return await wire.send_json(request, events[-1], content_type=wire.CT_JSON_PLAIN)
         response = await wire.start_stream(request, wire.CT_NDJSON)
         if failure is not None:
-            await response.write(wire.gojson.dumps_bytes(events[0], newline=True))
-            await response.write(wire.gojson.dumps_bytes({"error": failure}, newline=True))
+            await response.write(gojson.dumps_bytes(events[0], newline=True))
+            await response.write(gojson.dumps_bytes({"error": failure}, newline=True))
         else:
             for event in events:
-                await response.write(wire.gojson.dumps_bytes(event, newline=True))
+                await response.write(gojson.dumps_bytes(event, newline=True))
             if on_success is not None:
                 on_success()
         await response.write_eof()

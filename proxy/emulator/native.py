@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import wire
+from . import gojson, wire
 from .catalog import ModelEntry, valid_name
 from .durations import KeepAliveError, parse_keep_alive
 from .engine import Engine, RunResult
@@ -136,12 +136,12 @@ class NativeRoutes:
                 if index < think_count:
                     chunk["thinking"] = token
                 chunk["done"] = False
-                await response.write(wire.gojson.dumps_bytes(chunk, newline=True))
+                await response.write(gojson.dumps_bytes(chunk, newline=True))
                 index += 1
             if response is None:
                 response = await wire.start_stream(request, wire.CT_NDJSON)
             final = self._generate_final(model, engine, result, "", "", text, body)
-            await response.write(wire.gojson.dumps_bytes(final, newline=True))
+            await response.write(gojson.dumps_bytes(final, newline=True))
             await response.write_eof()
             return response
         pieces = [token async for token in tokens]
@@ -219,12 +219,12 @@ class NativeRoutes:
                     message["thinking"] = token
                 chunk = {"model": model, "created_at": wire.go_time(engine.now_ns()),
                          "message": message, "done": False}
-                await response.write(wire.gojson.dumps_bytes(chunk, newline=True))
+                await response.write(gojson.dumps_bytes(chunk, newline=True))
                 index += 1
             if response is None:
                 response = await wire.start_stream(request, wire.CT_NDJSON)
             final = _chat_final(model, engine, result, "", "", tool_calls)
-            await response.write(wire.gojson.dumps_bytes(final, newline=True))
+            await response.write(gojson.dumps_bytes(final, newline=True))
             await response.write_eof()
             return response
         pieces = [token async for token in tokens]
@@ -241,7 +241,7 @@ class NativeRoutes:
             raise RequestError(404, "model '' not found")
         entry = self._lookup(model, f'model "{model}" not found, try pulling it first')
         raw_input = body.get("input")
-        if raw_input is None or raw_input == "" or raw_input == []:
+        if raw_input is None or raw_input in ("", []):
             loaded, _ = await self.engine.acquire(entry, keep_alive)
             self.engine.release(loaded)
             return await wire.send_json(request, {"model": model, "embeddings": []})
@@ -296,7 +296,7 @@ def _tool_calls(tools: Any, engine: Engine, model: str) -> list[dict[str, Any]]:
     function = tools[0].get("function") or {}
     parameters = function.get("parameters") or {}
     required = parameters.get("required") or list((parameters.get("properties") or {}).keys())[:1]
-    rng = engine._rng(model, "tool", function.get("name"))  # noqa: SLF001 - same seeding as text
+    rng = engine._rng(model, "tool", function.get("name"))
     arguments = {name: rng.choice(["Paris", "Berlin", "Tokyo", "Lima"]) for name in required
                  if isinstance(name, str)}
     call_id = "call_" + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))

@@ -1,7 +1,7 @@
 """Emulated OpenAI-compatible routes (reference §7): chat completions, completions, embeddings, models.
 
-Bodies end with `\n` and carry `Content-Type: application/json` (Go's json.Encoder); errors use OpenAI's shape;
-streams are SSE `data: {...}\n\n` events ending with `data: [DONE]`.
+Bodies end with `\n` and carry `Content-Type: application/json` (Go's json.Encoder); errors use OpenAI's
+shape; streams are SSE `data: {...}\n\n` events ending with `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import wire
+from . import gojson, wire
 from .catalog import display_name
 from .engine import Engine, RunResult
 from .native import RequestError
@@ -29,7 +29,7 @@ def openai_error_type(status: int) -> str:
 
 
 def _event(value: Any) -> bytes:
-    return b"data: " + wire.gojson.dumps_bytes(value) + b"\n\n"
+    return b"data: " + gojson.dumps_bytes(value) + b"\n\n"
 
 
 def _finish(reason: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-__all__ = ["MODEL_PATH", "GGUF_TOKEN_TYPES", "Vocabulary", "build", "default_vocabulary"]
+__all__ = ["GGUF_TOKEN_TYPES", "MODEL_PATH", "Vocabulary", "build", "default_vocabulary"]
 
 MODEL_PATH = Path(__file__).parent / "data" / "emulator.model"
 
@@ -106,7 +106,7 @@ def _stdlib_corpus() -> str:
             continue
         try:
             module = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - some stdlib modules need optional system libraries
+        except Exception:
             continue
         for obj in [module, *vars(module).values()]:
             doc = getattr(obj, "__doc__", None)

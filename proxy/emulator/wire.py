@@ -51,8 +51,8 @@ async def send_bytes(request: web.Request, status: int, body: bytes, content_typ
     if content_type is not None:
         headers["Content-Type"] = content_type
     if len(body) <= _GO_PRECHUNK_BYTES or request.method == "HEAD":
-        return web.Response(status=status, body=body if request.method != "HEAD" else None,
-                            headers=headers)
+        # aiohttp sends Content-Length but no body for HEAD, as Go does
+        return web.Response(status=status, body=body, headers=headers)
     response = web.StreamResponse(status=status, headers=headers)
     response.enable_chunked_encoding()
     await response.prepare(request)
@@ -95,7 +95,8 @@ def decode_body(raw: bytes, struct: str, types: dict[str, tuple[type, str]]) -> 
     """Decode a JSON request body as gin's ShouldBindJSON would, with Go's error texts.
 
     `types` maps a field to (python type, Go type name) for the type checks that matter on the wire, e.g.
-    `{"stream": (bool, "bool")}` -> `json: cannot unmarshal string into Go struct field X.stream of type bool`.
+    `{"stream": (bool, "bool")}` ->
+    `json: cannot unmarshal string into Go struct field X.stream of type bool`.
     """
     if not raw.strip():
         raise GoDecodeError("missing request body")

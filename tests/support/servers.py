@@ -31,7 +31,8 @@ def free_port() -> int:
 class Server:
     """A child process serving HTTP on 127.0.0.1:port; stopped with SIGTERM (SIGKILL with `kill()`)."""
 
-    def __init__(self, args: list[str], port: int, log_path: Path) -> None:
+    def __init__(self, args: list[str], port: int, log_path: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
@@ -39,6 +40,7 @@ class Server:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for key in [k for k in env if k.startswith(("OTEL_", "SOP_", "OLLAMA_"))]:
             del env[key]
+        env.update(extra_env or {})
         self.process = subprocess.Popen(
             [sys.executable, "-m", "proxy", *args], stdout=self._log, stderr=subprocess.STDOUT,
             env=env)
@@ -91,14 +93,14 @@ def start_emulator(tmp: Path, *, seed: int = 7, decode_tokens_per_s: float = 0.0
 
 
 def start_proxy(tmp: Path, upstreams: list[str], config: dict[str, Any] | None = None,
-                name: str = "proxy") -> Server:
+                name: str = "proxy", env: dict[str, str] | None = None) -> Server:
     port = free_port()
     data = dict(config or {})
     data.setdefault("server", {})["listen"] = f"127.0.0.1:{port}"
     data["upstreams"] = [{"url": url} for url in upstreams]
     path = tmp / f"{name}-{port}.yaml"
     path.write_text(yaml.safe_dump(data))
-    return Server(["serve", "--config", str(path)], port, tmp / f"{name}-{port}.log")
+    return Server(["serve", "--config", str(path)], port, tmp / f"{name}-{port}.log", env)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,121 @@
+"""Ingress protections: body limit answered before the body is read, a request-head deadline against
+slowloris, error rendering per route dialect."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.servers import Server, start_emulator, start_proxy
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+    tmp: Path = tmp_path_factory.mktemp("ingress")
+    emulator = start_emulator(tmp, name="ingress-emu")
+    proxy = start_proxy(tmp, [emulator.url], {"server": {"max_body_bytes": 4096,
+                                                         "header_timeout_s": 1.0}}, name="guard")
+    yield emulator, proxy
+    proxy.stop()
+    emulator.stop()
+
+
+def _read_response(sock: socket.socket, timeout_s: float = 5.0) -> bytes:
+    sock.settimeout(timeout_s)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        pass
+    return data
+
+
+def test_oversized_declared_body_is_refused_before_reading(guarded: tuple[Server, Server]) -> None:
+    _, proxy = guarded
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        # Announce 1 GB and send none of it: the answer must come without waiting for the body.
+        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000000\r\n\r\n")
+        start = time.monotonic()
+        raw = _read_response(sock)
+        took = time.monotonic() - start
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert b'"code":"request_payload_too_large"' in body and b"1000000000" in body
+    assert took < 1.0
+
+
+def test_oversized_chunked_body_is_refused(guarded: tuple[Server, Server]) -> None:
+    _, proxy = guarded
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 1000
+
+    response = httpx.post(f"{proxy.url}/api/generate", content=chunks())
+    assert response.status_code == 413
+    assert response.json()["code"] == "request_payload_too_large"
+
+
+def test_body_under_the_limit_is_forwarded(guarded: tuple[Server, Server]) -> None:
+    _, proxy = guarded
+    prompt = "y" * 3000
+    response = httpx.post(f"{proxy.url}/api/generate",
+                          json={"model": "llama3.2", "prompt": prompt, "stream": False})
+    assert response.status_code == 200 and response.json()["done"] is True
+
+
+def test_slow_request_head_is_closed(guarded: tuple[Server, Server]) -> None:
+    _, proxy = guarded
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"GET /api/tags HTTP/1.1\r\n")
+        start = time.monotonic()
+        closed_after = None
+        sock.settimeout(0.2)
+        for byte in b"X-Slow: 1234567890123456789012345678901234567890\r\n":
+            try:
+                sock.sendall(bytes([byte]))
+                if sock.recv(1) == b"":
+                    closed_after = time.monotonic() - start
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed_after = time.monotonic() - start
+                break
+    assert closed_after is not None, "the proxy kept a slowloris connection open"
+    assert 0.8 < closed_after < 3.0
+
+
+def test_idle_keepalive_connection_outlives_the_head_deadline(guarded: tuple[Server, Server]) -> None:
+    """The head deadline applies to a request being sent, not to an idle keep-alive connection."""
+    _, proxy = guarded
+    with httpx.Client() as client:
+        assert client.get(f"{proxy.url}/api/version").status_code == 200
+        time.sleep(1.5)
+        assert client.get(f"{proxy.url}/api/version").status_code == 200
+        assert client.get(f"{proxy.url}/api/version").extensions["http_version"] == b"HTTP/1.1"
+
+
+def test_errors_take_the_route_dialect(guarded: tuple[Server, Server]) -> None:
+    _, proxy = guarded
+    big = b'{"model":"m","x":"' + b"z" * 5000 + b'"}'
+    native = httpx.post(f"{proxy.url}/api/chat", content=big)
+    assert native.json() == {"error": "request body of 5020 bytes exceeds the limit of 4096 bytes",
+                             "code": "request_payload_too_large"}
+    assert native.headers["content-type"] == "application/json; charset=utf-8"
+    openai = httpx.post(f"{proxy.url}/v1/chat/completions", content=big)
+    assert openai.json()["error"]["code"] == "request_payload_too_large"
+    assert openai.json()["error"]["type"] == "invalid_request_error"
+    anthropic = httpx.post(f"{proxy.url}/v1/messages", content=big)
+    assert anthropic.json()["type"] == "error"
+    assert anthropic.json()["error"]["type"] == "request_too_large"

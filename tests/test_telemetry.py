@@ -1,0 +1,147 @@
+"""Telemetry as an operator receives it: spans exported over real OTLP (HTTP/protobuf and gRPC) to a
+receiver on loopback, and `/metrics` parsed by the Prometheus text parser."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import ollama
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.otlp_receiver import OtlpReceiver, attributes_of
+from tests.support.servers import Server, free_port, start_emulator, start_proxy
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("telemetry")
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp: Path) -> Iterator[Server]:
+    server = start_emulator(tmp, name="telemetry-emu")
+    yield server
+    server.stop()
+
+
+def _wait_spans(get: Any, predicate: Any, timeout_s: float = 10.0) -> list[Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        spans = get()
+        if predicate(spans):
+            return list(spans)
+        time.sleep(0.1)
+    raise AssertionError(f"spans not received: {[s.name for s in get()]}")
+
+
+def _check_chat_trace(spans: list[Any]) -> None:
+    server = next(s for s in spans if s.name == "POST /api/chat")
+    client = next(s for s in spans if s.name == "chat llama3.2")
+    assert server.kind == ProtoSpan.SPAN_KIND_SERVER and client.kind == ProtoSpan.SPAN_KIND_CLIENT
+    assert client.trace_id == server.trace_id and client.parent_span_id == server.span_id
+    attributes = attributes_of(client)
+    assert attributes["gen_ai.operation.name"] == "chat"
+    assert attributes["gen_ai.provider.name"] == "ollama"
+    assert attributes["gen_ai.request.model"] == "llama3.2"
+    assert attributes["gen_ai.response.model"] == "llama3.2"
+    assert attributes["gen_ai.usage.input_tokens"] > 0
+    assert attributes["gen_ai.usage.output_tokens"] > 0
+    assert attributes["gen_ai.response.finish_reasons"] in (["stop"], ["length"])
+    assert attributes["server.address"] == "127.0.0.1"
+    assert "ollama.eval_duration_ns" in attributes
+    server_attributes = attributes_of(server)
+    assert server_attributes["http.response.status_code"] == 200
+    assert server_attributes["http.route"] == "/api/chat"
+    # the span ends with the last byte: it covers the whole stream
+    assert client.end_time_unix_nano > client.start_time_unix_nano
+    for span in spans:  # never prompts or bodies on spans
+        assert "Why is the sky" not in str(attributes_of(span))
+
+
+def test_spans_over_otlp_http(tmp: Path, upstream: Server) -> None:
+    with OtlpReceiver() as receiver:
+        proxy = start_proxy(tmp, [upstream.url], {"telemetry": {
+            "otlp_endpoint": receiver.url, "otlp_protocol": "http/protobuf"}}, name="otlp-http")
+        try:
+            client = ollama.Client(host=proxy.url)
+            parts = list(client.chat(model="llama3.2", stream=True,
+                                     messages=[{"role": "user", "content": "Why is the sky blue?"}]))
+            assert parts[-1].done
+            spans = _wait_spans(receiver.spans,
+                                lambda s: {"POST /api/chat", "chat llama3.2"} <= {x.name for x in s})
+            _check_chat_trace(spans)
+        finally:
+            proxy.stop()
+
+
+class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+
+    def Export(self, request: Any, context: Any) -> Any:
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                self.spans.extend(scope_spans.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_spans_over_otlp_grpc_from_standard_environment(tmp: Path, upstream: Server) -> None:
+    collector = _Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    proxy = start_proxy(tmp, [upstream.url], name="otlp-grpc", env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_SERVICE_NAME": "proxy-under-test"})
+    try:
+        client = ollama.Client(host=proxy.url)
+        client.chat(model="llama3.2", messages=[{"role": "user", "content": "Why is the sky blue?"}])
+        spans = _wait_spans(lambda: collector.spans,
+                            lambda s: {"POST /api/chat", "chat llama3.2"} <= {x.name for x in s})
+        _check_chat_trace(spans)
+    finally:
+        proxy.stop()
+        server.stop(0)
+
+
+def test_no_export_without_endpoint(tmp: Path, upstream: Server) -> None:
+    proxy = start_proxy(tmp, [upstream.url], name="no-export")
+    try:
+        assert httpx.get(f"{proxy.url}/api/version").status_code == 200
+    finally:
+        proxy.stop()
+    assert "OTLP" not in proxy.log()
+
+
+def test_prometheus_metrics(proxy: Server) -> None:
+    client = ollama.Client(host=proxy.url)
+    client.chat(model="llama3.2", messages=[{"role": "user", "content": "hello"}])
+    list(client.generate(model="llama3.2", prompt="hi", stream=True))
+    client.embed(model="nomic-embed-text", input="x")
+    text = httpx.get(f"{proxy.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert "http_server_request_duration_seconds" in families
+    assert "http_server_active_requests" in families
+    usage = families["gen_ai_client_token_usage"]
+    token_types = {s.labels.get("gen_ai_token_type") for s in usage.samples}
+    assert {"input", "output"} <= token_types
+    operations = {s.labels.get("gen_ai_operation_name")
+                  for s in families["gen_ai_client_operation_duration_seconds"].samples}
+    assert {"chat", "text_completion", "embeddings"} <= operations
+    models = {s.labels.get("gen_ai_request_model")
+              for s in families["gen_ai_client_operation_time_to_first_chunk_seconds"].samples}
+    assert "llama3.2" in models
+    routes = {s.labels.get("http_route")
+              for s in families["http_server_request_duration_seconds"].samples}
+    assert {"/api/chat", "/api/generate", "/api/embed"} <= routes
