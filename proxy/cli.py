@@ -77,7 +77,9 @@ def _emulate(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     settings = EngineSettings(seed=args.seed, decode_tokens_per_s=args.decode_tokens_per_s,
                               prefill_tokens_per_s=args.prefill_tokens_per_s, load_s=args.load_s,
-                              fixed_clock_ns=args.fixed_clock_ns)
+                              fixed_clock_ns=args.fixed_clock_ns,
+                              min_output_tokens=args.output_tokens[0],
+                              max_output_tokens=args.output_tokens[1])
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
 
     async def serve() -> None:
@@ -91,6 +93,13 @@ def _emulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _run(run_demo(args.listen, args.replica_ports, args.decode_tokens_per_s))
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
@@ -99,6 +108,17 @@ def _check_config(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.file}: OK ({len(config.upstreams)} upstream(s), listen {config.server.listen})")
     return 0
+
+
+def _token_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(",")
+    try:
+        bounds = (int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text!r}") from None
+    if not 0 < bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError("need 0 < MIN <= MAX")
+    return bounds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,11 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
                          help="prompt processing rate (0 = instant)")
     emulate.add_argument("--load-s", type=float, default=0.0, help="time to load a model")
+    emulate.add_argument("--output-tokens", type=_token_range, default=(16, 64), metavar="MIN,MAX",
+                         help="natural answer length range, before num_predict caps it")
     emulate.add_argument("--fixed-clock-ns", type=int, default=None,
                          help="freeze created_at and report modelled durations (reproducible bytes)")
     emulate.add_argument("--no-host-check", action="store_true",
                          help="accept any Host header (Ollama checks it when bound to loopback)")
     emulate.set_defaults(func=_emulate)
+
+    demo = commands.add_parser("demo", help="two emulated replicas and the proxy in front, in one process")
+    demo.add_argument("--listen", default="127.0.0.1:11435")
+    demo.add_argument("--replica-ports", default="11501,11502")
+    demo.add_argument("--decode-tokens-per-s", type=float, default=25.0)
+    demo.set_defaults(func=_demo)
 
     check = commands.add_parser("check-config", help="validate a configuration file without serving")
     check.add_argument("file")

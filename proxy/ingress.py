@@ -97,7 +97,8 @@ class Ingress:
         base_attributes = {semconv.ATTR_HTTP_METHOD: request.method}
         if route:
             base_attributes[semconv.ATTR_HTTP_ROUTE] = route
-        metrics.active_requests.add(1, base_attributes)
+        active_key = (request.method, route or "")
+        metrics.active[active_key] += 1
         parent = _PROPAGATOR.extract(request.headers)
         span = self.telemetry.tracer.start_span(
             f"{request.method} {route}" if route else request.method, context=parent,
@@ -116,6 +117,7 @@ class Ingress:
             raise
         finally:
             otel_context.detach(token)
+            metrics.active[active_key] -= 1
             self._finish(request, ctx, span, base_attributes, response)
 
     async def _handle(self, request: web.Request, ctx: RequestContext,
@@ -188,7 +190,6 @@ class Ingress:
         span.end()
         metrics = self.telemetry.metrics
         metrics.request_duration.record(duration, attributes)
-        metrics.active_requests.add(-1, base_attributes)
         if self.telemetry.config.access_log:
             usage = ctx.usage
             access_log.info(

@@ -6,7 +6,10 @@ because a completion of 45 s is normal here.
 
 from __future__ import annotations
 
-from opentelemetry.metrics import Meter
+from collections import Counter
+from collections.abc import Iterable
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from . import semconv
 
@@ -26,8 +29,11 @@ class ProxyMetrics:
             semconv.METRIC_HTTP_REQUEST_DURATION, unit="s",
             description="Duration of HTTP server requests, to the last byte of the response.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
-        self.active_requests = meter.create_up_down_counter(
-            semconv.METRIC_HTTP_ACTIVE_REQUESTS, unit="{request}",
+        # Active requests are counted in a plain Counter and observed at collection time: an SDK
+        # up-down counter would cost two measurements per request on the hot path.
+        self.active: Counter[tuple[str, str]] = Counter()
+        meter.create_observable_up_down_counter(
+            semconv.METRIC_HTTP_ACTIVE_REQUESTS, callbacks=[self._observe_active], unit="{request}",
             description="Number of active HTTP server requests.")
         self.token_usage = meter.create_histogram(
             semconv.METRIC_GEN_AI_TOKEN_USAGE, unit="{token}",
@@ -44,3 +50,11 @@ class ProxyMetrics:
         self.upstream_errors = meter.create_counter(
             semconv.metric_name(prefix, "upstream", "errors"), unit="{error}",
             description="Upstream failures by error.type (connect, timeout, reset, mid-stream).")
+
+    def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
+        del options
+        for (method, route), count in list(self.active.items()):
+            attributes = {semconv.ATTR_HTTP_METHOD: method}
+            if route:
+                attributes[semconv.ATTR_HTTP_ROUTE] = route
+            yield Observation(count, attributes)

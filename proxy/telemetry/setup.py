@@ -17,7 +17,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry
 
@@ -69,8 +69,10 @@ def build_telemetry(config: TelemetryConfig, extra_processors: tuple[SpanProcess
                     ) -> Telemetry:
     """Providers for `config`. `extra_processors` lets an embedding program add its own span sink."""
     resource = Resource.create({"service.name": config.service_name, "service.version": __version__})
-    tracer_provider = TracerProvider(resource=resource,
-                                     sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+    exporting = bool(config.otlp_endpoint) or bool(extra_processors)
+    # With nowhere to send spans, recording them is pure cost: sample nothing (trace ids still propagate).
+    sampler = ParentBased(TraceIdRatioBased(config.sample_ratio)) if exporting else ALWAYS_OFF
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
     registry = CollectorRegistry(auto_describe=True)
     readers: list[MetricReader] = [PrometheusMetricReader(registry=registry)]
     if config.otlp_endpoint:
