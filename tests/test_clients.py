@@ -115,5 +115,11 @@ def test_openai_client_on_v1(proxy: Server) -> None:
     embeddings = client.embeddings.create(model="nomic-embed-text", input=["a", "b"])
     assert len(embeddings.data) == 2
     assert "llama3.2:latest" in {m.id for m in client.models.list()}
+    answer = client.responses.create(model="llama3.2", input="Hi", instructions="Be brief")
+    assert answer.output_text and answer.usage is not None and answer.usage.output_tokens > 0
+    events = [event.type for event in client.responses.create(model="llama3.2", input="Hi",
+                                                               stream=True)]
+    assert events[0] == "response.created" and events[-1] == "response.completed"
+    assert "response.output_text.delta" in events
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])

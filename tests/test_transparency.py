@@ -92,6 +92,20 @@ REQUESTS: list[tuple[str, str, bytes | None, dict[str, str]]] = [
                              b'"content":"Hi"}]}', {}),
     ("POST", "/v1/messages", b'{"model":"llama3.2","max_tokens":16,"stream":true,"messages":'
                              b'[{"role":"user","content":"Hi"}]}', {}),
+    ("POST", "/v1/responses", b'{"model":"llama3.2","input":"Hi","instructions":"Be brief"}', {}),
+    ("POST", "/v1/responses", b'{"model":"llama3.2","input":[{"role":"user","content":"Hi"}],'
+                              b'"stream":true}', {}),
+    ("POST", "/v1/audio/transcriptions",
+     b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nllama3.2\r\n--b\r\n'
+     b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+     b'Content-Type: audio/wav\r\n\r\nRIFF0000\r\n--b--\r\n',
+     {"Content-Type": "multipart/form-data; boundary=b"}),
+    # ollama.com account routes of a daemon that is not signed in
+    ("POST", "/api/me", b"{}", {}),
+    ("POST", "/api/signout", b"{}", {}),
+    ("DELETE", "/api/user/keys/abc", None, {}),
+    ("POST", "/api/experimental/web_search", b'{"query":"x"}', {}),
+    ("POST", "/api/experimental/web_fetch", b'{"url":"http://x"}', {}),
     # router fallbacks and unknown routes
     ("GET", "/api/generate", None, {}),
     ("GET", "/api/nothing", None, {}),

@@ -20,6 +20,7 @@ from aiohttp import web
 from . import wire
 from .anthropic_compat import AnthropicError, AnthropicRoutes, anthropic_error_type
 from .catalog import ModelStore
+from .cloud import CloudRoutes
 from .engine import Engine, EngineSettings
 from .management import ManagementRoutes
 from .native import NativeRoutes, RequestError
@@ -74,6 +75,7 @@ def _routes(engine: Engine) -> list[Route]:
     manage = ManagementRoutes(engine)
     openai = OpenAIRoutes(engine)
     anthropic = AnthropicRoutes(engine)
+    cloud = CloudRoutes()
     head_get = ("GET", "HEAD")
     return [
         _route("/", head_get, manage.root),
@@ -101,7 +103,14 @@ def _routes(engine: Engine) -> list[Route]:
         _route("/v1/embeddings", ("POST",), openai.embeddings, "EmbedRequest"),
         _route("/v1/models", ("GET",), openai.models),
         _route("/v1/models/:model", ("GET",), openai.model),
+        _route("/v1/responses", ("POST",), openai.responses, "ResponsesRequest"),
+        _route("/v1/audio/transcriptions", ("POST",), openai.transcriptions),
         _route("/v1/messages", ("POST",), anthropic.messages, "MessagesRequest"),
+        _route("/api/me", ("POST",), cloud.unauthorized),
+        _route("/api/signout", ("POST",), cloud.signout),
+        _route("/api/user/keys/:encodedKey", ("DELETE",), cloud.signout),
+        _route("/api/experimental/web_search", ("POST",), cloud.unauthorized),
+        _route("/api/experimental/web_fetch", ("POST",), cloud.unauthorized),
     ]
 
 

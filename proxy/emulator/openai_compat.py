@@ -185,6 +185,97 @@ class OpenAIRoutes:
                            "total_tokens": result.prompt_eval_count}}
         return await wire.send_json(request, value, content_type=wire.CT_JSON_PLAIN, newline=True)
 
+    async def responses(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """The Responses API: non-streaming object, or named SSE events ending in response.completed."""
+        model = body.get("model") or ""
+        entry = self._entry(model, "completion")
+        raw_input = body.get("input")
+        if isinstance(raw_input, str):
+            messages = [{"role": "user", "content": raw_input}]
+        elif isinstance(raw_input, list):
+            messages = [{"role": m.get("role", "user"), "content": _text(m.get("content"))}
+                        for m in raw_input if isinstance(m, dict)]
+        else:
+            raise OpenAIError(400, "input is required")
+        if isinstance(body.get("instructions"), str):
+            messages.insert(0, {"role": "system", "content": body["instructions"]})
+        engine = self.engine
+        options: dict[str, Any] = {}
+        if isinstance(body.get("max_output_tokens"), int):
+            options["num_predict"] = body["max_output_tokens"]
+        result = RunResult()
+        tokens = engine.generate(entry, engine.count_chat(messages), ("chat", repr(messages)), options,
+                                 None, result)
+        response_id, message_id = self._id("resp").replace("-", "_"), self._id("msg").replace("-", "_")
+        created = engine.now_ns() // 10**9
+
+        def envelope(status: str, text: str | None) -> dict[str, Any]:
+            output = [] if text is None else [{
+                "id": message_id, "type": "message", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+            value: dict[str, Any] = {"id": response_id, "object": "response", "created_at": created,
+                                     "status": status, "model": model, "output": output}
+            if status == "completed":
+                value["usage"] = {"input_tokens": result.prompt_eval_count,
+                                  "output_tokens": result.eval_count,
+                                  "total_tokens": result.prompt_eval_count + result.eval_count}
+            return value
+
+        if body.get("stream") is not True:
+            text = "".join([token async for token in tokens])
+            return await wire.send_json(request, envelope("completed", text),
+                                        content_type=wire.CT_JSON_PLAIN, newline=True)
+        response = await wire.start_stream(request, wire.CT_SSE, {"Cache-Control": "no-cache"})
+        sequence = 0
+
+        async def emit(kind: str, **fields: Any) -> None:
+            nonlocal sequence
+            value = {"type": kind, "sequence_number": sequence, **fields}
+            sequence += 1
+            await response.write(f"event: {kind}\ndata: ".encode() + gojson.dumps_bytes(value) + b"\n\n")
+
+        item = {"id": message_id, "type": "message", "status": "in_progress", "role": "assistant",
+                "content": []}
+        await emit("response.created", response=envelope("in_progress", None))
+        await emit("response.in_progress", response=envelope("in_progress", None))
+        await emit("response.output_item.added", output_index=0, item=item)
+        await emit("response.content_part.added", item_id=message_id, output_index=0, content_index=0,
+                   part={"type": "output_text", "text": "", "annotations": []})
+        pieces: list[str] = []
+        async for token in tokens:
+            pieces.append(token)
+            await emit("response.output_text.delta", item_id=message_id, output_index=0,
+                       content_index=0, delta=token)
+        text = "".join(pieces)
+        await emit("response.output_text.done", item_id=message_id, output_index=0, content_index=0,
+                   text=text)
+        await emit("response.content_part.done", item_id=message_id, output_index=0, content_index=0,
+                   part={"type": "output_text", "text": text, "annotations": []})
+        await emit("response.output_item.done", output_index=0,
+                   item={**item, "status": "completed",
+                         "content": [{"type": "output_text", "text": text, "annotations": []}]})
+        await emit("response.completed", response=envelope("completed", text))
+        await response.write_eof()
+        return response
+
+    async def transcriptions(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """Multipart `model` + `file`; `{"text": ...}` or plain text with `response_format=text`."""
+        del body
+        form = await request.post()
+        model = str(form.get("model") or "")
+        if not model:
+            raise OpenAIError(400, "model is required")
+        if "file" not in form:
+            raise OpenAIError(400, "file is required")
+        entry = self._entry(model, "completion")
+        result = RunResult()
+        tokens = self.engine.generate(entry, 64, ("transcribe", model), {}, None, result)
+        text = "".join([token async for token in tokens])
+        if form.get("response_format") == "text":
+            return await wire.send_bytes(request, 200, text.encode(), "text/plain; charset=utf-8")
+        return await wire.send_json(request, {"text": text}, content_type=wire.CT_JSON_PLAIN,
+                                    newline=True)
+
     async def models(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         del body
         entries = self.engine.store.by_recency()
