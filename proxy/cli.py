@@ -70,23 +70,36 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _emulate(args: argparse.Namespace) -> int:
-    from .emulator.app import create_emulator_app
+    from .emulator.app import LISTENER, create_emulator_app
     from .emulator.engine import EngineSettings
-    from .serving import run_until_signalled, start_site
+    from .emulator.faults import ListenerControl
+    from .emulator.profile import ProfileSet, load_profile
+    from .serving import ProxyRunner, run_until_signalled
 
     host, port = parse_listen(args.listen)
-    settings = EngineSettings(seed=args.seed, decode_tokens_per_s=args.decode_tokens_per_s,
-                              prefill_tokens_per_s=args.prefill_tokens_per_s, load_s=args.load_s,
-                              fixed_clock_ns=args.fixed_clock_ns,
-                              min_output_tokens=args.output_tokens[0],
-                              max_output_tokens=args.output_tokens[1])
+    try:
+        profiles = load_profile(args.profile) if args.profile else ProfileSet()
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"shared-ollama-proxy emulate: bad profile {args.profile}: {exc}", file=sys.stderr)
+        return 2
+    profiles = profiles.with_defaults(
+        decode_tokens_per_s=args.decode_tokens_per_s, prefill_tokens_per_s=args.prefill_tokens_per_s,
+        load_s=args.load_s, output_tokens=args.output_tokens, context_length=args.context_length)
+    settings = EngineSettings(seed=args.seed, profiles=profiles, num_parallel=args.num_parallel,
+                              max_queue=args.max_queue, max_loaded_models=args.max_loaded_models,
+                              keep_alive_s=args.keep_alive_s, fixed_clock_ns=args.fixed_clock_ns)
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
 
     async def serve() -> None:
         app = create_emulator_app(settings, models, loopback_guard=not args.no_host_check)
-        runner = await start_site(app, host, port, header_timeout_s=3600, keepalive_timeout_s=3600)
-        log.info("emulated Ollama %s on http://%s:%d with models %s", settings.version, host, port,
-                 ", ".join(models))
+        runner = ProxyRunner(app, header_timeout_s=3600, handler_cancellation=True, access_log=None,
+                             keepalive_timeout=3600)
+        await runner.setup()
+        control = ListenerControl(runner, host, port)
+        app[LISTENER] = control
+        await control.start()
+        log.info("emulated Ollama %s on http://%s:%d with models %s (profile %s, %d slot(s))",
+                 settings.version, host, port, ", ".join(models), profiles.name, args.num_parallel)
         await run_until_signalled(runner)
 
     _run(serve())
@@ -139,13 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--models", default="llama3.2,qwen3,nomic-embed-text",
                          help="comma-separated local models")
     emulate.add_argument("--seed", type=int, default=0, help="seed of the deterministic text")
-    emulate.add_argument("--decode-tokens-per-s", type=float, default=0.0,
-                         help="token rate of streams (0 = as fast as possible)")
-    emulate.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
-                         help="prompt processing rate (0 = instant)")
-    emulate.add_argument("--load-s", type=float, default=0.0, help="time to load a model")
-    emulate.add_argument("--output-tokens", type=_token_range, default=(16, 64), metavar="MIN,MAX",
+    emulate.add_argument("--profile", help="timing profile: a YAML file or a shipped name "
+                                           "(gpu-8b, cpu-small); default: no delays")
+    emulate.add_argument("--decode-tokens-per-s", type=float, default=None,
+                         help="single-stream token rate (overrides the profile; 0 = no delay)")
+    emulate.add_argument("--prefill-tokens-per-s", type=float, default=None,
+                         help="prompt processing rate (overrides the profile; 0 = instant)")
+    emulate.add_argument("--load-s", type=float, default=None, help="time to load a model")
+    emulate.add_argument("--output-tokens", type=_token_range, default=None, metavar="MIN,MAX",
                          help="natural answer length range, before num_predict caps it")
+    emulate.add_argument("--context-length", type=int, default=None,
+                         help="default num_ctx (OLLAMA_CONTEXT_LENGTH)")
+    emulate.add_argument("--num-parallel", type=int, default=1, help="OLLAMA_NUM_PARALLEL")
+    emulate.add_argument("--max-queue", type=int, default=512, help="OLLAMA_MAX_QUEUE")
+    emulate.add_argument("--max-loaded-models", type=int, default=3,
+                         help="OLLAMA_MAX_LOADED_MODELS")
+    emulate.add_argument("--keep-alive-s", type=float, default=300.0, help="OLLAMA_KEEP_ALIVE")
     emulate.add_argument("--fixed-clock-ns", type=int, default=None,
                          help="freeze created_at and report modelled durations (reproducible bytes)")
     emulate.add_argument("--no-host-check", action="store_true",

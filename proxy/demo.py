@@ -11,6 +11,7 @@ from .app import build_app
 from .config import Config, ServerConfig, UpstreamConfig, parse_listen
 from .emulator.app import create_emulator_app
 from .emulator.engine import EngineSettings
+from .emulator.profile import ProfileSet
 from .serving import ProxyRunner, run_until_signalled, start_site
 from .telemetry.setup import build_telemetry
 
@@ -25,8 +26,9 @@ async def run_demo(listen: str, replica_ports: str, decode_tokens_per_s: float) 
     ports = [int(p) for p in replica_ports.split(",") if p.strip()]
     runners: list[ProxyRunner] = []
     for index, replica_port in enumerate(ports):
-        settings = EngineSettings(seed=index, decode_tokens_per_s=decode_tokens_per_s,
-                                  prefill_tokens_per_s=2000, load_s=0.5)
+        profiles = ProfileSet().with_defaults(decode_tokens_per_s=decode_tokens_per_s,
+                                              prefill_tokens_per_s=2000, load_s=0.5)
+        settings = EngineSettings(seed=index, profiles=profiles)
         runners.append(await start_site(create_emulator_app(settings), "127.0.0.1", replica_port))
     config = Config(server=ServerConfig(listen=listen),
                     upstreams=tuple(UpstreamConfig(url=f"http://127.0.0.1:{p}", name=f"replica-{i}")

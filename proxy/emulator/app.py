@@ -6,6 +6,7 @@ Routing is done here rather than by aiohttp's router so that fallbacks match gin
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import ipaddress
 import re
@@ -22,14 +23,17 @@ from .anthropic_compat import AnthropicError, AnthropicRoutes, anthropic_error_t
 from .catalog import ModelStore
 from .cloud import CloudRoutes
 from .engine import Engine, EngineSettings
+from .faults import FAULT_KEY, FAULTS, FaultBox, ListenerControl
 from .management import ManagementRoutes
 from .native import NativeRoutes, RequestError
 from .openai_compat import OpenAIError, OpenAIRoutes, openai_error_type
+from .scheduler import SERVER_BUSY, ServerBusy
 from .vocabulary import Vocabulary, default_vocabulary
 
-__all__ = ["DEFAULT_MODELS", "ENGINE", "create_emulator_app"]
+__all__ = ["DEFAULT_MODELS", "ENGINE", "LISTENER", "create_emulator_app"]
 
 ENGINE: web.AppKey[Engine] = web.AppKey("emulator_engine", Engine)
+LISTENER: web.AppKey[ListenerControl] = web.AppKey("emulator_listener", ListenerControl)
 DEFAULT_MODELS = ("llama3.2", "qwen3", "nomic-embed-text")
 
 Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
@@ -163,6 +167,7 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
     store = ModelStore.with_models(models, settings.fixed_clock_ns or time.time_ns())
     engine = Engine(settings, store, vocabulary or default_vocabulary())
     routes = _routes(engine)
+    faults = FaultBox()
     anthropic_ids = AnthropicRoutes(engine)
 
     async def render_error(request: web.Request, exc: RequestError) -> web.StreamResponse:
@@ -182,14 +187,57 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
     async def stats(request: web.Request) -> web.StreamResponse:
         per_model = {name: s.as_dict() for name, s in sorted(engine.stats.items())}
         totals = {key: sum(s[key] for s in per_model.values())
-                  for key in ("active", "waiting", "completed", "cancelled")}
+                  for key in ("active", "waiting", "completed", "cancelled", "rejected")}
+        scheduler = engine.scheduler
         return web.json_response({**totals, "models": per_model,
-                                  "loaded": sorted(engine.loaded)})
+                                  "loaded": sorted(scheduler.runners), "loading": scheduler.loading,
+                                  "loads": scheduler.loads, "faults": faults.as_dict()})
+
+    async def fault_admin(request: web.Request) -> web.StreamResponse:
+        if request.method == "DELETE":
+            faults.clear()
+        elif request.method == "POST":
+            try:
+                data = await request.json()
+                set_to = faults.set(data if isinstance(data, dict) else {})
+            except Exception as exc:
+                return web.json_response({"error": f"invalid faults: {exc}"}, status=400)
+            if set_to.refuse_connections_s > 0:
+                control = request.app.get(LISTENER)
+                if control is None:
+                    faults.clear()
+                    return web.json_response(
+                        {"error": "refuse_connections_s needs the emulator started by its CLI"},
+                        status=501)
+                control.refuse_for(set_to.refuse_connections_s)
+        return web.json_response(faults.as_dict())
+
+    async def apply_faults(request: web.Request) -> web.StreamResponse | None:
+        """Answer or stall the request as the faults in force say; None lets it through."""
+        active = faults.take(request.path)
+        if active is None:
+            return None
+        if active.status is not None:
+            message = active.message or (SERVER_BUSY if active.status == 503 else
+                                         "an error was encountered while running the model: "
+                                         "emulated fault")
+            return await render_error(request, RequestError(active.status, message))
+        if active.hang_before_headers:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                faults.abandoned += 1
+                raise
+        if active.shapes_streams:
+            request[FAULT_KEY] = active
+        return None
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         path = request.path
         if path == "/_emulator/stats" and request.method == "GET":
             return await stats(request)
+        if path == "/_emulator/faults":
+            return await fault_admin(request)
         origin = request.headers.get("Origin")
         host = request.headers.get("Host", "")
         cors_headers: dict[str, str] = {}
@@ -216,6 +264,9 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
         for route, match in matches:
             if request.method in route.methods:
                 request.match_info.update(match.groupdict())
+                faulted = await apply_faults(request)
+                if faulted is not None:
+                    return faulted
                 try:
                     body: dict[str, Any] = {}
                     if route.struct is not None:
@@ -227,6 +278,8 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
                     response = await route.handler(request, body)
                 except RequestError as exc:
                     response = await render_error(request, exc)
+                except ServerBusy as exc:
+                    response = await render_error(request, RequestError(503, str(exc)))
                 if cors_headers and not response.prepared:
                     response.headers.update(cors_headers)
                 return response
@@ -236,5 +289,6 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
 
     app = web.Application(client_max_size=1 << 40)
     app[ENGINE] = engine
+    app[FAULTS] = faults
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app

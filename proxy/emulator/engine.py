@@ -1,4 +1,5 @@
-"""The emulator's inference engine: model residency, deterministic text and embeddings, timing and stats.
+"""The emulator's inference engine: deterministic text and embeddings on top of the scheduler, timed by
+the model's profile, with Ollama's context-overflow rules and per-model stats.
 
 Every front end (native `/api/*`, OpenAI `/v1/*`, Anthropic `/v1/messages`) asks the engine for a run and
 formats what it yields. Text is seeded by (emulator seed, model, prompt, options.seed), so the same request
@@ -19,28 +20,39 @@ from typing import Any
 import attrs
 
 from .catalog import ModelEntry, ModelStore
-from .durations import FOREVER_NS
 from .gojson import F32
+from .profile import ProfileSet, TimingProfile
+from .scheduler import Runner, Scheduler, ServerBusy
 from .vocabulary import Vocabulary
 
-__all__ = ["Engine", "EngineSettings", "LoadedModel", "ModelStats", "RunResult"]
+__all__ = ["CONTEXT_OVERFLOW", "ContextOverflow", "Engine", "EngineSettings", "ModelStats", "RunResult"]
 
-_DEFAULT_KEEP_ALIVE_NS = 5 * 60 * 1_000_000_000
-# Nominal rates used for reported durations when the emulator runs without delays or with a fixed clock.
+CONTEXT_OVERFLOW = ("the prompt is longer than the context length currently available to the model; "
+                    "shorten the prompt, adjust the context length in settings, or use a model with a "
+                    "longer context length")
+# Rates used for reported durations under a fixed clock when the profile has no delay at all.
 _NOMINAL_PREFILL_TPS = 1000.0
 _NOMINAL_DECODE_TPS = 100.0
 
 
+class ContextOverflow(Exception):
+    """A prompt that does not fit and may not be truncated (`truncate: false`): HTTP 400."""
+
+
 @attrs.define
 class EngineSettings:
-    """Emulator knobs that v1 exposes (load behaviour arrives with the scheduler)."""
+    """One emulated daemon: its scheduler limits, timing profiles, seed and clock."""
 
     seed: int = 0
-    decode_tokens_per_s: float = 0.0
-    prefill_tokens_per_s: float = 0.0
-    load_s: float = 0.0
-    min_output_tokens: int = 16
-    max_output_tokens: int = 64
+    profiles: ProfileSet = attrs.field(factory=ProfileSet)
+    num_parallel: int = 1
+    """OLLAMA_NUM_PARALLEL (embedding models always get 1)."""
+    max_queue: int = 512
+    """OLLAMA_MAX_QUEUE: requests that may wait for a model load before 503."""
+    max_loaded_models: int = 3
+    """OLLAMA_MAX_LOADED_MODELS."""
+    keep_alive_s: float = 300.0
+    """OLLAMA_KEEP_ALIVE default."""
     fixed_clock_ns: int | None = None
     version: str = "0.33.0"
 
@@ -53,20 +65,10 @@ class ModelStats:
     waiting: int = 0
     completed: int = 0
     cancelled: int = 0
+    rejected: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)
-
-
-@attrs.define
-class LoadedModel:
-    """A model resident in memory, as `/api/ps` lists it."""
-
-    entry: ModelEntry
-    context_length: int
-    keep_alive_ns: int
-    expires_ns: int
-    refcount: int = 0
 
 
 @attrs.define
@@ -96,7 +98,10 @@ class Engine:
         self.settings = settings
         self.store = store
         self.vocabulary = vocabulary
-        self.loaded: dict[str, LoadedModel] = {}
+        self.scheduler = Scheduler(
+            settings.profiles, num_parallel=settings.num_parallel, max_queue=settings.max_queue,
+            max_loaded_models=settings.max_loaded_models,
+            default_keep_alive_ns=int(settings.keep_alive_s * 1e9))
         self.stats: dict[str, ModelStats] = {}
         self._word_ids = [
             i for i in range(vocabulary.size)
@@ -104,60 +109,26 @@ class Engine:
             and vocabulary.piece(i)[1:].isalpha() and len(vocabulary.piece(i)) > 2
         ]
 
-    # clock -------------------------------------------------------------------------------------------
+    # clock and profiles ------------------------------------------------------------------------------
     def now_ns(self) -> int:
         """Wall-clock time for `created_at`; the fixed instant when the clock is frozen."""
         fixed = self.settings.fixed_clock_ns
         return fixed if fixed is not None else time.time_ns()
 
+    def profile(self, entry: ModelEntry) -> TimingProfile:
+        return self.settings.profiles.for_model(entry.name)
+
     def stats_for(self, model: str) -> ModelStats:
         return self.stats.setdefault(model, ModelStats())
 
-    # residency ---------------------------------------------------------------------------------------
-    def expire_idle(self) -> None:
-        """Drop models whose keep_alive ran out while idle."""
-        now = time.time_ns()
-        for key, loaded in list(self.loaded.items()):
-            if loaded.refcount == 0 and loaded.expires_ns <= now:
-                del self.loaded[key]
-
-    async def acquire(self, entry: ModelEntry, keep_alive_ns: int | None) -> tuple[LoadedModel, int]:
-        """Make `entry` resident and take a reference; returns it and the load time spent (ns)."""
-        self.expire_idle()
-        start = time.monotonic_ns()
-        loaded = self.loaded.get(entry.name)
-        load_ns = 0
-        if loaded is None:
-            if self.settings.load_s > 0:
-                await asyncio.sleep(self.settings.load_s)
-            load_ns = time.monotonic_ns() - start if self.settings.fixed_clock_ns is None else int(
-                self.settings.load_s * 1e9)
-            loaded = LoadedModel(entry, min(4096, entry.preset.context_length),
-                                 _DEFAULT_KEEP_ALIVE_NS, FOREVER_NS)
-            self.loaded[entry.name] = loaded
-        if keep_alive_ns is not None:
-            loaded.keep_alive_ns = keep_alive_ns
-        loaded.refcount += 1
-        loaded.expires_ns = FOREVER_NS
-        return loaded, load_ns
-
-    def release(self, loaded: LoadedModel) -> None:
-        """Drop a reference; the keep_alive timer starts when the last one goes."""
-        loaded.refcount -= 1
-        if loaded.refcount <= 0:
-            loaded.refcount = 0
-            if loaded.keep_alive_ns == 0:
-                self.loaded.pop(loaded.entry.name, None)
-            else:
-                loaded.expires_ns = min(FOREVER_NS, time.time_ns() + loaded.keep_alive_ns)
-
-    def unload(self, entry: ModelEntry) -> None:
-        """`keep_alive: 0` with nothing to do: unload as soon as idle."""
-        loaded = self.loaded.get(entry.name)
-        if loaded is not None:
-            loaded.keep_alive_ns = 0
-            if loaded.refcount == 0:
-                del self.loaded[entry.name]
+    def num_ctx_for(self, entry: ModelEntry, options: dict[str, Any]) -> int:
+        """Effective num_ctx: the request's, else the profile default, clamped to the trained context."""
+        requested = options.get("num_ctx")
+        if isinstance(requested, int | float) and not isinstance(requested, bool) and requested > 0:
+            value = int(requested)
+        else:
+            value = self.profile(entry).context_length
+        return max(4, min(value, entry.preset.context_length))
 
     # token accounting --------------------------------------------------------------------------------
     def count_prompt(self, text: str) -> int:
@@ -172,122 +143,185 @@ class Engine:
             total += 4 + self.vocabulary.count(content if isinstance(content, str) else "")
         return total + 3
 
+    @staticmethod
+    def fit_tokens(tokens: int, num_ctx: int, truncate: bool) -> int:
+        """Ollama's token-level overflow rule: with truncation (default) the front of the prompt is cut so
+        about half the context is free; without it the request fails."""
+        if tokens < num_ctx:
+            return tokens
+        if not truncate:
+            raise ContextOverflow(CONTEXT_OVERFLOW)
+        return max(1, num_ctx // 2)
+
+    def fit_chat(self, messages: list[dict[str, Any]], num_ctx: int, truncate: bool) -> int:
+        """Prompt tokens of a chat after Ollama's truncation (reference §11): whole messages are dropped
+        from the front (system messages and the last message kept), then the token-level rule applies."""
+        kept = list(messages)
+        if truncate:
+            while self.count_chat(kept) > num_ctx:
+                droppable = [i for i, m in enumerate(kept[:-1]) if m.get("role") != "system"]
+                if not droppable:
+                    break
+                del kept[droppable[0]]
+        return self.fit_tokens(self.count_chat(kept), num_ctx, truncate)
+
     # generation --------------------------------------------------------------------------------------
-    def _rng(self, *material: object) -> random.Random:
+    def rng(self, *material: object) -> random.Random:
+        """A generator seeded by the emulator seed and `material` (deterministic across runs)."""
         digest = hashlib.sha256(repr((self.settings.seed, *material)).encode()).digest()
         return random.Random(int.from_bytes(digest[:8], "big"))
+
+    async def _acquire(self, entry: ModelEntry, num_ctx: int, keep_alive_ns: int | None
+                       ) -> tuple[Runner, int]:
+        start = time.monotonic_ns()
+        loads_before = self.scheduler.loads
+        runner = await self.scheduler.acquire(entry, num_ctx, keep_alive_ns)
+        if self.settings.fixed_clock_ns is not None:
+            loaded_now = self.scheduler.loads != loads_before
+            return runner, int(self.profile(entry).load_s * 1e9 * loaded_now) + 1_000_000
+        return runner, time.monotonic_ns() - start
+
+    async def load(self, entry: ModelEntry, num_ctx: int, keep_alive_ns: int | None) -> None:
+        """A load-only request: make the model resident (queueing like any other request)."""
+        runner, _ = await self._acquire(entry, num_ctx, keep_alive_ns)
+        self.scheduler.release(runner)
 
     async def generate(self, entry: ModelEntry, prompt_tokens: int, seed_material: object,
                        options: dict[str, Any], keep_alive_ns: int | None,
                        result: RunResult) -> AsyncIterator[str]:
-        """Yield output tokens one at a time at the configured decode rate; fill `result` at the end.
+        """Yield output tokens one at a time at the profile's decode rate; fill `result` at the end.
 
-        Counts the run in `stats` as active while it runs, then completed, or cancelled when the consumer
-        goes away (CancelledError or generator close) before the end.
+        Counts the run in `stats`: waiting until it holds a slot, then active, then completed, or
+        cancelled when the consumer goes away (CancelledError or generator close) before the end.
         """
         stats = self.stats_for(entry.name)
+        profile = self.profile(entry)
         arrival = time.monotonic_ns()
         result.created_ns = self.now_ns()
+        num_ctx = self.num_ctx_for(entry, options)
         stats.waiting += 1
-        finished = False
-        loaded: LoadedModel | None = None
+        state = "waiting"
+        runner: Runner | None = None
         try:
-            loaded, load_ns = await self.acquire(entry, keep_alive_ns)
-            stats.waiting -= 1
-            stats.active += 1
-            prefill_start = time.monotonic_ns()
-            if self.settings.prefill_tokens_per_s > 0:
-                await asyncio.sleep(prompt_tokens / self.settings.prefill_tokens_per_s)
-            decode_start = time.monotonic_ns()
-            rng = self._rng(entry.name, seed_material, options.get("seed"))
-            natural = rng.randint(self.settings.min_output_tokens, self.settings.max_output_tokens)
-            num_predict = options.get("num_predict")
-            limit = natural
-            if isinstance(num_predict, int) and not isinstance(num_predict, bool) and num_predict >= 0:
-                limit = min(natural, num_predict)
-            delay = 1.0 / self.settings.decode_tokens_per_s if self.settings.decode_tokens_per_s else 0
-            for index in range(limit):
-                if delay:
-                    await asyncio.sleep(delay)
-                piece = self.vocabulary.piece(rng.choice(self._word_ids))
-                if index == 0:
-                    piece = piece.lstrip().capitalize()
-                elif index == limit - 1 or rng.random() < 0.08:
-                    piece += "."
-                yield piece
-            end = time.monotonic_ns()
+            try:
+                runner, load_ns = await self._acquire(entry, num_ctx, keep_alive_ns)
+            except ServerBusy:
+                state = "rejected"
+                raise
+            async with runner.slot():
+                stats.waiting -= 1
+                stats.active += 1
+                state = "active"
+                prefill_start = time.monotonic_ns()
+                prefill_s = profile.prefill_s(prompt_tokens)
+                if prefill_s:
+                    await _sleep(prefill_s)
+                decode_start = time.monotonic_ns()
+                rng = self.rng(entry.name, seed_material, options.get("seed"))
+                low, high = profile.output_tokens
+                natural = rng.randint(low, max(low, high))
+                num_predict = options.get("num_predict")
+                limit = natural
+                if isinstance(num_predict, int) and not isinstance(num_predict, bool) \
+                        and num_predict >= 0:
+                    limit = min(natural, num_predict)
+                modelled_decode_s = 0.0
+                for index in range(limit):
+                    gap = profile.decode_gap_s(runner.active)
+                    if gap:
+                        modelled_decode_s += gap
+                        await _sleep(gap)
+                    piece = self.vocabulary.piece(rng.choice(self._word_ids))
+                    if index == 0:
+                        piece = piece.lstrip().capitalize()
+                    elif index == limit - 1 or rng.random() < 0.08:
+                        piece += "."
+                    yield piece
+                end = time.monotonic_ns()
             result.prompt_eval_count = prompt_tokens
             result.eval_count = limit
             result.done_reason = "length" if limit < natural else "stop"
             if self.settings.fixed_clock_ns is None:
-                result.load_duration = max(load_ns, prefill_start - arrival)
+                result.load_duration = max(load_ns, 1000)
                 result.prompt_eval_duration = max(decode_start - prefill_start, 1000)
                 result.eval_duration = max(end - decode_start, 1000)
                 result.total_duration = time.monotonic_ns() - arrival
             else:
-                prefill_tps = self.settings.prefill_tokens_per_s or _NOMINAL_PREFILL_TPS
-                decode_tps = self.settings.decode_tokens_per_s or _NOMINAL_DECODE_TPS
-                result.load_duration = load_ns + 1_000_000
-                result.prompt_eval_duration = int(prompt_tokens / prefill_tps * 1e9)
-                result.eval_duration = int(limit / decode_tps * 1e9)
+                result.load_duration = load_ns
+                result.prompt_eval_duration = int((prefill_s or prompt_tokens / _NOMINAL_PREFILL_TPS)
+                                                  * 1e9)
+                result.eval_duration = int((modelled_decode_s or limit / _NOMINAL_DECODE_TPS) * 1e9)
                 result.total_duration = (result.load_duration + result.prompt_eval_duration
                                          + result.eval_duration + 500_000)
-            finished = True
+            state = "completed"
         finally:
-            if loaded is None:
-                stats.waiting -= 1
-            else:
-                stats.active -= 1
-                self.release(loaded)
-            if finished:
-                stats.completed += 1
-            else:
-                stats.cancelled += 1
+            self._settle(stats, state, runner)
+
+    def _settle(self, stats: ModelStats, state: str, runner: Runner | None) -> None:
+        if state in ("waiting", "rejected"):
+            stats.waiting -= 1
+        elif state in ("active", "completed"):
+            stats.active -= 1
+        if state == "completed":
+            stats.completed += 1
+        elif state == "rejected":
+            stats.rejected += 1
+        else:
+            stats.cancelled += 1
+        if runner is not None:
+            self.scheduler.release(runner)
 
     async def embed(self, entry: ModelEntry, texts: list[str], keep_alive_ns: int | None,
-                    normalize: bool, dimensions: int | None = None) -> tuple[list[list[float]], RunResult]:
+                    normalize: bool, options: dict[str, Any] | None = None,
+                    dimensions: int | None = None) -> tuple[list[list[float]], RunResult]:
         """Deterministic embeddings for `texts`, L2-normalised float32 (`/api/embed`) or raw float64."""
         stats = self.stats_for(entry.name)
+        profile = self.profile(entry)
         arrival = time.monotonic_ns()
+        num_ctx = self.num_ctx_for(entry, options or {})
         stats.waiting += 1
-        loaded: LoadedModel | None = None
-        finished = False
+        state = "waiting"
+        runner: Runner | None = None
         result = RunResult(created_ns=self.now_ns())
         try:
-            loaded, load_ns = await self.acquire(entry, keep_alive_ns)
-            stats.waiting -= 1
-            stats.active += 1
-            tokens = sum(self.vocabulary.count(text) + 2 for text in texts)
-            if self.settings.prefill_tokens_per_s > 0:
-                await asyncio.sleep(tokens / self.settings.prefill_tokens_per_s)
-            dims = entry.preset.embedding_length
-            vectors: list[list[float]] = []
-            for text in texts:
-                rng = self._rng(entry.name, "embed", text)
-                raw = [rng.gauss(0.0, 1.0) for _ in range(dims)]
-                if dimensions and 0 < dimensions < dims:
-                    raw = raw[:dimensions]
-                if normalize:
-                    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
-                    vectors.append([F32(v / norm) for v in raw])
-                else:
-                    vectors.append(raw)
+            try:
+                runner, load_ns = await self._acquire(entry, num_ctx, keep_alive_ns)
+            except ServerBusy:
+                state = "rejected"
+                raise
+            async with runner.slot():
+                stats.waiting -= 1
+                stats.active += 1
+                state = "active"
+                tokens = sum(min(self.vocabulary.count(text) + 2, num_ctx) for text in texts)
+                embed_s = profile.prefill_base_s + profile.embed_s(tokens)
+                if embed_s:
+                    await _sleep(embed_s)
+                vectors = [self._vector(entry, text, normalize, dimensions) for text in texts]
             result.prompt_eval_count = tokens
             if self.settings.fixed_clock_ns is None:
-                result.load_duration = load_ns
+                result.load_duration = max(load_ns, 1000)
                 result.total_duration = time.monotonic_ns() - arrival
             else:
-                result.load_duration = load_ns + 1_000_000
-                result.total_duration = result.load_duration + int(tokens / _NOMINAL_PREFILL_TPS * 1e9)
-            finished = True
+                result.load_duration = load_ns
+                result.total_duration = load_ns + int((embed_s or tokens / _NOMINAL_PREFILL_TPS) * 1e9)
+            state = "completed"
             return vectors, result
         finally:
-            if loaded is None:
-                stats.waiting -= 1
-            else:
-                stats.active -= 1
-                self.release(loaded)
-            if finished:
-                stats.completed += 1
-            else:
-                stats.cancelled += 1
+            self._settle(stats, state, runner)
+
+    def _vector(self, entry: ModelEntry, text: str, normalize: bool,
+                dimensions: int | None) -> list[float]:
+        rng = self.rng(entry.name, "embed", text)
+        dims = entry.preset.embedding_length
+        raw = [rng.gauss(0.0, 1.0) for _ in range(dims)]
+        if dimensions and 0 < dimensions < dims:
+            raw = raw[:dimensions]
+        if not normalize:
+            return raw
+        norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+        return [F32(v / norm) for v in raw]
+
+
+async def _sleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)

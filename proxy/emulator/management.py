@@ -12,8 +12,9 @@ from aiohttp import web
 from . import gojson, wire
 from .catalog import KNOWN_MODELS, ModelEntry, display_name, valid_name
 from .durations import FOREVER_NS
-from .engine import Engine, LoadedModel
+from .engine import Engine
 from .native import RequestError
+from .scheduler import Runner
 
 __all__ = ["ManagementRoutes"]
 
@@ -69,19 +70,19 @@ class ManagementRoutes:
 
     async def ps(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         del body
-        self.engine.expire_idle()
-        loaded = sorted(self.engine.loaded.values(), key=lambda m: m.expires_ns, reverse=True)
+        runners = sorted(self.engine.scheduler.runners.values(), key=lambda r: r.expires_ns,
+                         reverse=True)
         models = []
-        for item in loaded:
+        for item in runners:
             entry = item.entry
-            size = entry.preset.size + item.context_length * 131072
+            size = entry.preset.size + item.num_ctx * item.num_parallel * 131072
             models.append({"name": entry.name, "model": entry.name, "size": size,
                            "digest": entry.digest, "details": _details(entry, False),
                            "expires_at": wire.go_time(self._shown_expiry(item)),
-                           "size_vram": size, "context_length": item.context_length})
+                           "size_vram": size, "context_length": item.num_ctx})
         return await wire.send_json(request, {"models": models})
 
-    def _shown_expiry(self, item: LoadedModel) -> int:
+    def _shown_expiry(self, item: Runner) -> int:
         """Expiry as wall time; under a fixed clock, the frozen instant plus keep_alive (reproducible)."""
         fixed = self.engine.settings.fixed_clock_ns
         if fixed is None or item.expires_ns >= FOREVER_NS:
@@ -258,7 +259,7 @@ class ManagementRoutes:
             raise RequestError(400, "model is required")
         if not self.engine.store.remove(model):
             raise RequestError(404, f"model '{model}' not found")
-        self.engine.loaded.pop(display_name(model), None)
+        self.engine.scheduler.forget(display_name(model))
         return web.Response(status=200)
 
     async def head_blob(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:

@@ -13,7 +13,7 @@ from aiohttp import web
 from . import gojson, wire
 from .catalog import ModelEntry, valid_name
 from .durations import KeepAliveError, parse_keep_alive
-from .engine import Engine, RunResult
+from .engine import ContextOverflow, Engine, RunResult
 
 __all__ = ["NativeRoutes", "RequestError"]
 
@@ -114,11 +114,16 @@ class NativeRoutes:
         prompt = body.get("prompt") or ""
         engine = self.engine
         if not prompt:
-            return await self._load_or_unload(request, entry, model, keep_alive,
+            return await self._load_or_unload(request, entry, model, keep_alive, options,
                                               {"response": ""})
         text = (body.get("system") or "") + prompt
-        prompt_tokens = engine.count_prompt(text) if not body.get("raw") else (
+        counted = engine.count_prompt(text) if not body.get("raw") else (
             engine.vocabulary.count(prompt) + 1)
+        try:
+            prompt_tokens = engine.fit_tokens(counted, engine.num_ctx_for(entry, options),
+                                              body.get("truncate") is not False)
+        except ContextOverflow as exc:
+            raise RequestError(400, str(exc)) from None
         result = RunResult()
         tokens = engine.generate(entry, prompt_tokens, ("generate", text), options, keep_alive,
                                  result)
@@ -164,14 +169,14 @@ class NativeRoutes:
         return final
 
     async def _load_or_unload(self, request: web.Request, entry: ModelEntry, model: str,
-                              keep_alive: int | None, empty: dict[str, Any]) -> web.StreamResponse:
+                              keep_alive: int | None, options: dict[str, Any],
+                              empty: dict[str, Any]) -> web.StreamResponse:
         engine = self.engine
         if keep_alive == 0:
-            engine.unload(entry)
+            engine.scheduler.unload_when_idle(entry)
             reason = "unload"
         else:
-            loaded, _ = await engine.acquire(entry, keep_alive)
-            engine.release(loaded)
+            await engine.load(entry, engine.num_ctx_for(entry, options), keep_alive)
             reason = "load"
         value: dict[str, Any] = {"model": model, "created_at": wire.go_time(engine.now_ns()), **empty,
                                  "done": True, "done_reason": reason}
@@ -197,9 +202,13 @@ class NativeRoutes:
                                     "ChatRequest.messages of type []api.Message")
         engine = self.engine
         if not messages:
-            return await self._load_or_unload(request, entry, model, keep_alive,
+            return await self._load_or_unload(request, entry, model, keep_alive, options,
                                               {"message": {"role": "assistant", "content": ""}})
-        prompt_tokens = engine.count_chat(messages)
+        try:
+            prompt_tokens = engine.fit_chat(messages, engine.num_ctx_for(entry, options),
+                                            body.get("truncate") is not False)
+        except ContextOverflow as exc:
+            raise RequestError(400, str(exc)) from None
         result = RunResult()
         tokens = engine.generate(entry, prompt_tokens, ("chat", repr(messages)), options, keep_alive,
                                  result)
@@ -241,9 +250,10 @@ class NativeRoutes:
             raise RequestError(404, "model '' not found")
         entry = self._lookup(model, f'model "{model}" not found, try pulling it first')
         raw_input = body.get("input")
+        options = _options(body)
+        num_ctx = self.engine.num_ctx_for(entry, options)
         if raw_input is None or raw_input in ("", []):
-            loaded, _ = await self.engine.acquire(entry, keep_alive)
-            self.engine.release(loaded)
+            await self.engine.load(entry, num_ctx, keep_alive)
             return await wire.send_json(request, {"model": model, "embeddings": []})
         if isinstance(raw_input, str):
             texts = [raw_input]
@@ -251,13 +261,12 @@ class NativeRoutes:
             texts = list(raw_input)
         else:
             raise RequestError(400, "invalid input type")
-        context = min(4096, entry.preset.context_length)
         if body.get("truncate") is False and any(
-                self.engine.vocabulary.count(text) + 2 > context for text in texts):
+                self.engine.vocabulary.count(text) + 2 > num_ctx for text in texts):
             raise RequestError(400, "the input length exceeds the context length")
         dimensions = body.get("dimensions")
         vectors, result = await self.engine.embed(
-            entry, texts, keep_alive, normalize=True,
+            entry, texts, keep_alive, normalize=True, options=options,
             dimensions=dimensions if isinstance(dimensions, int) else None)
         value: dict[str, Any] = {"model": model, "embeddings": vectors}
         value.update({k: v for k, v in (("total_duration", result.total_duration),
@@ -273,11 +282,12 @@ class NativeRoutes:
             raise RequestError(400, "model is required")
         entry = self._lookup(model, f'model "{model}" not found, try pulling it first')
         prompt = body.get("prompt") or ""
+        options = _options(body)
         if not prompt:
-            loaded, _ = await self.engine.acquire(entry, keep_alive)
-            self.engine.release(loaded)
+            await self.engine.load(entry, self.engine.num_ctx_for(entry, options), keep_alive)
             return await wire.send_json(request, {"embedding": []})
-        vectors, _ = await self.engine.embed(entry, [prompt], keep_alive, normalize=False)
+        vectors, _ = await self.engine.embed(entry, [prompt], keep_alive, normalize=False,
+                                             options=options)
         return await wire.send_json(request, {"embedding": vectors[0]})
 
 
@@ -296,7 +306,7 @@ def _tool_calls(tools: Any, engine: Engine, model: str) -> list[dict[str, Any]]:
     function = tools[0].get("function") or {}
     parameters = function.get("parameters") or {}
     required = parameters.get("required") or list((parameters.get("properties") or {}).keys())[:1]
-    rng = engine._rng(model, "tool", function.get("name"))
+    rng = engine.rng(model, "tool", function.get("name"))
     arguments = {name: rng.choice(["Paris", "Berlin", "Tokyo", "Lima"]) for name in required
                  if isinstance(name, str)}
     call_id = "call_" + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))

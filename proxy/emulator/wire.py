@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from . import gojson
+from .faults import FAULT_KEY, FAULTS, FaultyStream
 
 __all__ = [
     "CT_JSON",
@@ -77,7 +78,9 @@ async def start_stream(request: web.Request, content_type: str,
                        extra_headers: dict[str, str] | None = None) -> web.StreamResponse:
     """Begin a chunked 200 stream; the caller writes one flushed line or event at a time."""
     headers = {"Content-Type": content_type, **(extra_headers or {})}
-    response = web.StreamResponse(status=200, headers=headers)
+    faults = request.get(FAULT_KEY)
+    response = (web.StreamResponse(status=200, headers=headers) if faults is None
+                else FaultyStream(faults, request.app[FAULTS], status=200, headers=headers))
     response.enable_chunked_encoding()
     await response.prepare(request)
     return response
