@@ -7,7 +7,6 @@ Key names are the public interface documented in deploy/config.example.yaml: ext
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +16,8 @@ import cattrs
 import yaml
 from cattrs.gen import make_dict_structure_fn
 from yarl import URL
+
+from .validation import format_validation_error
 
 __all__ = [
     "Config",
@@ -167,41 +168,13 @@ def _converter() -> cattrs.Converter:
 _CONVERTER = _converter()
 
 
-def _describe(exc: BaseException, type_: Any) -> str:
-    """One error in words; our validators already say `field: problem`."""
-    text = str(exc)
-    if isinstance(exc, KeyError):
-        return "required key missing"
-    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return "unknown key(s) " + ", ".join(sorted(exc.extra_fields))
-    if " not in literal " in text:
-        value, _, allowed = text.partition(" not in literal ")
-        return f"{value!r} is not one of {allowed.removeprefix('typing.Literal')}"
-    if isinstance(exc, ValueError) and re.match(r"^\w+: ", text):
-        return text
-    return f"expected {getattr(type_, '__name__', type_)}"
-
-
-def _format_errors(exc: cattrs.BaseValidationError) -> str:
-    messages = []
-    for line in cattrs.transform_error(exc, path="", format_exception=_describe):
-        text, _, where = line.rpartition(" @ ")
-        path = where.lstrip("$").lstrip(".")
-        field, sep, rest = text.partition(": ")
-        if sep and field.isidentifier():
-            # A validator names its own field: fold it into the path.
-            path, text = (f"{path}.{field}" if path else field), rest
-        messages.append(f"{path}: {text}" if path else text)
-    return "; ".join(messages)
-
-
 def structure(data: Mapping[str, Any]) -> Config:
     """Build a Config from plain data, or raise ConfigError naming each bad key path."""
     try:
         return _CONVERTER.structure(dict(data), Config)
     except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
         if isinstance(exc, cattrs.BaseValidationError):
-            raise ConfigError(_format_errors(exc)) from None
+            raise ConfigError(format_validation_error(exc)) from None
         raise ConfigError(str(exc)) from None
 
 

@@ -16,7 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
+import cattrs
 from aiohttp import web
+
+from proxy.validation import format_validation_error
 
 from . import wire
 from .anthropic_compat import AnthropicError, AnthropicRoutes, anthropic_error_type
@@ -200,7 +203,10 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
             try:
                 data = await request.json()
                 set_to = faults.set(data if isinstance(data, dict) else {})
-            except Exception as exc:
+            except cattrs.BaseValidationError as exc:
+                return web.json_response(
+                    {"error": f"invalid faults: {format_validation_error(exc)}"}, status=400)
+            except ValueError as exc:  # not JSON at all
                 return web.json_response({"error": f"invalid faults: {exc}"}, status=400)
             if set_to.refuse_connections_s > 0:
                 control = request.app.get(LISTENER)

@@ -21,6 +21,8 @@ import attrs
 import cattrs
 import yaml
 
+from proxy.validation import format_validation_error
+
 __all__ = ["PROFILES_DIR", "ProfileSet", "TimingProfile", "load_profile"]
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -102,9 +104,11 @@ def load_profile(path: str | Path) -> ProfileSet:
         candidate = PROFILES_DIR / f"{path}.yaml"
     data = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
     models = data.get("models") or {}
-    for name, override in models.items():  # validate every override now, not on first use
-        _CONVERTER.structure({**(data.get("defaults") or {}), **override}, TimingProfile)
-        del name
+    try:
+        defaults = _CONVERTER.structure(data.get("defaults") or {}, TimingProfile)
+        for override in models.values():  # validate every override now, not on first use
+            _CONVERTER.structure({**(data.get("defaults") or {}), **override}, TimingProfile)
+    except cattrs.BaseValidationError as exc:
+        raise ValueError(f"{candidate}: {format_validation_error(exc)}") from None
     return ProfileSet(name=str(data.get("name", candidate.stem)), source=str(data.get("source", "")),
-                      defaults=_CONVERTER.structure(data.get("defaults") or {}, TimingProfile),
-                      models={str(k): dict(v) for k, v in models.items()})
+                      defaults=defaults, models={str(k): dict(v) for k, v in models.items()})

@@ -81,7 +81,8 @@ class Server:
 
 def start_emulator(tmp: Path, *, seed: int = 7, decode_tokens_per_s: float = 0.0,
                    load_s: float = 0.0, fixed_clock: bool = True, models: str | None = None,
-                   name: str = "emulator", output_tokens: str | None = None) -> Server:
+                   name: str = "emulator", output_tokens: str | None = None,
+                   extra: list[str] | None = None) -> Server:
     port = free_port()
     args = ["emulate", "--listen", f"127.0.0.1:{port}", "--seed", str(seed),
             "--decode-tokens-per-s", str(decode_tokens_per_s), "--load-s", str(load_s)]
@@ -91,6 +92,7 @@ def start_emulator(tmp: Path, *, seed: int = 7, decode_tokens_per_s: float = 0.0
         args += ["--models", models]
     if output_tokens:
         args += ["--output-tokens", output_tokens]
+    args += extra or []
     return Server(args, port, tmp / f"{name}-{port}.log")
 
 

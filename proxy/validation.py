@@ -1,0 +1,40 @@
+"""Turning cattrs structuring errors into messages that name the key path of every problem, for the
+configuration file and the emulator's profiles alike."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import cattrs
+
+__all__ = ["format_validation_error"]
+
+
+def _describe(exc: BaseException, type_: Any) -> str:
+    """One error in words; our validators already say `field: problem`."""
+    text = str(exc)
+    if isinstance(exc, KeyError):
+        return "required key missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return "unknown key(s) " + ", ".join(sorted(exc.extra_fields))
+    if " not in literal " in text:
+        value, _, allowed = text.partition(" not in literal ")
+        return f"{value!r} is not one of {allowed.removeprefix('typing.Literal')}"
+    if isinstance(exc, ValueError) and re.match(r"^\w+: ", text):
+        return text
+    return f"expected {getattr(type_, '__name__', type_)}"
+
+
+def format_validation_error(exc: cattrs.BaseValidationError) -> str:
+    """Every error in `exc` as `path: problem`, joined with `; ` (`server.max_body_bytes: must be > 0`)."""
+    messages = []
+    for line in cattrs.transform_error(exc, path="", format_exception=_describe):
+        text, _, where = line.rpartition(" @ ")
+        path = where.lstrip("$").lstrip(".")
+        field, sep, rest = text.partition(": ")
+        if sep and field.isidentifier():
+            # A validator names its own field: fold it into the path.
+            path, text = (f"{path}.{field}" if path else field), rest
+        messages.append(f"{path}: {text}" if path else text)
+    return "; ".join(messages)
