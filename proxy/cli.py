@@ -113,6 +113,35 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loadgen(args: argparse.Namespace) -> int:
+    import json
+
+    from .loadgen.runner import assert_loopback, record_dict, run_plan
+    from .loadgen.scenarios import scenario
+    from .loadgen.summary import summarize
+    from .loadgen.workload import plan
+
+    try:
+        chosen = scenario(args.scenario)
+        assert_loopback(args.target)
+    except (KeyError, ValueError) as exc:
+        print(f"shared-ollama-proxy loadgen: {exc}", file=sys.stderr)
+        return 2
+    planned = plan(chosen, args.seed)
+    records: list[Any] = []
+
+    async def go() -> None:
+        records.extend(await run_plan(args.target, planned, timeout_s=args.timeout_s))
+
+    _run(go())
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record_dict(record)) + "\n")
+    print(json.dumps(summarize(records, chosen.duration_s, args.timeout_s), indent=2))
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
@@ -179,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--replica-ports", default="11501,11502")
     demo.add_argument("--decode-tokens-per-s", type=float, default=25.0)
     demo.set_defaults(func=_demo)
+
+    loadgen = commands.add_parser("loadgen", help="open-loop load against a loopback target")
+    loadgen.add_argument("--target", required=True, help="base URL, e.g. http://127.0.0.1:11435")
+    loadgen.add_argument("--scenario", default="rag-burst", help="rag-burst, rag-quiet, smoke")
+    loadgen.add_argument("--seed", type=int, default=1)
+    loadgen.add_argument("--timeout-s", type=float, default=120.0, help="client timeout per request")
+    loadgen.add_argument("--out", help="write one JSON record per request to this file")
+    loadgen.set_defaults(func=_loadgen)
 
     check = commands.add_parser("check-config", help="validate a configuration file without serving")
     check.add_argument("file")

@@ -1,0 +1,141 @@
+"""The open-loop dispatcher: every planned request leaves at its offset whether or not earlier ones have
+finished (a closed loop would hide queueing), and one record per request is kept.
+
+Bounded: the plan is finite, each request has the client timeout (120 s by default), and the run stops at
+duration + timeout + 10 s whatever happens. Loopback targets only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+import time
+from typing import Any
+
+import aiohttp
+import attrs
+from yarl import URL
+
+from .workload import Planned
+
+__all__ = ["Record", "assert_loopback", "run_plan"]
+
+_COUNTS = {name: re.compile(rb'"' + name.encode() + rb'":(\d+)') for name in (
+    "prompt_eval_count", "eval_count", "load_duration")}
+
+
+@attrs.define
+class Record:
+    """What happened to one request. Times are seconds from the start of the run."""
+
+    index: int
+    tenant: str
+    kind: str
+    submitted_s: float
+    status: int = 0
+    outcome: str = "pending"
+    """ok, rejected (429/503), timeout (client gave up), error (other status, reset, error line)."""
+    ttft_s: float | None = None
+    """Time to the first body byte of the response (the first token of a stream)."""
+    completion_s: float | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    load_duration_ns: int | None = None
+    bytes: int = 0
+    retry_after: str | None = None
+    error: str | None = None
+
+
+def assert_loopback(target: str) -> None:
+    """Refuse any target that is not on this machine (127.0.0.0/8 or ::1)."""
+    host = URL(target).host or ""
+    try:
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve {host!r}: {exc}") from None
+    for address in addresses:
+        if not ipaddress.ip_address(address.split("%")[0]).is_loopback:
+            raise ValueError(f"load generation targets loopback only; {host} is {address}")
+
+
+def _last_int(name: str, tail: bytes) -> int | None:
+    found = _COUNTS[name].findall(tail)
+    return int(found[-1]) if found else None
+
+
+async def _one(session: aiohttp.ClientSession, target: str, item: Planned, start: float,
+               timeout_s: float) -> Record:
+    record = Record(item.index, item.tenant, item.kind, time.monotonic() - start)
+    sent = time.monotonic()
+    tail = b""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with session.post(target + item.path, json=item.body,
+                                    headers={"Authorization": f"Bearer {item.key}"}) as response:
+                record.status = response.status
+                record.retry_after = response.headers.get("Retry-After")
+                async for chunk in response.content.iter_any():
+                    if record.ttft_s is None:
+                        record.ttft_s = time.monotonic() - sent
+                    record.bytes += len(chunk)
+                    tail = (tail + chunk)[-4096:]
+        record.completion_s = time.monotonic() - sent
+        if record.status in (429, 503):
+            record.outcome = "rejected"
+        elif record.status != 200:
+            record.outcome = "error"
+            record.error = tail[-200:].decode("utf-8", "replace")
+        elif b'"error"' in tail.rsplit(b"\n", 2)[-2 if tail.endswith(b"\n") else -1]:
+            record.outcome = "error"
+            record.error = "error line in stream"
+        else:
+            record.outcome = "ok"
+    except TimeoutError:
+        record.outcome = "timeout"
+        record.completion_s = None
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        record.outcome = "error"
+        record.error = type(exc).__name__
+    record.prompt_tokens = _last_int("prompt_eval_count", tail)
+    record.output_tokens = _last_int("eval_count", tail)
+    record.load_duration_ns = _last_int("load_duration", tail)
+    return record
+
+
+async def run_plan(target: str, planned: list[Planned], *, timeout_s: float = 120.0,
+                   hard_stop_s: float | None = None) -> list[Record]:
+    """Send `planned` to `target` open-loop; one Record per request, in plan order."""
+    assert_loopback(target)
+    target = target.rstrip("/")
+    horizon = (planned[-1].at_s if planned else 0.0) + timeout_s + 10.0
+    hard_stop_s = horizon if hard_stop_s is None else hard_stop_s
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    start = time.monotonic()
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
+
+        async def launch(item: Planned) -> Record:
+            delay = item.at_s - (time.monotonic() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            return await _one(session, target, item, start, timeout_s)
+
+        tasks = [asyncio.ensure_future(launch(item)) for item in planned]
+        done, pending = await asyncio.wait(tasks, timeout=hard_stop_s)
+        for task in pending:
+            task.cancel()
+        records: list[Record] = []
+        for item, task in zip(planned, tasks, strict=True):
+            if task in done and not task.cancelled() and task.exception() is None:
+                records.append(task.result())
+            else:
+                records.append(Record(item.index, item.tenant, item.kind, item.at_s,
+                                      outcome="timeout", error="run stopped"))
+    return records
+
+
+def record_dict(record: Record) -> dict[str, Any]:
+    """A record as plain JSON-able data (one JSON line per request)."""
+    return attrs.asdict(record)

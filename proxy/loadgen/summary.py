@@ -1,0 +1,91 @@
+"""Summaries of a load run and the seed SLOs: P95 completion < 45 s, timeouts < 1 %, rejections < 5 %.
+
+Percentiles are nearest-rank over the requests that completed. Goodput counts requests that succeeded
+within the completion SLO, per second of the scenario. Jain's fairness index is taken over the tenants'
+satisfaction (the share of each tenant's requests served within the SLO): 1.0 when every tenant is served
+equally well, 1/n when one tenant gets everything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .runner import Record
+
+__all__ = ["SLO", "jain", "percentile", "slo_verdicts", "summarize"]
+
+SLO = {"p95_completion_s": 45.0, "timeout_pct": 1.0, "rejection_pct": 5.0}
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100), None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def jain(values: Iterable[float]) -> float | None:
+    """Jain's fairness index of non-negative values."""
+    items = list(values)
+    if not items or not any(items):
+        return None
+    return sum(items) ** 2 / (len(items) * sum(v * v for v in items))
+
+
+def _group(records: Sequence[Record], duration_s: float, timeout_s: float) -> dict[str, Any]:
+    total = len(records)
+    done = [r for r in records if r.outcome == "ok" and r.completion_s is not None]
+    # A request the client gave up on took at least the timeout: it counts in the completion
+    # percentiles as that (censored) value instead of vanishing from them.
+    completions = [r.completion_s for r in done if r.completion_s is not None] + [
+        timeout_s for r in records if r.outcome == "timeout"]
+    ttfts = [r.ttft_s for r in done if r.ttft_s is not None]
+    good = [r for r in done if (r.completion_s or 0) <= SLO["p95_completion_s"]]
+
+    def pct(outcome: str) -> float:
+        return 100.0 * sum(1 for r in records if r.outcome == outcome) / total if total else 0.0
+
+    return {
+        "requests": total,
+        "ok": len(done),
+        "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "completion_p50_s": percentile(completions, 50),
+        "completion_p95_s": percentile(completions, 95),
+        "completion_p99_s": percentile(completions, 99),
+        "timeout_pct": pct("timeout"), "rejection_pct": pct("rejected"), "error_pct": pct("error"),
+        "goodput_rps": len(good) / duration_s if duration_s else 0.0,
+        "satisfaction": len(good) / total if total else 0.0,
+        "output_tokens": sum(r.output_tokens or 0 for r in done),
+        "cold_loads": sum(1 for r in done if (r.load_duration_ns or 0) >= 500_000_000),
+    }
+
+
+def summarize(records: Sequence[Record], duration_s: float, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Overall, per-class and per-tenant figures, Jain fairness across tenants, and the SLO verdicts."""
+    classes = sorted({r.kind for r in records})
+    tenants = sorted({r.tenant for r in records})
+    summary: dict[str, Any] = {
+        "overall": _group(records, duration_s, timeout_s),
+        "by_class": {c: _group([r for r in records if r.kind == c], duration_s, timeout_s)
+                     for c in classes},
+        "by_tenant": {t: _group([r for r in records if r.tenant == t], duration_s, timeout_s)
+                      for t in tenants},
+    }
+    summary["jain_fairness"] = jain(g["satisfaction"] for g in summary["by_tenant"].values())
+    summary["slo"] = slo_verdicts(summary["overall"])
+    return summary
+
+
+def slo_verdicts(group: dict[str, Any]) -> dict[str, bool]:
+    """Pass/fail of the seed SLOs for one group of requests."""
+    p95 = group["completion_p95_s"]
+    return {
+        "p95_completion_lt_45s": p95 is not None and p95 < SLO["p95_completion_s"],
+        "timeouts_lt_1pct": group["timeout_pct"] < SLO["timeout_pct"],
+        "rejections_lt_5pct": group["rejection_pct"] < SLO["rejection_pct"],
+    }
