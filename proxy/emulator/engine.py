@@ -186,16 +186,31 @@ class Engine:
         runner, _ = await self._acquire(entry, num_ctx, keep_alive_ns)
         self.scheduler.release(runner)
 
-    async def generate(self, entry: ModelEntry, prompt_tokens: int, seed_material: object,
+    @staticmethod
+    def render_chat(messages: list[dict[str, Any]]) -> str:
+        """A chat as one prompt, in Gemma's turn format (system text leads the first user turn)."""
+        system = "\n".join(str(m.get("content") or "") for m in messages if m.get("role") == "system")
+        turns: list[str] = []
+        for message in messages:
+            role = message.get("role")
+            if role == "system":
+                continue
+            content = str(message.get("content") or "")
+            if system and not turns and role == "user":
+                content = f"{system}\n\n{content}"
+            turns.append(f"<start_of_turn>{'model' if role == 'assistant' else 'user'}\n"
+                         f"{content}<end_of_turn>\n")
+        return "".join(turns) + "<start_of_turn>model\n"
+
+    async def generate(self, entry: ModelEntry, prompt_text: str, prompt_tokens: int,
                        options: dict[str, Any], keep_alive_ns: int | None,
                        result: RunResult) -> AsyncIterator[str]:
-        """Yield output tokens one at a time at the profile's decode rate; fill `result` at the end.
+        """Yield output tokens one at a time; fill `result` at the end.
 
         Counts the run in `stats`: waiting until it holds a slot, then active, then completed, or
         cancelled when the consumer goes away (CancelledError or generator close) before the end.
         """
         stats = self.stats_for(entry.name)
-        profile = self.profile(entry)
         arrival = time.monotonic_ns()
         result.created_ns = self.now_ns()
         num_ctx = self.num_ctx_for(entry, options)
@@ -212,50 +227,61 @@ class Engine:
                 stats.waiting -= 1
                 stats.active += 1
                 state = "active"
-                prefill_start = time.monotonic_ns()
-                prefill_s = profile.prefill_s(prompt_tokens)
-                if prefill_s:
-                    await _sleep(prefill_s)
-                decode_start = time.monotonic_ns()
-                rng = self.rng(entry.name, seed_material, options.get("seed"))
-                low, high = profile.output_tokens
-                natural = rng.randint(low, max(low, high))
-                num_predict = options.get("num_predict")
-                limit = natural
-                if isinstance(num_predict, int) and not isinstance(num_predict, bool) \
-                        and num_predict >= 0:
-                    limit = min(natural, num_predict)
-                modelled_decode_s = 0.0
-                for index in range(limit):
-                    gap = profile.decode_gap_s(runner.active)
-                    if gap:
-                        modelled_decode_s += gap
-                        await _sleep(gap)
-                    piece = self.vocabulary.piece(rng.choice(self._word_ids))
-                    if index == 0:
-                        piece = piece.lstrip().capitalize()
-                    elif index == limit - 1 or rng.random() < 0.08:
-                        piece += "."
+                async for piece in self._decode(entry, runner, prompt_text, prompt_tokens, options,
+                                                result):
                     yield piece
-                end = time.monotonic_ns()
-            result.prompt_eval_count = prompt_tokens
-            result.eval_count = limit
-            result.done_reason = "length" if limit < natural else "stop"
+            result.load_duration = load_ns if self.settings.fixed_clock_ns is not None else max(
+                load_ns, 1000)
             if self.settings.fixed_clock_ns is None:
-                result.load_duration = max(load_ns, 1000)
-                result.prompt_eval_duration = max(decode_start - prefill_start, 1000)
-                result.eval_duration = max(end - decode_start, 1000)
                 result.total_duration = time.monotonic_ns() - arrival
             else:
-                result.load_duration = load_ns
-                result.prompt_eval_duration = int((prefill_s or prompt_tokens / _NOMINAL_PREFILL_TPS)
-                                                  * 1e9)
-                result.eval_duration = int((modelled_decode_s or limit / _NOMINAL_DECODE_TPS) * 1e9)
                 result.total_duration = (result.load_duration + result.prompt_eval_duration
                                          + result.eval_duration + 500_000)
             state = "completed"
         finally:
             self._settle(stats, state, runner)
+
+    async def _decode(self, entry: ModelEntry, runner: Runner, prompt_text: str, prompt_tokens: int,
+                      options: dict[str, Any], result: RunResult) -> AsyncIterator[str]:
+        """The emulated token source: prefill and decode delays from the profile, seeded text.
+
+        Fills the prompt/eval counts, durations and done_reason of `result`.
+        """
+        profile = self.profile(entry)
+        prefill_start = time.monotonic_ns()
+        prefill_s = profile.prefill_s(prompt_tokens)
+        if prefill_s:
+            await asyncio.sleep(prefill_s)
+        decode_start = time.monotonic_ns()
+        rng = self.rng(entry.name, prompt_text, options.get("seed"))
+        low, high = profile.output_tokens
+        natural = rng.randint(low, max(low, high))
+        num_predict = options.get("num_predict")
+        limit = natural
+        if isinstance(num_predict, int) and not isinstance(num_predict, bool) and num_predict >= 0:
+            limit = min(natural, num_predict)
+        modelled_decode_s = 0.0
+        for index in range(limit):
+            gap = profile.decode_gap_s(runner.active)
+            if gap:
+                modelled_decode_s += gap
+                await asyncio.sleep(gap)
+            piece = self.vocabulary.piece(rng.choice(self._word_ids))
+            if index == 0:
+                piece = piece.lstrip().capitalize()
+            elif index == limit - 1 or rng.random() < 0.08:
+                piece += "."
+            yield piece
+        end = time.monotonic_ns()
+        result.prompt_eval_count = prompt_tokens
+        result.eval_count = limit
+        result.done_reason = "length" if limit < natural else "stop"
+        if self.settings.fixed_clock_ns is None:
+            result.prompt_eval_duration = max(decode_start - prefill_start, 1000)
+            result.eval_duration = max(end - decode_start, 1000)
+        else:
+            result.prompt_eval_duration = int((prefill_s or prompt_tokens / _NOMINAL_PREFILL_TPS) * 1e9)
+            result.eval_duration = int((modelled_decode_s or limit / _NOMINAL_DECODE_TPS) * 1e9)
 
     def _settle(self, stats: ModelStats, state: str, runner: Runner | None) -> None:
         if state in ("waiting", "rejected"):
@@ -276,7 +302,6 @@ class Engine:
                     dimensions: int | None = None) -> tuple[list[list[float]], RunResult]:
         """Deterministic embeddings for `texts`, L2-normalised float32 (`/api/embed`) or raw float64."""
         stats = self.stats_for(entry.name)
-        profile = self.profile(entry)
         arrival = time.monotonic_ns()
         num_ctx = self.num_ctx_for(entry, options or {})
         stats.waiting += 1
@@ -293,22 +318,31 @@ class Engine:
                 stats.waiting -= 1
                 stats.active += 1
                 state = "active"
-                tokens = sum(min(self.vocabulary.count(text) + 2, num_ctx) for text in texts)
-                embed_s = profile.prefill_base_s + profile.embed_s(tokens)
-                if embed_s:
-                    await _sleep(embed_s)
-                vectors = [self._vector(entry, text, normalize, dimensions) for text in texts]
+                vectors, tokens, modelled_s = await self._embed_texts(entry, texts, normalize,
+                                                                      dimensions, num_ctx)
             result.prompt_eval_count = tokens
             if self.settings.fixed_clock_ns is None:
                 result.load_duration = max(load_ns, 1000)
                 result.total_duration = time.monotonic_ns() - arrival
             else:
                 result.load_duration = load_ns
-                result.total_duration = load_ns + int((embed_s or tokens / _NOMINAL_PREFILL_TPS) * 1e9)
+                result.total_duration = load_ns + int((modelled_s or tokens / _NOMINAL_PREFILL_TPS)
+                                                      * 1e9)
             state = "completed"
             return vectors, result
         finally:
             self._settle(stats, state, runner)
+
+    async def _embed_texts(self, entry: ModelEntry, texts: list[str], normalize: bool,
+                           dimensions: int | None, num_ctx: int
+                           ) -> tuple[list[list[float]], int, float]:
+        """The emulated embedder: vectors, tokens read, and the modelled time it slept."""
+        profile = self.profile(entry)
+        tokens = sum(min(self.vocabulary.count(text) + 2, num_ctx) for text in texts)
+        embed_s = profile.prefill_base_s + profile.embed_s(tokens)
+        if embed_s:
+            await asyncio.sleep(embed_s)
+        return [self._vector(entry, text, normalize, dimensions) for text in texts], tokens, embed_s
 
     def _vector(self, entry: ModelEntry, text: str, normalize: bool,
                 dimensions: int | None) -> list[float]:
@@ -322,6 +356,3 @@ class Engine:
         norm = math.sqrt(sum(v * v for v in raw)) or 1.0
         return [F32(v / norm) for v in raw]
 
-
-async def _sleep(seconds: float) -> None:
-    await asyncio.sleep(seconds)

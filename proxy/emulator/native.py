@@ -125,7 +125,7 @@ class NativeRoutes:
         except ContextOverflow as exc:
             raise RequestError(400, str(exc)) from None
         result = RunResult()
-        tokens = engine.generate(entry, prompt_tokens, ("generate", text), options, keep_alive,
+        tokens = engine.generate(entry, text, prompt_tokens, options, keep_alive,
                                  result)
         think_count = 0
         stream = body.get("stream") is not False
@@ -210,7 +210,7 @@ class NativeRoutes:
         except ContextOverflow as exc:
             raise RequestError(400, str(exc)) from None
         result = RunResult()
-        tokens = engine.generate(entry, prompt_tokens, ("chat", repr(messages)), options, keep_alive,
+        tokens = engine.generate(entry, engine.render_chat(messages), prompt_tokens, options, keep_alive,
                                  result)
         tool_calls = _tool_calls(body.get("tools"), engine, model)
         stream = body.get("stream") is not False

@@ -74,7 +74,7 @@ class OpenAIRoutes:
         flat = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in messages
                 if isinstance(m, dict)]
         result = RunResult()
-        tokens = engine.generate(entry, engine.count_chat(flat), ("chat", repr(flat)),
+        tokens = engine.generate(entry, engine.render_chat(flat), engine.count_chat(flat),
                                  self._options(body), None, result)
         ident = self._id("chatcmpl")
         created = engine.now_ns() // 1_000_000_000
@@ -117,7 +117,7 @@ class OpenAIRoutes:
         entry = self._entry(model, "completion")
         engine = self.engine
         result = RunResult()
-        tokens = engine.generate(entry, engine.count_prompt(prompt), ("generate", prompt),
+        tokens = engine.generate(entry, prompt, engine.count_prompt(prompt),
                                  self._options(body), None, result)
         ident = self._id("cmpl")
         if body.get("stream") is True:
@@ -204,7 +204,7 @@ class OpenAIRoutes:
         if isinstance(body.get("max_output_tokens"), int):
             options["num_predict"] = body["max_output_tokens"]
         result = RunResult()
-        tokens = engine.generate(entry, engine.count_chat(messages), ("chat", repr(messages)), options,
+        tokens = engine.generate(entry, engine.render_chat(messages), engine.count_chat(messages), options,
                                  None, result)
         response_id, message_id = self._id("resp").replace("-", "_"), self._id("msg").replace("-", "_")
         created = engine.now_ns() // 10**9
@@ -269,7 +269,7 @@ class OpenAIRoutes:
             raise OpenAIError(400, "file is required")
         entry = self._entry(model, "completion")
         result = RunResult()
-        tokens = self.engine.generate(entry, 64, ("transcribe", model), {}, None, result)
+        tokens = self.engine.generate(entry, f"transcribe with {model}", 64, {}, None, result)
         text = "".join([token async for token in tokens])
         if form.get("response_format") == "text":
             return await wire.send_bytes(request, 200, text.encode(), "text/plain; charset=utf-8")

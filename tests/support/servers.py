@@ -79,13 +79,17 @@ class Server:
         return dict(httpx.get(f"{self.url}/_emulator/stats", timeout=5).json())
 
 
-def start_emulator(tmp: Path, *, seed: int = 7, decode_tokens_per_s: float = 0.0,
-                   load_s: float = 0.0, fixed_clock: bool = True, models: str | None = None,
+def start_emulator(tmp: Path, *, seed: int = 7, decode_tokens_per_s: float | None = None,
+                   load_s: float | None = None, fixed_clock: bool = True, models: str | None = None,
                    name: str = "emulator", output_tokens: str | None = None,
                    extra: list[str] | None = None) -> Server:
     port = free_port()
-    args = ["emulate", "--listen", f"127.0.0.1:{port}", "--seed", str(seed),
-            "--decode-tokens-per-s", str(decode_tokens_per_s), "--load-s", str(load_s)]
+    args = ["emulate", "--listen", f"127.0.0.1:{port}", "--seed", str(seed)]
+    # Only what the caller sets: anything passed here overrides the timing profile.
+    if decode_tokens_per_s is not None:
+        args += ["--decode-tokens-per-s", str(decode_tokens_per_s)]
+    if load_s is not None:
+        args += ["--load-s", str(load_s)]
     if fixed_clock:
         args += ["--fixed-clock-ns", str(FIXED_CLOCK_NS)]
     if models:
