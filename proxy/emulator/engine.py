@@ -10,6 +10,7 @@ instead of measured, which makes whole responses reproducible.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import random
@@ -210,10 +211,30 @@ class Engine:
         Counts the run in `stats`: waiting until it holds a slot, then active, then completed, or
         cancelled when the consumer goes away (CancelledError or generator close) before the end.
         """
-        stats = self.stats_for(entry.name)
         arrival = time.monotonic_ns()
         result.created_ns = self.now_ns()
-        num_ctx = self.num_ctx_for(entry, options)
+        async with self._admitted(entry, self.num_ctx_for(entry, options), keep_alive_ns) as (
+                runner, load_ns):
+            async for piece in self._decode(entry, runner, prompt_text, prompt_tokens, options,
+                                            result):
+                yield piece
+        result.load_duration = load_ns if self.settings.fixed_clock_ns is not None else max(
+            load_ns, 1000)
+        if self.settings.fixed_clock_ns is None:
+            result.total_duration = time.monotonic_ns() - arrival
+        else:
+            result.total_duration = (result.load_duration + result.prompt_eval_duration
+                                     + result.eval_duration + 500_000)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, entry: ModelEntry, num_ctx: int, keep_alive_ns: int | None
+                        ) -> AsyncIterator[tuple[Runner, int]]:
+        """Hold a runner reference and one of its slots for the body; yields (runner, load ns).
+
+        Keeps `stats` exact on every path: waiting until the slot, then active, then completed when the
+        body finished, rejected on ServerBusy, cancelled on anything else (client gone, generator closed).
+        """
+        stats = self.stats_for(entry.name)
         stats.waiting += 1
         state = "waiting"
         runner: Runner | None = None
@@ -227,16 +248,7 @@ class Engine:
                 stats.waiting -= 1
                 stats.active += 1
                 state = "active"
-                async for piece in self._decode(entry, runner, prompt_text, prompt_tokens, options,
-                                                result):
-                    yield piece
-            result.load_duration = load_ns if self.settings.fixed_clock_ns is not None else max(
-                load_ns, 1000)
-            if self.settings.fixed_clock_ns is None:
-                result.total_duration = time.monotonic_ns() - arrival
-            else:
-                result.total_duration = (result.load_duration + result.prompt_eval_duration
-                                         + result.eval_duration + 500_000)
+                yield runner, load_ns
             state = "completed"
         finally:
             self._settle(stats, state, runner)
@@ -301,37 +313,20 @@ class Engine:
                     normalize: bool, options: dict[str, Any] | None = None,
                     dimensions: int | None = None) -> tuple[list[list[float]], RunResult]:
         """Deterministic embeddings for `texts`, L2-normalised float32 (`/api/embed`) or raw float64."""
-        stats = self.stats_for(entry.name)
         arrival = time.monotonic_ns()
-        num_ctx = self.num_ctx_for(entry, options or {})
-        stats.waiting += 1
-        state = "waiting"
-        runner: Runner | None = None
         result = RunResult(created_ns=self.now_ns())
-        try:
-            try:
-                runner, load_ns = await self._acquire(entry, num_ctx, keep_alive_ns)
-            except ServerBusy:
-                state = "rejected"
-                raise
-            async with runner.slot():
-                stats.waiting -= 1
-                stats.active += 1
-                state = "active"
-                vectors, tokens, modelled_s = await self._embed_texts(entry, texts, normalize,
-                                                                      dimensions, num_ctx)
-            result.prompt_eval_count = tokens
-            if self.settings.fixed_clock_ns is None:
-                result.load_duration = max(load_ns, 1000)
-                result.total_duration = time.monotonic_ns() - arrival
-            else:
-                result.load_duration = load_ns
-                result.total_duration = load_ns + int((modelled_s or tokens / _NOMINAL_PREFILL_TPS)
-                                                      * 1e9)
-            state = "completed"
-            return vectors, result
-        finally:
-            self._settle(stats, state, runner)
+        num_ctx = self.num_ctx_for(entry, options or {})
+        async with self._admitted(entry, num_ctx, keep_alive_ns) as (_, load_ns):
+            vectors, tokens, modelled_s = await self._embed_texts(entry, texts, normalize, dimensions,
+                                                                  num_ctx)
+        result.prompt_eval_count = tokens
+        if self.settings.fixed_clock_ns is None:
+            result.load_duration = max(load_ns, 1000)
+            result.total_duration = time.monotonic_ns() - arrival
+        else:
+            result.load_duration = load_ns
+            result.total_duration = load_ns + int((modelled_s or tokens / _NOMINAL_PREFILL_TPS) * 1e9)
+        return vectors, result
 
     async def _embed_texts(self, entry: ModelEntry, texts: list[str], normalize: bool,
                            dimensions: int | None, num_ctx: int
