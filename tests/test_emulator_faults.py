@@ -33,6 +33,11 @@ def clear(emulator: Server) -> Iterator[None]:
     httpx.delete(f"{emulator.url}/_emulator/faults")
 
 
+def _hits(emulator: Server) -> int:
+    """How many requests the fault setting in force has touched, as /_emulator/stats reports it."""
+    return int(emulator.stats()["faults"]["hits"])
+
+
 def _set(emulator: Server, **faults: Any) -> dict[str, Any]:
     response = httpx.post(f"{emulator.url}/_emulator/faults", json=faults)
     assert response.status_code == 200, response.text
@@ -57,6 +62,7 @@ def test_status_faults(emulator: Server) -> None:
     v1 = httpx.post(f"{emulator.url}/v1/chat/completions", json={"model": "llama3.2", "messages": []})
     assert v1.json()["error"]["type"] == "api_error"
     assert httpx.get(f"{emulator.url}/api/version").status_code == 200  # probes unaffected by default
+    assert _hits(emulator) == 2
 
 
 def test_count_and_paths(emulator: Server) -> None:
@@ -64,6 +70,7 @@ def test_count_and_paths(emulator: Server) -> None:
     statuses = [httpx.get(f"{emulator.url}/api/version").status_code for _ in range(3)]
     assert statuses == [503, 503, 200]
     assert httpx.get(f"{emulator.url}/_emulator/faults").json()["remaining"] == 0
+    assert _hits(emulator) == 2
 
 
 def test_refuse_connections(emulator: Server) -> None:
@@ -91,7 +98,7 @@ def test_reset_mid_stream(emulator: Server) -> None:
         for line in response.iter_lines():
             received.append(line.encode())
     assert len(received) <= 3
-    assert emulator.stats()["cancelled"] == before + 1
+    assert emulator.stats()["cancelled"] == before + 1 and _hits(emulator) == 1
 
 
 def test_hang_before_headers(emulator: Server) -> None:
@@ -114,6 +121,7 @@ def test_hang_mid_stream(emulator: Server) -> None:
         for line in response.iter_lines():
             received.append(line)
     assert len(received) == 2
+    assert _hits(emulator) == 1
 
 
 def test_slow_drip(emulator: Server) -> None:
@@ -121,6 +129,7 @@ def test_slow_drip(emulator: Server) -> None:
     start = time.monotonic()
     lines = _lines(emulator, {**STREAM, "options": {"num_predict": 5}})
     assert len(lines) == 6 and time.monotonic() - start >= 0.55
+    assert _hits(emulator) == 1
 
 
 def test_malformed_line(emulator: Server) -> None:
@@ -131,18 +140,21 @@ def test_malformed_line(emulator: Server) -> None:
     with pytest.raises(json.JSONDecodeError):
         json.loads(lines[2])
     assert json.loads(lines[-1])["done"] is True
+    assert _hits(emulator) == 1
 
 
 def test_oversized_line(emulator: Server) -> None:
     _set(emulator, oversized_line_bytes=2_000_000)
     lines = _lines(emulator)
     assert len(lines[0]) >= 1_999_000 and json.loads(lines[0])["done"] is False
+    assert _hits(emulator) == 1
 
 
 def test_missing_done(emulator: Server) -> None:
     _set(emulator, missing_done=True)
     lines = _lines(emulator)
     assert len(lines) == 20 and not any(json.loads(line)["done"] for line in lines)
+    assert _hits(emulator) == 1
 
 
 def test_bad_fault_request_is_400(emulator: Server) -> None:

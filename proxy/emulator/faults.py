@@ -78,6 +78,7 @@ class FaultBox:
         faults = _CONVERTER.structure(data, Faults)
         self.current = faults
         self.remaining = faults.count
+        self.hits = 0  # requests this setting has touched
         return faults
 
     def clear(self) -> None:
