@@ -2,32 +2,81 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Any
+
 from aiohttp import web
 
+from middlewares.limits import LimitsStep
+from middlewares.quotas import QuotasStep
+
+from .access import TenantDirectory
+from .chain import FORWARD_ROUTE, Step, build_chain
 from .config import Config
 from .forwarding import Forwarder
-from .ingress import Ingress
+from .ingress import Ingress, add_context_headers
+from .state.base import StateBackend
+from .state.memory import MemoryState
 from .system import add_system_routes
 from .telemetry.setup import Telemetry
+from .tokens import TokenizerRegistry
 from .upstreams import UpstreamSet
 
-__all__ = ["FORWARDER", "build_app"]
+__all__ = ["FORWARDER", "STATE", "STEPS", "build_app", "build_state"]
 
 FORWARDER: web.AppKey[Forwarder] = web.AppKey("sop_forwarder", Forwarder)
+STATE: web.AppKey[StateBackend] = web.AppKey("sop_state", StateBackend)
+STEPS: web.AppKey[dict[str, Step]] = web.AppKey("sop_steps", dict)
+
+
+def build_state(config: Config) -> StateBackend:
+    """The configured state backend (memory, or Redis shared by proxy replicas)."""
+    if config.state.backend == "redis":
+        from .state.redis import RedisState
+
+        return RedisState(config.state.url, config.state.key_prefix)
+    return MemoryState()
 
 
 def build_app(config: Config, telemetry: Telemetry) -> web.Application:
-    """The proxy application: ingress middleware, the proxy's own routes, and the forwarder for the rest.
+    """The proxy application: ingress, the chain, the proxy's own routes, and the forwarder.
 
     aiohttp's own body limit is lifted (ingress enforces `server.max_body_bytes` itself, with a 413 that
     does not read the rest, and blob uploads stream through).
     """
     upstreams = UpstreamSet.from_config(config.upstreams)
     forwarder = Forwarder(upstreams, config.forwarding, telemetry)
-    app = web.Application(middlewares=[Ingress(telemetry, config.server.max_body_bytes).middleware],
+    directory = TenantDirectory(config.tenants, config.anonymous, config.admin.keys)
+    state = build_state(config)
+
+    async def fetch_show(model: str) -> dict[str, Any] | None:
+        return await forwarder.fetch_json("/api/show", {"model": model, "verbose": True})
+
+    tokenizers = TokenizerRegistry({name: m.tokenizer for name, m in config.models.items()
+                                    if m.tokenizer}, fetch_show)
+    tokenizers.load_configured()
+    steps: dict[str, Step] = {
+        "limits": LimitsStep(config.chain.limits, config.models, tokenizers, telemetry),
+        "quotas": QuotasStep(config.chain.quotas, state, telemetry),
+    }
+    ingress = Ingress(telemetry, config.server.max_body_bytes, directory)
+    app = web.Application(middlewares=[ingress.middleware, *build_chain(steps)],
                           client_max_size=2**62, handler_args={"max_field_size": 65536})
     app[FORWARDER] = forwarder
+    app[STATE] = state
+    app[STEPS] = steps
+    app.on_response_prepare.append(add_context_headers)
     app.cleanup_ctx.append(forwarder.lifecycle)
-    add_system_routes(app, telemetry, upstreams)
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+
+    async def state_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        del app
+        ping = getattr(state, "ping", None)
+        if ping is not None:
+            await ping()  # refuse to start without the shared state rather than fail every request
+        yield
+        await state.close()
+
+    app.cleanup_ctx.append(state_lifecycle)
+    add_system_routes(app, telemetry, upstreams, directory, steps)
+    app.router.add_route("*", "/{tail:.*}", forwarder.handle, name=FORWARD_ROUTE)
     return app

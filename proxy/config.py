@@ -20,11 +20,19 @@ from yarl import URL
 from .validation import format_validation_error
 
 __all__ = [
+    "AdminConfig",
+    "AnonymousConfig",
+    "ChainConfig",
     "Config",
     "ConfigError",
     "ForwardingConfig",
+    "LimitsConfig",
+    "ModelConfig",
+    "QuotasConfig",
     "ServerConfig",
+    "StateConfig",
     "TelemetryConfig",
+    "TenantConfig",
     "UpstreamConfig",
     "apply_environment",
     "load_config",
@@ -47,6 +55,11 @@ def _ratio(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None
     del instance
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{attribute.name}: must be between 0 and 1")
+
+
+def _non_empty(name: str, value: tuple[str, ...]) -> None:
+    if not value or not all(value):
+        raise ValueError(f"{name}: at least one non-empty value is required")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -143,23 +156,150 @@ class TelemetryConfig:
     """One line per request on the `proxy.access` logger (never bodies, prompts or keys)."""
 
 
+Mode = Literal["enforce", "shadow", "off"]
+PromptPolicy = Literal["reject", "truncate"]
+
+
+@attrs.frozen
+class AdminConfig:
+    """Who may use /system/* and, always, the model-management routes."""
+
+    keys: tuple[str, ...] = ()
+    """Admin API keys (`Authorization: Bearer <key>` or `X-API-Key`). Never logged."""
+
+
+@attrs.frozen
+class TenantConfig:
+    """A team sharing the fleet: its keys, lane and limits (null = unlimited)."""
+
+    name: str
+    keys: tuple[str, ...] = attrs.field(validator=lambda _i, _a, v: _non_empty("keys", v))
+    """API keys that identify the tenant. Never logged."""
+    lane: Literal["interactive", "bulk"] = "interactive"
+    """Queue lane (used by backpressure): interactive is served ahead of bulk."""
+    weight: float = attrs.field(default=1.0, validator=_positive)
+    """Share of capacity relative to other tenants (weighted fair queuing)."""
+    requests_per_minute: float | None = attrs.field(default=None, validator=_positive)
+    tokens_per_minute: float | None = attrs.field(default=None, validator=_positive)
+    """Prompt plus output tokens per minute (reserved before admission, settled after)."""
+    max_concurrent: int | None = attrs.field(default=None, validator=_positive)
+    """Requests in flight at once, across every proxy replica sharing the state backend."""
+    deadline_s: float | None = attrs.field(default=None, validator=_positive)
+    """Deadline of this tenant's requests (default chain.limits.deadline_s); a client may lower it."""
+    max_prompt_tokens: int | None = attrs.field(default=None, validator=_positive)
+    """Prompt limit for this tenant (the smallest of tenant, model and chain limits applies)."""
+    allow_management: bool = False
+    """May this tenant call pull, push, create, copy, delete and blobs?"""
+
+
+@attrs.frozen
+class AnonymousConfig:
+    """Requests without a key: refused (`allow: false`, 401) or served under these limits."""
+
+    allow: bool = True
+    requests_per_minute: float | None = attrs.field(default=None, validator=_positive)
+    tokens_per_minute: float | None = attrs.field(default=None, validator=_positive)
+    max_concurrent: int | None = attrs.field(default=None, validator=_positive)
+    deadline_s: float | None = attrs.field(default=None, validator=_positive)
+    max_prompt_tokens: int | None = attrs.field(default=None, validator=_positive)
+
+
+@attrs.frozen
+class ModelConfig:
+    """Per-model policy."""
+
+    max_prompt_tokens: int | None = attrs.field(default=None, validator=_positive)
+    prompt_policy: PromptPolicy | None = None
+    """reject (400 prompt_too_long) or truncate (drop the oldest turns / the front of the prompt)."""
+    tokenizer: str | None = None
+    """Path of the model's SentencePiece `.model` file; else it is built from /api/show (verbose)."""
+    options: dict[str, Any] = attrs.field(factory=dict)
+    """Canonical load-time options (num_ctx, num_batch, num_gpu, ..., and keep_alive): requests are
+    rewritten to these so that no tenant can make Ollama reload the model for everyone."""
+    warm_on: tuple[str, ...] = ()
+    """Replicas that keep this model loaded (used by the balancer)."""
+
+
+@attrs.frozen
+class LimitsConfig:
+    """chain.limits: guardrails at the edge."""
+
+    mode: Mode = "enforce"
+    max_prompt_tokens: int = attrs.field(default=4096, validator=_positive)
+    """Default prompt limit in tokens (Ollama's default context is 4096)."""
+    prompt_policy: PromptPolicy = "reject"
+    deadline_s: float = attrs.field(default=120.0, validator=_positive)
+    """Default deadline of a request, first byte to last."""
+    strip_load_options: bool = True
+    """Remove load-time options (num_ctx, num_batch, ...) a model has no canonical value for."""
+    truncation_tolerance_tokens: int = attrs.field(default=16, validator=attrs.validators.ge(0))
+    """How far below our count Ollama's prompt_eval_count may be before we call it a silent truncation
+    (chat templates differ a little between our count and the model's)."""
+
+
+@attrs.frozen
+class QuotasConfig:
+    """chain.quotas: per-tenant rate, token and concurrency limits."""
+
+    mode: Mode = "enforce"
+    default_output_tokens: int = attrs.field(default=256, validator=_positive)
+    """Output tokens reserved when a request does not set num_predict / max_tokens."""
+    lease_ttl_s: float = attrs.field(default=30.0, validator=_positive)
+    """A concurrency lease expires this long after its last renewal (a dead proxy's leases come back)."""
+
+
+@attrs.frozen
+class ChainConfig:
+    """The steps, by name. Later steps (backpressure, health, balancer) join as they land."""
+
+    limits: LimitsConfig = LimitsConfig()
+    quotas: QuotasConfig = QuotasConfig()
+
+
+@attrs.frozen
+class StateConfig:
+    """Where shared state (buckets, leases) lives: this process, or Redis shared by proxy replicas."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "sop:"
+
+
 @attrs.frozen
 class Config:
-    """The whole file. Sections of later chain steps are added here as they land."""
+    """The whole file."""
 
     server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
     upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig(url="http://127.0.0.1:11434"),)
     forwarding: ForwardingConfig = ForwardingConfig()
+    tenants: tuple[TenantConfig, ...] = ()
+    anonymous: AnonymousConfig = AnonymousConfig()
+    models: dict[str, ModelConfig] = attrs.field(factory=dict)
+    chain: ChainConfig = ChainConfig()
+    state: StateConfig = StateConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
     def __attrs_post_init__(self) -> None:
         if not self.upstreams:
             raise ValueError("upstreams: at least one upstream is required")
+        seen: dict[str, str] = {}
+        for index, tenant in enumerate(self.tenants):
+            for key in tenant.keys:
+                if key in seen or key in self.admin.keys:
+                    raise ValueError(f"tenants[{index}].keys: a key is used twice "
+                                     f"(also by {seen.get(key, 'admin')})")
+                seen[key] = tenant.name
+        names = [t.name for t in self.tenants]
+        if len(set(names)) != len(names):
+            raise ValueError("tenants: tenant names must be unique")
 
 
 def _converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True)
-    for cls in (ServerConfig, UpstreamConfig, ForwardingConfig, TelemetryConfig, Config):
+    for cls in (ServerConfig, UpstreamConfig, ForwardingConfig, TelemetryConfig, AdminConfig,
+                TenantConfig, AnonymousConfig, ModelConfig, LimitsConfig, QuotasConfig, ChainConfig,
+                StateConfig, Config):
         converter.register_structure_hook(
             cls, make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True))
     return converter

@@ -13,8 +13,10 @@ from typing import Any
 import attrs
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 from opentelemetry.trace import Span
 
+from .access import ANONYMOUS, Identity, Tenant
 from .ollama import RouteInfo, Usage
 
 __all__ = ["CONTEXT", "RequestContext"]
@@ -37,8 +39,33 @@ class RequestContext:
     bytes_out: int = 0
     usage: Usage | None = None
     root_span: Span | None = None
+    identity: Identity | None = None
+    """Who is calling (set by ingress); None only before authentication."""
+    response_headers: CIMultiDict[str] = attrs.field(factory=CIMultiDict)
+    """Headers every step wants on the response (added when it is prepared, errors included)."""
+    service_limits: dict[str, Any] = attrs.field(factory=dict)
+    """The limits that applied, rendered as the versioned `X-Service-Limits` header."""
+    prompt_tokens: int | None = None
+    """The prompt's token count as `limits` counted it (None: not counted)."""
+    deadline_at: float | None = None
+    """Monotonic time after which the request is abandoned (504 or a final error line)."""
     _json: Any = attrs.field(default=None, alias="_json")
     _json_parsed: bool = attrs.field(default=False, alias="_json_parsed")
+
+    @property
+    def tenant(self) -> Tenant:
+        """The caller's tenant (anonymous before or without authentication)."""
+        return self.identity.tenant if self.identity is not None else ANONYMOUS
+
+    def replace_json(self, value: Any) -> None:
+        """Replace the body with `value` re-encoded (a step rewrote the request)."""
+        self.body = orjson.dumps(value)
+        self._json = value
+        self._json_parsed = True
+
+    def service_limits_header(self) -> str:
+        """`v=1; key=value; ...` for X-Service-Limits."""
+        return "; ".join(["v=1", *(f"{k}={_plain(v)}" for k, v in self.service_limits.items())])
 
     def json(self) -> Any:
         """The body parsed as JSON (cached), or None if it is absent or not JSON."""
@@ -68,6 +95,12 @@ class RequestContext:
         if isinstance(value, dict) and isinstance(value.get("stream"), bool):
             return bool(value["stream"])
         return self.route.stream_default
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("sop_context", RequestContext)

@@ -7,9 +7,15 @@ access log. Steps raise these; only ingress renders them (see proxy/ingress.py).
 from __future__ import annotations
 
 __all__ = [
+    "Forbidden",
     "InternalProxyError",
+    "InvalidRequest",
+    "PromptTooLong",
     "ProxyError",
+    "QuotaExceeded",
+    "RateLimited",
     "RequestPayloadTooLarge",
+    "Unauthorized",
     "UpstreamConnectFailure",
     "UpstreamResetBeforeResponseStarted",
     "UpstreamResponseTimeout",
@@ -66,3 +72,45 @@ class InternalProxyError(ProxyError):
 
     status = 500
     code = "internal_error"
+
+
+class Unauthorized(ProxyError):
+    """No valid API key where one is required (or an unknown key)."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ProxyError):
+    """A known caller asking for something its role does not allow (management, /system)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class PromptTooLong(ProxyError):
+    """The prompt has more tokens than the limit that applies (policy `reject`)."""
+
+    status = 400
+    code = "prompt_too_long"
+
+
+class InvalidRequest(ProxyError):
+    """A request the proxy cannot apply its limits to (for example options of the wrong type)."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class RateLimited(ProxyError):
+    """Too many requests (per minute or in flight) for the tenant; retry after `retry_after_s`."""
+
+    status = 429
+    code = "rate_limited"
+
+
+class QuotaExceeded(ProxyError):
+    """The tenant's token budget cannot cover the request now; retry after `retry_after_s`."""
+
+    status = 429
+    code = "quota_exceeded"

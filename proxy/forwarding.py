@@ -97,9 +97,11 @@ class Forwarder:
             self._session = None
 
     # request side ------------------------------------------------------------------------------------
-    def _request_headers(self, request: web.Request, upstream: Upstream, span: Span
-                         ) -> CIMultiDict[str]:
+    def _request_headers(self, request: web.Request, upstream: Upstream, span: Span,
+                         ctx: RequestContext) -> CIMultiDict[str]:
         named = _connection_tokens(request.headers)
+        if ctx.identity is not None and ctx.identity.key_header is not None:
+            named.add(ctx.identity.key_header.lower())  # the proxy's API key stays with the proxy
         headers: CIMultiDict[str] = CIMultiDict()
         for key, value in request.headers.items():
             if key in _DROP_REQUEST or key.lower() in named:
@@ -161,17 +163,22 @@ class Forwarder:
                         span: Span, started: float) -> web.StreamResponse:
         session = self._session
         assert session is not None, "forwarder used outside the application lifecycle"
-        headers = self._request_headers(request, upstream, span)
+        headers = self._request_headers(request, upstream, span, ctx)
+        first_byte_s = self.config.first_byte_timeout_s
+        deadline_s = self._remaining(ctx)
         try:
-            async with asyncio.timeout(self.config.first_byte_timeout_s):
+            async with asyncio.timeout(min(first_byte_s, deadline_s)):
                 upstream_response = await session.request(
                     request.method, upstream.target(request.raw_path), headers=headers,
                     data=self._request_data(request, ctx), allow_redirects=False,
                     skip_auto_headers=_SKIP_AUTO, compress=None)
         except TimeoutError:
+            if deadline_s < first_byte_s:
+                raise UpstreamResponseTimeout(
+                    f"the request's deadline of {ctx.service_limits.get('deadline_s')}s passed "
+                    "before the upstream answered") from None
             raise UpstreamResponseTimeout(
-                f"upstream {upstream.name} sent no response within "
-                f"{self.config.first_byte_timeout_s:g}s") from None
+                f"upstream {upstream.name} sent no response within {first_byte_s:g}s") from None
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectFailure(f"cannot connect to upstream {upstream.name}: "
                                          f"{exc.os_error.strerror or exc.os_error}") from None
@@ -215,8 +222,10 @@ class Forwarder:
         content = upstream_response.content
         loop = asyncio.get_running_loop()
         idle = self.config.idle_timeout_s
+        # One timer for both limits: the idle gap (re-armed per chunk) and the request's deadline.
+        hard_stop = loop.time() + self._remaining(ctx)
         try:
-            async with asyncio.timeout(idle) as deadline:
+            async with asyncio.timeout_at(min(loop.time() + idle, hard_stop)) as timer:
                 while True:
                     chunk = await content.readany()
                     if not chunk:
@@ -226,10 +235,11 @@ class Forwarder:
                         self._record_first_chunk(ctx, started)
                     scanner.feed(chunk)
                     await response.write(chunk)
-                    deadline.reschedule(loop.time() + idle)
+                    timer.reschedule(min(loop.time() + idle, hard_stop))
         except TimeoutError:
-            await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout",
-                                        f"upstream sent nothing for {idle:g}s")
+            reason = (f"the request's deadline of {ctx.service_limits.get('deadline_s')}s passed"
+                      if loop.time() >= hard_stop else f"upstream sent nothing for {idle:g}s")
+            await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout", reason)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             if request.transport is None or request.transport.is_closing():
                 ctx.outcome = "client_disconnect"  # our write failed: the client went away
@@ -255,6 +265,31 @@ class Forwarder:
             await response.write_eof()
         elif request.transport is not None:
             request.transport.close()
+
+    @staticmethod
+    def _remaining(ctx: RequestContext) -> float:
+        """Seconds left before the request's deadline (infinite without one)."""
+        if ctx.deadline_at is None:
+            return float("inf")
+        return max(0.0, ctx.deadline_at - time.monotonic())
+
+    async def fetch_json(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """POST `body` to `path` on the next replica and return its JSON, or None on any failure.
+        For the proxy's own needs (a model's vocabulary), not for client requests."""
+        session = self._session
+        if session is None:
+            return None
+        upstream = self.upstreams.next()
+        try:
+            async with session.post(upstream.target(path), json=body,
+                                    headers={"Host": upstream.host_header},
+                                    timeout=aiohttp.ClientTimeout(total=60)) as response:
+                if response.status != 200:
+                    return None
+                value = await response.json(loads=orjson.loads, content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
 
     def _record_first_chunk(self, ctx: RequestContext, started: float) -> None:
         if ctx.route.operation is None:

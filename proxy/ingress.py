@@ -23,13 +23,14 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from .access import TenantDirectory
 from .context import CONTEXT, RequestContext
 from .errors import InternalProxyError, ProxyError, RequestPayloadTooLarge
 from .ollama import classify
 from .telemetry import semconv
 from .telemetry.setup import Telemetry
 
-__all__ = ["Ingress", "error_body", "known_route"]
+__all__ = ["Ingress", "add_context_headers", "error_body", "known_route"]
 
 log = logging.getLogger("proxy.ingress")
 access_log = logging.getLogger("proxy.access")
@@ -78,12 +79,24 @@ def error_body(dialect: str, status: int, code: str, message: str,
     return orjson.dumps(value)
 
 
+async def add_context_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` hook: what the steps asked for, plus X-Service-Limits, on every response
+    (forwarded, error or the proxy's own), just before its headers go out."""
+    ctx = request.get(CONTEXT)
+    if ctx is None:
+        return
+    for key, value in ctx.response_headers.items():
+        response.headers.add(key, value)
+    response.headers["X-Service-Limits"] = ctx.service_limits_header()
+
+
 class Ingress:
     """The outermost aiohttp middleware; register `Ingress(...).middleware`."""
 
-    def __init__(self, telemetry: Telemetry, max_body_bytes: int) -> None:
+    def __init__(self, telemetry: Telemetry, max_body_bytes: int, directory: TenantDirectory) -> None:
         self.telemetry = telemetry
         self.max_body_bytes = max_body_bytes
+        self.directory = directory
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}"
 
@@ -91,6 +104,7 @@ class Ingress:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = RequestContext(request_id=f"{self._id_prefix}-{next(self._ids)}",
                              route=classify(request.method, request.path))
+        ctx.service_limits["max_body_bytes"] = self.max_body_bytes
         request[CONTEXT] = ctx
         route = known_route(request.path)
         metrics = self.telemetry.metrics
@@ -123,6 +137,9 @@ class Ingress:
     async def _handle(self, request: web.Request, ctx: RequestContext,
                       handler: Handler) -> web.StreamResponse:
         try:
+            ctx.identity = self.directory.identify(request.method, request.path, request.headers)
+            if ctx.root_span is not None and not ctx.identity.tenant.anonymous:
+                ctx.root_span.set_attribute("sop.tenant", ctx.identity.tenant.name)
             if not ctx.route.streams_body_upload and request.body_exists:
                 ctx.body = await self._read_body(request)
             response = await handler(request)
@@ -193,10 +210,10 @@ class Ingress:
         if self.telemetry.config.access_log:
             usage = ctx.usage
             access_log.info(
-                '%s %s "%s %s" %d %s %.3fs upstream=%s model=%s in_tokens=%s out_tokens=%s bytes=%d',
-                ctx.request_id, request.remote, request.method,
+                '%s %s "%s %s" %d %s %.3fs tenant=%s upstream=%s model=%s in_tokens=%s out_tokens=%s '
+                "bytes=%d", ctx.request_id, request.remote, request.method,
                 known_route(request.path) or "(other)", status, ctx.outcome, duration,
-                ctx.upstream_name or "-", ctx.model or "-",
+                ctx.tenant.name, ctx.upstream_name or "-", ctx.model or "-",
                 usage.input_tokens if usage and usage.input_tokens is not None else "-",
                 usage.output_tokens if usage and usage.output_tokens is not None else "-",
                 ctx.bytes_out)

@@ -1,19 +1,31 @@
-"""The proxy's own routes: `/metrics` (Prometheus text), `/healthz` (the process is up) and `/readyz`
-(it can take traffic). Admin `/system/*` routes join here as the chain steps land."""
+"""The proxy's own routes: `/metrics` (Prometheus text), `/healthz` (the process is up), `/readyz` (it can
+take traffic) and the admin routes under `/system/` (an admin key is required once any key or tenant is
+configured; see proxy/access.py)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .access import TenantDirectory
+from .chain import Step
 from .telemetry.setup import Telemetry
 from .upstreams import UpstreamSet
 
 __all__ = ["add_system_routes"]
 
 
-def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: UpstreamSet) -> None:
+def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: UpstreamSet,
+                      directory: TenantDirectory, steps: dict[str, Step]) -> None:
     """Register the proxy's own routes on `app` (before the catch-all forwarder)."""
+
+    async def quotas(request: web.Request) -> web.Response:
+        """Per-tenant usage and remaining quota, across replicas when the state is shared."""
+        del request
+        step = steps.get("quotas")
+        snapshot = await step.snapshot([*directory.tenants, directory.anonymous]) if step is not None \
+            and hasattr(step, "snapshot") else {}
+        return web.json_response({"tenants": snapshot})
 
     async def metrics(request: web.Request) -> web.Response:
         del request
@@ -32,3 +44,4 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
     app.router.add_get("/metrics", metrics, allow_head=True)
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
+    app.router.add_get("/system/quotas", quotas)

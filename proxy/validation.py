@@ -21,7 +21,7 @@ def _describe(exc: BaseException, type_: Any) -> str:
     if " not in literal " in text:
         value, _, allowed = text.partition(" not in literal ")
         return f"{value!r} is not one of {allowed.removeprefix('typing.Literal')}"
-    if isinstance(exc, ValueError) and re.match(r"^\w+: ", text):
+    if isinstance(exc, ValueError) and re.match(r"^[\w.\[\]]+: ", text):
         return text
     return f"expected {getattr(type_, '__name__', type_)}"
 

@@ -5,44 +5,58 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import attrs
 import pytest
 import yaml
 
-from proxy.config import Config, ConfigError, load_config, structure
+from proxy.config import Config, ConfigError, ModelConfig, TenantConfig, load_config, structure
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "config.example.yaml"
 
 
-def _keys(value: object, prefix: str = "") -> set[str]:
-    if attrs.has(type(value)):
-        out: set[str] = set()
-        for field in attrs.fields(type(value)):
-            out |= {f"{prefix}{field.name}"} | _keys(getattr(value, field.name),
-                                                     f"{prefix}{field.name}.")
-        return out
-    if isinstance(value, tuple) and value and attrs.has(type(value[0])):
-        return _keys(value[0], prefix)
-    return set()
+def _type_keys(cls: type, prefix: str = "") -> set[str]:
+    """Every key path a class accepts; list and mapping entries are walked with `*` for the name."""
+    out: set[str] = set()
+    for field in attrs.fields(attrs.resolve_types(cls)):
+        path = f"{prefix}{field.name}"
+        out.add(path)
+        kind = field.type
+        args = [a for a in typing.get_args(kind) if a is not Ellipsis]
+        inner = args[-1] if args else None
+        if attrs.has(kind):
+            out |= _type_keys(kind, f"{path}.")
+        elif typing.get_origin(kind) is tuple and inner is not None and attrs.has(inner):
+            out |= _type_keys(inner, f"{path}.")
+        elif typing.get_origin(kind) is dict and inner is not None and attrs.has(inner):
+            out |= {f"{path}.*"} | _type_keys(inner, f"{path}.*.")
+    return out
 
 
 def _yaml_keys(value: object, prefix: str = "") -> set[str]:
     if isinstance(value, dict):
         out: set[str] = set()
         for key, item in value.items():
-            out |= {f"{prefix}{key}"} | _yaml_keys(item, f"{prefix}{key}.")
+            name = "*" if prefix == "models." else key
+            out |= {f"{prefix}{name}"} | _yaml_keys(item, f"{prefix}{name}.")
         return out
-    if isinstance(value, list) and value:
+    if isinstance(value, list) and value and isinstance(value[0], dict):
         return _yaml_keys(value[0], prefix)
     return set()
 
 
 def test_example_lists_every_key_with_its_default() -> None:
     loaded = load_config(EXAMPLE, environ={})
-    assert loaded == Config()
-    assert _yaml_keys(yaml.safe_load(EXAMPLE.read_text())) == _keys(Config())
+    defaults = Config()
+    example_entries = ("tenants", "models")  # the example shows one of each; the default has none
+    for field in attrs.fields(Config):
+        if field.name not in example_entries:
+            assert getattr(loaded, field.name) == getattr(defaults, field.name), field.name
+    assert loaded.tenants[0] == TenantConfig(name="example-team", keys=("sk-example-change-me",))
+    assert loaded.models["llama3.2"] == ModelConfig()
+    assert _yaml_keys(yaml.safe_load(EXAMPLE.read_text())) == _type_keys(Config)
 
 
 @pytest.mark.parametrize("data,message", [

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.emulator.app import create_emulator_app
 from proxy.emulator.engine import EngineSettings
-from proxy.emulator.vocabulary import Vocabulary, default_vocabulary
+from proxy.emulator.vocabulary import default_vocabulary
 
 Client = TestClient[web.Request, web.Application]
 
@@ -113,28 +113,20 @@ async def test_show_arrays_are_null_unless_verbose(emu: Client) -> None:
     assert verbose["model_info"]["tokenizer.ggml.model"] == "llama"
 
 
-async def test_show_arrays_rebuild_the_same_tokenizer(emu: Client, tmp_path: Any) -> None:
+async def test_show_arrays_rebuild_the_same_tokenizer(emu: Client) -> None:
     """The verbose arrays are enough to rebuild an exact SentencePiece model (what `limits` relies on)."""
-    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    import sentencepiece as spm
+
+    from proxy.tokens import model_proto_from_show
 
     info = (await (await emu.post("/api/show", json={"model": "llama3.2", "verbose": True}))
             .json())["model_info"]
-    proto = model_pb2.ModelProto()
-    proto.trainer_spec.model_type = model_pb2.TrainerSpec.UNIGRAM
-    proto.trainer_spec.byte_fallback = True
-    proto.normalizer_spec.name = "identity"
-    proto.normalizer_spec.add_dummy_prefix = True
-    proto.normalizer_spec.escape_whitespaces = True
-    type_map = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6}
-    for piece, score, kind in zip(info["tokenizer.ggml.tokens"], info["tokenizer.ggml.scores"],
-                                  info["tokenizer.ggml.token_type"], strict=True):
-        entry = proto.pieces.add()
-        entry.piece, entry.score, entry.type = piece, score, type_map[kind]
-    path = tmp_path / "rebuilt.model"
-    path.write_bytes(proto.SerializeToString())
-    rebuilt = Vocabulary(path)
-    text = "Retrieval augmented generation splits documents into chunks."
-    assert rebuilt.encode(text) == default_vocabulary().encode(text)
+    proto = model_proto_from_show(info)
+    assert proto is not None
+    rebuilt = spm.SentencePieceProcessor(model_proto=proto)
+    for text in ("Retrieval augmented generation splits documents into chunks.",
+                 "  two  spaces,\ttabs\nand newlines 12345 ünïcödé 東京"):
+        assert rebuilt.encode(text) == default_vocabulary().encode(text)
 
 
 async def test_prompt_counts_come_from_the_vocabulary(emu: Client) -> None:

@@ -137,6 +137,7 @@ class ManagementRoutes:
             f"{arch}.context_length": preset.context_length,
             f"{arch}.embedding_length": preset.embedding_length,
             "tokenizer.ggml.add_bos_token": True,
+            "tokenizer.ggml.add_space_prefix": True,
             "tokenizer.ggml.bos_token_id": vocabulary.bos_id,
             "tokenizer.ggml.eos_token_id": vocabulary.eos_id,
             "tokenizer.ggml.model": "llama",

@@ -116,14 +116,23 @@ def _stdlib_corpus() -> str:
 
 
 def build(out_path: Path = MODEL_PATH, vocab_size: int = 8000) -> None:
-    """Train the vocabulary (a unigram SentencePiece model with byte fallback) and write it to `out_path`."""
+    """Train the vocabulary and write it to `out_path`.
+
+    A BPE SentencePiece model with byte fallback, identity normalisation and a space prefix: the kind of
+    vocabulary llama.cpp's SPM tokenizer reads from a GGUF (tokenizer.ggml.model = "llama"), so that a
+    client rebuilding it from /api/show's arrays gets exactly the same segmentation.
+    """
     corpus = _stdlib_corpus()
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus.splitlines()),
         model_writer=model,
         vocab_size=vocab_size,
-        model_type="unigram",
+        model_type="bpe",
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
         byte_fallback=True,
         character_coverage=1.0,
         num_threads=2,

@@ -1,0 +1,162 @@
+"""The `limits` step: guardrails at the edge, before a request costs the fleet anything.
+
+Request phase, for inference routes:
+- canonical options: load-time options (num_ctx, num_batch, num_gpu, ...) and keep_alive are rewritten to
+  the model's configured values, other load-time options removed, so no tenant makes Ollama reload a
+  model for everyone; every change is reported in `X-Options-Rewritten` and on the span;
+- prompt limit: the prompt is counted with the model's own tokenizer (proxy/tokens.py) against the
+  smallest of the tenant's, the model's and the chain's `max_prompt_tokens`; policy `reject` answers 400
+  `prompt_too_long` with both numbers, `truncate` keeps the system prompt and the newest turns that fit
+  (chat) or cuts the front of the prompt (generate);
+- deadline: the tenant's (or the chain's) deadline, lowered, never raised, by a client's `X-Deadline-S`.
+Every response carries `X-Service-Limits` (v=1). Response phase: when Ollama's `prompt_eval_count` is
+well below our count, it truncated the prompt silently: a span event and `<prefix>.limits.truncations`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from aiohttp import web
+
+from proxy.access import is_management
+from proxy.chain import Handler, Step
+from proxy.config import LimitsConfig, ModelConfig
+from proxy.context import RequestContext
+from proxy.errors import PromptTooLong
+from proxy.prompts import canonicalize, count_prompt, truncate_prompt
+from proxy.telemetry import semconv
+from proxy.telemetry.setup import Telemetry
+from proxy.tokens import TokenizerRegistry
+
+__all__ = ["DEADLINE_HEADER", "LimitsStep"]
+
+DEADLINE_HEADER = "X-Deadline-S"
+_EMBED_PATHS = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
+
+
+def _model_key(model: str) -> str:
+    name = model.strip().lower()
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+class LimitsStep(Step):
+    """Prompt, option and deadline limits; see the module docstring."""
+
+    name = "limits"
+
+    def __init__(self, config: LimitsConfig, models: dict[str, ModelConfig],
+                 tokenizers: TokenizerRegistry, telemetry: Telemetry) -> None:
+        super().__init__(config.mode, telemetry)
+        self.config = config
+        self.models = {_model_key(name): model for name, model in models.items()}
+        self.tokenizers = tokenizers
+        prefix = telemetry.config.metric_prefix
+        self.truncations = telemetry.meter.create_counter(
+            semconv.metric_name(prefix, "limits", "truncations"), unit="{request}",
+            description="Responses whose prompt_eval_count shows Ollama silently truncated the prompt.")
+        self.count_seconds = telemetry.meter.create_histogram(
+            semconv.metric_name(prefix, "limits", "count_duration"), unit="s",
+            description="Time spent counting prompt tokens.")
+
+    def _deadline_s(self, request: web.Request, ctx: RequestContext) -> float:
+        deadline = ctx.tenant.deadline_s or self.config.deadline_s
+        asked = request.headers.get(DEADLINE_HEADER)
+        if asked is not None:
+            try:
+                value = float(asked)
+            except ValueError:
+                value = math.inf
+            if 0 < value < deadline:  # a client may lower its deadline, never raise it
+                deadline = value
+        return deadline
+
+    async def handle(self, request: web.Request, ctx: RequestContext,
+                     handler: Handler) -> web.StreamResponse:
+        deadline_s = self._deadline_s(request, ctx)
+        ctx.deadline_at = ctx.started + deadline_s
+        body = ctx.json()
+        model = ctx.model
+        if is_management(request.method, request.path) and model:
+            self.tokenizers.invalidate(model)  # the name may mean another model afterwards
+        model_config = self.models.get(_model_key(model)) if model else None
+        limit = min(v for v in (ctx.tenant.max_prompt_tokens,
+                                model_config.max_prompt_tokens if model_config else None,
+                                self.config.max_prompt_tokens) if v is not None)
+        ctx.service_limits.update(max_prompt_tokens=limit, deadline_s=deadline_s)
+        if ctx.route.operation is None or not isinstance(body, dict) or not model:
+            return await handler(request)
+        with self.span(ctx, **{semconv.ATTR_GEN_AI_REQUEST_MODEL: model,
+                               "sop.limits.max_prompt_tokens": limit}) as span:
+            if request.path.startswith("/api/") and model_config is not None:
+                body = self._canonical_options(ctx, span, body, model_config)
+            tokenizer = await self.tokenizers.for_model(model)
+            started = time.perf_counter()
+            counted = count_prompt(request.path, body, tokenizer)
+            self.count_seconds.record(time.perf_counter() - started, {"method": tokenizer.method})
+            span.set_attribute("sop.limits.count_method", tokenizer.method)
+            if counted is None:
+                self.decide(ctx, span, "allowed")
+            else:
+                ctx.prompt_tokens = counted.total
+                span.set_attribute("sop.limits.prompt_tokens", counted.total)
+                measured = counted.largest if request.path in _EMBED_PATHS else counted.total
+                if measured <= limit:
+                    self.decide(ctx, span, "allowed")
+                else:
+                    self._over_limit(request, ctx, span, body, tokenizer, measured, limit,
+                                     model_config)
+        response = await handler(request)
+        self._check_silent_truncation(ctx, model)
+        return response
+
+    def _canonical_options(self, ctx: RequestContext, span: Any, body: dict[str, Any],
+                           model_config: ModelConfig) -> dict[str, Any]:
+        if not model_config.options and not self.config.strip_load_options:
+            return body
+        rewritten, changes = canonicalize(body, model_config.options, self.config.strip_load_options)
+        if changes:
+            ctx.replace_json(rewritten)
+            ctx.response_headers["X-Options-Rewritten"] = ", ".join(changes)
+            span.set_attribute("sop.limits.options_rewritten", changes)
+            return rewritten
+        return body
+
+    def _over_limit(self, request: web.Request, ctx: RequestContext, span: Any,
+                    body: dict[str, Any], tokenizer: Any, measured: int, limit: int,
+                    model_config: ModelConfig | None) -> None:
+        policy = (model_config.prompt_policy if model_config and model_config.prompt_policy
+                  else self.config.prompt_policy)
+        error = PromptTooLong(
+            f"prompt is {measured} tokens, more than the limit of {limit} tokens "
+            f"(counted with the model's {'tokenizer' if tokenizer.method != 'estimate' else 'estimate'})")
+        if policy == "truncate" and request.path not in _EMBED_PATHS:
+            cut = truncate_prompt(request.path, body, tokenizer, limit)
+            if cut is not None:
+                if self.mode == "enforce":
+                    new_body, what = cut
+                    ctx.replace_json(new_body)
+                    recount = count_prompt(request.path, new_body, tokenizer)
+                    ctx.prompt_tokens = recount.total if recount else ctx.prompt_tokens
+                    ctx.response_headers["X-Prompt-Truncated"] = what
+                    span.set_attribute("sop.limits.truncated", what)
+                    self.decide(ctx, span, "truncated")
+                else:
+                    ctx.response_headers.add("X-Shadow-Decision", f"{self.name}=truncate")
+                    self.decide(ctx, span, "shadow_truncate")
+                return
+        self.decide(ctx, span, "rejected", error)
+
+    def _check_silent_truncation(self, ctx: RequestContext, model: str) -> None:
+        usage = ctx.usage
+        counted = ctx.prompt_tokens
+        if usage is None or usage.input_tokens is None or counted is None:
+            return
+        if usage.input_tokens + self.config.truncation_tolerance_tokens < counted:
+            self.truncations.add(1, {semconv.ATTR_GEN_AI_REQUEST_MODEL: model})
+            if ctx.root_span is not None:
+                ctx.root_span.add_event("ollama.silent_truncation", {
+                    "sop.limits.prompt_tokens": counted,
+                    semconv.ATTR_GEN_AI_USAGE_INPUT: usage.input_tokens})

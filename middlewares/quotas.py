@@ -1,0 +1,203 @@
+"""The `quotas` step: per-tenant requests per minute, tokens per minute and requests in flight, held in
+the state backend so they apply across every proxy replica that shares it (Redis).
+
+Reserve, then settle: before admission a request takes one unit of its tenant's request bucket, its
+counted prompt tokens plus the output it may produce (num_predict / max_tokens, or
+`chain.quotas.default_output_tokens`) from the token bucket, and a concurrency lease. A refusal gives back
+whatever was already taken and answers 429 (`rate_limited` for requests and concurrency,
+`quota_exceeded` for tokens) with `Retry-After`: the time until the bucket holds enough, or for
+concurrency the measured mean duration of the tenant's requests divided by its leases. After the
+response the token reservation is settled against Ollama's real counts; a request that produced nothing
+(rejected downstream, client gone before the first byte) is refunded. Leases are renewed while a request
+runs and released in `finally`; a dead proxy's leases expire after `lease_ttl_s`.
+
+Responses carry `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` (the request bucket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import os
+import time
+from typing import Any
+
+from aiohttp import web
+
+from proxy.access import Tenant
+from proxy.chain import Handler, Step
+from proxy.config import QuotasConfig
+from proxy.context import RequestContext
+from proxy.errors import ProxyError, QuotaExceeded, RateLimited
+from proxy.prompts import expected_output
+from proxy.state.base import StateBackend
+from proxy.telemetry.setup import Telemetry
+
+__all__ = ["QuotasStep"]
+
+_EWMA_ALPHA = 0.2
+
+
+class QuotasStep(Step):
+    """Per-tenant buckets and leases; see the module docstring."""
+
+    name = "quotas"
+
+    def __init__(self, config: QuotasConfig, state: StateBackend, telemetry: Telemetry) -> None:
+        super().__init__(config.mode, telemetry)
+        self.config = config
+        self.state = state
+        self._holder_prefix = f"{os.getpid()}-{time.time_ns()}"
+        self._holders = itertools.count()
+        self._mean_duration_s: dict[str, float] = {}
+
+    @staticmethod
+    def keys(tenant: Tenant) -> tuple[str, str, str]:
+        """State keys of a tenant's request bucket, token bucket and lease set."""
+        return (f"rpm:{tenant.name}", f"tpm:{tenant.name}", f"inflight:{tenant.name}")
+
+    def _reservation(self, request: web.Request, ctx: RequestContext) -> int:
+        body = ctx.json()
+        output = expected_output(request.path, body) if isinstance(body, dict) else None
+        if ctx.route.operation == "embeddings":
+            output = 0
+        elif output is None:
+            output = self.config.default_output_tokens
+        prompt = ctx.prompt_tokens
+        if prompt is None:  # limits is off: a byte-based estimate
+            prompt = math.ceil(len(ctx.body or b"") / 3)
+        return prompt + output
+
+    async def handle(self, request: web.Request, ctx: RequestContext,
+                     handler: Handler) -> web.StreamResponse:
+        tenant = ctx.tenant
+        if (tenant.requests_per_minute is None and tenant.tokens_per_minute is None
+                and tenant.max_concurrent is None):
+            return await handler(request)
+        rpm_key, tpm_key, lease_key = self.keys(tenant)
+        holder = f"{self._holder_prefix}-{next(self._holders)}"
+        took_request = leased = False
+        reserved = 0
+        with self.span(ctx, **{"sop.tenant": tenant.name}) as span:
+            try:
+                if tenant.max_concurrent is not None:
+                    leased, holders = await self.state.lease(lease_key, tenant.max_concurrent, holder,
+                                                             self.config.lease_ttl_s)
+                    if not leased:
+                        raise RateLimited(
+                            f"tenant {tenant.name} has {holders} requests in flight "
+                            f"(max_concurrent {tenant.max_concurrent})",
+                            retry_after_s=self._lease_wait_s(tenant))
+                if tenant.requests_per_minute is not None:
+                    rpm = tenant.requests_per_minute
+                    taken = await self.state.take(rpm_key, rpm, rpm / 60, 1)
+                    self._rate_headers(ctx, rpm, taken.remaining)
+                    if not taken.ok:
+                        raise RateLimited(f"tenant {tenant.name} is over {rpm:g} requests per minute",
+                                          retry_after_s=taken.retry_after_s)
+                    took_request = True
+                if tenant.tokens_per_minute is not None:
+                    tpm = tenant.tokens_per_minute
+                    wanted = self._reservation(request, ctx)
+                    if wanted > tpm:
+                        raise QuotaExceeded(
+                            f"request needs {wanted} tokens, more than tenant {tenant.name}'s "
+                            f"{tpm:g} tokens per minute", retry_after_s=60.0)
+                    taken = await self.state.take(tpm_key, tpm, tpm / 60, wanted)
+                    if not taken.ok:
+                        raise QuotaExceeded(
+                            f"tenant {tenant.name} is over {tpm:g} tokens per minute "
+                            f"(this request reserves {wanted})", retry_after_s=taken.retry_after_s)
+                    reserved = wanted
+                span.set_attribute("sop.quotas.reserved_tokens", reserved)
+                self.decide(ctx, span, "allowed")
+            except ProxyError as error:
+                await self._give_back(tenant, holder, leased, took_request, reserved)
+                leased = took_request = False
+                reserved = 0
+                self.decide(ctx, span, "rejected", error)  # raises in enforce mode
+        renewer = asyncio.ensure_future(self._renew(lease_key, holder)) if leased else None
+        started = time.monotonic()
+        try:
+            return await handler(request)
+        finally:
+            if renewer is not None:
+                renewer.cancel()
+            await asyncio.shield(self._settle(ctx, tenant, holder, leased, reserved))
+            self._observe_duration(tenant, time.monotonic() - started)
+
+    def _rate_headers(self, ctx: RequestContext, limit: float, remaining: float) -> None:
+        headers = ctx.response_headers
+        headers["X-RateLimit-Limit"] = f"{limit:g}"
+        headers["X-RateLimit-Remaining"] = str(max(0, math.floor(remaining)))
+        headers["X-RateLimit-Reset"] = str(math.ceil(max(0.0, limit - remaining) / (limit / 60)))
+        ctx.service_limits["requests_per_minute"] = limit
+
+    def _lease_wait_s(self, tenant: Tenant) -> float:
+        mean = self._mean_duration_s.get(tenant.name)
+        if mean is None or not tenant.max_concurrent:
+            return 1.0
+        return max(1.0, mean / tenant.max_concurrent)
+
+    def _observe_duration(self, tenant: Tenant, seconds: float) -> None:
+        previous = self._mean_duration_s.get(tenant.name)
+        self._mean_duration_s[tenant.name] = seconds if previous is None else (
+            previous + _EWMA_ALPHA * (seconds - previous))
+
+    async def _renew(self, lease_key: str, holder: str) -> None:
+        ttl = self.config.lease_ttl_s
+        while True:
+            await asyncio.sleep(ttl / 3)
+            with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
+                await self.state.renew(lease_key, holder, ttl)
+
+    async def _give_back(self, tenant: Tenant, holder: str, leased: bool, took_request: bool,
+                         reserved: int) -> None:
+        rpm_key, tpm_key, lease_key = self.keys(tenant)
+        if leased:
+            await self.state.release(lease_key, holder)
+        if took_request and tenant.requests_per_minute is not None:
+            rpm = tenant.requests_per_minute
+            await self.state.adjust(rpm_key, rpm, rpm / 60, 1)
+        if reserved and tenant.tokens_per_minute is not None:
+            tpm = tenant.tokens_per_minute
+            await self.state.adjust(tpm_key, tpm, tpm / 60, reserved)
+
+    async def _settle(self, ctx: RequestContext, tenant: Tenant, holder: str, leased: bool,
+                      reserved: int) -> None:
+        _, tpm_key, lease_key = self.keys(tenant)
+        if leased:
+            await self.state.release(lease_key, holder)
+        if not reserved or tenant.tokens_per_minute is None:
+            return
+        usage = ctx.usage
+        if usage is not None and (usage.input_tokens is not None or usage.output_tokens is not None):
+            used = (usage.input_tokens or 0) + (usage.output_tokens or 0)
+        elif ctx.first_byte_at is None:
+            used = 0  # nothing was produced: refund everything
+        else:
+            used = ctx.prompt_tokens or 0  # cut short mid-response: the prompt was read
+        if used != reserved:
+            tpm = tenant.tokens_per_minute
+            await self.state.adjust(tpm_key, tpm, tpm / 60, reserved - used)
+
+    async def snapshot(self, tenants: list[Tenant]) -> dict[str, Any]:
+        """Usage and remaining per tenant, for /system/quotas."""
+        out: dict[str, Any] = {}
+        for tenant in tenants:
+            rpm_key, tpm_key, lease_key = self.keys(tenant)
+            entry: dict[str, Any] = {"lane": tenant.lane, "weight": tenant.weight}
+            if tenant.requests_per_minute is not None:
+                rpm = tenant.requests_per_minute
+                entry["requests_per_minute"] = {
+                    "limit": rpm, "remaining": round(await self.state.level(rpm_key, rpm, rpm / 60), 3)}
+            if tenant.tokens_per_minute is not None:
+                tpm = tenant.tokens_per_minute
+                entry["tokens_per_minute"] = {
+                    "limit": tpm, "remaining": round(await self.state.level(tpm_key, tpm, tpm / 60), 1)}
+            entry["in_flight"] = await self.state.holders(lease_key)
+            entry["max_concurrent"] = tenant.max_concurrent
+            out[tenant.name] = entry
+        return out

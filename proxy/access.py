@@ -1,0 +1,122 @@
+"""Who is calling and what they may do: API keys to tenants (or admin, or anonymous), and the route policy.
+
+Keys come from `Authorization: Bearer <key>` (what the Ollama clients send when OLLAMA_API_KEY is set, and
+the OpenAI SDK always) or `X-API-Key`. They are looked up by SHA-256 digest, so the lookup time reveals
+nothing about a key, and never logged. A key the proxy recognised is removed before the request goes
+upstream: tenants' keys are the proxy's business, not the replica's.
+
+Open mode: with no tenants and no admin keys configured the proxy is a transparent pass-through and
+every route stays open, as Ollama itself is. As soon as either is configured, `/system/*` needs an admin
+key and the model-management routes need an admin key or a tenant with `allow_management`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import attrs
+
+from .config import AnonymousConfig, TenantConfig
+from .errors import Forbidden, Unauthorized
+
+__all__ = ["ANONYMOUS", "Identity", "Tenant", "TenantDirectory", "is_management"]
+
+_MANAGEMENT_POSTS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy"})
+
+
+def is_management(method: str, path: str) -> bool:
+    """Routes that change the replicas' model store (pull, push, create, copy, delete, blobs)."""
+    return ((method == "POST" and (path in _MANAGEMENT_POSTS or path.startswith("/api/blobs/")))
+            or (method == "DELETE" and path == "/api/delete")
+            or (method == "HEAD" and path.startswith("/api/blobs/")))
+
+
+@attrs.frozen
+class Tenant:
+    """A caller's limits, as the chain applies them (None = unlimited / use the chain default)."""
+
+    name: str
+    lane: str = "interactive"
+    weight: float = 1.0
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    max_concurrent: int | None = None
+    deadline_s: float | None = None
+    max_prompt_tokens: int | None = None
+    allow_management: bool = False
+    anonymous: bool = False
+
+    @classmethod
+    def from_config(cls, config: TenantConfig) -> Tenant:
+        return cls(config.name, config.lane, config.weight, config.requests_per_minute,
+                   config.tokens_per_minute, config.max_concurrent, config.deadline_s,
+                   config.max_prompt_tokens, config.allow_management)
+
+    @classmethod
+    def anonymous_from(cls, config: AnonymousConfig) -> Tenant:
+        return cls("anonymous", "interactive", 1.0, config.requests_per_minute,
+                   config.tokens_per_minute, config.max_concurrent, config.deadline_s,
+                   config.max_prompt_tokens, False, anonymous=True)
+
+
+ANONYMOUS = Tenant("anonymous", anonymous=True)
+
+
+@attrs.frozen
+class Identity:
+    """The outcome of authentication for one request."""
+
+    tenant: Tenant
+    admin: bool = False
+    key_header: str | None = None
+    """The header that carried a recognised key (removed before forwarding)."""
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _key_from(headers: Mapping[str, str]) -> tuple[str | None, str | None]:
+    authorization = headers.get("Authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip(), "Authorization"
+    if "X-API-Key" in headers:
+        return headers["X-API-Key"].strip(), "X-API-Key"
+    return None, None
+
+
+class TenantDirectory:
+    """Resolves requests to identities and applies the route policy."""
+
+    def __init__(self, tenants: tuple[TenantConfig, ...], anonymous: AnonymousConfig,
+                 admin_keys: tuple[str, ...]) -> None:
+        self._tenants = {_digest(k): Tenant.from_config(t) for t in tenants for k in t.keys}
+        self._admin = {_digest(k) for k in admin_keys}
+        self.tenants = [Tenant.from_config(t) for t in tenants]
+        self.anonymous_allowed = anonymous.allow
+        self.anonymous = Tenant.anonymous_from(anonymous)
+        self.open_mode = not tenants and not admin_keys
+
+    def identify(self, method: str, path: str, headers: Mapping[str, str]) -> Identity:
+        """Who calls, and whether they may call this route; raises Unauthorized or Forbidden."""
+        key, header = _key_from(headers)
+        identity: Identity
+        if key is not None and (tenant := self._tenants.get(_digest(key))) is not None:
+            identity = Identity(tenant, key_header=header)
+        elif key is not None and _digest(key) in self._admin:
+            identity = Identity(Tenant("admin"), admin=True, key_header=header)
+        elif key is not None and not self.open_mode:
+            raise Unauthorized("invalid API key")
+        elif self.open_mode or self.anonymous_allowed or path.startswith("/system/"):
+            identity = Identity(self.anonymous)
+        else:
+            raise Unauthorized("an API key is required (Authorization: Bearer <key>)")
+        if self.open_mode:
+            return identity
+        if path.startswith("/system/") and not identity.admin:
+            raise (Unauthorized("an admin API key is required") if identity.tenant.anonymous
+                   else Forbidden("this route needs an admin API key"))
+        if is_management(method, path) and not (identity.admin or identity.tenant.allow_management):
+            raise Forbidden(f"tenant {identity.tenant.name} may not manage models on this proxy")
+        return identity

@@ -1,0 +1,92 @@
+"""The chain: Step, the fixed STEP_ORDER, and build_chain().
+
+A step is an aiohttp middleware over forwarded requests only (the proxy's own routes pass straight
+through). Code before `await handler(request)` is its request phase, code after it and in `finally` its
+response phase, which runs once the last byte is out; whatever a step holds is released in `finally`,
+so a client that disconnects (handler cancellation) frees it.
+
+Every step has a mode: `enforce` raises its ProxyError; `shadow` records what it would have done (span
+attribute, `<prefix>.<step>.decisions{decision=...}`, an `X-Shadow-Decision` response header) and lets the
+request through; `off` skips the step. One INTERNAL span per step covers its own work and is ended
+before the step delegates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from aiohttp import web
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from .context import CONTEXT, RequestContext
+from .errors import ProxyError
+from .telemetry import semconv
+from .telemetry.setup import Telemetry
+
+__all__ = ["FORWARD_ROUTE", "STEP_ORDER", "Handler", "Step", "build_chain"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+STEP_ORDER = ("limits", "quotas", "backpressure", "health", "balancer")
+FORWARD_ROUTE = "forward"
+"""Name of the catch-all route the forwarder serves; steps act on it only."""
+
+
+class Step:
+    """Base of every chain step. Subclasses set `name` and implement `handle(request, ctx, handler)`."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, mode: str, telemetry: Telemetry) -> None:
+        self.mode = mode
+        self.telemetry = telemetry
+        self.decisions = telemetry.meter.create_counter(
+            semconv.metric_name(telemetry.config.metric_prefix, self.name, "decisions"),
+            unit="{decision}", description=f"Decisions of the {self.name} step, by decision.")
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The aiohttp middleware: skip what is not forwarded, and steps that are off."""
+        if self.mode == "off" or request.match_info.route.name != FORWARD_ROUTE:
+            return await handler(request)
+        return await self.handle(request, request[CONTEXT], handler)
+
+    async def handle(self, request: web.Request, ctx: RequestContext,
+                     handler: Handler) -> web.StreamResponse:
+        raise NotImplementedError
+
+    @contextmanager
+    def span(self, ctx: RequestContext, **attributes: Any) -> Iterator[Span]:
+        """The step's own INTERNAL span; end it (leave the block) before delegating."""
+        span = self.telemetry.tracer.start_span(
+            semconv.metric_name(self.telemetry.config.metric_prefix, self.name),
+            kind=SpanKind.INTERNAL, attributes={"sop.step.mode": self.mode, **attributes})
+        try:
+            yield span
+        except ProxyError as exc:
+            span.set_attribute(semconv.ATTR_ERROR_TYPE, exc.code)
+            span.set_status(Status(StatusCode.ERROR, exc.code))
+            raise
+        finally:
+            span.end()
+        del ctx
+
+    def decide(self, ctx: RequestContext, span: Span, decision: str,
+               error: ProxyError | None = None) -> None:
+        """Record a decision; with an error, reject (enforce) or only report it (shadow)."""
+        if error is not None and self.mode == "shadow":
+            decision = f"shadow_{error.code}"
+            ctx.response_headers.add("X-Shadow-Decision", f"{self.name}={error.code}")
+        span.set_attribute(f"sop.{self.name}.decision", decision)
+        self.decisions.add(1, {"decision": decision})
+        if error is not None and self.mode == "enforce":
+            raise error
+
+
+def build_chain(steps: dict[str, Step]) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+    """The middlewares of `steps` in STEP_ORDER (steps not built yet are simply absent)."""
+    unknown = set(steps) - set(STEP_ORDER)
+    if unknown:
+        raise ValueError(f"unknown steps: {', '.join(sorted(unknown))}")
+    return [steps[name].middleware for name in STEP_ORDER if name in steps]

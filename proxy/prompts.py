@@ -1,0 +1,184 @@
+"""Where the prompt is in each route's body, how many tokens it has, how to cut it, how much output the
+request may produce, and the canonical-options rewrite.
+
+Counting follows the rendering every Llama-style chat template shares: BOS, then per message a header of
+4 tokens (start, role, end, separator) plus the content, then 3 tokens opening the assistant turn; a
+generate prompt is BOS + system + prompt + 3. The emulator renders the same way, so against it the count
+is exact; against other templates it differs by a few tokens per message (tests/test_tokens.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from .tokens import Tokenizer
+
+__all__ = [
+    "LOAD_OPTIONS",
+    "PromptCount",
+    "canonicalize",
+    "count_prompt",
+    "expected_output",
+    "truncate_prompt",
+]
+
+LOAD_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock",
+                          "num_thread", "low_vram", "numa", "vocab_only"})
+"""Options that make Ollama reload a runner when they differ from the loaded one (reference §4.2)."""
+
+_CHAT_PATHS = frozenset({"/api/chat", "/v1/chat/completions", "/v1/messages"})
+_MESSAGE_OVERHEAD = 4
+_CHAT_FRAME = 1 + 3
+_GENERATE_FRAME = 1 + 3
+_EMBED_FRAME = 2
+
+
+@attrs.frozen
+class PromptCount:
+    """Tokens of one request's prompt: the total, and the largest single input (embedding batches are
+    limited per input, as Ollama truncates each to the context)."""
+
+    total: int
+    largest: int
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI / Anthropic content parts
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def _messages(path: str, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    messages = body.get("messages")
+    if path == "/v1/responses":
+        raw = body.get("input")
+        messages = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
+    if not isinstance(messages, list):
+        return None
+    out = [m for m in messages if isinstance(m, dict)]
+    system = body.get("system") if path == "/v1/messages" else body.get("instructions")
+    if path in ("/v1/messages", "/v1/responses") and system:
+        out = [{"role": "system", "content": _text(system)}, *out]
+    return out
+
+
+def _inputs(path: str, body: dict[str, Any]) -> list[str]:
+    raw = body.get("prompt") if path == "/api/embeddings" else body.get("input")
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list):
+        return [item for item in raw if isinstance(item, str)]
+    return []
+
+
+def count_prompt(path: str, body: dict[str, Any], tokenizer: Tokenizer) -> PromptCount | None:
+    """The prompt's token count for an inference route, or None when the route has no prompt."""
+    count = tokenizer.count
+    if path in _CHAT_PATHS or path == "/v1/responses":
+        messages = _messages(path, body)
+        if messages is None:
+            return None
+        total = _CHAT_FRAME + sum(_MESSAGE_OVERHEAD + count(_text(m.get("content")))
+                                  for m in messages)
+        return PromptCount(total, total)
+    if path in ("/api/generate", "/v1/completions"):
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            return None
+        system = body.get("system") if isinstance(body.get("system"), str) else ""
+        frame = 1 if body.get("raw") else _GENERATE_FRAME
+        total = frame + count(system or "") + count(prompt)
+        return PromptCount(total, total)
+    if path in ("/api/embed", "/api/embeddings", "/v1/embeddings"):
+        sizes = [_EMBED_FRAME + count(text) for text in _inputs(path, body)]
+        return PromptCount(sum(sizes), max(sizes, default=0)) if sizes else None
+    return None
+
+
+def expected_output(path: str, body: dict[str, Any]) -> int | None:
+    """The output limit the request sets (num_predict, max_tokens, ...), None when it sets none."""
+    if path.startswith("/api/"):
+        options = body.get("options")
+        value = options.get("num_predict") if isinstance(options, dict) else None
+    elif path == "/v1/responses":
+        value = body.get("max_output_tokens")
+    else:
+        value = body.get("max_completion_tokens", body.get("max_tokens"))
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def truncate_prompt(path: str, body: dict[str, Any], tokenizer: Tokenizer,
+                    limit: int) -> tuple[dict[str, Any], str] | None:
+    """A copy of `body` whose prompt fits `limit`, and what was cut; None when it cannot fit.
+
+    Chats keep the system messages and the newest turns that fit and drop the oldest; a generate prompt
+    loses its front. Embedding inputs are never cut here (Ollama truncates each input itself).
+    """
+    if path in _CHAT_PATHS:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return None
+        kept = list(messages)
+        dropped = 0
+        while True:
+            current = count_prompt(path, {**body, "messages": kept}, tokenizer)
+            if current is not None and current.total <= limit:
+                break
+            droppable = [i for i, m in enumerate(kept[:-1])
+                         if not (isinstance(m, dict) and m.get("role") == "system")]
+            if not droppable:
+                return None
+            del kept[droppable[0]]
+            dropped += 1
+        return {**body, "messages": kept}, f"dropped {dropped} oldest message(s)"
+    if path in ("/api/generate", "/v1/completions"):
+        prompt = body.get("prompt")
+        counted = count_prompt(path, body, tokenizer)
+        if not isinstance(prompt, str) or counted is None:
+            return None
+        budget = limit - (counted.total - tokenizer.count(prompt))
+        if budget <= 0:
+            return None
+        kept_text = tokenizer.keep_last(prompt, budget)
+        while tokenizer.count(kept_text) > budget and kept_text:  # decode/encode can differ by one
+            kept_text = kept_text[1:]
+        cut = tokenizer.count(prompt) - tokenizer.count(kept_text)
+        return {**body, "prompt": kept_text}, f"cut {cut} token(s) from the front of the prompt"
+    return None
+
+
+def canonicalize(body: dict[str, Any], canonical: dict[str, Any], strip_others: bool
+                 ) -> tuple[dict[str, Any], list[str]]:
+    """Rewrite a native body's load-time options (and keep_alive) to the model's canonical values.
+
+    Returns the new body and one `name=old->new` (or `name=removed`, `name=+new`) entry per change.
+    """
+    changes: list[str] = []
+    options = body.get("options")
+    options = dict(options) if isinstance(options, dict) else {}
+    for name in sorted(LOAD_OPTIONS | set(options) & LOAD_OPTIONS):
+        if name in canonical and name != "keep_alive":
+            if name not in options:
+                changes.append(f"{name}=+{canonical[name]}")
+            elif options[name] != canonical[name]:
+                changes.append(f"{name}={options[name]}->{canonical[name]}")
+            options[name] = canonical[name]
+        elif name in options and strip_others:
+            changes.append(f"{name}=removed")
+            del options[name]
+    new_body = dict(body)
+    if options or "options" in body:
+        new_body["options"] = options
+    if "keep_alive" in canonical:
+        if body.get("keep_alive") != canonical["keep_alive"]:
+            previous = body.get("keep_alive", "")
+            changes.append(f"keep_alive={previous}->{canonical['keep_alive']}" if "keep_alive" in body
+                           else f"keep_alive=+{canonical['keep_alive']}")
+        new_body["keep_alive"] = canonical["keep_alive"]
+    return new_body, changes

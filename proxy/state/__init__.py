@@ -1,0 +1,1 @@
+"""Shared state of the chain: token buckets and concurrency leases, in this process or in Redis."""
