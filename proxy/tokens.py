@@ -5,9 +5,11 @@ Sources, in order, per model:
 2. the upstream's `/api/show` with `"verbose": true`: when `tokenizer.ggml.model == "llama"` the pieces,
    scores and token types are an exact SentencePiece model (BPE by score, identity normalisation, as
    llama.cpp's SPM tokenizer reads a GGUF); fetched once per model, then cached;
-3. an estimate: ceil(UTF-8 bytes / 3). It over-counts English prose (about 3.7-4.5 bytes per token in
-   SentencePiece and BPE vocabularies: +20 % to +50 %) and is about exact for CJK (3 bytes per character,
-   about one token each); it is the safety margin itself. Spans mark it `sop.limits.count_method=estimate`.
+3. an estimate: ceil(UTF-8 bytes / 3), never below the real count for the languages we know of: CJK runs
+   near 3 bytes per token, so a larger divisor would under-count it. The price is over-counting English:
+   measured 1.84-1.92x against Gemma 3's 262K vocabulary (5.6 bytes per token, tests/test_real_engine.py);
+   about 1.4x for the ~4.3 bytes per token of 128K BPE vocabularies (Llama 3), which is where the estimate
+   is used, as their tokenizer is not SentencePiece. Spans mark it `sop.limits.count_method=estimate`.
 
 Counting is fast because SentencePiece splits on whitespace before it merges: a count is the sum of the
 counts of whitespace-led segments, each cached. That equals a full encode exactly (tests/test_tokens.py

@@ -63,6 +63,25 @@ def test_openai_client_on_the_real_engine(real: tuple[Server, Server]) -> None:
     assert len(embedded.data) == 2 and len(embedded.data[0].embedding) == 640
 
 
+def test_estimate_is_generous_against_gemmas_vocabulary(real: tuple[Server, Server]) -> None:
+    """The byte estimate (used when a model's vocabulary cannot be had) against a real 262K
+    SentencePiece vocabulary, counted by llama.cpp itself, on English prose: it over-counts."""
+    from proxy.tokens import EstimateTokenizer
+
+    emulator, _ = real
+    backend = emulator.stats()["backend"]
+    prose = ("Retrieval augmented generation answers a question from passages found in a document "
+             "store. The retriever splits each document into overlapping chunks, embeds them, and "
+             "returns the nearest ones; the model then reads only those and cites them. ")
+    ratios = []
+    for repeat in (1, 4, 16):
+        text = prose * repeat
+        real_count = len(httpx.post(f"{backend}/tokenize", json={"content": text}).json()["tokens"])
+        ratios.append(EstimateTokenizer().count(text) / real_count)
+    print(f"estimate / Gemma 3 tokenizer on English prose: {', '.join(f'{r:.2f}' for r in ratios)}")
+    assert all(1.0 <= r <= 2.0 for r in ratios)  # measured 1.84-1.92 (docs state it)
+
+
 def test_disconnect_frees_the_llama_cpp_slot(real: tuple[Server, Server]) -> None:
     emulator, proxy = real
     before = emulator.stats()["cancelled"]

@@ -1,0 +1,206 @@
+"""The `limits` step against the emulator: prompt limits counted with the model's own vocabulary (fetched
+from /api/show), reject and truncate policies, shadow mode, canonical options, deadlines, X-Service-Limits
+and the detection of Ollama's silent truncation."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.servers import Server, start_emulator, start_proxy
+
+SHORT, CAPPED = "sk-short-deadline", "sk-capped-prompt"
+WORDS = "the quarterly incident review covers deployment rollbacks and customer impact ".split()
+
+
+def _words(count: int) -> str:
+    return " ".join(WORDS[i % len(WORDS)] for i in range(count))
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("limits")
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp: Path) -> Iterator[Server]:
+    server = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=50, output_tokens="5,10",
+                            name="limits-emu")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def limited(tmp: Path, emulator: Server) -> Iterator[Server]:
+    proxy = start_proxy(tmp, [emulator.url], {
+        "tenants": [{"name": "short", "keys": [SHORT], "deadline_s": 1.0},
+                    {"name": "capped", "keys": [CAPPED], "max_prompt_tokens": 100}],
+        "models": {"llama3.2": {"options": {"num_ctx": 2048, "keep_alive": "10m"}},
+                   "qwen3": {"prompt_policy": "truncate"}},
+        "chain": {"limits": {"max_prompt_tokens": 300}}}, name="limited")
+    yield proxy
+    proxy.stop()
+
+
+def _counted(error: str) -> int:
+    match = re.search(r"prompt is (\d+) tokens", error)
+    assert match, error
+    return int(match.group(1))
+
+
+def test_count_matches_the_models_own_count(limited: Server, emulator: Server) -> None:
+    """Over the limit, the proxy says how many tokens it counted; Ollama (the emulator, reached directly
+    with the same body) counts exactly as many."""
+    cases = [
+        ("/api/generate", {"model": "llama3.2", "prompt": _words(400), "stream": False}),
+        ("/api/generate", {"model": "llama3.2", "prompt": _words(300), "system": "Be brief.",
+                           "stream": False}),
+        ("/api/chat", {"model": "llama3.2", "stream": False, "messages": [
+            {"role": "system", "content": "You answer from the context."},
+            {"role": "user", "content": _words(200)}, {"role": "assistant", "content": _words(60)},
+            {"role": "user", "content": "and the second  spaced\tquestion?"}]}),
+    ]
+    for path, body in cases:
+        refused = httpx.post(limited.url + path, json=body)
+        assert refused.status_code == 400 and refused.json()["code"] == "prompt_too_long"
+        assert "counted with the model's tokenizer" in refused.json()["error"]
+        direct = httpx.post(emulator.url + path, json=body, timeout=30).json()
+        assert _counted(refused.json()["error"]) == direct["prompt_eval_count"], path
+
+
+def test_reject_is_ollama_shaped_with_service_limits(limited: Server) -> None:
+    refused = httpx.post(f"{limited.url}/api/chat", json={
+        "model": "llama3.2", "messages": [{"role": "user", "content": _words(400)}]})
+    assert refused.status_code == 400
+    assert refused.headers["content-type"] == "application/json; charset=utf-8"
+    assert "more than the limit of 300 tokens" in refused.json()["error"]
+    limits = refused.headers["x-service-limits"]
+    assert limits.startswith("v=1; ") and "max_prompt_tokens=300" in limits
+    assert "deadline_s=120" in limits and "max_body_bytes=33554432" in limits
+    openai = httpx.post(f"{limited.url}/v1/chat/completions", json={
+        "model": "llama3.2", "messages": [{"role": "user", "content": _words(400)}]})
+    assert openai.status_code == 400 and openai.json()["error"]["code"] == "prompt_too_long"
+    embed = httpx.post(f"{limited.url}/api/embed", json={
+        "model": "nomic-embed-text", "input": ["short", _words(400)]})
+    assert embed.status_code == 400  # each input is limited on its own
+    small = httpx.post(f"{limited.url}/api/embed", json={
+        "model": "nomic-embed-text", "input": ["short", _words(100)]})
+    assert small.status_code == 200
+
+
+def test_tenant_limit_is_the_smallest(limited: Server) -> None:
+    body = {"model": "llama3.2", "prompt": _words(60), "stream": False}  # ~154 tokens
+    assert httpx.post(f"{limited.url}/api/generate", json=body).status_code == 200
+    capped = httpx.post(f"{limited.url}/api/generate", json=body,
+                        headers={"Authorization": f"Bearer {CAPPED}"})
+    assert capped.status_code == 400 and "limit of 100 tokens" in capped.json()["error"]
+
+
+def test_truncate_policy(limited: Server) -> None:
+    messages = [{"role": "system", "content": "Keep me."},
+                *[{"role": "user", "content": f"turn {i}: " + _words(40)} for i in range(12)],
+                {"role": "user", "content": "the newest question"}]
+    response = httpx.post(f"{limited.url}/api/chat", json={
+        "model": "qwen3", "messages": messages, "stream": False, "think": False})
+    assert response.status_code == 200
+    assert re.fullmatch(r"dropped \d+ oldest message\(s\)", response.headers["x-prompt-truncated"])
+    assert response.json()["prompt_eval_count"] <= 300
+    generated = httpx.post(f"{limited.url}/api/generate", json={
+        "model": "qwen3", "prompt": "HEAD " + _words(500) + " TAIL", "stream": False, "think": False})
+    assert generated.status_code == 200 and generated.json()["prompt_eval_count"] <= 300
+    assert "from the front of the prompt" in generated.headers["x-prompt-truncated"]
+
+
+def test_canonical_options_stop_reload_thrash(limited: Server, emulator: Server) -> None:
+    response = httpx.post(f"{limited.url}/api/generate", json={
+        "model": "llama3.2", "prompt": "hi", "stream": False,
+        "options": {"num_ctx": 8192, "num_batch": 1024, "temperature": 0.1}})
+    assert response.status_code == 200
+    assert response.headers["x-options-rewritten"] == (
+        "num_batch=removed, num_ctx=8192->2048, keep_alive=+10m")
+    ps = httpx.get(f"{emulator.url}/api/ps").json()["models"]
+    assert {m["name"]: m["context_length"] for m in ps}["llama3.2:latest"] == 2048
+    loads = emulator.stats()["loads"]
+    for num_ctx in (4096, 16384, 2048):  # every tenant's own num_ctx maps to the same runner
+        httpx.post(f"{limited.url}/api/generate", json={
+            "model": "llama3.2", "prompt": "hi", "stream": False, "options": {"num_ctx": num_ctx}})
+    assert emulator.stats()["loads"] == loads
+
+
+def test_deadlines(tmp: Path) -> None:
+    talker = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=20, output_tokens="400,400",
+                            name="talker")
+    limited = start_proxy(tmp, [talker.url], {
+        "tenants": [{"name": "short", "keys": [SHORT], "deadline_s": 1.0}]}, name="deadlines")
+    try:
+        _check_deadlines(limited)
+        assert talker.stats()["active"] == 0  # every abandoned generation was cancelled upstream
+    finally:
+        limited.stop()
+        talker.stop()
+
+
+def _check_deadlines(limited: Server) -> None:
+    short = {"Authorization": f"Bearer {SHORT}"}
+    body = {"model": "llama3.2", "prompt": "go on"}
+    start = time.monotonic()
+    with httpx.stream("POST", f"{limited.url}/api/generate", json=body, headers=short,
+                      timeout=30) as response:
+        assert "deadline_s=1" in response.headers["x-service-limits"]
+        lines = [json.loads(line) for line in response.iter_lines()]
+    assert time.monotonic() - start < 3
+    assert lines[-1]["code"] == "upstream_response_timeout" and "deadline" in lines[-1]["error"]
+    assert len(lines) > 2  # the tokens already sent stay
+    whole = httpx.post(f"{limited.url}/api/generate", json={**body, "stream": False}, headers=short)
+    assert whole.status_code == 504 and whole.json()["code"] == "upstream_response_timeout"
+    lowered = httpx.post(f"{limited.url}/api/generate", json={**body, "stream": False},
+                         headers={"X-Deadline-S": "0.3"})
+    assert lowered.status_code == 504 and "deadline_s=0.3" in lowered.headers["x-service-limits"]
+    not_raised = httpx.post(f"{limited.url}/api/generate", json={**body, "stream": False},
+                            headers={**short, "X-Deadline-S": "600"})
+    assert not_raised.status_code == 504
+    assert "deadline_s=1;" in not_raised.headers["x-service-limits"] + ";"
+
+
+def test_shadow_mode_reports_and_lets_through(tmp: Path, emulator: Server) -> None:
+    proxy = start_proxy(tmp, [emulator.url], {"chain": {"limits": {"mode": "shadow",
+                                                                   "max_prompt_tokens": 50}}},
+                        name="shadow")
+    try:
+        response = httpx.post(f"{proxy.url}/api/generate", json={
+            "model": "llama3.2", "prompt": _words(200), "stream": False})
+        assert response.status_code == 200
+        assert response.headers["x-shadow-decision"] == "limits=prompt_too_long"
+        metrics = httpx.get(f"{proxy.url}/metrics").text
+        decisions = {s.labels["decision"]: s.value for f in text_string_to_metric_families(metrics)
+                     if f.name == "sop_limits_decisions" for s in f.samples
+                     if s.name.endswith("_total")}
+        assert decisions.get("shadow_prompt_too_long") == 1
+    finally:
+        proxy.stop()
+
+
+def test_silent_truncation_is_detected(tmp: Path, emulator: Server) -> None:
+    """A prompt under our limit but over the context the request asks for: Ollama cuts it silently
+    (prompt_eval_count drops); the proxy notices and counts it."""
+    proxy = start_proxy(tmp, [emulator.url], {"chain": {"limits": {"max_prompt_tokens": 8000}}},
+                        name="silent")
+    try:
+        response = httpx.post(f"{proxy.url}/api/generate", json={
+            "model": "qwen3", "prompt": _words(900), "stream": False, "think": False,
+            "options": {"num_ctx": 512}})
+        assert response.status_code == 200 and response.json()["prompt_eval_count"] == 256
+        metrics = httpx.get(f"{proxy.url}/metrics").text
+        counts = [s.value for f in text_string_to_metric_families(metrics)
+                  if f.name == "sop_limits_truncations" for s in f.samples
+                  if s.name.endswith("_total")]
+        assert counts == [1.0]
+    finally:
+        proxy.stop()
