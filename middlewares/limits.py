@@ -15,6 +15,7 @@ well below our count, it truncated the prompt silently: a span event and `<prefi
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import Any
@@ -34,6 +35,8 @@ from proxy.tokens import TokenizerRegistry
 __all__ = ["DEADLINE_HEADER", "LimitsStep"]
 
 DEADLINE_HEADER = "X-Deadline-S"
+OFFLOAD_BYTES = 16 * 1024
+"""Bodies larger than this are counted in a worker thread."""
 _EMBED_PATHS = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
 
 
@@ -94,7 +97,12 @@ class LimitsStep(Step):
                 body = self._canonical_options(ctx, span, body, model_config)
             tokenizer = await self.tokenizers.for_model(model)
             started = time.perf_counter()
-            counted = count_prompt(request.path, body, tokenizer)
+            if len(ctx.body or b"") > OFFLOAD_BYTES:
+                # A large prompt is mostly unseen text: count it in a worker (SentencePiece releases
+                # the GIL) rather than hold the event loop for milliseconds.
+                counted = await asyncio.to_thread(count_prompt, request.path, body, tokenizer, True)
+            else:
+                counted = count_prompt(request.path, body, tokenizer)
             self.count_seconds.record(time.perf_counter() - started, {"method": tokenizer.method})
             span.set_attribute("sop.limits.count_method", tokenizer.method)
             if counted is None:

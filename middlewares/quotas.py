@@ -130,7 +130,7 @@ class QuotasStep(Step):
 
     def _rate_headers(self, ctx: RequestContext, limit: float, remaining: float) -> None:
         headers = ctx.response_headers
-        headers["X-RateLimit-Limit"] = f"{limit:g}"
+        headers["X-RateLimit-Limit"] = str(int(limit)) if float(limit).is_integer() else f"{limit:g}"
         headers["X-RateLimit-Remaining"] = str(max(0, math.floor(remaining)))
         headers["X-RateLimit-Reset"] = str(math.ceil(max(0.0, limit - remaining) / (limit / 60)))
         ctx.service_limits["requests_per_minute"] = limit

@@ -75,9 +75,13 @@ def _inputs(path: str, body: dict[str, Any]) -> list[str]:
     return []
 
 
-def count_prompt(path: str, body: dict[str, Any], tokenizer: Tokenizer) -> PromptCount | None:
-    """The prompt's token count for an inference route, or None when the route has no prompt."""
-    count = tokenizer.count
+def count_prompt(path: str, body: dict[str, Any], tokenizer: Tokenizer,
+                 offload: bool = False) -> PromptCount | None:
+    """The prompt's token count for an inference route, or None when the route has no prompt.
+
+    `offload` counts the way that suits a worker thread (see Tokenizer.count_offloadable).
+    """
+    count = tokenizer.count_offloadable if offload else tokenizer.count
     if path in _CHAT_PATHS or path == "/v1/responses":
         messages = _messages(path, body)
         if messages is None:

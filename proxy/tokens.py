@@ -54,6 +54,11 @@ class Tokenizer:
         """The end of `text` that holds at most `tokens` tokens."""
         raise NotImplementedError
 
+    def count_offloadable(self, text: str) -> int:
+        """The same count, computed so that it can run in a worker thread without holding the GIL
+        (for large prompts, so the event loop keeps serving others meanwhile)."""
+        return self.count(text)
+
 
 class EstimateTokenizer(Tokenizer):
     """No vocabulary available: a deliberately generous estimate (see the module docstring)."""
@@ -99,6 +104,10 @@ class SentencePieceTokenizer(Tokenizer):
             text = " " + text
         count = self._segment_count
         return sum(count(segment) for segment in _SEGMENT.findall(text))
+
+    def count_offloadable(self, text: str) -> int:
+        # One encode call in C++, which releases the GIL (the cached path is Python-level work).
+        return len(self._full.encode(text)) if text else 0
 
     def keep_last(self, text: str, tokens: int) -> str:
         ids = self._full.encode(text)

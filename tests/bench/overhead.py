@@ -25,6 +25,9 @@ import psutil
 
 from tests.support.servers import Server, start_emulator, start_proxy
 
+# The overhead runs measure the proxy, not Ollama's queueing: the emulators get enough slots for every
+# concurrent request (Ollama's default of one slot per model would serialise them).
+SLOTS = ["--num-parallel", "4096"]
 UNARY = {"model": "llama3.2", "stream": False, "options": {"num_predict": 1},
          "messages": [{"role": "user", "content": "ping"}]}
 
@@ -109,7 +112,9 @@ async def _stream_cpu(proxy: Server, session: aiohttp.ClientSession, streams: in
 
 async def _stream_memory(direct: Server, proxy: Server, streams: int) -> dict[str, float]:
     """Open `streams` slow streams at once, through the proxy and then directly; RSS per open stream."""
-    body = {"model": "llama3.2", "prompt": "hold", "options": {"num_predict": 1000}}
+    # 1,000 tokens/s single-stream with the plateau model means ~1.5 tokens/s per stream at 1,000
+    # streams: each stream's first line comes within a second and then trickles, held open.
+    body = {"model": "llama3.2", "prompt": "hold"}
     results: dict[str, float] = {}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector,
@@ -138,18 +143,78 @@ async def _stream_memory(direct: Server, proxy: Server, streams: int) -> dict[st
     return results
 
 
+CHAIN_KEY = "sk-bench-tenant"
+CHAIN_CONFIG = {
+    "telemetry": {"access_log": False},
+    "tenants": [{"name": "bench", "keys": [CHAIN_KEY], "requests_per_minute": 10_000_000,
+                 "tokens_per_minute": 10_000_000_000, "max_concurrent": 100_000}],
+    "models": {"llama3.2": {"options": {"num_ctx": 4096}}},
+}
+
+
+def count_4k_prompt() -> dict[str, float]:
+    """Time to count a 4K-token prompt with the model's vocabulary: cold (first sight of its words) and
+    warm (segment cache filled), and the same prompt as a chat."""
+    from proxy.emulator.vocabulary import MODEL_PATH
+    from proxy.prompts import count_prompt
+    from proxy.tokens import SentencePieceTokenizer
+
+    words = Path(__file__).read_text().split()
+    tokenizer = SentencePieceTokenizer.from_file(MODEL_PATH)
+    count = 0
+    while tokenizer.count_offloadable(" ".join(words[i % len(words)] for i in range(count))) < 4096:
+        count += 25
+    text = " ".join(words[i % len(words)] for i in range(count))
+    fresh = SentencePieceTokenizer.from_file(MODEL_PATH)  # an empty segment cache
+    start = time.perf_counter()
+    tokens = fresh.count(text)
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(20):
+        tokenizer.count_offloadable(text)
+    full_encode = (time.perf_counter() - start) / 20
+    runs = 200
+    start = time.perf_counter()
+    for _ in range(runs):
+        tokenizer.count(text)
+    warm = (time.perf_counter() - start) / runs
+    body = {"messages": [{"role": "system", "content": "Answer from the context."},
+                         {"role": "user", "content": text}]}
+    start = time.perf_counter()
+    for _ in range(runs):
+        count_prompt("/api/chat", body, tokenizer)
+    chat = (time.perf_counter() - start) / runs
+    return {"tokens": tokens, "cold_ms": cold * 1e3, "warm_ms": warm * 1e3, "chat_warm_ms": chat * 1e3,
+            "full_encode_ms": full_encode * 1e3}
+
+
+async def _chain_cost(direct: Server, chained: Server, session: aiohttp.ClientSession,
+                      total: int) -> dict[str, float]:
+    """CPU per request through the proxy with limits and quotas on (a tenant key, limits that never
+    bite, canonical options), against the same requests direct."""
+    headers = {"Authorization": f"Bearer {CHAIN_KEY}"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     headers=headers) as keyed:
+        result = await _unary(direct, chained, keyed, total, 64)
+    del session
+    return result
+
+
 async def run(quick: bool) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="sop-bench-"))
-    direct = start_emulator(tmp, fixed_clock=False, name="direct")
-    behind = start_emulator(tmp, fixed_clock=False, name="behind", output_tokens="200,200")
+    direct = start_emulator(tmp, fixed_clock=False, name="direct", extra=SLOTS)
+    behind = start_emulator(tmp, fixed_clock=False, name="behind", output_tokens="200,200",
+                            extra=SLOTS)
     proxy = start_proxy(tmp, [behind.url], {"telemetry": {"access_log": False}})
-    slow_direct = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=1, name="slow-direct",
-                                 output_tokens="1000,1000")
-    slow_behind = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=1, name="slow-behind",
-                                 output_tokens="1000,1000")
+    chained_upstream = start_emulator(tmp, fixed_clock=False, name="chained-upstream", extra=SLOTS)
+    chained = start_proxy(tmp, [chained_upstream.url], CHAIN_CONFIG, name="chained")
+    slow_direct = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=1000, name="slow-direct",
+                                 output_tokens="100000,100000", extra=SLOTS)
+    slow_behind = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=1000, name="slow-behind",
+                                 output_tokens="100000,100000", extra=SLOTS)
     slow_proxy = start_proxy(tmp, [slow_behind.url], {"telemetry": {"access_log": False}},
                              name="slow-proxy")
-    servers = [direct, behind, proxy, slow_direct, slow_behind, slow_proxy]
+    servers = [direct, behind, proxy, slow_direct, slow_behind, slow_proxy, chained_upstream, chained]
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -159,8 +224,10 @@ async def run(quick: bool) -> dict[str, Any]:
                 "unary_c1": await _unary(direct, proxy, session, 300 if quick else 2000, 1),
                 "unary_c64": await _unary(direct, proxy, session, 1000 if quick else 6000, 64),
                 "stream": await _stream_cpu(proxy, session, 50 if quick else 200, 200),
+                "chain_c64": await _chain_cost(direct, chained, session, 1000 if quick else 6000),
             }
         report["memory"] = await _stream_memory(slow_direct, slow_proxy, 200 if quick else 1000)
+        report["count_4k"] = count_4k_prompt()
     finally:
         for server in servers:
             server.stop()
@@ -171,7 +238,7 @@ def _print(report: dict[str, Any]) -> None:
     print(f"machine: {report['machine']}")
     print(f"{'unary':<10}{'direct p50':>12}{'proxy p50':>12}{'added p50':>12}{'ratio':>8}"
           f"{'direct p99':>12}{'proxy p99':>12}{'added p99':>12}{'ratio':>8}{'CPU/req':>10}")
-    for key in ("unary_c1", "unary_c64"):
+    for key in ("unary_c1", "unary_c64", "chain_c64"):
         r = report[key]
         print(f"{key:<10}{r['direct_p50_ms']:>10.2f}ms{r['proxy_p50_ms']:>10.2f}ms"
               f"{r['added_p50_ms']:>10.2f}ms{r['ratio_p50']:>7.2f}x{r['direct_p99_ms']:>10.2f}ms"
@@ -180,6 +247,11 @@ def _print(report: dict[str, Any]) -> None:
     s = report["stream"]
     print(f"stream: {s['streams']} streams, {s['lines']} NDJSON lines, "
           f"proxy CPU {s['proxy_cpu_us_per_chunk']:.1f} us per chunk")
+    c = report["count_4k"]
+    print(f"counting a {c['tokens']}-token prompt: {c['cold_ms']:.2f} ms cold, {c['warm_ms']:.2f} ms "
+          f"warm, {c['chat_warm_ms']:.2f} ms as a chat, {c['full_encode_ms']:.2f} ms as one full "
+          "encode (the worker-thread path for bodies over 16 KiB; GIL released)")
+    print("chain_c64 = the proxy with limits and quotas on (tenant key, canonical options)")
     m = report["memory"]
     print(f"memory at {m['streams']} concurrent open streams: proxy {m['proxy_kib_per_stream']:.1f} KiB "
           f"per stream (upstream emulator {m['direct_kib_per_stream']:.1f} KiB); all opened in "
