@@ -145,3 +145,37 @@ def test_prometheus_metrics(proxy: Server) -> None:
     routes = {s.labels.get("http_route")
               for s in families["http_server_request_duration_seconds"].samples}
     assert {"/api/chat", "/api/generate", "/api/embed"} <= routes
+
+
+def test_chain_steps_have_their_own_spans(tmp: Path, upstream: Server) -> None:
+    """limits and quotas each emit one INTERNAL span, a sibling under the root SERVER span, ended before
+    the upstream CLIENT span starts; a rejection marks its step's span with error.type."""
+    key = "sk-telemetry"
+    with OtlpReceiver() as receiver:
+        proxy = start_proxy(tmp, [upstream.url], {
+            "telemetry": {"otlp_endpoint": receiver.url, "otlp_protocol": "http/protobuf"},
+            "tenants": [{"name": "obs", "keys": [key], "requests_per_minute": 1}],
+            "chain": {"limits": {"max_prompt_tokens": 1000}}}, name="chain-spans")
+        try:
+            headers = {"Authorization": f"Bearer {key}"}
+            body = {"model": "llama3.2", "stream": False,
+                    "messages": [{"role": "user", "content": "hi"}]}
+            assert httpx.post(f"{proxy.url}/api/chat", json=body, headers=headers).status_code == 200
+            assert httpx.post(f"{proxy.url}/api/chat", json=body, headers=headers).status_code == 429
+            spans = _wait_spans(receiver.spans, lambda s: sum(x.name == "sop.quotas" for x in s) == 2)
+        finally:
+            proxy.stop()
+    roots = sorted((s for s in spans if s.name == "POST /api/chat"), key=lambda s: s.start_time_unix_nano)
+    first, second = roots
+    children = [s for s in spans if s.parent_span_id == first.span_id]
+    by_name = {s.name: s for s in children}
+    assert {"sop.limits", "sop.quotas", "chat llama3.2"} <= set(by_name)
+    client = by_name["chat llama3.2"]
+    for step in ("sop.limits", "sop.quotas"):
+        assert by_name[step].kind == ProtoSpan.SPAN_KIND_INTERNAL
+        assert by_name[step].end_time_unix_nano <= client.start_time_unix_nano
+    assert attributes_of(by_name["sop.limits"])["sop.limits.count_method"] == "sentencepiece"
+    assert attributes_of(by_name["sop.limits"])["sop.limits.prompt_tokens"] > 0
+    rejected = next(s for s in spans if s.parent_span_id == second.span_id and s.name == "sop.quotas")
+    assert attributes_of(rejected)["error.type"] == "rate_limited"
+    assert attributes_of(second)["http.response.status_code"] == 429
