@@ -10,6 +10,7 @@ from aiohttp import web
 from . import gojson, wire
 from .engine import Engine, RunResult
 from .native import RequestError
+from .openai_compat import content_text
 
 __all__ = ["AnthropicError", "AnthropicRoutes", "anthropic_error_type"]
 
@@ -28,14 +29,6 @@ def anthropic_error_type(status: int) -> str:
 
 def _event(name: str, value: dict[str, Any]) -> bytes:
     return f"event: {name}\ndata: ".encode() + gojson.dumps_bytes(value) + b"\n\n"
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(b.get("text", "") for b in content if isinstance(b, dict))
-    return ""
 
 
 class AnthropicRoutes:
@@ -63,10 +56,10 @@ class AnthropicRoutes:
         if entry is None:
             raise AnthropicError(404, f"model '{model}' not found")
         engine = self.engine
-        flat = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in messages
+        flat = [{"role": m.get("role"), "content": content_text(m.get("content"))} for m in messages
                 if isinstance(m, dict)]
         if body.get("system"):
-            flat.insert(0, {"role": "system", "content": _text(body.get("system"))})
+            flat.insert(0, {"role": "system", "content": content_text(body.get("system"))})
         prompt_tokens = engine.count_chat(flat)
         result = RunResult()
         tokens = engine.generate(entry, engine.render_chat(flat), prompt_tokens,

@@ -17,7 +17,7 @@ from .catalog import display_name
 from .engine import Engine, RunResult
 from .native import RequestError
 
-__all__ = ["OpenAIError", "OpenAIRoutes", "openai_error_type"]
+__all__ = ["OpenAIError", "OpenAIRoutes", "content_text", "openai_error_type"]
 
 
 class OpenAIError(RequestError):
@@ -71,7 +71,7 @@ class OpenAIRoutes:
         model = body.get("model") or ""
         entry = self._entry(model, "completion")
         engine = self.engine
-        flat = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in messages
+        flat = [{"role": m.get("role"), "content": content_text(m.get("content"))} for m in messages
                 if isinstance(m, dict)]
         result = RunResult()
         tokens = engine.generate(entry, engine.render_chat(flat), engine.count_chat(flat),
@@ -193,7 +193,7 @@ class OpenAIRoutes:
         if isinstance(raw_input, str):
             messages = [{"role": "user", "content": raw_input}]
         elif isinstance(raw_input, list):
-            messages = [{"role": m.get("role", "user"), "content": _text(m.get("content"))}
+            messages = [{"role": m.get("role", "user"), "content": content_text(m.get("content"))}
                         for m in raw_input if isinstance(m, dict)]
         else:
             raise OpenAIError(400, "input is required")
@@ -295,7 +295,8 @@ class OpenAIRoutes:
         return await wire.send_json(request, value, content_type=wire.CT_JSON_PLAIN, newline=True)
 
 
-def _text(content: Any) -> str:
+def content_text(content: Any) -> str:
+    """The text of a message's content: a string, or the `text` of its parts (OpenAI and Anthropic)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
