@@ -224,8 +224,9 @@ class Forwarder:
         idle = self.config.idle_timeout_s
         # One timer for both limits: the idle gap (re-armed per chunk) and the request's deadline.
         hard_stop = loop.time() + self._remaining(ctx)
+        timer = asyncio.timeout_at(min(loop.time() + idle, hard_stop))
         try:
-            async with asyncio.timeout_at(min(loop.time() + idle, hard_stop)) as timer:
+            async with timer:
                 while True:
                     chunk = await content.readany()
                     if not chunk:
@@ -237,8 +238,9 @@ class Forwarder:
                     await response.write(chunk)
                     timer.reschedule(min(loop.time() + idle, hard_stop))
         except TimeoutError:
+            # Which limit the timer was set for, not the clock: asyncio may fire it a hair early.
             reason = (f"the request's deadline of {ctx.service_limits.get('deadline_s')}s passed"
-                      if loop.time() >= hard_stop else f"upstream sent nothing for {idle:g}s")
+                      if timer.when() == hard_stop else f"upstream sent nothing for {idle:g}s")
             await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout", reason)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             if request.transport is None or request.transport.is_closing():
