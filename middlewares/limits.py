@@ -27,6 +27,7 @@ from proxy.chain import Handler, Step
 from proxy.config import LimitsConfig, ModelConfig
 from proxy.context import RequestContext
 from proxy.errors import PromptTooLong
+from proxy.ollama import model_key
 from proxy.prompts import canonicalize, count_prompt, truncate_prompt
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
@@ -40,10 +41,6 @@ OFFLOAD_BYTES = 16 * 1024
 _EMBED_PATHS = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
 
 
-def _model_key(model: str) -> str:
-    name = model.strip().lower()
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
 
 class LimitsStep(Step):
     """Prompt, option and deadline limits; see the module docstring."""
@@ -54,7 +51,7 @@ class LimitsStep(Step):
                  tokenizers: TokenizerRegistry, telemetry: Telemetry) -> None:
         super().__init__(config.mode, telemetry)
         self.config = config
-        self.models = {_model_key(name): model for name, model in models.items()}
+        self.models = {model_key(name): model for name, model in models.items()}
         self.tokenizers = tokenizers
         prefix = telemetry.config.metric_prefix
         self.truncations = telemetry.meter.create_counter(
@@ -84,7 +81,7 @@ class LimitsStep(Step):
         model = ctx.model
         if is_management(request.method, request.path) and model:
             self.tokenizers.invalidate(model)  # the name may mean another model afterwards
-        model_config = self.models.get(_model_key(model)) if model else None
+        model_config = self.models.get(model_key(model)) if model else None
         limit = min(v for v in (ctx.tenant.max_prompt_tokens,
                                 model_config.max_prompt_tokens if model_config else None,
                                 self.config.max_prompt_tokens) if v is not None)

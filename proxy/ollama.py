@@ -12,7 +12,14 @@ import re
 
 import attrs
 
-__all__ = ["RouteInfo", "Usage", "UsageScanner", "classify"]
+__all__ = ["RouteInfo", "Usage", "UsageScanner", "classify", "model_key"]
+
+
+def model_key(model: str) -> str:
+    """Ollama's name matching: `llama3.2` and `LLaMA3.2:latest` are one model (tag `latest` by default,
+    case-insensitive; a registry host's port is not a tag)."""
+    name = model.strip().lower()
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
 @attrs.frozen

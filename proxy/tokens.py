@@ -31,6 +31,8 @@ from typing import Any
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as _model_pb2
 
+from .ollama import model_key
+
 __all__ = ["BYTES_PER_TOKEN", "EstimateTokenizer", "SentencePieceTokenizer", "Tokenizer",
            "TokenizerRegistry", "model_proto_from_show"]
 
@@ -144,10 +146,6 @@ def model_proto_from_show(model_info: dict[str, Any]) -> bytes | None:
     return bytes(proto.SerializeToString())
 
 
-def _model_key(model: str) -> str:
-    name = model.strip().lower()
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
 
 class TokenizerRegistry:
     """The tokenizer of each model, resolved once (single-flight) and cached by model name.
@@ -158,7 +156,7 @@ class TokenizerRegistry:
     def __init__(self, configured: dict[str, str],
                  fetch_show: Callable[[str], Awaitable[dict[str, Any] | None]],
                  wait_s: float = 5.0) -> None:
-        self._configured = {_model_key(name): path for name, path in configured.items()}
+        self._configured = {model_key(name): path for name, path in configured.items()}
         self._fetch_show = fetch_show
         self._wait_s = wait_s
         self._cache: dict[str, Tokenizer] = {}
@@ -173,14 +171,14 @@ class TokenizerRegistry:
 
     def invalidate(self, model: str) -> None:
         """Forget a model's tokenizer (after a pull, create or delete changed what the name means)."""
-        key = _model_key(model)
+        key = model_key(model)
         if key not in self._configured:
             self._cache.pop(key, None)
             self._failed_at.pop(key, None)
 
     async def for_model(self, model: str) -> Tokenizer:
         """The model's tokenizer; the estimate while it cannot be had (retried after a minute)."""
-        key = _model_key(model)
+        key = model_key(model)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
