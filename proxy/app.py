@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from middlewares.backpressure import BackpressureStep
 from middlewares.limits import LimitsStep
 from middlewares.quotas import QuotasStep
 
@@ -58,6 +59,7 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     steps: dict[str, Step] = {
         "limits": LimitsStep(config.chain.limits, config.models, tokenizers, telemetry),
         "quotas": QuotasStep(config.chain.quotas, state, telemetry),
+        "backpressure": BackpressureStep(config.chain.backpressure, upstreams, telemetry),
     }
     ingress = Ingress(telemetry, config.server.max_body_bytes, directory)
     app = web.Application(middlewares=[ingress.middleware, *build_chain(steps)],

@@ -22,6 +22,7 @@ from .validation import format_validation_error
 __all__ = [
     "AdminConfig",
     "AnonymousConfig",
+    "BackpressureConfig",
     "ChainConfig",
     "Config",
     "ConfigError",
@@ -249,11 +250,36 @@ class QuotasConfig:
 
 
 @attrs.frozen
+class BackpressureConfig:
+    """chain.backpressure: the bounded, fair queue in front of the replicas' slots."""
+
+    mode: Mode = "enforce"
+    max_queue_size: int = attrs.field(default=256, validator=_positive)
+    """Requests that may wait per model; beyond it, 503 overload."""
+    queue_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    """Longest wait for a slot before 503 queue_timeout (the request's deadline may cut it shorter)."""
+    max_in_flight: int | None = attrs.field(default=None, validator=_positive)
+    """Requests per replica and model past this step; default the replica's num_parallel."""
+    fair: bool = True
+    """Weighted fair queuing by token cost with interactive/bulk lanes; false: one FIFO."""
+    bulk_share: float = attrs.field(default=0.1, validator=_ratio)
+    """Share of dispatches that go to the bulk lane while interactive requests also wait."""
+    adaptive: bool = False
+    """Adapt each (replica, model) limit to Ollama's time per output token (gradient limiter)."""
+    adaptive_max_in_flight: int | None = attrs.field(default=None, validator=_positive)
+    """Upper bound of the adaptive limit; default twice max_in_flight."""
+    adaptive_tolerance: float = attrs.field(default=0.5, validator=_positive)
+    """How far (as a fraction) time per token may rise above its no-load baseline before the limit
+    shrinks."""
+
+
+@attrs.frozen
 class ChainConfig:
-    """The steps, by name. Later steps (backpressure, health, balancer) join as they land."""
+    """The steps, by name. Later steps (health, balancer) join as they land."""
 
     limits: LimitsConfig = LimitsConfig()
     quotas: QuotasConfig = QuotasConfig()
+    backpressure: BackpressureConfig = BackpressureConfig()
 
 
 @attrs.frozen
@@ -298,7 +324,8 @@ class Config:
 def _converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True)
     for cls in (ServerConfig, UpstreamConfig, ForwardingConfig, TelemetryConfig, AdminConfig,
-                TenantConfig, AnonymousConfig, ModelConfig, LimitsConfig, QuotasConfig, ChainConfig,
+                TenantConfig, AnonymousConfig, ModelConfig, LimitsConfig, QuotasConfig,
+                BackpressureConfig, ChainConfig,
                 StateConfig, Config):
         converter.register_structure_hook(
             cls, make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True))

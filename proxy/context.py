@@ -18,6 +18,7 @@ from opentelemetry.trace import Span
 
 from .access import ANONYMOUS, Identity, Tenant
 from .ollama import RouteInfo, Usage
+from .upstreams import Upstream
 
 __all__ = ["CONTEXT", "RequestContext"]
 
@@ -47,6 +48,8 @@ class RequestContext:
     """The limits that applied, rendered as the versioned `X-Service-Limits` header."""
     prompt_tokens: int | None = None
     """The prompt's token count as `limits` counted it (None: not counted)."""
+    upstream: Upstream | None = None
+    """The replica a step bound the request to (backpressure); None: the forwarder picks."""
     deadline_at: float | None = None
     """Monotonic time after which the request is abandoned (504 or a final error line)."""
     _json: Any = attrs.field(default=None, alias="_json")

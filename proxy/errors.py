@@ -10,8 +10,10 @@ __all__ = [
     "Forbidden",
     "InternalProxyError",
     "InvalidRequest",
+    "Overload",
     "PromptTooLong",
     "ProxyError",
+    "QueueTimeout",
     "QuotaExceeded",
     "RateLimited",
     "RequestPayloadTooLarge",
@@ -114,3 +116,17 @@ class QuotaExceeded(ProxyError):
 
     status = 429
     code = "quota_exceeded"
+
+
+class Overload(ProxyError):
+    """The model's queue is full, or the request could not be served within its deadline anyway."""
+
+    status = 503
+    code = "overload"
+
+
+class QueueTimeout(ProxyError):
+    """The request waited its queue timeout (or deadline) without getting a slot."""
+
+    status = 503
+    code = "queue_timeout"

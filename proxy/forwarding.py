@@ -148,7 +148,7 @@ class Forwarder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Forward `request` to the next replica and relay its response."""
         ctx = request[CONTEXT]
-        upstream = self.upstreams.next()
+        upstream = ctx.upstream or self.upstreams.next()
         ctx.upstream_name = upstream.name
         span = self._start_client_span(ctx, request, upstream)
         started = time.monotonic()

@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .access import TenantDirectory
 from .chain import Step
+from .context import CONTEXT
 from .telemetry.setup import Telemetry
 from .upstreams import UpstreamSet
 
@@ -44,4 +45,15 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
     app.router.add_get("/metrics", metrics, allow_head=True)
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
+    async def queue(request: web.Request) -> web.Response:
+        """Queue depth, in-flight, limits, waits, drain rate and rejections per model; a tenant's own
+        key sees only its own queue entries."""
+        step = steps.get("backpressure")
+        identity = request[CONTEXT].identity
+        own = None if identity is None or identity.admin or directory.open_mode \
+            else identity.tenant.name
+        snapshot = step.snapshot(own) if step is not None and hasattr(step, "snapshot") else {}
+        return web.json_response({"models": snapshot})
+
     app.router.add_get("/system/quotas", quotas)
+    app.router.add_get("/system/queue", queue)

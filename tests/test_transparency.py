@@ -120,8 +120,9 @@ REQUESTS: list[tuple[str, str, bytes | None, dict[str, str]]] = [
 ]
 
 _IGNORED_HEADERS = {"date", "server", "connection", "keep-alive"}
-# What the proxy adds by design (README: X-Service-Limits on every response); checked separately.
-_PROXY_HEADERS = {"x-service-limits"}
+# What the proxy adds by design (X-Service-Limits on every response, X-Queue-Wait-Ms on admitted
+# inference responses); checked separately.
+_PROXY_HEADERS = {"x-service-limits", "x-queue-wait-ms"}
 
 
 @pytest.fixture(scope="module")

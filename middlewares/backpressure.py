@@ -1,0 +1,297 @@
+"""The `backpressure` step: a bounded, token-fair waiting room per model in front of the replicas' slots.
+
+Ollama queues requests for a loaded model without bound (ollama#7758); here they wait in the proxy, where
+the wait is bounded, ordered fairly, visible and cancellable. Per model, each replica admits at most
+`max_in_flight` requests (default: its `num_parallel`); a request takes a free slot at once when nobody
+waits, else joins the model's FairQueue (lanes + VTC, proxy/fairqueue.py) and is bound, when a slot frees,
+to the replica that freed it (late binding; work-conserving: a slot never idles while anyone waits).
+
+Refusals, all 503 with `Retry-After` from the measured drain rate of that queue (completions per second
+over the last minute), never a constant:
+- `overload`: the queue is full, or the estimated wait already exceeds the request's deadline;
+- `queue_timeout`: it waited `queue_timeout_s` (or its deadline) without getting a slot.
+Admitted responses carry `X-Queue-Wait-Ms`. A client that leaves while queued leaves the queue at once;
+one that leaves while running frees its slot (the forwarder closes the upstream). With `adaptive: true`
+each (replica, model) limit follows a gradient on Ollama's own time per output token
+(`eval_duration / eval_count`), between 1 and `adaptive_max_in_flight`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from proxy.chain import Handler, Step
+from proxy.config import BackpressureConfig
+from proxy.context import RequestContext
+from proxy.errors import Overload, QueueTimeout
+from proxy.fairqueue import FairQueue, Waiter
+from proxy.ollama import model_key
+from proxy.prompts import expected_output
+from proxy.telemetry import semconv
+from proxy.telemetry.setup import Telemetry
+from proxy.upstreams import Upstream, UpstreamSet
+
+__all__ = ["BackpressureStep", "ModelGate"]
+
+_DRAIN_WINDOW_S = 60.0
+_WAIT_SAMPLES = 1024
+
+
+class ModelGate:
+    """Slots, queue and measurements of one model across the replicas."""
+
+    def __init__(self, model: str, upstreams: list[Upstream], config: BackpressureConfig) -> None:
+        self.model = model
+        self.config = config
+        self.upstreams = upstreams
+        self.queue = FairQueue(config.fair, config.bulk_share)
+        self.in_flight: dict[str, int] = {u.name: 0 for u in upstreams}
+        self.limits: dict[str, float] = {u.name: float(config.max_in_flight or u.num_parallel)
+                                         for u in upstreams}
+        self.ceilings: dict[str, int] = {
+            u.name: (config.adaptive_max_in_flight or 2 * (config.max_in_flight or u.num_parallel))
+            if config.adaptive else int(config.max_in_flight or u.num_parallel) for u in upstreams}
+        self.baselines: dict[str, float] = {}
+        self.completions: deque[float] = deque()
+        self.waits: deque[float] = deque(maxlen=_WAIT_SAMPLES)
+        self.rejections: Counter[str] = Counter()
+        self.service_s: float | None = None
+
+    # capacity ----------------------------------------------------------------------------------------
+    def free_replica(self) -> Upstream | None:
+        """The least-loaded replica with a free slot for this model, if any."""
+        free = [u for u in self.upstreams if self.in_flight[u.name] < max(1, math.floor(self.limits[u.name]))]
+        return min(free, key=lambda u: self.in_flight[u.name] / max(1.0, self.limits[u.name]),
+                   default=None)
+
+    def drain_rate(self) -> float | None:
+        """Completions per second over the last minute (None before two completions)."""
+        now = time.monotonic()
+        while self.completions and now - self.completions[0] > _DRAIN_WINDOW_S:
+            self.completions.popleft()
+        if len(self.completions) < 2:
+            return None
+        span = max(now - self.completions[0], 1.0)
+        return len(self.completions) / span
+
+    def estimated_wait_s(self, ahead: int) -> float:
+        """Expected wait of a request with `ahead` requests before it."""
+        rate = self.drain_rate()
+        if rate:
+            return (ahead + 1) / rate
+        if self.service_s is not None:
+            capacity = sum(max(1, math.floor(v)) for v in self.limits.values())
+            return (ahead + 1) * self.service_s / capacity
+        return 0.0
+
+    def retry_after_s(self) -> float:
+        """When to come back: the time to drain what waits now."""
+        return max(1.0, self.estimated_wait_s(len(self.queue)))
+
+    def dispatch(self) -> None:
+        """Hand free slots to the next waiters (work-conserving)."""
+        while len(self.queue):
+            replica = self.free_replica()
+            if replica is None:
+                return
+            waiter = self.queue.pop()
+            if waiter is None:
+                return
+            if waiter.future.done():  # its client left between pop and now
+                continue
+            self.in_flight[replica.name] += 1
+            waiter.future.set_result(replica)
+
+    def release(self, replica: Upstream, service_s: float, per_token_s: float | None) -> None:
+        """A request on `replica` finished (any way): free its slot, learn, and dispatch."""
+        self.in_flight[replica.name] = max(0, self.in_flight[replica.name] - 1)
+        self.completions.append(time.monotonic())
+        self.service_s = service_s if self.service_s is None else 0.8 * self.service_s + 0.2 * service_s
+        if self.config.adaptive and per_token_s:
+            self._adapt(replica.name, per_token_s)
+        self.dispatch()
+
+    def _adapt(self, name: str, per_token_s: float) -> None:
+        """Gradient limiter: shrink while per-token latency exceeds the no-load baseline by more than the
+        tolerance, grow by one while it does not; smoothed, bounded by [1, ceiling]."""
+        baseline = self.baselines.get(name)
+        # The baseline is the best latency seen, drifting up slowly so a permanent change is learned.
+        baseline = per_token_s if baseline is None else min(per_token_s, baseline * 1.002)
+        self.baselines[name] = baseline
+        gradient = min(1.0, max(0.5, baseline * (1 + self.config.adaptive_tolerance) / per_token_s))
+        limit = self.limits[name]
+        target = limit * gradient + (1.0 if gradient >= 1.0 else 0.0)
+        self.limits[name] = min(float(self.ceilings[name]), max(1.0, 0.8 * limit + 0.2 * target))
+
+    def snapshot(self, tenant: str | None = None) -> dict[str, Any]:
+        waits = sorted(self.waits)
+
+        def pct(q: float) -> float | None:
+            return round(waits[min(len(waits) - 1, int(q * len(waits)))] * 1000, 1) if waits else None
+
+        depth = self.queue.depth()
+        if tenant is not None:
+            depth = {lane: {t: n for t, n in d.items() if t == tenant} for lane, d in depth.items()}
+            return {"depth": depth}
+        rate = self.drain_rate()
+        return {"depth": depth, "queued": len(self.queue), "in_flight": dict(self.in_flight),
+                "limits": {k: round(v, 2) for k, v in self.limits.items()},
+                "wait_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99)},
+                "drain_rate_per_s": round(rate, 3) if rate else None,
+                "rejections": dict(self.rejections)}
+
+
+class BackpressureStep(Step):
+    """Admission per (replica, model); see the module docstring."""
+
+    name = "backpressure"
+
+    def __init__(self, config: BackpressureConfig, upstreams: UpstreamSet, telemetry: Telemetry) -> None:
+        super().__init__(config.mode, telemetry)
+        self.config = config
+        self.upstreams = list(upstreams)
+        self.gates: dict[str, ModelGate] = {}
+        prefix = telemetry.config.metric_prefix
+        meter = telemetry.meter
+        self.wait_histogram = meter.create_histogram(
+            semconv.metric_name(prefix, "queue", "wait"), unit="s",
+            description="Time requests waited in the proxy's queue before getting a slot.")
+        meter.create_observable_gauge(
+            semconv.metric_name(prefix, "queue", "depth"), callbacks=[self._observe_depth],
+            unit="{request}", description="Requests waiting, per model and lane.")
+        meter.create_observable_gauge(
+            semconv.metric_name(prefix, "upstream", "in_flight"), callbacks=[self._observe_in_flight],
+            unit="{request}", description="Requests holding a slot, per replica and model.")
+
+    def gate(self, model: str) -> ModelGate:
+        key = model_key(model)
+        gate = self.gates.get(key)
+        if gate is None:
+            gate = self.gates[key] = ModelGate(key, self.upstreams, self.config)
+        return gate
+
+    def _observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
+        del options
+        for model, gate in list(self.gates.items()):
+            for lane, tenants in gate.queue.depth().items():
+                yield Observation(sum(tenants.values()),
+                                  {semconv.ATTR_GEN_AI_REQUEST_MODEL: model, "sop.lane": lane})
+
+    def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
+        del options
+        for model, gate in list(self.gates.items()):
+            for replica, count in gate.in_flight.items():
+                yield Observation(count, {semconv.ATTR_GEN_AI_REQUEST_MODEL: model,
+                                          semconv.ATTR_UPSTREAM_NAME: replica})
+
+    def _cost(self, request: web.Request, ctx: RequestContext) -> float:
+        body = ctx.json()
+        output = expected_output(request.path, body) if isinstance(body, dict) else None
+        if output is None:
+            output = 0 if ctx.route.operation == "embeddings" else 256
+        prompt = ctx.prompt_tokens if ctx.prompt_tokens is not None else len(ctx.body or b"") / 3
+        return float(prompt + output)
+
+    async def handle(self, request: web.Request, ctx: RequestContext,
+                     handler: Handler) -> web.StreamResponse:
+        model = ctx.model
+        if ctx.route.operation is None or not model:
+            return await handler(request)
+        gate = self.gate(model)
+        tenant = ctx.tenant
+        lane = "bulk" if tenant.lane == "bulk" or ctx.route.operation == "embeddings" else "interactive"
+        cost = self._cost(request, ctx)
+        entered = time.monotonic()
+        with self.span(ctx, **{semconv.ATTR_GEN_AI_REQUEST_MODEL: model, "sop.lane": lane}) as span:
+            replica = await self._admit(ctx, gate, span, tenant.name, tenant.weight, lane, cost)
+        waited = time.monotonic() - entered
+        gate.waits.append(waited)
+        self.wait_histogram.record(waited, {semconv.ATTR_GEN_AI_REQUEST_MODEL: model, "sop.lane": lane})
+        ctx.response_headers["X-Queue-Wait-Ms"] = str(round(waited * 1000))
+        ctx.upstream = replica
+        started = time.monotonic()
+        try:
+            return await handler(request)
+        finally:
+            usage = ctx.usage
+            per_token = None
+            actual = None
+            if usage is not None:
+                if usage.eval_duration_ns and usage.output_tokens:
+                    per_token = usage.eval_duration_ns / 1e9 / usage.output_tokens
+                if usage.input_tokens is not None or usage.output_tokens is not None:
+                    actual = (usage.input_tokens or 0) + (usage.output_tokens or 0)
+            elif ctx.first_byte_at is None:
+                actual = 0  # nothing was served: the charge comes back
+            if actual is not None:
+                gate.queue.reconcile(tenant.name, tenant.weight, actual - cost)
+            gate.release(replica, time.monotonic() - started, per_token)
+
+    async def _admit(self, ctx: RequestContext, gate: ModelGate, span: Any, tenant: str,
+                     weight: float, lane: str, cost: float) -> Upstream:
+        """A replica slot for this request, waiting fairly if need be; raises Overload/QueueTimeout."""
+        replica = gate.free_replica() if not len(gate.queue) else None
+        if replica is not None:
+            gate.in_flight[replica.name] += 1
+            span.set_attribute("sop.queue.position", 0)
+            self.decide(ctx, span, "admitted")
+            return replica
+        if self.mode == "shadow":
+            return self._shadow(ctx, gate, span)
+        remaining = (ctx.deadline_at - time.monotonic()) if ctx.deadline_at else math.inf
+        if len(gate.queue) >= self.config.max_queue_size:
+            gate.rejections["overload"] += 1
+            self.decide(ctx, span, "overload", Overload(
+                f"the queue for {gate.model} is full ({self.config.max_queue_size} waiting)",
+                retry_after_s=gate.retry_after_s()))
+        future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
+        waiter = Waiter(tenant, weight, lane, cost, time.monotonic(), future)
+        ahead = gate.queue.push(waiter)
+        span.set_attribute("sop.queue.position", ahead + 1)
+        estimate = gate.estimated_wait_s(ahead)
+        if estimate > remaining:
+            gate.queue.remove(waiter)
+            gate.rejections["overload"] += 1
+            self.decide(ctx, span, "overload", Overload(
+                f"the estimated wait for {gate.model} ({estimate:.0f}s) exceeds the request's deadline",
+                retry_after_s=gate.retry_after_s()))
+        try:
+            async with asyncio.timeout(min(self.config.queue_timeout_s, remaining)):
+                replica = await future
+        except TimeoutError:
+            gate.queue.remove(waiter)
+            gate.rejections["queue_timeout"] += 1
+            self.decide(ctx, span, "queue_timeout", QueueTimeout(
+                f"no slot for {gate.model} within {min(self.config.queue_timeout_s, remaining):.0f}s",
+                retry_after_s=gate.retry_after_s()))
+            raise AssertionError("unreachable") from None  # decide raised in enforce mode
+        except asyncio.CancelledError:
+            if not gate.queue.remove(waiter) and future.done() and not future.cancelled():
+                # The slot was handed over just as the client left: give it to the next one.
+                gate.release(future.result(), 0.0, None)
+            future.cancel()
+            raise
+        self.decide(ctx, span, "queued")
+        return replica
+
+    def _shadow(self, ctx: RequestContext, gate: ModelGate, span: Any) -> Upstream:
+        """Shadow mode: report that the request would have waited (or been refused), let it through."""
+        full = len(gate.queue) >= self.config.max_queue_size
+        error = Overload("the queue would be full", retry_after_s=gate.retry_after_s()) if full else None
+        self.decide(ctx, span, "would_queue" if error is None else "overload", error)
+        replica = min(self.upstreams, key=lambda u: gate.in_flight[u.name])
+        gate.in_flight[replica.name] += 1
+        return replica
+
+    def snapshot(self, tenant: str | None = None) -> dict[str, Any]:
+        """Per model: queue depth by lane and tenant, in-flight and limits per replica, wait percentiles,
+        drain rate and rejections; a tenant sees only its own queue entries."""
+        return {model: gate.snapshot(tenant) for model, gate in sorted(self.gates.items())}

@@ -1,0 +1,139 @@
+"""The waiting room of one model: two lanes, and weighted fair queuing by token cost inside each.
+
+Order of dispatch:
+- lanes: interactive strictly ahead of bulk, except that when both wait, every `1/bulk_share`-th dispatch
+  goes to bulk, so bulk is slowed, never starved;
+- tenants within a lane: the backlogged tenant with the smallest virtual token counter (VTC, "Fairness in
+  Serving LLMs", OSDI'24). A dispatch charges the tenant `cost / weight` (prompt tokens plus expected
+  output); `reconcile` corrects the charge with the real counts once known. A tenant that becomes
+  backlogged is lifted to the smallest counter of those already waiting, so idle time cannot be banked;
+- requests of one tenant: first come, first served.
+With `fair=False` the queue is a plain FIFO (the T2 baseline of the benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from typing import Any
+
+import attrs
+
+__all__ = ["FairQueue", "Waiter"]
+
+LANES = ("interactive", "bulk")
+
+
+@attrs.define(eq=False)
+class Waiter:
+    """One queued request."""
+
+    tenant: str
+    weight: float
+    lane: str
+    cost: float
+    enqueued_at: float
+    future: asyncio.Future[Any]
+    seq: int = 0
+
+
+class FairQueue:
+    """Bounded by the caller (see `len`); not thread-safe, used from the event loop only."""
+
+    def __init__(self, fair: bool = True, bulk_share: float = 0.1) -> None:
+        self.fair = fair
+        self.bulk_every = max(1, round(1 / bulk_share)) if bulk_share > 0 else 0
+        self._lanes: dict[str, dict[str, deque[Waiter]]] = {lane: {} for lane in LANES}
+        self._fifo: deque[Waiter] = deque()
+        self.counters: dict[str, float] = {}
+        self._seq = itertools.count()
+        self._dispatches = 0
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, waiter: Waiter) -> int:
+        """Queue `waiter`; returns how many wait ahead of it in dispatch order's rough sense (its lane's
+        length before it, plus all interactive waiters when it is bulk)."""
+        waiter.seq = next(self._seq)
+        self._size += 1
+        if not self.fair:
+            self._fifo.append(waiter)
+            return len(self._fifo) - 1
+        lane = self._lanes[waiter.lane]
+        queue = lane.get(waiter.tenant)
+        if not queue:
+            waiting = [self.counters.get(t, 0.0) for ln in self._lanes.values() for t, q in ln.items() if q]
+            floor = min(waiting) if waiting else 0.0
+            self.counters[waiter.tenant] = max(self.counters.get(waiter.tenant, 0.0), floor)
+            queue = lane.setdefault(waiter.tenant, deque())
+        queue.append(waiter)
+        ahead = sum(len(q) for q in lane.values()) - 1
+        if waiter.lane == "bulk":
+            ahead += sum(len(q) for q in self._lanes["interactive"].values())
+        return ahead
+
+    def remove(self, waiter: Waiter) -> bool:
+        """Take a waiter out (its client left or it timed out); False if it was not queued."""
+        if not self.fair:
+            try:
+                self._fifo.remove(waiter)
+            except ValueError:
+                return False
+            self._size -= 1
+            return True
+        queue = self._lanes[waiter.lane].get(waiter.tenant)
+        if not queue or waiter not in queue:
+            return False
+        queue.remove(waiter)
+        if not queue:
+            del self._lanes[waiter.lane][waiter.tenant]
+        self._size -= 1
+        return True
+
+    def _pick_lane(self) -> str | None:
+        interactive = any(self._lanes["interactive"].values())
+        bulk = any(self._lanes["bulk"].values())
+        if interactive and bulk and self.bulk_every and self._dispatches % self.bulk_every == \
+                self.bulk_every - 1:
+            return "bulk"
+        if interactive:
+            return "interactive"
+        return "bulk" if bulk else None
+
+    def pop(self) -> Waiter | None:
+        """The next waiter to dispatch, charged to its tenant; None when empty."""
+        if self._size == 0:
+            return None
+        self._dispatches += 1
+        self._size -= 1
+        if not self.fair:
+            return self._fifo.popleft()
+        lane_name = self._pick_lane()
+        assert lane_name is not None
+        lane = self._lanes[lane_name]
+        tenant = min((t for t, q in lane.items() if q),
+                     key=lambda t: (self.counters.get(t, 0.0), lane[t][0].seq))
+        queue = lane[tenant]
+        waiter = queue.popleft()
+        if not queue:
+            del lane[tenant]
+        self.counters[tenant] = self.counters.get(tenant, 0.0) + waiter.cost / waiter.weight
+        return waiter
+
+    def reconcile(self, tenant: str, weight: float, delta_cost: float) -> None:
+        """Correct a tenant's counter once its request's real cost is known (delta = real - charged)."""
+        if self.fair:
+            self.counters[tenant] = self.counters.get(tenant, 0.0) + delta_cost / weight
+
+    def depth(self) -> dict[str, dict[str, int]]:
+        """Waiting requests per lane and tenant."""
+        if not self.fair:
+            out: dict[str, dict[str, int]] = {lane: {} for lane in LANES}
+            for waiter in self._fifo:
+                out[waiter.lane][waiter.tenant] = out[waiter.lane].get(waiter.tenant, 0) + 1
+            return out
+        return {lane: {t: len(q) for t, q in tenants.items() if q}
+                for lane, tenants in self._lanes.items()}
