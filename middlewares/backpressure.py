@@ -121,7 +121,9 @@ class ModelGate:
 
     def _adapt(self, name: str, per_token_s: float) -> None:
         """Gradient limiter: shrink while per-token latency exceeds the no-load baseline by more than the
-        tolerance, grow by one while it does not; smoothed, bounded by [1, ceiling]."""
+        tolerance, grow by one while it does not; smoothed, bounded by [1, ceiling]. The baseline is the
+        best time per token seen (learned in quieter moments, like Envoy's minRTT), drifting up 0.2 % per
+        sample so that a lasting change of the replica is learned too."""
         baseline = self.baselines.get(name)
         # The baseline is the best latency seen, drifting up slowly so a permanent change is learned.
         baseline = per_token_s if baseline is None else min(per_token_s, baseline * 1.002)
@@ -241,11 +243,12 @@ class BackpressureStep(Step):
         replica = gate.free_replica() if not len(gate.queue) else None
         if replica is not None:
             gate.in_flight[replica.name] += 1
+            gate.queue.charge(tenant, weight, cost)
             span.set_attribute("sop.queue.position", 0)
             self.decide(ctx, span, "admitted")
             return replica
         if self.mode == "shadow":
-            return self._shadow(ctx, gate, span)
+            return self._shadow(ctx, gate, span, cost)
         remaining = (ctx.deadline_at - time.monotonic()) if ctx.deadline_at else math.inf
         if len(gate.queue) >= self.config.max_queue_size:
             gate.rejections["overload"] += 1
@@ -282,13 +285,14 @@ class BackpressureStep(Step):
         self.decide(ctx, span, "queued")
         return replica
 
-    def _shadow(self, ctx: RequestContext, gate: ModelGate, span: Any) -> Upstream:
+    def _shadow(self, ctx: RequestContext, gate: ModelGate, span: Any, cost: float) -> Upstream:
         """Shadow mode: report that the request would have waited (or been refused), let it through."""
         full = len(gate.queue) >= self.config.max_queue_size
         error = Overload("the queue would be full", retry_after_s=gate.retry_after_s()) if full else None
         self.decide(ctx, span, "would_queue" if error is None else "overload", error)
         replica = min(self.upstreams, key=lambda u: gate.in_flight[u.name])
         gate.in_flight[replica.name] += 1
+        gate.queue.charge(ctx.tenant.name, ctx.tenant.weight, cost)
         return replica
 
     def snapshot(self, tenant: str | None = None) -> dict[str, Any]:

@@ -123,6 +123,12 @@ class FairQueue:
         self.counters[tenant] = self.counters.get(tenant, 0.0) + waiter.cost / waiter.weight
         return waiter
 
+    def charge(self, tenant: str, weight: float, cost: float) -> None:
+        """Charge service that did not go through the queue (a free slot taken at once): every served
+        request counts, or `reconcile` would refund what was never charged."""
+        if self.fair:
+            self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / weight
+
     def reconcile(self, tenant: str, weight: float, delta_cost: float) -> None:
         """Correct a tenant's counter once its request's real cost is known (delta = real - charged)."""
         if self.fair:

@@ -1,0 +1,256 @@
+"""The `backpressure` step against the emulator: a bounded queue with honest 503s (overload, queue_timeout,
+early refusal) carrying Retry-After from the drain rate, interactive ahead of bulk, token-fair order between
+tenants, capacity freed the moment a client leaves, the adaptive limit, /system/queue, and accounting that
+returns to zero on every path."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.fairqueue import FairQueue, Waiter
+from tests.support.servers import Server, start_emulator, start_proxy
+
+ADMIN, CHAT, CHAT2, BULK = "sk-admin", "sk-chat", "sk-chat-two", "sk-bulk"
+TENANTS = [{"name": "chat", "keys": [CHAT]}, {"name": "chat2", "keys": [CHAT2]},
+           {"name": "bulk", "keys": [BULK], "lane": "bulk"}]
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("backpressure")
+
+
+@pytest.fixture(scope="module")
+def slow(tmp: Path) -> Iterator[Server]:
+    """One slot, 0.5 s per request."""
+    server = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=20, output_tokens="10,10",
+                            name="bp-emu")
+    yield server
+    server.stop()
+
+
+def _proxy(tmp: Path, upstream: Server, name: str, **backpressure: Any) -> Server:
+    return start_proxy(tmp, [upstream.url], {
+        "admin": {"keys": [ADMIN]}, "tenants": TENANTS, "chain": {"backpressure": backpressure}},
+        name=name)
+
+
+async def _generate(session: aiohttp.ClientSession, proxy: Server, key: str, **extra: Any
+                    ) -> tuple[int, dict[str, str], float]:
+    started = time.monotonic()
+    body = {"model": "llama3.2", "prompt": "hello", "stream": False, **extra}
+    async with session.post(f"{proxy.url}/api/generate", json=body,
+                            headers={"Authorization": f"Bearer {key}"}) as response:
+        await response.read()
+        return response.status, dict(response.headers), time.monotonic() - started
+
+
+def _queue(proxy: Server, key: str = ADMIN) -> dict[str, Any]:
+    return dict(httpx.get(f"{proxy.url}/system/queue",
+                          headers={"Authorization": f"Bearer {key}"}).json()["models"])
+
+
+def _settled(proxy: Server, upstream: Server) -> None:
+    """The invariant: nothing queued, nothing in flight, in the proxy and in Ollama."""
+    deadline = time.monotonic() + 5
+    while True:
+        gates = _queue(proxy)
+        stats = upstream.stats()
+        if (all(g["queued"] == 0 and sum(g["in_flight"].values()) == 0 for g in gates.values())
+                and stats["active"] == 0 and stats["waiting"] == 0):
+            return
+        assert time.monotonic() < deadline, (gates, stats)
+        time.sleep(0.05)
+
+
+async def test_bounded_queue_and_overload(tmp: Path, slow: Server) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, slow, "bp-bounded", max_queue_size=2)
+    try:
+        async with aiohttp.ClientSession() as session:
+            tasks = [asyncio.ensure_future(_generate(session, proxy, CHAT)) for _ in range(3)]
+            await asyncio.sleep(0.2)  # one running, two queued
+            status, headers, took = await _generate(session, proxy, CHAT)
+            assert status == 503 and took < 0.3  # refused at once, not after waiting
+            assert headers["Content-Type"] == "application/json; charset=utf-8"
+            assert int(headers["Retry-After"]) >= 1
+            results = await asyncio.gather(*tasks)
+        assert [r[0] for r in results] == [200, 200, 200]
+        waits = sorted(int(r[1]["X-Queue-Wait-Ms"]) for r in results)
+        assert waits[0] < 100 and waits[2] > 700  # the last one waited for two others
+        snapshot = _queue(proxy)["llama3.2:latest"]
+        assert snapshot["rejections"] == {"overload": 1} and snapshot["wait_ms"]["p95"] > 700
+        assert snapshot["drain_rate_per_s"] is not None
+        await asyncio.to_thread(_settled, proxy, slow)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+
+
+async def test_queue_timeout_and_early_refusal(tmp: Path, slow: Server) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, slow, "bp-timeout", queue_timeout_s=0.3)
+    try:
+        async with aiohttp.ClientSession() as session:
+            first = asyncio.ensure_future(_generate(session, proxy, CHAT))
+            await asyncio.sleep(0.1)
+            status, _, took = await _generate(session, proxy, CHAT)
+            assert status == 503 and 0.25 < took < 1.0
+            assert (await first)[0] == 200
+            # The drain rate is known now: a request whose deadline is shorter than its estimated
+            # wait is refused at once instead of timing out later.
+            for _ in range(3):
+                await _generate(session, proxy, CHAT)
+            running = [asyncio.ensure_future(_generate(session, proxy, CHAT)) for _ in range(3)]
+            await asyncio.sleep(0.1)
+            async with session.post(f"{proxy.url}/api/generate", json={
+                    "model": "llama3.2", "prompt": "x", "stream": False},
+                    headers={"Authorization": f"Bearer {CHAT}", "X-Deadline-S": "0.2"}) as refused:
+                payload = await refused.json()
+            assert refused.status == 503 and payload["code"] == "overload"
+            assert "estimated wait" in payload["error"]
+            await asyncio.gather(*running, return_exceptions=True)
+        rejections = _queue(proxy)["llama3.2:latest"]["rejections"]
+        assert rejections["queue_timeout"] >= 1 and rejections["overload"] == 1
+        await asyncio.to_thread(_settled, proxy, slow)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+
+
+async def test_interactive_ahead_of_bulk_and_fair_between_tenants(tmp: Path, slow: Server) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, slow, "bp-order", bulk_share=0.0001)
+    try:
+        async with aiohttp.ClientSession() as session:
+            order: list[str] = []
+
+            async def tagged(key: str, tag: str) -> None:
+                status, _, _ = await _generate(session, proxy, key)
+                assert status == 200
+                order.append(tag)
+
+            blocker = asyncio.ensure_future(tagged(CHAT, "blocker"))
+            await asyncio.sleep(0.1)
+            tasks = [asyncio.ensure_future(tagged(BULK, f"bulk{i}")) for i in range(2)]
+            await asyncio.sleep(0.05)
+            tasks += [asyncio.ensure_future(tagged(CHAT, f"chat{i}")) for i in range(3)]
+            await asyncio.sleep(0.05)
+            tasks += [asyncio.ensure_future(tagged(CHAT2, "chat2-0"))]
+            await asyncio.gather(blocker, *tasks)
+        # interactive before bulk; chat2 arrived after chat's three but is served after one of them
+        assert order[0] == "blocker" and order[-2:] == ["bulk0", "bulk1"]
+        assert order.index("chat2-0") <= 2
+        await asyncio.to_thread(_settled, proxy, slow)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+
+
+async def test_leaving_frees_capacity_at_once(tmp: Path) -> None:
+    slow = await asyncio.to_thread(start_emulator, tmp, fixed_clock=False, decode_tokens_per_s=20,
+                                   output_tokens="200,200", name="bp-long")
+    proxy = await asyncio.to_thread(_proxy, tmp, slow, "bp-cancel")
+    try:
+        before = slow.stats()
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "llama3.2", "prompt": "long"}
+            running = await session.post(f"{proxy.url}/api/generate", json=body,
+                                         headers={"Authorization": f"Bearer {CHAT}"})
+            await running.content.readline()
+            queued = asyncio.ensure_future(_generate(session, proxy, CHAT, options={"num_predict": 2}))
+            leaving = asyncio.ensure_future(_generate(session, proxy, CHAT))
+            await asyncio.sleep(0.1)
+            assert _queue(proxy)["llama3.2:latest"]["queued"] == 2
+            leaving.cancel()  # leaves while queued
+            await asyncio.sleep(0.1)
+            assert _queue(proxy)["llama3.2:latest"]["queued"] == 1
+            running.close()  # leaves while running: the queued one gets the slot at once
+            status, _, took = await queued
+            assert status == 200 and took < 1.0
+        stats = slow.stats()
+        assert stats["cancelled"] == before["cancelled"] + 1  # the running one reached Ollama as a cancel
+        assert stats["completed"] == before["completed"] + 1  # the one that left the queue never did
+        await asyncio.to_thread(_settled, proxy, slow)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        await asyncio.to_thread(slow.stop)
+
+
+async def test_upstream_failure_returns_the_slot(tmp: Path, slow: Server) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, slow, "bp-fail")
+    try:
+        await asyncio.to_thread(httpx.post, f"{slow.url}/_emulator/faults", json={"status": 500,
+                                                                                 "count": 2})
+        async with aiohttp.ClientSession() as session:
+            statuses = [r[0] for r in await asyncio.gather(*(_generate(session, proxy, CHAT)
+                                                             for _ in range(3)))]
+        assert sorted(statuses) == [200, 500, 500]
+        await asyncio.to_thread(_settled, proxy, slow)
+    finally:
+        await asyncio.to_thread(httpx.delete, f"{slow.url}/_emulator/faults")
+        await asyncio.to_thread(proxy.stop)
+
+
+async def test_adaptive_limit_follows_time_per_token(tmp: Path) -> None:
+    wide = await asyncio.to_thread(start_emulator, tmp, fixed_clock=False, decode_tokens_per_s=100,
+                                   output_tokens="30,30", name="wide", extra=["--num-parallel", "4"])
+    proxy = await asyncio.to_thread(start_proxy, tmp, [wide.url], {
+        "admin": {"keys": [ADMIN]}, "chain": {"backpressure": {
+            "max_in_flight": 4, "adaptive": True, "adaptive_max_in_flight": 4}}}, name="adaptive")
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):  # quiet traffic first: the no-load time per token (the baseline)
+                await _generate(session, proxy, ADMIN)
+            assert list(_queue(proxy)["llama3.2:latest"]["limits"].values()) == [4.0]
+            for _ in range(4):
+                await asyncio.gather(*(_generate(session, proxy, ADMIN) for _ in range(8)))
+        limits = _queue(proxy)["llama3.2:latest"]["limits"]
+        (limit,) = limits.values()
+        assert 1 <= limit < 3.5  # 4 concurrent streams slow each token ~2.3x: the limit came down
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        await asyncio.to_thread(wide.stop)
+
+
+def test_queue_view_metrics_and_tenant_privacy(tmp: Path, slow: Server) -> None:
+    proxy = _proxy(tmp, slow, "bp-view")
+    try:
+        assert httpx.post(f"{proxy.url}/api/generate", headers={"Authorization": f"Bearer {CHAT}"},
+                          json={"model": "llama3.2", "prompt": "x", "stream": False}).status_code == 200
+        admin = _queue(proxy)["llama3.2:latest"]
+        assert {"depth", "queued", "in_flight", "limits", "wait_ms", "drain_rate_per_s",
+                "rejections"} <= set(admin)
+        own = _queue(proxy, CHAT)["llama3.2:latest"]
+        assert set(own) == {"depth"}
+        assert httpx.get(f"{proxy.url}/system/queue").status_code == 401
+        families = {f.name for f in text_string_to_metric_families(httpx.get(f"{proxy.url}/metrics").text)}
+        assert {"sop_queue_wait_seconds", "sop_queue_depth", "sop_upstream_in_flight",
+                "sop_backpressure_decisions"} <= families
+    finally:
+        proxy.stop()
+
+
+def test_fair_queue_unit_order() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        queue = FairQueue(fair=True, bulk_share=0.25)
+
+        def waiter(tenant: str, lane: str = "interactive", cost: float = 100) -> Waiter:
+            return Waiter(tenant, 1.0, lane, cost, 0.0, loop.create_future())
+
+        for _ in range(4):
+            queue.push(waiter("heavy", cost=1000))
+        queue.push(waiter("light"))
+        first = [queue.pop() for _ in range(2)]
+        assert [w.tenant for w in first if w] == ["heavy", "light"]  # light is not stuck behind heavy
+        for _ in range(3):
+            queue.push(waiter("batch", "bulk"))
+        lanes = [w.lane for w in (queue.pop() for _ in range(4)) if w]
+        assert lanes.count("bulk") == 1  # anti-starvation share while interactive waits
+        assert len(queue) == 2
+    finally:
+        loop.close()
