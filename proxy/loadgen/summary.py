@@ -3,7 +3,8 @@
 Percentiles are nearest-rank over the requests that completed. Goodput counts requests that succeeded
 within the completion SLO, per second of the scenario. Jain's fairness index is taken over the tenants'
 satisfaction (the share of each tenant's requests served within the SLO): 1.0 when every tenant is served
-equally well, 1/n when one tenant gets everything.
+equally well, 1/n when one tenant gets everything; `jain_tokens` takes it over the tokens (prompt +
+output) each tenant was served, the measure for tenants that all wanted more than they got.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ def summarize(records: Sequence[Record], duration_s: float, timeout_s: float = 1
                       for t in tenants},
     }
     summary["jain_fairness"] = jain(g["satisfaction"] for g in summary["by_tenant"].values())
+    # Fairness of service between tenants that all had more work than they got: tokens served.
+    summary["jain_tokens"] = jain(float(sum((r.prompt_tokens or 0) + (r.output_tokens or 0)
+                                            for r in records if r.tenant == t and r.outcome == "ok"))
+                                  for t in tenants)
     summary["slo"] = slo_verdicts(summary["overall"])
     return summary
 

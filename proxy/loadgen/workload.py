@@ -36,6 +36,8 @@ class Stream:
     rate_per_s: float
     start_s: float = 0.0
     end_s: float | None = None
+    max_output_tokens: int | None = None
+    """num_predict of these requests (None: the model decides)."""
 
 
 @attrs.frozen
@@ -46,6 +48,8 @@ class Burst:
     at_s: float
     count: int
     window_s: float = 2.0
+    max_output_tokens: int | None = None
+    """num_predict of these requests (None: the model decides)."""
 
 
 @attrs.frozen
@@ -98,8 +102,11 @@ def _text(rng: random.Random, size_bytes: int) -> str:
     return " ".join(words)
 
 
-def _request(rng: random.Random, scenario: Scenario, kind: RequestClass) -> tuple[str, dict[str, Any], int]:
-    options = {"num_ctx": scenario.num_ctx}
+def _request(rng: random.Random, scenario: Scenario, kind: RequestClass,
+             max_output_tokens: int | None) -> tuple[str, dict[str, Any], int]:
+    options: dict[str, Any] = {"num_ctx": scenario.num_ctx}
+    if max_output_tokens is not None:
+        options["num_predict"] = max_output_tokens
     if kind == "chat":
         turns = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."}]
         for _ in range(rng.randint(1, 3)):
@@ -120,7 +127,7 @@ def _request(rng: random.Random, scenario: Scenario, kind: RequestClass) -> tupl
 def plan(scenario: Scenario, seed: int) -> list[Planned]:
     """Every request of the scenario, sorted by offset; identical for identical (scenario, seed)."""
     rng = random.Random(seed)
-    arrivals: list[tuple[float, Tenant, RequestClass]] = []
+    arrivals: list[tuple[float, Tenant, RequestClass, int | None]] = []
     for tenant in scenario.tenants:
         for stream in tenant.streams:
             end = min(stream.end_s if stream.end_s is not None else scenario.duration_s,
@@ -130,13 +137,14 @@ def plan(scenario: Scenario, seed: int) -> list[Planned]:
                 at += rng.expovariate(stream.rate_per_s)
                 if at >= end:
                     break
-                arrivals.append((at, tenant, stream.kind))
+                arrivals.append((at, tenant, stream.kind, stream.max_output_tokens))
         for burst in tenant.bursts:
             for _ in range(burst.count):
-                arrivals.append((burst.at_s + rng.uniform(0, burst.window_s), tenant, burst.kind))
+                arrivals.append((burst.at_s + rng.uniform(0, burst.window_s), tenant, burst.kind,
+                                 burst.max_output_tokens))
     arrivals.sort(key=lambda item: item[0])
     planned = []
-    for index, (at, tenant, kind) in enumerate(arrivals[: scenario.max_requests]):
-        path, body, context = _request(rng, scenario, kind)
+    for index, (at, tenant, kind, max_output) in enumerate(arrivals[: scenario.max_requests]):
+        path, body, context = _request(rng, scenario, kind, max_output)
         planned.append(Planned(index, at, tenant.name, tenant.key, kind, path, body, context))
     return planned

@@ -3,7 +3,11 @@
 Targets (each with its own emulated fleet, `gpu-8b` profile, Ollama defaults: one slot per model):
     T0  one emulated Ollama, reached directly
     T1  nginx round robin over two emulated Ollamas (Debian's nginx, buffering off)
-Later issues add the proxy's configurations as further columns. All targets run at once from one driver:
+    T2  the proxy in front of one emulated Ollama, backpressure with a plain FIFO
+    T3  the proxy in front of one emulated Ollama, token-fair queuing with interactive/bulk lanes
+and two reference runs of T3's configuration: on `rag-quiet` (the interactive traffic without the burst,
+for the TTFT-under-burst ratio) and on `fair-pair` (two equal-weight tenants both over capacity).
+All targets run at once from one driver:
 the emulators sleep rather than compute, so they do not compete for the two cores in a way that matters.
 
 Bounded: the plan is finite, every request has the 120 s client timeout, the run ends by itself.
@@ -29,7 +33,7 @@ from proxy.loadgen.runner import run_plan
 from proxy.loadgen.scenarios import scenario
 from proxy.loadgen.summary import summarize
 from proxy.loadgen.workload import plan
-from tests.support.servers import Server, free_port, start_emulator
+from tests.support.servers import Server, free_port, start_emulator, start_proxy
 
 NGINX_CONF = """
 worker_processes 1;
@@ -96,7 +100,15 @@ class Nginx:
         self.process.wait(10)
 
 
-Target = tuple[str, str, Callable[[], None]]
+Target = tuple[str, str, Callable[[], None], str]
+"""(label, base URL, stop, scenario name)"""
+
+PROXY_TENANTS = [
+    {"name": "chat-team", "keys": ["sk-chat-team"], "lane": "interactive"},
+    {"name": "ingest-team", "keys": ["sk-ingest-team"], "lane": "bulk"},
+    {"name": "team-a", "keys": ["sk-team-a"]},
+    {"name": "team-b", "keys": ["sk-team-b"]},
+]
 
 
 def _fleet(tmp: Path, name: str, count: int, profile: str, seed: int) -> list[Server]:
@@ -104,7 +116,18 @@ def _fleet(tmp: Path, name: str, count: int, profile: str, seed: int) -> list[Se
                            extra=["--profile", profile]) for i in range(count)]
 
 
-def _targets(tmp: Path, profile: str, seed: int) -> tuple[list[Target], list[Server]]:
+def _proxied(tmp: Path, name: str, profile: str, seed: int, fair: bool
+             ) -> tuple[Server, list[Server]]:
+    fleet = _fleet(tmp, name, 1, profile, seed)
+    proxy = start_proxy(tmp, [s.url for s in fleet], {
+        "tenants": PROXY_TENANTS, "telemetry": {"access_log": False},
+        "chain": {"limits": {"max_prompt_tokens": 32768},
+                  "backpressure": {"fair": fair}}}, name=f"{name}-proxy")
+    return proxy, fleet
+
+
+def _targets(tmp: Path, profile: str, seed: int, scenario_name: str
+             ) -> tuple[list[Target], list[Server]]:
     servers: list[Server] = []
     t0 = _fleet(tmp, "t0", 1, profile, seed)
     servers += t0
@@ -112,32 +135,60 @@ def _targets(tmp: Path, profile: str, seed: int) -> tuple[list[Target], list[Ser
     servers += t1
     nginx = Nginx([s.url for s in t1], tmp / "nginx")
     targets: list[Target] = [
-        ("T0 direct", t0[0].url, lambda: None),
-        ("T1 nginx rr", nginx.url, nginx.stop),
+        ("T0 direct", t0[0].url, lambda: None, scenario_name),
+        ("T1 nginx rr", nginx.url, nginx.stop, scenario_name),
     ]
+    for label, name, fair, runs in (("T2 proxy fifo", "t2", False, scenario_name),
+                                    ("T3 proxy fair", "t3", True, scenario_name),
+                                    ("T3 quiet", "t3q", True, "rag-quiet"),
+                                    ("T3 fair-pair", "t3p", True, "fair-pair"),
+                                    ("T2 fair-pair", "t2p", False, "fair-pair")):
+        proxy, fleet = _proxied(tmp, name, profile, seed, fair)
+        servers += [proxy, *fleet]
+        targets.append((label, proxy.url, lambda: None, runs))
     return targets, servers
 
 
 async def run(profile: str, seed: int, scenario_name: str) -> dict[str, Any]:
-    chosen = scenario(scenario_name)
-    planned = plan(chosen, seed)
     tmp = Path(tempfile.mkdtemp(prefix="sop-burst-"))
-    targets, servers = _targets(tmp, profile, seed)
+    targets, servers = _targets(tmp, profile, seed, scenario_name)
     try:
         started = time.monotonic()
-        results = await asyncio.gather(*(run_plan(url, planned) for _, url, _ in targets))
+        results = await asyncio.gather(*(run_plan(url, plan(scenario(runs), seed))
+                                         for _, url, _, runs in targets))
         wall = time.monotonic() - started
         report: dict[str, Any] = {"scenario": scenario_name, "seed": seed, "profile": profile,
-                                  "requests": len(planned), "wall_s": wall, "targets": {}}
-        for (label, _, _), records in zip(targets, results, strict=True):
-            report["targets"][label] = summarize(records, chosen.duration_s)
+                                  "requests": len(plan(scenario(scenario_name), seed)),
+                                  "wall_s": wall, "targets": {}}
+        for (label, _, _, runs), records in zip(targets, results, strict=True):
+            report["targets"][label] = {**summarize(records, scenario(runs).duration_s),
+                                        "scenario": runs}
+        report["targets_met"] = _issue5_targets(report["targets"])
         report["upstream_stats"] = {s.log_path.stem: s.stats() for s in servers}
         return report
     finally:
-        for _, _, stop in targets:
+        for _, _, stop, _ in targets:
             stop()
         for server in servers:
             server.stop()
+
+
+def _issue5_targets(targets: dict[str, Any]) -> dict[str, Any]:
+    """The backpressure issue's targets for T3, each with its measured value."""
+    t0, t3 = targets["T0 direct"], targets["T3 proxy fair"]
+    quiet = targets["T3 quiet"]["by_class"].get("chat", {}).get("ttft_p95_s")
+    burst = t3["by_class"].get("chat", {}).get("ttft_p95_s")
+    ratio = burst / quiet if burst is not None and quiet else None
+    jain_pair = targets["T3 fair-pair"]["jain_tokens"]
+    goodput = t3["overall"]["goodput_rps"] / t0["overall"]["goodput_rps"] \
+        if t0["overall"]["goodput_rps"] else None
+    return {
+        "seed SLOs met": (all(t3["slo"].values()), t3["slo"]),
+        "interactive TTFT p95 burst/quiet <= 2": (ratio is not None and ratio <= 2, ratio),
+        "Jain (tokens) >= 0.95, equal-weight pair": (jain_pair is not None and jain_pair >= 0.95,
+                                                     jain_pair),
+        "goodput >= 95% of T0": (goodput is not None and goodput >= 0.95, goodput),
+    }
 
 
 def _fmt(value: Any) -> str:
@@ -168,7 +219,9 @@ def print_table(report: dict[str, Any]) -> None:
         ("rejection %", lambda s: s["overall"]["rejection_pct"]),
         ("error %", lambda s: s["overall"]["error_pct"]),
         ("goodput req/s", lambda s: s["overall"]["goodput_rps"]),
+        ("scenario", lambda s: s["scenario"]),
         ("Jain fairness", lambda s: s["jain_fairness"]),
+        ("Jain (tokens)", lambda s: s["jain_tokens"]),
         ("SLO P95 < 45 s", lambda s: s["slo"]["p95_completion_lt_45s"]),
         ("SLO timeouts < 1%", lambda s: s["slo"]["timeouts_lt_1pct"]),
         ("SLO rejections < 5%", lambda s: s["slo"]["rejections_lt_5pct"]),
@@ -178,6 +231,8 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"{'':<26}" + "".join(f"{label:>16}" for label in labels))
     for name, get in rows:
         print(f"{name:<26}" + "".join(f"{_fmt(get(targets[label])):>16}" for label in labels))
+    for name, (met, value) in report.get("targets_met", {}).items():
+        print(f"T3 target {name}: {'MET' if met else 'MISSED'} ({_fmt(value)})")
     for label in labels:
         tenants = targets[label]["by_tenant"]
         print(f"{label}: " + "; ".join(
