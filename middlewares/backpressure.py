@@ -289,7 +289,9 @@ class BackpressureStep(Step):
         """Shadow mode: report that the request would have waited (or been refused), let it through."""
         full = len(gate.queue) >= self.config.max_queue_size
         error = Overload("the queue would be full", retry_after_s=gate.retry_after_s()) if full else None
-        self.decide(ctx, span, "would_queue" if error is None else "overload", error)
+        if error is None:
+            ctx.response_headers.add("X-Shadow-Decision", f"{self.name}=queue")
+        self.decide(ctx, span, "shadow_queue" if error is None else "overload", error)
         replica = min(self.upstreams, key=lambda u: gate.in_flight[u.name])
         gate.in_flight[replica.name] += 1
         gate.queue.charge(ctx.tenant.name, ctx.tenant.weight, cost)

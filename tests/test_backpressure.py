@@ -254,3 +254,16 @@ def test_fair_queue_unit_order() -> None:
         assert len(queue) == 2
     finally:
         loop.close()
+
+
+async def test_shadow_mode_reports_and_never_waits(tmp: Path, slow: Server) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, slow, "bp-shadow", mode="shadow")
+    try:
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(*(_generate(session, proxy, CHAT) for _ in range(3)))
+        assert [r[0] for r in results] == [200, 200, 200]
+        shadowed = [r[1].get("X-Shadow-Decision") for r in results]
+        assert shadowed.count("backpressure=queue") == 2 and shadowed.count(None) == 1
+        await asyncio.to_thread(_settled, proxy, slow)
+    finally:
+        await asyncio.to_thread(proxy.stop)
