@@ -34,7 +34,7 @@ from proxy.context import RequestContext
 from proxy.errors import Overload, QueueTimeout
 from proxy.fairqueue import FairQueue, Waiter
 from proxy.ollama import model_key
-from proxy.prompts import expected_output
+from proxy.prompts import request_cost
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import Upstream, UpstreamSet
@@ -42,6 +42,8 @@ from proxy.upstreams import Upstream, UpstreamSet
 __all__ = ["BackpressureStep", "ModelGate"]
 
 _DRAIN_WINDOW_S = 60.0
+_DEFAULT_OUTPUT_TOKENS = 256
+"""Expected output of a request that sets no limit, for ordering only (quotas has its own setting)."""
 _WAIT_SAMPLES = 1024
 
 
@@ -195,12 +197,8 @@ class BackpressureStep(Step):
                                           semconv.ATTR_UPSTREAM_NAME: replica})
 
     def _cost(self, request: web.Request, ctx: RequestContext) -> float:
-        body = ctx.json()
-        output = expected_output(request.path, body) if isinstance(body, dict) else None
-        if output is None:
-            output = 0 if ctx.route.operation == "embeddings" else 256
-        prompt = ctx.prompt_tokens if ctx.prompt_tokens is not None else len(ctx.body or b"") / 3
-        return float(prompt + output)
+        return float(request_cost(request.path, ctx.json(), ctx.route.operation, ctx.prompt_tokens,
+                                  len(ctx.body or b""), _DEFAULT_OUTPUT_TOKENS))
 
     async def handle(self, request: web.Request, ctx: RequestContext,
                      handler: Handler) -> web.StreamResponse:

@@ -31,7 +31,7 @@ from proxy.chain import Handler, Step
 from proxy.config import QuotasConfig
 from proxy.context import RequestContext
 from proxy.errors import ProxyError, QuotaExceeded, RateLimited
-from proxy.prompts import expected_output
+from proxy.prompts import request_cost
 from proxy.state.base import StateBackend
 from proxy.telemetry.setup import Telemetry
 
@@ -59,16 +59,8 @@ class QuotasStep(Step):
         return (f"rpm:{tenant.name}", f"tpm:{tenant.name}", f"inflight:{tenant.name}")
 
     def _reservation(self, request: web.Request, ctx: RequestContext) -> int:
-        body = ctx.json()
-        output = expected_output(request.path, body) if isinstance(body, dict) else None
-        if ctx.route.operation == "embeddings":
-            output = 0
-        elif output is None:
-            output = self.config.default_output_tokens
-        prompt = ctx.prompt_tokens
-        if prompt is None:  # limits is off: a byte-based estimate
-            prompt = math.ceil(len(ctx.body or b"") / 3)
-        return prompt + output
+        return request_cost(request.path, ctx.json(), ctx.route.operation, ctx.prompt_tokens,
+                            len(ctx.body or b""), self.config.default_output_tokens)
 
     async def handle(self, request: web.Request, ctx: RequestContext,
                      handler: Handler) -> web.StreamResponse:

@@ -9,6 +9,7 @@ is exact; against other templates it differs by a few tokens per message (tests/
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -21,6 +22,7 @@ __all__ = [
     "canonicalize",
     "count_prompt",
     "expected_output",
+    "request_cost",
     "truncate_prompt",
 ]
 
@@ -115,6 +117,20 @@ def expected_output(path: str, body: dict[str, Any]) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
+
+
+def request_cost(path: str, body: Any, operation: str | None, prompt_tokens: int | None,
+                 body_bytes: int, default_output: int) -> int:
+    """What a request is expected to cost in tokens before it runs: its prompt (as counted, else a byte
+    estimate) plus the output it may produce (num_predict / max_tokens, else `default_output`; none for
+    embeddings). Quotas reserve it and the fair queue charges it; both settle with the real counts."""
+    output = expected_output(path, body) if isinstance(body, dict) else None
+    if operation == "embeddings":
+        output = 0
+    elif output is None:
+        output = default_output
+    prompt = prompt_tokens if prompt_tokens is not None else math.ceil(body_bytes / 3)
+    return prompt + output
 
 
 def truncate_prompt(path: str, body: dict[str, Any], tokenizer: Tokenizer,
