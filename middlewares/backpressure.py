@@ -210,7 +210,7 @@ class BackpressureStep(Step):
         lane = "bulk" if tenant.lane == "bulk" or ctx.route.operation == "embeddings" else "interactive"
         cost = self._cost(request, ctx)
         entered = time.monotonic()
-        with self.span(ctx, **{semconv.ATTR_GEN_AI_REQUEST_MODEL: model, "sop.lane": lane}) as span:
+        with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model, "sop.lane": lane}) as span:
             replica = await self._admit(ctx, gate, span, tenant.name, tenant.weight, lane, cost)
         waited = time.monotonic() - entered
         gate.waits.append(waited)

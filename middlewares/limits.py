@@ -88,7 +88,7 @@ class LimitsStep(Step):
         ctx.service_limits.update(max_prompt_tokens=limit, deadline_s=deadline_s)
         if ctx.route.operation is None or not isinstance(body, dict) or not model:
             return await handler(request)
-        with self.span(ctx, **{semconv.ATTR_GEN_AI_REQUEST_MODEL: model,
+        with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model,
                                "sop.limits.max_prompt_tokens": limit}) as span:
             if request.path.startswith("/api/") and model_config is not None:
                 body = self._canonical_options(ctx, span, body, model_config)

@@ -29,7 +29,7 @@ from aiohttp import web
 from proxy.access import Tenant
 from proxy.chain import Handler, Step
 from proxy.config import QuotasConfig
-from proxy.context import RequestContext
+from proxy.context import RequestContext, plain_number
 from proxy.errors import ProxyError, QuotaExceeded, RateLimited
 from proxy.prompts import request_cost
 from proxy.state.base import StateBackend
@@ -72,7 +72,7 @@ class QuotasStep(Step):
         holder = f"{self._holder_prefix}-{next(self._holders)}"
         took_request = leased = False
         reserved = 0
-        with self.span(ctx, **{"sop.tenant": tenant.name}) as span:
+        with self.span(**{"sop.tenant": tenant.name}) as span:
             try:
                 if tenant.max_concurrent is not None:
                     leased, holders = await self.state.lease(lease_key, tenant.max_concurrent, holder,
@@ -122,7 +122,7 @@ class QuotasStep(Step):
 
     def _rate_headers(self, ctx: RequestContext, limit: float, remaining: float) -> None:
         headers = ctx.response_headers
-        headers["X-RateLimit-Limit"] = str(int(limit)) if float(limit).is_integer() else f"{limit:g}"
+        headers["X-RateLimit-Limit"] = plain_number(float(limit))
         headers["X-RateLimit-Remaining"] = str(max(0, math.floor(remaining)))
         headers["X-RateLimit-Reset"] = str(math.ceil(max(0.0, limit - remaining) / (limit / 60)))
         ctx.service_limits["requests_per_minute"] = limit

@@ -57,7 +57,7 @@ class Step:
         raise NotImplementedError
 
     @contextmanager
-    def span(self, ctx: RequestContext, **attributes: Any) -> Iterator[Span]:
+    def span(self, **attributes: Any) -> Iterator[Span]:
         """The step's own INTERNAL span; end it (leave the block) before delegating."""
         span = self.telemetry.tracer.start_span(
             semconv.metric_name(self.telemetry.config.metric_prefix, self.name),
@@ -70,7 +70,6 @@ class Step:
             raise
         finally:
             span.end()
-        del ctx
 
     def decide(self, ctx: RequestContext, span: Span, decision: str,
                error: ProxyError | None = None) -> None:

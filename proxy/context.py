@@ -20,7 +20,7 @@ from .access import ANONYMOUS, Identity, Tenant
 from .ollama import RouteInfo, Usage
 from .upstreams import Upstream
 
-__all__ = ["CONTEXT", "RequestContext"]
+__all__ = ["CONTEXT", "RequestContext", "plain_number"]
 
 
 @attrs.define
@@ -68,7 +68,7 @@ class RequestContext:
 
     def service_limits_header(self) -> str:
         """`v=1; key=value; ...` for X-Service-Limits."""
-        return "; ".join(["v=1", *(f"{k}={_plain(v)}" for k, v in self.service_limits.items())])
+        return "; ".join(["v=1", *(f"{k}={plain_number(v)}" for k, v in self.service_limits.items())])
 
     def json(self) -> Any:
         """The body parsed as JSON (cached), or None if it is absent or not JSON."""
@@ -100,7 +100,8 @@ class RequestContext:
         return self.route.stream_default
 
 
-def _plain(value: Any) -> str:
+def plain_number(value: Any) -> str:
+    """`600.0` -> `600`, `0.3` -> `0.3`: numbers as people write them in headers."""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

@@ -152,11 +152,9 @@ class Forwarder:
         ctx.upstream_name = upstream.name
         span = self._start_client_span(ctx, request, upstream)
         started = time.monotonic()
-        upstream.in_flight += 1
         try:
             return await self._exchange(request, ctx, upstream, span, started)
         finally:
-            upstream.in_flight -= 1
             self._finish(ctx, span, started)
 
     async def _exchange(self, request: web.Request, ctx: RequestContext, upstream: Upstream,

@@ -24,7 +24,6 @@ class Upstream:
     url: URL
     num_parallel: int = 1
     weight: int = 1
-    in_flight: int = 0
 
     @classmethod
     def from_config(cls, config: UpstreamConfig) -> Upstream:
