@@ -4,7 +4,10 @@ Ollama queues requests for a loaded model without bound (ollama#7758); here they
 the wait is bounded, ordered fairly, visible and cancellable. Per model, each replica admits at most
 `max_in_flight` requests (default: its `num_parallel`); a request takes a free slot at once when nobody
 waits, else joins the model's FairQueue (lanes + VTC, proxy/fairqueue.py) and is bound, when a slot frees,
-to the replica that freed it (late binding; work-conserving: a slot never idles while anyone waits).
+to a replica when a slot frees (late binding). Which replica is the balancer's choice (`picker`): it may
+prefer to keep a request waiting for the busy replica that holds its model over an idle one that would
+have to load it; otherwise a slot never idles while anyone waits. Only replicas health lets serve the
+model count; when none is left, waiters are let through at once to get health's 503.
 
 Refusals, all 503 with `Retry-After` from the measured drain rate of that queue (completions per second
 over the last minute), never a constant:
@@ -22,7 +25,7 @@ import asyncio
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -39,7 +42,10 @@ from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import Upstream, UpstreamSet
 
-__all__ = ["BackpressureStep", "ModelGate"]
+__all__ = ["BackpressureStep", "ModelGate", "Picker", "SlotLease"]
+
+Picker = Callable[[str, Sequence[Upstream], Sequence[Upstream], int, Any], Upstream | None]
+"""(model, free replicas, eligible replicas, waiters ahead, request context) -> replica or None (wait)."""
 
 _DRAIN_WINDOW_S = 60.0
 _DEFAULT_OUTPUT_TOKENS = 256
@@ -50,9 +56,13 @@ _WAIT_SAMPLES = 1024
 class ModelGate:
     """Slots, queue and measurements of one model across the replicas."""
 
-    def __init__(self, model: str, upstreams: list[Upstream], config: BackpressureConfig) -> None:
+    def __init__(self, model: str, fleet: UpstreamSet, config: BackpressureConfig,
+                 picker: Picker | None = None) -> None:
         self.model = model
         self.config = config
+        self.fleet = fleet
+        self.picker = picker
+        upstreams = list(fleet)
         self.upstreams = upstreams
         self.queue = FairQueue(config.fair, config.bulk_share)
         self.in_flight: dict[str, int] = {u.name: 0 for u in upstreams}
@@ -68,11 +78,15 @@ class ModelGate:
         self.service_s: float | None = None
 
     # capacity ----------------------------------------------------------------------------------------
-    def free_replica(self) -> Upstream | None:
-        """The least-loaded replica with a free slot for this model, if any."""
-        free = [u for u in self.upstreams if self.in_flight[u.name] < max(1, math.floor(self.limits[u.name]))]
-        return min(free, key=lambda u: self.in_flight[u.name] / max(1.0, self.limits[u.name]),
-                   default=None)
+    def pick(self, hint: Any = None, position: int = 0) -> Upstream | None:
+        """The replica to take a free slot on for this model now, if any (see `picker`)."""
+        eligible = self.fleet.eligible(self.model)
+        free = [u for u in eligible if self.in_flight[u.name] < max(1, math.floor(self.limits[u.name]))]
+        if not free:
+            return None
+        if self.picker is not None:
+            return self.picker(self.model, free, eligible, position, hint)
+        return min(free, key=lambda u: self.in_flight[u.name] / max(1.0, self.limits[u.name]))
 
     def drain_rate(self) -> float | None:
         """Completions per second over the last minute (None before two completions)."""
@@ -99,18 +113,29 @@ class ModelGate:
         return max(1.0, self.estimated_wait_s(len(self.queue)))
 
     def dispatch(self) -> None:
-        """Hand free slots to the next waiters (work-conserving)."""
-        while len(self.queue):
-            replica = self.free_replica()
+        """Hand free slots to the next waiters; with no replica left for the model, let them all go."""
+        if len(self.queue) and not self.fleet.eligible(self.model):
+            while (waiter := self.queue.pop()) is not None:
+                if not waiter.future.done():
+                    waiter.future.set_result(None)
+            return
+        while (head := self.queue.peek()) is not None:
+            if head.future.done():  # its client left; it is being removed
+                self.queue.remove(head)
+                continue
+            replica = self.pick(head.hint)
             if replica is None:
                 return
             waiter = self.queue.pop()
-            if waiter is None:
-                return
-            if waiter.future.done():  # its client left between pop and now
-                continue
+            assert waiter is head
             self.in_flight[replica.name] += 1
             waiter.future.set_result(replica)
+
+    def move(self, old: Upstream, new: Upstream) -> None:
+        """A request holding a slot on `old` goes to `new` instead (the balancer retried)."""
+        self.in_flight[old.name] = max(0, self.in_flight[old.name] - 1)
+        self.in_flight[new.name] = self.in_flight.get(new.name, 0) + 1
+        self.dispatch()
 
     def release(self, replica: Upstream, service_s: float, per_token_s: float | None) -> None:
         """A request on `replica` finished (any way): free its slot, learn, and dispatch."""
@@ -153,16 +178,33 @@ class ModelGate:
                 "rejections": dict(self.rejections)}
 
 
+class SlotLease:
+    """The slot a request holds on one replica for one model; moved when the balancer retries."""
+
+    def __init__(self, gate: ModelGate, replica: Upstream) -> None:
+        self.gate = gate
+        self.replica = replica
+
+    def move(self, upstream: Upstream) -> None:
+        if upstream is not self.replica:
+            self.gate.move(self.replica, upstream)
+            self.replica = upstream
+
+
 class BackpressureStep(Step):
     """Admission per (replica, model); see the module docstring."""
 
     name = "backpressure"
 
-    def __init__(self, config: BackpressureConfig, upstreams: UpstreamSet, telemetry: Telemetry) -> None:
+    def __init__(self, config: BackpressureConfig, upstreams: UpstreamSet, telemetry: Telemetry,
+                 picker: Picker | None = None) -> None:
         super().__init__(config.mode, telemetry)
         self.config = config
+        self.fleet = upstreams
         self.upstreams = list(upstreams)
+        self.picker = picker
         self.gates: dict[str, ModelGate] = {}
+        upstreams.on_change(self._fleet_changed)
         prefix = telemetry.config.metric_prefix
         meter = telemetry.meter
         self.wait_histogram = meter.create_histogram(
@@ -179,8 +221,13 @@ class BackpressureStep(Step):
         key = model_key(model)
         gate = self.gates.get(key)
         if gate is None:
-            gate = self.gates[key] = ModelGate(key, self.upstreams, self.config)
+            gate = self.gates[key] = ModelGate(key, self.fleet, self.config, self.picker)
         return gate
+
+    def _fleet_changed(self) -> None:
+        """A replica came, went or changed what it holds: slots may be usable (or gone) now."""
+        for gate in list(self.gates.values()):
+            gate.dispatch()
 
     def _observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
         del options
@@ -212,15 +259,21 @@ class BackpressureStep(Step):
         entered = time.monotonic()
         with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model, "sop.lane": lane}) as span:
             replica = await self._admit(ctx, gate, span, tenant.name, tenant.weight, lane, cost)
+        if replica is None:  # no replica may serve the model: health answers
+            return await handler(request)
         waited = time.monotonic() - entered
         gate.waits.append(waited)
         self.wait_histogram.record(waited, {semconv.ATTR_GEN_AI_REQUEST_MODEL: model, "sop.lane": lane})
         ctx.response_headers["X-Queue-Wait-Ms"] = str(round(waited * 1000))
+        lease = SlotLease(gate, replica)
         ctx.upstream = replica
+        ctx.slot = lease
         started = time.monotonic()
         try:
             return await handler(request)
         finally:
+            replica = lease.replica
+            ctx.slot = None
             usage = ctx.usage
             per_token = None
             actual = None
@@ -236,9 +289,13 @@ class BackpressureStep(Step):
             gate.release(replica, time.monotonic() - started, per_token)
 
     async def _admit(self, ctx: RequestContext, gate: ModelGate, span: Any, tenant: str,
-                     weight: float, lane: str, cost: float) -> Upstream:
-        """A replica slot for this request, waiting fairly if need be; raises Overload/QueueTimeout."""
-        replica = gate.free_replica() if not len(gate.queue) else None
+                     weight: float, lane: str, cost: float) -> Upstream | None:
+        """A replica slot for this request, waiting fairly if need be; raises Overload/QueueTimeout.
+        None: no replica may serve the model (now, or any more while it waited)."""
+        if not self.fleet.eligible(gate.model):
+            self.decide(ctx, span, "no_replica")
+            return None
+        replica = gate.pick(ctx) if not len(gate.queue) else None
         if replica is not None:
             gate.in_flight[replica.name] += 1
             gate.queue.charge(tenant, weight, cost)
@@ -253,8 +310,8 @@ class BackpressureStep(Step):
             self.decide(ctx, span, "overload", Overload(
                 f"the queue for {gate.model} is full ({self.config.max_queue_size} waiting)",
                 retry_after_s=gate.retry_after_s()))
-        future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(tenant, weight, lane, cost, time.monotonic(), future)
+        future: asyncio.Future[Upstream | None] = asyncio.get_running_loop().create_future()
+        waiter = Waiter(tenant, weight, lane, cost, time.monotonic(), future, hint=ctx)
         ahead = gate.queue.push(waiter)
         span.set_attribute("sop.queue.position", ahead + 1)
         estimate = gate.estimated_wait_s(ahead)
@@ -264,6 +321,7 @@ class BackpressureStep(Step):
             self.decide(ctx, span, "overload", Overload(
                 f"the estimated wait for {gate.model} ({estimate:.0f}s) exceeds the request's deadline",
                 retry_after_s=gate.retry_after_s()))
+        gate.dispatch()  # a longer queue may make an idle replica worth a model load now
         try:
             async with asyncio.timeout(min(self.config.queue_timeout_s, remaining)):
                 replica = await future
@@ -275,11 +333,15 @@ class BackpressureStep(Step):
                 retry_after_s=gate.retry_after_s()))
             raise AssertionError("unreachable") from None  # decide raised in enforce mode
         except asyncio.CancelledError:
-            if not gate.queue.remove(waiter) and future.done() and not future.cancelled():
+            if not gate.queue.remove(waiter) and future.done() and not future.cancelled() \
+                    and (granted := future.result()) is not None:
                 # The slot was handed over just as the client left: give it to the next one.
-                gate.release(future.result(), 0.0, None)
+                gate.release(granted, 0.0, None)
             future.cancel()
             raise
+        if replica is None:
+            self.decide(ctx, span, "no_replica")
+            return None
         self.decide(ctx, span, "queued")
         return replica
 
@@ -290,7 +352,8 @@ class BackpressureStep(Step):
         if error is None:
             ctx.response_headers.add("X-Shadow-Decision", f"{self.name}=queue")
         self.decide(ctx, span, "shadow_queue" if error is None else "overload", error)
-        replica = min(self.upstreams, key=lambda u: gate.in_flight[u.name])
+        replica = min(self.fleet.eligible(gate.model) or self.upstreams,
+                      key=lambda u: gate.in_flight[u.name])
         gate.in_flight[replica.name] += 1
         gate.queue.charge(ctx.tenant.name, ctx.tenant.weight, cost)
         return replica

@@ -119,6 +119,8 @@ class TenantDirectory:
         if path.startswith("/system/") and not identity.admin:
             raise (Unauthorized("an admin API key is required") if identity.tenant.anonymous
                    else Forbidden("this route needs an admin API key"))
+        if "X-Ollama-Replica" in headers and not identity.admin:
+            raise Forbidden("naming a replica (X-Ollama-Replica) needs an admin API key")
         if is_management(method, path) and not (identity.admin or identity.tenant.allow_management):
             raise Forbidden(f"tenant {identity.tenant.name} may not manage models on this proxy")
         return identity

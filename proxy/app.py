@@ -8,12 +8,15 @@ from typing import Any
 from aiohttp import web
 
 from middlewares.backpressure import BackpressureStep
+from middlewares.balancer import BalancerStep
+from middlewares.health import HealthStep
 from middlewares.limits import LimitsStep
 from middlewares.quotas import QuotasStep
 
 from .access import TenantDirectory
 from .chain import FORWARD_ROUTE, Step, build_chain
 from .config import Config
+from .fanout import FanOut
 from .forwarding import Forwarder
 from .ingress import Ingress, add_context_headers
 from .state.base import StateBackend
@@ -45,7 +48,7 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     aiohttp's own body limit is lifted (ingress enforces `server.max_body_bytes` itself, with a 413 that
     does not read the rest, and blob uploads stream through).
     """
-    upstreams = UpstreamSet.from_config(config.upstreams)
+    upstreams = UpstreamSet.from_config(config.upstreams, config.models)
     forwarder = Forwarder(upstreams, config.forwarding, telemetry)
     directory = TenantDirectory(config.tenants, config.anonymous, config.admin.keys)
     state = build_state(config)
@@ -56,10 +59,17 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     tokenizers = TokenizerRegistry({name: m.tokenizer for name, m in config.models.items()
                                     if m.tokenizer}, fetch_show)
     tokenizers.load_configured()
+    health = HealthStep(config.chain.health, upstreams, config.models, telemetry)
+    fanout = FanOut(upstreams, lambda: forwarder.session, config.forwarding.idle_timeout_s,
+                    on_managed=health.refresh)
+    balancer = BalancerStep(config.chain.balancer, upstreams, health, fanout, telemetry)
     steps: dict[str, Step] = {
         "limits": LimitsStep(config.chain.limits, config.models, tokenizers, telemetry),
         "quotas": QuotasStep(config.chain.quotas, state, telemetry),
-        "backpressure": BackpressureStep(config.chain.backpressure, upstreams, telemetry),
+        "backpressure": BackpressureStep(config.chain.backpressure, upstreams, telemetry,
+                                         picker=balancer.pick_slot),
+        "health": health,
+        "balancer": balancer,
     }
     ingress = Ingress(telemetry, config.server.max_body_bytes, directory)
     app = web.Application(middlewares=[ingress.middleware, *build_chain(steps)],
@@ -69,6 +79,7 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     app[STEPS] = steps
     app.on_response_prepare.append(add_context_headers)
     app.cleanup_ctx.append(forwarder.lifecycle)
+    app.cleanup_ctx.append(health.lifecycle)
 
     async def state_lifecycle(app: web.Application) -> AsyncIterator[None]:
         del app
@@ -79,6 +90,6 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
         await state.close()
 
     app.cleanup_ctx.append(state_lifecycle)
-    add_system_routes(app, telemetry, upstreams, directory, steps)
+    add_system_routes(app, telemetry, upstreams, directory, steps, config.models)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle, name=FORWARD_ROUTE)
     return app

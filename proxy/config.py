@@ -23,10 +23,12 @@ __all__ = [
     "AdminConfig",
     "AnonymousConfig",
     "BackpressureConfig",
+    "BalancerConfig",
     "ChainConfig",
     "Config",
     "ConfigError",
     "ForwardingConfig",
+    "HealthConfig",
     "LimitsConfig",
     "ModelConfig",
     "QuotasConfig",
@@ -117,7 +119,9 @@ class UpstreamConfig:
     weight: int = attrs.field(default=1, validator=_positive)
     """Relative share of traffic."""
     restart_command: str | None = None
-    """Command that restarts this replica (used by health once it exists); `{name}` is substituted."""
+    """Command the health step runs to restart this replica once it is down or stuck, e.g.
+    `systemctl restart ollama@{name}` or `docker restart {name}`; `{name}`, `{url}`, `{host}` and `{port}`
+    are substituted per argument (no shell). Unset: no restarts."""
 
 
 @attrs.frozen
@@ -218,7 +222,14 @@ class ModelConfig:
     """Canonical load-time options (num_ctx, num_batch, num_gpu, ..., and keep_alive): requests are
     rewritten to these so that no tenant can make Ollama reload the model for everyone."""
     warm_on: tuple[str, ...] = ()
-    """Replicas that keep this model loaded (used by the balancer)."""
+    """Replicas (by name, `"*"` for all) that keep this model loaded: it is loaded there when the proxy
+    starts, and after a replica comes back it is loaded before the replica takes traffic again."""
+    pinned: bool = False
+    """Keep it loaded for good on its `warm_on` replicas (`keep_alive: -1`), re-loaded whenever a probe
+    finds it gone."""
+    replicas: tuple[str, ...] = ()
+    """The only replicas allowed to serve this model (e.g. big models on dedicated boxes, the embedding
+    model apart from the chat models); empty: any replica."""
 
 
 @attrs.frozen
@@ -274,12 +285,75 @@ class BackpressureConfig:
 
 
 @attrs.frozen
+class HealthConfig:
+    """chain.health: which replicas may take traffic (active probes, passive ejection, restarts)."""
+
+    mode: Mode = "enforce"
+    """enforce: unhealthy replicas get no traffic; shadow: probe and report only; off: no probes."""
+    probe_interval_s: float = attrs.field(default=5.0, validator=_positive)
+    """Time between two probes of a replica (`GET /api/version`, then `GET /api/ps`), jittered."""
+    probe_jitter: float = attrs.field(default=0.2, validator=_ratio)
+    """Each interval is drawn from +/- this fraction, so replicas are not probed in lockstep."""
+    probe_timeout_s: float = attrs.field(default=2.0, validator=_positive)
+    """A probe that takes longer has failed."""
+    eject_after_failures: int = attrs.field(default=3, validator=_positive)
+    """Consecutive gateway failures (connect refused, reset, no response, 502/504, failed probe) that
+    eject a replica."""
+    base_ejection_s: float = attrs.field(default=10.0, validator=_positive)
+    """First ejection time; it doubles with every ejection in a row (exponential backoff)."""
+    max_ejection_s: float = attrs.field(default=300.0, validator=_positive)
+    """Longest ejection time; a replica healthy this long has its backoff reset."""
+    max_ejection_ratio: float = attrs.field(default=0.5, validator=_ratio)
+    """Passive detection ejects at most this share of the replicas (at least one); failed probes always
+    eject."""
+    stuck_after_s: float = attrs.field(default=180.0, validator=_positive)
+    """A replica whose in-flight requests have all received nothing for this long is stuck: it gets no new
+    traffic (and is restarted when it has a restart_command)."""
+    restart_after_failures: int = attrs.field(default=3, validator=_positive)
+    """Failed probes in a row before the replica's restart_command runs."""
+    restart_min_interval_s: float = attrs.field(default=300.0, validator=_positive)
+    """At most one restart of a replica per this many seconds."""
+    restart_timeout_s: float = attrs.field(default=120.0, validator=_positive)
+    """A restart command still running after this long is killed."""
+    warm_timeout_s: float = attrs.field(default=300.0, validator=_positive)
+    """Longest wait for one model to load when pre-warming a replica."""
+
+
+@attrs.frozen
+class BalancerConfig:
+    """chain.balancer: which healthy replica serves a request, and retries before the first byte."""
+
+    mode: Mode = "enforce"
+    """enforce: choose by residency, load and affinity; shadow: round robin, the choice is only reported;
+    off: round robin."""
+    affinity: Literal["none", "prefix", "session"] = "none"
+    """Among replicas of equal cost, prefer the one a hash points to: `prefix` hashes the tenant, the
+    system prompt and the first `affinity_prefix_bytes` of the context; `session` uses the
+    `X-Session-Id` header when present, else the same hash. Never overrides load."""
+    affinity_prefix_bytes: int = attrs.field(default=4096, validator=_positive)
+    """How much of the system prompt and of the first message (or prompt) the prefix hash covers: the
+    start of a conversation, which stays the same from turn to turn."""
+    cold_load_s: float = attrs.field(default=10.0, validator=_positive)
+    """Assumed time to load a model a replica does not hold, until the replica's own load times are
+    measured (from Ollama's load_duration)."""
+    max_retries: int = attrs.field(default=2, validator=attrs.validators.ge(0))
+    """Other replicas tried when one fails before the first response byte (connect refused, reset,
+    Ollama's 503 server busy). Never after the first byte reached the client."""
+    retry_budget_ratio: float = attrs.field(default=0.2, validator=_ratio)
+    """Retries in flight may be at most this share of the requests in flight (Envoy's retry budget)..."""
+    min_retry_concurrency: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    """...or this many, whichever is larger."""
+
+
+@attrs.frozen
 class ChainConfig:
-    """The steps, by name. Later steps (health, balancer) join as they land."""
+    """The steps, by name."""
 
     limits: LimitsConfig = LimitsConfig()
     quotas: QuotasConfig = QuotasConfig()
     backpressure: BackpressureConfig = BackpressureConfig()
+    health: HealthConfig = HealthConfig()
+    balancer: BalancerConfig = BalancerConfig()
 
 
 @attrs.frozen
@@ -319,13 +393,22 @@ class Config:
         names = [t.name for t in self.tenants]
         if len(set(names)) != len(names):
             raise ValueError("tenants: tenant names must be unique")
+        replicas = [u.name or f"{URL(u.url).host}:{URL(u.url).port}" for u in self.upstreams]
+        if len(set(replicas)) != len(replicas):
+            raise ValueError("upstreams: replica names must be unique")
+        for model, profile in self.models.items():
+            for key in ("warm_on", "replicas"):
+                unknown = [n for n in getattr(profile, key) if n != "*" and n not in replicas]
+                if unknown:
+                    raise ValueError(f"models.{model}.{key}: unknown replica {unknown[0]!r} "
+                                     f"(known: {', '.join(replicas)})")
 
 
 def _converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True)
     for cls in (ServerConfig, UpstreamConfig, ForwardingConfig, TelemetryConfig, AdminConfig,
                 TenantConfig, AnonymousConfig, ModelConfig, LimitsConfig, QuotasConfig,
-                BackpressureConfig, ChainConfig,
+                BackpressureConfig, HealthConfig, BalancerConfig, ChainConfig,
                 StateConfig, Config):
         converter.register_structure_hook(
             cls, make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True))

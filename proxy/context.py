@@ -8,7 +8,7 @@ parsing values such as `model`.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import orjson
@@ -18,9 +18,15 @@ from opentelemetry.trace import Span
 
 from .access import ANONYMOUS, Identity, Tenant
 from .ollama import RouteInfo, Usage
-from .upstreams import Upstream
+from .upstreams import Attempt, Upstream
 
-__all__ = ["CONTEXT", "RequestContext", "plain_number"]
+__all__ = ["CONTEXT", "RequestContext", "SlotHolder", "plain_number"]
+
+
+class SlotHolder(Protocol):
+    """A slot a step reserved on a replica (backpressure); the balancer moves it when it retries."""
+
+    def move(self, upstream: Upstream) -> None: ...
 
 
 @attrs.define
@@ -49,7 +55,17 @@ class RequestContext:
     prompt_tokens: int | None = None
     """The prompt's token count as `limits` counted it (None: not counted)."""
     upstream: Upstream | None = None
-    """The replica a step bound the request to (backpressure); None: the forwarder picks."""
+    """The replica the request goes to (bound by backpressure or the balancer); None: round robin."""
+    candidates: list[Upstream] | None = None
+    """Replicas that may serve the request, as health found them (None: health did not run)."""
+    dropped: dict[str, str] = attrs.field(factory=dict)
+    """Replica name -> why it may not serve the request (ejected, not_allowed, model_absent, ...)."""
+    slot: SlotHolder | None = None
+    """The slot backpressure reserved on `upstream`, if any."""
+    attempt: Attempt | None = None
+    """The request in flight on `upstream` (the forwarder marks its progress)."""
+    retry_statuses: frozenset[int] = frozenset()
+    """Upstream statuses the balancer would rather retry elsewhere than relay (set per attempt)."""
     deadline_at: float | None = None
     """Monotonic time after which the request is abandoned (504 or a final error line)."""
     _json: Any = attrs.field(default=None, alias="_json")

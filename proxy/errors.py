@@ -10,6 +10,7 @@ __all__ = [
     "Forbidden",
     "InternalProxyError",
     "InvalidRequest",
+    "NoHealthyUpstream",
     "Overload",
     "PromptTooLong",
     "ProxyError",
@@ -18,6 +19,7 @@ __all__ = [
     "RateLimited",
     "RequestPayloadTooLarge",
     "Unauthorized",
+    "UpstreamBusy",
     "UpstreamConnectFailure",
     "UpstreamResetBeforeResponseStarted",
     "UpstreamResponseTimeout",
@@ -130,3 +132,15 @@ class QueueTimeout(ProxyError):
 
     status = 503
     code = "queue_timeout"
+
+
+class NoHealthyUpstream(ProxyError):
+    """No replica that may serve the model is healthy; retry when the next probe or backoff ends."""
+
+    status = 503
+    code = "no_healthy_upstream"
+
+
+class UpstreamBusy(Overload):
+    """The replica answered 503 (Ollama's `server busy`) and the balancer may try another one; a client
+    sees it only when no other replica could be tried in time."""

@@ -36,6 +36,8 @@ class Waiter:
     enqueued_at: float
     future: asyncio.Future[Any]
     seq: int = 0
+    hint: Any = None
+    """What the replica choice may look at (the request's context); the queue never reads it."""
 
 
 class FairQueue:
@@ -93,29 +95,50 @@ class FairQueue:
         self._size -= 1
         return True
 
-    def _pick_lane(self) -> str | None:
+    def _pick_lane(self, dispatches: int) -> str | None:
         interactive = any(self._lanes["interactive"].values())
         bulk = any(self._lanes["bulk"].values())
-        if interactive and bulk and self.bulk_every and self._dispatches % self.bulk_every == \
+        if interactive and bulk and self.bulk_every and dispatches % self.bulk_every == \
                 self.bulk_every - 1:
             return "bulk"
         if interactive:
             return "interactive"
         return "bulk" if bulk else None
 
+    def _next(self) -> tuple[str, str] | None:
+        """(lane, tenant) of the waiter `pop` would return next."""
+        lane_name = self._pick_lane(self._dispatches + 1)
+        if lane_name is None:
+            return None
+        lane = self._lanes[lane_name]
+        tenant = min((t for t, q in lane.items() if q),
+                     key=lambda t: (self.counters.get(t, 0.0), lane[t][0].seq))
+        return lane_name, tenant
+
+    def peek(self) -> Waiter | None:
+        """The waiter `pop` would return next, left in the queue."""
+        if self._size == 0:
+            return None
+        if not self.fair:
+            return self._fifo[0]
+        following = self._next()
+        assert following is not None
+        return self._lanes[following[0]][following[1]][0]
+
     def pop(self) -> Waiter | None:
         """The next waiter to dispatch, charged to its tenant; None when empty."""
         if self._size == 0:
             return None
+        if not self.fair:
+            self._dispatches += 1
+            self._size -= 1
+            return self._fifo.popleft()
+        following = self._next()
+        assert following is not None
         self._dispatches += 1
         self._size -= 1
-        if not self.fair:
-            return self._fifo.popleft()
-        lane_name = self._pick_lane()
-        assert lane_name is not None
-        lane = self._lanes[lane_name]
-        tenant = min((t for t, q in lane.items() if q),
-                     key=lambda t: (self.counters.get(t, 0.0), lane[t][0].seq))
+        lane = self._lanes[following[0]]
+        tenant = following[1]
         queue = lane[tenant]
         waiter = queue.popleft()
         if not queue:

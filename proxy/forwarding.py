@@ -6,9 +6,12 @@ replica's own address (Ollama's loopback guard refuses foreign hosts, reference 
 (User-Agent, Accept, Accept-Encoding, Content-Type) are suppressed so the replica sees what the client sent.
 
 Relay: bytes are written as they arrive (`readany`), never decoded, re-encoded or compressed; the response
-keeps the upstream's framing (Content-Length when it sent one, chunked otherwise). Timeouts are by phase:
-connect, first byte, idle gap between chunks; there is no total timeout. A client that goes away cancels
-the handler, and the `finally` below closes the upstream connection at once: Ollama's only cancel signal.
+keeps the upstream's framing (Content-Length when it sent one, chunked otherwise). The response headers
+go out with the first body byte, not before: until then nothing has reached the client, so a replica that
+dies or stalls in between is an error the balancer can still retry elsewhere (or a real 502/504).
+Timeouts are by phase: connect, first byte, idle gap between chunks; there is no total timeout. A client
+that goes away cancels the handler, and the `finally` below closes the upstream connection at once:
+Ollama's only cancel signal.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from .config import ForwardingConfig
 from .context import CONTEXT, RequestContext
 from .errors import (
+    UpstreamBusy,
     UpstreamConnectFailure,
     UpstreamResetBeforeResponseStarted,
     UpstreamResponseTimeout,
@@ -47,7 +51,7 @@ HOP_BY_HOP = frozenset(istr(h) for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE",
     "Trailer", "Transfer-Encoding", "Upgrade"))
 _DROP_REQUEST = HOP_BY_HOP | {istr("Host"), istr("Content-Length"), istr("traceparent"),
-                              istr("tracestate")}
+                              istr("tracestate"), istr("X-Ollama-Replica")}
 _DROP_RESPONSE = HOP_BY_HOP | {istr("Content-Length")}
 _SKIP_AUTO = (istr("User-Agent"), istr("Accept"), istr("Accept-Encoding"), istr("Content-Type"))
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -78,6 +82,11 @@ class Forwarder:
         self.config = config
         self.telemetry = telemetry
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        """The upstream connection pool (None outside the application's lifetime)."""
+        return self._session
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: the pool lives exactly as long as the application."""
@@ -148,7 +157,7 @@ class Forwarder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Forward `request` to the next replica and relay its response."""
         ctx = request[CONTEXT]
-        upstream = ctx.upstream or self.upstreams.next()
+        upstream = ctx.upstream or self.upstreams.next_serving()
         ctx.upstream_name = upstream.name
         span = self._start_client_span(ctx, request, upstream)
         started = time.monotonic()
@@ -186,8 +195,12 @@ class Forwarder:
             raise UpstreamResetBeforeResponseStarted(
                 f"upstream {upstream.name} closed the connection before responding "
                 f"({type(exc).__name__})") from None
+        if upstream_response.status in ctx.retry_statuses:
+            upstream_response.close()
+            raise UpstreamBusy(f"upstream {upstream.name} answered {upstream_response.status}",
+                               retry_after_s=1.0)
         try:
-            return await self._relay(request, ctx, upstream_response, span, started)
+            return await self._relay(request, ctx, upstream, upstream_response, span, started)
         finally:
             # Not fully read (client gone, timeout, error): closing drops the connection, which is the
             # cancel signal Ollama understands. After a complete read, release returns it to the pool.
@@ -196,7 +209,7 @@ class Forwarder:
             else:
                 upstream_response.close()
 
-    async def _relay(self, request: web.Request, ctx: RequestContext,
+    async def _relay(self, request: web.Request, ctx: RequestContext, upstream: Upstream,
                      upstream_response: aiohttp.ClientResponse, span: Span,
                      started: float) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict()
@@ -213,9 +226,6 @@ class Forwarder:
         elif (request.method != "HEAD" and upstream_response.status not in _NO_BODY_STATUSES
               and upstream_response.status >= 200):
             response.enable_chunked_encoding()
-        ctx.status = upstream_response.status
-        span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
-        await response.prepare(request)
         scanner = UsageScanner()
         content = upstream_response.content
         loop = asyncio.get_running_loop()
@@ -223,15 +233,22 @@ class Forwarder:
         # One timer for both limits: the idle gap (re-armed per chunk) and the request's deadline.
         hard_stop = loop.time() + self._remaining(ctx)
         timer = asyncio.timeout_at(min(loop.time() + idle, hard_stop))
+        attempt = ctx.attempt
         try:
             async with timer:
                 while True:
                     chunk = await content.readany()
+                    if not response.prepared:
+                        ctx.status = upstream_response.status
+                        span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
+                        await response.prepare(request)
                     if not chunk:
                         break
                     if ctx.first_byte_at is None:
                         ctx.first_byte_at = time.monotonic()
                         self._record_first_chunk(ctx, started)
+                    if attempt is not None:
+                        attempt.last_progress = time.monotonic()
                     scanner.feed(chunk)
                     await response.write(chunk)
                     timer.reschedule(min(loop.time() + idle, hard_stop))
@@ -239,8 +256,14 @@ class Forwarder:
             # Which limit the timer was set for, not the clock: asyncio may fire it a hair early.
             reason = (f"the request's deadline of {ctx.service_limits.get('deadline_s')}s passed"
                       if timer.when() == hard_stop else f"upstream sent nothing for {idle:g}s")
+            if not response.prepared:
+                raise UpstreamResponseTimeout(f"{reason} (upstream {upstream.name})") from None
             await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout", reason)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            if not response.prepared:
+                raise UpstreamResetBeforeResponseStarted(
+                    f"upstream {upstream.name} closed the connection before its response started "
+                    f"({type(exc).__name__})") from None
             if request.transport is None or request.transport.is_closing():
                 ctx.outcome = "client_disconnect"  # our write failed: the client went away
             else:
@@ -279,7 +302,7 @@ class Forwarder:
         session = self._session
         if session is None:
             return None
-        upstream = self.upstreams.next()
+        upstream = self.upstreams.next_serving()
         try:
             async with session.post(upstream.target(path), json=body,
                                     headers={"Host": upstream.host_header},

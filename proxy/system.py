@@ -4,12 +4,16 @@ configured; see proxy/access.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .access import TenantDirectory
 from .chain import Step
+from .config import ModelConfig
 from .context import CONTEXT
+from .profiles import fleet_profile
 from .telemetry.setup import Telemetry
 from .upstreams import UpstreamSet
 
@@ -17,7 +21,8 @@ __all__ = ["add_system_routes"]
 
 
 def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: UpstreamSet,
-                      directory: TenantDirectory, steps: dict[str, Step]) -> None:
+                      directory: TenantDirectory, steps: dict[str, Step],
+                      models: Mapping[str, ModelConfig]) -> None:
     """Register the proxy's own routes on `app` (before the catch-all forwarder)."""
 
     async def quotas(request: web.Request) -> web.Response:
@@ -38,9 +43,22 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
+        """Ready when at least one replica takes traffic (an outer load balancer stops sending else)."""
         del request
-        return web.json_response({"status": "ready",
-                                  "upstreams": [u.name for u in upstreams]})
+        statuses = {u.name: u.status for u in upstreams}
+        if not upstreams.eligible(None):
+            return web.json_response({"status": "no healthy upstream", "upstreams": statuses},
+                                     status=503)
+        return web.json_response({"status": "ready", "upstreams": statuses})
+
+    async def profile(request: web.Request) -> web.Response:
+        """Which replica holds which model now, measured load per model, and a recommended profile."""
+        del request
+        health = steps.get("health")
+        balancer = steps.get("balancer")
+        snapshot = health.snapshot() if health is not None and hasattr(health, "snapshot") else {}
+        stats = getattr(balancer, "stats", {})
+        return web.json_response(fleet_profile(upstreams, snapshot, models, stats))
 
     app.router.add_get("/metrics", metrics, allow_head=True)
     app.router.add_get("/healthz", healthz, allow_head=True)
@@ -57,3 +75,4 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
 
     app.router.add_get("/system/quotas", quotas)
     app.router.add_get("/system/queue", queue)
+    app.router.add_get("/system/profile", profile)

@@ -1,35 +1,89 @@
-"""Upstream replicas: their addresses and the set the forwarder picks from.
+"""Upstream replicas: their addresses and the state the health, backpressure and balancer steps share.
 
-Round robin (weighted by `weight`) until the health and balancer steps take over the choice.
+`health` writes each replica's status and what it has loaded (from `/api/ps`); `balancer` and
+`backpressure` read them through `UpstreamSet.eligible(model)`. Every request sent to a replica is an
+`Attempt` in its `attempts` set while it runs: the replica's load, and what stuck detection watches.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import attrs
 from yarl import URL
 
-from .config import UpstreamConfig
+from .config import ModelConfig, UpstreamConfig
+from .ollama import model_key
 
-__all__ = ["Upstream", "UpstreamSet"]
+__all__ = ["SERVING_STATUSES", "Attempt", "LoadedModel", "Upstream", "UpstreamSet"]
+
+SERVING_STATUSES = frozenset({"unknown", "healthy"})
+"""Statuses in which a replica takes new requests (`unknown`: not probed yet)."""
+
+
+@attrs.frozen
+class LoadedModel:
+    """One model a replica has in memory, as its `/api/ps` reports it."""
+
+    name: str
+    digest: str = ""
+    context_length: int | None = None
+    """The per-request context of the loaded runner (None: not reported / not probed yet)."""
+    expires_at: str = ""
+    size_vram: int | None = None
+
+
+@attrs.define(eq=False)
+class Attempt:
+    """One request in flight on a replica; `last_progress` is moved by every byte the replica sends."""
+
+    upstream: Upstream
+    model: str | None
+    started: float = attrs.field(factory=time.monotonic)
+    last_progress: float = attrs.field(factory=time.monotonic)
+    first_byte: bool = False
 
 
 @attrs.define(eq=False)
 class Upstream:
-    """One Ollama replica as the proxy addresses it."""
+    """One Ollama replica: where it is, and what the health step last learned about it."""
 
     name: str
     url: URL
     num_parallel: int = 1
     weight: int = 1
+    restart_command: str | None = None
+    status: str = "unknown"
+    """unknown, healthy, ejected, stuck, down, restarting or warming; see SERVING_STATUSES."""
+    reason: str = ""
+    """Why the replica is not serving (the last failure), for /system/profile and spans."""
+    consecutive_failures: int = 0
+    ejections: int = 0
+    """Ejections in a row: the backoff exponent."""
+    ejected_until: float = 0.0
+    healthy_since: float = 0.0
+    next_probe_at: float = 0.0
+    version: str | None = None
+    loaded: dict[str, LoadedModel] = attrs.field(factory=dict)
+    """Model key -> what `/api/ps` reported (plus models seen loading since the last probe)."""
+    models: frozenset[str] | None = None
+    """Model keys the replica has on disk (`/api/tags`), None until known."""
+    attempts: set[Attempt] = attrs.field(factory=set)
+    by_model: Counter[str] = attrs.field(factory=Counter)
 
     @classmethod
     def from_config(cls, config: UpstreamConfig) -> Upstream:
         url = URL(config.url)
         return cls(name=config.name or f"{url.host}:{url.port}", url=url,
-                   num_parallel=config.num_parallel, weight=config.weight)
+                   num_parallel=config.num_parallel, weight=config.weight,
+                   restart_command=config.restart_command)
+
+    @property
+    def serving(self) -> bool:
+        return self.status in SERVING_STATUSES
 
     @property
     def host_header(self) -> str:
@@ -44,24 +98,105 @@ class Upstream:
         base = str(self.url).rstrip("/")
         return URL(base + path_qs, encoded=True)
 
+    def begin(self, model: str | None) -> Attempt:
+        """Count a request sent to this replica; pair with `end`."""
+        attempt = Attempt(self, model_key(model) if model else None)
+        self.attempts.add(attempt)
+        if attempt.model:
+            self.by_model[attempt.model] += 1
+        return attempt
+
+    def end(self, attempt: Attempt) -> None:
+        if attempt in self.attempts:
+            self.attempts.discard(attempt)
+            if attempt.model:
+                self.by_model[attempt.model] -= 1
+                if self.by_model[attempt.model] <= 0:
+                    del self.by_model[attempt.model]
+
+    def resident(self, model: str, tokens: int | None = None) -> bool:
+        """Is `model` loaded here with a context that fits `tokens` (when both are known)?"""
+        loaded = self.loaded.get(model_key(model))
+        if loaded is None:
+            return False
+        return tokens is None or loaded.context_length is None or tokens <= loaded.context_length
+
 
 class UpstreamSet:
-    """The configured replicas, with a weighted round-robin cursor."""
+    """The configured replicas: weighted round robin, model placement rules, and change listeners."""
 
-    def __init__(self, upstreams: Sequence[Upstream]) -> None:
+    def __init__(self, upstreams: Sequence[Upstream],
+                 models: Mapping[str, ModelConfig] | None = None) -> None:
         if not upstreams:
             raise ValueError("at least one upstream is required")
         self.upstreams = list(upstreams)
+        self.by_name = {u.name: u for u in self.upstreams}
         order = [u for u in self.upstreams for _ in range(u.weight)]
         self._cycle: Iterator[Upstream] = itertools.cycle(order)
+        self.allowed: dict[str, frozenset[str]] = {
+            model_key(name): frozenset(profile.replicas)
+            for name, profile in (models or {}).items() if profile.replicas and "*" not in profile.replicas}
+        self.enforce_health = True
+        """False when health is in shadow or off mode: every replica counts as serving."""
+        self._listeners: list[Callable[[], None]] = []
 
     @classmethod
-    def from_config(cls, configs: Sequence[UpstreamConfig]) -> UpstreamSet:
-        return cls([Upstream.from_config(c) for c in configs])
+    def from_config(cls, configs: Sequence[UpstreamConfig],
+                    models: Mapping[str, ModelConfig] | None = None) -> UpstreamSet:
+        return cls([Upstream.from_config(c) for c in configs], models)
 
     def next(self) -> Upstream:
         """The next replica in weighted round-robin order."""
         return next(self._cycle)
 
+    def next_serving(self) -> Upstream:
+        """The next serving replica in round-robin order (any replica when none serves)."""
+        for _ in range(sum(u.weight for u in self.upstreams)):
+            upstream = self.next()
+            if self.is_serving(upstream):
+                return upstream
+        return self.next()
+
+    def is_serving(self, upstream: Upstream) -> bool:
+        return upstream.serving or not self.enforce_health
+
+    def allows(self, upstream: Upstream, model: str | None) -> bool:
+        """May `upstream` serve `model` under the model profiles (`models.<name>.replicas`)?"""
+        if not model:
+            return True
+        names = self.allowed.get(model_key(model))
+        return names is None or upstream.name in names
+
+    def eligible(self, model: str | None) -> list[Upstream]:
+        """Serving replicas allowed to serve `model`; when some of them are known to have it on disk,
+        only those (and replicas whose list is not known yet)."""
+        serving = [u for u in self.upstreams if self.is_serving(u) and self.allows(u, model)]
+        if model:
+            key = model_key(model)
+            if any(u.models is not None and key in u.models for u in serving):
+                return [u for u in serving if u.models is None or key in u.models]
+        return serving
+
+    def why_not(self, upstream: Upstream, model: str | None) -> str | None:
+        """Why `upstream` is not eligible for `model` (None when it is)."""
+        if not self.allows(upstream, model):
+            return "not_allowed"
+        if not self.is_serving(upstream):
+            return upstream.status
+        if upstream not in self.eligible(model):
+            return "model_absent"
+        return None
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever a replica's status or residency changes."""
+        self._listeners.append(listener)
+
+    def changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
     def __iter__(self) -> Iterator[Upstream]:
         return iter(self.upstreams)
+
+    def __len__(self) -> int:
+        return len(self.upstreams)

@@ -82,8 +82,8 @@ class Server:
 def start_emulator(tmp: Path, *, seed: int = 7, decode_tokens_per_s: float | None = None,
                    load_s: float | None = None, fixed_clock: bool = True, models: str | None = None,
                    name: str = "emulator", output_tokens: str | None = None,
-                   extra: list[str] | None = None) -> Server:
-    port = free_port()
+                   extra: list[str] | None = None, port: int | None = None) -> Server:
+    port = port or free_port()
     args = ["emulate", "--listen", f"127.0.0.1:{port}", "--seed", str(seed)]
     # Only what the caller sets: anything passed here overrides the timing profile.
     if decode_tokens_per_s is not None:
@@ -100,12 +100,14 @@ def start_emulator(tmp: Path, *, seed: int = 7, decode_tokens_per_s: float | Non
     return Server(args, port, tmp / f"{name}-{port}.log")
 
 
-def start_proxy(tmp: Path, upstreams: list[str], config: dict[str, Any] | None = None,
-                name: str = "proxy", env: dict[str, str] | None = None) -> Server:
+def start_proxy(tmp: Path, upstreams: list[str] | list[dict[str, Any]],
+                config: dict[str, Any] | None = None, name: str = "proxy",
+                env: dict[str, str] | None = None) -> Server:
+    """The proxy in front of `upstreams` (URLs, or upstream entries of the config file)."""
     port = free_port()
     data = dict(config or {})
     data.setdefault("server", {})["listen"] = f"127.0.0.1:{port}"
-    data["upstreams"] = [{"url": url} for url in upstreams]
+    data["upstreams"] = [{"url": u} if isinstance(u, str) else u for u in upstreams]
     path = tmp / f"{name}-{port}.yaml"
     path.write_text(yaml.safe_dump(data))
     return Server(["serve", "--config", str(path)], port, tmp / f"{name}-{port}.log", env)

@@ -1,0 +1,260 @@
+"""Routes about the whole fleet rather than one replica, answered by asking every replica.
+
+Read routes are merged: `GET /api/tags` and `GET /v1/models` are the union over the serving replicas,
+`GET /api/ps` the union with the holding replica named in each entry (`"replica"`). Management routes
+(`pull`, `create`, `push`, `copy`, `delete`) go to every replica; the answer keeps Ollama's shape and adds
+the per-replica results: a `replica` key on streamed progress lines and a final summary line
+(`{"status": "success", "replicas": {...}}` or `{"error": ..., "replicas": {...}}`), a `replicas` object in
+JSON bodies, and an `X-Replica-Results` header everywhere. A replica that is not serving is reported as
+skipped. An admin sends a request to a single replica with the `X-Ollama-Replica` header instead (the
+balancer forwards it byte for byte). With one replica nothing is merged: every route is relayed as is.
+
+Blob uploads (`/api/blobs/...`) are not fanned out: `create` from uploaded files needs the replica named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .context import RequestContext
+from .errors import UpstreamConnectFailure
+from .upstreams import Upstream, UpstreamSet
+
+__all__ = ["REPLICA_HEADER", "RESULTS_HEADER", "FanOut", "fleet_scope"]
+
+REPLICA_HEADER = "X-Ollama-Replica"
+"""Request header naming the one replica a request must go to (admin keys only)."""
+RESULTS_HEADER = "X-Replica-Results"
+_SCOPES = {
+    ("GET", "/api/tags"): "tags",
+    ("GET", "/api/ps"): "ps",
+    ("GET", "/v1/models"): "models",
+    ("POST", "/api/pull"): "manage",
+    ("POST", "/api/push"): "manage",
+    ("POST", "/api/create"): "manage",
+    ("POST", "/api/copy"): "manage",
+    ("DELETE", "/api/delete"): "manage",
+}
+_STREAMING = frozenset({"/api/pull", "/api/push", "/api/create"})
+_JSON = "application/json; charset=utf-8"
+_READ_TIMEOUT_S = 10.0
+
+
+def fleet_scope(method: str, path: str) -> str | None:
+    """`tags`, `ps`, `models` or `manage` for routes that concern every replica, else None."""
+    return _SCOPES.get((method, path))
+
+
+class FanOut:
+    """Sends one request to several replicas and merges what they answer."""
+
+    def __init__(self, upstreams: UpstreamSet, session: Callable[[], aiohttp.ClientSession | None],
+                 idle_timeout_s: float, on_managed: Callable[[Upstream], None] | None = None) -> None:
+        self.upstreams = upstreams
+        self._session = session
+        self.idle_timeout_s = idle_timeout_s
+        self.on_managed = on_managed
+
+    def session(self) -> aiohttp.ClientSession:
+        session = self._session()
+        assert session is not None, "fan-out used outside the application lifecycle"
+        return session
+
+    async def handle(self, request: web.Request, ctx: RequestContext, scope: str,
+                     targets: Sequence[Upstream]) -> web.StreamResponse:
+        """Answer `request` (of `scope`, see fleet_scope) from `targets`."""
+        if scope == "manage":
+            return await self._manage(request, ctx, targets)
+        serving = [u for u in targets if self.upstreams.is_serving(u)]
+        replies = await asyncio.gather(*(self._get_json(u, request.path) for u in serving))
+        answered = [(u, body) for u, body in zip(serving, replies, strict=True) if body is not None]
+        if not answered:
+            raise UpstreamConnectFailure(f"no replica answered {request.path}")
+        results = ", ".join(f"{u.name}={'ok' if body is not None else 'failed'}"
+                            for u, body in zip(serving, replies, strict=True))
+        ctx.status = 200
+        headers = {"Content-Type": _JSON, RESULTS_HEADER: results}
+        if scope == "models":
+            data = _union([(u, body.get("data")) for u, body in answered], "id")
+            return web.Response(body=orjson.dumps({"object": "list", "data": data or None}) + b"\n",
+                                headers=headers)
+        entries = _union([(u, body.get("models")) for u, body in answered], "name",
+                         replica_key="replica" if scope == "ps" else None)
+        order = "expires_at" if scope == "ps" else "modified_at"
+        entries.sort(key=lambda m: str(m.get(order, "")), reverse=True)
+        return web.Response(body=orjson.dumps({"models": entries}), headers=headers)
+
+    async def _get_json(self, upstream: Upstream, path: str) -> dict[str, Any] | None:
+        try:
+            async with self.session().get(upstream.target(path), headers={"Host": upstream.host_header},
+                                          timeout=aiohttp.ClientTimeout(total=_READ_TIMEOUT_S)) as reply:
+                if reply.status != 200:
+                    return None
+                value = orjson.loads(await reply.read())
+        except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    # management --------------------------------------------------------------------------------------
+    async def _manage(self, request: web.Request, ctx: RequestContext,
+                      targets: Sequence[Upstream]) -> web.StreamResponse:
+        skipped = {u.name: f"skipped: replica is {u.status}" for u in targets
+                   if not self.upstreams.is_serving(u)}
+        live = [u for u in targets if u.name not in skipped]
+        if not live:
+            raise UpstreamConnectFailure("no replica is serving; nothing was changed")
+        try:
+            if request.path in _STREAMING and ctx.streaming:
+                return await self._manage_stream(request, ctx, live, skipped)
+            return await self._manage_once(request, ctx, live, skipped)
+        finally:
+            if self.on_managed is not None:
+                for upstream in live:
+                    self.on_managed(upstream)
+
+    def _headers(self, request: web.Request, upstream: Upstream) -> dict[str, str]:
+        headers = {"Host": upstream.host_header}
+        if "Content-Type" in request.headers:
+            headers["Content-Type"] = request.headers["Content-Type"]
+        if "User-Agent" in request.headers:
+            headers["User-Agent"] = request.headers["User-Agent"]
+        return headers
+
+    async def _manage_once(self, request: web.Request, ctx: RequestContext, live: Sequence[Upstream],
+                           skipped: dict[str, str]) -> web.StreamResponse:
+        """Single-answer management calls (copy, delete, and pull/create/push with stream:false)."""
+
+        async def call(upstream: Upstream) -> tuple[int, bytes]:
+            try:
+                async with self.session().request(
+                        request.method, upstream.target(request.raw_path), data=ctx.body or b"",
+                        headers=self._headers(request, upstream)) as reply:
+                    return reply.status, await reply.read()
+            except (aiohttp.ClientError, OSError) as exc:
+                return 502, orjson.dumps({"error": f"cannot reach replica: {type(exc).__name__}"})
+
+        answers = await asyncio.gather(*(call(u) for u in live))
+        results: dict[str, Any] = {}
+        failures: list[tuple[str, int, str]] = []
+        for upstream, (status, body) in zip(live, answers, strict=True):
+            error = _error_text(body)
+            results[upstream.name] = "success" if status == 200 else f"{status}: {error}"
+            if status != 200:
+                failures.append((upstream.name, status, error))
+        results.update(skipped)
+        header = ", ".join(f"{n}={'success' if r == 'success' else r.split(':')[0]}"
+                           for n, r in results.items())
+        statuses = {status for status, _ in answers}
+        operation = request.path.rsplit("/", 1)[-1]
+        if statuses == {404}:  # nowhere to be found: Ollama's own 404, from the first replica
+            ctx.status = 404
+            return web.Response(status=404, body=answers[0][1], headers={
+                "Content-Type": "application/json; charset=utf-8", RESULTS_HEADER: header})
+        if request.path in ("/api/copy", "/api/delete") and statuses <= {200, 404}:
+            ctx.status = 200  # done wherever the model was; Ollama answers these with an empty body
+            return web.Response(status=200, headers={RESULTS_HEADER: header})
+        if not failures:
+            ctx.status = 200
+            return web.Response(body=orjson.dumps({"status": "success", "replicas": results}),
+                                headers={"Content-Type": "application/json", RESULTS_HEADER: header})
+        name, status, error = failures[0]
+        ctx.status = status if status >= 400 else 502
+        return web.Response(status=ctx.status, body=orjson.dumps(
+            {"error": f"{operation} failed on {name}: {error}", "replicas": results}),
+            headers={"Content-Type": _JSON, RESULTS_HEADER: header})
+
+    async def _manage_stream(self, request: web.Request, ctx: RequestContext,
+                             live: Sequence[Upstream], skipped: dict[str, str]) -> web.StreamResponse:
+        """Streamed progress from every replica, each line tagged with its replica, then a summary."""
+        lines: asyncio.Queue[tuple[str, dict[str, Any] | None]] = asyncio.Queue()
+        results: dict[str, Any] = {}
+
+        async def follow(upstream: Upstream) -> None:
+            last: dict[str, Any] = {}
+            try:
+                async with self.session().request(
+                        request.method, upstream.target(request.raw_path), data=ctx.body or b"",
+                        headers=self._headers(request, upstream),
+                        timeout=aiohttp.ClientTimeout(sock_read=self.idle_timeout_s)) as reply:
+                    async for raw in reply.content:
+                        if not raw.strip():
+                            continue
+                        try:
+                            line = orjson.loads(raw)
+                        except orjson.JSONDecodeError:
+                            continue
+                        if isinstance(line, dict):
+                            last = line
+                            await lines.put((upstream.name, line))
+                    if reply.status != 200 and "error" not in last:
+                        last = {"error": f"HTTP {reply.status}"}
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                last = {"error": f"replica connection failed ({type(exc).__name__})"}
+                await lines.put((upstream.name, last))
+            results[upstream.name] = "success" if last.get("status") == "success" else \
+                str(last.get("error") or "ended without success")
+            await lines.put((upstream.name, None))
+
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-ndjson"})
+        ctx.status = 200
+        await response.prepare(request)
+        tasks = [asyncio.create_task(follow(u)) for u in live]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                name, line = await lines.get()
+                if line is None:
+                    remaining -= 1
+                    continue
+                await response.write(orjson.dumps({**line, "replica": name}) + b"\n")
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+        results.update(skipped)
+        failed = [(n, r) for n, r in results.items() if r != "success" and n not in skipped]
+        if failed:
+            operation = request.path.rsplit("/", 1)[-1]
+            summary: dict[str, Any] = {"error": f"{operation} failed on {failed[0][0]}: {failed[0][1]}",
+                                       "replicas": results}
+        else:
+            summary = {"status": "success", "replicas": results}
+        await response.write(orjson.dumps(summary) + b"\n")
+        await response.write_eof()
+        return response
+
+
+def _error_text(body: bytes) -> str:
+    with contextlib.suppress(orjson.JSONDecodeError):
+        value = orjson.loads(body) if body else None
+        if isinstance(value, dict) and isinstance(value.get("error"), str):
+            return str(value["error"])
+    return body[:200].decode(errors="replace") if body else ""
+
+
+def _union(lists: list[tuple[Upstream, Any]], key: str,
+           replica_key: str | None = None) -> list[dict[str, Any]]:
+    """Entries of every replica's list, once per `key` (first replica wins), or once per replica and
+    key with the replica named under `replica_key`."""
+    seen: set[Any] = set()
+    out: list[dict[str, Any]] = []
+    for upstream, entries in lists:
+        for entry in entries or []:
+            if not isinstance(entry, dict):
+                continue
+            if replica_key is not None:
+                out.append({**entry, replica_key: upstream.name})
+                continue
+            if entry.get(key) in seen:
+                continue
+            seen.add(entry.get(key))
+            out.append(entry)
+    return out

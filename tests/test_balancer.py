@@ -1,0 +1,269 @@
+"""The `balancer` step over real emulated replicas: routing by residency (no model swaps), spreading equal
+costs, prefix affinity, retries before the first byte (refused connections, Ollama's 503) and never after,
+failover under load with a replica killed, requests that name a replica, `/api/show` sent to a replica
+that has the model, and the decision on the step's span."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import ollama
+import pytest
+
+from tests.support.metrics import metric
+from tests.support.otlp_receiver import OtlpReceiver, attributes_of
+from tests.support.servers import Server, free_port, start_emulator, start_proxy
+
+FAST = {"probe_interval_s": 0.3, "probe_timeout_s": 1.0, "base_ejection_s": 1.0}
+ADMIN, TENANT = "sk-admin", "sk-tenant"
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("balancer")
+
+
+def preload(*servers: Server, model: str = "llama3.2") -> None:
+    for server in servers:
+        assert httpx.post(f"{server.url}/api/generate", json={"model": model}, timeout=30).status_code == 200
+
+
+def completed(server: Server) -> int:
+    return int(server.stats()["completed"])
+
+
+def wait_profile(proxy: Server, predicate: Any, timeout_s: float = 10.0,
+                 headers: dict[str, str] | None = None) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        view = httpx.get(f"{proxy.url}/system/profile", timeout=5, headers=headers).json()
+        if predicate(view):
+            return dict(view)
+        time.sleep(0.05)
+    raise AssertionError(f"profile never matched: {view}")
+
+
+def test_residency_routing_avoids_model_swaps(tmp: Path) -> None:
+    # Each replica holds one model at a time (OLLAMA_MAX_LOADED_MODELS=1): round robin would swap models
+    # on every request; routing by residency loads each model once.
+    a = start_emulator(tmp, name="res-a", load_s=1.0, extra=["--max-loaded-models", "1"])
+    b = start_emulator(tmp, name="res-b", load_s=1.0, extra=["--max-loaded-models", "1"])
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"chain": {"health": FAST}}, name="res")
+    try:
+        client = ollama.Client(host=proxy.url)
+        loads = []
+        for model in ["llama3.2", "qwen3"] * 5:
+            reply = client.generate(model=model, prompt="hello", options={"num_predict": 4})
+            loads.append(reply.load_duration or 0)
+        cold = [d for d in loads if d >= 500_000_000]
+        assert len(cold) == 2, loads  # each model loaded once, then found where it is
+        assert a.stats()["loads"] + b.stats()["loads"] == 2
+        view = wait_profile(proxy, lambda v: len(v["models"].get("qwen3:latest", {}).get("loaded_on", []))
+                            == 1 and len(v["models"]["llama3.2:latest"]["loaded_on"]) == 1)
+        assert view["models"]["qwen3:latest"]["loaded_on"] != view["models"]["llama3.2:latest"]["loaded_on"]
+        observed = view["models"]["llama3.2:latest"]["observed"]
+        assert observed["loads"] == 1 and observed["load_s"] == pytest.approx(1.0, abs=0.01)
+        assert metric(proxy.url, "sop_balancer_model_loads_total") == 2
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
+
+
+def test_equal_cost_spreads_and_prefix_affinity_sticks(tmp: Path) -> None:
+    a = start_emulator(tmp, name="aff-a")
+    b = start_emulator(tmp, name="aff-b")
+    preload(a, b)
+    plain = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"chain": {"health": FAST}}, name="spread")
+    sticky = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                         {"chain": {"health": FAST, "balancer": {"affinity": "prefix"}}}, name="sticky")
+    try:
+        body = {"model": "llama3.2", "stream": False, "options": {"num_predict": 2}}
+        for _ in range(6):
+            httpx.post(f"{plain.url}/api/chat", json={
+                **body, "messages": [{"role": "user", "content": "same question"}]}, timeout=30)
+        assert completed(a) == completed(b) == 3  # equal cost: turns
+        homes = set()
+        for session in range(6):
+            before = (completed(a), completed(b))
+            for turn in range(3):
+                messages = [{"role": "system", "content": f"You are assistant number {session}."},
+                            {"role": "user", "content": "Tell me about the documents."}]
+                messages += [{"role": "assistant", "content": "..."},
+                             {"role": "user", "content": f"and {turn}"}] * turn
+                reply = httpx.post(f"{sticky.url}/api/chat", json={**body, "messages": messages},
+                                   timeout=30)
+                assert reply.status_code == 200
+            after = (completed(a), completed(b))
+            served = [after[0] - before[0], after[1] - before[1]]
+            assert sorted(served) == [0, 3], served  # every turn of a conversation on one replica
+            homes.add(served.index(3))
+        assert homes == {0, 1}  # and conversations spread over both
+    finally:
+        for server in (plain, sticky, a, b):
+            server.stop()
+
+
+def test_retries_before_the_first_byte_only(tmp: Path) -> None:
+    a = start_emulator(tmp, name="retry-a", decode_tokens_per_s=200)
+    b = start_emulator(tmp, name="retry-b", decode_tokens_per_s=200)
+    preload(a, b)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    # Plain round robin (balancer off), so that the dead replica keeps being chosen until ejected.
+    proxy = start_proxy(tmp, [{"url": dead, "name": "dead"}, {"url": a.url, "name": "a"},
+                              {"url": b.url, "name": "b"}],
+                        {"chain": {"health": {**FAST, "probe_interval_s": 30.0},
+                                   "balancer": {"mode": "off"}}}, name="retry")
+    try:
+        body = {"model": "llama3.2", "prompt": "hello", "stream": False, "options": {"num_predict": 3}}
+        for _ in range(6):
+            reply = httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30)
+            assert reply.status_code == 200, reply.text
+        view = httpx.get(f"{proxy.url}/system/profile").json()["replicas"]
+        assert view["dead"]["status"] == "ejected"
+        # Ollama's 503 (server busy) is retried on another replica, and does not eject the one that said it.
+        for busy in (a, b):
+            httpx.post(f"{busy.url}/_emulator/faults", json={"status": 503, "count": 1})
+            for _ in range(2):  # round robin: one of the two meets the 503 and is retried
+                reply = httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30)
+                assert reply.status_code == 200, reply.text
+        view = httpx.get(f"{proxy.url}/system/profile").json()["replicas"]
+        assert view["a"]["status"] == view["b"]["status"] == "healthy"
+        assert (metric(proxy.url, "sop_balancer_retries_total", error_type="overload") or 0) >= 2
+        # After the first byte there is no retry: the stream ends with an error line.
+        httpx.post(f"{a.url}/_emulator/faults", json={"reset_after_chunks": 2, "count": 1})
+        httpx.post(f"{b.url}/_emulator/faults", json={"reset_after_chunks": 2, "count": 1})
+        with httpx.stream("POST", f"{proxy.url}/api/generate", timeout=30,
+                          json={**body, "stream": True, "options": {"num_predict": 20}}) as stream:
+            lines = [json.loads(line) for line in stream.iter_lines() if line]
+        assert lines[-1]["code"] == "upstream_reset_after_response_started"
+        assert all("error" not in line for line in lines[:-1]) and len(lines) >= 2
+        assert completed(a) + completed(b) == 10  # 6 + 4 served, the broken stream not completed
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
+
+
+def test_failover_under_load_loses_nothing_unstarted(tmp: Path) -> None:
+    a = start_emulator(tmp, name="fail-a", decode_tokens_per_s=25, output_tokens="40,40",
+                       extra=["--num-parallel", "4"], fixed_clock=False)
+    b = start_emulator(tmp, name="fail-b", decode_tokens_per_s=25, output_tokens="40,40",
+                       extra=["--num-parallel", "4"], fixed_clock=False)
+    preload(a, b)
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a", "num_parallel": 4},
+                              {"url": b.url, "name": "b", "num_parallel": 4}],
+                        {"chain": {"health": FAST}}, name="failover")
+
+    async def one(session: aiohttp.ClientSession, index: int) -> tuple[str, int]:
+        await asyncio.sleep(index * 0.1)
+        async with session.post(f"{proxy.url}/api/generate", json={
+                "model": "llama3.2", "prompt": f"question {index}"}) as response:
+            assert response.status == 200, await response.text()
+            chunks = [json.loads(line) async for line in response.content if line.strip()]
+        last = chunks[-1]
+        if last.get("done"):
+            return "ok", len(chunks)
+        return str(last.get("code")), len(chunks)
+
+    async def run() -> tuple[list[tuple[str, int]], int]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            tasks = [asyncio.create_task(one(session, i)) for i in range(24)]
+            await asyncio.sleep(1.0)
+            streaming_on_b = (await asyncio.to_thread(b.stats))["active"]
+            await asyncio.to_thread(b.kill)
+            return await asyncio.gather(*tasks), streaming_on_b
+
+    try:
+        results, streaming_on_b = asyncio.run(run())
+        failed = [r for r in results if r[0] != "ok"]
+        # Only streams already running on b when it died are lost, each ended by a final error line
+        # after the bytes it had; every request that had not started streaming was served by a.
+        assert len(failed) <= streaming_on_b
+        assert all(code == "upstream_reset_after_response_started" and n >= 2 for code, n in failed)
+        assert len(results) - len(failed) >= 24 - streaming_on_b
+        view = httpx.get(f"{proxy.url}/system/profile").json()["replicas"]
+        assert view["b"]["status"] == "ejected"
+        reply = httpx.post(f"{proxy.url}/api/generate", json={
+            "model": "llama3.2", "prompt": "after", "stream": False}, timeout=30)
+        assert reply.status_code == 200
+    finally:
+        proxy.stop()
+        a.stop()
+        b.stop()
+
+
+def test_named_replica_and_show_goes_to_a_holder(tmp: Path) -> None:
+    a = start_emulator(tmp, name="named-a", models="llama3.2")
+    b = start_emulator(tmp, name="named-b", models="qwen3")
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"admin": {"keys": [ADMIN]}, "tenants": [{"name": "t", "keys": [TENANT]}],
+                         "chain": {"health": FAST}}, name="named")
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    try:
+        wait_profile(proxy, lambda v: all(r["models_on_disk"] for r in v["replicas"].values()),
+                     headers=admin)
+        for model in ("llama3.2", "qwen3") * 2:
+            reply = httpx.post(f"{proxy.url}/api/show", json={"model": model},
+                               headers={"Authorization": f"Bearer {TENANT}"})
+            assert reply.status_code == 200, reply.text
+        reply = httpx.post(f"{proxy.url}/api/generate", headers={**admin, "X-Ollama-Replica": "b"},
+                           json={"model": "qwen3", "prompt": "hi", "stream": False,
+                                 "options": {"num_predict": 2}}, timeout=30)
+        assert reply.status_code == 200 and completed(b) == 1 and completed(a) == 0
+        forbidden = httpx.post(f"{proxy.url}/api/generate", json={"model": "qwen3", "prompt": "hi"},
+                               headers={"Authorization": f"Bearer {TENANT}", "X-Ollama-Replica": "b"})
+        assert forbidden.status_code == 403 and "admin" in forbidden.json()["error"]
+        unknown = httpx.get(f"{proxy.url}/api/ps", headers={**admin, "X-Ollama-Replica": "zz"})
+        assert unknown.status_code == 400 and "no replica named 'zz'" in unknown.json()["error"]
+        # A named replica is relayed as it is, unmerged.
+        direct = httpx.get(f"{proxy.url}/api/tags", headers={**admin, "X-Ollama-Replica": "a"})
+        assert direct.content == httpx.get(f"{a.url}/api/tags").content
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
+
+
+def test_decision_on_the_step_spans(tmp: Path) -> None:
+    a = start_emulator(tmp, name="span-a")
+    b = start_emulator(tmp, name="span-b")
+    preload(b)
+    with OtlpReceiver() as receiver:
+        proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                            {"chain": {"health": FAST}, "models": {"qwen3": {"replicas": ["a"]}},
+                             "telemetry": {"otlp_endpoint": receiver.url,
+                                           "otlp_protocol": "http/protobuf"}}, name="spans")
+        try:
+            wait_profile(proxy, lambda v: v["models"].get("llama3.2:latest", {}).get("loaded_on") == ["b"])
+            reply = httpx.post(f"{proxy.url}/api/generate", json={
+                "model": "llama3.2", "prompt": "hi", "stream": False}, timeout=30)
+            assert reply.status_code == 200 and completed(b) == 1
+            reply = httpx.post(f"{proxy.url}/api/generate", json={
+                "model": "qwen3", "prompt": "hi", "stream": False}, timeout=30)
+            assert reply.status_code == 200 and completed(a) == 1  # only a may serve qwen3
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                spans = [s for s in receiver.spans() if s.name in ("sop.balancer", "sop.health")]
+                if len(spans) >= 4:
+                    break
+                time.sleep(0.1)
+            balancer = [attributes_of(s) for s in spans if s.name == "sop.balancer"]
+            health = [attributes_of(s) for s in spans if s.name == "sop.health"]
+            first = next(s for s in balancer if s["gen_ai.request.model"] == "llama3.2")
+            assert first["sop.upstream.name"] == "b" and first["sop.balancer.decision"] == "bound"
+            assert first["sop.balancer.costs_s"][0].startswith("b=0.00:resident")
+            assert any(c.startswith("a=") and c.endswith(":cold") for c in first["sop.balancer.costs_s"])
+            second = next(s for s in balancer if s["gen_ai.request.model"] == "qwen3")
+            assert second["sop.upstream.name"] == "a" and second["sop.balancer.dropped"] == ["b=not_allowed"]
+            qwen = next(s for s in health if s["gen_ai.request.model"] == "qwen3")
+            assert qwen["sop.health.candidates"] == ["a"] and qwen["sop.health.decision"] == "healthy"
+        finally:
+            proxy.stop()
+            a.stop()
+            b.stop()

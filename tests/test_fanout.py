@@ -1,0 +1,119 @@
+"""Routes about the whole fleet, through the official clients: the merged `/api/tags`, `/v1/models` and
+`/api/ps` (with the replica named), `/api/version`, and model management sent to every replica (or to the
+one an admin names) with per-replica results, replicas that are down reported as skipped."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from tests.support.servers import Server, start_emulator, start_proxy
+
+ADMIN, TENANT, MANAGER = "sk-admin", "sk-tenant", "sk-manager"
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fanout")
+
+
+@pytest.fixture
+def fleet(tmp: Path) -> Iterator[tuple[Server, Server, Server]]:
+    a = start_emulator(tmp, name="fan-a", models="llama3.2,nomic-embed-text")
+    b = start_emulator(tmp, name="fan-b", models="qwen3,llama3.2")
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}], {
+        "admin": {"keys": [ADMIN]},
+        "tenants": [{"name": "t", "keys": [TENANT]},
+                    {"name": "ops", "keys": [MANAGER], "allow_management": True}],
+        "chain": {"health": {"probe_interval_s": 0.3, "base_ejection_s": 30.0}}}, name="fan")
+    yield a, b, proxy
+    for server in (proxy, a, b):
+        server.stop()
+
+
+def names(server_url: str, key: str | None = None) -> list[str]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return sorted(m["name"] for m in httpx.get(f"{server_url}/api/tags", headers=headers).json()["models"])
+
+
+def test_read_routes_are_merged(fleet: tuple[Server, Server, Server]) -> None:
+    a, b, proxy = fleet
+    client = ollama.Client(host=proxy.url, headers={"Authorization": f"Bearer {TENANT}"})
+    listed = sorted(m.model or "" for m in client.list().models)
+    assert listed == ["llama3.2:latest", "nomic-embed-text:latest", "qwen3:latest"]
+    reply = httpx.get(f"{proxy.url}/api/tags", headers={"Authorization": f"Bearer {TENANT}"})
+    assert reply.headers["X-Replica-Results"] == "a=ok, b=ok"
+    models = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=TENANT).models.list()
+    assert sorted(m.id for m in models.data) == listed
+    httpx.post(f"{a.url}/api/generate", json={"model": "llama3.2"}, timeout=30)
+    httpx.post(f"{b.url}/api/generate", json={"model": "llama3.2"}, timeout=30)
+    httpx.post(f"{b.url}/api/generate", json={"model": "qwen3"}, timeout=30)
+    running = client.ps().models
+    assert sorted((m.model or "") for m in running) == ["llama3.2:latest", "llama3.2:latest", "qwen3:latest"]
+    raw = httpx.get(f"{proxy.url}/api/ps", headers={"Authorization": f"Bearer {TENANT}"}).json()["models"]
+    assert sorted((m["name"], m["replica"]) for m in raw) == [
+        ("llama3.2:latest", "a"), ("llama3.2:latest", "b"), ("qwen3:latest", "b")]
+    assert client.show("qwen3").modelinfo is not None  # sent to b, the replica that has it
+    assert httpx.get(f"{proxy.url}/api/version").json() == {"version": "0.33.0"}
+
+
+def test_management_goes_to_every_replica(fleet: tuple[Server, Server, Server]) -> None:
+    a, b, proxy = fleet
+    tenant = ollama.Client(host=proxy.url, headers={"Authorization": f"Bearer {TENANT}"})
+    with pytest.raises(ollama.ResponseError) as refused:
+        tenant.pull("all-minilm")
+    assert refused.value.status_code == 403
+    ops = ollama.Client(host=proxy.url, headers={"Authorization": f"Bearer {MANAGER}"})
+    assert ops.pull("all-minilm").status == "success"
+    assert "all-minilm:latest" in names(a.url) and "all-minilm:latest" in names(b.url)
+    # Streamed progress: every line names its replica, and a summary closes the stream.
+    with httpx.stream("POST", f"{proxy.url}/api/pull", json={"model": "qwen3"},
+                      headers={"Authorization": f"Bearer {MANAGER}"}) as stream:
+        lines = [json.loads(line) for line in stream.iter_lines() if line]
+    assert {line["replica"] for line in lines[:-1]} == {"a", "b"}
+    assert [line["status"] for line in lines[:-1] if line["replica"] == "a"][-1] == "success"
+    assert lines[-1] == {"status": "success", "replicas": {"a": "success", "b": "success"}}
+    with pytest.raises(ollama.ResponseError) as unknown:
+        ops.pull("no-such-model-anywhere")
+    assert "file does not exist" in str(unknown.value)
+    # copy and delete keep Ollama's empty 200, with the results per replica in a header.
+    copied = httpx.post(f"{proxy.url}/api/copy", json={"source": "nomic-embed-text", "destination": "emb"},
+                        headers={"Authorization": f"Bearer {MANAGER}"})
+    assert copied.status_code == 200 and copied.content == b""
+    assert copied.headers["X-Replica-Results"] == "a=success, b=404"
+    assert ops.delete("qwen3").status == "success"
+    assert "qwen3:latest" not in names(a.url) + names(b.url)
+    deadline = time.monotonic() + 5
+    while "qwen3:latest" in names(proxy.url, TENANT) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert names(proxy.url, TENANT) == ["all-minilm:latest", "emb:latest", "llama3.2:latest",
+                                        "nomic-embed-text:latest"]
+    gone = httpx.request("DELETE", f"{proxy.url}/api/delete", json={"model": "qwen3"},
+                         headers={"Authorization": f"Bearer {MANAGER}"})
+    assert gone.status_code == 404 and gone.json() == {"error": "model 'qwen3' not found"}
+
+
+def test_named_replica_and_skipped_replicas(fleet: tuple[Server, Server, Server]) -> None:
+    a, b, proxy = fleet
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    only_a = httpx.post(f"{proxy.url}/api/pull", json={"model": "all-minilm", "stream": False},
+                        headers={**admin, "X-Ollama-Replica": "a"})
+    assert only_a.status_code == 200 and only_a.json() == {"status": "success"}  # relayed as it is
+    assert "all-minilm:latest" in names(a.url) and "all-minilm:latest" not in names(b.url)
+    b.kill()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{proxy.url}/system/profile", headers=admin).json()["replicas"]["b"]["status"] \
+            == "healthy" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reply = httpx.post(f"{proxy.url}/api/pull", json={"model": "qwen3", "stream": False}, headers=admin)
+    assert reply.status_code == 200
+    assert reply.json() == {"status": "success",
+                            "replicas": {"a": "success", "b": "skipped: replica is ejected"}}
+    assert names(proxy.url, ADMIN) == sorted(names(a.url))  # only a answers the merged list now

@@ -1,0 +1,198 @@
+"""The `health` step with real emulated replicas: probes that learn residency without loading anything,
+passive ejection of a killed replica and its recovery, 503 no_healthy_upstream, stuck detection, and
+the restart hook restarting an emulator whose profile models are loaded before it takes traffic again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.metrics import metric
+from tests.support.servers import Server, free_port, start_emulator, start_proxy
+
+FAST = {"probe_interval_s": 0.3, "probe_timeout_s": 1.0, "base_ejection_s": 1.0}
+BODY = {"model": "llama3.2", "prompt": "hello", "stream": False, "options": {"num_predict": 4}}
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("health")
+
+
+def profile(proxy: Server) -> dict[str, Any]:
+    return dict(httpx.get(f"{proxy.url}/system/profile", timeout=5).json())
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status(proxy: Server, replica: str) -> str:
+    return str(profile(proxy)["replicas"][replica]["status"])
+
+
+def loaded(server: Server) -> list[str]:
+    return [m["name"] for m in httpx.get(f"{server.url}/api/ps", timeout=5).json()["models"]]
+
+
+def test_probes_learn_residency_and_never_load(tmp: Path) -> None:
+    a = start_emulator(tmp, name="probe-a")
+    b = start_emulator(tmp, name="probe-b")
+    httpx.post(f"{a.url}/api/generate", json={"model": "qwen3"}, timeout=30)  # load-only, directly
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"chain": {"health": FAST}}, name="probe")
+    try:
+        wait_for(lambda: profile(proxy)["models"].get("qwen3:latest", {}).get("loaded_on") == ["a"],
+                 what="qwen3 seen loaded on a")
+        time.sleep(1.5)  # a few more probe rounds
+        view = profile(proxy)
+        assert view["replicas"]["a"]["status"] == view["replicas"]["b"]["status"] == "healthy"
+        assert view["replicas"]["a"]["version"] == "0.33.0"
+        assert [m["model"] for m in view["replicas"]["a"]["loaded"]] == ["qwen3:latest"]
+        assert view["replicas"]["a"]["loaded"][0]["context_length"] == 4096
+        assert "llama3.2:latest" in view["replicas"]["b"]["models_on_disk"]
+        # Probes loaded nothing anywhere: b holds nothing, a only what it was given.
+        assert loaded(b) == [] and loaded(a) == ["qwen3:latest"]
+        assert a.stats()["loads"] == 1 and b.stats()["loads"] == 0
+        assert metric(proxy.url, "sop_upstream_healthy", sop_upstream_name="a") == 1.0
+        assert (metric(proxy.url, "sop_health_probes_total", sop_upstream_name="b", outcome="success")
+                or 0) >= 3
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
+
+
+def test_killed_replica_is_ejected_then_recovers(tmp: Path) -> None:
+    a = start_emulator(tmp, name="eject-a")
+    port = free_port()
+    b = start_emulator(tmp, name="eject-b", port=port)
+    for server in (a, b):  # both hold the model: equal cost, so the balancer spreads requests
+        httpx.post(f"{server.url}/api/generate", json={"model": "llama3.2"}, timeout=30)
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"chain": {"health": {**FAST, "probe_interval_s": 5.0}}}, name="eject")
+    try:
+        b.kill()
+        # Requests keep succeeding (retried on a before any byte) while b collects failures.
+        for _ in range(6):
+            reply = httpx.post(f"{proxy.url}/api/generate", json=BODY, timeout=30)
+            assert reply.status_code == 200, reply.text
+        view = profile(proxy)["replicas"]["b"]
+        assert view["status"] == "ejected", view
+        assert "upstream_connect_failure" in view["reason"]
+        assert metric(proxy.url, "sop_health_ejections_total", sop_upstream_name="b") == 1.0
+        assert (metric(proxy.url, "sop_balancer_retries_total", sop_upstream_name="b",
+                       error_type="upstream_connect_failure") or 0) >= 1
+        assert metric(proxy.url, "sop_upstream_healthy", sop_upstream_name="b") == 0.0
+        b = start_emulator(tmp, name="eject-b2", port=port)
+        # Half-open after the 1 s backoff: the next successful probe takes it back.
+        wait_for(lambda: status(proxy, "b") == "healthy", 12, "b back in service")
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
+
+
+def test_no_healthy_upstream(tmp: Path) -> None:
+    a = start_emulator(tmp, name="none-a")
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}],
+                        {"chain": {"health": {**FAST, "base_ejection_s": 30.0}}}, name="none")
+    try:
+        wait_for(lambda: status(proxy, "a") == "healthy", what="a healthy")
+        assert httpx.get(f"{proxy.url}/readyz").status_code == 200
+        a.kill()
+        wait_for(lambda: status(proxy, "a") == "ejected", what="a ejected by its probes")
+        reply = httpx.post(f"{proxy.url}/api/chat", json={"model": "llama3.2", "messages": []})
+        assert reply.status_code == 503
+        body = reply.json()
+        assert body["code"] == "no_healthy_upstream" and "a: " in body["error"]
+        assert 25 <= int(reply.headers["Retry-After"]) <= 31  # the backoff's end, not a constant
+        ready = httpx.get(f"{proxy.url}/readyz")
+        assert ready.status_code == 503 and ready.json()["upstreams"] == {"a": "ejected"}
+    finally:
+        proxy.stop()
+        a.stop()
+
+
+def test_stuck_replica_gets_no_new_traffic(tmp: Path) -> None:
+    a = start_emulator(tmp, name="stuck-a", decode_tokens_per_s=200)
+    b = start_emulator(tmp, name="stuck-b", decode_tokens_per_s=200)
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"chain": {"health": {**FAST, "stuck_after_s": 1.0}}}, name="stuck")
+    try:
+        wait_for(lambda: all(r["status"] == "healthy" for r in profile(proxy)["replicas"].values()))
+        httpx.post(f"{a.url}/_emulator/faults", json={"hang_after_chunks": 2, "count": 1})
+        with httpx.stream("POST", f"{proxy.url}/api/generate", headers={"X-Ollama-Replica": "a"},
+                          json={"model": "llama3.2", "prompt": "hello"}, timeout=30) as hung:
+            assert hung.status_code == 200
+            wait_for(lambda: status(proxy, "a") == "stuck", 10, "a marked stuck")
+            assert "no progress" in profile(proxy)["replicas"]["a"]["reason"]
+            for _ in range(3):
+                reply = httpx.post(f"{proxy.url}/api/generate", json=BODY, timeout=30)
+                assert reply.status_code == 200
+            assert a.stats()["completed"] == 0
+        # The silent request is gone (client left): a is back.
+        wait_for(lambda: status(proxy, "a") == "healthy", 10, "a healthy again")
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
+
+
+def test_restart_hook_restarts_and_prewarms(tmp: Path) -> None:
+    port = free_port()
+    pidfile = tmp / "a.pid"
+    command = (f"{sys.executable} -m tests.support.respawn --port {{port}} --log {tmp / 'respawn.log'} "
+               f"--pidfile {pidfile} -- --seed 7 --load-s 0.5")
+    a = start_emulator(tmp, name="restart-a", port=port, load_s=0.5)
+    b = start_emulator(tmp, name="restart-b")
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a", "restart_command": command},
+                              {"url": b.url, "name": "b"}],
+                        {"models": {"qwen3": {"warm_on": ["a"]}},
+                         "chain": {"health": {**FAST, "restart_after_failures": 2,
+                                              "restart_min_interval_s": 60}}}, name="restart")
+    try:
+        # At start-up the profile model is loaded on its replica.
+        wait_for(lambda: loaded(a) == ["qwen3:latest"], what="qwen3 pre-warmed on a at start")
+        a.kill()
+        wait_for(pidfile.exists, 20, "the restart command to run")
+        seen: list[str] = []
+
+        def back() -> bool:
+            seen.append(status(proxy, "a"))
+            return seen[-1] == "healthy"
+
+        wait_for(back, 20, "a restarted and healthy")
+        assert "restarting" in seen or "warming" in seen
+        assert loaded(a_url_server(port)) == ["qwen3:latest"]
+        log = proxy.log()
+        assert "restart of a" in log and f"listening on port {port}" in log
+        # It took traffic again only once its profile model was loaded.
+        assert log.index("pre-warmed qwen3 on a", log.index("restart of a")) < \
+            log.index("replica a: warming -> healthy")
+        reply = httpx.post(f"{proxy.url}/api/generate", json={**BODY, "model": "qwen3"}, timeout=30)
+        assert reply.status_code == 200 and reply.json()["load_duration"] < 100_000_000
+        assert profile(proxy)["replicas"]["a"]["restarts"] == 1
+    finally:
+        proxy.stop()
+        b.stop()
+        a.stop()
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+
+
+def a_url_server(port: int) -> Server:
+    """A handle on a server this test did not start (for `loaded`)."""
+    server = Server.__new__(Server)
+    server.url = f"http://127.0.0.1:{port}"
+    return server
