@@ -51,6 +51,7 @@ _DRAIN_WINDOW_S = 60.0
 _DEFAULT_OUTPUT_TOKENS = 256
 """Expected output of a request that sets no limit, for ordering only (quotas has its own setting)."""
 _WAIT_SAMPLES = 1024
+_RECHECK_S = 1.0
 
 
 class ModelGate:
@@ -76,6 +77,7 @@ class ModelGate:
         self.waits: deque[float] = deque(maxlen=_WAIT_SAMPLES)
         self.rejections: Counter[str] = Counter()
         self.service_s: float | None = None
+        self._recheck: asyncio.TimerHandle | None = None
 
     # capacity ----------------------------------------------------------------------------------------
     def pick(self, hint: Any = None, position: int = 0) -> Upstream | None:
@@ -125,11 +127,19 @@ class ModelGate:
                 continue
             replica = self.pick(head.hint)
             if replica is None:
+                self._recheck_later()
                 return
             waiter = self.queue.pop()
             assert waiter is head
             self.in_flight[replica.name] += 1
             waiter.future.set_result(replica)
+
+    def _recheck_later(self) -> None:
+        """Free slots were passed over (waiting for a replica that holds the model was cheaper): look
+        again in a second, since that choice changes as the wait grows even when nothing else happens."""
+        if self._recheck is None or self._recheck.cancelled() or \
+                self._recheck.when() <= asyncio.get_running_loop().time():
+            self._recheck = asyncio.get_running_loop().call_later(_RECHECK_S, self.dispatch)
 
     def move(self, old: Upstream, new: Upstream) -> None:
         """A request holding a slot on `old` goes to `new` instead (the balancer retried)."""

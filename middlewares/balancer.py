@@ -58,6 +58,8 @@ _RETRYABLE = (UpstreamConnectFailure, UpstreamResetBeforeResponseStarted, Upstre
 _DEMAND_WINDOW_S = 120.0
 """A model requested this recently is still wanted: evicting it costs its next load."""
 _NEAR = 0.05
+_SHORT_PENALTY_S = 0.5
+"""Preference for a replica whose loaded context fits the prompt over one where Ollama would truncate."""
 _DEFAULT_SERVICE_S = 1.0
 
 
@@ -120,15 +122,23 @@ class BalancerStep(Step):
         busy = upstream.by_model.get(key, 0) if key else len(upstream.attempts)
         return max(0, busy + 1 - slots) / slots * self._service(key)
 
-    def cost(self, upstream: Upstream, key: str | None, tokens: int | None,
-             wait_s: float) -> tuple[float, str]:
-        """(seconds until the request could start on `upstream`, `resident` | `cold` | `any`)."""
+    def cost(self, upstream: Upstream, key: str | None, tokens: int | None, wait_s: float,
+             num_ctx: int | None = None) -> tuple[float, str]:
+        """(seconds until the request could start on `upstream`, `resident` | `short` | `reload` |
+        `cold` | `any`). `short`: loaded with a context smaller than the prompt, which a replica whose
+        context fits beats by a little (`_SHORT_PENALTY_S`); `reload`: loaded with another num_ctx than
+        the request asks for, so Ollama reloads it (a load, but nothing else is evicted)."""
         if key is None:
             return wait_s, "any"
         self.max_resident[upstream.name] = max(self.max_resident.get(upstream.name, 1),
                                                len(upstream.loaded))
-        if upstream.resident(key, tokens):
+        residency = upstream.residency(key, tokens, num_ctx)
+        if residency == "resident":
             return wait_s, "resident"
+        if residency == "short":
+            return wait_s + _SHORT_PENALTY_S, "short"
+        if residency == "reload":
+            return wait_s + self._load(key), "reload"
         cost = wait_s + self._load(key)
         others = [m for m in upstream.loaded if m != key]
         if others and len(others) >= self.max_resident[upstream.name]:
@@ -176,6 +186,7 @@ class BalancerStep(Step):
         replicas start at once and the others after their next slot frees for this request."""
         key = model_key(model) if model else None
         tokens = ctx.prompt_tokens if ctx is not None else None
+        num_ctx = _requested_num_ctx(ctx)
         rows: list[tuple[float, str, Upstream]] = []
         for upstream in candidates:
             if free is None:
@@ -184,7 +195,7 @@ class BalancerStep(Step):
                 wait = 0.0
             else:
                 wait = (position + 0.5) / max(1, upstream.num_parallel) * self._service(key)
-            cost, reason = self.cost(upstream, key, tokens, wait)
+            cost, reason = self.cost(upstream, key, tokens, wait, num_ctx)
             rows.append((cost, reason, upstream))
         if not rows:
             return rows
@@ -215,7 +226,13 @@ class BalancerStep(Step):
             return None
         best = ranked[0][2]
         if best not in free:
-            return None
+            # Waiting for the replica that holds the model is cheaper, as far as we can tell; but once
+            # the request has waited as long as the load would have taken, it takes the free replica.
+            cheapest = min((row for row in ranked if row[2] in free), key=lambda row: row[0])
+            waited = time.monotonic() - ctx.started if ctx is not None else 0.0
+            if waited < cheapest[0]:
+                return None
+            best = cheapest[2]
         self._last_pick[best.name] = next(self._picks)
         return best
 
@@ -371,3 +388,11 @@ class BalancerStep(Step):
                 self.health.probe_soon(upstream)  # it may have evicted another model: look now
         if key not in upstream.loaded:
             upstream.loaded[key] = LoadedModel(key)  # seen serving it; the next probe has the details
+
+
+def _requested_num_ctx(ctx: RequestContext | None) -> int | None:
+    """The num_ctx the request (as the limits step left it) asks Ollama for, if any."""
+    body = ctx.json() if ctx is not None else None
+    options = body.get("options") if isinstance(body, dict) else None
+    value = options.get("num_ctx") if isinstance(options, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import shlex
 import time
@@ -51,6 +52,8 @@ GATEWAY_FAILURES = frozenset({"upstream_connect_failure", "upstream_reset_before
 runner errors too, and one client's bad requests must not eject a healthy replica."""
 _FAILING_STATUSES = frozenset({502, 504})
 _TAGS_EVERY_PROBES = 6
+_PIN_RETRY_S = 60.0
+"""A pinned model found missing is loaded again at most this often (it may not fit, or be gone)."""
 _OUTPUT_LOG_BYTES = 4096
 
 
@@ -73,6 +76,7 @@ class HealthStep(Step):
         self.last_restart: dict[str, float] = {}
         self._restarting: set[str] = set()
         self._tags_due: set[str] = set()
+        self._pin_attempts: dict[tuple[str, str], float] = {}
         self.probe_failures: dict[str, int] = {u.name: 0 for u in upstreams}
         self.restarts: dict[str, int] = {u.name: 0 for u in upstreams}
         self._wake = {u.name: asyncio.Event() for u in upstreams}
@@ -219,8 +223,9 @@ class HealthStep(Step):
             return
         if upstream.status == "ejected" and time.monotonic() < upstream.ejected_until:
             return
+        never_answered = probe and upstream.status == "unknown"
         if upstream.consecutive_failures < self.config.eject_after_failures \
-                and upstream.status != "ejected":
+                and upstream.status != "ejected" and not never_answered:
             return
         if not probe:
             out = sum(1 for u in self.upstreams if not u.serving)
@@ -337,9 +342,13 @@ class HealthStep(Step):
         return [name for name, _ in self.warm[upstream.name] if model_key(name) not in upstream.loaded]
 
     def _keep_pinned(self, upstream: Upstream) -> None:
+        now = time.monotonic()
         missing = [name for name, profile in self.warm[upstream.name]
-                   if profile.pinned and model_key(name) not in upstream.loaded]
+                   if profile.pinned and model_key(name) not in upstream.loaded
+                   and now - self._pin_attempts.get((upstream.name, name), -math.inf) > _PIN_RETRY_S]
         if missing:
+            for name in missing:
+                self._pin_attempts[(upstream.name, name)] = now
             self._start_warm(upstream, missing, then_serve=False)
 
     def _start_warm(self, upstream: Upstream, models: list[str], then_serve: bool) -> None:

@@ -302,7 +302,9 @@ class Forwarder:
         session = self._session
         if session is None:
             return None
-        upstream = self.upstreams.next_serving()
+        model = body.get("model")
+        holders = self.upstreams.eligible(model if isinstance(model, str) else None)
+        upstream = holders[0] if holders else self.upstreams.next_serving()
         try:
             async with session.post(upstream.target(path), json=body,
                                     headers={"Host": upstream.host_header},

@@ -114,12 +114,19 @@ class Upstream:
                 if self.by_model[attempt.model] <= 0:
                     del self.by_model[attempt.model]
 
-    def resident(self, model: str, tokens: int | None = None) -> bool:
-        """Is `model` loaded here with a context that fits `tokens` (when both are known)?"""
+    def residency(self, model: str, tokens: int | None = None, num_ctx: int | None = None) -> str:
+        """`resident` (loaded, and its context fits `tokens`), `short` (loaded, context smaller than
+        `tokens`: Ollama would truncate), `reload` (loaded with another context than the `num_ctx` the
+        request asks for: Ollama reloads it) or `absent`. Unknown values never count against it."""
         loaded = self.loaded.get(model_key(model))
         if loaded is None:
-            return False
-        return tokens is None or loaded.context_length is None or tokens <= loaded.context_length
+            return "absent"
+        context = loaded.context_length
+        if num_ctx is not None and context is not None and num_ctx != context:
+            return "reload"
+        if tokens is not None and context is not None and tokens > context:
+            return "short"
+        return "resident"
 
 
 class UpstreamSet:

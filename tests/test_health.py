@@ -14,7 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
+from yarl import URL
 
+from middlewares.health import HealthStep
+from proxy.config import HealthConfig, TelemetryConfig
+from proxy.telemetry.setup import build_telemetry
+from proxy.upstreams import Upstream, UpstreamSet
 from tests.support.metrics import metric
 from tests.support.servers import Server, free_port, start_emulator, start_proxy
 
@@ -196,3 +201,58 @@ def a_url_server(port: int) -> Server:
     server = Server.__new__(Server)
     server.url = f"http://127.0.0.1:{port}"
     return server
+
+
+def _fleet(count: int = 4, **health: Any) -> tuple[HealthStep, list[Upstream]]:
+    upstreams = UpstreamSet([Upstream(name, URL(f"http://127.0.0.1:{11434 + i}"))
+                             for i, name in enumerate("abcdefgh"[:count])])
+    step = HealthStep(HealthConfig(**health), upstreams, {}, build_telemetry(TelemetryConfig()))
+    for upstream in upstreams:
+        upstream.status = "healthy"
+    return step, list(upstreams)
+
+
+def test_passive_ejection_backs_off_exponentially_and_recovers_half_open() -> None:
+    step, (a, b, _, _) = _fleet(eject_after_failures=3, base_ejection_s=10.0, max_ejection_s=35.0)
+    step.observe(a, "upstream_connect_failure", 0)
+    step.observe(a, "ok", 200)  # a success in between ends the run
+    step.observe(a, "upstream_connect_failure", 0)
+    step.observe(a, "ok", 502)
+    assert a.status == "healthy"
+    step.observe(a, "upstream_reset_before_response_started", 0)
+    assert a.status == "ejected" and a.ejected_until - time.monotonic() == pytest.approx(10, abs=0.5)
+    # Ollama's own 500s and 503s are not the replica's health.
+    for outcome, status_code in (("ok", 500), ("ok", 503), ("ok", 404), ("client_disconnect", 0)):
+        step.observe(b, outcome, status_code)
+    assert b.status == "healthy" and b.consecutive_failures == 0
+    # Backoff expired: half-open; a failed probe ejects again for twice as long, then the cap.
+    a.ejected_until = time.monotonic() - 1
+    step.failure(a, "probe failed", probe=True)
+    assert a.ejected_until - time.monotonic() == pytest.approx(20, abs=0.5)
+    a.ejected_until = time.monotonic() - 1
+    step.failure(a, "probe failed", probe=True)
+    assert a.ejected_until - time.monotonic() == pytest.approx(35, abs=0.5)
+    # A successful probe while backing off changes nothing; after it, the replica is back.
+    a.ejected_until = time.monotonic() + 5
+    step._success(a)
+    assert a.status == "ejected"
+    a.ejected_until = time.monotonic() - 1
+    step._success(a)
+    assert a.status == "healthy" and a.consecutive_failures == 0
+
+
+def test_passive_ejection_keeps_most_of_the_fleet() -> None:
+    step, (a, b, c, _) = _fleet(eject_after_failures=1, max_ejection_ratio=0.5)
+    step.observe(a, "upstream_connect_failure", 0)
+    step.observe(b, "upstream_connect_failure", 0)
+    step.observe(c, "upstream_connect_failure", 0)
+    assert [u.status for u in (a, b, c)] == ["ejected", "ejected", "healthy"]  # at most half, passively
+    step.failure(c, "probe failed", probe=True)
+    assert c.status == "ejected"  # a failed probe is evidence enough
+
+
+def test_a_replica_that_never_answered_is_out_at_once() -> None:
+    step, (a, *_) = _fleet()
+    a.status = "unknown"
+    step.failure(a, "probe failed (ClientConnectorError)", probe=True)
+    assert a.status == "ejected"

@@ -35,6 +35,21 @@ SCENARIOS: dict[str, Scenario] = {
             Tenant("team-b", "sk-team-b", "interactive",
                    bursts=(Burst("rag", at_s=1.5, count=5, window_s=1.0, max_output_tokens=96),)),
         )),
+    # Two teams, each on its own 8B model, sharing two replicas that each fit one such model at a time
+    # (OLLAMA_MAX_LOADED_MODELS=1): steady chats plus a small RAG burst per team. Round robin sends both
+    # models to both replicas (a swap costs a model load); routing by residency need not swap at all.
+    "two-model": Scenario(
+        name="two-model", duration_s=60.0,
+        tenants=(
+            Tenant("team-a", "sk-team-a", "interactive",
+                   streams=(Stream("chat", 0.1, max_output_tokens=128, model="llama3.2"),),
+                   bursts=(Burst("rag", at_s=15.0, count=4, window_s=10.0, max_output_tokens=96,
+                                 model="llama3.2"),)),
+            Tenant("team-b", "sk-team-b", "interactive",
+                   streams=(Stream("chat", 0.1, max_output_tokens=128, model="qwen3"),),
+                   bursts=(Burst("rag", at_s=20.0, count=4, window_s=10.0, max_output_tokens=96,
+                                 model="qwen3"),)),
+        )),
     # A few requests of each class, for tests and quick checks.
     "smoke": Scenario(
         name="smoke", duration_s=4.0,

@@ -38,6 +38,8 @@ class Stream:
     end_s: float | None = None
     max_output_tokens: int | None = None
     """num_predict of these requests (None: the model decides)."""
+    model: str | None = None
+    """The model these requests ask for (None: the scenario's chat or embedding model)."""
 
 
 @attrs.frozen
@@ -50,6 +52,8 @@ class Burst:
     window_s: float = 2.0
     max_output_tokens: int | None = None
     """num_predict of these requests (None: the model decides)."""
+    model: str | None = None
+    """The model these requests ask for (None: the scenario's chat or embedding model)."""
 
 
 @attrs.frozen
@@ -103,7 +107,8 @@ def _text(rng: random.Random, size_bytes: int) -> str:
 
 
 def _request(rng: random.Random, scenario: Scenario, kind: RequestClass,
-             max_output_tokens: int | None) -> tuple[str, dict[str, Any], int]:
+             max_output_tokens: int | None, model: str | None) -> tuple[str, dict[str, Any], int]:
+    chat_model = model or scenario.chat_model
     options: dict[str, Any] = {"num_ctx": scenario.num_ctx}
     if max_output_tokens is not None:
         options["num_predict"] = max_output_tokens
@@ -111,23 +116,24 @@ def _request(rng: random.Random, scenario: Scenario, kind: RequestClass,
         turns = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."}]
         for _ in range(rng.randint(1, 3)):
             turns.append({"role": "user", "content": _text(rng, rng.randint(60, 400))})
-        return "/api/chat", {"model": scenario.chat_model, "messages": turns, "stream": True,
+        return "/api/chat", {"model": chat_model, "messages": turns, "stream": True,
                              "options": options}, 0
     if kind == "rag":
         size = rng.randint(8 * 1024, 64 * 1024)
         context = _text(rng, size)
         question = _text(rng, rng.randint(40, 160))
         prompt = f"Answer from the context only.\n\nContext:\n{context}\n\nQuestion: {question}\nAnswer:"
-        return "/api/generate", {"model": scenario.chat_model, "prompt": prompt, "stream": True,
+        return "/api/generate", {"model": chat_model, "prompt": prompt, "stream": True,
                                  "options": options}, size
     chunks = [_text(rng, rng.randint(700, 1300)) for _ in range(rng.randint(16, 64))]
-    return "/api/embed", {"model": scenario.embed_model, "input": chunks}, sum(len(c) for c in chunks)
+    size = sum(len(c) for c in chunks)
+    return "/api/embed", {"model": model or scenario.embed_model, "input": chunks}, size
 
 
 def plan(scenario: Scenario, seed: int) -> list[Planned]:
     """Every request of the scenario, sorted by offset; identical for identical (scenario, seed)."""
     rng = random.Random(seed)
-    arrivals: list[tuple[float, Tenant, RequestClass, int | None]] = []
+    arrivals: list[tuple[float, Tenant, RequestClass, int | None, str | None]] = []
     for tenant in scenario.tenants:
         for stream in tenant.streams:
             end = min(stream.end_s if stream.end_s is not None else scenario.duration_s,
@@ -137,14 +143,14 @@ def plan(scenario: Scenario, seed: int) -> list[Planned]:
                 at += rng.expovariate(stream.rate_per_s)
                 if at >= end:
                     break
-                arrivals.append((at, tenant, stream.kind, stream.max_output_tokens))
+                arrivals.append((at, tenant, stream.kind, stream.max_output_tokens, stream.model))
         for burst in tenant.bursts:
             for _ in range(burst.count):
                 arrivals.append((burst.at_s + rng.uniform(0, burst.window_s), tenant, burst.kind,
-                                 burst.max_output_tokens))
+                                 burst.max_output_tokens, burst.model))
     arrivals.sort(key=lambda item: item[0])
     planned = []
-    for index, (at, tenant, kind, max_output) in enumerate(arrivals[: scenario.max_requests]):
-        path, body, context = _request(rng, scenario, kind, max_output)
+    for index, (at, tenant, kind, max_output, model) in enumerate(arrivals[: scenario.max_requests]):
+        path, body, context = _request(rng, scenario, kind, max_output, model)
         planned.append(Planned(index, at, tenant.name, tenant.key, kind, path, body, context))
     return planned

@@ -5,8 +5,11 @@ Targets (each with its own emulated fleet, `gpu-8b` profile, Ollama defaults: on
     T1  nginx round robin over two emulated Ollamas (Debian's nginx, buffering off)
     T2  the proxy in front of one emulated Ollama, backpressure with a plain FIFO
     T3  the proxy in front of one emulated Ollama, token-fair queuing with interactive/bulk lanes
-and two reference runs of T3's configuration: on `rag-quiet` (the interactive traffic without the burst,
-for the TTFT-under-burst ratio) and on `fair-pair` (two equal-weight tenants both over capacity).
+two reference runs of T3's configuration: on `rag-quiet` (the interactive traffic without the burst, for
+the TTFT-under-burst ratio) and on `fair-pair` (two equal-weight tenants both over capacity); and the
+two-model mix (`two-model`: two teams on two 8B models over two replicas that each fit one model at a
+time) behind nginx round robin (T1 2-model) and the proxy (T3 2-model), counting model loads (the
+replicas' own count, and the responses whose load_duration shows one).
 All targets run at once from one driver:
 the emulators sleep rather than compute, so they do not compete for the two cores in a way that matters.
 
@@ -100,8 +103,8 @@ class Nginx:
         self.process.wait(10)
 
 
-Target = tuple[str, str, Callable[[], None], str]
-"""(label, base URL, stop, scenario name)"""
+Target = tuple[str, str, Callable[[], None], str, list[Server]]
+"""(label, base URL, stop, scenario name, the emulated replicas behind it)"""
 
 PROXY_TENANTS = [
     {"name": "chat-team", "keys": ["sk-chat-team"], "lane": "interactive"},
@@ -111,63 +114,81 @@ PROXY_TENANTS = [
 ]
 
 
-def _fleet(tmp: Path, name: str, count: int, profile: str, seed: int) -> list[Server]:
+def _fleet(tmp: Path, name: str, count: int, profile: str, seed: int,
+           extra: tuple[str, ...] = ()) -> list[Server]:
     return [start_emulator(tmp, fixed_clock=False, seed=seed + i, name=f"{name}-{i}",
-                           extra=["--profile", profile]) for i in range(count)]
+                           extra=["--profile", profile, *extra]) for i in range(count)]
 
 
-def _proxied(tmp: Path, name: str, profile: str, seed: int, fair: bool
-             ) -> tuple[Server, list[Server]]:
-    fleet = _fleet(tmp, name, 1, profile, seed)
-    proxy = start_proxy(tmp, [s.url for s in fleet], {
+def _proxied(tmp: Path, name: str, profile: str, seed: int, fair: bool, count: int = 1,
+             extra: tuple[str, ...] = ()) -> tuple[Server, list[Server]]:
+    fleet = _fleet(tmp, name, count, profile, seed, extra)
+    # The scenarios ask for num_ctx 16384: the proxy's canonical options say the same, as a deployment
+    # sized for its RAG prompts would (without them the proxy strips num_ctx, and Ollama would serve
+    # truncated prompts faster than the other targets serve whole ones).
+    canonical = {"options": {"num_ctx": 16384}}
+    proxy = start_proxy(tmp, [{"url": s.url, "name": f"{name}-{i}"} for i, s in enumerate(fleet)], {
+        "models": {"llama3.2": canonical, "qwen3": canonical},
         "tenants": PROXY_TENANTS, "telemetry": {"access_log": False},
         "chain": {"limits": {"max_prompt_tokens": 32768},
                   "backpressure": {"fair": fair}}}, name=f"{name}-proxy")
     return proxy, fleet
 
 
-def _targets(tmp: Path, profile: str, seed: int, scenario_name: str
+def _targets(tmp: Path, profile: str, seed: int, scenario_name: str, only: set[str] | None = None
              ) -> tuple[list[Target], list[Server]]:
     servers: list[Server] = []
-    t0 = _fleet(tmp, "t0", 1, profile, seed)
-    servers += t0
-    t1 = _fleet(tmp, "t1", 2, profile, seed)
-    servers += t1
-    nginx = Nginx([s.url for s in t1], tmp / "nginx")
-    targets: list[Target] = [
-        ("T0 direct", t0[0].url, lambda: None, scenario_name),
-        ("T1 nginx rr", nginx.url, nginx.stop, scenario_name),
-    ]
-    for label, name, fair, runs in (("T2 proxy fifo", "t2", False, scenario_name),
-                                    ("T3 proxy fair", "t3", True, scenario_name),
-                                    ("T3 quiet", "t3q", True, "rag-quiet"),
-                                    ("T3 fair-pair", "t3p", True, "fair-pair"),
-                                    ("T2 fair-pair", "t2p", False, "fair-pair")):
-        proxy, fleet = _proxied(tmp, name, profile, seed, fair)
+    targets: list[Target] = []
+    one_model = ("--max-loaded-models", "1")
+    for label, name, count, runs, extra in (("T0 direct", "t0", 1, scenario_name, ()),
+                                            ("T1 nginx rr", "t1", 2, scenario_name, ()),
+                                            ("T1 2-model", "t1m", 2, "two-model", one_model)):
+        if only is not None and label not in only:
+            continue
+        fleet = _fleet(tmp, name, count, profile, seed, extra)
+        servers += fleet
+        if count == 1:
+            targets.append((label, fleet[0].url, lambda: None, runs, fleet))
+        else:
+            nginx = Nginx([s.url for s in fleet], tmp / f"nginx-{name}")
+            targets.append((label, nginx.url, nginx.stop, runs, fleet))
+    for label, name, fair, runs, count, extra in (
+            ("T2 proxy fifo", "t2", False, scenario_name, 1, ()),
+            ("T3 proxy fair", "t3", True, scenario_name, 1, ()),
+            ("T3 quiet", "t3q", True, "rag-quiet", 1, ()),
+            ("T3 fair-pair", "t3p", True, "fair-pair", 1, ()),
+            ("T2 fair-pair", "t2p", False, "fair-pair", 1, ()),
+            ("T3 2-model", "t3m", True, "two-model", 2, one_model)):
+        if only is not None and label not in only:
+            continue
+        proxy, fleet = _proxied(tmp, name, profile, seed, fair, count, extra)
         servers += [proxy, *fleet]
-        targets.append((label, proxy.url, lambda: None, runs))
+        targets.append((label, proxy.url, lambda: None, runs, fleet))
     return targets, servers
 
 
-async def run(profile: str, seed: int, scenario_name: str) -> dict[str, Any]:
+async def run(profile: str, seed: int, scenario_name: str, only: set[str] | None = None
+              ) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="sop-burst-"))
-    targets, servers = _targets(tmp, profile, seed, scenario_name)
+    targets, servers = _targets(tmp, profile, seed, scenario_name, only)
     try:
         started = time.monotonic()
         results = await asyncio.gather(*(run_plan(url, plan(scenario(runs), seed))
-                                         for _, url, _, runs in targets))
+                                         for _, url, _, runs, _ in targets))
         wall = time.monotonic() - started
         report: dict[str, Any] = {"scenario": scenario_name, "seed": seed, "profile": profile,
                                   "requests": len(plan(scenario(scenario_name), seed)),
                                   "wall_s": wall, "targets": {}}
-        for (label, _, _, runs), records in zip(targets, results, strict=True):
+        for (label, _, _, runs, fleet), records in zip(targets, results, strict=True):
             report["targets"][label] = {**summarize(records, scenario(runs).duration_s),
-                                        "scenario": runs}
-        report["targets_met"] = _issue5_targets(report["targets"])
+                                        "scenario": runs,
+                                        "model_loads": sum(s.stats()["loads"] for s in fleet)}
+        report["targets_met"] = {**_issue5_targets(report["targets"]),
+                                 **_issue6_targets(report["targets"])}
         report["upstream_stats"] = {s.log_path.stem: s.stats() for s in servers}
         return report
     finally:
-        for _, _, stop, _ in targets:
+        for _, _, stop, _, _ in targets:
             stop()
         for server in servers:
             server.stop()
@@ -175,6 +196,8 @@ async def run(profile: str, seed: int, scenario_name: str) -> dict[str, Any]:
 
 def _issue5_targets(targets: dict[str, Any]) -> dict[str, Any]:
     """The backpressure issue's targets for T3, each with its measured value."""
+    if not {"T0 direct", "T3 proxy fair", "T3 quiet", "T3 fair-pair"} <= set(targets):
+        return {}
     t0, t3 = targets["T0 direct"], targets["T3 proxy fair"]
     quiet = targets["T3 quiet"]["by_class"].get("chat", {}).get("ttft_p95_s")
     burst = t3["by_class"].get("chat", {}).get("ttft_p95_s")
@@ -188,6 +211,19 @@ def _issue5_targets(targets: dict[str, Any]) -> dict[str, Any]:
         "Jain (tokens) >= 0.95, equal-weight pair": (jain_pair is not None and jain_pair >= 0.95,
                                                      jain_pair),
         "goodput >= 95% of T0": (goodput is not None and goodput >= 0.95, goodput),
+    }
+
+
+def _issue6_targets(targets: dict[str, Any]) -> dict[str, Any]:
+    """The balancer issue's figures: model loads on the two-model mix, nginx round robin vs the proxy."""
+    if not {"T1 2-model", "T3 2-model"} <= set(targets):
+        return {}
+    nginx, proxy = targets["T1 2-model"], targets["T3 2-model"]
+    return {
+        "2-model: fewer model loads than round robin": (
+            proxy["model_loads"] < nginx["model_loads"],
+            f"{proxy['model_loads']} vs {nginx['model_loads']}"),
+        "2-model: seed SLOs met": (all(proxy["slo"].values()), proxy["slo"]),
     }
 
 
@@ -219,6 +255,8 @@ def print_table(report: dict[str, Any]) -> None:
         ("rejection %", lambda s: s["overall"]["rejection_pct"]),
         ("error %", lambda s: s["overall"]["error_pct"]),
         ("goodput req/s", lambda s: s["overall"]["goodput_rps"]),
+        ("model loads (replicas)", lambda s: s["model_loads"]),
+        ("cold loads seen by client", lambda s: s["overall"]["cold_loads"]),
         ("scenario", lambda s: s["scenario"]),
         ("Jain fairness", lambda s: s["jain_fairness"]),
         ("Jain (tokens)", lambda s: s["jain_tokens"]),
@@ -228,11 +266,11 @@ def print_table(report: dict[str, Any]) -> None:
     ]
     print(f"scenario {report['scenario']} seed {report['seed']} profile {report['profile']}: "
           f"{report['requests']} requests, {report['wall_s']:.0f} s wall")
-    print(f"{'':<26}" + "".join(f"{label:>16}" for label in labels))
+    print(f"{'':<26}" + "".join(f"{label:>15}" for label in labels))
     for name, get in rows:
-        print(f"{name:<26}" + "".join(f"{_fmt(get(targets[label])):>16}" for label in labels))
+        print(f"{name:<26}" + "".join(f"{_fmt(get(targets[label])):>15}" for label in labels))
     for name, (met, value) in report.get("targets_met", {}).items():
-        print(f"T3 target {name}: {'MET' if met else 'MISSED'} ({_fmt(value)})")
+        print(f"target {name}: {'MET' if met else 'MISSED'} ({_fmt(value)})")
     for label in labels:
         tenants = targets[label]["by_tenant"]
         print(f"{label}: " + "; ".join(
@@ -246,10 +284,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--scenario", default="rag-burst")
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/burst.json"))
+    parser.add_argument("--targets", help="comma-separated labels to run (default: all), "
+                                          "e.g. 'T1 2-model,T3 2-model'")
     args = parser.parse_args()
     import uvloop
 
-    report = uvloop.run(run(args.profile, args.seed, args.scenario))
+    only = {t.strip() for t in args.targets.split(",")} if args.targets else None
+    report = uvloop.run(run(args.profile, args.seed, args.scenario, only))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print_table(report)
