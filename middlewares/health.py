@@ -342,6 +342,9 @@ class HealthStep(Step):
         return [name for name, _ in self.warm[upstream.name] if model_key(name) not in upstream.loaded]
 
     def _keep_pinned(self, upstream: Upstream) -> None:
+        running = self._warming.get(upstream.name)
+        if running is not None and not running.done():
+            return
         now = time.monotonic()
         missing = [name for name, profile in self.warm[upstream.name]
                    if profile.pinned and model_key(name) not in upstream.loaded

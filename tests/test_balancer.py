@@ -76,6 +76,10 @@ def test_residency_routing_avoids_model_swaps(tmp: Path) -> None:
         assert view["models"]["qwen3:latest"]["loaded_on"] != view["models"]["llama3.2:latest"]["loaded_on"]
         observed = view["models"]["llama3.2:latest"]["observed"]
         assert observed["loads"] == 1 and observed["load_s"] == pytest.approx(1.0, abs=0.01)
+        assert observed["operation"] == "text_completion" and observed["requests_per_min"] > 0
+        recommended = view["models"]["llama3.2:latest"]["recommended"]
+        assert recommended["warm_on"] == view["models"]["llama3.2:latest"]["loaded_on"]
+        assert recommended["pinned"] is False and recommended["options"] == {"num_ctx": 2048}
         assert metric(proxy.url, "sop_balancer_model_loads_total") == 2
     finally:
         for server in (proxy, a, b):

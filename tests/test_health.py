@@ -256,3 +256,30 @@ def test_a_replica_that_never_answered_is_out_at_once() -> None:
     a.status = "unknown"
     step.failure(a, "probe failed (ClientConnectorError)", probe=True)
     assert a.status == "ejected"
+
+
+def test_pinned_model_stays_loaded(tmp: Path) -> None:
+    a = start_emulator(tmp, name="pin-a")
+    b = start_emulator(tmp, name="pin-b")
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"models": {"nomic-embed-text": {"warm_on": ["b"], "pinned": True,
+                                                         "replicas": ["b"]}},
+                         "chain": {"health": FAST}}, name="pin")
+    try:
+        wait_for(lambda: loaded(b) == ["nomic-embed-text:latest"], what="the embedding model pinned on b")
+        running = httpx.get(f"{b.url}/api/ps").json()["models"][0]
+        assert int(running["expires_at"][:4]) > 2200  # keep_alive -1: never expires
+        assert loaded(a) == []
+        # Unloaded behind the proxy's back: the next probe notices, and it is loaded again.
+        httpx.post(f"{b.url}/api/embed", json={"model": "nomic-embed-text", "input": [], "keep_alive": 0})
+        wait_for(lambda: loaded(b) == [], 5, "the model unloaded")
+        wait_for(lambda: loaded(b) == ["nomic-embed-text:latest"], 10, "the pinned model loaded again")
+        # Only b may serve it: embeddings go there, whatever a's load.
+        for _ in range(3):
+            reply = httpx.post(f"{proxy.url}/api/embed", json={"model": "nomic-embed-text",
+                                                                 "input": ["a chunk"]}, timeout=30)
+            assert reply.status_code == 200 and reply.json()["load_duration"] < 100_000_000
+        assert b.stats()["completed"] >= 3 and a.stats()["completed"] == 0
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
