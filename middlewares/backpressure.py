@@ -45,7 +45,7 @@ from proxy.upstreams import Upstream, UpstreamSet
 __all__ = ["BackpressureStep", "ModelGate", "Picker", "SlotLease"]
 
 Picker = Callable[[str, Sequence[Upstream], Sequence[Upstream], int, Any], Upstream | None]
-"""(model, free replicas, eligible replicas, waiters ahead, request context) -> replica or None (wait)."""
+"""(model, free replicas, eligible replicas, waiters ahead, the request) -> replica or None (wait)."""
 
 _DRAIN_WINDOW_S = 60.0
 _DEFAULT_OUTPUT_TOKENS = 256
@@ -195,6 +195,9 @@ class SlotLease:
         self.gate = gate
         self.replica = replica
 
+    def retry_after_s(self) -> float:
+        return self.gate.retry_after_s()
+
     def move(self, upstream: Upstream) -> None:
         if upstream is not self.replica:
             self.gate.move(self.replica, upstream)
@@ -268,7 +271,8 @@ class BackpressureStep(Step):
         cost = self._cost(request, ctx)
         entered = time.monotonic()
         with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model, "sop.lane": lane}) as span:
-            replica = await self._admit(ctx, gate, span, tenant.name, tenant.weight, lane, cost)
+            replica = await self._admit(request, ctx, gate, span, tenant.name, tenant.weight,
+                                        lane, cost)
         if replica is None:  # no replica may serve the model: health answers
             return await handler(request)
         waited = time.monotonic() - entered
@@ -298,14 +302,14 @@ class BackpressureStep(Step):
                 gate.queue.reconcile(tenant.name, tenant.weight, actual - cost)
             gate.release(replica, time.monotonic() - started, per_token)
 
-    async def _admit(self, ctx: RequestContext, gate: ModelGate, span: Any, tenant: str,
-                     weight: float, lane: str, cost: float) -> Upstream | None:
+    async def _admit(self, request: web.Request, ctx: RequestContext, gate: ModelGate, span: Any,
+                     tenant: str, weight: float, lane: str, cost: float) -> Upstream | None:
         """A replica slot for this request, waiting fairly if need be; raises Overload/QueueTimeout.
         None: no replica may serve the model (now, or any more while it waited)."""
         if not self.fleet.eligible(gate.model):
             self.decide(ctx, span, "no_replica")
             return None
-        replica = gate.pick(ctx) if not len(gate.queue) else None
+        replica = gate.pick(request) if not len(gate.queue) else None
         if replica is not None:
             gate.in_flight[replica.name] += 1
             gate.queue.charge(tenant, weight, cost)
@@ -321,7 +325,7 @@ class BackpressureStep(Step):
                 f"the queue for {gate.model} is full ({self.config.max_queue_size} waiting)",
                 retry_after_s=gate.retry_after_s()))
         future: asyncio.Future[Upstream | None] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(tenant, weight, lane, cost, time.monotonic(), future, hint=ctx)
+        waiter = Waiter(tenant, weight, lane, cost, time.monotonic(), future, hint=request)
         ahead = gate.queue.push(waiter)
         span.set_attribute("sop.queue.position", ahead + 1)
         estimate = gate.estimated_wait_s(ahead)

@@ -220,8 +220,9 @@ class BalancerStep(Step):
         for a busy one (that holds the model) is cheaper than loading the model on a free one."""
         if self.mode != "enforce":
             return self._round_robin(free)
-        ctx = hint if isinstance(hint, RequestContext) else None
-        ranked = self.rank(model, eligible, ctx, None, free, position)
+        request = hint if isinstance(hint, web.Request) else None
+        ctx = request[CONTEXT] if request is not None else None
+        ranked = self.rank(model, eligible, ctx, request, free, position)
         if not ranked:
             return None
         best = ranked[0][2]
@@ -270,9 +271,12 @@ class BalancerStep(Step):
                     raise AssertionError("unreachable")  # InvalidRequest is raised in every mode
                 chosen, reason, candidates = target, "named", [target]
             elif bound is not None and bound in candidates:
+                # Chosen by this step's cost when backpressure granted the slot; reported here.
                 chosen, reason = bound, "bound"
+                span.set_attribute("sop.balancer.late_bound", True)
                 if self.mode == "enforce":
                     ranked = self.rank(model, candidates, ctx, request)
+                    reason = next(r for _, r, u in ranked if u is bound)
             elif self.mode == "enforce":
                 ranked = self.rank(model, candidates, ctx, request)
                 chosen, reason = ranked[0][2], ranked[0][1]

@@ -28,6 +28,10 @@ class SlotHolder(Protocol):
 
     def move(self, upstream: Upstream) -> None: ...
 
+    def retry_after_s(self) -> float:
+        """When to come back, from the measured drain rate of the queue the slot came from."""
+        ...
+
 
 @attrs.define
 class RequestContext:

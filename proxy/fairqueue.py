@@ -37,7 +37,7 @@ class Waiter:
     future: asyncio.Future[Any]
     seq: int = 0
     hint: Any = None
-    """What the replica choice may look at (the request's context); the queue never reads it."""
+    """What the replica choice may look at (the request); the queue never reads it."""
 
 
 class FairQueue:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -218,6 +219,9 @@ class Forwarder:
             if key in _DROP_RESPONSE or key.lower() in named:
                 continue
             headers.add(key, value)
+        if upstream_response.status == 503 and "Retry-After" not in headers and ctx.slot is not None:
+            # Ollama's "server busy" carries none; every 503 the proxy sends says when to come back.
+            headers["Retry-After"] = str(math.ceil(ctx.slot.retry_after_s()))
         response = web.StreamResponse(status=upstream_response.status,
                                       reason=upstream_response.reason, headers=headers)
         length = upstream_response.headers.get("Content-Length")

@@ -94,6 +94,9 @@ def test_equal_cost_spreads_and_prefix_affinity_sticks(tmp: Path) -> None:
                         {"chain": {"health": FAST}}, name="spread")
     sticky = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
                          {"chain": {"health": FAST, "balancer": {"affinity": "prefix"}}}, name="sticky")
+    by_session = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                             {"chain": {"health": FAST, "balancer": {"affinity": "session"}}},
+                             name="session")
     try:
         body = {"model": "llama3.2", "stream": False, "options": {"num_predict": 2}}
         for _ in range(6):
@@ -116,8 +119,21 @@ def test_equal_cost_spreads_and_prefix_affinity_sticks(tmp: Path) -> None:
             assert sorted(served) == [0, 3], served  # every turn of a conversation on one replica
             homes.add(served.index(3))
         assert homes == {0, 1}  # and conversations spread over both
+        # `session`: the client's X-Session-Id decides, whatever the messages.
+        homes = set()
+        for session in ("s-1", "s-2", "s-7", "s-8", "s-9", "s-10"):
+            before = (completed(a), completed(b))
+            for turn in range(3):
+                reply = httpx.post(f"{by_session.url}/api/chat", headers={"X-Session-Id": session},
+                                   json={**body, "messages": [{"role": "user", "content": f"q{turn}"}]},
+                                   timeout=30)
+                assert reply.status_code == 200
+            served = [completed(a) - before[0], completed(b) - before[1]]
+            assert sorted(served) == [0, 3], served
+            homes.add(served.index(3))
+        assert homes == {0, 1}
     finally:
-        for server in (plain, sticky, a, b):
+        for server in (plain, sticky, by_session, a, b):
             server.stop()
 
 
@@ -146,6 +162,12 @@ def test_retries_before_the_first_byte_only(tmp: Path) -> None:
                 assert reply.status_code == 200, reply.text
         view = httpx.get(f"{proxy.url}/system/profile").json()["replicas"]
         assert view["a"]["status"] == view["b"]["status"] == "healthy"
+        # Both busy: Ollama's own 503 reaches the client, with a Retry-After it did not send.
+        for busy in (a, b):
+            httpx.post(f"{busy.url}/_emulator/faults", json={"status": 503, "count": 1})
+        reply = httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30)
+        assert reply.status_code == 503 and "server busy" in reply.json()["error"]
+        assert int(reply.headers["Retry-After"]) >= 1
         assert (metric(proxy.url, "sop_balancer_retries_total", error_type="overload") or 0) >= 2
         # After the first byte there is no retry: the stream ends with an error line.
         httpx.post(f"{a.url}/_emulator/faults", json={"reset_after_chunks": 2, "count": 1})
@@ -266,7 +288,8 @@ def test_decision_on_the_step_spans(tmp: Path) -> None:
             balancer = [attributes_of(s) for s in spans if s.name == "sop.balancer"]
             health = [attributes_of(s) for s in spans if s.name == "sop.health"]
             first = next(s for s in balancer if s["gen_ai.request.model"] == "llama3.2")
-            assert first["sop.upstream.name"] == "b" and first["sop.balancer.decision"] == "bound"
+            assert first["sop.upstream.name"] == "b" and first["sop.balancer.decision"] == "resident"
+            assert first["sop.balancer.late_bound"] is True
             assert first["sop.balancer.costs_s"][0].startswith("b=0.00:resident")
             assert any(c.startswith("a=") and c.endswith(":cold") for c in first["sop.balancer.costs_s"])
             second = next(s for s in balancer if s["gen_ai.request.model"] == "qwen3")
