@@ -80,14 +80,20 @@ class ModelGate:
         self._recheck: asyncio.TimerHandle | None = None
 
     # capacity ----------------------------------------------------------------------------------------
+    def _free(self, eligible: Sequence[Upstream]) -> list[Upstream]:
+        return [u for u in eligible if self.in_flight[u.name] < max(1, math.floor(self.limits[u.name]))]
+
     def pick(self, hint: Any = None, position: int = 0) -> Upstream | None:
         """The replica to take a free slot on for this model now, if any (see `picker`)."""
         eligible = self.fleet.eligible(self.model)
-        free = [u for u in eligible if self.in_flight[u.name] < max(1, math.floor(self.limits[u.name]))]
+        free = self._free(eligible)
         if not free:
             return None
         if self.picker is not None:
-            return self.picker(self.model, free, eligible, position, hint)
+            replica = self.picker(self.model, free, eligible, position, hint)
+            if replica is None:
+                self._recheck_later()
+            return replica
         return min(free, key=lambda u: self.in_flight[u.name] / max(1.0, self.limits[u.name]))
 
     def drain_rate(self) -> float | None:
@@ -127,7 +133,6 @@ class ModelGate:
                 continue
             replica = self.pick(head.hint)
             if replica is None:
-                self._recheck_later()
                 return
             waiter = self.queue.pop()
             assert waiter is head
@@ -137,9 +142,9 @@ class ModelGate:
     def _recheck_later(self) -> None:
         """Free slots were passed over (waiting for a replica that holds the model was cheaper): look
         again in a second, since that choice changes as the wait grows even when nothing else happens."""
-        if self._recheck is None or self._recheck.cancelled() or \
-                self._recheck.when() <= asyncio.get_running_loop().time():
-            self._recheck = asyncio.get_running_loop().call_later(_RECHECK_S, self.dispatch)
+        loop = asyncio.get_running_loop()
+        if self._recheck is None or self._recheck.when() <= loop.time():
+            self._recheck = loop.call_later(_RECHECK_S, self.dispatch)
 
     def move(self, old: Upstream, new: Upstream) -> None:
         """A request holding a slot on `old` goes to `new` instead (the balancer retried)."""

@@ -235,6 +235,8 @@ class BalancerStep(Step):
                 return None
             best = cheapest[2]
         self._last_pick[best.name] = next(self._picks)
+        if ctx is not None:
+            ctx.routing = ranked
         return best
 
     # the step ----------------------------------------------------------------------------------------
@@ -275,8 +277,8 @@ class BalancerStep(Step):
                 chosen, reason = bound, "bound"
                 span.set_attribute("sop.balancer.late_bound", True)
                 if self.mode == "enforce":
-                    ranked = self.rank(model, candidates, ctx, request)
-                    reason = next(r for _, r, u in ranked if u is bound)
+                    ranked = ctx.routing or self.rank(model, candidates, ctx, request)
+                    reason = next((r for _, r, u in ranked if u is bound), reason)
             elif self.mode == "enforce":
                 ranked = self.rank(model, candidates, ctx, request)
                 chosen, reason = ranked[0][2], ranked[0][1]
@@ -289,12 +291,14 @@ class BalancerStep(Step):
                 ctx.slot.move(chosen)
             ctx.upstream = chosen
             self._last_pick[chosen.name] = next(self._picks)
-            span.set_attribute(semconv.ATTR_UPSTREAM_NAME, chosen.name)
-            if ranked:
-                span.set_attribute("sop.balancer.costs_s",
-                                   [f"{u.name}={c:.2f}:{r}" for c, r, u in ranked])
-            if ctx.dropped:
-                span.set_attribute("sop.balancer.dropped", [f"{n}={r}" for n, r in ctx.dropped.items()])
+            if span.is_recording():  # nothing to format for a span nobody records
+                span.set_attribute(semconv.ATTR_UPSTREAM_NAME, chosen.name)
+                if ranked:
+                    span.set_attribute("sop.balancer.costs_s",
+                                       [f"{u.name}={c:.2f}:{r}" for c, r, u in ranked])
+                if ctx.dropped:
+                    span.set_attribute("sop.balancer.dropped",
+                                       [f"{n}={r}" for n, r in ctx.dropped.items()])
             self.decide(ctx, span, reason)
         return await self._attempts(request, ctx, handler, model, candidates)
 

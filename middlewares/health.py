@@ -68,6 +68,7 @@ class HealthStep(Step):
         self.config = config
         self.upstreams = upstreams
         upstreams.enforce_health = config.mode == "enforce"
+        upstreams.changed()
         self.warm: dict[str, list[tuple[str, ModelConfig]]] = {u.name: [] for u in upstreams}
         for name, profile in models.items():
             for upstream in upstreams:
@@ -176,7 +177,7 @@ class HealthStep(Step):
         self.probe_failures[upstream.name] = 0
         if isinstance(version, dict):
             upstream.version = str(version.get("version", ""))
-        before = set(upstream.loaded)
+        before = (set(upstream.loaded), upstream.models)
         upstream.loaded = _loaded_models(ps)
         if listing is not None:
             upstream.models = frozenset(model_key(str(m.get("name") or m.get("model")))
@@ -185,7 +186,7 @@ class HealthStep(Step):
         if self._stale(upstream):
             self._mark_stuck(upstream)
             await self._maybe_restart(upstream)
-        if set(upstream.loaded) != before:
+        if (set(upstream.loaded), upstream.models) != before:
             self.upstreams.changed()
         if upstream.serving and self.mode != "off":
             self._keep_pinned(upstream)
@@ -428,14 +429,18 @@ class HealthStep(Step):
         with self.span(**attributes) as span:
             candidates = self.upstreams.eligible(model)
             for upstream in self.upstreams:
+                if upstream in candidates and upstream.serving:
+                    continue
                 reason = self.upstreams.why_not(upstream, model)
                 if reason is None and self.mode == "shadow" and not upstream.serving:
                     reason = f"shadow_{upstream.status}"
                 if reason is not None:
                     ctx.dropped[upstream.name] = reason
-            span.set_attribute("sop.health.candidates", [u.name for u in candidates])
-            if ctx.dropped:
-                span.set_attribute("sop.health.dropped", [f"{n}={r}" for n, r in ctx.dropped.items()])
+            if span.is_recording():
+                span.set_attribute("sop.health.candidates", [u.name for u in candidates])
+                if ctx.dropped:
+                    span.set_attribute("sop.health.dropped",
+                                       [f"{n}={r}" for n, r in ctx.dropped.items()])
             serving = [u for u in candidates if u.serving]
             if not serving:
                 self.decide(ctx, span, "no_healthy_upstream", NoHealthyUpstream(

@@ -68,6 +68,8 @@ class RequestContext:
     """The slot backpressure reserved on `upstream`, if any."""
     attempt: Attempt | None = None
     """The request in flight on `upstream` (the forwarder marks its progress)."""
+    routing: Any = None
+    """The balancer's ranking of the replicas when backpressure granted the slot (reused for its span)."""
     retry_statuses: frozenset[int] = frozenset()
     """Upstream statuses the balancer would rather retry elsewhere than relay (set per attempt)."""
     deadline_at: float | None = None

@@ -20,6 +20,7 @@ from .ollama import model_key
 
 __all__ = ["SERVING_STATUSES", "Attempt", "LoadedModel", "Upstream", "UpstreamSet"]
 
+_ELIGIBLE_CACHE = 4096
 SERVING_STATUSES = frozenset({"unknown", "healthy"})
 """Statuses in which a replica takes new requests (`unknown`: not probed yet)."""
 
@@ -146,6 +147,7 @@ class UpstreamSet:
         self.enforce_health = True
         """False when health is in shadow or off mode: every replica counts as serving."""
         self._listeners: list[Callable[[], None]] = []
+        self._eligible: dict[str | None, list[Upstream]] = {}
 
     @classmethod
     def from_config(cls, configs: Sequence[UpstreamConfig],
@@ -176,12 +178,19 @@ class UpstreamSet:
 
     def eligible(self, model: str | None) -> list[Upstream]:
         """Serving replicas allowed to serve `model`; when some of them are known to have it on disk,
-        only those (and replicas whose list is not known yet)."""
+        only those (and replicas whose list is not known yet). Cached until the next `changed()`: every
+        step asks, several times per request."""
+        cached = self._eligible.get(model)
+        if cached is not None:
+            return cached
         serving = [u for u in self.upstreams if self.is_serving(u) and self.allows(u, model)]
         if model:
             key = model_key(model)
             if any(u.models is not None and key in u.models for u in serving):
-                return [u for u in serving if u.models is None or key in u.models]
+                serving = [u for u in serving if u.models is None or key in u.models]
+        if len(self._eligible) > _ELIGIBLE_CACHE:
+            self._eligible.clear()
+        self._eligible[model] = serving
         return serving
 
     def why_not(self, upstream: Upstream, model: str | None) -> str | None:
@@ -199,6 +208,8 @@ class UpstreamSet:
         self._listeners.append(listener)
 
     def changed(self) -> None:
+        """A replica's status, residency or model list changed: tell every listener."""
+        self._eligible.clear()
         for listener in self._listeners:
             listener()
 

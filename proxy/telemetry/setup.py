@@ -42,6 +42,9 @@ class Telemetry:
     metrics: ProxyMetrics
     registry: CollectorRegistry
     config: TelemetryConfig
+    recording: bool = True
+    """False when spans go nowhere (no exporter): the tracer samples nothing, and code on the hot path
+    may skip starting spans altogether."""
 
     def shutdown(self) -> None:
         """Flush and stop exporters (bounded by the SDK's own timeouts)."""
@@ -88,4 +91,4 @@ def build_telemetry(config: TelemetryConfig, extra_processors: tuple[SpanProcess
     tracer = tracer_provider.get_tracer("shared-ollama-proxy", __version__)
     meter = meter_provider.get_meter("shared-ollama-proxy", __version__)
     return Telemetry(tracer_provider, meter_provider, tracer, meter,
-                     ProxyMetrics(meter, config.metric_prefix), registry, config)
+                     ProxyMetrics(meter, config.metric_prefix), registry, config, recording=exporting)

@@ -205,14 +205,19 @@ async def run(quick: bool) -> dict[str, Any]:
     direct = start_emulator(tmp, fixed_clock=False, name="direct", extra=SLOTS)
     behind = start_emulator(tmp, fixed_clock=False, name="behind", output_tokens="200,200",
                             extra=SLOTS)
-    proxy = start_proxy(tmp, [behind.url], {"telemetry": {"access_log": False}})
+    # Every proxy declares its replica's slots (the emulators run with 4096), as a deployment would:
+    # with Ollama's default of one, backpressure would queue and the bench would measure the queue.
+    proxy = start_proxy(tmp, [{"url": behind.url, "num_parallel": 4096}],
+                        {"telemetry": {"access_log": False}})
     chained_upstream = start_emulator(tmp, fixed_clock=False, name="chained-upstream", extra=SLOTS)
-    chained = start_proxy(tmp, [chained_upstream.url], CHAIN_CONFIG, name="chained")
+    chained = start_proxy(tmp, [{"url": chained_upstream.url, "num_parallel": 4096}], CHAIN_CONFIG,
+                          name="chained")
     slow_direct = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=1000, name="slow-direct",
                                  output_tokens="100000,100000", extra=SLOTS)
     slow_behind = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=1000, name="slow-behind",
                                  output_tokens="100000,100000", extra=SLOTS)
-    slow_proxy = start_proxy(tmp, [slow_behind.url], {"telemetry": {"access_log": False}},
+    slow_proxy = start_proxy(tmp, [{"url": slow_behind.url, "num_parallel": 4096}],
+                             {"telemetry": {"access_log": False}},
                              name="slow-proxy")
     servers = [direct, behind, proxy, slow_direct, slow_behind, slow_proxy, chained_upstream, chained]
     try:
