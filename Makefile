@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REAL_STAMP := $(VENV)/.installed-real
 
-.PHONY: venv venv-real demo test lint typecheck unit bench bench-burst calibrate nginx clean
+.PHONY: venv venv-real demo test lint typecheck unit bench bench-burst bench-failover calibrate nginx clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,9 @@ nginx:
 
 bench-burst: venv nginx
 	$(BIN)/python -m tests.bench.burst
+
+bench-failover: venv
+	$(BIN)/python -m tests.bench.failover
 
 calibrate: venv-real
 	$(BIN)/python -m tests.bench.calibrate
