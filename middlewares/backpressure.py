@@ -359,6 +359,7 @@ class BackpressureStep(Step):
             future.cancel()
             raise
         if replica is None:
+            gate.queue.reconcile(tenant, weight, -cost)  # popped (and charged) without being served
             self.decide(ctx, span, "no_replica")
             return None
         self.decide(ctx, span, "queued")

@@ -4,6 +4,7 @@ the restart hook restarting an emulator whose profile models are loaded before i
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 from yarl import URL
@@ -283,3 +285,47 @@ def test_pinned_model_stays_loaded(tmp: Path) -> None:
     finally:
         for server in (proxy, a, b):
             server.stop()
+
+
+def test_waiters_leave_the_queue_when_the_last_replica_hangs(tmp: Path) -> None:
+    a = start_emulator(tmp, name="last-a", decode_tokens_per_s=10, output_tokens="50,50",
+                       fixed_clock=False)
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}],
+                        {"chain": {"health": {**FAST, "base_ejection_s": 30.0}}}, name="last")
+    body = {"model": "llama3.2", "prompt": "hello", "stream": False}
+
+    async def scenario() -> list[tuple[int, str | None, float]]:
+        async def one(delay: float) -> tuple[int, str | None, float]:
+            await asyncio.sleep(delay)
+            started = time.monotonic()
+            async with aiohttp.ClientSession() as session, \
+                    session.post(f"{proxy.url}/api/generate", json=body) as reply:
+                payload = await reply.json(content_type=None) if reply.status != 200 else {}
+                return reply.status, payload.get("code"), time.monotonic() - started
+
+        tasks = [asyncio.create_task(one(0.2 * i)) for i in range(3)]
+        await asyncio.sleep(1.0)  # one runs (5 s of decoding), two wait in the proxy's queue
+        queued = (await asyncio.to_thread(
+            lambda: httpx.get(f"{proxy.url}/system/queue").json()))["models"]["llama3.2:latest"]
+        assert queued["queued"] == 2
+        a.process.send_signal(signal.SIGSTOP)  # hung: connections open, nothing answers, probes time out
+        try:
+            done, _ = await asyncio.wait(tasks[1:], timeout=15)
+        finally:
+            a.process.send_signal(signal.SIGCONT)
+        await asyncio.to_thread(a.kill)
+        return [task.result() for task in done]
+
+    try:
+        wait_for(lambda: status(proxy, "a") == "healthy", what="a healthy")
+        results = asyncio.run(scenario())
+        # Once the probes eject the hung replica, the two waiters get health's 503 at once, not the
+        # 30 s queue timeout (nor a request sent to a replica known to be gone).
+        assert len(results) == 2, results
+        assert all(r[0] == 503 and r[1] == "no_healthy_upstream" and r[2] < 10 for r in results), results
+        wait_for(lambda: httpx.get(f"{proxy.url}/system/queue").json()["models"]["llama3.2:latest"]
+                 ["in_flight"] == {"a": 0}, 10, "the running request's slot back")
+        assert httpx.get(f"{proxy.url}/system/queue").json()["models"]["llama3.2:latest"]["queued"] == 0
+    finally:
+        proxy.stop()
+        a.stop()
