@@ -255,6 +255,7 @@ class HealthStep(Step):
         log.warning("replica %s ejected for %.0fs (%s, ejection %d in a row)", upstream.name, backoff,
                     reason, upstream.ejections)
         self._set(upstream, "ejected", reason)
+        self.probe_soon(upstream)  # its watch re-plans: the next probe comes when the backoff ends
 
     def _stale(self, upstream: Upstream) -> bool:
         """Every in-flight request on `upstream` has been silent for stuck_after_s."""

@@ -89,8 +89,11 @@ def test_killed_replica_is_ejected_then_recovers(tmp: Path) -> None:
     for server in (a, b):  # both hold the model: equal cost, so the balancer spreads requests
         httpx.post(f"{server.url}/api/generate", json={"model": "llama3.2"}, timeout=30)
     proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
-                        {"chain": {"health": {**FAST, "probe_interval_s": 5.0}}}, name="eject")
+                        # Probes rarely (after the first one): the requests must find b dead themselves.
+                        {"chain": {"health": {**FAST, "probe_interval_s": 30.0}}}, name="eject")
     try:
+        wait_for(lambda: all(len(r["loaded"]) == 1 for r in profile(proxy)["replicas"].values()),
+                 what="both replicas probed once")
         b.kill()
         # Requests keep succeeding (retried on a before any byte) while b collects failures.
         for _ in range(6):
@@ -98,8 +101,8 @@ def test_killed_replica_is_ejected_then_recovers(tmp: Path) -> None:
             assert reply.status_code == 200, reply.text
         view = profile(proxy)["replicas"]["b"]
         assert view["status"] == "ejected", view
-        assert "upstream_connect_failure" in view["reason"]
-        assert metric(proxy.url, "sop_health_ejections_total", sop_upstream_name="b") == 1.0
+        assert "connect" in view["reason"].lower()  # refused: seen by a request or by a probe
+        assert (metric(proxy.url, "sop_health_ejections_total", sop_upstream_name="b") or 0) >= 1
         assert (metric(proxy.url, "sop_balancer_retries_total", sop_upstream_name="b",
                        error_type="upstream_connect_failure") or 0) >= 1
         assert metric(proxy.url, "sop_upstream_healthy", sop_upstream_name="b") == 0.0
