@@ -10,6 +10,9 @@ stuck. A replica with a `restart_command` is restarted (rate-limited) after `res
 failed probes or when stuck, and its profile models (`models.<name>.warm_on`) are loaded before it takes
 traffic again.
 
+A request's gateway failure also triggers an immediate probe; if that fails too, the replica is ejected
+without waiting for more failures.
+
 Per request (no probe on the hot path): the candidates are the serving replicas allowed to serve the
 model; none -> 503 `no_healthy_upstream` with Retry-After from the next probe or backoff expiry.
 """
@@ -195,6 +198,7 @@ class HealthStep(Step):
     def _success(self, upstream: Upstream) -> None:
         now = time.monotonic()
         upstream.consecutive_failures = 0
+        upstream.suspect = False
         status = upstream.status
         if status == "ejected" and now < upstream.ejected_until:
             return  # still backing off; half-open once it expires
@@ -217,7 +221,8 @@ class HealthStep(Step):
 
     def failure(self, upstream: Upstream, reason: str, *, probe: bool = False) -> None:
         """A gateway failure on `upstream` (a failed probe, or a real request's): eject it after
-        `eject_after_failures` in a row. Passive ejections respect `max_ejection_ratio`."""
+        `eject_after_failures` in a row, or at once when a probe confirms a request's failure (the probe
+        is sent right after it). Passive ejections respect `max_ejection_ratio`."""
         upstream.consecutive_failures += 1
         upstream.reason = reason
         if upstream.status in ("restarting", "warming"):
@@ -225,8 +230,12 @@ class HealthStep(Step):
         if upstream.status == "ejected" and time.monotonic() < upstream.ejected_until:
             return
         never_answered = probe and upstream.status == "unknown"
+        confirmed = probe and upstream.suspect
+        if not probe and upstream.serving:
+            upstream.suspect = True
+            self.probe_soon(upstream)
         if upstream.consecutive_failures < self.config.eject_after_failures \
-                and upstream.status != "ejected" and not never_answered:
+                and upstream.status != "ejected" and not never_answered and not confirmed:
             return
         if not probe:
             out = sum(1 for u in self.upstreams if not u.serving)
@@ -238,6 +247,7 @@ class HealthStep(Step):
     def success(self, upstream: Upstream) -> None:
         """A real request on `upstream` went through: the failure run is over."""
         upstream.consecutive_failures = 0
+        upstream.suspect = False
 
     def observe(self, upstream: Upstream, outcome: str, status: int) -> None:
         """Passive detection: the outcome of one request sent to `upstream`."""

@@ -62,6 +62,8 @@ class Upstream:
     reason: str = ""
     """Why the replica is not serving (the last failure), for /system/profile and spans."""
     consecutive_failures: int = 0
+    suspect: bool = False
+    """A real request failed here since the last success: a failed probe now confirms it."""
     ejections: int = 0
     """Ejections in a row: the backoff exponent."""
     ejected_until: float = 0.0

@@ -332,3 +332,18 @@ def test_waiters_leave_the_queue_when_the_last_replica_hangs(tmp: Path) -> None:
     finally:
         proxy.stop()
         a.stop()
+
+
+def test_a_failed_probe_confirms_a_request_failure() -> None:
+    step, (a, b, *_) = _fleet(eject_after_failures=3)
+    step.observe(a, "upstream_connect_failure", 0)  # one request failed: a probe is sent at once...
+    assert a.status == "healthy" and a.suspect
+    step.failure(a, "probe failed (ClientConnectorError)", probe=True)  # ...and confirms it
+    assert a.status == "ejected"
+    # A probe failing on its own is not enough (a network blip); nor a request failure the next
+    # request contradicts.
+    step.failure(b, "probe failed (TimeoutError)", probe=True)
+    step.observe(b, "upstream_reset_before_response_started", 0)
+    step.observe(b, "ok", 200)
+    step.failure(b, "probe failed (TimeoutError)", probe=True)
+    assert b.status == "healthy"
