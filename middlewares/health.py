@@ -93,7 +93,7 @@ class HealthStep(Step):
             unit="1", description="1 when the replica takes traffic, 0 when it does not, per replica.")
         self.ejections = meter.create_counter(
             semconv.metric_name(prefix, "health", "ejections"), unit="{ejection}",
-            description="Replicas taken out of service, by replica and reason.")
+            description="Replicas taken out of service (ejected or stuck), by replica.")
         self.probes = meter.create_counter(
             semconv.metric_name(prefix, "health", "probes"), unit="{probe}",
             description="Health probes, by replica and outcome.")
