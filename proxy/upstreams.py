@@ -181,7 +181,7 @@ class UpstreamSet:
     def eligible(self, model: str | None) -> list[Upstream]:
         """Serving replicas allowed to serve `model`; when some of them are known to have it on disk,
         only those (and replicas whose list is not known yet). Cached until the next `changed()`: every
-        step asks, several times per request."""
+        step asks, several times per request. The list is shared: read it, never modify it."""
         cached = self._eligible.get(model)
         if cached is not None:
             return cached
