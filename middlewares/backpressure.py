@@ -64,7 +64,6 @@ class ModelGate:
         self.fleet = fleet
         self.picker = picker
         upstreams = list(fleet)
-        self.upstreams = upstreams
         self.queue = FairQueue(config.fair, config.bulk_share)
         self.in_flight: dict[str, int] = {u.name: 0 for u in upstreams}
         self.limits: dict[str, float] = {u.name: float(config.max_in_flight or u.num_parallel)

@@ -40,7 +40,7 @@ from proxy.config import HealthConfig, ModelConfig
 from proxy.context import RequestContext
 from proxy.errors import NoHealthyUpstream
 from proxy.ollama import model_key
-from proxy.prompts import LOAD_OPTIONS
+from proxy.prompts import canonicalize
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import LoadedModel, Upstream, UpstreamSet
@@ -392,14 +392,10 @@ class HealthStep(Step):
         session = self._session
         if session is None:
             return False
-        options = {k: v for k, v in profile.options.items() if k in LOAD_OPTIONS}
-        body: dict[str, Any] = {"model": model}
-        if options:
-            body["options"] = options
+        # The very rewrite the limits step applies to real requests, so their options match the runner.
+        body, _ = canonicalize({"model": model}, profile.options, strip_others=True)
         if profile.pinned:
             body["keep_alive"] = -1
-        elif "keep_alive" in profile.options:
-            body["keep_alive"] = profile.options["keep_alive"]
         timeout = aiohttp.ClientTimeout(total=self.config.warm_timeout_s)
         headers = {"Host": upstream.host_header}
         attempts: tuple[tuple[str, dict[str, Any]], ...] = (("/api/generate", {}),

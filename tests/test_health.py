@@ -168,7 +168,7 @@ def test_restart_hook_restarts_and_prewarms(tmp: Path) -> None:
     b = start_emulator(tmp, name="restart-b")
     proxy = start_proxy(tmp, [{"url": a.url, "name": "a", "restart_command": command},
                               {"url": b.url, "name": "b"}],
-                        {"models": {"qwen3": {"warm_on": ["a"]}},
+                        {"models": {"qwen3": {"warm_on": ["a"], "options": {"num_ctx": 8192}}},
                          "chain": {"health": {**FAST, "restart_after_failures": 2,
                                               "restart_min_interval_s": 60}}}, name="restart")
     try:
@@ -185,6 +185,9 @@ def test_restart_hook_restarts_and_prewarms(tmp: Path) -> None:
         wait_for(back, 20, "a restarted and healthy")
         assert "restarting" in seen or "warming" in seen
         assert loaded(a_url_server(port)) == ["qwen3:latest"]
+        # Loaded with the model's canonical options, so real requests (rewritten to them) reuse it.
+        running = httpx.get(f"http://127.0.0.1:{port}/api/ps").json()["models"][0]
+        assert running["context_length"] == 8192
         log = proxy.log()
         assert "restart of a" in log and f"listening on port {port}" in log
         # It took traffic again only once its profile model was loaded.
