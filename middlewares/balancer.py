@@ -33,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.chain import FORWARD_ROUTE, Handler, Step
+from proxy.chain import Handler, Step
 from proxy.config import BalancerConfig
 from proxy.context import CONTEXT, RequestContext
 from proxy.errors import (
@@ -67,6 +67,8 @@ class BalancerStep(Step):
     """Replica choice by residency, load and affinity; see the module docstring."""
 
     name = "balancer"
+    runs_when_off = True
+    """In `off` mode it still picks the replica, by plain round robin."""
 
     def __init__(self, config: BalancerConfig, upstreams: UpstreamSet, health: HealthStep | None,
                  fanout: FanOut, telemetry: Telemetry) -> None:
@@ -89,13 +91,6 @@ class BalancerStep(Step):
             semconv.metric_name(prefix, "balancer", "retries"), unit="{retry}",
             description="Requests sent to another replica before the first byte, by failed replica and "
                         "error.")
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Unlike the policy steps, the balancer also runs in `off` mode (as plain round robin)."""
-        if request.match_info.route.name != FORWARD_ROUTE:
-            return await handler(request)
-        return await self.handle(request, request[CONTEXT], handler)
 
     # the cost model ----------------------------------------------------------------------------------
     def stat(self, key: str) -> ModelStats:
@@ -303,11 +298,7 @@ class BalancerStep(Step):
         return await self._attempts(request, ctx, handler, model, candidates)
 
     def _round_robin(self, candidates: Sequence[Upstream]) -> Upstream:
-        for _ in range(sum(u.weight for u in self.upstreams)):
-            upstream = self.upstreams.next()
-            if upstream in candidates:
-                return upstream
-        return candidates[0]
+        return self.upstreams.next_among(candidates) or candidates[0]
 
     def _may_retry(self, ctx: RequestContext, tried: list[Upstream], candidates: Sequence[Upstream]) -> bool:
         if len(tried) > self.config.max_retries or ctx.route.streams_body_upload:

@@ -7,7 +7,8 @@ so a client that disconnects (handler cancellation) frees it.
 
 Every step has a mode: `enforce` raises its ProxyError; `shadow` records what it would have done (span
 attribute, `<prefix>.<step>.decisions{decision=...}`, an `X-Shadow-Decision` response header) and lets the
-request through; `off` skips the step. One INTERNAL span per step covers its own work and is ended
+request through; `off` skips the step (a step that sets `runs_when_off`, the balancer, still runs and
+applies no policy of its own). One INTERNAL span per step covers its own work and is ended
 before the step delegates.
 """
 
@@ -39,6 +40,8 @@ class Step:
     """Base of every chain step. Subclasses set `name` and implement `handle(request, ctx, handler)`."""
 
     name: ClassVar[str] = ""
+    runs_when_off: ClassVar[bool] = False
+    """True for a step the request cannot do without (the balancer): `off` changes its policy only."""
 
     def __init__(self, mode: str, telemetry: Telemetry) -> None:
         self.mode = mode
@@ -59,7 +62,7 @@ class Step:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """The aiohttp middleware: skip what is not forwarded, and steps that are off."""
-        if self.mode == "off" or request.match_info.route.name != FORWARD_ROUTE:
+        if (self.mode == "off" and not self.runs_when_off) or request.match_info.route.name != FORWARD_ROUTE:
             return await handler(request)
         return await self.handle(request, request[CONTEXT], handler)
 

@@ -160,13 +160,17 @@ class UpstreamSet:
         """The next replica in weighted round-robin order."""
         return next(self._cycle)
 
-    def next_serving(self) -> Upstream:
-        """The next serving replica in round-robin order (any replica when none serves)."""
+    def next_among(self, candidates: Sequence[Upstream]) -> Upstream | None:
+        """The next of `candidates` in weighted round-robin order (None when none is configured here)."""
         for _ in range(sum(u.weight for u in self.upstreams)):
             upstream = self.next()
-            if self.is_serving(upstream):
+            if upstream in candidates:
                 return upstream
-        return self.next()
+        return None
+
+    def next_serving(self) -> Upstream:
+        """The next serving replica in round-robin order (any replica when none serves)."""
+        return self.next_among(self.eligible(None)) or self.next()
 
     def is_serving(self, upstream: Upstream) -> bool:
         return upstream.serving or not self.enforce_health
