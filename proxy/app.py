@@ -60,8 +60,7 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
                                     if m.tokenizer}, fetch_show)
     tokenizers.load_configured()
     health = HealthStep(config.chain.health, upstreams, config.models, telemetry)
-    fanout = FanOut(upstreams, lambda: forwarder.session, config.forwarding.idle_timeout_s,
-                    on_managed=health.refresh)
+    fanout = FanOut(upstreams, forwarder, on_managed=health.refresh)
     balancer = BalancerStep(config.chain.balancer, upstreams, health, fanout, telemetry)
     steps: dict[str, Step] = {
         "limits": LimitsStep(config.chain.limits, config.models, tokenizers, telemetry),

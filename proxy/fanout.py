@@ -25,6 +25,7 @@ from aiohttp import web
 
 from .context import RequestContext
 from .errors import UpstreamConnectFailure
+from .forwarding import Forwarder
 from .upstreams import Upstream, UpstreamSet
 
 __all__ = ["REPLICA_HEADER", "RESULTS_HEADER", "FanOut", "fleet_scope"]
@@ -55,15 +56,15 @@ def fleet_scope(method: str, path: str) -> str | None:
 class FanOut:
     """Sends one request to several replicas and merges what they answer."""
 
-    def __init__(self, upstreams: UpstreamSet, session: Callable[[], aiohttp.ClientSession | None],
-                 idle_timeout_s: float, on_managed: Callable[[Upstream], None] | None = None) -> None:
+    def __init__(self, upstreams: UpstreamSet, forwarder: Forwarder,
+                 on_managed: Callable[[Upstream], None] | None = None) -> None:
         self.upstreams = upstreams
-        self._session = session
-        self.idle_timeout_s = idle_timeout_s
+        self.forwarder = forwarder
+        self.idle_timeout_s = forwarder.config.idle_timeout_s
         self.on_managed = on_managed
 
     def session(self) -> aiohttp.ClientSession:
-        session = self._session()
+        session = self.forwarder.session
         assert session is not None, "fan-out used outside the application lifecycle"
         return session
 
@@ -73,7 +74,8 @@ class FanOut:
         if scope == "manage":
             return await self._manage(request, ctx, targets)
         serving = [u for u in targets if self.upstreams.is_serving(u)]
-        replies = await asyncio.gather(*(self._get_json(u, request.path) for u in serving))
+        replies = await asyncio.gather(*(
+            self.forwarder.fetch_json(request.path, upstream=u, timeout_s=_READ_TIMEOUT_S) for u in serving))
         answered = [(u, body) for u, body in zip(serving, replies, strict=True) if body is not None]
         if not answered:
             raise UpstreamConnectFailure(f"no replica answered {request.path}")
@@ -90,17 +92,6 @@ class FanOut:
         order = "expires_at" if scope == "ps" else "modified_at"
         entries.sort(key=lambda m: str(m.get(order, "")), reverse=True)
         return web.Response(body=orjson.dumps({"models": entries}), headers=headers)
-
-    async def _get_json(self, upstream: Upstream, path: str) -> dict[str, Any] | None:
-        try:
-            async with self.session().get(upstream.target(path), headers={"Host": upstream.host_header},
-                                          timeout=aiohttp.ClientTimeout(total=_READ_TIMEOUT_S)) as reply:
-                if reply.status != 200:
-                    return None
-                value = orjson.loads(await reply.read())
-        except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError):
-            return None
-        return value if isinstance(value, dict) else None
 
     # management --------------------------------------------------------------------------------------
     async def _manage(self, request: web.Request, ctx: RequestContext,

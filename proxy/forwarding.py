@@ -300,23 +300,27 @@ class Forwarder:
             return float("inf")
         return max(0.0, ctx.deadline_at - time.monotonic())
 
-    async def fetch_json(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """POST `body` to `path` on the next replica and return its JSON, or None on any failure.
-        For the proxy's own needs (a model's vocabulary), not for client requests."""
+    async def fetch_json(self, path: str, body: dict[str, Any] | None = None, *,
+                         upstream: Upstream | None = None, timeout_s: float = 60.0
+                         ) -> dict[str, Any] | None:
+        """POST `body` (GET without one) to `path` on `upstream` (default: a replica that holds the body's
+        model, else the next serving one) and return its JSON object, or None on any failure. For the
+        proxy's own needs (a model's vocabulary, the merged fleet listings), not for client requests."""
         session = self._session
         if session is None:
             return None
-        model = body.get("model")
-        holders = self.upstreams.eligible(model if isinstance(model, str) else None)
-        upstream = holders[0] if holders else self.upstreams.next_serving()
+        if upstream is None:
+            model = body.get("model") if body is not None else None
+            holders = self.upstreams.eligible(model if isinstance(model, str) else None)
+            upstream = holders[0] if holders else self.upstreams.next_serving()
         try:
-            async with session.post(upstream.target(path), json=body,
-                                    headers={"Host": upstream.host_header},
-                                    timeout=aiohttp.ClientTimeout(total=60)) as response:
+            async with session.request("GET" if body is None else "POST", upstream.target(path),
+                                       json=body, headers={"Host": upstream.host_header},
+                                       timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                 if response.status != 200:
                     return None
                 value = await response.json(loads=orjson.loads, content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
             return None
         return value if isinstance(value, dict) else None
 

@@ -18,8 +18,9 @@ import pytest
 from yarl import URL
 
 from middlewares.balancer import BalancerStep
-from proxy.config import BalancerConfig, TelemetryConfig
+from proxy.config import BalancerConfig, ForwardingConfig, TelemetryConfig
 from proxy.fanout import FanOut
+from proxy.forwarding import Forwarder
 from proxy.telemetry.setup import build_telemetry
 from proxy.upstreams import LoadedModel, Upstream, UpstreamSet
 from tests.support.metrics import metric
@@ -307,7 +308,8 @@ def test_cost_model_prefers_residency_and_prices_evictions() -> None:
                              Upstream("b", URL("http://127.0.0.1:2"))])
     telemetry = build_telemetry(TelemetryConfig())
     balancer = BalancerStep(BalancerConfig(cold_load_s=8.0), upstreams, None,
-                            FanOut(upstreams, lambda: None, 1.0), telemetry)
+                            FanOut(upstreams, Forwarder(upstreams, ForwardingConfig(), telemetry)),
+                            telemetry)
     a, b = upstreams.upstreams
     a.loaded = {"llama3.2:latest": LoadedModel("llama3.2:latest", context_length=4096)}
     b.loaded = {"qwen3:latest": LoadedModel("qwen3:latest", context_length=4096)}
