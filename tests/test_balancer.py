@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,35 +105,36 @@ def test_equal_cost_spreads_and_prefix_affinity_sticks(tmp: Path) -> None:
             httpx.post(f"{plain.url}/api/chat", json={
                 **body, "messages": [{"role": "user", "content": "same question"}]}, timeout=30)
         assert completed(a) == completed(b) == 3  # equal cost: turns
-        homes = set()
-        for session in range(6):
+        def home(send: Callable[[int], httpx.Response]) -> int:
+            """Send a 3-turn conversation; every turn must land on one replica (0: a, 1: b)."""
             before = (completed(a), completed(b))
             for turn in range(3):
+                assert send(turn).status_code == 200
+            served = [completed(a) - before[0], completed(b) - before[1]]
+            assert sorted(served) == [0, 3], served
+            return served.index(3)
+
+        def by_prefix(session: int) -> Callable[[int], httpx.Response]:
+            def send(turn: int) -> httpx.Response:
                 messages = [{"role": "system", "content": f"You are assistant number {session}."},
                             {"role": "user", "content": "Tell me about the documents."}]
                 messages += [{"role": "assistant", "content": "..."},
                              {"role": "user", "content": f"and {turn}"}] * turn
-                reply = httpx.post(f"{sticky.url}/api/chat", json={**body, "messages": messages},
-                                   timeout=30)
-                assert reply.status_code == 200
-            after = (completed(a), completed(b))
-            served = [after[0] - before[0], after[1] - before[1]]
-            assert sorted(served) == [0, 3], served  # every turn of a conversation on one replica
-            homes.add(served.index(3))
-        assert homes == {0, 1}  # and conversations spread over both
+                return httpx.post(f"{sticky.url}/api/chat", json={**body, "messages": messages},
+                                  timeout=30)
+            return send
+
+        def by_header(session: str) -> Callable[[int], httpx.Response]:
+            def send(turn: int) -> httpx.Response:
+                return httpx.post(f"{by_session.url}/api/chat", headers={"X-Session-Id": session},
+                                  json={**body, "messages": [{"role": "user", "content": f"q{turn}"}]},
+                                  timeout=30)
+            return send
+
+        # `prefix`: same tenant, system prompt and first message -> same replica; conversations spread.
+        assert {home(by_prefix(session)) for session in range(6)} == {0, 1}
         # `session`: the client's X-Session-Id decides, whatever the messages.
-        homes = set()
-        for session in ("s-1", "s-2", "s-7", "s-8", "s-9", "s-10"):
-            before = (completed(a), completed(b))
-            for turn in range(3):
-                reply = httpx.post(f"{by_session.url}/api/chat", headers={"X-Session-Id": session},
-                                   json={**body, "messages": [{"role": "user", "content": f"q{turn}"}]},
-                                   timeout=30)
-                assert reply.status_code == 200
-            served = [completed(a) - before[0], completed(b) - before[1]]
-            assert sorted(served) == [0, 3], served
-            homes.add(served.index(3))
-        assert homes == {0, 1}
+        assert {home(by_header(s)) for s in ("s-1", "s-2", "s-7", "s-8", "s-9", "s-10")} == {0, 1}
     finally:
         for server in (plain, sticky, by_session, a, b):
             server.stop()

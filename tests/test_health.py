@@ -51,8 +51,9 @@ def status(proxy: Server, replica: str) -> str:
     return str(profile(proxy)["replicas"][replica]["status"])
 
 
-def loaded(server: Server) -> list[str]:
-    return [m["name"] for m in httpx.get(f"{server.url}/api/ps", timeout=5).json()["models"]]
+def loaded(url: str) -> list[str]:
+    """What the Ollama (or emulator) at `url` has loaded, by its own /api/ps."""
+    return [m["name"] for m in httpx.get(f"{url}/api/ps", timeout=5).json()["models"]]
 
 
 def test_probes_learn_residency_and_never_load(tmp: Path) -> None:
@@ -72,7 +73,7 @@ def test_probes_learn_residency_and_never_load(tmp: Path) -> None:
         assert view["replicas"]["a"]["loaded"][0]["context_length"] == 4096
         assert "llama3.2:latest" in view["replicas"]["b"]["models_on_disk"]
         # Probes loaded nothing anywhere: b holds nothing, a only what it was given.
-        assert loaded(b) == [] and loaded(a) == ["qwen3:latest"]
+        assert loaded(b.url) == [] and loaded(a.url) == ["qwen3:latest"]
         assert a.stats()["loads"] == 1 and b.stats()["loads"] == 0
         assert metric(proxy.url, "sop_upstream_healthy", sop_upstream_name="a") == 1.0
         assert (metric(proxy.url, "sop_health_probes_total", sop_upstream_name="b", outcome="success")
@@ -173,7 +174,7 @@ def test_restart_hook_restarts_and_prewarms(tmp: Path) -> None:
                                               "restart_min_interval_s": 60}}}, name="restart")
     try:
         # At start-up the profile model is loaded on its replica.
-        wait_for(lambda: loaded(a) == ["qwen3:latest"], what="qwen3 pre-warmed on a at start")
+        wait_for(lambda: loaded(a.url) == ["qwen3:latest"], what="qwen3 pre-warmed on a at start")
         a.kill()
         wait_for(pidfile.exists, 20, "the restart command to run")
         seen: list[str] = []
@@ -184,7 +185,7 @@ def test_restart_hook_restarts_and_prewarms(tmp: Path) -> None:
 
         wait_for(back, 20, "a restarted and healthy")
         assert "restarting" in seen or "warming" in seen
-        assert loaded(a_url_server(port)) == ["qwen3:latest"]
+        assert loaded(f"http://127.0.0.1:{port}") == ["qwen3:latest"]
         # Loaded with the model's canonical options, so real requests (rewritten to them) reuse it.
         running = httpx.get(f"http://127.0.0.1:{port}/api/ps").json()["models"][0]
         assert running["context_length"] == 8192
@@ -202,13 +203,6 @@ def test_restart_hook_restarts_and_prewarms(tmp: Path) -> None:
         a.stop()
         if pidfile.exists():
             os.kill(int(pidfile.read_text()), signal.SIGTERM)
-
-
-def a_url_server(port: int) -> Server:
-    """A handle on a server this test did not start (for `loaded`)."""
-    server = Server.__new__(Server)
-    server.url = f"http://127.0.0.1:{port}"
-    return server
 
 
 def _fleet(count: int = 4, **health: Any) -> tuple[HealthStep, list[Upstream]]:
@@ -274,14 +268,14 @@ def test_pinned_model_stays_loaded(tmp: Path) -> None:
                                                          "replicas": ["b"]}},
                          "chain": {"health": FAST}}, name="pin")
     try:
-        wait_for(lambda: loaded(b) == ["nomic-embed-text:latest"], what="the embedding model pinned on b")
+        wait_for(lambda: loaded(b.url) == ["nomic-embed-text:latest"], what="the embedding model pinned on b")
         running = httpx.get(f"{b.url}/api/ps").json()["models"][0]
         assert int(running["expires_at"][:4]) > 2200  # keep_alive -1: never expires
-        assert loaded(a) == []
+        assert loaded(a.url) == []
         # Unloaded behind the proxy's back: the next probe notices, and it is loaded again.
         httpx.post(f"{b.url}/api/embed", json={"model": "nomic-embed-text", "input": [], "keep_alive": 0})
-        wait_for(lambda: loaded(b) == [], 5, "the model unloaded")
-        wait_for(lambda: loaded(b) == ["nomic-embed-text:latest"], 10, "the pinned model loaded again")
+        wait_for(lambda: loaded(b.url) == [], 5, "the model unloaded")
+        wait_for(lambda: loaded(b.url) == ["nomic-embed-text:latest"], 10, "the pinned model loaded again")
         # Only b may serve it: embeddings go there, whatever a's load.
         for _ in range(3):
             reply = httpx.post(f"{proxy.url}/api/embed", json={"model": "nomic-embed-text",
