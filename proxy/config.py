@@ -6,7 +6,9 @@ Key names are the public interface documented in deploy/config.example.yaml: ext
 
 from __future__ import annotations
 
+import math
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +16,7 @@ from typing import Any, Literal
 import attrs
 import cattrs
 import yaml
+from cattrs.errors import IterableValidationError, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn
 from yarl import URL
 
@@ -61,8 +64,21 @@ def _ratio(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None
 
 
 def _non_empty(name: str, value: tuple[str, ...]) -> None:
-    if not value or not all(value):
+    if not value:
         raise ValueError(f"{name}: at least one non-empty value is required")
+    _valid_keys(name, value)
+
+
+def _valid_keys(name: str, value: tuple[str, ...]) -> None:
+    """API keys: non-empty, no surrounding or inner whitespace or control characters (a key with them
+    could never be sent in a header as written), and no duplicates."""
+    for index, key in enumerate(value):
+        if not key.strip():
+            raise ValueError(f"{name}[{index}]: an empty or whitespace key is not allowed")
+        if key != key.strip() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in key):
+            raise ValueError(f"{name}[{index}]: a key may not contain whitespace or control characters")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{name}: a key is listed twice")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -103,7 +119,16 @@ class ServerConfig:
     backlog: int = attrs.field(default=2048, validator=_positive)
     """Listen backlog; the default 128 of asyncio collapses under connection storms."""
     shutdown_timeout_s: float = attrs.field(default=30.0, validator=_positive)
-    """Grace period for in-flight requests on SIGTERM."""
+    """Grace period for in-flight requests on SIGTERM; streams still running then end with one final
+    error line (`code: shutting_down`) and the process exits by this deadline."""
+    max_header_bytes: int = attrs.field(default=64 * 1024, validator=_positive)
+    """Largest request head (request line and all headers together); larger ones get 431 before
+    authentication, like nginx's large_client_header_buffers and Envoy's max_request_headers_kb."""
+    body_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    """Longest silence while a request body is being received; then 408 and the connection is closed."""
+    max_connections: int = attrs.field(default=8192, validator=_positive)
+    """Open client connections served at once; beyond it new connections get an immediate 503 and are
+    closed, rather than exhaust file descriptors (the proxy raises its own RLIMIT_NOFILE to fit)."""
 
 
 @attrs.frozen
@@ -159,6 +184,13 @@ class TelemetryConfig:
     """OTLP metric export interval."""
     access_log: bool = True
     """One line per request on the `proxy.access` logger (never bodies, prompts or keys)."""
+    metrics_auth: bool | Literal["none", "admin"] = False
+    """Who may scrape `/metrics`: false / `none` (anyone, the default, as Prometheus expects) or
+    true / `admin` (an admin key, sent by Prometheus as `authorization: {credentials: ...}`)."""
+
+    @property
+    def metrics_need_admin(self) -> bool:
+        return self.metrics_auth is True or self.metrics_auth == "admin"
 
 
 Mode = Literal["enforce", "shadow", "off"]
@@ -169,7 +201,7 @@ PromptPolicy = Literal["reject", "truncate"]
 class AdminConfig:
     """Who may use /system/* and, always, the model-management routes."""
 
-    keys: tuple[str, ...] = ()
+    keys: tuple[str, ...] = attrs.field(default=(), validator=lambda _i, _a, v: _valid_keys("keys", v))
     """Admin API keys (`Authorization: Bearer <key>` or `X-API-Key`). Never logged."""
 
 
@@ -202,6 +234,11 @@ class AnonymousConfig:
     """Requests without a key: refused (`allow: false`, 401) or served under these limits."""
 
     allow: bool = True
+    keys: tuple[str, ...] = attrs.field(default=("ollama",),
+                                        validator=lambda _i, _a, v: _valid_keys("keys", v))
+    """Placeholder keys that clients send because their SDK insists on one (the OpenAI SDK with
+    `api_key="ollama"`): while `allow` is true they count as no key at all; otherwise they are refused
+    like any unknown key. Never a tenant's or admin's key."""
     requests_per_minute: float | None = attrs.field(default=None, validator=_positive)
     tokens_per_minute: float | None = attrs.field(default=None, validator=_positive)
     max_concurrent: int | None = attrs.field(default=None, validator=_positive)
@@ -363,6 +400,16 @@ class StateConfig:
     backend: Literal["memory", "redis"] = "memory"
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "sop:"
+    failure_mode: Literal["open", "closed"] = "open"
+    """When Redis cannot answer in time: `open` admits and counts in this process alone (like Envoy's
+    rate-limit filter, failure_mode_deny false), `closed` answers 503 `state_unavailable` with
+    Retry-After. Either way a metric and a log line say the state is degraded."""
+    socket_timeout_s: float = attrs.field(default=0.5, validator=_positive)
+    """Longest wait for one Redis command (and for a connection to it); past it the call has failed."""
+    max_connections: int = attrs.field(default=512, validator=_positive)
+    """Connections to Redis per proxy process; a burst beyond waits for one (up to socket_timeout_s)."""
+    retry_interval_s: float = attrs.field(default=1.0, validator=_positive)
+    """After a failure, Redis is not tried again for this long (calls use the failure mode meanwhile)."""
 
 
 @attrs.frozen
@@ -389,7 +436,12 @@ class Config:
                 if key in seen or key in self.admin.keys:
                     raise ValueError(f"tenants[{index}].keys: a key is used twice "
                                      f"(also by {seen.get(key, 'admin')})")
+                if key in self.anonymous.keys:
+                    raise ValueError(f"tenants[{index}].keys: a key is also an anonymous placeholder "
+                                     "(anonymous.keys)")
                 seen[key] = tenant.name
+        if any(key in self.anonymous.keys for key in self.admin.keys):
+            raise ValueError("admin.keys: a key is also an anonymous placeholder (anonymous.keys)")
         names = [t.name for t in self.tenants]
         if len(set(names)) != len(names):
             raise ValueError("tenants: tenant names must be unique")
@@ -404,8 +456,91 @@ class Config:
                                      f"(known: {', '.join(replicas)})")
 
 
+def _strict_bool(value: Any, _: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _strict_int(value: Any, _: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _strict_float(value: Any, _: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise TypeError("expected a finite number")
+    return float(value)
+
+
+def _strict_str(value: Any, _: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _is_homogeneous_tuple(type_: Any) -> bool:
+    args = typing.get_args(type_)
+    return typing.get_origin(type_) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _is_dict(type_: Any) -> bool:
+    return typing.get_origin(type_) is dict
+
+
 def _converter() -> cattrs.Converter:
+    # cattrs' defaults are lenient where an operator's slip becomes a hole: `keys: "ROOT"` would be the
+    # tuple ('R', 'O', 'O', 'T') and `allow: "no"` would be True. Every leaf is checked for its real type.
     converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook(bool, _strict_bool)
+    converter.register_structure_hook(int, _strict_int)
+    converter.register_structure_hook(float, _strict_float)
+    converter.register_structure_hook(str, _strict_str)
+
+    def sequence_hook(type_: Any) -> Any:
+        item = typing.get_args(type_)[0]
+
+        def structure_sequence(value: Any, _: Any) -> tuple[Any, ...]:
+            if not isinstance(value, list | tuple):
+                raise TypeError(f"expected a list, got {type(value).__name__}")
+            return tuple(_each(enumerate(value), item, type_))
+
+        return structure_sequence
+
+    def _each(pairs: Any, item: Any, type_: Any) -> list[Any]:
+        out: list[Any] = []
+        errors: list[Exception] = []
+        for index, element in pairs:
+            try:
+                out.append(converter.structure(element, item))
+            except Exception as exc:  # collected, re-raised with the index below
+                exc.__notes__ = [*getattr(exc, "__notes__", []),
+                                 IterableValidationNote(f"@ {index!r}", index, item)]
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError("invalid entries", errors, type_)
+        return out
+
+    converter.register_structure_hook_factory(_is_homogeneous_tuple, sequence_hook)
+
+    def mapping_check(value: Any, type_: Any) -> dict[Any, Any]:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping, got {type(value).__name__}")
+        key_type, value_type = typing.get_args(type_) or (Any, Any)
+        keys = _each(((k, k) for k in value), key_type, type_)
+        return dict(zip(keys, _each(value.items(), value_type, type_), strict=True))
+
+    converter.register_structure_hook_func(_is_dict, mapping_check)
+
+    def metrics_auth(value: Any, _: Any) -> bool | str:
+        if isinstance(value, bool) or value in ("none", "admin"):
+            return value  # type: ignore[no-any-return]
+        raise TypeError("expected true, false, 'none' or 'admin'")
+
+    converter.register_structure_hook(bool | Literal["none", "admin"], metrics_auth)
     for cls in (ServerConfig, UpstreamConfig, ForwardingConfig, TelemetryConfig, AdminConfig,
                 TenantConfig, AnonymousConfig, ModelConfig, LimitsConfig, QuotasConfig,
                 BackpressureConfig, HealthConfig, BalancerConfig, ChainConfig,

@@ -23,6 +23,8 @@ def _describe(exc: BaseException, type_: Any) -> str:
         return f"{value!r} is not one of {allowed.removeprefix('typing.Literal')}"
     if isinstance(exc, ValueError) and re.match(r"^[\w.\[\]]+: ", text):
         return text
+    if isinstance(exc, TypeError) and text.startswith("expected "):
+        return text
     return f"expected {getattr(type_, '__name__', type_)}"
 
 
@@ -31,9 +33,10 @@ def format_validation_error(exc: cattrs.BaseValidationError) -> str:
     messages = []
     for line in cattrs.transform_error(exc, path="", format_exception=_describe):
         text, _, where = line.rpartition(" @ ")
-        path = where.lstrip("$").lstrip(".")
+        # Mapping keys read as config keys (`models.llama3.2.options`), not Python (`models['llama3.2']`).
+        path = re.sub(r"\['((?:[^'\\]|\\.)*)'\]", r".\1", where.lstrip("$")).lstrip(".")
         field, sep, rest = text.partition(": ")
-        if sep and field.isidentifier():
+        if sep and re.fullmatch(r"[A-Za-z_]\w*(\[\d+\])*", field):
             # A validator names its own field: fold it into the path.
             path, text = (f"{path}.{field}" if path else field), rest
         messages.append(f"{path}: {text}" if path else text)

@@ -68,7 +68,7 @@ def test_example_lists_every_key_with_its_default() -> None:
     ({"telemetry": {"otlp_protocol": "udp"}}, "telemetry.otlp_protocol: 'udp' is not one of"),
     ({"telemetry": {"sample_ratio": 2}}, "telemetry.sample_ratio: must be between 0 and 1"),
     ({"server": {"listen": "nowhere"}}, "server.listen: expected HOST:PORT"),
-    ({"forwarding": {"idle_timeout_s": "soon"}}, "forwarding.idle_timeout_s: expected float"),
+    ({"forwarding": {"idle_timeout_s": "soon"}}, "forwarding.idle_timeout_s: expected a number"),
     ({"upstreams": []}, "upstreams: at least one upstream is required"),
     ({"chains": {}}, "unknown key(s) chains"),
 ])
@@ -116,3 +116,69 @@ def test_serve_refuses_a_bad_file(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(bad)],
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 2 and "upstreams[0].url" in result.stderr
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"admin": {"keys": "ROOT"}}, "admin.keys: expected a list, got str"),
+    ({"tenants": [{"name": "a", "keys": "sk-a"}]}, "tenants[0].keys: expected a list, got str"),
+    ({"anonymous": {"allow": "no"}}, "anonymous.allow: expected true or false, got str"),
+    ({"anonymous": {"allow": "false"}}, "anonymous.allow: expected true or false"),
+    ({"tenants": [{"name": "a", "keys": ["k"], "allow_management": "yes"}]},
+     "tenants[0].allow_management: expected true or false"),
+    ({"admin": {"keys": [""]}}, "admin.keys[0]: an empty or whitespace key is not allowed"),
+    ({"admin": {"keys": ["  "]}}, "admin.keys[0]: an empty or whitespace key is not allowed"),
+    ({"tenants": [{"name": "a", "keys": ["ok", "\t"]}]},
+     "tenants[0].keys[1]: an empty or whitespace key is not allowed"),
+    ({"tenants": [{"name": "a", "keys": ["sk a"]}]},
+     "tenants[0].keys[0]: a key may not contain whitespace or control characters"),
+    ({"tenants": [{"name": "a", "keys": ["k1"]}, {"name": "b", "keys": ["k1"]}]},
+     "tenants[1].keys: a key is used twice (also by a)"),
+    ({"admin": {"keys": ["k1"]}, "tenants": [{"name": "a", "keys": ["k1"]}]},
+     "tenants[0].keys: a key is used twice (also by admin)"),
+    ({"tenants": [{"name": "a", "keys": ["ollama"]}]},
+     "tenants[0].keys: a key is also an anonymous placeholder"),
+    ({"server": {"max_body_bytes": "1024"}}, "server.max_body_bytes: expected an integer, got str"),
+    ({"server": {"max_header_bytes": True}}, "server.max_header_bytes: expected an integer, got bool"),
+    ({"server": {"body_timeout_s": 0}}, "server.body_timeout_s: must be > 0"),
+    ({"models": {"llama3.2": {"warm_on": "a"}}}, "models.llama3.2.warm_on: expected a list, got str"),
+    ({"models": ["llama3.2"]}, "models: expected a mapping, got list"),
+    ({"state": {"failure_mode": "maybe"}}, "state.failure_mode: 'maybe' is not one of"),
+    ({"telemetry": {"metrics_auth": "yes"}}, "telemetry.metrics_auth: expected true, false"),
+    ({"upstreams": [{"url": "http://a:1", "name": 5}]}, "upstreams[0].name: expected a string, got int"),
+])
+def test_config_is_typed_strictly(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        structure(data)
+    assert message in str(error.value)
+
+
+def test_strict_errors_never_echo_a_key() -> None:
+    with pytest.raises(ConfigError) as error:
+        structure({"admin": {"keys": "sk-secret-root"}})
+    assert "sk-secret-root" not in str(error.value)
+
+
+def test_typed_values_that_are_right_still_load() -> None:
+    config = structure({"admin": {"keys": ["root"]}, "anonymous": {"allow": False, "keys": []},
+                        "telemetry": {"metrics_auth": "admin"}, "server": {"body_timeout_s": 5},
+                        "state": {"backend": "redis", "failure_mode": "closed"}})
+    assert config.admin.keys == ("root",) and config.anonymous.allow is False
+    assert config.telemetry.metrics_need_admin and config.server.body_timeout_s == 5.0
+    assert structure({"telemetry": {"metrics_auth": True}}).telemetry.metrics_need_admin
+    assert not structure({}).telemetry.metrics_need_admin
+    assert structure({}).anonymous.keys == ("ollama",)
+
+
+@pytest.mark.parametrize("text,path", [
+    ("admin: {keys: ROOT}\n", "admin.keys"),
+    ("anonymous: {allow: 'no'}\n", "anonymous.allow"),
+])
+def test_check_config_and_serve_refuse_loose_types(tmp_path: Path, text: str, path: str) -> None:
+    bad = tmp_path / "loose.yaml"
+    bad.write_text(text)
+    checked = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(bad)],
+                             capture_output=True, text=True, check=False)
+    assert checked.returncode == 1 and path in checked.stderr
+    served = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(bad)],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert served.returncode == 2 and path in served.stderr
