@@ -18,6 +18,8 @@ __all__ = [
     "QuotaExceeded",
     "RateLimited",
     "RequestPayloadTooLarge",
+    "ShuttingDown",
+    "StateUnavailable",
     "Unauthorized",
     "UpstreamBusy",
     "UpstreamConnectFailure",
@@ -36,6 +38,9 @@ class ProxyError(Exception):
 
     status = 500
     code = "internal_error"
+    should_retry: bool | None = None
+    """False where retrying the same request cannot help: rendered as `x-should-retry: false` (the
+    header the OpenAI SDKs obey), and no Retry-After. None: the status says it (429/503 retry)."""
 
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
@@ -139,6 +144,21 @@ class NoHealthyUpstream(ProxyError):
 
     status = 503
     code = "no_healthy_upstream"
+
+
+class StateUnavailable(ProxyError):
+    """The shared state (Redis) cannot answer and `state.failure_mode` is `closed`: quotas cannot be
+    checked, so nothing is admitted; retry after `retry_after_s`."""
+
+    status = 503
+    code = "state_unavailable"
+
+
+class ShuttingDown(ProxyError):
+    """The proxy is stopping (SIGTERM) and the request did not finish within the grace period."""
+
+    status = 503
+    code = "shutting_down"
 
 
 class UpstreamBusy(Overload):

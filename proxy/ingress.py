@@ -182,7 +182,9 @@ class Ingress:
         ctx.status = exc.status
         headers = {"Content-Type": "application/json; charset=utf-8"
                    if ctx.route.dialect == "ollama" else "application/json"}
-        if exc.retry_after_s is not None:
+        if exc.should_retry is False:
+            headers["x-should-retry"] = "false"
+        elif exc.retry_after_s is not None:
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
         body = error_body(ctx.route.dialect, exc.status, exc.code, exc.message, exc.retry_after_s)
         response = web.Response(status=exc.status, body=body, headers=headers)
