@@ -9,9 +9,10 @@ prefer to keep a request waiting for the busy replica that holds its model over 
 have to load it; otherwise a slot never idles while anyone waits. Only replicas health lets serve the
 model count; when none is left, waiters are let through at once to get health's 503.
 
-Refusals, all 503 with `Retry-After` from the measured drain rate of that queue (completions per second
-over the last minute), never a constant:
-- `overload`: the queue is full, or the estimated wait already exceeds the request's deadline;
+Refusals, all 503 with `Retry-After` from the time the queue needs to drain at the fleet's capacity (its
+slots divided by the measured service time), never a constant:
+- `overload`: the queue is full, or the estimated wait (requests ahead x service time / slots, from
+  capacity, never from recent demand) already exceeds the request's deadline; never while a slot is free;
 - `queue_timeout`: it waited `queue_timeout_s` (or its deadline) without getting a slot.
 Admitted responses carry `X-Queue-Wait-Ms`. A client that leaves while queued leaves the queue at once;
 one that leaves while running frees its slot (the forwarder closes the upstream). With `adaptive: true`
@@ -82,6 +83,10 @@ class ModelGate:
     def _free(self, eligible: Sequence[Upstream]) -> list[Upstream]:
         return [u for u in eligible if self.in_flight[u.name] < max(1, math.floor(self.limits[u.name]))]
 
+    def has_free_slot(self) -> bool:
+        """Is a slot free on some replica that may serve the model?"""
+        return bool(self._free(self.fleet.eligible(self.model)))
+
     def pick(self, hint: Any = None, position: int = 0) -> Upstream | None:
         """The replica to take a free slot on for this model now, if any (see `picker`)."""
         eligible = self.fleet.eligible(self.model)
@@ -96,7 +101,9 @@ class ModelGate:
         return min(free, key=lambda u: self.in_flight[u.name] / max(1.0, self.limits[u.name]))
 
     def drain_rate(self) -> float | None:
-        """Completions per second over the last minute (None before two completions)."""
+        """Completions per second over the last minute (None before two completions): what the fleet
+        did recently, shown in /system/queue. Never used for admission: after a quiet minute it says
+        what the demand was, not what the replicas can do."""
         now = time.monotonic()
         while self.completions and now - self.completions[0] > _DRAIN_WINDOW_S:
             self.completions.popleft()
@@ -105,16 +112,19 @@ class ModelGate:
         span = max(now - self.completions[0], 1.0)
         return len(self.completions) / span
 
-    def estimated_wait_s(self, ahead: int) -> float:
-        """Expected wait of a request with `ahead` requests before it."""
-        rate = self.drain_rate()
-        if rate:
-            return (ahead + 1) / rate
-        if self.service_s is not None:
-            capacity = sum(max(1, math.floor(v)) for v in self.limits.values())
-            return (ahead + 1) * self.service_s / capacity
-        return 0.0
+    def capacity(self) -> int:
+        """Slots for this model on the replicas that may serve it now (at least one)."""
+        eligible = self.fleet.eligible(self.model)
+        return max(1, sum(max(1, math.floor(self.limits.get(u.name, u.num_parallel)))
+                          for u in eligible))
 
+    def estimated_wait_s(self, ahead: int) -> float:
+        """Expected wait of a request with `ahead` requests before it, from capacity: the queue drains
+        `capacity` requests per measured service time (0 until a service time is measured, so nothing
+        is refused on a guess)."""
+        if self.service_s is None:
+            return 0.0
+        return (ahead + 1) * self.service_s / self.capacity()
     def retry_after_s(self) -> float:
         """When to come back: the time to drain what waits now."""
         return max(1.0, self.estimated_wait_s(len(self.queue)))
@@ -189,6 +199,8 @@ class ModelGate:
                 "limits": {k: round(v, 2) for k, v in self.limits.items()},
                 "wait_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99)},
                 "drain_rate_per_s": round(rate, 3) if rate else None,
+                "service_s": round(self.service_s, 3) if self.service_s is not None else None,
+                "capacity": self.capacity(),
                 "rejections": dict(self.rejections)}
 
 
@@ -323,7 +335,7 @@ class BackpressureStep(Step):
         if self.mode == "shadow":
             return self._shadow(ctx, gate, span, cost)
         remaining = (ctx.deadline_at - time.monotonic()) if ctx.deadline_at else math.inf
-        if len(gate.queue) >= self.config.max_queue_size:
+        if len(gate.queue) >= self.config.max_queue_size and not gate.has_free_slot():
             gate.rejections["overload"] += 1
             self.decide(ctx, span, "overload", Overload(
                 f"the queue for {gate.model} is full ({self.config.max_queue_size} waiting)",
@@ -333,7 +345,9 @@ class BackpressureStep(Step):
         ahead = gate.queue.push(waiter)
         span.set_attribute("sop.queue.position", ahead + 1)
         estimate = gate.estimated_wait_s(ahead)
-        if estimate > remaining:
+        # A free slot passed over (the balancer waits for a replica holding the model) is capacity
+        # about to be used: never refuse on an estimate while one exists.
+        if estimate > remaining and not gate.has_free_slot():
             gate.queue.remove(waiter)
             gate.rejections["overload"] += 1
             self.decide(ctx, span, "overload", Overload(

@@ -263,9 +263,12 @@ class BalancerStep(Step):
             if named is not None:
                 target = self.upstreams.by_name.get(named)
                 if target is None:
-                    self.decide(ctx, span, "unknown_replica", InvalidRequest(
-                        f"no replica named {named!r} (known: {', '.join(self.upstreams.by_name)})"))
-                    raise AssertionError("unreachable")  # InvalidRequest is raised in every mode
+                    # Refused in every mode: shadow or off cannot guess which replica was meant. The
+                    # name is the client's: it is not echoed.
+                    span.set_attribute(f"sop.{self.name}.decision", "unknown_replica")
+                    self.decision_counts["unknown_replica"] += 1
+                    raise InvalidRequest(f"no replica by that name in {REPLICA_HEADER} (known: "
+                                         f"{', '.join(self.upstreams.by_name)})")
                 chosen, reason, candidates = target, "named", [target]
             elif bound is not None and bound in candidates:
                 # Chosen by this step's cost when backpressure granted the slot; reported here.

@@ -8,6 +8,11 @@ upstream: tenants' keys are the proxy's business, not the replica's.
 Open mode: with no tenants and no admin keys configured the proxy is a transparent pass-through and
 every route stays open, as Ollama itself is. As soon as either is configured, `/system/*` needs an admin
 key and the model-management routes need an admin key or a tenant with `allow_management`.
+
+Always open, whatever the configuration: `/healthz` and `/readyz` (load-balancer and kubelet probes carry
+no key) and, unless `telemetry.metrics_auth` asks for the admin key, `/metrics`. Placeholder keys
+(`anonymous.keys`, default `ollama`: the OpenAI SDK refuses to run without an api_key, so people pass one)
+count as no key while anonymous access is allowed.
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ import attrs
 from .config import AnonymousConfig, TenantConfig
 from .errors import Forbidden, Unauthorized
 
-__all__ = ["ANONYMOUS", "Identity", "Tenant", "TenantDirectory", "is_management"]
+__all__ = ["ANONYMOUS", "METRICS_PATH", "PROBE_PATHS", "Identity", "Tenant", "TenantDirectory",
+           "is_management"]
 
 _MANAGEMENT_POSTS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy"})
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+"""Routes that never need a key: an orchestrator's probes must not depend on the keys."""
+METRICS_PATH = "/metrics"
 
 
 def is_management(method: str, path: str) -> bool:
@@ -90,32 +99,55 @@ class TenantDirectory:
     """Resolves requests to identities and applies the route policy."""
 
     def __init__(self, tenants: tuple[TenantConfig, ...], anonymous: AnonymousConfig,
-                 admin_keys: tuple[str, ...]) -> None:
+                 admin_keys: tuple[str, ...], *, metrics_need_admin: bool = False) -> None:
         self._tenants = {_digest(k): Tenant.from_config(t) for t in tenants for k in t.keys}
         self._admin = {_digest(k) for k in admin_keys}
+        self._placeholders = {_digest(k) for k in anonymous.keys}
         self.tenants = [Tenant.from_config(t) for t in tenants]
         self.anonymous_allowed = anonymous.allow
         self.anonymous = Tenant.anonymous_from(anonymous)
         self.open_mode = not tenants and not admin_keys
+        self.metrics_need_admin = metrics_need_admin
+
+    def _open_route(self, path: str) -> bool:
+        return path in PROBE_PATHS or (path == METRICS_PATH and not self.metrics_need_admin)
 
     def identify(self, method: str, path: str, headers: Mapping[str, str]) -> Identity:
         """Who calls, and whether they may call this route; raises Unauthorized or Forbidden."""
+        identity = self.authenticate(path, headers)
+        self.authorize(identity, method, path, headers)
+        return identity
+
+    def authenticate(self, path: str, headers: Mapping[str, str]) -> Identity:
+        """Who calls (a tenant, admin, or anonymous); raises Unauthorized for an unknown key, or for no
+        key where anonymous access is refused. Open routes (probes, /metrics unless protected) never
+        refuse: an unknown key there is simply anonymous."""
         key, header = _key_from(headers)
-        identity: Identity
-        if key is not None and (tenant := self._tenants.get(_digest(key))) is not None:
-            identity = Identity(tenant, key_header=header)
-        elif key is not None and _digest(key) in self._admin:
-            identity = Identity(Tenant("admin"), admin=True, key_header=header)
-        elif key is not None and not self.open_mode:
+        digest = _digest(key) if key is not None else None
+        if digest is not None and (tenant := self._tenants.get(digest)) is not None:
+            return Identity(tenant, key_header=header)
+        if digest is not None and digest in self._admin:
+            return Identity(Tenant("admin"), admin=True, key_header=header)
+        if digest is not None and digest in self._placeholders and self.anonymous_allowed:
+            return Identity(self.anonymous, key_header=header)
+        if self.open_mode or self._open_route(path):
+            return Identity(self.anonymous)
+        if key is not None:
             raise Unauthorized("invalid API key")
-        elif self.open_mode or self.anonymous_allowed or path.startswith("/system/"):
-            identity = Identity(self.anonymous)
-        else:
-            raise Unauthorized("an API key is required (Authorization: Bearer <key>)")
-        if self.open_mode:
-            return identity
+        if self.anonymous_allowed or path.startswith("/system/") or path == METRICS_PATH:
+            return Identity(self.anonymous)
+        raise Unauthorized("an API key is required (Authorization: Bearer <key>)")
+
+    def authorize(self, identity: Identity, method: str, path: str, headers: Mapping[str, str]) -> None:
+        """May `identity` call this route? Raises Unauthorized (anonymous) or Forbidden (a known caller
+        whose role does not allow it)."""
+        if self.open_mode or self._open_route(path):
+            return
+        if path == METRICS_PATH and not identity.admin:
+            raise (Unauthorized("an admin API key is required") if identity.tenant.anonymous
+                   else Forbidden("this route needs an admin API key"))
         if path == "/system/queue" and not identity.tenant.anonymous:
-            return identity  # a tenant may look at its own place in the queue
+            return  # a tenant may look at its own place in the queue
         if path.startswith("/system/") and not identity.admin:
             raise (Unauthorized("an admin API key is required") if identity.tenant.anonymous
                    else Forbidden("this route needs an admin API key"))
@@ -123,4 +155,3 @@ class TenantDirectory:
             raise Forbidden("naming a replica (X-Ollama-Replica) needs an admin API key")
         if is_management(method, path) and not (identity.admin or identity.tenant.allow_management):
             raise Forbidden(f"tenant {identity.tenant.name} may not manage models on this proxy")
-        return identity

@@ -50,7 +50,8 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     """
     upstreams = UpstreamSet.from_config(config.upstreams, config.models)
     forwarder = Forwarder(upstreams, config.forwarding, telemetry)
-    directory = TenantDirectory(config.tenants, config.anonymous, config.admin.keys)
+    directory = TenantDirectory(config.tenants, config.anonymous, config.admin.keys,
+                                metrics_need_admin=config.telemetry.metrics_need_admin)
     state = build_state(config)
 
     async def fetch_show(model: str) -> dict[str, Any] | None:

@@ -137,7 +137,9 @@ class Ingress:
     async def _handle(self, request: web.Request, ctx: RequestContext,
                       handler: Handler) -> web.StreamResponse:
         try:
-            ctx.identity = self.directory.identify(request.method, request.path, request.headers)
+            ctx.identity = self.directory.authenticate(request.path, request.headers)
+            # Set before authorizing, so a refused request is logged under the tenant it came from.
+            self.directory.authorize(ctx.identity, request.method, request.path, request.headers)
             if ctx.root_span is not None and not ctx.identity.tenant.anonymous:
                 ctx.root_span.set_attribute("sop.tenant", ctx.identity.tenant.name)
             if not ctx.route.streams_body_upload and request.body_exists:

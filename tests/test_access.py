@@ -107,3 +107,69 @@ def test_open_mode_is_a_plain_pass_through(proxy: Server) -> None:
     assert httpx.post(f"{proxy.url}/api/pull", json={"model": "llama3.1", "stream": False}
                       ).status_code == 200
     assert httpx.get(f"{proxy.url}/system/quotas").status_code == 200
+
+
+def test_probes_never_need_a_key_and_metrics_are_open_by_default(
+        guarded: tuple[Server, Server]) -> None:
+    _, proxy = guarded
+    for path in ("/healthz", "/readyz"):
+        for headers in ({}, _auth("sk-not-a-key"), _auth(TEAM)):
+            reply = httpx.get(f"{proxy.url}{path}", headers=headers)
+            assert reply.status_code in (200, 503), (path, reply.status_code)  # 503: not ready, not 401
+            assert reply.json()["status"] in ("ok", "ready", "no healthy upstream")
+    assert httpx.get(f"{proxy.url}/metrics").status_code == 200
+    assert httpx.get(f"{proxy.url}/system/queue").status_code == 401  # the admin routes still need one
+
+
+def test_metrics_behind_the_admin_key(tmp_path: Path) -> None:
+    emulator = start_emulator(tmp_path, name="metrics-emu")
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "admin": {"keys": [ADMIN]}, "tenants": [{"name": "team", "keys": [TEAM]}],
+        "telemetry": {"metrics_auth": "admin"}}, name="metrics-proxy")
+    try:
+        assert httpx.get(f"{proxy.url}/metrics").status_code == 401
+        assert httpx.get(f"{proxy.url}/metrics", headers=_auth(TEAM)).status_code == 403
+        assert httpx.get(f"{proxy.url}/metrics", headers=_auth("sk-nope")).status_code == 401
+        scraped = httpx.get(f"{proxy.url}/metrics", headers=_auth(ADMIN))
+        assert scraped.status_code == 200 and b"# TYPE" in scraped.content
+        assert httpx.get(f"{proxy.url}/healthz").status_code == 200
+    finally:
+        proxy.stop()
+        emulator.stop()
+
+
+def test_placeholder_keys_count_as_anonymous_when_allowed(tmp_path: Path) -> None:
+    """The OpenAI SDK needs some api_key; `ollama` is what every Ollama guide tells people to pass."""
+    import openai
+
+    emulator = start_emulator(tmp_path, name="placeholder-emu")
+    open_proxy = start_proxy(tmp_path, [emulator.url], {
+        "tenants": [{"name": "team", "keys": [TEAM]}],
+        "anonymous": {"allow": True, "keys": ["ollama", "sk-no-key-required"]}}, name="open-anon")
+    closed_proxy = start_proxy(tmp_path, [emulator.url], {
+        "tenants": [{"name": "team", "keys": [TEAM]}], "anonymous": {"allow": False}},
+        name="closed-anon")
+    try:
+        for key in ("ollama", "sk-no-key-required"):
+            client = openai.OpenAI(base_url=f"{open_proxy.url}/v1", api_key=key, max_retries=0)
+            answer = client.chat.completions.create(
+                model="llama3.2", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+            assert answer.choices[0].message.content
+        assert "tenant=anonymous" in open_proxy.log()
+        assert httpx.post(f"{open_proxy.url}/api/generate", headers=_auth("ollama-not"),
+                          json={"model": "llama3.2", "prompt": "x"}).status_code == 401
+        refused = openai.OpenAI(base_url=f"{closed_proxy.url}/v1", api_key="ollama", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            refused.chat.completions.create(model="llama3.2",
+                                            messages=[{"role": "user", "content": "hi"}])
+    finally:
+        for server in (open_proxy, closed_proxy, emulator):
+            server.stop()
+
+
+def test_a_refused_request_is_logged_under_its_tenant(guarded: tuple[Server, Server]) -> None:
+    _, proxy = guarded
+    refused = httpx.post(f"{proxy.url}/api/pull", headers=_auth(TEAM), json={"model": "x"})
+    assert refused.status_code == 403
+    lines = [line for line in proxy.log().splitlines() if '"POST /api/pull" 403' in line]
+    assert lines and "tenant=team" in lines[-1]

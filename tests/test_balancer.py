@@ -256,7 +256,7 @@ def test_named_replica_and_show_goes_to_a_holder(tmp: Path) -> None:
                                headers={"Authorization": f"Bearer {TENANT}", "X-Ollama-Replica": "b"})
         assert forbidden.status_code == 403 and "admin" in forbidden.json()["error"]
         unknown = httpx.get(f"{proxy.url}/api/ps", headers={**admin, "X-Ollama-Replica": "zz"})
-        assert unknown.status_code == 400 and "no replica named 'zz'" in unknown.json()["error"]
+        assert unknown.status_code == 400 and "no replica by that name" in unknown.json()["error"]
         # A named replica is relayed as it is, unmerged.
         direct = httpx.get(f"{proxy.url}/api/tags", headers={**admin, "X-Ollama-Replica": "a"})
         assert direct.content == httpx.get(f"{a.url}/api/tags").content
@@ -334,3 +334,26 @@ def test_cost_model_prefers_residency_and_prices_evictions() -> None:
     balancer.stat("llama3.2:latest").service_s = 30.0
     ranked = balancer.rank("llama3.2", [a, b], None, None, free=[b], position=0)
     assert ranked[0][2] is b  # a 15 s expected wait does not
+
+
+@pytest.mark.parametrize("mode", ["shadow", "off"])
+def test_unknown_named_replica_is_400_in_every_mode(tmp_path: Path, mode: str) -> None:
+    a = start_emulator(tmp_path, name=f"named-{mode}-a")
+    b = start_emulator(tmp_path, name=f"named-{mode}-b")
+    proxy = start_proxy(tmp_path, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"admin": {"keys": [ADMIN]}, "chain": {"balancer": {"mode": mode}}},
+                        name=f"named-{mode}")
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    try:
+        for method, path, body in (("GET", "/api/ps", None), ("POST", "/api/generate", {
+                "model": "llama3.2", "prompt": "hi", "stream": False})):
+            reply = httpx.request(method, f"{proxy.url}{path}", json=body,
+                                  headers={**admin, "X-Ollama-Replica": "zz-nowhere"})
+            assert reply.status_code == 400, (mode, path, reply.text)
+            assert reply.json()["code"] == "invalid_request" and "zz-nowhere" not in reply.text
+        named = httpx.post(f"{proxy.url}/api/generate", headers={**admin, "X-Ollama-Replica": "b"},
+                           json={"model": "llama3.2", "prompt": "hi", "stream": False})
+        assert named.status_code == 200
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
