@@ -44,16 +44,25 @@ _FD_RESERVE = 64
 socket, log files, Redis, health probes, tokenizer files)."""
 
 
+_LINGER_S = 2.0
+"""After a response to a request whose body was not read (a refusal, a 408), the rest of the body is
+read and dropped for at most this long before the connection closes, so a client still sending sees
+the response rather than a reset (nginx's lingering close); aiohttp's default of 10 s let refused or
+stalled clients hold their connection five times longer."""
+
+
 def escape_field(value: object, limit: int = 200) -> str:
     """`value` as one safe token for a log line: control characters (C0, DEL, C1, and other non-printable
-    code points such as U+2028), backslash and double quote escaped as `\\xNN`/`\\uNNNN`, and at most
-    `limit` characters (then `...`). Anything a client sent goes through this before reaching a log."""
+    code points such as U+2028), space, backslash and double quote escaped as `\\xNN`/`\\uNNNN`, and at
+    most `limit` characters (then `...`). Anything a client sent goes through this before reaching a log,
+    so a value can neither start a new line nor forge a `key=value` field of the same record."""
     text = value if isinstance(value, str) else str(value)
-    if len(text) <= limit and text.isprintable() and '"' not in text and "\\" not in text:
-        return text  # the common case (a model name, an address) costs two scans
+    if (len(text) <= limit and text.isprintable() and " " not in text and '"' not in text
+            and "\\" not in text):
+        return text  # the common case (a model name, an address) costs a few scans
     out: list[str] = []
     for char in text[:limit]:
-        if char.isprintable() and char not in '"\\':
+        if char.isprintable() and char not in ' "\\':
             out.append(char)
         elif ord(char) < 0x100:
             out.append(f"\\x{ord(char):02x}")
@@ -267,7 +276,8 @@ async def start_site(app: web.Application, host: str, port: int, *, backlog: int
     runner = ProxyRunner(app, header_timeout_s=header_timeout_s, max_header_bytes=max_header_bytes,
                          max_connections=max_connections, handler_cancellation=True,
                          access_log=None, keepalive_timeout=keepalive_timeout_s, shutdown_timeout=1.0,
-                         max_field_size=max_header_bytes, max_line_size=min(max_header_bytes, 16384))
+                         max_field_size=max_header_bytes, max_line_size=min(max_header_bytes, 16384),
+                         lingering_time=_LINGER_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=True)
     await site.start()
