@@ -122,8 +122,11 @@ def _emulate(args: argparse.Namespace) -> int:
                      engine.startup_s, gguf)
         app = create_emulator_app(settings, models, loopback_guard=not args.no_host_check,
                                   engine=engine)
-        runner = ProxyRunner(app, header_timeout_s=3600, handler_cancellation=True, access_log=None,
-                             keepalive_timeout=3600)
+        # Go's http.Server reads heads up to DefaultMaxHeaderBytes (1 MiB) plus 4 KiB of slack.
+        go_head_bytes = (1 << 20) + 4096
+        runner = ProxyRunner(app, header_timeout_s=3600, max_header_bytes=go_head_bytes,
+                             handler_cancellation=True, access_log=None, keepalive_timeout=3600,
+                             max_field_size=go_head_bytes, max_line_size=go_head_bytes)
         await runner.setup()
         control = ListenerControl(runner, host, port)
         app[LISTENER] = control

@@ -339,3 +339,44 @@ def test_connections_past_the_cap_get_503_and_service_resumes(emulator: Server, 
         assert time.monotonic() < deadline, "service did not resume after the connections closed"
         time.sleep(0.1)
     capped.stop()
+
+
+# framing ------------------------------------------------------------------------------------------------
+_SMUGGLED = b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("head", [
+    # Content-Length and Transfer-Encoding together (CL.TE / TE.CL desync)
+    b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0\r\n\r\n" + _SMUGGLED,
+    # two different Content-Lengths
+    b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}"
+    + _SMUGGLED,
+    # a signed Content-Length
+    b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\n{}" + _SMUGGLED,
+    # an unknown transfer coding after chunked
+    b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"
+    + _SMUGGLED,
+    # obsolete line folding
+    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n" + _SMUGGLED,
+    # a space before the colon
+    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nContent-Length : 5\r\n\r\nhello" + _SMUGGLED,
+    # a chunk size with garbage
+    b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2;\x00\r\n{}\r\n0\r\n\r\n"
+    + _SMUGGLED,
+], ids=["cl-and-te", "two-cl", "signed-cl", "te-chunked-identity", "obs-fold", "space-before-colon",
+        "nul-in-chunk-ext"])
+def test_ambiguous_framing_is_refused_and_nothing_is_smuggled(proxy: Server, head: bytes) -> None:
+    """Each of these lets a front and a back end disagree on where a request ends; the proxy must refuse
+    it with a 4xx, close, and never answer the request hidden behind it."""
+    with connect(proxy.port) as sock:
+        sock.sendall(head.replace(b"Host: x\r\n", b"Host: x\r\n" + _auth(), 1))
+        data = b""
+        sock.settimeout(5)
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except TimeoutError:
+            pytest.fail(f"the connection stayed open after {data[:200]!r}")
+    assert data.startswith((b"HTTP/1.0 4", b"HTTP/1.1 4")), data[:200]
+    assert data.count(b"HTTP/1.") == 1, "a second (smuggled) request was answered"
