@@ -299,7 +299,9 @@ def test_rewritten_values_with_crlf_give_a_well_formed_response(proxy: Server,
     body.setdefault("options", {"num_predict": 2})
     response = httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30,
                           headers={"Authorization": f"Bearer {KEY}"})
-    assert response.status_code in (200, 400)
+    # keep_alive is any string to Ollama: the request is served. A string num_ctx may be refused (400)
+    # by the limits step; either way the response is well formed and carries no injected header.
+    assert response.status_code == 200 if "keep_alive" in options else response.status_code in (200, 400)
     assert "x-evil" not in response.headers
     if response.status_code == 200:
         assert response.json()["done"] is True
@@ -380,3 +382,31 @@ def test_ambiguous_framing_is_refused_and_nothing_is_smuggled(proxy: Server, hea
             pytest.fail(f"the connection stayed open after {data[:200]!r}")
     assert data.startswith((b"HTTP/1.0 4", b"HTTP/1.1 4")), data[:200]
     assert data.count(b"HTTP/1.") == 1, "a second (smuggled) request was answered"
+
+
+def test_many_stalled_bodies_do_not_deny_service(emulator: Server, tmp_path: Path) -> None:
+    """A keyless client opens many requests whose bodies stall: others are still served meanwhile, and
+    every stalled one is answered 408 and closed once the body timeout passes."""
+    stalled_proxy = start_proxy(tmp_path, [emulator.url], {"server": {"body_timeout_s": 5.0}},
+                                name="stalled")
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            sock = connect(stalled_proxy.port, 20)
+            sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+            sockets.append(sock)
+        served = httpx.post(f"{stalled_proxy.url}/api/generate", timeout=20, json={
+            "model": "llama3.2", "prompt": "hi", "stream": False, "options": {"num_predict": 2}})
+        assert served.status_code == 200
+        # ... while the stalled ones were still waiting (not answered yet), so it did not queue behind.
+        sockets[-1].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sockets[-1].recv(1)
+        sockets[-1].setblocking(True)
+        statuses = [read_response(sock, 20) for sock in sockets]
+        assert all(r.status == 408 and r.closed for r in statuses), \
+            {(r.status, r.closed) for r in statuses}
+    finally:
+        for sock in sockets:
+            sock.close()
+        stalled_proxy.stop()
