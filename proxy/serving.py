@@ -179,6 +179,11 @@ class EdgeHandler(RequestHandler):
         # A pipelined head behind a running request cannot be answered in order: only closed.
         self.force_close()
 
+    @property
+    def idle(self) -> bool:
+        """No request on this connection is being handled or waiting to be (keep-alive, or mid-head)."""
+        return not self._request_in_progress and not self._messages
+
     def _peer(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
         return str(peer[0]) if isinstance(peer, tuple) and peer else "-"
@@ -272,10 +277,10 @@ async def start_site(app: web.Application, host: str, port: int, *, backlog: int
     """Start serving `app` on host:port; stop it with `run_until_signalled` (or `runner.cleanup()`).
 
     aiohttp's per-line caps are set to the head cap (a longer line is a 431 from `EdgeHandler`), and its
-    own shutdown wait is short: `run_until_signalled` has already drained by the time it runs."""
+    own shutdown wait is short (a last resort): `run_until_signalled` has drained by the time it runs."""
     runner = ProxyRunner(app, header_timeout_s=header_timeout_s, max_header_bytes=max_header_bytes,
                          max_connections=max_connections, handler_cancellation=True,
-                         access_log=None, keepalive_timeout=keepalive_timeout_s, shutdown_timeout=1.0,
+                         access_log=None, keepalive_timeout=keepalive_timeout_s, shutdown_timeout=0.25,
                          max_field_size=max_header_bytes, max_line_size=min(max_header_bytes, 16384),
                          lingering_time=_LINGER_S)
     await runner.setup()
@@ -380,15 +385,21 @@ async def _drain(runner: ProxyRunner, stop: GracefulStop, grace_s: float) -> Non
     server = runner.server
     if server is not None:
         for connection in server.connections:
-            connection.close()  # idle keep-alive connections close now, busy ones after their response
+            # Idle keep-alive connections close now (their clients reconnect elsewhere instead of
+            # sending a request no one will read); busy ones after their response.
+            if isinstance(connection, EdgeHandler) and connection.idle:
+                connection.force_close()
+            else:
+                connection.close()
     log.info("stopping: no longer accepting connections; %d request(s) in flight get %.1fs to finish",
              stop.in_flight, grace_s)
-    # What is ended at the deadline needs a moment to write its final record and unwind.
-    reserve = min(1.0, grace_s * 0.2)
-    if not await stop.drained(deadline - reserve - loop.time()):
+    # What is ended near the deadline needs a moment to write its final record and unwind, and the
+    # cleanup after it (aiohttp's last-resort wait, the pools) a moment more: both come out of the grace
+    # period so that the process is gone by the deadline.
+    if not await stop.drained(deadline - min(1.5, grace_s * 0.3) - loop.time()):
         log.warning("stopping: ending %d request(s) still in flight (shutting_down)", stop.in_flight)
         stop.expire()
-        if not await stop.drained(deadline - loop.time()):
+        if not await stop.drained(deadline - min(0.5, grace_s * 0.1) - loop.time()):
             log.warning("stopping: %d request(s) did not end in time; closing their connections",
                         stop.in_flight)
 

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.raw import read_response
 from tests.support.servers import Server, start_emulator, start_proxy
 
 GRACE_S = 2.0
@@ -115,7 +116,13 @@ def test_sigterm_stops_accepting_at_once(slow_emulator: Server, tmp_path: Path) 
     stream = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "keep going"})
     stream.start()
     assert stream.started.wait(20)
+    idle = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    idle.sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(idle).status == 200  # now an idle keep-alive connection
     proxy.process.send_signal(signal.SIGTERM)
+    idle.settimeout(GRACE_S * 0.5)  # closed at once, long before the grace period ends
+    assert idle.recv(1) == b""
+    idle.close()
     deadline = time.monotonic() + GRACE_S
     refused = False
     while time.monotonic() < deadline and not refused:
