@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.support.raw import connect, read_response, request
-from tests.support.servers import Server, start_emulator, start_proxy
+from tests.support.servers import Server, free_port, start_emulator, start_proxy
 
 KEY = "edge-key-7f3a9c21d4"
 ADMIN = "edge-admin-51be0d"
@@ -410,3 +413,44 @@ def test_many_stalled_bodies_do_not_deny_service(emulator: Server, tmp_path: Pat
         for sock in sockets:
             sock.close()
         stalled_proxy.stop()
+
+
+def test_the_connection_cap_is_lowered_to_fit_the_descriptor_limit(emulator: Server,
+                                                                    tmp_path: Path) -> None:
+    """Started with a hard RLIMIT_NOFILE of 256, the proxy cannot hold 8192 connections (two descriptors
+    each): it says so and caps itself at what fits, and past that cap answers 503 instead of failing."""
+    config = tmp_path / "lowfd.yaml"
+    port = free_port()
+    config.write_text(yaml.safe_dump({"server": {"listen": f"127.0.0.1:{port}"},
+                                      "upstreams": [{"url": emulator.url}]}))
+    log_path = tmp_path / "lowfd.log"
+
+    # The limit is set in the child itself before the CLI starts (no preexec_fn: unsafe with threads).
+    launcher = ("import resource, runpy, sys; "
+                "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); "
+                "sys.argv = ['proxy', 'serve', '--config', sys.argv[1]]; "
+                "runpy.run_module('proxy', run_name='__main__')")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-c", launcher, str(config)],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    held: list[socket.socket] = []
+    try:
+        text = ""
+        deadline = time.monotonic() + 20
+        while "listening on" not in text:
+            assert time.monotonic() < deadline and process.poll() is None, text
+            time.sleep(0.05)
+            text = log_path.read_text()
+        assert "server.max_connections=8192 does not fit RLIMIT_NOFILE=256" in text
+        assert "serving at most 96 client connections" in text
+        for _ in range(96):
+            held.append(connect(port))
+        with connect(port) as extra:
+            refused = read_response(extra, 5)
+        assert refused.status == 503
+        assert httpx.get(f"{emulator.url}/api/version").status_code == 200
+    finally:
+        for sock in held:
+            sock.close()
+        process.terminate()
+        process.wait(20)
