@@ -93,6 +93,10 @@ def error_body(dialect: str, status: int, code: str, message: str,
     return orjson.dumps(value)
 
 
+def _absolute_form(target: str) -> bool:
+    return target[:8].lower().startswith(("http://", "https://"))
+
+
 def header_value(value: object, limit: int = _HEADER_VALUE_LIMIT) -> str:
     """`value` safe to put in a response header: anything but printable ASCII (CR, LF and other control
     characters above all, which would split the header block or make aiohttp refuse the response after
@@ -146,10 +150,6 @@ class Ingress:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.raw_path[:1] != "/" and request.raw_path[:8].lower().startswith(
-                ("http://", "https://")):
-            # Absolute-form target (RFC 9112 §3.2.2): route and forward by its path, as nginx does.
-            request = request.clone(rel_url=request.rel_url)
         ctx = RequestContext(request_id=f"{self._id_prefix}-{next(self._ids)}",
                              route=classify(request.method, request.path))
         ctx.service_limits["max_body_bytes"] = self.max_body_bytes
@@ -192,12 +192,14 @@ class Ingress:
         return size + 2
 
     def _refusal(self, request: web.BaseRequest) -> ProxyError | None:
-        """The refusal due before the body is read: head too large, a target that is not a path, or
-        failed authentication (in that order); None when the request may proceed."""
+        """The refusal due before anything else, authentication included: a head over the cap, or a
+        target that is neither a path, an absolute http(s) URL, nor `OPTIONS *`; None otherwise."""
         if self.head_bytes(request) > self.max_header_bytes:
             return RequestHeaderFieldsTooLarge(
                 f"request head exceeds server.max_header_bytes ({self.max_header_bytes} bytes)")
-        if request.raw_path[:1] != "/" and not (request.raw_path == "*" and request.method == "OPTIONS"):
+        target = request.raw_path
+        if (target[:1] != "/" and not _absolute_form(target)
+                and not (target == "*" and request.method == "OPTIONS")):
             return InvalidRequest("the request target must be a path (origin-form) or an absolute "
                                   "http(s) URL")
         return None
@@ -232,6 +234,11 @@ class Ingress:
             if request.raw_path == "*":
                 ctx.status = 200  # `OPTIONS *`, answered as Go's net/http does
                 return web.Response(status=200)
+            if request.raw_path[:1] != "/":
+                # Absolute-form target (RFC 9112 §3.2.2): routed (by aiohttp) and forwarded by its
+                # path, as nginx does; the steps and the forwarder see an origin-form request.
+                request = request.clone(rel_url=request.rel_url)
+                request[CONTEXT] = ctx
             ctx.identity = self.directory.identify(request.method, request.path, request.headers)
             if ctx.root_span is not None and not ctx.identity.tenant.anonymous:
                 ctx.root_span.set_attribute("sop.tenant", ctx.identity.tenant.name)

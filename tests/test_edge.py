@@ -199,10 +199,11 @@ def test_expect_continue_on_a_forbidden_route_is_refused_without_100(proxy: Serv
     assert b"100 Continue" not in response.raw_head
 
 
-def test_expect_continue_is_honoured_for_an_admissible_request(proxy: Server) -> None:
+@pytest.mark.parametrize("target", [b"/api/generate", b"http://elsewhere.example/api/generate"])
+def test_expect_continue_is_honoured_for_an_admissible_request(proxy: Server, target: bytes) -> None:
     body = b'{"model":"llama3.2","prompt":"hi","stream":false,"options":{"num_predict":2}}'
     with connect(proxy.port, 30) as sock:
-        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n" + _auth()
+        sock.sendall(b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n" + _auth()
                      + b"Content-Length: %d\r\n\r\n" % len(body))
         interim = read_response(sock, 5)
         assert interim.status == 100
