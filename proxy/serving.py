@@ -15,6 +15,7 @@ import asyncio
 import logging
 import resource
 import signal
+import sys
 import traceback
 from typing import Any
 
@@ -199,6 +200,8 @@ class EdgeHandler(RequestHandler):
         """aiohttp's exception log, without the exception's message: for parser errors it quotes raw
         request bytes (headers, keys). The type and the frames are enough to debug."""
         exc_info = kw.pop("exc_info", None)
+        if exc_info is True:
+            exc_info = sys.exc_info()[1]
         message = str(args[0]) if args else "error"
         if isinstance(exc_info, BaseException):
             frames = "".join(traceback.format_tb(exc_info.__traceback__))
@@ -233,7 +236,7 @@ class EdgeHandler(RequestHandler):
 
 
 HeadDeadlineHandler = EdgeHandler
-"""The former name (kept: tests and the emulator refer to it)."""
+"""The former name (docs/ARCHITECTURE.md uses it)."""
 
 
 class _EdgeServer(web.Server):
