@@ -242,8 +242,6 @@ class Ingress:
             ctx.identity = self.directory.identify(request.method, request.path, request.headers)
             if ctx.root_span is not None and not ctx.identity.tenant.anonymous:
                 ctx.root_span.set_attribute("sop.tenant", ctx.identity.tenant.name)
-            if not ctx.route.streams_body_upload and request.body_exists:
-                ctx.body = await self._read_body(request)
             response = await self._call(request, ctx, handler)
             if not ctx.status:
                 ctx.status = response.status
@@ -264,26 +262,34 @@ class Ingress:
                 raise
             return self._render(request, ctx, InternalProxyError("internal proxy error"))
 
+    async def _proceed(self, request: web.Request, ctx: RequestContext,
+                       handler: Handler) -> web.StreamResponse:
+        if not ctx.route.streams_body_upload and request.body_exists:
+            ctx.body = await self._read_body(request)
+        return await handler(request)
+
     async def _call(self, request: web.Request, ctx: RequestContext,
                     handler: Handler) -> web.StreamResponse:
-        """The chain, registered with the stop sequence: at the end of the grace period a request that
-        has not started its response gets 503 `shutting_down` (streams are ended by the forwarder)."""
+        """Body and chain, registered with the stop sequence: at the end of the grace period a request
+        that has not started its response gets 503 `shutting_down` (streams are ended by the
+        forwarder)."""
         stop = self.stop
         if stop is None:
-            return await handler(request)
+            return await self._proceed(request, ctx, handler)
         key = ctx.request_id
+        task = asyncio.current_task()
+        assert task is not None
+        stop.enter(key, task)
         try:
-            async with asyncio.timeout(None) as guard:
-                stop.enter(key, guard)
-                try:
-                    return await handler(request)
-                finally:
-                    stop.leave(key)
-        except TimeoutError:
-            if not guard.expired() or not stop.expired:
+            return await self._proceed(request, ctx, handler)
+        except asyncio.CancelledError:
+            # Ours (the stop sequence's) and nobody else's: then it becomes a response, not a cancel.
+            if not stop.ending(key) or task.uncancel() > 0:
                 raise
             raise ShuttingDown("the proxy is shutting down; retry on another instance or shortly",
                                retry_after_s=1.0) from None
+        finally:
+            stop.leave(key)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, refusing with 413 as soon as it is known to be too large and with 408 when

@@ -317,11 +317,12 @@ class GracefulStop:
     """The proxy's stop sequence, shared by ingress (every request in flight), the forwarder (every
     relay in flight) and `run_until_signalled`.
 
-    Each request registers an `asyncio.Timeout` that never fires by itself (ingress); a relayed stream
-    registers its own idle timer (forwarder). `expire()` fires, for each request, the relay's timer if
-    it has one (the forwarder then ends the stream with one final `shutting_down` record) and the
-    request's otherwise (ingress then answers 503 `shutting_down`). Both only unwind the normal way, so
-    every step's `finally` releases what it holds.
+    Each request registers its task (ingress); a relayed stream registers its idle timer (forwarder).
+    `expire()` fires, for each request, the relay's timer if it has one (the forwarder then ends the
+    stream with one final `shutting_down` record), and otherwise cancels the request's task, marked as
+    ending (ingress turns that cancellation into 503 `shutting_down`). Both unwind the normal way, so
+    every step's `finally` releases what it holds. (A task rather than an `asyncio.timeout` per request:
+    the latter cost 3 µs of every request's CPU for an event that happens once per process.)
     """
 
     def __init__(self) -> None:
@@ -329,8 +330,9 @@ class GracefulStop:
         """SIGTERM received: no new connections; responses say `Connection: close`."""
         self.expired = False
         """The grace period is over: what still runs is being ended."""
-        self._requests: dict[str, asyncio.Timeout] = {}
+        self._requests: dict[str, asyncio.Task[Any]] = {}
         self._relays: dict[str, asyncio.Timeout] = {}
+        self._ending: set[str] = set()
         self._idle = asyncio.Event()
 
     @property
@@ -338,13 +340,20 @@ class GracefulStop:
         """Requests inside the chain (registered by ingress)."""
         return len(self._requests)
 
-    def enter(self, key: str, timeout: asyncio.Timeout) -> None:
+    def enter(self, key: str, task: asyncio.Task[Any]) -> None:
+        """Register the request `key` handled by `task` (ended at once if the grace period is over)."""
+        self._requests[key] = task
         if self.expired:
-            timeout.reschedule(asyncio.get_running_loop().time())
-        self._requests[key] = timeout
+            self._ending.add(key)
+            task.cancel()
+
+    def ending(self, key: str) -> bool:
+        """Whether a cancellation of `key`'s task is the stop sequence's (not the client leaving)."""
+        return key in self._ending
 
     def leave(self, key: str) -> None:
         self._requests.pop(key, None)
+        self._ending.discard(key)
         if not self._requests:
             self._idle.set()
 
@@ -372,8 +381,13 @@ class GracefulStop:
         """End everything still in flight (see the class docstring)."""
         self.expired = True
         now = asyncio.get_running_loop().time()
-        for key, timeout in list(self._requests.items()):
-            (self._relays.get(key) or timeout).reschedule(now)
+        for key, task in list(self._requests.items()):
+            timer = self._relays.get(key)
+            if timer is not None:
+                timer.reschedule(now)
+            else:
+                self._ending.add(key)
+                task.cancel()
 
 
 STOP: web.AppKey[GracefulStop] = web.AppKey("sop_stop", GracefulStop)

@@ -198,3 +198,31 @@ def test_sighup_is_ignored_and_streams_continue(slow_emulator: Server, tmp_path:
     assert httpx.get(f"{proxy.url}/api/version", timeout=10).status_code == 200
     assert "SIGHUP ignored" in proxy.log()
     proxy.stop()
+
+
+def test_a_body_still_arriving_at_the_deadline_gets_503(slow_emulator: Server, tmp_path: Path) -> None:
+    """A client uploading its body slowly (but within the body timeout) when SIGTERM comes: it is
+    waited for during the grace period, then answered 503 `shutting_down`."""
+    proxy = _proxy(tmp_path, slow_emulator, body_timeout_s=30)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        time.sleep(0.3)
+        started = time.monotonic()
+        proxy.process.send_signal(signal.SIGTERM)
+        response = None
+        while time.monotonic() - started < GRACE_S + EXIT_MARGIN_S:
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                break
+            sock.settimeout(0.3)
+            try:
+                response = read_response(sock, 0.3)
+                break
+            except TimeoutError:
+                continue
+    proxy.process.wait(20)
+    assert response is not None and response.status == 503, response and response.status_line
+    assert response.json()["code"] == "shutting_down"
+    assert time.monotonic() - started < GRACE_S + EXIT_MARGIN_S
+    proxy.stop()
