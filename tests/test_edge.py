@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -314,17 +315,40 @@ def test_rewritten_values_with_crlf_give_a_well_formed_response(proxy: Server,
 
 
 # connection cap -----------------------------------------------------------------------------------------
+def _hold(port: int) -> socket.socket:
+    """A connection the proxy accepted and served once (so it is counted), kept open. Retried while
+    the proxy is still reaping connections just closed by the test."""
+    deadline = time.monotonic() + 10
+    while True:
+        sock = connect(port)
+        sock.sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        if read_response(sock).status == 200:
+            return sock
+        sock.close()
+        assert time.monotonic() < deadline, "no connection slot came free"
+        time.sleep(0.1)
+
+
 def test_connections_past_the_cap_get_503_and_service_resumes(emulator: Server, tmp_path: Path) -> None:
     cap = 20
     capped = start_proxy(tmp_path, [emulator.url], {"server": {"max_connections": cap,
                                                                "header_timeout_s": 60}}, name="cap")
+    # A disconnect storm first (resets mid-head, mid-body, right after connecting): no slot may leak.
+    for i in range(150):
+        try:
+            sock = connect(capped.port)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if i % 3 == 1:
+                sock.sendall(b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Partial: ")
+            elif i % 3 == 2:
+                sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            sock.close()  # RST
+        except OSError:
+            pass  # refused while the cap was briefly full of connections not yet reaped
     held: list[socket.socket] = []
     try:
         for _ in range(cap):
-            sock = connect(capped.port)
-            sock.sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert read_response(sock).status == 200  # accepted and counted
-            held.append(sock)
+            held.append(_hold(capped.port))
         with connect(capped.port) as extra:
             refused = read_response(extra, 5)
         assert refused.status == 503
