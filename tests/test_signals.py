@@ -80,7 +80,10 @@ def test_sigterm_ends_streams_with_a_final_line_and_exits_by_the_deadline(slow_e
     native = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "a long story"})
     openai = Reader(f"{proxy.url}/v1/chat/completions", {
         "model": "llama3.2", "stream": True, "messages": [{"role": "user", "content": "a long story"}]})
-    for reader in (native, openai):
+    anthropic = Reader(f"{proxy.url}/v1/messages", {
+        "model": "llama3.2", "stream": True, "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "a long story"}]})
+    for reader in (native, openai, anthropic):
         reader.start()
         assert reader.started.wait(20) and reader.lines, reader.error
     short = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "short",
@@ -88,7 +91,7 @@ def test_sigterm_ends_streams_with_a_final_line_and_exits_by_the_deadline(slow_e
     short.start()
     time.sleep(0.2)  # the short request is in flight (it needs well under the grace period)
     took = _stop_and_time(proxy)
-    for reader in (native, openai, short):
+    for reader in (native, openai, anthropic, short):
         reader.join(10)
     assert took < GRACE_S + EXIT_MARGIN_S, f"exit took {took:.1f}s"
     assert took > GRACE_S * 0.5, "the streams were not given their grace period"
@@ -105,9 +108,15 @@ def test_sigterm_ends_streams_with_a_final_line_and_exits_by_the_deadline(slow_e
     events = [line for line in openai.lines if line.startswith("data: ")]
     final = json.loads(events[-1].removeprefix("data: "))
     assert final["error"]["code"] == "shutting_down"
+
+    assert anthropic.status == 200 and anthropic.error is None
+    assert anthropic.lines[-2] == "event: error"
+    final = json.loads(anthropic.lines[-1].removeprefix("data: "))
+    assert final == {"type": "error", "error": {"type": "overloaded_error", "message": final["error"][
+        "message"]}} and "shutting down" in final["error"]["message"]
     log = proxy.log()
     assert "Traceback" not in log
-    assert "stopping: ending 2 request(s) still in flight" in log
+    assert "stopping: ending 3 request(s) still in flight" in log
     proxy.stop()
 
 
