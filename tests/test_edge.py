@@ -479,3 +479,11 @@ def test_the_connection_cap_is_lowered_to_fit_the_descriptor_limit(emulator: Ser
             sock.close()
         process.terminate()
         process.wait(20)
+
+
+def test_too_many_headers_is_431(proxy: Server) -> None:
+    headers = b"".join(b"X-H%d: 1\r\n" % i for i in range(300))  # small in bytes, many in number
+    response = request(proxy.port, b"GET /api/tags HTTP/1.1\r\nHost: x\r\n" + _auth() + headers + b"\r\n")
+    assert response.status == 431
+    assert response.json()["code"] == "request_header_fields_too_large"
+    assert response.closed
