@@ -20,7 +20,7 @@ import pytest
 from tests.support.raw import read_response
 from tests.support.servers import Server, start_emulator, start_proxy
 
-GRACE_S = 2.0
+GRACE_S = 3.0
 EXIT_MARGIN_S = 3.0  # cleanup and interpreter exit on a loaded machine
 
 
