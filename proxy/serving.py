@@ -421,13 +421,20 @@ async def _drain(runner: ProxyRunner, stop: GracefulStop, grace_s: float) -> Non
                         stop.in_flight)
 
 
+def _hurry(stop: GracefulStop) -> None:
+    if not stop.expired:
+        log.warning("stopping: second signal, ending %d request(s) in flight now", stop.in_flight)
+        stop.expire()
+
+
 async def run_until_signalled(runner: ProxyRunner, stop: GracefulStop | None = None,
                               grace_s: float = 30.0) -> None:
     """Serve until SIGINT or SIGTERM; SIGHUP is logged and ignored.
 
     With `stop`: refuse new connections, give requests in flight until `grace_s` after the signal, end
     what remains (final `shutting_down` record or 503), then clean up; the process can exit by then.
-    Without it (the emulator): aiohttp's own graceful cleanup.
+    A second SIGINT or SIGTERM ends what remains at once. Without `stop` (the emulator): aiohttp's own
+    graceful cleanup.
     """
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -441,6 +448,8 @@ async def run_until_signalled(runner: ProxyRunner, stop: GracefulStop | None = N
     try:
         await signalled.wait()
         if stop is not None:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, _hurry, stop)
             await _drain(runner, stop, grace_s)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

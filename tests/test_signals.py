@@ -235,3 +235,21 @@ def test_a_body_still_arriving_at_the_deadline_gets_503(slow_emulator: Server, t
     assert response.json()["code"] == "shutting_down"
     assert time.monotonic() - started < GRACE_S + EXIT_MARGIN_S
     proxy.stop()
+
+
+def test_a_second_sigterm_ends_the_streams_at_once(slow_emulator: Server, tmp_path: Path) -> None:
+    proxy = _proxy(tmp_path, slow_emulator, shutdown_timeout_s=60)
+    stream = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "a long story"})
+    stream.start()
+    assert stream.started.wait(20)
+    started = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proxy.process.poll() is None  # the first one waits for the stream
+    proxy.process.send_signal(signal.SIGTERM)
+    proxy.process.wait(30)
+    stream.join(10)
+    assert time.monotonic() - started < 30, "the second signal did not cut the 60 s grace period short"
+    assert json.loads(stream.lines[-1])["code"] == "shutting_down"
+    assert "second signal" in proxy.log()
+    proxy.stop()
