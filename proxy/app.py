@@ -19,6 +19,7 @@ from .config import Config
 from .fanout import FanOut
 from .forwarding import Forwarder
 from .ingress import Ingress, add_context_headers
+from .serving import STOP, GracefulStop
 from .state.base import StateBackend
 from .state.memory import MemoryState
 from .system import add_system_routes
@@ -49,7 +50,9 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     does not read the rest, and blob uploads stream through).
     """
     upstreams = UpstreamSet.from_config(config.upstreams, config.models)
-    forwarder = Forwarder(upstreams, config.forwarding, telemetry)
+    stop = GracefulStop()
+    forwarder = Forwarder(upstreams, config.forwarding, telemetry,
+                          body_timeout_s=config.server.body_timeout_s, stop=stop)
     directory = TenantDirectory(config.tenants, config.anonymous, config.admin.keys,
                                 metrics_need_admin=config.telemetry.metrics_need_admin)
     state = build_state(config)
@@ -71,10 +74,14 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
         "health": health,
         "balancer": balancer,
     }
-    ingress = Ingress(telemetry, config.server.max_body_bytes, directory)
+    ingress = Ingress(telemetry, config.server.max_body_bytes, directory,
+                      max_header_bytes=config.server.max_header_bytes,
+                      body_timeout_s=config.server.body_timeout_s, stop=stop)
+    # The parser's per-line limits are set by serving.start_site from server.max_header_bytes.
     app = web.Application(middlewares=[ingress.middleware, *build_chain(steps)],
-                          client_max_size=2**62, handler_args={"max_field_size": 65536})
+                          client_max_size=2**62)
     app[FORWARDER] = forwarder
+    app[STOP] = stop
     app[STATE] = state
     app[STEPS] = steps
     app.on_response_prepare.append(add_context_headers)
@@ -91,5 +98,6 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
 
     app.cleanup_ctx.append(state_lifecycle)
     add_system_routes(app, telemetry, upstreams, directory, steps, config.models)
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle, name=FORWARD_ROUTE)
+    app.router.add_route("*", "/{tail:.*}", forwarder.handle, name=FORWARD_ROUTE,
+                         expect_handler=ingress.expect_handler)
     return app

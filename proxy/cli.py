@@ -37,7 +37,7 @@ def _configure_logging(level: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from .app import build_app
-    from .serving import run_until_signalled, start_site
+    from .serving import STOP, fit_connections, raise_nofile_limit, run_until_signalled, start_site
     from .telemetry.setup import build_telemetry
 
     try:
@@ -52,17 +52,28 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     host, port = parse_listen(config.server.listen)
 
+    server = config.server
+    nofile = raise_nofile_limit()
+    max_connections = fit_connections(server.max_connections, nofile)
+    if max_connections < server.max_connections:
+        log.warning("server.max_connections=%d does not fit RLIMIT_NOFILE=%d (a client connection may "
+                    "need an upstream one too): serving at most %d client connections",
+                    server.max_connections, nofile, max_connections)
+    else:
+        log.info("serving at most %d client connections (RLIMIT_NOFILE=%d)", max_connections, nofile)
+
     async def serve() -> None:
         telemetry = build_telemetry(config.telemetry)
         app = build_app(config, telemetry)
-        runner = await start_site(app, host, port, backlog=config.server.backlog,
-                                  header_timeout_s=config.server.header_timeout_s,
-                                  keepalive_timeout_s=config.server.keepalive_timeout_s,
-                                  shutdown_timeout_s=config.server.shutdown_timeout_s)
+        runner = await start_site(app, host, port, backlog=server.backlog,
+                                  header_timeout_s=server.header_timeout_s,
+                                  keepalive_timeout_s=server.keepalive_timeout_s,
+                                  max_header_bytes=server.max_header_bytes,
+                                  max_connections=max_connections)
         log.info("shared-ollama-proxy %s listening on http://%s:%d, upstreams: %s", __version__,
                  host, port, ", ".join(u.url for u in config.upstreams))
         try:
-            await run_until_signalled(runner)
+            await run_until_signalled(runner, app[STOP], server.shutdown_timeout_s)
         finally:
             telemetry.shutdown()
 
@@ -111,8 +122,11 @@ def _emulate(args: argparse.Namespace) -> int:
                      engine.startup_s, gguf)
         app = create_emulator_app(settings, models, loopback_guard=not args.no_host_check,
                                   engine=engine)
-        runner = ProxyRunner(app, header_timeout_s=3600, handler_cancellation=True, access_log=None,
-                             keepalive_timeout=3600)
+        # Go's http.Server reads heads up to DefaultMaxHeaderBytes (1 MiB) plus 4 KiB of slack.
+        go_head_bytes = (1 << 20) + 4096
+        runner = ProxyRunner(app, header_timeout_s=3600, max_header_bytes=go_head_bytes,
+                             handler_cancellation=True, access_log=None, keepalive_timeout=3600,
+                             max_field_size=go_head_bytes, max_line_size=go_head_bytes)
         await runner.setup()
         control = ListenerControl(runner, host, port)
         app[LISTENER] = control

@@ -17,7 +17,9 @@ __all__ = [
     "QueueTimeout",
     "QuotaExceeded",
     "RateLimited",
+    "RequestHeaderFieldsTooLarge",
     "RequestPayloadTooLarge",
+    "RequestTimeout",
     "ShuttingDown",
     "StateUnavailable",
     "Unauthorized",
@@ -53,6 +55,22 @@ class RequestPayloadTooLarge(ProxyError):
 
     status = 413
     code = "request_payload_too_large"
+
+
+class RequestHeaderFieldsTooLarge(ProxyError):
+    """The request head (request line and headers) is larger than `server.max_header_bytes`; refused
+    before authentication, and the connection is closed."""
+
+    status = 431
+    code = "request_header_fields_too_large"
+    should_retry = False
+
+
+class RequestTimeout(ProxyError):
+    """The request body stopped arriving for `server.body_timeout_s`; the connection is closed."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class UpstreamConnectFailure(ProxyError):

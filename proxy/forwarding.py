@@ -11,7 +11,9 @@ go out with the first body byte, not before: until then nothing has reached the 
 dies or stalls in between is an error the balancer can still retry elsewhere (or a real 502/504).
 Timeouts are by phase: connect, first byte, idle gap between chunks; there is no total timeout. A client
 that goes away cancels the handler, and the `finally` below closes the upstream connection at once:
-Ollama's only cancel signal.
+Ollama's only cancel signal. A streamed upload (blob) that stops arriving for `server.body_timeout_s` is
+a 408. When the proxy stops (`serving.GracefulStop`), a stream still running at the end of the grace
+period ends with one final `shutting_down` record.
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from .config import ForwardingConfig
 from .context import CONTEXT, RequestContext
 from .errors import (
+    RequestTimeout,
+    ShuttingDown,
     UpstreamBusy,
     UpstreamConnectFailure,
     UpstreamResetBeforeResponseStarted,
     UpstreamResponseTimeout,
 )
 from .ollama import UsageScanner
+from .serving import GracefulStop
 from .telemetry import semconv
 from .telemetry.setup import Telemetry
 from .upstreams import Upstream, UpstreamSet
@@ -64,11 +69,17 @@ def _connection_tokens(headers: Any) -> set[str]:
             for token in value.split(",") if token.strip()}
 
 
-def mid_stream_error(content_type: str, message: str, code: str) -> bytes | None:
+def mid_stream_error(content_type: str, message: str, code: str,
+                     dialect: str = "openai") -> bytes | None:
     """The one final record that ends a broken stream in its own framing, or None when the body is not
-    a stream (then the connection is aborted instead, so the client sees a truncated response)."""
+    a stream (then the connection is aborted instead, so the client sees a truncated response). SSE
+    streams get OpenAI's error object, or Anthropic's `event: error` on `/v1/messages`."""
     if content_type.startswith("application/x-ndjson"):
         return orjson.dumps({"error": message, "code": code}) + b"\n"
+    if content_type.startswith("text/event-stream") and dialect == "anthropic":
+        kind = "overloaded_error" if code == "shutting_down" else "api_error"
+        return b"event: error\ndata: " + orjson.dumps(
+            {"type": "error", "error": {"type": kind, "message": message}}) + b"\n\n"
     if content_type.startswith("text/event-stream"):
         payload = {"error": {"message": message, "type": "api_error", "param": None, "code": code}}
         return b"data: " + orjson.dumps(payload) + b"\n\n"
@@ -78,10 +89,13 @@ def mid_stream_error(content_type: str, message: str, code: str) -> bytes | None
 class Forwarder:
     """Owns the upstream connection pool and relays requests to the replica the chain chose."""
 
-    def __init__(self, upstreams: UpstreamSet, config: ForwardingConfig, telemetry: Telemetry) -> None:
+    def __init__(self, upstreams: UpstreamSet, config: ForwardingConfig, telemetry: Telemetry, *,
+                 body_timeout_s: float = 60.0, stop: GracefulStop | None = None) -> None:
         self.upstreams = upstreams
         self.config = config
         self.telemetry = telemetry
+        self.body_timeout_s = body_timeout_s
+        self.stop = stop
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -129,10 +143,25 @@ class Forwarder:
         headers.update(carrier)
         return headers
 
-    def _request_data(self, request: web.Request, ctx: RequestContext) -> Any:
+    def _request_data(self, request: web.Request, ctx: RequestContext, stalled: list[bool]) -> Any:
         if ctx.route.streams_body_upload:
-            return request.content.iter_chunked(1 << 16)
+            return self._streamed_body(request, stalled)
         return ctx.body
+
+    async def _streamed_body(self, request: web.Request, stalled: list[bool]) -> AsyncIterator[bytes]:
+        """The client's body as it arrives; sets `stalled[0]` and stops when nothing came for
+        `body_timeout_s` (the upstream call then fails and `_exchange` reports a 408)."""
+        content = request.content
+        while True:
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    chunk = await content.read(1 << 16)
+            except TimeoutError:
+                stalled[0] = True
+                raise
+            if not chunk:
+                return
+            yield chunk
 
     def _start_client_span(self, ctx: RequestContext, request: web.Request,
                            upstream: Upstream) -> Span:
@@ -174,12 +203,19 @@ class Forwarder:
         headers = self._request_headers(request, upstream, span, ctx)
         first_byte_s = self.config.first_byte_timeout_s
         deadline_s = self._remaining(ctx)
+        stalled = [False]
         try:
-            async with asyncio.timeout(min(first_byte_s, deadline_s)):
-                upstream_response = await session.request(
-                    request.method, upstream.target(request.raw_path), headers=headers,
-                    data=self._request_data(request, ctx), allow_redirects=False,
-                    skip_auto_headers=_SKIP_AUTO, compress=None)
+            try:
+                async with asyncio.timeout(min(first_byte_s, deadline_s)):
+                    upstream_response = await session.request(
+                        request.method, upstream.target(request.raw_path), headers=headers,
+                        data=self._request_data(request, ctx, stalled), allow_redirects=False,
+                        skip_auto_headers=_SKIP_AUTO, compress=None)
+            except (TimeoutError, aiohttp.ClientError, ConnectionError):
+                if stalled[0]:  # the client's upload stalled, not the replica
+                    raise RequestTimeout(f"the request body stopped arriving for "
+                                         f"{self.body_timeout_s:g}s") from None
+                raise
         except TimeoutError:
             if deadline_s < first_byte_s:
                 raise UpstreamResponseTimeout(
@@ -238,6 +274,9 @@ class Forwarder:
         hard_stop = loop.time() + self._remaining(ctx)
         timer = asyncio.timeout_at(min(loop.time() + idle, hard_stop))
         attempt = ctx.attempt
+        stop = self.stop
+        if stop is not None:
+            stop.relay(ctx.request_id, timer)
         try:
             async with timer:
                 while True:
@@ -257,12 +296,19 @@ class Forwarder:
                     await response.write(chunk)
                     timer.reschedule(min(loop.time() + idle, hard_stop))
         except TimeoutError:
-            # Which limit the timer was set for, not the clock: asyncio may fire it a hair early.
-            reason = (f"the request's deadline of {ctx.service_limits.get('deadline_s')}s passed"
-                      if timer.when() == hard_stop else f"upstream sent nothing for {idle:g}s")
-            if not response.prepared:
-                raise UpstreamResponseTimeout(f"{reason} (upstream {upstream.name})") from None
-            await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout", reason)
+            if stop is not None and stop.expired:
+                message = "the proxy is shutting down; the response was cut short"
+                if not response.prepared:
+                    raise ShuttingDown(message, retry_after_s=1.0) from None
+                await self._fail_mid_stream(request, response, ctx, ShuttingDown.code, message)
+            else:
+                # Which limit the timer was set for, not the clock: asyncio may fire it a hair early.
+                reason = (f"the request's deadline of {ctx.service_limits.get('deadline_s')}s passed"
+                          if timer.when() == hard_stop else f"upstream sent nothing for {idle:g}s")
+                if not response.prepared:
+                    raise UpstreamResponseTimeout(f"{reason} (upstream {upstream.name})") from None
+                await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout",
+                                            reason)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             if not response.prepared:
                 raise UpstreamResetBeforeResponseStarted(
@@ -274,6 +320,9 @@ class Forwarder:
                 await self._fail_mid_stream(request, response, ctx, "upstream_reset_after_response_started",
                                             "upstream connection lost mid-response "
                                             f"({type(exc).__name__})")
+        finally:
+            if stop is not None:
+                stop.relay_done(ctx.request_id)
         ctx.bytes_out = scanner.bytes_seen
         ctx.usage = scanner.usage()
         if ctx.outcome == "ok":
@@ -284,9 +333,11 @@ class Forwarder:
                                ctx: RequestContext, code: str, message: str) -> None:
         """End a response whose headers are already sent: a final error record, or an abort."""
         ctx.outcome = code
-        self.telemetry.metrics.upstream_errors.add(1, {semconv.ATTR_ERROR_TYPE: code})
-        log.warning("upstream %s failed mid-response: %s", ctx.upstream_name, code)
-        record = mid_stream_error(response.headers.get("Content-Type", ""), message, code)
+        if code != ShuttingDown.code:  # the proxy's own stop is not an upstream failure
+            self.telemetry.metrics.upstream_errors.add(1, {semconv.ATTR_ERROR_TYPE: code})
+            log.warning("upstream %s failed mid-response: %s", ctx.upstream_name, code)
+        record = mid_stream_error(response.headers.get("Content-Type", ""), message, code,
+                                  ctx.route.dialect)
         if record is not None and response.chunked:
             await response.write(record)
             await response.write_eof()

@@ -1,5 +1,8 @@
-"""The outermost middleware: creates the RequestContext, reads the body under the size limit, opens the root
-SERVER span, renders every ProxyError in the route's dialect, and writes the one access-log line.
+"""The outermost middleware: creates the RequestContext, checks the request head (size, target form), reads
+the body under the size limit and the body idle timeout, opens the root SERVER span, renders every
+ProxyError in the route's dialect, and writes the one access-log line (every client-influenced field
+escaped). Also the `Expect: 100-continue` handler and the hook that puts (sanitised) step headers on
+every response.
 
 Errors are rendered before the first byte with their real status (`{"error": ...}` for native routes,
 OpenAI's and Anthropic's error objects on `/v1`), with `Retry-After` when the error carries one.
@@ -17,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -25,12 +28,21 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from .access import TenantDirectory
 from .context import CONTEXT, RequestContext
-from .errors import InternalProxyError, ProxyError, RequestPayloadTooLarge
+from .errors import (
+    InternalProxyError,
+    InvalidRequest,
+    ProxyError,
+    RequestHeaderFieldsTooLarge,
+    RequestPayloadTooLarge,
+    RequestTimeout,
+    ShuttingDown,
+)
 from .ollama import classify
+from .serving import STOP, GracefulStop, escape_field
 from .telemetry import semconv
 from .telemetry.setup import Telemetry
 
-__all__ = ["Ingress", "add_context_headers", "error_body", "known_route"]
+__all__ = ["Ingress", "add_context_headers", "error_body", "header_value", "known_route"]
 
 log = logging.getLogger("proxy.ingress")
 access_log = logging.getLogger("proxy.access")
@@ -48,7 +60,9 @@ _KNOWN_ROUTES = frozenset((
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                     503: "overloaded_error", 529: "overloaded_error"}
-_BODY_CHUNK = 1 << 16
+_HEADER_VALUE_LIMIT = 1024
+_CLOSE_AFTER = (RequestPayloadTooLarge, RequestHeaderFieldsTooLarge, RequestTimeout, ShuttingDown)
+"""Errors after which the connection cannot (or should not) carry another request."""
 
 
 def known_route(path: str) -> str | None:
@@ -79,24 +93,58 @@ def error_body(dialect: str, status: int, code: str, message: str,
     return orjson.dumps(value)
 
 
+def _absolute_form(target: str) -> bool:
+    return target[:8].lower().startswith(("http://", "https://"))
+
+
+def header_value(value: object, limit: int = _HEADER_VALUE_LIMIT) -> str:
+    """`value` safe to put in a response header: anything but printable ASCII (CR, LF and other control
+    characters above all, which would split the header block or make aiohttp refuse the response after
+    the replica did the work) escaped as `\\xNN`/`\\uNNNN`, and at most `limit` characters."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit and text.isascii() and text.isprintable():
+        return text
+    out: list[str] = []
+    for char in text[:limit]:
+        if char.isascii() and char.isprintable():
+            out.append(char)
+        elif ord(char) < 0x100:
+            out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}")
+    if len(text) > limit:
+        out.append("...")
+    return "".join(out)[:limit + 3]
+
+
 async def add_context_headers(request: web.Request, response: web.StreamResponse) -> None:
     """`on_response_prepare` hook: what the steps asked for, plus X-Service-Limits, on every response
-    (forwarded, error or the proxy's own), just before its headers go out."""
+    (forwarded, error or the proxy's own), just before its headers go out. Values are sanitised
+    (`header_value`): a step may echo something a client sent. While the proxy is stopping, responses
+    say `Connection: close`."""
     ctx = request.get(CONTEXT)
     if ctx is None:
         return
     for key, value in ctx.response_headers.items():
-        response.headers.add(key, value)
-    response.headers["X-Service-Limits"] = ctx.service_limits_header()
+        response.headers.add(header_value(key, 128), header_value(value))
+    response.headers["X-Service-Limits"] = header_value(ctx.service_limits_header())
+    stop = request.app.get(STOP)
+    if stop is not None and stop.stopping:
+        response.force_close()
 
 
 class Ingress:
     """The outermost aiohttp middleware; register `Ingress(...).middleware`."""
 
-    def __init__(self, telemetry: Telemetry, max_body_bytes: int, directory: TenantDirectory) -> None:
+    def __init__(self, telemetry: Telemetry, max_body_bytes: int, directory: TenantDirectory, *,
+                 max_header_bytes: int = 64 * 1024, body_timeout_s: float = 60.0,
+                 stop: GracefulStop | None = None) -> None:
         self.telemetry = telemetry
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
+        self.body_timeout_s = body_timeout_s
         self.directory = directory
+        self.stop = stop
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}"
 
@@ -134,23 +182,76 @@ class Ingress:
             metrics.active[active_key] -= 1
             self._finish(request, ctx, span, base_attributes, response)
 
+    @staticmethod
+    def head_bytes(request: web.BaseRequest) -> int:
+        """The size of the request head as received (request line and header lines with their CRLFs),
+        from the parsed message: a sum over the headers, no re-parse."""
+        size = len(request.method) + len(request.raw_path) + 13
+        for name, value in request.raw_headers:
+            size += len(name) + len(value) + 4
+        return size + 2
+
+    def _refusal(self, request: web.BaseRequest) -> ProxyError | None:
+        """The refusal due before anything else, authentication included: a head over the cap, or a
+        target that is neither a path, an absolute http(s) URL, nor `OPTIONS *`; None otherwise."""
+        if self.head_bytes(request) > self.max_header_bytes:
+            return RequestHeaderFieldsTooLarge(
+                f"request head exceeds server.max_header_bytes ({self.max_header_bytes} bytes)")
+        target = request.raw_path
+        if (target[:1] != "/" and not _absolute_form(target)
+                and not (target == "*" and request.method == "OPTIONS")):
+            return InvalidRequest("the request target must be a path (origin-form) or an absolute "
+                                  "http(s) URL")
+        return None
+
+    async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: send `100 Continue` only when the request will be read. When it will
+        be refused (head, target, declared size, authentication), send nothing: the middleware answers
+        with the final status without reading the body, and closes the connection."""
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is supported")
+        if request.version != HttpVersion11:
+            return None
+        if self._refusal(request) is not None:
+            return None
+        declared = request.content_length
+        if (declared is not None and declared > self.max_body_bytes
+                and not classify(request.method, request.path).streams_body_upload):
+            return None
+        try:
+            self.directory.identify(request.method, request.path, request.headers)
+        except ProxyError:
+            return None
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+
     async def _handle(self, request: web.Request, ctx: RequestContext,
                       handler: Handler) -> web.StreamResponse:
         try:
+            refusal = self._refusal(request)
+            if refusal is not None:
+                raise refusal
+            if request.raw_path == "*":
+                ctx.status = 200  # `OPTIONS *`, answered as Go's net/http does
+                return web.Response(status=200)
+            if request.raw_path[:1] != "/":
+                # Absolute-form target (RFC 9112 §3.2.2): routed (by aiohttp) and forwarded by its
+                # path, as nginx does; the steps and the forwarder see an origin-form request.
+                request = request.clone(rel_url=request.rel_url)
+                request[CONTEXT] = ctx
             ctx.identity = self.directory.authenticate(request.path, request.headers)
             # Set before authorizing, so a refused request is logged under the tenant it came from.
             self.directory.authorize(ctx.identity, request.method, request.path, request.headers)
             if ctx.root_span is not None and not ctx.identity.tenant.anonymous:
                 ctx.root_span.set_attribute("sop.tenant", ctx.identity.tenant.name)
-            if not ctx.route.streams_body_upload and request.body_exists:
-                ctx.body = await self._read_body(request)
-            response = await handler(request)
+            response = await self._call(request, ctx, handler)
             if not ctx.status:
                 ctx.status = response.status
             return response
         except ProxyError as exc:
             return self._render(request, ctx, exc)
-        except web.HTTPException:
+        except web.HTTPException as exc:
+            ctx.status = exc.status
             raise
         except asyncio.CancelledError:
             raise
@@ -163,16 +264,60 @@ class Ingress:
                 raise
             return self._render(request, ctx, InternalProxyError("internal proxy error"))
 
+    async def _proceed(self, request: web.Request, ctx: RequestContext,
+                       handler: Handler) -> web.StreamResponse:
+        if not ctx.route.streams_body_upload and request.body_exists:
+            ctx.body = await self._read_body(request)
+        return await handler(request)
+
+    async def _call(self, request: web.Request, ctx: RequestContext,
+                    handler: Handler) -> web.StreamResponse:
+        """Body and chain, registered with the stop sequence: at the end of the grace period a request
+        that has not started its response gets 503 `shutting_down` (streams are ended by the
+        forwarder)."""
+        stop = self.stop
+        if stop is None:
+            return await self._proceed(request, ctx, handler)
+        key = ctx.request_id
+        task = asyncio.current_task()
+        assert task is not None
+        stop.enter(key, task)
+        try:
+            return await self._proceed(request, ctx, handler)
+        except asyncio.CancelledError:
+            # Ours (the stop sequence's) and nobody else's: then it becomes a response, not a cancel.
+            if not stop.ending(key) or task.uncancel() > 0:
+                raise
+            raise ShuttingDown("the proxy is shutting down; retry on another instance or shortly",
+                               retry_after_s=1.0) from None
+        finally:
+            stop.leave(key)
+
     async def _read_body(self, request: web.Request) -> bytes:
-        """The whole body, refusing with 413 as soon as it is known to be too large."""
+        """The whole body, refusing with 413 as soon as it is known to be too large and with 408 when
+        nothing arrives for `body_timeout_s`. What has arrived already is taken without waiting (most
+        bodies come with the head), so the timer is only armed for bodies still in transit."""
         limit = self.max_body_bytes
         declared = request.content_length
         if declared is not None and declared > limit:
             raise RequestPayloadTooLarge(
                 f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+        content = request.content
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.content.iter_chunked(_BODY_CHUNK):
+        while True:
+            chunk = content.read_nowait()
+            if not chunk:
+                if content.is_eof():
+                    break
+                try:
+                    async with asyncio.timeout(self.body_timeout_s):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    raise RequestTimeout(f"the request body stopped arriving for "
+                                         f"{self.body_timeout_s:g}s") from None
+                if not chunk:
+                    break
             size += len(chunk)
             if size > limit:
                 raise RequestPayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
@@ -190,8 +335,9 @@ class Ingress:
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
         body = error_body(ctx.route.dialect, exc.status, exc.code, exc.message, exc.retry_after_s)
         response = web.Response(status=exc.status, body=body, headers=headers)
-        if isinstance(exc, RequestPayloadTooLarge):
-            # The rest of the body was not read: the connection cannot be reused.
+        if isinstance(exc, _CLOSE_AFTER) or (request.body_exists and not request.content.is_eof()):
+            # The rest of the body was not read (or the client is slow or the proxy stopping): the
+            # connection cannot be reused.
             response.force_close()
         return response
 
@@ -215,9 +361,10 @@ class Ingress:
             usage = ctx.usage
             access_log.info(
                 '%s %s "%s %s" %d %s %.3fs tenant=%s upstream=%s model=%s in_tokens=%s out_tokens=%s '
-                "bytes=%d", ctx.request_id, request.remote, request.method,
-                known_route(request.path) or "(other)", status, ctx.outcome, duration,
-                ctx.tenant.name, ctx.upstream_name or "-", ctx.model or "-",
+                "bytes=%d", ctx.request_id, escape_field(request.remote or "-", 64),
+                escape_field(request.method, 32), known_route(request.path) or "(other)", status,
+                ctx.outcome, duration, escape_field(ctx.tenant.name, 64),
+                escape_field(ctx.upstream_name or "-", 64), escape_field(ctx.model or "-", 128),
                 usage.input_tokens if usage and usage.input_tokens is not None else "-",
                 usage.output_tokens if usage and usage.output_tokens is not None else "-",
                 ctx.bytes_out)

@@ -1,38 +1,112 @@
 """Running an aiohttp application the way a proxy must: handler cancellation on (a client that leaves
-cancels its handler at once), a deep listen backlog, and a deadline for the request head.
+cancels its handler at once), a deep listen backlog, a deadline and a size cap for the request head, a cap
+on open connections, malformed heads answered without echoing them to the log, and a graceful stop.
 
-aiohttp has no header-read timeout: a client trickling one byte at a time holds a connection until the
-keep-alive timeout. `HeadDeadlineHandler` closes a connection whose request head is not complete within
-`header_timeout_s` of its first byte (or of the connection opening).
+aiohttp has no header-read timeout and caps only each line of the head, not the whole: `EdgeHandler` closes
+a connection whose request head is not complete within `header_timeout_s` of its first byte (or of the
+connection opening), refuses with 431 a head that grows past `max_header_bytes`, and answers connections
+beyond `max_connections` with an immediate 503. `GracefulStop` and `run_until_signalled` implement SIGTERM
+(stop accepting, drain, then end what is left with `shutting_down`) and ignore SIGHUP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
+import sys
+import traceback
 from typing import Any
 
+import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
-__all__ = ["HeadDeadlineHandler", "ProxyRunner", "run_until_signalled", "start_site"]
+__all__ = [
+    "STOP",
+    "EdgeHandler",
+    "GracefulStop",
+    "HeadDeadlineHandler",
+    "ProxyRunner",
+    "escape_field",
+    "fit_connections",
+    "raise_nofile_limit",
+    "run_until_signalled",
+    "start_site",
+]
 
 log = logging.getLogger("proxy.serving")
 
+_FD_RESERVE = 64
+"""File descriptors kept for everything that is not a client connection or its upstream one (listening
+socket, log files, Redis, health probes, tokenizer files)."""
 
-class HeadDeadlineHandler(RequestHandler):
-    """A RequestHandler that closes connections whose request head arrives too slowly.
 
-    The deadline is armed when the connection opens and whenever bytes arrive while no request is
-    being handled; it is disarmed as soon as the parser produced a complete request message.
+_LINGER_S = 2.0
+"""After a response to a request whose body was not read (a refusal, a 408), the rest of the body is
+read and dropped for at most this long before the connection closes, so a client still sending sees
+the response rather than a reset (nginx's lingering close); aiohttp's default of 10 s let refused or
+stalled clients hold their connection five times longer."""
+
+
+def escape_field(value: object, limit: int = 200) -> str:
+    """`value` as one safe token for a log line: control characters (C0, DEL, C1, and other non-printable
+    code points such as U+2028), space, backslash and double quote escaped as `\\xNN`/`\\uNNNN`, and at
+    most `limit` characters (then `...`). Anything a client sent goes through this before reaching a log,
+    so a value can neither start a new line nor forge a `key=value` field of the same record."""
+    text = value if isinstance(value, str) else str(value)
+    if (len(text) <= limit and text.isprintable() and " " not in text and '"' not in text
+            and "\\" not in text):
+        return text  # the common case (a model name, an address) costs a few scans
+    out: list[str] = []
+    for char in text[:limit]:
+        if char.isprintable() and char not in ' "\\':
+            out.append(char)
+        elif ord(char) < 0x100:
+            out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}")
+    if len(text) > limit:
+        out.append("...")
+    return "".join(out)
+
+
+def _raw_response(status: int, reason: str, message: str, code: str, *,
+                  retry_after_s: int | None = None) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection, for refusals made before aiohttp has a
+    request object (the connection cap, a head that never ends)."""
+    body = orjson.dumps({"error": message, "code": code})
+    extra = f"Retry-After: {retry_after_s}\r\n" if retry_after_s is not None else ""
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+class EdgeHandler(RequestHandler):
+    """A RequestHandler with the edge protections of nginx and Envoy that aiohttp lacks.
+
+    - Head deadline: armed when the connection opens and whenever bytes arrive while no request is being
+      handled; disarmed as soon as the parser produced a complete request message.
+    - Head size: bytes are counted while a head is being received (not while a body is); past
+      `max_header_bytes` without a complete head the client gets 431 and the connection closes. A head
+      that completes inside one read is measured exactly by ingress instead (`Ingress.head_bytes`).
+    - Connection cap: past `max_connections` open connections a new one gets 503 and is closed at once.
+    - Malformed heads get a JSON 400 (431 for an oversized line or too many headers) and are logged by
+      exception type only: aiohttp's own message quotes the offending bytes, which may hold an API key.
     """
 
     header_timeout_s: float = 10.0
+    max_header_bytes: int = 64 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        """Bytes of the head being received; -1 while a request body is being received."""
+        self._counted = False
 
     def _arm(self) -> None:
         if self._head_deadline is None:
@@ -53,69 +127,331 @@ class HeadDeadlineHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        server = self._manager
+        if isinstance(server, _EdgeServer):
+            self._counted = True
+            server.open_connections += 1
+            if server.open_connections > server.max_connections:
+                server.refused_connections += 1
+                if server.refused_connections == 1 or server.refused_connections % 1000 == 0:
+                    log.warning("refusing connections beyond server.max_connections=%d (%d so far)",
+                                server.max_connections, server.refused_connections)
+                transport.write(_raw_response(  # type: ignore[attr-defined]
+                    503, "Service Unavailable", "too many open connections to the proxy",
+                    "too_many_connections", retry_after_s=1))
+                self.force_close()
+                return
         self._arm()
+
+    def _body_done(self) -> None:
+        self._head_bytes = max(self._head_bytes, 0)
 
     def data_received(self, data: bytes) -> None:
         before = self._request_count
         idle = self._waiter is not None and not self._messages
+        counting = self._head_bytes >= 0
+        if counting:
+            self._head_bytes += len(data)
         super().data_received(data)
         if self._request_count != before:
             self._disarm()
-        elif idle:
-            self._arm()
+            self._head_bytes = 0
+            if self._messages:
+                payload = self._messages[-1][1]
+                if not payload.is_eof():
+                    # A body follows: its bytes are not head bytes. Count again once it has ended.
+                    self._head_bytes = -1
+                    payload.on_eof(self._body_done)
+        else:
+            if idle:
+                self._arm()
+            if counting and self._head_bytes > self.max_header_bytes:
+                self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        log.info("refusing a request head over server.max_header_bytes=%d from %s",
+                 self.max_header_bytes, escape_field(self._peer()))
+        self._head_bytes = -1
+        busy = self._request_in_progress or bool(self._messages)
+        if self.transport is not None and not busy:
+            self.transport.write(_raw_response(
+                431, "Request Header Fields Too Large",
+                f"request head exceeds {self.max_header_bytes} bytes", "request_header_fields_too_large"))
+        # A pipelined head behind a running request cannot be answered in order: only closed.
+        self.force_close()
+
+    @property
+    def idle(self) -> bool:
+        """No request on this connection is being handled or waiting to be (keep-alive, or mid-head)."""
+        return not self._request_in_progress and not self._messages
+
+    def _peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else "-"
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        if self._counted and isinstance(self._manager, _EdgeServer):
+            self._counted = False
+            self._manager.open_connections -= 1
         super().connection_lost(exc)
 
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's exception log, without the exception's message: for parser errors it quotes raw
+        request bytes (headers, keys). The type and the frames are enough to debug."""
+        exc_info = kw.pop("exc_info", None)
+        if exc_info is True:
+            exc_info = sys.exc_info()[1]
+        message = str(args[0]) if args else "error"
+        if isinstance(exc_info, BaseException):
+            frames = "".join(traceback.format_tb(exc_info.__traceback__))
+            log.error("%s: %s (message withheld)\n%s", message, type(exc_info).__name__, frames)
+        else:
+            log.error("%s", message)
 
-class _DeadlineServer(web.Server):
-    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A JSON error response that never quotes the request's bytes; the connection closes."""
+        del message
+        if status >= 500:
+            self.log_exception("error handling a request", exc_info=exc)
+            code, text = "internal_error", "internal proxy error"
+        else:
+            if isinstance(exc, LineTooLong) or (
+                    isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc.message)):
+                status, code, text = 431, "request_header_fields_too_large", \
+                    "a request header line is too large, or there are too many headers"
+            elif isinstance(exc, BadStatusLine):
+                code, text = "bad_request", "malformed request line"
+            else:
+                code, text = "bad_request", "malformed request head"
+            log.info("refused a malformed request from %s: %s (%d)", escape_field(request.remote or "-"),
+                     type(exc).__name__ if exc is not None else "-", status)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send the error")
+        response = web.Response(status=status, body=orjson.dumps({"error": text, "code": code}),
+                                content_type="application/json", charset="utf-8")
+        response.force_close()
+        return response
+
+
+HeadDeadlineHandler = EdgeHandler
+"""The former name (docs/ARCHITECTURE.md uses it)."""
+
+
+class _EdgeServer(web.Server):
+    def __init__(self, *args: Any, header_timeout_s: float, max_header_bytes: int,
+                 max_connections: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._handler_class = type("BoundHeadDeadlineHandler", (HeadDeadlineHandler,),
-                                   {"header_timeout_s": header_timeout_s})
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self.refused_connections = 0
+        self._handler_class = type("BoundEdgeHandler", (EdgeHandler,),
+                                   {"header_timeout_s": header_timeout_s,
+                                    "max_header_bytes": max_header_bytes})
 
     def __call__(self) -> RequestHandler:
         return self._handler_class(self, loop=self._loop, **self._kwargs)  # type: ignore[no-any-return]
 
 
 class ProxyRunner(web.AppRunner):
-    """An AppRunner whose connections get a request-head deadline."""
+    """An AppRunner whose connections get the `EdgeHandler` protections."""
 
-    def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, *, header_timeout_s: float,
+                 max_header_bytes: int = 64 * 1024, max_connections: int = 1 << 30,
+                 **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout_s = header_timeout_s
+        self._max_header_bytes = max_header_bytes
+        self._max_connections = max_connections
 
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()
-        return _DeadlineServer(
+        return _EdgeServer(
             base.request_handler, request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation, loop=asyncio.get_running_loop(),
-            header_timeout_s=self._header_timeout_s, **base._kwargs)
+            header_timeout_s=self._header_timeout_s, max_header_bytes=self._max_header_bytes,
+            max_connections=self._max_connections, **base._kwargs)
 
 
 async def start_site(app: web.Application, host: str, port: int, *, backlog: int = 2048,
                      header_timeout_s: float = 10.0, keepalive_timeout_s: float = 75.0,
-                     shutdown_timeout_s: float = 30.0) -> ProxyRunner:
-    """Start serving `app` on host:port; the caller awaits `runner.cleanup()` to stop gracefully."""
-    runner = ProxyRunner(app, header_timeout_s=header_timeout_s, handler_cancellation=True,
-                         access_log=None, keepalive_timeout=keepalive_timeout_s,
-                         shutdown_timeout=shutdown_timeout_s)
+                     max_header_bytes: int = 64 * 1024, max_connections: int = 8192) -> ProxyRunner:
+    """Start serving `app` on host:port; stop it with `run_until_signalled` (or `runner.cleanup()`).
+
+    aiohttp's per-line caps are set to the head cap (a longer line is a 431 from `EdgeHandler`), and its
+    own shutdown wait is short (a last resort): `run_until_signalled` has drained by the time it runs."""
+    runner = ProxyRunner(app, header_timeout_s=header_timeout_s, max_header_bytes=max_header_bytes,
+                         max_connections=max_connections, handler_cancellation=True,
+                         access_log=None, keepalive_timeout=keepalive_timeout_s, shutdown_timeout=0.25,
+                         max_field_size=max_header_bytes, max_line_size=min(max_header_bytes, 16384),
+                         lingering_time=_LINGER_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=True)
     await site.start()
     return runner
 
 
-async def run_until_signalled(runner: ProxyRunner) -> None:
-    """Serve until SIGINT or SIGTERM, then stop accepting and let in-flight requests finish."""
-    stop = asyncio.Event()
+def raise_nofile_limit() -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to its hard limit; returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft if soft != resource.RLIM_INFINITY else target
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise RLIMIT_NOFILE from %d to %d: %s", soft, target, exc)
+        return soft
+    return target
+
+
+def fit_connections(max_connections: int, nofile: int) -> int:
+    """The client-connection cap that fits `nofile` descriptors: each client connection may hold an
+    upstream one too, and a reserve stays for everything else. Never below 1."""
+    fits = max(1, (nofile - _FD_RESERVE) // 2)
+    return min(max_connections, fits)
+
+
+class GracefulStop:
+    """The proxy's stop sequence, shared by ingress (every request in flight), the forwarder (every
+    relay in flight) and `run_until_signalled`.
+
+    Each request registers its task (ingress); a relayed stream registers its idle timer (forwarder).
+    `expire()` fires, for each request, the relay's timer if it has one (the forwarder then ends the
+    stream with one final `shutting_down` record), and otherwise cancels the request's task, marked as
+    ending (ingress turns that cancellation into 503 `shutting_down`). Both unwind the normal way, so
+    every step's `finally` releases what it holds. (A task rather than an `asyncio.timeout` per request:
+    the latter cost 3 µs of every request's CPU for an event that happens once per process.)
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+        """SIGTERM received: no new connections; responses say `Connection: close`."""
+        self.expired = False
+        """The grace period is over: what still runs is being ended."""
+        self._requests: dict[str, asyncio.Task[Any]] = {}
+        self._relays: dict[str, asyncio.Timeout] = {}
+        self._ending: set[str] = set()
+        self._idle = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests inside the chain (registered by ingress)."""
+        return len(self._requests)
+
+    def enter(self, key: str, task: asyncio.Task[Any]) -> None:
+        """Register the request `key` handled by `task` (ended at once if the grace period is over)."""
+        self._requests[key] = task
+        if self.expired:
+            self._ending.add(key)
+            task.cancel()
+
+    def ending(self, key: str) -> bool:
+        """Whether a cancellation of `key`'s task is the stop sequence's (not the client leaving)."""
+        return key in self._ending
+
+    def leave(self, key: str) -> None:
+        self._requests.pop(key, None)
+        self._ending.discard(key)
+        if not self._requests:
+            self._idle.set()
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight, at most `timeout_s`; whether none is."""
+        if not self._requests:
+            return True
+        self._idle.clear()
+        try:
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                await self._idle.wait()
+        except TimeoutError:
+            return not self._requests
+        return True
+
+    def relay(self, key: str, timer: asyncio.Timeout) -> None:
+        if self.expired:
+            timer.reschedule(asyncio.get_running_loop().time())
+        self._relays[key] = timer
+
+    def relay_done(self, key: str) -> None:
+        self._relays.pop(key, None)
+
+    def expire(self) -> None:
+        """End everything still in flight (see the class docstring)."""
+        self.expired = True
+        now = asyncio.get_running_loop().time()
+        for key, task in list(self._requests.items()):
+            timer = self._relays.get(key)
+            if timer is not None:
+                timer.reschedule(now)
+            else:
+                self._ending.add(key)
+                task.cancel()
+
+
+STOP: web.AppKey[GracefulStop] = web.AppKey("sop_stop", GracefulStop)
+
+
+async def _drain(runner: ProxyRunner, stop: GracefulStop, grace_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    stop.stopping = True
+    for site in list(runner.sites):
+        await site.stop()  # closes the listening socket: new connections are refused
+    server = runner.server
+    if server is not None:
+        for connection in server.connections:
+            # Idle keep-alive connections close now (their clients reconnect elsewhere instead of
+            # sending a request no one will read); busy ones after their response.
+            if isinstance(connection, EdgeHandler) and connection.idle:
+                connection.force_close()
+            else:
+                connection.close()
+    log.info("stopping: no longer accepting connections; %d request(s) in flight get %.1fs to finish",
+             stop.in_flight, grace_s)
+    # What is ended near the deadline needs a moment to write its final record and unwind, and the
+    # cleanup after it (aiohttp's last-resort wait, the pools) a moment more: both come out of the grace
+    # period so that the process is gone by the deadline.
+    if not await stop.drained(deadline - min(1.5, grace_s * 0.3) - loop.time()):
+        log.warning("stopping: ending %d request(s) still in flight (shutting_down)", stop.in_flight)
+        stop.expire()
+        if not await stop.drained(deadline - min(0.5, grace_s * 0.1) - loop.time()):
+            log.warning("stopping: %d request(s) did not end in time; closing their connections",
+                        stop.in_flight)
+
+
+def _hurry(stop: GracefulStop) -> None:
+    if not stop.expired:
+        log.warning("stopping: second signal, ending %d request(s) in flight now", stop.in_flight)
+        stop.expire()
+
+
+async def run_until_signalled(runner: ProxyRunner, stop: GracefulStop | None = None,
+                              grace_s: float = 30.0) -> None:
+    """Serve until SIGINT or SIGTERM; SIGHUP is logged and ignored.
+
+    With `stop`: refuse new connections, give requests in flight until `grace_s` after the signal, end
+    what remains (final `shutting_down` record or 503), then clean up; the process can exit by then.
+    A second SIGINT or SIGTERM ends what remains at once. Without `stop` (the emulator): aiohttp's own
+    graceful cleanup.
+    """
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, signalled.set)
+    # Reloading the configuration on SIGHUP comes later; until then it must not kill the process
+    # (Python's default for SIGHUP is to terminate).
+    loop.add_signal_handler(signal.SIGHUP, log.warning,
+                            "SIGHUP ignored: configuration reload is not supported yet; "
+                            "restart the process to apply a new configuration")
     try:
-        await stop.wait()
+        await signalled.wait()
+        if stop is not None:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, _hurry, stop)
+            await _drain(runner, stop, grace_s)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         await runner.cleanup()

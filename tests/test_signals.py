@@ -1,0 +1,255 @@
+"""Signals against the real proxy process: SIGTERM stops accepting, lets short requests finish within
+`server.shutdown_timeout_s`, ends every remaining stream with one final `shutting_down` record in its
+dialect, answers what has no response yet with 503 `shutting_down`, and exits by the deadline; SIGHUP
+leaves the process and its streams alone."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.raw import read_response
+from tests.support.servers import Server, start_emulator, start_proxy
+
+GRACE_S = 3.0
+EXIT_MARGIN_S = 3.0  # cleanup and interpreter exit on a loaded machine
+
+
+@pytest.fixture(scope="module")
+def slow_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """20 tokens/s and 400-token answers: a stream runs 20 s unless num_predict says otherwise."""
+    server = start_emulator(tmp_path_factory.mktemp("signals-emu"), name="signals-emu",
+                            decode_tokens_per_s=20, output_tokens="400,400",
+                            extra=["--num-parallel", "4"])
+    yield server
+    server.stop()
+
+
+def _proxy(tmp: Path, emulator: Server, num_parallel: int = 4, **server: Any) -> Server:
+    return start_proxy(tmp, [{"url": emulator.url, "num_parallel": num_parallel}],
+                       {"server": {"shutdown_timeout_s": GRACE_S, **server}}, name="signals")
+
+
+class Reader(threading.Thread):
+    """Streams one request in the background, keeping every line it receives."""
+
+    def __init__(self, url: str, body: dict[str, Any]) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.body = body
+        self.lines: list[str] = []
+        self.status = 0
+        self.headers: httpx.Headers | None = None
+        self.error: BaseException | None = None
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", self.url, json=self.body, timeout=60) as response:
+                self.status = response.status_code
+                self.headers = response.headers
+                for line in response.iter_lines():
+                    if line:
+                        self.lines.append(line)
+                        self.started.set()
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.started.set()
+
+
+def _stop_and_time(server: Server) -> float:
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(GRACE_S + 20)
+    return time.monotonic() - started
+
+
+def test_sigterm_ends_streams_with_a_final_line_and_exits_by_the_deadline(slow_emulator: Server,
+                                                                          tmp_path: Path) -> None:
+    proxy = _proxy(tmp_path, slow_emulator)
+    native = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "a long story"})
+    openai = Reader(f"{proxy.url}/v1/chat/completions", {
+        "model": "llama3.2", "stream": True, "messages": [{"role": "user", "content": "a long story"}]})
+    anthropic = Reader(f"{proxy.url}/v1/messages", {
+        "model": "llama3.2", "stream": True, "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "a long story"}]})
+    for reader in (native, openai, anthropic):
+        reader.start()
+        assert reader.started.wait(20) and reader.lines, reader.error
+    short = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "short",
+                                                 "stream": False, "options": {"num_predict": 3}})
+    short.start()
+    time.sleep(0.2)  # the short request is in flight (it needs well under the grace period)
+    took = _stop_and_time(proxy)
+    for reader in (native, openai, anthropic, short):
+        reader.join(10)
+    assert took < GRACE_S + EXIT_MARGIN_S, f"exit took {took:.1f}s"
+    assert took > GRACE_S * 0.5, "the streams were not given their grace period"
+
+    assert short.status == 200 and short.error is None
+    assert json.loads(short.lines[-1])["done"] is True
+
+    assert native.status == 200 and native.error is None
+    last = json.loads(native.lines[-1])
+    assert last["code"] == "shutting_down" and "shutting down" in last["error"]
+    assert all("error" not in json.loads(line) for line in native.lines[:-1])
+
+    assert openai.status == 200 and openai.error is None
+    events = [line for line in openai.lines if line.startswith("data: ")]
+    final = json.loads(events[-1].removeprefix("data: "))
+    assert final["error"]["code"] == "shutting_down"
+
+    assert anthropic.status == 200 and anthropic.error is None
+    assert anthropic.lines[-2] == "event: error"
+    final = json.loads(anthropic.lines[-1].removeprefix("data: "))
+    assert final == {"type": "error", "error": {"type": "overloaded_error", "message": final["error"][
+        "message"]}} and "shutting down" in final["error"]["message"]
+    log = proxy.log()
+    assert "Traceback" not in log
+    assert "stopping: ending 3 request(s) still in flight" in log
+    proxy.stop()
+
+
+def test_sigterm_stops_accepting_at_once(slow_emulator: Server, tmp_path: Path) -> None:
+    proxy = _proxy(tmp_path, slow_emulator)
+    stream = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "keep going"})
+    stream.start()
+    assert stream.started.wait(20)
+    idle = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    idle.sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(idle).status == 200  # now an idle keep-alive connection
+    proxy.process.send_signal(signal.SIGTERM)
+    idle.settimeout(GRACE_S * 0.5)  # closed at once, long before the grace period ends
+    assert idle.recv(1) == b""
+    idle.close()
+    deadline = time.monotonic() + GRACE_S
+    refused = False
+    while time.monotonic() < deadline and not refused:
+        try:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=0.5) as sock:
+                sock.sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.settimeout(0.5)
+                refused = sock.recv(100) == b""
+        except OSError:
+            refused = True
+        time.sleep(0.05)
+    assert refused, "the proxy still accepted connections after SIGTERM"
+    proxy.process.wait(GRACE_S + 20)
+    stream.join(10)
+    assert json.loads(stream.lines[-1])["code"] == "shutting_down"
+    proxy.stop()
+
+
+def test_requests_without_a_response_yet_get_503_shutting_down(slow_emulator: Server,
+                                                               tmp_path: Path) -> None:
+    """One slot, held by a stream: a second request waits in the proxy's queue and gets 503
+    `shutting_down` (with Retry-After) at the deadline, while the stream ends with its final line."""
+    proxy = _proxy(tmp_path, slow_emulator, num_parallel=1)
+    stream = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "hold the slot"})
+    stream.start()
+    assert stream.started.wait(20)
+    queued = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "wait",
+                                                  "stream": False})
+    queued.start()
+    time.sleep(0.5)
+    took = _stop_and_time(proxy)
+    queued.join(10)
+    stream.join(10)
+    assert took < GRACE_S + EXIT_MARGIN_S
+    assert queued.status == 503, queued.lines
+    assert json.loads(queued.lines[-1])["code"] == "shutting_down"
+    assert queued.headers is not None and queued.headers["retry-after"] == "1"
+    assert json.loads(stream.lines[-1])["code"] == "shutting_down"
+    proxy.stop()
+
+
+def test_a_request_waiting_for_upstream_headers_gets_503(tmp_path: Path) -> None:
+    """The model takes 60 s to load: no headers by the deadline, so 503 `shutting_down`."""
+    emulator = start_emulator(tmp_path, name="loading-emu", load_s=60)
+    try:
+        proxy = _proxy(tmp_path, emulator, num_parallel=1)
+        waiting = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "hi",
+                                                       "stream": False})
+        waiting.start()
+        time.sleep(0.5)
+        took = _stop_and_time(proxy)
+        waiting.join(10)
+        assert took < GRACE_S + EXIT_MARGIN_S
+        assert waiting.status == 503
+        assert json.loads(waiting.lines[-1])["code"] == "shutting_down"
+        proxy.stop()
+    finally:
+        emulator.kill()
+
+
+def test_sighup_is_ignored_and_streams_continue(slow_emulator: Server, tmp_path: Path) -> None:
+    proxy = _proxy(tmp_path, slow_emulator)
+    stream = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "go on",
+                                                  "options": {"num_predict": 40}})
+    stream.start()
+    assert stream.started.wait(20)
+    proxy.process.send_signal(signal.SIGHUP)
+    stream.join(30)
+    assert stream.error is None
+    last = json.loads(stream.lines[-1])
+    assert last["done"] is True and "error" not in last
+    assert proxy.process.poll() is None
+    assert httpx.get(f"{proxy.url}/api/version", timeout=10).status_code == 200
+    assert "SIGHUP ignored" in proxy.log()
+    proxy.stop()
+
+
+def test_a_body_still_arriving_at_the_deadline_gets_503(slow_emulator: Server, tmp_path: Path) -> None:
+    """A client uploading its body slowly (but within the body timeout) when SIGTERM comes: it is
+    waited for during the grace period, then answered 503 `shutting_down`."""
+    proxy = _proxy(tmp_path, slow_emulator, body_timeout_s=30)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        time.sleep(0.3)
+        started = time.monotonic()
+        proxy.process.send_signal(signal.SIGTERM)
+        response = None
+        while time.monotonic() - started < GRACE_S + EXIT_MARGIN_S:
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                break
+            sock.settimeout(0.3)
+            try:
+                response = read_response(sock, 0.3)
+                break
+            except TimeoutError:
+                continue
+    proxy.process.wait(20)
+    assert response is not None and response.status == 503, response and response.status_line
+    assert response.json()["code"] == "shutting_down"
+    assert time.monotonic() - started < GRACE_S + EXIT_MARGIN_S
+    proxy.stop()
+
+
+def test_a_second_sigterm_ends_the_streams_at_once(slow_emulator: Server, tmp_path: Path) -> None:
+    proxy = _proxy(tmp_path, slow_emulator, shutdown_timeout_s=60)
+    stream = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "a long story"})
+    stream.start()
+    assert stream.started.wait(20)
+    started = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proxy.process.poll() is None  # the first one waits for the stream
+    proxy.process.send_signal(signal.SIGTERM)
+    proxy.process.wait(30)
+    stream.join(10)
+    assert time.monotonic() - started < 30, "the second signal did not cut the 60 s grace period short"
+    assert json.loads(stream.lines[-1])["code"] == "shutting_down"
+    assert "second signal" in proxy.log()
+    proxy.stop()
