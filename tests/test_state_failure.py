@@ -1,0 +1,231 @@
+"""Redis trouble is an explicit mode, never a 500: a real redis-server behind a real proxy and emulator is
+flooded, killed, restarted and frozen (SIGSTOP), in `state.failure_mode` open and closed; leases never
+leak and max_concurrent holds exactly again afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+
+from tests.support.metrics import metric
+from tests.support.redis_server import RedisServer
+from tests.support.servers import Server, free_port, start_emulator, start_proxy
+
+KEY = "sk-team"
+ADMIN = "sk-admin"
+DEGRADED = "sop_state_degraded"
+FAILURES = "sop_state_failures_total"
+
+
+def _tenant(**limits: Any) -> dict[str, Any]:
+    return {"name": "team", "keys": [KEY], "requests_per_minute": 100000,
+            "tokens_per_minute": 10_000_000, "max_concurrent": 400, **limits}
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state-failure")
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp: Path) -> Iterator[Server]:
+    server = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=50, output_tokens="400,400",
+                            name="state-emu", extra=["--num-parallel", "16", "--max-queue", "1024"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp)
+    yield server
+    server.stop()
+
+
+def _proxy(tmp: Path, emulator: Server, url: str, name: str, *, tenant: dict[str, Any] | None = None,
+           **state: Any) -> Server:
+    return start_proxy(tmp, [{"url": emulator.url, "num_parallel": 16}], {
+        "admin": {"keys": [ADMIN]},
+        "tenants": [tenant or _tenant()],
+        "chain": {"backpressure": {"mode": "off"}},  # the emulator queues: this file is about state
+        "state": {"backend": "redis", "url": url, "key_prefix": f"{name}:",
+                  "retry_interval_s": 0.5, **state}}, name=name)
+
+
+def _body(num_predict: int, stream: bool = False) -> dict[str, Any]:
+    return {"model": "llama3.2", "prompt": "hello", "stream": stream,
+            "options": {"num_predict": num_predict}}
+
+
+async def _generate(session: aiohttp.ClientSession, url: str, num_predict: int = 1
+                    ) -> tuple[int, dict[str, Any], dict[str, str], float]:
+    started = time.monotonic()
+    async with session.post(f"{url}/api/generate", json=_body(num_predict)) as response:
+        body = await response.json(content_type=None)
+        return response.status, body, dict(response.headers), time.monotonic() - started
+
+
+def _session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"},
+                                 connector=aiohttp.TCPConnector(limit=0),
+                                 timeout=aiohttp.ClientTimeout(total=60))
+
+
+async def _poll_metric(url: str, name: str, wanted: float, within_s: float = 15.0) -> None:
+    deadline = time.monotonic() + within_s
+    while (await asyncio.to_thread(metric, url, name)) != wanted:
+        assert time.monotonic() < deadline, f"{name} never became {wanted}"
+        await asyncio.sleep(0.1)
+
+
+async def test_burst_waits_for_pooled_connections(tmp: Path, emulator: Server,
+                                                  redis_server: RedisServer) -> None:
+    # A pool far smaller than the burst and failure_mode closed: a pool that raised instead of waiting
+    # (redis-py's default pool raises at its size) or any failed call would show as a 503 or a 500.
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "burst",
+                                    failure_mode="closed", max_connections=8, socket_timeout_s=3.0)
+    try:
+        async with _session() as session:
+            answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(300)))
+        statuses = Counter(status for status, *_ in answers)
+        assert statuses == {200: 300}, statuses
+        assert await asyncio.to_thread(metric, proxy.url, DEGRADED) == 0
+        assert not await asyncio.to_thread(metric, proxy.url, FAILURES)
+        holders = redis.Redis.from_url(redis_server.url).zcard("burst:lease:inflight:team")
+        assert holders == 0  # every lease came back
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
+async def test_redis_killed_open_mode_keeps_serving(tmp: Path, emulator: Server,
+                                                    redis_server: RedisServer) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "killed-open")
+    try:
+        async with _session() as session:
+            assert (await _generate(session, proxy.url))[0] == 200
+            await asyncio.to_thread(redis_server.kill)
+            for _ in range(3):  # a few waves while Redis is gone: all served, counted locally
+                answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(20)))
+                assert [a[0] for a in answers] == [200] * 20
+                assert all(a[2]["X-RateLimit-Limit"] == "100000" for a in answers)
+            assert await asyncio.to_thread(metric, proxy.url, DEGRADED) == 1
+            assert (await asyncio.to_thread(metric, proxy.url, FAILURES) or 0) >= 1
+            await asyncio.to_thread(redis_server.restart)
+            await _poll_metric(proxy.url, DEGRADED, 0)
+            assert (await _generate(session, proxy.url))[0] == 200
+        # Redis is used again: the request bucket was written to the new, empty server.
+        assert redis.Redis.from_url(redis_server.url).exists("killed-open:bucket:rpm:team")
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    log = proxy.log()
+    assert log.count("state degraded") == 1 and log.count("state recovered") == 1  # per transition
+    assert "failure_mode=open" in log and "Traceback" not in log
+
+
+async def test_redis_killed_closed_mode_refuses_with_503(tmp: Path, emulator: Server,
+                                                         redis_server: RedisServer) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "killed-closed",
+                                    failure_mode="closed", retry_interval_s=2.0)
+    try:
+        async with _session() as session:
+            assert (await _generate(session, proxy.url))[0] == 200
+            await asyncio.to_thread(redis_server.kill)
+            answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(20)))
+            for status, body, headers, _ in answers:
+                assert status == 503 and body["code"] == "state_unavailable", (status, body)
+                assert headers["Retry-After"] == "2"  # retry_interval_s, whole seconds
+                assert "Redis" in body["error"]
+            async with session.get(f"{proxy.url}/api/tags") as tags:  # listing spends no quota
+                assert tags.status == 200
+            await asyncio.to_thread(redis_server.restart)
+            deadline = time.monotonic() + 15
+            while (status := (await _generate(session, proxy.url))[0]) != 200:
+                assert status == 503 and time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
+async def test_redis_frozen_costs_one_timeout_and_leaks_no_lease(tmp: Path, emulator: Server,
+                                                                 redis_server: RedisServer) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "frozen",
+                                    tenant=_tenant(max_concurrent=2))
+    long_stream = _body(num_predict=75, stream=True)  # about 1.5 s at 50 tokens/s
+    try:
+        async with _session() as session:
+            held = [await session.post(f"{proxy.url}/api/generate", json=long_stream)
+                    for _ in range(2)]
+            for response in held:  # two Redis leases, held while Redis freezes
+                assert response.status == 200
+                await response.content.readline()
+            await asyncio.to_thread(redis_server.pause)
+            try:
+                # Local leases in open mode; each request waits at most one socket timeout (0.5 s)
+                # for Redis, not redis-py's default of retries or no timeout at all.
+                answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(2)))
+                assert [a[0] for a in answers] == [200, 200]
+                assert max(a[3] for a in answers) < 3.0, [a[3] for a in answers]
+                after = await _generate(session, proxy.url)
+                assert after[0] == 200 and after[3] < 1.5  # the circuit is open: Redis not waited for
+                for response in held:  # the held streams end while Redis is frozen
+                    await response.read()
+                    response.release()
+                assert await asyncio.to_thread(metric, proxy.url, DEGRADED) == 1
+            finally:
+                await asyncio.to_thread(redis_server.resume)
+            await _poll_metric(proxy.url, DEGRADED, 0)
+            # max_concurrent is exact again: nothing leaked from before or during the freeze.
+            probe = [await session.post(f"{proxy.url}/api/generate", json=long_stream)
+                     for _ in range(2)]
+            for response in probe:
+                assert response.status == 200, await response.text()
+                await response.content.readline()
+            third = await _generate(session, proxy.url)
+            assert third[0] == 429 and third[1]["code"] == "rate_limited"
+            assert third[2]["x-ratelimit-remaining-concurrent"] == "0"
+            for response in probe:
+                response.close()
+            deadline = time.monotonic() + 10
+            while (status := (await _generate(session, proxy.url))[0]) != 200:
+                assert status == 429 and time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    log = proxy.log()
+    assert log.count("state degraded") == 1 and log.count("state recovered") == 1
+    assert "Traceback" not in log
+
+
+async def test_start_with_redis_unreachable(tmp: Path, emulator: Server) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    open_proxy = await asyncio.to_thread(_proxy, tmp, emulator, url, "start-open")
+    closed_proxy = await asyncio.to_thread(_proxy, tmp, emulator, url, "start-closed",
+                                           failure_mode="closed")
+    late: RedisServer | None = None
+    try:
+        async with _session() as session:
+            assert (await _generate(session, open_proxy.url))[0] == 200
+            status, body, headers, _ = await _generate(session, closed_proxy.url)
+            assert status == 503 and body["code"] == "state_unavailable" and "Retry-After" in headers
+            assert await asyncio.to_thread(metric, open_proxy.url, DEGRADED) == 1
+            late = await asyncio.to_thread(RedisServer, tmp, port)
+            await _poll_metric(closed_proxy.url, DEGRADED, 0)
+            assert (await _generate(session, closed_proxy.url))[0] == 200
+            await _poll_metric(open_proxy.url, DEGRADED, 0)
+    finally:
+        await asyncio.to_thread(open_proxy.stop)
+        await asyncio.to_thread(closed_proxy.stop)
+        if late is not None:
+            await asyncio.to_thread(late.stop)
+    assert "state degraded" in open_proxy.log() and "state degraded" in closed_proxy.log()
