@@ -149,6 +149,12 @@ class QuotasStep(Step):
                 leased = took_request = False
                 reserved = 0
                 self.decide(ctx, span, "rejected", error)  # raises in enforce mode
+            except BaseException:
+                # Cancelled (the client left) during a state call: a lease may have been granted
+                # without our knowing, so the holder is released whatever `leased` says.
+                await asyncio.shield(self._give_back(tenant, holder, tenant.max_concurrent is not None,
+                                                     took_request, reserved))
+                raise
         renewer = asyncio.ensure_future(self._renew(lease_key, holder)) if leased else None
         started = time.monotonic()
         try:

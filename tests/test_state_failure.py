@@ -229,3 +229,31 @@ async def test_start_with_redis_unreachable(tmp: Path, emulator: Server) -> None
         if late is not None:
             await asyncio.to_thread(late.stop)
     assert "state degraded" in open_proxy.log() and "state degraded" in closed_proxy.log()
+
+
+async def test_client_leaving_during_a_frozen_lease_call_leaks_no_lease(
+        tmp: Path, emulator: Server, redis_server: RedisServer) -> None:
+    # The lease command reaches a frozen Redis, the client leaves while the proxy waits for the answer,
+    # and Redis grants the lease once it runs again: the proxy must still give it back.
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "cancel",
+                                    tenant=_tenant(max_concurrent=1), socket_timeout_s=3.0)
+    leases = redis.Redis.from_url(redis_server.url)
+    try:
+        async with _session() as session:
+            assert (await _generate(session, proxy.url))[0] == 200
+            await asyncio.to_thread(redis_server.pause)
+            try:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await _generate(session, proxy.url)
+                await asyncio.sleep(0.5)
+            finally:
+                await asyncio.to_thread(redis_server.resume)
+            deadline = time.monotonic() + 10
+            while leases.zcard("cancel:lease:inflight:team"):
+                assert time.monotonic() < deadline, "the abandoned request's lease was never given back"
+                await asyncio.sleep(0.1)
+            assert (await _generate(session, proxy.url))[0] == 200
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
