@@ -59,6 +59,8 @@ class FailoverState(StateBackend):
       `max_concurrent` holds exactly again.
     - Tokens counted locally during an outage are not copied into Redis: each proxy process admits at
       most one budget of its own while degraded (Envoy's rate-limit filter admits without any count).
+      A bucket command that Redis runs after its caller gave up (a freeze) still counts there, so a
+      bucket may be charged twice for one request around a freeze; leases are handled as above.
 
     Start-up (`start`) never fails: with Redis unreachable both modes start degraded and the probe brings
     Redis in as soon as it answers. Refusing to start would turn a Redis restart into a crash loop of
