@@ -43,10 +43,12 @@ class FailoverState(StateBackend):
 
     Contract:
     - Every Redis call is bounded by `timeout_s` (pool wait, connect and command included). Any Redis
-      error or timeout opens the circuit: Redis is not called again until a background probe (one PING
+      error or timeout opens the circuit: Redis is not called again until a background probe (one call
       every `retry_interval_s`) succeeds, so a frozen Redis costs one timeout per interval, not one per
       request. Transitions log one WARNING each (degraded, recovered) and show in the gauge
       `<prefix>.state.degraded` (0/1); failed calls count in `<prefix>.state.failures{operation}`.
+      The probe runs one of the real scripts (TIME and a write), not a bare PING, so a Redis that
+      answers PING but cannot serve (loading, read-only replica, out of memory) stays out.
     - Meanwhile admission calls (`take`, `lease`, `level`, `holders`) are answered by a MemoryState of
       this process in `open` mode (admitted and counted locally, per proxy process), or raise
       StateUnavailable (503, Retry-After about `retry_interval_s`) in `closed` mode.
@@ -106,7 +108,7 @@ class FailoverState(StateBackend):
     async def start(self) -> None:
         """Check Redis once at start-up; unreachable means starting degraded (see the class doc)."""
         with contextlib.suppress(_Down):
-            await self._remote("ping", self.remote.ping)
+            await self._remote("probe", self.remote.probe)
 
     async def _remote(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -134,10 +136,10 @@ class FailoverState(StateBackend):
             await asyncio.sleep(self.retry_interval_s)
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    await self.remote.ping()
+                    await self.remote.probe()
                 await self._flush_releases()
             except _FAILURES:
-                self.failures["ping"] += 1
+                self.failures["probe"] += 1
                 continue
             # No await since the flush found nothing pending: no release can slip in between.
             self.degraded = False

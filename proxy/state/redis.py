@@ -104,8 +104,14 @@ class RedisState(StateBackend):
         return f"{self._prefix}{kind}:{key}"
 
     async def ping(self) -> None:
-        """Fail fast at start-up when Redis cannot be reached."""
+        """One round trip; raises when Redis cannot be reached."""
         await self._redis.ping()
+
+    async def probe(self) -> None:
+        """Raise unless Redis can run the scripts: one lease script on a key of its own (reads TIME,
+        writes), so a server that answers PING but refuses writes (loading, read-only, out of memory)
+        fails it."""
+        await self._lease(keys=[self._key("probe", "lease")], args=[1, "probe", 1])
 
     async def _run_bucket(self, key: str, capacity: float, refill_per_s: float, amount: float,
                           force: bool) -> tuple[bool, float]:
