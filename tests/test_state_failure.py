@@ -51,11 +51,12 @@ def redis_server(tmp: Path) -> Iterator[RedisServer]:
 
 
 def _proxy(tmp: Path, emulator: Server, url: str, name: str, *, tenant: dict[str, Any] | None = None,
-           **state: Any) -> Server:
+           quotas: dict[str, Any] | None = None, **state: Any) -> Server:
     return start_proxy(tmp, [{"url": emulator.url, "num_parallel": 16}], {
         "admin": {"keys": [ADMIN]},
         "tenants": [tenant or _tenant()],
-        "chain": {"backpressure": {"mode": "off"}},  # the emulator queues: this file is about state
+        # The emulator queues (backpressure off): this file is about state.
+        "chain": {"backpressure": {"mode": "off"}, "quotas": quotas or {}},
         "state": {"backend": "redis", "url": url, "key_prefix": f"{name}:",
                   "retry_interval_s": 0.5, **state}}, name=name)
 
@@ -254,6 +255,46 @@ async def test_client_leaving_during_a_frozen_lease_call_leaks_no_lease(
                 assert time.monotonic() < deadline, "the abandoned request's lease was never given back"
                 await asyncio.sleep(0.1)
             assert (await _generate(session, proxy.url))[0] == 200
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
+async def test_redis_restart_gets_running_leases_back(tmp: Path, emulator: Server,
+                                                      redis_server: RedisServer) -> None:
+    # Redis restarts empty while two requests hold its leases and a third runs on a local lease:
+    # renewals put all three back, so max_concurrent counts them again instead of admitting more.
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "restart",
+                                    tenant=_tenant(max_concurrent=2), quotas={"lease_ttl_s": 1.5},
+                                    retry_interval_s=0.3)
+    leases = redis.Redis.from_url(redis_server.url)
+    key = "restart:lease:inflight:team"
+    long_stream = _body(num_predict=300, stream=True)  # about 6 s at 50 tokens/s
+    try:
+        async with _session() as session:
+            held = [await session.post(f"{proxy.url}/api/generate", json=long_stream)
+                    for _ in range(2)]
+            for response in held:
+                assert response.status == 200
+                await response.content.readline()
+            await asyncio.to_thread(redis_server.kill)
+            local = await session.post(f"{proxy.url}/api/generate", json=long_stream)
+            assert local.status == 200  # open mode: a lease of this process
+            await local.content.readline()
+            held.append(local)
+            await asyncio.to_thread(redis_server.restart)
+            deadline = time.monotonic() + 5
+            while leases.zcard(key) != 3:
+                assert time.monotonic() < deadline, f"{leases.zcard(key)} leases in Redis, not 3"
+                await asyncio.sleep(0.1)
+            refused = await _generate(session, proxy.url)
+            assert refused[0] == 429 and refused[1]["code"] == "rate_limited"
+            for response in held:
+                response.close()
+            deadline = time.monotonic() + 10
+            while (status := (await _generate(session, proxy.url))[0]) != 200:
+                assert status == 429 and time.monotonic() < deadline
+                await asyncio.sleep(0.1)
     finally:
         await asyncio.to_thread(proxy.stop)
     assert "Traceback" not in proxy.log()
