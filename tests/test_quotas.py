@@ -17,6 +17,8 @@ import httpx
 import openai
 import pytest
 
+from proxy.state.base import StateBackend
+from proxy.state.failover import FailoverState
 from proxy.state.memory import MemoryState
 from proxy.state.redis import RedisState
 from tests.support.metrics import metric
@@ -208,9 +210,14 @@ async def test_dead_proxys_lease_expires(tmp: Path, emulator: Server,
         await asyncio.to_thread(survivor.stop)
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "failover"])
 async def test_state_backends_agree(backend: str, redis_server: RedisServer) -> None:
-    state = MemoryState() if backend == "memory" else RedisState(redis_server.url, f"sop-{backend}:")
+    state: StateBackend = MemoryState()
+    if backend == "redis":
+        state = RedisState(redis_server.url, f"sop-{backend}:")
+    elif backend == "failover":  # what the proxy builds for Redis: the same answers while Redis is up
+        state = FailoverState(RedisState(redis_server.url, f"sop-{backend}:"), failure_mode="closed")
+    await state.start()
     try:
         taken = [await state.take("b", 3, 0.001, 1) for _ in range(4)]
         assert [t.ok for t in taken] == [True, True, True, False]
