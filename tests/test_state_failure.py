@@ -5,6 +5,7 @@ leak and max_concurrent holds exactly again afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -295,6 +296,64 @@ async def test_redis_restart_gets_running_leases_back(tmp: Path, emulator: Serve
             while (status := (await _generate(session, proxy.url))[0]) != 200:
                 assert status == 429 and time.monotonic() < deadline
                 await asyncio.sleep(0.1)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
+async def test_redis_frozen_closed_mode_answers_503_fast(tmp: Path, emulator: Server,
+                                                         redis_server: RedisServer) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "frozen-closed",
+                                    failure_mode="closed")
+    try:
+        async with _session() as session:
+            assert (await _generate(session, proxy.url))[0] == 200
+            await asyncio.to_thread(redis_server.pause)
+            try:
+                answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(10)))
+                for status, body, headers, elapsed in answers:
+                    assert status == 503 and body["code"] == "state_unavailable"
+                    assert headers["Retry-After"] == "1" and elapsed < 3.0
+                later = await _generate(session, proxy.url)
+                assert later[0] == 503 and later[3] < 1.5  # the circuit is open: no wait at all
+            finally:
+                await asyncio.to_thread(redis_server.resume)
+            deadline = time.monotonic() + 10
+            while (status := (await _generate(session, proxy.url))[0]) != 200:
+                assert status == 503 and time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
+async def test_disconnect_storm_gives_every_lease_and_token_back(tmp: Path, emulator: Server,
+                                                                 redis_server: RedisServer) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "storm",
+                                    tenant=_tenant(tokens_per_minute=100_000))
+    state = redis.Redis.from_url(redis_server.url, decode_responses=True)
+
+    async def leave(after_first_line: bool) -> None:
+        async with _session() as session:
+            if after_first_line:
+                response = await session.post(f"{proxy.url}/api/generate",
+                                              json=_body(num_predict=300, stream=True))
+                await response.content.readline()
+                response.close()
+            else:  # gone before any byte came back
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await session.post(f"{proxy.url}/api/generate",
+                                           json=_body(num_predict=300, stream=True))
+    try:
+        await asyncio.gather(*(leave(i % 2 == 0) for i in range(60)))
+        deadline = time.monotonic() + 10
+        while state.zcard("storm:lease:inflight:team"):
+            assert time.monotonic() < deadline, "leases of departed clients were not given back"
+            await asyncio.sleep(0.1)
+        # Reservations of 300+ tokens each came back: only prompts of cut streams were charged.
+        level = float(state.hget("storm:bucket:tpm:team", "level") or 0)
+        assert level > 100_000 - 60 * 20, level
     finally:
         await asyncio.to_thread(proxy.stop)
     assert "Traceback" not in proxy.log()
