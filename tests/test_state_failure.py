@@ -106,6 +106,15 @@ async def test_burst_waits_for_pooled_connections(tmp: Path, emulator: Server,
     finally:
         await asyncio.to_thread(proxy.stop)
     assert "Traceback" not in proxy.log()
+    # The defaults (open, 512 connections, 0.5 s): the same burst, served.
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "burst-defaults")
+    try:
+        async with _session() as session:
+            answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(300)))
+        assert Counter(status for status, *_ in answers) == {200: 300}
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
 
 
 async def test_redis_killed_open_mode_keeps_serving(tmp: Path, emulator: Server,

@@ -42,11 +42,13 @@ class FailoverState(StateBackend):
     """The Redis backend behind a circuit breaker.
 
     Contract:
-    - Every Redis call is bounded by `timeout_s` (pool wait, connect and command included). Any Redis
-      error or timeout opens the circuit: Redis is not called again until a background probe (one call
-      every `retry_interval_s`) succeeds, so a frozen Redis costs one timeout per interval, not one per
-      request. Transitions log one WARNING each (degraded, recovered) and show in the gauge
-      `<prefix>.state.degraded` (0/1); failed calls count in `<prefix>.state.failures{operation}`.
+    - Every Redis call is bounded by `timeout_s` (pool wait, connect and command included). A Redis
+      error or timeout opens the circuit, unless another call succeeded while the failed one waited
+      (then Redis is up and this process was too busy to read the answer in time: only that call takes
+      the failure mode). With the circuit open, Redis is not called again until a background probe
+      (one call every `retry_interval_s`) succeeds, so a frozen Redis costs one timeout per interval,
+      not one per request. Transitions log one WARNING each (degraded, recovered) and show in the
+      gauge `<prefix>.state.degraded` (0/1); failed calls count in `<prefix>.state.failures{operation}`.
       The probe runs one of the real scripts (TIME and a write), not a bare PING, so a Redis that
       answers PING but cannot serve (loading, read-only replica, out of memory) stays out.
     - Meanwhile admission calls (`take`, `lease`, `level`, `holders`) are answered by a MemoryState of
@@ -81,6 +83,7 @@ class FailoverState(StateBackend):
         self.degraded = False
         self.failures: Counter[str] = Counter()
         self._degraded_at = 0.0
+        self._last_success = 0.0
         self._local_leases: set[tuple[str, str]] = set()
         self._pending_releases: dict[tuple[str, str], None] = {}
         self._probe: asyncio.Task[None] | None = None
@@ -111,16 +114,24 @@ class FailoverState(StateBackend):
             await self._remote("probe", self.remote.probe)
 
     async def _remote(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await call()
+                result = await call()
         except _FAILURES as exc:
-            self._failed(operation, exc)
+            self._failed(operation, exc, started)
             raise _Down from None
+        self._last_success = time.monotonic()
+        return result
 
-    def _failed(self, operation: str, exc: BaseException) -> None:
+    def _failed(self, operation: str, exc: BaseException, started: float) -> None:
         self.failures[operation] += 1
         if self.degraded:
+            return
+        if self._last_success > started:
+            # Another call got its answer while this one waited: Redis is up, and this process was
+            # too busy (a burst: pool wait, event-loop lag) to read the answer in time. Only this call
+            # takes the failure mode; opening the circuit would send a whole burst to it.
             return
         self.degraded = True
         self._degraded_at = time.monotonic()

@@ -92,7 +92,8 @@ class RedisState(StateBackend):
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=socket_timeout_s,
             socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 0), decode_responses=True)
+            retry=Retry(NoBackoff(), 0), decode_responses=True,
+            driver_info=None)  # no CLIENT SETINFO: one round trip less per new connection
         self._redis: Any = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
         self._prefix = key_prefix
         self._bucket = self._redis.register_script(_BUCKET)
