@@ -366,3 +366,34 @@ async def test_disconnect_storm_gives_every_lease_and_token_back(tmp: Path, emul
     finally:
         await asyncio.to_thread(proxy.stop)
     assert "Traceback" not in proxy.log()
+
+
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 400 Bad Request\r\n\r\n",  # another server on the port
+                                   b"$4\r\n\xff\xfe\xfd\xfc\r\n",  # a reply that is not UTF-8
+                                   b"*1\r\n$3\r\nabc\r\n"])  # a reply no script returns
+async def test_not_redis_on_the_port_is_a_failure_not_a_500(tmp: Path, emulator: Server,
+                                                            reply: bytes) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                writer.write(reply)
+                await writer.drain()
+        writer.close()
+
+    impostor = await asyncio.start_server(answer, "127.0.0.1", 0)
+    url = f"redis://127.0.0.1:{impostor.sockets[0].getsockname()[1]}/0"
+    open_proxy = closed_proxy = None
+    try:
+        open_proxy = await asyncio.to_thread(_proxy, tmp, emulator, url, "impostor-open")
+        closed_proxy = await asyncio.to_thread(_proxy, tmp, emulator, url, "impostor-closed",
+                                               failure_mode="closed")
+        async with _session() as session:
+            assert (await _generate(session, open_proxy.url))[0] == 200
+            status, body, *_ = await _generate(session, closed_proxy.url)
+            assert status == 503 and body["code"] == "state_unavailable"
+    finally:
+        for proxy in (open_proxy, closed_proxy):
+            if proxy is not None:
+                await asyncio.to_thread(proxy.stop)
+                assert "Traceback" not in proxy.log()
+        impostor.close()

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Literal, TypeVar
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from redis.exceptions import RedisError
 
 from ..errors import StateUnavailable
 from ..telemetry import semconv
@@ -31,7 +30,10 @@ T = TypeVar("T")
 MAX_PENDING_RELEASES = 65536
 """Releases kept for after recovery; beyond this, a lease comes back by its TTL alone."""
 
-_FAILURES = (RedisError, OSError, TimeoutError)
+_FAILURES = (Exception,)
+"""What counts as a failed Redis call: any exception but cancellation. Besides RedisError, OSError and
+timeouts, a reply that is not what the scripts return (another server on the port, a proxy in between)
+surfaces as ValueError, TypeError or UnicodeDecodeError; none of them may become a 500."""
 
 
 class _Down(Exception):
