@@ -60,8 +60,9 @@ class FailoverState(StateBackend):
       so a step's `finally` cannot fail or hang because of Redis. A lease granted locally is renewed and
       released locally (and moved into Redis by its first renewal after recovery, so it counts for every
       replica again). A Redis lease whose release fails, and any lease call that failed (Redis may still
-      run the command once it reads it, after a freeze), is released in Redis when it recovers, before
-      Redis is used again; until then it expires by its TTL. So after a restart or a freeze,
+      run the command once it reads it, after a freeze), is released in Redis: at once when Redis is
+      answering other calls, else when it recovers, before Redis is used again; until then it expires
+      by its TTL. So after a restart or a freeze,
       `max_concurrent` holds exactly again.
     - Tokens counted locally during an outage are not copied into Redis: each proxy process admits at
       most one budget of its own while degraded (Envoy's rate-limit filter admits without any count).
@@ -89,6 +90,7 @@ class FailoverState(StateBackend):
         self._local_leases: set[tuple[str, str]] = set()
         self._pending_releases: dict[tuple[str, str], None] = {}
         self._probe: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         if meter is not None:
             meter.create_observable_gauge(
                 semconv.metric_name(metric_prefix, "state", "degraded"),
@@ -208,8 +210,13 @@ class FailoverState(StateBackend):
         if not self.degraded:
             try:
                 return await self._remote("lease", lambda: self.remote.lease(key, limit, holder, ttl_s))
-            except _Down:
-                self._pend_release(key, holder)  # Redis may still grant it once it reads the command
+            except _Down:  # Redis may still grant it once it reads the command: give it back
+                if self.degraded:
+                    self._pend_release(key, holder)
+                else:  # Redis answers other calls: now, in the background
+                    task = asyncio.get_running_loop().create_task(self._release_remote(key, holder))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
         granted, holders = await self._fallback().lease(key, limit, holder, ttl_s)
         if granted:
             self._local_leases.add((key, holder))
@@ -236,11 +243,16 @@ class FailoverState(StateBackend):
             self._local_leases.discard((key, holder))
             await self.local.release(key, holder)
             return
-        if not self.degraded:
-            with contextlib.suppress(_Down):
-                await self._remote("release", lambda: self.remote.release(key, holder))
-                return
-        self._pend_release(key, holder)
+        if self.degraded:
+            self._pend_release(key, holder)
+        else:
+            await self._release_remote(key, holder)
+
+    async def _release_remote(self, key: str, holder: str) -> None:
+        try:
+            await self._remote("release", lambda: self.remote.release(key, holder))
+        except _Down:
+            self._pend_release(key, holder)
 
     async def holders(self, key: str) -> int:
         if not self.degraded:
@@ -249,10 +261,10 @@ class FailoverState(StateBackend):
         return await self._fallback().holders(key)
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
+        for task in [*self._tasks, *([self._probe] if self._probe is not None else [])]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+                await task
         with contextlib.suppress(*_FAILURES):
             await self.remote.close()
 
