@@ -6,12 +6,18 @@ counted prompt tokens plus the output it may produce (num_predict / max_tokens, 
 `chain.quotas.default_output_tokens`) from the token bucket, and a concurrency lease. A refusal gives back
 whatever was already taken and answers 429 (`rate_limited` for requests and concurrency,
 `quota_exceeded` for tokens) with `Retry-After`: the time until the bucket holds enough, or for
-concurrency the measured mean duration of the tenant's requests divided by its leases. After the
-response the token reservation is settled against Ollama's real counts; a request that produced nothing
-(rejected downstream, client gone before the first byte) is refunded. Leases are renewed while a request
-runs and released in `finally`; a dead proxy's leases expire after `lease_ttl_s`.
+concurrency the measured mean duration of the tenant's requests divided by its leases. A request that
+reserves more than the whole token budget can never fit: 400 `request_exceeds_quota`, not retryable.
+After the response the token reservation is settled against Ollama's real counts; a request that
+produced nothing (rejected downstream, client gone before the first byte) is refunded. Leases are renewed
+while a request runs and released in `finally`; a dead proxy's leases expire after `lease_ttl_s`.
+Listing and metadata routes (`is_exempt`) take nothing: they cost the fleet nothing worth a quota.
 
-Responses carry `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` (the request bucket).
+Every decision carries the headers of the limits it checked: `X-RateLimit-Limit/-Remaining/-Reset`
+(request bucket, seconds) and the per-limit forms of OpenAI's API, `x-ratelimit-{limit,remaining,reset}-
+{requests,tokens}` (reset as a Go duration, `1m30s`), plus `x-ratelimit-{limit,remaining}-concurrent`;
+`X-Service-Limits` names each limit of the tenant. When Redis fails, `state.failure_mode` applies
+(proxy/state/failover.py); the `finally` path never raises and is bounded by the state's timeout.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -30,14 +38,32 @@ from proxy.access import Tenant
 from proxy.chain import Handler, Step
 from proxy.config import QuotasConfig
 from proxy.context import RequestContext, plain_number
-from proxy.errors import ProxyError, QuotaExceeded, RateLimited
+from proxy.errors import ProxyError, QuotaExceeded, RateLimited, RequestExceedsQuota
 from proxy.prompts import request_cost
 from proxy.state.base import StateBackend
 from proxy.telemetry.setup import Telemetry
 
-__all__ = ["QuotasStep"]
+__all__ = ["QuotasStep", "go_duration", "is_exempt"]
+
+log = logging.getLogger("proxy.quotas")
 
 _EWMA_ALPHA = 0.2
+_EXEMPT_GET = frozenset({"/", "/api/tags", "/api/ps", "/api/version", "/v1/models"})
+_MODEL_PATH = re.compile(r"/v1/models/[^/]+")
+
+
+def is_exempt(method: str, path: str) -> bool:
+    """Listing and metadata routes, which spend no quota: GET/HEAD `/`, `/api/tags`, `/api/ps`,
+    `/api/version`, `/v1/models`, `/v1/models/{model}`, and POST `/api/show`."""
+    if method in ("GET", "HEAD"):
+        return path in _EXEMPT_GET or _MODEL_PATH.fullmatch(path) is not None
+    return method == "POST" and path == "/api/show"
+
+
+def go_duration(seconds: float) -> str:
+    """Whole seconds as a Go duration, the form of OpenAI's `x-ratelimit-reset-*`: `0s`, `45s`, `1m5s`."""
+    minutes, whole = divmod(max(0, math.ceil(seconds)), 60)
+    return f"{minutes}m{whole}s" if minutes else f"{whole}s"
 
 
 class QuotasStep(Step):
@@ -68,36 +94,49 @@ class QuotasStep(Step):
         if (tenant.requests_per_minute is None and tenant.tokens_per_minute is None
                 and tenant.max_concurrent is None):
             return await handler(request)
+        if is_exempt(request.method, request.path):
+            with self.span(**{"sop.tenant": tenant.name}) as span:
+                self.decide(ctx, span, "exempt")
+            return await handler(request)
         rpm_key, tpm_key, lease_key = self.keys(tenant)
         holder = f"{self._holder_prefix}-{next(self._holders)}"
         took_request = leased = False
         reserved = 0
         with self.span(**{"sop.tenant": tenant.name}) as span:
             try:
+                wanted = 0
+                if tenant.tokens_per_minute is not None:
+                    tpm = tenant.tokens_per_minute
+                    ctx.service_limits["tokens_per_minute"] = tpm
+                    ctx.response_headers["x-ratelimit-limit-tokens"] = plain_number(float(tpm))
+                    wanted = self._reservation(request, ctx)
+                    if wanted > tpm:  # checked first: nothing is taken for a request that never fits
+                        raise RequestExceedsQuota(
+                            f"request reserves {wanted} tokens, more than tenant {tenant.name}'s "
+                            f"whole budget of {tpm:g} tokens per minute")
                 if tenant.max_concurrent is not None:
-                    leased, holders = await self.state.lease(lease_key, tenant.max_concurrent, holder,
+                    limit = tenant.max_concurrent
+                    ctx.service_limits["max_concurrent"] = limit
+                    leased, holders = await self.state.lease(lease_key, limit, holder,
                                                              self.config.lease_ttl_s)
+                    self._concurrency_headers(ctx, limit, holders if leased else limit)
                     if not leased:
                         raise RateLimited(
                             f"tenant {tenant.name} has {holders} requests in flight "
-                            f"(max_concurrent {tenant.max_concurrent})",
-                            retry_after_s=self._lease_wait_s(tenant))
+                            f"(max_concurrent {limit})", retry_after_s=self._lease_wait_s(tenant))
                 if tenant.requests_per_minute is not None:
                     rpm = tenant.requests_per_minute
+                    ctx.service_limits["requests_per_minute"] = rpm
                     taken = await self.state.take(rpm_key, rpm, rpm / 60, 1)
-                    self._rate_headers(ctx, rpm, taken.remaining)
+                    self._request_headers(ctx, rpm, taken.remaining)
                     if not taken.ok:
                         raise RateLimited(f"tenant {tenant.name} is over {rpm:g} requests per minute",
                                           retry_after_s=taken.retry_after_s)
                     took_request = True
                 if tenant.tokens_per_minute is not None:
                     tpm = tenant.tokens_per_minute
-                    wanted = self._reservation(request, ctx)
-                    if wanted > tpm:
-                        raise QuotaExceeded(
-                            f"request needs {wanted} tokens, more than tenant {tenant.name}'s "
-                            f"{tpm:g} tokens per minute", retry_after_s=60.0)
                     taken = await self.state.take(tpm_key, tpm, tpm / 60, wanted)
+                    self._token_headers(ctx, tpm, taken.remaining)
                     if not taken.ok:
                         raise QuotaExceeded(
                             f"tenant {tenant.name} is over {tpm:g} tokens per minute "
@@ -110,6 +149,12 @@ class QuotasStep(Step):
                 leased = took_request = False
                 reserved = 0
                 self.decide(ctx, span, "rejected", error)  # raises in enforce mode
+            except BaseException:
+                # Cancelled (the client left) during a state call: a lease may have been granted
+                # without our knowing, so the holder is released whatever `leased` says.
+                await asyncio.shield(self._give_back(tenant, holder, tenant.max_concurrent is not None,
+                                                     took_request, reserved))
+                raise
         renewer = asyncio.ensure_future(self._renew(lease_key, holder)) if leased else None
         started = time.monotonic()
         try:
@@ -120,12 +165,27 @@ class QuotasStep(Step):
             await asyncio.shield(self._settle(ctx, tenant, holder, leased, reserved))
             self._observe_duration(tenant, time.monotonic() - started)
 
-    def _rate_headers(self, ctx: RequestContext, limit: float, remaining: float) -> None:
+    @staticmethod
+    def _request_headers(ctx: RequestContext, limit: float, remaining: float) -> None:
         headers = ctx.response_headers
-        headers["X-RateLimit-Limit"] = plain_number(float(limit))
-        headers["X-RateLimit-Remaining"] = str(max(0, math.floor(remaining)))
-        headers["X-RateLimit-Reset"] = str(math.ceil(max(0.0, limit - remaining) / (limit / 60)))
-        ctx.service_limits["requests_per_minute"] = limit
+        left = str(max(0, math.floor(remaining)))
+        reset_s = max(0.0, limit - remaining) / (limit / 60)
+        headers["X-RateLimit-Limit"] = headers["x-ratelimit-limit-requests"] = plain_number(
+            float(limit))
+        headers["X-RateLimit-Remaining"] = headers["x-ratelimit-remaining-requests"] = left
+        headers["X-RateLimit-Reset"] = str(math.ceil(reset_s))
+        headers["x-ratelimit-reset-requests"] = go_duration(reset_s)
+
+    @staticmethod
+    def _token_headers(ctx: RequestContext, limit: float, remaining: float) -> None:
+        headers = ctx.response_headers
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(remaining)))
+        headers["x-ratelimit-reset-tokens"] = go_duration(max(0.0, limit - remaining) / (limit / 60))
+
+    @staticmethod
+    def _concurrency_headers(ctx: RequestContext, limit: int, holders: int) -> None:
+        ctx.response_headers["x-ratelimit-limit-concurrent"] = str(limit)
+        ctx.response_headers["x-ratelimit-remaining-concurrent"] = str(max(0, limit - holders))
 
     def _lease_wait_s(self, tenant: Tenant) -> float:
         mean = self._mean_duration_s.get(tenant.name)
@@ -147,6 +207,14 @@ class QuotasStep(Step):
 
     async def _give_back(self, tenant: Tenant, holder: str, leased: bool, took_request: bool,
                          reserved: int) -> None:
+        try:
+            await self._give_back_all(tenant, holder, leased, took_request, reserved)
+        except Exception as exc:  # a refusal must stay the refusal, whatever the state backend did
+            log.warning("quotas: giving back tenant %s's holdings failed (%s)", tenant.name,
+                        type(exc).__name__)
+
+    async def _give_back_all(self, tenant: Tenant, holder: str, leased: bool, took_request: bool,
+                             reserved: int) -> None:
         rpm_key, tpm_key, lease_key = self.keys(tenant)
         if leased:
             await self.state.release(lease_key, holder)
@@ -159,6 +227,14 @@ class QuotasStep(Step):
 
     async def _settle(self, ctx: RequestContext, tenant: Tenant, holder: str, leased: bool,
                       reserved: int) -> None:
+        try:
+            await self._settle_all(ctx, tenant, holder, leased, reserved)
+        except Exception as exc:  # the response is out: nothing may raise into it
+            log.warning("quotas: settling tenant %s's request failed (%s)", tenant.name,
+                        type(exc).__name__)
+
+    async def _settle_all(self, ctx: RequestContext, tenant: Tenant, holder: str, leased: bool,
+                          reserved: int) -> None:
         _, tpm_key, lease_key = self.keys(tenant)
         if leased:
             await self.state.release(lease_key, holder)

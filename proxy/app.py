@@ -34,12 +34,21 @@ STATE: web.AppKey[StateBackend] = web.AppKey("sop_state", StateBackend)
 STEPS: web.AppKey[dict[str, Step]] = web.AppKey("sop_steps", dict)
 
 
-def build_state(config: Config) -> StateBackend:
-    """The configured state backend (memory, or Redis shared by proxy replicas)."""
+def build_state(config: Config, telemetry: Telemetry | None = None) -> StateBackend:
+    """The configured state backend: memory, or Redis shared by proxy replicas behind a circuit breaker
+    that applies `state.failure_mode` when Redis cannot answer (see state/failover.py)."""
     if config.state.backend == "redis":
+        from .state.failover import FailoverState
         from .state.redis import RedisState
 
-        return RedisState(config.state.url, config.state.key_prefix)
+        state = config.state
+        remote = RedisState(state.url, state.key_prefix, socket_timeout_s=state.socket_timeout_s,
+                            max_connections=state.max_connections)
+        return FailoverState(remote, failure_mode=state.failure_mode, timeout_s=state.socket_timeout_s,
+                             retry_interval_s=state.retry_interval_s,
+                             meter=telemetry.meter if telemetry is not None else None,
+                             metric_prefix=telemetry.config.metric_prefix if telemetry is not None
+                             else "sop")
     return MemoryState()
 
 
@@ -55,7 +64,7 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
                           body_timeout_s=config.server.body_timeout_s, stop=stop)
     directory = TenantDirectory(config.tenants, config.anonymous, config.admin.keys,
                                 metrics_need_admin=config.telemetry.metrics_need_admin)
-    state = build_state(config)
+    state = build_state(config, telemetry)
 
     async def fetch_show(model: str) -> dict[str, Any] | None:
         return await forwarder.fetch_json("/api/show", {"model": model, "verbose": True})
@@ -90,9 +99,7 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
 
     async def state_lifecycle(app: web.Application) -> AsyncIterator[None]:
         del app
-        ping = getattr(state, "ping", None)
-        if ping is not None:
-            await ping()  # refuse to start without the shared state rather than fail every request
+        await state.start()  # Redis: never fails; unreachable means starting degraded (failover.py)
         yield
         await state.close()
 

@@ -17,6 +17,7 @@ __all__ = [
     "QueueTimeout",
     "QuotaExceeded",
     "RateLimited",
+    "RequestExceedsQuota",
     "RequestHeaderFieldsTooLarge",
     "RequestPayloadTooLarge",
     "RequestTimeout",
@@ -141,6 +142,15 @@ class QuotaExceeded(ProxyError):
 
     status = 429
     code = "quota_exceeded"
+
+
+class RequestExceedsQuota(ProxyError):
+    """The request alone reserves more tokens than the tenant's whole budget (`tokens_per_minute`, the
+    bucket's capacity): it can never be admitted, so waiting cannot help and no Retry-After is sent."""
+
+    status = 400
+    code = "request_exceeds_quota"
+    should_retry = False
 
 
 class Overload(ProxyError):

@@ -1,10 +1,12 @@
 """The `quotas` step: requests per minute, tokens per minute (reserve, settle, refund) and concurrency per
 tenant, with Retry-After and X-RateLimit headers, in memory and shared by two proxy processes via Redis,
-including a dead proxy's leases coming back."""
+including a dead proxy's leases coming back; a request larger than the whole budget is a final 400,
+listing routes spend nothing, and every decision names its limits."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,18 +14,24 @@ from typing import Any
 
 import aiohttp
 import httpx
+import openai
 import pytest
 
+from proxy.state.base import StateBackend
+from proxy.state.failover import FailoverState
 from proxy.state.memory import MemoryState
 from proxy.state.redis import RedisState
+from tests.support.metrics import metric
 from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, start_emulator, start_proxy
 
-ADMIN, RPM, TPM, CONC = "sk-admin", "sk-rpm", "sk-tpm", "sk-conc"
+ADMIN, RPM, TPM, CONC, ALL = "sk-admin", "sk-rpm", "sk-tpm", "sk-conc", "sk-all"
 TENANTS = [
     {"name": "rpm", "keys": [RPM], "requests_per_minute": 3},
     {"name": "tpm", "keys": [TPM], "tokens_per_minute": 600},
     {"name": "conc", "keys": [CONC], "max_concurrent": 1},
+    {"name": "all", "keys": [ALL], "requests_per_minute": 120, "tokens_per_minute": 6000,
+     "max_concurrent": 2},
 ]
 
 
@@ -92,9 +100,17 @@ def test_tokens_reserved_then_settled(tmp: Path, emulator: Server) -> None:
         used = first.json()["prompt_eval_count"] + first.json()["eval_count"]
         remaining = _quotas(proxy)["tpm"]["tokens_per_minute"]["remaining"]
         assert 600 - used - 1 <= remaining <= 600 - used + 15  # settled to the real count (+ refill)
+        before = _quotas(proxy)["tpm"]["tokens_per_minute"]["remaining"]
         too_big = _chat(proxy, TPM, num_predict=5000)
-        assert too_big.status_code == 429 and too_big.json()["code"] == "quota_exceeded"
-        assert "more than tenant tpm's 600 tokens per minute" in too_big.json()["error"]
+        # It can never fit the bucket: final (400, x-should-retry: false, no Retry-After), not a 429.
+        assert too_big.status_code == 400 and too_big.json()["code"] == "request_exceeds_quota"
+        assert too_big.headers["x-should-retry"] == "false"
+        assert "retry-after" not in too_big.headers and "retry_after_s" not in too_big.json()
+        message = too_big.json()["error"]
+        assert "more than tenant tpm's whole budget of 600 tokens per minute" in message
+        assert f"reserves {5000 + first.json()['prompt_eval_count']} tokens" in message
+        assert too_big.headers["x-ratelimit-limit-tokens"] == "600"
+        assert _quotas(proxy)["tpm"]["tokens_per_minute"]["remaining"] >= before  # nothing taken
         for _ in range(20):
             response = _chat(proxy, TPM, num_predict=100)
             if response.status_code == 429:
@@ -194,9 +210,14 @@ async def test_dead_proxys_lease_expires(tmp: Path, emulator: Server,
         await asyncio.to_thread(survivor.stop)
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "failover"])
 async def test_state_backends_agree(backend: str, redis_server: RedisServer) -> None:
-    state = MemoryState() if backend == "memory" else RedisState(redis_server.url, f"sop-{backend}:")
+    state: StateBackend = MemoryState()
+    if backend == "redis":
+        state = RedisState(redis_server.url, f"sop-{backend}:")
+    elif backend == "failover":  # what the proxy builds for Redis: the same answers while Redis is up
+        state = FailoverState(RedisState(redis_server.url, f"sop-{backend}:"), failure_mode="closed")
+    await state.start()
     try:
         taken = [await state.take("b", 3, 0.001, 1) for _ in range(4)]
         assert [t.ok for t in taken] == [True, True, True, False]
@@ -213,3 +234,95 @@ async def test_state_backends_agree(backend: str, redis_server: RedisServer) -> 
         assert await state.holders("l") == 1  # the short lease expired by itself
     finally:
         await state.close()
+
+
+def test_request_over_the_whole_budget_is_not_retried_by_the_openai_sdk(tmp: Path,
+                                                                         emulator: Server) -> None:
+    proxy = _proxy(tmp, emulator, "tpm-openai")
+    try:
+        client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=TPM, max_retries=2)
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.chat.completions.create(model="llama3.2", max_tokens=5000,
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert raised.value.code == "request_exceeds_quota"
+        # One request reached the proxy: the SDK did not retry.
+        assert metric(proxy.url, "sop_quotas_decisions_total", decision="rejected") == 1
+    finally:
+        proxy.stop()
+
+
+def test_listing_and_metadata_routes_spend_no_quota(tmp: Path, emulator: Server) -> None:
+    proxy = _proxy(tmp, emulator, "exempt")
+    try:
+        with httpx.Client(base_url=proxy.url, headers=_auth(RPM), timeout=30) as client:
+            for _ in range(2):  # more than the tenant's 3 requests per minute in all
+                answers = [client.get("/"), client.head("/"), client.get("/api/tags"),
+                           client.get("/api/ps"), client.get("/api/version"), client.get("/v1/models"),
+                           client.get("/v1/models/llama3.2"),
+                           client.post("/api/show", json={"model": "llama3.2"})]
+                assert [a.status_code for a in answers] == [200] * len(answers)
+                assert not any("x-ratelimit-limit" in a.headers for a in answers)
+        assert _quotas(proxy)["rpm"]["requests_per_minute"]["remaining"] >= 2.99
+        assert [_chat(proxy, RPM).status_code for _ in range(4)] == [200, 200, 200, 429]
+        assert metric(proxy.url, "sop_quotas_decisions_total", decision="exempt") == 16
+        # Inference is never exempt, whatever the method looks like to a listing check.
+        assert httpx.post(f"{proxy.url}/api/tags", headers=_auth(RPM)).status_code == 429
+    finally:
+        proxy.stop()
+
+
+async def test_every_decision_names_its_limits(tmp: Path) -> None:
+    # Streams of 100 tokens at 20 per second stay open for seconds while the next requests are checked.
+    slow = await asyncio.to_thread(start_emulator, tmp, fixed_clock=False, decode_tokens_per_s=20,
+                                   output_tokens="200,200", name="slow-emu",
+                                   extra=["--num-parallel", "4"])
+    proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": slow.url, "num_parallel": 4}], {
+        "admin": {"keys": [ADMIN]}, "tenants": TENANTS}, "headers")
+    try:
+        body = {"model": "llama3.2", "prompt": "a long story", "options": {"num_predict": 100}}
+        async with aiohttp.ClientSession(base_url=proxy.url, headers=_auth(ALL)) as session:
+            first = await session.post("/api/generate", json=body)
+            await first.content.readline()
+            headers = first.headers
+            assert headers["X-RateLimit-Limit"] == headers["x-ratelimit-limit-requests"] == "120"
+            assert headers["X-RateLimit-Remaining"] == headers["x-ratelimit-remaining-requests"] == "119"
+            assert headers["X-RateLimit-Reset"] == "1" and headers["x-ratelimit-reset-requests"] == "1s"
+            assert headers["x-ratelimit-limit-tokens"] == "6000"
+            reserved = 6000 - int(headers["x-ratelimit-remaining-tokens"])
+            assert 100 < reserved < 140  # prompt + num_predict
+            # Time until full again, at 100 tokens per second (remaining was rounded down).
+            assert headers["x-ratelimit-reset-tokens"] in {
+                f"{math.ceil((reserved - 1) / 100)}s", f"{math.ceil(reserved / 100)}s"}
+            assert headers["x-ratelimit-limit-concurrent"] == "2"
+            assert headers["x-ratelimit-remaining-concurrent"] == "1"
+            limits = headers["X-Service-Limits"]
+            for named in ("requests_per_minute=120", "tokens_per_minute=6000", "max_concurrent=2"):
+                assert named in limits
+            second = await session.post("/api/generate", json=body)
+            await second.content.readline()
+            assert second.headers["x-ratelimit-remaining-concurrent"] == "0"
+            refused = await session.post("/api/generate", json={**body, "stream": False})
+            assert refused.status == 429 and (await refused.json())["code"] == "rate_limited"
+            assert refused.headers["x-ratelimit-limit-concurrent"] == "2"
+            assert refused.headers["x-ratelimit-remaining-concurrent"] == "0"
+            assert "max_concurrent=2" in refused.headers["X-Service-Limits"]
+            first.close()
+            second.close()
+            deadline = time.monotonic() + 10
+            while (await asyncio.to_thread(_quotas, proxy))["all"]["in_flight"]:
+                assert time.monotonic() < deadline, "leases of closed streams never came back"
+                await asyncio.sleep(0.1)
+            big = {**body, "options": {"num_predict": 3500}}
+            hold = await session.post("/api/generate", json=big)  # reserves more than half
+            await hold.content.readline()
+            over = await session.post("/api/generate", json={**big, "stream": False})
+            assert over.status == 429 and (await over.json())["code"] == "quota_exceeded"
+            assert int(over.headers["x-ratelimit-remaining-tokens"]) < 3500
+            assert over.headers["x-ratelimit-limit-tokens"] == "6000"
+            assert over.headers["x-ratelimit-reset-tokens"].endswith("s")
+            assert int(over.headers["x-ratelimit-remaining-requests"]) >= 100
+            assert over.headers["x-ratelimit-remaining-concurrent"] == "0"
+            hold.close()
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        await asyncio.to_thread(slow.stop)

@@ -57,6 +57,9 @@ class StateBackend(ABC):
     async def holders(self, key: str) -> int:
         """Unexpired holders of `key`."""
 
+    async def start(self) -> None:  # noqa: B027 - optional hook, a no-op for memory
+        """Called once the event loop runs, before serving; must not fail (nothing to do for memory)."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook, a no-op for memory
         """Release connections (nothing to do for memory)."""
 

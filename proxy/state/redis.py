@@ -3,6 +3,11 @@
 Each operation is one Lua script, so it is atomic across replicas, and uses Redis' own clock (TIME), so
 replicas' clocks need not agree. Buckets are hashes {level, ms}; leases are sorted sets of holder ->
 expiry (ms), pruned on every access. Keys expire when idle.
+
+Every call is bounded: connect and socket timeouts of `socket_timeout_s`, a pool that waits (at most as
+long) for a free connection instead of raising at its size, and no client-side retries (redis-py retries
+three times by default, which turns one frozen Redis into four timeouts). Errors are raised as they are;
+`failover.FailoverState` decides what a failed call means.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from .base import BucketResult, StateBackend
 
@@ -61,7 +68,7 @@ return {0, holders}
 """
 
 _RENEW = _NOW + """
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 return 1
 """
@@ -73,10 +80,21 @@ return redis.call('ZCARD', KEYS[1])
 
 
 class RedisState(StateBackend):
-    """State in Redis, for several proxy replicas."""
+    """State in Redis, for several proxy replicas.
 
-    def __init__(self, url: str, key_prefix: str = "sop:") -> None:
-        self._redis: Any = aioredis.from_url(url, decode_responses=True)
+    `socket_timeout_s` bounds a connect, a command, and the wait for one of `max_connections` pooled
+    connections. `renew` re-adds a holder that is missing (Redis restarted and lost it, or its lease
+    expired while Redis was unreachable): a request still running is still in flight and must count.
+    """
+
+    def __init__(self, url: str, key_prefix: str = "sop:", *, socket_timeout_s: float = 0.5,
+                 max_connections: int = 512) -> None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=socket_timeout_s,
+            socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
+            retry=Retry(NoBackoff(), 0), decode_responses=True,
+            driver_info=None)  # no CLIENT SETINFO: one round trip less per new connection
+        self._redis: Any = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
         self._prefix = key_prefix
         self._bucket = self._redis.register_script(_BUCKET)
         self._lease = self._redis.register_script(_LEASE)
@@ -87,8 +105,14 @@ class RedisState(StateBackend):
         return f"{self._prefix}{kind}:{key}"
 
     async def ping(self) -> None:
-        """Fail fast at start-up when Redis cannot be reached."""
+        """One round trip; raises when Redis cannot be reached."""
         await self._redis.ping()
+
+    async def probe(self) -> None:
+        """Raise unless Redis can run the scripts: one lease script on a key of its own (reads TIME,
+        writes), so a server that answers PING but refuses writes (loading, read-only, out of memory)
+        fails it."""
+        await self._lease(keys=[self._key("probe", "lease")], args=[1, "probe", 1])
 
     async def _run_bucket(self, key: str, capacity: float, refill_per_s: float, amount: float,
                           force: bool) -> tuple[bool, float]:
@@ -116,6 +140,13 @@ class RedisState(StateBackend):
 
     async def release(self, key: str, holder: str) -> None:
         await self._redis.zrem(self._key("lease", key), holder)
+
+    async def release_many(self, leases: list[tuple[str, str]]) -> None:
+        """Give back many (key, holder) leases in one round trip (after an outage)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for key, holder in leases:
+            pipe.zrem(self._key("lease", key), holder)
+        await pipe.execute()
 
     async def holders(self, key: str) -> int:
         return int(await self._holders(keys=[self._key("lease", key)]))

@@ -1,0 +1,399 @@
+"""Redis trouble is an explicit mode, never a 500: a real redis-server behind a real proxy and emulator is
+flooded, killed, restarted and frozen (SIGSTOP), in `state.failure_mode` open and closed; leases never
+leak and max_concurrent holds exactly again afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+
+from tests.support.metrics import metric
+from tests.support.redis_server import RedisServer
+from tests.support.servers import Server, free_port, start_emulator, start_proxy
+
+KEY = "sk-team"
+ADMIN = "sk-admin"
+DEGRADED = "sop_state_degraded"
+FAILURES = "sop_state_failures_total"
+
+
+def _tenant(**limits: Any) -> dict[str, Any]:
+    return {"name": "team", "keys": [KEY], "requests_per_minute": 100000,
+            "tokens_per_minute": 10_000_000, "max_concurrent": 400, **limits}
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state-failure")
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp: Path) -> Iterator[Server]:
+    server = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=50, output_tokens="400,400",
+                            name="state-emu", extra=["--num-parallel", "16", "--max-queue", "1024"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp)
+    yield server
+    server.stop()
+
+
+def _proxy(tmp: Path, emulator: Server, url: str, name: str, *, tenant: dict[str, Any] | None = None,
+           quotas: dict[str, Any] | None = None, **state: Any) -> Server:
+    return start_proxy(tmp, [{"url": emulator.url, "num_parallel": 16}], {
+        "admin": {"keys": [ADMIN]},
+        "tenants": [tenant or _tenant()],
+        # The emulator queues (backpressure off): this file is about state.
+        "chain": {"backpressure": {"mode": "off"}, "quotas": quotas or {}},
+        "state": {"backend": "redis", "url": url, "key_prefix": f"{name}:",
+                  "retry_interval_s": 0.5, **state}}, name=name)
+
+
+def _body(num_predict: int, stream: bool = False) -> dict[str, Any]:
+    return {"model": "llama3.2", "prompt": "hello", "stream": stream,
+            "options": {"num_predict": num_predict}}
+
+
+async def _generate(session: aiohttp.ClientSession, url: str, num_predict: int = 1
+                    ) -> tuple[int, dict[str, Any], dict[str, str], float]:
+    started = time.monotonic()
+    async with session.post(f"{url}/api/generate", json=_body(num_predict)) as response:
+        body = await response.json(content_type=None)
+        return response.status, body, dict(response.headers), time.monotonic() - started
+
+
+def _session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"},
+                                 connector=aiohttp.TCPConnector(limit=0),
+                                 timeout=aiohttp.ClientTimeout(total=60))
+
+
+async def _poll_metric(url: str, name: str, wanted: float, within_s: float = 15.0) -> None:
+    deadline = time.monotonic() + within_s
+    while (await asyncio.to_thread(metric, url, name)) != wanted:
+        assert time.monotonic() < deadline, f"{name} never became {wanted}"
+        await asyncio.sleep(0.1)
+
+
+async def test_burst_waits_for_pooled_connections(tmp: Path, emulator: Server,
+                                                  redis_server: RedisServer) -> None:
+    # A pool far smaller than the burst and failure_mode closed: a pool that raised instead of waiting
+    # (redis-py's default pool raises at its size) or any failed call would show as a 503 or a 500.
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "burst",
+                                    failure_mode="closed", max_connections=8, socket_timeout_s=3.0)
+    try:
+        async with _session() as session:
+            answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(300)))
+        statuses = Counter(status for status, *_ in answers)
+        assert statuses == {200: 300}, statuses
+        assert await asyncio.to_thread(metric, proxy.url, DEGRADED) == 0
+        assert not await asyncio.to_thread(metric, proxy.url, FAILURES)
+        holders = redis.Redis.from_url(redis_server.url).zcard("burst:lease:inflight:team")
+        assert holders == 0  # every lease came back
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+    # The defaults (open, 512 connections, 0.5 s): the same burst, served.
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "burst-defaults")
+    try:
+        async with _session() as session:
+            answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(300)))
+        assert Counter(status for status, *_ in answers) == {200: 300}
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
+async def test_redis_killed_open_mode_keeps_serving(tmp: Path, emulator: Server,
+                                                    redis_server: RedisServer) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "killed-open")
+    try:
+        async with _session() as session:
+            assert (await _generate(session, proxy.url))[0] == 200
+            await asyncio.to_thread(redis_server.kill)
+            for _ in range(3):  # a few waves while Redis is gone: all served, counted locally
+                answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(20)))
+                assert [a[0] for a in answers] == [200] * 20
+                assert all(a[2]["X-RateLimit-Limit"] == "100000" for a in answers)
+            assert await asyncio.to_thread(metric, proxy.url, DEGRADED) == 1
+            assert (await asyncio.to_thread(metric, proxy.url, FAILURES) or 0) >= 1
+            await asyncio.to_thread(redis_server.restart)
+            await _poll_metric(proxy.url, DEGRADED, 0)
+            assert (await _generate(session, proxy.url))[0] == 200
+        # Redis is used again: the request bucket was written to the new, empty server.
+        assert redis.Redis.from_url(redis_server.url).exists("killed-open:bucket:rpm:team")
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    log = proxy.log()
+    assert log.count("state degraded") == 1 and log.count("state recovered") == 1  # per transition
+    assert "failure_mode=open" in log and "Traceback" not in log
+
+
+async def test_redis_killed_closed_mode_refuses_with_503(tmp: Path, emulator: Server,
+                                                         redis_server: RedisServer) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "killed-closed",
+                                    failure_mode="closed", retry_interval_s=2.0)
+    try:
+        async with _session() as session:
+            assert (await _generate(session, proxy.url))[0] == 200
+            await asyncio.to_thread(redis_server.kill)
+            answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(20)))
+            for status, body, headers, _ in answers:
+                assert status == 503 and body["code"] == "state_unavailable", (status, body)
+                assert headers["Retry-After"] == "2"  # retry_interval_s, whole seconds
+                assert "Redis" in body["error"]
+            async with session.get(f"{proxy.url}/api/tags") as tags:  # listing spends no quota
+                assert tags.status == 200
+            await asyncio.to_thread(redis_server.restart)
+            deadline = time.monotonic() + 15
+            while (status := (await _generate(session, proxy.url))[0]) != 200:
+                assert status == 503 and time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
+async def test_redis_frozen_costs_one_timeout_and_leaks_no_lease(tmp: Path, emulator: Server,
+                                                                 redis_server: RedisServer) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "frozen",
+                                    tenant=_tenant(max_concurrent=2))
+    long_stream = _body(num_predict=75, stream=True)  # about 1.5 s at 50 tokens/s
+    try:
+        async with _session() as session:
+            held = [await session.post(f"{proxy.url}/api/generate", json=long_stream)
+                    for _ in range(2)]
+            for response in held:  # two Redis leases, held while Redis freezes
+                assert response.status == 200
+                await response.content.readline()
+            await asyncio.to_thread(redis_server.pause)
+            try:
+                # Local leases in open mode; each request waits at most one socket timeout (0.5 s)
+                # for Redis, not redis-py's default of retries or no timeout at all.
+                answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(2)))
+                assert [a[0] for a in answers] == [200, 200]
+                assert max(a[3] for a in answers) < 3.0, [a[3] for a in answers]
+                after = await _generate(session, proxy.url)
+                assert after[0] == 200 and after[3] < 1.5  # the circuit is open: Redis not waited for
+                for response in held:  # the held streams end while Redis is frozen
+                    await response.read()
+                    response.release()
+                assert await asyncio.to_thread(metric, proxy.url, DEGRADED) == 1
+            finally:
+                await asyncio.to_thread(redis_server.resume)
+            await _poll_metric(proxy.url, DEGRADED, 0)
+            # max_concurrent is exact again: nothing leaked from before or during the freeze.
+            probe = [await session.post(f"{proxy.url}/api/generate", json=long_stream)
+                     for _ in range(2)]
+            for response in probe:
+                assert response.status == 200, await response.text()
+                await response.content.readline()
+            third = await _generate(session, proxy.url)
+            assert third[0] == 429 and third[1]["code"] == "rate_limited"
+            assert third[2]["x-ratelimit-remaining-concurrent"] == "0"
+            for response in probe:
+                response.close()
+            deadline = time.monotonic() + 10
+            while (status := (await _generate(session, proxy.url))[0]) != 200:
+                assert status == 429 and time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    log = proxy.log()
+    assert log.count("state degraded") == 1 and log.count("state recovered") == 1
+    assert "Traceback" not in log
+
+
+async def test_start_with_redis_unreachable(tmp: Path, emulator: Server) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    open_proxy = await asyncio.to_thread(_proxy, tmp, emulator, url, "start-open")
+    closed_proxy = await asyncio.to_thread(_proxy, tmp, emulator, url, "start-closed",
+                                           failure_mode="closed")
+    late: RedisServer | None = None
+    try:
+        async with _session() as session:
+            assert (await _generate(session, open_proxy.url))[0] == 200
+            status, body, headers, _ = await _generate(session, closed_proxy.url)
+            assert status == 503 and body["code"] == "state_unavailable" and "Retry-After" in headers
+            assert await asyncio.to_thread(metric, open_proxy.url, DEGRADED) == 1
+            late = await asyncio.to_thread(RedisServer, tmp, port)
+            await _poll_metric(closed_proxy.url, DEGRADED, 0)
+            assert (await _generate(session, closed_proxy.url))[0] == 200
+            await _poll_metric(open_proxy.url, DEGRADED, 0)
+    finally:
+        await asyncio.to_thread(open_proxy.stop)
+        await asyncio.to_thread(closed_proxy.stop)
+        if late is not None:
+            await asyncio.to_thread(late.stop)
+    assert "state degraded" in open_proxy.log() and "state degraded" in closed_proxy.log()
+
+
+async def test_client_leaving_during_a_frozen_lease_call_leaks_no_lease(
+        tmp: Path, emulator: Server, redis_server: RedisServer) -> None:
+    # The lease command reaches a frozen Redis, the client leaves while the proxy waits for the answer,
+    # and Redis grants the lease once it runs again: the proxy must still give it back.
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "cancel",
+                                    tenant=_tenant(max_concurrent=1), socket_timeout_s=3.0)
+    leases = redis.Redis.from_url(redis_server.url)
+    try:
+        async with _session() as session:
+            assert (await _generate(session, proxy.url))[0] == 200
+            await asyncio.to_thread(redis_server.pause)
+            try:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await _generate(session, proxy.url)
+                await asyncio.sleep(0.5)
+            finally:
+                await asyncio.to_thread(redis_server.resume)
+            deadline = time.monotonic() + 10
+            while leases.zcard("cancel:lease:inflight:team"):
+                assert time.monotonic() < deadline, "the abandoned request's lease was never given back"
+                await asyncio.sleep(0.1)
+            assert (await _generate(session, proxy.url))[0] == 200
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
+async def test_redis_restart_gets_running_leases_back(tmp: Path, emulator: Server,
+                                                      redis_server: RedisServer) -> None:
+    # Redis restarts empty while two requests hold its leases and a third runs on a local lease:
+    # renewals put all three back, so max_concurrent counts them again instead of admitting more.
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "restart",
+                                    tenant=_tenant(max_concurrent=2), quotas={"lease_ttl_s": 1.5},
+                                    retry_interval_s=0.3)
+    leases = redis.Redis.from_url(redis_server.url)
+    key = "restart:lease:inflight:team"
+    long_stream = _body(num_predict=300, stream=True)  # about 6 s at 50 tokens/s
+    try:
+        async with _session() as session:
+            held = [await session.post(f"{proxy.url}/api/generate", json=long_stream)
+                    for _ in range(2)]
+            for response in held:
+                assert response.status == 200
+                await response.content.readline()
+            await asyncio.to_thread(redis_server.kill)
+            local = await session.post(f"{proxy.url}/api/generate", json=long_stream)
+            assert local.status == 200  # open mode: a lease of this process
+            await local.content.readline()
+            held.append(local)
+            await asyncio.to_thread(redis_server.restart)
+            deadline = time.monotonic() + 5
+            while leases.zcard(key) != 3:
+                assert time.monotonic() < deadline, f"{leases.zcard(key)} leases in Redis, not 3"
+                await asyncio.sleep(0.1)
+            refused = await _generate(session, proxy.url)
+            assert refused[0] == 429 and refused[1]["code"] == "rate_limited"
+            for response in held:
+                response.close()
+            deadline = time.monotonic() + 10
+            while (status := (await _generate(session, proxy.url))[0]) != 200:
+                assert status == 429 and time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
+async def test_redis_frozen_closed_mode_answers_503_fast(tmp: Path, emulator: Server,
+                                                         redis_server: RedisServer) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "frozen-closed",
+                                    failure_mode="closed")
+    try:
+        async with _session() as session:
+            assert (await _generate(session, proxy.url))[0] == 200
+            await asyncio.to_thread(redis_server.pause)
+            try:
+                answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(10)))
+                for status, body, headers, elapsed in answers:
+                    assert status == 503 and body["code"] == "state_unavailable"
+                    assert headers["Retry-After"] == "1" and elapsed < 3.0
+                later = await _generate(session, proxy.url)
+                assert later[0] == 503 and later[3] < 1.5  # the circuit is open: no wait at all
+            finally:
+                await asyncio.to_thread(redis_server.resume)
+            deadline = time.monotonic() + 10
+            while (status := (await _generate(session, proxy.url))[0]) != 200:
+                assert status == 503 and time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
+async def test_disconnect_storm_gives_every_lease_and_token_back(tmp: Path, emulator: Server,
+                                                                 redis_server: RedisServer) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "storm",
+                                    tenant=_tenant(tokens_per_minute=100_000))
+    state = redis.Redis.from_url(redis_server.url, decode_responses=True)
+
+    async def leave(after_first_line: bool) -> None:
+        async with _session() as session:
+            if after_first_line:
+                response = await session.post(f"{proxy.url}/api/generate",
+                                              json=_body(num_predict=300, stream=True))
+                await response.content.readline()
+                response.close()
+            else:  # gone before any byte came back
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await session.post(f"{proxy.url}/api/generate",
+                                           json=_body(num_predict=300, stream=True))
+    try:
+        await asyncio.gather(*(leave(i % 2 == 0) for i in range(60)))
+        deadline = time.monotonic() + 10
+        while state.zcard("storm:lease:inflight:team"):
+            assert time.monotonic() < deadline, "leases of departed clients were not given back"
+            await asyncio.sleep(0.1)
+        # Reservations of 300+ tokens each came back: only prompts of cut streams were charged.
+        level = float(state.hget("storm:bucket:tpm:team", "level") or 0)
+        assert level > 100_000 - 60 * 20, level
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 400 Bad Request\r\n\r\n",  # another server on the port
+                                   b"$4\r\n\xff\xfe\xfd\xfc\r\n",  # a reply that is not UTF-8
+                                   b"*1\r\n$3\r\nabc\r\n"])  # a reply no script returns
+async def test_not_redis_on_the_port_is_a_failure_not_a_500(tmp: Path, emulator: Server,
+                                                            reply: bytes) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                writer.write(reply)
+                await writer.drain()
+        writer.close()
+
+    impostor = await asyncio.start_server(answer, "127.0.0.1", 0)
+    url = f"redis://127.0.0.1:{impostor.sockets[0].getsockname()[1]}/0"
+    open_proxy = closed_proxy = None
+    try:
+        open_proxy = await asyncio.to_thread(_proxy, tmp, emulator, url, "impostor-open")
+        closed_proxy = await asyncio.to_thread(_proxy, tmp, emulator, url, "impostor-closed",
+                                               failure_mode="closed")
+        async with _session() as session:
+            assert (await _generate(session, open_proxy.url))[0] == 200
+            status, body, *_ = await _generate(session, closed_proxy.url)
+            assert status == 503 and body["code"] == "state_unavailable"
+    finally:
+        for proxy in (open_proxy, closed_proxy):
+            if proxy is not None:
+                await asyncio.to_thread(proxy.stop)
+                assert "Traceback" not in proxy.log()
+        impostor.close()
