@@ -26,7 +26,7 @@ from . import wire
 from .anthropic_compat import AnthropicError, AnthropicRoutes, anthropic_error_type
 from .catalog import ModelStore
 from .cloud import CLOUD_PATHS, CloudRoutes, cloud_error_message
-from .engine import Engine, EngineSettings
+from .engine import ContextOverflow, Engine, EngineSettings
 from .faults import FAULT_KEY, FAULTS, FaultBox, ListenerControl
 from .management import ManagementRoutes
 from .native import NativeRoutes, RequestError
@@ -315,6 +315,8 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
                     response = await render_error(request, exc)
                 except ServerBusy as exc:
                     response = await render_error(request, RequestError(503, str(exc)))
+                except ContextOverflow as exc:  # found by a real engine's tokenizer, before any output
+                    response = await render_error(request, RequestError(400, str(exc)))
                 if cors_headers and not response.prepared:
                     response.headers.update(cors_headers)
                 return response
