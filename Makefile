@@ -14,10 +14,11 @@ SYSTEM_PACKAGES := python3 python3-venv make redis-server
 
 system:
 	@missing=""; \
-	command -v $(PYTHON) >/dev/null || missing="$$missing python3"; \
-	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \
-		{ echo "Python >= 3.11 is required ($(PYTHON))"; exit 1; }; \
-	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if command -v $(PYTHON) >/dev/null; then \
+		$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+			{ echo "Python >= 3.11 is required ($(PYTHON) is older)"; exit 1; }; \
+		$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	else missing="$$missing python3 python3-venv"; fi; \
 	command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -57,7 +58,7 @@ typecheck: venv
 unit: system venv-real
 	$(BIN)/pytest
 
-test: lint typecheck unit
+test: system lint typecheck unit
 
 bench: venv
 	$(BIN)/python -m tests.bench.overhead
