@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from proxy.ollama import is_cloud_model
+from tests.support.metrics import metric
 from tests.support.servers import Server, start_emulator, start_proxy
 
 CLOUD = "gpt-oss:120b-cloud"
@@ -77,6 +78,11 @@ def clear(fleet: tuple[Server, Server, Server]) -> Iterator[None]:
     yield
     for server in fleet[:2]:
         httpx.delete(f"{server.url}/_emulator/faults", timeout=5)
+
+
+def probes(proxy: Server, replica: str) -> float:
+    """Successful health probes of `replica` so far, by the proxy's /metrics."""
+    return metric(proxy.url, "sop_health_probes_total", sop_upstream_name=replica, outcome="success") or 0.0
 
 
 def replicas(proxy: Server) -> dict[str, Any]:
@@ -172,7 +178,10 @@ def test_cloud_refusals_are_relayed_and_never_count_against_the_replica(
         assert response.json()["error"].startswith('Post "https://ollama.com:443/api/chat": dial tcp')
 
     # 30 cloud refusals in a row: both replicas stay healthy, unsuspected, never ejected, and serve.
-    time.sleep(1.0)  # a few probe rounds, in case anything had been put on probation
+    # Two more probe rounds on each replica, in case anything had been put on probation.
+    probed = {name: probes(proxy, name) for name in ("a", "b")}
+    wait_for(lambda: all(probes(proxy, name) >= count + 2 for name, count in probed.items()),
+             what="two probe rounds")
     for name, view in replicas(proxy).items():
         assert view["status"] == "healthy", (name, view)
         assert view["consecutive_failures"] == 0 and view["ejections"] == 0, (name, view)
