@@ -108,6 +108,10 @@ def test_over_long_prompts_as_ollama_answers_them(real: tuple[Server, Server]) -
         "model": "gemma3:270m", "prompt": prompt, "stream": False, "options": {"num_predict": 1}})
     assert served.status_code == 200, served.text
     assert served.json()["prompt_eval_count"] == 2048  # BOS + the newest 2,047 tokens
+    embedded = httpx.post(f"{emulator.url}/api/embed", timeout=120, json={
+        "model": "gemma3:270m", "input": [prompt[:4000], "short"]})
+    assert embedded.status_code == 200, embedded.text  # cut to llama-server's batch, not a 500
+    assert len(embedded.json()["embeddings"]) == 2
     assert emulator.stats()["active"] == 0
 
 

