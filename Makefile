@@ -9,8 +9,8 @@ REAL_STAMP := $(VENV)/.installed-real
 
 # System packages (Debian/Ubuntu names). `make system` installs the missing ones when run as root and
 # otherwise names them and stops; `make test` checks them first, so a missing one is one clear line, not
-# a test failure halfway through.
-SYSTEM_PACKAGES := python3 python3-venv make redis-server
+# a test failure halfway through. (libgomp1: OpenMP, which the llama.cpp wheel of the real engine links.)
+SYSTEM_PACKAGES := python3 python3-venv make redis-server libgomp1
 
 system:
 	@missing=""; \
@@ -20,6 +20,7 @@ system:
 		$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	else missing="$$missing python3 python3-venv"; fi; \
 	command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
+	/sbin/ldconfig -p 2>/dev/null | grep -q 'libgomp\.so\.1' || missing="$$missing libgomp1"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing:$$missing"; apt-get update -qq && \
