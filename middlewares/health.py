@@ -274,9 +274,10 @@ class HealthStep(Step):
         self.probe_soon(upstream)  # its watch re-plans: the next probe comes when the backoff ends
 
     def _stale(self, upstream: Upstream) -> bool:
-        """Every in-flight request on `upstream` has been silent for stuck_after_s."""
+        """Every in-flight request on `upstream` has been silent for stuck_after_s. Requests for cloud
+        models do not count: their silence is ollama.com's, relayed by a replica that may be fine."""
         now = time.monotonic()
-        attempts = list(upstream.attempts)
+        attempts = [a for a in upstream.attempts if not is_cloud_model(a.model)]
         return bool(attempts) and all(now - a.last_progress > self.config.stuck_after_s for a in attempts)
 
     def _mark_stuck(self, upstream: Upstream) -> None:

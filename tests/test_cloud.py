@@ -26,7 +26,8 @@ OVERLOADED = re.compile(rb'\{"error":"Server overloaded, please retry shortly \(
 USAGE_LIMIT = (b'{"error":"you (emulator) have reached your session usage limit, upgrade for higher '
                b'limits: https://ollama.com/upgrade"}')
 # One counted failure ejects: anything that counted a cloud refusal against a replica shows.
-FAST = {"probe_interval_s": 0.3, "probe_timeout_s": 1.0, "base_ejection_s": 1.0, "eject_after_failures": 1}
+FAST = {"probe_interval_s": 0.3, "probe_timeout_s": 1.0, "base_ejection_s": 1.0, "eject_after_failures": 1,
+        "stuck_after_s": 1.0}
 
 
 def chat(model: str) -> dict[str, Any]:
@@ -193,6 +194,26 @@ def test_cloud_refusals_are_relayed_and_never_count_against_the_replica(
         httpx.delete(f"{server.url}/_emulator/faults", timeout=5)
     served = httpx.post(f"{proxy.url}/api/chat", json=chat(CLOUD), timeout=30)
     assert served.status_code == 200 and served.json()["model"] == CLOUD
+
+
+def test_a_silent_cloud_stream_does_not_make_the_replica_stuck(
+        fleet: tuple[Server, Server, Server]) -> None:
+    """ollama.com going quiet mid-stream is not the replica hanging: a stays healthy and serving."""
+    a, _, proxy = fleet
+    wait_for(lambda: all(r["status"] == "healthy" for r in replicas(proxy).values()), what="healthy fleet")
+    set_faults(a, hang_after_chunks=1, count=1)
+    with httpx.stream("POST", f"{proxy.url}/api/chat", headers={"X-Ollama-Replica": "a"}, timeout=30,
+                      json={**chat(CLOUD), "stream": True, "options": {"num_predict": 50}}) as silent:
+        assert silent.status_code == 200
+        wait_for(lambda: replicas(proxy)["a"]["in_flight"] == 1, what="the cloud stream in flight")
+        # Well past stuck_after_s (1 s), measured in probe rounds (each one checks for stuck).
+        probed = probes(proxy, "a")
+        wait_for(lambda: probes(proxy, "a") >= probed + 8, what="eight probe rounds")
+        view = replicas(proxy)["a"]
+        assert view["status"] == "healthy" and view["in_flight"] == 1, view
+        local = httpx.post(f"{proxy.url}/api/chat", json=chat("llama3.2"), timeout=30,
+                           headers={"X-Ollama-Replica": "a"})
+        assert local.status_code == 200
 
 
 def test_local_busy_503_is_still_retried_elsewhere(fleet: tuple[Server, Server, Server]) -> None:
