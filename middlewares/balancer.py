@@ -319,8 +319,8 @@ class BalancerStep(Step):
                 tried.append(upstream)
                 may_retry = self._may_retry(ctx, tried, candidates)
                 # A cloud model's 503 is ollama.com's overload, the same on every replica: relay it.
-                ctx.retry_statuses = frozenset({503}) if may_retry and not is_cloud_model(model) \
-                    else frozenset()
+                retry_busy = may_retry and not is_cloud_model(model)
+                ctx.retry_statuses = frozenset({503}) if retry_busy else frozenset()
                 attempt = ctx.attempt = upstream.begin(model)
                 started = time.monotonic()
                 try:
