@@ -5,11 +5,36 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REAL_STAMP := $(VENV)/.installed-real
 
-.PHONY: venv venv-real demo test lint typecheck unit bench bench-burst bench-failover calibrate nginx clean
+.PHONY: venv venv-real demo test lint typecheck unit bench bench-burst bench-failover calibrate nginx system clean
+
+# System packages (Debian/Ubuntu names). `make system` installs the missing ones when run as root and
+# otherwise names them and stops; `make test` checks them first, so a missing one is one clear line, not
+# a test failure halfway through. (libgomp1: OpenMP, which the llama.cpp wheel of the real engine links.)
+SYSTEM_PACKAGES := python3 python3-venv make redis-server libgomp1
+
+system:
+	@missing=""; \
+	if command -v $(PYTHON) >/dev/null; then \
+		$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+			{ echo "Python >= 3.11 is required ($(PYTHON) is older)"; exit 1; }; \
+		$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	else missing="$$missing python3 python3-venv"; fi; \
+	command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
+	/sbin/ldconfig -p 2>/dev/null | grep -q 'libgomp\.so\.1' || missing="$$missing libgomp1"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing:$$missing"; apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else \
+			echo "missing system packages:$$missing (sudo apt-get install$$missing)"; exit 1; \
+		fi; \
+	fi
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml setup.cfg
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || \
+		{ echo "missing system package: python3-venv (sudo apt-get install python3-venv)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -31,17 +56,20 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-unit: venv-real
+unit: system venv-real
 	$(BIN)/pytest
 
-test: lint typecheck unit
+test: system lint typecheck unit
 
 bench: venv
 	$(BIN)/python -m tests.bench.overhead
 
+# bench-burst's baseline is Debian's nginx: installed when run as root, else named.
 nginx:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx)
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; } || \
+		{ echo "missing system package: nginx (sudo apt-get install nginx)"; exit 1; }
 
 bench-burst: venv nginx
 	$(BIN)/python -m tests.bench.burst

@@ -44,7 +44,7 @@ from proxy.errors import (
     UpstreamResetBeforeResponseStarted,
 )
 from proxy.fanout import REPLICA_HEADER, FanOut, fleet_scope
-from proxy.ollama import model_key
+from proxy.ollama import is_cloud_model, model_key
 from proxy.profiles import ModelStats
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
@@ -321,7 +321,9 @@ class BalancerStep(Step):
                 assert upstream is not None
                 tried.append(upstream)
                 may_retry = self._may_retry(ctx, tried, candidates)
-                ctx.retry_statuses = frozenset({503}) if may_retry else frozenset()
+                # A cloud model's 503 is ollama.com's overload, the same on every replica: relay it.
+                retry_busy = may_retry and not is_cloud_model(model)
+                ctx.retry_statuses = frozenset({503}) if retry_busy else frozenset()
                 attempt = ctx.attempt = upstream.begin(model)
                 started = time.monotonic()
                 try:
@@ -363,7 +365,7 @@ class BalancerStep(Step):
         if ctx.deadline_at is not None and time.monotonic() >= ctx.deadline_at - 0.05:
             return
         if self.health is not None and self.health.mode != "off":
-            self.health.observe(upstream, outcome, status)
+            self.health.observe(upstream, outcome, status, model=ctx.model)
 
     def _learn(self, upstream: Upstream, ctx: RequestContext, elapsed_s: float) -> None:
         """After an attempt: passive health, service time, load time, residency seen."""

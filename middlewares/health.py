@@ -39,7 +39,7 @@ from proxy.chain import Handler, Step
 from proxy.config import HealthConfig, ModelConfig
 from proxy.context import RequestContext
 from proxy.errors import NoHealthyUpstream
-from proxy.ollama import model_key
+from proxy.ollama import is_cloud_model, model_key
 from proxy.prompts import canonicalize
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
@@ -249,8 +249,14 @@ class HealthStep(Step):
         upstream.consecutive_failures = 0
         upstream.suspect = False
 
-    def observe(self, upstream: Upstream, outcome: str, status: int) -> None:
-        """Passive detection: the outcome of one request sent to `upstream`."""
+    def observe(self, upstream: Upstream, outcome: str, status: int, model: str | None = None) -> None:
+        """Passive detection: the outcome of one request for `model` sent to `upstream`.
+
+        A status the replica answered for a cloud model (`*:cloud`, `*-cloud`) is ollama.com's (its
+        usage-limit 429, overloaded 503, or a 502 when the daemon cannot reach it), relayed by a replica
+        that is working: it never counts against the replica. Failing to reach the replica at all does."""
+        if outcome == "ok" and status >= 500 and is_cloud_model(model):
+            return
         if outcome in GATEWAY_FAILURES or (outcome == "ok" and status in _FAILING_STATUSES):
             self.failure(upstream, outcome if outcome != "ok" else f"HTTP {status}")
         elif outcome == "ok" and 0 < status < 500:
@@ -268,9 +274,10 @@ class HealthStep(Step):
         self.probe_soon(upstream)  # its watch re-plans: the next probe comes when the backoff ends
 
     def _stale(self, upstream: Upstream) -> bool:
-        """Every in-flight request on `upstream` has been silent for stuck_after_s."""
+        """Every in-flight request on `upstream` has been silent for stuck_after_s. Requests for cloud
+        models do not count: their silence is ollama.com's, relayed by a replica that may be fine."""
         now = time.monotonic()
-        attempts = list(upstream.attempts)
+        attempts = [a for a in upstream.attempts if not is_cloud_model(a.model)]
         return bool(attempts) and all(now - a.last_progress > self.config.stuck_after_s for a in attempts)
 
     def _mark_stuck(self, upstream: Upstream) -> None:
@@ -473,7 +480,7 @@ class HealthStep(Step):
             out[u.name] = {
                 "url": str(u.url), "status": u.status, "reason": u.reason or None,
                 "version": u.version, "consecutive_failures": u.consecutive_failures,
-                "ejections": u.ejections,
+                "suspect": u.suspect, "ejections": u.ejections,
                 "ejected_for_s": round(u.ejected_until - now, 1) if u.status == "ejected" else None,
                 "in_flight": len(u.attempts), "restarts": self.restarts[u.name],
                 "loaded": [{"model": m.name, "context_length": m.context_length,

@@ -82,7 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _emulate(args: argparse.Namespace) -> int:
-    from .emulator.app import LISTENER, create_emulator_app
+    from .emulator.app import DEFAULT_MODELS, LISTENER, create_emulator_app
     from .emulator.engine import EngineSettings
     from .emulator.faults import ListenerControl
     from .emulator.profile import ProfileSet, load_profile
@@ -100,6 +100,8 @@ def _emulate(args: argparse.Namespace) -> int:
     settings = EngineSettings(seed=args.seed, profiles=profiles, num_parallel=args.num_parallel,
                               max_queue=args.max_queue, max_loaded_models=args.max_loaded_models,
                               keep_alive_s=args.keep_alive_s, fixed_clock_ns=args.fixed_clock_ns)
+    if args.models is None:  # the real engine serves what its GGUF is, under Ollama's name for it
+        args.models = "gemma3:270m" if args.engine == "llama.cpp" else ",".join(DEFAULT_MODELS)
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
 
     async def serve() -> None:
@@ -211,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     emulate = commands.add_parser("emulate", help="run an emulated Ollama daemon (tests, demos, benches)")
     emulate.add_argument("--listen", default="127.0.0.1:11434")
-    emulate.add_argument("--models", default="llama3.2,qwen3,nomic-embed-text",
-                         help="comma-separated local models")
+    emulate.add_argument("--models", default=None,
+                         help="comma-separated local models (default llama3.2,qwen3,nomic-embed-text; "
+                              "with --engine llama.cpp gemma3:270m, what the GGUF really is)")
     emulate.add_argument("--seed", type=int, default=0, help="seed of the deterministic text")
     emulate.add_argument("--engine", choices=("emulated", "llama.cpp"), default="emulated",
                          help="token source: the emulator's own, or real llama.cpp (pip install "

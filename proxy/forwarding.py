@@ -62,6 +62,10 @@ _DROP_RESPONSE = HOP_BY_HOP | {istr("Content-Length")}
 _SKIP_AUTO = (istr("User-Agent"), istr("Accept"), istr("Accept-Encoding"), istr("Content-Type"))
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NO_BODY_STATUSES = frozenset({204, 304})
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+_DEFAULT_RETRY_AFTER_S = 5
+"""Retry-After for a relayed 429/503 when the upstream sent none and no queue measured a drain (a cloud
+model's usage limit or overload: the proxy cannot see ollama.com's capacity)."""
 
 
 def _connection_tokens(headers: Any) -> set[str]:
@@ -255,9 +259,11 @@ class Forwarder:
             if key in _DROP_RESPONSE or key.lower() in named:
                 continue
             headers.add(key, value)
-        if upstream_response.status == 503 and "Retry-After" not in headers and ctx.slot is not None:
-            # Ollama's "server busy" carries none; every 503 the proxy sends says when to come back.
-            headers["Retry-After"] = str(math.ceil(ctx.slot.retry_after_s()))
+        if upstream_response.status in _RETRY_AFTER_STATUSES and "Retry-After" not in headers:
+            # Ollama's "server busy" and ollama.com's usage-limit 429 / overloaded 503 (relayed for
+            # cloud models) carry none; every 429 and 503 the proxy sends says when to come back.
+            headers["Retry-After"] = str(max(1, math.ceil(ctx.slot.retry_after_s())) if ctx.slot
+                                         is not None else _DEFAULT_RETRY_AFTER_S)
         response = web.StreamResponse(status=upstream_response.status,
                                       reason=upstream_response.reason, headers=headers)
         length = upstream_response.headers.get("Content-Length")

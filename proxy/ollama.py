@@ -12,7 +12,7 @@ import re
 
 import attrs
 
-__all__ = ["RouteInfo", "Usage", "UsageScanner", "classify", "model_key"]
+__all__ = ["RouteInfo", "Usage", "UsageScanner", "classify", "is_cloud_model", "model_key"]
 
 
 def model_key(model: str) -> str:
@@ -20,6 +20,22 @@ def model_key(model: str) -> str:
     case-insensitive; a registry host's port is not a tag)."""
     name = model.strip().lower()
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def is_cloud_model(model: object) -> bool:
+    """Whether Ollama forwards a request for `model` to ollama.com instead of running it: the last
+    `:`-suffix is `cloud` or ends with `-cloud` (`gpt-oss:120b-cloud`, `qwen3:cloud`), case-insensitive,
+    as Ollama's model reference parser reads it. Such a request's errors are the cloud's, not the
+    replica's."""
+    if not isinstance(model, str):
+        return False
+    name = model.strip()
+    colon = name.rfind(":")
+    if colon < 0:
+        return False
+    suffix = name[colon + 1:].strip()
+    lowered = suffix.lower()
+    return lowered == "cloud" or ("/" not in suffix and lowered.endswith("-cloud"))
 
 
 @attrs.frozen

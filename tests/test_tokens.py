@@ -20,12 +20,24 @@ from proxy.tokens import (
     model_proto_from_show,
 )
 
-REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "ollama-api.md"
+# A committed, project-authored corpus: the suite needs nothing outside the repository.
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus.md"
+
+
+def _corpus_words() -> list[str]:
+    """The corpus split on whitespace; a missing or trivial file fails the test at once (a fallback to
+    some other text would change what the tests measure, or hang on one enormous word)."""
+    if not CORPUS.is_file():
+        pytest.fail(f"test corpus {CORPUS} is missing; it is part of the repository")
+    words = CORPUS.read_text(encoding="utf-8").split()
+    if len(words) < 200 or max(len(word) for word in words) > 1000:
+        pytest.fail(f"test corpus {CORPUS} is not the expected text ({len(words)} words)")
+    return words
 
 
 def _random_texts(count: int) -> list[str]:
     rng = random.Random(5)
-    corpus = (REFERENCE.read_text() if REFERENCE.exists() else MODEL_PATH.read_bytes().hex()).split()
+    corpus = _corpus_words()
     texts = []
     for _ in range(count):
         parts = []

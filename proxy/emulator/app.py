@@ -19,13 +19,14 @@ import attrs
 import cattrs
 from aiohttp import web
 
+from proxy.ollama import is_cloud_model
 from proxy.validation import format_validation_error
 
 from . import wire
 from .anthropic_compat import AnthropicError, AnthropicRoutes, anthropic_error_type
 from .catalog import ModelStore
-from .cloud import CloudRoutes
-from .engine import Engine, EngineSettings
+from .cloud import CLOUD_PATHS, CloudRoutes, cloud_error_message
+from .engine import ContextOverflow, Engine, EngineSettings
 from .faults import FAULT_KEY, FAULTS, FaultBox, ListenerControl
 from .management import ManagementRoutes
 from .native import NativeRoutes, RequestError
@@ -51,6 +52,8 @@ class Route:
     handler: Handler
     struct: str | None = None
     types: dict[str, tuple[type, str]] = attrs.field(factory=dict)
+    cloud: bool = False
+    """Ollama forwards this route's requests for cloud models to ollama.com."""
 
 
 _GEN_TYPES: dict[str, tuple[type, str]] = {
@@ -74,7 +77,7 @@ _CORS_ORIGINS = (
 def _route(path: str, methods: tuple[str, ...], handler: Handler, struct: str | None = None,
            types: dict[str, tuple[type, str]] | None = None) -> Route:
     regex = "^" + re.sub(r":(\w+)", r"(?P<\1>[^/]+)", path) + "$"
-    return Route(re.compile(regex), methods, handler, struct, types or {})
+    return Route(re.compile(regex), methods, handler, struct, types or {}, path in CLOUD_PATHS)
 
 
 def _routes(engine: Engine) -> list[Route]:
@@ -172,6 +175,7 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
         store = ModelStore.with_models(models, settings.fixed_clock_ns or time.time_ns())
         engine = Engine(settings, store, vocabulary or default_vocabulary())
     routes = _routes(engine)
+    cloud_routes = CloudRoutes()
     faults = FaultBox()
     anthropic_ids = AnthropicRoutes(engine)
 
@@ -222,11 +226,20 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
                 control.refuse_for(set_to.refuse_connections_s)
         return web.json_response(faults.as_dict())
 
-    async def apply_faults(request: web.Request) -> web.StreamResponse | None:
-        """Answer or stall the request as the faults in force say; None lets it through."""
-        active = faults.take(request.path)
+    async def apply_faults(request: web.Request, cloud: bool) -> web.StreamResponse | None:
+        """Answer or stall the request as the faults in force say; None lets it through. `cloud`: the
+        request names a cloud model on a route Ollama forwards to ollama.com."""
+        active = faults.take(request.path, cloud)
         if active is None:
             return None
+        if active.cloud_status is not None:
+            # ollama.com's refusal, copied through by the daemon: status, body, and no Retry-After
+            # unless the setting asks for one.
+            message = active.message or cloud_error_message(active.cloud_status, request.path)
+            refused = await render_error(request, RequestError(active.cloud_status, message))
+            if active.retry_after_s is not None and not refused.prepared:
+                refused.headers["Retry-After"] = str(active.retry_after_s)
+            return refused
         if active.status is not None:
             message = active.message or (SERVER_BUSY if active.status == 503 else
                                          "an error was encountered while running the model: "
@@ -274,22 +287,36 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
         for route, match in matches:
             if request.method in route.methods:
                 request.match_info.update(match.groupdict())
-                faulted = await apply_faults(request)
+                body: dict[str, Any] = {}
+                decode_error: RequestError | None = None
+                if route.struct is not None:
+                    # Read first: whether a request is for a cloud model (and so which faults
+                    # apply) is in its body.
+                    raw = await request.read()
+                    try:
+                        body = wire.decode_body(raw, route.struct, route.types)
+                    except wire.GoDecodeError as exc:
+                        decode_error = RequestError(400, str(exc))
+                named = request.match_info.get("model") or body.get("model") or body.get("name")
+                cloud = route.cloud and is_cloud_model(named)
+                faulted = await apply_faults(request, cloud)
                 if faulted is not None:
                     return faulted
                 try:
-                    body: dict[str, Any] = {}
-                    if route.struct is not None:
-                        raw = await request.read()
-                        try:
-                            body = wire.decode_body(raw, route.struct, route.types)
-                        except wire.GoDecodeError as exc:
-                            raise RequestError(400, str(exc)) from None
-                    response = await route.handler(request, body)
+                    if decode_error is not None:
+                        raise decode_error
+                    if cloud and engine.store.get(str(named)) is None:
+                        # Not a model this daemon serves: it would forward the request to ollama.com
+                        # signed with its key, and it has none.
+                        response = await cloud_routes.unauthorized(request, body)
+                    else:
+                        response = await route.handler(request, body)
                 except RequestError as exc:
                     response = await render_error(request, exc)
                 except ServerBusy as exc:
                     response = await render_error(request, RequestError(503, str(exc)))
+                except ContextOverflow as exc:  # found by a real engine's tokenizer, before any output
+                    response = await render_error(request, RequestError(400, str(exc)))
                 if cors_headers and not response.prepared:
                     response.headers.update(cors_headers)
                 return response

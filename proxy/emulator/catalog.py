@@ -87,6 +87,12 @@ KNOWN_MODELS: dict[str, ModelPreset] = {
         "gemma3", "4.3B", 4299915632, "Q4_K_M", 15, 131072, 2560, 34, 8,
         ("completion", "vision"), 3338801804, license="Gemma Terms of Use",
         template="{{- range .Messages }}<start_of_turn>{{ .Role }}\n{{ .Content }}<end_of_turn>\n{{ end }}"),
+    # Ollama's gemma3:270m as the real engine runs it (the Q4_K_M GGUF of the `real` extra: 18 blocks,
+    # embedding 640, trained context 32768, base model without tools or vision).
+    "gemma3:270m": ModelPreset(
+        "gemma3", "268.10M", 268098176, "Q4_K_M", 15, 32768, 640, 18, 4,
+        ("completion",), 253113024, license="Gemma Terms of Use",
+        template="{{- range .Messages }}<start_of_turn>{{ .Role }}\n{{ .Content }}<end_of_turn>\n{{ end }}"),
     "nomic-embed-text": ModelPreset(
         "nomic-bert", "137M", 136727040, "F16", 1, 2048, 768, 12, 12,
         ("embedding",), 274302450, license="Apache License 2.0"),
@@ -96,7 +102,10 @@ KNOWN_MODELS: dict[str, ModelPreset] = {
 
 
 def _preset_for(name: str) -> ModelPreset:
-    base = display_name(name).split(":", 1)[0].rsplit("/", 1)[-1]
+    tagged = display_name(name).rsplit("/", 1)[-1]
+    if tagged in KNOWN_MODELS:  # a preset for one size of a family (gemma3:270m)
+        return KNOWN_MODELS[tagged]
+    base = tagged.split(":", 1)[0]
     if base in KNOWN_MODELS:
         return KNOWN_MODELS[base]
     if "embed" in base or "minilm" in base:

@@ -205,8 +205,9 @@ class Engine:
 
     async def generate(self, entry: ModelEntry, prompt_text: str, prompt_tokens: int,
                        options: dict[str, Any], keep_alive_ns: int | None,
-                       result: RunResult) -> AsyncIterator[str]:
-        """Yield output tokens one at a time; fill `result` at the end.
+                       result: RunResult, *, truncate: bool = True) -> AsyncIterator[str]:
+        """Yield output tokens one at a time; fill `result` at the end. `truncate` is the request's
+        (Ollama's default true): whether a prompt the token source finds too long may be cut.
 
         Counts the run in `stats`: waiting until it holds a slot, then active, then completed, or
         cancelled when the consumer goes away (CancelledError or generator close) before the end.
@@ -216,7 +217,7 @@ class Engine:
         async with self._admitted(entry, self.num_ctx_for(entry, options), keep_alive_ns) as (
                 runner, load_ns):
             async for piece in self._decode(entry, runner, prompt_text, prompt_tokens, options,
-                                            result):
+                                            result, truncate):
                 yield piece
         result.load_duration = load_ns if self.settings.fixed_clock_ns is not None else max(
             load_ns, 1000)
@@ -254,11 +255,14 @@ class Engine:
             self._settle(stats, state, runner)
 
     async def _decode(self, entry: ModelEntry, runner: Runner, prompt_text: str, prompt_tokens: int,
-                      options: dict[str, Any], result: RunResult) -> AsyncIterator[str]:
+                      options: dict[str, Any], result: RunResult,
+                      truncate: bool = True) -> AsyncIterator[str]:
         """The emulated token source: prefill and decode delays from the profile, seeded text.
 
-        Fills the prompt/eval counts, durations and done_reason of `result`.
+        Fills the prompt/eval counts, durations and done_reason of `result`. (`prompt_tokens` is already
+        fitted to the context here, so `truncate` has nothing left to decide.)
         """
+        del truncate
         profile = self.profile(entry)
         prefill_start = time.monotonic_ns()
         prefill_s = profile.prefill_s(prompt_tokens)

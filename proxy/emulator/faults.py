@@ -2,6 +2,12 @@
 
     refuse_connections_s   stop listening (and drop open connections) for this long: ECONNREFUSED
     status                 answer 500 or 503 before doing any work (`message` overrides the text)
+    cloud_status           answer requests for cloud models (`*:cloud`, `*-cloud`) as ollama.com does when
+                           it refuses them, relayed by the daemon: 429 (usage limit reached) or 503
+                           (`Server overloaded, please retry shortly (ref: <uuid>)`), or 502 (the daemon
+                           cannot reach ollama.com); local models are untouched and `count` counts
+                           cloud requests only (`message` overrides the text)
+    retry_after_s          with cloud_status: send this `Retry-After` (ollama.com itself sends none)
     hang_before_headers    accept the request and never answer (until the client leaves)
     reset_after_chunks     abort the connection after N body writes of a stream
     hang_after_chunks      stop sending after N body writes, keeping the connection open
@@ -41,6 +47,10 @@ class Faults:
     status: int | None = attrs.field(default=None, validator=attrs.validators.optional(
         attrs.validators.in_((500, 502, 503))))
     message: str | None = None
+    cloud_status: int | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.in_((429, 502, 503))))
+    retry_after_s: int | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.ge(0)))
     hang_before_headers: bool = False
     reset_after_chunks: int | None = None
     hang_after_chunks: int | None = None
@@ -85,10 +95,13 @@ class FaultBox:
         self.current = None
         self.remaining = None
 
-    def take(self, path: str) -> Faults | None:
-        """The faults that apply to this request, consuming one use of `count`."""
+    def take(self, path: str, cloud: bool = False) -> Faults | None:
+        """The faults that apply to this request (`cloud`: it names a cloud model), consuming one use
+        of `count`. A `cloud_status` setting applies to cloud requests only."""
         faults = self.current
         if faults is None or not faults.applies_to(path):
+            return None
+        if faults.cloud_status is not None and not cloud:
             return None
         if self.remaining is not None:
             if self.remaining <= 0:

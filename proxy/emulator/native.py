@@ -126,7 +126,7 @@ class NativeRoutes:
             raise RequestError(400, str(exc)) from None
         result = RunResult()
         tokens = engine.generate(entry, text, prompt_tokens, options, keep_alive,
-                                 result)
+                                 result, truncate=body.get("truncate") is not False)
         think_count = 0
         stream = body.get("stream") is not False
         if stream:
@@ -211,7 +211,7 @@ class NativeRoutes:
             raise RequestError(400, str(exc)) from None
         result = RunResult()
         tokens = engine.generate(entry, engine.render_chat(messages), prompt_tokens, options, keep_alive,
-                                 result)
+                                 result, truncate=body.get("truncate") is not False)
         tool_calls = _tool_calls(body.get("tools"), engine, model)
         stream = body.get("stream") is not False
         if stream:
