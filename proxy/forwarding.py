@@ -334,7 +334,7 @@ class Forwarder:
         attributes: dict[str, Any] = {
             semconv.ATTR_GEN_AI_OPERATION: ctx.route.operation or "",
             semconv.ATTR_GEN_AI_PROVIDER: semconv.PROVIDER_OLLAMA,
-            semconv.ATTR_GEN_AI_REQUEST_MODEL: ctx.model or "",
+            semconv.ATTR_GEN_AI_REQUEST_MODEL: self.upstreams.label(ctx.model),  # bounded: known or other
             semconv.ATTR_UPSTREAM_NAME: ctx.upstream_name or "",
         }
         return attributes

@@ -188,9 +188,10 @@ def test_shadow_mode_reports_and_lets_through(tmp: Path, emulator: Server) -> No
 
 
 def test_silent_truncation_is_detected(tmp: Path, emulator: Server) -> None:
-    """A prompt under our limit but over the context the request asks for: Ollama cuts it silently
+    """A prompt under our limit but over the model's canonical context: Ollama cuts it silently
     (prompt_eval_count drops); the proxy notices and counts it."""
-    proxy = start_proxy(tmp, [emulator.url], {"chain": {"limits": {"max_prompt_tokens": 8000}}},
+    proxy = start_proxy(tmp, [emulator.url], {"chain": {"limits": {"max_prompt_tokens": 8000}},
+                                              "models": {"qwen3": {"options": {"num_ctx": 512}}}},
                         name="silent")
     try:
         response = httpx.post(f"{proxy.url}/api/generate", json={
