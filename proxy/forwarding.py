@@ -145,11 +145,12 @@ class Forwarder:
             semconv.ATTR_HTTP_METHOD: request.method,
         }
         if operation is not None:
-            name = f"{operation} {model}" if model else operation
+            # The span name is what tracing backends index: the bounded label, not the client's text.
+            name = f"{operation} {self.upstreams.label(model)}" if model else operation
             attributes[semconv.ATTR_GEN_AI_OPERATION] = operation
             attributes[semconv.ATTR_GEN_AI_PROVIDER] = semconv.PROVIDER_OLLAMA
             if model:
-                attributes[semconv.ATTR_GEN_AI_REQUEST_MODEL] = model
+                attributes[semconv.ATTR_GEN_AI_REQUEST_MODEL] = model[:256]
         else:
             name = f"{request.method} upstream"
         return self.telemetry.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)

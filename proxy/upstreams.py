@@ -18,12 +18,14 @@ from yarl import URL
 from .config import ModelConfig, UpstreamConfig
 from .ollama import model_key
 
-__all__ = ["DEFAULT_NUM_CTX", "OTHER_MODEL", "SERVING_STATUSES", "Attempt", "LoadedModel", "Upstream",
-           "UpstreamSet"]
+__all__ = ["DEFAULT_NUM_CTX", "OTHER_MODEL", "PROVISIONAL_LABELS", "SERVING_STATUSES", "Attempt",
+           "LoadedModel", "Upstream", "UpstreamSet"]
 
 _ELIGIBLE_CACHE = 4096
 OTHER_MODEL = "other"
 """The metric label of every model no replica lists and no configuration names."""
+PROVISIONAL_LABELS = 32
+"""Model labels given, at most, to names seen while no replica's model listing is known."""
 DEFAULT_NUM_CTX = 4096
 """Ollama's default context when a request sets no num_ctx (OLLAMA_CONTEXT_LENGTH unset)."""
 SERVING_STATUSES = frozenset({"unknown", "healthy"})
@@ -155,6 +157,7 @@ class UpstreamSet:
         """Model keys named under `models:` in the configuration."""
         self.enforce_health = True
         """False when health is in shadow or off mode: every replica counts as serving."""
+        self._provisional: set[str] = set()
         self._listeners: list[Callable[[], None]] = []
         self._eligible: dict[str | None, list[Upstream]] = {}
 
@@ -229,16 +232,26 @@ class UpstreamSet:
         """May per-model state (queues, measurements, tokenizers) be created for `model`? Yes for a known
         model; also while no replica's listing is known yet (health off, or before the first probe),
         when such structures must keep themselves under a cap. No for a name no listing has."""
-        return self.knows(model) or all(u.models is None for u in self.upstreams)
+        return self.knows(model) or self._no_listing()
 
     def label(self, model: str | None) -> str:
         """The metric label for `model`: its key without `:latest` when the fleet knows it, else `other`,
-        so a client cannot create label values (or empty when there is no model)."""
+        so a client cannot create label values (empty when there is no model). While no replica's
+        listing is known (health off, or before its first probe), the first PROVISIONAL_LABELS names
+        seen keep their own label too: bounded, and the proxy's first requests are not all `other`."""
         if not model:
             return ""
-        if not self.knows(model):
-            return OTHER_MODEL
-        return model_key(model).removesuffix(":latest")
+        key = model_key(model)
+        if self.knows(model):
+            return key.removesuffix(":latest")
+        if self._no_listing() and (key in self._provisional
+                                   or len(self._provisional) < PROVISIONAL_LABELS):
+            self._provisional.add(key)
+            return key.removesuffix(":latest")
+        return OTHER_MODEL
+
+    def _no_listing(self) -> bool:
+        return all(u.models is None for u in self.upstreams)
 
     def loaded_context(self, model: str) -> int | None:
         """The context `model` is loaded with (/api/ps), the largest where replicas differ; None when it
