@@ -44,6 +44,8 @@ __all__ = ["DEADLINE_HEADER", "LimitsStep"]
 DEADLINE_HEADER = "X-Deadline-S"
 OFFLOAD_BYTES = 16 * 1024
 """Bodies larger than this are counted in a worker thread."""
+PARSE_OFFLOAD_BYTES = 1 << 20
+"""Bodies larger than this are parsed in a worker thread."""
 _EMBED_PATHS = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
 _JSON_ROUTES = frozenset({("POST", "/api/show"), ("POST", "/api/pull"), ("POST", "/api/push"),
                           ("POST", "/api/create"), ("POST", "/api/copy"), ("DELETE", "/api/delete")})
@@ -120,6 +122,10 @@ class LimitsStep(Step):
                      handler: Handler) -> web.StreamResponse:
         deadline_s = self._deadline_s(request, ctx)
         ctx.deadline_at = ctx.started + deadline_s
+        if len(ctx.body or b"") > PARSE_OFFLOAD_BYTES:
+            # Decoding a large body Go's way (when orjson refuses it) takes a while: in a worker, the
+            # event loop keeps serving others meanwhile. The result is cached on the context.
+            await asyncio.to_thread(ctx.json)
         self.check_body(request, ctx)
         if self.mode == "off":
             ctx.service_limits["deadline_s"] = deadline_s

@@ -29,6 +29,7 @@ __all__ = ["BigNumber", "GoJSONError", "check_numbers", "dumps", "go_fold", "loa
 
 _WHITESPACE = b" \t\r\n"
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 _MAX_DEPTH = 10000
 """Go's limit on nesting; Python's recursion limit comes first and is reported the same way."""
@@ -151,6 +152,8 @@ def slow_loads(data: bytes) -> Any:
         raise _go_syntax_error(text, exc) from None
     except RecursionError:
         raise GoJSONError("exceeded max depth") from None
+    if _SURROGATE_ESCAPE.search(data) is None:
+        return value  # a lone surrogate can only come from an escape: nothing to replace
     return _no_surrogates(value)
 
 
