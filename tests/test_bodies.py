@@ -238,3 +238,14 @@ def test_rewritten_bodies_keep_what_go_would_read() -> None:
     assert b'"x":1e400' in encoded and b'"y":' + b"1" * 30 in encoded
     assert json.loads(encoded)["z"] == "\ufffd\ufffd"
     encoded.decode("utf-8")  # valid UTF-8 throughout
+
+
+def test_go_folds_non_ascii_letters_onto_field_names(proxy: Server) -> None:
+    """Go matches `\\u0131nput` (dotless i) to `input` and `\\u017fystem` (long s) to `system`: so does
+    the chain."""
+    embed = '{"model":"nomic-embed-text","\u0131nput":"%s"}'.encode().replace(b"%s", LONG)
+    response = _post(proxy, "/api/embed", embed)
+    assert response.status_code == 400 and response.json()["code"] == "prompt_too_long"
+    assert gojson.go_fold("\u0131nput") == gojson.go_fold("INPUT")
+    assert gojson.go_fold("\u212aeep_alive") == gojson.go_fold("keep_alive")
+    assert gojson.go_fold("stre\u00e4m") != gojson.go_fold("stream")
