@@ -126,10 +126,9 @@ def _go_syntax_error(text: str, exc: json.JSONDecodeError) -> GoJSONError:
         where = "looking for beginning of object key string"
     elif "':'" in message:
         where = "after object key"
-    elif "','" in message and "object" in message.lower():
-        where = "after object key:value pair"
     elif "','" in message:
-        where = "after array element"
+        where = ("after object key:value pair" if _innermost(text, exc.pos) == "{"
+                 else "after array element")
     elif message.startswith("Invalid control character"):
         where = "in string literal"
     elif message.startswith("Invalid \\escape") or message.startswith("Invalid \\u"):
@@ -137,6 +136,27 @@ def _go_syntax_error(text: str, exc: json.JSONDecodeError) -> GoJSONError:
     else:
         where = "looking for beginning of value"
     return GoJSONError(f"invalid character {shown} {where}")
+
+
+def _innermost(text: str, pos: int) -> str:
+    """The innermost container (`{` or `[`) open at `pos` (error path only: a linear scan)."""
+    stack: list[str] = []
+    in_string = escaped = False
+    for char in text[:pos]:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            stack.append(char)
+        elif char in "}]" and stack:
+            stack.pop()
+    return stack[-1] if stack else ""
 
 
 def slow_loads(data: bytes) -> Any:

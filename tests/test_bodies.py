@@ -249,3 +249,14 @@ def test_go_folds_non_ascii_letters_onto_field_names(proxy: Server) -> None:
     assert gojson.go_fold("\u0131nput") == gojson.go_fold("INPUT")
     assert gojson.go_fold("\u212aeep_alive") == gojson.go_fold("keep_alive")
     assert gojson.go_fold("stre\u00e4m") != gojson.go_fold("stream")
+
+
+def test_go_error_texts_name_the_container(proxy: Server) -> None:
+    cases = {b'{"model":"llama3.2" "prompt":"hi"}':
+             "invalid character '\"' after object key:value pair",
+             b'{"model":"llama3.2","messages":[{"role":"user"} {}]}':
+             "invalid character '{' after array element",
+             b'{"model":"llama3.2","prompt":"hi",}':
+             "invalid character '}' looking for beginning of object key string"}
+    for body, text in cases.items():
+        assert _post(proxy, "/api/chat", body).json()["error"] == text, body
