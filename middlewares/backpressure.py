@@ -53,6 +53,8 @@ _DEFAULT_OUTPUT_TOKENS = 256
 """Expected output of a request that sets no limit, for ordering only (quotas has its own setting)."""
 _WAIT_SAMPLES = 1024
 _RECHECK_S = 1.0
+_MAX_GATES = 256
+"""Gates kept while the fleet's models are unknown; past it idle ones are dropped."""
 
 
 class ModelGate:
@@ -250,6 +252,11 @@ class BackpressureStep(Step):
         key = model_key(model)
         gate = self.gates.get(key)
         if gate is None:
+            if len(self.gates) >= _MAX_GATES:
+                # Only while the fleet's models are not known (UpstreamSet.tracks): drop idle gates.
+                for idle in [k for k, g in self.gates.items()
+                             if not len(g.queue) and not any(g.in_flight.values())]:
+                    del self.gates[idle]
             gate = self.gates[key] = ModelGate(key, self.fleet, self.config, self.picker)
         return gate
 
@@ -260,17 +267,24 @@ class BackpressureStep(Step):
 
     def _observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
         del options
+        depth: Counter[tuple[str, str]] = Counter()  # summed: models no replica lists share `other`
         for model, gate in list(self.gates.items()):
+            label = self.fleet.label(model)
             for lane, tenants in gate.queue.depth().items():
-                yield Observation(sum(tenants.values()),
-                                  {semconv.ATTR_GEN_AI_REQUEST_MODEL: model, "sop.lane": lane})
+                depth[label, lane] += sum(tenants.values())
+        for (label, lane), count in depth.items():
+            yield Observation(count, {semconv.ATTR_GEN_AI_REQUEST_MODEL: label, "sop.lane": lane})
 
     def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
         del options
+        in_flight: Counter[tuple[str, str]] = Counter()
         for model, gate in list(self.gates.items()):
+            label = self.fleet.label(model)
             for replica, count in gate.in_flight.items():
-                yield Observation(count, {semconv.ATTR_GEN_AI_REQUEST_MODEL: model,
-                                          semconv.ATTR_UPSTREAM_NAME: replica})
+                in_flight[label, replica] += count
+        for (label, replica), count in in_flight.items():
+            yield Observation(count, {semconv.ATTR_GEN_AI_REQUEST_MODEL: label,
+                                      semconv.ATTR_UPSTREAM_NAME: replica})
 
     def _cost(self, request: web.Request, ctx: RequestContext) -> float:
         return float(request_cost(request.path, ctx.json(), ctx.route.operation, ctx.prompt_tokens,
@@ -280,6 +294,11 @@ class BackpressureStep(Step):
                      handler: Handler) -> web.StreamResponse:
         model = ctx.model
         if ctx.route.operation is None or not model:
+            return await handler(request)
+        if not self.fleet.tracks(model):
+            # No replica has it: the replica's own 404 answers at once, and a client's random names
+            # must not create queues (or metric labels).
+            self.decision_counts["unknown_model"] += 1
             return await handler(request)
         gate = self.gate(model)
         tenant = ctx.tenant
@@ -293,7 +312,8 @@ class BackpressureStep(Step):
             return await handler(request)
         waited = time.monotonic() - entered
         gate.waits.append(waited)
-        self.wait_histogram.record(waited, {semconv.ATTR_GEN_AI_REQUEST_MODEL: model, "sop.lane": lane})
+        self.wait_histogram.record(waited, {semconv.ATTR_GEN_AI_REQUEST_MODEL: self.fleet.label(model),
+                                            "sop.lane": lane})
         ctx.response_headers["X-Queue-Wait-Ms"] = str(round(waited * 1000))
         lease = SlotLease(gate, replica)
         ctx.upstream = replica

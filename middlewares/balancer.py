@@ -250,7 +250,7 @@ class BalancerStep(Step):
                 self.decide(ctx, span, "fan_out")
             ctx.upstream_name = "*"
             return await self.fanout.handle(request, ctx, scope, list(self.upstreams))
-        if model:
+        if model and self.upstreams.tracks(model):  # no measurements for names no replica has
             stat = self.stat(model_key(model))
             stat.last_wanted = time.monotonic()
             stat.arrivals.append(stat.last_wanted)
@@ -387,7 +387,7 @@ class BalancerStep(Step):
             stat.loads += 1
             stat.load_s = seconds if stat.load_s is None else 0.7 * stat.load_s + 0.3 * seconds
             self.model_loads.add(1, {semconv.ATTR_UPSTREAM_NAME: upstream.name,
-                                     semconv.ATTR_GEN_AI_REQUEST_MODEL: key})
+                                     semconv.ATTR_GEN_AI_REQUEST_MODEL: self.upstreams.label(key)})
             if self.health is not None:
                 self.health.probe_soon(upstream)  # it may have evicted another model: look now
         if key not in upstream.loaded:

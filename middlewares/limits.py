@@ -3,14 +3,19 @@
 Request phase, for inference routes:
 - canonical options: load-time options (num_ctx, num_batch, num_gpu, ...) and keep_alive are rewritten to
   the model's configured values, other load-time options removed, so no tenant makes Ollama reload a
-  model for everyone; every change is reported in `X-Options-Rewritten` and on the span;
+  model for everyone; every change is reported in `X-Options-Rewritten` and on the span. A model with
+  no configured num_ctx gets the context it is loaded with (/api/ps), else Ollama's default (4096);
 - prompt limit: the prompt is counted with the model's own tokenizer (proxy/tokens.py) against the
   smallest of the tenant's, the model's and the chain's `max_prompt_tokens`; policy `reject` answers 400
   `prompt_too_long` with both numbers, `truncate` keeps the system prompt and the newest turns that fit
   (chat) or cuts the front of the prompt (generate);
-- deadline: the tenant's (or the chain's) deadline, lowered, never raised, by a client's `X-Deadline-S`.
-Every response carries `X-Service-Limits` (v=1). Response phase: when Ollama's `prompt_eval_count` is
-well below our count, it truncated the prompt silently: a span event and `<prefix>.limits.truncations`.
+- deadline: the tenant's (or the chain's) deadline, lowered, never raised, by a client's `X-Deadline-S`;
+- bodies: what Ollama's Go decoder refuses is answered with its 400 here, and an inference body that is
+  not an object or names no model is refused (fail closed): nothing the chain cannot read goes through.
+The deadline and the body checks apply in every mode, `off` included (`runs_when_off`): `off` drops the
+prompt and option limits only. Every response carries `X-Service-Limits` (v=1). Response phase: when
+Ollama's `prompt_eval_count` is well below our count, it truncated the prompt silently: a span event
+and `<prefix>.limits.truncations`.
 """
 
 from __future__ import annotations
@@ -26,33 +31,45 @@ from proxy.access import is_management
 from proxy.chain import Handler, Step
 from proxy.config import LimitsConfig, ModelConfig
 from proxy.context import RequestContext
-from proxy.errors import PromptTooLong
+from proxy.errors import InvalidRequest, PromptTooLong
 from proxy.ollama import model_key
 from proxy.prompts import canonicalize, count_prompt, truncate_prompt
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
-from proxy.tokens import TokenizerRegistry
+from proxy.tokens import Tokenizer, TokenizerRegistry
+from proxy.upstreams import DEFAULT_NUM_CTX, UpstreamSet
 
 __all__ = ["DEADLINE_HEADER", "LimitsStep"]
 
 DEADLINE_HEADER = "X-Deadline-S"
 OFFLOAD_BYTES = 16 * 1024
 """Bodies larger than this are counted in a worker thread."""
+PARSE_OFFLOAD_BYTES = 1 << 20
+"""Bodies larger than this are parsed in a worker thread."""
 _EMBED_PATHS = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
-
+_JSON_ROUTES = frozenset({("POST", "/api/show"), ("POST", "/api/pull"), ("POST", "/api/push"),
+                          ("POST", "/api/create"), ("POST", "/api/copy"), ("DELETE", "/api/delete")})
+"""Non-inference routes whose body Ollama decodes as JSON: a body Go refuses is answered here too."""
+_GO_TYPES = {str: "string", bool: "bool", int: "number", float: "number", list: "array", dict: "object"}
 
 
 class LimitsStep(Step):
     """Prompt, option and deadline limits; see the module docstring."""
 
     name = "limits"
+    runs_when_off = True
+    """`off` drops the prompt and option limits; the deadline and the body checks stay."""
 
     def __init__(self, config: LimitsConfig, models: dict[str, ModelConfig],
-                 tokenizers: TokenizerRegistry, telemetry: Telemetry) -> None:
+                 tokenizers: TokenizerRegistry, telemetry: Telemetry,
+                 upstreams: UpstreamSet | None = None) -> None:
         super().__init__(config.mode, telemetry)
         self.config = config
         self.models = {model_key(name): model for name, model in models.items()}
         self.tokenizers = tokenizers
+        self.upstreams = upstreams
+        """The fleet: which models are real (no /api/show for others), what context each is loaded
+        with. None (a step built alone in a test): every model is treated as real, none as loaded."""
         prefix = telemetry.config.metric_prefix
         self.truncations = telemetry.meter.create_counter(
             semconv.metric_name(prefix, "limits", "truncations"), unit="{request}",
@@ -73,10 +90,46 @@ class LimitsStep(Step):
                 deadline = value
         return deadline
 
+    @staticmethod
+    def check_body(request: web.Request, ctx: RequestContext) -> None:
+        """Refuse, with Ollama's 400 and Go's text, a body Ollama's decoder would refuse; on an inference
+        route also one that is absent, not an object, or names no model as a string (fail closed: the
+        chain could not apply its limits to it). Raised in every mode."""
+        inference = ctx.route.operation is not None
+        if not inference and (request.method, request.path) not in _JSON_ROUTES:
+            return
+        error = ctx.body_error
+        if error is not None:
+            raise InvalidRequest(error)
+        if not inference:
+            return
+        body = ctx.json()
+        if body is None and not ctx.body:
+            raise InvalidRequest("missing request body")
+        if not isinstance(body, dict):
+            if body is None:  # `null` decodes to the zero struct: no model
+                raise InvalidRequest("model is required")
+            raise InvalidRequest(f"json: cannot unmarshal {_GO_TYPES.get(type(body), 'number')} into "
+                                 "Go value of type api.Request")
+        model = body.get("model")
+        if model is None or model == "":
+            raise InvalidRequest("model is required")
+        if not isinstance(model, str):
+            raise InvalidRequest(f"json: cannot unmarshal {_GO_TYPES.get(type(model), 'number')} into "
+                                 "Go struct field Request.model of type string")
+
     async def handle(self, request: web.Request, ctx: RequestContext,
                      handler: Handler) -> web.StreamResponse:
         deadline_s = self._deadline_s(request, ctx)
         ctx.deadline_at = ctx.started + deadline_s
+        if len(ctx.body or b"") > PARSE_OFFLOAD_BYTES:
+            # Decoding a large body Go's way (when orjson refuses it) takes a while: in a worker, the
+            # event loop keeps serving others meanwhile. The result is cached on the context.
+            await asyncio.to_thread(ctx.json)
+        self.check_body(request, ctx)
+        if self.mode == "off":
+            ctx.service_limits["deadline_s"] = deadline_s
+            return await handler(request)
         body = ctx.json()
         model = ctx.model
         if is_management(request.method, request.path) and model:
@@ -90,9 +143,9 @@ class LimitsStep(Step):
             return await handler(request)
         with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model,
                                "sop.limits.max_prompt_tokens": limit}) as span:
-            if request.path.startswith("/api/") and model_config is not None:
-                body = self._canonical_options(ctx, span, body, model_config)
-            tokenizer = await self.tokenizers.for_model(model)
+            if request.path.startswith("/api/"):
+                body = self._canonical_options(ctx, span, body, model, model_config)
+            tokenizer = await self._tokenizer(model)
             started = time.perf_counter()
             if len(ctx.body or b"") > OFFLOAD_BYTES:
                 # A large prompt is mostly unseen text: count it in a worker (SentencePiece releases
@@ -117,11 +170,35 @@ class LimitsStep(Step):
         self._check_silent_truncation(ctx, model)
         return response
 
-    def _canonical_options(self, ctx: RequestContext, span: Any, body: dict[str, Any],
-                           model_config: ModelConfig) -> dict[str, Any]:
-        if not model_config.options and not self.config.strip_load_options:
+    async def _tokenizer(self, model: str) -> Tokenizer:
+        """The model's own tokenizer; the estimate, without asking any replica, for a name the fleet
+        does not have (so random names cost no /api/show and no registry entry)."""
+        if self.upstreams is not None and not self.upstreams.tracks(model):
+            return self.tokenizers.estimate
+        return await self.tokenizers.for_model(model)
+
+    def _default_num_ctx(self, body: dict[str, Any], model: str) -> int | None:
+        """The num_ctx to hold a model without a configured one to: the context it is loaded with, else
+        Ollama's default. None when the request may stay as it is (it sets none, and the default is
+        what the model is loaded with or would be)."""
+        loaded = self.upstreams.loaded_context(model) if self.upstreams is not None else None
+        target = loaded or DEFAULT_NUM_CTX
+        options = body.get("options")
+        asked = isinstance(options, dict) and "num_ctx" in options
+        return target if asked or target != DEFAULT_NUM_CTX else None
+
+    def _canonical_options(self, ctx: RequestContext, span: Any, body: dict[str, Any], model: str,
+                           model_config: ModelConfig | None) -> dict[str, Any]:
+        canonical = dict(model_config.options) if model_config is not None else {}
+        if self.config.strip_load_options and "num_ctx" not in canonical:
+            # Reload protection for every model, configured or not: one tenant's num_ctx must not make
+            # Ollama reload the runner everybody shares.
+            num_ctx = self._default_num_ctx(body, model)
+            if num_ctx is not None:
+                canonical["num_ctx"] = num_ctx
+        if not canonical and not self.config.strip_load_options:
             return body
-        rewritten, changes = canonicalize(body, model_config.options, self.config.strip_load_options)
+        rewritten, changes = canonicalize(body, canonical, self.config.strip_load_options)
         if changes:
             ctx.replace_json(rewritten)
             ctx.response_headers["X-Options-Rewritten"] = ", ".join(changes)
@@ -160,7 +237,8 @@ class LimitsStep(Step):
         if usage is None or usage.input_tokens is None or counted is None:
             return
         if usage.input_tokens + self.config.truncation_tolerance_tokens < counted:
-            self.truncations.add(1, {semconv.ATTR_GEN_AI_REQUEST_MODEL: model})
+            label = self.upstreams.label(model) if self.upstreams is not None else model_key(model)
+            self.truncations.add(1, {semconv.ATTR_GEN_AI_REQUEST_MODEL: label})
             if ctx.root_span is not None:
                 ctx.root_span.add_event("ollama.silent_truncation", {
                     "sop.limits.prompt_tokens": counted,

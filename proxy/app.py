@@ -76,7 +76,7 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     fanout = FanOut(upstreams, forwarder, on_managed=health.refresh)
     balancer = BalancerStep(config.chain.balancer, upstreams, health, fanout, telemetry)
     steps: dict[str, Step] = {
-        "limits": LimitsStep(config.chain.limits, config.models, tokenizers, telemetry),
+        "limits": LimitsStep(config.chain.limits, config.models, tokenizers, telemetry, upstreams),
         "quotas": QuotasStep(config.chain.quotas, state, telemetry),
         "backpressure": BackpressureStep(config.chain.backpressure, upstreams, telemetry,
                                          picker=balancer.pick_slot),

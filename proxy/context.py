@@ -11,11 +11,11 @@ import time
 from typing import Any, Protocol
 
 import attrs
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry.trace import Span
 
+from . import gojson
 from .access import ANONYMOUS, Identity, Tenant
 from .ollama import RouteInfo, Usage
 from .upstreams import Attempt, Upstream
@@ -76,6 +76,7 @@ class RequestContext:
     """Monotonic time after which the request is abandoned (504 or a final error line)."""
     _json: Any = attrs.field(default=None, alias="_json")
     _json_parsed: bool = attrs.field(default=False, alias="_json_parsed")
+    _json_error: str | None = attrs.field(default=None, alias="_json_error")
 
     @property
     def tenant(self) -> Tenant:
@@ -83,25 +84,40 @@ class RequestContext:
         return self.identity.tenant if self.identity is not None else ANONYMOUS
 
     def replace_json(self, value: Any) -> None:
-        """Replace the body with `value` re-encoded (a step rewrote the request)."""
-        self.body = orjson.dumps(value)
+        """Replace the body with `value` re-encoded (a step rewrote the request) so that Go reads the
+        same values: numbers Python cannot hold keep their original text (proxy/gojson.py)."""
+        self.body = gojson.dumps(value)
         self._json = value
         self._json_parsed = True
+        self._json_error = None
 
     def service_limits_header(self) -> str:
         """`v=1; key=value; ...` for X-Service-Limits."""
         return "; ".join(["v=1", *(f"{k}={plain_number(v)}" for k, v in self.service_limits.items())])
 
     def json(self) -> Any:
-        """The body parsed as JSON (cached), or None if it is absent or not JSON."""
+        """The body as Ollama reads it (cached): Go's encoding/json semantics (proxy/gojson.py), with
+        the request struct's fields under their canonical names whatever case the client used. None if
+        the body is absent or Go would refuse it (then `body_error` says why)."""
         if not self._json_parsed:
             self._json_parsed = True
             if self.body:
                 try:
-                    self._json = orjson.loads(self.body)
-                except orjson.JSONDecodeError:
+                    value, slow = gojson.loads(self.body)
+                    view = gojson.request_view(value, self.body, slow)
+                    if slow:
+                        gojson.check_numbers(view)
+                    self._json = view
+                except gojson.GoJSONError as exc:
                     self._json = None
+                    self._json_error = str(exc)
         return self._json
+
+    @property
+    def body_error(self) -> str | None:
+        """Go's error text when the body is present but Ollama's decoder would refuse it, else None."""
+        self.json()
+        return self._json_error
 
     @property
     def model(self) -> str | None:

@@ -178,11 +178,12 @@ class Forwarder:
             semconv.ATTR_HTTP_METHOD: request.method,
         }
         if operation is not None:
-            name = f"{operation} {model}" if model else operation
+            # The span name is what tracing backends index: the bounded label, not the client's text.
+            name = f"{operation} {self.upstreams.label(model)}" if model else operation
             attributes[semconv.ATTR_GEN_AI_OPERATION] = operation
             attributes[semconv.ATTR_GEN_AI_PROVIDER] = semconv.PROVIDER_OLLAMA
             if model:
-                attributes[semconv.ATTR_GEN_AI_REQUEST_MODEL] = model
+                attributes[semconv.ATTR_GEN_AI_REQUEST_MODEL] = model[:256]
         else:
             name = f"{request.method} upstream"
         return self.telemetry.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
@@ -391,7 +392,7 @@ class Forwarder:
         attributes: dict[str, Any] = {
             semconv.ATTR_GEN_AI_OPERATION: ctx.route.operation or "",
             semconv.ATTR_GEN_AI_PROVIDER: semconv.PROVIDER_OLLAMA,
-            semconv.ATTR_GEN_AI_REQUEST_MODEL: ctx.model or "",
+            semconv.ATTR_GEN_AI_REQUEST_MODEL: self.upstreams.label(ctx.model),  # bounded: known or other
             semconv.ATTR_UPSTREAM_NAME: ctx.upstream_name or "",
         }
         return attributes

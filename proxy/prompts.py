@@ -173,21 +173,32 @@ def truncate_prompt(path: str, body: dict[str, Any], tokenizer: Tokenizer,
     return None
 
 
+def _shown(value: Any) -> str:
+    """A client's option value as it may appear in a response header: printable ASCII, bounded."""
+    text = getattr(value, "text", None) or (value if isinstance(value, str) else repr(value))
+    text = "".join(c if " " <= c <= "~" and c not in ",;" else "?" for c in str(text))
+    return text if len(text) <= 32 else text[:29] + "..."
+
+
 def canonicalize(body: dict[str, Any], canonical: dict[str, Any], strip_others: bool
                  ) -> tuple[dict[str, Any], list[str]]:
     """Rewrite a native body's load-time options (and keep_alive) to the model's canonical values.
 
-    Returns the new body and one `name=old->new` (or `name=removed`, `name=+new`) entry per change.
+    Returns the new body and one `name=old->new` (or `name=removed`, `name=+new`) entry per change; old
+    values are shown as printable ASCII, at most 32 characters (they come from the client and go into
+    a response header). Options that are not an object are left alone: Ollama refuses them itself.
     """
     changes: list[str] = []
     options = body.get("options")
+    if options is not None and not isinstance(options, dict):
+        return body, changes
     options = dict(options) if isinstance(options, dict) else {}
     for name in sorted(LOAD_OPTIONS | set(options) & LOAD_OPTIONS):
         if name in canonical and name != "keep_alive":
             if name not in options:
                 changes.append(f"{name}=+{canonical[name]}")
             elif options[name] != canonical[name]:
-                changes.append(f"{name}={options[name]}->{canonical[name]}")
+                changes.append(f"{name}={_shown(options[name])}->{canonical[name]}")
             options[name] = canonical[name]
         elif name in options and strip_others:
             changes.append(f"{name}=removed")
@@ -197,7 +208,7 @@ def canonicalize(body: dict[str, Any], canonical: dict[str, Any], strip_others: 
         new_body["options"] = options
     if "keep_alive" in canonical:
         if body.get("keep_alive") != canonical["keep_alive"]:
-            previous = body.get("keep_alive", "")
+            previous = _shown(body.get("keep_alive", ""))
             changes.append(f"keep_alive={previous}->{canonical['keep_alive']}" if "keep_alive" in body
                            else f"keep_alive=+{canonical['keep_alive']}")
         new_body["keep_alive"] = canonical["keep_alive"]

@@ -42,6 +42,9 @@ model_pb2: Any = _model_pb2  # generated protobuf module, untyped
 BYTES_PER_TOKEN = 3.0
 _SEGMENT = re.compile(r" ?[^ ]+| ")
 _RETRY_FAILED_FETCH_S = 60.0
+_MAX_ENTRIES = 256
+"""Tokenizers and failed lookups kept per registry; the oldest go first (only reached while the fleet's
+models are unknown: otherwise only real models get here)."""
 
 
 class Tokenizer:
@@ -204,7 +207,16 @@ class TokenizerRegistry:
             tokenizer: Tokenizer = await asyncio.to_thread(SentencePieceTokenizer, proto)
         except Exception as exc:
             log.info("no vocabulary for %s (%s); estimating token counts", model, exc)
-            self._failed_at[key] = time.monotonic()
+            _bounded_put(self._failed_at, key, time.monotonic())
             return self.estimate
-        self._cache[key] = tokenizer
+        _bounded_put(self._cache, key, tokenizer, keep=self._configured)
         return tokenizer
+
+
+def _bounded_put(table: dict[str, Any], key: str, value: Any, keep: Any = ()) -> None:
+    """`table[key] = value`, dropping the oldest entries (never those in `keep`) past _MAX_ENTRIES."""
+    table.pop(key, None)
+    table[key] = value
+    if len(table) > _MAX_ENTRIES:
+        for old in [k for k in table if k not in keep][: len(table) - _MAX_ENTRIES]:
+            del table[old]

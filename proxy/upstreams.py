@@ -18,9 +18,16 @@ from yarl import URL
 from .config import ModelConfig, UpstreamConfig
 from .ollama import model_key
 
-__all__ = ["SERVING_STATUSES", "Attempt", "LoadedModel", "Upstream", "UpstreamSet"]
+__all__ = ["DEFAULT_NUM_CTX", "OTHER_MODEL", "PROVISIONAL_LABELS", "SERVING_STATUSES", "Attempt",
+           "LoadedModel", "Upstream", "UpstreamSet"]
 
 _ELIGIBLE_CACHE = 4096
+OTHER_MODEL = "other"
+"""The metric label of every model no replica lists and no configuration names."""
+PROVISIONAL_LABELS = 32
+"""Model labels given, at most, to names seen while no replica's model listing is known."""
+DEFAULT_NUM_CTX = 4096
+"""Ollama's default context when a request sets no num_ctx (OLLAMA_CONTEXT_LENGTH unset)."""
 SERVING_STATUSES = frozenset({"unknown", "healthy"})
 """Statuses in which a replica takes new requests (`unknown`: not probed yet)."""
 
@@ -146,8 +153,11 @@ class UpstreamSet:
         self.allowed: dict[str, frozenset[str]] = {
             model_key(name): frozenset(profile.replicas)
             for name, profile in (models or {}).items() if profile.replicas and "*" not in profile.replicas}
+        self.configured = frozenset(model_key(name) for name in (models or {}))
+        """Model keys named under `models:` in the configuration."""
         self.enforce_health = True
         """False when health is in shadow or off mode: every replica counts as serving."""
+        self._provisional: set[str] = set()
         self._listeners: list[Callable[[], None]] = []
         self._eligible: dict[str | None, list[Upstream]] = {}
 
@@ -208,6 +218,48 @@ class UpstreamSet:
         if upstream not in self.eligible(model):
             return "model_absent"
         return None
+
+    # which models are real: the one place that answers it ----------------------------------------------
+    def knows(self, model: str) -> bool:
+        """Is `model` a model of this fleet: configured under `models:`, listed by some replica's
+        /api/tags, or loaded on one (/api/ps, or seen served)? Anything a client merely names is not."""
+        key = model_key(model)
+        if key in self.configured:
+            return True
+        return any(key in u.loaded or (u.models is not None and key in u.models) for u in self.upstreams)
+
+    def tracks(self, model: str) -> bool:
+        """May per-model state (queues, measurements, tokenizers) be created for `model`? Yes for a known
+        model; also while no replica's listing is known yet (health off, or before the first probe),
+        when such structures must keep themselves under a cap. No for a name no listing has."""
+        return self.knows(model) or self._no_listing()
+
+    def label(self, model: str | None) -> str:
+        """The metric label for `model`: its key without `:latest` when the fleet knows it, else `other`,
+        so a client cannot create label values (empty when there is no model). While no replica's
+        listing is known (health off, or before its first probe), the first PROVISIONAL_LABELS names
+        seen keep their own label too: bounded, and the proxy's first requests are not all `other`."""
+        if not model:
+            return ""
+        key = model_key(model)
+        if self.knows(model):
+            return key.removesuffix(":latest")
+        if self._no_listing() and (key in self._provisional
+                                   or len(self._provisional) < PROVISIONAL_LABELS):
+            self._provisional.add(key)
+            return key.removesuffix(":latest")
+        return OTHER_MODEL
+
+    def _no_listing(self) -> bool:
+        return all(u.models is None for u in self.upstreams)
+
+    def loaded_context(self, model: str) -> int | None:
+        """The context `model` is loaded with (/api/ps), the largest where replicas differ; None when it
+        is loaded nowhere the proxy could send it, or the context is not reported yet."""
+        key = model_key(model)
+        contexts = [loaded.context_length for u in self.upstreams if self.allows(u, model)
+                    if (loaded := u.loaded.get(key)) is not None and loaded.context_length]
+        return max(contexts) if contexts else None
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call `listener` whenever a replica's status or residency changes."""

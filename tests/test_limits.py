@@ -188,9 +188,10 @@ def test_shadow_mode_reports_and_lets_through(tmp: Path, emulator: Server) -> No
 
 
 def test_silent_truncation_is_detected(tmp: Path, emulator: Server) -> None:
-    """A prompt under our limit but over the context the request asks for: Ollama cuts it silently
+    """A prompt under our limit but over the model's canonical context: Ollama cuts it silently
     (prompt_eval_count drops); the proxy notices and counts it."""
-    proxy = start_proxy(tmp, [emulator.url], {"chain": {"limits": {"max_prompt_tokens": 8000}}},
+    proxy = start_proxy(tmp, [emulator.url], {"chain": {"limits": {"max_prompt_tokens": 8000}},
+                                              "models": {"qwen3": {"options": {"num_ctx": 512}}}},
                         name="silent")
     try:
         response = httpx.post(f"{proxy.url}/api/generate", json={
@@ -204,3 +205,75 @@ def test_silent_truncation_is_detected(tmp: Path, emulator: Server) -> None:
         assert counts == [1.0]
     finally:
         proxy.stop()
+
+
+def test_deadline_holds_with_limits_off(tmp: Path) -> None:
+    """`chain.limits.mode: off` drops the prompt and option limits, not the deadline."""
+    talker = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=20, output_tokens="400,400",
+                            name="talker-off")
+    limited = start_proxy(tmp, [talker.url], {
+        "tenants": [{"name": "short", "keys": [SHORT], "deadline_s": 1.0}],
+        "chain": {"limits": {"mode": "off", "max_prompt_tokens": 5}}}, name="deadlines-off")
+    try:
+        _check_deadlines(limited)
+        served = httpx.post(f"{limited.url}/api/generate", json={
+            "model": "llama3.2", "prompt": _words(50), "stream": False,
+            "options": {"num_predict": 1, "num_ctx": 100000}}, timeout=30)
+        assert served.status_code == 200  # over max_prompt_tokens, and options untouched: limits are off
+        assert "x-options-rewritten" not in served.headers
+        assert talker.stats()["active"] == 0
+    finally:
+        limited.stop()
+        talker.stop()
+
+
+def _loaded_context(proxy: Server, model: str) -> int | None:
+    replicas = httpx.get(f"{proxy.url}/system/profile", timeout=10).json()["replicas"]
+    for replica in replicas.values():
+        for loaded in replica.get("loaded", []):
+            if loaded["model"] == model:
+                return int(loaded["context_length"]) if loaded["context_length"] else None
+    return None
+
+
+def test_reload_protection_covers_models_not_configured(tmp: Path) -> None:
+    """No model is under `models:`. One loaded by its operator with num_ctx 8192 keeps that context
+    whatever num_ctx tenants send; one loaded nowhere is held to Ollama's default (4096)."""
+    replica = start_emulator(tmp, fixed_clock=False, name="reload-emu")
+    proxy = start_proxy(tmp, [replica.url], {"chain": {"health": {"probe_interval_s": 0.2}}},
+                        name="reload")
+    try:
+        preload = httpx.post(f"{replica.url}/api/generate", json={
+            "model": "llama3.2", "options": {"num_ctx": 8192}}, timeout=30)  # load only, directly
+        assert preload.status_code == 200
+        deadline = time.monotonic() + 30
+        while _loaded_context(proxy, "llama3.2:latest") != 8192:
+            assert time.monotonic() < deadline, "the proxy never saw the loaded model"
+            time.sleep(0.1)
+        loads = replica.stats()["loads"]
+        for options, rewritten in (({"num_ctx": 100000}, "num_ctx=100000->8192"),
+                                   ({"num_ctx": 2048}, "num_ctx=2048->8192"),
+                                   ({}, "num_ctx=+8192"),
+                                   ({"num_ctx": 8192}, None)):
+            response = httpx.post(f"{proxy.url}/api/generate", json={
+                "model": "llama3.2", "prompt": "hi", "stream": False, "options": options}, timeout=30)
+            assert response.status_code == 200
+            assert response.headers.get("x-options-rewritten") == rewritten, options
+        assert replica.stats()["loads"] == loads  # the runner was never reloaded
+
+        first = httpx.post(f"{proxy.url}/api/generate", json={
+            "model": "qwen3", "prompt": "hi", "stream": False, "think": False,
+            "options": {"num_ctx": 100000}}, timeout=30)
+        assert first.headers["x-options-rewritten"] == "num_ctx=100000->4096"
+        for num_ctx in (32768, 512):
+            again = httpx.post(f"{proxy.url}/api/generate", json={
+                "model": "qwen3", "prompt": "hi", "stream": False, "think": False,
+                "options": {"num_ctx": num_ctx}}, timeout=30)
+            assert again.status_code == 200
+        assert replica.stats()["loads"] == loads + 1  # qwen3's own first load only
+        ps = httpx.get(f"{replica.url}/api/ps", timeout=10).json()["models"]
+        assert {m["name"]: m["context_length"] for m in ps} == {"llama3.2:latest": 8192,
+                                                              "qwen3:latest": 4096}
+    finally:
+        proxy.stop()
+        replica.stop()

@@ -45,10 +45,6 @@ REQUESTS: list[tuple[str, str, bytes | None, dict[str, str]]] = [
     ("POST", "/api/embeddings", b'{"model":"nomic-embed-text","prompt":"a"}', {}),
     ("GET", "/api/ps", None, {}),
     # errors of §9
-    ("POST", "/api/chat", b"", {}),
-    ("POST", "/api/chat", b'{"model":"llama3.2","messages":[', {}),
-    ("POST", "/api/chat", b'{"messages":[{"role":"user","content":"x"}]}', {}),
-    ("POST", "/api/generate", b'{"prompt":"x"}', {}),
     ("POST", "/api/generate", b'{"model":"nope","prompt":"x"}', {}),
     ("POST", "/api/embed", b'{"model":"nope","input":"x"}', {}),
     ("POST", "/api/show", b'{"model":"nope"}', {}),
@@ -119,6 +115,16 @@ REQUESTS: list[tuple[str, str, bytes | None, dict[str, str]]] = [
      {"Origin": "https://evil.example"}),
 ]
 
+# Bodies the proxy refuses itself, before any step (a body the chain cannot read never goes through):
+# Ollama's status and `error` text, plus the proxy's `code`. A missing model is 400 `model is required`
+# on every route (Ollama answers /api/generate's with 404 `model '' not found`).
+REFUSED_BY_THE_PROXY: list[tuple[str, bytes, int, str]] = [
+    ("/api/chat", b"", 400, "missing request body"),
+    ("/api/chat", b'{"model":"llama3.2","messages":[', 400, "unexpected EOF"),
+    ("/api/chat", b'{"messages":[{"role":"user","content":"x"}]}', 400, "model is required"),
+    ("/api/generate", b'{"prompt":"x"}', 404, "model '' not found"),
+]
+
 _IGNORED_HEADERS = {"date", "server", "connection", "keep-alive"}
 # What the proxy adds by design (X-Service-Limits on every response, X-Queue-Wait-Ms on admitted
 # inference responses); checked separately.
@@ -154,6 +160,19 @@ def test_every_route_is_byte_identical_through_the_proxy(
             assert got[0] == expected[0], (method, path, got[2][:200])
             assert got[1] == expected[1], (method, path)
             assert got[2] == expected[2], (method, path)
+
+
+def test_unreadable_bodies_are_refused_in_ollamas_shape(twins: tuple[Server, Server, Server]) -> None:
+    direct, _, proxy = twins
+    with httpx.Client(timeout=30) as client:
+        for path, body, status, error in REFUSED_BY_THE_PROXY:
+            expected = client.post(direct.url + path, content=body)
+            assert (expected.status_code, expected.json()) == (status, {"error": error})
+            got = client.post(proxy.url + path, content=body)
+            assert got.status_code == 400, (path, body)
+            assert got.headers["content-type"] == expected.headers["content-type"]
+            assert got.json() == {"error": error if status == 400 else "model is required",
+                                  "code": "invalid_request"}
 
 
 def test_the_proxy_adds_only_its_service_limits(twins: tuple[Server, Server, Server]) -> None:

@@ -12,6 +12,7 @@ import ipaddress
 import re
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -177,6 +178,8 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
     routes = _routes(engine)
     cloud_routes = CloudRoutes()
     faults = FaultBox()
+    calls: Counter[str] = Counter()
+    """Requests per route (`POST /api/show`), for tests; one key per registered route."""
     anthropic_ids = AnthropicRoutes(engine)
 
     async def render_error(request: web.Request, exc: RequestError) -> web.StreamResponse:
@@ -201,6 +204,7 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
         return web.json_response({**totals, "models": per_model,
                                   "loaded": sorted(scheduler.runners), "loading": scheduler.loading,
                                   "loads": scheduler.loads, "faults": faults.as_dict(),
+                                  "requests": dict(calls),
                                   "backend": getattr(engine, "backend_url", None),
                                   "backend_startup_s": getattr(engine, "startup_s", None)})
 
@@ -286,6 +290,8 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
             return await wire.send_bytes(request, 404, b"404 page not found", "text/plain")
         for route, match in matches:
             if request.method in route.methods:
+                name = path if not route.pattern.groupindex else route.pattern.pattern
+                calls[f"{request.method} {name}"] += 1
                 request.match_info.update(match.groupdict())
                 body: dict[str, Any] = {}
                 decode_error: RequestError | None = None

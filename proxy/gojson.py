@@ -1,0 +1,309 @@
+"""Request bodies read as Ollama reads them: Go's `encoding/json` (gin's ShouldBindJSON, a json.Decoder).
+
+orjson is the fast path. When it refuses, `loads` decodes the way Go does instead of giving up, because a
+body the proxy cannot read but Ollama can would skip every limit of the chain:
+- invalid UTF-8 bytes become U+FFFD, one per byte (Go's utf8.DecodeRune), lone `\\uD800`-style surrogate
+  escapes become U+FFFD;
+- numbers out of float64's range (`1e400`) are kept as `BigNumber` with their original text: Go skips them
+  in fields it does not know and refuses them where it decodes them (`check_numbers`);
+- the first JSON value is the body (json.Decoder stops there: bytes after it are never read);
+- duplicate keys: the last one wins; struct fields match case-insensitively (`MODEL`, `\u017fystem`), so the
+  fields the chain reads are looked up the way Go matches them (`request_view`);
+- NaN, Infinity, comments, single quotes, control characters in strings, a BOM: refused with Go's error
+  text (`GoJSONError`), which Ollama answers with 400.
+
+`dumps` re-encodes a (rewritten) body so that Go reads the same values: BigNumbers keep their text.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+__all__ = ["BigNumber", "GoJSONError", "check_numbers", "dumps", "go_fold", "loads", "request_view"]
+
+_WHITESPACE = b" \t\r\n"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+_MAX_DEPTH = 10000
+"""Go's limit on nesting; Python's recursion limit comes first and is reported the same way."""
+
+
+class GoJSONError(ValueError):
+    """A body Go's decoder refuses; `str()` is Go's error text (what Ollama answers with 400)."""
+
+
+class BigNumber:
+    """A JSON number Python cannot hold as Go does: out of float64's range (`overflow`, Go refuses it
+    where it decodes it) or an integer beyond 64 bits (a float64 for Go). `text` is the original."""
+
+    __slots__ = ("overflow", "text")
+
+    def __init__(self, text: str, overflow: bool) -> None:
+        self.text = text
+        self.overflow = overflow
+
+    def __repr__(self) -> str:
+        return f"BigNumber({self.text!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BigNumber) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+class _Object(dict[str, Any]):
+    """A decoded object that remembers its keys in document order (duplicates included): Go assigns
+    struct fields in that order, and case variants of one field replace each other."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.pairs = pairs
+
+
+def _per_byte_replace(error: UnicodeError) -> tuple[str, int]:
+    assert isinstance(error, UnicodeDecodeError)
+    return "\ufffd" * (error.end - error.start), error.end
+
+
+codecs.register_error("sop-go-replace", _per_byte_replace)
+
+
+def _parse_float(text: str) -> Any:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        return BigNumber(text, overflow=True)
+    return value
+
+
+def _parse_int(text: str) -> Any:
+    value = int(text)
+    if _INT64_MIN <= value <= _UINT64_MAX:
+        return value
+    try:
+        float(value)
+    except OverflowError:
+        return BigNumber(text, overflow=True)
+    return BigNumber(text, overflow=False)
+
+
+def _parse_constant(text: str) -> Any:
+    raise GoJSONError(f"invalid character '{text[0]}' looking for beginning of value")
+
+
+def _no_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value) if _SURROGATE.search(value) else value
+    if isinstance(value, _Object):
+        return _Object([(_no_surrogates(k), _no_surrogates(v)) for k, v in value.pairs])
+    if isinstance(value, list):
+        return [_no_surrogates(item) for item in value]
+    return value
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_Object, parse_float=_parse_float, parse_int=_parse_int,
+                            parse_constant=_parse_constant, strict=True)
+
+
+def _go_syntax_error(text: str, exc: json.JSONDecodeError) -> GoJSONError:
+    if exc.pos >= len(text.rstrip(" \t\r\n")):
+        return GoJSONError("unexpected EOF")
+    char = text[exc.pos]
+    shown = "'\\''" if char == "'" else f"'{char}'" if char.isprintable() else repr(char)
+    message = exc.msg
+    if message.startswith("Expecting value"):
+        where = "looking for beginning of value"
+    elif "property name" in message:
+        where = "looking for beginning of object key string"
+    elif "':'" in message:
+        where = "after object key"
+    elif "','" in message:
+        where = ("after object key:value pair" if _innermost(text, exc.pos) == "{"
+                 else "after array element")
+    elif message.startswith("Invalid control character"):
+        where = "in string literal"
+    elif message.startswith("Invalid \\escape") or message.startswith("Invalid \\u"):
+        where = "in string escape code"
+    else:
+        where = "looking for beginning of value"
+    return GoJSONError(f"invalid character {shown} {where}")
+
+
+def _innermost(text: str, pos: int) -> str:
+    """The innermost container (`{` or `[`) open at `pos` (error path only: a linear scan)."""
+    stack: list[str] = []
+    in_string = escaped = False
+    for char in text[:pos]:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            stack.append(char)
+        elif char in "}]" and stack:
+            stack.pop()
+    return stack[-1] if stack else ""
+
+
+def slow_loads(data: bytes) -> Any:
+    """Decode `data` exactly as Go's json.Decoder does (see the module docstring); objects are dicts that
+    also keep their key order in `.pairs`. Raises GoJSONError with Go's text."""
+    text = data.decode("utf-8", "sop-go-replace")
+    start = len(text) - len(text.lstrip(" \t\r\n"))
+    if start == len(text):
+        raise GoJSONError("missing request body")  # io.EOF: what Ollama answers for an empty body
+    try:
+        value, _end = _DECODER.raw_decode(text, start)  # like json.Decoder, what follows is not read
+    except json.JSONDecodeError as exc:
+        raise _go_syntax_error(text, exc) from None
+    except RecursionError:
+        raise GoJSONError("exceeded max depth") from None
+    if _SURROGATE_ESCAPE.search(data) is None:
+        return value  # a lone surrogate can only come from an escape: nothing to replace
+    return _no_surrogates(value)
+
+
+def loads(data: bytes) -> tuple[Any, bool]:
+    """(value, slow): orjson's result when it accepts `data`, else Go's reading of it (`slow` True: it
+    may hold BigNumbers and `_Object`s). Raises GoJSONError where Go refuses."""
+    try:
+        return orjson.loads(data), False
+    except orjson.JSONDecodeError:
+        pass
+    return slow_loads(data), True
+
+
+# Go's case-insensitive field matching ------------------------------------------------------------------
+
+_SPECIAL_FOLDS = {"\u017f": "S", "\u212a": "K", "\u0130": "I", "\u0131": "I"}
+"""Non-ASCII letters that Go's field matching (upper(lower(r))) folds onto ASCII ones."""
+
+
+def go_fold(name: str) -> str:
+    """The key Go's encoding/json compares struct field names by (ASCII upper-cased; U+017F, U+212A,
+    U+0130 and U+0131 onto S, K, I and I; other letters folded as Go does, which never yields ASCII)."""
+    if name.isascii():
+        return name.upper()
+    return "".join(_SPECIAL_FOLDS.get(c) or (c.upper() if c.isascii() else c.lower().upper())
+                   for c in name)
+
+
+TOP_FIELDS = frozenset({
+    "model", "name", "messages", "prompt", "system", "suffix", "template", "context", "raw", "images",
+    "format", "input", "stream", "options", "keep_alive", "think", "truncate", "shift", "tools",
+    "logprobs", "top_logprobs", "dimensions", "instructions", "max_tokens", "max_completion_tokens",
+    "max_output_tokens", "stream_options", "temperature", "top_p", "seed", "stop", "n",
+    "frequency_penalty", "presence_penalty", "response_format", "verbose", "source", "destination",
+    "from", "quantize", "insecure", "encoding_format", "user", "tool_choice", "reasoning",
+    "reasoning_effort", "top_k", "metadata", "stop_sequences", "thinking"})
+"""Fields of Ollama's request structs (native, OpenAI and Anthropic compatibility) the chain reads or
+that Go decodes into typed values."""
+MESSAGE_FIELDS = frozenset({"role", "content", "images", "tool_calls", "thinking", "tool_name", "name",
+                            "tool_call_id", "reasoning"})
+RAW_FIELDS = frozenset({"format"})
+"""Fields Go keeps as json.RawMessage: their numbers are never converted, so never refused."""
+
+_TOP_FOLDS = {go_fold(name): name for name in TOP_FIELDS}
+_MESSAGE_FOLDS = {go_fold(name): name for name in MESSAGE_FIELDS}
+
+
+def _needs_fold(value: dict[str, Any], exact: frozenset[str], folds: dict[str, str]) -> bool:
+    if value.keys() <= exact:  # the usual body: one C-level subset test
+        return False
+    return any(key not in exact and go_fold(key) in folds for key in value)
+
+
+def _struct(value: dict[str, Any], folds: dict[str, str]) -> dict[str, Any]:
+    pairs: Iterable[tuple[str, Any]] = value.pairs if isinstance(value, _Object) else value.items()
+    out: dict[str, Any] = {}
+    for key, item in pairs:
+        name = folds.get(go_fold(key), key)
+        out.pop(name, None)  # a later case variant is the value Go keeps
+        out[name] = item
+    return out
+
+
+def request_view(value: Any, data: bytes, slow: bool) -> Any:
+    """The body as Ollama's structs see it: top-level and message fields under their canonical names,
+    whatever case the client used (Go matches them case-insensitively; the last variant wins).
+
+    Costs a set lookup per key when every key is already canonical (the usual case). When one is not and
+    `value` came from orjson, `data` is decoded again to learn the order of the variants.
+    """
+    if not isinstance(value, dict):
+        return value
+    messages = value.get("messages")
+    top = _needs_fold(value, TOP_FIELDS, _TOP_FOLDS)
+    inner = isinstance(messages, list) and any(
+        isinstance(m, dict) and _needs_fold(m, MESSAGE_FIELDS, _MESSAGE_FOLDS) for m in messages)
+    if not top and not inner and not slow:
+        return value
+    if not slow:
+        value = slow_loads(data)
+    if not isinstance(value, dict):
+        return value
+    view = _struct(value, _TOP_FOLDS)
+    messages = view.get("messages")
+    if isinstance(messages, list):
+        view["messages"] = [_struct(m, _MESSAGE_FOLDS) if isinstance(m, dict) else m for m in messages]
+    return view
+
+
+def _overflow_in(value: Any) -> BigNumber | None:
+    if isinstance(value, BigNumber):
+        return value if value.overflow else None
+    if isinstance(value, dict):
+        items: Iterable[Any] = value.values()
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for item in items:
+        found = _overflow_in(item)
+        if found is not None:
+            return found
+    return None
+
+
+def check_numbers(view: Any) -> None:
+    """Raise GoJSONError when a number out of float64's range sits where Ollama decodes it (a known
+    field); in fields Go skips (unknown ones) or keeps raw (`format`) it is harmless and kept."""
+    if not isinstance(view, dict):
+        return
+    for key, item in view.items():
+        if key not in TOP_FIELDS or key in RAW_FIELDS:
+            continue
+        decoded = item
+        if key == "messages" and isinstance(item, list):
+            decoded = [{k: v for k, v in m.items() if k in MESSAGE_FIELDS} if isinstance(m, dict) else m
+                       for m in item]
+        found = _overflow_in(decoded)
+        if found is not None:
+            raise GoJSONError(f"json: cannot unmarshal number {found.text[:64]} into Go struct field "
+                              f".{key} of type float64")
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, BigNumber):
+        return orjson.Fragment(value.text.encode())
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def dumps(value: Any) -> bytes:
+    """`value` as JSON that Go decodes to the same values (BigNumbers written as they were received).
+    Strings never hold surrogates here (decoding replaced them), so the output is valid UTF-8."""
+    return orjson.dumps(value, default=_default)

@@ -1,0 +1,262 @@
+"""Bodies are read as Ollama reads them (Go's encoding/json), through a real proxy and emulator.
+
+Every body here is sent as raw bytes: a JSON library on the client side would normalise the very things
+under test (lone surrogates, out-of-range numbers, invalid UTF-8, duplicate and case-variant keys).
+What Go accepts, the chain understands (limits, canonical options and the queue still apply); what Go
+refuses is Ollama's 400 before any step; an inference body the chain cannot read is refused (fail closed).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy import gojson
+from tests.support.servers import Server, start_emulator, start_proxy
+
+WORDS = "the quarterly incident review covers deployment rollbacks and customer impact ".split()
+LONG = " ".join(WORDS[i % len(WORDS)] for i in range(200)).encode()
+"""About 200 tokens: four times the proxy's limit of 50."""
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bodies")
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp: Path) -> Iterator[Server]:
+    server = start_emulator(tmp, fixed_clock=False, name="bodies-emu")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp: Path, emulator: Server) -> Iterator[Server]:
+    server = start_proxy(tmp, [emulator.url], {
+        "models": {"qwen3": {"options": {"num_ctx": 2048}}},
+        "chain": {"limits": {"max_prompt_tokens": 50}}}, name="bodies")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def limits_off(tmp: Path, emulator: Server) -> Iterator[Server]:
+    server = start_proxy(tmp, [emulator.url], {"chain": {"limits": {"mode": "off"}}},
+                         name="bodies-off")
+    yield server
+    server.stop()
+
+
+def _post(server: Server, path: str, body: bytes) -> httpx.Response:
+    return httpx.post(server.url + path, content=body, timeout=30)
+
+
+def _posts(emulator: Server) -> dict[str, int]:
+    """Requests the emulator received, by route, leaving out the health probes (GET)."""
+    return {k: v for k, v in emulator.stats()["requests"].items() if not k.startswith("GET ")}
+
+
+# What Go's decoder accepts but orjson refuses (or reads differently): each wraps a generate body whose
+# prompt is LONG. The proxy must see the prompt, count it and refuse it.
+GO_ACCEPTS: dict[str, bytes] = {
+    "lone high surrogate": b'{"model":"llama3.2","stream":false,"x":"\\ud800","prompt":"%s"}',
+    "lone low surrogate first": b'{"model":"llama3.2","stream":false,"x":"\\udc00\\ud83d","prompt":"%s"}',
+    "out of range number": b'{"model":"llama3.2","stream":false,"x":1e400,"prompt":"%s"}',
+    "negative out of range": b'{"model":"llama3.2","stream":false,"x":[-1e999],"prompt":"%s"}',
+    "huge integer": b'{"model":"llama3.2","stream":false,"x":' + b"9" * 400 + b',"prompt":"%s"}',
+    "invalid utf-8": b'{"model":"llama3.2","stream":false,"x":"\xff\xfe\xc3","prompt":"%s"}',
+    "invalid utf-8 in the prompt": b'{"model":"llama3.2","stream":false,"prompt":"\xe2\x82%s"}',
+    "bytes after the value": b'{"model":"llama3.2","stream":false,"prompt":"%s"} {"not": "read"}',
+    "garbage after the value": b'{"model":"llama3.2","stream":false,"prompt":"%s"}garbage',
+    "duplicate key, last wins": b'{"model":"llama3.2","stream":false,"prompt":"hi","prompt":"%s"}',
+    "case-variant keys": b'{"MODEL":"llama3.2","Stream":false,"PROMPT":"%s"}',
+    "case variant after the exact key": b'{"model":"llama3.2","stream":false,"prompt":"hi","pRoMpT":"%s"}',
+    "long s folds onto s": b'{"model":"llama3.2","stream":false,"prompt":"hi","\xc5\xbfystem":"%s"}',
+}
+
+
+@pytest.mark.parametrize("name", list(GO_ACCEPTS))
+def test_limits_apply_to_every_body_go_accepts(proxy: Server, name: str) -> None:
+    body = GO_ACCEPTS[name].replace(b"%s", LONG)
+    response = _post(proxy, "/api/generate", body)
+    assert response.status_code == 400, (name, response.text[:200])
+    assert response.json()["code"] == "prompt_too_long", name
+
+
+def test_limits_apply_to_chat_messages_with_case_variant_fields(proxy: Server) -> None:
+    body = (b'{"model":"llama3.2","stream":false,"x":"\\ud800","messages":'
+            b'[{"ROLE":"user","Content":"%s"}]}').replace(b"%s", LONG)
+    response = _post(proxy, "/api/chat", body)
+    assert response.status_code == 400 and response.json()["code"] == "prompt_too_long"
+    openai = b'{"model":"llama3.2","x":1e400,"messages":[{"role":"user","CONTENT":"%s"}]}'
+    response = _post(proxy, "/v1/chat/completions", openai.replace(b"%s", LONG))
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "prompt_too_long"
+
+
+def test_short_bodies_go_accepts_are_served_and_queued(proxy: Server) -> None:
+    """Under the limit, the same decorations are served; the queue admitted them (X-Queue-Wait-Ms is
+    set by backpressure only)."""
+    for name in ("lone high surrogate", "out of range number", "duplicate key, last wins"):
+        body = GO_ACCEPTS[name].replace(b"%s", b"say hi")
+        response = _post(proxy, "/api/generate", body)
+        assert response.status_code == 200, (name, response.text[:200])
+        assert "x-queue-wait-ms" in response.headers, name
+        assert response.json()["done"] is True
+
+
+def test_options_are_rewritten_whatever_else_the_body_holds(proxy: Server, emulator: Server) -> None:
+    """num_ctx is held to the canonical value even next to fields orjson refuses, and the rewritten
+    body is valid for Go: the emulator (which refuses invalid UTF-8 with a 500) serves it."""
+    warm = _post(proxy, "/api/generate", b'{"model":"qwen3","prompt":"hi","stream":false,"think":false}')
+    assert warm.status_code == 200
+    loads = emulator.stats()["loads"]
+    for extra in (b'"x":"\\ud800"', b'"x":1e400', b'"x":"\xff"', b'"big":' + b"7" * 30):
+        body = (b'{"model":"qwen3","prompt":"hi","stream":false,"think":false,'
+                b'"options":{"num_ctx":100000},' + extra + b"}")
+        response = _post(proxy, "/api/generate", body)
+        assert response.status_code == 200, (extra, response.text[:200])
+        assert response.headers["x-options-rewritten"] == "num_ctx=100000->2048", extra
+    assert emulator.stats()["loads"] == loads  # no reload: every request reached the same runner
+
+
+def test_a_number_go_refuses_for_its_field_is_ollamas_400(proxy: Server, emulator: Server) -> None:
+    body = b'{"model":"llama3.2","prompt":"hi","stream":false,"options":{"num_ctx":1e400}}'
+    response = _post(proxy, "/api/generate", body)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
+    error = response.json()
+    assert error["code"] == "invalid_request" and "cannot unmarshal number 1e400" in error["error"]
+    assert _posts(emulator) == _posts(emulator)  # stable while idle
+    before = _posts(emulator)
+    _post(proxy, "/api/generate", body)
+    assert _posts(emulator) == before  # the replica never saw it
+
+
+GO_REFUSES: dict[str, bytes] = {
+    "NaN": b'{"model":"llama3.2","prompt":"hi","x":NaN}',
+    "Infinity": b'{"model":"llama3.2","prompt":"hi","x":Infinity}',
+    "-Infinity": b'{"model":"llama3.2","prompt":"hi","x":-Infinity}',
+    "trailing comma": b'{"model":"llama3.2","prompt":"hi",}',
+    "single quotes": b"{'model':'llama3.2','prompt':'hi'}",
+    "comment": b'{"model":"llama3.2" /* c */,"prompt":"hi"}',
+    "line comment first": b'// c\n{"model":"llama3.2","prompt":"hi"}',
+    "byte order mark": b'\xef\xbb\xbf{"model":"llama3.2","prompt":"hi"}',
+    "control character": b'{"model":"llama3.2","prompt":"a\x01b"}',
+    "bad escape": b'{"model":"llama3.2","prompt":"\\x41"}',
+    "short unicode escape": b'{"model":"llama3.2","prompt":"\\u12"}',
+    "leading zero": b'{"model":"llama3.2","prompt":"hi","x":01}',
+    "truncated": b'{"model":"llama3.2","prompt":"hi"',
+    "bare word": b"model",
+    "whitespace only": b" \n\t ",
+}
+
+
+@pytest.mark.parametrize("name", list(GO_REFUSES))
+def test_what_go_refuses_is_ollamas_400_before_the_chain(proxy: Server, emulator: Server,
+                                                         name: str) -> None:
+    before = _posts(emulator)
+    response = _post(proxy, "/api/generate", GO_REFUSES[name])
+    assert response.status_code == 400, (name, response.text[:200])
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
+    error = response.json()
+    assert error["code"] == "invalid_request", name
+    assert error["error"] and "\n" not in error["error"], name
+    assert _posts(emulator) == before  # never forwarded
+
+
+def test_go_error_texts(proxy: Server) -> None:
+    cases = {b'{"model":"llama3.2","prompt":"hi","x":NaN}':
+             "invalid character 'N' looking for beginning of value",
+             b'{"model":"llama3.2","prompt":"hi"': "unexpected EOF",
+             b" ": "missing request body",
+             b"{'model':1}": "invalid character '\\'' looking for beginning of object key string"}
+    for body, text in cases.items():
+        assert _post(proxy, "/api/chat", body).json()["error"] == text, body
+
+
+def test_refusals_take_the_routes_dialect(proxy: Server) -> None:
+    response = _post(proxy, "/v1/chat/completions", b'{"model":"llama3.2","messages":[],"x":NaN}')
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"]["code"] == "invalid_request"
+    response = _post(proxy, "/v1/messages", b'{"model":"llama3.2","max_tokens":5,"messages":[],}')
+    assert response.status_code == 400 and response.json()["type"] == "error"
+    response = _post(proxy, "/api/show", b'{"model":"llama3.2","verbose":NaN}')
+    assert response.status_code == 400 and response.json()["code"] == "invalid_request"
+
+
+UNREADABLE: list[bytes] = [
+    b"[]", b'"llama3.2"', b"5", b"null", b"{}", b'{"model":""}', b'{"model":null}', b'{"model":5}',
+    b'{"model":["llama3.2"]}', b'{"model":{"name":"llama3.2"}}', b'{"model":true}',
+    b'{"name":"llama3.2","prompt":"hi"}',
+]
+INFERENCE_ROUTES = ["/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
+                    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+                    "/v1/messages"]
+
+
+@pytest.mark.parametrize("path", INFERENCE_ROUTES)
+def test_inference_bodies_the_chain_cannot_read_are_refused(proxy: Server, limits_off: Server,
+                                                            emulator: Server, path: str) -> None:
+    """Not an object, or no model as a string: 400 in the route's shape, in every limits mode."""
+    for server in (proxy, limits_off):
+        before = _posts(emulator)
+        for body in UNREADABLE:
+            response = _post(server, path, body)
+            assert response.status_code == 400, (path, body, response.text[:200])
+            text = response.text
+            assert "invalid_request" in text or "invalid_request_error" in text, (path, body)
+        empty = httpx.post(server.url + path, timeout=30)
+        assert empty.status_code == 400 and "missing request body" in empty.text, path
+        assert _posts(emulator) == before, path  # nothing reached the replica
+
+
+def test_limits_off_still_reads_bodies_as_go_does(limits_off: Server) -> None:
+    response = _post(limits_off, "/api/generate", GO_REFUSES["NaN"])
+    assert response.status_code == 400 and response.json()["code"] == "invalid_request"
+    served = _post(limits_off, "/api/generate",
+                   GO_ACCEPTS["lone high surrogate"].replace(b"%s", b"hi"))
+    assert served.status_code == 200 and "x-queue-wait-ms" in served.headers
+
+
+def test_rewritten_bodies_keep_what_go_would_read() -> None:
+    """The re-encoding keeps out-of-range numbers as written and replaces what Go replaces, so Go reads
+    the rewritten body as it would have read the original."""
+    raw = (b'{"model":"m","x":1e400,"y":' + b"1" * 30 + b',"z":"\\ud800\xff","MODEL":"n",'
+           b'"options":{"NUM_CTX":1}}')
+    value, slow = gojson.loads(raw)
+    view = gojson.request_view(value, raw, slow)
+    assert view["model"] == "n"
+    assert view["options"] == {"NUM_CTX": 1}  # map keys are exact in Go: not a struct field
+    encoded = gojson.dumps(view)
+    assert b'"x":1e400' in encoded and b'"y":' + b"1" * 30 in encoded
+    assert json.loads(encoded)["z"] == "\ufffd\ufffd"
+    encoded.decode("utf-8")  # valid UTF-8 throughout
+
+
+def test_go_folds_non_ascii_letters_onto_field_names(proxy: Server) -> None:
+    """Go matches `\\u0131nput` (dotless i) to `input` and `\\u017fystem` (long s) to `system`: so does
+    the chain."""
+    embed = '{"model":"nomic-embed-text","\u0131nput":"%s"}'.encode().replace(b"%s", LONG)
+    response = _post(proxy, "/api/embed", embed)
+    assert response.status_code == 400 and response.json()["code"] == "prompt_too_long"
+    assert gojson.go_fold("\u0131nput") == gojson.go_fold("INPUT")
+    assert gojson.go_fold("\u212aeep_alive") == gojson.go_fold("keep_alive")
+    assert gojson.go_fold("stre\u00e4m") != gojson.go_fold("stream")
+
+
+def test_go_error_texts_name_the_container(proxy: Server) -> None:
+    cases = {b'{"model":"llama3.2" "prompt":"hi"}':
+             "invalid character '\"' after object key:value pair",
+             b'{"model":"llama3.2","messages":[{"role":"user"} {}]}':
+             "invalid character '{' after array element",
+             b'{"model":"llama3.2","prompt":"hi",}':
+             "invalid character '}' looking for beginning of object key string"}
+    for body, text in cases.items():
+        assert _post(proxy, "/api/chat", body).json()["error"] == text, body
