@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from . import gojson
 from .tokens import Tokenizer
 
 __all__ = [
@@ -54,6 +55,14 @@ def _text(content: Any) -> str:
     return ""
 
 
+def _json_text(value: Any) -> str:
+    """Structured content that a chat template renders into the prompt (tools, tool calls), as text
+    for counting; empty when absent."""
+    if not value or not isinstance(value, list | dict):
+        return ""
+    return gojson.dumps(value).decode("utf-8", "replace")
+
+
 def _messages(path: str, body: dict[str, Any]) -> list[dict[str, Any]] | None:
     messages = body.get("messages")
     if path == "/v1/responses":
@@ -89,15 +98,19 @@ def count_prompt(path: str, body: dict[str, Any], tokenizer: Tokenizer,
         if messages is None:
             return None
         total = _CHAT_FRAME + sum(_MESSAGE_OVERHEAD + count(_text(m.get("content")))
-                                  for m in messages)
+                                  + count(_json_text(m.get("tool_calls"))) for m in messages)
+        total += count(_json_text(body.get("tools")))  # tool schemas are rendered into the prompt
         return PromptCount(total, total)
     if path in ("/api/generate", "/v1/completions"):
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             return None
-        system = body.get("system") if isinstance(body.get("system"), str) else ""
         frame = 1 if body.get("raw") else _GENERATE_FRAME
-        total = frame + count(system or "") + count(prompt)
+        total = frame + count(prompt) + sum(count(value) for key in ("system", "suffix", "template")
+                                            if isinstance(value := body.get(key), str))
+        context = body.get("context")
+        if isinstance(context, list):
+            total += len(context)  # token ids of an earlier exchange, prepended by Ollama as they are
         return PromptCount(total, total)
     if path in ("/api/embed", "/api/embeddings", "/v1/embeddings"):
         sizes = [_EMBED_FRAME + count(text) for text in _inputs(path, body)]

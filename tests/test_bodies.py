@@ -260,3 +260,26 @@ def test_go_error_texts_name_the_container(proxy: Server) -> None:
              "invalid character '}' looking for beginning of object key string"}
     for body, text in cases.items():
         assert _post(proxy, "/api/chat", body).json()["error"] == text, body
+
+
+def test_what_ollama_renders_into_the_prompt_is_counted(proxy: Server) -> None:
+    """The prompt limit covers everything Ollama puts in front of the model, not only `prompt` and
+    `content`: an earlier exchange's `context` token ids, `suffix`, `system`, and tool schemas."""
+    bodies = {
+        "/api/generate": [
+            {"model": "llama3.2", "prompt": "hi", "stream": False, "context": list(range(300))},
+            {"model": "llama3.2", "prompt": "hi", "stream": False, "suffix": LONG.decode()},
+            {"model": "llama3.2", "prompt": "hi", "stream": False, "system": LONG.decode()}],
+        "/api/chat": [
+            {"model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "hi"}],
+             "tools": [{"type": "function", "function": {"name": "f", "description": LONG.decode(),
+                                                         "parameters": {"type": "object"}}}]}],
+    }
+    for path, cases in bodies.items():
+        for body in cases:
+            response = _post(proxy, path, json.dumps(body).encode())
+            assert response.status_code == 400, (path, list(body))
+            assert response.json()["code"] == "prompt_too_long"
+    served = _post(proxy, "/api/generate", json.dumps({
+        "model": "llama3.2", "prompt": "hi", "stream": False, "context": [1, 2, 3]}).encode())
+    assert served.status_code == 200
