@@ -93,7 +93,7 @@ async def test_burst_waits_for_pooled_connections(tmp: Path, emulator: Server,
     # A pool far smaller than the burst and failure_mode closed: a pool that raised instead of waiting
     # (redis-py's default pool raises at its size) or any failed call would show as a 503 or a 500.
     proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "burst",
-                                    failure_mode="closed", max_connections=8, socket_timeout_s=3.0)
+                                    failure_mode="closed", max_connections=16, socket_timeout_s=5.0)
     try:
         async with _session() as session:
             answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(300)))
