@@ -93,7 +93,7 @@ async def test_burst_waits_for_pooled_connections(tmp: Path, emulator: Server,
     # A pool far smaller than the burst and failure_mode closed: a pool that raised instead of waiting
     # (redis-py's default pool raises at its size) or any failed call would show as a 503 or a 500.
     proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "burst",
-                                    failure_mode="closed", max_connections=8, socket_timeout_s=3.0)
+                                    failure_mode="closed", max_connections=16, socket_timeout_s=5.0)
     try:
         async with _session() as session:
             answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(300)))
@@ -397,3 +397,36 @@ async def test_not_redis_on_the_port_is_a_failure_not_a_500(tmp: Path, emulator:
                 await asyncio.to_thread(proxy.stop)
                 assert "Traceback" not in proxy.log()
         impostor.close()
+
+
+@pytest.mark.parametrize("failure_mode", ["open", "closed"])
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+async def test_redis_fails_in_the_middle_of_a_burst(tmp: Path, emulator: Server,
+                                                    redis_server: RedisServer, failure_mode: str,
+                                                    fault: str) -> None:
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, f"mid-{fault}",
+                                    failure_mode=failure_mode)
+    allowed = {200} if failure_mode == "open" else {200, 503}
+    try:
+        async with _session() as session:
+            async def fail_soon() -> None:
+                await asyncio.sleep(0.3)
+                await asyncio.to_thread(getattr(redis_server, fault))
+
+            answers, _ = await asyncio.gather(
+                asyncio.gather(*(_generate(session, proxy.url, num_predict=5) for _ in range(150))),
+                fail_soon())
+            statuses = Counter(status for status, *_ in answers)
+            assert set(statuses) <= allowed, statuses
+            if failure_mode == "closed":
+                assert all(body["code"] == "state_unavailable" for status, body, *_ in answers
+                           if status == 503)
+            assert (await asyncio.to_thread(metric, proxy.url, FAILURES) or 0) >= 1  # it did hit
+            await asyncio.to_thread(redis_server.resume if fault == "pause" else redis_server.restart)
+            await _poll_metric(proxy.url, DEGRADED, 0)
+            assert (await _generate(session, proxy.url))[0] == 200
+            holders = redis.Redis.from_url(redis_server.url).zcard(f"mid-{fault}:lease:inflight:team")
+            assert holders == 0
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
