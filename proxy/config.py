@@ -104,6 +104,13 @@ def _http_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> Non
         raise ValueError(f"{attribute.name}: expected an http(s) URL, got {value!r}")
 
 
+def _redis_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    del instance
+    url = URL(value)
+    if url.scheme not in ("redis", "rediss", "unix") or not (url.host or url.path):
+        raise ValueError(f"{attribute.name}: expected a redis://, rediss:// or unix:// URL")
+
+
 @attrs.frozen
 class ServerConfig:
     """The listening side."""
@@ -398,7 +405,8 @@ class StateConfig:
     """Where shared state (buckets, leases) lives: this process, or Redis shared by proxy replicas."""
 
     backend: Literal["memory", "redis"] = "memory"
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = attrs.field(default="redis://127.0.0.1:6379/0", validator=_redis_url)
+    """Redis to share state through: redis://, rediss:// (TLS) or unix:// (a socket path)."""
     key_prefix: str = "sop:"
     failure_mode: Literal["open", "closed"] = "open"
     """When Redis cannot answer in time: `open` admits and counts in this process alone (like Envoy's

@@ -143,6 +143,8 @@ def test_serve_refuses_a_bad_file(tmp_path: Path) -> None:
     ({"models": {"llama3.2": {"warm_on": "a"}}}, "models.llama3.2.warm_on: expected a list, got str"),
     ({"models": ["llama3.2"]}, "models: expected a mapping, got list"),
     ({"state": {"failure_mode": "maybe"}}, "state.failure_mode: 'maybe' is not one of"),
+    ({"state": {"backend": "redis", "url": "http://127.0.0.1:6379"}},
+     "state.url: expected a redis://, rediss:// or unix:// URL"),
     ({"telemetry": {"metrics_auth": "yes"}}, "telemetry.metrics_auth: expected true, false"),
     ({"upstreams": [{"url": "http://a:1", "name": 5}]}, "upstreams[0].name: expected a string, got int"),
 ])
