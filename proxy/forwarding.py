@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, istr
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -36,6 +37,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from .config import ForwardingConfig
 from .context import CONTEXT, RequestContext
 from .errors import (
+    MalformedBody,
+    ProxyError,
     RequestTimeout,
     ShuttingDown,
     UpstreamBusy,
@@ -143,21 +146,28 @@ class Forwarder:
         headers.update(carrier)
         return headers
 
-    def _request_data(self, request: web.Request, ctx: RequestContext, stalled: list[bool]) -> Any:
+    def _request_data(self, request: web.Request, ctx: RequestContext,
+                      body_error: list[ProxyError]) -> Any:
         if ctx.route.streams_body_upload:
-            return self._streamed_body(request, stalled)
+            return self._streamed_body(request, body_error)
         return ctx.body
 
-    async def _streamed_body(self, request: web.Request, stalled: list[bool]) -> AsyncIterator[bytes]:
-        """The client's body as it arrives; sets `stalled[0]` and stops when nothing came for
-        `body_timeout_s` (the upstream call then fails and `_exchange` reports a 408)."""
+    async def _streamed_body(self, request: web.Request,
+                             body_error: list[ProxyError]) -> AsyncIterator[bytes]:
+        """The client's body as it arrives. When nothing came for `body_timeout_s`, or its framing
+        broke, the error is put in `body_error` and the upload stops (the upstream call then fails and
+        `_exchange` reports the client's error, not the replica's)."""
         content = request.content
         while True:
             try:
                 async with asyncio.timeout(self.body_timeout_s):
                     chunk = await content.read(1 << 16)
             except TimeoutError:
-                stalled[0] = True
+                body_error.append(RequestTimeout(
+                    f"the request body stopped arriving for {self.body_timeout_s:g}s"))
+                raise
+            except HttpProcessingError:
+                body_error.append(MalformedBody("malformed request body (chunked framing)"))
                 raise
             if not chunk:
                 return
@@ -203,18 +213,17 @@ class Forwarder:
         headers = self._request_headers(request, upstream, span, ctx)
         first_byte_s = self.config.first_byte_timeout_s
         deadline_s = self._remaining(ctx)
-        stalled = [False]
+        body_error: list[ProxyError] = []
         try:
             try:
                 async with asyncio.timeout(min(first_byte_s, deadline_s)):
                     upstream_response = await session.request(
                         request.method, upstream.target(request.raw_path), headers=headers,
-                        data=self._request_data(request, ctx, stalled), allow_redirects=False,
+                        data=self._request_data(request, ctx, body_error), allow_redirects=False,
                         skip_auto_headers=_SKIP_AUTO, compress=None)
-            except (TimeoutError, aiohttp.ClientError, ConnectionError):
-                if stalled[0]:  # the client's upload stalled, not the replica
-                    raise RequestTimeout(f"the request body stopped arriving for "
-                                         f"{self.body_timeout_s:g}s") from None
+            except (TimeoutError, aiohttp.ClientError, ConnectionError, HttpProcessingError):
+                if body_error:  # the client's upload failed, not the replica
+                    raise body_error[0] from None
                 raise
         except TimeoutError:
             if deadline_s < first_byte_s:

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -31,6 +32,7 @@ from .context import CONTEXT, RequestContext
 from .errors import (
     InternalProxyError,
     InvalidRequest,
+    MalformedBody,
     ProxyError,
     RequestHeaderFieldsTooLarge,
     RequestPayloadTooLarge,
@@ -61,7 +63,10 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 4
                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                     503: "overloaded_error", 529: "overloaded_error"}
 _HEADER_VALUE_LIMIT = 1024
-_CLOSE_AFTER = (RequestPayloadTooLarge, RequestHeaderFieldsTooLarge, RequestTimeout, ShuttingDown)
+
+
+_CLOSE_AFTER = (RequestPayloadTooLarge, RequestHeaderFieldsTooLarge, RequestTimeout, ShuttingDown,
+                MalformedBody)
 """Errors after which the connection cannot (or should not) carry another request."""
 
 
@@ -304,7 +309,10 @@ class Ingress:
         chunks: list[bytes] = []
         size = 0
         while True:
-            chunk = content.read_nowait()
+            try:
+                chunk = content.read_nowait()
+            except HttpProcessingError:
+                raise MalformedBody("malformed request body (chunked framing)") from None
             if not chunk:
                 if content.is_eof():
                     break
@@ -314,6 +322,8 @@ class Ingress:
                 except TimeoutError:
                     raise RequestTimeout(f"the request body stopped arriving for "
                                          f"{self.body_timeout_s:g}s") from None
+                except HttpProcessingError:
+                    raise MalformedBody("malformed request body (chunked framing)") from None
                 if not chunk:
                     break
             size += len(chunk)

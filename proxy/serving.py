@@ -22,6 +22,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -106,6 +108,8 @@ class EdgeHandler(RequestHandler):
         self._head_deadline: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         """Bytes of the head being received; -1 while a request body is being received."""
+        self._body: StreamReader | None = None
+        """The body being received, if any."""
         self._counted = False
 
     def _arm(self) -> None:
@@ -145,6 +149,7 @@ class EdgeHandler(RequestHandler):
 
     def _body_done(self) -> None:
         self._head_bytes = max(self._head_bytes, 0)
+        self._body = None
 
     def data_received(self, data: bytes) -> None:
         before = self._request_count
@@ -156,11 +161,21 @@ class EdgeHandler(RequestHandler):
         if self._request_count != before:
             self._disarm()
             self._head_bytes = 0
+            body = self._body
+            if body is not None and not body.is_eof() and any(
+                    not isinstance(message, RawRequestMessage) for message, _ in self._messages):
+                # The parser failed inside the body being received (bad chunk framing): aiohttp
+                # queues a 400 for after the request, whose handler would wait for body bytes that
+                # will never be parsed. Fail the body now, so it is answered at once.
+                body.set_exception(BadHttpMessage("malformed request body"))
+                body.feed_eof()  # nothing more will come: no lingering read of it either
+            self._body = None
             if self._messages:
                 payload = self._messages[-1][1]
                 if not payload.is_eof():
                     # A body follows: its bytes are not head bytes. Count again once it has ended.
                     self._head_bytes = -1
+                    self._body = payload
                     payload.on_eof(self._body_done)
         else:
             if idle:
