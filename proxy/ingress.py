@@ -63,6 +63,7 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 4
                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                     503: "overloaded_error", 529: "overloaded_error"}
 _HEADER_VALUE_LIMIT = 1024
+_SPAN_TEXT_LIMIT = 1024
 
 
 _CLOSE_AFTER = (RequestPayloadTooLarge, RequestHeaderFieldsTooLarge, RequestTimeout, ShuttingDown,
@@ -170,9 +171,10 @@ class Ingress:
         span = self.telemetry.tracer.start_span(
             f"{request.method} {route}" if route else request.method, context=parent,
             kind=SpanKind.SERVER, attributes={
-                **base_attributes, semconv.ATTR_URL_PATH: request.path,
+                # Client-chosen strings on spans are bounded (a head may carry 64 KiB of them).
+                **base_attributes, semconv.ATTR_URL_PATH: request.path[:_SPAN_TEXT_LIMIT],
                 semconv.ATTR_URL_SCHEME: request.scheme,
-                semconv.ATTR_USER_AGENT: request.headers.get("User-Agent", "")})
+                semconv.ATTR_USER_AGENT: request.headers.get("User-Agent", "")[:_SPAN_TEXT_LIMIT]})
         ctx.root_span = span
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         response: web.StreamResponse | None = None
