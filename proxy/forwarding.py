@@ -284,26 +284,31 @@ class Forwarder:
         timer = asyncio.timeout_at(min(loop.time() + idle, hard_stop))
         attempt = ctx.attempt
         stop = self.stop
-        if stop is not None:
-            stop.relay(ctx.request_id, timer)
         try:
             async with timer:
-                while True:
-                    chunk = await content.readany()
-                    if not response.prepared:
-                        ctx.status = upstream_response.status
-                        span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
-                        await response.prepare(request)
-                    if not chunk:
-                        break
-                    if ctx.first_byte_at is None:
-                        ctx.first_byte_at = time.monotonic()
-                        self._record_first_chunk(ctx, started)
-                    if attempt is not None:
-                        attempt.last_progress = time.monotonic()
-                    scanner.feed(chunk)
-                    await response.write(chunk)
-                    timer.reschedule(min(loop.time() + idle, hard_stop))
+                # Registered only while the timer is entered: the stop sequence may fire it then.
+                if stop is not None:
+                    stop.relay(ctx.request_id, timer)
+                try:
+                    while True:
+                        chunk = await content.readany()
+                        if not response.prepared:
+                            ctx.status = upstream_response.status
+                            span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
+                            await response.prepare(request)
+                        if not chunk:
+                            break
+                        if ctx.first_byte_at is None:
+                            ctx.first_byte_at = time.monotonic()
+                            self._record_first_chunk(ctx, started)
+                        if attempt is not None:
+                            attempt.last_progress = time.monotonic()
+                        scanner.feed(chunk)
+                        await response.write(chunk)
+                        timer.reschedule(min(loop.time() + idle, hard_stop))
+                finally:
+                    if stop is not None:
+                        stop.relay_done(ctx.request_id)
         except TimeoutError:
             if stop is not None and stop.expired:
                 message = "the proxy is shutting down; the response was cut short"
@@ -329,9 +334,6 @@ class Forwarder:
                 await self._fail_mid_stream(request, response, ctx, "upstream_reset_after_response_started",
                                             "upstream connection lost mid-response "
                                             f"({type(exc).__name__})")
-        finally:
-            if stop is not None:
-                stop.relay_done(ctx.request_id)
         ctx.bytes_out = scanner.bytes_seen
         ctx.usage = scanner.usage()
         if ctx.outcome == "ok":

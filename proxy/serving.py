@@ -12,6 +12,7 @@ beyond `max_connections` with an immediate 503. `GracefulStop` and `run_until_si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import signal
@@ -385,6 +386,7 @@ class GracefulStop:
         return True
 
     def relay(self, key: str, timer: asyncio.Timeout) -> None:
+        """Register the relay of `key` with its (entered) idle timer; fired at once if already expired."""
         if self.expired:
             timer.reschedule(asyncio.get_running_loop().time())
         self._relays[key] = timer
@@ -399,7 +401,8 @@ class GracefulStop:
         for key, task in list(self._requests.items()):
             timer = self._relays.get(key)
             if timer is not None:
-                timer.reschedule(now)
+                with contextlib.suppress(RuntimeError):  # it fired already: that relay is ending
+                    timer.reschedule(now)
             else:
                 self._ending.add(key)
                 task.cancel()
