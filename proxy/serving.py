@@ -23,9 +23,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
-from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 __all__ = [
@@ -164,7 +163,7 @@ class EdgeHandler(RequestHandler):
             self._head_bytes = 0
             body = self._body
             if body is not None and not body.is_eof() and any(
-                    not isinstance(message, RawRequestMessage) for message, _ in self._messages):
+                    isinstance(message, _ErrInfo) for message, _ in self._messages):
                 # The parser failed inside the body being received (bad chunk framing): aiohttp
                 # queues a 400 for after the request, whose handler would wait for body bytes that
                 # will never be parsed. Fail the body now, so it is answered at once.
