@@ -10,6 +10,7 @@ __all__ = [
     "Forbidden",
     "InternalProxyError",
     "InvalidRequest",
+    "MalformedBody",
     "NoHealthyUpstream",
     "Overload",
     "PromptTooLong",
@@ -128,6 +129,10 @@ class InvalidRequest(ProxyError):
 
     status = 400
     code = "invalid_request"
+
+
+class MalformedBody(InvalidRequest):
+    """The request body's framing is broken (a bad chunk); the connection cannot be reused."""
 
 
 class RateLimited(ProxyError):

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, istr
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -36,6 +37,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from .config import ForwardingConfig
 from .context import CONTEXT, RequestContext
 from .errors import (
+    MalformedBody,
+    ProxyError,
     RequestTimeout,
     ShuttingDown,
     UpstreamBusy,
@@ -147,21 +150,28 @@ class Forwarder:
         headers.update(carrier)
         return headers
 
-    def _request_data(self, request: web.Request, ctx: RequestContext, stalled: list[bool]) -> Any:
+    def _request_data(self, request: web.Request, ctx: RequestContext,
+                      body_error: list[ProxyError]) -> Any:
         if ctx.route.streams_body_upload:
-            return self._streamed_body(request, stalled)
+            return self._streamed_body(request, body_error)
         return ctx.body
 
-    async def _streamed_body(self, request: web.Request, stalled: list[bool]) -> AsyncIterator[bytes]:
-        """The client's body as it arrives; sets `stalled[0]` and stops when nothing came for
-        `body_timeout_s` (the upstream call then fails and `_exchange` reports a 408)."""
+    async def _streamed_body(self, request: web.Request,
+                             body_error: list[ProxyError]) -> AsyncIterator[bytes]:
+        """The client's body as it arrives. When nothing came for `body_timeout_s`, or its framing
+        broke, the error is put in `body_error` and the upload stops (the upstream call then fails and
+        `_exchange` reports the client's error, not the replica's)."""
         content = request.content
         while True:
             try:
                 async with asyncio.timeout(self.body_timeout_s):
                     chunk = await content.read(1 << 16)
             except TimeoutError:
-                stalled[0] = True
+                body_error.append(RequestTimeout(
+                    f"the request body stopped arriving for {self.body_timeout_s:g}s"))
+                raise
+            except HttpProcessingError:
+                body_error.append(MalformedBody("malformed request body (chunked framing)"))
                 raise
             if not chunk:
                 return
@@ -208,18 +218,17 @@ class Forwarder:
         headers = self._request_headers(request, upstream, span, ctx)
         first_byte_s = self.config.first_byte_timeout_s
         deadline_s = self._remaining(ctx)
-        stalled = [False]
+        body_error: list[ProxyError] = []
         try:
             try:
                 async with asyncio.timeout(min(first_byte_s, deadline_s)):
                     upstream_response = await session.request(
                         request.method, upstream.target(request.raw_path), headers=headers,
-                        data=self._request_data(request, ctx, stalled), allow_redirects=False,
+                        data=self._request_data(request, ctx, body_error), allow_redirects=False,
                         skip_auto_headers=_SKIP_AUTO, compress=None)
-            except (TimeoutError, aiohttp.ClientError, ConnectionError):
-                if stalled[0]:  # the client's upload stalled, not the replica
-                    raise RequestTimeout(f"the request body stopped arriving for "
-                                         f"{self.body_timeout_s:g}s") from None
+            except (TimeoutError, aiohttp.ClientError, ConnectionError, HttpProcessingError):
+                if body_error:  # the client's upload failed, not the replica
+                    raise body_error[0] from None
                 raise
         except TimeoutError:
             if deadline_s < first_byte_s:
@@ -282,26 +291,31 @@ class Forwarder:
         timer = asyncio.timeout_at(min(loop.time() + idle, hard_stop))
         attempt = ctx.attempt
         stop = self.stop
-        if stop is not None:
-            stop.relay(ctx.request_id, timer)
         try:
             async with timer:
-                while True:
-                    chunk = await content.readany()
-                    if not response.prepared:
-                        ctx.status = upstream_response.status
-                        span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
-                        await response.prepare(request)
-                    if not chunk:
-                        break
-                    if ctx.first_byte_at is None:
-                        ctx.first_byte_at = time.monotonic()
-                        self._record_first_chunk(ctx, started)
-                    if attempt is not None:
-                        attempt.last_progress = time.monotonic()
-                    scanner.feed(chunk)
-                    await response.write(chunk)
-                    timer.reschedule(min(loop.time() + idle, hard_stop))
+                # Registered only while the timer is entered: the stop sequence may fire it then.
+                if stop is not None:
+                    stop.relay(ctx.request_id, timer)
+                try:
+                    while True:
+                        chunk = await content.readany()
+                        if not response.prepared:
+                            ctx.status = upstream_response.status
+                            span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
+                            await response.prepare(request)
+                        if not chunk:
+                            break
+                        if ctx.first_byte_at is None:
+                            ctx.first_byte_at = time.monotonic()
+                            self._record_first_chunk(ctx, started)
+                        if attempt is not None:
+                            attempt.last_progress = time.monotonic()
+                        scanner.feed(chunk)
+                        await response.write(chunk)
+                        timer.reschedule(min(loop.time() + idle, hard_stop))
+                finally:
+                    if stop is not None:
+                        stop.relay_done(ctx.request_id)
         except TimeoutError:
             if stop is not None and stop.expired:
                 message = "the proxy is shutting down; the response was cut short"
@@ -327,9 +341,6 @@ class Forwarder:
                 await self._fail_mid_stream(request, response, ctx, "upstream_reset_after_response_started",
                                             "upstream connection lost mid-response "
                                             f"({type(exc).__name__})")
-        finally:
-            if stop is not None:
-                stop.relay_done(ctx.request_id)
         ctx.bytes_out = scanner.bytes_seen
         ctx.usage = scanner.usage()
         if ctx.outcome == "ok":

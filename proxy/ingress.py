@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -31,6 +32,7 @@ from .context import CONTEXT, RequestContext
 from .errors import (
     InternalProxyError,
     InvalidRequest,
+    MalformedBody,
     ProxyError,
     RequestHeaderFieldsTooLarge,
     RequestPayloadTooLarge,
@@ -61,7 +63,11 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 4
                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                     503: "overloaded_error", 529: "overloaded_error"}
 _HEADER_VALUE_LIMIT = 1024
-_CLOSE_AFTER = (RequestPayloadTooLarge, RequestHeaderFieldsTooLarge, RequestTimeout, ShuttingDown)
+_SPAN_TEXT_LIMIT = 1024
+
+
+_CLOSE_AFTER = (RequestPayloadTooLarge, RequestHeaderFieldsTooLarge, RequestTimeout, ShuttingDown,
+                MalformedBody)
 """Errors after which the connection cannot (or should not) carry another request."""
 
 
@@ -165,9 +171,10 @@ class Ingress:
         span = self.telemetry.tracer.start_span(
             f"{request.method} {route}" if route else request.method, context=parent,
             kind=SpanKind.SERVER, attributes={
-                **base_attributes, semconv.ATTR_URL_PATH: request.path,
+                # Client-chosen strings on spans are bounded (a head may carry 64 KiB of them).
+                **base_attributes, semconv.ATTR_URL_PATH: request.path[:_SPAN_TEXT_LIMIT],
                 semconv.ATTR_URL_SCHEME: request.scheme,
-                semconv.ATTR_USER_AGENT: request.headers.get("User-Agent", "")})
+                semconv.ATTR_USER_AGENT: request.headers.get("User-Agent", "")[:_SPAN_TEXT_LIMIT]})
         ctx.root_span = span
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         response: web.StreamResponse | None = None
@@ -306,7 +313,10 @@ class Ingress:
         chunks: list[bytes] = []
         size = 0
         while True:
-            chunk = content.read_nowait()
+            try:
+                chunk = content.read_nowait()
+            except HttpProcessingError:
+                raise MalformedBody("malformed request body (chunked framing)") from None
             if not chunk:
                 if content.is_eof():
                     break
@@ -316,6 +326,8 @@ class Ingress:
                 except TimeoutError:
                     raise RequestTimeout(f"the request body stopped arriving for "
                                          f"{self.body_timeout_s:g}s") from None
+                except HttpProcessingError:
+                    raise MalformedBody("malformed request body (chunked framing)") from None
                 if not chunk:
                     break
             size += len(chunk)

@@ -12,6 +12,7 @@ beyond `max_connections` with an immediate 503. `GracefulStop` and `run_until_si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import signal
@@ -22,7 +23,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 __all__ = [
@@ -106,6 +108,8 @@ class EdgeHandler(RequestHandler):
         self._head_deadline: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         """Bytes of the head being received; -1 while a request body is being received."""
+        self._body: StreamReader | None = None
+        """The body being received, if any."""
         self._counted = False
 
     def _arm(self) -> None:
@@ -145,6 +149,7 @@ class EdgeHandler(RequestHandler):
 
     def _body_done(self) -> None:
         self._head_bytes = max(self._head_bytes, 0)
+        self._body = None
 
     def data_received(self, data: bytes) -> None:
         before = self._request_count
@@ -156,11 +161,21 @@ class EdgeHandler(RequestHandler):
         if self._request_count != before:
             self._disarm()
             self._head_bytes = 0
+            body = self._body
+            if body is not None and not body.is_eof() and any(
+                    isinstance(message, _ErrInfo) for message, _ in self._messages):
+                # The parser failed inside the body being received (bad chunk framing): aiohttp
+                # queues a 400 for after the request, whose handler would wait for body bytes that
+                # will never be parsed. Fail the body now, so it is answered at once.
+                body.set_exception(BadHttpMessage("malformed request body"))
+                body.feed_eof()  # nothing more will come: no lingering read of it either
+            self._body = None
             if self._messages:
                 payload = self._messages[-1][1]
                 if not payload.is_eof():
                     # A body follows: its bytes are not head bytes. Count again once it has ended.
                     self._head_bytes = -1
+                    self._body = payload
                     payload.on_eof(self._body_done)
         else:
             if idle:
@@ -370,6 +385,7 @@ class GracefulStop:
         return True
 
     def relay(self, key: str, timer: asyncio.Timeout) -> None:
+        """Register the relay of `key` with its (entered) idle timer; fired at once if already expired."""
         if self.expired:
             timer.reschedule(asyncio.get_running_loop().time())
         self._relays[key] = timer
@@ -384,7 +400,8 @@ class GracefulStop:
         for key, task in list(self._requests.items()):
             timer = self._relays.get(key)
             if timer is not None:
-                timer.reschedule(now)
+                with contextlib.suppress(RuntimeError):  # it fired already: that relay is ending
+                    timer.reschedule(now)
             else:
                 self._ending.add(key)
                 task.cancel()

@@ -486,3 +486,22 @@ def test_too_many_headers_is_431(proxy: Server) -> None:
     assert response.status == 431
     assert response.json()["code"] == "request_header_fields_too_large"
     assert response.closed
+
+
+@pytest.mark.parametrize("path", [b"/api/generate", b"/api/blobs/sha256:" + b"c" * 64])
+@pytest.mark.parametrize("broken", [b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n"], ids=["size", "crlf"])
+def test_a_broken_chunk_after_the_head_is_a_400(proxy: Server, path: bytes, broken: bytes) -> None:
+    """Chunked framing that breaks after the head was parsed (in a later packet): a 400 for that
+    request (not a wait for the body timeout, nor a 502 blamed on the replica), then close."""
+    with connect(proxy.port) as sock:
+        first = b"5\r\nhello\r\n" if b"blobs" in path else b""  # a blob upload already under way
+        sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + _auth()
+                     + b"Transfer-Encoding: chunked\r\n\r\n" + first)
+        time.sleep(0.3)
+        sock.sendall(broken)
+        response = read_response(sock, 10)
+    assert response.status == 400, response.body
+    assert response.json()["code"] == "invalid_request"
+    assert response.closed
+    time.sleep(0.2)
+    assert "Traceback" not in proxy.log()
