@@ -157,12 +157,19 @@ class QuotasStep(Step):
                 raise
         renewer = asyncio.ensure_future(self._renew(lease_key, holder)) if leased else None
         started = time.monotonic()
+        refund_request = False
         try:
             return await handler(request)
+        except ProxyError as refusal:
+            # A later step refused for lack of capacity (queue full, no replica, shutting down) and
+            # told the client when to come back: that retry must not meet a 429 for the attempt the
+            # proxy itself turned away.
+            refund_request = took_request and refusal.status == 503
+            raise
         finally:
             if renewer is not None:
                 renewer.cancel()
-            await asyncio.shield(self._settle(ctx, tenant, holder, leased, reserved))
+            await asyncio.shield(self._settle(ctx, tenant, holder, leased, reserved, refund_request))
             self._observe_duration(tenant, time.monotonic() - started)
 
     @staticmethod
@@ -226,18 +233,21 @@ class QuotasStep(Step):
             await self.state.adjust(tpm_key, tpm, tpm / 60, reserved)
 
     async def _settle(self, ctx: RequestContext, tenant: Tenant, holder: str, leased: bool,
-                      reserved: int) -> None:
+                      reserved: int, refund_request: bool = False) -> None:
         try:
-            await self._settle_all(ctx, tenant, holder, leased, reserved)
+            await self._settle_all(ctx, tenant, holder, leased, reserved, refund_request)
         except Exception as exc:  # the response is out: nothing may raise into it
             log.warning("quotas: settling tenant %s's request failed (%s)", tenant.name,
                         type(exc).__name__)
 
     async def _settle_all(self, ctx: RequestContext, tenant: Tenant, holder: str, leased: bool,
-                          reserved: int) -> None:
-        _, tpm_key, lease_key = self.keys(tenant)
+                          reserved: int, refund_request: bool = False) -> None:
+        rpm_key, tpm_key, lease_key = self.keys(tenant)
         if leased:
             await self.state.release(lease_key, holder)
+        if refund_request and tenant.requests_per_minute is not None:
+            rpm = tenant.requests_per_minute
+            await self.state.adjust(rpm_key, rpm, rpm / 60, 1)
         if not reserved or tenant.tokens_per_minute is None:
             return
         usage = ctx.usage

@@ -23,7 +23,7 @@ from proxy.state.memory import MemoryState
 from proxy.state.redis import RedisState
 from tests.support.metrics import metric
 from tests.support.redis_server import RedisServer
-from tests.support.servers import Server, start_emulator, start_proxy
+from tests.support.servers import Server, free_port, start_emulator, start_proxy
 
 ADMIN, RPM, TPM, CONC, ALL = "sk-admin", "sk-rpm", "sk-tpm", "sk-conc", "sk-all"
 TENANTS = [
@@ -326,3 +326,22 @@ async def test_every_decision_names_its_limits(tmp: Path) -> None:
     finally:
         await asyncio.to_thread(proxy.stop)
         await asyncio.to_thread(slow.stop)
+
+
+def test_a_capacity_refusal_downstream_gives_the_request_back(tmp: Path) -> None:
+    """A 503 from backpressure or health says "come back in N s": the retry must not then meet a 429
+    for the attempt the proxy itself turned away."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    proxy = start_proxy(tmp, [dead], {"admin": {"keys": [ADMIN]}, "tenants": TENANTS, "chain": {
+        "health": {"probe_interval_s": 0.3, "probe_timeout_s": 0.5}}}, name="refund")
+    try:
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{proxy.url}/readyz").status_code != 503:
+            assert time.monotonic() < deadline, "the dead replica was never marked down"
+            time.sleep(0.1)
+        answers = [_chat(proxy, RPM) for _ in range(5)]  # more than its 3 requests per minute
+        assert [a.status_code for a in answers] == [503] * 5, [a.text for a in answers]
+        assert all(a.json()["code"] == "no_healthy_upstream" for a in answers)
+        assert _quotas(proxy)["rpm"]["requests_per_minute"]["remaining"] >= 2.9
+    finally:
+        proxy.stop()
