@@ -19,8 +19,8 @@ def main() -> None:
     # retries 429/503 after the wait the service asks for (at most 5 attempts, 120 s in all).
     client = ollama.Client(transport=RetryTransport())
     print("answer: ", end="", flush=True)
-    # Streaming first: text arrives as it is produced, and the service's deadline applies to silence
-    # between chunks, not to the whole answer.
+    # Streaming first: text arrives as it is produced, and a long answer never waits silently for its
+    # headers (timeouts of proxies and clients in between apply to silence, and there is none).
     for part in client.chat(model=MODEL, stream=True,
                             messages=[{"role": "user", "content": "Why is the sky blue?"}]):
         print(part.message.content, end="", flush=True)

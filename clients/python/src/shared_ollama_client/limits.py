@@ -30,8 +30,9 @@ class ServiceLimits:
     """One parsed `X-Service-Limits` header.
 
     `version` is the `v=` value; `raw` holds every well-formed `key=value` (unknown keys included, as
-    strings). The typed properties read `raw` and are None when the key is absent, not a number, or the
-    version is not one this package understands (`understood` is False then).
+    strings). The typed properties (the keys of v=1) read `raw` and are None when the key is absent, not
+    a number, or the version is not one this package understands (`understood` is False then); `number`
+    reads any other key the same way.
     """
 
     version: int
@@ -74,16 +75,6 @@ class ServiceLimits:
     def requests_per_minute(self) -> float | None:
         """The caller's request rate limit."""
         return self.number("requests_per_minute")
-
-    @property
-    def tokens_per_minute(self) -> float | None:
-        """The caller's token rate limit (prompt plus output)."""
-        return self.number("tokens_per_minute")
-
-    @property
-    def max_concurrent(self) -> int | None:
-        """Requests the caller may have in flight at once."""
-        return self._int("max_concurrent")
 
 
 def parse_limits(value: str) -> ServiceLimits | None:
