@@ -686,3 +686,32 @@ def test_python_rag(fleet: Fleet) -> None:
     out = run_example([sys.executable, "examples/python/rag.py"], fleet).stdout
     assert "embedded " in out and "retrieved: " in out and "\nanswer: " in out
     assert int(out.split("embedded ")[1].split()[0]) >= 3
+
+
+@pytest.mark.parametrize(("scenario", "config"), [
+    ("rate", {"requests_per_minute": 60}, ),  # a tenant at 60 a minute, the queue roomy
+    ("queue", {"max_queue_size": 4}),  # no rate limit, a queue of 4 before one slot
+])
+def test_burst_with_and_without_the_helper(tmp: Path, scenario: str, config: dict[str, Any]) -> None:
+    """The closing-note comparison: a burst of 70 jobs, 8 at a time, larger than the tenant's rate or
+    the model's queue. Asserted: the helper finishes every job and the bare client does not; the times
+    are printed (run with -s), not asserted."""
+    emulator = start_emulator(tmp, decode_tokens_per_s=200, fixed_clock=False, name=f"burst-{scenario}")
+    rpm = {"requests_per_minute": config["requests_per_minute"]} if "requests_per_minute" in config else {}
+    tenants = [{"name": name, "keys": [f"sk-{name}"], **rpm} for name in ("bare", "helper")]
+    queue = {"max_queue_size": config.get("max_queue_size", 64)}
+    proxy = start_proxy(tmp, [emulator.url], {"tenants": tenants, "chain": {"backpressure": queue}},
+                        name=f"burst-{scenario}-proxy")
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "SOP_", "OTEL_"))}
+        env.update(OLLAMA_HOST=proxy.url, BARE_KEY="sk-bare", HELPER_KEY="sk-helper", JOBS="70",
+                   WORKERS="8")
+        done = subprocess.run([sys.executable, "examples/python/burst_compare.py"], env=env, check=False,
+                              capture_output=True, text=True, timeout=170, cwd=ROOT)
+        assert done.returncode == 0, done.stdout + done.stderr
+        print(f"\nscenario {scenario}: {config}\n{done.stdout}")
+        rows = [line for line in done.stdout.splitlines() if line.startswith(("| bare", "| ollama"))]
+        assert len(rows) == 2 and "| 70/70 " not in rows[0] and "| 70/70 (100 %) |" in rows[1], done.stdout
+    finally:
+        proxy.stop()
+        emulator.stop()
