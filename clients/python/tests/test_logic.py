@@ -39,6 +39,7 @@ def test_retry_decision() -> None:
     assert retry_delay(policy, 1, 200, {}, rng) is None
     assert retry_delay(policy, 1, 500, {}, rng) is None
     assert retry_delay(policy, 1, 500, {"x-should-retry": "true"}, rng) is not None
+    assert retry_delay(policy, 1, 200, {"x-should-retry": "true"}, rng) is None
     assert retry_delay(policy, 1, 429, {"x-should-retry": "false", "retry-after": "1"}, rng) is None
     assert retry_delay(policy, 1, 429, {"retry-after": "61"}, rng) is None  # a refusal, not a wait
     for _ in range(100):

@@ -51,7 +51,7 @@ export interface RetryInfo {
  * Retried: 429, 502, 503, 504 (the proxy answers 502/504 only before the first body byte) and refused
  * connections. The wait is the server's (`retry-after-ms`, else `Retry-After` seconds or HTTP date) plus
  * up to `retryAfterJitter` of it, else exponential backoff with full jitter. Never retried: an answer
- * with `x-should-retry: false`, any other status (unless `x-should-retry: true`), a response once it is
+ * with `x-should-retry: false`, any other status (unless an error carries `x-should-retry: true`), a response once it is
  * returned (a stream that started: the response is returned as soon as its headers arrive, the body is
  * never buffered), aborts, header timeouts and other network errors, and a request whose body cannot be
  * sent twice (a ReadableStream, or a `Request` with a body). A server wait longer than `maxRetryAfterS`

@@ -40,7 +40,8 @@ export function retryDelay(policy, attempt, response, random = Math.random) {
   let server = null;
   if (response !== null) {
     const should = (response.headers.get("x-should-retry") ?? "").trim().toLowerCase();
-    if (should === "false" || (!policy.statuses.includes(response.status) && should !== "true")) return null;
+    const forced = should === "true" && response.status >= 400; // the OpenAI SDKs' rule
+    if (should === "false" || (!policy.statuses.includes(response.status) && !forced)) return null;
     server = serverDelayS(response.headers);
   }
   if (server !== null) {

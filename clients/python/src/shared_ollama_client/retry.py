@@ -37,8 +37,8 @@ class RetryPolicy:
     body byte, so nothing had started) and connection failures (`httpx.ConnectError`: refused, reset
     while connecting). Never retried: read timeouts and every other exception, any response once it has
     been returned to the caller (a stream that started), an answer carrying `x-should-retry: false`, and
-    a request whose body cannot be sent twice. `x-should-retry: true` makes any status retryable (the
-    header the OpenAI SDKs obey).
+    a request whose body cannot be sent twice. `x-should-retry: true` makes any error status (>= 400)
+    retryable (the header the OpenAI SDKs obey).
 
     The wait is the server's (`retry-after-ms`, else `Retry-After` in seconds or as an HTTP date) plus up
     to `retry_after_jitter` of it, so clients told the same second do not return in the same instant;
@@ -113,7 +113,8 @@ def retry_delay(policy: RetryPolicy, attempt: int, status: int | None,
     if status is not None:
         assert headers is not None
         should = headers.get("x-should-retry", "").strip().lower()
-        if should == "false" or (status not in policy.statuses and should != "true"):
+        forced = should == "true" and status >= 400  # the OpenAI SDKs' rule, for errors only
+        if should == "false" or (status not in policy.statuses and not forced):
             return None
         server = server_delay_s(headers)
     if server is not None:
