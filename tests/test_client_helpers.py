@@ -280,8 +280,9 @@ def test_budget_bounds_the_total_time() -> None:
         with pytest.raises(ollama.ResponseError):
             chat(client(server.url, max_attempts=50, max_total_s=2.0))
         took = time.monotonic() - started
-        # waits of 0.7-0.77 s: a third would end after the 2 s budget, so it is not started
-        assert server.requests == 3 and 1.4 <= took < 2.0 + 1.0
+        # Waits of 0.7-0.77 s: a third wait would end after the 2 s budget, so it is not started (a slow
+        # machine may stop after the first wait already); 50 attempts would take 35 s.
+        assert server.requests in (2, 3) and 0.7 <= took < 2.0 + 1.0
 
 
 def test_a_started_stream_is_never_retried() -> None:
