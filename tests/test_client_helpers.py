@@ -37,6 +37,8 @@ from shared_ollama_client import (
     AsyncRetryTransport,
     RetryPolicy,
     RetryTransport,
+    aembed_documents,
+    astream_chat,
     chunk_text,
     embed_documents,
     estimate_tokens,
@@ -624,6 +626,29 @@ def test_leaving_a_stream_early_cancels_upstream(long_queue_of_one: Server, long
         assert time.monotonic() < deadline, long_answers.stats()
         time.sleep(0.05)
     assert time.monotonic() - started < 8  # the whole answer would take 10 s
+
+
+async def test_async_helpers(limited: Server, long_queue_of_one: Server, long_answers: Server) -> None:
+    """aembed_documents keeps order through ollama.AsyncClient; astream_chat's early exit cancels."""
+    chunks = chunk_text(_corpus(), max_tokens=200)[:7]
+    aclient = ollama.AsyncClient(host=limited.url, transport=AsyncRetryTransport())
+    batched = await aembed_documents(aclient, "nomic-embed-text", chunks, batch_size=3, concurrency=2)
+    single = [(await aclient.embed(model="nomic-embed-text", input=c)).embeddings[0] for c in chunks]
+    assert [[round(v, 6) for v in e] for e in batched] == [[round(v, 6) for v in e] for e in single]
+
+    before = long_answers.stats()["cancelled"]
+    streaming = ollama.AsyncClient(host=long_queue_of_one.url, transport=AsyncRetryTransport())
+    pieces = astream_chat(streaming, "llama3.2", [{"role": "user", "content": "a long story"}])
+    received = ""
+    async for piece in pieces:
+        received += piece
+        if len(received) >= 5:
+            break
+    await pieces.aclose()
+    deadline = time.monotonic() + 10
+    while not (long_answers.stats()["cancelled"] > before and long_answers.stats()["active"] == 0):
+        assert time.monotonic() < deadline, long_answers.stats()
+        await asyncio.sleep(0.05)
 
 
 # --- the Python examples, each against an emulated fleet behind the proxy ---------------------------
