@@ -1,8 +1,8 @@
-"""shared-ollama-client for TypeScript (clients/typescript) under node with the real ollama-js: its own
-`node --test` suite (the retry policy against a scripted server, then against real proxies answering 429
-from a tenant's requests_per_minute and 503 from a full queue, started here), the type declarations
-checked by tsc, chunkText giving the same chunks as the Python chunk_text, and the TypeScript examples
-run against an emulated fleet behind the proxy.
+"""shared-ollama-client for TypeScript (clients/typescript) under node with the real ollama-js (and the
+OpenAI Node SDK): its own `node --test` suite (the retry policy against a scripted server, then against
+real proxies answering 429 from a tenant's requests_per_minute and 503 from a full queue, started here),
+the type declarations checked by tsc, chunkText giving the same chunks as the Python chunk_text, and the
+TypeScript examples run against an emulated fleet behind the proxy.
 
 Needs node >= 18 and the npm packages: `npm ci --prefix clients/typescript && npm ci --prefix
 examples/typescript`. Without them these tests fail (they are part of the contract), saying what to run.
@@ -83,7 +83,7 @@ def queue_of_one(tmp: Path) -> Iterator[Server]:
 
 def test_node_suite_against_the_proxy(limited: Server, queue_of_one: Server) -> None:
     node = _node()
-    _installed(PACKAGE, "ollama")
+    _installed(PACKAGE, "ollama", "openai")
     done = subprocess.run(
         [node, "--test", "--test-reporter=tap", "test/"], cwd=PACKAGE, check=False, capture_output=True,
         text=True, timeout=170, env=_env(
@@ -91,7 +91,7 @@ def test_node_suite_against_the_proxy(limited: Server, queue_of_one: Server) -> 
             SOC_QUEUE_URL=queue_of_one.url, SOC_ADMIN_KEY=ADMIN))
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "# fail 0" in done.stdout and "# skipped 0" in done.stdout, done.stdout[-2000:]
-    assert int(done.stdout.split("# pass ")[1].split()[0]) >= 18  # policy tests and the 3 proxy tests
+    assert int(done.stdout.split("# pass ")[1].split()[0]) >= 19  # policy tests and the 4 proxy tests
 
 
 def test_declarations_type_check() -> None:

@@ -91,3 +91,23 @@ test("a full queue's 503 is waited as told", { skip }, async () => {
   assert.ok(rec.attempts.every((a) => a.status === 503 || a.status === 200));
   assertWaitedAsTold(rec.attempts);
 });
+
+test("the OpenAI Node SDK through retryingFetch (its own retries off)", { skip }, async () => {
+  const { default: OpenAI } = await import("openai");
+  const rec = recorder();
+  const openai = new OpenAI({ baseURL: `${env.SOC_LIMITED_URL}/v1`, apiKey: env.SOC_BURST_KEY, maxRetries: 0,
+    fetch: retryingFetch({ ...quiet, fetch: rec.fetch }) });
+  for (let i = 0; i < 300; i++) {
+    rec.attempts.length = 0;
+    const completion = await openai.chat.completions.create({ model: "llama3.2", max_tokens: 4,
+      messages: [{ role: "user", content: "hi" }] });
+    assert.ok(completion.choices[0].message.content);
+    if (rec.attempts.some((a) => a.status === 429)) {
+      assert.equal(rec.attempts[0].status, 429);
+      assert.equal(rec.attempts.at(-1).status, 200);
+      assertWaitedAsTold(rec.attempts);
+      return;
+    }
+  }
+  assert.fail("never refused");
+});
