@@ -91,7 +91,7 @@ def test_node_suite_against_the_proxy(limited: Server, queue_of_one: Server) -> 
             SOC_QUEUE_URL=queue_of_one.url, SOC_ADMIN_KEY=ADMIN))
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "# fail 0" in done.stdout and "# skipped 0" in done.stdout, done.stdout[-2000:]
-    assert int(done.stdout.split("# pass ")[1].split()[0]) >= 19  # policy tests and the 4 proxy tests
+    assert int(done.stdout.split("# pass ")[1].split()[0]) >= 21  # 16 policy tests and the 5 proxy tests
 
 
 def test_declarations_type_check() -> None:

@@ -93,3 +93,33 @@ export function estimateTokens(text: string): number;
 /** Split `text` into chunks of at most `maxTokens` tokens, in document order, paragraph- then
  * sentence-aware; deterministic. */
 export function chunkText(text: string, options: ChunkOptions): string[];
+
+/**
+ * A parsed `X-Service-Limits` header. Versioning rules: within a version keys are only added, never
+ * renamed or given a new meaning; a change of meaning is a new `v=`. So `raw` keeps every key (unknown
+ * ones included) and the typed fields are set only for versions this package understands.
+ */
+export interface ServiceLimits {
+  version: number;
+  /** Every well-formed key, its value as sent. */
+  raw: Record<string, string>;
+  /** Whether the meanings of the typed fields are known for this version. */
+  understood: boolean;
+  /** Largest request body accepted, in bytes. */
+  maxBodyBytes?: number;
+  /** Largest prompt accepted, in the model's tokens. */
+  maxPromptTokens?: number;
+  /** The request's deadline, in seconds. */
+  deadlineS?: number;
+  /** The tenant's request rate limit. */
+  requestsPerMinute?: number;
+}
+
+/** Versions of `X-Service-Limits` whose keys this package understands. */
+export const SUPPORTED_LIMITS_VERSIONS: readonly number[];
+
+/** Parse an `X-Service-Limits` value; null without an integer `v=` first. */
+export function parseServiceLimits(value: string): ServiceLimits | null;
+
+/** The `X-Service-Limits` of a response (or headers), or null when absent or unparseable. */
+export function serviceLimits(response: Response | Headers): ServiceLimits | null;

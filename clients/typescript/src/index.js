@@ -249,3 +249,48 @@ export function chunkText(text, { maxTokens, overlap = 0, countTokens = estimate
   if (current.length) chunks.push(join(current));
   return chunks;
 }
+
+export const SUPPORTED_LIMITS_VERSIONS = Object.freeze([1]);
+const LIMIT_KEY = /^[a-z][a-z0-9_]{0,63}$/;
+const LIMIT_VALUE = /^[A-Za-z0-9_.:+-]{1,64}$/;
+const V1_KEYS = Object.freeze({ max_body_bytes: "maxBodyBytes", max_prompt_tokens: "maxPromptTokens",
+  deadline_s: "deadlineS", requests_per_minute: "requestsPerMinute" });
+
+/** Parse an `X-Service-Limits` value (`v=1; key=value; ...`); null without an integer `v=` first.
+ * Bounded (4096 characters, 64 keys) and malformed parts skipped: the header comes from the network.
+ * @param {string} value @returns {import("./index.d.ts").ServiceLimits | null} */
+export function parseServiceLimits(value) {
+  const parts = value.slice(0, 4096).split(";").map((p) => p.trim());
+  if (!parts[0]?.startsWith("v=") || !/^\d+$/.test(parts[0].slice(2))) return null;
+  const version = Number(parts[0].slice(2));
+  /** @type {Record<string, string>} */
+  const raw = {};
+  for (const part of parts.slice(1)) {
+    const at = part.indexOf("=");
+    if (at < 0) continue;
+    const key = part.slice(0, at).trim();
+    const item = part.slice(at + 1).trim();
+    if (LIMIT_KEY.test(key) && LIMIT_VALUE.test(item) && !(key in raw)) {
+      raw[key] = item;
+      if (Object.keys(raw).length >= 64) break;
+    }
+  }
+  const understood = SUPPORTED_LIMITS_VERSIONS.includes(version);
+  /** @type {import("./index.d.ts").ServiceLimits} */
+  const limits = { version, raw, understood };
+  if (understood) {
+    for (const [key, name] of Object.entries(V1_KEYS)) {
+      const number = key in raw ? Number(raw[key]) : NaN;
+      if (Number.isFinite(number)) Object.assign(limits, { [name]: number });
+    }
+  }
+  return limits;
+}
+
+/** The `X-Service-Limits` of a response (or of its headers), or null.
+ * @param {Response | Headers} response @returns {import("./index.d.ts").ServiceLimits | null} */
+export function serviceLimits(response) {
+  const headers = response instanceof Headers ? response : response.headers;
+  const value = headers.get("x-service-limits");
+  return value === null ? null : parseServiceLimits(value);
+}

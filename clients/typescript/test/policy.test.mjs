@@ -179,3 +179,20 @@ test("server delays and chunking", () => {
   assert.equal(estimateTokens("hello, world"), 5);
   assert.throws(() => chunkText("x", { maxTokens: 4, overlap: 4 }), RangeError);
 });
+
+test("X-Service-Limits parsing is versioned and bounded", async () => {
+  const { parseServiceLimits, serviceLimits } = await import("shared-ollama-client");
+  const parsed = parseServiceLimits("v=1; max_body_bytes=33554432; max_prompt_tokens=4096; deadline_s=120; " +
+    "requests_per_minute=600; future_key=abc");
+  assert.deepEqual(parsed, { version: 1, understood: true, maxBodyBytes: 33554432, maxPromptTokens: 4096,
+    deadlineS: 120, requestsPerMinute: 600, raw: { max_body_bytes: "33554432", max_prompt_tokens: "4096",
+      deadline_s: "120", requests_per_minute: "600", future_key: "abc" } });
+  assert.deepEqual(parseServiceLimits("v=2; max_prompt_tokens=4096"),
+    { version: 2, understood: false, raw: { max_prompt_tokens: "4096" } });
+  assert.equal(parseServiceLimits("max_prompt_tokens=4096"), null);
+  assert.equal(parseServiceLimits("v=x"), null);
+  const junk = parseServiceLimits("v=1; " + Array.from({ length: 1000 }, (_, i) => `k${i}=1`).join("; "));
+  assert.equal(Object.keys(junk.raw).length, 64);
+  assert.equal(serviceLimits(new Headers({ "X-Service-Limits": "v=1; deadline_s=5" })).deadlineS, 5);
+  assert.equal(serviceLimits(new Response("")), null);
+});

@@ -111,3 +111,15 @@ test("the OpenAI Node SDK through retryingFetch (its own retries off)", { skip }
   }
   assert.fail("never refused");
 });
+
+test("X-Service-Limits of a proxy answer", { skip }, async () => {
+  const { serviceLimits } = await import("shared-ollama-client");
+  const response = await retryingFetch(quiet)(`${env.SOC_LIMITED_URL}/api/embed`, { method: "POST",
+    headers: { Authorization: `Bearer ${env.SOC_BURST_KEY}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ model: "nomic-embed-text", input: "x" }) });
+  await response.arrayBuffer();
+  const limits = serviceLimits(response);
+  assert.ok(limits !== null && limits.understood && limits.version === 1);
+  assert.equal(limits.requestsPerMinute, 60);
+  assert.ok(limits.maxBodyBytes > 0);
+});
