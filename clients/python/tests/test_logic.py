@@ -1,0 +1,101 @@
+"""The pure parts of shared-ollama-client (no network): the retry decision, header parsing and chunking.
+Run with `python -m pytest clients/python/tests`; the proxy-level tests are tests/test_client_helpers.py."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+from shared_ollama_client import (
+    RetryPolicy,
+    chunk_text,
+    estimate_tokens,
+    limits,
+    parse_limits,
+    retry_delay,
+    server_delay_s,
+)
+
+
+def test_server_delay_prefers_milliseconds_then_seconds_then_dates() -> None:
+    assert server_delay_s({"retry-after-ms": "250", "retry-after": "7"}) == 0.25
+    assert server_delay_s({"retry-after-ms": "soon", "retry-after": "7"}) == 7.0
+    assert server_delay_s({"retry-after-ms": "-5", "retry-after": "2.5"}) == 2.5
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert server_delay_s({"retry-after": format_datetime(now + timedelta(seconds=30), usegmt=True)},
+                          now) == 30.0
+    assert server_delay_s({"retry-after": format_datetime(now - timedelta(seconds=30), usegmt=True)},
+                          now) == 0.0
+    for bad in ("", "nan", "inf", "-1", "tomorrow"):
+        assert server_delay_s({"retry-after": bad}) is None
+    assert server_delay_s({}) is None
+
+
+def test_retry_decision() -> None:
+    policy = RetryPolicy(retry_after_jitter=0.1)
+    rng = random.Random(1)
+    assert retry_delay(policy, 1, 200, {}, rng) is None
+    assert retry_delay(policy, 1, 500, {}, rng) is None
+    assert retry_delay(policy, 1, 500, {"x-should-retry": "true"}, rng) is not None
+    assert retry_delay(policy, 1, 200, {"x-should-retry": "true"}, rng) is None
+    assert retry_delay(policy, 1, 429, {"x-should-retry": "false", "retry-after": "1"}, rng) is None
+    assert retry_delay(policy, 1, 429, {"retry-after": "61"}, rng) is None  # a refusal, not a wait
+    for _ in range(100):
+        told = retry_delay(policy, 1, 429, {"retry-after": "2"}, rng)
+        assert told is not None and 2.0 <= told <= 2.2
+        backoff = retry_delay(policy, 4, 503, {}, rng)  # no hint: full jitter under 0.5 * 2**3
+        assert backoff is not None and 0 <= backoff <= 4.0
+        assert (retry_delay(policy, 40, None, None, rng) or 0) <= 8.0  # capped
+    with pytest.raises(ValueError):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(ValueError):
+        RetryPolicy(max_total_s=float("nan"))
+
+
+def test_limits_parsing_is_versioned_and_bounded() -> None:
+    parsed = parse_limits("v=1; max_body_bytes=33554432; max_prompt_tokens=4096; deadline_s=120; "
+                          "requests_per_minute=600; future_key=abc")
+    assert parsed is not None and parsed.understood and parsed.version == 1
+    assert (parsed.max_body_bytes, parsed.max_prompt_tokens, parsed.deadline_s,
+            parsed.requests_per_minute) == (33554432, 4096, 120.0, 600.0)
+    assert parsed.number("tokens_per_minute") is None and parsed.number("future_key") is None
+    assert parsed.raw["future_key"] == "abc"  # unknown keys kept, as strings
+    newer = parse_limits("v=2; max_prompt_tokens=4096")
+    assert newer is not None and not newer.understood and newer.max_prompt_tokens is None
+    assert parse_limits("max_prompt_tokens=4096") is None and parse_limits("v=x") is None
+    junk = parse_limits("v=1; " + "; ".join(f"k{i}=1" for i in range(1000)) + "; bad key=1; x=<script>")
+    assert junk is not None and len(junk.raw) == 64
+    assert limits({"X-Service-Limits": "v=1; deadline_s=5"}).deadline_s == 5.0  # type: ignore[union-attr]
+    assert limits({}) is None
+
+
+def test_chunking_boundaries() -> None:
+    assert chunk_text("", 10) == [] and chunk_text(" \n\n ", 10) == []
+    text = "One two three.\n\nFour five six.\n\nSeven eight nine."
+
+    def words(s: str) -> int:
+        return len(s.split())
+
+    assert chunk_text(text, 6, count_tokens=words) == [
+        "One two three.\n\nFour five six.", "Seven eight nine."]
+    # A paragraph over the limit is split at sentences, then at words.
+    long = "Alpha beta gamma delta. Epsilon zeta eta. Theta iota kappa lambda mu nu xi omicron."
+    assert chunk_text(long, 4, count_tokens=words) == [
+        "Alpha beta gamma delta.", "Epsilon zeta eta.", "Theta iota kappa lambda", "mu nu xi omicron."]
+    # Overlap repeats the last whole units that fit in it.
+    assert chunk_text("A b. C d. E f. G h.", 4, overlap=2, count_tokens=words) == [
+        "A b. C d.", "C d. E f.", "E f. G h."]
+    assert chunk_text("\u4e00\u4e8c\u3002\u4e09\u56db\u3002", 1, count_tokens=len) != []
+    with pytest.raises(ValueError):
+        chunk_text(text, 10, overlap=10)
+    with pytest.raises(ValueError):
+        chunk_text(text, 0)
+
+
+def test_estimate() -> None:
+    assert estimate_tokens("") == 0
+    assert estimate_tokens("hello, world") == 2 + 1 + 2  # ceil(5/3) + "," + ceil(5/3)
+    assert estimate_tokens("a\n\n    b") == 3
+    assert estimate_tokens("x" * 3000) == 1000

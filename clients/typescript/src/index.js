@@ -1,0 +1,296 @@
+// shared-ollama-client: a retrying fetch for ollama-js (and any fetch user) in front of a shared Ollama
+// service, and paragraph/sentence-aware chunking. Plain ES modules with no dependencies: Node 18+ and
+// browsers run this file as it is; the types are in index.d.ts.
+
+/** @typedef {import("./index.d.ts").RetryOptions} RetryOptions */
+/** @typedef {import("./index.d.ts").RetryInfo} RetryInfo */
+
+const DEFAULTS = Object.freeze({
+  maxAttempts: 5,
+  maxTotalS: 120,
+  maxRetryAfterS: 60,
+  backoffBaseS: 0.5,
+  backoffMaxS: 8,
+  retryAfterJitter: 0.1,
+  statuses: [429, 502, 503, 504],
+});
+
+/** The wait a server asked for, in seconds: `retry-after-ms` first, else `Retry-After` (seconds or an
+ * HTTP date; a past date is 0). `null` when neither is present or parseable.
+ * @param {Headers} headers @param {number} [nowMs] @returns {number | null} */
+export function serverDelayS(headers, nowMs = Date.now()) {
+  const ms = headers.get("retry-after-ms");
+  if (ms !== null && ms.trim() !== "") {
+    const value = Number(ms);
+    if (Number.isFinite(value) && value >= 0) return value / 1000;
+  }
+  const seconds = headers.get("retry-after");
+  if (seconds === null || seconds.trim() === "") return null;
+  const value = Number(seconds.trim());
+  if (!Number.isNaN(value)) return Number.isFinite(value) && value >= 0 ? value : null;
+  const when = Date.parse(seconds);
+  return Number.isNaN(when) ? null : Math.max(0, (when - nowMs) / 1000);
+}
+
+/** Seconds to wait before attempt `attempt + 1`, or `null` when the answer must not be retried;
+ * `response` null means the connection failed. Attempts and budget are checked by the caller.
+ * @param {Required<Omit<RetryOptions, "fetch" | "onRetry" | "random">>} policy @param {number} attempt
+ * @param {Response | null} response @param {() => number} random @returns {number | null} */
+export function retryDelay(policy, attempt, response, random = Math.random) {
+  let server = null;
+  if (response !== null) {
+    const should = (response.headers.get("x-should-retry") ?? "").trim().toLowerCase();
+    const forced = should === "true" && response.status >= 400; // the OpenAI SDKs' rule
+    if (should === "false" || (!policy.statuses.includes(response.status) && !forced)) return null;
+    server = serverDelayS(response.headers);
+  }
+  if (server !== null) {
+    if (server > policy.maxRetryAfterS) return null;
+    return server + random() * server * policy.retryAfterJitter;
+  }
+  const ceiling = Math.min(policy.backoffMaxS, policy.backoffBaseS * 2 ** Math.min(attempt - 1, 62));
+  return random() * ceiling;
+}
+
+/** @param {unknown} body */
+function replayable(body) {
+  return body === undefined || body === null || typeof body === "string" || body instanceof ArrayBuffer
+    || ArrayBuffer.isView(body) || body instanceof URLSearchParams
+    || (typeof Blob !== "undefined" && body instanceof Blob);
+}
+
+/** @param {unknown} error */
+function connectionRefused(error) {
+  const cause = /** @type {{ cause?: { code?: string } }} */ (error)?.cause;
+  return error instanceof TypeError && cause?.code === "ECONNREFUSED";
+}
+
+/** @param {number} seconds @param {AbortSignal | null | undefined} signal @returns {Promise<void>} */
+function sleep(seconds, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason);
+    const onAbort = () => { clearTimeout(timer); reject(signal?.reason); };
+    const timer = setTimeout(() => { signal?.removeEventListener("abort", onAbort); resolve(); },
+      seconds * 1000);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/** @param {RequestInfo | URL} input @param {RequestInit | undefined} init */
+function describe(input, init) {
+  const url = typeof input === "string" ? input : input instanceof URL ? input.href : input.url;
+  let path = "(unknown)";
+  try { path = new URL(url).pathname.slice(0, 200); } catch { /* relative URL: leave it out */ }
+  const method = (init?.method ?? (input instanceof Request ? input.method : "GET")).toUpperCase();
+  return { method, path };
+}
+
+/** @param {RetryInfo} info */
+function logRetry(info) {
+  console.info(`shared-ollama-client: retrying ${info.method} ${info.path} in ${info.delayS.toFixed(2)} s ` +
+    `after ${info.status === null ? "a connection failure" : `status ${info.status}`} ` +
+    `(attempt ${info.attempt} of ${info.maxAttempts})`);
+}
+
+/**
+ * A fetch-compatible function that retries what a shared service asks to be retried:
+ * `new Ollama({ host, fetch: retryingFetch() })`. See index.d.ts for the policy.
+ * @param {RetryOptions} [options] @returns {typeof fetch}
+ */
+export function retryingFetch(options = {}) {
+  const policy = { ...DEFAULTS, ...Object.fromEntries(Object.entries(options).filter(
+    ([key, value]) => value !== undefined && key in DEFAULTS)) };
+  if (!(Number.isInteger(policy.maxAttempts) && policy.maxAttempts >= 1)) {
+    throw new RangeError("maxAttempts must be an integer >= 1");
+  }
+  for (const key of ["maxTotalS", "maxRetryAfterS", "backoffBaseS", "backoffMaxS"]) {
+    const value = /** @type {number} */ (policy[/** @type {keyof typeof policy} */ (key)]);
+    if (!(Number.isFinite(value) && value > 0)) throw new RangeError(`${key} must be > 0 seconds`);
+  }
+  if (!(policy.retryAfterJitter >= 0 && policy.retryAfterJitter <= 1)) {
+    throw new RangeError("retryAfterJitter must be between 0 and 1");
+  }
+  const inner = options.fetch ?? globalThis.fetch;
+  const onRetry = options.onRetry ?? logRetry;
+  const random = options.random ?? Math.random;
+
+  /** @param {RequestInfo | URL} input @param {RequestInit} [init] @returns {Promise<Response>} */
+  return async function fetchWithRetry(input, init) {
+    const started = performance.now();
+    const canReplay = replayable(init?.body) && !(input instanceof Request && input.body !== null);
+    const signal = init?.signal ?? (input instanceof Request ? input.signal : undefined);
+    /** @param {number} attempt @param {Response | null} response */
+    const plan = (attempt, response) => {
+      if (attempt >= policy.maxAttempts || !canReplay) return null;
+      const delay = retryDelay(policy, attempt, response, random);
+      if (delay === null || (performance.now() - started) / 1000 + delay > policy.maxTotalS) return null;
+      onRetry({ ...describe(input, init), delayS: delay, status: response === null ? null : response.status,
+        attempt: attempt + 1, maxAttempts: policy.maxAttempts });
+      return delay;
+    };
+    for (let attempt = 1; ; attempt++) {
+      /** @type {Response} */
+      let response;
+      try {
+        response = await inner(input, init);
+      } catch (error) {
+        const delay = connectionRefused(error) ? plan(attempt, null) : null;
+        if (delay === null) throw error;
+        await sleep(delay, signal);
+        continue;
+      }
+      const delay = plan(attempt, response);
+      if (delay === null) return response;
+      await response.body?.cancel().catch(() => undefined);  // frees the connection
+      await sleep(delay, signal);
+    }
+  };
+}
+
+export const BYTES_PER_TOKEN_ESTIMATE = 3;
+const PIECE = /([\p{L}\p{N}_]+)|(\s+)|[^\p{L}\p{N}_\s]/gu;
+const PARAGRAPH = /\n[ \t\r\f\v]*\n\s*/;
+const SENTENCE = /(?<=[.!?])\s+|(?<=[\u3002\uff01\uff1f])\s*/;
+const encoder = new TextEncoder();
+
+/** The same over-estimate as the Python package: a word is ceil(UTF-8 bytes / 3) tokens, any other
+ * visible character one, a run of two or more whitespace characters one.
+ * @param {string} text @returns {number} */
+export function estimateTokens(text) {
+  let total = 0;
+  for (const match of text.matchAll(PIECE)) {
+    if (match[1] !== undefined) total += Math.ceil(encoder.encode(match[1]).length / BYTES_PER_TOKEN_ESTIMATE);
+    else if (match[2] !== undefined) total += match[2].length > 1 ? 1 : 0;
+    else total += 1;
+  }
+  return total;
+}
+
+/** @typedef {[string, string]} Unit */
+
+/** @param {Unit[]} units */
+const join = (units) => units.map(([text, sep], i) => (i ? sep : "") + text).join("");
+
+/** @param {string} word @param {number} max @param {(s: string) => number} count */
+function splitLongWord(word, max, count) {
+  let chars = Array.from(word);
+  const pieces = [];
+  while (chars.length) {
+    let low = 1;
+    let high = chars.length;
+    while (low < high) {
+      const mid = Math.floor((low + high + 1) / 2);
+      if (count(chars.slice(0, mid).join("")) <= max) low = mid; else high = mid - 1;
+    }
+    pieces.push(chars.slice(0, low).join(""));
+    chars = chars.slice(low);
+  }
+  return pieces;
+}
+
+/** @param {string} sentence @param {number} max @param {(s: string) => number} count */
+function packWords(sentence, max, count) {
+  const words = sentence.trim().split(/\s+/).filter(Boolean)
+    .flatMap((w) => (count(w) <= max ? [w] : splitLongWord(w, max, count)));
+  const pieces = [];
+  let current = "";
+  for (const word of words) {
+    const candidate = current ? `${current} ${word}` : word;
+    if (current && count(candidate) > max) { pieces.push(current); current = word; } else current = candidate;
+  }
+  if (current) pieces.push(current);
+  return pieces;
+}
+
+/**
+ * Split `text` into chunks of at most `maxTokens` tokens, in order: paragraphs packed whole while they
+ * fit, a longer paragraph split at sentence ends, a longer sentence at spaces, a longer word anywhere.
+ * Consecutive chunks share up to `overlap` tokens (whole trailing units). Deterministic; the same
+ * algorithm and estimate as the Python package's `chunk_text`.
+ * @param {string} text @param {import("./index.d.ts").ChunkOptions} options @returns {string[]}
+ */
+export function chunkText(text, { maxTokens, overlap = 0, countTokens = estimateTokens }) {
+  if (!(Number.isInteger(maxTokens) && maxTokens >= 1)) throw new RangeError("maxTokens must be >= 1");
+  if (!(Number.isInteger(overlap) && overlap >= 0 && overlap < maxTokens)) {
+    throw new RangeError("overlap must be >= 0 and smaller than maxTokens");
+  }
+  const count = countTokens;
+  /** @type {Unit[]} */
+  const units = [];
+  for (const rawParagraph of text.trim().split(PARAGRAPH)) {
+    const paragraph = rawParagraph.trim();
+    if (!paragraph) continue;
+    /** @type {string[]} */
+    let pieces = [paragraph];
+    if (count(paragraph) > maxTokens) {
+      pieces = paragraph.split(SENTENCE).map((s) => s.trim()).filter(Boolean)
+        .flatMap((s) => (count(s) <= maxTokens ? [s] : packWords(s, maxTokens, count)));
+    }
+    pieces.forEach((piece, i) => units.push([piece, i === 0 ? "\n\n" : " "]));
+  }
+  const chunks = [];
+  /** @type {Unit[]} */
+  let current = [];
+  for (const unit of units) {
+    const candidate = [...current, unit];
+    if (!current.length || count(join(candidate)) <= maxTokens) { current = candidate; continue; }
+    chunks.push(join(current));
+    /** @type {Unit[]} */
+    const tail = [];
+    if (overlap) {
+      for (let i = current.length - 1; i >= 0; i--) {
+        if (count(join([current[i], ...tail])) > overlap) break;
+        tail.unshift(current[i]);
+      }
+    }
+    while (tail.length && count(join([...tail, unit])) > maxTokens) tail.shift();
+    current = [...tail, unit];
+  }
+  if (current.length) chunks.push(join(current));
+  return chunks;
+}
+
+export const SUPPORTED_LIMITS_VERSIONS = Object.freeze([1]);
+const LIMIT_KEY = /^[a-z][a-z0-9_]{0,63}$/;
+const LIMIT_VALUE = /^[A-Za-z0-9_.:+-]{1,64}$/;
+const V1_KEYS = Object.freeze({ max_body_bytes: "maxBodyBytes", max_prompt_tokens: "maxPromptTokens",
+  deadline_s: "deadlineS", requests_per_minute: "requestsPerMinute" });
+
+/** Parse an `X-Service-Limits` value (`v=1; key=value; ...`); null without an integer `v=` first.
+ * Bounded (4096 characters, 64 keys) and malformed parts skipped: the header comes from the network.
+ * @param {string} value @returns {import("./index.d.ts").ServiceLimits | null} */
+export function parseServiceLimits(value) {
+  const parts = value.slice(0, 4096).split(";").map((p) => p.trim());
+  if (!parts[0]?.startsWith("v=") || !/^\d+$/.test(parts[0].slice(2))) return null;
+  const version = Number(parts[0].slice(2));
+  /** @type {Record<string, string>} */
+  const raw = {};
+  for (const part of parts.slice(1)) {
+    const at = part.indexOf("=");
+    if (at < 0) continue;
+    const key = part.slice(0, at).trim();
+    const item = part.slice(at + 1).trim();
+    if (LIMIT_KEY.test(key) && LIMIT_VALUE.test(item) && !(key in raw)) {
+      raw[key] = item;
+      if (Object.keys(raw).length >= 64) break;
+    }
+  }
+  const understood = SUPPORTED_LIMITS_VERSIONS.includes(version);
+  /** @type {import("./index.d.ts").ServiceLimits} */
+  const limits = { version, raw, understood };
+  if (understood) {
+    for (const [key, name] of Object.entries(V1_KEYS)) {
+      const number = key in raw ? Number(raw[key]) : NaN;
+      if (Number.isFinite(number)) Object.assign(limits, { [name]: number });
+    }
+  }
+  return limits;
+}
+
+/** The `X-Service-Limits` of a response (or of its headers), or null.
+ * @param {Response | Headers} response @returns {import("./index.d.ts").ServiceLimits | null} */
+export function serviceLimits(response) {
+  const headers = response instanceof Headers ? response : response.headers;
+  const value = headers.get("x-service-limits");
+  return value === null ? null : parseServiceLimits(value);
+}

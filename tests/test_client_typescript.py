@@ -1,0 +1,181 @@
+"""shared-ollama-client for TypeScript (clients/typescript) under node with the real ollama-js (and the
+OpenAI Node SDK): its own `node --test` suite (the retry policy against a scripted server, then against
+real proxies answering 429 from a tenant's requests_per_minute and 503 from a full queue, started here),
+the type declarations checked by tsc, chunkText giving the same chunks as the Python chunk_text, and the
+TypeScript examples run against an emulated fleet behind the proxy.
+
+Needs node >= 18 and the npm packages: `npm ci --prefix clients/typescript && npm ci --prefix
+examples/typescript`. Without them these tests fail (they are part of the contract), saying what to run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from shared_ollama_client import chunk_text
+
+from tests.support.servers import Server, start_emulator, start_proxy
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "clients" / "typescript"
+EXAMPLES = ROOT / "examples" / "typescript"
+ADMIN, BURST, SLOW_REFILL = "sk-admin", "sk-burst", "sk-slow-refill"
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not installed: install Node.js >= 18 (the TypeScript helper is tested under it)")
+    version = subprocess.run([node, "--version"], check=True, capture_output=True, text=True).stdout
+    assert int(version.strip().lstrip("v").split(".")[0]) >= 18, version
+    return node
+
+
+def _installed(directory: Path, *packages: str) -> None:
+    missing = [p for p in packages if not (directory / "node_modules" / p / "package.json").exists()]
+    if missing:
+        pytest.fail(f"npm packages {missing} are missing in {directory.relative_to(ROOT)}: run "
+                    f"`npm ci --prefix {directory.relative_to(ROOT)}`")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "SOP_", "OTEL_", "SOC_"))}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("client-typescript")
+
+
+@pytest.fixture(scope="module")
+def limited(tmp: Path) -> Iterator[Server]:
+    emulator = start_emulator(tmp, decode_tokens_per_s=400, name="ts-emu")
+    proxy = start_proxy(tmp, [emulator.url], {
+        "admin": {"keys": [ADMIN]},
+        "tenants": [{"name": "burst", "keys": [BURST], "requests_per_minute": 60},
+                    {"name": "slow-refill", "keys": [SLOW_REFILL], "requests_per_minute": 3}]},
+        name="ts-limited")
+    yield proxy
+    proxy.stop()
+    emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def queue_of_one(tmp: Path) -> Iterator[Server]:
+    emulator = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=20, output_tokens="10,10",
+                              name="ts-slow")
+    proxy = start_proxy(tmp, [emulator.url], {"admin": {"keys": [ADMIN]},
+                                              "chain": {"backpressure": {"max_queue_size": 1}}},
+                        name="ts-bp")
+    yield proxy
+    proxy.stop()
+    emulator.stop()
+
+
+def test_node_suite_against_the_proxy(limited: Server, queue_of_one: Server) -> None:
+    node = _node()
+    _installed(PACKAGE, "ollama", "openai")
+    done = subprocess.run(
+        [node, "--test", "--test-reporter=tap", "test/"], cwd=PACKAGE, check=False, capture_output=True,
+        text=True, timeout=170, env=_env(
+            SOC_LIMITED_URL=limited.url, SOC_BURST_KEY=BURST, SOC_SLOW_REFILL_KEY=SLOW_REFILL,
+            SOC_QUEUE_URL=queue_of_one.url, SOC_ADMIN_KEY=ADMIN))
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert "# fail 0" in done.stdout and "# skipped 0" in done.stdout, done.stdout[-2000:]
+    assert int(done.stdout.split("# pass ")[1].split()[0]) >= 21  # 16 policy tests and the 5 proxy tests
+
+
+def test_declarations_type_check() -> None:
+    _node()
+    _installed(PACKAGE, "typescript", "ollama")
+    done = subprocess.run([str(PACKAGE / "node_modules" / ".bin" / "tsc"), "-p", "tsconfig.json"],
+                          cwd=PACKAGE, check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_chunk_text_matches_python() -> None:
+    """One algorithm in two languages: the same text gives the same chunks with the estimate."""
+    node = _node()
+    import argparse
+    import inspect
+    import textwrap
+
+    text = "\n\n".join([inspect.getdoc(argparse) or "", inspect.getdoc(textwrap) or "",
+                        "Één zin. Ünïcödé wörds — and CJK: 一二三。四五六\uff01七八九\uff1f",
+                        "Tokenizers differ. Some count words! Others count bytes? " * 30, "y" * 700])
+    cases = [(60, 0), (120, 30), (200, 10)]
+    script = ("import { chunkText } from 'shared-ollama-client';"
+              "let input = ''; for await (const c of process.stdin) input += c;"
+              "const { text, cases } = JSON.parse(input);"
+              "console.log(JSON.stringify(cases.map(([maxTokens, overlap]) =>"
+              " chunkText(text, { maxTokens, overlap }))));")
+    _installed(PACKAGE, "ollama")
+    done = subprocess.run([node, "--input-type=module", "-e", script], cwd=PACKAGE, check=False,
+                          input=json.dumps({"text": text, "cases": cases}), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    from_node = json.loads(done.stdout)
+    from_python = [chunk_text(text, max_tokens, overlap) for max_tokens, overlap in cases]
+    assert from_node == from_python
+    assert all(len(chunks) > 3 for chunks in from_python)
+
+
+# --- the TypeScript examples, against an emulated fleet behind the proxy ---------------------------
+
+@pytest.fixture(scope="module")
+def fleet(tmp: Path) -> Iterator[tuple[Server, list[Server]]]:
+    replicas = [start_emulator(tmp, decode_tokens_per_s=100, fixed_clock=False, name=f"ts-fleet-{i}",
+                               seed=i) for i in range(2)]
+    proxy = start_proxy(tmp, [r.url for r in replicas], {
+        "tenants": [{"name": "examples", "keys": ["sk-examples"], "requests_per_minute": 60}]},
+        name="ts-fleet")
+    yield proxy, replicas
+    proxy.stop()
+    for replica in replicas:
+        replica.stop()
+
+
+def _run_example(name: str, fleet: tuple[Server, list[Server]]) -> str:
+    node = _node()
+    _installed(EXAMPLES, "ollama", "shared-ollama-client")
+    done = subprocess.run([node, name], cwd=EXAMPLES, check=False, capture_output=True, text=True,
+                          timeout=120, env=_env(OLLAMA_HOST=fleet[0].url, OLLAMA_API_KEY="sk-examples"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_typescript_quickstart(fleet: tuple[Server, list[Server]]) -> None:
+    out = _run_example("quickstart.mjs", fleet)
+    assert out.startswith("answer: ") and "answer tokens)" in out
+
+
+def test_typescript_retry_after(fleet: tuple[Server, list[Server]]) -> None:
+    out = _run_example("retry_after.mjs", fleet)
+    assert "finished 70 of 70 jobs" in out
+    assert int(out.split("the helper waited ")[1].split()[0]) >= 1, out
+
+
+def test_typescript_streaming_abort(fleet: tuple[Server, list[Server]]) -> None:
+    replicas = fleet[1]
+    before = sum(int(r.stats()["cancelled"]) for r in replicas)
+    out = _run_example("streaming_abort.mjs", fleet)
+    assert "aborted the stream after" in out
+    deadline = time.monotonic() + 10
+    while sum(int(r.stats()["cancelled"]) for r in replicas) < before + 1:  # cancelled at the replica
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_typescript_rag(fleet: tuple[Server, list[Server]]) -> None:
+    out = _run_example("rag.mjs", fleet)
+    assert "retrieved: " in out and "\nanswer: " in out
+    assert int(out.split("embedded ")[1].split()[0]) >= 3
