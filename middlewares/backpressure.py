@@ -29,21 +29,46 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import attrs
 from aiohttp import web
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from proxy.chain import Handler, Step
-from proxy.config import BackpressureConfig
 from proxy.context import RequestContext
 from proxy.errors import Overload, QueueTimeout
 from proxy.fairqueue import FairQueue, Waiter
 from proxy.ollama import model_key
 from proxy.prompts import request_cost
+from proxy.schema import Mode, positive, ratio
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import Upstream, UpstreamSet
 
-__all__ = ["BackpressureStep", "ModelGate", "Picker", "SlotLease"]
+__all__ = ["BackpressureConfig", "BackpressureStep", "ModelGate", "Picker", "SlotLease"]
+
+
+@attrs.frozen
+class BackpressureConfig:
+    """chain.backpressure: the bounded, fair queue in front of the replicas' slots."""
+
+    mode: Mode = "enforce"
+    max_queue_size: int = attrs.field(default=256, validator=positive)
+    """Requests that may wait per model; beyond it, 503 overload."""
+    queue_timeout_s: float = attrs.field(default=30.0, validator=positive)
+    """Longest wait for a slot before 503 queue_timeout (the request's deadline may cut it shorter)."""
+    max_in_flight: int | None = attrs.field(default=None, validator=positive)
+    """Requests per replica and model past this step; default the replica's num_parallel."""
+    fair: bool = True
+    """Weighted fair queuing by token cost with interactive/bulk lanes; false: one FIFO."""
+    bulk_share: float = attrs.field(default=0.1, validator=ratio)
+    """Share of dispatches that go to the bulk lane while interactive requests also wait."""
+    adaptive: bool = False
+    """Adapt each (replica, model) limit to Ollama's time per output token (gradient limiter)."""
+    adaptive_max_in_flight: int | None = attrs.field(default=None, validator=positive)
+    """Upper bound of the adaptive limit; default twice max_in_flight."""
+    adaptive_tolerance: float = attrs.field(default=0.5, validator=positive)
+    """How far (as a fraction) time per token may rise above its no-load baseline before the limit
+    shrinks."""
 
 Picker = Callable[[str, Sequence[Upstream], Sequence[Upstream], int, Any], Upstream | None]
 """(model, free replicas, eligible replicas, waiters ahead, the request) -> replica or None (wait)."""

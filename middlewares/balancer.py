@@ -29,12 +29,12 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
+import attrs
 from aiohttp import web
 
 from proxy.chain import Handler, Step
-from proxy.config import BalancerConfig
 from proxy.context import CONTEXT, RequestContext
 from proxy.errors import (
     InvalidRequest,
@@ -46,13 +46,40 @@ from proxy.errors import (
 from proxy.fanout import REPLICA_HEADER, FanOut, fleet_scope
 from proxy.ollama import is_cloud_model, model_key
 from proxy.profiles import ModelStats
+from proxy.schema import Mode, positive, ratio
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import LoadedModel, Upstream, UpstreamSet
 
 from .health import HealthStep
 
-__all__ = ["BalancerStep"]
+__all__ = ["BalancerConfig", "BalancerStep"]
+
+
+@attrs.frozen
+class BalancerConfig:
+    """chain.balancer: which healthy replica serves a request, and retries before the first byte."""
+
+    mode: Mode = "enforce"
+    """enforce: choose by residency, load and affinity; shadow: round robin, the choice is only reported;
+    off: round robin."""
+    affinity: Literal["none", "prefix", "session"] = "none"
+    """Among replicas of equal cost, prefer the one a hash points to: `prefix` hashes the tenant, the
+    system prompt and the first `affinity_prefix_bytes` of the context; `session` uses the
+    `X-Session-Id` header when present, else the same hash. Never overrides load."""
+    affinity_prefix_bytes: int = attrs.field(default=4096, validator=positive)
+    """How much of the system prompt and of the first message (or prompt) the prefix hash covers: the
+    start of a conversation, which stays the same from turn to turn."""
+    cold_load_s: float = attrs.field(default=10.0, validator=positive)
+    """Assumed time to load a model a replica does not hold, until the replica's own load times are
+    measured (from Ollama's load_duration)."""
+    max_retries: int = attrs.field(default=2, validator=attrs.validators.ge(0))
+    """Other replicas tried when one fails before the first response byte (connect refused, reset,
+    Ollama's 503 server busy). Never after the first byte reached the client."""
+    retry_budget_ratio: float = attrs.field(default=0.2, validator=ratio)
+    """Retries in flight may be at most this share of the requests in flight (Envoy's retry budget)..."""
+    min_retry_concurrency: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    """...or this many, whichever is larger."""
 
 _RETRYABLE = (UpstreamConnectFailure, UpstreamResetBeforeResponseStarted, UpstreamBusy)
 _DEMAND_WINDOW_S = 120.0

@@ -30,22 +30,58 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import aiohttp
+import attrs
 import orjson
 from aiohttp import web
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from proxy.chain import Handler, Step
-from proxy.config import HealthConfig, ModelConfig
 from proxy.context import RequestContext
 from proxy.errors import NoHealthyUpstream
 from proxy.ollama import is_cloud_model, model_key
 from proxy.prompts import canonicalize
+from proxy.schema import Mode, ModelConfig, positive, ratio
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import LoadedModel, Upstream, UpstreamSet
 
-__all__ = ["GATEWAY_FAILURES", "HealthStep"]
+__all__ = ["GATEWAY_FAILURES", "HealthConfig", "HealthStep"]
+
+
+@attrs.frozen
+class HealthConfig:
+    """chain.health: which replicas may take traffic (active probes, passive ejection, restarts)."""
+
+    mode: Mode = "enforce"
+    """enforce: unhealthy replicas get no traffic; shadow: probe and report only; off: no probes."""
+    probe_interval_s: float = attrs.field(default=5.0, validator=positive)
+    """Time between two probes of a replica (`GET /api/version`, then `GET /api/ps`), jittered."""
+    probe_jitter: float = attrs.field(default=0.2, validator=ratio)
+    """Each interval is drawn from +/- this fraction, so replicas are not probed in lockstep."""
+    probe_timeout_s: float = attrs.field(default=2.0, validator=positive)
+    """A probe that takes longer has failed."""
+    eject_after_failures: int = attrs.field(default=3, validator=positive)
+    """Consecutive gateway failures (connect refused, reset, no response, 502/504, failed probe) that
+    eject a replica."""
+    base_ejection_s: float = attrs.field(default=10.0, validator=positive)
+    """First ejection time; it doubles with every ejection in a row (exponential backoff)."""
+    max_ejection_s: float = attrs.field(default=300.0, validator=positive)
+    """Longest ejection time; a replica healthy this long has its backoff reset."""
+    max_ejection_ratio: float = attrs.field(default=0.5, validator=ratio)
+    """Passive detection ejects at most this share of the replicas (at least one); failed probes always
+    eject."""
+    stuck_after_s: float = attrs.field(default=180.0, validator=positive)
+    """A replica whose in-flight requests have all received nothing for this long is stuck: it gets no new
+    traffic (and is restarted when it has a restart_command)."""
+    restart_after_failures: int = attrs.field(default=3, validator=positive)
+    """Failed probes in a row before the replica's restart_command runs."""
+    restart_min_interval_s: float = attrs.field(default=300.0, validator=positive)
+    """At most one restart of a replica per this many seconds."""
+    restart_timeout_s: float = attrs.field(default=120.0, validator=positive)
+    """A restart command still running after this long is killed."""
+    warm_timeout_s: float = attrs.field(default=300.0, validator=positive)
+    """Longest wait for one model to load when pre-warming a replica."""
 
 log = logging.getLogger("proxy.health")
 

@@ -25,21 +25,39 @@ import math
 import time
 from typing import Any
 
+import attrs
 from aiohttp import web
 
 from proxy.access import is_management
 from proxy.chain import Handler, Step
-from proxy.config import LimitsConfig, ModelConfig
 from proxy.context import RequestContext
 from proxy.errors import InvalidRequest, PromptTooLong
 from proxy.ollama import model_key
 from proxy.prompts import canonicalize, count_prompt, truncate_prompt
+from proxy.schema import Mode, ModelConfig, PromptPolicy, positive
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.tokens import Tokenizer, TokenizerRegistry
 from proxy.upstreams import DEFAULT_NUM_CTX, UpstreamSet
 
-__all__ = ["DEADLINE_HEADER", "LimitsStep"]
+__all__ = ["DEADLINE_HEADER", "LimitsConfig", "LimitsStep"]
+
+
+@attrs.frozen
+class LimitsConfig:
+    """chain.limits: guardrails at the edge."""
+
+    mode: Mode = "enforce"
+    max_prompt_tokens: int = attrs.field(default=4096, validator=positive)
+    """Default prompt limit in tokens (Ollama's default context is 4096)."""
+    prompt_policy: PromptPolicy = "reject"
+    deadline_s: float = attrs.field(default=120.0, validator=positive)
+    """Default deadline of a request, first byte to last."""
+    strip_load_options: bool = True
+    """Remove load-time options (num_ctx, num_batch, ...) a model has no canonical value for."""
+    truncation_tolerance_tokens: int = attrs.field(default=16, validator=attrs.validators.ge(0))
+    """How far below our count Ollama's prompt_eval_count may be before we call it a silent truncation
+    (chat templates differ a little between our count and the model's)."""
 
 DEADLINE_HEADER = "X-Deadline-S"
 OFFLOAD_BYTES = 16 * 1024

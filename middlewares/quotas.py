@@ -32,18 +32,30 @@ import re
 import time
 from typing import Any
 
+import attrs
 from aiohttp import web
 
 from proxy.access import Tenant
 from proxy.chain import Handler, Step
-from proxy.config import QuotasConfig
 from proxy.context import RequestContext, plain_number
 from proxy.errors import ProxyError, QuotaExceeded, RateLimited, RequestExceedsQuota
 from proxy.prompts import request_cost
+from proxy.schema import Mode, positive
 from proxy.state.base import StateBackend
 from proxy.telemetry.setup import Telemetry
 
-__all__ = ["QuotasStep", "go_duration", "is_exempt"]
+__all__ = ["QuotasConfig", "QuotasStep", "go_duration", "is_exempt"]
+
+
+@attrs.frozen
+class QuotasConfig:
+    """chain.quotas: per-tenant rate, token and concurrency limits."""
+
+    mode: Mode = "enforce"
+    default_output_tokens: int = attrs.field(default=256, validator=positive)
+    """Output tokens reserved when a request does not set num_predict / max_tokens."""
+    lease_ttl_s: float = attrs.field(default=30.0, validator=positive)
+    """A concurrency lease expires this long after its last renewal (a dead proxy's leases come back)."""
 
 log = logging.getLogger("proxy.quotas")
 

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 
 import attrs
 
-from .config import AnonymousConfig, TenantConfig
 from .errors import Forbidden, Unauthorized
+from .schema import AnonymousConfig, TenantConfig
 
 __all__ = ["ANONYMOUS", "METRICS_PATH", "PROBE_PATHS", "Identity", "Tenant", "TenantDirectory",
            "is_management"]

@@ -34,7 +34,6 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .config import ForwardingConfig
 from .context import CONTEXT, RequestContext
 from .errors import (
     MalformedBody,
@@ -47,6 +46,7 @@ from .errors import (
     UpstreamResponseTimeout,
 )
 from .ollama import UsageScanner
+from .schema import ForwardingConfig
 from .serving import GracefulStop
 from .telemetry import semconv
 from .telemetry.setup import Telemetry

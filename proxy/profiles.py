@@ -17,8 +17,8 @@ from typing import Any
 
 import attrs
 
-from .config import ModelConfig
 from .ollama import model_key
+from .schema import ModelConfig
 from .upstreams import UpstreamSet
 
 __all__ = ["ModelStats", "fleet_profile"]

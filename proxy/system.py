@@ -11,9 +11,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .access import TenantDirectory
 from .chain import Step
-from .config import ModelConfig
 from .context import CONTEXT
 from .profiles import fleet_profile
+from .schema import ModelConfig
 from .telemetry.setup import Telemetry
 from .upstreams import UpstreamSet
 

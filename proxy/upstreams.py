@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import attrs
 from yarl import URL
 
-from .config import ModelConfig, UpstreamConfig
 from .ollama import model_key
+from .schema import ModelConfig, UpstreamConfig
 
 __all__ = ["DEFAULT_NUM_CTX", "OTHER_MODEL", "PROVISIONAL_LABELS", "SERVING_STATUSES", "Attempt",
            "LoadedModel", "Upstream", "UpstreamSet"]

@@ -22,7 +22,7 @@ from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry
 
 from proxy import __version__
-from proxy.config import TelemetryConfig
+from proxy.schema import TelemetryConfig
 
 from .metrics import ProxyMetrics
 
