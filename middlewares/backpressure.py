@@ -261,16 +261,15 @@ class BackpressureStep(Step):
         self.picker = picker
         self.gates: dict[str, ModelGate] = {}
         upstreams.on_change(self._fleet_changed)
-        prefix = telemetry.config.metric_prefix
         meter = telemetry.meter
         self.wait_histogram = meter.create_histogram(
-            semconv.metric_name(prefix, "queue", "wait"), unit="s",
+            telemetry.names.metric_queue_wait, unit="s",
             description="Time requests waited in the proxy's queue before getting a slot.")
         meter.create_observable_gauge(
-            semconv.metric_name(prefix, "queue", "depth"), callbacks=[self._observe_depth],
+            telemetry.names.metric_queue_depth, callbacks=[self._observe_depth],
             unit="{request}", description="Requests waiting, per model and lane.")
         meter.create_observable_gauge(
-            semconv.metric_name(prefix, "upstream", "in_flight"), callbacks=[self._observe_in_flight],
+            telemetry.names.metric_upstream_in_flight, callbacks=[self._observe_in_flight],
             unit="{request}", description="Requests holding a slot, per replica and model.")
 
     def gate(self, model: str) -> ModelGate:
@@ -298,7 +297,8 @@ class BackpressureStep(Step):
             for lane, tenants in gate.queue.depth().items():
                 depth[label, lane] += sum(tenants.values())
         for (label, lane), count in depth.items():
-            yield Observation(count, {semconv.ATTR_GEN_AI_REQUEST_MODEL: label, "sop.lane": lane})
+            yield Observation(count, {semconv.ATTR_GEN_AI_REQUEST_MODEL: label,
+                                      self.telemetry.names.lane: lane})
 
     def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
         del options
@@ -309,7 +309,7 @@ class BackpressureStep(Step):
                 in_flight[label, replica] += count
         for (label, replica), count in in_flight.items():
             yield Observation(count, {semconv.ATTR_GEN_AI_REQUEST_MODEL: label,
-                                      semconv.ATTR_UPSTREAM_NAME: replica})
+                                      self.telemetry.names.upstream_name: replica})
 
     def _cost(self, request: web.Request, ctx: RequestContext) -> float:
         return float(request_cost(request.path, ctx.json(), ctx.route.operation, ctx.prompt_tokens,
@@ -319,18 +319,19 @@ class BackpressureStep(Step):
                      handler: Handler) -> web.StreamResponse:
         model = ctx.model
         if ctx.route.operation is None or not model:
+            self.record(ctx, "not_applicable")
             return await handler(request)
         if not self.fleet.tracks(model):
             # No replica has it: the replica's own 404 answers at once, and a client's random names
             # must not create queues (or metric labels).
-            self.decision_counts["unknown_model"] += 1
+            self.record(ctx, "unknown_model")
             return await handler(request)
         gate = self.gate(model)
         tenant = ctx.tenant
         lane = "bulk" if tenant.lane == "bulk" or ctx.route.operation == "embeddings" else "interactive"
         cost = self._cost(request, ctx)
         entered = time.monotonic()
-        with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model, "sop.lane": lane}) as span:
+        with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model, self.telemetry.names.lane: lane}) as span:
             replica = await self._admit(request, ctx, gate, span, tenant.name, tenant.weight,
                                         lane, cost)
         if replica is None:  # no replica may serve the model: health answers
@@ -338,7 +339,7 @@ class BackpressureStep(Step):
         waited = time.monotonic() - entered
         gate.waits.append(waited)
         self.wait_histogram.record(waited, {semconv.ATTR_GEN_AI_REQUEST_MODEL: self.fleet.label(model),
-                                            "sop.lane": lane})
+                                            self.telemetry.names.lane: lane})
         ctx.response_headers["X-Queue-Wait-Ms"] = str(round(waited * 1000))
         lease = SlotLease(gate, replica)
         ctx.upstream = replica
@@ -374,7 +375,7 @@ class BackpressureStep(Step):
         if replica is not None:
             gate.in_flight[replica.name] += 1
             gate.queue.charge(tenant, weight, cost)
-            span.set_attribute("sop.queue.position", 0)
+            span.set_attribute(self.telemetry.names.queue_position, 0)
             self.decide(ctx, span, "admitted")
             return replica
         if self.mode == "shadow":
@@ -388,7 +389,7 @@ class BackpressureStep(Step):
         future: asyncio.Future[Upstream | None] = asyncio.get_running_loop().create_future()
         waiter = Waiter(tenant, weight, lane, cost, time.monotonic(), future, hint=request)
         ahead = gate.queue.push(waiter)
-        span.set_attribute("sop.queue.position", ahead + 1)
+        span.set_attribute(self.telemetry.names.queue_position, ahead + 1)
         estimate = gate.estimated_wait_s(ahead)
         # A free slot passed over (the balancer waits for a replica holding the model) is capacity
         # about to be used: never refuse on an estimate while one exists.

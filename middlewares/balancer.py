@@ -110,12 +110,11 @@ class BalancerStep(Step):
         self.retrying = 0
         self._picks = itertools.count(1)
         self._last_pick: dict[str, int] = {}
-        prefix = telemetry.config.metric_prefix
         self.model_loads = telemetry.meter.create_counter(
-            semconv.metric_name(prefix, "balancer", "model_loads"), unit="{load}",
+            telemetry.names.metric_balancer_model_loads, unit="{load}",
             description="Responses whose Ollama load_duration shows a model load, per replica and model.")
         self.retries = telemetry.meter.create_counter(
-            semconv.metric_name(prefix, "balancer", "retries"), unit="{retry}",
+            telemetry.names.metric_balancer_retries, unit="{retry}",
             description="Requests sent to another replica before the first byte, by failed replica and "
                         "error.")
 
@@ -272,8 +271,8 @@ class BalancerStep(Step):
         named = request.headers.get(REPLICA_HEADER)
         scope = fleet_scope(request.method, request.path)
         if named is None and scope is not None and len(self.upstreams) > 1:
-            with self.span(**{"sop.balancer.scope": scope}) as span:
-                span.set_attribute("sop.balancer.targets", list(self.upstreams.by_name))
+            with self.span(**{self.telemetry.names.balancer_scope: scope}) as span:
+                span.set_attribute(self.telemetry.names.balancer_targets, list(self.upstreams.by_name))
                 self.decide(ctx, span, "fan_out")
             ctx.upstream_name = "*"
             return await self.fanout.handle(request, ctx, scope, list(self.upstreams))
@@ -292,7 +291,7 @@ class BalancerStep(Step):
                 if target is None:
                     # Refused in every mode: shadow or off cannot guess which replica was meant. The
                     # name is the client's: it is not echoed.
-                    span.set_attribute(f"sop.{self.name}.decision", "unknown_replica")
+                    span.set_attribute(self.telemetry.names.step_decision(self.name), "unknown_replica")
                     self.decision_counts["unknown_replica"] += 1
                     raise InvalidRequest(f"no replica by that name in {REPLICA_HEADER} (known: "
                                          f"{', '.join(self.upstreams.by_name)})")
@@ -300,7 +299,7 @@ class BalancerStep(Step):
             elif bound is not None and bound in candidates:
                 # Chosen by this step's cost when backpressure granted the slot; reported here.
                 chosen, reason = bound, "bound"
-                span.set_attribute("sop.balancer.late_bound", True)
+                span.set_attribute(self.telemetry.names.balancer_late_bound, True)
                 if self.mode == "enforce":
                     ranked = ctx.routing or self.rank(model, candidates, ctx, request)
                     reason = next((r for _, r, u in ranked if u is bound), reason)
@@ -310,19 +309,19 @@ class BalancerStep(Step):
             else:
                 chosen, reason = self._round_robin(candidates), "round_robin"
                 if self.mode == "shadow":
-                    span.set_attribute("sop.balancer.would_choose",
+                    span.set_attribute(self.telemetry.names.balancer_would_choose,
                                        self.rank(model, candidates, ctx, request)[0][2].name)
             if ctx.slot is not None and chosen is not bound:
                 ctx.slot.move(chosen)
             ctx.upstream = chosen
             self._last_pick[chosen.name] = next(self._picks)
             if span.is_recording():  # nothing to format for a span nobody records
-                span.set_attribute(semconv.ATTR_UPSTREAM_NAME, chosen.name)
+                span.set_attribute(self.telemetry.names.upstream_name, chosen.name)
                 if ranked:
-                    span.set_attribute("sop.balancer.costs_s",
+                    span.set_attribute(self.telemetry.names.balancer_costs_s,
                                        [f"{u.name}={c:.2f}:{r}" for c, r, u in ranked])
                 if ctx.dropped:
-                    span.set_attribute("sop.balancer.dropped",
+                    span.set_attribute(self.telemetry.names.balancer_dropped,
                                        [f"{n}={r}" for n, r in ctx.dropped.items()])
             self.decide(ctx, span, reason)
         return await self._attempts(request, ctx, handler, model, candidates)
@@ -359,11 +358,12 @@ class BalancerStep(Step):
                     self._observe(upstream, exc.code, 0, ctx)
                     if not may_retry or ctx.first_byte_at is not None:
                         raise
-                    self.retries.add(1, {semconv.ATTR_UPSTREAM_NAME: upstream.name,
+                    self.retries.add(1, {self.telemetry.names.upstream_name: upstream.name,
                                          semconv.ATTR_ERROR_TYPE: exc.code})
                     if ctx.root_span is not None:
-                        ctx.root_span.add_event("sop.balancer.retry", {
-                            semconv.ATTR_UPSTREAM_NAME: upstream.name, semconv.ATTR_ERROR_TYPE: exc.code})
+                        ctx.root_span.add_event(self.telemetry.names.balancer_retry_event, {
+                            self.telemetry.names.upstream_name: upstream.name,
+                            semconv.ATTR_ERROR_TYPE: exc.code})
                     remaining = [u for u in candidates if u not in tried and self.upstreams.is_serving(u)]
                     ranked = self.rank(model, remaining, ctx, request) if self.mode == "enforce" else []
                     following = ranked[0][2] if ranked else remaining[0]
@@ -413,7 +413,7 @@ class BalancerStep(Step):
             seconds = load_ns / 1e9
             stat.loads += 1
             stat.load_s = seconds if stat.load_s is None else 0.7 * stat.load_s + 0.3 * seconds
-            self.model_loads.add(1, {semconv.ATTR_UPSTREAM_NAME: upstream.name,
+            self.model_loads.add(1, {self.telemetry.names.upstream_name: upstream.name,
                                      semconv.ATTR_GEN_AI_REQUEST_MODEL: self.upstreams.label(key)})
             if self.health is not None:
                 self.health.probe_soon(upstream)  # it may have evicted another model: look now

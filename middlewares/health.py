@@ -122,19 +122,18 @@ class HealthStep(Step):
         self._wake = {u.name: asyncio.Event() for u in upstreams}
         self._warming: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
-        prefix = telemetry.config.metric_prefix
         meter = telemetry.meter
         meter.create_observable_gauge(
-            semconv.metric_name(prefix, "upstream", "healthy"), callbacks=[self._observe_healthy],
+            telemetry.names.metric_upstream_healthy, callbacks=[self._observe_healthy],
             unit="1", description="1 when the replica takes traffic, 0 when it does not, per replica.")
         self.ejections = meter.create_counter(
-            semconv.metric_name(prefix, "health", "ejections"), unit="{ejection}",
+            telemetry.names.metric_health_ejections, unit="{ejection}",
             description="Replicas taken out of service (ejected or stuck), by replica.")
         self.probes = meter.create_counter(
-            semconv.metric_name(prefix, "health", "probes"), unit="{probe}",
+            telemetry.names.metric_health_probes, unit="{probe}",
             description="Health probes, by replica and outcome.")
         self.restart_counter = meter.create_counter(
-            semconv.metric_name(prefix, "health", "restarts"), unit="{restart}",
+            telemetry.names.metric_health_restarts, unit="{restart}",
             description="Restart commands run, by replica and outcome.")
 
     # lifecycle ---------------------------------------------------------------------------------------
@@ -207,12 +206,12 @@ class HealthStep(Step):
         except (aiohttp.ClientError, TimeoutError, ProbeFailed, orjson.JSONDecodeError, OSError) as exc:
             reason = str(exc) if isinstance(exc, ProbeFailed) else (type(exc).__name__ if not str(exc)
                                                                     else f"{type(exc).__name__}: {exc}")
-            self.probes.add(1, {semconv.ATTR_UPSTREAM_NAME: upstream.name, "outcome": "failure"})
+            self.probes.add(1, {self.telemetry.names.upstream_name: upstream.name, "outcome": "failure"})
             self.probe_failures[upstream.name] += 1
             self.failure(upstream, f"probe failed ({reason})", probe=True)
             await self._maybe_restart(upstream)
             return
-        self.probes.add(1, {semconv.ATTR_UPSTREAM_NAME: upstream.name, "outcome": "success"})
+        self.probes.add(1, {self.telemetry.names.upstream_name: upstream.name, "outcome": "success"})
         self.probe_failures[upstream.name] = 0
         if isinstance(version, dict):
             upstream.version = str(version.get("version", ""))
@@ -303,7 +302,7 @@ class HealthStep(Step):
         backoff = min(self.config.max_ejection_s,
                       self.config.base_ejection_s * 2 ** (upstream.ejections - 1))
         upstream.ejected_until = time.monotonic() + backoff
-        self.ejections.add(1, {semconv.ATTR_UPSTREAM_NAME: upstream.name})
+        self.ejections.add(1, {self.telemetry.names.upstream_name: upstream.name})
         log.warning("replica %s ejected for %.0fs (%s, ejection %d in a row)", upstream.name, backoff,
                     reason, upstream.ejections)
         self._set(upstream, "ejected", reason)
@@ -318,7 +317,7 @@ class HealthStep(Step):
 
     def _mark_stuck(self, upstream: Upstream) -> None:
         if upstream.status != "stuck":
-            self.ejections.add(1, {semconv.ATTR_UPSTREAM_NAME: upstream.name})
+            self.ejections.add(1, {self.telemetry.names.upstream_name: upstream.name})
             log.warning("replica %s is stuck: %d requests in flight, none made progress for %.0fs",
                         upstream.name, len(upstream.attempts), self.config.stuck_after_s)
             self._set(upstream, "stuck", f"no progress for {self.config.stuck_after_s:g}s")
@@ -359,10 +358,10 @@ class HealthStep(Step):
         fields = {"name": upstream.name, "url": str(upstream.url), "host": upstream.url.host or "",
                   "port": str(upstream.url.port or "")}
         argv = [arg.format(**fields) for arg in shlex.split(command)]
-        prefix = self.telemetry.config.metric_prefix
+        names = self.telemetry.names
         span = self.telemetry.tracer.start_span(
-            semconv.metric_name(prefix, "health", "restart"), kind=SpanKind.INTERNAL,
-            attributes={semconv.ATTR_UPSTREAM_NAME: upstream.name, "sop.health.reason": upstream.reason})
+            names.health_restart_span, kind=SpanKind.INTERNAL,
+            attributes={names.upstream_name: upstream.name, names.health_reason: upstream.reason})
         code: int | None = None
         try:
             process = await asyncio.create_subprocess_exec(
@@ -384,8 +383,8 @@ class HealthStep(Step):
             outcome = "failure"
             log.warning("restart of %s could not run %s: %s", upstream.name, argv[0], exc)
         self.restarts[upstream.name] += 1
-        self.restart_counter.add(1, {semconv.ATTR_UPSTREAM_NAME: upstream.name, "outcome": outcome})
-        span.set_attribute("sop.health.restart.exit_code", -1 if code is None else code)
+        self.restart_counter.add(1, {self.telemetry.names.upstream_name: upstream.name, "outcome": outcome})
+        span.set_attribute(self.telemetry.names.health_restart_exit_code, -1 if code is None else code)
         if outcome != "success":
             span.set_status(Status(StatusCode.ERROR, "restart failed"))
         span.end()
@@ -417,10 +416,10 @@ class HealthStep(Step):
 
     async def _warm(self, upstream: Upstream, models: list[str], then_serve: bool) -> None:
         profiles = dict(self.warm[upstream.name])
-        prefix = self.telemetry.config.metric_prefix
+        names = self.telemetry.names
         with self.telemetry.tracer.start_as_current_span(
-                semconv.metric_name(prefix, "health", "warm"), kind=SpanKind.INTERNAL,
-                attributes={semconv.ATTR_UPSTREAM_NAME: upstream.name, "sop.health.models": models}):
+                names.health_warm_span, kind=SpanKind.INTERNAL,
+                attributes={names.upstream_name: upstream.name, names.health_models: models}):
             for name in models:
                 loaded = await self.load(upstream, name, profiles[name])
                 if loaded:
@@ -487,9 +486,9 @@ class HealthStep(Step):
                 if reason is not None:
                     ctx.dropped[upstream.name] = reason
             if span.is_recording():
-                span.set_attribute("sop.health.candidates", [u.name for u in candidates])
+                span.set_attribute(self.telemetry.names.health_candidates, [u.name for u in candidates])
                 if ctx.dropped:
-                    span.set_attribute("sop.health.dropped",
+                    span.set_attribute(self.telemetry.names.health_dropped,
                                        [f"{n}={r}" for n, r in ctx.dropped.items()])
             serving = [u for u in candidates if u.serving]
             if not serving:
@@ -506,7 +505,8 @@ class HealthStep(Step):
     def _observe_healthy(self, options: CallbackOptions) -> Iterable[Observation]:
         del options
         for upstream in self.upstreams:
-            yield Observation(1 if upstream.serving else 0, {semconv.ATTR_UPSTREAM_NAME: upstream.name})
+            yield Observation(1 if upstream.serving else 0,
+                              {self.telemetry.names.upstream_name: upstream.name})
 
     def snapshot(self) -> dict[str, Any]:
         """Per replica: status and why, failures, ejections, probe and restart counts, what is loaded."""

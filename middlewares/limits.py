@@ -88,12 +88,11 @@ class LimitsStep(Step):
         self.upstreams = upstreams
         """The fleet: which models are real (no /api/show for others), what context each is loaded
         with. None (a step built alone in a test): every model is treated as real, none as loaded."""
-        prefix = telemetry.config.metric_prefix
         self.truncations = telemetry.meter.create_counter(
-            semconv.metric_name(prefix, "limits", "truncations"), unit="{request}",
+            telemetry.names.metric_limits_truncations, unit="{request}",
             description="Responses whose prompt_eval_count shows Ollama silently truncated the prompt.")
         self.count_seconds = telemetry.meter.create_histogram(
-            semconv.metric_name(prefix, "limits", "count_duration"), unit="s",
+            telemetry.names.metric_limits_count_duration, unit="s",
             description="Time spent counting prompt tokens.")
 
     def _deadline_s(self, request: web.Request, ctx: RequestContext) -> float:
@@ -147,6 +146,7 @@ class LimitsStep(Step):
         self.check_body(request, ctx)
         if self.mode == "off":
             ctx.service_limits["deadline_s"] = deadline_s
+            self.record(ctx, "off")
             return await handler(request)
         body = ctx.json()
         model = ctx.model
@@ -158,9 +158,10 @@ class LimitsStep(Step):
                                 self.config.max_prompt_tokens) if v is not None)
         ctx.service_limits.update(max_prompt_tokens=limit, deadline_s=deadline_s)
         if ctx.route.operation is None or not isinstance(body, dict) or not model:
+            self.record(ctx, "not_applicable")
             return await handler(request)
         with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model,
-                               "sop.limits.max_prompt_tokens": limit}) as span:
+                               self.telemetry.names.limits_max_prompt_tokens: limit}) as span:
             if request.path.startswith("/api/"):
                 body = self._canonical_options(ctx, span, body, model, model_config)
             tokenizer = await self._tokenizer(model)
@@ -172,12 +173,12 @@ class LimitsStep(Step):
             else:
                 counted = count_prompt(request.path, body, tokenizer)
             self.count_seconds.record(time.perf_counter() - started, {"method": tokenizer.method})
-            span.set_attribute("sop.limits.count_method", tokenizer.method)
+            span.set_attribute(self.telemetry.names.limits_count_method, tokenizer.method)
             if counted is None:
                 self.decide(ctx, span, "allowed")
             else:
                 ctx.prompt_tokens = counted.total
-                span.set_attribute("sop.limits.prompt_tokens", counted.total)
+                span.set_attribute(self.telemetry.names.limits_prompt_tokens, counted.total)
                 measured = counted.largest if request.path in _EMBED_PATHS else counted.total
                 if measured <= limit:
                     self.decide(ctx, span, "allowed")
@@ -220,7 +221,7 @@ class LimitsStep(Step):
         if changes:
             ctx.replace_json(rewritten)
             ctx.response_headers["X-Options-Rewritten"] = ", ".join(changes)
-            span.set_attribute("sop.limits.options_rewritten", changes)
+            span.set_attribute(self.telemetry.names.limits_options_rewritten, changes)
             return rewritten
         return body
 
@@ -241,7 +242,7 @@ class LimitsStep(Step):
                     recount = count_prompt(request.path, new_body, tokenizer)
                     ctx.prompt_tokens = recount.total if recount else ctx.prompt_tokens
                     ctx.response_headers["X-Prompt-Truncated"] = what
-                    span.set_attribute("sop.limits.truncated", what)
+                    span.set_attribute(self.telemetry.names.limits_truncated, what)
                     self.decide(ctx, span, "truncated")
                 else:
                     ctx.response_headers.add("X-Shadow-Decision", f"{self.name}=truncate")
@@ -258,6 +259,6 @@ class LimitsStep(Step):
             label = self.upstreams.label(model) if self.upstreams is not None else model_key(model)
             self.truncations.add(1, {semconv.ATTR_GEN_AI_REQUEST_MODEL: label})
             if ctx.root_span is not None:
-                ctx.root_span.add_event("ollama.silent_truncation", {
-                    "sop.limits.prompt_tokens": counted,
+                ctx.root_span.add_event(semconv.SILENT_TRUNCATION_EVENT, {
+                    self.telemetry.names.limits_prompt_tokens: counted,
                     semconv.ATTR_GEN_AI_USAGE_INPUT: usage.input_tokens})

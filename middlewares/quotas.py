@@ -105,16 +105,17 @@ class QuotasStep(Step):
         tenant = ctx.tenant
         if (tenant.requests_per_minute is None and tenant.tokens_per_minute is None
                 and tenant.max_concurrent is None):
+            self.record(ctx, "unlimited", **{self.telemetry.names.tenant: tenant.name})
             return await handler(request)
         if is_exempt(request.method, request.path):
-            with self.span(**{"sop.tenant": tenant.name}) as span:
+            with self.span(**{self.telemetry.names.tenant: tenant.name}) as span:
                 self.decide(ctx, span, "exempt")
             return await handler(request)
         rpm_key, tpm_key, lease_key = self.keys(tenant)
         holder = f"{self._holder_prefix}-{next(self._holders)}"
         took_request = leased = False
         reserved = 0
-        with self.span(**{"sop.tenant": tenant.name}) as span:
+        with self.span(**{self.telemetry.names.tenant: tenant.name}) as span:
             try:
                 wanted = 0
                 if tenant.tokens_per_minute is not None:
@@ -154,7 +155,7 @@ class QuotasStep(Step):
                             f"tenant {tenant.name} is over {tpm:g} tokens per minute "
                             f"(this request reserves {wanted})", retry_after_s=taken.retry_after_s)
                     reserved = wanted
-                span.set_attribute("sop.quotas.reserved_tokens", reserved)
+                span.set_attribute(self.telemetry.names.quotas_reserved_tokens, reserved)
                 self.decide(ctx, span, "allowed")
             except ProxyError as error:
                 await self._give_back(tenant, holder, leased, took_request, reserved)

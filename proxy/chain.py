@@ -9,7 +9,10 @@ Every step has a mode: `enforce` raises its ProxyError; `shadow` records what it
 attribute, `<prefix>.<step>.decisions{decision=...}`, an `X-Shadow-Decision` response header) and lets the
 request through; `off` skips the step (a step that sets `runs_when_off`, the balancer, still runs and
 applies no policy of its own). One INTERNAL span per step covers its own work and is ended
-before the step delegates.
+before the step delegates. Every step records its span, with a decision, on every forwarded request it
+sees, also when it has nothing to do (`unlimited`, `not_applicable`, ...: see `Step.record`), so a trace
+always shows the whole chain. Names come from `telemetry.names` (proxy/telemetry/semconv.py), never
+spelled here or in a step.
 """
 
 from __future__ import annotations
@@ -49,8 +52,12 @@ class Step:
         # Counted in a plain dict and reported by callback: an SDK counter add costs ~10 us, and every
         # request meets five steps.
         self.decision_counts: Counter[str] = Counter()
+        names = telemetry.names
+        self._span_name = names.step_span(self.name)
+        self._mode_attribute = names.step_mode
+        self._decision_attribute = names.step_decision(self.name)
         telemetry.meter.create_observable_counter(
-            semconv.metric_name(telemetry.config.metric_prefix, self.name, "decisions"),
+            telemetry.names.metric_step_decisions(self.name),
             callbacks=[self._observe_decisions], unit="{decision}",
             description=f"Decisions of the {self.name} step, by decision.")
 
@@ -77,8 +84,8 @@ class Step:
             yield INVALID_SPAN  # nothing would record it: five steps per request skip the SDK
             return
         span = self.telemetry.tracer.start_span(
-            semconv.metric_name(self.telemetry.config.metric_prefix, self.name),
-            kind=SpanKind.INTERNAL, attributes={"sop.step.mode": self.mode, **attributes})
+            self._span_name, kind=SpanKind.INTERNAL,
+            attributes={self._mode_attribute: self.mode, **attributes})
         try:
             yield span
         except ProxyError as exc:
@@ -88,13 +95,19 @@ class Step:
         finally:
             span.end()
 
+    def record(self, ctx: RequestContext, decision: str, **attributes: Any) -> None:
+        """A span holding only `decision`, for a request the step lets through untouched (a tenant
+        without limits, a route without a prompt or model): the trace still shows this step."""
+        with self.span(**attributes) as span:
+            self.decide(ctx, span, decision)
+
     def decide(self, ctx: RequestContext, span: Span, decision: str,
                error: ProxyError | None = None) -> None:
         """Record a decision; with an error, reject (enforce) or only report it (shadow)."""
         if error is not None and self.mode == "shadow":
             decision = f"shadow_{error.code}"
             ctx.response_headers.add("X-Shadow-Decision", f"{self.name}={error.code}")
-        span.set_attribute(f"sop.{self.name}.decision", decision)
+        span.set_attribute(self._decision_attribute, decision)
         self.decision_counts[decision] += 1
         if error is not None and self.mode == "enforce":
             raise error

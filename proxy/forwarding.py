@@ -184,7 +184,7 @@ class Forwarder:
         attributes: dict[str, Any] = {
             semconv.ATTR_SERVER_ADDRESS: upstream.url.host or "",
             semconv.ATTR_SERVER_PORT: upstream.url.port or 0,
-            semconv.ATTR_UPSTREAM_NAME: upstream.name,
+            self.telemetry.names.upstream_name: upstream.name,
             semconv.ATTR_HTTP_METHOD: request.method,
         }
         if operation is not None:
@@ -404,7 +404,7 @@ class Forwarder:
             semconv.ATTR_GEN_AI_OPERATION: ctx.route.operation or "",
             semconv.ATTR_GEN_AI_PROVIDER: semconv.PROVIDER_OLLAMA,
             semconv.ATTR_GEN_AI_REQUEST_MODEL: self.upstreams.label(ctx.model),  # bounded: known or other
-            semconv.ATTR_UPSTREAM_NAME: ctx.upstream_name or "",
+            self.telemetry.names.upstream_name: ctx.upstream_name or "",
         }
         return attributes
 

@@ -250,7 +250,7 @@ class Ingress:
             # Set before authorizing, so a refused request is logged under the tenant it came from.
             self.directory.authorize(ctx.identity, request.method, request.path, request.headers)
             if ctx.root_span is not None and not ctx.identity.tenant.anonymous:
-                ctx.root_span.set_attribute("sop.tenant", ctx.identity.tenant.name)
+                ctx.root_span.set_attribute(self.telemetry.names.tenant, ctx.identity.tenant.name)
             response = await self._call(request, ctx, handler)
             if not ctx.status:
                 ctx.status = response.status

@@ -23,8 +23,8 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4
 class ProxyMetrics:
     """Instruments shared by ingress and the forwarder."""
 
-    def __init__(self, meter: Meter, prefix: str) -> None:
-        self.prefix = prefix
+    def __init__(self, meter: Meter, names: semconv.Names) -> None:
+        self.names = names
         self.request_duration = meter.create_histogram(
             semconv.METRIC_HTTP_REQUEST_DURATION, unit="s",
             description="Duration of HTTP server requests, to the last byte of the response.",
@@ -48,7 +48,7 @@ class ProxyMetrics:
             description="Time from request to the first response body chunk from the upstream.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
         self.upstream_errors = meter.create_counter(
-            semconv.metric_name(prefix, "upstream", "errors"), unit="{error}",
+            names.metric_upstream_errors, unit="{error}",
             description="Upstream failures by error.type (connect, timeout, reset, mid-stream).")
 
     def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:

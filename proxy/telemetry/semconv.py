@@ -1,10 +1,16 @@
-"""Every span, attribute and metric name the proxy emits, in one place.
+"""Every span, attribute, event and metric name the proxy emits, in one place.
 
 GenAI names follow the OpenTelemetry GenAI semantic conventions; HTTP names the stable HTTP conventions.
-The proxy's own names are `<prefix>.<step>...` with the prefix from `telemetry.metric_prefix`.
+The proxy's own names are `<prefix>.<step>...` with the prefix from `telemetry.metric_prefix`: they are
+built once per process by `Names(prefix)` (held by Telemetry as `telemetry.names`), so no step or module
+spells a `sop.*` name, and a proxy configured with `metric_prefix: acme` emits `acme.*` names only.
+Prometheus renders a name with `_` for `.`: `sop.queue.depth` is `sop_queue_depth` on /metrics.
+These names are public (dashboards and alerts use them); tests/test_public_names.py pins them.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 __all__ = [
     "ATTR_ERROR_TYPE",
@@ -24,7 +30,6 @@ __all__ = [
     "ATTR_OLLAMA_PROMPT_EVAL_DURATION",
     "ATTR_SERVER_ADDRESS",
     "ATTR_SERVER_PORT",
-    "ATTR_UPSTREAM_NAME",
     "ATTR_URL_PATH",
     "ATTR_URL_SCHEME",
     "ATTR_USER_AGENT",
@@ -36,6 +41,8 @@ __all__ = [
     "METRIC_HTTP_ACTIVE_REQUESTS",
     "METRIC_HTTP_REQUEST_DURATION",
     "PROVIDER_OLLAMA",
+    "SILENT_TRUNCATION_EVENT",
+    "Names",
     "metric_name",
 ]
 
@@ -68,9 +75,8 @@ ATTR_OLLAMA_EVAL_DURATION = "ollama.eval_duration_ns"
 COLD_LOAD_EVENT = "ollama.cold_load"
 COLD_LOAD_THRESHOLD_NS = 500_000_000
 """A load_duration above this is reported as a cold-load event (a model was loaded for the request)."""
-
-# The proxy's own attributes
-ATTR_UPSTREAM_NAME = "sop.upstream.name"
+SILENT_TRUNCATION_EVENT = "ollama.silent_truncation"
+"""Ollama evaluated fewer prompt tokens than the proxy counted: it cut the prompt without saying so."""
 
 # Metrics
 METRIC_HTTP_REQUEST_DURATION = "http.server.request.duration"
@@ -83,3 +89,78 @@ METRIC_GEN_AI_TIME_TO_FIRST_CHUNK = "gen_ai.client.operation.time_to_first_chunk
 def metric_name(prefix: str, *parts: str) -> str:
     """`<prefix>.<part>...`, e.g. metric_name("sop", "queue", "depth") -> "sop.queue.depth"."""
     return ".".join((prefix, *parts))
+
+
+class Names:
+    """The proxy's own (`<prefix>.*`) names for one prefix, computed once: the hot path reads attributes
+    and never formats a name. Per-step names (span, decision, decisions metric) come from the methods,
+    which cache their answers."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        p = prefix
+        # Attributes shared by several steps, ingress and the forwarder
+        self.step_mode = f"{p}.step.mode"
+        """Every step span: the step's mode (enforce, shadow, off)."""
+        self.tenant = f"{p}.tenant"
+        """The tenant's configured name (never a key); on the server span and the quotas span."""
+        self.lane = f"{p}.lane"
+        """Queue lane (interactive, bulk): backpressure span attribute and metric label."""
+        self.upstream_name = f"{p}.upstream.name"
+        """A replica's configured name: span attribute and metric label."""
+        # limits
+        self.limits_max_prompt_tokens = f"{p}.limits.max_prompt_tokens"
+        self.limits_prompt_tokens = f"{p}.limits.prompt_tokens"
+        self.limits_count_method = f"{p}.limits.count_method"
+        self.limits_options_rewritten = f"{p}.limits.options_rewritten"
+        self.limits_truncated = f"{p}.limits.truncated"
+        # quotas
+        self.quotas_reserved_tokens = f"{p}.quotas.reserved_tokens"
+        # backpressure
+        self.queue_position = f"{p}.queue.position"
+        # health
+        self.health_candidates = f"{p}.health.candidates"
+        self.health_dropped = f"{p}.health.dropped"
+        self.health_reason = f"{p}.health.reason"
+        self.health_models = f"{p}.health.models"
+        self.health_restart_exit_code = f"{p}.health.restart.exit_code"
+        self.health_restart_span = f"{p}.health.restart"
+        self.health_warm_span = f"{p}.health.warm"
+        # balancer
+        self.balancer_scope = f"{p}.balancer.scope"
+        self.balancer_targets = f"{p}.balancer.targets"
+        self.balancer_late_bound = f"{p}.balancer.late_bound"
+        self.balancer_would_choose = f"{p}.balancer.would_choose"
+        self.balancer_costs_s = f"{p}.balancer.costs_s"
+        self.balancer_dropped = f"{p}.balancer.dropped"
+        self.balancer_retry_event = f"{p}.balancer.retry"
+        # Metrics (OpenTelemetry names; Prometheus shows `_` for `.`)
+        self.metric_upstream_errors = f"{p}.upstream.errors"
+        self.metric_upstream_in_flight = f"{p}.upstream.in_flight"
+        self.metric_upstream_healthy = f"{p}.upstream.healthy"
+        self.metric_queue_wait = f"{p}.queue.wait"
+        self.metric_queue_depth = f"{p}.queue.depth"
+        self.metric_limits_truncations = f"{p}.limits.truncations"
+        self.metric_limits_count_duration = f"{p}.limits.count_duration"
+        self.metric_health_ejections = f"{p}.health.ejections"
+        self.metric_health_probes = f"{p}.health.probes"
+        self.metric_health_restarts = f"{p}.health.restarts"
+        self.metric_balancer_model_loads = f"{p}.balancer.model_loads"
+        self.metric_balancer_retries = f"{p}.balancer.retries"
+        self.metric_state_degraded = f"{p}.state.degraded"
+        self.metric_state_failures = f"{p}.state.failures"
+
+    @cache  # noqa: B019 - one Names per process and a handful of steps: the cache stays tiny
+    def step_span(self, step: str) -> str:
+        """The INTERNAL span of a chain step (or plugin): `<prefix>.<step>`."""
+        return f"{self.prefix}.{step}"
+
+    @cache  # noqa: B019 - as above
+    def step_decision(self, step: str) -> str:
+        """The span attribute holding a step's decision: `<prefix>.<step>.decision`."""
+        return f"{self.prefix}.{step}.decision"
+
+    @cache  # noqa: B019 - as above
+    def metric_step_decisions(self, step: str) -> str:
+        """A step's decisions counter: `<prefix>.<step>.decisions`, labelled by `decision`."""
+        return f"{self.prefix}.{step}.decisions"

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from proxy import __version__
 from proxy.schema import TelemetryConfig
 
+from . import semconv
 from .metrics import ProxyMetrics
 
 __all__ = ["Telemetry", "build_telemetry"]
@@ -45,6 +46,11 @@ class Telemetry:
     recording: bool = True
     """False when spans go nowhere (no exporter): the tracer samples nothing, and code on the hot path
     may skip starting spans altogether."""
+    names: semconv.Names = attrs.field(init=False)
+    """The proxy's own span, attribute, event and metric names under `config.metric_prefix`."""
+
+    def __attrs_post_init__(self) -> None:
+        self.names = self.metrics.names
 
     def shutdown(self) -> None:
         """Flush and stop exporters (bounded by the SDK's own timeouts)."""
@@ -90,5 +96,6 @@ def build_telemetry(config: TelemetryConfig, extra_processors: tuple[SpanProcess
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     tracer = tracer_provider.get_tracer("shared-ollama-proxy", __version__)
     meter = meter_provider.get_meter("shared-ollama-proxy", __version__)
-    return Telemetry(tracer_provider, meter_provider, tracer, meter,
-                     ProxyMetrics(meter, config.metric_prefix), registry, config, recording=exporting)
+    metrics = ProxyMetrics(meter, semconv.Names(config.metric_prefix))
+    return Telemetry(tracer_provider, meter_provider, tracer, meter, metrics, registry, config,
+                     recording=exporting)
