@@ -179,3 +179,47 @@ def test_chain_steps_have_their_own_spans(tmp: Path, upstream: Server) -> None:
     rejected = next(s for s in spans if s.parent_span_id == second.span_id and s.name == "sop.quotas")
     assert attributes_of(rejected)["error.type"] == "rate_limited"
     assert attributes_of(second)["http.response.status_code"] == 429
+
+
+def test_metric_prefix_renames_every_own_name(tmp: Path, upstream: Server) -> None:
+    """`telemetry.metric_prefix: acme`: every step span, attribute, event and metric of the proxy's own is
+    `acme.*` (`acme_*` on /metrics), none `sop.*`; and every step records its span with a decision on
+    every forwarded request, also when it has nothing to do (an anonymous tenant without limits: quotas
+    `unlimited`; a route without a model: limits and backpressure `not_applicable`)."""
+    steps = ("limits", "quotas", "backpressure", "health", "balancer")
+    with OtlpReceiver() as receiver:
+        proxy = start_proxy(tmp, [upstream.url], {
+            "telemetry": {"otlp_endpoint": receiver.url, "otlp_protocol": "http/protobuf",
+                          "metric_prefix": "acme"}}, name="acme-prefix")
+        try:
+            client = ollama.Client(host=proxy.url)
+            client.chat(model="llama3.2", messages=[{"role": "user", "content": "hello"}])
+            client.list()
+            spans = _wait_spans(receiver.spans, lambda s: {"GET /api/tags", "chat llama3.2"}
+                                <= {x.name for x in s} and sum(x.name == "acme.balancer" for x in s) >= 2)
+            text = httpx.get(f"{proxy.url}/metrics").text
+        finally:
+            proxy.stop()
+    for root_name, decisions in (("POST /api/chat", {"quotas": "unlimited"}),
+                                 ("GET /api/tags", {"limits": "not_applicable", "quotas": "unlimited",
+                                                    "backpressure": "not_applicable"})):
+        root = next(s for s in spans if s.name == root_name)
+        children = {s.name: attributes_of(s) for s in spans if s.parent_span_id == root.span_id}
+        for step in steps:
+            attributes = children[f"acme.{step}"]
+            assert attributes["acme.step.mode"] == "enforce"
+            assert isinstance(attributes[f"acme.{step}.decision"], str)
+        for step, decision in decisions.items():
+            assert children[f"acme.{step}"][f"acme.{step}.decision"] == decision
+    for span in spans:
+        names = [span.name, *attributes_of(span), *(event.name for event in span.events)]
+        assert not [n for n in names if n.startswith("sop")], names
+    assert any("acme.upstream.name" in attributes_of(s) for s in spans)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    own = {name for name in families if name.startswith("acme_")}
+    assert {"acme_limits_decisions", "acme_quotas_decisions", "acme_queue_depth",
+            "acme_upstream_healthy", "acme_upstream_in_flight"} <= own
+    assert not [name for name in families if name.startswith("sop")]
+    labels = {label for f in families.values() for sample in f.samples for label in sample.labels}
+    assert not [label for label in labels if label.startswith("sop")], labels
+    assert "acme_upstream_name" in labels
