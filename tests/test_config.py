@@ -71,6 +71,16 @@ def test_example_lists_every_key_with_its_default() -> None:
     ({"forwarding": {"idle_timeout_s": "soon"}}, "forwarding.idle_timeout_s: expected a number"),
     ({"upstreams": []}, "upstreams: at least one upstream is required"),
     ({"chains": {}}, "unknown key(s) chains"),
+    # Step sections live beside their steps; the loader's derived hooks keep them just as strict.
+    ({"chain": {"limits": {"bogus": 1}}}, "chain.limits: unknown key(s) bogus"),
+    ({"chain": {"quotas": {"bogus": 1}}}, "chain.quotas: unknown key(s) bogus"),
+    ({"chain": {"backpressure": {"bogus": 1}}}, "chain.backpressure: unknown key(s) bogus"),
+    ({"chain": {"health": {"bogus": 1}}}, "chain.health: unknown key(s) bogus"),
+    ({"chain": {"balancer": {"bogus": 1}}}, "chain.balancer: unknown key(s) bogus"),
+    ({"chain": {"health": {"mode": "sometimes"}}}, "chain.health.mode: 'sometimes' is not one of"),
+    ({"chain": {"balancer": {"max_retries": True}}}, "chain.balancer.max_retries: expected an integer"),
+    ({"chain": {"backpressure": {"max_queue_size": 0}}}, "chain.backpressure.max_queue_size: must be > 0"),
+    ({"models": {"m": {"bogus": 1}}}, "models.m: unknown key(s) bogus"),
 ])
 def test_bad_values_name_the_key(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as error:
