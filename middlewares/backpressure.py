@@ -70,6 +70,7 @@ class BackpressureConfig:
     """How far (as a fraction) time per token may rise above its no-load baseline before the limit
     shrinks."""
 
+
 Picker = Callable[[str, Sequence[Upstream], Sequence[Upstream], int, Any], Upstream | None]
 """(model, free replicas, eligible replicas, waiters ahead, the request) -> replica or None (wait)."""
 

@@ -81,6 +81,7 @@ class BalancerConfig:
     min_retry_concurrency: int = attrs.field(default=3, validator=attrs.validators.ge(0))
     """...or this many, whichever is larger."""
 
+
 _RETRYABLE = (UpstreamConnectFailure, UpstreamResetBeforeResponseStarted, UpstreamBusy)
 _DEMAND_WINDOW_S = 120.0
 """A model requested this recently is still wanted: evicting it costs its next load."""

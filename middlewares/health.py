@@ -83,6 +83,7 @@ class HealthConfig:
     warm_timeout_s: float = attrs.field(default=300.0, validator=positive)
     """Longest wait for one model to load when pre-warming a replica."""
 
+
 log = logging.getLogger("proxy.health")
 
 GATEWAY_FAILURES = frozenset({"upstream_connect_failure", "upstream_reset_before_response_started",

@@ -59,6 +59,7 @@ class LimitsConfig:
     """How far below our count Ollama's prompt_eval_count may be before we call it a silent truncation
     (chat templates differ a little between our count and the model's)."""
 
+
 DEADLINE_HEADER = "X-Deadline-S"
 OFFLOAD_BYTES = 16 * 1024
 """Bodies larger than this are counted in a worker thread."""

@@ -57,6 +57,7 @@ class QuotasConfig:
     lease_ttl_s: float = attrs.field(default=30.0, validator=positive)
     """A concurrency lease expires this long after its last renewal (a dead proxy's leases come back)."""
 
+
 log = logging.getLogger("proxy.quotas")
 
 _EWMA_ALPHA = 0.2
