@@ -26,6 +26,7 @@ from aiohttp import web
 from .context import RequestContext
 from .errors import UpstreamConnectFailure
 from .forwarding import Forwarder
+from .ollama import classify
 from .upstreams import Upstream, UpstreamSet
 
 __all__ = ["REPLICA_HEADER", "RESULTS_HEADER", "FanOut", "fleet_scope"]
@@ -33,24 +34,15 @@ __all__ = ["REPLICA_HEADER", "RESULTS_HEADER", "FanOut", "fleet_scope"]
 REPLICA_HEADER = "X-Ollama-Replica"
 """Request header naming the one replica a request must go to (admin keys only)."""
 RESULTS_HEADER = "X-Replica-Results"
-_SCOPES = {
-    ("GET", "/api/tags"): "tags",
-    ("GET", "/api/ps"): "ps",
-    ("GET", "/v1/models"): "models",
-    ("POST", "/api/pull"): "manage",
-    ("POST", "/api/push"): "manage",
-    ("POST", "/api/create"): "manage",
-    ("POST", "/api/copy"): "manage",
-    ("DELETE", "/api/delete"): "manage",
-}
 _STREAMING = frozenset({"/api/pull", "/api/push", "/api/create"})
 _JSON = "application/json; charset=utf-8"
 _READ_TIMEOUT_S = 10.0
 
 
 def fleet_scope(method: str, path: str) -> str | None:
-    """`tags`, `ps`, `models` or `manage` for routes that concern every replica, else None."""
-    return _SCOPES.get((method, path))
+    """`tags`, `ps`, `models` or `manage` for routes that concern every replica, else None (the route
+    table's `fleet_scope`, proxy/ollama.py)."""
+    return classify(method, path).fleet_scope
 
 
 class FanOut:
