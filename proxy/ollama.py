@@ -82,6 +82,9 @@ class RouteInfo:
     """A listing or metadata route, which spends no quota."""
     json_body: bool = False
     """A non-inference route whose body Ollama decodes as JSON (limits refuses what Go would refuse)."""
+    progress_stream: bool = False
+    """A management route that answers with NDJSON progress when it streams (pull, push, create); the
+    others (copy, delete) answer once, with an empty body."""
 
 
 def _native(**fields: object) -> RouteInfo:
@@ -98,8 +101,10 @@ _ROUTE_TABLE: tuple[tuple[tuple[str, ...], str, RouteInfo], ...] = (
     (("HEAD", "GET"), "/", _native(quota_exempt=True)),
     (("HEAD", "GET"), "/api/version", _native(quota_exempt=True)),
     (("GET",), "/api/status", _native()),
-    (("POST",), "/api/pull", _native(fleet_scope="manage", management=True, json_body=True)),
-    (("POST",), "/api/push", _native(fleet_scope="manage", management=True, json_body=True)),
+    (("POST",), "/api/pull", _native(fleet_scope="manage", management=True, json_body=True,
+                                         progress_stream=True)),
+    (("POST",), "/api/push", _native(fleet_scope="manage", management=True, json_body=True,
+                                         progress_stream=True)),
     (("GET",), "/api/tags", _native(fleet_scope="tags", quota_exempt=True)),
     (("HEAD",), "/api/tags", _native(quota_exempt=True)),
     (("POST",), "/api/show", _native(quota_exempt=True, json_body=True)),
@@ -107,7 +112,8 @@ _ROUTE_TABLE: tuple[tuple[tuple[str, ...], str, RouteInfo], ...] = (
     (("POST",), "/api/me", _native()),
     (("POST",), "/api/signout", _native()),
     (("DELETE",), "/api/user/keys/{encodedKey}", _native()),
-    (("POST",), "/api/create", _native(fleet_scope="manage", management=True, json_body=True)),
+    (("POST",), "/api/create", _native(fleet_scope="manage", management=True, json_body=True,
+                                         progress_stream=True)),
     (("POST",), "/api/blobs/{digest}", RouteInfo(None, "ollama", False, streams_body_upload=True,
                                                  output_limit="num_predict", management=True)),
     (("HEAD",), "/api/blobs/{digest}", _native(management=True)),
