@@ -9,6 +9,7 @@ anchored regexes. JSON string content cannot produce a false match: quotes insid
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import attrs
 
@@ -87,13 +88,18 @@ class RouteInfo:
     others (copy, delete) answer once, with an empty body."""
 
 
-def _native(**fields: object) -> RouteInfo:
-    return RouteInfo(None, "ollama", True, output_limit="num_predict", **fields)  # type: ignore[arg-type]
+_NATIVE = RouteInfo(None, "ollama", True, output_limit="num_predict")
+_OPENAI = RouteInfo(None, "openai", False, output_limit="max_completion_tokens")
 
 
-def _openai(**fields: object) -> RouteInfo:
-    return RouteInfo(None, "openai", False, output_limit="max_completion_tokens",
-                     **fields)  # type: ignore[arg-type]
+def _native(**fields: Any) -> RouteInfo:
+    """A native non-inference row: streams by default (Ollama's `stream` is true when absent)."""
+    return attrs.evolve(_NATIVE, **fields)
+
+
+def _openai(**fields: Any) -> RouteInfo:
+    """An OpenAI-compatible non-inference row."""
+    return attrs.evolve(_OPENAI, **fields)
 
 
 _ROUTE_TABLE: tuple[tuple[tuple[str, ...], str, RouteInfo], ...] = (
