@@ -39,7 +39,7 @@ from .errors import (
     RequestTimeout,
     ShuttingDown,
 )
-from .ollama import classify, known_route
+from .ollama import classify
 from .rendering import render
 from .serving import STOP, GracefulStop, escape_field
 from .telemetry import semconv
@@ -226,7 +226,7 @@ class Ingress:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("internal error handling %s %s", request.method, known_route(request.path)
+            log.exception("internal error handling %s %s", request.method, ctx.route.template
                           or "(other)")
             if ctx.root_span is not None:
                 ctx.root_span.record_exception(exc)
@@ -331,7 +331,7 @@ class Ingress:
             access_log.info(
                 '%s %s "%s %s" %d %s %.3fs tenant=%s upstream=%s model=%s in_tokens=%s out_tokens=%s '
                 "bytes=%d", ctx.request_id, escape_field(request.remote or "-", 64),
-                escape_field(request.method, 32), known_route(request.path) or "(other)", status,
+                escape_field(request.method, 32), ctx.route.template or "(other)", status,
                 ctx.outcome, duration, escape_field(ctx.tenant.name, 64),
                 escape_field(ctx.upstream_name or "-", 64), escape_field(ctx.model or "-", 128),
                 usage.input_tokens if usage and usage.input_tokens is not None else "-",
