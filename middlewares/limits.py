@@ -28,7 +28,6 @@ from typing import Any
 import attrs
 from aiohttp import web
 
-from proxy.access import is_management
 from proxy.chain import Handler, Step
 from proxy.context import RequestContext
 from proxy.errors import InvalidRequest, PromptTooLong
@@ -65,10 +64,6 @@ OFFLOAD_BYTES = 16 * 1024
 """Bodies larger than this are counted in a worker thread."""
 PARSE_OFFLOAD_BYTES = 1 << 20
 """Bodies larger than this are parsed in a worker thread."""
-_EMBED_PATHS = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
-_JSON_ROUTES = frozenset({("POST", "/api/show"), ("POST", "/api/pull"), ("POST", "/api/push"),
-                          ("POST", "/api/create"), ("POST", "/api/copy"), ("DELETE", "/api/delete")})
-"""Non-inference routes whose body Ollama decodes as JSON: a body Go refuses is answered here too."""
 _GO_TYPES = {str: "string", bool: "bool", int: "number", float: "number", list: "array", dict: "object"}
 
 
@@ -114,7 +109,8 @@ class LimitsStep(Step):
         route also one that is absent, not an object, or names no model as a string (fail closed: the
         chain could not apply its limits to it). Raised in every mode."""
         inference = ctx.route.operation is not None
-        if not inference and (request.method, request.path) not in _JSON_ROUTES:
+        # Non-inference routes whose body Ollama decodes as JSON: a body Go refuses is answered here too.
+        if not inference and not ctx.route.json_body:
             return
         error = ctx.body_error
         if error is not None:
@@ -151,7 +147,7 @@ class LimitsStep(Step):
             return await handler(request)
         body = ctx.json()
         model = ctx.model
-        if is_management(request.method, request.path) and model:
+        if ctx.route.management and model:
             self.tokenizers.invalidate(model)  # the name may mean another model afterwards
         model_config = self.models.get(model_key(model)) if model else None
         limit = min(v for v in (ctx.tenant.max_prompt_tokens,
@@ -163,16 +159,16 @@ class LimitsStep(Step):
             return await handler(request)
         with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model,
                                self.telemetry.names.limits_max_prompt_tokens: limit}) as span:
-            if request.path.startswith("/api/"):
+            if ctx.route.dialect == "ollama":  # native options; /v1 bodies have none
                 body = self._canonical_options(ctx, span, body, model, model_config)
             tokenizer = await self._tokenizer(model)
             started = time.perf_counter()
             if len(ctx.body or b"") > OFFLOAD_BYTES:
                 # A large prompt is mostly unseen text: count it in a worker (SentencePiece releases
                 # the GIL) rather than hold the event loop for milliseconds.
-                counted = await asyncio.to_thread(count_prompt, request.path, body, tokenizer, True)
+                counted = await asyncio.to_thread(count_prompt, ctx.route, body, tokenizer, True)
             else:
-                counted = count_prompt(request.path, body, tokenizer)
+                counted = count_prompt(ctx.route, body, tokenizer)
             self.count_seconds.record(time.perf_counter() - started, {"method": tokenizer.method})
             span.set_attribute(self.telemetry.names.limits_count_method, tokenizer.method)
             if counted is None:
@@ -180,7 +176,7 @@ class LimitsStep(Step):
             else:
                 ctx.prompt_tokens = counted.total
                 span.set_attribute(self.telemetry.names.limits_prompt_tokens, counted.total)
-                measured = counted.largest if request.path in _EMBED_PATHS else counted.total
+                measured = counted.largest if ctx.route.prompt_shape == "embed" else counted.total
                 if measured <= limit:
                     self.decide(ctx, span, "allowed")
                 else:
@@ -234,13 +230,13 @@ class LimitsStep(Step):
         error = PromptTooLong(
             f"prompt is {measured} tokens, more than the limit of {limit} tokens "
             f"(counted with the model's {'tokenizer' if tokenizer.method != 'estimate' else 'estimate'})")
-        if policy == "truncate" and request.path not in _EMBED_PATHS:
-            cut = truncate_prompt(request.path, body, tokenizer, limit)
+        if policy == "truncate" and ctx.route.prompt_shape != "embed":
+            cut = truncate_prompt(ctx.route, body, tokenizer, limit)
             if cut is not None:
                 if self.mode == "enforce":
                     new_body, what = cut
                     ctx.replace_json(new_body)
-                    recount = count_prompt(request.path, new_body, tokenizer)
+                    recount = count_prompt(ctx.route, new_body, tokenizer)
                     ctx.prompt_tokens = recount.total if recount else ctx.prompt_tokens
                     ctx.response_headers["X-Prompt-Truncated"] = what
                     span.set_attribute(self.telemetry.names.limits_truncated, what)

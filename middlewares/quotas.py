@@ -28,7 +28,6 @@ import itertools
 import logging
 import math
 import os
-import re
 import time
 from typing import Any
 
@@ -39,6 +38,7 @@ from proxy.access import Tenant
 from proxy.chain import Handler, Step
 from proxy.context import RequestContext, plain_number
 from proxy.errors import ProxyError, QuotaExceeded, RateLimited, RequestExceedsQuota
+from proxy.ollama import classify
 from proxy.prompts import request_cost
 from proxy.schema import Mode, positive
 from proxy.state.base import StateBackend
@@ -61,16 +61,13 @@ class QuotasConfig:
 log = logging.getLogger("proxy.quotas")
 
 _EWMA_ALPHA = 0.2
-_EXEMPT_GET = frozenset({"/", "/api/tags", "/api/ps", "/api/version", "/v1/models"})
-_MODEL_PATH = re.compile(r"/v1/models/[^/]+")
 
 
 def is_exempt(method: str, path: str) -> bool:
     """Listing and metadata routes, which spend no quota: GET/HEAD `/`, `/api/tags`, `/api/ps`,
-    `/api/version`, `/v1/models`, `/v1/models/{model}`, and POST `/api/show`."""
-    if method in ("GET", "HEAD"):
-        return path in _EXEMPT_GET or _MODEL_PATH.fullmatch(path) is not None
-    return method == "POST" and path == "/api/show"
+    `/api/version`, `/v1/models`, `/v1/models/{model}`, and POST `/api/show` (the route table's
+    `quota_exempt`, proxy/ollama.py)."""
+    return classify(method, path).quota_exempt
 
 
 def go_duration(seconds: float) -> str:
@@ -108,7 +105,7 @@ class QuotasStep(Step):
                 and tenant.max_concurrent is None):
             self.record(ctx, "unlimited", **{self.telemetry.names.tenant: tenant.name})
             return await handler(request)
-        if is_exempt(request.method, request.path):
+        if ctx.route.quota_exempt:
             with self.span(**{self.telemetry.names.tenant: tenant.name}) as span:
                 self.decide(ctx, span, "exempt")
             return await handler(request)

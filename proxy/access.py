@@ -23,22 +23,21 @@ from collections.abc import Mapping
 import attrs
 
 from .errors import Forbidden, Unauthorized
+from .ollama import classify
 from .schema import AnonymousConfig, TenantConfig
 
 __all__ = ["ANONYMOUS", "METRICS_PATH", "PROBE_PATHS", "Identity", "Tenant", "TenantDirectory",
            "is_management"]
 
-_MANAGEMENT_POSTS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy"})
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 """Routes that never need a key: an orchestrator's probes must not depend on the keys."""
 METRICS_PATH = "/metrics"
 
 
 def is_management(method: str, path: str) -> bool:
-    """Routes that change the replicas' model store (pull, push, create, copy, delete, blobs)."""
-    return ((method == "POST" and (path in _MANAGEMENT_POSTS or path.startswith("/api/blobs/")))
-            or (method == "DELETE" and path == "/api/delete")
-            or (method == "HEAD" and path.startswith("/api/blobs/")))
+    """Routes that change the replicas' model store (pull, push, create, copy, delete, blobs): the route
+    table's `management` flag (proxy/ollama.py)."""
+    return classify(method, path).management
 
 
 @attrs.frozen

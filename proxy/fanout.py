@@ -26,6 +26,7 @@ from aiohttp import web
 from .context import RequestContext
 from .errors import UpstreamConnectFailure
 from .forwarding import Forwarder
+from .ollama import classify
 from .upstreams import Upstream, UpstreamSet
 
 __all__ = ["REPLICA_HEADER", "RESULTS_HEADER", "FanOut", "fleet_scope"]
@@ -33,24 +34,14 @@ __all__ = ["REPLICA_HEADER", "RESULTS_HEADER", "FanOut", "fleet_scope"]
 REPLICA_HEADER = "X-Ollama-Replica"
 """Request header naming the one replica a request must go to (admin keys only)."""
 RESULTS_HEADER = "X-Replica-Results"
-_SCOPES = {
-    ("GET", "/api/tags"): "tags",
-    ("GET", "/api/ps"): "ps",
-    ("GET", "/v1/models"): "models",
-    ("POST", "/api/pull"): "manage",
-    ("POST", "/api/push"): "manage",
-    ("POST", "/api/create"): "manage",
-    ("POST", "/api/copy"): "manage",
-    ("DELETE", "/api/delete"): "manage",
-}
-_STREAMING = frozenset({"/api/pull", "/api/push", "/api/create"})
 _JSON = "application/json; charset=utf-8"
 _READ_TIMEOUT_S = 10.0
 
 
 def fleet_scope(method: str, path: str) -> str | None:
-    """`tags`, `ps`, `models` or `manage` for routes that concern every replica, else None."""
-    return _SCOPES.get((method, path))
+    """`tags`, `ps`, `models` or `manage` for routes that concern every replica, else None (the route
+    table's `fleet_scope`, proxy/ollama.py)."""
+    return classify(method, path).fleet_scope
 
 
 class FanOut:
@@ -102,7 +93,7 @@ class FanOut:
         if not live:
             raise UpstreamConnectFailure("no replica is serving; nothing was changed")
         try:
-            if request.path in _STREAMING and ctx.streaming:
+            if ctx.route.progress_stream and ctx.streaming:
                 return await self._manage_stream(request, ctx, live, skipped)
             return await self._manage_once(request, ctx, live, skipped)
         finally:
@@ -148,7 +139,7 @@ class FanOut:
             ctx.status = 404
             return web.Response(status=404, body=answers[0][1], headers={
                 "Content-Type": "application/json; charset=utf-8", RESULTS_HEADER: header})
-        if request.path in ("/api/copy", "/api/delete") and statuses <= {200, 404}:
+        if not ctx.route.progress_stream and statuses <= {200, 404}:  # copy, delete
             ctx.status = 200  # done wherever the model was; Ollama answers these with an empty body
             return web.Response(status=200, headers={RESULTS_HEADER: header})
         if not failures:

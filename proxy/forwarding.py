@@ -46,13 +46,14 @@ from .errors import (
     UpstreamResponseTimeout,
 )
 from .ollama import UsageScanner
+from .rendering import stream_error_record
 from .schema import ForwardingConfig
 from .serving import GracefulStop
 from .telemetry import semconv
 from .telemetry.setup import Telemetry
 from .upstreams import Upstream, UpstreamSet
 
-__all__ = ["HOP_BY_HOP", "Forwarder", "mid_stream_error"]
+__all__ = ["HOP_BY_HOP", "Forwarder"]
 
 log = logging.getLogger("proxy.forwarding")
 
@@ -74,23 +75,6 @@ model's usage limit or overload: the proxy cannot see ollama.com's capacity)."""
 def _connection_tokens(headers: Any) -> set[str]:
     return {token.strip().lower() for value in headers.getall("Connection", ())
             for token in value.split(",") if token.strip()}
-
-
-def mid_stream_error(content_type: str, message: str, code: str,
-                     dialect: str = "openai") -> bytes | None:
-    """The one final record that ends a broken stream in its own framing, or None when the body is not
-    a stream (then the connection is aborted instead, so the client sees a truncated response). SSE
-    streams get OpenAI's error object, or Anthropic's `event: error` on `/v1/messages`."""
-    if content_type.startswith("application/x-ndjson"):
-        return orjson.dumps({"error": message, "code": code}) + b"\n"
-    if content_type.startswith("text/event-stream") and dialect == "anthropic":
-        kind = "overloaded_error" if code == "shutting_down" else "api_error"
-        return b"event: error\ndata: " + orjson.dumps(
-            {"type": "error", "error": {"type": kind, "message": message}}) + b"\n\n"
-    if content_type.startswith("text/event-stream"):
-        payload = {"error": {"message": message, "type": "api_error", "param": None, "code": code}}
-        return b"data: " + orjson.dumps(payload) + b"\n\n"
-    return None
 
 
 class Forwarder:
@@ -354,8 +338,8 @@ class Forwarder:
         if code != ShuttingDown.code:  # the proxy's own stop is not an upstream failure
             self.telemetry.metrics.upstream_errors.add(1, {semconv.ATTR_ERROR_TYPE: code})
             log.warning("upstream %s failed mid-response: %s", ctx.upstream_name, code)
-        record = mid_stream_error(response.headers.get("Content-Type", ""), message, code,
-                                  ctx.route.dialect)
+        record = stream_error_record(response.headers.get("Content-Type", ""), message, code,
+                                     ctx.route.dialect)
         if record is not None and response.chunked:
             await response.write(record)
             await response.write_eof()

@@ -5,7 +5,9 @@ escaped). Also the `Expect: 100-continue` handler and the hook that puts (saniti
 every response.
 
 Errors are rendered before the first byte with their real status (`{"error": ...}` for native routes,
-OpenAI's and Anthropic's error objects on `/v1`), with `Retry-After` when the error carries one.
+OpenAI's and Anthropic's error objects on `/v1`), with `Retry-After` when the error carries one, by the
+one renderer (proxy/rendering.py). What the route is (its template, dialect, whether its body streams)
+comes from the route table (proxy/ollama.py).
 """
 
 from __future__ import annotations
@@ -13,13 +15,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry import context as otel_context
@@ -40,11 +40,12 @@ from .errors import (
     ShuttingDown,
 )
 from .ollama import classify
+from .rendering import render
 from .serving import STOP, GracefulStop, escape_field
 from .telemetry import semconv
 from .telemetry.setup import Telemetry
 
-__all__ = ["Ingress", "add_context_headers", "error_body", "header_value", "known_route"]
+__all__ = ["Ingress", "add_context_headers", "header_value"]
 
 log = logging.getLogger("proxy.ingress")
 access_log = logging.getLogger("proxy.access")
@@ -52,16 +53,6 @@ access_log = logging.getLogger("proxy.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-_KNOWN_ROUTES = frozenset((
-    "/", "/api/version", "/api/status", "/api/pull", "/api/push", "/api/tags", "/api/show",
-    "/api/delete", "/api/create", "/api/copy", "/api/ps", "/api/generate", "/api/chat", "/api/embed",
-    "/api/embeddings", "/api/me", "/api/signout", "/api/experimental/web_search",
-    "/api/experimental/web_fetch", "/api/experimental/model-recommendations", "/v1/chat/completions",
-    "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/responses", "/v1/audio/transcriptions",
-    "/v1/messages", "/metrics", "/healthz", "/readyz"))
-_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                    503: "overloaded_error", 529: "overloaded_error"}
 _HEADER_VALUE_LIMIT = 1024
 _SPAN_TEXT_LIMIT = 1024
 
@@ -69,34 +60,6 @@ _SPAN_TEXT_LIMIT = 1024
 _CLOSE_AFTER = (RequestPayloadTooLarge, RequestHeaderFieldsTooLarge, RequestTimeout, ShuttingDown,
                 MalformedBody)
 """Errors after which the connection cannot (or should not) carry another request."""
-
-
-def known_route(path: str) -> str | None:
-    """The route template for span names and metrics, or None for paths Ollama does not define."""
-    if path in _KNOWN_ROUTES:
-        return path
-    if path.startswith("/api/blobs/"):
-        return "/api/blobs/{digest}"
-    if path.startswith("/v1/models/"):
-        return "/v1/models/{model}"
-    return None
-
-
-def error_body(dialect: str, status: int, code: str, message: str,
-               retry_after_s: float | None) -> bytes:
-    """The error object for a route dialect; `code` and `retry_after_s` ride along as extra keys."""
-    if dialect == "openai":
-        error: dict[str, Any] = {"message": message,
-                                 "type": "invalid_request_error" if status < 500 else "api_error",
-                                 "param": None, "code": code}
-        return orjson.dumps({"error": error}) + b"\n"
-    if dialect == "anthropic":
-        return orjson.dumps({"type": "error", "error": {
-            "type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}) + b"\n"
-    value: dict[str, Any] = {"error": message, "code": code}
-    if retry_after_s is not None:
-        value["retry_after_s"] = math.ceil(retry_after_s)
-    return orjson.dumps(value)
 
 
 def _absolute_form(target: str) -> bool:
@@ -160,7 +123,7 @@ class Ingress:
                              route=classify(request.method, request.path))
         ctx.service_limits["max_body_bytes"] = self.max_body_bytes
         request[CONTEXT] = ctx
-        route = known_route(request.path)
+        route = ctx.route.template
         metrics = self.telemetry.metrics
         base_attributes = {semconv.ATTR_HTTP_METHOD: request.method}
         if route:
@@ -263,7 +226,7 @@ class Ingress:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("internal error handling %s %s", request.method, known_route(request.path)
+            log.exception("internal error handling %s %s", request.method, ctx.route.template
                           or "(other)")
             if ctx.root_span is not None:
                 ctx.root_span.record_exception(exc)
@@ -339,14 +302,8 @@ class Ingress:
     def _render(self, request: web.Request, ctx: RequestContext, exc: ProxyError) -> web.Response:
         ctx.outcome = exc.code
         ctx.status = exc.status
-        headers = {"Content-Type": "application/json; charset=utf-8"
-                   if ctx.route.dialect == "ollama" else "application/json"}
-        if exc.should_retry is False:
-            headers["x-should-retry"] = "false"
-        elif exc.retry_after_s is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-        body = error_body(ctx.route.dialect, exc.status, exc.code, exc.message, exc.retry_after_s)
-        response = web.Response(status=exc.status, body=body, headers=headers)
+        status, headers, body = render(ctx.route.dialect, exc)
+        response = web.Response(status=status, body=body, headers=headers)
         if isinstance(exc, _CLOSE_AFTER) or (request.body_exists and not request.content.is_eof()):
             # The rest of the body was not read (or the client is slow or the proxy stopping): the
             # connection cannot be reused.
@@ -374,7 +331,7 @@ class Ingress:
             access_log.info(
                 '%s %s "%s %s" %d %s %.3fs tenant=%s upstream=%s model=%s in_tokens=%s out_tokens=%s '
                 "bytes=%d", ctx.request_id, escape_field(request.remote or "-", 64),
-                escape_field(request.method, 32), known_route(request.path) or "(other)", status,
+                escape_field(request.method, 32), ctx.route.template or "(other)", status,
                 ctx.outcome, duration, escape_field(ctx.tenant.name, 64),
                 escape_field(ctx.upstream_name or "-", 64), escape_field(ctx.model or "-", 128),
                 usage.input_tokens if usage and usage.input_tokens is not None else "-",

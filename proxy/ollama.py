@@ -1,5 +1,5 @@
-"""Ollama wire knowledge the proxy needs: which routes are inference, their GenAI operation names and
-stream defaults, and how to read usage from a response without re-encoding it.
+"""Ollama wire knowledge the proxy needs: the route table (every route Ollama registers, with what each
+module needs to know about it), and how to read usage from a response without re-encoding it.
 
 Usage is read from bytes: the final `done` object (native), the `usage` object (OpenAI) or the
 `message_delta` event (Anthropic) all sit at the end of the body, so a bounded tail is scanned with
@@ -9,10 +9,12 @@ anchored regexes. JSON string content cannot produce a false match: quotes insid
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import attrs
 
-__all__ = ["RouteInfo", "Usage", "UsageScanner", "classify", "is_cloud_model", "model_key"]
+__all__ = ["PROXY_ROUTES", "RouteInfo", "Usage", "UsageScanner", "classify", "is_cloud_model", "known_route",
+           "model_key"]
 
 
 def model_key(model: str) -> str:
@@ -40,7 +42,13 @@ def is_cloud_model(model: object) -> bool:
 
 @attrs.frozen
 class RouteInfo:
-    """What the proxy knows about a request from its method and path alone."""
+    """What the proxy knows about a request from its method and path alone: one row of the route table.
+
+    Every module that classifies a request asks this (via `classify`, an O(1) lookup) instead of keeping
+    its own list of paths: ingress (`template`, `streams_body_upload`), access (`management`), limits
+    (`prompt_shape`, `json_body`, `dialect`), prompts (`prompt_field`, `system_field`, `output_limit`),
+    quotas (`quota_exempt`) and the fan-out (`fleet_scope`).
+    """
 
     operation: str | None
     """GenAI operation name (`chat`, `text_completion`, `embeddings`) or None for other routes."""
@@ -50,34 +58,170 @@ class RouteInfo:
     """Whether the route streams when the body does not say (native true, /v1 false)."""
     streams_body_upload: bool = False
     """True for blob uploads, whose body is relayed as it arrives instead of being read first."""
+    template: str | None = None
+    """The route as `http.route` names it (`/api/blobs/{digest}`), None for paths Ollama does not
+    define. It depends on the path only: `GET /api/chat` is still `/api/chat` (gin answers it 405)."""
+    prompt_shape: str = "none"
+    """How the prompt is counted and cut: `chat` (messages), `generate` (one prompt string), `embed`
+    (inputs, each limited on its own) or `none`."""
+    prompt_field: str | None = None
+    """The body field that holds the prompt: `messages`, `input` (Responses, embed) or `prompt`."""
+    system_field: str | None = None
+    """The top-level field that holds a system prompt outside the messages (`system` on Anthropic's
+    Messages, `instructions` on Responses), None where system prompts are messages."""
+    output_limit: str | None = None
+    """The body field that caps the output: `num_predict` (in `options`), `max_tokens`,
+    `max_completion_tokens` (falling back to `max_tokens`, as OpenAI's chat API does) or
+    `max_output_tokens`."""
+    fleet_scope: str | None = None
+    """`tags`, `ps`, `models` (merged listings) or `manage` (sent to every replica), None for routes one
+    replica answers (proxy/fanout.py)."""
+    management: bool = False
+    """Changes the replicas' model store (pull, push, create, copy, delete, blobs): needs
+    `allow_management` or an admin key."""
+    quota_exempt: bool = False
+    """A listing or metadata route, which spends no quota."""
+    json_body: bool = False
+    """A non-inference route whose body Ollama decodes as JSON (limits refuses what Go would refuse)."""
+    progress_stream: bool = False
+    """A management route that answers with NDJSON progress when it streams (pull, push, create); the
+    others (copy, delete) answer once, with an empty body."""
 
 
-_OPERATIONS = {
-    "/api/chat": ("chat", "ollama", True),
-    "/api/generate": ("text_completion", "ollama", True),
-    "/api/embed": ("embeddings", "ollama", False),
-    "/api/embeddings": ("embeddings", "ollama", False),
-    "/v1/chat/completions": ("chat", "openai", False),
-    "/v1/completions": ("text_completion", "openai", False),
-    "/v1/embeddings": ("embeddings", "openai", False),
-    "/v1/responses": ("chat", "openai", False),
-    "/v1/messages": ("chat", "anthropic", False),
-}
-_OTHER_OLLAMA = RouteInfo(None, "ollama", True)
-_OTHER_OPENAI = RouteInfo(None, "openai", False)
-_BLOB_UPLOAD = RouteInfo(None, "ollama", False, streams_body_upload=True)
+_NATIVE = RouteInfo(None, "ollama", True, output_limit="num_predict")
+_OPENAI = RouteInfo(None, "openai", False, output_limit="max_completion_tokens")
+
+
+def _native(**fields: Any) -> RouteInfo:
+    """A native non-inference row: streams by default (Ollama's `stream` is true when absent)."""
+    return attrs.evolve(_NATIVE, **fields)
+
+
+def _openai(**fields: Any) -> RouteInfo:
+    """An OpenAI-compatible non-inference row."""
+    return attrs.evolve(_OPENAI, **fields)
+
+
+_ROUTE_TABLE: tuple[tuple[tuple[str, ...], str, RouteInfo], ...] = (
+    # (methods, path or template, row), in the order of reference §2.
+    (("HEAD", "GET"), "/", _native(quota_exempt=True)),
+    (("HEAD", "GET"), "/api/version", _native(quota_exempt=True)),
+    (("GET",), "/api/status", _native()),
+    (("POST",), "/api/pull", _native(fleet_scope="manage", management=True, json_body=True,
+                                         progress_stream=True)),
+    (("POST",), "/api/push", _native(fleet_scope="manage", management=True, json_body=True,
+                                         progress_stream=True)),
+    (("GET",), "/api/tags", _native(fleet_scope="tags", quota_exempt=True)),
+    (("HEAD",), "/api/tags", _native(quota_exempt=True)),
+    (("POST",), "/api/show", _native(quota_exempt=True, json_body=True)),
+    (("DELETE",), "/api/delete", _native(fleet_scope="manage", management=True, json_body=True)),
+    (("POST",), "/api/me", _native()),
+    (("POST",), "/api/signout", _native()),
+    (("DELETE",), "/api/user/keys/{encodedKey}", _native()),
+    (("POST",), "/api/create", _native(fleet_scope="manage", management=True, json_body=True,
+                                         progress_stream=True)),
+    (("POST",), "/api/blobs/{digest}", RouteInfo(None, "ollama", False, streams_body_upload=True,
+                                                 output_limit="num_predict", management=True)),
+    (("HEAD",), "/api/blobs/{digest}", _native(management=True)),
+    (("POST",), "/api/copy", _native(fleet_scope="manage", management=True, json_body=True)),
+    (("POST",), "/api/experimental/web_search", _native()),
+    (("POST",), "/api/experimental/web_fetch", _native()),
+    (("GET",), "/api/experimental/model-recommendations", _native()),
+    (("GET",), "/api/ps", _native(fleet_scope="ps", quota_exempt=True)),
+    (("HEAD",), "/api/ps", _native(quota_exempt=True)),
+    (("POST",), "/api/generate", RouteInfo("text_completion", "ollama", True, prompt_shape="generate",
+                                           prompt_field="prompt", output_limit="num_predict")),
+    (("POST",), "/api/chat", RouteInfo("chat", "ollama", True, prompt_shape="chat",
+                                       prompt_field="messages", output_limit="num_predict")),
+    (("POST",), "/api/embed", RouteInfo("embeddings", "ollama", False, prompt_shape="embed",
+                                        prompt_field="input")),
+    (("POST",), "/api/embeddings", RouteInfo("embeddings", "ollama", False, prompt_shape="embed",
+                                             prompt_field="prompt")),
+    (("POST",), "/v1/chat/completions", RouteInfo(
+        "chat", "openai", False, prompt_shape="chat", prompt_field="messages",
+        output_limit="max_completion_tokens")),
+    (("POST",), "/v1/completions", RouteInfo("text_completion", "openai", False, prompt_shape="generate",
+                                             prompt_field="prompt", output_limit="max_tokens")),
+    (("POST",), "/v1/embeddings", RouteInfo("embeddings", "openai", False, prompt_shape="embed",
+                                            prompt_field="input")),
+    (("GET",), "/v1/models", _openai(fleet_scope="models", quota_exempt=True)),
+    (("HEAD",), "/v1/models", _openai(quota_exempt=True)),
+    (("GET", "HEAD"), "/v1/models/{model}", _openai(quota_exempt=True)),
+    (("POST",), "/v1/responses", RouteInfo("chat", "openai", False, prompt_shape="chat",
+                                           prompt_field="input", system_field="instructions",
+                                           output_limit="max_output_tokens")),
+    (("POST",), "/v1/audio/transcriptions", _openai()),
+    (("POST",), "/v1/messages", RouteInfo("chat", "anthropic", False, prompt_shape="chat",
+                                          prompt_field="messages", system_field="system",
+                                          output_limit="max_tokens")),
+)
+"""Every route Ollama registers (reference §2), one row per method: the only list of Ollama paths in the
+proxy core."""
+
+PROXY_ROUTES = ("/metrics", "/healthz", "/readyz")
+"""The proxy's own routes (proxy/system.py), named in `http.route` like Ollama's."""
+
+_TEMPLATE_PREFIXES = {"/api/blobs/": "/api/blobs/{digest}", "/v1/models/": "/v1/models/{model}",
+                      "/api/user/keys/": "/api/user/keys/{encodedKey}"}
+"""Path-parameter templates, by the fixed prefix before the parameter."""
+
+
+def _path_default(path: str, template: str | None) -> RouteInfo:
+    """The row for a method the route table has no row for: no operation, the dialect of the prefix."""
+    if path.startswith("/v1/"):
+        return _openai(template=template)
+    return _native(template=template)
+
+
+def _build() -> tuple[dict[tuple[str, str], RouteInfo], dict[str, RouteInfo]]:
+    rows: dict[tuple[str, str], RouteInfo] = {}
+    by_path: dict[str, RouteInfo] = {}
+    for methods, path, row in _ROUTE_TABLE:
+        for method in methods:
+            rows[(method, path)] = attrs.evolve(row, template=path)
+        by_path[path] = _path_default(path, path)
+    for path in PROXY_ROUTES:
+        by_path[path] = _path_default(path, path)
+    return rows, by_path
+
+
+_ROUTES, _BY_PATH = _build()
+_OTHER_OLLAMA = _native()
+_OTHER_OPENAI = _openai()
+
+
+def _template(path: str) -> str | None:
+    for prefix, template in _TEMPLATE_PREFIXES.items():
+        if path.startswith(prefix):
+            return template
+    return None
 
 
 def classify(method: str, path: str) -> RouteInfo:
-    """RouteInfo for a request line."""
-    known = _OPERATIONS.get(path)
-    if known is not None and method == "POST":
-        return RouteInfo(*known)
-    if method == "POST" and path.startswith("/api/blobs/"):
-        return _BLOB_UPLOAD
-    if path.startswith("/v1/"):
-        return _OTHER_OPENAI
-    return _OTHER_OLLAMA
+    """The route table's row for a request line: an exact (method, path) row, else the row of a path
+    template (`/api/blobs/{digest}`, `/v1/models/{model}`), else a row that only names the route and its
+    dialect (a known path with another method), else the default of the prefix (`/v1/` is OpenAI's).
+    O(1): two dict lookups and a few prefix tests."""
+    row = _ROUTES.get((method, path))
+    if row is not None:
+        return row
+    template = _template(path)
+    if template is not None:
+        model = path[len("/v1/models/"):]
+        if template == "/v1/models/{model}" and (not model or "/" in model):
+            # gin's `:model` is one non-empty segment: anything else is Ollama's 404, not a lookup.
+            return _path_default(path, template)
+        row = _ROUTES.get((method, template))
+        return row if row is not None else _path_default(path, template)
+    row = _BY_PATH.get(path)
+    if row is not None:
+        return row
+    return _OTHER_OPENAI if path.startswith("/v1/") else _OTHER_OLLAMA
+
+
+def known_route(path: str) -> str | None:
+    """The route template for span names and metrics, or None for paths Ollama does not define."""
+    return classify("", path).template
 
 
 @attrs.define

@@ -1,5 +1,6 @@
-"""Where the prompt is in each route's body, how many tokens it has, how to cut it, how much output the
-request may produce, and the canonical-options rewrite.
+"""How many tokens a route's prompt has, how to cut it, how much output the request may produce, and the
+canonical-options rewrite. Where the prompt and the output limit are in each route's body is the route
+table's to say (proxy/ollama.py: `prompt_shape`, `prompt_field`, `system_field`, `output_limit`).
 
 Counting follows the rendering every Llama-style chat template shares: BOS, then per message a header of
 4 tokens (start, role, end, separator) plus the content, then 3 tokens opening the assistant turn; a
@@ -15,6 +16,7 @@ from typing import Any
 import attrs
 
 from . import gojson
+from .ollama import RouteInfo, classify
 from .tokens import Tokenizer
 
 __all__ = [
@@ -31,7 +33,6 @@ LOAD_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mm
                           "num_thread", "low_vram", "numa", "vocab_only"})
 """Options that make Ollama reload a runner when they differ from the loaded one (reference §4.2)."""
 
-_CHAT_PATHS = frozenset({"/api/chat", "/v1/chat/completions", "/v1/messages"})
 _MESSAGE_OVERHEAD = 4
 _CHAT_FRAME = 1 + 3
 _GENERATE_FRAME = 1 + 3
@@ -63,22 +64,21 @@ def _json_text(value: Any) -> str:
     return gojson.dumps(value).decode("utf-8", "replace")
 
 
-def _messages(path: str, body: dict[str, Any]) -> list[dict[str, Any]] | None:
-    messages = body.get("messages")
-    if path == "/v1/responses":
-        raw = body.get("input")
-        messages = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
+def _messages(route: RouteInfo, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    messages = body.get(route.prompt_field or "messages")
+    if route.prompt_field == "input":  # Responses: a string is one user message
+        messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
     if not isinstance(messages, list):
         return None
     out = [m for m in messages if isinstance(m, dict)]
-    system = body.get("system") if path == "/v1/messages" else body.get("instructions")
-    if path in ("/v1/messages", "/v1/responses") and system:
+    system = body.get(route.system_field) if route.system_field else None
+    if system:
         out = [{"role": "system", "content": _text(system)}, *out]
     return out
 
 
-def _inputs(path: str, body: dict[str, Any]) -> list[str]:
-    raw = body.get("prompt") if path == "/api/embeddings" else body.get("input")
+def _inputs(route: RouteInfo, body: dict[str, Any]) -> list[str]:
+    raw = body.get(route.prompt_field or "input")
     if isinstance(raw, str):
         return [raw]
     if isinstance(raw, list):
@@ -86,22 +86,24 @@ def _inputs(path: str, body: dict[str, Any]) -> list[str]:
     return []
 
 
-def count_prompt(path: str, body: dict[str, Any], tokenizer: Tokenizer,
+def count_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer,
                  offload: bool = False) -> PromptCount | None:
-    """The prompt's token count for an inference route, or None when the route has no prompt.
+    """The prompt's token count for an inference route (its `prompt_shape` and `prompt_field` say where
+    the prompt is), or None when the route has no prompt.
 
     `offload` counts the way that suits a worker thread (see Tokenizer.count_offloadable).
     """
     count = tokenizer.count_offloadable if offload else tokenizer.count
-    if path in _CHAT_PATHS or path == "/v1/responses":
-        messages = _messages(path, body)
+    shape = route.prompt_shape
+    if shape == "chat":
+        messages = _messages(route, body)
         if messages is None:
             return None
         total = _CHAT_FRAME + sum(_MESSAGE_OVERHEAD + count(_text(m.get("content")))
                                   + count(_json_text(m.get("tool_calls"))) for m in messages)
         total += count(_json_text(body.get("tools")))  # tool schemas are rendered into the prompt
         return PromptCount(total, total)
-    if path in ("/api/generate", "/v1/completions"):
+    if shape == "generate":
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             return None
@@ -112,21 +114,23 @@ def count_prompt(path: str, body: dict[str, Any], tokenizer: Tokenizer,
         if isinstance(context, list):
             total += len(context)  # token ids of an earlier exchange, prepended by Ollama as they are
         return PromptCount(total, total)
-    if path in ("/api/embed", "/api/embeddings", "/v1/embeddings"):
-        sizes = [_EMBED_FRAME + count(text) for text in _inputs(path, body)]
+    if shape == "embed":
+        sizes = [_EMBED_FRAME + count(text) for text in _inputs(route, body)]
         return PromptCount(sum(sizes), max(sizes, default=0)) if sizes else None
     return None
 
 
-def expected_output(path: str, body: dict[str, Any]) -> int | None:
-    """The output limit the request sets (num_predict, max_tokens, ...), None when it sets none."""
-    if path.startswith("/api/"):
+def expected_output(route: RouteInfo, body: dict[str, Any]) -> int | None:
+    """The output limit the request sets in its route's `output_limit` field (num_predict in options,
+    max_tokens, ...), None when it sets none."""
+    key = route.output_limit
+    if key == "num_predict":
         options = body.get("options")
         value = options.get("num_predict") if isinstance(options, dict) else None
-    elif path == "/v1/responses":
-        value = body.get("max_output_tokens")
-    else:
+    elif key == "max_completion_tokens":  # OpenAI's chat: the newer name wins, the older still counts
         value = body.get("max_completion_tokens", body.get("max_tokens"))
+    else:
+        value = body.get(key) if key is not None else None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
@@ -136,8 +140,10 @@ def request_cost(path: str, body: Any, operation: str | None, prompt_tokens: int
                  body_bytes: int, default_output: int) -> int:
     """What a request is expected to cost in tokens before it runs: its prompt (as counted, else a byte
     estimate) plus the output it may produce (num_predict / max_tokens, else `default_output`; none for
-    embeddings). Quotas reserve it and the fair queue charges it; both settle with the real counts."""
-    output = expected_output(path, body) if isinstance(body, dict) else None
+    embeddings). Quotas reserve it and the fair queue charges it; both settle with the real counts.
+    `path` is the request's: its route (as a POST, the only method with a body to read) says where the
+    output limit is."""
+    output = expected_output(classify("POST", path), body) if isinstance(body, dict) else None
     if operation == "embeddings":
         output = 0
     elif output is None:
@@ -146,21 +152,21 @@ def request_cost(path: str, body: Any, operation: str | None, prompt_tokens: int
     return prompt + output
 
 
-def truncate_prompt(path: str, body: dict[str, Any], tokenizer: Tokenizer,
+def truncate_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer,
                     limit: int) -> tuple[dict[str, Any], str] | None:
     """A copy of `body` whose prompt fits `limit`, and what was cut; None when it cannot fit.
 
     Chats keep the system messages and the newest turns that fit and drop the oldest; a generate prompt
     loses its front. Embedding inputs are never cut here (Ollama truncates each input itself).
     """
-    if path in _CHAT_PATHS:
+    if route.prompt_shape == "chat" and route.prompt_field == "messages":
         messages = body.get("messages")
         if not isinstance(messages, list):
             return None
         kept = list(messages)
         dropped = 0
         while True:
-            current = count_prompt(path, {**body, "messages": kept}, tokenizer)
+            current = count_prompt(route, {**body, "messages": kept}, tokenizer)
             if current is not None and current.total <= limit:
                 break
             droppable = [i for i, m in enumerate(kept[:-1])
@@ -170,9 +176,9 @@ def truncate_prompt(path: str, body: dict[str, Any], tokenizer: Tokenizer,
             del kept[droppable[0]]
             dropped += 1
         return {**body, "messages": kept}, f"dropped {dropped} oldest message(s)"
-    if path in ("/api/generate", "/v1/completions"):
+    if route.prompt_shape == "generate":
         prompt = body.get("prompt")
-        counted = count_prompt(path, body, tokenizer)
+        counted = count_prompt(route, body, tokenizer)
         if not isinstance(prompt, str) or counted is None:
             return None
         budget = limit - (counted.total - tokenizer.count(prompt))

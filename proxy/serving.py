@@ -20,12 +20,13 @@ import sys
 import traceback
 from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
+
+from .rendering import error_body
 
 __all__ = [
     "STOP",
@@ -80,7 +81,7 @@ def _raw_response(status: int, reason: str, message: str, code: str, *,
                   retry_after_s: int | None = None) -> bytes:
     """A complete HTTP/1.1 response that closes the connection, for refusals made before aiohttp has a
     request object (the connection cap, a head that never ends)."""
-    body = orjson.dumps({"error": message, "code": code})
+    body = error_body("ollama", status, code, message)
     extra = f"Retry-After: {retry_after_s}\r\n" if retry_after_s is not None else ""
     head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n")
@@ -244,7 +245,7 @@ class EdgeHandler(RequestHandler):
                      type(exc).__name__ if exc is not None else "-", status)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send the error")
-        response = web.Response(status=status, body=orjson.dumps({"error": text, "code": code}),
+        response = web.Response(status=status, body=error_body("ollama", status, code, text),
                                 content_type="application/json", charset="utf-8")
         response.force_close()
         return response

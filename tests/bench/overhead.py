@@ -156,6 +156,7 @@ def count_4k_prompt() -> dict[str, float]:
     """Time to count a 4K-token prompt with the model's vocabulary: cold (first sight of its words) and
     warm (segment cache filled), and the same prompt as a chat."""
     from proxy.emulator.vocabulary import MODEL_PATH
+    from proxy.ollama import classify
     from proxy.prompts import count_prompt
     from proxy.tokens import SentencePieceTokenizer
 
@@ -180,9 +181,10 @@ def count_4k_prompt() -> dict[str, float]:
     warm = (time.perf_counter() - start) / runs
     body = {"messages": [{"role": "system", "content": "Answer from the context."},
                          {"role": "user", "content": text}]}
+    chat_route = classify("POST", "/api/chat")
     start = time.perf_counter()
     for _ in range(runs):
-        count_prompt("/api/chat", body, tokenizer)
+        count_prompt(chat_route, body, tokenizer)
     chat = (time.perf_counter() - start) / runs
     return {"tokens": tokens, "cold_ms": cold * 1e3, "warm_ms": warm * 1e3, "chat_warm_ms": chat * 1e3,
             "full_encode_ms": full_encode * 1e3}
