@@ -44,13 +44,12 @@ from proxy.errors import (
     UpstreamResetBeforeResponseStarted,
 )
 from proxy.fanout import REPLICA_HEADER, FanOut, fleet_scope
+from proxy.fleet.health import FleetHealth
 from proxy.ollama import is_cloud_model, model_key
 from proxy.profiles import ModelStats
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import LoadedModel, Upstream, UpstreamSet
-
-from .health import HealthStep
 
 __all__ = ["BalancerStep"]
 
@@ -70,7 +69,7 @@ class BalancerStep(Step):
     runs_when_off = True
     """In `off` mode it still picks the replica, by plain round robin."""
 
-    def __init__(self, config: BalancerConfig, upstreams: UpstreamSet, health: HealthStep | None,
+    def __init__(self, config: BalancerConfig, upstreams: UpstreamSet, health: FleetHealth | None,
                  fanout: FanOut, telemetry: Telemetry) -> None:
         super().__init__(config.mode, telemetry)
         self.config = config
@@ -360,8 +359,8 @@ class BalancerStep(Step):
                 self.retrying -= 1
 
     def _observe(self, upstream: Upstream, outcome: str, status: int, ctx: RequestContext) -> None:
-        """Tell health how the replica did; a request that ran out of its own deadline says nothing
-        about the replica."""
+        """Tell the fleet's health service how the replica did; a request that ran out of its own
+        deadline says nothing about the replica."""
         if ctx.deadline_at is not None and time.monotonic() >= ctx.deadline_at - 0.05:
             return
         if self.health is not None and self.health.mode != "off":

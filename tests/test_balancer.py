@@ -21,7 +21,7 @@ from yarl import URL
 from middlewares.balancer import BalancerStep
 from proxy.config import BalancerConfig, ForwardingConfig, TelemetryConfig
 from proxy.fanout import FanOut
-from proxy.forwarding import Forwarder
+from proxy.fleet.client import FleetClient
 from proxy.telemetry.setup import build_telemetry
 from proxy.upstreams import LoadedModel, Upstream, UpstreamSet
 from tests.support.metrics import metric
@@ -310,7 +310,7 @@ def test_cost_model_prefers_residency_and_prices_evictions() -> None:
                              Upstream("b", URL("http://127.0.0.1:2"))])
     telemetry = build_telemetry(TelemetryConfig())
     balancer = BalancerStep(BalancerConfig(cold_load_s=8.0), upstreams, None,
-                            FanOut(upstreams, Forwarder(upstreams, ForwardingConfig(), telemetry)),
+                            FanOut(upstreams, FleetClient(upstreams, ForwardingConfig()), 120.0),
                             telemetry)
     a, b = upstreams.upstreams
     a.loaded = {"llama3.2:latest": LoadedModel("llama3.2:latest", context_length=4096)}
