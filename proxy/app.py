@@ -21,6 +21,7 @@ from .fleet.client import FleetClient
 from .fleet.health import FleetHealth
 from .forwarding import Forwarder
 from .ingress import Ingress, add_context_headers
+from .placement import Placement
 from .serving import STOP, GracefulStop
 from .state.base import StateBackend
 from .state.memory import MemoryState
@@ -78,12 +79,13 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     fleet_health = FleetHealth(config.chain.health, upstreams, config.models, telemetry, fleet)
     health = HealthStep(config.chain.health, upstreams, fleet_health, telemetry)
     fanout = FanOut(upstreams, fleet, config.forwarding.idle_timeout_s, on_managed=fleet_health.refresh)
-    balancer = BalancerStep(config.chain.balancer, upstreams, fleet_health, fanout, telemetry)
+    placement = Placement(config.chain.balancer, upstreams)  # shared: backpressure binds, balancer reports
+    balancer = BalancerStep(config.chain.balancer, upstreams, fleet_health, fanout, telemetry, placement)
     steps: dict[str, Step] = {
         "limits": LimitsStep(config.chain.limits, config.models, tokenizers, telemetry, upstreams),
         "quotas": QuotasStep(config.chain.quotas, state, telemetry),
         "backpressure": BackpressureStep(config.chain.backpressure, upstreams, telemetry,
-                                         picker=balancer.pick_slot),
+                                         placement=placement),
         "health": health,
         "balancer": balancer,
     }
