@@ -29,10 +29,7 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert server is not None
-    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, int(port)
+    return runner, int(runner.addresses[0][1])  # bound to port 0: the kernel's choice, no race
 
 
 @pytest.fixture
@@ -131,6 +128,49 @@ async def test_reset_before_headers_and_silence_map_to_their_errors(
         await server.wait_closed()
 
 
+async def test_probes_do_not_wait_behind_a_full_data_pool() -> None:
+    """With `pool_size: 1` and that one connection held by a client's stream, a probe still answers:
+    a busy replica must not look dead."""
+    release = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"{}\n")
+        await release.wait()
+        return response
+
+    async def version(request: web.Request) -> web.Response:
+        del request
+        return web.json_response({"version": "0.12.0"})
+
+    app = web.Application()
+    app.router.add_post("/api/generate", stream)
+    app.router.add_get("/api/version", version)
+    runner, port = await _serve(app)
+    replica = Upstream("busy", URL(f"http://127.0.0.1:{port}"))
+    fleet = FleetClient(UpstreamSet([replica]), ForwardingConfig(pool_size=1))
+    lifecycle = fleet.lifecycle(web.Application())
+    await lifecycle.__anext__()
+    try:
+        held = await fleet.open(replica, "POST", "/api/generate", headers={}, data=b"{}",
+                                first_byte_s=10.0, remaining_s=float("inf"))
+        assert await held.content.readline() == b"{}\n"
+        # The data pool is full: a second client call would wait for the held connection...
+        with pytest.raises(UpstreamResponseTimeout):
+            await fleet.open(replica, "GET", "/api/version", headers={}, data=None, first_byte_s=0.5,
+                             remaining_s=float("inf"))
+        # ...the probe goes through the control pool at once.
+        assert await fleet.probe(replica, "/api/version", 10.0) == {"version": "0.12.0"}
+        release.set()
+        held.release()
+    finally:
+        release.set()
+        with pytest.raises(StopAsyncIteration):
+            await lifecycle.__anext__()
+        await runner.cleanup()
+
+
 def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     names: set[str] = set()
@@ -159,7 +199,7 @@ def test_no_step_imports_another() -> None:
 
 def test_one_place_in_the_proxy_core_creates_a_client_session() -> None:
     outside_core = ("proxy/emulator/", "proxy/loadgen/", "proxy/demo.py")
-    found = []
+    found: list[str] = []
     for path in sorted([*(ROOT / "proxy").rglob("*.py"), *(ROOT / "middlewares").rglob("*.py")]):
         relative = path.relative_to(ROOT).as_posix()
         if relative.startswith(outside_core):
