@@ -4,10 +4,11 @@ Ollama queues requests for a loaded model without bound (ollama#7758); here they
 the wait is bounded, ordered fairly, visible and cancellable. Per model, each replica admits at most
 `max_in_flight` requests (default: its `num_parallel`); a request takes a free slot at once when nobody
 waits, else joins the model's FairQueue (lanes + VTC, proxy/fairqueue.py) and is bound, when a slot frees,
-to a replica when a slot frees (late binding). Which replica is the balancer's choice (`picker`): it may
-prefer to keep a request waiting for the busy replica that holds its model over an idle one that would
-have to load it; otherwise a slot never idles while anyone waits. Only replicas health lets serve the
-model count; when none is left, waiters are let through at once to get health's 503.
+to a replica when a slot frees (late binding). Which replica is placement's choice (proxy/placement.py,
+shared with the balancer): it may prefer to keep a request waiting for the busy replica that holds its
+model over an idle one that would have to load it; otherwise a slot never idles while anyone waits. Only
+replicas health lets serve the model count; when none is left, waiters are let through at once to get
+health's 503.
 
 Refusals, all 503 with `Retry-After` from the time the queue needs to drain at the fleet's capacity (its
 slots divided by the measured service time), never a constant:
@@ -26,7 +27,7 @@ import asyncio
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -38,13 +39,14 @@ from proxy.context import RequestContext
 from proxy.errors import Overload, QueueTimeout
 from proxy.fairqueue import FairQueue, Waiter
 from proxy.ollama import model_key
+from proxy.placement import Placement, Placing
 from proxy.prompts import request_cost
 from proxy.schema import Mode, positive, ratio
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import Upstream, UpstreamSet
 
-__all__ = ["BackpressureConfig", "BackpressureStep", "ModelGate", "Picker", "SlotLease"]
+__all__ = ["BackpressureConfig", "BackpressureStep", "ModelGate", "SlotLease"]
 
 
 @attrs.frozen
@@ -71,9 +73,6 @@ class BackpressureConfig:
     shrinks."""
 
 
-Picker = Callable[[str, Sequence[Upstream], Sequence[Upstream], int, Any], Upstream | None]
-"""(model, free replicas, eligible replicas, waiters ahead, the request) -> replica or None (wait)."""
-
 _DRAIN_WINDOW_S = 60.0
 _DEFAULT_OUTPUT_TOKENS = 256
 """Expected output of a request that sets no limit, for ordering only (quotas has its own setting)."""
@@ -87,11 +86,11 @@ class ModelGate:
     """Slots, queue and measurements of one model across the replicas."""
 
     def __init__(self, model: str, fleet: UpstreamSet, config: BackpressureConfig,
-                 picker: Picker | None = None) -> None:
+                 placement: Placement | None = None) -> None:
         self.model = model
         self.config = config
         self.fleet = fleet
-        self.picker = picker
+        self.placement = placement
         upstreams = list(fleet)
         self.queue = FairQueue(config.fair, config.bulk_share)
         self.in_flight: dict[str, int] = {u.name: 0 for u in upstreams}
@@ -115,14 +114,15 @@ class ModelGate:
         """Is a slot free on some replica that may serve the model?"""
         return bool(self._free(self.fleet.eligible(self.model)))
 
-    def pick(self, hint: Any = None, position: int = 0) -> Upstream | None:
-        """The replica to take a free slot on for this model now, if any (see `picker`)."""
+    def pick(self, placing: Placing | None = None, position: int = 0) -> Upstream | None:
+        """The replica to take a free slot on for this model now, if any (placement's choice; without
+        placement, the least loaded)."""
         eligible = self.fleet.eligible(self.model)
         free = self._free(eligible)
         if not free:
             return None
-        if self.picker is not None:
-            replica = self.picker(self.model, free, eligible, position, hint)
+        if self.placement is not None:
+            replica = self.placement.pick_slot(self.model, free, eligible, position, placing)
             if replica is None:
                 self._recheck_later()
             return replica
@@ -168,7 +168,7 @@ class ModelGate:
             if head.future.done():  # its client left; it is being removed
                 self.queue.remove(head)
                 continue
-            replica = self.pick(head.hint)
+            replica = self.pick(head.placing)
             if replica is None:
                 return
             waiter = self.queue.pop()
@@ -254,12 +254,12 @@ class BackpressureStep(Step):
     name = "backpressure"
 
     def __init__(self, config: BackpressureConfig, upstreams: UpstreamSet, telemetry: Telemetry,
-                 picker: Picker | None = None) -> None:
+                 placement: Placement | None = None) -> None:
         super().__init__(config.mode, telemetry)
         self.config = config
         self.fleet = upstreams
         self.upstreams = list(upstreams)
-        self.picker = picker
+        self.placement = placement
         self.gates: dict[str, ModelGate] = {}
         upstreams.on_change(self._fleet_changed)
         meter = telemetry.meter
@@ -282,7 +282,7 @@ class BackpressureStep(Step):
                 for idle in [k for k, g in self.gates.items()
                              if not len(g.queue) and not any(g.in_flight.values())]:
                     del self.gates[idle]
-            gate = self.gates[key] = ModelGate(key, self.fleet, self.config, self.picker)
+            gate = self.gates[key] = ModelGate(key, self.fleet, self.config, self.placement)
         return gate
 
     def _fleet_changed(self) -> None:
@@ -372,8 +372,14 @@ class BackpressureStep(Step):
         if not self.fleet.eligible(gate.model):
             self.decide(ctx, span, "no_replica")
             return None
-        replica = gate.pick(request) if not len(gate.queue) else None
+        placement = self.placement
+        # Described only when placement ranks by cost: round robin looks at nothing.
+        placing = placement.describe(ctx, request.headers) if placement is not None \
+            and placement.enforce else None
+        replica = gate.pick(placing) if not len(gate.queue) else None
         if replica is not None:
+            if placing is not None:
+                ctx.routing = placing.routing
             gate.in_flight[replica.name] += 1
             gate.queue.charge(tenant, weight, cost)
             span.set_attribute(self.telemetry.names.queue_position, 0)
@@ -388,7 +394,7 @@ class BackpressureStep(Step):
                 f"the queue for {gate.model} is full ({self.config.max_queue_size} waiting)",
                 retry_after_s=gate.retry_after_s()))
         future: asyncio.Future[Upstream | None] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(tenant, weight, lane, cost, time.monotonic(), future, hint=request)
+        waiter = Waiter(tenant, weight, lane, cost, future, placing=placing)
         ahead = gate.queue.push(waiter)
         span.set_attribute(self.telemetry.names.queue_position, ahead + 1)
         estimate = gate.estimated_wait_s(ahead)
@@ -422,6 +428,8 @@ class BackpressureStep(Step):
             gate.queue.reconcile(tenant, weight, -cost)  # popped (and charged) without being served
             self.decide(ctx, span, "no_replica")
             return None
+        if placing is not None:
+            ctx.routing = placing.routing
         self.decide(ctx, span, "queued")
         return replica
 

@@ -17,8 +17,11 @@ from .access import TenantDirectory
 from .chain import FORWARD_ROUTE, Step, build_chain
 from .config import Config
 from .fanout import FanOut
+from .fleet.client import FleetClient
+from .fleet.health import FleetHealth
 from .forwarding import Forwarder
 from .ingress import Ingress, add_context_headers
+from .placement import Placement
 from .serving import STOP, GracefulStop
 from .state.base import StateBackend
 from .state.memory import MemoryState
@@ -60,26 +63,29 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     """
     upstreams = UpstreamSet.from_config(config.upstreams, config.models)
     stop = GracefulStop()
-    forwarder = Forwarder(upstreams, config.forwarding, telemetry,
+    fleet = FleetClient(upstreams, config.forwarding)
+    forwarder = Forwarder(upstreams, config.forwarding, telemetry, fleet,
                           body_timeout_s=config.server.body_timeout_s, stop=stop)
     directory = TenantDirectory(config.tenants, config.anonymous, config.admin.keys,
                                 metrics_need_admin=config.telemetry.metrics_need_admin)
     state = build_state(config, telemetry)
 
     async def fetch_show(model: str) -> dict[str, Any] | None:
-        return await forwarder.fetch_json("/api/show", {"model": model, "verbose": True})
+        return await fleet.fetch_json("/api/show", {"model": model, "verbose": True})
 
     tokenizers = TokenizerRegistry({name: m.tokenizer for name, m in config.models.items()
                                     if m.tokenizer}, fetch_show)
     tokenizers.load_configured()
-    health = HealthStep(config.chain.health, upstreams, config.models, telemetry)
-    fanout = FanOut(upstreams, forwarder, on_managed=health.refresh)
-    balancer = BalancerStep(config.chain.balancer, upstreams, health, fanout, telemetry)
+    fleet_health = FleetHealth(config.chain.health, upstreams, config.models, telemetry, fleet)
+    health = HealthStep(config.chain.health, upstreams, fleet_health, telemetry)
+    fanout = FanOut(upstreams, fleet, config.forwarding.idle_timeout_s, on_managed=fleet_health.refresh)
+    placement = Placement(config.chain.balancer, upstreams)  # shared: backpressure binds, balancer reports
+    balancer = BalancerStep(config.chain.balancer, upstreams, fleet_health, fanout, telemetry, placement)
     steps: dict[str, Step] = {
         "limits": LimitsStep(config.chain.limits, config.models, tokenizers, telemetry, upstreams),
         "quotas": QuotasStep(config.chain.quotas, state, telemetry),
         "backpressure": BackpressureStep(config.chain.backpressure, upstreams, telemetry,
-                                         picker=balancer.pick_slot),
+                                         placement=placement),
         "health": health,
         "balancer": balancer,
     }
@@ -94,8 +100,9 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     app[STATE] = state
     app[STEPS] = steps
     app.on_response_prepare.append(add_context_headers)
-    app.cleanup_ctx.append(forwarder.lifecycle)
-    app.cleanup_ctx.append(health.lifecycle)
+    # Order matters: the pools open before the probes start and close after they stopped.
+    app.cleanup_ctx.append(fleet.lifecycle)
+    app.cleanup_ctx.append(fleet_health.lifecycle)
 
     async def state_lifecycle(app: web.Application) -> AsyncIterator[None]:
         del app

@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:  # the queue only carries it
+    from .placement import Placing
 
 __all__ = ["FairQueue", "Waiter"]
 
@@ -33,11 +36,10 @@ class Waiter:
     weight: float
     lane: str
     cost: float
-    enqueued_at: float
     future: asyncio.Future[Any]
     seq: int = 0
-    hint: Any = None
-    """What the replica choice may look at (the request); the queue never reads it."""
+    placing: Placing | None = None
+    """What the replica choice may look at (proxy/placement.py); the queue never reads it."""
 
 
 class FairQueue:

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from .context import RequestContext
 from .errors import UpstreamConnectFailure
-from .forwarding import Forwarder
+from .fleet.client import FleetClient
 from .ollama import classify
 from .upstreams import Upstream, UpstreamSet
 
@@ -47,17 +47,12 @@ def fleet_scope(method: str, path: str) -> str | None:
 class FanOut:
     """Sends one request to several replicas and merges what they answer."""
 
-    def __init__(self, upstreams: UpstreamSet, forwarder: Forwarder,
+    def __init__(self, upstreams: UpstreamSet, fleet: FleetClient, idle_timeout_s: float,
                  on_managed: Callable[[Upstream], None] | None = None) -> None:
         self.upstreams = upstreams
-        self.forwarder = forwarder
-        self.idle_timeout_s = forwarder.config.idle_timeout_s
+        self.fleet = fleet
+        self.idle_timeout_s = idle_timeout_s
         self.on_managed = on_managed
-
-    def session(self) -> aiohttp.ClientSession:
-        session = self.forwarder.session
-        assert session is not None, "fan-out used outside the application lifecycle"
-        return session
 
     async def handle(self, request: web.Request, ctx: RequestContext, scope: str,
                      targets: Sequence[Upstream]) -> web.StreamResponse:
@@ -66,7 +61,7 @@ class FanOut:
             return await self._manage(request, ctx, targets)
         serving = [u for u in targets if self.upstreams.is_serving(u)]
         replies = await asyncio.gather(*(
-            self.forwarder.fetch_json(request.path, upstream=u, timeout_s=_READ_TIMEOUT_S) for u in serving))
+            self.fleet.fetch_json(request.path, upstream=u, timeout_s=_READ_TIMEOUT_S) for u in serving))
         answered = [(u, body) for u, body in zip(serving, replies, strict=True) if body is not None]
         if not answered:
             raise UpstreamConnectFailure(f"no replica answered {request.path}")
@@ -101,8 +96,10 @@ class FanOut:
                 for upstream in live:
                     self.on_managed(upstream)
 
-    def _headers(self, request: web.Request, upstream: Upstream) -> dict[str, str]:
-        headers = {"Host": upstream.host_header}
+    @staticmethod
+    def _headers(request: web.Request) -> dict[str, str]:
+        """What a management call passes on; the fleet client adds the replica's `Host`."""
+        headers: dict[str, str] = {}
         if "Content-Type" in request.headers:
             headers["Content-Type"] = request.headers["Content-Type"]
         if "User-Agent" in request.headers:
@@ -115,9 +112,9 @@ class FanOut:
 
         async def call(upstream: Upstream) -> tuple[int, bytes]:
             try:
-                async with self.session().request(
-                        request.method, upstream.target(request.raw_path), data=ctx.body or b"",
-                        headers=self._headers(request, upstream)) as reply:
+                async with self.fleet.request(
+                        upstream, request.method, request.raw_path, data=ctx.body or b"",
+                        headers=self._headers(request)) as reply:
                     return reply.status, await reply.read()
             except (aiohttp.ClientError, OSError) as exc:
                 return 502, orjson.dumps({"error": f"cannot reach replica: {type(exc).__name__}"})
@@ -161,9 +158,9 @@ class FanOut:
         async def follow(upstream: Upstream) -> None:
             last: dict[str, Any] = {}
             try:
-                async with self.session().request(
-                        request.method, upstream.target(request.raw_path), data=ctx.body or b"",
-                        headers=self._headers(request, upstream),
+                async with self.fleet.request(
+                        upstream, request.method, request.raw_path, data=ctx.body or b"",
+                        headers=self._headers(request),
                         timeout=aiohttp.ClientTimeout(sock_read=self.idle_timeout_s)) as reply:
                     async for raw in reply.content:
                         if not raw.strip():

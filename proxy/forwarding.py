@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, istr
@@ -41,10 +40,10 @@ from .errors import (
     RequestTimeout,
     ShuttingDown,
     UpstreamBusy,
-    UpstreamConnectFailure,
     UpstreamResetBeforeResponseStarted,
     UpstreamResponseTimeout,
 )
+from .fleet.client import FleetClient
 from .ollama import UsageScanner
 from .rendering import stream_error_record
 from .schema import ForwardingConfig
@@ -63,7 +62,6 @@ HOP_BY_HOP = frozenset(istr(h) for h in (
 _DROP_REQUEST = HOP_BY_HOP | {istr("Host"), istr("Content-Length"), istr("traceparent"),
                               istr("tracestate"), istr("X-Ollama-Replica")}
 _DROP_RESPONSE = HOP_BY_HOP | {istr("Content-Length")}
-_SKIP_AUTO = (istr("User-Agent"), istr("Accept"), istr("Accept-Encoding"), istr("Content-Type"))
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NO_BODY_STATUSES = frozenset({204, 304})
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
@@ -78,38 +76,17 @@ def _connection_tokens(headers: Any) -> set[str]:
 
 
 class Forwarder:
-    """Owns the upstream connection pool and relays requests to the replica the chain chose."""
+    """Relays requests to the replica the chain chose, over the fleet client's connections."""
 
-    def __init__(self, upstreams: UpstreamSet, config: ForwardingConfig, telemetry: Telemetry, *,
-                 body_timeout_s: float = 60.0, stop: GracefulStop | None = None) -> None:
+    def __init__(self, upstreams: UpstreamSet, config: ForwardingConfig, telemetry: Telemetry,
+                 fleet: FleetClient, *, body_timeout_s: float = 60.0,
+                 stop: GracefulStop | None = None) -> None:
         self.upstreams = upstreams
         self.config = config
         self.telemetry = telemetry
+        self.fleet = fleet
         self.body_timeout_s = body_timeout_s
         self.stop = stop
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession | None:
-        """The upstream connection pool (None outside the application's lifetime)."""
-        return self._session
-
-    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        """aiohttp cleanup context: the pool lives exactly as long as the application."""
-        del app
-        connector = aiohttp.TCPConnector(limit=self.config.pool_size,
-                                         keepalive_timeout=self.config.keepalive_s,
-                                         enable_cleanup_closed=True)
-        self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None, connect=None,
-                                          sock_connect=self.config.connect_timeout_s,
-                                          sock_read=None))
-        try:
-            yield
-        finally:
-            await self._session.close()
-            self._session = None
 
     # request side ------------------------------------------------------------------------------------
     def _request_headers(self, request: web.Request, upstream: Upstream, span: Span,
@@ -197,39 +174,13 @@ class Forwarder:
 
     async def _exchange(self, request: web.Request, ctx: RequestContext, upstream: Upstream,
                         span: Span, started: float) -> web.StreamResponse:
-        session = self._session
-        assert session is not None, "forwarder used outside the application lifecycle"
         headers = self._request_headers(request, upstream, span, ctx)
-        first_byte_s = self.config.first_byte_timeout_s
-        deadline_s = self._remaining(ctx)
         body_error: list[ProxyError] = []
-        try:
-            try:
-                async with asyncio.timeout(min(first_byte_s, deadline_s)):
-                    upstream_response = await session.request(
-                        request.method, upstream.target(request.raw_path), headers=headers,
-                        data=self._request_data(request, ctx, body_error), allow_redirects=False,
-                        skip_auto_headers=_SKIP_AUTO, compress=None)
-            except (TimeoutError, aiohttp.ClientError, ConnectionError, HttpProcessingError):
-                if body_error:  # the client's upload failed, not the replica
-                    raise body_error[0] from None
-                raise
-        except TimeoutError:
-            if deadline_s < first_byte_s:
-                raise UpstreamResponseTimeout(
-                    f"the request's deadline of {ctx.service_limits.get('deadline_s')}s passed "
-                    "before the upstream answered") from None
-            raise UpstreamResponseTimeout(
-                f"upstream {upstream.name} sent no response within {first_byte_s:g}s") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamConnectFailure(f"cannot connect to upstream {upstream.name}: "
-                                         f"{exc.os_error.strerror or exc.os_error}") from None
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamConnectFailure(f"timed out connecting to upstream {upstream.name}") from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamResetBeforeResponseStarted(
-                f"upstream {upstream.name} closed the connection before responding "
-                f"({type(exc).__name__})") from None
+        upstream_response = await self.fleet.open(
+            upstream, request.method, request.raw_path, headers=headers,
+            data=self._request_data(request, ctx, body_error),
+            first_byte_s=self.config.first_byte_timeout_s, remaining_s=self._remaining(ctx),
+            deadline_label=ctx.service_limits.get("deadline_s"), upload_error=body_error)
         if upstream_response.status in ctx.retry_statuses:
             upstream_response.close()
             raise UpstreamBusy(f"upstream {upstream.name} answered {upstream_response.status}",
@@ -352,30 +303,6 @@ class Forwarder:
         if ctx.deadline_at is None:
             return float("inf")
         return max(0.0, ctx.deadline_at - time.monotonic())
-
-    async def fetch_json(self, path: str, body: dict[str, Any] | None = None, *,
-                         upstream: Upstream | None = None, timeout_s: float = 60.0
-                         ) -> dict[str, Any] | None:
-        """POST `body` (GET without one) to `path` on `upstream` (default: a replica that holds the body's
-        model, else the next serving one) and return its JSON object, or None on any failure. For the
-        proxy's own needs (a model's vocabulary, the merged fleet listings), not for client requests."""
-        session = self._session
-        if session is None:
-            return None
-        if upstream is None:
-            model = body.get("model") if body is not None else None
-            holders = self.upstreams.eligible(model if isinstance(model, str) else None)
-            upstream = holders[0] if holders else self.upstreams.next_serving()
-        try:
-            async with session.request("GET" if body is None else "POST", upstream.target(path),
-                                       json=body, headers={"Host": upstream.host_header},
-                                       timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-                if response.status != 200:
-                    return None
-                value = await response.json(loads=orjson.loads, content_type=None)
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
-            return None
-        return value if isinstance(value, dict) else None
 
     def _record_first_chunk(self, ctx: RequestContext, started: float) -> None:
         if ctx.route.operation is None:

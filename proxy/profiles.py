@@ -1,4 +1,4 @@
-"""Model profiles: what the balancer measures per model, and `GET /system/profile` built from it.
+"""Model profiles: what placement measures per model, and `GET /system/profile` built from it.
 
 The view shows, per replica, its health and what it holds now (from `/api/ps`), and per model where it
 is loaded, its configured profile (`models.<name>`), what was measured (arrival rate, service and load
@@ -29,7 +29,7 @@ _TARGET_UTILISATION = 0.8
 
 @attrs.define
 class ModelStats:
-    """What the balancer learned about one model (smoothed; recent samples only)."""
+    """What placement learned about one model (smoothed; recent samples only)."""
 
     service_s: float | None = None
     """Time an attempt takes, first byte sent to last byte received (EWMA)."""

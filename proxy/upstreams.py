@@ -52,7 +52,6 @@ class Attempt:
     model: str | None
     started: float = attrs.field(factory=time.monotonic)
     last_progress: float = attrs.field(factory=time.monotonic)
-    first_byte: bool = False
 
 
 @attrs.define(eq=False)

@@ -240,7 +240,7 @@ def test_fair_queue_unit_order() -> None:
         queue = FairQueue(fair=True, bulk_share=0.25)
 
         def waiter(tenant: str, lane: str = "interactive", cost: float = 100) -> Waiter:
-            return Waiter(tenant, 1.0, lane, cost, 0.0, loop.create_future())
+            return Waiter(tenant, 1.0, lane, cost, loop.create_future())
 
         for _ in range(4):
             queue.push(waiter("heavy", cost=1000))

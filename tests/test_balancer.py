@@ -18,11 +18,8 @@ import ollama
 import pytest
 from yarl import URL
 
-from middlewares.balancer import BalancerStep
-from proxy.config import BalancerConfig, ForwardingConfig, TelemetryConfig
-from proxy.fanout import FanOut
-from proxy.forwarding import Forwarder
-from proxy.telemetry.setup import build_telemetry
+from proxy.config import BalancerConfig
+from proxy.placement import Placement
 from proxy.upstreams import LoadedModel, Upstream, UpstreamSet
 from tests.support.metrics import metric
 from tests.support.otlp_receiver import OtlpReceiver, attributes_of
@@ -308,31 +305,28 @@ def test_decision_on_the_step_spans(tmp: Path) -> None:
 def test_cost_model_prefers_residency_and_prices_evictions() -> None:
     upstreams = UpstreamSet([Upstream("a", URL("http://127.0.0.1:1")),
                              Upstream("b", URL("http://127.0.0.1:2"))])
-    telemetry = build_telemetry(TelemetryConfig())
-    balancer = BalancerStep(BalancerConfig(cold_load_s=8.0), upstreams, None,
-                            FanOut(upstreams, Forwarder(upstreams, ForwardingConfig(), telemetry)),
-                            telemetry)
+    placement = Placement(BalancerConfig(cold_load_s=8.0), upstreams)
     a, b = upstreams.upstreams
     a.loaded = {"llama3.2:latest": LoadedModel("llama3.2:latest", context_length=4096)}
     b.loaded = {"qwen3:latest": LoadedModel("qwen3:latest", context_length=4096)}
-    assert balancer.cost(a, "llama3.2:latest", 1000, 0.0) == (0.0, "resident")
+    assert placement.cost(a, "llama3.2:latest", 1000, 0.0) == (0.0, "resident")
     # A prompt longer than the loaded context: still resident (no load), a little behind one that fits;
     # another num_ctx than the loaded one makes Ollama reload the model.
-    assert balancer.cost(a, "llama3.2:latest", 5000, 0.0) == (0.5, "short")
-    assert balancer.cost(a, "llama3.2:latest", 1000, 0.0, num_ctx=8192) == (8.0, "reload")
-    assert balancer.cost(a, "llama3.2:latest", 1000, 0.0, num_ctx=4096) == (0.0, "resident")
+    assert placement.cost(a, "llama3.2:latest", 5000, 0.0) == (0.5, "short")
+    assert placement.cost(a, "llama3.2:latest", 1000, 0.0, num_ctx=8192) == (8.0, "reload")
+    assert placement.cost(a, "llama3.2:latest", 1000, 0.0, num_ctx=4096) == (0.0, "resident")
     # qwen3 not wanted lately: loading llama3.2 on b costs the load only...
-    assert balancer.cost(b, "llama3.2:latest", None, 0.0) == (8.0, "cold")
+    assert placement.cost(b, "llama3.2:latest", None, 0.0) == (8.0, "cold")
     # ...but once qwen3 is in demand, evicting it costs its next load too (b never held two models).
-    balancer.stat("qwen3:latest").last_wanted = time.monotonic()
-    assert balancer.cost(b, "llama3.2:latest", None, 0.0) == (16.0, "cold")
+    placement.stat("qwen3:latest").last_wanted = time.monotonic()
+    assert placement.cost(b, "llama3.2:latest", None, 0.0) == (16.0, "cold")
     b.loaded["mistral:latest"] = LoadedModel("mistral:latest")  # b is seen holding two at once
-    assert balancer.cost(b, "llama3.2:latest", None, 0.0)[0] == 8.0
+    assert placement.cost(b, "llama3.2:latest", None, 0.0)[0] == 8.0
     # Late binding: a free cold replica against a busy one that holds the model.
-    ranked = balancer.rank("llama3.2", [a, b], None, None, free=[b], position=0)
+    ranked = placement.rank("llama3.2", [a, b], None, free=[b], position=0)
     assert ranked[0][2] is a  # half a service (1 s by default) beats an 8 s load
-    balancer.stat("llama3.2:latest").service_s = 30.0
-    ranked = balancer.rank("llama3.2", [a, b], None, None, free=[b], position=0)
+    placement.stat("llama3.2:latest").service_s = 30.0
+    ranked = placement.rank("llama3.2", [a, b], None, free=[b], position=0)
     assert ranked[0][2] is b  # a 15 s expected wait does not
 
 

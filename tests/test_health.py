@@ -18,8 +18,8 @@ import httpx
 import pytest
 from yarl import URL
 
-from middlewares.health import HealthStep
 from proxy.config import HealthConfig, TelemetryConfig
+from proxy.fleet.health import FleetHealth
 from proxy.telemetry.setup import build_telemetry
 from proxy.upstreams import Upstream, UpstreamSet
 from tests.support.metrics import metric
@@ -205,10 +205,10 @@ def test_restart_hook_restarts_and_prewarms(tmp: Path) -> None:
             os.kill(int(pidfile.read_text()), signal.SIGTERM)
 
 
-def _fleet(count: int = 4, **health: Any) -> tuple[HealthStep, list[Upstream]]:
+def _fleet(count: int = 4, **health: Any) -> tuple[FleetHealth, list[Upstream]]:
     upstreams = UpstreamSet([Upstream(name, URL(f"http://127.0.0.1:{11434 + i}"))
                              for i, name in enumerate("abcdefgh"[:count])])
-    step = HealthStep(HealthConfig(**health), upstreams, {}, build_telemetry(TelemetryConfig()))
+    step = FleetHealth(HealthConfig(**health), upstreams, {}, build_telemetry(TelemetryConfig()))
     for upstream in upstreams:
         upstream.status = "healthy"
     return step, list(upstreams)

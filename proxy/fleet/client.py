@@ -1,0 +1,182 @@
+"""The one HTTP client of the proxy core: every call to a replica goes through `FleetClient`.
+
+It owns the connection pools and their lifetime (an aiohttp cleanup context), the `Host` header a replica
+accepts (Ollama's loopback guard refuses foreign hosts, reference §3.2), the connect timeout, and the
+mapping of client exceptions to the proxy's errors (`UpstreamConnectFailure`,
+`UpstreamResetBeforeResponseStarted`, `UpstreamResponseTimeout`). Its users: the forwarder's relay, the
+fan-out, health probes, warm-up loads and the tokenizer's `/api/show` fetch.
+
+Two pools, made in one place: the data pool (client traffic, `forwarding.pool_size`, no automatic
+decompression so bytes are relayed as sent) and the control pool (probes and warm-up loads, unlimited).
+A probe must never wait behind `pool_size` busy client streams: a saturated fleet would look dead and be
+ejected exactly when it is busiest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import istr
+
+from ..errors import (
+    ProxyError,
+    UpstreamConnectFailure,
+    UpstreamResetBeforeResponseStarted,
+    UpstreamResponseTimeout,
+)
+from ..schema import ForwardingConfig
+from ..upstreams import Upstream, UpstreamSet
+
+__all__ = ["FleetClient", "ProbeFailed"]
+
+_SKIP_AUTO = (istr("User-Agent"), istr("Accept"), istr("Accept-Encoding"), istr("Content-Type"))
+"""aiohttp's automatic request headers, suppressed on relayed requests so the replica sees what the
+client sent."""
+
+
+class ProbeFailed(Exception):
+    """A probe got an answer, but not a healthy one."""
+
+
+class FleetClient:
+    """Connections to the replicas, for as long as the application runs."""
+
+    def __init__(self, upstreams: UpstreamSet, config: ForwardingConfig) -> None:
+        self.upstreams = upstreams
+        self.config = config
+        self._data: aiohttp.ClientSession | None = None
+        self._control: aiohttp.ClientSession | None = None
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context: the pools live exactly as long as the application."""
+        del app
+        connector = aiohttp.TCPConnector(limit=self.config.pool_size,
+                                         keepalive_timeout=self.config.keepalive_s,
+                                         enable_cleanup_closed=True)
+        self._data = self._session(
+            connector=connector, auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, connect=None,
+                                          sock_connect=self.config.connect_timeout_s, sock_read=None))
+        self._control = self._session(connector=aiohttp.TCPConnector(limit=0))
+        try:
+            yield
+        finally:
+            await self._data.close()
+            await self._control.close()
+            self._data = self._control = None
+
+    @staticmethod
+    def _session(**kwargs: Any) -> aiohttp.ClientSession:
+        # The only ClientSession the proxy core creates. No cookies: replicas must not see one client's.
+        return aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), **kwargs)
+
+    @property
+    def running(self) -> bool:
+        """Whether the pools are open (inside the application's lifetime)."""
+        return self._data is not None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The data pool. Only inside the application's lifetime."""
+        session = self._data
+        assert session is not None, "fleet client used outside the application lifecycle"
+        return session
+
+    def request(self, upstream: Upstream, method: str, path_qs: str, *,
+                headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
+        """`session.request` on `upstream` (data pool) with its `Host` header: an async context manager
+        for the fan-out's calls, which read the answer themselves and map failures to their summaries."""
+        return self.session.request(method, upstream.target(path_qs),
+                                    headers={**(headers or {}), "Host": upstream.host_header}, **kwargs)
+
+    async def open(self, upstream: Upstream, method: str, path_qs: str, *, headers: Any, data: Any,
+                   first_byte_s: float, remaining_s: float, deadline_label: object = None,
+                   upload_error: Sequence[ProxyError] = ()) -> aiohttp.ClientResponse:
+        """Send a client's request to `upstream` and return the response once its headers arrived.
+
+        `headers` are sent as given (the caller's header policy sets `Host`); aiohttp adds none of its
+        own. Waits at most `first_byte_s`, or `remaining_s` of the request's deadline when that is
+        shorter. Failures come out as ProxyErrors: an upload error the body iterator put in
+        `upload_error` (the client's fault, not the replica's), else a response timeout, a connect
+        failure, or a reset before the response started."""
+        try:
+            try:
+                async with asyncio.timeout(min(first_byte_s, remaining_s)):
+                    return await self.session.request(
+                        method, upstream.target(path_qs), headers=headers, data=data,
+                        allow_redirects=False, skip_auto_headers=_SKIP_AUTO, compress=None)
+            except (TimeoutError, aiohttp.ClientError, ConnectionError, HttpProcessingError):
+                if upload_error:  # the client's upload failed, not the replica
+                    raise upload_error[0] from None
+                raise
+        except TimeoutError:
+            if remaining_s < first_byte_s:
+                raise UpstreamResponseTimeout(
+                    f"the request's deadline of {deadline_label}s passed "
+                    "before the upstream answered") from None
+            raise UpstreamResponseTimeout(
+                f"upstream {upstream.name} sent no response within {first_byte_s:g}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamConnectFailure(f"cannot connect to upstream {upstream.name}: "
+                                         f"{exc.os_error.strerror or exc.os_error}") from None
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamConnectFailure(f"timed out connecting to upstream {upstream.name}") from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise UpstreamResetBeforeResponseStarted(
+                f"upstream {upstream.name} closed the connection before responding "
+                f"({type(exc).__name__})") from None
+
+    async def fetch_json(self, path: str, body: dict[str, Any] | None = None, *,
+                         upstream: Upstream | None = None, timeout_s: float = 60.0
+                         ) -> dict[str, Any] | None:
+        """POST `body` (GET without one) to `path` on `upstream` (default: a replica that holds the body's
+        model, else the next serving one) and return its JSON object, or None on any failure. For the
+        proxy's own needs (a model's vocabulary, the merged fleet listings), not for client requests."""
+        session = self._data
+        if session is None:
+            return None
+        if upstream is None:
+            model = body.get("model") if body is not None else None
+            holders = self.upstreams.eligible(model if isinstance(model, str) else None)
+            upstream = holders[0] if holders else self.upstreams.next_serving()
+        try:
+            async with session.request("GET" if body is None else "POST", upstream.target(path),
+                                       json=body, headers={"Host": upstream.host_header},
+                                       timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                if response.status != 200:
+                    return None
+                value = await response.json(loads=orjson.loads, content_type=None)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    async def probe(self, upstream: Upstream, path: str, timeout_s: float) -> Any:
+        """GET `path` on `upstream` (control pool) and return its JSON. Raises ProbeFailed for a non-200
+        answer; aiohttp.ClientError, TimeoutError, OSError or orjson.JSONDecodeError when there was none
+        or it was not JSON."""
+        session = self._control
+        assert session is not None, "fleet client used outside the application lifecycle"
+        async with session.get(upstream.target(path), headers={"Host": upstream.host_header},
+                               timeout=aiohttp.ClientTimeout(total=timeout_s)) as reply:
+            if reply.status != 200:
+                raise ProbeFailed(f"{path} answered {reply.status}")
+            return orjson.loads(await reply.read())
+
+    async def post_status(self, upstream: Upstream, path: str, body: dict[str, Any],
+                          timeout_s: float) -> int:
+        """POST `body` to `path` on `upstream` (control pool), read the whole answer and return its
+        status (warm-up loads). Raises aiohttp.ClientError, TimeoutError or OSError when none came."""
+        session = self._control
+        if session is None:
+            raise aiohttp.ClientConnectionError("fleet client is closed")
+        async with session.post(upstream.target(path), data=orjson.dumps(body),
+                                headers={"Host": upstream.host_header},
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as reply:
+            await reply.read()
+            return reply.status

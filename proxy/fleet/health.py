@@ -1,0 +1,453 @@
+"""Replica health, owned by the application: probes, the health state machine, restarts, pre-warming.
+
+Active: every replica is probed on a jittered interval with `GET /api/version` (alive) and `GET /api/ps`
+(what it has loaded: name, digest, context length, expiry); `GET /api/tags` every few probes (what it
+has on disk). Probes never load a model. Passive: consecutive gateway failures of real requests
+(connect refused, reset, no response, 502/504, a stream cut off) eject a replica for
+`base_ejection_s x 2^(ejections-1)` (capped); once that expires the replica is half-open and the next
+successful probe takes it back. A replica whose in-flight requests all went silent for `stuck_after_s` is
+stuck. A replica with a `restart_command` is restarted (rate-limited) after `restart_after_failures`
+failed probes or when stuck, and its profile models (`models.<name>.warm_on`) are loaded before it takes
+traffic again.
+
+A request's gateway failure also triggers an immediate probe; if that fails too, the replica is ejected
+without waiting for more failures. Requests report their outcome here (`observe`), not to a step.
+
+The `health` step (middlewares/health.py) only reads what this learned, per request. Configured by
+`chain.health` (its `mode`: `off` runs no probes; only `enforce` runs restart commands).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import shlex
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ..ollama import is_cloud_model, model_key
+from ..prompts import canonicalize
+from ..schema import ModelConfig
+from ..telemetry.setup import Telemetry
+from ..upstreams import LoadedModel, Upstream, UpstreamSet
+from .client import FleetClient, ProbeFailed
+
+if TYPE_CHECKING:  # the step module holds the config class (config beside code); no import cycle
+    from middlewares.health import HealthConfig
+
+__all__ = ["GATEWAY_FAILURES", "FleetHealth"]
+
+log = logging.getLogger("proxy.health")
+
+GATEWAY_FAILURES = frozenset({"upstream_connect_failure", "upstream_reset_before_response_started",
+                              "upstream_response_timeout", "upstream_reset_after_response_started"})
+"""Outcomes that count against a replica. Ollama's 500s do not: it answers 500 for request-specific
+runner errors too, and one client's bad requests must not eject a healthy replica."""
+_FAILING_STATUSES = frozenset({502, 504})
+_TAGS_EVERY_PROBES = 6
+_PIN_RETRY_S = 60.0
+"""A pinned model found missing is loaded again at most this often (it may not fit, or be gone)."""
+_OUTPUT_LOG_BYTES = 4096
+
+
+class FleetHealth:
+    """Replica health: probes, passive ejection, stuck detection, restarts and pre-warming."""
+
+    def __init__(self, config: HealthConfig, upstreams: UpstreamSet, models: Mapping[str, ModelConfig],
+                 telemetry: Telemetry, client: FleetClient | None = None) -> None:
+        self.config = config
+        self.mode = config.mode
+        self.telemetry = telemetry
+        self.client = client
+        self.upstreams = upstreams
+        upstreams.enforce_health = config.mode == "enforce"
+        upstreams.changed()
+        self.warm: dict[str, list[tuple[str, ModelConfig]]] = {u.name: [] for u in upstreams}
+        for name, profile in models.items():
+            for upstream in upstreams:
+                if "*" in profile.warm_on or upstream.name in profile.warm_on:
+                    self.warm[upstream.name].append((name, profile))
+        self.last_restart: dict[str, float] = {}
+        self._restarting: set[str] = set()
+        self._tags_due: set[str] = set()
+        self._pin_attempts: dict[tuple[str, str], float] = {}
+        self.probe_failures: dict[str, int] = {u.name: 0 for u in upstreams}
+        self.restarts: dict[str, int] = {u.name: 0 for u in upstreams}
+        self._wake = {u.name: asyncio.Event() for u in upstreams}
+        self._warming: dict[str, asyncio.Task[None]] = {}
+        meter = telemetry.meter
+        meter.create_observable_gauge(
+            telemetry.names.metric_upstream_healthy, callbacks=[self._observe_healthy],
+            unit="1", description="1 when the replica takes traffic, 0 when it does not, per replica.")
+        self.ejections = meter.create_counter(
+            telemetry.names.metric_health_ejections, unit="{ejection}",
+            description="Replicas taken out of service (ejected or stuck), by replica.")
+        self.probes = meter.create_counter(
+            telemetry.names.metric_health_probes, unit="{probe}",
+            description="Health probes, by replica and outcome.")
+        self.restart_counter = meter.create_counter(
+            telemetry.names.metric_health_restarts, unit="{restart}",
+            description="Restart commands run, by replica and outcome.")
+
+    # lifecycle ---------------------------------------------------------------------------------------
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context: probe every replica for as long as the application runs."""
+        del app
+        if self.mode == "off":
+            yield
+            return
+        tasks = [asyncio.create_task(self._watch(u), name=f"health-{u.name}") for u in self.upstreams]
+        try:
+            yield
+        finally:
+            for task in [*tasks, *self._warming.values()]:
+                task.cancel()
+            await asyncio.gather(*tasks, *self._warming.values(), return_exceptions=True)
+
+    def refresh(self, upstream: Upstream) -> None:
+        """Probe `upstream` now, its model list included (after a pull, create, copy or delete)."""
+        self._tags_due.add(upstream.name)
+        self.probe_soon(upstream)
+
+    def probe_soon(self, upstream: Upstream) -> None:
+        """Probe `upstream` now instead of at its next interval (e.g. after it loaded a model)."""
+        event = self._wake.get(upstream.name)
+        if event is not None:
+            event.set()
+
+    async def _watch(self, upstream: Upstream) -> None:
+        count = 0
+        wake = self._wake[upstream.name]
+        while True:
+            try:
+                tags = count % _TAGS_EVERY_PROBES == 0 or upstream.models is None \
+                    or upstream.name in self._tags_due
+                self._tags_due.discard(upstream.name)
+                await self._probe(upstream, tags=tags)
+            except Exception:  # a bug in one probe must not end the replica's watch
+                log.exception("probe of %s failed unexpectedly", upstream.name)
+            count += 1
+            jitter = self.config.probe_jitter
+            delay = self.config.probe_interval_s * random.uniform(1 - jitter, 1 + jitter)
+            if upstream.status == "ejected":
+                # Half-open as soon as the backoff ends: probe right then, not an interval later.
+                delay = min(delay, max(0.05, upstream.ejected_until - time.monotonic()))
+            upstream.next_probe_at = time.monotonic() + delay
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await wake.wait()
+            wake.clear()
+
+    # probing -----------------------------------------------------------------------------------------
+    async def _get(self, upstream: Upstream, path: str) -> Any:
+        assert self.client is not None, "probing needs the fleet client"
+        return await self.client.probe(upstream, path, self.config.probe_timeout_s)
+
+    async def _probe(self, upstream: Upstream, tags: bool) -> None:
+        try:
+            version = await self._get(upstream, "/api/version")
+            ps = await self._get(upstream, "/api/ps")
+            listing = await self._get(upstream, "/api/tags") if tags else None
+        except (aiohttp.ClientError, TimeoutError, ProbeFailed, orjson.JSONDecodeError, OSError) as exc:
+            reason = str(exc) if isinstance(exc, ProbeFailed) else (type(exc).__name__ if not str(exc)
+                                                                    else f"{type(exc).__name__}: {exc}")
+            self.probes.add(1, {self.telemetry.names.upstream_name: upstream.name, "outcome": "failure"})
+            self.probe_failures[upstream.name] += 1
+            self.failure(upstream, f"probe failed ({reason})", probe=True)
+            await self._maybe_restart(upstream)
+            return
+        self.probes.add(1, {self.telemetry.names.upstream_name: upstream.name, "outcome": "success"})
+        self.probe_failures[upstream.name] = 0
+        if isinstance(version, dict):
+            upstream.version = str(version.get("version", ""))
+        before = (set(upstream.loaded), upstream.models)
+        upstream.loaded = _loaded_models(ps)
+        if listing is not None:
+            upstream.models = frozenset(model_key(str(m.get("name") or m.get("model")))
+                                        for m in (listing.get("models") or []) if isinstance(m, dict))
+        self._success(upstream)
+        if self._stale(upstream):
+            self._mark_stuck(upstream)
+            await self._maybe_restart(upstream)
+        if (set(upstream.loaded), upstream.models) != before:
+            self.upstreams.changed()
+        if upstream.serving and self.mode != "off":
+            self._keep_pinned(upstream)
+
+    # state transitions -------------------------------------------------------------------------------
+    def _success(self, upstream: Upstream) -> None:
+        now = time.monotonic()
+        upstream.consecutive_failures = 0
+        upstream.suspect = False
+        status = upstream.status
+        if status == "ejected" and now < upstream.ejected_until:
+            return  # still backing off; half-open once it expires
+        if status == "stuck" and not self._stale(upstream):
+            self._set(upstream, "healthy", "")
+        elif status in ("ejected", "restarting", "down"):
+            missing = self._missing_warm(upstream)
+            if missing:
+                self._set(upstream, "warming", f"loading {', '.join(missing)}")
+                self._start_warm(upstream, missing, then_serve=True)
+            else:
+                self._set(upstream, "healthy", "")
+        elif status == "unknown":
+            self._set(upstream, "healthy", "")
+            missing = self._missing_warm(upstream)
+            if missing:  # at start-up it serves while its profile models load
+                self._start_warm(upstream, missing, then_serve=False)
+        elif status == "healthy" and now - upstream.healthy_since > self.config.max_ejection_s:
+            upstream.ejections = 0
+
+    def failure(self, upstream: Upstream, reason: str, *, probe: bool = False) -> None:
+        """A gateway failure on `upstream` (a failed probe, or a real request's): eject it after
+        `eject_after_failures` in a row, or at once when a probe confirms a request's failure (the probe
+        is sent right after it). Passive ejections respect `max_ejection_ratio`."""
+        upstream.consecutive_failures += 1
+        upstream.reason = reason
+        if upstream.status in ("restarting", "warming"):
+            return
+        if upstream.status == "ejected" and time.monotonic() < upstream.ejected_until:
+            return
+        never_answered = probe and upstream.status == "unknown"
+        confirmed = probe and upstream.suspect
+        if not probe and upstream.serving:
+            upstream.suspect = True
+            self.probe_soon(upstream)
+        if upstream.consecutive_failures < self.config.eject_after_failures \
+                and upstream.status != "ejected" and not never_answered and not confirmed:
+            return
+        if not probe:
+            out = sum(1 for u in self.upstreams if not u.serving)
+            allowed = max(1, int(self.config.max_ejection_ratio * len(self.upstreams)))
+            if upstream.serving and out >= allowed:
+                return  # keep the rest of the fleet in service; the probes will tell
+        self._eject(upstream, reason)
+
+    def success(self, upstream: Upstream) -> None:
+        """A real request on `upstream` went through: the failure run is over."""
+        upstream.consecutive_failures = 0
+        upstream.suspect = False
+
+    def observe(self, upstream: Upstream, outcome: str, status: int, model: str | None = None) -> None:
+        """Passive detection: the outcome of one request for `model` sent to `upstream`.
+
+        A status the replica answered for a cloud model (`*:cloud`, `*-cloud`) is ollama.com's (its
+        usage-limit 429, overloaded 503, or a 502 when the daemon cannot reach it), relayed by a replica
+        that is working: it never counts against the replica. Failing to reach the replica at all does."""
+        if outcome == "ok" and status >= 500 and is_cloud_model(model):
+            return
+        if outcome in GATEWAY_FAILURES or (outcome == "ok" and status in _FAILING_STATUSES):
+            self.failure(upstream, outcome if outcome != "ok" else f"HTTP {status}")
+        elif outcome == "ok" and 0 < status < 500:
+            self.success(upstream)
+
+    def _eject(self, upstream: Upstream, reason: str) -> None:
+        upstream.ejections += 1
+        backoff = min(self.config.max_ejection_s,
+                      self.config.base_ejection_s * 2 ** (upstream.ejections - 1))
+        upstream.ejected_until = time.monotonic() + backoff
+        self.ejections.add(1, {self.telemetry.names.upstream_name: upstream.name})
+        log.warning("replica %s ejected for %.0fs (%s, ejection %d in a row)", upstream.name, backoff,
+                    reason, upstream.ejections)
+        self._set(upstream, "ejected", reason)
+        self.probe_soon(upstream)  # its watch re-plans: the next probe comes when the backoff ends
+
+    def _stale(self, upstream: Upstream) -> bool:
+        """Every in-flight request on `upstream` has been silent for stuck_after_s. Requests for cloud
+        models do not count: their silence is ollama.com's, relayed by a replica that may be fine."""
+        now = time.monotonic()
+        attempts = [a for a in upstream.attempts if not is_cloud_model(a.model)]
+        return bool(attempts) and all(now - a.last_progress > self.config.stuck_after_s for a in attempts)
+
+    def _mark_stuck(self, upstream: Upstream) -> None:
+        if upstream.status != "stuck":
+            self.ejections.add(1, {self.telemetry.names.upstream_name: upstream.name})
+            log.warning("replica %s is stuck: %d requests in flight, none made progress for %.0fs",
+                        upstream.name, len(upstream.attempts), self.config.stuck_after_s)
+            self._set(upstream, "stuck", f"no progress for {self.config.stuck_after_s:g}s")
+
+    def _set(self, upstream: Upstream, status: str, reason: str) -> None:
+        if upstream.status == status:
+            return
+        log.info("replica %s: %s -> %s%s", upstream.name, upstream.status, status,
+                 f" ({reason})" if reason else "")
+        upstream.status = status
+        upstream.reason = reason
+        if status == "healthy":
+            upstream.healthy_since = time.monotonic()
+        self.upstreams.changed()
+
+    # restarts ----------------------------------------------------------------------------------------
+    async def _maybe_restart(self, upstream: Upstream) -> None:
+        command = upstream.restart_command
+        if command is None or self.mode != "enforce" or upstream.name in self._restarting:
+            return
+        if upstream.status != "stuck" and self.probe_failures[upstream.name] < \
+                self.config.restart_after_failures:
+            return
+        last = self.last_restart.get(upstream.name)
+        if last is not None and time.monotonic() - last < self.config.restart_min_interval_s:
+            return
+        self.last_restart[upstream.name] = time.monotonic()
+        self._set(upstream, "restarting", "restart command running")
+        self._restarting.add(upstream.name)
+        try:
+            await self.restart(upstream, command)
+        finally:
+            self._restarting.discard(upstream.name)
+
+    async def restart(self, upstream: Upstream, command: str) -> int | None:
+        """Run `command` for `upstream` (fields substituted per argument, no shell); log its output and
+        record a span. Returns the exit code (None when it had to be killed)."""
+        fields = {"name": upstream.name, "url": str(upstream.url), "host": upstream.url.host or "",
+                  "port": str(upstream.url.port or "")}
+        argv = [arg.format(**fields) for arg in shlex.split(command)]
+        names = self.telemetry.names
+        span = self.telemetry.tracer.start_span(
+            names.health_restart_span, kind=SpanKind.INTERNAL,
+            attributes={names.upstream_name: upstream.name, names.health_reason: upstream.reason})
+        code: int | None = None
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT)
+            try:
+                async with asyncio.timeout(self.config.restart_timeout_s):
+                    output, _ = await process.communicate()
+                code = process.returncode
+            except TimeoutError:
+                process.kill()
+                output, _ = await process.communicate()
+            text = output[-_OUTPUT_LOG_BYTES:].decode(errors="replace").strip()
+            outcome = "success" if code == 0 else "failure"
+            (log.info if code == 0 else log.warning)(
+                "restart of %s (%s) exited with %s; output: %s", upstream.name, argv[0], code,
+                text or "(none)")
+        except OSError as exc:
+            outcome = "failure"
+            log.warning("restart of %s could not run %s: %s", upstream.name, argv[0], exc)
+        self.restarts[upstream.name] += 1
+        self.restart_counter.add(1, {self.telemetry.names.upstream_name: upstream.name, "outcome": outcome})
+        span.set_attribute(self.telemetry.names.health_restart_exit_code, -1 if code is None else code)
+        if outcome != "success":
+            span.set_status(Status(StatusCode.ERROR, "restart failed"))
+        span.end()
+        self.probe_soon(upstream)
+        return code
+
+    # pre-warming -------------------------------------------------------------------------------------
+    def _missing_warm(self, upstream: Upstream) -> list[str]:
+        return [name for name, _ in self.warm[upstream.name] if model_key(name) not in upstream.loaded]
+
+    def _keep_pinned(self, upstream: Upstream) -> None:
+        running = self._warming.get(upstream.name)
+        if running is not None and not running.done():
+            return
+        now = time.monotonic()
+        missing = [name for name, profile in self.warm[upstream.name]
+                   if profile.pinned and model_key(name) not in upstream.loaded
+                   and now - self._pin_attempts.get((upstream.name, name), -math.inf) > _PIN_RETRY_S]
+        if missing:
+            for name in missing:
+                self._pin_attempts[(upstream.name, name)] = now
+            self._start_warm(upstream, missing, then_serve=False)
+
+    def _start_warm(self, upstream: Upstream, models: list[str], then_serve: bool) -> None:
+        running = self._warming.get(upstream.name)
+        if running is not None and not running.done():
+            return
+        self._warming[upstream.name] = asyncio.create_task(self._warm(upstream, models, then_serve))
+
+    async def _warm(self, upstream: Upstream, models: list[str], then_serve: bool) -> None:
+        profiles = dict(self.warm[upstream.name])
+        names = self.telemetry.names
+        with self.telemetry.tracer.start_as_current_span(
+                names.health_warm_span, kind=SpanKind.INTERNAL,
+                attributes={names.upstream_name: upstream.name, names.health_models: models}):
+            for name in models:
+                loaded = await self.load(upstream, name, profiles[name])
+                if loaded:
+                    upstream.loaded.setdefault(model_key(name), LoadedModel(model_key(name)))
+        if then_serve and upstream.status == "warming":
+            self._set(upstream, "healthy", "")
+        self.probe_soon(upstream)
+
+    async def load(self, upstream: Upstream, model: str, profile: ModelConfig) -> bool:
+        """Load `model` on `upstream` without generating anything (Ollama's load-only request), with the
+        model's canonical load options so that real requests reuse the runner."""
+        client = self.client
+        if client is None or not client.running:
+            return False
+        # The very rewrite the limits step applies to real requests, so their options match the runner.
+        body, _ = canonicalize({"model": model}, profile.options, strip_others=True)
+        if profile.pinned:
+            body["keep_alive"] = -1
+        attempts: tuple[tuple[str, dict[str, Any]], ...] = (("/api/generate", {}),
+                                                             ("/api/embed", {"input": []}))
+        for path, extra in attempts:
+            try:
+                status = await client.post_status(upstream, path, {**body, **extra},
+                                                  self.config.warm_timeout_s)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                log.warning("pre-warming %s on %s failed: %s", model, upstream.name, type(exc).__name__)
+                return False
+            if status == 200:
+                log.info("pre-warmed %s on %s", model, upstream.name)
+                return True
+            if status != 400:  # 400: e.g. an embedding model cannot generate
+                break
+        log.warning("pre-warming %s on %s was refused", model, upstream.name)
+        return False
+
+    def _observe_healthy(self, options: CallbackOptions) -> Iterable[Observation]:
+        del options
+        for upstream in self.upstreams:
+            yield Observation(1 if upstream.serving else 0,
+                              {self.telemetry.names.upstream_name: upstream.name})
+
+    def snapshot(self) -> dict[str, Any]:
+        """Per replica: status and why, failures, ejections, probe and restart counts, what is loaded."""
+        now = time.monotonic()
+        out: dict[str, Any] = {}
+        for u in self.upstreams:
+            out[u.name] = {
+                "url": str(u.url), "status": u.status, "reason": u.reason or None,
+                "version": u.version, "consecutive_failures": u.consecutive_failures,
+                "suspect": u.suspect, "ejections": u.ejections,
+                "ejected_for_s": round(u.ejected_until - now, 1) if u.status == "ejected" else None,
+                "in_flight": len(u.attempts), "restarts": self.restarts[u.name],
+                "loaded": [{"model": m.name, "context_length": m.context_length,
+                            "expires_at": m.expires_at or None, "size_vram": m.size_vram}
+                           for m in u.loaded.values()],
+                "models_on_disk": sorted(u.models) if u.models is not None else None,
+            }
+        return out
+
+
+def _loaded_models(ps: Any) -> dict[str, LoadedModel]:
+    models = ps.get("models") if isinstance(ps, dict) else None
+    loaded: dict[str, LoadedModel] = {}
+    for entry in models or []:
+        if not isinstance(entry, dict):
+            continue
+        name = entry.get("model") or entry.get("name")
+        if not isinstance(name, str):
+            continue
+        context = entry.get("context_length")
+        vram = entry.get("size_vram")
+        loaded[model_key(name)] = LoadedModel(
+            model_key(name), str(entry.get("digest", "")),
+            context if isinstance(context, int) else None, str(entry.get("expires_at", "")),
+            vram if isinstance(vram, int) else None)
+    return loaded
