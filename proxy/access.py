@@ -18,7 +18,7 @@ count as no key while anonymous access is allowed.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import attrs
 
@@ -26,12 +26,15 @@ from .errors import Forbidden, Unauthorized
 from .ollama import classify
 from .schema import AnonymousConfig, TenantConfig
 
-__all__ = ["ANONYMOUS", "METRICS_PATH", "PROBE_PATHS", "Identity", "Tenant", "TenantDirectory",
-           "is_management"]
+__all__ = ["ANONYMOUS", "INTERNAL_HEADER", "METRICS_PATH", "PROBE_PATHS", "Identity", "Tenant",
+           "TenantDirectory", "is_management"]
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 """Routes that never need a key: an orchestrator's probes must not depend on the keys."""
 METRICS_PATH = "/metrics"
+INTERNAL_HEADER = "X-SOP-Internal"
+"""Carries a plugin sub-request's credential (a per-process secret and the tenant it runs as); removed
+before anything is forwarded, never logged."""
 
 
 def is_management(method: str, path: str) -> bool:
@@ -79,6 +82,8 @@ class Identity:
     admin: bool = False
     key_header: str | None = None
     """The header that carried a recognised key (removed before forwarding)."""
+    internal: bool = False
+    """A plugin's sub-request (proxy/plugin.py): runs the chain as `tenant`, and no plugin sees it."""
 
 
 def _digest(key: str) -> bytes:
@@ -98,7 +103,8 @@ class TenantDirectory:
     """Resolves requests to identities and applies the route policy."""
 
     def __init__(self, tenants: tuple[TenantConfig, ...], anonymous: AnonymousConfig,
-                 admin_keys: tuple[str, ...], *, metrics_need_admin: bool = False) -> None:
+                 admin_keys: tuple[str, ...], *, metrics_need_admin: bool = False,
+                 internal: Callable[[str], str | None] | None = None) -> None:
         self._tenants = {_digest(k): Tenant.from_config(t) for t in tenants for k in t.keys}
         self._admin = {_digest(k) for k in admin_keys}
         self._placeholders = {_digest(k) for k in anonymous.keys}
@@ -107,6 +113,9 @@ class TenantDirectory:
         self.anonymous = Tenant.anonymous_from(anonymous)
         self.open_mode = not tenants and not admin_keys
         self.metrics_need_admin = metrics_need_admin
+        self._internal = internal
+        """Reads a sub-request credential: the tenant name it carries, or None when it is not ours."""
+        self._by_name = {t.name: t for t in self.tenants}
 
     def _open_route(self, path: str) -> bool:
         return path in PROBE_PATHS or (path == METRICS_PATH and not self.metrics_need_admin)
@@ -121,6 +130,9 @@ class TenantDirectory:
         """Who calls (a tenant, admin, or anonymous); raises Unauthorized for an unknown key, or for no
         key where anonymous access is refused. Open routes (probes, /metrics unless protected) never
         refuse: an unknown key there is simply anonymous."""
+        credential = headers.get(INTERNAL_HEADER)
+        if credential is not None:
+            return self._internal_identity(credential)
         key, header = _key_from(headers)
         digest = _digest(key) if key is not None else None
         if digest is not None and (tenant := self._tenants.get(digest)) is not None:
@@ -136,6 +148,15 @@ class TenantDirectory:
         if self.anonymous_allowed or path.startswith("/system/") or path == METRICS_PATH:
             return Identity(self.anonymous)
         raise Unauthorized("an API key is required (Authorization: Bearer <key>)")
+
+    def _internal_identity(self, credential: str) -> Identity:
+        name = self._internal(credential) if self._internal is not None else None
+        if name is None:
+            raise Unauthorized("invalid internal credential")
+        tenant = self.anonymous if name == self.anonymous.name else self._by_name.get(name)
+        if tenant is None:
+            raise Unauthorized("a sub-request names an unknown tenant")
+        return Identity(tenant, key_header=INTERNAL_HEADER, internal=True)
 
     def authorize(self, identity: Identity, method: str, path: str, headers: Mapping[str, str]) -> None:
         """May `identity` call this route? Raises Unauthorized (anonymous) or Forbidden (a known caller

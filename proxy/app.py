@@ -22,6 +22,7 @@ from .fleet.health import FleetHealth
 from .forwarding import Forwarder
 from .ingress import Ingress, add_context_headers
 from .placement import Placement
+from .plugin import PluginServices, PluginStep, Subrequests, structure_plugins
 from .serving import STOP, GracefulStop
 from .state.base import StateBackend
 from .state.memory import MemoryState
@@ -66,8 +67,10 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     fleet = FleetClient(upstreams, config.forwarding)
     forwarder = Forwarder(upstreams, config.forwarding, telemetry, fleet,
                           body_timeout_s=config.server.body_timeout_s, stop=stop)
+    subrequests = Subrequests()
     directory = TenantDirectory(config.tenants, config.anonymous, config.admin.keys,
-                                metrics_need_admin=config.telemetry.metrics_need_admin)
+                                metrics_need_admin=config.telemetry.metrics_need_admin,
+                                internal=subrequests.parse)
     state = build_state(config, telemetry)
 
     async def fetch_show(model: str) -> dict[str, Any] | None:
@@ -93,7 +96,11 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
                       max_header_bytes=config.server.max_header_bytes,
                       body_timeout_s=config.server.body_timeout_s, stop=stop)
     # The parser's per-line limits are set by serving.start_site from server.max_header_bytes.
-    app = web.Application(middlewares=[ingress.middleware, *build_chain(steps)],
+    services = PluginServices(telemetry, subrequests, knows_model=upstreams.knows)
+    plugin_steps = [PluginStep(cls(plugin_config, services), telemetry, forward_route=FORWARD_ROUTE)
+                    for cls, plugin_config in structure_plugins(config.plugins)
+                    if plugin_config.mode != "off"]
+    app = web.Application(middlewares=[ingress.middleware, *build_chain(steps, plugin_steps)],
                           client_max_size=2**62)
     app[FORWARDER] = forwarder
     app[STOP] = stop
@@ -111,6 +118,18 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
         await state.close()
 
     app.cleanup_ctx.append(state_lifecycle)
+
+    async def plugins_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        del app
+        subrequests.bind_session(lambda: fleet.control_session)
+        for step in plugin_steps:
+            await step.plugin.start()
+        yield
+        for step in reversed(plugin_steps):
+            await step.plugin.stop()
+
+    if plugin_steps:
+        app.cleanup_ctx.append(plugins_lifecycle)
     add_system_routes(app, telemetry, upstreams, directory, steps, config.models)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle, name=FORWARD_ROUTE,
                          expect_handler=ingress.expect_handler)

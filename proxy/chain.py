@@ -18,7 +18,7 @@ spelled here or in a step.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -113,9 +113,20 @@ class Step:
             raise error
 
 
-def build_chain(steps: dict[str, Step]) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
-    """The middlewares of `steps` in STEP_ORDER (steps not built yet are simply absent)."""
+def build_chain(steps: dict[str, Step], plugins: Sequence[Any] = ()
+                ) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+    """The middlewares of `steps` in STEP_ORDER (steps not built yet are simply absent), with each
+    plugin (proxy/plugin.PluginStep) placed at its slot, in configuration order: `before_limits`
+    plugins ahead of limits, `before_backpressure` plugins between quotas and backpressure."""
     unknown = set(steps) - set(STEP_ORDER)
     if unknown:
         raise ValueError(f"unknown steps: {', '.join(sorted(unknown))}")
-    return [steps[name].middleware for name in STEP_ORDER if name in steps]
+    at = {"limits": "before_limits", "backpressure": "before_backpressure"}
+    chain: list[Callable[..., Awaitable[web.StreamResponse]]] = []
+    for name in STEP_ORDER:
+        slot = at.get(name)
+        if slot is not None:
+            chain.extend(p.middleware for p in plugins if p.plugin.slot == slot)
+        if name in steps:
+            chain.append(steps[name].middleware)
+    return chain

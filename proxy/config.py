@@ -104,6 +104,9 @@ class Config:
     chain: ChainConfig = attrs.field(factory=ChainConfig)
     state: StateConfig = attrs.field(factory=StateConfig)
     telemetry: TelemetryConfig = attrs.field(factory=TelemetryConfig)
+    plugins: tuple[dict[str, Any], ...] = ()
+    """`[{name: <plugin>, ...}]`, in order; each entry is checked against its plugin's own config class
+    (proxy/plugin.py) when the file is loaded."""
 
     def __attrs_post_init__(self) -> None:
         if not self.upstreams:
@@ -232,7 +235,12 @@ _CONVERTER = _converter()
 def structure(data: Mapping[str, Any]) -> Config:
     """Build a Config from plain data, or raise ConfigError naming each bad key path."""
     try:
-        return _CONVERTER.structure(dict(data), Config)
+        config = _CONVERTER.structure(dict(data), Config)
+        if config.plugins:
+            from .plugin import structure_plugins
+
+            structure_plugins(config.plugins)  # the plugins' own config classes, with the key path
+        return config
     except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
         if isinstance(exc, cattrs.BaseValidationError):
             raise ConfigError(format_validation_error(exc)) from None

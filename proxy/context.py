@@ -8,7 +8,7 @@ parsing values such as `model`.
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from aiohttp import web
@@ -19,6 +19,9 @@ from . import gojson
 from .access import ANONYMOUS, Identity, Tenant
 from .ollama import RouteInfo, Usage
 from .upstreams import Attempt, Upstream
+
+if TYPE_CHECKING:
+    from .plugin import ResponseObserver
 
 __all__ = ["CONTEXT", "RequestContext", "SlotHolder", "plain_number"]
 
@@ -74,6 +77,8 @@ class RequestContext:
     """Upstream statuses the balancer would rather retry elsewhere than relay (set per attempt)."""
     deadline_at: float | None = None
     """Monotonic time after which the request is abandoned (504 or a final error line)."""
+    observers: list[ResponseObserver] = attrs.field(factory=list)
+    """Plugins' response observers (proxy/plugin.py): the forwarder feeds them every relayed chunk."""
     _json: Any = attrs.field(default=None, alias="_json")
     _json_parsed: bool = attrs.field(default=False, alias="_json_parsed")
     _json_error: str | None = attrs.field(default=None, alias="_json_error")
@@ -90,6 +95,18 @@ class RequestContext:
         self._json = value
         self._json_parsed = True
         self._json_error = None
+
+    def restore_body(self, body: bytes | None, parsed: Any) -> None:
+        """Put back a body and its parsed view as they were (a plugin's rewrite undone)."""
+        self.body = body
+        self._json = parsed
+        self._json_parsed = True
+        self._json_error = None
+
+    @property
+    def internal(self) -> bool:
+        """A plugin's own sub-request (set through the identity ingress resolved)."""
+        return self.identity is not None and self.identity.internal
 
     def service_limits_header(self) -> str:
         """`v=1; key=value; ...` for X-Service-Limits."""

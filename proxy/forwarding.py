@@ -33,6 +33,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from .access import INTERNAL_HEADER
 from .context import CONTEXT, RequestContext
 from .errors import (
     MalformedBody,
@@ -60,7 +61,7 @@ HOP_BY_HOP = frozenset(istr(h) for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE",
     "Trailer", "Transfer-Encoding", "Upgrade"))
 _DROP_REQUEST = HOP_BY_HOP | {istr("Host"), istr("Content-Length"), istr("traceparent"),
-                              istr("tracestate"), istr("X-Ollama-Replica")}
+                              istr("tracestate"), istr("X-Ollama-Replica"), istr(INTERNAL_HEADER)}
 _DROP_RESPONSE = HOP_BY_HOP | {istr("Content-Length")}
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -225,6 +226,7 @@ class Forwarder:
         hard_stop = loop.time() + self._remaining(ctx)
         timer = asyncio.timeout_at(min(loop.time() + idle, hard_stop))
         attempt = ctx.attempt
+        observers = ctx.observers
         stop = self.stop
         try:
             async with timer:
@@ -246,6 +248,8 @@ class Forwarder:
                         if attempt is not None:
                             attempt.last_progress = time.monotonic()
                         scanner.feed(chunk)
+                        if observers:
+                            self._feed(observers, chunk)
                         await response.write(chunk)
                         timer.reschedule(min(loop.time() + idle, hard_stop))
                 finally:
@@ -318,6 +322,16 @@ class Forwarder:
             self.telemetry.names.upstream_name: ctx.upstream_name or "",
         }
         return attributes
+
+    @staticmethod
+    def _feed(observers: list[Any], chunk: bytes) -> None:
+        """Show a relayed chunk to the plugins' observers; one that raises is dropped (fail open)."""
+        for observer in list(observers):
+            try:
+                observer.feed(chunk)
+            except Exception as exc:
+                observers.remove(observer)
+                log.warning("a response observer failed (%s) and was dropped", type(exc).__name__)
 
     def _finish(self, ctx: RequestContext, span: Span, started: float) -> None:
         """Close the CLIENT span and record GenAI metrics once the last byte is out (or the request died)."""

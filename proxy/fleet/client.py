@@ -88,6 +88,12 @@ class FleetClient:
         assert session is not None, "fleet client used outside the application lifecycle"
         return session
 
+    @property
+    def control_session(self) -> aiohttp.ClientSession | None:
+        """The control pool (probes, warm-up, plugins' sub-requests to this proxy): unlimited, so these
+        never wait behind client streams. None outside the application's lifetime."""
+        return self._control
+
     def request(self, upstream: Upstream, method: str, path_qs: str, *,
                 headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
         """`session.request` on `upstream` (data pool) with its `Host` header: an async context manager

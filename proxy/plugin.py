@@ -1,0 +1,393 @@
+"""The plugin seam: code of our own or of a third party that runs in the chain without the chain knowing it.
+
+DESIGN's path is `ingress -> [plugins] -> limits -> ...`; a plugin declares where it sits:
+
+- `before_limits`: it sees the body before anything counts it and may rewrite it (trim a history,
+  summarise it): limits, quotas and the queue then apply to what it produced;
+- `before_backpressure`: after limits and quotas (the tenant has paid for the request), before a slot is
+  taken: it may answer from its own store (an embedding cache hit) without using a replica's slot.
+
+Either kind may attach a response observer that sees every chunk of the response as the forwarder relays
+it (synchronously, never buffering and never delaying it) and the end of the response.
+
+A plugin is a `Plugin` subclass with a `name`, a `slot` and a `config_class` beside it (an attrs class
+deriving `PluginConfig`, so `mode` and `fail` are common to all). Plugins are configured as
+`plugins: [{name: <plugin>, ...}]`, in that order, and found among the built-ins (`plugins/` modules that
+set `PLUGIN`) and the entry-point group `shared_ollama_proxy.plugins`. Each gets its own span
+(`<prefix>.plugin.<name>`) and decision counter; `mode` works as for the steps (`shadow` runs it and
+reports what it would have done without applying it; `off` removes it); an exception inside a plugin is
+logged and counted and the request goes on without it (fail open), unless its config says `fail: closed`.
+
+A plugin that needs the fleet (a summary from a small model, embeddings to score turns) calls
+`services.subrequest`: an HTTP request to this proxy itself, under an identity (the caller's tenant or a
+configured one), so quotas, the queue and the balancer apply to it like to any other request; plugins do
+not see their own sub-requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from importlib import import_module, metadata
+from pkgutil import iter_modules
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+
+import attrs
+import cattrs
+from aiohttp import web
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
+
+from .access import INTERNAL_HEADER
+from .errors import InternalProxyError, ProxyError
+from .telemetry import semconv
+
+if TYPE_CHECKING:
+    from .context import RequestContext
+    from .telemetry.setup import Telemetry
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "INTERNAL_HEADER",
+    "SLOTS",
+    "Plugin",
+    "PluginConfig",
+    "PluginError",
+    "PluginServices",
+    "PluginStep",
+    "ResponseObserver",
+    "Subrequests",
+    "discover",
+    "structure_plugins",
+]
+
+log = logging.getLogger("proxy.plugin")
+
+ENTRY_POINT_GROUP = "shared_ollama_proxy.plugins"
+SLOTS = ("before_limits", "before_backpressure")
+"""Where a plugin may sit: before `limits` (may rewrite the body) or before `backpressure` (may answer)."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class PluginError(ValueError):
+    """A plugin configuration that cannot be served (unknown name, bad key); names the key path."""
+
+
+@attrs.frozen(kw_only=True)
+class PluginConfig:
+    """Keys every plugin takes. A plugin's own config class derives from this one (attrs, frozen,
+    kw_only), with a docstring per field and the unit in the name."""
+
+    name: str
+    """Which plugin (a built-in in plugins/, or an entry point of `shared_ollama_proxy.plugins`)."""
+    mode: Literal["enforce", "shadow", "off"] = "enforce"
+    """enforce: act; shadow: run and report what it would have done (span, metric, X-Shadow-Decision)
+    without changing the request; off: not in the chain at all."""
+    fail: Literal["open", "closed"] = "open"
+    """open: an exception inside the plugin is logged and the request goes on without it; closed: the
+    request fails with 500 internal_error."""
+
+
+class ResponseObserver(Protocol):
+    """Sees a response as it is relayed. `feed` is called with every chunk, synchronously, in order: it
+    must be cheap and must not keep a reference it does not need (the chunk is the client's). `end` is
+    called once, after the last chunk or when the response ended early (`ctx.outcome` says how)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def end(self, ctx: RequestContext) -> None: ...
+
+
+class Subrequests:
+    """Requests from plugins to the fleet, sent through this proxy's own chain under an identity.
+
+    They go to the proxy's own listening address over loopback HTTP, carrying `X-SOP-Internal:
+    <secret> <tenant>`: ingress maps that to the tenant (quotas, lanes and the queue apply) and marks the
+    request so that plugins skip it (no recursion). The secret is random per process and never leaves it.
+    """
+
+    def __init__(self) -> None:
+        self.secret = secrets.token_urlsafe(24)
+        self.base_url: str | None = None
+        """Where this proxy listens, learnt from the first request it serves (the port may have been
+        chosen by the OS, and the listening address may be a wildcard)."""
+        self._session: Callable[[], Any] = lambda: None
+
+    def bind_session(self, session: Callable[[], Any]) -> None:
+        """The HTTP client session to send through (the fleet client's control pool)."""
+        self._session = session
+
+    def learn_address(self, request: web.Request) -> None:
+        """Remember the local address `request` arrived on, as the address sub-requests go to."""
+        if self.base_url is not None or request.transport is None:
+            return
+        sockname = request.transport.get_extra_info("sockname")
+        if not sockname:
+            return
+        host, port = sockname[0], sockname[1]
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        self.base_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def credential(self, tenant: str) -> str:
+        return f"{self.secret} {tenant}"
+
+    def parse(self, value: str) -> str | None:
+        """The tenant a credential names, or None when the secret is not ours (then it is no credential)."""
+        secret, _, tenant = value.partition(" ")
+        if not tenant or not secrets.compare_digest(secret.encode(), self.secret.encode()):
+            return None
+        return tenant
+
+    async def post_json(self, path: str, body: Mapping[str, Any], *, tenant: str,
+                        timeout_s: float = 60.0) -> tuple[int, Any]:
+        """POST `body` to `path` through the chain as `tenant`; returns (status, parsed JSON or None).
+
+        Raises ProxyError-free: a failure to reach the proxy itself is (599, None)."""
+        import aiohttp
+        import orjson
+
+        session = self._session()
+        if self.base_url is None or session is None:
+            return 599, None
+        try:
+            async with session.post(
+                    self.base_url + path, data=orjson.dumps(body),
+                    headers={INTERNAL_HEADER: self.credential(tenant),
+                             "Content-Type": "application/json"},
+                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                raw = await response.read()
+                try:
+                    return response.status, orjson.loads(raw) if raw else None
+                except orjson.JSONDecodeError:
+                    return response.status, None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return 599, None
+
+
+@attrs.define
+class PluginServices:
+    """What the application lends every plugin: telemetry, sub-requests, and the fleet's model names."""
+
+    telemetry: Telemetry
+    subrequests: Subrequests
+    knows_model: Callable[[str], bool] = lambda _model: True
+    """Is a model name one the fleet serves (configured or listed)? Plugins key state by it only then."""
+
+
+class Plugin:
+    """Base of every plugin; see the module docstring. Subclasses set `name`, `slot` and `config_class`
+    and override `on_request` and/or `observe`."""
+
+    name: ClassVar[str] = ""
+    slot: ClassVar[str] = "before_limits"
+    config_class: ClassVar[type[PluginConfig]] = PluginConfig
+
+    def __init__(self, config: PluginConfig, services: PluginServices) -> None:
+        self.config = config
+        self.services = services
+
+    async def on_request(self, request: web.Request, ctx: RequestContext,
+                         decide: Callable[[str], None]) -> web.StreamResponse | None:
+        """The request phase. Return a response to answer the request here (only `before_backpressure`
+        plugins may), or None to go on. Rewrite the body with `ctx.replace_json` (only `before_limits`
+        plugins may). Call `decide("...")` with what it did; in shadow mode the body rewrite and the
+        answer are discarded by the caller, so a plugin never needs to check its mode."""
+        del request, ctx
+        decide("pass")
+        return None
+
+    def observe(self, ctx: RequestContext) -> ResponseObserver | None:
+        """An observer for this request's response, or None (the default: no cost per chunk)."""
+        del ctx
+        return None
+
+    async def start(self) -> None:
+        """Called once when the application starts (open stores, start background tasks)."""
+
+    async def stop(self) -> None:
+        """Called once when the application stops."""
+
+
+def discover() -> dict[str, type[Plugin]]:
+    """Every plugin this process can load, by name: the built-ins (modules of the `plugins` package
+    that set `PLUGIN`), then the entry points of `shared_ollama_proxy.plugins` (an entry point may not
+    replace a built-in)."""
+    found: dict[str, type[Plugin]] = {}
+    import plugins as builtin_package
+
+    for module_info in iter_modules(builtin_package.__path__):
+        module = import_module(f"plugins.{module_info.name}")
+        cls = getattr(module, "PLUGIN", None)
+        if isinstance(cls, type) and issubclass(cls, Plugin) and cls.name:
+            found[cls.name] = cls
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in found:
+            log.warning("plugin entry point %s ignored: a built-in has that name", entry.name)
+            continue
+        try:
+            cls = entry.load()
+        except Exception as exc:  # a broken third-party package must not stop the proxy's start
+            log.error("plugin entry point %s could not be loaded (%s)", entry.name, type(exc).__name__)
+            continue
+        if isinstance(cls, type) and issubclass(cls, Plugin):
+            found[entry.name] = cls
+    return found
+
+
+def structure_plugins(raw: Iterable[Any], available: Mapping[str, type[Plugin]] | None = None
+                      ) -> list[tuple[type[Plugin], PluginConfig]]:
+    """Validate `plugins:` entries against each plugin's config class, in order; raises PluginError
+    naming the key path (`plugins[1].max_bytes: must be > 0`)."""
+    from .validation import format_validation_error
+
+    available = discover() if available is None else available
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    out: list[tuple[type[Plugin], PluginConfig]] = []
+    for index, entry in enumerate(raw):
+        where = f"plugins[{index}]"
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+            raise PluginError(f"{where}: expected a mapping with a `name`")
+        cls = available.get(entry["name"])
+        if cls is None:
+            raise PluginError(f"{where}.name: unknown plugin {entry['name']!r:.60} (known: "
+                              f"{', '.join(sorted(available)) or 'none'})")
+        if cls.slot not in SLOTS:
+            raise PluginError(f"{where}: plugin {cls.name} declares an unknown slot {cls.slot!r}")
+        try:
+            config = converter.structure(dict(entry), cls.config_class)
+        except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+            text = format_validation_error(exc) if isinstance(exc, cattrs.BaseValidationError) \
+                else str(exc)
+            nested = re.match(r"^[\w.\[\]]+: ", text) is not None
+            raise PluginError(f"{where}.{text}" if nested else f"{where}: {text}") from None
+        out.append((cls, config))
+    return out
+
+
+class PluginStep:
+    """One configured plugin as a chain middleware: span, mode, fail-open, shadow and its decisions."""
+
+    def __init__(self, plugin: Plugin, telemetry: Telemetry, *, forward_route: str) -> None:
+        self.plugin = plugin
+        self.telemetry = telemetry
+        self.mode = plugin.config.mode
+        self.forward_route = forward_route
+        names = telemetry.names
+        self.span_name = names.step_span(f"plugin.{plugin.name}")
+        self.decision_attribute = names.step_decision(f"plugin.{plugin.name}")
+        self.mode_attribute = names.step_mode
+        self.decision_counts: Counter[str] = Counter()
+        self.failures = 0
+        telemetry.meter.create_observable_counter(
+            names.metric_step_decisions(f"plugin.{plugin.name}"),
+            callbacks=[self._observe], unit="{decision}",
+            description=f"Decisions of the {plugin.name} plugin, by decision.")
+
+    def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        del options
+        for decision, count in list(self.decision_counts.items()):
+            yield Observation(count, {"decision": decision})
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        from .context import CONTEXT
+
+        if self.mode == "off" or request.match_info.route.name != self.forward_route:
+            return await handler(request)
+        ctx = request[CONTEXT]
+        self.plugin.services.subrequests.learn_address(request)
+        if ctx.internal:
+            return await handler(request)  # a plugin's own sub-request: no plugin sees it
+        answer = await self._request_phase(request, ctx)
+        if answer is not None:
+            return answer
+        observer = None
+        try:
+            observer = self.plugin.observe(ctx)
+        except Exception as exc:
+            self._failed(ctx, exc)
+        if observer is None:
+            return await handler(request)
+        ctx.observers.append(observer)
+        try:
+            return await handler(request)
+        finally:
+            # Here, not in the forwarder: the response may end anywhere downstream (a refusal, an
+            # answer of a later plugin, a client that left), and `end` must be called exactly once.
+            try:
+                observer.end(ctx)
+            except Exception as exc:
+                log.warning("plugin %s's response observer failed at the end (%s)",
+                            self.plugin.name, type(exc).__name__)
+
+    async def _request_phase(self, request: web.Request,
+                             ctx: RequestContext) -> web.StreamResponse | None:
+        decisions: list[str] = []
+        body_before, json_before = ctx.body, ctx.json()
+        # Shadow mode and a failure discard what the plugin did to the response headers too (a copy of
+        # a few entries: well under a microsecond).
+        headers_saved = ctx.response_headers.copy()
+        headers_before = headers_saved if self.mode == "shadow" else None
+        span: Span = INVALID_SPAN
+        if self.telemetry.recording:
+            span = self.telemetry.tracer.start_span(
+                self.span_name, kind=SpanKind.INTERNAL, attributes={self.mode_attribute: self.mode})
+        try:
+            answer = await self.plugin.on_request(request, ctx, decisions.append)
+        except ProxyError as exc:
+            span.set_attribute(semconv.ATTR_ERROR_TYPE, exc.code)
+            span.set_status(Status(StatusCode.ERROR, exc.code))
+            span.end()
+            self.decision_counts["rejected"] += 1
+            if headers_before is not None:
+                ctx.response_headers = headers_before
+                ctx.response_headers.add("X-Shadow-Decision", f"{self.plugin.name}={exc.code}")
+                self._restore(ctx, body_before, json_before)
+                return None
+            raise
+        except Exception as exc:
+            # The type only: an exception's message may quote the body, which never goes on a span.
+            span.set_attribute(semconv.ATTR_ERROR_TYPE, type(exc).__name__)
+            span.set_status(Status(StatusCode.ERROR, "plugin_failure"))
+            span.end()
+            ctx.response_headers = headers_saved
+            self._restore(ctx, body_before, json_before)
+            self._failed(ctx, exc)
+            return None
+        decision = decisions[-1] if decisions else ("answered" if answer is not None else "pass")
+        span.set_attribute(self.decision_attribute, decision)
+        span.end()
+        if headers_before is not None:
+            if answer is not None or ctx.body is not body_before:
+                headers_before.add("X-Shadow-Decision", f"{self.plugin.name}={decision}")
+            ctx.response_headers = headers_before
+            self._restore(ctx, body_before, json_before)
+            self.decision_counts[f"shadow_{decision}"] += 1
+            return None
+        self.decision_counts[decision] += 1
+        if answer is not None and self.plugin.slot != "before_backpressure":
+            raise InternalProxyError(f"plugin {self.plugin.name} answered a request from the "
+                                     f"{self.plugin.slot} slot, where only rewriting is allowed")
+        if ctx.body is not body_before and self.plugin.slot != "before_limits":
+            self._restore(ctx, body_before, json_before)
+            raise InternalProxyError(f"plugin {self.plugin.name} rewrote a body from the "
+                                     f"{self.plugin.slot} slot, after limits counted it")
+        return answer
+
+    @staticmethod
+    def _restore(ctx: RequestContext, body: bytes | None, parsed: Any) -> None:
+        if ctx.body is not body:
+            ctx.restore_body(body, parsed)
+
+    def _failed(self, ctx: RequestContext, exc: Exception) -> None:
+        self.failures += 1
+        self.decision_counts["failed"] += 1
+        log.warning("plugin %s failed on request %s (%s); %s", self.plugin.name, ctx.request_id,
+                    type(exc).__name__, "failing it" if self.plugin.config.fail == "closed"
+                    else "going on without it")
+        if self.plugin.config.fail == "closed":
+            raise InternalProxyError(f"plugin {self.plugin.name} failed") from None

@@ -1,0 +1,222 @@
+"""The plugin seam: a third-party plugin installed by entry point (the one docs/PLUGINS.md shows, as written)
+runs in a real proxy at its slot, with its config validated, its span and decisions, shadow mode, fail-open,
+response observers, and sub-requests that go through the chain under an identity."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.plugin import PluginError, discover, structure_plugins
+from tests.support.metrics import metric
+from tests.support.servers import Server, start_emulator, start_proxy
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "PLUGINS.md"
+ADMIN, TEAM = "sk-plugin-admin", "sk-plugin-team"
+
+# Two more plugins for the parts the documented example does not exercise: answering before
+# backpressure from a sub-request, and failing.
+EXTRA = textwrap.dedent('''
+    from __future__ import annotations
+
+    from typing import Any
+
+    import attrs
+    from aiohttp import web
+
+    from proxy.plugin import Plugin, PluginConfig
+
+
+    @attrs.frozen(kw_only=True)
+    class EchoConfig(PluginConfig):
+        tenant: str = "team"
+
+
+    class EchoVersion(Plugin):
+        """Answers /api/embed for model `echo` itself, with the replica's version fetched through the
+        chain as a sub-request (so the sub-request shows up in the access log under `tenant`)."""
+
+        name = "echo_version"
+        slot = "before_backpressure"
+        config_class = EchoConfig
+
+        async def on_request(self, request: web.Request, ctx: Any, decide: Any) -> Any:
+            if ctx.model != "echo":
+                decide("pass")
+                return None
+            status, body = await self.services.subrequests.post_json(
+                "/api/show", {"model": "llama3.2"}, tenant=self.config.tenant)
+            decide("answered")
+            return web.json_response({"sub_status": status, "has_details": "details" in (body or {})})
+
+
+    class Broken(Plugin):
+        name = "broken"
+        slot = "before_limits"
+
+        async def on_request(self, request: web.Request, ctx: Any, decide: Any) -> Any:
+            ctx.replace_json({"model": "llama3.2", "messages": []})  # undone when it fails
+            raise RuntimeError("boom")
+''')
+
+
+def _doc_plugin_source() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
+    assert blocks, "docs/PLUGINS.md lost its example"
+    return blocks[0]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory on PYTHONPATH holding the example plugins and a dist-info that declares them as
+    entry points, which is what `pip install` of a plugin package leaves behind."""
+    root = tmp_path_factory.mktemp("plugin-site")
+    (root / "example_plugins").mkdir()
+    (root / "example_plugins" / "__init__.py").write_text("")
+    (root / "example_plugins" / "max_messages.py").write_text(_doc_plugin_source())
+    (root / "example_plugins" / "extra.py").write_text(EXTRA)
+    info = root / "example_plugins-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: example-plugins\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[shared_ollama_proxy.plugins]\n"
+        "max_messages = example_plugins.max_messages:MaxMessages\n"
+        "echo_version = example_plugins.extra:EchoVersion\n"
+        "broken = example_plugins.extra:Broken\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_emulator(tmp_path_factory.mktemp("plugin-emu"), name="plugin-emu")
+    yield server
+    server.stop()
+
+
+def _proxy(tmp: Path, emulator: Server, site: Path, plugins: list[dict[str, object]],
+           name: str) -> Server:
+    return start_proxy(tmp, [emulator.url], {
+        "admin": {"keys": [ADMIN]}, "tenants": [{"name": "team", "keys": [TEAM]}],
+        "plugins": plugins}, name=name, env={"PYTHONPATH": str(site)})
+
+
+def _chat(proxy: Server, turns: int) -> httpx.Response:
+    messages = [{"role": "system", "content": "be brief"}, *_turns(turns)]
+    return httpx.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {TEAM}"}, timeout=30,
+                      json={"model": "llama3.2", "messages": messages, "stream": False})
+
+
+def test_the_documented_plugin_runs_from_its_entry_point(tmp_path: Path, emulator: Server,
+                                                         site: Path) -> None:
+    proxy = _proxy(tmp_path, emulator, site, [{"name": "max_messages", "keep": 3}], "plugin-doc")
+    try:
+        trimmed = _chat(proxy, 7)
+        assert trimmed.status_code == 200, trimmed.text
+        assert trimmed.headers["x-max-messages"] == "dropped=4"
+        # The replica counted the prompt the plugin produced: system + the newest 3 turns.
+        kept = [{"role": "system", "content": "be brief"}, *_turns(7)[-3:]]
+        assert trimmed.json()["prompt_eval_count"] == _count_direct(emulator, kept)
+        assert "x-max-messages" not in _chat(proxy, 3).headers
+        # Its observer saw the whole response, and its decisions are counted.
+        deadline = time.monotonic() + 10
+        while "relayed" not in proxy.log():
+            assert time.monotonic() < deadline, proxy.log()[-2000:]
+            time.sleep(0.05)
+        name = "sop_plugin_max_messages_decisions_total"
+        assert metric(proxy.url, name, decision="trimmed") == 1
+        assert metric(proxy.url, name, decision="kept") == 1
+    finally:
+        proxy.stop()
+
+
+def _turns(turns: int) -> list[dict[str, str]]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"}
+            for i in range(turns)]
+
+
+def _chat_direct(emulator: Server, turns: int) -> int:
+    return _count_direct(emulator, [{"role": "system", "content": "be brief"}, *_turns(turns)])
+
+
+def _count_direct(emulator: Server, messages: list[dict[str, str]]) -> int:
+    reply = httpx.post(f"{emulator.url}/api/chat", timeout=30,
+                       json={"model": "llama3.2", "messages": messages, "stream": False})
+    return int(reply.json()["prompt_eval_count"])
+
+
+def test_shadow_mode_reports_and_changes_nothing(tmp_path: Path, emulator: Server, site: Path) -> None:
+    proxy = _proxy(tmp_path, emulator, site, [{"name": "max_messages", "keep": 3, "mode": "shadow"}],
+                   "plugin-shadow")
+    try:
+        reply = _chat(proxy, 7)
+        assert reply.status_code == 200
+        assert reply.headers["x-shadow-decision"] == "max_messages=trimmed"
+        assert "x-max-messages" not in reply.headers
+        assert reply.json()["prompt_eval_count"] == _chat_direct(emulator, 7)
+    finally:
+        proxy.stop()
+
+
+def test_a_failing_plugin_fails_open_and_its_rewrite_is_undone(tmp_path: Path, emulator: Server,
+                                                               site: Path) -> None:
+    proxy = _proxy(tmp_path, emulator, site, [{"name": "broken"}], "plugin-broken")
+    closed = _proxy(tmp_path, emulator, site, [{"name": "broken", "fail": "closed"}], "plugin-closed")
+    try:
+        reply = _chat(proxy, 5)
+        assert reply.status_code == 200 and reply.json()["prompt_eval_count"] == _chat_direct(emulator, 5)
+        assert "plugin broken failed" in proxy.log() and "RuntimeError" in proxy.log()
+        refused = _chat(closed, 5)
+        assert refused.status_code == 500 and refused.json()["code"] == "internal_error"
+    finally:
+        proxy.stop()
+        closed.stop()
+
+
+def test_an_answer_before_backpressure_uses_a_subrequest_through_the_chain(
+        tmp_path: Path, emulator: Server, site: Path) -> None:
+    proxy = _proxy(tmp_path, emulator, site, [{"name": "echo_version", "tenant": "team"}], "plugin-echo")
+    try:
+        before = emulator.stats()["completed"]
+        reply = httpx.post(f"{proxy.url}/api/embed", json={"model": "echo", "input": "x"}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        assert reply.json() == {"sub_status": 200, "has_details": True}
+        assert emulator.stats()["completed"] == before  # answered here: no generation ran
+        # The sub-request went through ingress and the chain as tenant `team`; the credential that
+        # carried it never reached the replica or the log.
+        lines = [line for line in proxy.log().splitlines() if '"POST /api/show" 200' in line]
+        assert lines and "tenant=team" in lines[-1]
+        assert "X-SOP-Internal" not in proxy.log()
+    finally:
+        proxy.stop()
+
+
+def test_plugin_config_is_validated_with_the_key_path(site: Path) -> None:
+    sys.path.insert(0, str(site))
+    try:
+        available = discover()
+        assert {"max_messages", "echo_version", "broken"} <= set(available)
+        with pytest.raises(PluginError, match=r"plugins\[0\]\.keep: must be > 0"):
+            structure_plugins([{"name": "max_messages", "keep": 0}], available)
+        with pytest.raises(PluginError, match=r"plugins\[1\]: unknown key\(s\) bogus"):
+            structure_plugins([{"name": "broken"}, {"name": "max_messages", "bogus": 1}], available)
+        with pytest.raises(PluginError, match=r"plugins\[0\]\.name: unknown plugin 'nope'"):
+            structure_plugins([{"name": "nope"}], available)
+    finally:
+        sys.path.remove(str(site))
+
+
+def test_check_config_knows_the_installed_plugins(tmp_path: Path, site: Path) -> None:
+    config = tmp_path / "plugins.yaml"
+    config.write_text("plugins:\n  - {name: max_messages, keep: -1}\n")
+    result = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(config)],
+                            capture_output=True, text=True, check=False,
+                            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1 and "plugins[0].keep: must be > 0" in result.stderr
