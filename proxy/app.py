@@ -96,7 +96,8 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
                       max_header_bytes=config.server.max_header_bytes,
                       body_timeout_s=config.server.body_timeout_s, stop=stop)
     # The parser's per-line limits are set by serving.start_site from server.max_header_bytes.
-    services = PluginServices(telemetry, subrequests, knows_model=upstreams.knows)
+    services = PluginServices(telemetry, subrequests, knows_model=upstreams.knows,
+                              tokenizer_for=tokenizers.for_model, model_digest=upstreams.digest)
     plugin_steps = [PluginStep(cls(plugin_config, services), telemetry, forward_route=FORWARD_ROUTE)
                     for cls, plugin_config in structure_plugins(config.plugins)
                     if plugin_config.mode != "off"]

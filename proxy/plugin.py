@@ -48,6 +48,7 @@ from .telemetry import semconv
 if TYPE_CHECKING:
     from .context import RequestContext
     from .telemetry.setup import Telemetry
+    from .tokens import Tokenizer
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -168,14 +169,27 @@ class Subrequests:
             return 599, None
 
 
+async def _estimate_tokenizer(model: str) -> Tokenizer:
+    from .tokens import EstimateTokenizer
+
+    del model
+    return EstimateTokenizer()
+
+
 @attrs.define
 class PluginServices:
-    """What the application lends every plugin: telemetry, sub-requests, and the fleet's model names."""
+    """What the application lends every plugin: telemetry, sub-requests, and what the fleet knows about
+    its models (names, tokenizers, digests)."""
 
     telemetry: Telemetry
     subrequests: Subrequests
     knows_model: Callable[[str], bool] = lambda _model: True
     """Is a model name one the fleet serves (configured or listed)? Plugins key state by it only then."""
+    tokenizer_for: Callable[[str], Awaitable[Tokenizer]] = _estimate_tokenizer
+    """The model's own tokenizer (the one `limits` counts with), or the over-counting estimate."""
+    model_digest: Callable[[str], str | None] = lambda _model: None
+    """The digest of the model as a replica holds it (from /api/ps or /api/tags), None when unknown:
+    what a cache keyed by model output must include, so a re-pulled model invalidates it."""
 
 
 class Plugin:

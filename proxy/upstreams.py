@@ -80,6 +80,8 @@ class Upstream:
     """Model key -> what `/api/ps` reported (plus models seen loading since the last probe)."""
     models: frozenset[str] | None = None
     """Model keys the replica has on disk (`/api/tags`), None until known."""
+    digests: dict[str, str] = attrs.field(factory=dict)
+    """Model key -> digest, as the last `/api/tags` listed them."""
     attempts: set[Attempt] = attrs.field(factory=set)
     by_model: Counter[str] = attrs.field(factory=Counter)
 
@@ -226,6 +228,20 @@ class UpstreamSet:
         if key in self.configured:
             return True
         return any(key in u.loaded or (u.models is not None and key in u.models) for u in self.upstreams)
+
+    def digest(self, model: str) -> str | None:
+        """The digest of `model` as some replica holds it (loaded, or listed on disk), None when no replica
+        reported one. Replicas holding different digests of one name: the first found."""
+        key = model_key(model)
+        for upstream in self.upstreams:
+            loaded = upstream.loaded.get(key)
+            if loaded is not None and loaded.digest:
+                return loaded.digest
+        for upstream in self.upstreams:
+            digest = upstream.digests.get(key)
+            if digest:
+                return digest
+        return None
 
     def tracks(self, model: str) -> bool:
         """May per-model state (queues, measurements, tokenizers) be created for `model`? Yes for a known

@@ -173,8 +173,10 @@ class FleetHealth:
         before = (set(upstream.loaded), upstream.models)
         upstream.loaded = _loaded_models(ps)
         if listing is not None:
-            upstream.models = frozenset(model_key(str(m.get("name") or m.get("model")))
-                                        for m in (listing.get("models") or []) if isinstance(m, dict))
+            entries = [m for m in (listing.get("models") or []) if isinstance(m, dict)]
+            upstream.models = frozenset(model_key(str(m.get("name") or m.get("model"))) for m in entries)
+            upstream.digests = {model_key(str(m.get("name") or m.get("model"))): str(m["digest"])
+                                for m in entries if isinstance(m.get("digest"), str)}
         self._success(upstream)
         if self._stale(upstream):
             self._mark_stuck(upstream)
