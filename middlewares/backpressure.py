@@ -313,7 +313,7 @@ class BackpressureStep(Step):
                                       self.telemetry.names.upstream_name: replica})
 
     def _cost(self, request: web.Request, ctx: RequestContext) -> float:
-        return float(request_cost(request.path, ctx.json(), ctx.route.operation, ctx.prompt_tokens,
+        return float(request_cost(request.path, ctx.json(), ctx.route.operation, ctx.prompt.tokens,
                                   len(ctx.body or b""), _DEFAULT_OUTPUT_TOKENS))
 
     async def handle(self, request: web.Request, ctx: RequestContext,
@@ -343,15 +343,15 @@ class BackpressureStep(Step):
                                             self.telemetry.names.lane: lane})
         ctx.response_headers["X-Queue-Wait-Ms"] = str(round(waited * 1000))
         lease = SlotLease(gate, replica)
-        ctx.upstream = replica
-        ctx.slot = lease
+        ctx.admission.replica = replica
+        ctx.admission.slot = lease
         started = time.monotonic()
         try:
             return await handler(request)
         finally:
             replica = lease.replica
-            ctx.slot = None
-            usage = ctx.usage
+            ctx.admission.slot = None
+            usage = ctx.exchange.usage
             per_token = None
             actual = None
             if usage is not None:
@@ -359,7 +359,7 @@ class BackpressureStep(Step):
                     per_token = usage.eval_duration_ns / 1e9 / usage.output_tokens
                 if usage.input_tokens is not None or usage.output_tokens is not None:
                     actual = (usage.input_tokens or 0) + (usage.output_tokens or 0)
-            elif ctx.first_byte_at is None:
+            elif ctx.exchange.first_byte_at is None:
                 actual = 0  # nothing was served: the charge comes back
             if actual is not None:
                 gate.queue.reconcile(tenant.name, tenant.weight, actual - cost)
@@ -379,7 +379,7 @@ class BackpressureStep(Step):
         replica = gate.pick(placing) if not len(gate.queue) else None
         if replica is not None:
             if placing is not None:
-                ctx.routing = placing.routing
+                ctx.admission.ranking = placing.routing
             gate.in_flight[replica.name] += 1
             gate.queue.charge(tenant, weight, cost)
             span.set_attribute(self.telemetry.names.queue_position, 0)
@@ -429,7 +429,7 @@ class BackpressureStep(Step):
             self.decide(ctx, span, "no_replica")
             return None
         if placing is not None:
-            ctx.routing = placing.routing
+            ctx.admission.ranking = placing.routing
         self.decide(ctx, span, "queued")
         return replica
 

@@ -103,7 +103,9 @@ class BalancerStep(Step):
     async def handle(self, request: web.Request, ctx: RequestContext,
                      handler: Handler) -> web.StreamResponse:
         model = ctx.model
-        candidates = ctx.candidates if ctx.candidates is not None else self.upstreams.eligible(model)
+        candidates = ctx.health.replicas
+        if candidates is None:
+            candidates = self.upstreams.eligible(model)
         if not candidates:  # health off, or in shadow mode with nothing serving
             candidates = [u for u in self.upstreams if self.upstreams.allows(u, model)] or \
                 list(self.upstreams)
@@ -113,7 +115,7 @@ class BalancerStep(Step):
             with self.span(**{self.telemetry.names.balancer_scope: scope}) as span:
                 span.set_attribute(self.telemetry.names.balancer_targets, list(self.upstreams.by_name))
                 self.decide(ctx, span, "fan_out")
-            ctx.upstream_name = "*"
+            ctx.routing.fan_out = True
             return await self.fanout.handle(request, ctx, scope, list(self.upstreams))
         placement = self.placement
         if model and self.upstreams.tracks(model):  # no measurements for names no replica has
@@ -121,7 +123,7 @@ class BalancerStep(Step):
         attributes = {semconv.ATTR_GEN_AI_REQUEST_MODEL: model} if model else {}
         with self.span(**attributes) as span:
             ranked: list[tuple[float, str, Upstream]] = []
-            bound = ctx.upstream
+            bound = ctx.admission.replica
             if named is not None:
                 target = self.upstreams.by_name.get(named)
                 if target is None:
@@ -137,7 +139,7 @@ class BalancerStep(Step):
                 chosen, reason = bound, "bound"
                 span.set_attribute(self.telemetry.names.balancer_late_bound, True)
                 if self.mode == "enforce":
-                    ranked = ctx.routing or placement.rank(model, candidates,
+                    ranked = ctx.admission.ranking or placement.rank(model, candidates,
                                                            placement.describe(ctx, request.headers))
                     reason = next((r for _, r, u in ranked if u is bound), reason)
             elif self.mode == "enforce":
@@ -148,18 +150,18 @@ class BalancerStep(Step):
                 if self.mode == "shadow":
                     span.set_attribute(self.telemetry.names.balancer_would_choose, placement.rank(
                         model, candidates, placement.describe(ctx, request.headers))[0][2].name)
-            if ctx.slot is not None and chosen is not bound:
-                ctx.slot.move(chosen)
-            ctx.upstream = chosen
+            if ctx.admission.slot is not None and chosen is not bound:
+                ctx.admission.slot.move(chosen)
+            ctx.routing.upstream = chosen
             placement.chose(chosen)
             if span.is_recording():  # nothing to format for a span nobody records
                 span.set_attribute(self.telemetry.names.upstream_name, chosen.name)
                 if ranked:
                     span.set_attribute(self.telemetry.names.balancer_costs_s,
                                        [f"{u.name}={c:.2f}:{r}" for c, r, u in ranked])
-                if ctx.dropped:
+                if ctx.health.dropped:
                     span.set_attribute(self.telemetry.names.balancer_dropped,
-                                       [f"{n}={r}" for n, r in ctx.dropped.items()])
+                                       [f"{n}={r}" for n, r in ctx.health.dropped.items()])
             self.decide(ctx, span, reason)
         return await self._attempts(request, ctx, handler, model, candidates)
 
@@ -177,20 +179,20 @@ class BalancerStep(Step):
         self.active += 1
         try:
             while True:
-                upstream = ctx.upstream
+                upstream = ctx.routing.upstream
                 assert upstream is not None
                 tried.append(upstream)
                 may_retry = self._may_retry(ctx, tried, candidates)
                 # A cloud model's 503 is ollama.com's overload, the same on every replica: relay it.
                 retry_busy = may_retry and not is_cloud_model(model)
-                ctx.retry_statuses = frozenset({503}) if retry_busy else frozenset()
-                attempt = ctx.attempt = upstream.begin(model)
+                ctx.routing.retry_statuses = frozenset({503}) if retry_busy else frozenset()
+                attempt = ctx.routing.attempt = upstream.begin(model)
                 started = time.monotonic()
                 try:
                     return await handler(request)
                 except _RETRYABLE as exc:
                     self._observe(upstream, exc.code, 0, ctx)
-                    if not may_retry or ctx.first_byte_at is not None:
+                    if not may_retry or ctx.exchange.first_byte_at is not None:
                         raise
                     self.retries.add(1, {self.telemetry.names.upstream_name: upstream.name,
                                          semconv.ATTR_ERROR_TYPE: exc.code})
@@ -203,9 +205,9 @@ class BalancerStep(Step):
                         model, remaining, self.placement.describe(ctx, request.headers)) \
                         if self.mode == "enforce" else []
                     following = ranked[0][2] if ranked else remaining[0]
-                    if ctx.slot is not None:
-                        ctx.slot.move(following)
-                    ctx.upstream = following
+                    if ctx.admission.slot is not None:
+                        ctx.admission.slot.move(following)
+                    ctx.routing.upstream = following
                     self.placement.chose(following)
                     ctx.outcome = "ok"
                     if len(tried) == 1:
@@ -215,7 +217,7 @@ class BalancerStep(Step):
                     raise
                 finally:
                     upstream.end(attempt)
-                    if ctx.upstream is upstream:  # the attempt that answered
+                    if ctx.routing.upstream is upstream:  # the attempt that answered
                         self._learn(upstream, ctx, time.monotonic() - started)
         finally:
             self.active -= 1
@@ -238,7 +240,7 @@ class BalancerStep(Step):
         if not model or ctx.route.operation is None or ctx.outcome != "ok" or ctx.status != 200:
             return
         key = model_key(model)
-        usage = ctx.usage
+        usage = ctx.exchange.usage
         if self.placement.learn(key, elapsed_s, usage) is not None:
             self.model_loads.add(1, {self.telemetry.names.upstream_name: upstream.name,
                                      semconv.ATTR_GEN_AI_REQUEST_MODEL: self.upstreams.label(key)})

@@ -101,22 +101,22 @@ class HealthStep(Step):
                 if reason is None and self.mode == "shadow" and not upstream.serving:
                     reason = f"shadow_{upstream.status}"
                 if reason is not None:
-                    ctx.dropped[upstream.name] = reason
+                    ctx.health.dropped[upstream.name] = reason
             if span.is_recording():
                 span.set_attribute(self.telemetry.names.health_candidates, [u.name for u in candidates])
-                if ctx.dropped:
+                if ctx.health.dropped:
                     span.set_attribute(self.telemetry.names.health_dropped,
-                                       [f"{n}={r}" for n, r in ctx.dropped.items()])
+                                       [f"{n}={r}" for n, r in ctx.health.dropped.items()])
             serving = [u for u in candidates if u.serving]
             if not serving:
                 self.decide(ctx, span, "no_healthy_upstream", NoHealthyUpstream(
                     f"no healthy replica can serve {model or 'this request'} now"
-                    + (f" ({'; '.join(f'{n}: {r}' for n, r in ctx.dropped.items())})" if ctx.dropped
-                       else ""),
+                    + (f" ({'; '.join(f'{n}: {r}' for n, r in ctx.health.dropped.items())})"
+                       if ctx.health.dropped else ""),
                     retry_after_s=self.retry_after_s(model)))
             else:
                 self.decide(ctx, span, "healthy")
-            ctx.candidates = candidates
+            ctx.health.replicas = candidates
         return await handler(request)
 
     def snapshot(self) -> dict[str, Any]:

@@ -21,7 +21,6 @@ and `<prefix>.limits.truncations`.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from typing import Any
 
@@ -29,7 +28,7 @@ import attrs
 from aiohttp import web
 
 from proxy.chain import Handler, Step
-from proxy.context import RequestContext
+from proxy.context import DEADLINE_REQUEST_HEADER, RequestContext
 from proxy.errors import InvalidRequest, PromptTooLong
 from proxy.ollama import model_key
 from proxy.prompts import canonicalize, count_prompt, truncate_prompt
@@ -59,7 +58,8 @@ class LimitsConfig:
     (chat templates differ a little between our count and the model's)."""
 
 
-DEADLINE_HEADER = "X-Deadline-S"
+DEADLINE_HEADER = DEADLINE_REQUEST_HEADER
+"""Kept here for existing imports; ingress reads it (proxy/ingress.py)."""
 OFFLOAD_BYTES = 16 * 1024
 """Bodies larger than this are counted in a worker thread."""
 PARSE_OFFLOAD_BYTES = 1 << 20
@@ -90,18 +90,6 @@ class LimitsStep(Step):
         self.count_seconds = telemetry.meter.create_histogram(
             telemetry.names.metric_limits_count_duration, unit="s",
             description="Time spent counting prompt tokens.")
-
-    def _deadline_s(self, request: web.Request, ctx: RequestContext) -> float:
-        deadline = ctx.tenant.deadline_s or self.config.deadline_s
-        asked = request.headers.get(DEADLINE_HEADER)
-        if asked is not None:
-            try:
-                value = float(asked)
-            except ValueError:
-                value = math.inf
-            if 0 < value < deadline:  # a client may lower its deadline, never raise it
-                deadline = value
-        return deadline
 
     @staticmethod
     def check_body(request: web.Request, ctx: RequestContext) -> None:
@@ -134,8 +122,7 @@ class LimitsStep(Step):
 
     async def handle(self, request: web.Request, ctx: RequestContext,
                      handler: Handler) -> web.StreamResponse:
-        deadline_s = self._deadline_s(request, ctx)
-        ctx.deadline_at = ctx.started + deadline_s
+        deadline_s = ctx.deadline_s  # set by ingress, whatever this step's mode
         if len(ctx.body or b"") > PARSE_OFFLOAD_BYTES:
             # Decoding a large body Go's way (when orjson refuses it) takes a while: in a worker, the
             # event loop keeps serving others meanwhile. The result is cached on the context.
@@ -174,7 +161,7 @@ class LimitsStep(Step):
             if counted is None:
                 self.decide(ctx, span, "allowed")
             else:
-                ctx.prompt_tokens = counted.total
+                ctx.prompt.tokens = counted.total
                 span.set_attribute(self.telemetry.names.limits_prompt_tokens, counted.total)
                 measured = counted.largest if ctx.route.prompt_shape == "embed" else counted.total
                 if measured <= limit:
@@ -237,7 +224,7 @@ class LimitsStep(Step):
                     new_body, what = cut
                     ctx.replace_json(new_body)
                     recount = count_prompt(ctx.route, new_body, tokenizer)
-                    ctx.prompt_tokens = recount.total if recount else ctx.prompt_tokens
+                    ctx.prompt.tokens = recount.total if recount else ctx.prompt.tokens
                     ctx.response_headers["X-Prompt-Truncated"] = what
                     span.set_attribute(self.telemetry.names.limits_truncated, what)
                     self.decide(ctx, span, "truncated")
@@ -248,8 +235,8 @@ class LimitsStep(Step):
         self.decide(ctx, span, "rejected", error)
 
     def _check_silent_truncation(self, ctx: RequestContext, model: str) -> None:
-        usage = ctx.usage
-        counted = ctx.prompt_tokens
+        usage = ctx.exchange.usage
+        counted = ctx.prompt.tokens
         if usage is None or usage.input_tokens is None or counted is None:
             return
         if usage.input_tokens + self.config.truncation_tolerance_tokens < counted:

@@ -95,7 +95,7 @@ class QuotasStep(Step):
         return (f"rpm:{tenant.name}", f"tpm:{tenant.name}", f"inflight:{tenant.name}")
 
     def _reservation(self, request: web.Request, ctx: RequestContext) -> int:
-        return request_cost(request.path, ctx.json(), ctx.route.operation, ctx.prompt_tokens,
+        return request_cost(request.path, ctx.json(), ctx.route.operation, ctx.prompt.tokens,
                             len(ctx.body or b""), self.config.default_output_tokens)
 
     async def handle(self, request: web.Request, ctx: RequestContext,
@@ -261,13 +261,13 @@ class QuotasStep(Step):
             await self.state.adjust(rpm_key, rpm, rpm / 60, 1)
         if not reserved or tenant.tokens_per_minute is None:
             return
-        usage = ctx.usage
+        usage = ctx.exchange.usage
         if usage is not None and (usage.input_tokens is not None or usage.output_tokens is not None):
             used = (usage.input_tokens or 0) + (usage.output_tokens or 0)
-        elif ctx.first_byte_at is None:
+        elif ctx.exchange.first_byte_at is None:
             used = 0  # nothing was produced: refund everything
         else:
-            used = ctx.prompt_tokens or 0  # cut short mid-response: the prompt was read
+            used = ctx.prompt.tokens or 0  # cut short mid-response: the prompt was read
         if used != reserved:
             tpm = tenant.tokens_per_minute
             await self.state.adjust(tpm_key, tpm, tpm / 60, reserved - used)

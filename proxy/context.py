@@ -7,6 +7,7 @@ parsing values such as `model`.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,7 +24,12 @@ from .upstreams import Attempt, Upstream
 if TYPE_CHECKING:
     from .plugin import ResponseObserver
 
-__all__ = ["CONTEXT", "RequestContext", "SlotHolder", "plain_number"]
+DEADLINE_REQUEST_HEADER = "X-Deadline-S"
+"""A client may lower its request's deadline with this header (seconds)."""
+
+__all__ = ["CONTEXT", "DEADLINE_REQUEST_HEADER", "Admission", "Candidates", "Exchange", "PromptFacts",
+           "RequestContext", "Routing",
+           "SlotHolder", "plain_number"]
 
 
 class SlotHolder(Protocol):
@@ -37,46 +43,94 @@ class SlotHolder(Protocol):
 
 
 @attrs.define
+class PromptFacts:
+    """What the `limits` step learnt about the prompt. Writer: limits."""
+
+    tokens: int | None = None
+    """The prompt's token count as limits counted it (None: not counted)."""
+
+
+@attrs.define
+class Admission:
+    """The slot `backpressure` holds for the request. Writer: backpressure (the balancer may ask the slot
+    to move with a retry, through `slot.move`)."""
+
+    replica: Upstream | None = None
+    """The replica the slot was granted on (late binding); the balancer starts from it."""
+    slot: SlotHolder | None = None
+    ranking: Any = None
+    """The placement's ranking of the replicas when the slot was granted (reused for the balancer's span)."""
+
+
+@attrs.define
+class Candidates:
+    """Which replicas may serve the request. Writer: health."""
+
+    replicas: list[Upstream] | None = None
+    """As health found them (None: health did not run)."""
+    dropped: dict[str, str] = attrs.field(factory=dict)
+    """Replica name -> why it may not serve the request (ejected, not_allowed, model_absent, ...)."""
+
+
+@attrs.define
+class Routing:
+    """Where the request goes. Writer: the balancer."""
+
+    upstream: Upstream | None = None
+    """The replica chosen (None: the forwarder takes the next serving one, round robin)."""
+    attempt: Attempt | None = None
+    """The request in flight on `upstream` (the forwarder marks its progress)."""
+    retry_statuses: frozenset[int] = frozenset()
+    """Upstream statuses the balancer would rather retry elsewhere than relay (set per attempt)."""
+    fan_out: bool = False
+    """Sent to every replica (fleet routes), not to one."""
+
+
+@attrs.define
+class Exchange:
+    """The upstream call as it happened. Writer: the forwarder."""
+
+    upstream_name: str | None = None
+    first_byte_at: float | None = None
+    bytes_out: int = 0
+    usage: Usage | None = None
+    """Token counts and timings the upstream reported (read from the response's own bytes)."""
+
+
+@attrs.define
 class RequestContext:
-    """Per-request state shared by ingress, the steps and the forwarder."""
+    """Per-request state shared by ingress, the plugins, the steps and the forwarder.
+
+    One writer per part: ingress writes the request's identity, body, deadline, status and outcome; each
+    step writes its own sub-object (`prompt`: limits, `admission`: backpressure, `health`: health,
+    `routing`: balancer) and the forwarder writes `exchange`. Everyone may read everything.
+    """
 
     request_id: str
     route: RouteInfo
     started: float = attrs.field(factory=time.monotonic)
     body: bytes | None = None
     """The request body once read (None for bodiless requests and streamed blob uploads)."""
-    upstream_name: str | None = None
     outcome: str = "ok"
     """`ok`, a ProxyError code, `client_disconnect`, or `upstream_error` for a mid-stream failure."""
     status: int = 0
-    first_byte_at: float | None = None
-    bytes_out: int = 0
-    usage: Usage | None = None
     root_span: Span | None = None
     identity: Identity | None = None
     """Who is calling (set by ingress); None only before authentication."""
+    deadline_s: float | None = None
+    deadline_at: float | None = None
+    """Monotonic time after which the request is abandoned (504 or a final error line), `deadline_s`
+    after it started. Writer: ingress (`set_deadline`), from the tenant's deadline, lowered (never
+    raised) by the client's X-Deadline-S, whatever the steps' modes."""
     response_headers: CIMultiDict[str] = attrs.field(factory=CIMultiDict)
     """Headers every step wants on the response (added when it is prepared, errors included)."""
     service_limits: dict[str, Any] = attrs.field(factory=dict)
     """The limits that applied, rendered as the versioned `X-Service-Limits` header."""
-    prompt_tokens: int | None = None
-    """The prompt's token count as `limits` counted it (None: not counted)."""
-    upstream: Upstream | None = None
-    """The replica the request goes to (bound by backpressure or the balancer); None: round robin."""
-    candidates: list[Upstream] | None = None
-    """Replicas that may serve the request, as health found them (None: health did not run)."""
-    dropped: dict[str, str] = attrs.field(factory=dict)
-    """Replica name -> why it may not serve the request (ejected, not_allowed, model_absent, ...)."""
-    slot: SlotHolder | None = None
-    """The slot backpressure reserved on `upstream`, if any."""
-    attempt: Attempt | None = None
-    """The request in flight on `upstream` (the forwarder marks its progress)."""
-    routing: Any = None
-    """The balancer's ranking of the replicas when backpressure granted the slot (reused for its span)."""
-    retry_statuses: frozenset[int] = frozenset()
-    """Upstream statuses the balancer would rather retry elsewhere than relay (set per attempt)."""
-    deadline_at: float | None = None
-    """Monotonic time after which the request is abandoned (504 or a final error line)."""
+    prompt: PromptFacts = attrs.field(factory=PromptFacts)
+    admission: Admission = attrs.field(factory=Admission)
+    health: Candidates = attrs.field(factory=Candidates)
+    routing: Routing = attrs.field(factory=Routing)
+    exchange: Exchange = attrs.field(factory=Exchange)
     observers: list[ResponseObserver] = attrs.field(factory=list)
     """Plugins' response observers (proxy/plugin.py): the forwarder feeds them every relayed chunk."""
     _json: Any = attrs.field(default=None, alias="_json")
@@ -95,6 +149,20 @@ class RequestContext:
         self._json = value
         self._json_parsed = True
         self._json_error = None
+
+    def set_deadline(self, default_s: float, asked: str | None) -> None:
+        """The request's deadline: the tenant's (else `default_s`), lowered by a client's `X-Deadline-S`
+        value `asked` when it is a positive number below it."""
+        deadline = self.tenant.deadline_s or default_s
+        if asked is not None:
+            try:
+                value = float(asked)
+            except ValueError:
+                value = math.inf
+            if 0 < value < deadline:  # a client may lower its deadline, never raise it
+                deadline = value
+        self.deadline_s = deadline
+        self.deadline_at = self.started + deadline
 
     def restore_body(self, body: bytes | None, parsed: Any) -> None:
         """Put back a body and its parsed view as they were (a plugin's rewrite undone)."""

@@ -164,8 +164,8 @@ class Forwarder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Forward `request` to the next replica and relay its response."""
         ctx = request[CONTEXT]
-        upstream = ctx.upstream or self.upstreams.next_serving()
-        ctx.upstream_name = upstream.name
+        upstream = ctx.routing.upstream or self.upstreams.next_serving()
+        ctx.exchange.upstream_name = upstream.name
         span = self._start_client_span(ctx, request, upstream)
         started = time.monotonic()
         try:
@@ -182,7 +182,7 @@ class Forwarder:
             data=self._request_data(request, ctx, body_error),
             first_byte_s=self.config.first_byte_timeout_s, remaining_s=self._remaining(ctx),
             deadline_label=ctx.service_limits.get("deadline_s"), upload_error=body_error)
-        if upstream_response.status in ctx.retry_statuses:
+        if upstream_response.status in ctx.routing.retry_statuses:
             upstream_response.close()
             raise UpstreamBusy(f"upstream {upstream.name} answered {upstream_response.status}",
                                retry_after_s=1.0)
@@ -208,8 +208,9 @@ class Forwarder:
         if upstream_response.status in _RETRY_AFTER_STATUSES and "Retry-After" not in headers:
             # Ollama's "server busy" and ollama.com's usage-limit 429 / overloaded 503 (relayed for
             # cloud models) carry none; every 429 and 503 the proxy sends says when to come back.
-            headers["Retry-After"] = str(max(1, math.ceil(ctx.slot.retry_after_s())) if ctx.slot
-                                         is not None else _DEFAULT_RETRY_AFTER_S)
+            slot = ctx.admission.slot
+            headers["Retry-After"] = str(max(1, math.ceil(slot.retry_after_s())) if slot is not None
+                                         else _DEFAULT_RETRY_AFTER_S)
         response = web.StreamResponse(status=upstream_response.status,
                                       reason=upstream_response.reason, headers=headers)
         length = upstream_response.headers.get("Content-Length")
@@ -225,7 +226,7 @@ class Forwarder:
         # One timer for both limits: the idle gap (re-armed per chunk) and the request's deadline.
         hard_stop = loop.time() + self._remaining(ctx)
         timer = asyncio.timeout_at(min(loop.time() + idle, hard_stop))
-        attempt = ctx.attempt
+        attempt = ctx.routing.attempt
         observers = ctx.observers
         stop = self.stop
         try:
@@ -242,8 +243,8 @@ class Forwarder:
                             await response.prepare(request)
                         if not chunk:
                             break
-                        if ctx.first_byte_at is None:
-                            ctx.first_byte_at = time.monotonic()
+                        if ctx.exchange.first_byte_at is None:
+                            ctx.exchange.first_byte_at = time.monotonic()
                             self._record_first_chunk(ctx, started)
                         if attempt is not None:
                             attempt.last_progress = time.monotonic()
@@ -280,8 +281,8 @@ class Forwarder:
                 await self._fail_mid_stream(request, response, ctx, "upstream_reset_after_response_started",
                                             "upstream connection lost mid-response "
                                             f"({type(exc).__name__})")
-        ctx.bytes_out = scanner.bytes_seen
-        ctx.usage = scanner.usage()
+        ctx.exchange.bytes_out = scanner.bytes_seen
+        ctx.exchange.usage = scanner.usage()
         if ctx.outcome == "ok":
             await response.write_eof()
         return response
@@ -292,7 +293,7 @@ class Forwarder:
         ctx.outcome = code
         if code != ShuttingDown.code:  # the proxy's own stop is not an upstream failure
             self.telemetry.metrics.upstream_errors.add(1, {semconv.ATTR_ERROR_TYPE: code})
-            log.warning("upstream %s failed mid-response: %s", ctx.upstream_name, code)
+            log.warning("upstream %s failed mid-response: %s", ctx.exchange.upstream_name, code)
         record = stream_error_record(response.headers.get("Content-Type", ""), message, code,
                                      ctx.route.dialect)
         if record is not None and response.chunked:
@@ -319,7 +320,7 @@ class Forwarder:
             semconv.ATTR_GEN_AI_OPERATION: ctx.route.operation or "",
             semconv.ATTR_GEN_AI_PROVIDER: semconv.PROVIDER_OLLAMA,
             semconv.ATTR_GEN_AI_REQUEST_MODEL: self.upstreams.label(ctx.model),  # bounded: known or other
-            self.telemetry.names.upstream_name: ctx.upstream_name or "",
+            self.telemetry.names.upstream_name: ctx.exchange.upstream_name or "",
         }
         return attributes
 
@@ -335,7 +336,7 @@ class Forwarder:
 
     def _finish(self, ctx: RequestContext, span: Span, started: float) -> None:
         """Close the CLIENT span and record GenAI metrics once the last byte is out (or the request died)."""
-        usage = ctx.usage
+        usage = ctx.exchange.usage
         if usage is not None:
             if usage.response_model:
                 span.set_attribute(semconv.ATTR_GEN_AI_RESPONSE_MODEL, usage.response_model)

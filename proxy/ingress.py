@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .access import TenantDirectory
-from .context import CONTEXT, RequestContext
+from .context import CONTEXT, DEADLINE_REQUEST_HEADER, RequestContext
 from .errors import (
     InternalProxyError,
     InvalidRequest,
@@ -107,8 +107,10 @@ class Ingress:
 
     def __init__(self, telemetry: Telemetry, max_body_bytes: int, directory: TenantDirectory, *,
                  max_header_bytes: int = 64 * 1024, body_timeout_s: float = 60.0,
-                 stop: GracefulStop | None = None) -> None:
+                 stop: GracefulStop | None = None, default_deadline_s: float = 120.0) -> None:
         self.telemetry = telemetry
+        self.default_deadline_s = default_deadline_s
+        """chain.limits.deadline_s: a tenant without its own deadline gets this one."""
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
         self.body_timeout_s = body_timeout_s
@@ -212,6 +214,7 @@ class Ingress:
             ctx.identity = self.directory.authenticate(request.path, request.headers)
             # Set before authorizing, so a refused request is logged under the tenant it came from.
             self.directory.authorize(ctx.identity, request.method, request.path, request.headers)
+            ctx.set_deadline(self.default_deadline_s, request.headers.get(DEADLINE_REQUEST_HEADER))
             if ctx.root_span is not None and not ctx.identity.tenant.anonymous:
                 ctx.root_span.set_attribute(self.telemetry.names.tenant, ctx.identity.tenant.name)
             response = await self._call(request, ctx, handler)
@@ -327,13 +330,14 @@ class Ingress:
         metrics = self.telemetry.metrics
         metrics.request_duration.record(duration, attributes)
         if self.telemetry.config.access_log:
-            usage = ctx.usage
+            usage = ctx.exchange.usage
             access_log.info(
                 '%s %s "%s %s" %d %s %.3fs tenant=%s upstream=%s model=%s in_tokens=%s out_tokens=%s '
                 "bytes=%d", ctx.request_id, escape_field(request.remote or "-", 64),
                 escape_field(request.method, 32), ctx.route.template or "(other)", status,
                 ctx.outcome, duration, escape_field(ctx.tenant.name, 64),
-                escape_field(ctx.upstream_name or "-", 64), escape_field(ctx.model or "-", 128),
+                escape_field("*" if ctx.routing.fan_out else ctx.exchange.upstream_name or "-", 64),
+                escape_field(ctx.model or "-", 128),
                 usage.input_tokens if usage and usage.input_tokens is not None else "-",
                 usage.output_tokens if usage and usage.output_tokens is not None else "-",
-                ctx.bytes_out)
+                ctx.exchange.bytes_out)

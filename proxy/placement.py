@@ -86,7 +86,7 @@ class Placement:
     def describe(self, ctx: RequestContext, headers: Mapping[str, str]) -> Placing:
         """The request as placement sees it (the session header is read only for `affinity: session`)."""
         session = headers.get("X-Session-Id") if self.config.affinity == "session" else None
-        return Placing(ctx.tenant.name, ctx.model, ctx.prompt_tokens, ctx.json(), session, ctx.started)
+        return Placing(ctx.tenant.name, ctx.model, ctx.prompt.tokens, ctx.json(), session, ctx.started)
 
     # measurements ------------------------------------------------------------------------------------
     def stat(self, key: str) -> ModelStats:

@@ -89,6 +89,7 @@ state.backend state.url state.key_prefix state.failure_mode state.socket_timeout
 state.retry_interval_s
 telemetry.service_name telemetry.otlp_endpoint telemetry.otlp_protocol telemetry.sample_ratio
 telemetry.metric_prefix telemetry.export_interval_s telemetry.access_log telemetry.metrics_auth
+plugins
 """.split()
 
 
