@@ -23,7 +23,7 @@ from proxy.config import HealthConfig, TelemetryConfig
 from proxy.telemetry.setup import build_telemetry
 from proxy.upstreams import Upstream, UpstreamSet
 from tests.support.metrics import metric
-from tests.support.servers import Server, free_port, start_emulator, start_proxy
+from tests.support.servers import Server, start_emulator, start_proxy
 
 FAST = {"probe_interval_s": 0.3, "probe_timeout_s": 1.0, "base_ejection_s": 1.0}
 BODY = {"model": "llama3.2", "prompt": "hello", "stream": False, "options": {"num_predict": 4}}
@@ -85,8 +85,8 @@ def test_probes_learn_residency_and_never_load(tmp: Path) -> None:
 
 def test_killed_replica_is_ejected_then_recovers(tmp: Path) -> None:
     a = start_emulator(tmp, name="eject-a")
-    port = free_port()
-    b = start_emulator(tmp, name="eject-b", port=port)
+    b = start_emulator(tmp, name="eject-b")
+    port = b.port  # b comes back on the same port below
     for server in (a, b):  # both hold the model: equal cost, so the balancer spreads requests
         httpx.post(f"{server.url}/api/generate", json={"model": "llama3.2"}, timeout=30)
     proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
@@ -161,11 +161,11 @@ def test_stuck_replica_gets_no_new_traffic(tmp: Path) -> None:
 
 
 def test_restart_hook_restarts_and_prewarms(tmp: Path) -> None:
-    port = free_port()
     pidfile = tmp / "a.pid"
     command = (f"{sys.executable} -m tests.support.respawn --port {{port}} --log {tmp / 'respawn.log'} "
                f"--pidfile {pidfile} -- --seed 7 --load-s 0.5")
-    a = start_emulator(tmp, name="restart-a", port=port, load_s=0.5)
+    a = start_emulator(tmp, name="restart-a", load_s=0.5)
+    port = a.port  # the restart command brings it back on the same port
     b = start_emulator(tmp, name="restart-b")
     proxy = start_proxy(tmp, [{"url": a.url, "name": "a", "restart_command": command},
                               {"url": b.url, "name": "b"}],
