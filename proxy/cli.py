@@ -37,7 +37,15 @@ def _configure_logging(level: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from .app import build_app
-    from .serving import STOP, fit_connections, raise_nofile_limit, run_until_signalled, start_site
+    from .serving import (
+        STOP,
+        bound_port,
+        fit_connections,
+        raise_nofile_limit,
+        run_until_signalled,
+        start_site,
+        write_port_file,
+    )
     from .telemetry.setup import build_telemetry
 
     try:
@@ -70,8 +78,11 @@ def _serve(args: argparse.Namespace) -> int:
                                   keepalive_timeout_s=server.keepalive_timeout_s,
                                   max_header_bytes=server.max_header_bytes,
                                   max_connections=max_connections)
+        actual = bound_port(runner)
+        if args.port_file:
+            write_port_file(args.port_file, actual)
         log.info("shared-ollama-proxy %s listening on http://%s:%d, upstreams: %s", __version__,
-                 host, port, ", ".join(u.url for u in config.upstreams))
+                 host, actual, ", ".join(u.url for u in config.upstreams))
         try:
             await run_until_signalled(runner, app[STOP], server.shutdown_timeout_s)
         finally:
@@ -86,7 +97,7 @@ def _emulate(args: argparse.Namespace) -> int:
     from .emulator.engine import EngineSettings
     from .emulator.faults import ListenerControl
     from .emulator.profile import ProfileSet, load_profile
-    from .serving import ProxyRunner, run_until_signalled
+    from .serving import ProxyRunner, run_until_signalled, write_port_file
 
     host, port = parse_listen(args.listen)
     try:
@@ -133,8 +144,11 @@ def _emulate(args: argparse.Namespace) -> int:
         control = ListenerControl(runner, host, port)
         app[LISTENER] = control
         await control.start()
+        if args.port_file:
+            write_port_file(args.port_file, control.port)
         log.info("emulated Ollama %s on http://%s:%d with models %s (profile %s, %d slot(s))",
-                 settings.version, host, port, ", ".join(models), profiles.name, args.num_parallel)
+                 settings.version, host, control.port, ", ".join(models), profiles.name,
+                 args.num_parallel)
         await run_until_signalled(runner)
 
     _run(serve())
@@ -207,12 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", help="YAML configuration file")
     serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:11435; env SOP_LISTEN)")
+    serve.add_argument("--port-file", metavar="PATH",
+                       help="once listening, write the bound port here (atomically); with port 0 in "
+                            "--listen or server.listen, the port the system chose")
     serve.add_argument("--upstream", action="append", metavar="URL",
                        help="an Ollama replica URL; repeat for several (default http://127.0.0.1:11434)")
     serve.set_defaults(func=_serve)
 
     emulate = commands.add_parser("emulate", help="run an emulated Ollama daemon (tests, demos, benches)")
-    emulate.add_argument("--listen", default="127.0.0.1:11434")
+    emulate.add_argument("--listen", default="127.0.0.1:11434", help="HOST:PORT (port 0: any free one)")
+    emulate.add_argument("--port-file", metavar="PATH",
+                         help="once listening, write the bound port here (atomically)")
     emulate.add_argument("--models", default=None,
                          help="comma-separated local models (default llama3.2,qwen3,nomic-embed-text; "
                               "with --engine llama.cpp gemma3:270m, what the GGUF really is)")

@@ -70,12 +70,13 @@ def valid_keys(name: str, value: tuple[str, ...]) -> None:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """`HOST:PORT` (IPv6 as `[::1]:PORT`) -> (host, port)."""
+    """`HOST:PORT` (IPv6 as `[::1]:PORT`) -> (host, port). Port 0 asks the system for a free port (the
+    server reports the one it got: `--port-file` and its "listening on" log line)."""
     if value.startswith("["):
         host, _, port = value[1:].partition("]:")
     else:
         host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"listen: expected HOST:PORT, got {value!r}")
     return host, int(port)
 

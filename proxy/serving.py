@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import signal
 import sys
@@ -34,11 +35,13 @@ __all__ = [
     "GracefulStop",
     "HeadDeadlineHandler",
     "ProxyRunner",
+    "bound_port",
     "escape_field",
     "fit_connections",
     "raise_nofile_limit",
     "run_until_signalled",
     "start_site",
+    "write_port_file",
 ]
 
 log = logging.getLogger("proxy.serving")
@@ -306,6 +309,28 @@ async def start_site(app: web.Application, host: str, port: int, *, backlog: int
     site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=True)
     await site.start()
     return runner
+
+
+def bound_port(runner: web.BaseRunner) -> int:
+    """The TCP port `runner`'s first site is listening on: the one the system chose when the
+    configured port was 0."""
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    raise RuntimeError("the runner is not listening on a TCP port")
+
+
+def write_port_file(path: str, port: int) -> None:
+    """Write `port` (decimal, then a newline) to `path` atomically, once the server is listening: a
+    reader that sees the file sees the whole number, and a connection to that port is accepted.
+
+    A temporary file beside `path`, then a rename, so that the parent process (a test, a supervisor)
+    never reads a half-written file; this is what lets tests start servers on port 0 instead of picking
+    a free port and releasing it (a race with every other process on the machine)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="ascii") as handle:
+        handle.write(f"{port}\n")
+    os.replace(tmp, path)
 
 
 def raise_nofile_limit() -> int:

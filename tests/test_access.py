@@ -5,28 +5,40 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import ollama
 import pytest
+from aiohttp.test_utils import TestClient
 
+from tests.support.inprocess import in_process_proxy
 from tests.support.servers import Server, start_emulator, start_proxy
 
 ADMIN, TEAM, OPS = "sk-admin-secret-1", "sk-team-secret-2", "sk-ops-secret-3"
+GUARDED = {
+    "admin": {"keys": [ADMIN]},
+    "tenants": [{"name": "team", "keys": [TEAM]},
+                {"name": "ops", "keys": [OPS], "allow_management": True}],
+    "anonymous": {"allow": False}}
 
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+    """The guarded proxy as a process: for what needs one (its log, the official clients)."""
     tmp: Path = tmp_path_factory.mktemp("access")
     emulator = start_emulator(tmp, name="access-emu")
-    proxy = start_proxy(tmp, [emulator.url], {
-        "admin": {"keys": [ADMIN]},
-        "tenants": [{"name": "team", "keys": [TEAM]},
-                    {"name": "ops", "keys": [OPS], "allow_management": True}],
-        "anonymous": {"allow": False}}, name="access-proxy")
+    proxy = start_proxy(tmp, [emulator.url], GUARDED, name="access-proxy")
     yield emulator, proxy
     proxy.stop()
     emulator.stop()
+
+
+@pytest.fixture
+async def guarded_app(aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path) -> TestClient[Any, Any]:
+    """The same configuration in-process: access decisions need no subprocess."""
+    client, _ = await in_process_proxy(aiohttp_client, aiohttp_server, tmp_path, GUARDED)
+    return client
 
 
 def _auth(key: str) -> dict[str, str]:
@@ -41,41 +53,41 @@ def test_tenant_key_is_accepted_by_the_official_client(guarded: tuple[Server, Se
     assert client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}]).done
 
 
-def test_missing_and_unknown_keys_are_401(guarded: tuple[Server, Server]) -> None:
-    _, proxy = guarded
-    missing = httpx.post(f"{proxy.url}/api/chat", json={"model": "llama3.2", "messages": []})
-    assert missing.status_code == 401 and missing.json()["code"] == "unauthorized"
-    wrong = httpx.post(f"{proxy.url}/api/chat", headers=_auth("sk-nope"),
-                       json={"model": "llama3.2", "messages": []})
-    assert wrong.status_code == 401 and wrong.json()["error"] == "invalid API key"
-    via_header = httpx.post(f"{proxy.url}/api/chat", headers={"X-API-Key": TEAM},
-                            json={"model": "llama3.2", "messages": []})
-    assert via_header.status_code == 200
+async def test_missing_and_unknown_keys_are_401(guarded_app: TestClient[Any, Any]) -> None:
+    proxy = guarded_app
+    missing = await proxy.post("/api/chat", json={"model": "llama3.2", "messages": []})
+    assert missing.status == 401 and (await missing.json())["code"] == "unauthorized"
+    wrong = await proxy.post("/api/chat", headers=_auth("sk-nope"),
+                             json={"model": "llama3.2", "messages": []})
+    assert wrong.status == 401 and (await wrong.json())["error"] == "invalid API key"
+    via_header = await proxy.post("/api/chat", headers={"X-API-Key": TEAM},
+                                  json={"model": "llama3.2", "messages": []})
+    assert via_header.status == 200
 
 
-def test_management_needs_permission(guarded: tuple[Server, Server]) -> None:
-    _, proxy = guarded
-    refused = httpx.post(f"{proxy.url}/api/pull", headers=_auth(TEAM), json={"model": "llama3.1"})
-    assert refused.status_code == 403 and refused.json()["code"] == "forbidden"
+async def test_management_needs_permission(guarded_app: TestClient[Any, Any]) -> None:
+    proxy = guarded_app
+    refused = await proxy.post("/api/pull", headers=_auth(TEAM), json={"model": "llama3.1"})
+    assert refused.status == 403 and (await refused.json())["code"] == "forbidden"
     assert refused.headers["content-type"] == "application/json; charset=utf-8"
     for method, path in (("DELETE", "/api/delete"), ("POST", "/api/copy"), ("POST", "/api/create"),
                          ("POST", "/api/push"), ("POST", "/api/blobs/sha256:" + "0" * 64)):
-        assert httpx.request(method, proxy.url + path, headers=_auth(TEAM),
-                             content=b"{}").status_code == 403, path
-    allowed = httpx.post(f"{proxy.url}/api/pull", headers=_auth(OPS),
-                         json={"model": "llama3.1", "stream": False})
-    assert allowed.status_code == 200 and allowed.json() == {"status": "success"}
-    admin = httpx.post(f"{proxy.url}/api/copy", headers=_auth(ADMIN),
-                       json={"source": "llama3.1", "destination": "copied"})
-    assert admin.status_code == 200
+        response = await proxy.request(method, path, headers=_auth(TEAM), data=b"{}")
+        assert response.status == 403, path
+    allowed = await proxy.post("/api/pull", headers=_auth(OPS),
+                               json={"model": "llama3.1", "stream": False})
+    assert allowed.status == 200 and await allowed.json() == {"status": "success"}
+    admin = await proxy.post("/api/copy", headers=_auth(ADMIN),
+                             json={"source": "llama3.1", "destination": "copied"})
+    assert admin.status == 200
 
 
-def test_system_routes_need_the_admin_key(guarded: tuple[Server, Server]) -> None:
-    _, proxy = guarded
-    assert httpx.get(f"{proxy.url}/system/quotas").status_code == 401
-    assert httpx.get(f"{proxy.url}/system/quotas", headers=_auth(TEAM)).status_code == 403
-    snapshot = httpx.get(f"{proxy.url}/system/quotas", headers=_auth(ADMIN))
-    assert snapshot.status_code == 200 and {"team", "ops"} <= set(snapshot.json()["tenants"])
+async def test_system_routes_need_the_admin_key(guarded_app: TestClient[Any, Any]) -> None:
+    proxy = guarded_app
+    assert (await proxy.get("/system/quotas")).status == 401
+    assert (await proxy.get("/system/quotas", headers=_auth(TEAM))).status == 403
+    snapshot = await proxy.get("/system/quotas", headers=_auth(ADMIN))
+    assert snapshot.status == 200 and {"team", "ops"} <= set((await snapshot.json())["tenants"])
 
 
 def test_keys_are_neither_forwarded_nor_logged(tmp_path: Path) -> None:
@@ -121,21 +133,17 @@ def test_probes_never_need_a_key_and_metrics_are_open_by_default(
     assert httpx.get(f"{proxy.url}/system/queue").status_code == 401  # the admin routes still need one
 
 
-def test_metrics_behind_the_admin_key(tmp_path: Path) -> None:
-    emulator = start_emulator(tmp_path, name="metrics-emu")
-    proxy = start_proxy(tmp_path, [emulator.url], {
+async def test_metrics_behind_the_admin_key(aiohttp_client: Any, aiohttp_server: Any,
+                                            tmp_path: Path) -> None:
+    proxy, _ = await in_process_proxy(aiohttp_client, aiohttp_server, tmp_path, {
         "admin": {"keys": [ADMIN]}, "tenants": [{"name": "team", "keys": [TEAM]}],
-        "telemetry": {"metrics_auth": "admin"}}, name="metrics-proxy")
-    try:
-        assert httpx.get(f"{proxy.url}/metrics").status_code == 401
-        assert httpx.get(f"{proxy.url}/metrics", headers=_auth(TEAM)).status_code == 403
-        assert httpx.get(f"{proxy.url}/metrics", headers=_auth("sk-nope")).status_code == 401
-        scraped = httpx.get(f"{proxy.url}/metrics", headers=_auth(ADMIN))
-        assert scraped.status_code == 200 and b"# TYPE" in scraped.content
-        assert httpx.get(f"{proxy.url}/healthz").status_code == 200
-    finally:
-        proxy.stop()
-        emulator.stop()
+        "telemetry": {"metrics_auth": "admin"}})
+    assert (await proxy.get("/metrics")).status == 401
+    assert (await proxy.get("/metrics", headers=_auth(TEAM))).status == 403
+    assert (await proxy.get("/metrics", headers=_auth("sk-nope"))).status == 401
+    scraped = await proxy.get("/metrics", headers=_auth(ADMIN))
+    assert scraped.status == 200 and b"# TYPE" in await scraped.read()
+    assert (await proxy.get("/healthz")).status == 200
 
 
 def test_placeholder_keys_count_as_anonymous_when_allowed(tmp_path: Path) -> None:

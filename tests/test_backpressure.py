@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.fairqueue import FairQueue, Waiter
+from tests.support.polling import until
 from tests.support.servers import Server, start_emulator, start_proxy
 
 ADMIN, CHAT, CHAT2, BULK = "sk-admin", "sk-chat", "sk-chat-two", "sk-bulk"
@@ -59,6 +60,12 @@ def _queue(proxy: Server, key: str = ADMIN) -> dict[str, Any]:
                           headers={"Authorization": f"Bearer {key}"}).json()["models"])
 
 
+def _queued(proxy: Server, running: int, queued: int) -> bool:
+    """Whether the proxy's llama3.2 gate has `running` requests on the replica and `queued` waiting."""
+    gate = _queue(proxy).get("llama3.2:latest")
+    return gate is not None and (sum(gate["in_flight"].values()), gate["queued"]) == (running, queued)
+
+
 def _settled(proxy: Server, upstream: Server) -> None:
     """The invariant: nothing queued, nothing in flight, in the proxy and in Ollama."""
     deadline = time.monotonic() + 5
@@ -77,7 +84,7 @@ async def test_bounded_queue_and_overload(tmp: Path, slow: Server) -> None:
     try:
         async with aiohttp.ClientSession() as session:
             tasks = [asyncio.ensure_future(_generate(session, proxy, CHAT)) for _ in range(3)]
-            await asyncio.sleep(0.2)  # one running, two queued
+            await until(lambda: _queued(proxy, 1, 2), what="one running, two queued")
             status, headers, took = await _generate(session, proxy, CHAT)
             assert status == 503 and took < 0.3  # refused at once, not after waiting
             assert headers["Content-Type"] == "application/json; charset=utf-8"
@@ -99,7 +106,7 @@ async def test_queue_timeout_and_early_refusal(tmp: Path, slow: Server) -> None:
     try:
         async with aiohttp.ClientSession() as session:
             first = asyncio.ensure_future(_generate(session, proxy, CHAT))
-            await asyncio.sleep(0.1)
+            await until(lambda: _queued(proxy, 1, 0), what="the first request running")
             status, _, took = await _generate(session, proxy, CHAT)
             assert status == 503 and 0.25 < took < 10.0  # waited its queue timeout, not a stream
             assert (await first)[0] == 200
@@ -108,7 +115,7 @@ async def test_queue_timeout_and_early_refusal(tmp: Path, slow: Server) -> None:
             for _ in range(3):
                 await _generate(session, proxy, CHAT)
             running = [asyncio.ensure_future(_generate(session, proxy, CHAT)) for _ in range(3)]
-            await asyncio.sleep(0.1)
+            await until(lambda: _queued(proxy, 1, 2), what="one running, two queued")
             async with session.post(f"{proxy.url}/api/generate", json={
                     "model": "llama3.2", "prompt": "x", "stream": False},
                     headers={"Authorization": f"Bearer {CHAT}", "X-Deadline-S": "0.2"}) as refused:
@@ -135,11 +142,11 @@ async def test_interactive_ahead_of_bulk_and_fair_between_tenants(tmp: Path, slo
                 order.append(tag)
 
             blocker = asyncio.ensure_future(tagged(CHAT, "blocker"))
-            await asyncio.sleep(0.1)
+            await until(lambda: _queued(proxy, 1, 0), what="the blocker running")
             tasks = [asyncio.ensure_future(tagged(BULK, f"bulk{i}")) for i in range(2)]
-            await asyncio.sleep(0.05)
+            await until(lambda: _queued(proxy, 1, 2), what="both bulk requests queued")
             tasks += [asyncio.ensure_future(tagged(CHAT, f"chat{i}")) for i in range(3)]
-            await asyncio.sleep(0.05)
+            await until(lambda: _queued(proxy, 1, 5), what="the three chat requests queued")
             tasks += [asyncio.ensure_future(tagged(CHAT2, "chat2-0"))]
             await asyncio.gather(blocker, *tasks)
         # interactive before bulk; chat2 arrived after chat's three but is served after one of them
@@ -163,11 +170,9 @@ async def test_leaving_frees_capacity_at_once(tmp: Path) -> None:
             await running.content.readline()
             queued = asyncio.ensure_future(_generate(session, proxy, CHAT, options={"num_predict": 2}))
             leaving = asyncio.ensure_future(_generate(session, proxy, CHAT))
-            await asyncio.sleep(0.1)
-            assert _queue(proxy)["llama3.2:latest"]["queued"] == 2
+            await until(lambda: _queued(proxy, 1, 2), what="one running, two queued")
             leaving.cancel()  # leaves while queued
-            await asyncio.sleep(0.1)
-            assert _queue(proxy)["llama3.2:latest"]["queued"] == 1
+            await until(lambda: _queued(proxy, 1, 1), what="the cancelled request out of the queue")
             running.close()  # leaves while running: the queued one gets the slot at once
             status, _, took = await queued
             assert status == 200 and took < 1.0

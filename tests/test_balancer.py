@@ -23,6 +23,7 @@ from proxy.placement import Placement
 from proxy.upstreams import LoadedModel, Upstream, UpstreamSet
 from tests.support.metrics import metric
 from tests.support.otlp_receiver import OtlpReceiver, attributes_of
+from tests.support.polling import until
 from tests.support.servers import Server, free_port, start_emulator, start_proxy
 
 FAST = {"probe_interval_s": 0.3, "probe_timeout_s": 1.0, "base_ejection_s": 1.0}
@@ -207,7 +208,9 @@ def test_failover_under_load_loses_nothing_unstarted(tmp: Path) -> None:
     async def run() -> tuple[list[tuple[str, int]], int]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             tasks = [asyncio.create_task(one(session, i)) for i in range(24)]
-            await asyncio.sleep(1.0)
+            # b dies while streams run on it (polled, not slept: on a loaded machine 1 s was not
+            # always enough, on an idle one it was waste).
+            await until(lambda: b.stats()["active"] >= 2, what="streams running on b")
             streaming_on_b = (await asyncio.to_thread(b.stats))["active"]
             await asyncio.to_thread(b.kill)
             return await asyncio.gather(*tasks), streaming_on_b

@@ -323,8 +323,7 @@ def test_connection_refused_then_the_server_comes_up() -> None:
         return web.json_response(CHAT_OK)
 
     app.router.add_post("/api/chat", ok)
-    server = ThreadedApp(app)
-    server.port, server.url = port, f"http://127.0.0.1:{port}"
+    server = ThreadedApp(app, port)  # the client must try the port before anything listens there
     timer = threading.Timer(0.5, server.__enter__)
     timer.start()
     try:

@@ -59,6 +59,11 @@ def test_example_lists_every_key_with_its_default() -> None:
     assert _yaml_keys(yaml.safe_load(EXAMPLE.read_text())) == _type_keys(Config)
 
 
+def test_listen_may_ask_for_any_free_port() -> None:
+    """Port 0: the system picks one and the server reports it (`--port-file`, its log line)."""
+    assert structure({"server": {"listen": "127.0.0.1:0"}}).server.listen == "127.0.0.1:0"
+
+
 @pytest.mark.parametrize("data,message", [
     ({"server": {"max_body_bytes": 0}}, "server.max_body_bytes: must be > 0"),
     ({"server": {"bogus": 1}}, "server: unknown key(s) bogus"),
@@ -68,6 +73,7 @@ def test_example_lists_every_key_with_its_default() -> None:
     ({"telemetry": {"otlp_protocol": "udp"}}, "telemetry.otlp_protocol: 'udp' is not one of"),
     ({"telemetry": {"sample_ratio": 2}}, "telemetry.sample_ratio: must be between 0 and 1"),
     ({"server": {"listen": "nowhere"}}, "server.listen: expected HOST:PORT"),
+    ({"server": {"listen": "127.0.0.1:65536"}}, "server.listen: expected HOST:PORT"),
     ({"forwarding": {"idle_timeout_s": "soon"}}, "forwarding.idle_timeout_s: expected a number"),
     ({"upstreams": []}, "upstreams: at least one upstream is required"),
     ({"chains": {}}, "unknown key(s) chains"),

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.support.raw import connect, read_response, request
-from tests.support.servers import Server, free_port, start_emulator, start_proxy
+from tests.support.servers import Server, start_emulator, start_proxy
 
 KEY = "edge-key-7f3a9c21d4"
 ADMIN = "edge-admin-51be0d"
@@ -445,8 +445,7 @@ def test_the_connection_cap_is_lowered_to_fit_the_descriptor_limit(emulator: Ser
     """Started with a hard RLIMIT_NOFILE of 256, the proxy cannot hold 8192 connections (two descriptors
     each): it says so and caps itself at what fits, and past that cap answers 503 instead of failing."""
     config = tmp_path / "lowfd.yaml"
-    port = free_port()
-    config.write_text(yaml.safe_dump({"server": {"listen": f"127.0.0.1:{port}"},
+    config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"},  # the system picks
                                       "upstreams": [{"url": emulator.url}]}))
     log_path = tmp_path / "lowfd.log"
 
@@ -466,6 +465,10 @@ def test_the_connection_cap_is_lowered_to_fit_the_descriptor_limit(emulator: Ser
             assert time.monotonic() < deadline and process.poll() is None, text
             time.sleep(0.05)
             text = log_path.read_text()
+        found = re.search(r"listening on http://127\.0\.0\.1:(\d+),", text)
+        assert found is not None, text
+        port = int(found.group(1))
+        assert port != 0
         assert "server.max_connections=8192 does not fit RLIMIT_NOFILE=256" in text
         assert "serving at most 96 client connections" in text
         for _ in range(96):

@@ -23,7 +23,8 @@ from proxy.fleet.health import FleetHealth
 from proxy.telemetry.setup import build_telemetry
 from proxy.upstreams import Upstream, UpstreamSet
 from tests.support.metrics import metric
-from tests.support.servers import Server, free_port, start_emulator, start_proxy
+from tests.support.polling import until
+from tests.support.servers import Server, start_emulator, start_proxy
 
 FAST = {"probe_interval_s": 0.3, "probe_timeout_s": 1.0, "base_ejection_s": 1.0}
 BODY = {"model": "llama3.2", "prompt": "hello", "stream": False, "options": {"num_predict": 4}}
@@ -65,7 +66,7 @@ def test_probes_learn_residency_and_never_load(tmp: Path) -> None:
     try:
         wait_for(lambda: profile(proxy)["models"].get("qwen3:latest", {}).get("loaded_on") == ["a"],
                  what="qwen3 seen loaded on a")
-        time.sleep(1.5)  # a few more probe rounds
+        time.sleep(1.5)  # time passing, not a barrier: a few more probe rounds keep both healthy
         view = profile(proxy)
         assert view["replicas"]["a"]["status"] == view["replicas"]["b"]["status"] == "healthy"
         assert view["replicas"]["a"]["version"] == "0.33.0"
@@ -85,8 +86,8 @@ def test_probes_learn_residency_and_never_load(tmp: Path) -> None:
 
 def test_killed_replica_is_ejected_then_recovers(tmp: Path) -> None:
     a = start_emulator(tmp, name="eject-a")
-    port = free_port()
-    b = start_emulator(tmp, name="eject-b", port=port)
+    b = start_emulator(tmp, name="eject-b")
+    port = b.port  # b comes back on the same port below
     for server in (a, b):  # both hold the model: equal cost, so the balancer spreads requests
         httpx.post(f"{server.url}/api/generate", json={"model": "llama3.2"}, timeout=30)
     proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
@@ -161,11 +162,11 @@ def test_stuck_replica_gets_no_new_traffic(tmp: Path) -> None:
 
 
 def test_restart_hook_restarts_and_prewarms(tmp: Path) -> None:
-    port = free_port()
     pidfile = tmp / "a.pid"
     command = (f"{sys.executable} -m tests.support.respawn --port {{port}} --log {tmp / 'respawn.log'} "
                f"--pidfile {pidfile} -- --seed 7 --load-s 0.5")
-    a = start_emulator(tmp, name="restart-a", port=port, load_s=0.5)
+    a = start_emulator(tmp, name="restart-a", load_s=0.5)
+    port = a.port  # the restart command brings it back on the same port
     b = start_emulator(tmp, name="restart-b")
     proxy = start_proxy(tmp, [{"url": a.url, "name": "a", "restart_command": command},
                               {"url": b.url, "name": "b"}],
@@ -306,10 +307,9 @@ def test_waiters_leave_the_queue_when_the_last_replica_hangs(tmp: Path) -> None:
                 return reply.status, payload.get("code"), time.monotonic() - started
 
         tasks = [asyncio.create_task(one(0.2 * i)) for i in range(3)]
-        await asyncio.sleep(1.0)  # one runs (5 s of decoding), two wait in the proxy's queue
-        queued = (await asyncio.to_thread(
-            lambda: httpx.get(f"{proxy.url}/system/queue").json()))["models"]["llama3.2:latest"]
-        assert queued["queued"] == 2
+        # one runs (5 s of decoding), two wait in the proxy's queue
+        await until(lambda: httpx.get(f"{proxy.url}/system/queue").json()["models"].get(
+            "llama3.2:latest", {}).get("queued") == 2, what="two requests queued")
         a.process.send_signal(signal.SIGSTOP)  # hung: connections open, nothing answers, probes time out
         try:
             done, _ = await asyncio.wait(tasks[1:], timeout=15)

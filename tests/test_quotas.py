@@ -22,6 +22,7 @@ from proxy.state.failover import FailoverState
 from proxy.state.memory import MemoryState
 from proxy.state.redis import RedisState
 from tests.support.metrics import metric
+from tests.support.polling import until
 from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, free_port, start_emulator, start_proxy
 
@@ -132,7 +133,7 @@ async def test_concurrency_and_release_on_disconnect(tmp: Path, emulator: Server
             assert second.status == 429 and (await second.json())["code"] == "rate_limited"
             assert int(second.headers["Retry-After"]) >= 1
             response.close()  # the client leaves mid-stream: the lease must come back at once
-            await asyncio.sleep(0.3)
+            await until(lambda: _quotas(proxy)["conc"]["in_flight"] == 0, 5, "the lease back")
             third = await session.post(f"{proxy.url}/api/generate", json={**body, "stream": False})
             assert third.status == 200
         in_flight = (await asyncio.to_thread(_quotas, proxy))["conc"]["in_flight"]
@@ -151,9 +152,9 @@ async def test_cancelled_request_refunds_its_reservation(tmp: Path, emulator: Se
                 async with asyncio.timeout(0.5):  # gone while the model loads: nothing produced
                     await session.post(f"{proxy.url}/api/generate", json={
                         "model": "llama3.2", "prompt": "hi", "options": {"num_predict": 300}})
-        await asyncio.sleep(0.3)
-        remaining = (await asyncio.to_thread(_quotas, proxy))["tpm"]["tokens_per_minute"]["remaining"]
-        assert remaining >= 599  # the whole reservation came back
+        # the whole reservation comes back (polled: the proxy sees the client leave a moment later)
+        await until(lambda: _quotas(proxy)["tpm"]["tokens_per_minute"]["remaining"] >= 599, 5,
+                    "the reservation refunded")
     finally:
         await asyncio.to_thread(proxy.stop)
         await asyncio.to_thread(slow.stop)
@@ -230,7 +231,7 @@ async def test_state_backends_agree(backend: str, redis_server: RedisServer) -> 
         await state.release("l", "a")
         assert await state.holders("l") == 1
         assert (await state.lease("l", 2, "short", 0.2))[0]
-        await asyncio.sleep(0.35)
+        await asyncio.sleep(0.35)  # time passing: the 0.2 s lease outlives nothing
         assert await state.holders("l") == 1  # the short lease expired by itself
     finally:
         await state.close()

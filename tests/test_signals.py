@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.polling import wait_for
 from tests.support.raw import read_response
 from tests.support.servers import Server, start_emulator, start_proxy
 
@@ -37,6 +38,12 @@ def slow_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def _proxy(tmp: Path, emulator: Server, num_parallel: int = 4, **server: Any) -> Server:
     return start_proxy(tmp, [{"url": emulator.url, "num_parallel": num_parallel}],
                        {"server": {"shutdown_timeout_s": GRACE_S, **server}}, name="signals")
+
+
+def _gate(proxy: Server) -> tuple[int, int]:
+    """(running, queued) in the proxy's llama3.2 gate, from `/system/queue` (open: no keys here)."""
+    gate = httpx.get(f"{proxy.url}/system/queue", timeout=10).json()["models"].get("llama3.2:latest")
+    return (0, 0) if gate is None else (sum(gate["in_flight"].values()), gate["queued"])
 
 
 class Reader(threading.Thread):
@@ -89,7 +96,8 @@ def test_sigterm_ends_streams_with_a_final_line_and_exits_by_the_deadline(slow_e
     short = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "short",
                                                  "stream": False, "options": {"num_predict": 3}})
     short.start()
-    time.sleep(0.2)  # the short request is in flight (it needs well under the grace period)
+    # The short request is in flight (it needs well under the grace period), or already done.
+    wait_for(lambda: short.status or _gate(proxy)[0] == 4, what="the short request in flight")
     took = _stop_and_time(proxy)
     for reader in (native, openai, anthropic, short):
         reader.join(10)
@@ -161,7 +169,7 @@ def test_requests_without_a_response_yet_get_503_shutting_down(slow_emulator: Se
     queued = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "wait",
                                                   "stream": False})
     queued.start()
-    time.sleep(0.5)
+    wait_for(lambda: _gate(proxy) == (1, 1), what="the second request in the proxy's queue")
     took = _stop_and_time(proxy)
     queued.join(10)
     stream.join(10)
@@ -181,7 +189,7 @@ def test_a_request_waiting_for_upstream_headers_gets_503(tmp_path: Path) -> None
         waiting = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "hi",
                                                        "stream": False})
         waiting.start()
-        time.sleep(0.5)
+        wait_for(lambda: emulator.stats()["loading"], what="the request waiting for the model to load")
         took = _stop_and_time(proxy)
         waiting.join(10)
         assert took < GRACE_S + EXIT_MARGIN_S
@@ -215,6 +223,8 @@ def test_a_body_still_arriving_at_the_deadline_gets_503(slow_emulator: Server, t
     proxy = _proxy(tmp_path, slow_emulator, body_timeout_s=30)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        # Not a barrier that can be polled (a request still reading its body shows nowhere): time for
+        # the head to be parsed and the handler to start reading, so SIGTERM finds a request in flight.
         time.sleep(0.3)
         started = time.monotonic()
         proxy.process.send_signal(signal.SIGTERM)
@@ -244,7 +254,7 @@ def test_a_second_sigterm_ends_the_streams_at_once(slow_emulator: Server, tmp_pa
     assert stream.started.wait(20)
     started = time.monotonic()
     proxy.process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    time.sleep(0.5)  # time passing, not a barrier: the process is still there a while after SIGTERM
     assert proxy.process.poll() is None  # the first one waits for the stream
     proxy.process.send_signal(signal.SIGTERM)
     proxy.process.wait(30)

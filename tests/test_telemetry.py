@@ -18,7 +18,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.otlp_receiver import OtlpReceiver, attributes_of
-from tests.support.servers import Server, free_port, start_emulator, start_proxy
+from tests.support.servers import Server, start_emulator, start_proxy
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,7 @@ def test_spans_over_otlp_grpc_from_standard_environment(tmp: Path, upstream: Ser
     collector = _Collector()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    port = server.add_insecure_port("127.0.0.1:0")  # grpc binds now and returns the port it got
     server.start()
     proxy = start_proxy(tmp, [upstream.url], name="otlp-grpc", env={
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",

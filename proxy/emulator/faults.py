@@ -166,9 +166,21 @@ class ListenerControl:
         self._site: web.TCPSite | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def port(self) -> int:
+        """The port listened on: the one the system chose once started, when asked for port 0."""
+        return self._port
+
     async def start(self) -> None:
         self._site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
         await self._site.start()
+        if self._port == 0:
+            # Port 0 is chosen anew on each bind: keep the first choice, so that listening again after
+            # a refuse-connections fault brings the replica back where its clients expect it.
+            for address in self._runner.addresses:
+                if isinstance(address, tuple) and len(address) >= 2:
+                    self._port = int(address[1])
+                    break
 
     def refuse_for(self, seconds: float) -> None:
         """Stop accepting (and drop open connections) now, listen again after `seconds`."""

@@ -19,6 +19,10 @@ from tests.support.servers import free_port
 __all__ = ["RedisServer"]
 
 
+class _BindFailed(RuntimeError):
+    """redis-server exited before listening: most likely its port was taken meanwhile."""
+
+
 class RedisServer:
     """A throwaway redis-server; `url` is its redis:// URL."""
 
@@ -28,9 +32,18 @@ class RedisServer:
             raise RuntimeError("redis-server is required for these tests: apt-get install redis-server")
         self.binary = binary
         self.workdir = workdir
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = self._start()
+        # redis-server cannot bind port 0 (`--port 0` turns TCP off), so the port is picked first; a
+        # port taken between the pick and the bind makes redis-server exit, and another is tried.
+        for attempt in range(5):
+            self.port = port or free_port()
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+            try:
+                self.process = self._start()
+                return
+            except _BindFailed:
+                if port is not None or attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
 
     def _start(self) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
@@ -39,6 +52,8 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise _BindFailed(f"redis-server exited at start (port {self.port} taken?)")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), 0.2):
                     return process

@@ -1,9 +1,15 @@
 """Real servers on loopback for tests: the emulator and the proxy started by their own command line, exactly
-as in production, each in its own process on a free port."""
+as in production, each in its own process.
+
+Each child binds port 0 and reports the port the system gave it through `--port-file` (written atomically
+once it listens), so there is no pick-then-release race with the other processes of the machine.
+`free_port` remains for a test that needs a port before its server exists (a replica restarted on the
+same port, an address nothing listens on)."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -22,19 +28,30 @@ __all__ = ["FIXED_CLOCK_NS", "Server", "free_port", "start_emulator", "start_pro
 FIXED_CLOCK_NS = 1_787_338_201_102_938_000  # 2026-08-21T18:50:01.102938Z
 
 
+_serial = itertools.count(1)
+"""Names log, config and port files of children whose port is not known before they start."""
+
+
 def free_port() -> int:
+    """A port free now, released at once: only for a test that needs a port before its server exists
+    (another process may take it meanwhile; children of `start_*` bind port 0 instead)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 class Server:
-    """A child process serving HTTP on 127.0.0.1:port; stopped with SIGTERM (SIGKILL with `kill()`)."""
+    """A child process serving HTTP on 127.0.0.1:port; stopped with SIGTERM (SIGKILL with `kill()`).
 
-    def __init__(self, args: list[str], port: int, log_path: Path,
+    `args` are the CLI's; the child is given `--port-file port_file` and the server is ready when that
+    file exists (the CLI writes it once listening), which also tells the port when it listens on 0."""
+
+    def __init__(self, args: list[str], port_file: Path, log_path: Path,
                  extra_env: dict[str, str] | None = None) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.port = 0
+        self.url = ""
+        self.port_file = port_file
+        port_file.unlink(missing_ok=True)
         self.log_path = log_path
         self._log = log_path.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -42,8 +59,8 @@ class Server:
             del env[key]
         env.update(extra_env or {})
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", *args], stdout=self._log, stderr=subprocess.STDOUT,
-            env=env)
+            [sys.executable, "-m", "proxy", *args, "--port-file", str(port_file)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait_ready()
 
     def _wait_ready(self, timeout_s: float = 20.0) -> None:
@@ -51,9 +68,14 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log_path.read_text()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            with contextlib.suppress(FileNotFoundError):
+                text = self.port_file.read_text()  # complete once it exists: written by a rename
+                self.port = int(text)
+                self.url = f"http://127.0.0.1:{self.port}"
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
+        self.process.kill()
+        self.process.wait(5)
         raise RuntimeError(f"server not ready in {timeout_s}s:\n{self.log_path.read_text()}")
 
     def log(self) -> str:
@@ -83,8 +105,8 @@ def start_emulator(tmp: Path, *, seed: int = 7, decode_tokens_per_s: float | Non
                    load_s: float | None = None, fixed_clock: bool = True, models: str | None = None,
                    name: str = "emulator", output_tokens: str | None = None,
                    extra: list[str] | None = None, port: int | None = None) -> Server:
-    port = port or free_port()
-    args = ["emulate", "--listen", f"127.0.0.1:{port}", "--seed", str(seed)]
+    """An emulator on `port`, or (the default) on a port the system chooses."""
+    args = ["emulate", "--listen", f"127.0.0.1:{port or 0}", "--seed", str(seed)]
     # Only what the caller sets: anything passed here overrides the timing profile.
     if decode_tokens_per_s is not None:
         args += ["--decode-tokens-per-s", str(decode_tokens_per_s)]
@@ -97,20 +119,21 @@ def start_emulator(tmp: Path, *, seed: int = 7, decode_tokens_per_s: float | Non
     if output_tokens:
         args += ["--output-tokens", output_tokens]
     args += extra or []
-    return Server(args, port, tmp / f"{name}-{port}.log")
+    stem = f"{name}-{next(_serial)}"
+    return Server(args, tmp / f"{stem}.port", tmp / f"{stem}.log")
 
 
 def start_proxy(tmp: Path, upstreams: list[str] | list[dict[str, Any]],
                 config: dict[str, Any] | None = None, name: str = "proxy",
                 env: dict[str, str] | None = None) -> Server:
     """The proxy in front of `upstreams` (URLs, or upstream entries of the config file)."""
-    port = free_port()
     data = dict(config or {})
-    data.setdefault("server", {})["listen"] = f"127.0.0.1:{port}"
+    data.setdefault("server", {})["listen"] = "127.0.0.1:0"
     data["upstreams"] = [{"url": u} if isinstance(u, str) else u for u in upstreams]
-    path = tmp / f"{name}-{port}.yaml"
+    stem = f"{name}-{next(_serial)}"
+    path = tmp / f"{stem}.yaml"
     path.write_text(yaml.safe_dump(data))
-    return Server(["serve", "--config", str(path)], port, tmp / f"{name}-{port}.log", env)
+    return Server(["serve", "--config", str(path)], tmp / f"{stem}.port", tmp / f"{stem}.log", env)
 
 
 @contextlib.contextmanager

@@ -8,22 +8,25 @@ import threading
 
 from aiohttp import web
 
-from tests.support.servers import free_port
-
 __all__ = ["ThreadedApp"]
 
 
 class ThreadedApp:
     """`with ThreadedApp(app) as server:` serves `app` at `server.url` until the block ends."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, port: int = 0) -> None:
+        """`port` 0 (the default) binds a port the system chooses, known once the block is entered;
+        a fixed `port` is for a test that must know it before the server exists."""
         self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = port
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> ThreadedApp:
         self._thread.start()
@@ -41,6 +44,8 @@ class ThreadedApp:
             runner = web.AppRunner(self.app, handler_cancellation=True)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            address = runner.addresses[0]
+            self.port = int(address[1])  # set before `_ready`: the waiting thread reads it after
             self._stop = asyncio.Event()
             self._ready.set()
             await self._stop.wait()
