@@ -86,7 +86,7 @@ async def test_bounded_queue_and_overload(tmp: Path, slow: Server) -> None:
             tasks = [asyncio.ensure_future(_generate(session, proxy, CHAT)) for _ in range(3)]
             await until(lambda: _queued(proxy, 1, 2), what="one running, two queued")
             status, headers, took = await _generate(session, proxy, CHAT)
-            assert status == 503 and took < 0.3  # refused at once, not after waiting
+            assert status == 503 and took < 5.0  # refused at once, not after its 30 s queue timeout
             assert headers["Content-Type"] == "application/json; charset=utf-8"
             assert int(headers["Retry-After"]) >= 1
             results = await asyncio.gather(*tasks)
@@ -175,7 +175,7 @@ async def test_leaving_frees_capacity_at_once(tmp: Path) -> None:
             await until(lambda: _queued(proxy, 1, 1), what="the cancelled request out of the queue")
             running.close()  # leaves while running: the queued one gets the slot at once
             status, _, took = await queued
-            assert status == 200 and took < 1.0
+            assert status == 200 and took < 3.0  # generous: a loaded CI machine
         stats = slow.stats()
         assert stats["cancelled"] == before["cancelled"] + 1  # the running one reached Ollama as a cancel
         assert stats["completed"] == before["completed"] + 1  # the one that left the queue never did

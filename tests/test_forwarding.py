@@ -79,7 +79,7 @@ async def test_disconnect_mid_stream_cancels_upstream(slow: tuple[Server, Server
     stats = emulator.stats()
     assert stats["active"] == 0 and stats["waiting"] == 0
     print(f"upstream saw the mid-stream disconnect after {(time.monotonic() - gone) * 1000:.0f} ms")
-    assert took < 1.0
+    assert took < 5.0  # generous for a loaded machine; not cancelling would never get there
 
 
 async def test_disconnect_while_waiting_for_headers_cancels_upstream(
@@ -93,7 +93,7 @@ async def test_disconnect_while_waiting_for_headers_cancels_upstream(
                 await session.post(f"{proxy.url}/api/generate", json=body)
     took = await asyncio.to_thread(_wait_for, lambda: emulator.stats()["cancelled"] == before + 1)
     assert emulator.stats()["waiting"] == 0
-    assert took < 1.0
+    assert took < 5.0  # generous for a loaded machine; not cancelling would never get there
 
 
 def test_unreachable_upstream_is_502_with_code(tmp: Path) -> None:

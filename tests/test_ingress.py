@@ -51,7 +51,7 @@ def test_oversized_declared_body_is_refused_before_reading(guarded: tuple[Server
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413")
     assert b'"code":"request_payload_too_large"' in body and b"1000000000" in body
-    assert took < 1.0
+    assert took < 4.0  # answered before the body (which never comes); generous for a loaded machine
 
 
 def test_oversized_chunked_body_is_refused(guarded: tuple[Server, Server]) -> None:
