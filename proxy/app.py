@@ -31,11 +31,7 @@ from .telemetry.setup import Telemetry
 from .tokens import TokenizerRegistry
 from .upstreams import UpstreamSet
 
-__all__ = ["FORWARDER", "STATE", "STEPS", "build_app", "build_state"]
-
-FORWARDER: web.AppKey[Forwarder] = web.AppKey("sop_forwarder", Forwarder)
-STATE: web.AppKey[StateBackend] = web.AppKey("sop_state", StateBackend)
-STEPS: web.AppKey[dict[str, Step]] = web.AppKey("sop_steps", dict)
+__all__ = ["build_app", "build_state"]
 
 
 def build_state(config: Config, telemetry: Telemetry | None = None) -> StateBackend:
@@ -104,10 +100,7 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
                     if plugin_config.mode != "off"]
     app = web.Application(middlewares=[ingress.middleware, *build_chain(steps, plugin_steps)],
                           client_max_size=2**62)
-    app[FORWARDER] = forwarder
     app[STOP] = stop
-    app[STATE] = state
-    app[STEPS] = steps
     app.on_response_prepare.append(add_context_headers)
     # Order matters: the pools open before the probes start and close after they stopped.
     app.cleanup_ctx.append(fleet.lifecycle)
