@@ -6,7 +6,14 @@ access log. Steps raise these; only ingress renders them (see proxy/ingress.py).
 
 from __future__ import annotations
 
+MAX_RETRY_AFTER_S = 60.0
+"""The longest wait a `Retry-After` header asks for. A longer wait is a refusal the client should
+surface, not sleep through (the OpenAI SDKs ignore a Retry-After over 60 s and retry after their own
+short backoff instead): the header says 60 and `x-should-retry: false` is added; the body's
+`retry_after_s` keeps the real estimate."""
+
 __all__ = [
+    "MAX_RETRY_AFTER_S",
     "Forbidden",
     "InternalProxyError",
     "InvalidRequest",
@@ -43,8 +50,9 @@ class ProxyError(Exception):
     status = 500
     code = "internal_error"
     should_retry: bool | None = None
-    """False where retrying the same request cannot help: rendered as `x-should-retry: false` (the
-    header the OpenAI SDKs obey), and no Retry-After. None: the status says it (429/503 retry)."""
+    """False where retrying the same request cannot help (it is malformed, too large, not allowed, or
+    can never fit a budget): rendered as `x-should-retry: false` (the header the OpenAI SDKs obey), and
+    no Retry-After. None: the status says it (429/503 say when in Retry-After; 5xx may be retried)."""
 
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
@@ -57,6 +65,7 @@ class RequestPayloadTooLarge(ProxyError):
 
     status = 413
     code = "request_payload_too_large"
+    should_retry = False
 
 
 class RequestHeaderFieldsTooLarge(ProxyError):
@@ -108,6 +117,7 @@ class Unauthorized(ProxyError):
 
     status = 401
     code = "unauthorized"
+    should_retry = False
 
 
 class Forbidden(ProxyError):
@@ -115,6 +125,7 @@ class Forbidden(ProxyError):
 
     status = 403
     code = "forbidden"
+    should_retry = False
 
 
 class PromptTooLong(ProxyError):
@@ -122,6 +133,7 @@ class PromptTooLong(ProxyError):
 
     status = 400
     code = "prompt_too_long"
+    should_retry = False
 
 
 class InvalidRequest(ProxyError):
@@ -129,6 +141,7 @@ class InvalidRequest(ProxyError):
 
     status = 400
     code = "invalid_request"
+    should_retry = False
 
 
 class MalformedBody(InvalidRequest):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -46,7 +45,7 @@ from .errors import (
 )
 from .fleet.client import FleetClient
 from .ollama import UsageScanner
-from .rendering import stream_error_record
+from .rendering import retry_headers, stream_error_record
 from .schema import ForwardingConfig
 from .serving import GracefulStop
 from .telemetry import semconv
@@ -209,8 +208,9 @@ class Forwarder:
             # Ollama's "server busy" and ollama.com's usage-limit 429 / overloaded 503 (relayed for
             # cloud models) carry none; every 429 and 503 the proxy sends says when to come back.
             slot = ctx.admission.slot
-            headers["Retry-After"] = str(max(1, math.ceil(slot.retry_after_s())) if slot is not None
-                                         else _DEFAULT_RETRY_AFTER_S)
+            wait_s = slot.retry_after_s() if slot is not None else float(_DEFAULT_RETRY_AFTER_S)
+            for name, value in retry_headers(wait_s).items():
+                headers.setdefault(name, value)
         response = web.StreamResponse(status=upstream_response.status,
                                       reason=upstream_response.reason, headers=headers)
         length = upstream_response.headers.get("Content-Length")

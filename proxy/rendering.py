@@ -19,9 +19,9 @@ from typing import Any
 
 import orjson
 
-from .errors import ProxyError
+from .errors import MAX_RETRY_AFTER_S, ProxyError
 
-__all__ = ["error_body", "error_object", "render", "status_of", "stream_error_record"]
+__all__ = ["error_body", "error_object", "render", "retry_headers", "status_of", "stream_error_record"]
 
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
@@ -74,18 +74,29 @@ def error_body(dialect: str, status: int, code: str, message: str,
     return body if dialect == "ollama" else body + b"\n"
 
 
+def retry_headers(retry_after_s: float) -> dict[str, str]:
+    """`Retry-After` (whole seconds, at least 1, at most MAX_RETRY_AFTER_S) and `retry-after-ms` (the
+    same wait, in milliseconds, which the OpenAI SDKs prefer); past the cap, `x-should-retry: false`."""
+    capped = min(max(retry_after_s, 0.0), MAX_RETRY_AFTER_S)
+    headers = {"Retry-After": str(max(1, math.ceil(capped))),
+               "retry-after-ms": str(max(1, math.ceil(capped * 1000)))}
+    if retry_after_s > MAX_RETRY_AFTER_S:
+        headers["x-should-retry"] = "false"
+    return headers
+
+
 def render(dialect: str, exc: ProxyError) -> tuple[int, dict[str, str], bytes]:
     """Status, headers and body for `exc` before the response started. `should_retry = False` gives
     `x-should-retry: false` (the header the OpenAI SDKs obey) and no Retry-After; otherwise a
-    `retry_after_s` gives `Retry-After` in whole seconds, at least 1."""
+    `retry_after_s` gives `Retry-After` and `retry-after-ms` (`retry_headers`)."""
     headers = {"Content-Type": "application/json; charset=utf-8"
                if dialect == "ollama" else "application/json"}
     if exc.should_retry is False:
         headers["x-should-retry"] = "false"
     elif exc.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        headers.update(retry_headers(exc.retry_after_s))
     return exc.status, headers, error_body(dialect, exc.status, exc.code, exc.message,
-                                           exc.retry_after_s)
+                                           exc.retry_after_s if exc.should_retry is not False else None)
 
 
 def stream_error_record(content_type: str, message: str, code: str,

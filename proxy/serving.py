@@ -85,7 +85,8 @@ def _raw_response(status: int, reason: str, message: str, code: str, *,
     """A complete HTTP/1.1 response that closes the connection, for refusals made before aiohttp has a
     request object (the connection cap, a head that never ends)."""
     body = error_body("ollama", status, code, message)
-    extra = f"Retry-After: {retry_after_s}\r\n" if retry_after_s is not None else ""
+    extra = (f"Retry-After: {retry_after_s}\r\nretry-after-ms: {retry_after_s * 1000}\r\n"
+             if retry_after_s is not None else "x-should-retry: false\r\n" if 400 <= status < 500 else "")
     head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n")
     return head.encode("ascii") + body
