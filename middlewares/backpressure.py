@@ -41,7 +41,7 @@ from proxy.fairqueue import FairQueue, Waiter
 from proxy.ollama import model_key
 from proxy.placement import Placement, Placing
 from proxy.prompts import request_cost
-from proxy.schema import Mode, positive, ratio
+from proxy.schema import Mode, RolloutConfig, positive, ratio
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import Upstream, UpstreamSet
@@ -54,6 +54,8 @@ class BackpressureConfig:
     """chain.backpressure: the bounded, fair queue in front of the replicas' slots."""
 
     mode: Mode = "enforce"
+    rollout: RolloutConfig = attrs.field(factory=RolloutConfig)
+    """Canary for `enforce`: who it enforces for; the other tenants get shadow (see RolloutConfig)."""
     max_queue_size: int = attrs.field(default=256, validator=positive)
     """Requests that may wait per model; beyond it, 503 overload."""
     queue_timeout_s: float = attrs.field(default=30.0, validator=positive)
@@ -255,7 +257,7 @@ class BackpressureStep(Step):
 
     def __init__(self, config: BackpressureConfig, upstreams: UpstreamSet, telemetry: Telemetry,
                  placement: Placement | None = None) -> None:
-        super().__init__(config.mode, telemetry)
+        super().__init__(config.mode, telemetry, config.rollout)
         self.config = config
         self.fleet = upstreams
         self.upstreams = list(upstreams)
@@ -385,7 +387,7 @@ class BackpressureStep(Step):
             span.set_attribute(self.telemetry.names.queue_position, 0)
             self.decide(ctx, span, "admitted")
             return replica
-        if self.mode == "shadow":
+        if self.mode_of(ctx) == "shadow":
             return self._shadow(ctx, gate, span, cost)
         remaining = (ctx.deadline_at - time.monotonic()) if ctx.deadline_at else math.inf
         if len(gate.queue) >= self.config.max_queue_size and not gate.has_free_slot():

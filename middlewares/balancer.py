@@ -35,7 +35,7 @@ from proxy.fanout import REPLICA_HEADER, FanOut, fleet_scope
 from proxy.fleet.health import FleetHealth
 from proxy.ollama import is_cloud_model, model_key
 from proxy.placement import Placement
-from proxy.schema import Mode, positive, ratio
+from proxy.schema import Mode, RolloutConfig, positive, ratio
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import LoadedModel, Upstream, UpstreamSet
@@ -48,6 +48,8 @@ class BalancerConfig:
     """chain.balancer: which healthy replica serves a request, and retries before the first byte."""
 
     mode: Mode = "enforce"
+    rollout: RolloutConfig = attrs.field(factory=RolloutConfig)
+    """Canary for `enforce`: who it enforces for; the other tenants get shadow (see RolloutConfig)."""
     """enforce: choose by residency, load and affinity; shadow: round robin, the choice is only reported;
     off: round robin."""
     affinity: Literal["none", "prefix", "session"] = "none"
@@ -81,7 +83,7 @@ class BalancerStep(Step):
 
     def __init__(self, config: BalancerConfig, upstreams: UpstreamSet, health: FleetHealth | None,
                  fanout: FanOut, telemetry: Telemetry, placement: Placement | None = None) -> None:
-        super().__init__(config.mode, telemetry)
+        super().__init__(config.mode, telemetry, config.rollout)
         self.config = config
         self.upstreams = upstreams
         self.health = health
@@ -138,16 +140,16 @@ class BalancerStep(Step):
                 # Chosen by this step's cost when backpressure granted the slot; reported here.
                 chosen, reason = bound, "bound"
                 span.set_attribute(self.telemetry.names.balancer_late_bound, True)
-                if self.mode == "enforce":
+                if self.mode_of(ctx) == "enforce":
                     ranked = ctx.admission.ranking or placement.rank(model, candidates,
                                                            placement.describe(ctx, request.headers))
                     reason = next((r for _, r, u in ranked if u is bound), reason)
-            elif self.mode == "enforce":
+            elif self.mode_of(ctx) == "enforce":
                 ranked = placement.rank(model, candidates, placement.describe(ctx, request.headers))
                 chosen, reason = ranked[0][2], ranked[0][1]
             else:
                 chosen, reason = placement.round_robin(candidates), "round_robin"
-                if self.mode == "shadow":
+                if self.mode_of(ctx) == "shadow":
                     span.set_attribute(self.telemetry.names.balancer_would_choose, placement.rank(
                         model, candidates, placement.describe(ctx, request.headers))[0][2].name)
             if ctx.admission.slot is not None and chosen is not bound:
@@ -203,7 +205,7 @@ class BalancerStep(Step):
                     remaining = [u for u in candidates if u not in tried and self.upstreams.is_serving(u)]
                     ranked = self.placement.rank(
                         model, remaining, self.placement.describe(ctx, request.headers)) \
-                        if self.mode == "enforce" else []
+                        if self.mode_of(ctx) == "enforce" else []
                     following = ranked[0][2] if ranked else remaining[0]
                     if ctx.admission.slot is not None:
                         ctx.admission.slot.move(following)

@@ -18,7 +18,7 @@ from proxy.chain import Handler, Step
 from proxy.context import RequestContext
 from proxy.errors import NoHealthyUpstream
 from proxy.fleet.health import FleetHealth
-from proxy.schema import Mode, positive, ratio
+from proxy.schema import Mode, RolloutConfig, positive, ratio
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import UpstreamSet
@@ -31,6 +31,8 @@ class HealthConfig:
     """chain.health: which replicas may take traffic (active probes, passive ejection, restarts)."""
 
     mode: Mode = "enforce"
+    rollout: RolloutConfig = attrs.field(factory=RolloutConfig)
+    """Canary for `enforce`: who it enforces for; the other tenants get shadow (see RolloutConfig)."""
     """enforce: unhealthy replicas get no traffic; shadow: probe and report only; off: no probes."""
     probe_interval_s: float = attrs.field(default=5.0, validator=positive)
     """Time between two probes of a replica (`GET /api/version`, then `GET /api/ps`), jittered."""
@@ -70,7 +72,7 @@ class HealthStep(Step):
 
     def __init__(self, config: HealthConfig, upstreams: UpstreamSet, fleet: FleetHealth,
                  telemetry: Telemetry) -> None:
-        super().__init__(config.mode, telemetry)
+        super().__init__(config.mode, telemetry, config.rollout)
         self.config = config
         self.upstreams = upstreams
         self.fleet = fleet
@@ -98,7 +100,7 @@ class HealthStep(Step):
                 if upstream in candidates and upstream.serving:
                     continue
                 reason = self.upstreams.why_not(upstream, model)
-                if reason is None and self.mode == "shadow" and not upstream.serving:
+                if reason is None and self.mode_of(ctx) == "shadow" and not upstream.serving:
                     reason = f"shadow_{upstream.status}"
                 if reason is not None:
                     ctx.health.dropped[upstream.name] = reason

@@ -32,7 +32,7 @@ from proxy.context import DEADLINE_REQUEST_HEADER, RequestContext
 from proxy.errors import InvalidRequest, PromptTooLong
 from proxy.ollama import model_key
 from proxy.prompts import canonicalize, count_prompt, truncate_prompt
-from proxy.schema import Mode, ModelConfig, PromptPolicy, positive
+from proxy.schema import Mode, ModelConfig, PromptPolicy, RolloutConfig, positive
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.tokens import Tokenizer, TokenizerRegistry
@@ -46,6 +46,8 @@ class LimitsConfig:
     """chain.limits: guardrails at the edge."""
 
     mode: Mode = "enforce"
+    rollout: RolloutConfig = attrs.field(factory=RolloutConfig)
+    """Canary for `enforce`: who it enforces for; the other tenants get shadow (see RolloutConfig)."""
     max_prompt_tokens: int = attrs.field(default=4096, validator=positive)
     """Default prompt limit in tokens (Ollama's default context is 4096)."""
     prompt_policy: PromptPolicy = "reject"
@@ -77,7 +79,7 @@ class LimitsStep(Step):
     def __init__(self, config: LimitsConfig, models: dict[str, ModelConfig],
                  tokenizers: TokenizerRegistry, telemetry: Telemetry,
                  upstreams: UpstreamSet | None = None) -> None:
-        super().__init__(config.mode, telemetry)
+        super().__init__(config.mode, telemetry, config.rollout)
         self.config = config
         self.models = {model_key(name): model for name, model in models.items()}
         self.tokenizers = tokenizers
@@ -220,7 +222,7 @@ class LimitsStep(Step):
         if policy == "truncate" and ctx.route.prompt_shape != "embed":
             cut = truncate_prompt(ctx.route, body, tokenizer, limit)
             if cut is not None:
-                if self.mode == "enforce":
+                if self.mode_of(ctx) == "enforce":
                     new_body, what = cut
                     ctx.replace_json(new_body)
                     recount = count_prompt(ctx.route, new_body, tokenizer)

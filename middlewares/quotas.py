@@ -40,7 +40,7 @@ from proxy.context import RequestContext, plain_number
 from proxy.errors import ProxyError, QuotaExceeded, RateLimited, RequestExceedsQuota
 from proxy.ollama import classify
 from proxy.prompts import request_cost
-from proxy.schema import Mode, positive
+from proxy.schema import Mode, RolloutConfig, positive
 from proxy.state.base import StateBackend
 from proxy.telemetry.setup import Telemetry
 
@@ -52,6 +52,8 @@ class QuotasConfig:
     """chain.quotas: per-tenant rate, token and concurrency limits."""
 
     mode: Mode = "enforce"
+    rollout: RolloutConfig = attrs.field(factory=RolloutConfig)
+    """Canary for `enforce`: who it enforces for; the other tenants get shadow (see RolloutConfig)."""
     default_output_tokens: int = attrs.field(default=256, validator=positive)
     """Output tokens reserved when a request does not set num_predict / max_tokens."""
     lease_ttl_s: float = attrs.field(default=30.0, validator=positive)
@@ -82,7 +84,7 @@ class QuotasStep(Step):
     name = "quotas"
 
     def __init__(self, config: QuotasConfig, state: StateBackend, telemetry: Telemetry) -> None:
-        super().__init__(config.mode, telemetry)
+        super().__init__(config.mode, telemetry, config.rollout)
         self.config = config
         self.state = state
         self._holder_prefix = f"{os.getpid()}-{time.time_ns()}"

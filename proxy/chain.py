@@ -17,6 +17,7 @@ spelled here or in a step.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,10 +29,11 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from .context import CONTEXT, RequestContext
 from .errors import ProxyError
+from .schema import RolloutConfig
 from .telemetry import semconv
 from .telemetry.setup import Telemetry
 
-__all__ = ["FORWARD_ROUTE", "STEP_ORDER", "Handler", "Step", "build_chain"]
+__all__ = ["FORWARD_ROUTE", "STEP_ORDER", "Canary", "Handler", "Step", "build_chain"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STEP_ORDER = ("limits", "quotas", "backpressure", "health", "balancer")
@@ -46,9 +48,11 @@ class Step:
     runs_when_off: ClassVar[bool] = False
     """True for a step the request cannot do without (the balancer): `off` changes its policy only."""
 
-    def __init__(self, mode: str, telemetry: Telemetry) -> None:
+    def __init__(self, mode: str, telemetry: Telemetry, rollout: RolloutConfig | None = None) -> None:
         self.mode = mode
         self.telemetry = telemetry
+        self.canary = Canary.of(mode, rollout)
+        """None: the mode is the same for every request (no rollout, or not in enforce mode)."""
         # Counted in a plain dict and reported by callback: an SDK counter add costs ~10 us, and every
         # request meets five steps.
         self.decision_counts: Counter[str] = Counter()
@@ -77,6 +81,13 @@ class Step:
                      handler: Handler) -> web.StreamResponse:
         raise NotImplementedError
 
+    def mode_of(self, ctx: RequestContext) -> str:
+        """The step's mode for this request: its configured mode, except that an `enforce` step under a
+        `rollout` runs in shadow for the tenants outside the canary."""
+        if self.canary is None:
+            return self.mode
+        return "enforce" if self.canary.enforces(ctx.tenant.name) else "shadow"
+
     @contextmanager
     def span(self, **attributes: Any) -> Iterator[Span]:
         """The step's own INTERNAL span; end it (leave the block) before delegating."""
@@ -104,13 +115,45 @@ class Step:
     def decide(self, ctx: RequestContext, span: Span, decision: str,
                error: ProxyError | None = None) -> None:
         """Record a decision; with an error, reject (enforce) or only report it (shadow)."""
-        if error is not None and self.mode == "shadow":
+        mode = self.mode_of(ctx)
+        if error is not None and mode == "shadow":
             decision = f"shadow_{error.code}"
             ctx.response_headers.add("X-Shadow-Decision", f"{self.name}={error.code}")
         span.set_attribute(self._decision_attribute, decision)
+        if self.canary is not None:
+            span.set_attribute(self._mode_attribute, mode)  # the request's own, under a rollout
         self.decision_counts[decision] += 1
-        if error is not None and self.mode == "enforce":
+        if error is not None and mode == "enforce":
             raise error
+
+
+class Canary:
+    """Who a rolled-out step enforces for: the listed tenants, and the tenants whose stable hash falls
+    within `enforce_share` (the same tenants on every proxy replica and after every restart, so a
+    tenant's experience does not flip between requests)."""
+
+    def __init__(self, rollout: RolloutConfig) -> None:
+        self.share = rollout.enforce_share
+        self.tenants = frozenset(rollout.tenants)
+        self._decided: dict[str, bool] = {}
+
+    @classmethod
+    def of(cls, mode: str, rollout: RolloutConfig | None) -> Canary | None:
+        """The canary for a step in `mode`, or None when every request gets the same mode (not in
+        enforce mode, or a rollout that enforces for everybody: no cost per request then)."""
+        if mode != "enforce" or rollout is None or rollout.enforce_share >= 1.0:
+            return None
+        return cls(rollout)
+
+    def enforces(self, tenant: str) -> bool:
+        decided = self._decided.get(tenant)
+        if decided is None:
+            digest = hashlib.blake2b(tenant.encode(), digest_size=8).digest()
+            bucket = int.from_bytes(digest, "big") / 2**64
+            decided = tenant in self.tenants or bucket < self.share
+            # Tenant names come from the configuration (plus `anonymous` and `admin`): bounded.
+            self._decided[tenant] = decided
+        return decided
 
 
 def build_chain(steps: dict[str, Step], plugins: Sequence[Any] = ()

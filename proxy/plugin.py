@@ -42,7 +42,9 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from .access import INTERNAL_HEADER
+from .chain import Canary
 from .errors import InternalProxyError, ProxyError
+from .schema import RolloutConfig
 from .telemetry import semconv
 
 if TYPE_CHECKING:
@@ -91,6 +93,8 @@ class PluginConfig:
     fail: Literal["open", "closed"] = "open"
     """open: an exception inside the plugin is logged and the request goes on without it; closed: the
     request fails with 500 internal_error."""
+    rollout: RolloutConfig = attrs.field(factory=RolloutConfig)
+    """Canary for `enforce`: who it acts for; the other tenants get shadow (see RolloutConfig)."""
 
 
 class ResponseObserver(Protocol):
@@ -289,6 +293,7 @@ class PluginStep:
         self.plugin = plugin
         self.telemetry = telemetry
         self.mode = plugin.config.mode
+        self.canary = Canary.of(self.mode, plugin.config.rollout)
         self.forward_route = forward_route
         names = telemetry.names
         self.span_name = names.step_span(f"plugin.{plugin.name}")
@@ -344,12 +349,14 @@ class PluginStep:
         body_before, json_before = ctx.body, ctx.json()
         # Shadow mode and a failure discard what the plugin did to the response headers too (a copy of
         # a few entries: well under a microsecond).
+        mode = self.mode if self.canary is None else (
+            "enforce" if self.canary.enforces(ctx.tenant.name) else "shadow")
         headers_saved = ctx.response_headers.copy()
-        headers_before = headers_saved if self.mode == "shadow" else None
+        headers_before = headers_saved if mode == "shadow" else None
         span: Span = INVALID_SPAN
         if self.telemetry.recording:
             span = self.telemetry.tracer.start_span(
-                self.span_name, kind=SpanKind.INTERNAL, attributes={self.mode_attribute: self.mode})
+                self.span_name, kind=SpanKind.INTERNAL, attributes={self.mode_attribute: mode})
         try:
             answer = await self.plugin.on_request(request, ctx, decisions.append)
         except ProxyError as exc:

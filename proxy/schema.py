@@ -23,6 +23,7 @@ __all__ = [
     "Mode",
     "ModelConfig",
     "PromptPolicy",
+    "RolloutConfig",
     "ServerConfig",
     "StateConfig",
     "TelemetryConfig",
@@ -202,6 +203,20 @@ removes the step's policy, per step:
 - balancer: round robin instead of the cost model; retries before the first byte stay (the step still
   runs: a request cannot do without a replica).
 """
+
+
+@attrs.frozen
+class RolloutConfig:
+    """A canary for a step or plugin in `enforce` mode: it enforces for the listed tenants and for a
+    stable share of the others, and runs in shadow for the rest (what it would have done goes to
+    X-Shadow-Decision, the span and the decisions metric). The defaults enforce for everybody."""
+
+    enforce_share: float = attrs.field(default=1.0, validator=ratio)
+    """Share of tenants (by a stable hash of the tenant's name) for whom the step enforces."""
+    tenants: tuple[str, ...] = ()
+    """Tenants (by name; `anonymous` for requests without a key) it always enforces for."""
+
+
 PromptPolicy = Literal["reject", "truncate"]
 
 

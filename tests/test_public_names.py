@@ -90,6 +90,11 @@ state.retry_interval_s
 telemetry.service_name telemetry.otlp_endpoint telemetry.otlp_protocol telemetry.sample_ratio
 telemetry.metric_prefix telemetry.export_interval_s telemetry.access_log telemetry.metrics_auth
 plugins
+chain.limits.rollout.enforce_share chain.limits.rollout.tenants
+chain.quotas.rollout.enforce_share chain.quotas.rollout.tenants
+chain.backpressure.rollout.enforce_share chain.backpressure.rollout.tenants
+chain.health.rollout.enforce_share chain.health.rollout.tenants
+chain.balancer.rollout.enforce_share chain.balancer.rollout.tenants
 """.split()
 
 

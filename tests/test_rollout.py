@@ -1,0 +1,78 @@
+"""Canary rollout of a step: `rollout: {enforce_share, tenants}` enforces for the listed tenants and a
+stable share of the others, and runs the step in shadow for the rest: visible in X-Shadow-Decision, the
+decisions metric and the span's mode. Against a real proxy and emulator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.chain import Canary
+from proxy.schema import RolloutConfig
+from tests.support.metrics import metric
+from tests.support.servers import Server, start_emulator, start_proxy
+
+TENANTS = [f"team-{i}" for i in range(12)]
+LONG = "word " * 200  # over the 32-token limit below
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_emulator(tmp_path_factory.mktemp("rollout"), name="rollout-emu")
+    yield server
+    server.stop()
+
+
+def _proxy(tmp: Path, emulator: Server, rollout: dict[str, object], name: str) -> Server:
+    return start_proxy(tmp, [emulator.url], {
+        "tenants": [{"name": t, "keys": [f"sk-{t}"]} for t in TENANTS],
+        "chain": {"limits": {"max_prompt_tokens": 32, "rollout": rollout}}}, name=name)
+
+
+def _long(proxy: Server, tenant: str) -> httpx.Response:
+    return httpx.post(f"{proxy.url}/api/generate", headers={"Authorization": f"Bearer sk-{tenant}"},
+                      json={"model": "llama3.2", "prompt": LONG, "stream": False}, timeout=30)
+
+
+def test_listed_tenants_are_enforced_and_the_rest_shadowed(tmp_path: Path, emulator: Server) -> None:
+    proxy = _proxy(tmp_path, emulator, {"enforce_share": 0.0, "tenants": ["team-3"]}, "canary-list")
+    try:
+        enforced = _long(proxy, "team-3")
+        assert enforced.status_code == 400 and enforced.json()["code"] == "prompt_too_long"
+        shadowed = _long(proxy, "team-4")
+        assert shadowed.status_code == 200
+        assert shadowed.headers["x-shadow-decision"] == "limits=prompt_too_long"
+        name = "sop_limits_decisions_total"
+        assert metric(proxy.url, name, decision="rejected") == 1
+        assert metric(proxy.url, name, decision="shadow_prompt_too_long") == 1
+    finally:
+        proxy.stop()
+
+
+def test_a_share_is_a_stable_split_of_tenants(tmp_path: Path, emulator: Server) -> None:
+    rollout = {"enforce_share": 0.5, "tenants": []}
+    canary = Canary(RolloutConfig(enforce_share=0.5))
+    expected = {t for t in TENANTS if canary.enforces(t)}
+    assert 0 < len(expected) < len(TENANTS)  # the split is not trivial for these names
+    first = _proxy(tmp_path, emulator, rollout, "canary-share-1")
+    second = _proxy(tmp_path, emulator, rollout, "canary-share-2")
+    try:
+        for proxy in (first, second):  # the same tenants on every proxy replica
+            refused = {t for t in TENANTS if _long(proxy, t).status_code == 400}
+            assert refused == expected
+            again = {t for t in TENANTS if _long(proxy, t).status_code == 400}
+            assert again == expected  # and on every request
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_the_default_rollout_enforces_for_everybody(tmp_path: Path, emulator: Server) -> None:
+    proxy = _proxy(tmp_path, emulator, {}, "canary-default")
+    try:
+        assert all(_long(proxy, t).status_code == 400 for t in TENANTS[:4])
+    finally:
+        proxy.stop()
