@@ -4,6 +4,7 @@ SentencePiece model) and with the estimate."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def test_chunks_fit_and_rebuild_the_text(count: object) -> None:
     overlapped = chunk_text(text, 64, count, overlap_tokens=16)
     assert all(count(c) <= 64 for c in overlapped)
     assert overlapped[0] == chunks[0] and len(overlapped) >= len(chunks)
-    for previous, current in zip(overlapped, overlapped[1:], strict=False):
+    for previous, current in itertools.pairwise(overlapped):
         # Each piece starts with the end of the one before it (a shared sentence or a few words).
         assert any(current.startswith(previous[-k:]) for k in range(1, len(previous))), current[:40]
     assert chunk_text("", 10, count) == [] and chunk_text("tiny", 10, count) == ["tiny"]
