@@ -201,7 +201,7 @@ removes the step's policy, per step:
 - balancer: round robin instead of the cost model; retries before the first byte stay (the step still
   runs: a request cannot do without a replica).
 """
-PromptPolicy = Literal["reject", "truncate"]
+PromptPolicy = Literal["reject", "truncate", "summarize"]
 
 
 @attrs.frozen
