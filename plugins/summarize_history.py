@@ -275,14 +275,12 @@ class SummarizeHistory(Plugin):
                     ctx.replace_json(new_body)
                     return "summarized"
                 self._fallback(ctx, "too_long")
-        kept, dropped = trim_messages(messages, tokenizer.count, budget, fixed_tokens=fixed,
-                                      keep_last=self.config.keep_last_turns)
+        kept, dropped, after = trim_messages(messages, tokenizer.count, budget, fixed_tokens=fixed,
+                                             keep_last=self.config.keep_last_turns)
         if not dropped:
             return None
-        new_body = {**body, "messages": kept}
-        after = count_prompt(ctx.route, new_body, tokenizer)
-        ctx.replace_json(new_body)
-        saved = before - (after.total if after is not None else before)
+        ctx.replace_json({**body, "messages": kept})
+        saved = before - after
         ctx.response_headers[TRIMMED_HEADER] = f"turns={dropped}; tokens={saved}"
         return "trimmed"
 

@@ -65,8 +65,9 @@ class TrimHistoryConfig(PluginConfig):
 
 def trim_messages(messages: Sequence[Any], count: Callable[[str], int], budget: int, *,
                   fixed_tokens: int = 0, keep_last: int = 1,
-                  preferred: Sequence[int] = ()) -> tuple[list[Any], int]:
-    """The messages kept within `budget` (see proxy.history.select_groups) and how many groups went.
+                  preferred: Sequence[int] = ()) -> tuple[list[Any], int, int]:
+    """The messages kept within `budget` (see proxy.history.select_groups), how many groups went and
+    what the kept messages cost (`fixed_tokens` included: the new prompt's count).
 
     `fixed_tokens` is what the prompt costs besides its messages (framing, tools, a top-level system
     prompt); `preferred` are group indices to keep first if they fit."""
@@ -75,7 +76,7 @@ def trim_messages(messages: Sequence[Any], count: Callable[[str], int], budget: 
     kept = select_groups(costs, [g.kind for g in groups], budget - fixed_tokens,
                          preferred=preferred, keep_last=keep_last)
     out = [m for i in kept for m in messages[groups[i].start:groups[i].end]]
-    return out, len(groups) - len(kept)
+    return out, len(groups) - len(kept), fixed_tokens + sum(costs[i] for i in kept)
 
 
 def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
@@ -124,15 +125,14 @@ class TrimHistory(Plugin):
         preferred: list[int] = []
         if self.config.relevance is not None:
             preferred = await self._relevant(ctx, model, messages, group_messages(messages))
-        kept, dropped = trim_messages(messages, count, self.config.budget_tokens, fixed_tokens=fixed,
-                                      keep_last=self.config.keep_last_turns, preferred=preferred)
+        kept, dropped, after = trim_messages(
+            messages, count, self.config.budget_tokens, fixed_tokens=fixed,
+            keep_last=self.config.keep_last_turns, preferred=preferred)
         if not dropped:
             decide("kept")
             return None
-        new_body = {**body, "messages": kept}
-        after = count_prompt(route, new_body, tokenizer)
-        saved = before.total - (after.total if after is not None else before.total)
-        ctx.replace_json(new_body)
+        saved = before.total - after  # counted per message once: no third pass over the text
+        ctx.replace_json({**body, "messages": kept})
         ctx.response_headers[HEADER] = f"turns={dropped}; tokens={saved}"
         decide("trimmed")
         return None
