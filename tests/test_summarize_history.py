@@ -240,3 +240,44 @@ def test_the_summary_span_holds_the_subrequests_client_span(tmp_path: Path, emul
                     "sop.summarize_history.cached"} <= attributes
         finally:
             proxy.stop()
+
+
+def test_the_official_client_streams_a_summarized_chat_and_shadow_mode_changes_nothing(
+        tmp_path: Path, emulator: Server) -> None:
+    import ollama
+
+    proxy = _proxy(tmp_path, emulator, "summary-client", [_plugin()])
+    shadow = _proxy(tmp_path, emulator, "summary-shadow", [_plugin(mode="shadow")])
+    try:
+        client = ollama.Client(host=proxy.url, headers={"Authorization": f"Bearer {KEY}"})
+        parts = list(client.chat(model="llama3.2", messages=_history(10), stream=True,
+                                 options={"num_predict": 3}))
+        assert parts[-1].done and parts[-1].prompt_eval_count is not None
+        assert parts[-1].prompt_eval_count <= BUDGET
+        full = _chat(shadow, _history(10))
+        assert full.headers["x-shadow-decision"] == "summarize_history=summarized"
+        assert "x-history-summarized" not in full.headers
+        assert full.json()["prompt_eval_count"] > BUDGET  # the replica got the whole history
+    finally:
+        proxy.stop()
+        shadow.stop()
+
+
+def test_configuration_is_validated_with_the_key_path() -> None:
+    from proxy.config import ConfigError, structure
+
+    def refused(entry: dict[str, Any]) -> str:
+        with pytest.raises(ConfigError) as caught:
+            structure({"plugins": [entry]})
+        return str(caught.value)
+
+    assert "plugins[0].budget_tokens" in refused(_plugin(budget_tokens=0))
+    assert "plugins[0]" in refused(_plugin(no_such_key=1))
+    assert "plugins[0]" in refused({"name": "summarize_history"})  # `model` is required
+    assert "plugins[0].redis_url" in refused(_plugin(redis_url="http://not-redis"))
+    assert "plugins[0].relevance.keep" in refused({"name": "trim_history",
+                                                   "relevance": {"model": "m", "keep": 0}})
+    config = structure({"chain": {"limits": {"prompt_policy": "summarize"}},
+                        "models": {"llama3.2": {"prompt_policy": "summarize"}},
+                        "plugins": [_plugin(budget_tokens=None)]})
+    assert config.chain.limits.prompt_policy == "summarize"
