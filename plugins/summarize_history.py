@@ -13,6 +13,7 @@ the prompt is summarized and its tail (the question) kept. Fails open: no summar
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -178,6 +179,10 @@ class SummarizeHistory(Plugin):
         super().__init__(config, services)
         self.store = SummaryStore(self.config.cache_max_bytes, self.config.redis_url,
                                   self.config.redis_ttl_s)
+        # Summaries by another model, length or instruction are other summaries: in the key.
+        self.key_prefix = hashlib.sha256(
+            f"{self.config.model}\0{self.config.summary_max_tokens}\0{INSTRUCTION}".encode()
+        ).hexdigest()[:16] + ":"
         self.jobs: dict[str, asyncio.Task[str | None]] = {}
         """Summaries being written, by key: single flight, and the bound on background work."""
         telemetry = services.telemetry
@@ -247,7 +252,7 @@ class SummarizeHistory(Plugin):
         fixed = before - sum(message_tokens(m, tokenizer.count) for m in messages)
         if summarized:
             texts = [_transcript_line(messages[g.start]) for g in summarized]
-            keys = chain_hashes([messages[g.start] for g in summarized])
+            keys = [self.key_prefix + h for h in chain_hashes([messages[g.start] for g in summarized])]
             role = "user" if ctx.route.dialect == "anthropic" else "system"
 
             def render(count: int, summary: str) -> tuple[dict[str, Any], int]:
@@ -290,7 +295,7 @@ class SummarizeHistory(Plugin):
         prompt: str = body["prompt"]
         front, tail = split_tail(prompt, self.config.generate_tail_tokens, tokenizer.count)
         if front:
-            keys = chain_hashes([{"prompt": front}])
+            keys = [self.key_prefix + h for h in chain_hashes([{"prompt": front}])]
 
             def render(summary: str) -> tuple[dict[str, Any], int]:
                 new_body = {**body, "prompt": f"{GENERATE_PREFIX}{summary}\n\n{tail}"}

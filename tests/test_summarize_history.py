@@ -281,3 +281,28 @@ def test_configuration_is_validated_with_the_key_path() -> None:
                         "models": {"llama3.2": {"prompt_policy": "summarize"}},
                         "plugins": [_plugin(budget_tokens=None)]})
     assert config.chain.limits.prompt_policy == "summarize"
+
+
+def test_a_client_that_leaves_loses_nothing_and_background_work_is_bounded(tmp_path: Path) -> None:
+    slow = start_emulator(tmp_path, name="summary-bounded", decode_tokens_per_s=20, load_s=0)
+    proxy = _proxy(tmp_path, slow, "summary-bounded",
+                   [_plugin(time_budget_s=30, summary_max_tokens=30, max_background_jobs=1)])
+    try:
+        messages = _history(10)
+        # The client gives up while its summary is being written (the request is cancelled).
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=0.5, json={"model": "llama3.2", "messages": messages, "stream": False})
+        # Meanwhile the one background job is taken: another conversation is trimmed at once.
+        other = [{**m, "content": "other " + m["content"]} if m["role"] == "user" else m
+                 for m in messages]
+        busy = _chat(proxy, other)
+        assert "x-history-summarized" not in busy.headers and "x-history-trimmed" in busy.headers
+        assert metric(proxy.url, "sop_summarize_history_fallbacks_total", reason="busy") == 1
+        # The summary the first client left behind is finished and cached for its next turn.
+        _poll(lambda: "tenant=summaries" in proxy.log())
+        later = _chat(proxy, messages)
+        assert _header(later, "x-history-summarized")["cached"] == 1
+    finally:
+        proxy.stop()
+        slow.stop()
