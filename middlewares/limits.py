@@ -8,7 +8,8 @@ Request phase, for inference routes:
 - prompt limit: the prompt is counted with the model's own tokenizer (proxy/tokens.py) against the
   smallest of the tenant's, the model's and the chain's `max_prompt_tokens`; policy `reject` answers 400
   `prompt_too_long` with both numbers, `truncate` keeps the system prompt and the newest turns that fit
-  (chat) or cuts the front of the prompt (generate);
+  (chat) or cuts the front of the prompt (generate), `summarize` has the summarize_history plugin
+  replace the oldest turns (the front of a generate prompt) by a summary (`truncate` without it);
 - deadline: the tenant's (or the chain's) deadline, lowered, never raised, by a client's `X-Deadline-S`;
 - bodies: what Ollama's Go decoder refuses is answered with its 400 here, and an inference body that is
   not an object or names no model is refused (fail closed): nothing the chain cannot read goes through.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -38,7 +40,7 @@ from proxy.telemetry.setup import Telemetry
 from proxy.tokens import Tokenizer, TokenizerRegistry
 from proxy.upstreams import DEFAULT_NUM_CTX, UpstreamSet
 
-__all__ = ["DEADLINE_HEADER", "LimitsConfig", "LimitsStep"]
+__all__ = ["DEADLINE_HEADER", "LimitsConfig", "LimitsStep", "Summarizer"]
 
 
 @attrs.frozen
@@ -59,6 +61,9 @@ class LimitsConfig:
     """How far below our count Ollama's prompt_eval_count may be before we call it a silent truncation
     (chat templates differ a little between our count and the model's)."""
 
+
+Summarizer = Callable[[RequestContext, dict[str, Any], Tokenizer, int], Awaitable[str | None]]
+"""Makes a prompt fit a limit (rewriting ctx's body); returns its decision, None when it changed nothing."""
 
 DEADLINE_HEADER = DEADLINE_REQUEST_HEADER
 """Kept here for existing imports; ingress reads it (proxy/ingress.py)."""
@@ -86,6 +91,9 @@ class LimitsStep(Step):
         self.upstreams = upstreams
         """The fleet: which models are real (no /api/show for others), what context each is loaded
         with. None (a step built alone in a test): every model is treated as real, none as loaded."""
+        self.summarizer: Summarizer | None = None
+        """`prompt_policy: summarize`'s summarizer (the summarize_history plugin's, bound by app.py);
+        None: that policy truncates."""
         self.truncations = telemetry.meter.create_counter(
             telemetry.names.metric_limits_truncations, unit="{request}",
             description="Responses whose prompt_eval_count shows Ollama silently truncated the prompt.")
@@ -169,8 +177,8 @@ class LimitsStep(Step):
                 if measured <= limit:
                     self.decide(ctx, span, "allowed")
                 else:
-                    self._over_limit(request, ctx, span, body, tokenizer, measured, limit,
-                                     model_config)
+                    await self._over_limit(request, ctx, span, body, tokenizer, measured, limit,
+                                           model_config)
         response = await handler(request)
         self._check_silent_truncation(ctx, model)
         return response
@@ -211,14 +219,30 @@ class LimitsStep(Step):
             return rewritten
         return body
 
-    def _over_limit(self, request: web.Request, ctx: RequestContext, span: Any,
-                    body: dict[str, Any], tokenizer: Any, measured: int, limit: int,
-                    model_config: ModelConfig | None) -> None:
+    async def _over_limit(self, request: web.Request, ctx: RequestContext, span: Any,
+                          body: dict[str, Any], tokenizer: Any, measured: int, limit: int,
+                          model_config: ModelConfig | None) -> None:
         policy = (model_config.prompt_policy if model_config and model_config.prompt_policy
                   else self.config.prompt_policy)
         error = PromptTooLong(
             f"prompt is {measured} tokens, more than the limit of {limit} tokens "
             f"(counted with the model's {'tokenizer' if tokenizer.method != 'estimate' else 'estimate'})")
+        if policy == "summarize" and ctx.route.prompt_shape != "embed":
+            # The summarize_history plugin's summarizer (it trims when no summary is ready in time);
+            # without one configured, `summarize` acts as `truncate` (docs/PLUGINS.md), and so it
+            # does for a plugin's own sub-request (a summary's transcript: no summary of a summary).
+            if self.summarizer is not None and self.mode == "enforce" and not ctx.internal:
+                decision = await self.summarizer(ctx, body, tokenizer, limit)
+                recount = count_prompt(ctx.route, ctx.json(), tokenizer) if decision else None
+                if recount is not None and recount.total <= limit:
+                    ctx.prompt.tokens = recount.total
+                    self.decide(ctx, span, decision or "summarized")
+                    return
+            elif self.mode != "enforce":
+                ctx.response_headers.add("X-Shadow-Decision", f"{self.name}=summarize")
+                self.decide(ctx, span, "shadow_summarize")
+                return
+            policy = "truncate"
         if policy == "truncate" and ctx.route.prompt_shape != "embed":
             cut = truncate_prompt(ctx.route, body, tokenizer, limit)
             if cut is not None:

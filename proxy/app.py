@@ -98,6 +98,9 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     plugin_steps = [PluginStep(cls(plugin_config, services), telemetry, forward_route=FORWARD_ROUTE)
                     for cls, plugin_config in structure_plugins(config.plugins)
                     if plugin_config.mode != "off"]
+    for plugin_step in plugin_steps:  # `prompt_policy: summarize` uses summarize_history's summarizer
+        if plugin_step.plugin.name == "summarize_history":
+            steps["limits"].summarizer = plugin_step.plugin.fit  # type: ignore[attr-defined]
     app = web.Application(middlewares=[ingress.middleware, *build_chain(steps, plugin_steps)],
                           client_max_size=2**62)
     app[STOP] = stop

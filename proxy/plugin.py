@@ -154,15 +154,16 @@ class Subrequests:
         Raises ProxyError-free: a failure to reach the proxy itself is (599, None)."""
         import aiohttp
         import orjson
+        from opentelemetry.propagate import inject
 
         session = self._session()
         if self.base_url is None or session is None:
             return 599, None
+        headers = {INTERNAL_HEADER: self.credential(tenant), "Content-Type": "application/json"}
+        inject(headers)  # the sub-request's spans join the caller's trace, under its current span
         try:
             async with session.post(
-                    self.base_url + path, data=orjson.dumps(body),
-                    headers={INTERNAL_HEADER: self.credential(tenant),
-                             "Content-Type": "application/json"},
+                    self.base_url + path, data=orjson.dumps(body), headers=headers,
                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                 raw = await response.read()
                 try:

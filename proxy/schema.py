@@ -217,7 +217,7 @@ class RolloutConfig:
     """Tenants (by name; `anonymous` for requests without a key) it always enforces for."""
 
 
-PromptPolicy = Literal["reject", "truncate"]
+PromptPolicy = Literal["reject", "truncate", "summarize"]
 
 
 @attrs.frozen

@@ -134,7 +134,18 @@ class Names:
         self.balancer_costs_s = f"{p}.balancer.costs_s"
         self.balancer_dropped = f"{p}.balancer.dropped"
         self.balancer_retry_event = f"{p}.balancer.retry"
+        # history plugins (trim_history, summarize_history) and limits' `prompt_policy: summarize`
+        self.summarize_span = f"{p}.summarize_history.summary"
+        """The making of one summary (its sub-request's GenAI CLIENT span is under it)."""
+        self.summarize_turns = f"{p}.summarize_history.turns"
+        self.summarize_tokens_saved = f"{p}.summarize_history.tokens_saved"
+        self.summarize_cached = f"{p}.summarize_history.cached"
+        self.summarize_fallback = f"{p}.summarize_history.fallback"
+        """Why a summary was not used (timeout, busy, failed): the request was trimmed instead."""
         # Metrics (OpenTelemetry names; Prometheus shows `_` for `.`)
+        self.metric_summarize_tokens_saved = f"{p}.summarize_history.tokens_saved"
+        self.metric_summarize_cache_hits = f"{p}.summarize_history.cache_hits"
+        self.metric_summarize_fallbacks = f"{p}.summarize_history.fallbacks"
         self.metric_upstream_errors = f"{p}.upstream.errors"
         self.metric_upstream_in_flight = f"{p}.upstream.in_flight"
         self.metric_upstream_healthy = f"{p}.upstream.healthy"

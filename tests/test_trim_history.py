@@ -1,0 +1,166 @@
+"""trim_history in a real proxy (CLI, `plugins:` configured) in front of the emulator: the native and /v1
+chat routes are trimmed to the budget, counted with the model's tokenizer (the replica's own
+prompt_eval_count proves what it received), system prompts and tool calls with their results kept,
+relevance by embeddings computed on the fleet and cached, and a small chat costs nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from proxy import gojson
+from proxy.tokens import SentencePieceTokenizer
+from tests.support.metrics import metric
+from tests.support.servers import Server, start_emulator, start_proxy
+
+KEY = "sk-trim-team"
+BUDGET = 300
+EMBED = "POST /api/embed"
+SYSTEM = {"role": "system", "content": "You answer briefly."}
+CALL = {"role": "assistant", "content": "",
+        "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+RESULT = {"role": "tool", "content": "Oslo: 4 degrees and rain."}
+TOKENIZER = SentencePieceTokenizer.from_file(
+    Path(__file__).resolve().parent.parent / "proxy" / "emulator" / "data" / "emulator.model")
+CALL_TOKENS = TOKENIZER.count(gojson.dumps(CALL["tool_calls"]).decode())
+"""The emulator's template does not render tool calls, real templates do and the proxy counts them:
+what the replica's prompt_eval_count lacks for a prompt holding CALL."""
+
+
+def _turn(i: int) -> dict[str, str]:
+    role = "user" if i % 2 == 0 else "assistant"
+    return {"role": role, "content": f"turn {i}: " + "lorem ipsum dolor sit amet " * 6}
+
+
+def _history(turns: int) -> list[dict[str, Any]]:
+    """System, two old turns, a tool call with its result, then `turns` long turns, then a question."""
+    return [SYSTEM, _turn(0), _turn(1), CALL, RESULT, *(_turn(i) for i in range(2, 2 + turns)),
+            {"role": "user", "content": "And what should I wear?"}]
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_emulator(tmp_path_factory.mktemp("trim-emu"), name="trim-emu")
+    yield server
+    server.stop()
+
+
+def _proxy(tmp: Path, emulator: Server, plugin: dict[str, Any], name: str) -> Server:
+    return start_proxy(tmp, [emulator.url], {
+        "tenants": [{"name": "team", "keys": [KEY]}],
+        "plugins": [{"name": "trim_history", **plugin}]}, name=name)
+
+
+def _direct_count(emulator: Server, messages: list[dict[str, Any]]) -> int:
+    reply = httpx.post(f"{emulator.url}/api/chat", timeout=30, json={
+        "model": "llama3.2", "messages": messages, "stream": False, "options": {"num_predict": 1}})
+    assert reply.status_code == 200, reply.text
+    return int(reply.json()["prompt_eval_count"])
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, emulator: Server) -> Iterator[Server]:
+    server = _proxy(tmp_path_factory.mktemp("trim"), emulator, {"budget_tokens": BUDGET}, "trim")
+    yield server
+    server.stop()
+
+
+def _expected(messages: list[dict[str, Any]], emulator: Server,
+              also: tuple[dict[str, Any], ...] = ()) -> list[dict[str, Any]]:
+    """What the plugin must keep, computed from the replica's own counts (not from the plugin's code):
+    system, the tool call and its result, the question (and `also`), then the newest turns while the
+    whole fits."""
+    pinned = {id(m) for m in (messages[0], CALL, RESULT, messages[-1], *also)}
+    turns = [m for m in messages[1:-1] if id(m) not in pinned]
+    kept: set[int] = set()
+    for turn in reversed(turns):
+        ordered = [m for m in messages if id(m) in pinned | kept | {id(turn)}]
+        if _direct_count(emulator, ordered) + (CALL_TOKENS if CALL in ordered else 0) > BUDGET:
+            break
+        kept.add(id(turn))
+    return [m for m in messages if id(m) in pinned | kept]
+
+
+def test_native_chat_is_trimmed_to_the_budget_keeping_system_and_tool_results(
+        proxy: Server, emulator: Server) -> None:
+    messages = _history(8)
+    full = _direct_count(emulator, messages)
+    assert full > BUDGET
+    expected = _expected(messages, emulator)
+    reply = httpx.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                       json={"model": "llama3.2", "messages": messages, "stream": False,
+                             "options": {"num_predict": 1}})
+    assert reply.status_code == 200, reply.text
+    received = reply.json()["prompt_eval_count"]
+    assert received == _direct_count(emulator, expected) <= BUDGET - CALL_TOKENS
+    dropped = len(messages) - len(expected)
+    assert reply.headers["x-history-trimmed"] == f"turns={dropped}; tokens={full - received}"
+    assert CALL in expected and RESULT in expected  # never separated, never dropped
+
+
+def test_openai_chat_is_trimmed_and_a_small_chat_is_left_alone(proxy: Server, emulator: Server) -> None:
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=KEY, max_retries=0)
+    messages: list[Any] = [m for m in _history(8) if m not in (CALL, RESULT)]
+    full = _direct_count(emulator, messages)
+    raw = client.chat.completions.with_raw_response.create(model="llama3.2", messages=messages,
+                                                           max_tokens=1)
+    completion = raw.parse()
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens <= BUDGET
+    turns, saved = raw.headers["x-history-trimmed"].split("; ")
+    assert int(turns.removeprefix("turns=")) > 0
+    assert int(saved.removeprefix("tokens=")) == full - completion.usage.prompt_tokens
+    small = client.chat.completions.with_raw_response.create(
+        model="llama3.2", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert "x-history-trimmed" not in small.headers
+    assert metric(proxy.url, "sop_plugin_trim_history_decisions_total", decision="pass") >= 1
+    assert metric(proxy.url, "sop_plugin_trim_history_decisions_total", decision="trimmed") >= 1
+
+
+def test_anthropic_messages_keep_the_top_level_system_prompt(proxy: Server) -> None:
+    messages = [m for m in _history(8) if m not in (SYSTEM, CALL, RESULT)]
+    reply = httpx.post(f"{proxy.url}/v1/messages", timeout=30,
+                       headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+                       json={"model": "llama3.2", "max_tokens": 1, "system": "You answer briefly.",
+                             "messages": messages})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["input_tokens"] <= BUDGET
+    assert reply.headers["x-history-trimmed"].startswith("turns=")
+
+
+def test_relevance_keeps_the_older_turn_that_matches_the_question(tmp_path: Path,
+                                                                   emulator: Server) -> None:
+    proxy = _proxy(tmp_path, emulator, {"budget_tokens": BUDGET, "relevance": {
+        "model": "nomic-embed-text", "keep": 1}}, "trim-relevance")
+    try:
+        question = "Where did we leave the blue umbrella?"
+        messages = [SYSTEM, {"role": "user", "content": question}, *(_turn(i) for i in range(1, 10)),
+                    {"role": "user", "content": question}]
+        before = emulator.stats()["requests"]
+        first = httpx.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {KEY}"},
+                           timeout=30, json={"model": "llama3.2", "messages": messages,
+                                             "stream": False, "options": {"num_predict": 1}})
+        assert first.status_code == 200, first.text
+        assert first.headers["x-history-trimmed"].startswith("turns=")
+        # The old turn identical to the question scores highest and is kept; the replica got it.
+        received = first.json()["prompt_eval_count"]
+        with_relevant = _expected(messages, emulator, also=(messages[1],))
+        by_recency = _expected(messages, emulator)
+        assert received == _direct_count(emulator, with_relevant) <= BUDGET
+        assert received != _direct_count(emulator, by_recency)
+        after_first = emulator.stats()["requests"]
+        embeds = after_first.get(EMBED, 0) - before.get(EMBED, 0)
+        assert embeds == 1  # one batch sub-request, through the chain
+        second = httpx.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {KEY}"},
+                            timeout=30, json={"model": "llama3.2", "messages": messages,
+                                              "stream": False, "options": {"num_predict": 1}})
+        assert second.json()["prompt_eval_count"] == received
+        assert emulator.stats()["requests"].get(EMBED, 0) == after_first.get(EMBED, 0)
+        assert 'POST /api/embed" 200' in proxy.log() and "tenant=team" in proxy.log()
+    finally:
+        proxy.stop()
