@@ -25,7 +25,7 @@ import orjson
 from aiohttp import web
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from proxy.embeddings import Answer, Ask, apportion, parse_ask, read_answer, render, to_base64
+from proxy.embeddings import Answer, Ask, apportion, parse_ask, read_answer, render, respond, to_base64
 from proxy.ollama import Usage
 from proxy.plugin import Plugin, PluginConfig, PluginServices
 
@@ -163,7 +163,7 @@ class EmbedBatch(Plugin):
         decide("batched")
         body, content_type = render(ask, vectors, tokens,
                                     int((time.monotonic() - started) * 1e9) or 1)
-        return web.Response(body=body, headers={"Content-Type": content_type})
+        return respond(ctx, body, content_type)
 
     def _join(self, waiter: _Waiter, texts: dict[str, None], size: int) -> None:
         ask = waiter.ask

@@ -22,7 +22,7 @@ import attrs
 from aiohttp import web
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from proxy.embeddings import Ask, apportion, parse_ask, read_answer, render, to_base64
+from proxy.embeddings import Ask, apportion, parse_ask, read_answer, render, respond, to_base64
 from proxy.ollama import Usage
 from proxy.plugin import Plugin, PluginConfig, PluginServices
 
@@ -296,8 +296,8 @@ class EmbedCache(Plugin):
             ctx.response_headers["X-Embed-Cache"] = f"hits={hits}; misses=0"
             decide("hit")
             # No usage: quotas refund the caller's token reservation (nothing was computed).
-            return self._answer(ask, [found[key][0] for key in keys], sum(found[key][1] for key in keys),
-                                started)
+            return self._answer(ctx, ask, [found[key][0] for key in keys],
+                                sum(found[key][1] for key in keys), started)
         if hits == 0:
             self.misses += misses
             ctx.response_headers["X-Embed-Cache"] = f"hits=0; misses={misses}"
@@ -342,12 +342,14 @@ class EmbedCache(Plugin):
             # The misses ran under a system tenant: the caller's own request pays for their tokens.
             ctx.usage = Usage(input_tokens=sum(fresh[text][1] for text in missing),
                               response_model=ask.model)
-        return self._answer(ask, [vector for vector, _ in merged], sum(t for _, t in merged), started)
+        return self._answer(ctx, ask, [vector for vector, _ in merged], sum(t for _, t in merged),
+                            started)
 
     @staticmethod
-    def _answer(ask: Ask, vectors: list[bytes], tokens: int, started: float) -> web.Response:
+    def _answer(ctx: RequestContext, ask: Ask, vectors: list[bytes], tokens: int,
+                started: float) -> web.Response:
         body, content_type = render(ask, vectors, tokens, int((time.monotonic() - started) * 1e9) or 1)
-        return web.Response(body=body, headers={"Content-Type": content_type})
+        return respond(ctx, body, content_type)
 
     def observe(self, ctx: RequestContext) -> _Capture | None:
         pending = self._pending.pop(id(ctx), None)

@@ -11,12 +11,17 @@ import base64
 import json
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import orjson
+from aiohttp import web
 
-__all__ = ["EMBED_ROUTES", "Answer", "Ask", "apportion", "parse_ask", "read_answer", "render", "to_base64"]
+if TYPE_CHECKING:
+    from .context import RequestContext
+
+__all__ = ["EMBED_ROUTES", "Answer", "Ask", "apportion", "parse_ask", "read_answer", "render", "respond",
+           "to_base64"]
 
 EMBED_ROUTES = ("/api/embed", "/api/embeddings", "/v1/embeddings")
 
@@ -226,3 +231,16 @@ def render(ask: Ask, vectors: Sequence[bytes], tokens: int,
                       for index, vector in enumerate(vectors))
     return (b'{"object":"list","data":[' + items + b'],"model":' + _go_string(ask.model)
             + b',"usage":{"prompt_tokens":%d,"total_tokens":%d}}\n' % (tokens, tokens)), CT_ENCODER
+
+
+def respond(ctx: RequestContext, body: bytes, content_type: str) -> web.Response:
+    """A plugin's own 200 answer, made as the forwarder makes a relayed one: `ctx.status` set and the
+    response observers already attached (by plugins earlier in the chain: embed_cache's, when
+    embed_batch answers) fed the body and so able to keep what they need of it."""
+    ctx.status = 200
+    for observer in list(ctx.observers):
+        try:
+            observer.feed(body)
+        except Exception:  # an observer that raises is dropped, as the forwarder does
+            ctx.observers.remove(observer)
+    return web.Response(body=body, headers={"Content-Type": content_type})

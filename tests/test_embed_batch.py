@@ -10,6 +10,7 @@ import re
 import struct
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -168,3 +169,36 @@ def test_a_client_that_leaves_is_left_out_of_the_batch(proxy: Server, emulator: 
     while metric(proxy.url, "sop_plugin_embed_batch_inputs_total", sent="yes") != sent + 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_behind_embed_cache_batched_vectors_are_cached(tmp_path: Path, emulator: Server) -> None:
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "models": {MODEL: {"options": {"num_ctx": 2048}}},
+        "chain": {"health": {"probe_interval_s": 0.5}},
+        "plugins": [{"name": "embed_cache"}, {"name": "embed_batch", "window_s": 0.5}]},
+        name="embed-batch-cache")
+    try:
+        deadline = time.monotonic() + 20
+        while "x-embed-cache" not in httpx.post(f"{proxy.url}/api/embed", timeout=30, json={
+                "model": MODEL, "input": "warm"}).headers:  # the digest is known after the first probes
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        bodies = [{"model": MODEL, "input": f"cached after batch {i}"} for i in range(4)]
+
+        async def send() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                return list(await asyncio.gather(*(client.post(f"{proxy.url}/api/embed", json=body)
+                                                   for body in bodies)))
+        calls = _calls(emulator)
+        first = asyncio.run(send())
+        assert [r.headers.get("x-embed-batch") for r in first] == ["requests=4"] * 4
+        assert [r.headers["x-embed-cache"] for r in first] == ["hits=0; misses=1"] * 4
+        assert _calls(emulator) == calls + 1
+        again = asyncio.run(send())
+        assert [r.headers["x-embed-cache"] for r in again] == ["hits=1; misses=0"] * 4
+        assert _calls(emulator) == calls + 1  # all four answered from the cache
+        for before, after in zip(first, again, strict=True):
+            got, want = read_answer("/api/embed", after.content), read_answer("/api/embed", before.content)
+            assert got is not None and want is not None and got.vectors == want.vectors
+    finally:
+        proxy.stop()
