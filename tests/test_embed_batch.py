@@ -202,3 +202,31 @@ def test_behind_embed_cache_batched_vectors_are_cached(tmp_path: Path, emulator:
             assert got is not None and want is not None and got.vectors == want.vectors
     finally:
         proxy.stop()
+
+
+def test_batches_are_bounded_in_inputs_and_bytes(tmp_path: Path, emulator: Server) -> None:
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "models": {MODEL: {"options": {"num_ctx": 2048}}},
+        "plugins": [{"name": "embed_batch", "window_s": 0.5, "max_batch_inputs": 3,
+                     "max_batch_bytes": 64}]}, name="embed-batch-bounds")
+    try:
+        assert httpx.post(f"{proxy.url}/api/embed", json={"model": MODEL, "input": "warm"},
+                          timeout=30).status_code == 200
+
+        async def send(bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                return list(await asyncio.gather(*(client.post(f"{proxy.url}/api/embed", json=body)
+                                                   for body in bodies)))
+        calls = _calls(emulator)
+        replies = asyncio.run(send([{"model": MODEL, "input": f"bounded {i}"} for i in range(6)]))
+        assert all(r.status_code == 200 for r in replies)
+        assert [r.headers.get("x-embed-batch") for r in replies] == ["requests=3"] * 6
+        assert _calls(emulator) == calls + 2  # two full batches, each sent as soon as it was full
+        # Bytes: two 40-byte inputs do not fit one 64-byte batch; one input over the bound goes alone.
+        calls = _calls(emulator)
+        replies = asyncio.run(send([{"model": MODEL, "input": "x" * 40}, {"model": MODEL, "input": "y" * 40},
+                                    {"model": MODEL, "input": "z" * 100}]))
+        assert all(r.status_code == 200 and "x-embed-batch" not in r.headers for r in replies)
+        assert _calls(emulator) == calls + 3
+    finally:
+        proxy.stop()
