@@ -221,6 +221,15 @@ def test_redis_is_shared_by_replicas_and_its_failure_falls_back_to_memory(
         reply = _post(second, "/api/embed", body)
         assert reply.headers["x-embed-cache"] == "hits=2; misses=0"
         assert _embed_calls(emulator) == calls
+        # Redis frozen (accepts, never answers): each call is bounded, the request is served anyway.
+        redis.pause()
+        try:
+            started = time.monotonic()
+            frozen = _post(second, "/api/embed", {"model": MODEL, "input": ["while frozen"]})
+            assert frozen.status_code == 200 and frozen.headers["x-embed-cache"] == "hits=0; misses=1"
+            assert time.monotonic() - started < 10
+        finally:
+            redis.resume()
         # Redis gone: requests still succeed, served from memory or upstream, never a 500.
         redis.kill()
         again = _post(second, "/api/embed", body)
@@ -253,3 +262,20 @@ def test_the_memory_store_is_bounded_in_bytes_with_lru() -> None:
     assert store.get(bytes([0]) * 32) == (vector, 0) and store.get(bytes([4]) * 32) == (vector, 4)
     store.put(b"k" * 32, b"x" * 2000, 1)  # bigger than the whole cache: not kept, nothing evicted
     assert len(store) == 3
+
+
+def test_shadow_mode_reports_the_hit_and_goes_upstream(tmp_path: Path, emulator: Server) -> None:
+    proxy = _proxy(tmp_path, emulator, "cache-shadow", mode="shadow")
+    try:
+        body = {"model": MODEL, "input": "shadowed"}
+        deadline = time.monotonic() + 20
+        while (reply := _post(proxy, "/api/embed", body)).headers.get("x-shadow-decision") != \
+                "embed_cache=hit":  # cached as it went upstream, once the digest is known
+            assert time.monotonic() < deadline, reply.headers
+            time.sleep(0.2)
+        calls = _embed_calls(emulator)
+        reply = _post(proxy, "/api/embed", body)
+        assert reply.headers["x-shadow-decision"] == "embed_cache=hit"
+        assert "x-embed-cache" not in reply.headers and _embed_calls(emulator) == calls + 1
+    finally:
+        proxy.stop()
