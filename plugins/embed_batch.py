@@ -226,6 +226,10 @@ class EmbedBatch(Plugin):
             self.inputs["yes"] += len(texts)
             self.inputs["deduplicated"] += asked - len(texts)
             self._split(waiters, texts, answer)
+        except Exception as exc:  # fail open: the requests go on by themselves
+            self.batches["failed"] += 1
+            log.warning("embed_batch: a batch failed in the proxy (%s); its requests go on one by one",
+                        type(exc).__name__)
         finally:
             for waiter in waiters:
                 if not waiter.future.done():

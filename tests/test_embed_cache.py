@@ -20,6 +20,7 @@ import redis as redis_client
 
 from plugins.embed_cache import MemoryStore
 from proxy.embeddings import read_answer
+from proxy.plugin import PluginError, structure_plugins
 from tests.support.metrics import metric
 from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, start_emulator, start_proxy
@@ -279,3 +280,14 @@ def test_shadow_mode_reports_the_hit_and_goes_upstream(tmp_path: Path, emulator:
         assert "x-embed-cache" not in reply.headers and _embed_calls(emulator) == calls + 1
     finally:
         proxy.stop()
+
+
+def test_config_is_validated_with_the_key_path() -> None:
+    with pytest.raises(PluginError, match=r"plugins\[0\]\.max_bytes: must be > 0"):
+        structure_plugins([{"name": "embed_cache", "max_bytes": 0}])
+    with pytest.raises(PluginError, match=r"plugins\[0\]\.redis_url: must be a redis://"):
+        structure_plugins([{"name": "embed_cache", "redis_url": "http://127.0.0.1:6379"}])
+    with pytest.raises(PluginError, match=r"plugins\[1\]\.window_s: must be > 0 and <= 1"):
+        structure_plugins([{"name": "embed_cache"}, {"name": "embed_batch", "window_s": 5}])
+    with pytest.raises(PluginError, match=r"plugins\[0\]: unknown key\(s\) ttl"):
+        structure_plugins([{"name": "embed_batch", "ttl": 5}])
