@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REAL_STAMP := $(VENV)/.installed-real
 
-.PHONY: venv venv-real demo test lint typecheck unit bench bench-burst bench-failover calibrate nginx system node clean
+.PHONY: venv venv-real demo test lint typecheck unit bench bench-burst bench-embed bench-failover calibrate nginx system node clean
 
 # System packages (Debian/Ubuntu names). `make system` installs the missing ones when run as root and
 # otherwise names them and stops; `make test` checks them first, so a missing one is one clear line, not
@@ -82,6 +82,11 @@ nginx:
 
 bench-burst: venv nginx
 	$(BIN)/python -m tests.bench.burst
+
+# embed_cache and embed_batch: CPU per request (idle and acting), then 64 single-input clients.
+bench-embed: venv
+	$(BIN)/python -m tests.bench.embed_cpu
+	$(BIN)/python -m tests.bench.embed
 
 bench-failover: venv
 	$(BIN)/python -m tests.bench.failover

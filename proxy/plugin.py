@@ -152,26 +152,35 @@ class Subrequests:
         """POST `body` to `path` through the chain as `tenant`; returns (status, parsed JSON or None).
 
         Raises ProxyError-free: a failure to reach the proxy itself is (599, None)."""
+        import orjson
+
+        status, raw = await self.post_raw(path, body, tenant=tenant, timeout_s=timeout_s)
+        try:
+            return status, orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            return status, None
+
+    async def post_raw(self, path: str, body: Mapping[str, Any], *, tenant: str,
+                       timeout_s: float = 60.0) -> tuple[int, bytes]:
+        """As `post_json`, but the answer's bytes as the replica wrote them (for plugins that splice
+        them into an answer of their own, e.g. embeddings in Go's float formatting); (599, b"") when the
+        proxy itself could not be reached."""
         import aiohttp
         import orjson
         from opentelemetry.propagate import inject
 
         session = self._session()
         if self.base_url is None or session is None:
-            return 599, None
+            return 599, b""
         headers = {INTERNAL_HEADER: self.credential(tenant), "Content-Type": "application/json"}
         inject(headers)  # the sub-request's spans join the caller's trace, under its current span
         try:
             async with session.post(
                     self.base_url + path, data=orjson.dumps(body), headers=headers,
                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-                raw = await response.read()
-                try:
-                    return response.status, orjson.loads(raw) if raw else None
-                except orjson.JSONDecodeError:
-                    return response.status, None
+                return response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError):
-            return 599, None
+            return 599, b""
 
 
 async def _estimate_tokenizer(model: str) -> Tokenizer:

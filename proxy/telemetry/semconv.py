@@ -160,6 +160,19 @@ class Names:
         self.metric_balancer_retries = f"{p}.balancer.retries"
         self.metric_state_degraded = f"{p}.state.degraded"
         self.metric_state_failures = f"{p}.state.failures"
+        # embed_cache and embed_batch plugins (issue 12)
+        self.metric_embed_cache_lookups = f"{p}.plugin.embed_cache.lookups"
+        """Counter of inputs looked up, labelled `result` = hit | miss."""
+        self.metric_embed_cache_hit_ratio = f"{p}.plugin.embed_cache.hit_ratio"
+        """Gauge: hits / lookups since the process started."""
+        self.metric_embed_cache_bytes = f"{p}.plugin.embed_cache.bytes"
+        """Gauge: bytes held by the in-memory cache."""
+        self.metric_embed_batch_batches = f"{p}.plugin.embed_batch.batches"
+        """Counter of batches sent upstream, labelled `result` = ok | failed."""
+        self.metric_embed_batch_requests = f"{p}.plugin.embed_batch.requests"
+        """Counter of client requests answered from a batch."""
+        self.metric_embed_batch_inputs = f"{p}.plugin.embed_batch.inputs"
+        """Counter of inputs, labelled `sent` = yes | deduplicated."""
 
     @cache  # noqa: B019 - one Names per process and a handful of steps: the cache stays tiny
     def step_span(self, step: str) -> str:

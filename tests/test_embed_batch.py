@@ -1,0 +1,232 @@
+"""embed_batch in a real proxy in front of the emulator: concurrent requests of several routes and tenants
+go upstream as one /api/embed call and come back in order in their own shapes, identical inputs are sent
+once, each tenant is charged its own inputs, one bad input fails only its own request, a lone request
+and a client that leaves are handled."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from proxy.embeddings import read_answer
+from tests.support.metrics import metric
+from tests.support.servers import Server, start_emulator, start_proxy
+
+MODEL = "nomic-embed-text"
+KEYS = {"a": "sk-batch-a", "b": "sk-batch-b"}
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_emulator(tmp_path_factory.mktemp("embed-batch-emu"), name="embed-batch-emu")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, emulator: Server) -> Iterator[Server]:
+    # A window far longer than the 2 ms default, so that requests sent together on a loaded CI machine
+    # surely meet in one batch.
+    server = start_proxy(tmp_path_factory.mktemp("embed-batch-proxy"), [emulator.url], {
+        "tenants": [{"name": "a", "keys": [KEYS["a"]], "tokens_per_minute": 1_000_000},
+                    {"name": "b", "keys": [KEYS["b"]], "tokens_per_minute": 1_000_000},
+                    {"name": "system", "keys": ["sk-batch-system"]}],
+        "models": {MODEL: {"options": {"num_ctx": 2048}}},
+        "plugins": [{"name": "embed_batch", "window_s": 0.5, "tenant": "system"}]}, name="embed-batch")
+    yield server
+    server.stop()
+
+
+def _calls(emulator: Server) -> int:
+    return int(emulator.stats()["requests"].get("POST /api/embed", 0))
+
+
+async def _send(proxy: Server, requests: list[tuple[str, str, dict[str, Any]]]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await asyncio.gather(*(
+            client.post(f"{proxy.url}{path}", content=orjson.dumps(body),
+                        headers={"Authorization": f"Bearer {KEYS[tenant]}"})
+            for tenant, path, body in requests))
+
+
+def _direct(emulator: Server, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{emulator.url}{path}", json=body, timeout=30)
+
+
+def test_concurrent_requests_go_upstream_as_one_batch(proxy: Server, emulator: Server) -> None:
+    assert httpx.post(f"{proxy.url}/api/embed", json={"model": MODEL, "input": "warm"},
+                      headers={"Authorization": f"Bearer {KEYS['a']}"}, timeout=30).status_code == 200
+    requests = [
+        ("a", "/api/embed", {"model": MODEL, "input": ["first", "shared text"]}),
+        ("b", "/api/embed", {"model": MODEL, "input": ["list one", "shared text", "list two"]}),
+        ("a", "/v1/embeddings", {"model": MODEL, "input": ["shared text", "openai words"]}),
+        ("b", "/v1/embeddings", {"model": MODEL, "input": "encoded", "encoding_format": "base64"}),
+        *[("a", "/api/embed", {"model": MODEL, "input": f"client {i}"}) for i in range(6)],
+    ]
+    calls = _calls(emulator)
+    replies = asyncio.run(_send(proxy, requests))
+    assert [r.status_code for r in replies] == [200] * len(requests), [r.text for r in replies]
+    # Two batches: limits pins options.num_ctx on /api/embed bodies (Ollama's /v1 route takes no
+    # options), and requests with different options are never mixed.
+    assert _calls(emulator) == calls + 2
+    assert [r.headers["x-embed-batch"] for r in replies] == [
+        "requests=8", "requests=8", "requests=2", "requests=2", *["requests=8"] * 6]
+    for (_, path, body), reply in zip(requests, replies, strict=True):
+        direct = _direct(emulator, path, body)
+        if path == "/v1/embeddings" and "encoding_format" not in body:
+            # Same vectors, field order and newline; usage is the request's own share of the batch.
+            assert re.sub(rb'"usage":\{.*\}', b"", reply.content) == \
+                re.sub(rb'"usage":\{.*\}', b"", direct.content)
+            assert reply.headers["content-type"] == "application/json"
+        elif path == "/v1/embeddings":
+            assert reply.json()["data"][0]["embedding"] == direct.json()["data"][0]["embedding"]
+        else:
+            got, want = read_answer(path, reply.content), read_answer(path, direct.content)
+            assert got is not None and want is not None and got.vectors == want.vectors
+            assert reply.headers["content-type"] == "application/json; charset=utf-8"
+    # "shared text" was asked twice in the /api/embed batch and sent once.
+    assert metric(proxy.url, "sop_plugin_embed_batch_inputs_total", sent="deduplicated") == 1
+    # The batch ran once as `system`; each caller's own request carries its share of the batch's tokens
+    # (what quotas settle its reservation with), and the shares add up to what the replica counted.
+    lines = proxy.log().splitlines()
+    batch = [line for line in lines if "tenant=system" in line and '"POST /api/embed" 200' in line]
+    assert len(batch) == 2
+    batch_tokens = sum(int(re.search(r"in_tokens=(\d+)", line).group(1))  # type: ignore[union-attr]
+                       for line in batch)
+    shares = [int(m.group(1)) for line in lines[-len(requests) - 2:]
+              if re.search(r"tenant=(a|b) ", line) and (m := re.search(r"in_tokens=(\d+)", line))]
+    assert len(shares) == len(requests) and sum(shares) > batch_tokens  # "shared text" paid by both
+    # The OpenAI client reads a batched answer (base64 by default).
+    async def with_openai() -> list[Any]:
+        client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key=KEYS["b"], max_retries=0)
+        return await asyncio.gather(*(client.embeddings.create(model=MODEL, input=f"sdk {i}")
+                                      for i in range(3)))
+    calls = _calls(emulator)
+    answers = asyncio.run(with_openai())
+    assert _calls(emulator) == calls + 1
+    for i, answer in enumerate(answers):
+        want = _direct(emulator, "/v1/embeddings", {"model": MODEL, "input": f"sdk {i}"}).json()
+        vector = want["data"][0]["embedding"]
+        assert struct.pack(f"<{len(vector)}f", *answer.data[0].embedding) == \
+            struct.pack(f"<{len(vector)}f", *vector)
+
+
+def test_one_bad_input_fails_only_its_own_request(proxy: Server, emulator: Server) -> None:
+    good = {"model": MODEL, "input": "short enough", "truncate": False}
+    bad = {"model": MODEL, "input": ["fine", "word " * 3000], "truncate": False}
+    other = {"model": MODEL, "input": ["also short"], "truncate": False}
+    replies = asyncio.run(_send(proxy, [("a", "/api/embed", good), ("b", "/api/embed", bad),
+                                        ("a", "/api/embed", other)]))
+    assert [r.status_code for r in replies] == [200, 400, 200]
+    assert replies[1].content == _direct(emulator, "/api/embed", bad).content  # Ollama's own error
+    for reply, body in ((replies[0], good), (replies[2], other)):
+        got = read_answer("/api/embed", reply.content)
+        want = read_answer("/api/embed", _direct(emulator, "/api/embed", body).content)
+        assert got is not None and want is not None and got.vectors == want.vectors
+    assert metric(proxy.url, "sop_plugin_embed_batch_batches_total", result="failed") == 1
+
+
+def test_a_lone_request_and_the_legacy_route_go_on_by_themselves(proxy: Server,
+                                                                emulator: Server) -> None:
+    calls = _calls(emulator)
+    alone = httpx.post(f"{proxy.url}/api/embed", json={"model": MODEL, "input": "by itself"},
+                       headers={"Authorization": f"Bearer {KEYS['a']}"}, timeout=30)
+    assert alone.status_code == 200 and "x-embed-batch" not in alone.headers
+    assert alone.content == _direct(emulator, "/api/embed", {"model": MODEL, "input": "by itself"}).content
+    assert _calls(emulator) == calls + 2  # its own call and the direct one
+    legacy = asyncio.run(_send(proxy, [("a", "/api/embeddings", {"model": MODEL, "prompt": f"p{i}"})
+                                       for i in range(2)]))
+    assert all(r.status_code == 200 and "x-embed-batch" not in r.headers for r in legacy)
+
+
+def test_a_client_that_leaves_is_left_out_of_the_batch(proxy: Server, emulator: Server) -> None:
+    sent = metric(proxy.url, "sop_plugin_embed_batch_inputs_total", sent="yes") or 0
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            def post(text: str) -> Any:
+                return client.post(f"{proxy.url}/api/embed", json={"model": MODEL, "input": text},
+                                   headers={"Authorization": f"Bearer {KEYS['b']}"})
+            leaving = asyncio.ensure_future(post("leaves early"))
+            staying = [asyncio.ensure_future(post(f"stays {i}")) for i in range(2)]
+            await asyncio.sleep(0.15)  # inside the 0.5 s window: all three are waiting
+            leaving.cancel()
+            return list(await asyncio.gather(*staying))
+
+    replies = asyncio.run(scenario())
+    assert [r.headers.get("x-embed-batch") for r in replies] == ["requests=2"] * 2
+    deadline = time.monotonic() + 10
+    while metric(proxy.url, "sop_plugin_embed_batch_inputs_total", sent="yes") != sent + 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_behind_embed_cache_batched_vectors_are_cached(tmp_path: Path, emulator: Server) -> None:
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "models": {MODEL: {"options": {"num_ctx": 2048}}},
+        "chain": {"health": {"probe_interval_s": 0.5}},
+        "plugins": [{"name": "embed_cache"}, {"name": "embed_batch", "window_s": 0.5}]},
+        name="embed-batch-cache")
+    try:
+        deadline = time.monotonic() + 20
+        while "x-embed-cache" not in httpx.post(f"{proxy.url}/api/embed", timeout=30, json={
+                "model": MODEL, "input": "warm"}).headers:  # the digest is known after the first probes
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        bodies = [{"model": MODEL, "input": f"cached after batch {i}"} for i in range(4)]
+
+        async def send() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                return list(await asyncio.gather(*(client.post(f"{proxy.url}/api/embed", json=body)
+                                                   for body in bodies)))
+        calls = _calls(emulator)
+        first = asyncio.run(send())
+        assert [r.headers.get("x-embed-batch") for r in first] == ["requests=4"] * 4
+        assert [r.headers["x-embed-cache"] for r in first] == ["hits=0; misses=1"] * 4
+        assert _calls(emulator) == calls + 1
+        again = asyncio.run(send())
+        assert [r.headers["x-embed-cache"] for r in again] == ["hits=1; misses=0"] * 4
+        assert _calls(emulator) == calls + 1  # all four answered from the cache
+        for before, after in zip(first, again, strict=True):
+            got, want = read_answer("/api/embed", after.content), read_answer("/api/embed", before.content)
+            assert got is not None and want is not None and got.vectors == want.vectors
+    finally:
+        proxy.stop()
+
+
+def test_batches_are_bounded_in_inputs_and_bytes(tmp_path: Path, emulator: Server) -> None:
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "models": {MODEL: {"options": {"num_ctx": 2048}}},
+        "plugins": [{"name": "embed_batch", "window_s": 0.5, "max_batch_inputs": 3,
+                     "max_batch_bytes": 64}]}, name="embed-batch-bounds")
+    try:
+        assert httpx.post(f"{proxy.url}/api/embed", json={"model": MODEL, "input": "warm"},
+                          timeout=30).status_code == 200
+
+        async def send(bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                return list(await asyncio.gather(*(client.post(f"{proxy.url}/api/embed", json=body)
+                                                   for body in bodies)))
+        calls = _calls(emulator)
+        replies = asyncio.run(send([{"model": MODEL, "input": f"bounded {i}"} for i in range(6)]))
+        assert all(r.status_code == 200 for r in replies)
+        assert [r.headers.get("x-embed-batch") for r in replies] == ["requests=3"] * 6
+        assert _calls(emulator) == calls + 2  # two full batches, each sent as soon as it was full
+        # Bytes: two 40-byte inputs do not fit one 64-byte batch; one input over the bound goes alone.
+        calls = _calls(emulator)
+        replies = asyncio.run(send([{"model": MODEL, "input": "x" * 40}, {"model": MODEL, "input": "y" * 40},
+                                    {"model": MODEL, "input": "z" * 100}]))
+        assert all(r.status_code == 200 and "x-embed-batch" not in r.headers for r in replies)
+        assert _calls(emulator) == calls + 3
+    finally:
+        proxy.stop()

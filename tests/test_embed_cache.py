@@ -1,0 +1,293 @@
+"""embed_cache in a real proxy in front of the emulator: full hits answered without a slot or an upstream
+call, partial hits that send only the misses, each route's exact bytes, the official clients, a model
+whose digest changes, the shared Redis tier and its failure, the metrics, and the memory bound."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import orjson
+import pytest
+import redis as redis_client
+
+from plugins.embed_cache import MemoryStore
+from proxy.embeddings import read_answer
+from proxy.plugin import PluginError, structure_plugins
+from tests.support.metrics import metric
+from tests.support.redis_server import RedisServer
+from tests.support.servers import Server, start_emulator, start_proxy
+
+MODEL = "nomic-embed-text"
+TEAM, SYSTEM = "sk-embed-team", "sk-embed-system"
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_emulator(tmp_path_factory.mktemp("embed-cache-emu"), name="embed-cache-emu")
+    yield server
+    server.stop()
+
+
+def _proxy(tmp: Path, emulator: Server, name: str, **plugin: Any) -> Server:
+    return start_proxy(tmp, [emulator.url], {
+        "tenants": [{"name": "team", "keys": [TEAM], "tokens_per_minute": 1_000_000},
+                    {"name": "system", "keys": [SYSTEM]}],
+        "chain": {"health": {"probe_interval_s": 0.5}},
+        # limits pins num_ctx (part of the key) to the loaded context once it sees the model loaded;
+        # a configured value keeps it the same from the first request on.
+        "models": {MODEL: {"options": {"num_ctx": 2048}}},
+        "plugins": [{"name": "embed_cache", **plugin}]}, name=name)
+
+
+def _post(server: Server, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", content=orjson.dumps(body), timeout=30,
+                      headers={"Authorization": f"Bearer {TEAM}", "Content-Type": "application/json"})
+
+
+def _warm(proxy: Server, path: str = "/api/embed", text: str = "warm-up") -> None:
+    """Wait until the proxy knows the model's digest (the first probes), which caching needs."""
+    deadline = time.monotonic() + 20
+    while True:
+        reply = _post(proxy, path, {"model": MODEL, "input": text} if path != "/api/embeddings"
+                      else {"model": MODEL, "prompt": text})
+        assert reply.status_code == 200, reply.text
+        if "x-embed-cache" in reply.headers:
+            return
+        assert time.monotonic() < deadline, proxy.log()[-2000:]
+        time.sleep(0.2)
+
+
+def _f32(values: list[float]) -> bytes:
+    """Vectors compared as the float32 Ollama holds (base64 carries those; JSON their shortest text)."""
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+def _embed_calls(emulator: Server, path: str = "/api/embed") -> int:
+    return sum(count for key, count in emulator.stats()["requests"].items() if path in key)
+
+
+def test_a_full_hit_uses_no_slot_and_no_upstream_call(tmp_path: Path, emulator: Server) -> None:
+    proxy = _proxy(tmp_path, emulator, "cache-hit")
+    try:
+        _warm(proxy)
+        body = {"model": MODEL, "input": ["alpha text", "beta text"]}
+        first = _post(proxy, "/api/embed", body)
+        assert first.headers["x-embed-cache"] == "hits=0; misses=2"
+        direct = httpx.post(f"{emulator.url}/api/embed", json=body, timeout=30)
+        calls, completed = _embed_calls(emulator), emulator.stats()["completed"]
+        second = _post(proxy, "/api/embed", body)
+        assert second.status_code == 200
+        assert second.headers["x-embed-cache"] == "hits=2; misses=0"
+        assert (_embed_calls(emulator), emulator.stats()["completed"]) == (calls, completed)
+        # The vectors are the bytes Ollama wrote (Go's float32 formatting), in Ollama's shape.
+        hit, upstream = read_answer("/api/embed", second.content), read_answer("/api/embed", direct.content)
+        assert hit is not None and upstream is not None and hit.vectors == upstream.vectors
+        assert second.content.startswith(b'{"model":"nomic-embed-text","embeddings":[[')
+        assert second.headers["content-type"] == "application/json; charset=utf-8"
+        assert hit.tokens == upstream.tokens  # the counts the vectors were cached with
+        # The official client reads the answer like Ollama's.
+        reply = ollama.Client(host=proxy.url, headers={"Authorization": f"Bearer {TEAM}"}).embed(
+            model=MODEL, input=["alpha text", "beta text"])
+        assert [list(v) for v in reply.embeddings] == orjson.loads(direct.content)["embeddings"]
+        assert _embed_calls(emulator) == calls
+        assert metric(proxy.url, "sop_plugin_embed_cache_lookups_total", result="hit") == 4
+        assert metric(proxy.url, "sop_plugin_embed_cache_hit_ratio") == pytest.approx(4 / 7)
+    finally:
+        proxy.stop()
+
+
+def test_a_partial_hit_sends_only_the_misses_and_merges_in_order(tmp_path: Path,
+                                                                 emulator: Server) -> None:
+    proxy = _proxy(tmp_path, emulator, "cache-partial")
+    try:
+        _warm(proxy)
+        singles = {}
+        for text in ("one fish", "two fish"):
+            reply = _post(proxy, "/api/embed", {"model": MODEL, "input": text})
+            assert reply.headers["x-embed-cache"] == "hits=0; misses=1"
+            singles[text] = orjson.loads(reply.content)["prompt_eval_count"]
+        calls = _embed_calls(emulator)
+        body = {"model": MODEL, "input": ["one fish", "red fish", "two fish", "red fish"]}
+        merged = _post(proxy, "/api/embed", body)
+        assert merged.status_code == 200, merged.text
+        assert merged.headers["x-embed-cache"] == "hits=2; misses=2"
+        assert _embed_calls(emulator) == calls + 1  # one sub-request, for the misses
+        direct = httpx.post(f"{emulator.url}/api/embed", json=body, timeout=30)
+        got, want = read_answer("/api/embed", merged.content), read_answer("/api/embed", direct.content)
+        assert got is not None and want is not None and got.vectors == want.vectors
+        # Tokens: the cached inputs' own counts plus what the replica counted for "red fish" (sent once).
+        red = httpx.post(f"{emulator.url}/api/embed", json={"model": MODEL, "input": "red fish"},
+                         timeout=30).json()["prompt_eval_count"]
+        assert got.tokens == singles["one fish"] + singles["two fish"] + 2 * red
+        # The sub-request went through the chain under the caller's tenant (no system tenant set).
+        assert any('"POST /api/embed" 200' in line and "tenant=team" in line
+                   for line in proxy.log().splitlines()[-10:])
+        again = _post(proxy, "/api/embed", body)
+        assert again.headers["x-embed-cache"] == "hits=4; misses=0"
+        assert _embed_calls(emulator) == calls + 3  # the sub-request and the two direct calls above
+    finally:
+        proxy.stop()
+
+
+def test_each_route_keeps_its_shape_and_options_change_the_key(tmp_path: Path,
+                                                               emulator: Server) -> None:
+    proxy = _proxy(tmp_path, emulator, "cache-routes")
+    try:
+        _warm(proxy)
+        # Legacy /api/embeddings: float64, its own vectors; the hit is byte-identical to Ollama's answer.
+        legacy = {"model": MODEL, "prompt": "legacy words"}
+        assert _post(proxy, "/api/embeddings", legacy).headers["x-embed-cache"] == "hits=0; misses=1"
+        hit = _post(proxy, "/api/embeddings", legacy)
+        assert hit.headers["x-embed-cache"] == "hits=1; misses=0"
+        assert hit.content == httpx.post(f"{emulator.url}/api/embeddings", json=legacy, timeout=30).content
+        # /v1/embeddings with the official OpenAI client (base64 by default), then floats by hand.
+        client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=TEAM, max_retries=0)
+        first = client.embeddings.create(model=MODEL, input=["open words", "more words"])
+        again = client.embeddings.create(model=MODEL, input=["open words", "more words"])
+        assert [d.embedding for d in again.data] == [d.embedding for d in first.data]
+        floats = {"model": MODEL, "input": ["open words", "more words"]}
+        direct = httpx.post(f"{emulator.url}/v1/embeddings", json=floats, timeout=30)
+        _post(proxy, "/v1/embeddings", floats)
+        served = _post(proxy, "/v1/embeddings", floats)
+        assert served.headers["x-embed-cache"] == "hits=2; misses=0"
+        assert served.headers["content-type"] == "application/json"
+        assert served.content == direct.content  # same vectors, usage, field order and final newline
+        assert _f32(first.data[0].embedding) == _f32(direct.json()["data"][0]["embedding"])
+        b64 = _post(proxy, "/v1/embeddings", {**floats, "encoding_format": "base64"})
+        assert b64.headers["x-embed-cache"] == "hits=2; misses=0"
+        assert base64.b64decode(b64.json()["data"][1]["embedding"]) == _f32(
+            direct.json()["data"][1]["embedding"])
+        # Options that change the vectors are part of the key.
+        cut = _post(proxy, "/api/embed", {"model": MODEL, "input": "open words", "dimensions": 8})
+        assert cut.headers["x-embed-cache"] == "hits=0; misses=1"
+        assert len(cut.json()["embeddings"][0]) == 8
+        # What the cache cannot answer exactly goes on untouched.
+        tokens = _post(proxy, "/v1/embeddings", {"model": MODEL, "input": [[1, 2, 3]]})
+        assert "x-embed-cache" not in tokens.headers
+    finally:
+        proxy.stop()
+
+
+def test_a_new_digest_invalidates(tmp_path: Path) -> None:
+    emulator = start_emulator(tmp_path, name="cache-digest-emu")
+    proxy = _proxy(tmp_path, emulator, "cache-digest")
+    try:
+        _warm(proxy)
+        body = {"model": MODEL, "input": "stable text"}
+        old = _post(proxy, "/api/embed", body).json()["embeddings"][0]
+        assert _post(proxy, "/api/embed", body).headers["x-embed-cache"] == "hits=1; misses=0"
+        # The model is replaced under the same name by another (other digest, other vector size).
+        assert httpx.post(f"{emulator.url}/api/copy", timeout=30,
+                          json={"source": "llama3.2", "destination": MODEL}).status_code == 200
+        direct = httpx.post(f"{emulator.url}/api/embed", json=body, timeout=30).json()["embeddings"][0]
+        assert len(direct) != len(old)
+        deadline = time.monotonic() + 30
+        while True:  # until the probes report the new digest; a stale hit would never end this loop
+            reply = _post(proxy, "/api/embed", body)
+            if reply.json()["embeddings"][0] == direct:
+                break
+            assert time.monotonic() < deadline, "the cache kept answering the replaced model's vectors"
+            time.sleep(0.3)
+        assert reply.headers["x-embed-cache"] == "hits=0; misses=1"
+    finally:
+        proxy.stop()
+        emulator.stop()
+
+
+def test_redis_is_shared_by_replicas_and_its_failure_falls_back_to_memory(
+        tmp_path: Path, emulator: Server) -> None:
+    redis = RedisServer(tmp_path)
+    first = _proxy(tmp_path, emulator, "cache-redis-a", redis_url=redis.url, tenant="system")
+    second = _proxy(tmp_path, emulator, "cache-redis-b", redis_url=redis.url, redis_timeout_s=0.5)
+    try:
+        _warm(first, text="redis warm a")
+        _warm(second, text="redis warm b")
+        body = {"model": MODEL, "input": ["shared one", "shared two"]}
+        assert _post(first, "/api/embed", body).headers["x-embed-cache"] == "hits=0; misses=2"
+        deadline = time.monotonic() + 10
+        shared = redis_client.Redis.from_url(redis.url)
+        while len(shared.keys("sop:embed:*")) < 4:  # both warm-ups and both inputs; written in the background
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        shared.close()
+        calls = _embed_calls(emulator)
+        reply = _post(second, "/api/embed", body)
+        assert reply.headers["x-embed-cache"] == "hits=2; misses=0"
+        assert _embed_calls(emulator) == calls
+        # Redis frozen (accepts, never answers): each call is bounded, the request is served anyway.
+        redis.pause()
+        try:
+            started = time.monotonic()
+            frozen = _post(second, "/api/embed", {"model": MODEL, "input": ["while frozen"]})
+            assert frozen.status_code == 200 and frozen.headers["x-embed-cache"] == "hits=0; misses=1"
+            assert time.monotonic() - started < 10
+        finally:
+            redis.resume()
+        # Redis gone: requests still succeed, served from memory or upstream, never a 500.
+        redis.kill()
+        again = _post(second, "/api/embed", body)
+        assert again.status_code == 200 and again.headers["x-embed-cache"] == "hits=2; misses=0"
+        fresh = _post(second, "/api/embed", {"model": MODEL, "input": ["after redis", "shared one"]})
+        assert fresh.status_code == 200 and fresh.headers["x-embed-cache"] == "hits=1; misses=1"
+        assert "embed_cache: Redis failed" in second.log()
+        # A partial hit with a system tenant: the sub-request runs as `system`, the caller pays its
+        # misses on its own request (its token reservation settles with the misses' count).
+        partial = _post(first, "/api/embed", {"model": MODEL, "input": ["shared one", "only first"]})
+        assert partial.headers["x-embed-cache"] == "hits=1; misses=1"
+        assert any('"POST /api/embed" 200' in line and "tenant=system" in line
+                   for line in first.log().splitlines()[-10:])
+    finally:
+        first.stop()
+        second.stop()
+        redis.stop()
+
+
+def test_the_memory_store_is_bounded_in_bytes_with_lru() -> None:
+    vector = b"[" + b"0.1," * 60 + b"0.1]"
+    entry = len(vector) + 32 + 96  # vector, key, fixed cost per entry
+    store = MemoryStore(max_bytes=3 * entry + entry // 2)  # three fit, not four
+    for index in range(5):
+        store.put(bytes([index]) * 32, vector, index)
+        if index == 2:
+            assert store.get(bytes([0]) * 32) is not None  # used: the oldest is now entry 1
+    assert store.bytes == 3 * entry and len(store) == 3
+    assert store.get(bytes([1]) * 32) is None and store.get(bytes([2]) * 32) is None
+    assert store.get(bytes([0]) * 32) == (vector, 0) and store.get(bytes([4]) * 32) == (vector, 4)
+    store.put(b"k" * 32, b"x" * 2000, 1)  # bigger than the whole cache: not kept, nothing evicted
+    assert len(store) == 3
+
+
+def test_shadow_mode_reports_the_hit_and_goes_upstream(tmp_path: Path, emulator: Server) -> None:
+    proxy = _proxy(tmp_path, emulator, "cache-shadow", mode="shadow")
+    try:
+        body = {"model": MODEL, "input": "shadowed"}
+        deadline = time.monotonic() + 20
+        while (reply := _post(proxy, "/api/embed", body)).headers.get("x-shadow-decision") != \
+                "embed_cache=hit":  # cached as it went upstream, once the digest is known
+            assert time.monotonic() < deadline, reply.headers
+            time.sleep(0.2)
+        calls = _embed_calls(emulator)
+        reply = _post(proxy, "/api/embed", body)
+        assert reply.headers["x-shadow-decision"] == "embed_cache=hit"
+        assert "x-embed-cache" not in reply.headers and _embed_calls(emulator) == calls + 1
+    finally:
+        proxy.stop()
+
+
+def test_config_is_validated_with_the_key_path() -> None:
+    with pytest.raises(PluginError, match=r"plugins\[0\]\.max_bytes: must be > 0"):
+        structure_plugins([{"name": "embed_cache", "max_bytes": 0}])
+    with pytest.raises(PluginError, match=r"plugins\[0\]\.redis_url: must be a redis://"):
+        structure_plugins([{"name": "embed_cache", "redis_url": "http://127.0.0.1:6379"}])
+    with pytest.raises(PluginError, match=r"plugins\[1\]\.window_s: must be > 0 and <= 1"):
+        structure_plugins([{"name": "embed_cache"}, {"name": "embed_batch", "window_s": 5}])
+    with pytest.raises(PluginError, match=r"plugins\[0\]: unknown key\(s\) ttl"):
+        structure_plugins([{"name": "embed_batch", "ttl": 5}])
