@@ -158,7 +158,7 @@ class EmbedBatch(Plugin):
         vectors, tokens, requests, total_duration_ns = result
         del total_duration_ns
         self.requests += 1
-        ctx.usage = Usage(input_tokens=tokens, response_model=ask.model)  # its own share, for quotas
+        ctx.exchange.usage = Usage(input_tokens=tokens, response_model=ask.model)  # its own share, for quotas
         ctx.response_headers["X-Embed-Batch"] = f"requests={requests}"
         decide("batched")
         body, content_type = render(ask, vectors, tokens,

@@ -186,7 +186,7 @@ class _Capture:
         self.chunks = []
         if answer is None or len(answer.vectors) != len(self.keys):
             return
-        tokens = answer.tokens or (ctx.usage.input_tokens if ctx.usage and ctx.usage.input_tokens else 0)
+        tokens = answer.tokens or (ctx.exchange.usage.input_tokens if ctx.exchange.usage and ctx.exchange.usage.input_tokens else 0)
         shares = apportion(tokens, self.ask.inputs)
         self.plugin.store_all(list(zip(self.keys, answer.vectors, shares, strict=True)))
 
@@ -346,7 +346,7 @@ class EmbedCache(Plugin):
                                                                                   strict=True)]
         if self.config.tenant is not None:
             # The misses ran under a system tenant: the caller's own request pays for their tokens.
-            ctx.usage = Usage(input_tokens=sum(fresh[text][1] for text in missing),
+            ctx.exchange.usage = Usage(input_tokens=sum(fresh[text][1] for text in missing),
                               response_model=ask.model)
         return self._answer(ctx, ask, [vector for vector, _ in merged], sum(t for _, t in merged),
                             started)
