@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.support.polling import wait_for
-from tests.support.servers import Server, start_emulator, start_proxy
+from tests.support.servers import Server, free_port, start_emulator, start_proxy
 from tests.support.tools import ROOT, tool
 
 PROM = ROOT / "deploy" / "prometheus"
@@ -80,7 +80,6 @@ def _start_prometheus(tmp: Path, target: str) -> tuple[subprocess.Popen[bytes], 
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(tmp / "rules.yml")],
         "scrape_configs": [{"job_name": "sop", "static_configs": [{"targets": [target]}]}]}))
-    from tests.support.servers import free_port
     port = free_port()  # Prometheus cannot report a port it chose; taken late, checked by polling
     log = (tmp / "prometheus.log").open("wb")
     process = subprocess.Popen(
