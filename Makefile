@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REAL_STAMP := $(VENV)/.installed-real
 
-.PHONY: venv venv-real demo test lint typecheck unit bench bench-burst bench-embed bench-failover calibrate nginx system node clean
+.PHONY: venv venv-real demo test lint typecheck unit bench bench-burst bench-embed bench-failover calibrate nginx system node clean deploy-check
 
 # System packages (Debian/Ubuntu names). `make system` installs the missing ones when run as root and
 # otherwise names them and stops; `make test` checks them first, so a missing one is one clear line, not
@@ -93,6 +93,39 @@ bench-failover: venv
 
 calibrate: venv-real
 	$(BIN)/python -m tests.bench.calibrate
+
+# Offline validation of everything under deploy/ (also run by tests/test_deploy_*.py). Tools: Debian
+# prometheus (promtool), prometheus-alertmanager (amtool), docker-compose, systemd (systemd-analyze);
+# PyPI kubernetes-validate (the dev extra). systemd units are verified as copies whose binaries are
+# rewritten to /bin/true (verify insists that ExecStart exists; the real paths are the install's).
+DEPLOY_PYTHON ?= $(BIN)/python
+PROMTOOL ?= promtool
+AMTOOL ?= amtool
+DOCKER_COMPOSE ?= docker-compose
+KUBERNETES_VALIDATE ?= $(BIN)/kubernetes-validate
+DEPLOY_TMP := $(shell mktemp -u /tmp/deploy-check.XXXXXX)
+
+deploy-check:
+	$(PROMTOOL) check rules deploy/prometheus/rules.yml
+	cd deploy/prometheus && $(PROMTOOL) test rules tests.yml
+	mkdir -p $(DEPLOY_TMP)
+	sed 's|/etc/prometheus/rules.yml|$(CURDIR)/deploy/prometheus/rules.yml|' deploy/prometheus/prometheus.yml \
+		> $(DEPLOY_TMP)/prometheus.yml
+	$(PROMTOOL) check config $(DEPLOY_TMP)/prometheus.yml
+	$(AMTOOL) check-config deploy/alertmanager/alertmanager.yml
+	$(DOCKER_COMPOSE) -f deploy/compose.yaml config -q
+	sed 's|^\(ExecStart[A-Za-z]*=\)[^ ]*|\1/bin/true|' deploy/systemd/shared-ollama-proxy.service \
+		> $(DEPLOY_TMP)/shared-ollama-proxy.service
+	sed 's|^\(ExecStart[A-Za-z]*=\)[^ ]*|\1/bin/true|' 'deploy/systemd/ollama@.service' > '$(DEPLOY_TMP)/ollama@.service'
+	cd $(DEPLOY_TMP) && for unit in shared-ollama-proxy.service ollama@a.service; do \
+		systemd-analyze verify $$unit 2>$(DEPLOY_TMP)/verify.err; rc=$$?; cat $(DEPLOY_TMP)/verify.err; \
+		[ $$rc = 0 ] && [ ! -s $(DEPLOY_TMP)/verify.err ] || exit 1; done
+	$(KUBERNETES_VALIDATE) --strict deploy/kubernetes/*.yaml
+	$(DEPLOY_PYTHON) -m proxy check-config deploy/config.example.yaml
+	$(DEPLOY_PYTHON) -m proxy check-config deploy/config.compose.yaml
+	$(DEPLOY_PYTHON) -c 'import sys, yaml; d = [x for x in yaml.safe_load_all(open("deploy/kubernetes/shared-ollama-proxy.yaml")) if x["kind"] == "ConfigMap"][0]; open(sys.argv[1], "w").write(d["data"]["config.yaml"])' $(DEPLOY_TMP)/configmap.yaml
+	$(DEPLOY_PYTHON) -m proxy check-config $(DEPLOY_TMP)/configmap.yaml
+	rm -rf $(DEPLOY_TMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
