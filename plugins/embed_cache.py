@@ -186,7 +186,8 @@ class _Capture:
         self.chunks = []
         if answer is None or len(answer.vectors) != len(self.keys):
             return
-        tokens = answer.tokens or (ctx.exchange.usage.input_tokens if ctx.exchange.usage and ctx.exchange.usage.input_tokens else 0)
+        usage = ctx.exchange.usage
+        tokens = answer.tokens or (usage.input_tokens if usage and usage.input_tokens else 0)
         shares = apportion(tokens, self.ask.inputs)
         self.plugin.store_all(list(zip(self.keys, answer.vectors, shares, strict=True)))
 
