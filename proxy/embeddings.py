@@ -17,18 +17,20 @@ import attrs
 import orjson
 from aiohttp import web
 
+from .ollama import EMBED_PATH, EMBEDDINGS_PATH, OPENAI_EMBEDDINGS_PATH
+
 if TYPE_CHECKING:
     from .context import RequestContext
 
 __all__ = ["EMBED_ROUTES", "Answer", "Ask", "apportion", "parse_ask", "read_answer", "render", "respond",
            "to_base64"]
 
-EMBED_ROUTES = ("/api/embed", "/api/embeddings", "/v1/embeddings")
+EMBED_ROUTES = (EMBED_PATH, EMBEDDINGS_PATH, OPENAI_EMBEDDINGS_PATH)
 
 _KEYS = {
-    "/api/embed": frozenset({"model", "input", "truncate", "dimensions", "options", "keep_alive"}),
-    "/api/embeddings": frozenset({"model", "prompt", "options", "keep_alive"}),
-    "/v1/embeddings": frozenset({"model", "input", "encoding_format", "dimensions", "user"}),
+    EMBED_PATH: frozenset({"model", "input", "truncate", "dimensions", "options", "keep_alive"}),
+    EMBEDDINGS_PATH: frozenset({"model", "prompt", "options", "keep_alive"}),
+    OPENAI_EMBEDDINGS_PATH: frozenset({"model", "input", "encoding_format", "dimensions", "user"}),
 }
 _GO_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
                              "\u2028": "\\u2028", "\u2029": "\\u2029"})
@@ -64,7 +66,7 @@ def parse_ask(route: str, body: Any) -> Ask | None:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         return None
-    if route == "/api/embeddings":
+    if route == EMBEDDINGS_PATH:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             return None
@@ -86,7 +88,7 @@ def parse_ask(route: str, body: Any) -> Ask | None:
         dimensions = body.get("dimensions")
         if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)):
             return None
-        if route == "/api/embed":
+        if route == EMBED_PATH:
             truncate = body.get("truncate", True)
             options = body.get("options")
             if not isinstance(truncate, bool):
@@ -104,7 +106,7 @@ def parse_ask(route: str, body: Any) -> Ask | None:
                                       ("keep_alive", body.get("keep_alive"))) if v is not None}
     if options is not None and not isinstance(options, dict):
         return None
-    if route == "/api/embeddings" and body.get("keep_alive") is not None:
+    if route == EMBEDDINGS_PATH and body.get("keep_alive") is not None:
         upstream = {"keep_alive": body["keep_alive"]}
     try:
         variant = orjson.dumps(variant_of, option=orjson.OPT_SORT_KEYS)
@@ -137,7 +139,7 @@ def read_answer(route: str, raw: bytes) -> Answer | None:
     if vectors is None:
         return None
     usage = parsed.get("usage")
-    tokens = parsed.get("prompt_eval_count") if route == "/api/embed" else (
+    tokens = parsed.get("prompt_eval_count") if route == EMBED_PATH else (
         usage.get("prompt_tokens") if isinstance(usage, dict) else 0)
     duration = parsed.get("total_duration")
     return Answer(vectors, tokens if isinstance(tokens, int) else 0,
@@ -145,10 +147,10 @@ def read_answer(route: str, raw: bytes) -> Answer | None:
 
 
 def _split(route: str, raw: bytes, parsed: dict[str, Any]) -> list[bytes] | None:
-    if route == "/api/embed":
+    if route == EMBED_PATH:
         expected = parsed.get("embeddings")
         marker = b'"embeddings":['
-    elif route == "/api/embeddings":
+    elif route == EMBEDDINGS_PATH:
         vector = parsed.get("embedding")
         expected = [vector] if isinstance(vector, list) and vector else None
         marker = b'"embedding":'
@@ -167,7 +169,7 @@ def _split(route: str, raw: bytes, parsed: dict[str, Any]) -> list[bytes] | None
     position = raw.find(marker)
     if position < 0:
         return None
-    if route == "/api/embed":
+    if route == EMBED_PATH:
         position += len(marker)
         while position < len(raw) and raw[position] == ord("["):
             end = raw.find(b"]", position)
@@ -218,9 +220,9 @@ def render(ask: Ask, vectors: Sequence[bytes], tokens: int,
            total_duration_ns: int) -> tuple[bytes, str]:
     """The body and content type Ollama answers `ask`'s route with, from vectors of `ask.kind`: field
     order of Ollama's structs, zero fields omitted where Go omits them, json.Encoder's newline on /v1."""
-    if ask.route == "/api/embeddings":
+    if ask.route == EMBEDDINGS_PATH:
         return b'{"embedding":' + vectors[0] + b"}", CT_GIN
-    if ask.route == "/api/embed":
+    if ask.route == EMBED_PATH:
         body = b'{"model":' + _go_string(ask.model) + b',"embeddings":[' + b",".join(vectors) + b"]"
         if total_duration_ns:
             body += b',"total_duration":%d' % total_duration_ns

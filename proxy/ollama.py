@@ -13,8 +13,27 @@ from typing import Any
 
 import attrs
 
-__all__ = ["PROXY_ROUTES", "RouteInfo", "Usage", "UsageScanner", "classify", "is_cloud_model", "known_route",
-           "model_key"]
+__all__ = [
+    "EMBEDDINGS_PATH",
+    "EMBED_PATH",
+    "OPENAI_EMBEDDINGS_PATH",
+    "PROXY_ROUTES",
+    "RouteInfo",
+    "Usage",
+    "UsageScanner",
+    "classify",
+    "is_cloud_model",
+    "known_route",
+    "model_key",
+]
+
+
+EMBED_PATH = "/api/embed"
+"""Ollama's batch embedding route (also what the proxy itself sends embedding sub-requests to)."""
+EMBEDDINGS_PATH = "/api/embeddings"
+"""Ollama's legacy single-input embedding route (unnormalised vectors)."""
+OPENAI_EMBEDDINGS_PATH = "/v1/embeddings"
+"""The OpenAI-compatible embedding route."""
 
 
 def model_key(model: str) -> str:
