@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from tests.support.metrics import metric
+from tests.support.polling import wait_for
 from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, free_port, start_emulator, start_proxy
 
@@ -101,8 +102,9 @@ async def test_burst_waits_for_pooled_connections(tmp: Path, emulator: Server,
         assert statuses == {200: 300}, statuses
         assert await asyncio.to_thread(metric, proxy.url, DEGRADED) == 0
         assert not await asyncio.to_thread(metric, proxy.url, FAILURES)
-        holders = redis.Redis.from_url(redis_server.url).zcard("burst:lease:inflight:team")
-        assert holders == 0  # every lease came back
+        # Every lease comes back (released just after the last byte: polled, not raced).
+        wait_for(lambda: redis.Redis.from_url(redis_server.url).zcard("burst:lease:inflight:team") == 0,
+                 10, "every lease back in Redis")
     finally:
         await asyncio.to_thread(proxy.stop)
     assert "Traceback" not in proxy.log()
@@ -185,9 +187,10 @@ async def test_redis_frozen_costs_one_timeout_and_leaks_no_lease(tmp: Path, emul
                 # for Redis, not redis-py's default of retries or no timeout at all.
                 answers = await asyncio.gather(*(_generate(session, proxy.url) for _ in range(2)))
                 assert [a[0] for a in answers] == [200, 200]
-                assert max(a[3] for a in answers) < 3.0, [a[3] for a in answers]
+                # One 0.5 s timeout, not redis-py's default 5 s (generous for a loaded machine).
+                assert max(a[3] for a in answers) < 4.5, [a[3] for a in answers]
                 after = await _generate(session, proxy.url)
-                assert after[0] == 200 and after[3] < 1.5  # the circuit is open: Redis not waited for
+                assert after[0] == 200 and after[3] < 3.0  # the circuit is open: Redis not waited for
                 for response in held:  # the held streams end while Redis is frozen
                     await response.read()
                     response.release()
@@ -425,8 +428,9 @@ async def test_redis_fails_in_the_middle_of_a_burst(tmp: Path, emulator: Server,
             await asyncio.to_thread(redis_server.resume if fault == "pause" else redis_server.restart)
             await _poll_metric(proxy.url, DEGRADED, 0)
             assert (await _generate(session, proxy.url))[0] == 200
-            holders = redis.Redis.from_url(redis_server.url).zcard(f"mid-{fault}:lease:inflight:team")
-            assert holders == 0
+            key = f"mid-{fault}:lease:inflight:team"
+            await asyncio.to_thread(wait_for, lambda: redis.Redis.from_url(redis_server.url).zcard(key) == 0,
+                                    10, "every lease back in Redis")
     finally:
         await asyncio.to_thread(proxy.stop)
     assert "Traceback" not in proxy.log()
