@@ -39,6 +39,7 @@ from .errors import (
     RequestTimeout,
     ShuttingDown,
 )
+from .escaping import escape
 from .ollama import classify
 from .rendering import render
 from .serving import STOP, GracefulStop, escape_field
@@ -73,17 +74,11 @@ def header_value(value: object, limit: int = _HEADER_VALUE_LIMIT) -> str:
     text = value if isinstance(value, str) else str(value)
     if len(text) <= limit and text.isascii() and text.isprintable():
         return text
-    out: list[str] = []
-    for char in text[:limit]:
-        if char.isascii() and char.isprintable():
-            out.append(char)
-        elif ord(char) < 0x100:
-            out.append(f"\\x{ord(char):02x}")
-        else:
-            out.append(f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}")
-    if len(text) > limit:
-        out.append("...")
-    return "".join(out)[:limit + 3]
+    return escape(text, limit, _header_safe)[:limit + 3]  # escapes grow it: the header stays bounded
+
+
+def _header_safe(char: str) -> bool:
+    return char.isascii() and char.isprintable()
 
 
 async def add_context_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -27,6 +27,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
+from .escaping import escape
 from .rendering import error_body
 
 __all__ = [
@@ -67,17 +68,11 @@ def escape_field(value: object, limit: int = 200) -> str:
     if (len(text) <= limit and text.isprintable() and " " not in text and '"' not in text
             and "\\" not in text):
         return text  # the common case (a model name, an address) costs a few scans
-    out: list[str] = []
-    for char in text[:limit]:
-        if char.isprintable() and char not in ' "\\':
-            out.append(char)
-        elif ord(char) < 0x100:
-            out.append(f"\\x{ord(char):02x}")
-        else:
-            out.append(f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}")
-    if len(text) > limit:
-        out.append("...")
-    return "".join(out)
+    return escape(text, limit, _log_safe)
+
+
+def _log_safe(char: str) -> bool:
+    return char.isprintable() and char not in ' "\\'
 
 
 def _raw_response(status: int, reason: str, message: str, code: str, *,
