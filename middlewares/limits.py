@@ -22,9 +22,10 @@ and `<prefix>.limits.truncations`.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 from aiohttp import web
@@ -57,6 +58,10 @@ class LimitsConfig:
     """Default deadline of a request, first byte to last."""
     strip_load_options: bool = True
     """Remove load-time options (num_ctx, num_batch, ...) a model has no canonical value for."""
+    upstream_truncation: Literal["allow", "refuse"] = "allow"
+    """What Ollama may do with a prompt longer than the context it runs: `allow` (its default: it cuts the
+    front silently; the proxy detects and reports it) or `refuse` (the proxy sends `truncate: false`,
+    so Ollama answers 400 instead of cutting)."""
     truncation_tolerance_tokens: int = attrs.field(default=16, validator=attrs.validators.ge(0))
     """How far below our count Ollama's prompt_eval_count may be before we call it a silent truncation
     (chat templates differ a little between our count and the model's)."""
@@ -65,6 +70,7 @@ class LimitsConfig:
 Summarizer = Callable[[RequestContext, dict[str, Any], Tokenizer, int], Awaitable[str | None]]
 """Makes a prompt fit a limit (rewriting ctx's body); returns its decision, None when it changed nothing."""
 
+_PROMPT_EVAL = re.compile(rb'"prompt_eval_count":(\d+)')
 DEADLINE_HEADER = DEADLINE_REQUEST_HEADER
 """Kept here for existing imports; ingress reads it (proxy/ingress.py)."""
 OFFLOAD_BYTES = 16 * 1024
@@ -158,6 +164,18 @@ class LimitsStep(Step):
                                self.telemetry.names.limits_max_prompt_tokens: limit}) as span:
             if ctx.route.dialect == "ollama":  # native options; /v1 bodies have none
                 body = self._canonical_options(ctx, span, body, model, model_config)
+            context = self._context_tokens(ctx, body, model)
+            if context is not None and context < limit:
+                # Ollama runs the request with this context whatever the configured limit says (on /v1
+                # it ignores options.num_ctx): past it the prompt would be cut, so that is the limit.
+                limit = context
+                ctx.service_limits["max_prompt_tokens"] = limit
+                span.set_attribute(self.telemetry.names.limits_max_prompt_tokens, limit)
+            ctx.prompt.context_tokens = context
+            if self.config.upstream_truncation == "refuse" and ctx.route.dialect == "ollama" \
+                    and body.get("truncate") is not False:  # in every mode, like the canonical options
+                body = {**body, "truncate": False}
+                ctx.replace_json(body)
             tokenizer = await self._tokenizer(model)
             started = time.perf_counter()
             if len(ctx.body or b"") > OFFLOAD_BYTES:
@@ -179,9 +197,45 @@ class LimitsStep(Step):
                 else:
                     await self._over_limit(request, ctx, span, body, tokenizer, measured, limit,
                                            model_config)
+        if not ctx.streaming:
+            ctx.header_hooks.append(lambda chunk: self._report_before_headers(ctx, chunk))
         response = await handler(request)
         self._check_silent_truncation(ctx, model)
         return response
+
+    def _context_tokens(self, ctx: RequestContext, body: dict[str, Any], model: str) -> int | None:
+        """The context the request will run with, when it is known: the request's own num_ctx on native
+        routes (after the canonical rewrite), else the context the model is loaded with (/api/ps), which
+        is what /v1 routes always get. None: not known (the model is loaded nowhere yet)."""
+        if ctx.route.dialect == "ollama":
+            options = body.get("options")
+            num_ctx = options.get("num_ctx") if isinstance(options, dict) else None
+            if isinstance(num_ctx, int) and not isinstance(num_ctx, bool) and num_ctx > 0:
+                return num_ctx
+        return self.upstreams.loaded_context(model) if self.upstreams is not None else None
+
+    def _truncated_upstream(self, ctx: RequestContext, evaluated: int, *, certain: bool = False) -> bool:
+        """Did Ollama cut the prompt? Certain: the fingerprint of its context shift on a prompt longer than
+        the context it ran (about num_ctx/2 + 2 tokens evaluated). Likely (not `certain`): its count is
+        well below ours, which a prompt cache hit can also explain (Ollama does not count cached tokens),
+        so that only goes to the span and the metric, never to the client's headers."""
+        counted = ctx.prompt.tokens
+        if counted is None:
+            return False
+        tolerance = self.config.truncation_tolerance_tokens
+        context = ctx.prompt.context_tokens
+        if (context is not None and counted >= context
+                and abs(evaluated - (context // 2 + 2)) <= tolerance):
+            return True
+        return not certain and evaluated + tolerance < counted
+
+    def _report_before_headers(self, ctx: RequestContext, first_chunk: bytes) -> None:
+        """A non-streaming answer is whole in its first chunk (usually): its prompt_eval_count tells,
+        before the headers go out, whether Ollama cut the prompt: say so in X-Prompt-Truncated-Upstream."""
+        found = _PROMPT_EVAL.findall(first_chunk[-4096:])
+        if found and self._truncated_upstream(ctx, int(found[-1]), certain=True):
+            ctx.response_headers["X-Prompt-Truncated-Upstream"] = (
+                f"prompt_tokens={ctx.prompt.tokens}; evaluated={int(found[-1])}")
 
     async def _tokenizer(self, model: str) -> Tokenizer:
         """The model's own tokenizer; the estimate, without asking any replica, for a name the fleet
@@ -265,7 +319,7 @@ class LimitsStep(Step):
         counted = ctx.prompt.tokens
         if usage is None or usage.input_tokens is None or counted is None:
             return
-        if usage.input_tokens + self.config.truncation_tolerance_tokens < counted:
+        if self._truncated_upstream(ctx, usage.input_tokens):
             label = self.upstreams.label(model) if self.upstreams is not None else model_key(model)
             self.truncations.add(1, {semconv.ATTR_GEN_AI_REQUEST_MODEL: label})
             if ctx.root_span is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -48,6 +49,8 @@ class PromptFacts:
 
     tokens: int | None = None
     """The prompt's token count as limits counted it (None: not counted)."""
+    context_tokens: int | None = None
+    """The context the request will run with upstream, when known (its num_ctx, or the loaded one)."""
 
 
 @attrs.define
@@ -131,6 +134,9 @@ class RequestContext:
     health: Candidates = attrs.field(factory=Candidates)
     routing: Routing = attrs.field(factory=Routing)
     exchange: Exchange = attrs.field(factory=Exchange)
+    header_hooks: list[Callable[[bytes], None]] = attrs.field(factory=list)
+    """Called with the first body chunk just before the response headers go out (the forwarder holds
+    them until then): a step may still add a header from what the answer says."""
     observers: list[ResponseObserver] = attrs.field(factory=list)
     """Plugins' response observers (proxy/plugin.py): the forwarder feeds them every relayed chunk."""
     _json: Any = attrs.field(default=None, alias="_json")

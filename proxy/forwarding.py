@@ -240,6 +240,8 @@ class Forwarder:
                         if not response.prepared:
                             ctx.status = upstream_response.status
                             span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
+                            for hook in ctx.header_hooks:
+                                hook(chunk)
                             await response.prepare(request)
                         if not chunk:
                             break

@@ -190,7 +190,19 @@ def test_shadow_mode_reports_and_lets_through(tmp: Path, emulator: Server) -> No
 def test_silent_truncation_is_detected(tmp: Path, emulator: Server) -> None:
     """A prompt under our limit but over the model's canonical context: Ollama cuts it silently
     (prompt_eval_count drops); the proxy notices and counts it."""
-    proxy = start_proxy(tmp, [emulator.url], {"chain": {"limits": {"max_prompt_tokens": 8000}},
+    # Enforced, the context is the limit (the context guard): 512 tokens, whatever max_prompt_tokens says.
+    guarded = start_proxy(tmp, [emulator.url], {"chain": {"limits": {"max_prompt_tokens": 8000}},
+                                                "models": {"qwen3": {"options": {"num_ctx": 512}}}},
+                          name="guarded")
+    try:
+        refused = httpx.post(f"{guarded.url}/api/generate", json={
+            "model": "qwen3", "prompt": _words(900), "stream": False, "think": False})
+        assert refused.status_code == 400 and "limit of 512 tokens" in refused.json()["error"]
+    finally:
+        guarded.stop()
+    # In shadow the prompt reaches Ollama, which cuts it silently; the proxy notices and says so.
+    proxy = start_proxy(tmp, [emulator.url], {"chain": {"limits": {"max_prompt_tokens": 8000,
+                                                                   "mode": "shadow"}},
                                               "models": {"qwen3": {"options": {"num_ctx": 512}}}},
                         name="silent")
     try:
@@ -198,6 +210,7 @@ def test_silent_truncation_is_detected(tmp: Path, emulator: Server) -> None:
             "model": "qwen3", "prompt": _words(900), "stream": False, "think": False,
             "options": {"num_ctx": 512}})
         assert response.status_code == 200 and response.json()["prompt_eval_count"] == 256
+        assert response.headers["x-prompt-truncated-upstream"].endswith("evaluated=256")
         metrics = httpx.get(f"{proxy.url}/metrics").text
         counts = [s.value for f in text_string_to_metric_families(metrics)
                   if f.name == "sop_limits_truncations" for s in f.samples

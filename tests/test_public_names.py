@@ -73,7 +73,7 @@ anonymous.max_concurrent anonymous.deadline_s anonymous.max_prompt_tokens
 models.*.max_prompt_tokens models.*.prompt_policy models.*.tokenizer models.*.options models.*.warm_on
 models.*.pinned models.*.replicas
 chain.limits.mode chain.limits.max_prompt_tokens chain.limits.prompt_policy chain.limits.deadline_s
-chain.limits.strip_load_options chain.limits.truncation_tolerance_tokens
+chain.limits.strip_load_options chain.limits.truncation_tolerance_tokens chain.limits.upstream_truncation
 chain.quotas.mode chain.quotas.default_output_tokens chain.quotas.lease_ttl_s
 chain.backpressure.mode chain.backpressure.max_queue_size chain.backpressure.queue_timeout_s
 chain.backpressure.max_in_flight chain.backpressure.fair chain.backpressure.bulk_share

@@ -1,0 +1,98 @@
+"""The context guard in `limits`: the effective prompt limit is the context the model runs with (on /v1,
+where Ollama ignores options.num_ctx, the context it is loaded with); Ollama's silent truncation of a
+non-streaming answer is reported in X-Prompt-Truncated-Upstream; `upstream_truncation: refuse` makes
+Ollama answer 400 instead of cutting. Against a real proxy and an emulator whose context is small."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.metrics import metric
+from tests.support.polling import wait_for
+from tests.support.servers import Server, start_emulator, start_proxy
+
+CONTEXT = 256
+FAST = {"probe_interval_s": 0.3, "probe_timeout_s": 1.0}
+LONG = "many words to fill the context " * 60  # a few hundred tokens: over 256
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_emulator(tmp_path_factory.mktemp("guard"), name="guard-emu",
+                            extra=["--context-length", str(CONTEXT)])
+    yield server
+    server.stop()
+
+
+def _proxy(tmp: Path, emulator: Server, name: str, **limits: Any) -> Server:
+    return start_proxy(tmp, [emulator.url], {"chain": {"health": FAST, "limits": limits}}, name=name)
+
+
+def _loaded(proxy: Server, emulator: Server) -> None:
+    """Load llama3.2 on the replica and wait until the proxy's probes saw its context."""
+    assert httpx.post(f"{emulator.url}/api/generate", json={"model": "llama3.2"}, timeout=30).is_success
+    def seen() -> bool:  # the proxy's own view, from its probes (not the replica's answer)
+        profile = httpx.get(f"{proxy.url}/system/profile").json()
+        return f"'context_length': {CONTEXT}" in str(profile.get("replicas"))
+    wait_for(seen, 20, "the proxy's probes to see the loaded context")
+
+
+def test_v1_requests_are_limited_by_the_loaded_context(tmp_path: Path, emulator: Server) -> None:
+    proxy = _proxy(tmp_path, emulator, "guard-v1")
+    try:
+        _loaded(proxy, emulator)
+        short = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30, json={
+            "model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert short.status_code == 200
+        assert f"max_prompt_tokens={CONTEXT}" in short.headers["x-service-limits"]
+        refused = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30, json={
+            "model": "llama3.2", "messages": [{"role": "user", "content": LONG}]})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "prompt_too_long"
+        assert f"limit of {CONTEXT} tokens" in refused.json()["error"]["message"]
+    finally:
+        proxy.stop()
+
+
+def test_a_silent_cut_is_reported_before_the_headers(tmp_path: Path, emulator: Server) -> None:
+    # Shadow limits let the long prompt through, as a proxy would in front of a model whose context it
+    # did not know yet: Ollama cuts it, and the answer says so.
+    proxy = _proxy(tmp_path, emulator, "guard-report", mode="shadow")
+    try:
+        _loaded(proxy, emulator)
+        answer = httpx.post(f"{proxy.url}/api/generate", timeout=30, json={
+            "model": "llama3.2", "prompt": LONG, "stream": False, "options": {"num_predict": 2}})
+        assert answer.status_code == 200, answer.text
+        evaluated = answer.json()["prompt_eval_count"]
+        assert evaluated <= CONTEXT // 2 + 2  # the emulator cut it as Ollama does
+        report = answer.headers["x-prompt-truncated-upstream"]
+        assert report.endswith(f"evaluated={evaluated}") and "prompt_tokens=" in report
+        assert (metric(proxy.url, "sop_limits_truncations_total") or 0) >= 1
+        streamed = httpx.post(f"{proxy.url}/api/generate", timeout=30, json={
+            "model": "llama3.2", "prompt": LONG, "options": {"num_predict": 2}})
+        assert "x-prompt-truncated-upstream" not in streamed.headers  # a stream's headers went first
+        assert (metric(proxy.url, "sop_limits_truncations_total") or 0) >= 2  # still counted
+    finally:
+        proxy.stop()
+
+
+def test_refuse_makes_ollama_answer_400_instead_of_cutting(tmp_path: Path, emulator: Server) -> None:
+    # Shadow limits let a prompt over qwen3's context (4096, the canonical default) through; Ollama
+    # refuses it instead of cutting because the proxy asked it to (the rewrite applies in every mode,
+    # as the canonical options do).
+    proxy = _proxy(tmp_path, emulator, "guard-refuse", mode="shadow", upstream_truncation="refuse")
+    try:
+        refused = httpx.post(f"{proxy.url}/api/generate", timeout=30, json={
+            "model": "qwen3", "prompt": LONG * 15, "stream": False})
+        assert refused.status_code == 400, refused.text
+        assert "context" in refused.json()["error"]  # Ollama's own text, relayed
+        fits = httpx.post(f"{proxy.url}/api/generate", timeout=30, json={
+            "model": "qwen3", "prompt": "hi", "stream": False, "options": {"num_predict": 2}})
+        assert fits.status_code == 200
+    finally:
+        proxy.stop()
