@@ -116,7 +116,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
     proxy = start_proxy(tmp, [emulator.url], {
         "tenants": [{"name": "team", "keys": [KEY]}],
         "state": {"backend": "redis", "url": redis.url},
-        "chain": {"limits": {"max_prompt_tokens": 8000}},
+        # Shadow limits let the over-long prompt reach Ollama (enforced, the context guard refuses it),
+        # so the silent truncation and its metric happen.
+        "chain": {"limits": {"max_prompt_tokens": 8000, "mode": "shadow"}},
         "models": {"qwen3": {"options": {"num_ctx": 512}}}})
     try:
         auth = {"Authorization": f"Bearer {KEY}"}
