@@ -93,14 +93,14 @@ class ModelGate:
         self.config = config
         self.fleet = fleet
         self.placement = placement
-        upstreams = list(fleet)
         self.queue = FairQueue(config.fair, config.bulk_share)
-        self.in_flight: dict[str, int] = {u.name: 0 for u in upstreams}
-        self.limits: dict[str, float] = {u.name: float(config.max_in_flight or u.num_parallel)
-                                         for u in upstreams}
-        self.ceilings: dict[str, int] = {
-            u.name: (config.adaptive_max_in_flight or 2 * (config.max_in_flight or u.num_parallel))
-            if config.adaptive else int(config.max_in_flight or u.num_parallel) for u in upstreams}
+        # Per replica name, created on first use: replicas come and go with reloads. A removed replica
+        # keeps its in_flight entry until the requests it serves release their slots.
+        self.in_flight: Counter[str] = Counter()
+        self.limits: dict[str, float] = {}
+        self.ceilings: dict[str, int] = {}
+        for upstream in fleet:
+            self.limit(upstream)
         self.baselines: dict[str, float] = {}
         self.completions: deque[float] = deque()
         self.waits: deque[float] = deque(maxlen=_WAIT_SAMPLES)
@@ -108,9 +108,42 @@ class ModelGate:
         self.service_s: float | None = None
         self._recheck: asyncio.TimerHandle | None = None
 
+    def limit(self, upstream: Upstream) -> float:
+        """The (replica, model) limit: `max_in_flight` or the replica's slots, or what the adaptive
+        limiter learned since."""
+        limit = self.limits.get(upstream.name)
+        if limit is None:
+            config = self.config
+            declared = config.max_in_flight or upstream.num_parallel
+            limit = self.limits[upstream.name] = float(declared)
+            self.ceilings[upstream.name] = (config.adaptive_max_in_flight or 2 * declared) \
+                if config.adaptive else int(declared)
+        return limit
+
+    def reconfigure(self, config: BackpressureConfig) -> None:
+        """A reload: new settings; limits are derived again (learned adaptive limits are kept while the
+        adaptive settings and the replica's slots stay the same); replicas gone from the set drop out."""
+        old = self.config
+        self.config = config
+        self.queue.configure(config.fair, config.bulk_share)
+        keep_learned = config.adaptive and old.adaptive and (
+            config.max_in_flight, config.adaptive_max_in_flight) == (
+            old.max_in_flight, old.adaptive_max_in_flight)
+        present = {u.name: u for u in self.fleet}
+        for name in list(self.limits):
+            if name not in present or not keep_learned:
+                del self.limits[name]
+                self.ceilings.pop(name, None)
+                self.baselines.pop(name, None)
+        for name in [n for n, count in self.in_flight.items() if count <= 0 and n not in present]:
+            del self.in_flight[name]
+        for upstream in present.values():
+            self.limit(upstream)
+        self.dispatch()
+
     # capacity ----------------------------------------------------------------------------------------
     def _free(self, eligible: Sequence[Upstream]) -> list[Upstream]:
-        return [u for u in eligible if self.in_flight[u.name] < max(1, math.floor(self.limits[u.name]))]
+        return [u for u in eligible if self.in_flight[u.name] < max(1, math.floor(self.limit(u)))]
 
     def has_free_slot(self) -> bool:
         """Is a slot free on some replica that may serve the model?"""
@@ -128,7 +161,7 @@ class ModelGate:
             if replica is None:
                 self._recheck_later()
             return replica
-        return min(free, key=lambda u: self.in_flight[u.name] / max(1.0, self.limits[u.name]))
+        return min(free, key=lambda u: self.in_flight[u.name] / max(1.0, self.limit(u)))
 
     def drain_rate(self) -> float | None:
         """Completions per second over the last minute (None before two completions): what the fleet
@@ -145,8 +178,7 @@ class ModelGate:
     def capacity(self) -> int:
         """Slots for this model on the replicas that may serve it now (at least one)."""
         eligible = self.fleet.eligible(self.model)
-        return max(1, sum(max(1, math.floor(self.limits.get(u.name, u.num_parallel)))
-                          for u in eligible))
+        return max(1, sum(max(1, math.floor(self.limit(u))) for u in eligible))
 
     def estimated_wait_s(self, ahead: int) -> float:
         """Expected wait of a request with `ahead` requests before it, from capacity: the queue drains
@@ -188,7 +220,7 @@ class ModelGate:
     def move(self, old: Upstream, new: Upstream) -> None:
         """A request holding a slot on `old` goes to `new` instead (the balancer retried)."""
         self.in_flight[old.name] = max(0, self.in_flight[old.name] - 1)
-        self.in_flight[new.name] = self.in_flight.get(new.name, 0) + 1
+        self.in_flight[new.name] += 1
         self.dispatch()
 
     def release(self, replica: Upstream, service_s: float, per_token_s: float | None) -> None:
@@ -210,7 +242,9 @@ class ModelGate:
         baseline = per_token_s if baseline is None else min(per_token_s, baseline * 1.002)
         self.baselines[name] = baseline
         gradient = min(1.0, max(0.5, baseline * (1 + self.config.adaptive_tolerance) / per_token_s))
-        limit = self.limits[name]
+        limit = self.limits.get(name)
+        if limit is None:  # the replica left the set (a reload) while this request ran on it
+            return
         target = limit * gradient + (1.0 if gradient >= 1.0 else 0.0)
         self.limits[name] = min(float(self.ceilings[name]), max(1.0, 0.8 * limit + 0.2 * target))
 
@@ -260,7 +294,6 @@ class BackpressureStep(Step):
         super().__init__(config.mode, telemetry, config.rollout)
         self.config = config
         self.fleet = upstreams
-        self.upstreams = list(upstreams)
         self.placement = placement
         self.gates: dict[str, ModelGate] = {}
         upstreams.on_change(self._fleet_changed)
@@ -274,6 +307,12 @@ class BackpressureStep(Step):
         meter.create_observable_gauge(
             telemetry.names.metric_upstream_in_flight, callbacks=[self._observe_in_flight],
             unit="{request}", description="Requests holding a slot, per replica and model.")
+
+    def reconfigure(self, config: BackpressureConfig) -> None:
+        super().reconfigure(config)
+        self.config = config
+        for gate in list(self.gates.values()):
+            gate.reconfigure(config)
 
     def gate(self, model: str) -> ModelGate:
         key = model_key(model)
@@ -442,7 +481,7 @@ class BackpressureStep(Step):
         if error is None:
             ctx.response_headers.add("X-Shadow-Decision", f"{self.name}=queue")
         self.decide(ctx, span, "shadow_queue" if error is None else "overload", error)
-        replica = min(self.fleet.eligible(gate.model) or self.upstreams,
+        replica = min(self.fleet.eligible(gate.model) or list(self.fleet),
                       key=lambda u: gate.in_flight[u.name])
         gate.in_flight[replica.name] += 1
         gate.queue.charge(ctx.tenant.name, ctx.tenant.weight, cost)

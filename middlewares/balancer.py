@@ -101,6 +101,12 @@ class BalancerStep(Step):
             description="Requests sent to another replica before the first byte, by failed replica and "
                         "error.")
 
+    def reconfigure(self, config: BalancerConfig) -> None:
+        super().reconfigure(config)
+        self.config = config
+        self.placement.config = config
+        self.placement.enforce = config.mode == "enforce"
+
     # the step ----------------------------------------------------------------------------------------
     async def handle(self, request: web.Request, ctx: RequestContext,
                      handler: Handler) -> web.StreamResponse:

@@ -77,6 +77,10 @@ class HealthStep(Step):
         self.upstreams = upstreams
         self.fleet = fleet
 
+    def reconfigure(self, config: HealthConfig) -> None:
+        super().reconfigure(config)
+        self.config = config
+
     # the step ----------------------------------------------------------------------------------------
     def retry_after_s(self, model: str | None) -> float:
         """When a replica for `model` may serve again: the soonest backoff expiry or next probe."""

@@ -107,6 +107,12 @@ class LimitsStep(Step):
             telemetry.names.metric_limits_count_duration, unit="s",
             description="Time spent counting prompt tokens.")
 
+    def reconfigure(self, config: LimitsConfig, models: dict[str, ModelConfig] | None = None) -> None:
+        super().reconfigure(config)
+        self.config = config
+        if models is not None:
+            self.models = {model_key(name): model for name, model in models.items()}
+
     @staticmethod
     def check_body(request: web.Request, ctx: RequestContext) -> None:
         """Refuse, with Ollama's 400 and Go's text, a body Ollama's decoder would refuse; on an inference

@@ -91,6 +91,10 @@ class QuotasStep(Step):
         self._holders = itertools.count()
         self._mean_duration_s: dict[str, float] = {}
 
+    def reconfigure(self, config: QuotasConfig) -> None:
+        super().reconfigure(config)
+        self.config = config
+
     @staticmethod
     def keys(tenant: Tenant) -> tuple[str, str, str]:
         """State keys of a tenant's request bucket, token bucket and lease set."""

@@ -105,17 +105,25 @@ class TenantDirectory:
     def __init__(self, tenants: tuple[TenantConfig, ...], anonymous: AnonymousConfig,
                  admin_keys: tuple[str, ...], *, metrics_need_admin: bool = False,
                  internal: Callable[[str], str | None] | None = None) -> None:
-        self._tenants = {_digest(k): Tenant.from_config(t) for t in tenants for k in t.keys}
-        self._admin = {_digest(k) for k in admin_keys}
-        self._placeholders = {_digest(k) for k in anonymous.keys}
-        self.tenants = [Tenant.from_config(t) for t in tenants]
-        self.anonymous_allowed = anonymous.allow
-        self.anonymous = Tenant.anonymous_from(anonymous)
-        self.open_mode = not tenants and not admin_keys
         self.metrics_need_admin = metrics_need_admin
         self._internal = internal
         """Reads a sub-request credential: the tenant name it carries, or None when it is not ours."""
-        self._by_name = {t.name: t for t in self.tenants}
+        self.reconfigure(tenants, anonymous, admin_keys)
+
+    def reconfigure(self, tenants: tuple[TenantConfig, ...], anonymous: AnonymousConfig,
+                    admin_keys: tuple[str, ...]) -> None:
+        """Keys, tenants (with their quotas and lanes) and the anonymous policy, from a reload. Built
+        aside and then bound, so a request sees either the old directory or the new one."""
+        by_key = {_digest(k): Tenant.from_config(t) for t in tenants for k in t.keys}
+        listed = [Tenant.from_config(t) for t in tenants]
+        self._tenants = by_key
+        self._admin = {_digest(k) for k in admin_keys}
+        self._placeholders = {_digest(k) for k in anonymous.keys}
+        self.tenants = listed
+        self.anonymous_allowed = anonymous.allow
+        self.anonymous = Tenant.anonymous_from(anonymous)
+        self.open_mode = not tenants and not admin_keys
+        self._by_name = {t.name: t for t in listed}
 
     def _open_route(self, path: str) -> bool:
         return path in PROBE_PATHS or (path == METRICS_PATH and not self.metrics_need_admin)

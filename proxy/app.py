@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -22,7 +22,9 @@ from .fleet.health import FleetHealth
 from .forwarding import Forwarder
 from .ingress import Ingress, add_context_headers
 from .placement import Placement
-from .plugin import PluginServices, PluginStep, Subrequests, structure_plugins
+from .plugin import PluginServices, Subrequests, structure_plugins
+from .plugin_chain import PluginChain
+from .reload import Reloader, Runtime
 from .serving import STOP, GracefulStop
 from .state.base import StateBackend
 from .state.memory import MemoryState
@@ -31,7 +33,10 @@ from .telemetry.setup import Telemetry
 from .tokens import TokenizerRegistry
 from .upstreams import UpstreamSet
 
-__all__ = ["build_app", "build_state"]
+__all__ = ["RELOADER", "build_app", "build_state"]
+
+RELOADER = web.AppKey("reloader", Reloader)
+"""The application's Reloader (the CLI installs its SIGHUP handler)."""
 
 
 def build_state(config: Config, telemetry: Telemetry | None = None) -> StateBackend:
@@ -52,11 +57,13 @@ def build_state(config: Config, telemetry: Telemetry | None = None) -> StateBack
     return MemoryState()
 
 
-def build_app(config: Config, telemetry: Telemetry) -> web.Application:
+def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None = None,
+              load: Callable[[], Config] | None = None) -> web.Application:
     """The proxy application: ingress, the chain, the proxy's own routes, and the forwarder.
 
     aiohttp's own body limit is lifted (ingress enforces `server.max_body_bytes` itself, with a 413 that
-    does not read the rest, and blob uploads stream through).
+    does not read the rest, and blob uploads stream through). `config_path` and `load` (which reads that
+    file again with the same overrides) make it reloadable: `app[RELOADER]`, proxy/reload.py.
     """
     upstreams = UpstreamSet.from_config(config.upstreams, config.models)
     stop = GracefulStop()
@@ -80,8 +87,9 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     fanout = FanOut(upstreams, fleet, config.forwarding.idle_timeout_s, on_managed=fleet_health.refresh)
     placement = Placement(config.chain.balancer, upstreams)  # shared: backpressure binds, balancer reports
     balancer = BalancerStep(config.chain.balancer, upstreams, fleet_health, fanout, telemetry, placement)
+    limits = LimitsStep(config.chain.limits, config.models, tokenizers, telemetry, upstreams)
     steps: dict[str, Step] = {
-        "limits": LimitsStep(config.chain.limits, config.models, tokenizers, telemetry, upstreams),
+        "limits": limits,
         "quotas": QuotasStep(config.chain.quotas, state, telemetry),
         "backpressure": BackpressureStep(config.chain.backpressure, upstreams, telemetry,
                                          placement=placement),
@@ -95,13 +103,16 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     # The parser's per-line limits are set by serving.start_site from server.max_header_bytes.
     services = PluginServices(telemetry, subrequests, knows_model=upstreams.knows,
                               tokenizer_for=tokenizers.for_model, model_digest=upstreams.digest)
-    plugin_steps = [PluginStep(cls(plugin_config, services), telemetry, forward_route=FORWARD_ROUTE)
-                    for cls, plugin_config in structure_plugins(config.plugins)
-                    if plugin_config.mode != "off"]
-    for plugin_step in plugin_steps:  # `prompt_policy: summarize` uses summarize_history's summarizer
-        if plugin_step.plugin.name == "summarize_history":
-            steps["limits"].summarizer = plugin_step.plugin.fit  # type: ignore[attr-defined]
-    app = web.Application(middlewares=[ingress.middleware, *build_chain(steps, plugin_steps)],
+    plugins = PluginChain(telemetry, services, FORWARD_ROUTE)
+    plugins.set_initial(structure_plugins(config.plugins))
+
+    def bind_plugins(chain: PluginChain) -> None:
+        # `prompt_policy: summarize` uses summarize_history's summarizer (None: it truncates).
+        summarizer = chain.find("summarize_history")
+        limits.summarizer = getattr(summarizer, "fit", None)
+
+    bind_plugins(plugins)
+    app = web.Application(middlewares=[ingress.middleware, *build_chain(steps, plugins)],
                           client_max_size=2**62)
     app[STOP] = stop
     app.on_response_prepare.append(add_context_headers)
@@ -117,18 +128,14 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
 
     app.cleanup_ctx.append(state_lifecycle)
 
-    async def plugins_lifecycle(app: web.Application) -> AsyncIterator[None]:
-        del app
-        subrequests.bind_session(lambda: fleet.control_session)
-        for step in plugin_steps:
-            await step.plugin.start()
-        yield
-        for step in reversed(plugin_steps):
-            await step.plugin.stop()
-
-    if plugin_steps:
-        app.cleanup_ctx.append(plugins_lifecycle)
-    add_system_routes(app, telemetry, upstreams, directory, steps, config.models)
+    subrequests.bind_session(lambda: fleet.control_session)
+    app.cleanup_ctx.append(plugins.lifecycle)
+    runtime = Runtime(directory, upstreams, fleet_health, steps, plugins, tokenizers, bind_plugins)
+    reloader = Reloader(config, runtime, telemetry, path=config_path,
+                        load=load if load is not None else (lambda: config))
+    app[RELOADER] = reloader
+    app.cleanup_ctx.append(reloader.lifecycle)
+    add_system_routes(app, telemetry, upstreams, directory, steps, reloader)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle, name=FORWARD_ROUTE,
                          expect_handler=ingress.expect_handler)
     return app

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -64,6 +64,13 @@ class Step:
             telemetry.names.metric_step_decisions(self.name),
             callbacks=[self._observe_decisions], unit="{decision}",
             description=f"Decisions of the {self.name} step, by decision.")
+
+    def reconfigure(self, config: Any) -> None:
+        """A reload: the step's new section (its `mode`, `rollout` and own keys). Synchronous, like
+        every part of a reload, so that no request sees half of one. Each step extends this to take its
+        own keys (it reads them from `self.config` per request)."""
+        self.mode = config.mode
+        self.canary = Canary.of(config.mode, config.rollout)
 
     def _observe_decisions(self, options: CallbackOptions) -> Iterable[Observation]:
         del options
@@ -156,11 +163,12 @@ class Canary:
         return decided
 
 
-def build_chain(steps: dict[str, Step], plugins: Sequence[Any] = ()
+def build_chain(steps: dict[str, Step], plugins: Any = None
                 ) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
-    """The middlewares of `steps` in STEP_ORDER (steps not built yet are simply absent), with each
-    plugin (proxy/plugin.PluginStep) placed at its slot, in configuration order: `before_limits`
-    plugins ahead of limits, `before_backpressure` plugins between quotas and backpressure."""
+    """The middlewares of `steps` in STEP_ORDER (steps not built yet are simply absent), with the
+    middleware of each plugin slot (proxy/plugin_chain.PluginChain, which runs the slot's plugins in
+    configuration order) at its place: `before_limits` ahead of limits, `before_backpressure` between
+    quotas and backpressure. The slots are there even with no plugin, so a reload can add one."""
     unknown = set(steps) - set(STEP_ORDER)
     if unknown:
         raise ValueError(f"unknown steps: {', '.join(sorted(unknown))}")
@@ -168,8 +176,8 @@ def build_chain(steps: dict[str, Step], plugins: Sequence[Any] = ()
     chain: list[Callable[..., Awaitable[web.StreamResponse]]] = []
     for name in STEP_ORDER:
         slot = at.get(name)
-        if slot is not None:
-            chain.extend(p.middleware for p in plugins if p.plugin.slot == slot)
+        if slot is not None and plugins is not None:
+            chain.append(plugins.middleware(slot))
         if name in steps:
             chain.append(steps[name].middleware)
     return chain

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from . import __version__
-from .config import ConfigError, UpstreamConfig, load_config, parse_listen
+from .config import Config, ConfigError, UpstreamConfig, load_config, parse_listen
 
 __all__ = ["main"]
 
@@ -36,7 +36,7 @@ def _configure_logging(level: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .app import build_app
+    from .app import RELOADER, build_app
     from .serving import (
         STOP,
         bound_port,
@@ -48,13 +48,18 @@ def _serve(args: argparse.Namespace) -> int:
     )
     from .telemetry.setup import build_telemetry
 
-    try:
+    def load() -> Config:
+        """The file with the command line's overrides: at start, and again at every reload."""
         config = load_config(args.config)
         if args.listen:
             parse_listen(args.listen)
             config = attrs.evolve(config, server=attrs.evolve(config.server, listen=args.listen))
         if args.upstream:
             config = attrs.evolve(config, upstreams=tuple(UpstreamConfig(url=u) for u in args.upstream))
+        return config
+
+    try:
+        config = load()
     except (ConfigError, ValueError) as exc:
         print(f"shared-ollama-proxy: {exc}", file=sys.stderr)
         return 2
@@ -72,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         telemetry = build_telemetry(config.telemetry)
-        app = build_app(config, telemetry)
+        app = build_app(config, telemetry, config_path=args.config, load=load)
         runner = await start_site(app, host, port, backlog=server.backlog,
                                   header_timeout_s=server.header_timeout_s,
                                   keepalive_timeout_s=server.keepalive_timeout_s,
@@ -84,7 +89,8 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("shared-ollama-proxy %s listening on http://%s:%d, upstreams: %s", __version__,
                  host, actual, ", ".join(u.url for u in config.upstreams))
         try:
-            await run_until_signalled(runner, app[STOP], server.shutdown_timeout_s)
+            await run_until_signalled(runner, app[STOP], server.shutdown_timeout_s,
+                                      on_sighup=app[RELOADER].sighup)
         finally:
             telemetry.shutdown()
 

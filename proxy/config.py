@@ -258,7 +258,12 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+            # Where and what, never the offending line itself: it may hold a key (this message is logged
+            # and shown by /system/config when a reload is refused).
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     config = structure(data)

@@ -58,6 +58,14 @@ class FairQueue:
     def __len__(self) -> int:
         return self._size
 
+    def configure(self, fair: bool, bulk_share: float) -> None:
+        """New settings from a reload. The bulk share applies at once; the discipline (fair or FIFO)
+        changes only while nobody waits, since the waiters are held in the old one's structures: a busy
+        queue switches the next time it is empty (a reload repeats this call until then)."""
+        self.bulk_every = max(1, round(1 / bulk_share)) if bulk_share > 0 else 0
+        if fair != self.fair and not self._size:
+            self.fair = fair
+
     def push(self, waiter: Waiter) -> int:
         """Queue `waiter`; returns how many wait ahead of it in dispatch order's rough sense (its lane's
         length before it, plus all interactive waiters when it is bulk)."""

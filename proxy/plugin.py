@@ -26,6 +26,7 @@ not see their own sub-requests.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -311,6 +312,9 @@ class PluginStep:
         self.mode_attribute = names.step_mode
         self.decision_counts: Counter[str] = Counter()
         self.failures = 0
+        self.active = 0
+        """Requests inside this plugin now (a reload stops a dropped plugin once it is 0)."""
+        self._idle: asyncio.Event | None = None
         telemetry.meter.create_observable_counter(
             names.metric_step_decisions(f"plugin.{plugin.name}"),
             callbacks=[self._observe], unit="{decision}",
@@ -323,10 +327,25 @@ class PluginStep:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        from .context import CONTEXT
-
         if self.mode == "off" or request.match_info.route.name != self.forward_route:
             return await handler(request)
+        self.active += 1
+        try:
+            return await self._run(request, handler)
+        finally:
+            self.active -= 1
+            if not self.active and self._idle is not None:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no request is inside this plugin."""
+        while self.active:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    async def _run(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        from .context import CONTEXT
+
         ctx = request[CONTEXT]
         self.plugin.services.subrequests.learn_address(request)
         if ctx.internal:

@@ -32,6 +32,7 @@ __all__ = [
     "http_url",
     "listen_address",
     "non_empty",
+    "non_negative",
     "parse_listen",
     "positive",
     "ratio",
@@ -44,6 +45,12 @@ def positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None
     del instance
     if value is not None and value <= 0:
         raise ValueError(f"{attribute.name}: must be > 0")
+
+
+def non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    del instance
+    if value is not None and value < 0:
+        raise ValueError(f"{attribute.name}: must be >= 0")
 
 
 def ratio(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -126,6 +133,9 @@ class ServerConfig:
     max_connections: int = attrs.field(default=8192, validator=positive)
     """Open client connections served at once; beyond it new connections get an immediate 503 and are
     closed, rather than exhaust file descriptors (the proxy raises its own RLIMIT_NOFILE to fit)."""
+    config_watch_s: float = attrs.field(default=2.0, validator=non_negative)
+    """How often the configuration file is checked for a change, which reloads it like SIGHUP does
+    (0: only SIGHUP reloads). A rename onto the path (editors, Kubernetes ConfigMaps) counts too."""
 
 
 @attrs.frozen

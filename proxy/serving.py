@@ -6,7 +6,7 @@ aiohttp has no header-read timeout and caps only each line of the head, not the 
 a connection whose request head is not complete within `header_timeout_s` of its first byte (or of the
 connection opening), refuses with 431 a head that grows past `max_header_bytes`, and answers connections
 beyond `max_connections` with an immediate 503. `GracefulStop` and `run_until_signalled` implement SIGTERM
-(stop accepting, drain, then end what is left with `shutting_down`) and ignore SIGHUP.
+(stop accepting, drain, then end what is left with `shutting_down`), and SIGHUP (reload).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import resource
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -467,8 +468,10 @@ def _hurry(stop: GracefulStop) -> None:
 
 
 async def run_until_signalled(runner: ProxyRunner, stop: GracefulStop | None = None,
-                              grace_s: float = 30.0) -> None:
-    """Serve until SIGINT or SIGTERM; SIGHUP is logged and ignored.
+                              grace_s: float = 30.0, on_sighup: Callable[[], None] | None = None
+                              ) -> None:
+    """Serve until SIGINT or SIGTERM; SIGHUP calls `on_sighup` (the proxy: reload the configuration),
+    or is logged and ignored (Python's default for SIGHUP would end the process).
 
     With `stop`: refuse new connections, give requests in flight until `grace_s` after the signal, end
     what remains (final `shutting_down` record or 503), then clean up; the process can exit by then.
@@ -479,11 +482,10 @@ async def run_until_signalled(runner: ProxyRunner, stop: GracefulStop | None = N
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, signalled.set)
-    # Reloading the configuration on SIGHUP comes later; until then it must not kill the process
-    # (Python's default for SIGHUP is to terminate).
-    loop.add_signal_handler(signal.SIGHUP, log.warning,
-                            "SIGHUP ignored: configuration reload is not supported yet; "
-                            "restart the process to apply a new configuration")
+    if on_sighup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: nothing to reload")
     try:
         await signalled.wait()
         if stop is not None:

@@ -4,8 +4,7 @@ configured; see proxy/access.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -13,7 +12,7 @@ from .access import TenantDirectory
 from .chain import Step
 from .context import CONTEXT
 from .profiles import fleet_profile
-from .schema import ModelConfig
+from .reload import Reloader
 from .telemetry.setup import Telemetry
 from .upstreams import UpstreamSet
 
@@ -21,8 +20,7 @@ __all__ = ["add_system_routes"]
 
 
 def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: UpstreamSet,
-                      directory: TenantDirectory, steps: dict[str, Step],
-                      models: Mapping[str, ModelConfig]) -> None:
+                      directory: TenantDirectory, steps: dict[str, Step], reloader: Reloader) -> None:
     """Register the proxy's own routes on `app` (before the catch-all forwarder)."""
 
     async def quotas(request: web.Request) -> web.Response:
@@ -58,7 +56,7 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
         balancer = steps.get("balancer")
         snapshot = health.snapshot() if health is not None and hasattr(health, "snapshot") else {}
         stats = getattr(balancer, "stats", {})
-        return web.json_response(fleet_profile(upstreams, snapshot, models, stats))
+        return web.json_response(fleet_profile(upstreams, snapshot, reloader.config.models, stats))
 
     app.router.add_get("/metrics", metrics, allow_head=True)
     app.router.add_get("/healthz", healthz, allow_head=True)
@@ -73,6 +71,14 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
         snapshot = step.snapshot(own) if step is not None and hasattr(step, "snapshot") else {}
         return web.json_response({"models": snapshot})
 
+    async def config(request: web.Request) -> web.Response:
+        """The configuration being served (secrets redacted), its version, the last reload (with the
+        error of a refused one), settings that wait for a restart, and replicas still draining."""
+        del request
+        return web.Response(body=orjson.dumps(reloader.snapshot(), option=orjson.OPT_INDENT_2),
+                            content_type="application/json")
+
+    app.router.add_get("/system/config", config)
     app.router.add_get("/system/quotas", quotas)
     app.router.add_get("/system/queue", queue)
     app.router.add_get("/system/profile", profile)

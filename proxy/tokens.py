@@ -172,6 +172,21 @@ class TokenizerRegistry:
         for key, path in self._configured.items():
             self._cache[key] = SentencePieceTokenizer.from_file(path)
 
+    def prepare(self, configured: dict[str, str]) -> dict[str, Tokenizer]:
+        """A reload's tokenizer files, loaded (raises OSError or ValueError for one that cannot be):
+        the files already loaded for the same path are reused. Pass the result to `apply`."""
+        keyed = {model_key(name): path for name, path in configured.items()}
+        return {key: self._cache[key] if self._configured.get(key) == path and key in self._cache
+                else SentencePieceTokenizer.from_file(path) for key, path in keyed.items()}
+
+    def apply(self, configured: dict[str, str], loaded: dict[str, Tokenizer]) -> None:
+        """Bind what `prepare` loaded; models no longer configured fall back to /api/show."""
+        for key in self._configured:
+            if key not in loaded:
+                self._cache.pop(key, None)
+        self._configured = {model_key(name): path for name, path in configured.items()}
+        self._cache.update(loaded)
+
     def invalidate(self, model: str) -> None:
         """Forget a model's tokenizer (after a pull, create or delete changed what the name means)."""
         key = model_key(model)

@@ -151,11 +151,11 @@ class UpstreamSet:
         self.by_name = {u.name: u for u in self.upstreams}
         order = [u for u in self.upstreams for _ in range(u.weight)]
         self._cycle: Iterator[Upstream] = itertools.cycle(order)
-        self.allowed: dict[str, frozenset[str]] = {
-            model_key(name): frozenset(profile.replicas)
-            for name, profile in (models or {}).items() if profile.replicas and "*" not in profile.replicas}
-        self.configured = frozenset(model_key(name) for name in (models or {}))
+        self.allowed: dict[str, frozenset[str]] = {}
+        """Model key -> the replicas `models.<name>.replicas` lets serve it (absent: any)."""
+        self.configured: frozenset[str] = frozenset()
         """Model keys named under `models:` in the configuration."""
+        self._set_models(models)
         self.enforce_health = True
         """False when health is in shadow or off mode: every replica counts as serving."""
         self._provisional: set[str] = set()
@@ -166,6 +166,46 @@ class UpstreamSet:
     def from_config(cls, configs: Sequence[UpstreamConfig],
                     models: Mapping[str, ModelConfig] | None = None) -> UpstreamSet:
         return cls([Upstream.from_config(c) for c in configs], models)
+
+    def _set_models(self, models: Mapping[str, ModelConfig] | None) -> None:
+        self.allowed = {
+            model_key(name): frozenset(profile.replicas)
+            for name, profile in (models or {}).items() if profile.replicas and "*" not in profile.replicas}
+        self.configured = frozenset(model_key(name) for name in (models or {}))
+
+    def reconcile(self, configs: Sequence[UpstreamConfig], models: Mapping[str, ModelConfig] | None
+                  ) -> tuple[list[Upstream], list[Upstream]]:
+        """Make the set what `configs` says (a configuration reload) and return (added, removed).
+
+        A replica that stays (same name) keeps everything the health step learned; its address, slots,
+        weight and restart command take the new values. A removed one leaves the set at once, so nothing
+        new is sent to it, while the requests it is serving hold it and finish (they end their attempts
+        on the object, not through the set). Synchronous: callers apply a whole reload in one step."""
+        if not configs:
+            raise ValueError("at least one upstream is required")
+        fresh = [Upstream.from_config(c) for c in configs]
+        kept: list[Upstream] = []
+        added: list[Upstream] = []
+        for new in fresh:
+            old = self.by_name.get(new.name)
+            if old is None:
+                added.append(new)
+                kept.append(new)
+                continue
+            if old.url != new.url:  # another daemon under the old name: nothing learned holds for it
+                old.loaded, old.models, old.digests, old.version = {}, None, {}, None
+                old.status, old.reason = "unknown", ""
+            old.url, old.num_parallel = new.url, new.num_parallel
+            old.weight, old.restart_command = new.weight, new.restart_command
+            kept.append(old)
+        names = {u.name for u in kept}
+        removed = [u for u in self.upstreams if u.name not in names]
+        self.upstreams = kept
+        self.by_name = {u.name: u for u in kept}
+        self._cycle = itertools.cycle([u for u in kept for _ in range(u.weight)])
+        self._set_models(models)
+        self.changed()
+        return added, removed
 
     def next(self) -> Upstream:
         """The next replica in weighted round-robin order."""

@@ -26,6 +26,7 @@ import math
 import random
 import shlex
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -72,19 +73,20 @@ class FleetHealth:
         self.upstreams = upstreams
         upstreams.enforce_health = config.mode == "enforce"
         upstreams.changed()
-        self.warm: dict[str, list[tuple[str, ModelConfig]]] = {u.name: [] for u in upstreams}
-        for name, profile in models.items():
-            for upstream in upstreams:
-                if "*" in profile.warm_on or upstream.name in profile.warm_on:
-                    self.warm[upstream.name].append((name, profile))
+        self.warm: dict[str, list[tuple[str, ModelConfig]]] = {}
+        self._set_warm(models)
         self.last_restart: dict[str, float] = {}
         self._restarting: set[str] = set()
         self._tags_due: set[str] = set()
         self._pin_attempts: dict[tuple[str, str], float] = {}
-        self.probe_failures: dict[str, int] = {u.name: 0 for u in upstreams}
-        self.restarts: dict[str, int] = {u.name: 0 for u in upstreams}
+        # Counters (a missing replica counts 0): a replica added or removed by a reload needs no entry.
+        self.probe_failures: Counter[str] = Counter()
+        self.restarts: Counter[str] = Counter()
         self._wake = {u.name: asyncio.Event() for u in upstreams}
         self._warming: dict[str, asyncio.Task[None]] = {}
+        self._watches: dict[str, asyncio.Task[None]] = {}
+        self._running = False
+        """Between the start and the end of `lifecycle`: watches run for the replicas of the set."""
         meter = telemetry.meter
         meter.create_observable_gauge(
             telemetry.names.metric_upstream_healthy, callbacks=[self._observe_healthy],
@@ -103,16 +105,47 @@ class FleetHealth:
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: probe every replica for as long as the application runs."""
         del app
-        if self.mode == "off":
-            yield
-            return
-        tasks = [asyncio.create_task(self._watch(u), name=f"health-{u.name}") for u in self.upstreams]
+        self._running = True
+        self._sync_watches()
         try:
             yield
         finally:
-            for task in [*tasks, *self._warming.values()]:
+            self._running = False
+            tasks = [*self._watches.values(), *self._warming.values()]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, *self._warming.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._watches.clear()
+
+    def _set_warm(self, models: Mapping[str, ModelConfig]) -> None:
+        self.warm = {u.name: [(name, profile) for name, profile in models.items()
+                              if "*" in profile.warm_on or u.name in profile.warm_on]
+                     for u in self.upstreams}
+
+    def _sync_watches(self) -> None:
+        """One watch per replica of the set while running and not `off`; none for the others."""
+        wanted = {u.name: u for u in self.upstreams} if self._running and self.mode != "off" else {}
+        for name in [n for n in self._watches if n not in wanted]:
+            self._watches.pop(name).cancel()
+            warming = self._warming.pop(name, None)
+            if warming is not None:
+                warming.cancel()
+        for name, upstream in wanted.items():
+            if name not in self._watches:
+                self._wake.setdefault(name, asyncio.Event())
+                self._watches[name] = asyncio.create_task(self._watch(upstream), name=f"health-{name}")
+
+    def reconfigure(self, config: HealthConfig, models: Mapping[str, ModelConfig]) -> None:
+        """A reload: new settings and profiles, and a watch for each replica the set now has (the set
+        was reconciled first; a removed replica's watch ends, a new one's starts probing at once)."""
+        self.config = config
+        self.mode = config.mode
+        self.upstreams.enforce_health = config.mode == "enforce"
+        self._set_warm(models)
+        self._sync_watches()
+        for name in [n for n in self._wake if n not in self._watches]:
+            del self._wake[name]
+        self.upstreams.changed()
 
     def refresh(self, upstream: Upstream) -> None:
         """Probe `upstream` now, its model list included (after a pull, create, copy or delete)."""
@@ -127,7 +160,7 @@ class FleetHealth:
 
     async def _watch(self, upstream: Upstream) -> None:
         count = 0
-        wake = self._wake[upstream.name]
+        wake = self._wake.setdefault(upstream.name, asyncio.Event())
         while True:
             try:
                 tags = count % _TAGS_EVERY_PROBES == 0 or upstream.models is None \
@@ -350,14 +383,15 @@ class FleetHealth:
 
     # pre-warming -------------------------------------------------------------------------------------
     def _missing_warm(self, upstream: Upstream) -> list[str]:
-        return [name for name, _ in self.warm[upstream.name] if model_key(name) not in upstream.loaded]
+        return [name for name, _ in self.warm.get(upstream.name, [])
+                if model_key(name) not in upstream.loaded]
 
     def _keep_pinned(self, upstream: Upstream) -> None:
         running = self._warming.get(upstream.name)
         if running is not None and not running.done():
             return
         now = time.monotonic()
-        missing = [name for name, profile in self.warm[upstream.name]
+        missing = [name for name, profile in self.warm.get(upstream.name, [])
                    if profile.pinned and model_key(name) not in upstream.loaded
                    and now - self._pin_attempts.get((upstream.name, name), -math.inf) > _PIN_RETRY_S]
         if missing:
@@ -372,7 +406,7 @@ class FleetHealth:
         self._warming[upstream.name] = asyncio.create_task(self._warm(upstream, models, then_serve))
 
     async def _warm(self, upstream: Upstream, models: list[str], then_serve: bool) -> None:
-        profiles = dict(self.warm[upstream.name])
+        profiles = dict(self.warm.get(upstream.name, []))
         names = self.telemetry.names
         with self.telemetry.tracer.start_as_current_span(
                 names.health_warm_span, kind=SpanKind.INTERNAL,

@@ -160,6 +160,15 @@ class Names:
         self.metric_balancer_retries = f"{p}.balancer.retries"
         self.metric_state_degraded = f"{p}.state.degraded"
         self.metric_state_failures = f"{p}.state.failures"
+        # configuration reloads (proxy/reload.py)
+        self.metric_config_reloads = f"{p}.config.reloads"
+        """Counter of reload attempts, labelled `outcome` = applied | refused | unchanged."""
+        self.metric_config_version = f"{p}.config.version"
+        """Gauge: the version of the configuration being served (1 at start, +1 per applied reload)."""
+        self.metric_config_refused = f"{p}.config.refused"
+        """Gauge: 1 while the newest file seen was refused (the previous configuration serves), else 0."""
+        self.metric_config_restart_required = f"{p}.config.restart_required"
+        """Gauge: settings the file changes that only a restart applies (server.listen, ...)."""
         # embed_cache and embed_batch plugins (issue 12)
         self.metric_embed_cache_lookups = f"{p}.plugin.embed_cache.lookups"
         """Counter of inputs looked up, labelled `result` = hit | miss."""

@@ -11,7 +11,6 @@ import logging
 
 import attrs
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -26,6 +25,7 @@ from proxy.schema import TelemetryConfig
 
 from . import semconv
 from .metrics import ProxyMetrics
+from .rebinding import RebindingMeter
 
 __all__ = ["Telemetry", "build_telemetry"]
 
@@ -39,7 +39,7 @@ class Telemetry:
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
     tracer: Tracer
-    meter: Meter
+    meter: RebindingMeter
     metrics: ProxyMetrics
     registry: CollectorRegistry
     config: TelemetryConfig
@@ -95,7 +95,8 @@ def build_telemetry(config: TelemetryConfig, extra_processors: tuple[SpanProcess
         tracer_provider.add_span_processor(processor)
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     tracer = tracer_provider.get_tracer("shared-ollama-proxy", __version__)
-    meter = meter_provider.get_meter("shared-ollama-proxy", __version__)
+    # Rebinding: a plugin rebuilt by a reload re-creates its observable instruments (rebinding.py).
+    meter = RebindingMeter(meter_provider.get_meter("shared-ollama-proxy", __version__))
     metrics = ProxyMetrics(meter, semconv.Names(config.metric_prefix))
     return Telemetry(tracer_provider, meter_provider, tracer, meter, metrics, registry, config,
                      recording=exporting)

@@ -50,6 +50,8 @@ class Server:
                  extra_env: dict[str, str] | None = None) -> None:
         self.port = 0
         self.url = ""
+        self.config_path: Path | None = None
+        """The configuration file a proxy was started with (start_proxy), for reload tests."""
         self.port_file = port_file
         port_file.unlink(missing_ok=True)
         self.log_path = log_path
@@ -133,7 +135,9 @@ def start_proxy(tmp: Path, upstreams: list[str] | list[dict[str, Any]],
     stem = f"{name}-{next(_serial)}"
     path = tmp / f"{stem}.yaml"
     path.write_text(yaml.safe_dump(data))
-    return Server(["serve", "--config", str(path)], tmp / f"{stem}.port", tmp / f"{stem}.log", env)
+    server = Server(["serve", "--config", str(path)], tmp / f"{stem}.port", tmp / f"{stem}.log", env)
+    server.config_path = path
+    return server
 
 
 @contextlib.contextmanager

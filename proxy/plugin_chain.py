@@ -1,0 +1,145 @@
+"""The configured plugins as the chain runs them: one middleware per slot, over a list a reload replaces.
+
+aiohttp fixes an application's middlewares when it starts; the plugins of a slot are instead read by the
+slot's middleware when a request enters it, so a reload can swap them. A request keeps the plugins it
+entered with. A reload keeps every plugin whose entry is unchanged (with its caches and counters) and
+builds and starts the others before the swap; the plugins it drops are stopped once the requests inside
+them have left (bounded by `RETIRE_TIMEOUT_S`), and their counters keep their totals (rebinding.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from .chain import Handler
+from .plugin import SLOTS, Plugin, PluginConfig, PluginServices, PluginStep
+from .telemetry.setup import Telemetry
+
+__all__ = ["RETIRE_TIMEOUT_S", "PluginChain"]
+
+log = logging.getLogger("proxy.plugins")
+
+RETIRE_TIMEOUT_S = 600.0
+"""Longest wait for the requests inside a dropped plugin before it is stopped anyway."""
+
+
+class PluginChain:
+    """The current plugin steps by slot; see the module docstring."""
+
+    def __init__(self, telemetry: Telemetry, services: PluginServices, forward_route: str) -> None:
+        self.telemetry = telemetry
+        self.services = services
+        self.forward_route = forward_route
+        self.steps: tuple[PluginStep, ...] = ()
+        self._by_slot: dict[str, tuple[PluginStep, ...]] = {slot: () for slot in SLOTS}
+        self._pending: tuple[PluginStep, ...] = ()
+        self._retiring: dict[PluginStep, asyncio.Task[None]] = {}
+
+    def _build(self, cls: type[Plugin], config: PluginConfig) -> PluginStep:
+        return PluginStep(cls(config, self.services), self.telemetry, forward_route=self.forward_route)
+
+    def set_initial(self, entries: Sequence[tuple[type[Plugin], PluginConfig]]) -> None:
+        """The plugins at start-up (started by `lifecycle`)."""
+        self._bind(tuple(self._build(cls, config) for cls, config in entries if config.mode != "off"))
+
+    def _bind(self, steps: tuple[PluginStep, ...]) -> None:
+        self.steps = steps
+        self._by_slot = {slot: tuple(s for s in steps if s.plugin.slot == slot) for slot in SLOTS}
+
+    def middleware(self, slot: str) -> Handler:
+        """The aiohttp middleware of `slot`: the slot's plugins as they are when a request enters."""
+
+        @web.middleware
+        async def run(request: web.Request, handler: Handler) -> web.StreamResponse:
+            steps = self._by_slot[slot]
+            for step in reversed(steps):
+                handler = functools.partial(step.middleware, handler=handler)
+            return await handler(request)
+
+        return run  # type: ignore[return-value]
+
+    def find(self, name: str) -> Plugin | None:
+        """The first configured plugin called `name`, if any."""
+        return next((s.plugin for s in self.steps if s.plugin.name == name), None)
+
+    async def replace(self, entries: Sequence[tuple[type[Plugin], PluginConfig]]) -> list[str]:
+        """Build and start what `entries` adds or changes, then return the names of what changed; the
+        caller makes it current with `commit` (in the same synchronous stretch as the rest of a reload).
+        Raises when a new plugin cannot be built or started (the reload is refused; nothing is bound)."""
+        reusable = list(self.steps)
+        plan: list[PluginStep] = []
+        started: list[PluginStep] = []
+        try:
+            for cls, config in entries:
+                if config.mode == "off":
+                    continue
+                same = next((s for s in reusable
+                             if type(s.plugin) is cls and s.plugin.config == config), None)
+                if same is not None:
+                    reusable.remove(same)
+                    plan.append(same)
+                    continue
+                step = self._build(cls, config)
+                await step.plugin.start()
+                started.append(step)
+                plan.append(step)
+        except BaseException:
+            for step in started:
+                await self._stop(step)
+            raise
+        self._pending = tuple(plan)
+        changed = [s.plugin.name for s in started] + [s.plugin.name for s in reusable]
+        return sorted(set(changed))
+
+    def commit(self) -> None:
+        """Make the plugins `replace` prepared current; retire the ones it dropped."""
+        plan = self._pending
+        dropped = [s for s in self.steps if s not in plan]
+        self._bind(plan)
+        self._pending = ()
+        for step in dropped:
+            self._retiring[step] = asyncio.get_running_loop().create_task(
+                self._retire(step), name=f"retire-{step.plugin.name}")
+
+    async def abandon(self) -> None:
+        """Stop what `replace` started when the reload is refused after all."""
+        for step in self._pending:
+            if step not in self.steps:
+                await self._stop(step)
+        self._pending = ()
+
+    async def _retire(self, step: PluginStep) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RETIRE_TIMEOUT_S):
+                await step.wait_idle()
+        del self._retiring[step]
+        await self._stop(step)
+
+    async def _stop(self, step: PluginStep) -> None:
+        try:
+            await step.plugin.stop()
+        except Exception as exc:  # a plugin's stop must not fail a reload or a shutdown
+            log.warning("plugin %s failed to stop (%s)", step.plugin.name, type(exc).__name__)
+        self.telemetry.meter.retire(step)
+        self.telemetry.meter.retire(step.plugin)
+
+    async def lifecycle(self, app: web.Application) -> Any:
+        """aiohttp cleanup context: start the plugins, and stop whatever is current or retiring."""
+        del app
+        for step in self.steps:
+            await step.plugin.start()
+        yield
+        # The application is stopping: nothing waits for the retiring plugins' requests any more.
+        retiring = dict(self._retiring)
+        for task in retiring.values():
+            task.cancel()
+        await asyncio.gather(*retiring.values(), return_exceptions=True)
+        for step in [*reversed(self.steps), *(s for s, t in retiring.items() if t.cancelled())]:
+            await self._stop(step)

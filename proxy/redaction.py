@@ -1,0 +1,49 @@
+"""Secrets out of configuration data shown to operators (`GET /system/config`).
+
+Admin and tenant keys, anonymous placeholders, passwords in URLs (`redis://:secret@host`), and any
+field whose name says it holds a secret are replaced by `<redacted>`; a list of keys keeps its length,
+so an operator can still see how many keys a tenant has.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from yarl import URL
+
+__all__ = ["REDACTED", "redact"]
+
+REDACTED = "<redacted>"
+_SECRET_NAMES = re.compile(r"(^|_)(keys?|password|secret|token|api_key|credentials?|headers)$", re.I)
+
+
+def _url(value: str) -> str:
+    if "@" not in value or "://" not in value:
+        return value
+    try:
+        url = URL(value)
+    except ValueError:
+        return REDACTED
+    if url.password is not None:
+        return str(url.with_password("redacted"))
+    if url.user is not None:  # a bare user part is often a token (https://TOKEN@host)
+        return str(url.with_user("redacted"))
+    return value
+
+
+def redact(value: Any, name: str = "") -> Any:
+    """A copy of plain data (dicts, lists, scalars) with secrets replaced; see the module docstring."""
+    if _SECRET_NAMES.search(name):
+        if isinstance(value, list | tuple):
+            return [REDACTED for _ in value]
+        if isinstance(value, dict):
+            return {k: REDACTED for k in value}
+        return REDACTED if value not in (None, "", False) else value
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v, name) for v in value]
+    if isinstance(value, str):
+        return _url(value)
+    return value
