@@ -129,6 +129,7 @@ def build_app(config: Config, telemetry: Telemetry) -> web.Application:
     if plugin_steps:
         app.cleanup_ctx.append(plugins_lifecycle)
     add_system_routes(app, telemetry, upstreams, directory, steps, config.models)
+    telemetry.events.add_route(app, upstreams, steps)  # GET /system/events
     app.router.add_route("*", "/{tail:.*}", forwarder.handle, name=FORWARD_ROUTE,
                          expect_handler=ingress.expect_handler)
     return app
