@@ -249,9 +249,10 @@ class BalancerStep(Step):
             return
         key = model_key(model)
         usage = ctx.exchange.usage
-        if self.placement.learn(key, elapsed_s, usage) is not None:
+        if (load_s := self.placement.learn(key, elapsed_s, usage)) is not None:
             self.model_loads.add(1, {self.telemetry.names.upstream_name: upstream.name,
                                      semconv.ATTR_GEN_AI_REQUEST_MODEL: self.upstreams.label(key)})
+            self.telemetry.events.model_load(upstream.name, key, load_s, "request")
             if self.health is not None:
                 self.health.probe_soon(upstream)  # it may have evicted another model: look now
         if key not in upstream.loaded:

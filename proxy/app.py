@@ -136,6 +136,10 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
     app[RELOADER] = reloader
     app.cleanup_ctx.append(reloader.lifecycle)
     add_system_routes(app, telemetry, upstreams, directory, steps, reloader)
+    telemetry.events.add_route(app, upstreams, steps)  # GET /system/events
+    reloader.listeners.append(
+        lambda r: telemetry.events.reload(r.version, r.outcome != "refused", changed=r.changed,
+                                          error=r.error))
     app.router.add_route("*", "/{tail:.*}", forwarder.handle, name=FORWARD_ROUTE,
                          expect_handler=ingress.expect_handler)
     return app

@@ -300,6 +300,9 @@ class Ingress:
     def _render(self, request: web.Request, ctx: RequestContext, exc: ProxyError) -> web.Response:
         ctx.outcome = exc.code
         ctx.status = exc.status
+        if self.telemetry.events.active:  # /system/events; nothing is built while nobody listens
+            self.telemetry.events.rejection(exc, ctx.model, ctx.tenant.name, ctx.route.template,
+                                            identified=ctx.identity is not None)
         status, headers, body = render(ctx.route.dialect, exc)
         response = web.Response(status=status, body=body, headers=headers)
         if isinstance(exc, _CLOSE_AFTER) or (request.body_exists and not request.content.is_eof()):

@@ -296,6 +296,7 @@ class FleetHealth:
         log.warning("replica %s ejected for %.0fs (%s, ejection %d in a row)", upstream.name, backoff,
                     reason, upstream.ejections)
         self._set(upstream, "ejected", reason)
+        self.telemetry.events.ejection(upstream.name, reason, backoff, upstream.ejections)
         self.probe_soon(upstream)  # its watch re-plans: the next probe comes when the backoff ends
 
     def _stale(self, upstream: Upstream) -> bool:
@@ -311,12 +312,14 @@ class FleetHealth:
             log.warning("replica %s is stuck: %d requests in flight, none made progress for %.0fs",
                         upstream.name, len(upstream.attempts), self.config.stuck_after_s)
             self._set(upstream, "stuck", f"no progress for {self.config.stuck_after_s:g}s")
+            self.telemetry.events.ejection(upstream.name, upstream.reason, None, upstream.ejections)
 
     def _set(self, upstream: Upstream, status: str, reason: str) -> None:
         if upstream.status == status:
             return
         log.info("replica %s: %s -> %s%s", upstream.name, upstream.status, status,
                  f" ({reason})" if reason else "")
+        self.telemetry.events.health(upstream.name, upstream.status, status, reason)
         upstream.status = status
         upstream.reason = reason
         if status == "healthy":
@@ -353,6 +356,7 @@ class FleetHealth:
             names.health_restart_span, kind=SpanKind.INTERNAL,
             attributes={names.upstream_name: upstream.name, names.health_reason: upstream.reason})
         code: int | None = None
+        started = time.monotonic()
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -375,6 +379,7 @@ class FleetHealth:
         self.restarts[upstream.name] += 1
         self.restart_counter.add(1, {self.telemetry.names.upstream_name: upstream.name, "outcome": outcome})
         span.set_attribute(self.telemetry.names.health_restart_exit_code, -1 if code is None else code)
+        self.telemetry.events.restart(upstream.name, code, outcome, time.monotonic() - started)
         if outcome != "success":
             span.set_status(Status(StatusCode.ERROR, "restart failed"))
         span.end()
@@ -431,6 +436,7 @@ class FleetHealth:
             body["keep_alive"] = -1
         attempts: tuple[tuple[str, dict[str, Any]], ...] = (("/api/generate", {}),
                                                              ("/api/embed", {"input": []}))
+        started = time.monotonic()
         for path, extra in attempts:
             try:
                 status = await client.post_status(upstream, path, {**body, **extra},
@@ -440,6 +446,7 @@ class FleetHealth:
                 return False
             if status == 200:
                 log.info("pre-warmed %s on %s", model, upstream.name)
+                self.telemetry.events.model_load(upstream.name, model, time.monotonic() - started, "warm")
                 return True
             if status != 400:  # 400: e.g. an embedding model cannot generate
                 break

@@ -182,6 +182,11 @@ class Names:
         """Counter of client requests answered from a batch."""
         self.metric_embed_batch_inputs = f"{p}.plugin.embed_batch.inputs"
         """Counter of inputs, labelled `sent` = yes | deduplicated."""
+        # the live event stream, /system/events (proxy/events.py)
+        self.metric_events_published = f"{p}.events.published"
+        """Counter of events put on /system/events while someone subscribed, labelled `kind`."""
+        self.metric_events_dropped = f"{p}.events.dropped"
+        """Counter of events a slow /system/events reader lost (its buffer was full), labelled `kind`."""
 
     @cache  # noqa: B019 - one Names per process and a handful of steps: the cache stays tiny
     def step_span(self, step: str) -> str:

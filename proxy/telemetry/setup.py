@@ -21,6 +21,7 @@ from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry
 
 from proxy import __version__
+from proxy.events import EventBus
 from proxy.schema import TelemetryConfig
 
 from . import semconv
@@ -48,9 +49,13 @@ class Telemetry:
     may skip starting spans altogether."""
     names: semconv.Names = attrs.field(init=False)
     """The proxy's own span, attribute, event and metric names under `config.metric_prefix`."""
+    events: EventBus = attrs.field(init=False)
+    """The live event stream behind `/system/events` (proxy/events.py): publishing costs nothing while
+    nobody subscribes. Kept with the telemetry, so a rebuilt application publishes to the same readers."""
 
     def __attrs_post_init__(self) -> None:
         self.names = self.metrics.names
+        self.events = EventBus(self.meter, self.names)
 
     def shutdown(self) -> None:
         """Flush and stop exporters (bounded by the SDK's own timeouts)."""
