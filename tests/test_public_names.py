@@ -37,16 +37,19 @@ SEEN_METRICS = {
     "sop_limits_decisions", "sop_quotas_decisions", "sop_backpressure_decisions", "sop_health_decisions",
     "sop_balancer_decisions", "sop_limits_count_duration_seconds", "sop_queue_wait_seconds",
     "sop_queue_depth", "sop_upstream_in_flight", "sop_upstream_healthy", "sop_health_probes",
+    "sop_config_version", "sop_config_refused", "sop_config_restart_required",
 }
 """Families every proxy that served a chat exposes (counters without `_total`, as the parser names them)."""
 
 ALL_PROXY_METRICS = SEEN_METRICS | {
     "sop_upstream_errors", "sop_limits_truncations", "sop_health_ejections", "sop_health_restarts",
     "sop_balancer_model_loads", "sop_balancer_retries", "sop_state_degraded", "sop_state_failures",
+    "sop_config_reloads", "sop_events_published", "sop_events_dropped",
 }
 """Every family of the proxy's own; the ones not in SEEN_METRICS appear once something happened."""
 
-METRIC_LABELS = {"sop_upstream_name", "sop_lane", "decision", "outcome", "method", "gen_ai_request_model"}
+METRIC_LABELS = {"sop_upstream_name", "sop_lane", "decision", "outcome", "method", "gen_ai_request_model",
+                 "kind"}
 """Label names of the proxy's own metrics (besides the semconv ones and otel_scope_*)."""
 
 HEADERS = {
@@ -61,6 +64,7 @@ HEADERS = {
 CONFIG_KEYS = """
 server.listen server.max_body_bytes server.header_timeout_s server.keepalive_timeout_s server.backlog
 server.shutdown_timeout_s server.max_header_bytes server.body_timeout_s server.max_connections
+server.config_watch_s
 admin.keys
 upstreams[].url upstreams[].name upstreams[].num_parallel upstreams[].weight upstreams[].restart_command
 forwarding.connect_timeout_s forwarding.first_byte_timeout_s forwarding.idle_timeout_s forwarding.pool_size
