@@ -121,8 +121,9 @@ class ModelGate:
         return limit
 
     def reconfigure(self, config: BackpressureConfig) -> None:
-        """A reload: new settings; limits are derived again (learned adaptive limits are kept while the
-        adaptive settings and the replica's slots stay the same); replicas gone from the set drop out."""
+        """A reload: new settings; limits are derived again from them and the replicas' slots (limits
+        the adaptive limiter learned are kept while the adaptive settings stay the same); replicas gone
+        from the set drop out once their requests released their slots."""
         old = self.config
         self.config = config
         self.queue.configure(config.fair, config.bulk_share)

@@ -31,6 +31,7 @@ __all__ = [
     "RequestTimeout",
     "ShuttingDown",
     "StateUnavailable",
+    "TooManySubscribers",
     "Unauthorized",
     "UpstreamBusy",
     "UpstreamConnectFailure",
@@ -205,6 +206,13 @@ class ShuttingDown(ProxyError):
 
     status = 503
     code = "shutting_down"
+
+
+class TooManySubscribers(ProxyError):
+    """`/system/events` already has its maximum of streams open in this process."""
+
+    status = 503
+    code = "too_many_subscribers"
 
 
 class UpstreamBusy(Overload):

@@ -40,6 +40,7 @@ from .errors import (
     RateLimited,
     RequestExceedsQuota,
     StateUnavailable,
+    TooManySubscribers,
     UpstreamBusy,
     UpstreamConnectFailure,
     UpstreamResetBeforeResponseStarted,
@@ -102,13 +103,6 @@ _STEP_OF_ERROR: dict[type[ProxyError], str] = {
 forbidden, payload or head too large, request timeout, shutting down) are ingress's, as is anything
 refused before the caller was identified. One known blur: the balancer's refusal of an unknown
 `X-Ollama-Replica` (admin only) is an `invalid_request` and is reported as limits'."""
-
-
-class TooManySubscribers(ProxyError):
-    """`/system/events` already has MAX_SUBSCRIBERS streams open in this process."""
-
-    status = 503
-    code = "too_many_subscribers"
 
 
 def _text(value: object, limit: int = _TEXT_LIMIT) -> str:
