@@ -44,7 +44,7 @@ def _config(upstreams: list[Server], *, keys: list[str], max_prompt_tokens: int 
             watch_s: float = 0.2, limits: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     return {"server": {"listen": "127.0.0.1:0", "config_watch_s": watch_s, **extra.pop("server", {})},
             "admin": {"keys": [ADMIN]},
-            "tenants": [{"name": "team-a", "keys": keys}],
+            "tenants": extra.pop("tenants", [{"name": "team-a", "keys": keys}]),
             "upstreams": [{"url": u.url, "num_parallel": 4} for u in upstreams],
             "chain": {"limits": {"max_prompt_tokens": max_prompt_tokens, **(limits or {})},
                       **extra.pop("chain", {})}, **extra}
@@ -216,6 +216,9 @@ async def test_reload_under_load_drops_nothing_and_a_bad_file_changes_nothing(
         await load.stop()
         log = proxy.log()
         proxy.stop()
+    # For the record (pytest -s): how much was in flight across the reload.
+    print(f"\nreload under load: {len(load.results)} requests, {len(load.failures())} failed, "
+          f"{load.spanning(reloaded_at)} in flight across the reload")
     assert not load.failures(), load.failures()[:5]
     assert load.spanning(reloaded_at) >= 2, "no request was in flight across the reload"
     assert sum(1 for r in load.results if r[0] == "stream") >= 10
@@ -290,6 +293,21 @@ def test_sighup_applies_keys_plugins_and_modes_and_says_what_needs_a_restart(
         plain = httpx.post(f"{proxy.url}/api/chat", headers=headers_b, json=long_chat, timeout=30)
         assert plain.status_code == 200 and "X-History-Trimmed" not in plain.headers
         assert "limits=prompt_too_long" in plain.headers.get("X-Shadow-Decision", "")
+
+        # Model profiles and tenant quotas: a model's own prompt limit applies, and a quota appears.
+        _write(proxy.config_path, _config(
+            [one], keys=[KEY_B], watch_s=0, models={"llama3.2": {"max_prompt_tokens": 50}},
+            tenants=[{"name": "team-a", "keys": [KEY_B], "requests_per_minute": 600}]))
+        version = _system_config(proxy)["version"]
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: _system_config(proxy)["version"] > version, what="the models reload")
+        refused = httpx.post(f"{proxy.url}/api/chat", headers=headers_b, json=long_chat, timeout=30)
+        assert refused.status_code == 400 and refused.json()["code"] == "prompt_too_long", refused.text
+        assert "max_prompt_tokens=50" in refused.headers["X-Service-Limits"]
+        short = httpx.post(f"{proxy.url}/api/chat", headers=headers_b, timeout=30, json={
+            "model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "hi"}]})
+        assert short.status_code == 200, short.text
+        assert "requests_per_minute=600" in short.headers["X-Service-Limits"]
 
         # Add a replica: it is probed, and serves (asked by name: placement would rather keep using
         # the replica that has the model loaded than load it on the new one).
