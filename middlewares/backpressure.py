@@ -28,7 +28,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 from aiohttp import web
@@ -49,6 +49,23 @@ from proxy.upstreams import Upstream, UpstreamSet
 __all__ = ["BackpressureConfig", "BackpressureStep", "ModelGate", "SlotLease"]
 
 
+def _in_flight(instance: Any, attribute: Any, value: int | str) -> None:
+    del instance
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{attribute.name}: must be `auto` or a number > 0")
+
+
+def _cold_budget(instance: Any, attribute: Any, value: float) -> None:
+    del instance
+    if not 0 < value <= _HEADER_TIMEOUT_S:
+        raise ValueError(f"{attribute.name}: must be > 0 and <= {_HEADER_TIMEOUT_S:g} (clients' header "
+                         "timeout)")
+
+
+_HEADER_TIMEOUT_S = 300.0
+"""The header timeout common clients use (Ollama's Go client and OpenAI's SDKs wait longer, browsers
+and many HTTP libraries about this long): no queue budget may exceed it."""
+
 @attrs.frozen
 class BackpressureConfig:
     """chain.backpressure: the bounded, fair queue in front of the replicas' slots."""
@@ -59,9 +76,19 @@ class BackpressureConfig:
     max_queue_size: int = attrs.field(default=256, validator=positive)
     """Requests that may wait per model; beyond it, 503 overload."""
     queue_timeout_s: float = attrs.field(default=30.0, validator=positive)
-    """Longest wait for a slot before 503 queue_timeout (the request's deadline may cut it shorter)."""
-    max_in_flight: int | None = attrs.field(default=None, validator=positive)
-    """Requests per replica and model past this step; default the replica's num_parallel."""
+    """Longest wait for a slot while a replica holding the model is ready, before 503 queue_timeout
+    (the request's deadline may cut it shorter)."""
+    cold_queue_timeout_s: float = attrs.field(default=120.0, validator=_cold_budget)
+    """Longest wait when the request waits on a model load (no replica it may use has the model loaded)
+    or on a replica coming back (restarting or warming): a load takes tens of seconds, and a client
+    turned away would only come back to wait for the same load. At most 300 s, the common client
+    header timeout (a non-streaming request sends its headers when the answer is complete)."""
+    max_in_flight: int | Literal["auto"] = attrs.field(default="auto", validator=_in_flight)
+    """Requests per replica and model past this step. `auto`: start from the replica's declared
+    `num_parallel` and learn how many slots it really has from Ollama's own timings (see
+    ModelGate.learn_slots); a number: exactly that many."""
+    auto_max_in_flight: int = attrs.field(default=16, validator=positive)
+    """Upper bound of a learned limit."""
     fair: bool = True
     """Weighted fair queuing by token cost with interactive/bulk lanes; false: one FIFO."""
     bulk_share: float = attrs.field(default=0.1, validator=ratio)
@@ -80,6 +107,15 @@ _DEFAULT_OUTPUT_TOKENS = 256
 """Expected output of a request that sets no limit, for ordering only (quotas has its own setting)."""
 _WAIT_SAMPLES = 1024
 _RECHECK_S = 1.0
+# Learned parallelism (ModelGate.learn_slots).
+_QUEUED_FLOOR_S = 0.05
+"""Time queued inside Ollama below which a request did not wait for a slot (scheduling noise)..."""
+_QUEUED_SHARE = 0.05
+"""...or below this share of the request's own service time."""
+_PROOFS = 3
+"""Requests at the limit that did not queue inside Ollama, in a row, before one more slot is tried."""
+_REPROBE_S = 60.0
+"""How long a limit at which Ollama queued a request is not tried again."""
 _MAX_GATES = 256
 """Gates kept while the fleet's models are unknown; past it idle ones are dropped."""
 
@@ -102,6 +138,10 @@ class ModelGate:
         for upstream in fleet:
             self.limit(upstream)
         self.baselines: dict[str, float] = {}
+        # Learned parallelism (learn_slots), per replica name.
+        self.proofs: Counter[str] = Counter()
+        self.too_high: dict[str, tuple[int, float]] = {}
+        self.ollama_queued: Counter[str] = Counter()
         self.completions: deque[float] = deque()
         self.waits: deque[float] = deque(maxlen=_WAIT_SAMPLES)
         self.rejections: Counter[str] = Counter()
@@ -114,11 +154,52 @@ class ModelGate:
         limit = self.limits.get(upstream.name)
         if limit is None:
             config = self.config
-            declared = config.max_in_flight or upstream.num_parallel
+            declared = upstream.num_parallel if config.max_in_flight == "auto" \
+                else int(config.max_in_flight)
             limit = self.limits[upstream.name] = float(declared)
-            self.ceilings[upstream.name] = (config.adaptive_max_in_flight or 2 * declared) \
-                if config.adaptive else int(declared)
+            if config.adaptive:
+                ceiling = config.adaptive_max_in_flight or 2 * declared
+            elif config.max_in_flight == "auto":
+                ceiling = max(declared, config.auto_max_in_flight)
+            else:
+                ceiling = declared
+            self.ceilings[upstream.name] = ceiling
         return limit
+
+    @property
+    def learning(self) -> bool:
+        """Is the limit learned from Ollama's timings (`max_in_flight: auto`, not `adaptive`)?"""
+        return self.config.max_in_flight == "auto" and not self.config.adaptive
+
+    def learn_slots(self, name: str, level: int, queued_s: float, run_s: float) -> None:
+        """Learned parallelism. A request that found `level` requests (itself included) on the replica
+        reports how long it queued inside Ollama for a slot (`total_duration` minus load, prompt and
+        eval). Queued: the replica has fewer slots than `level`, so the limit drops to `level - 1` and
+        `level` is not tried again for `_REPROBE_S`. Not queued at the current limit while requests wait
+        here, `_PROOFS` times in a row: one more slot is tried. So at most one request beyond the real
+        slots is ever inside Ollama, and only while probing."""
+        limit = self.limits.get(name)
+        if limit is None:  # the replica left the set (a reload) while this request ran on it
+            return
+        now = time.monotonic()
+        if queued_s > max(_QUEUED_FLOOR_S, _QUEUED_SHARE * run_s):
+            self.ollama_queued[name] += 1
+            self.proofs[name] = 0
+            self.too_high[name] = (level, now)
+            if level - 1 < limit:
+                self.limits[name] = float(max(1, level - 1))
+            return
+        top = max(1, math.floor(limit))
+        if level < top or not len(self.queue):
+            return
+        self.proofs[name] += 1
+        if self.proofs[name] < _PROOFS or top + 1 > self.ceilings.get(name, top):
+            return
+        failed = self.too_high.get(name)
+        if failed is not None and top + 1 >= failed[0] and now - failed[1] < _REPROBE_S:
+            return
+        self.proofs[name] = 0
+        self.limits[name] = float(top + 1)
 
     def reconfigure(self, config: BackpressureConfig) -> None:
         """A reload: new settings; limits are derived again from them and the replicas' slots (limits
@@ -127,15 +208,18 @@ class ModelGate:
         old = self.config
         self.config = config
         self.queue.configure(config.fair, config.bulk_share)
-        keep_learned = config.adaptive and old.adaptive and (
-            config.max_in_flight, config.adaptive_max_in_flight) == (
-            old.max_in_flight, old.adaptive_max_in_flight)
+        keep_learned = (config.adaptive or config.max_in_flight == "auto") and (
+            config.adaptive, config.max_in_flight, config.adaptive_max_in_flight,
+            config.auto_max_in_flight) == (old.adaptive, old.max_in_flight, old.adaptive_max_in_flight,
+                                           old.auto_max_in_flight)
         present = {u.name: u for u in self.fleet}
         for name in list(self.limits):
             if name not in present or not keep_learned:
                 del self.limits[name]
                 self.ceilings.pop(name, None)
                 self.baselines.pop(name, None)
+                self.proofs.pop(name, None)
+                self.too_high.pop(name, None)
         for name in [n for n, count in self.in_flight.items() if count <= 0 and n not in present]:
             del self.in_flight[name]
         for upstream in present.values():
@@ -194,7 +278,8 @@ class ModelGate:
 
     def dispatch(self) -> None:
         """Hand free slots to the next waiters; with no replica left for the model, let them all go."""
-        if len(self.queue) and not self.fleet.eligible(self.model):
+        if len(self.queue) and not self.fleet.eligible(self.model) \
+                and not self.fleet.coming_back(self.model):
             while (waiter := self.queue.pop()) is not None:
                 if not waiter.future.done():
                     waiter.future.set_result(None)
@@ -224,13 +309,18 @@ class ModelGate:
         self.in_flight[new.name] += 1
         self.dispatch()
 
-    def release(self, replica: Upstream, service_s: float, per_token_s: float | None) -> None:
-        """A request on `replica` finished (any way): free its slot, learn, and dispatch."""
+    def release(self, replica: Upstream, service_s: float, per_token_s: float | None,
+                queued_s: float | None = None, level: int = 0) -> None:
+        """A request on `replica` finished (any way): free its slot, learn, and dispatch. `queued_s`
+        is the time it queued inside Ollama (None: not reported), `level` how many requests (itself
+        included) were on the replica when it got its slot."""
         self.in_flight[replica.name] = max(0, self.in_flight[replica.name] - 1)
         self.completions.append(time.monotonic())
         self.service_s = service_s if self.service_s is None else 0.8 * self.service_s + 0.2 * service_s
         if self.config.adaptive and per_token_s:
             self._adapt(replica.name, per_token_s)
+        elif queued_s is not None and level and self.learning:
+            self.learn_slots(replica.name, level, queued_s, service_s)
         self.dispatch()
 
     def _adapt(self, name: str, per_token_s: float) -> None:
@@ -266,6 +356,7 @@ class ModelGate:
                 "drain_rate_per_s": round(rate, 3) if rate else None,
                 "service_s": round(self.service_s, 3) if self.service_s is not None else None,
                 "capacity": self.capacity(),
+                "ollama_queued": dict(self.ollama_queued),
                 "rejections": dict(self.rejections)}
 
 
@@ -275,6 +366,8 @@ class SlotLease:
     def __init__(self, gate: ModelGate, replica: Upstream) -> None:
         self.gate = gate
         self.replica = replica
+        self.level = gate.in_flight[replica.name]
+        """Requests on the replica for this model, this one included, when it got the slot."""
 
     def retry_after_s(self) -> float:
         return self.gate.retry_after_s()
@@ -283,6 +376,7 @@ class SlotLease:
         if upstream is not self.replica:
             self.gate.move(self.replica, upstream)
             self.replica = upstream
+            self.level = self.gate.in_flight[upstream.name]
 
 
 class BackpressureStep(Step):
@@ -308,6 +402,10 @@ class BackpressureStep(Step):
         meter.create_observable_gauge(
             telemetry.names.metric_upstream_in_flight, callbacks=[self._observe_in_flight],
             unit="{request}", description="Requests holding a slot, per replica and model.")
+        meter.create_observable_gauge(
+            telemetry.names.metric_upstream_max_in_flight, callbacks=[self._observe_limits],
+            unit="{request}", description="Slots the proxy uses per replica and model: max_in_flight, "
+                                          "or what it learned (auto) or adapted.")
 
     def reconfigure(self, config: BackpressureConfig) -> None:
         super().reconfigure(config)
@@ -354,6 +452,33 @@ class BackpressureStep(Step):
             yield Observation(count, {semconv.ATTR_GEN_AI_REQUEST_MODEL: label,
                                       self.telemetry.names.upstream_name: replica})
 
+    def _observe_limits(self, options: CallbackOptions) -> Iterable[Observation]:
+        del options
+        limits: dict[tuple[str, str], float] = {}
+        for model, gate in list(self.gates.items()):
+            label = self.fleet.label(model)
+            for replica, limit in gate.limits.items():
+                # Models no replica lists share `other`: report the largest limit among them.
+                limits[label, replica] = max(limits.get((label, replica), 0.0), math.floor(limit))
+        for (label, replica), limit in limits.items():
+            yield Observation(limit, {semconv.ATTR_GEN_AI_REQUEST_MODEL: label,
+                                      self.telemetry.names.upstream_name: replica})
+
+    def slots(self) -> dict[str, dict[str, Any]]:
+        """Per replica and model: the slots in use, how they were set (declared, learned, adaptive)
+        and how often Ollama queued a request internally (for /system/profile)."""
+        out: dict[str, dict[str, Any]] = {}
+        how = "adaptive" if self.config.adaptive else (
+            "learned" if self.config.max_in_flight == "auto" else "fixed")
+        for model, gate in list(self.gates.items()):
+            for upstream in self.fleet:
+                if upstream.name in gate.limits:
+                    out.setdefault(upstream.name, {})[self.fleet.label(model)] = {
+                        "max_in_flight": math.floor(gate.limits[upstream.name]), "how": how,
+                        "declared": upstream.num_parallel,
+                        "ollama_queued": gate.ollama_queued[upstream.name]}
+        return out
+
     def _cost(self, request: web.Request, ctx: RequestContext) -> float:
         return float(request_cost(request.path, ctx.json(), ctx.route.operation, ctx.prompt.tokens,
                                   len(ctx.body or b""), _DEFAULT_OUTPUT_TOKENS))
@@ -396,24 +521,29 @@ class BackpressureStep(Step):
             usage = ctx.exchange.usage
             per_token = None
             actual = None
+            queued = None
             if usage is not None:
                 if usage.eval_duration_ns and usage.output_tokens:
                     per_token = usage.eval_duration_ns / 1e9 / usage.output_tokens
+                queued = usage.queued_s()
                 if usage.input_tokens is not None or usage.output_tokens is not None:
                     actual = (usage.input_tokens or 0) + (usage.output_tokens or 0)
             elif ctx.exchange.first_byte_at is None:
                 actual = 0  # nothing was served: the charge comes back
             if actual is not None:
                 gate.queue.reconcile(tenant.name, tenant.weight, actual - cost)
-            gate.release(replica, time.monotonic() - started, per_token)
+            gate.release(replica, time.monotonic() - started, per_token, queued, lease.level)
 
     async def _admit(self, request: web.Request, ctx: RequestContext, gate: ModelGate, span: Any,
                      tenant: str, weight: float, lane: str, cost: float) -> Upstream | None:
         """A replica slot for this request, waiting fairly if need be; raises Overload/QueueTimeout.
         None: no replica may serve the model (now, or any more while it waited)."""
-        if not self.fleet.eligible(gate.model):
+        eligible = self.fleet.eligible(gate.model)
+        if not eligible and not self.fleet.coming_back(gate.model):
             self.decide(ctx, span, "no_replica")
             return None
+        # Waiting on a model load, or on a replica coming back, takes its own, longer budget.
+        cold = not eligible or not any(gate.model in u.loaded for u in eligible)
         placement = self.placement
         # Described only when placement ranks by cost: round robin looks at nothing.
         placing = placement.describe(ctx, request.headers) if placement is not None \
@@ -449,15 +579,18 @@ class BackpressureStep(Step):
                 f"the estimated wait for {gate.model} ({estimate:.0f}s) exceeds the request's deadline",
                 retry_after_s=gate.retry_after_s()))
         gate.dispatch()  # a longer queue may make an idle replica worth a model load now
+        budget = self.config.cold_queue_timeout_s if cold else self.config.queue_timeout_s
+        span.set_attribute(self.telemetry.names.queue_cold, cold)
         try:
-            async with asyncio.timeout(min(self.config.queue_timeout_s, remaining)):
+            async with asyncio.timeout(min(budget, remaining)):
                 replica = await future
         except TimeoutError:
             gate.queue.remove(waiter)
             gate.rejections["queue_timeout"] += 1
+            waited_for = "a model load or a replica coming back" if cold else "a slot"
             self.decide(ctx, span, "queue_timeout", QueueTimeout(
-                f"no slot for {gate.model} within {min(self.config.queue_timeout_s, remaining):.0f}s",
-                retry_after_s=gate.retry_after_s()))
+                f"no slot for {gate.model} within {min(budget, remaining):.0f}s (waiting for "
+                f"{waited_for})", retry_after_s=gate.retry_after_s()))
             raise AssertionError("unreachable") from None  # decide raised in enforce mode
         except asyncio.CancelledError:
             if not gate.queue.remove(waiter) and future.done() and not future.cancelled() \

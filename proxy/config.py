@@ -222,6 +222,13 @@ def _converter() -> cattrs.Converter:
         raise TypeError("expected true, false, 'none' or 'admin'")
 
     converter.register_structure_hook(bool | Literal["none", "admin"], metrics_auth)
+
+    def count_or_auto(value: Any, _: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value  # type: ignore[no-any-return]
+        raise TypeError("expected `auto` or an integer")
+
+    converter.register_structure_hook(int | Literal["auto"], count_or_auto)
     # Every attrs class met while structuring Config (steps' sections included, wherever they live)
     # forbids unknown keys: derived, not a hand-kept list that a new section could be missing from.
     converter.register_structure_hook_factory(

@@ -254,6 +254,18 @@ class Usage:
     load_duration_ns: int | None = None
     prompt_eval_duration_ns: int | None = None
     eval_duration_ns: int | None = None
+    total_duration_ns: int | None = None
+    """From the request's arrival at Ollama: minus load, prompt and eval, the time it queued for a slot."""
+
+    def queued_s(self) -> float | None:
+        """The time the request waited inside Ollama for one of the runner's slots; None when the
+        response does not report its total and eval durations (embeddings and /v1 routes do not).
+        Ollama omits a zero load or prompt-eval duration (`omitempty`): absent counts as zero."""
+        total, decode = self.total_duration_ns, self.eval_duration_ns
+        if total is None or decode is None:
+            return None
+        spent = decode + (self.load_duration_ns or 0) + (self.prompt_eval_duration_ns or 0)
+        return max(0, total - spent) / 1e9
 
 
 def _last_int(pattern: re.Pattern[bytes], data: bytes) -> int | None:
@@ -268,6 +280,7 @@ def _last_str(pattern: re.Pattern[bytes], data: bytes) -> str | None:
 
 _P = {name: re.compile(rb'"' + name.encode() + rb'":(\d+)') for name in (
     "prompt_eval_count", "eval_count", "load_duration", "prompt_eval_duration", "eval_duration",
+    "total_duration",
     "prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")}
 _MODEL = re.compile(rb'"model":"((?:[^"\\]|\\.)*)"')
 _REASONS = (re.compile(rb'"done_reason":"(\w+)"'), re.compile(rb'"finish_reason":"(\w+)"'),
@@ -306,6 +319,7 @@ class UsageScanner:
             load_duration_ns=_last_int(_P["load_duration"], tail),
             prompt_eval_duration_ns=_last_int(_P["prompt_eval_duration"], tail),
             eval_duration_ns=_last_int(_P["eval_duration"], tail),
+            total_duration_ns=_last_int(_P["total_duration"], tail),
         )
         if usage.input_tokens is None:
             usage.input_tokens = (_last_int(_P["prompt_tokens"], tail)

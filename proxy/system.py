@@ -56,7 +56,11 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
         balancer = steps.get("balancer")
         snapshot = health.snapshot() if health is not None and hasattr(health, "snapshot") else {}
         stats = getattr(balancer, "stats", {})
-        return web.json_response(fleet_profile(upstreams, snapshot, reloader.config.models, stats))
+        profile = fleet_profile(upstreams, snapshot, reloader.config.models, stats)
+        backpressure = steps.get("backpressure")
+        if backpressure is not None and hasattr(backpressure, "slots"):
+            profile["slots"] = backpressure.slots()
+        return web.json_response(profile)
 
     app.router.add_get("/metrics", metrics, allow_head=True)
     app.router.add_get("/healthz", healthz, allow_head=True)

@@ -30,6 +30,8 @@ DEFAULT_NUM_CTX = 4096
 """Ollama's default context when a request sets no num_ctx (OLLAMA_CONTEXT_LENGTH unset)."""
 SERVING_STATUSES = frozenset({"unknown", "healthy"})
 """Statuses in which a replica takes new requests (`unknown`: not probed yet)."""
+COMING_BACK_STATUSES = frozenset({"restarting", "warming"})
+"""Statuses of a replica that will serve again without anyone's help (the queue waits for it)."""
 
 
 @attrs.frozen
@@ -249,6 +251,10 @@ class UpstreamSet:
             self._eligible.clear()
         self._eligible[model] = serving
         return serving
+
+    def coming_back(self, model: str | None) -> bool:
+        """Is a replica that may serve `model` restarting or warming (it will serve again soon)?"""
+        return any(u.status in COMING_BACK_STATUSES and self.allows(u, model) for u in self.upstreams)
 
     def why_not(self, upstream: Upstream, model: str | None) -> str | None:
         """Why `upstream` is not eligible for `model` (None when it is)."""

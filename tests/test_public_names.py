@@ -38,6 +38,7 @@ SEEN_METRICS = {
     "sop_balancer_decisions", "sop_limits_count_duration_seconds", "sop_queue_wait_seconds",
     "sop_queue_depth", "sop_upstream_in_flight", "sop_upstream_healthy", "sop_health_probes",
     "sop_config_version", "sop_config_refused", "sop_config_restart_required",
+    "sop_upstream_max_in_flight",
 }
 """Families every proxy that served a chat exposes (counters without `_total`, as the parser names them)."""
 
@@ -83,6 +84,7 @@ chain.backpressure.mode chain.backpressure.max_queue_size chain.backpressure.que
 chain.backpressure.max_in_flight chain.backpressure.fair chain.backpressure.bulk_share
 chain.backpressure.adaptive
 chain.backpressure.adaptive_max_in_flight chain.backpressure.adaptive_tolerance
+chain.backpressure.auto_max_in_flight chain.backpressure.cold_queue_timeout_s
 chain.health.mode chain.health.probe_interval_s chain.health.probe_jitter chain.health.probe_timeout_s
 chain.health.eject_after_failures chain.health.base_ejection_s chain.health.max_ejection_s
 chain.health.max_ejection_ratio chain.health.stuck_after_s chain.health.restart_after_failures

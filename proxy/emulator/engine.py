@@ -34,6 +34,8 @@ CONTEXT_OVERFLOW = ("the prompt is longer than the context length currently avai
 # Rates used for reported durations under a fixed clock when the profile has no delay at all.
 _NOMINAL_PREFILL_TPS = 1000.0
 _NOMINAL_DECODE_TPS = 100.0
+_SLOT_WAIT_FLOOR_NS = 1_000_000
+"""Slot waits below this are reported as none (scheduling noise; a fixed clock stays deterministic)."""
 
 
 class ContextOverflow(Exception):
@@ -215,7 +217,7 @@ class Engine:
         arrival = time.monotonic_ns()
         result.created_ns = self.now_ns()
         async with self._admitted(entry, self.num_ctx_for(entry, options), keep_alive_ns) as (
-                runner, load_ns):
+                runner, load_ns, waited_ns):
             async for piece in self._decode(entry, runner, prompt_text, prompt_tokens, options,
                                             result, truncate):
                 yield piece
@@ -225,12 +227,13 @@ class Engine:
             result.total_duration = time.monotonic_ns() - arrival
         else:
             result.total_duration = (result.load_duration + result.prompt_eval_duration
-                                     + result.eval_duration + 500_000)
+                                     + result.eval_duration + 500_000 + waited_ns)
 
     @contextlib.asynccontextmanager
     async def _admitted(self, entry: ModelEntry, num_ctx: int, keep_alive_ns: int | None
-                        ) -> AsyncIterator[tuple[Runner, int]]:
-        """Hold a runner reference and one of its slots for the body; yields (runner, load ns).
+                        ) -> AsyncIterator[tuple[Runner, int, int]]:
+        """Hold a runner reference and one of its slots for the body; yields (runner, load ns, ns
+        queued for the slot: 0 below a millisecond, so a fixed clock stays deterministic unqueued).
 
         Keeps `stats` exact on every path: waiting until the slot, then active, then completed when the
         body finished, rejected on ServerBusy, cancelled on anything else (client gone, generator closed).
@@ -245,11 +248,15 @@ class Engine:
             except ServerBusy:
                 state = "rejected"
                 raise
+            queued = time.monotonic_ns()
             async with runner.slot():
                 stats.waiting -= 1
                 stats.active += 1
                 state = "active"
-                yield runner, load_ns
+                # Time queued for one of the runner's parallel slots: in total_duration only, as in
+                # Ollama (its load_duration ends when the runner is granted; the slot wait follows).
+                waited_ns = time.monotonic_ns() - queued
+                yield runner, load_ns, waited_ns if waited_ns > _SLOT_WAIT_FLOOR_NS else 0
             state = "completed"
         finally:
             self._settle(stats, state, runner)
@@ -320,7 +327,7 @@ class Engine:
         arrival = time.monotonic_ns()
         result = RunResult(created_ns=self.now_ns())
         num_ctx = self.num_ctx_for(entry, options or {})
-        async with self._admitted(entry, num_ctx, keep_alive_ns) as (_, load_ns):
+        async with self._admitted(entry, num_ctx, keep_alive_ns) as (_, load_ns, waited_ns):
             vectors, tokens, modelled_s = await self._embed_texts(entry, texts, normalize, dimensions,
                                                                   num_ctx)
         result.prompt_eval_count = tokens
@@ -329,7 +336,8 @@ class Engine:
             result.total_duration = time.monotonic_ns() - arrival
         else:
             result.load_duration = load_ns
-            result.total_duration = load_ns + int((modelled_s or tokens / _NOMINAL_PREFILL_TPS) * 1e9)
+            result.total_duration = load_ns + int((modelled_s or tokens / _NOMINAL_PREFILL_TPS) * 1e9) \
+                + waited_ns
         return vectors, result
 
     async def _embed_texts(self, entry: ModelEntry, texts: list[str], normalize: bool,

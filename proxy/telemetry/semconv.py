@@ -118,6 +118,8 @@ class Names:
         self.quotas_reserved_tokens = f"{p}.quotas.reserved_tokens"
         # backpressure
         self.queue_position = f"{p}.queue.position"
+        self.queue_cold = f"{p}.queue.cold"
+        """True when the request waited on a model load or a replica coming back (cold budget)."""
         # health
         self.health_candidates = f"{p}.health.candidates"
         self.health_dropped = f"{p}.health.dropped"
@@ -148,6 +150,7 @@ class Names:
         self.metric_summarize_fallbacks = f"{p}.summarize_history.fallbacks"
         self.metric_upstream_errors = f"{p}.upstream.errors"
         self.metric_upstream_in_flight = f"{p}.upstream.in_flight"
+        self.metric_upstream_max_in_flight = f"{p}.upstream.max_in_flight"
         self.metric_upstream_healthy = f"{p}.upstream.healthy"
         self.metric_queue_wait = f"{p}.queue.wait"
         self.metric_queue_depth = f"{p}.queue.depth"
