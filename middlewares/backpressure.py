@@ -2,7 +2,8 @@
 
 Ollama queues requests for a loaded model without bound (ollama#7758); here they wait in the proxy, where
 the wait is bounded, ordered fairly, visible and cancellable. Per model, each replica admits at most
-`max_in_flight` requests (default: its `num_parallel`); a request takes a free slot at once when nobody
+`max_in_flight` requests (`auto`, the default: learned from Ollama's timings, see
+ModelGate.learn_slots); a request takes a free slot at once when nobody
 waits, else joins the model's FairQueue (lanes + VTC, proxy/fairqueue.py) and is bound, when a slot frees,
 to a replica when a slot frees (late binding). Which replica is placement's choice (proxy/placement.py,
 shared with the balancer): it may prefer to keep a request waiting for the busy replica that holds its
@@ -14,7 +15,8 @@ Refusals, all 503 with `Retry-After` from the time the queue needs to drain at t
 slots divided by the measured service time), never a constant:
 - `overload`: the queue is full, or the estimated wait (requests ahead x service time / slots, from
   capacity, never from recent demand) already exceeds the request's deadline; never while a slot is free;
-- `queue_timeout`: it waited `queue_timeout_s` (or its deadline) without getting a slot.
+- `queue_timeout`: it waited `queue_timeout_s` (or its deadline) without getting a slot; a request
+  waiting on a model load or on a replica restarting or warming has `cold_queue_timeout_s` instead.
 Admitted responses carry `X-Queue-Wait-Ms`. A client that leaves while queued leaves the queue at once;
 one that leaves while running frees its slot (the forwarder closes the upstream). With `adaptive: true`
 each (replica, model) limit follows a gradient on Ollama's own time per output token
