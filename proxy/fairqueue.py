@@ -6,7 +6,9 @@ Order of dispatch:
 - tenants within a lane: the backlogged tenant with the smallest virtual token counter (VTC, "Fairness in
   Serving LLMs", OSDI'24). A dispatch charges the tenant `cost / weight` (prompt tokens plus expected
   output); `reconcile` corrects the charge with the real counts once known. A tenant that becomes
-  backlogged is lifted to the smallest counter of those already waiting, so idle time cannot be banked;
+  backlogged is lifted to the smallest counter of those already waiting or, when nobody waits, to the
+  counter of the tenant served last (VTC's rule), so idle time cannot be banked; the counters it is
+  lifted to leave out the estimates of requests still running, which `reconcile` may yet take back;
 - requests of one tenant: first come, first served.
 With `fair=False` the queue is a plain FIFO (the T2 baseline of the benchmarks).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,9 @@ if TYPE_CHECKING:  # the queue only carries it
 __all__ = ["FairQueue", "Waiter"]
 
 LANES = ("interactive", "bulk")
+_UNSETTLED_HORIZON_S = 300.0
+"""A charge that `reconcile` has not settled after this long counts as served: its settlement was lost (a
+stream cut after its first byte is never settled), or the request runs that long."""
 
 
 @attrs.define(eq=False)
@@ -51,6 +57,10 @@ class FairQueue:
         self._lanes: dict[str, dict[str, deque[Waiter]]] = {lane: {} for lane in LANES}
         self._fifo: deque[Waiter] = deque()
         self.counters: dict[str, float] = {}
+        # The tenant dispatched last (from the queue or at once): the floor when nobody waits.
+        self._last: str | None = None
+        # Per tenant, (time, share) of the charges not settled yet: its requests still running.
+        self._unsettled: dict[str, deque[tuple[float, float]]] = {}
         self._seq = itertools.count()
         self._dispatches = 0
         self._size = 0
@@ -77,15 +87,44 @@ class FairQueue:
         lane = self._lanes[waiter.lane]
         queue = lane.get(waiter.tenant)
         if not queue:
-            waiting = [self.counters.get(t, 0.0) for ln in self._lanes.values() for t, q in ln.items() if q]
-            floor = min(waiting) if waiting else 0.0
-            self.counters[waiter.tenant] = max(self.counters.get(waiter.tenant, 0.0), floor)
+            self._lift(waiter.tenant)
             queue = lane.setdefault(waiter.tenant, deque())
         queue.append(waiter)
         ahead = sum(len(q) for q in lane.values()) - 1
         if waiter.lane == "bulk":
             ahead += sum(len(q) for q in self._lanes["interactive"].values())
         return ahead
+
+    def _lift(self, tenant: str) -> None:
+        """`tenant` becomes backlogged: raise its counter to the smallest of those waiting or, when
+        nobody waits, to the counter of the tenant served last (VTC's rule). With nobody waiting the
+        minimum is over no one; the last one served stands for the tenants that were using the slots,
+        or a returning tenant would keep the low counter of its idle time and take every slot until it
+        caught up. The floor is what those tenants were served for certain (`_settled`): a running
+        request's estimate may be refunded to its tenant, and a counter lifted to it would keep it."""
+        waiting = {t for ln in self._lanes.values() for t, q in ln.items() if q}
+        if waiting:
+            floor = min(self._settled(t) for t in waiting)
+        else:
+            floor = self._settled(self._last) if self._last is not None else 0.0
+        self.counters[tenant] = max(self.counters.get(tenant, 0.0), floor)
+
+    def _settled(self, tenant: str) -> float:
+        """`tenant`'s counter without the estimates of its requests still running."""
+        counter = self.counters.get(tenant, 0.0)
+        charges = self._unsettled.get(tenant)
+        if not charges:
+            return counter
+        horizon = time.monotonic() - _UNSETTLED_HORIZON_S
+        while charges and charges[0][0] < horizon:
+            charges.popleft()
+        return counter - sum(share for _, share in charges)
+
+    def _charged(self, tenant: str, share: float) -> None:
+        """A dispatch of `tenant` charged `share` (cost / weight), unsettled until `reconcile`."""
+        self.counters[tenant] = self.counters.get(tenant, 0.0) + share
+        self._unsettled.setdefault(tenant, deque()).append((time.monotonic(), share))
+        self._last = tenant
 
     def remove(self, waiter: Waiter) -> bool:
         """Take a waiter out (its client left or it timed out); False if it was not queued."""
@@ -153,19 +192,29 @@ class FairQueue:
         waiter = queue.popleft()
         if not queue:
             del lane[tenant]
-        self.counters[tenant] = self.counters.get(tenant, 0.0) + waiter.cost / waiter.weight
+        self._charged(tenant, waiter.cost / waiter.weight)
         return waiter
 
     def charge(self, tenant: str, weight: float, cost: float) -> None:
         """Charge service that did not go through the queue (a free slot taken at once): every served
-        request counts, or `reconcile` would refund what was never charged."""
+        request counts, or `reconcile` would refund what was never charged. Such a request arrives and
+        is dispatched in one go, so a tenant with nothing queued is lifted first, as by `push`."""
         if self.fair:
-            self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / weight
+            if not any(self._lanes[lane].get(tenant) for lane in LANES):
+                self._lift(tenant)
+            self._charged(tenant, cost / weight)
 
     def reconcile(self, tenant: str, weight: float, delta_cost: float) -> None:
         """Correct a tenant's counter once its request's real cost is known (delta = real - charged)."""
         if self.fair:
             self.counters[tenant] = self.counters.get(tenant, 0.0) + delta_cost / weight
+            charges = self._unsettled.get(tenant)
+            if charges:
+                # The requests are not told apart: settle the newest charge, so that one whose
+                # settlement was lost sinks to the front and ages out (_UNSETTLED_HORIZON_S).
+                charges.pop()
+                if not charges:
+                    del self._unsettled[tenant]
 
     def depth(self) -> dict[str, dict[str, int]]:
         """Waiting requests per lane and tenant."""
