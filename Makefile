@@ -84,6 +84,7 @@ nginx:
 
 bench-burst: venv nginx
 	$(BIN)/python -m tests.bench.burst
+	$(BIN)/python -m tests.bench.slots
 
 # embed_cache and embed_batch: CPU per request (idle and acting), then 64 single-input clients.
 bench-embed: venv
