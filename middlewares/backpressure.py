@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -40,7 +40,7 @@ from proxy.chain import Handler, Step
 from proxy.context import RequestContext
 from proxy.errors import Overload, QueueTimeout
 from proxy.fairqueue import FairQueue, Waiter
-from proxy.ollama import model_key
+from proxy.ollama import Usage, is_cloud_model, model_key
 from proxy.placement import Placement, Placing
 from proxy.prompts import request_cost
 from proxy.schema import Mode, RolloutConfig, positive, ratio
@@ -117,6 +117,8 @@ _QUEUED_SHARE = 0.05
 _PROOFS = 3
 """Requests at the limit that did not queue inside Ollama, in a row, before one more slot is tried."""
 _REPROBE_S = 60.0
+_SPANS = 64
+"""Finished requests per replica kept to count, by Ollama's timings, how many ran at once."""
 """How long a limit at which Ollama queued a request is not tried again."""
 _MAX_GATES = 256
 """Gates kept while the fleet's models are unknown; past it idle ones are dropped."""
@@ -137,18 +139,27 @@ class ModelGate:
         self.in_flight: Counter[str] = Counter()
         self.limits: dict[str, float] = {}
         self.ceilings: dict[str, int] = {}
-        for upstream in fleet:
-            self.limit(upstream)
         self.baselines: dict[str, float] = {}
         # Learned parallelism (learn_slots), per replica name.
         self.proofs: Counter[str] = Counter()
         self.too_high: dict[str, tuple[int, float]] = {}
         self.ollama_queued: Counter[str] = Counter()
+        self.identity: dict[str, tuple[Any, int]] = {}
+        self.running: defaultdict[str, set[SlotLease]] = defaultdict(set)
+        """The leases holding a slot, per replica (a lease adds and removes itself)."""
+        self.spans: defaultdict[str, deque[tuple[float, float]]] = defaultdict(
+            lambda: deque(maxlen=_SPANS))
+        """Recent finished requests per replica: (start, end) on the replica, by Ollama's durations."""
+        self.pending: defaultdict[str, deque[tuple[float, int, list[SlotLease]]]] = defaultdict(
+            lambda: deque(maxlen=_SPANS))
+        """Proofs waiting for the requests that ran beside them to finish (learn_slots)."""
         self.completions: deque[float] = deque()
         self.waits: deque[float] = deque(maxlen=_WAIT_SAMPLES)
         self.rejections: Counter[str] = Counter()
         self.service_s: float | None = None
         self._recheck: asyncio.TimerHandle | None = None
+        for upstream in fleet:
+            self.limit(upstream)
 
     def limit(self, upstream: Upstream) -> float:
         """The (replica, model) limit: `max_in_flight` or the replica's slots, or what the adaptive
@@ -159,6 +170,9 @@ class ModelGate:
             declared = upstream.num_parallel if config.max_in_flight == "auto" \
                 else int(config.max_in_flight)
             limit = self.limits[upstream.name] = float(declared)
+            # What the limit was learned for: another daemon or another declared slot count behind
+            # the same name (a reload) starts again from the declaration.
+            self.identity[upstream.name] = (upstream.url, upstream.num_parallel)
             if config.adaptive:
                 ceiling = config.adaptive_max_in_flight or 2 * declared
             elif config.max_in_flight == "auto":
@@ -173,35 +187,67 @@ class ModelGate:
         """Is the limit learned from Ollama's timings (`max_in_flight: auto`, not `adaptive`)?"""
         return self.config.max_in_flight == "auto" and not self.config.adaptive
 
-    def learn_slots(self, name: str, level: int, queued_s: float, run_s: float) -> None:
-        """Learned parallelism. A request that found `level` requests (itself included) on the replica
-        reports how long it queued inside Ollama for a slot (`total_duration` minus load, prompt and
-        eval). Queued: the replica has fewer slots than `level`, so the limit drops to `level - 1` and
-        `level` is not tried again for `_REPROBE_S`. Not queued at the current limit while requests wait
-        here, `_PROOFS` times in a row: one more slot is tried. So at most one request beyond the real
-        slots is ever inside Ollama, and only while probing."""
+    def learn_slots(self, lease: SlotLease, queued_s: float, busy_s: float) -> None:
+        """Learned parallelism, from one finished request: `queued_s`, the time it queued inside Ollama
+        for a slot (`total_duration` minus load, prompt and eval), and `busy_s`, its whole
+        `total_duration`, both by Ollama's own clock.
+
+        Queued: the replica has fewer slots than the requests the proxy had on it when this one got its
+        slot (`lease.level`), so the limit drops below that level, which is not tried again for
+        `_REPROBE_S`. Not queued: if, by Ollama's own timings, as many requests as the limit were
+        running when this one started (each request's span on the replica is its send time plus its
+        reported durations; the proxy's own release comes later, after the last byte crossed the
+        network, so counting the proxy's in-flight requests would see slots that were already free),
+        and requests wait here, that limit is proven; after `_PROOFS` such proofs in a row one more slot
+        is tried. So at most one request beyond the real slots is ever inside Ollama, and only while
+        probing."""
+        name = lease.replica.name
         limit = self.limits.get(name)
         if limit is None:  # the replica left the set (a reload) while this request ran on it
             return
         now = time.monotonic()
-        if queued_s > max(_QUEUED_FLOOR_S, _QUEUED_SHARE * run_s):
+        start = lease.granted_at + queued_s
+        self.spans[name].append((start, lease.granted_at + busy_s))
+        if queued_s > max(_QUEUED_FLOOR_S, _QUEUED_SHARE * busy_s):
             self.ollama_queued[name] += 1
             self.proofs[name] = 0
-            self.too_high[name] = (level, now)
-            if level - 1 < limit:
-                self.limits[name] = float(max(1, level - 1))
+            if lease.level <= 1:
+                # Alone on the replica as far as this proxy knows: it queued behind someone else's
+                # requests (another proxy, a direct client), which says nothing about the slots.
+                return
+            failed = self.too_high.get(name)
+            if failed is None or lease.level <= failed[0] or now - failed[1] >= _REPROBE_S:
+                self.too_high[name] = (lease.level, now)  # the lowest level that failed, for a while
+            if lease.level - 1 < limit:
+                self.limits[name] = float(max(1, lease.level - 1))
             return
         top = max(1, math.floor(limit))
-        if level < top or not len(self.queue):
+        if lease.level < top or not len(self.queue):
             return
-        self.proofs[name] += 1
-        if self.proofs[name] < _PROOFS or top + 1 > self.ceilings.get(name, top):
-            return
-        failed = self.too_high.get(name)
-        if failed is not None and top + 1 >= failed[0] and now - failed[1] < _REPROBE_S:
-            return
-        self.proofs[name] = 0
-        self.limits[name] = float(top + 1)
+        # Judged once the requests that ran beside it have finished too: then every span is Ollama's.
+        beside = [o for o in self.running[name] if o is not lease and o.granted_at <= start]
+        self.pending[name].append((start, top, beside))
+
+    def _judge(self, name: str) -> None:
+        """Settle the pending proofs of `name` whose neighbours have all finished (oldest first)."""
+        pending = self.pending[name]
+        while pending and all(o.finished for o in pending[0][2]):
+            start, top, _ = pending.popleft()
+            limit = self.limits.get(name)
+            if limit is None or max(1, math.floor(limit)) != top:
+                continue  # the limit moved since: this says nothing about the current one
+            if sum(1 for s, e in self.spans[name] if s <= start < e) < top:
+                self.proofs[name] = 0
+                continue  # fewer ran at once inside Ollama than the limit: not exercised
+            self.proofs[name] += 1
+            if self.proofs[name] < _PROOFS or top + 1 > self.ceilings.get(name, top):
+                continue
+            failed = self.too_high.get(name)
+            if failed is not None and top + 1 >= failed[0] \
+                    and time.monotonic() - failed[1] < _REPROBE_S:
+                continue
+            self.proofs[name] = 0
+            self.limits[name] = float(top + 1)
 
     def reconfigure(self, config: BackpressureConfig) -> None:
         """A reload: new settings; limits are derived again from them and the replicas' slots (limits
@@ -216,12 +262,15 @@ class ModelGate:
                                            old.auto_max_in_flight)
         present = {u.name: u for u in self.fleet}
         for name in list(self.limits):
-            if name not in present or not keep_learned:
+            if name not in present or not keep_learned \
+                    or self.identity.get(name) != (present[name].url, present[name].num_parallel):
                 del self.limits[name]
                 self.ceilings.pop(name, None)
                 self.baselines.pop(name, None)
                 self.proofs.pop(name, None)
                 self.too_high.pop(name, None)
+                self.spans.pop(name, None)
+                self.pending.pop(name, None)
         for name in [n for n, count in self.in_flight.items() if count <= 0 and n not in present]:
             del self.in_flight[name]
         for upstream in present.values():
@@ -312,17 +361,23 @@ class ModelGate:
         self.dispatch()
 
     def release(self, replica: Upstream, service_s: float, per_token_s: float | None,
-                queued_s: float | None = None, level: int = 0) -> None:
-        """A request on `replica` finished (any way): free its slot, learn, and dispatch. `queued_s`
-        is the time it queued inside Ollama (None: not reported), `level` how many requests (itself
-        included) were on the replica when it got its slot."""
+                lease: SlotLease | None = None, usage: Usage | None = None) -> None:
+        """A request on `replica` finished (any way): free its slot, learn, and dispatch. `lease` and
+        `usage` (what Ollama reported) feed learned parallelism."""
         self.in_flight[replica.name] = max(0, self.in_flight[replica.name] - 1)
         self.completions.append(time.monotonic())
         self.service_s = service_s if self.service_s is None else 0.8 * self.service_s + 0.2 * service_s
+        if lease is not None:
+            lease.finished = True
+            self.running[lease.replica.name].discard(lease)
         if self.config.adaptive and per_token_s:
             self._adapt(replica.name, per_token_s)
-        elif queued_s is not None and level and self.learning:
-            self.learn_slots(replica.name, level, queued_s, service_s)
+        elif lease is not None and self.learning:
+            queued = usage.queued_s() if usage is not None and not is_cloud_model(self.model) \
+                else None
+            if queued is not None and usage is not None and usage.total_duration_ns:
+                self.learn_slots(lease, queued, usage.total_duration_ns / 1e9)
+            self._judge(lease.replica.name)
         self.dispatch()
 
     def _adapt(self, name: str, per_token_s: float) -> None:
@@ -370,6 +425,10 @@ class SlotLease:
         self.replica = replica
         self.level = gate.in_flight[replica.name]
         """Requests on the replica for this model, this one included, when it got the slot."""
+        self.granted_at = time.monotonic()
+        """When it got the slot (it is sent right after): where its span on the replica begins."""
+        self.finished = False
+        gate.running[replica.name].add(self)
 
     def retry_after_s(self) -> float:
         return self.gate.retry_after_s()
@@ -377,8 +436,11 @@ class SlotLease:
     def move(self, upstream: Upstream) -> None:
         if upstream is not self.replica:
             self.gate.move(self.replica, upstream)
+            self.gate.running[self.replica.name].discard(self)
             self.replica = upstream
             self.level = self.gate.in_flight[upstream.name]
+            self.granted_at = time.monotonic()
+            self.gate.running[upstream.name].add(self)
 
 
 class BackpressureStep(Step):
@@ -523,18 +585,16 @@ class BackpressureStep(Step):
             usage = ctx.exchange.usage
             per_token = None
             actual = None
-            queued = None
             if usage is not None:
                 if usage.eval_duration_ns and usage.output_tokens:
                     per_token = usage.eval_duration_ns / 1e9 / usage.output_tokens
-                queued = usage.queued_s()
                 if usage.input_tokens is not None or usage.output_tokens is not None:
                     actual = (usage.input_tokens or 0) + (usage.output_tokens or 0)
             elif ctx.exchange.first_byte_at is None:
                 actual = 0  # nothing was served: the charge comes back
             if actual is not None:
                 gate.queue.reconcile(tenant.name, tenant.weight, actual - cost)
-            gate.release(replica, time.monotonic() - started, per_token, queued, lease.level)
+            gate.release(replica, time.monotonic() - started, per_token, lease, usage)
 
     async def _admit(self, request: web.Request, ctx: RequestContext, gate: ModelGate, span: Any,
                      tenant: str, weight: float, lane: str, cost: float) -> Upstream | None:
@@ -597,7 +657,9 @@ class BackpressureStep(Step):
         except asyncio.CancelledError:
             if not gate.queue.remove(waiter) and future.done() and not future.cancelled() \
                     and (granted := future.result()) is not None:
-                # The slot was handed over just as the client left: give it to the next one.
+                # The slot was handed over just as the client left: give it to the next one, and
+                # the tenant's charge back (nothing was served).
+                gate.queue.reconcile(tenant, weight, -cost)
                 gate.release(granted, 0.0, None)
             future.cancel()
             raise

@@ -130,7 +130,8 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
 
     subrequests.bind_session(lambda: fleet.control_session)
     app.cleanup_ctx.append(plugins.lifecycle)
-    runtime = Runtime(directory, upstreams, fleet_health, steps, plugins, tokenizers, bind_plugins)
+    runtime = Runtime(directory, upstreams, fleet_health, steps, plugins, tokenizers, bind_plugins,
+                      ingress)
     reloader = Reloader(config, runtime, telemetry, path=config_path,
                         load=load if load is not None else (lambda: config))
     app[RELOADER] = reloader

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -76,6 +77,9 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("serving at most %d client connections (RLIMIT_NOFILE=%d)", max_connections, nofile)
 
     async def serve() -> None:
+        # SIGHUP reloads once serving; until its handler is installed (and after it is removed while
+        # stopping), Python's default would end the process: ignore it meanwhile.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         telemetry = build_telemetry(config.telemetry)
         app = build_app(config, telemetry, config_path=args.config, load=load)
         runner = await start_site(app, host, port, backlog=server.backlog,

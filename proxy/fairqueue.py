@@ -53,6 +53,7 @@ class FairQueue:
 
     def __init__(self, fair: bool = True, bulk_share: float = 0.1) -> None:
         self.fair = fair
+        self._wanted_fair = fair
         self.bulk_every = max(1, round(1 / bulk_share)) if bulk_share > 0 else 0
         self._lanes: dict[str, dict[str, deque[Waiter]]] = {lane: {} for lane in LANES}
         self._fifo: deque[Waiter] = deque()
@@ -71,14 +72,19 @@ class FairQueue:
     def configure(self, fair: bool, bulk_share: float) -> None:
         """New settings from a reload. The bulk share applies at once; the discipline (fair or FIFO)
         changes only while nobody waits, since the waiters are held in the old one's structures: a busy
-        queue switches the next time it is empty (a reload repeats this call until then)."""
+        queue switches when a request arrives to find it empty."""
         self.bulk_every = max(1, round(1 / bulk_share)) if bulk_share > 0 else 0
-        if fair != self.fair and not self._size:
-            self.fair = fair
+        self._wanted_fair = fair
+        self._switch()
+
+    def _switch(self) -> None:
+        if self._wanted_fair != self.fair and not self._size:
+            self.fair = self._wanted_fair
 
     def push(self, waiter: Waiter) -> int:
         """Queue `waiter`; returns how many wait ahead of it in dispatch order's rough sense (its lane's
         length before it, plus all interactive waiters when it is bulk)."""
+        self._switch()
         waiter.seq = next(self._seq)
         self._size += 1
         if not self.fair:

@@ -329,13 +329,16 @@ class PluginStep:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.mode == "off" or request.match_info.route.name != self.forward_route:
             return await handler(request)
+        return await self._run(request, handler)
+
+    def enter(self) -> None:
+        """A request entered this plugin's slot (PluginChain counts it before the first plugin)."""
         self.active += 1
-        try:
-            return await self._run(request, handler)
-        finally:
-            self.active -= 1
-            if not self.active and self._idle is not None:
-                self._idle.set()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if not self.active and self._idle is not None:
+            self._idle.set()
 
     async def wait_idle(self) -> None:
         """Return once no request is inside this plugin."""

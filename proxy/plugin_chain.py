@@ -59,9 +59,19 @@ class PluginChain:
         @web.middleware
         async def run(request: web.Request, handler: Handler) -> web.StreamResponse:
             steps = self._by_slot[slot]
-            for step in reversed(steps):
-                handler = functools.partial(step.middleware, handler=handler)
-            return await handler(request)
+            if not steps:
+                return await handler(request)
+            # Counted in every plugin of the slot from here on, not as each is reached: a reload must
+            # not stop a later plugin of the slot while this request is still in an earlier one.
+            for step in steps:
+                step.enter()
+            try:
+                for step in reversed(steps):
+                    handler = functools.partial(step.middleware, handler=handler)
+                return await handler(request)
+            finally:
+                for step in steps:
+                    step.leave()
 
         return run  # type: ignore[return-value]
 
@@ -87,15 +97,15 @@ class PluginChain:
                     plan.append(same)
                     continue
                 step = self._build(cls, config)
+                started.append(step)  # stopped and retired if its start fails half way
                 await step.plugin.start()
-                started.append(step)
                 plan.append(step)
         except BaseException:
             for step in started:
                 await self._stop(step)
             raise
         self._pending = tuple(plan)
-        changed = [s.plugin.name for s in started] + [s.plugin.name for s in reusable]
+        changed = [s.plugin.name for s in started] + [s.plugin.name for s in reusable]  # new or dropped
         return sorted(set(changed))
 
     def commit(self) -> None:

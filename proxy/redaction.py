@@ -12,10 +12,15 @@ from typing import Any
 
 from yarl import URL
 
-__all__ = ["REDACTED", "redact"]
+__all__ = ["REDACTED", "redact", "redact_url"]
 
 REDACTED = "<redacted>"
 _SECRET_NAMES = re.compile(r"(^|_)(keys?|password|secret|token|api_key|credentials?|headers)$", re.I)
+
+
+def redact_url(value: str) -> str:
+    """`value` with the password (or a bare user part, often a token) of a URL replaced."""
+    return _url(value)
 
 
 def _url(value: str) -> str:

@@ -41,9 +41,10 @@ from .access import TenantDirectory
 from .chain import Step
 from .config import Config, ConfigError
 from .fleet.health import FleetHealth
+from .ingress import Ingress
 from .plugin import PluginError, structure_plugins
 from .plugin_chain import PluginChain
-from .redaction import redact
+from .redaction import redact, redact_url
 from .telemetry.setup import Telemetry
 from .tokens import TokenizerRegistry
 from .upstreams import Upstream, UpstreamSet
@@ -122,6 +123,8 @@ class Runtime:
     tokenizers: TokenizerRegistry
     bind_plugins: Callable[[PluginChain], None]
     """Re-binds what other parts take from the plugins (limits' summarizer)."""
+    ingress: Ingress
+    """Holds the default deadline (`chain.limits.deadline_s`), set on each request before the chain."""
     draining: list[Upstream] = attrs.field(factory=list)
     """Replicas a reload removed that still serve requests."""
 
@@ -148,10 +151,11 @@ class Runtime:
                 step.reconfigure(section, config.models)  # type: ignore[call-arg]
             else:
                 step.reconfigure(section)
+        self.ingress.default_deadline_s = chain.limits.deadline_s
         self.plugins.commit()
         self.bind_plugins(self.plugins)
         for upstream in added:
-            log.info("replica %s added (%s)", upstream.name, upstream.url)
+            log.info("replica %s added (%s)", upstream.name, redact_url(str(upstream.url)))
         for upstream in removed:
             log.info("replica %s removed: it gets no new requests and finishes the %d it serves",
                      upstream.name, len(upstream.attempts))
@@ -183,7 +187,7 @@ class Reloader:
         """Called with every result (the live events stream publishes them)."""
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._stamp = _stamp(path)
+        self._stamp: tuple[int, int, int] | None = _stamp(path)
         names = telemetry.names
         meter = telemetry.meter
         self._reloads = meter.create_counter(
@@ -228,15 +232,24 @@ class Reloader:
     async def _reload(self, trigger: str) -> ReloadResult:
         now = time.time()
         self._stamp = _stamp(self.path)
+        before = _digest(self.path)
         try:
             new = self._load()
         except (ConfigError, PluginError, ValueError) as exc:
             return self._refuse(trigger, now, str(exc))
+        except Exception as exc:  # a plugin's import, an unexpected bug: refused, never half applied
+            log.exception("configuration reload failed unexpectedly")
+            return self._refuse(trigger, now, f"unexpected {type(exc).__name__} while loading")
+        if _digest(self.path) != before:
+            # The file changed while it was read: what was parsed may be neither version. Look again
+            # at the next check of the watch (or the next SIGHUP).
+            self._stamp = None
+            return self._refuse(trigger, now, "the file changed while it was being read; retrying")
         changed = changed_keys(self.config, new)
         restart = tuple(k for k in changed if k.split(".", 1)[0] in RESTART_ONLY)
         applied = attrs.evolve(new, **{section: getattr(self.config, section) for section in RESTART_ONLY})
         live = tuple(k for k in changed if k not in restart)
-        self.digest = _digest(self.path)
+        self.digest = before
         # What the file says and the process does not: only a restart applies it (until the file goes
         # back to the running values).
         self.restart_required = tuple(changed_keys(applied, new))
@@ -248,9 +261,14 @@ class Reloader:
             return ReloadResult("unchanged", self.version, trigger, now, (), self.restart_required)
         try:
             rebuilt = await self.runtime.apply(applied)
-        except (ConfigError, PluginError, OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:
+            # Raised while preparing (a plugin that cannot start, a tokenizer file): nothing was
+            # applied. The synchronous part raises nothing it could leave half done.
             with contextlib.suppress(Exception):
                 await self.runtime.plugins.abandon()
+            if not isinstance(exc, ConfigError | PluginError | OSError | ValueError | RuntimeError):
+                log.exception("configuration reload failed unexpectedly")
+                return self._refuse(trigger, now, f"unexpected {type(exc).__name__} while applying")
             return self._refuse(trigger, now, str(exc))
         self.config = applied
         self.version += 1
@@ -279,13 +297,16 @@ class Reloader:
         in place, or a new file renamed onto the path (how editors and Kubernetes ConfigMaps update)."""
         while True:
             await asyncio.sleep(interval_s)
-            stamp = _stamp(self.path)
-            if stamp is not None and stamp != self._stamp:
-                digest = _digest(self.path)
-                if digest == self.digest and not self.refused:
-                    self._stamp = stamp  # touched, not changed
-                    continue
-                await self.reload("file")
+            try:
+                stamp = _stamp(self.path)
+                if stamp is not None and stamp != self._stamp:
+                    digest = _digest(self.path)
+                    if digest == self.digest and not self.refused:
+                        self._stamp = stamp  # touched, not changed
+                        continue
+                    await self.reload("file")
+            except Exception:  # the watch must outlive any one reload's bug
+                log.exception("configuration watch: reload failed unexpectedly")
 
     def sighup(self) -> None:
         """The SIGHUP handler (serving.run_until_signalled installs it): reload in the background."""

@@ -98,7 +98,10 @@ def http_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None
     del instance
     url = URL(value)
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{attribute.name}: expected an http(s) URL, got {value!r}")
+        # The scheme only, never the value: it may carry credentials, and this message is logged and
+        # shown by /system/config when a reload is refused.
+        raise ValueError(f"{attribute.name}: expected an http(s) URL, got scheme {url.scheme[:16]!r}"
+                         if url.scheme else f"{attribute.name}: expected an http(s) URL")
 
 
 def redis_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:

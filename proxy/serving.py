@@ -495,4 +495,5 @@ async def run_until_signalled(runner: ProxyRunner, stop: GracefulStop | None = N
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not the default (exit) while cleaning up
         await runner.cleanup()

@@ -84,6 +84,8 @@ class Upstream:
     """Model keys the replica has on disk (`/api/tags`), None until known."""
     digests: dict[str, str] = attrs.field(factory=dict)
     """Model key -> digest, as the last `/api/tags` listed them."""
+    returning: bool = False
+    """Its restart command or pre-warming runs now (set by the health service): it will serve soon."""
     attempts: set[Attempt] = attrs.field(factory=set)
     by_model: Counter[str] = attrs.field(factory=Counter)
 
@@ -253,8 +255,11 @@ class UpstreamSet:
         return serving
 
     def coming_back(self, model: str | None) -> bool:
-        """Is a replica that may serve `model` restarting or warming (it will serve again soon)?"""
-        return any(u.status in COMING_BACK_STATUSES and self.allows(u, model) for u in self.upstreams)
+        """Is a replica that may serve `model` coming back: its restart command or its pre-warming is
+        running right now? (Not merely in status `restarting`: a restart that ended without bringing
+        the daemon back keeps that status until a probe succeeds.)"""
+        return any(u.returning and u.status in COMING_BACK_STATUSES and self.allows(u, model)
+                   for u in self.upstreams)
 
     def why_not(self, upstream: Upstream, model: str | None) -> str | None:
         """Why `upstream` is not eligible for `model` (None when it is)."""

@@ -19,8 +19,9 @@ def _describe(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
         return "unknown key(s) " + ", ".join(sorted(exc.extra_fields))
     if " not in literal " in text:
-        value, _, allowed = text.partition(" not in literal ")
-        return f"{value!r} is not one of {allowed.removeprefix('typing.Literal')}"
+        _, _, allowed = text.partition(" not in literal ")
+        # Not the value itself: a key pasted into the wrong field must not reach a log line.
+        return f"not one of {allowed.removeprefix('typing.Literal')}"
     if isinstance(exc, ValueError) and re.match(r"^[\w.\[\]]+: ", text):
         return text
     if isinstance(exc, TypeError) and text.startswith("expected "):

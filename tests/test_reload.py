@@ -296,7 +296,8 @@ def test_sighup_applies_keys_plugins_and_modes_and_says_what_needs_a_restart(
 
         # Model profiles and tenant quotas: a model's own prompt limit applies, and a quota appears.
         _write(proxy.config_path, _config(
-            [one], keys=[KEY_B], watch_s=0, models={"llama3.2": {"max_prompt_tokens": 50}},
+            [one], keys=[KEY_B], watch_s=0, limits={"deadline_s": 77},
+            models={"llama3.2": {"max_prompt_tokens": 50}},
             tenants=[{"name": "team-a", "keys": [KEY_B], "requests_per_minute": 600}]))
         version = _system_config(proxy)["version"]
         proxy.process.send_signal(signal.SIGHUP)
@@ -304,6 +305,7 @@ def test_sighup_applies_keys_plugins_and_modes_and_says_what_needs_a_restart(
         refused = httpx.post(f"{proxy.url}/api/chat", headers=headers_b, json=long_chat, timeout=30)
         assert refused.status_code == 400 and refused.json()["code"] == "prompt_too_long", refused.text
         assert "max_prompt_tokens=50" in refused.headers["X-Service-Limits"]
+        assert "deadline_s=77" in refused.headers["X-Service-Limits"]
         short = httpx.post(f"{proxy.url}/api/chat", headers=headers_b, timeout=30, json={
             "model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "hi"}]})
         assert short.status_code == 200, short.text

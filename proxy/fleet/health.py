@@ -340,10 +340,13 @@ class FleetHealth:
         self.last_restart[upstream.name] = time.monotonic()
         self._set(upstream, "restarting", "restart command running")
         self._restarting.add(upstream.name)
+        upstream.returning = True  # the queue waits for it meanwhile (cold budget)
         try:
             await self.restart(upstream, command)
         finally:
+            upstream.returning = False
             self._restarting.discard(upstream.name)
+            self.upstreams.changed()  # waiters held for it decide again (health's 503 if still down)
 
     async def restart(self, upstream: Upstream, command: str) -> int | None:
         """Run `command` for `upstream` (fields substituted per argument, no shell); log its output and
@@ -368,6 +371,13 @@ class FleetHealth:
             except TimeoutError:
                 process.kill()
                 output, _ = await process.communicate()
+            except asyncio.CancelledError:  # the replica left the set, or the proxy stops
+                if process.returncode is None:
+                    process.kill()
+                    await asyncio.shield(process.wait())
+                span.set_status(Status(StatusCode.ERROR, "restart cancelled"))
+                span.end()
+                raise
             text = output[-_OUTPUT_LOG_BYTES:].decode(errors="replace").strip()
             outcome = "success" if code == 0 else "failure"
             (log.info if code == 0 else log.warning)(
@@ -413,13 +423,18 @@ class FleetHealth:
     async def _warm(self, upstream: Upstream, models: list[str], then_serve: bool) -> None:
         profiles = dict(self.warm.get(upstream.name, []))
         names = self.telemetry.names
-        with self.telemetry.tracer.start_as_current_span(
-                names.health_warm_span, kind=SpanKind.INTERNAL,
-                attributes={names.upstream_name: upstream.name, names.health_models: models}):
-            for name in models:
-                loaded = await self.load(upstream, name, profiles[name])
-                if loaded:
-                    upstream.loaded.setdefault(model_key(name), LoadedModel(model_key(name)))
+        upstream.returning = then_serve
+        try:
+            with self.telemetry.tracer.start_as_current_span(
+                    names.health_warm_span, kind=SpanKind.INTERNAL,
+                    attributes={names.upstream_name: upstream.name, names.health_models: models}):
+                for name in models:
+                    loaded = await self.load(upstream, name, profiles[name])
+                    if loaded:
+                        upstream.loaded.setdefault(model_key(name), LoadedModel(model_key(name)))
+        finally:
+            upstream.returning = False
+            self.upstreams.changed()
         if then_serve and upstream.status == "warming":
             self._set(upstream, "healthy", "")
         self.probe_soon(upstream)

@@ -10,6 +10,7 @@ counter) keeps their last values as an offset, so a counter never goes back when
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ from opentelemetry.metrics import (
 
 __all__ = ["RebindingMeter"]
 
+log = logging.getLogger("proxy.telemetry")
+
 Callback = Callable[[CallbackOptions], Iterable[Observation]]
 _Key = frozenset[tuple[str, Any]]
 
@@ -42,8 +45,22 @@ class _Observed:
 
     def observe(self, options: CallbackOptions) -> Iterable[Observation]:
         totals: dict[_Key, float] = dict(self.offsets)
-        for callback in list(self.callbacks):
-            for observation in callback(options):
+        callbacks = list(self.callbacks)
+        if not self.cumulative:
+            # A gauge (a ratio, a size) of a component and of its replacement still draining must not
+            # add up: the newest owner of each kind reports alone.
+            newest: dict[tuple[type, Any], Callback] = {}
+            for callback in callbacks:
+                owner = getattr(callback, "__self__", None)
+                newest[type(owner), getattr(callback, "__func__", callback)] = callback
+            callbacks = list(newest.values())
+        for callback in callbacks:
+            try:
+                observations = list(callback(options))
+            except Exception:  # one owner's bug must not blank the others' series
+                log.exception("metric callback failed")
+                continue
+            for observation in observations:
                 key = frozenset((observation.attributes or {}).items())
                 totals[key] = totals.get(key, 0.0) + observation.value
         return [Observation(value, dict(key)) for key, value in totals.items()]
