@@ -131,6 +131,7 @@ class Step:
             span.set_attribute(self._mode_attribute, mode)  # the request's own, under a rollout
         self.decision_counts[decision] += 1
         if error is not None and mode == "enforce":
+            error.step = self.name
             raise error
 
 

@@ -55,6 +55,9 @@ class ProxyError(Exception):
     can never fit a budget): rendered as `x-should-retry: false` (the header the OpenAI SDKs obey), and
     no Retry-After. None: the status says it (429/503 say when in Retry-After; 5xx may be retried)."""
 
+    step: str | None = None
+    """The chain step (or plugin) that refused, set when a step's `decide` raises it."""
+
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message

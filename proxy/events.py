@@ -101,8 +101,8 @@ _STEP_OF_ERROR: dict[type[ProxyError], str] = {
 }
 """Which step refuses with each error (the nearest class in the error's MRO). The rest (unauthorized,
 forbidden, payload or head too large, request timeout, shutting down) are ingress's, as is anything
-refused before the caller was identified. One known blur: the balancer's refusal of an unknown
-`X-Ollama-Replica` (admin only) is an `invalid_request` and is reported as limits'."""
+refused before the caller was identified. Used only for errors no step's `decide` raised (a step that
+refuses names itself on the error)."""
 
 
 def _text(value: object, limit: int = _TEXT_LIMIT) -> str:
@@ -117,6 +117,8 @@ def step_of(error: ProxyError, identified: bool) -> str:
     """The step that refused with `error` (see _STEP_OF_ERROR); `ingress` before identification."""
     if not identified:
         return "ingress"
+    if error.step is not None:
+        return error.step
     for cls in type(error).__mro__:
         step = _STEP_OF_ERROR.get(cls)
         if step is not None:

@@ -401,6 +401,7 @@ class PluginStep:
                 ctx.response_headers.add("X-Shadow-Decision", f"{self.plugin.name}={exc.code}")
                 self._restore(ctx, body_before, json_before)
                 return None
+            exc.step = exc.step or f"plugin.{self.plugin.name}"
             raise
         except Exception as exc:
             # The type only: an exception's message may quote the body, which never goes on a span.
