@@ -187,6 +187,7 @@ class Reloader:
         """Called with every result (the live events stream publishes them)."""
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sighup_pending = False
         self._stamp: tuple[int, int, int] | None = _stamp(path)
         names = telemetry.names
         meter = telemetry.meter
@@ -219,6 +220,10 @@ class Reloader:
         """Read the file again and apply it; one reload at a time (a second waits for the first)."""
         async with self._lock:
             result = await self._reload(trigger)
+        self._record(result)
+        return result
+
+    def _record(self, result: ReloadResult) -> None:
         self.last = result
         self.history.append(result)
         self._reloads.add(1, {"outcome": result.outcome})
@@ -227,7 +232,6 @@ class Reloader:
                 listener(result)
             except Exception:  # a listener's bug must not undo or hide a reload
                 log.exception("reload listener failed")
-        return result
 
     async def _reload(self, trigger: str) -> ReloadResult:
         now = time.time()
@@ -313,9 +317,18 @@ class Reloader:
         if self.path is None:
             log.warning("SIGHUP: no configuration file (--config) to reload")
             return
-        task = asyncio.get_running_loop().create_task(self.reload("sighup"), name="config-reload")
+        if self._sighup_pending:
+            return  # a reload that has not read the file yet will see this change too: coalesced
+        self._sighup_pending = True
+        task = asyncio.get_running_loop().create_task(self._on_sighup(), name="config-reload")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _on_sighup(self) -> None:
+        async with self._lock:
+            self._sighup_pending = False  # from here on the file is read: a new SIGHUP needs a new reload
+            result = await self._reload("sighup")
+        self._record(result)
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: the file watch, when `server.config_watch_s` > 0 and there is a file."""
