@@ -10,15 +10,18 @@ plugins, and through the proxy with embed_batch at its defaults (2 ms window, 64
   API with 4 slots (`--num-parallel 4`, as calibrate runs it); the proxy is told the same 4 slots.
 Every path gets the same number of requests with inputs of the same length (distinct per request).
 Reported: wall time, requests/s, latency p50/p95, upstream /api/embed calls, the proxy's CPU per request
-(process CPU time via psutil) and the throughput ratio to the baseline. Every server is a real process on
-127.0.0.1 and every loop is bounded. Not a test: it prints figures and asserts nothing. The proxy, the
-client, the emulator and llama.cpp share the machine's cores: the real rows measure that contention too.
+(process CPU time via psutil), the throughput ratio to the baseline and the machine's load average
+around the row. Every server is a real process on 127.0.0.1 and every loop is bounded. Not a test: it
+prints figures and asserts nothing. The proxy, the client, the emulator and llama.cpp share the machine's
+cores: the real rows measure that contention too, and anything else running skews them (run it on an
+otherwise idle machine; the load column says whether it was).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -79,9 +82,9 @@ async def _run(url: str, model: str, requests: int, run: int) -> tuple[float, li
             start = time.perf_counter()
             async with session.post(f"{url}/api/embed",
                                     json={"model": model, "input": _text(run, index)}) as response:
-                await response.read()
+                answer = await response.read()
                 if response.status != 200:
-                    raise RuntimeError(f"unexpected status {response.status}")
+                    raise RuntimeError(f"{url}: unexpected status {response.status}: {answer[:300]!r}")
             latencies.append(time.perf_counter() - start)
 
     connector = aiohttp.TCPConnector(limit=CLIENTS)
@@ -108,6 +111,9 @@ class Row:
     latencies: list[float]
     calls: int
     proxy_cpu_ms: float | None
+    load: tuple[float, float]
+    """The machine's 1-minute load average before and after: other work on the cores skews the real
+    engine most (llama.cpp's threads wait for each other at every layer)."""
 
 
 def measure(upstream: Upstream, requests: int, tmp: Path, first_run: int) -> list[Row]:
@@ -130,9 +136,11 @@ def measure(upstream: Upstream, requests: int, tmp: Path, first_run: int) -> lis
                                json={"model": upstream.model, "input": "warm"}).raise_for_status()
                 before = _calls(emulator)
                 cpu_before = _cpu_s(proxy) if proxy is not None else 0.0
+                load_before = os.getloadavg()[0]
                 wall, latencies = asyncio.run(_run(url, upstream.model, requests, first_run + offset))
                 cpu = (_cpu_s(proxy) - cpu_before) / requests * 1e3 if proxy is not None else None
-                rows.append(Row(label, wall, latencies, _calls(emulator) - before, cpu))
+                rows.append(Row(label, wall, latencies, _calls(emulator) - before, cpu,
+                                (load_before, os.getloadavg()[0])))
             finally:
                 if proxy is not None:
                     proxy.stop()
@@ -146,12 +154,13 @@ def report(upstream: Upstream, requests: int, rows: list[Row]) -> None:
     print(f"\n{upstream.label}: {CLIENTS} concurrent clients, {requests} single-input /api/embed "
           f"requests of {upstream.model}")
     print(f"{'path':22} {'wall s':>7} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'calls':>6} "
-          f"{'in/call':>7} {'proxy CPU ms/req':>17} {'vs direct':>10}")
+          f"{'in/call':>7} {'proxy CPU ms/req':>17} {'vs direct':>10} {'load':>10}")
     for row in rows:
         cpu = f"{row.proxy_cpu_ms:17.2f}" if row.proxy_cpu_ms is not None else f"{'-':>17}"
         print(f"{row.path:22} {row.wall_s:7.2f} {len(row.latencies) / row.wall_s:7.1f} "
               f"{_pct(row.latencies, 0.5) * 1e3:7.0f} {_pct(row.latencies, 0.95) * 1e3:7.0f} "
-              f"{row.calls:6d} {requests / max(row.calls, 1):7.1f} {cpu} {base / row.wall_s:9.2f}x")
+              f"{row.calls:6d} {requests / max(row.calls, 1):7.1f} {cpu} {base / row.wall_s:9.2f}x "
+              f"{row.load[0]:4.1f}->{row.load[1]:<4.1f}")
 
 
 def main() -> None:
