@@ -127,8 +127,11 @@ def measure(upstream: Upstream, requests: int, tmp: Path, first_run: int) -> lis
             try:
                 url = emulator.url
                 if plugins is not None:
+                    # The queue and deadline bounds raised to the client's: a slow engine (a loaded
+                    # machine) must show up as lower throughput, not as 503 queue_timeout answers.
+                    chain = {"backpressure": {"queue_timeout_s": 600}, "limits": {"deadline_s": 600}}
                     proxy = start_proxy(tmp, [{"url": emulator.url, "num_parallel": upstream.slots}],
-                                        {"plugins": plugins}, name="proxy")
+                                        {"plugins": plugins, "chain": chain}, name="proxy")
                     url = proxy.url
                 # Warm: the model loaded, the proxy's pools open and the model known to its plugins.
                 for _ in range(3):
