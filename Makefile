@@ -86,9 +86,12 @@ bench-burst: venv nginx
 	$(BIN)/python -m tests.bench.burst
 	$(BIN)/python -m tests.bench.slots
 
-# embed_cache and embed_batch: CPU per request (idle and acting), then 64 single-input clients.
-bench-embed: venv
+# Plugins' CPU per request (idle and acting: embed_cache, embed_batch, trim_history, summarize_history),
+# then 64 single-input embedding clients, direct vs proxy vs embed_batch, on the emulator's calibrated
+# cpu-small profile and on the real llama.cpp engine (the `real` extra).
+bench-embed: venv-real
 	$(BIN)/python -m tests.bench.embed_cpu
+	$(BIN)/python -m tests.bench.history_plugins
 	$(BIN)/python -m tests.bench.embed
 
 bench-failover: venv
