@@ -228,9 +228,12 @@ def test_tap_relays_and_counts_what_the_replica_received(emulator: Server) -> No
 
 
 def test_the_bench_proxy_configurations_load() -> None:
-    from tests.bench.burst import HYGIENE_PLUGINS, proxy_config
+    from tests.bench.burst import HISTORY_PLUGINS, hygiene_plugins, proxy_config
 
-    t4 = structure({**proxy_config(True, HYGIENE_PLUGINS), "upstreams": [{"url": "http://127.0.0.1:1"}]})
+    upstreams = [{"url": "http://127.0.0.1:1"}]
+    for history in HISTORY_PLUGINS:
+        structure({**proxy_config(True, hygiene_plugins(history)), "upstreams": upstreams})
+    t4 = structure({**proxy_config(True, hygiene_plugins()), "upstreams": upstreams})
     assert [p["name"] for p in t4.plugins] == ["trim_history", "embed_cache", "embed_batch"]
-    t3 = structure({**proxy_config(True), "upstreams": [{"url": "http://127.0.0.1:1"}]})
+    t3 = structure({**proxy_config(True), "upstreams": upstreams})
     assert not t3.plugins and t3.chain == t4.chain and t3.tenants == t4.tenants  # T4 = T3 + plugins

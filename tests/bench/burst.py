@@ -5,8 +5,9 @@ Targets (each with its own emulated fleet, `gpu-8b` profile, Ollama defaults: on
     T1  nginx round robin over two emulated Ollamas (Debian's nginx, buffering off)
     T2  the proxy in front of one emulated Ollama, backpressure with a plain FIFO
     T3  the proxy in front of one emulated Ollama, token-fair queuing with interactive/bulk lanes
-    T4  T3's configuration plus prompt and embedding hygiene (`HYGIENE_PLUGINS`: trim_history,
-        embed_cache, embed_batch)
+    T4  T3's configuration plus prompt and embedding hygiene (`hygiene_plugins()`: trim_history, or
+        with `--t4-history summarize` summarize_history on a gemma3:270m the replica also serves;
+        embed_cache; embed_batch)
 two reference runs of T3's configuration: on `rag-quiet` (the interactive traffic without the burst, for
 the TTFT-under-burst ratio) and on `fair-pair` (two equal-weight tenants both over capacity); and the
 two-model mix (`two-model`: two teams on two 8B models over two replicas that each fit one model at a
@@ -135,20 +136,38 @@ PROXY_TENANTS = [
     # The embedding plugins' sub-requests run as this tenant (T4): each caller was charged for its own
     # inputs already; the bulk lane is the ingest jobs' own.
     {"name": "embed-system", "keys": ["sk-embed-system-unused"], "lane": "bulk"},
+    # summarize_history's summaries (T4 with --t4-history summarize), alone on the summarizer's model.
+    {"name": "summaries", "keys": ["sk-summaries-unused"], "lane": "bulk"},
 ]
 
 T4_LABEL = "T4 proxy + hygiene"
-HYGIENE_PLUGINS: list[dict[str, Any]] = [
+SUMMARIZER = "gemma3:270m"
+"""The small model summarize_history writes summaries with (T4 with --t4-history summarize)."""
+HISTORY_PLUGINS: dict[str, dict[str, Any]] = {
     # Chats over 4,096 prompt tokens (the gpu-8b profile's default context) lose their oldest turns.
-    {"name": "trim_history", "budget_tokens": 4096},
-    # Vectors already computed are answered from memory; only the misses go upstream.
-    {"name": "embed_cache", "tenant": "embed-system"},
-    # Concurrent misses share one upstream call. 10 ms rather than the 2 ms default: a client's worker
-    # pool fires its calls at once, but they reach the plugin a few milliseconds apart on a loaded
-    # 2-core machine, and an embedding call takes longer than that anyway.
-    {"name": "embed_batch", "window_s": 0.01, "tenant": "embed-system"},
-]
-"""What T4 adds to T3's configuration (docs/PLUGINS.md describes each key)."""
+    "trim": {"name": "trim_history", "budget_tokens": 4096},
+    # Or have them replaced by a summary written by a small model on the same replica, waited for at
+    # most 2 s (then trimmed, the summary finished in the background for the next turn). It acts on
+    # /api/generate prompts too: the front of a RAG prompt over the budget is summarized.
+    "summarize": {"name": "summarize_history", "model": SUMMARIZER, "budget_tokens": 4096,
+                  "time_budget_s": 2.0, "tenant": "summaries"},
+}
+SUMMARIZER_MODELS = ("--models", f"llama3.2,qwen3,nomic-embed-text,{SUMMARIZER}")
+"""The replicas behind T4 with summarize_history also hold the summarizer."""
+
+
+def hygiene_plugins(history: str = "trim") -> list[dict[str, Any]]:
+    """What T4 adds to T3's configuration (docs/PLUGINS.md describes each key)."""
+    return [
+        HISTORY_PLUGINS[history],
+        # Vectors already computed are answered from memory; only the misses go upstream.
+        {"name": "embed_cache", "tenant": "embed-system"},
+        # Concurrent misses share one upstream call. 10 ms rather than the 2 ms default: a client's
+        # worker pool fires its calls at once, but they reach the plugin a few milliseconds apart on a
+        # loaded 2-core machine, and an embedding call takes longer than that anyway.
+        {"name": "embed_batch", "window_s": 0.01, "tenant": "embed-system"},
+    ]
+
 
 HYGIENE_SCENARIOS = {"rag-chat-ingest"}
 """Scenarios run on T3 and T4 only by default (the hygiene comparison)."""
@@ -161,7 +180,7 @@ def _fleet(tmp: Path, name: str, count: int, profile: str, seed: int,
 
 
 def proxy_config(fair: bool, plugins: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The proxy's configuration file for T2 (`fair` false), T3 and, with `HYGIENE_PLUGINS`, T4 (its
+    """The proxy's configuration file for T2 (`fair` false), T3 and, with `hygiene_plugins()`, T4 (its
     `server` and `upstreams` aside)."""
     # The scenarios ask for num_ctx 16384: the proxy's canonical options say the same, as a deployment
     # sized for its RAG prompts would (without them the proxy strips num_ctx, and Ollama would serve
@@ -198,8 +217,8 @@ def _default_targets(scenario_name: str) -> set[str] | None:
     return {"T3 proxy fair", T4_LABEL} if scenario_name in HYGIENE_SCENARIOS else None
 
 
-async def _targets(tmp: Path, profile: str, seed: int, scenario_name: str, only: set[str] | None = None
-                   ) -> tuple[list[Target], list[Server]]:
+async def _targets(tmp: Path, profile: str, seed: int, scenario_name: str, only: set[str] | None = None,
+                   history: str = "trim") -> tuple[list[Target], list[Server]]:
     servers: list[Server] = []
     targets: list[Target] = []
     one_model = ("--max-loaded-models", "1")
@@ -218,7 +237,8 @@ async def _targets(tmp: Path, profile: str, seed: int, scenario_name: str, only:
     for label, name, fair, runs, count, extra, plugins in (
             ("T2 proxy fifo", "t2", False, scenario_name, 1, (), None),
             ("T3 proxy fair", "t3", True, scenario_name, 1, (), None),
-            (T4_LABEL, "t4", True, scenario_name, 1, (), HYGIENE_PLUGINS),
+            (T4_LABEL, "t4", True, scenario_name, 1,
+             SUMMARIZER_MODELS if history == "summarize" else (), hygiene_plugins(history)),
             ("T3 quiet", "t3q", True, "rag-quiet", 1, (), None),
             ("T3 fair-pair", "t3p", True, "fair-pair", 1, (), None),
             ("T2 fair-pair", "t2p", False, "fair-pair", 1, (), None),
@@ -255,19 +275,21 @@ def _upstream(taps: list[Tap]) -> dict[str, Any] | None:
     }
 
 
-async def run(profile: str, seed: int, scenario_name: str, only: set[str] | None = None
-              ) -> dict[str, Any]:
+async def run(profile: str, seed: int, scenario_name: str, only: set[str] | None = None,
+              history: str = "trim") -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="sop-burst-"))
     targets: list[Target] = []
     servers: list[Server] = []
     try:
         targets, servers = await _targets(tmp, profile, seed, scenario_name,
-                                          only if only is not None else _default_targets(scenario_name))
+                                          only if only is not None else _default_targets(scenario_name),
+                                          history)
         started = time.monotonic()
         results = await asyncio.gather(*(run_plan(t.url, plan(scenario(t.scenario), seed))
                                          for t in targets))
         wall = time.monotonic() - started
         report: dict[str, Any] = {"scenario": scenario_name, "seed": seed, "profile": profile,
+                                  "t4_history": history,
                                   "requests": len(plan(scenario(scenario_name), seed)),
                                   "wall_s": wall, "targets": {}}
         for target, records in zip(targets, results, strict=True):
@@ -394,13 +416,16 @@ def print_table(report: dict[str, Any]) -> None:
         # embedding answered from the proxy's cache never reached a replica).
         ("upstream prompt tokens*", upstream("prompt_tokens")),
         ("  chat+generate tokens*", upstream("generation_prompt_tokens")),
+        ("  of which summarizer*", lambda s: s["upstream"]["by_model"].get(SUMMARIZER, {}).get(
+            "prompt_tokens") if s.get("upstream") else None),
         ("  embedding tokens*", upstream("embed_prompt_tokens")),
         ("upstream chat+gen calls*", upstream("generation_calls")),
         ("upstream embed calls*", upstream("embed_calls")),
         ("upstream embed inputs*", upstream("embed_inputs")),
     ]
+    t4 = f", T4 history: {report['t4_history']}" if T4_LABEL in targets else ""
     print(f"scenario {report['scenario']} seed {report['seed']} profile {report['profile']}: "
-          f"{report['requests']} requests, {report['wall_s']:.0f} s wall")
+          f"{report['requests']} requests, {report['wall_s']:.0f} s wall{t4}")
     widths = [max(15, len(label) + 2) for label in labels]
     print(f"{'':<26}" + "".join(f"{label:>{w}}" for label, w in zip(labels, widths, strict=True)))
     for name, get in rows:
@@ -438,6 +463,8 @@ def main() -> None:
                              "burst-<scenario>.json")
     parser.add_argument("--targets", help="comma-separated labels to run (default: all, or T3 and T4 "
                                           "on rag-chat-ingest), e.g. 'T1 2-model,T3 2-model'")
+    parser.add_argument("--t4-history", choices=sorted(HISTORY_PLUGINS), default="trim",
+                        help="T4's history plugin: trim_history (default) or summarize_history")
     args = parser.parse_args()
     import uvloop
 
@@ -446,7 +473,7 @@ def main() -> None:
     for name in names:
         scenario(name)  # an unknown name fails before anything starts
     for name in names:
-        report = uvloop.run(run(args.profile, args.seed, name, only))
+        report = uvloop.run(run(args.profile, args.seed, name, only, args.t4_history))
         out = _out_path(args.out, name)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
