@@ -35,6 +35,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,6 @@ class Target:
     """The emulated replicas behind it."""
     taps: list[Tap] = attrs.field(factory=list)
     """The counting pass-throughs between a proxy and its replicas (none for T0 and T1)."""
-    stop: Callable[[], None] = lambda: None
 
 
 PROXY_TENANTS = [
@@ -173,12 +173,6 @@ HYGIENE_SCENARIOS = {"rag-chat-ingest"}
 """Scenarios run on T3 and T4 only by default (the hygiene comparison)."""
 
 
-def _fleet(tmp: Path, name: str, count: int, profile: str, seed: int,
-           extra: tuple[str, ...] = ()) -> list[Server]:
-    return [start_emulator(tmp, fixed_clock=False, seed=seed + i, name=f"{name}-{i}",
-                           extra=["--profile", profile, *extra]) for i in range(count)]
-
-
 def proxy_config(fair: bool, plugins: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The proxy's configuration file for T2 (`fair` false), T3 and, with `hygiene_plugins()`, T4 (its
     `server` and `upstreams` aside)."""
@@ -198,18 +192,32 @@ def proxy_config(fair: bool, plugins: list[dict[str, Any]] | None = None) -> dic
     return config
 
 
-async def _proxied(tmp: Path, name: str, profile: str, seed: int, fair: bool, count: int = 1,
-                   extra: tuple[str, ...] = (), plugins: list[dict[str, Any]] | None = None
-                   ) -> tuple[Server, list[Server], list[Tap]]:
-    fleet = await asyncio.to_thread(_fleet, tmp, name, count, profile, seed, extra)
+async def _started_fleet(stack: AsyncExitStack, tmp: Path, name: str, count: int, profile: str,
+                         seed: int, extra: tuple[str, ...] = ()) -> list[Server]:
+    """Emulators started in a thread (the taps of earlier targets keep serving on this loop), each
+    stopped when `stack` closes."""
+    fleet: list[Server] = []
+    for i in range(count):
+        server = await asyncio.to_thread(start_emulator, tmp, fixed_clock=False, seed=seed + i,
+                                         name=f"{name}-{i}", extra=["--profile", profile, *extra])
+        stack.push_async_callback(asyncio.to_thread, server.stop)
+        fleet.append(server)
+    return fleet
+
+
+async def _proxied(stack: AsyncExitStack, tmp: Path, name: str, profile: str, seed: int, fair: bool,
+                   count: int = 1, extra: tuple[str, ...] = (),
+                   plugins: list[dict[str, Any]] | None = None) -> tuple[Server, list[Server], list[Tap]]:
+    fleet = await _started_fleet(stack, tmp, name, count, profile, seed, extra)
     taps = [Tap(s.url) for s in fleet]
     for tap in taps:
         await tap.start()
-    config = proxy_config(fair, plugins)
+        stack.push_async_callback(tap.stop)
     # Started in a thread: the taps serve the proxy's first probes on this loop meanwhile.
     proxy = await asyncio.to_thread(
-        start_proxy, tmp, [{"url": t.url, "name": f"{name}-{i}"} for i, t in enumerate(taps)], config,
-        f"{name}-proxy")
+        start_proxy, tmp, [{"url": t.url, "name": f"{name}-{i}"} for i, t in enumerate(taps)],
+        proxy_config(fair, plugins), f"{name}-proxy")
+    stack.push_async_callback(asyncio.to_thread, proxy.stop)
     return proxy, fleet, taps
 
 
@@ -217,8 +225,11 @@ def _default_targets(scenario_name: str) -> set[str] | None:
     return {"T3 proxy fair", T4_LABEL} if scenario_name in HYGIENE_SCENARIOS else None
 
 
-async def _targets(tmp: Path, profile: str, seed: int, scenario_name: str, only: set[str] | None = None,
-                   history: str = "trim") -> tuple[list[Target], list[Server]]:
+async def _targets(stack: AsyncExitStack, tmp: Path, profile: str, seed: int, scenario_name: str,
+                   only: set[str] | None = None, history: str = "trim"
+                   ) -> tuple[list[Target], list[Server]]:
+    """Every target of the run (all, or those labelled in `only`), each stopped when `stack` closes
+    (in reverse order: a proxy before its taps, the taps before the replicas)."""
     servers: list[Server] = []
     targets: list[Target] = []
     one_model = ("--max-loaded-models", "1")
@@ -227,13 +238,14 @@ async def _targets(tmp: Path, profile: str, seed: int, scenario_name: str, only:
                                             ("T1 2-model", "t1m", 2, "two-model", one_model)):
         if only is not None and label not in only:
             continue
-        fleet = await asyncio.to_thread(_fleet, tmp, name, count, profile, seed, extra)
+        fleet = await _started_fleet(stack, tmp, name, count, profile, seed, extra)
         servers += fleet
         if count == 1:
             targets.append(Target(label, fleet[0].url, runs, fleet))
         else:
             nginx = await asyncio.to_thread(Nginx, [s.url for s in fleet], tmp / f"nginx-{name}")
-            targets.append(Target(label, nginx.url, runs, fleet, stop=nginx.stop))
+            stack.push_async_callback(asyncio.to_thread, nginx.stop)
+            targets.append(Target(label, nginx.url, runs, fleet))
     for label, name, fair, runs, count, extra, plugins in (
             ("T2 proxy fifo", "t2", False, scenario_name, 1, (), None),
             ("T3 proxy fair", "t3", True, scenario_name, 1, (), None),
@@ -245,7 +257,8 @@ async def _targets(tmp: Path, profile: str, seed: int, scenario_name: str, only:
             ("T3 2-model", "t3m", True, "two-model", 2, one_model, None)):
         if only is not None and label not in only:
             continue
-        proxy, fleet, taps = await _proxied(tmp, name, profile, seed, fair, count, extra, plugins)
+        proxy, fleet, taps = await _proxied(stack, tmp, name, profile, seed, fair, count, extra,
+                                            plugins)
         servers += [proxy, *fleet]
         targets.append(Target(label, proxy.url, runs, fleet, taps))
     return targets, servers
@@ -278,12 +291,10 @@ def _upstream(taps: list[Tap]) -> dict[str, Any] | None:
 async def run(profile: str, seed: int, scenario_name: str, only: set[str] | None = None,
               history: str = "trim") -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="sop-burst-"))
-    targets: list[Target] = []
-    servers: list[Server] = []
-    try:
-        targets, servers = await _targets(tmp, profile, seed, scenario_name,
-                                          only if only is not None else _default_targets(scenario_name),
-                                          history)
+    async with AsyncExitStack() as stack:
+        targets, servers = await _targets(
+            stack, tmp, profile, seed, scenario_name,
+            only if only is not None else _default_targets(scenario_name), history)
         started = time.monotonic()
         results = await asyncio.gather(*(run_plan(t.url, plan(scenario(t.scenario), seed))
                                          for t in targets))
@@ -305,14 +316,6 @@ async def run(profile: str, seed: int, scenario_name: str, only: set[str] | None
         report["upstream_stats"] = await asyncio.to_thread(
             lambda: {s.log_path.stem: s.stats() for s in servers})
         return report
-    finally:
-        for target in targets:
-            target.stop()
-        for server in servers:
-            await asyncio.to_thread(server.stop)
-        for target in targets:
-            for tap in target.taps:
-                await tap.stop()
 
 
 def _issue5_targets(targets: dict[str, Any]) -> dict[str, Any]:
