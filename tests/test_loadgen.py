@@ -227,8 +227,12 @@ def test_tap_relays_and_counts_what_the_replica_received(emulator: Server) -> No
         Tap("http://192.0.2.10:11434")
 
 
-def test_the_bench_proxy_configurations_load() -> None:
-    from tests.bench.burst import HISTORY_PLUGINS, hygiene_plugins, proxy_config
+def test_the_bench_proxy_configurations_load_and_t4_runs_beside_t3() -> None:
+    from tests.bench.burst import HISTORY_PLUGINS, HYGIENE_PAIR, hygiene_plugins, passes, proxy_config
+
+    assert passes(["rag-burst", "rag-chat-ingest"], None) == [
+        ("rag-burst", None, "rag-burst"), ("rag-burst", HYGIENE_PAIR, "rag-burst-hygiene"),
+        ("rag-chat-ingest", HYGIENE_PAIR, "rag-chat-ingest")]
 
     upstreams = [{"url": "http://127.0.0.1:1"}]
     for history in HISTORY_PLUGINS:
