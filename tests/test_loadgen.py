@@ -1,22 +1,29 @@
-"""The load generator: seeded plans, open-loop dispatch against a real emulator, outcome classification
+"""The load generator: seeded plans (rag-chat-ingest: growing histories, overlapping ingests), open-loop
+dispatch against a real emulator, the counting tap, outcome classification
 (ok, rejected, timeout, error), summaries and the loopback-only rule."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
 
+from proxy.config import structure
+from proxy.emulator.vocabulary import default_vocabulary
 from proxy.loadgen.runner import Record, assert_loopback, run_plan
 from proxy.loadgen.scenarios import scenario
 from proxy.loadgen.summary import jain, percentile, summarize
-from proxy.loadgen.workload import Burst, Scenario, Stream, Tenant, plan
+from proxy.loadgen.tap import Tap
+from proxy.loadgen.workload import Burst, Conversations, Ingests, Planned, Scenario, Stream, Tenant, plan
 from tests.support.servers import Server, start_emulator
 
 
@@ -118,3 +125,119 @@ def test_statistics() -> None:
     summary = summarize(records, 10.0)
     assert summary["overall"]["rejection_pct"] == 50.0
     assert summary["jain_fairness"] == pytest.approx(0.5)
+
+
+def test_rag_chat_ingest_is_seeded_finite_with_growing_histories_and_overlapping_ingests() -> None:
+    mixed = scenario("rag-chat-ingest")
+    first, again, other = plan(mixed, 1), plan(mixed, 1), plan(mixed, 2)
+    assert first == again and first != other
+    assert 0 < len(first) < mixed.max_requests  # every request planned, none cut by the bound
+    assert max(p.at_s for p in first) < mixed.duration_s + 30
+    assert {p.kind for p in first} == {"chat", "long-chat", "embed"}
+    vocabulary = default_vocabulary()
+
+    conversations: dict[str, list[Planned]] = {}
+    for item in first:
+        if item.kind == "long-chat":
+            conversations.setdefault(item.group, []).append(item)
+    assert len(conversations) == 2
+    for turns in conversations.values():
+        assert len(turns) == 12
+        for before, after in itertools.pairwise(turns):
+            # The whole history again, then the answer to the last question and a new question.
+            old, new = before.body["messages"], after.body["messages"]
+            assert new[:len(old)] == old and len(new) == len(old) + 2
+            assert [m["role"] for m in new[-2:]] == ["assistant", "user"]
+            assert after.at_s > before.at_s
+        tokens = [sum(vocabulary.count(m["content"]) for m in t.body["messages"]) for t in turns]
+        # Past a 4,096-token history budget, yet within the num_ctx every request asks for.
+        assert tokens[0] < 4096 < tokens[-1] < turns[-1].body["options"]["num_ctx"]
+
+    jobs: dict[str, list[Planned]] = {}
+    for item in first:
+        if item.kind == "embed":
+            assert item.path == "/api/embed" and item.group
+            jobs.setdefault(item.group, []).append(item)
+    assert len(jobs) == 5
+    texts = {group: [t for p in calls for t in ([p.body["input"]] if isinstance(p.body["input"], str)
+                                                  else p.body["input"])]
+             for group, calls in jobs.items()}
+    embedded = [t for chunks in texts.values() for t in chunks]
+    assert len(set(embedded)) < len(embedded) / 2  # most chunks are embedded again by a later job
+    ordered = sorted(jobs, key=lambda g: jobs[g][0].at_s)
+    for earlier, later in itertools.pairwise(ordered):
+        assert set(texts[earlier]) & set(texts[later])  # each job re-embeds its predecessor's chunks
+    singles = [p for p in first if p.kind == "embed" and isinstance(p.body["input"], str)]
+    batches = [p for p in first if p.kind == "embed" and isinstance(p.body["input"], list)]
+    assert singles and batches
+    # A single-input job's calls for one document leave together (a worker pool), to be coalesced.
+    assert max(Counter(p.at_s for p in singles).values()) >= 8
+
+
+def test_adding_conversations_and_ingests_leaves_the_other_requests_alone() -> None:
+    base = Scenario("s", 20.0, (Tenant("t", "k", streams=(Stream("chat", 1.0),)),))
+    more = Scenario("s", 20.0, (Tenant("t", "k", streams=(Stream("chat", 1.0),),
+                                       conversations=(Conversations(1, 3),),
+                                       ingests=(Ingests(4, 2, 2, 2, 1),)),))
+    plain = plan(base, 5)
+    mixed = [p for p in plan(more, 5) if not p.group]
+    assert [(p.at_s, p.body) for p in mixed] == [(p.at_s, p.body) for p in plain]
+
+
+def test_tap_relays_and_counts_what_the_replica_received(emulator: Server) -> None:
+    chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "hello there"}],
+            "stream": True, "options": {"num_predict": 4}}
+    batch = {"model": "nomic-embed-text", "input": ["first chunk", "second chunk"]}
+    single = {"model": "nomic-embed-text", "input": "third chunk"}
+
+    async def scenario_() -> tuple[Tap, list[tuple[int, bytes, str]], list[bytes]]:
+        tap = Tap(emulator.url)
+        await tap.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                seen = []
+                for path, body in (("/api/chat", chat), ("/api/embed", batch), ("/api/embed", single)):
+                    async with session.post(tap.url + path, json=body) as reply:
+                        seen.append((reply.status, await reply.read(), reply.headers["Content-Type"]))
+                async with session.get(tap.url + "/api/tags") as reply:
+                    assert reply.status == 200
+                direct = []
+                for body in (batch, single):
+                    async with session.post(emulator.url + "/api/embed", json=body) as reply:
+                        direct.append(await reply.read())
+        finally:
+            await tap.stop()
+        return tap, seen, direct
+
+    tap, seen, direct = asyncio.run(scenario_())
+    assert [s[0] for s in seen] == [200, 200, 200]
+    assert seen[0][2] == "application/x-ndjson"
+    for (_, relayed, _), straight in zip(seen[1:], direct, strict=True):
+        assert json.loads(relayed)["embeddings"] == json.loads(straight)["embeddings"]
+    reported = [json.loads(body.splitlines()[-1])["prompt_eval_count"] for _, body, _ in seen]
+    routes = tap.snapshot()
+    assert routes["POST /api/chat"]["llama3.2"] == {"calls": 1, "prompt_tokens": reported[0],
+                                                    "inputs": 0, "statuses": {"200": 1}}
+    assert routes["POST /api/embed"]["nomic-embed-text"] == {
+        "calls": 2, "prompt_tokens": reported[1] + reported[2], "inputs": 3, "statuses": {"200": 2}}
+    assert routes["GET /api/tags"][""]["calls"] == 1
+    totals = tap.totals()
+    assert totals["calls"] == 3 and totals["prompt_tokens"] == sum(reported)
+    with pytest.raises(ValueError, match="loopback only"):
+        Tap("http://192.0.2.10:11434")
+
+
+def test_the_bench_proxy_configurations_load_and_t4_runs_beside_t3() -> None:
+    from tests.bench.burst import HISTORY_PLUGINS, HYGIENE_PAIR, hygiene_plugins, passes, proxy_config
+
+    assert passes(["rag-burst", "rag-chat-ingest"], None) == [
+        ("rag-burst", None, "rag-burst"), ("rag-burst", HYGIENE_PAIR, "rag-burst-hygiene"),
+        ("rag-chat-ingest", HYGIENE_PAIR, "rag-chat-ingest")]
+
+    upstreams = [{"url": "http://127.0.0.1:1"}]
+    for history in HISTORY_PLUGINS:
+        structure({**proxy_config(True, hygiene_plugins(history)), "upstreams": upstreams})
+    t4 = structure({**proxy_config(True, hygiene_plugins()), "upstreams": upstreams})
+    assert [p["name"] for p in t4.plugins] == ["trim_history", "embed_cache", "embed_batch"]
+    t3 = structure({**proxy_config(True), "upstreams": upstreams})
+    assert not t3.plugins and t3.chain == t4.chain and t3.tenants == t4.tenants  # T4 = T3 + plugins

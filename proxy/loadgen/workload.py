@@ -2,9 +2,11 @@
 from a seed so every target of a comparison receives exactly the same requests at the same offsets.
 
 Classes:
-    chat   interactive chat, streaming, a short system prompt and 1-3 short turns
-    rag    RAG generation, streaming, a question over 8-64 KB of retrieved context
-    embed  an embedding batch of 16-64 chunks of about 1 KB (document ingest)
+    chat       interactive chat, streaming, a short system prompt and 1-3 short turns
+    rag        RAG generation, streaming, a question over 8-64 KB of retrieved context
+    embed      an embedding batch of 16-64 chunks of about 1 KB (document ingest), or, from `Ingests`,
+               the chunks of a corpus of overlapping documents, batched or one per call
+    long-chat  a turn of a long conversation (`Conversations`): the whole history so far plus a question
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from typing import Any, Literal
 
 import attrs
 
-__all__ = ["Burst", "Planned", "Scenario", "Stream", "Tenant", "plan"]
+__all__ = ["Burst", "Conversations", "Ingests", "Planned", "Scenario", "Stream", "Tenant", "plan"]
 
-RequestClass = Literal["chat", "rag", "embed"]
+IndependentClass = Literal["chat", "rag", "embed"]
+"""Classes of requests drawn one by one (streams and bursts)."""
+RequestClass = Literal["chat", "rag", "embed", "long-chat"]
 
 _CORPUS = """
 the retrieval pipeline splits every document into overlapping chunks and stores their vectors in an index
@@ -32,7 +36,7 @@ _WORDS = tuple(_CORPUS.split())
 class Stream:
     """Poisson arrivals of one request class for one tenant."""
 
-    kind: RequestClass
+    kind: IndependentClass
     rate_per_s: float
     start_s: float = 0.0
     end_s: float | None = None
@@ -46,7 +50,7 @@ class Stream:
 class Burst:
     """`count` requests of one class spread uniformly over `window_s`, starting at `at_s`."""
 
-    kind: RequestClass
+    kind: IndependentClass
     at_s: float
     count: int
     window_s: float = 2.0
@@ -54,6 +58,60 @@ class Burst:
     """num_predict of these requests (None: the model decides)."""
     model: str | None = None
     """The model these requests ask for (None: the scenario's chat or embedding model)."""
+
+
+@attrs.frozen
+class Conversations:
+    """`count` long chat conversations of `turns` turns each (class `long-chat`, streaming).
+
+    Every turn resends the whole history so far (the system prompt, each earlier question and the answer
+    to it) plus a new question, as chat clients do, so the prompt grows turn by turn. Conversation i
+    starts at `at_s + i * stagger_s`; each next turn leaves `think_s` after the previous one left. Open
+    loop: the plan does not wait for answers (every target gets the same turns at the same offsets), so
+    the earlier answers in a history are text of an answer's size (`answer_bytes`, about
+    `max_output_tokens`), not what a target answered."""
+
+    count: int
+    turns: int
+    at_s: float = 0.0
+    stagger_s: float = 5.0
+    think_s: tuple[float, float] = (8.0, 14.0)
+    """Seconds between two turns of one conversation (uniform in the range)."""
+    question_bytes: tuple[int, int] = (2000, 4000)
+    """Each question's size: a question with pasted material (a log, a section of a document)."""
+    answer_bytes: tuple[int, int] = (220, 280)
+    """Each earlier answer's size as the client resends it."""
+    max_output_tokens: int | None = 64
+    """num_predict of every turn (None: the model decides)."""
+    model: str | None = None
+    """The model the conversations use (None: the scenario's chat model)."""
+
+
+@attrs.frozen
+class Ingests:
+    """Repeated ingest jobs over one corpus of overlapping documents (class `embed`).
+
+    The corpus is `documents` documents of `chunks_per_document` chunks. Job j (leaving at
+    `at_s + j * every_s`) embeds documents j*step .. j*step+window-1 (modulo the corpus), so each job
+    embeds `window - step` documents the previous one embedded, chunk for chunk the same text. Even jobs
+    send `batch_inputs` chunks per `/api/embed` call (a list input), one call every `gap_s`; odd jobs
+    send one chunk per call (a string input), the calls of one document at once (a client's worker
+    pool), one document every `gap_s`."""
+
+    documents: int
+    chunks_per_document: int
+    jobs: int
+    window: int
+    """Documents per job."""
+    step: int
+    """How far each job's window moves on: `window - step` documents are shared with the previous job."""
+    at_s: float = 0.0
+    every_s: float = 20.0
+    gap_s: float = 1.0
+    chunk_bytes: tuple[int, int] = (700, 1300)
+    batch_inputs: int = 16
+    model: str | None = None
+    """The embedding model (None: the scenario's)."""
 
 
 @attrs.frozen
@@ -65,6 +123,8 @@ class Tenant:
     lane: Literal["interactive", "bulk"] = "interactive"
     streams: tuple[Stream, ...] = ()
     bursts: tuple[Burst, ...] = ()
+    conversations: tuple[Conversations, ...] = ()
+    ingests: tuple[Ingests, ...] = ()
 
 
 @attrs.frozen
@@ -94,6 +154,9 @@ class Planned:
     path: str
     body: dict[str, Any]
     context_bytes: int = 0
+    group: str = ""
+    """The conversation (`<tenant>/conversation-<i>`) or ingest job (`<tenant>/ingest-<j>`) it belongs
+    to; empty for independent requests."""
 
 
 def _text(rng: random.Random, size_bytes: int) -> str:
@@ -106,12 +169,10 @@ def _text(rng: random.Random, size_bytes: int) -> str:
     return " ".join(words)
 
 
-def _request(rng: random.Random, scenario: Scenario, kind: RequestClass,
+def _request(rng: random.Random, scenario: Scenario, kind: IndependentClass,
              max_output_tokens: int | None, model: str | None) -> tuple[str, dict[str, Any], int]:
     chat_model = model or scenario.chat_model
-    options: dict[str, Any] = {"num_ctx": scenario.num_ctx}
-    if max_output_tokens is not None:
-        options["num_predict"] = max_output_tokens
+    options = _options(scenario, max_output_tokens)
     if kind == "chat":
         turns = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."}]
         for _ in range(rng.randint(1, 3)):
@@ -130,10 +191,70 @@ def _request(rng: random.Random, scenario: Scenario, kind: RequestClass,
     return "/api/embed", {"model": model or scenario.embed_model, "input": chunks}, size
 
 
+def _options(scenario: Scenario, max_output_tokens: int | None) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_ctx": scenario.num_ctx}
+    if max_output_tokens is not None:
+        options["num_predict"] = max_output_tokens
+    return options
+
+
+_Fixed = tuple[float, Tenant, RequestClass, str, dict[str, Any], int, str]
+"""(offset, tenant, class, path, body, context bytes, group) of a request built ahead."""
+
+
+def _conversations(seed: int, scenario: Scenario, tenant: Tenant, index: int,
+                   spec: Conversations) -> list[_Fixed]:
+    # Its own generator per spec: adding conversations to a scenario leaves its other requests as
+    # they were (the main generator's sequence is untouched).
+    rng = random.Random(f"{seed}/{tenant.name}/conversations/{index}")
+    model = spec.model or scenario.chat_model
+    out: list[_Fixed] = []
+    for number in range(spec.count):
+        group = f"{tenant.name}/conversation-{index}.{number}"
+        history: list[dict[str, str]] = [
+            {"role": "system", "content": "You are a helpful assistant. Answer from the material the "
+                                          "user gives you."}]
+        at = spec.at_s + number * spec.stagger_s
+        for turn in range(spec.turns):
+            if turn:
+                history.append({"role": "assistant", "content": _text(rng, rng.randint(*spec.answer_bytes))})
+                at += rng.uniform(*spec.think_s)
+            history.append({"role": "user", "content": _text(rng, rng.randint(*spec.question_bytes))})
+            body = {"model": model, "messages": list(history), "stream": True,
+                    "options": _options(scenario, spec.max_output_tokens)}
+            out.append((at, tenant, "long-chat", "/api/chat", body,
+                        sum(len(m["content"]) for m in history), group))
+    return out
+
+
+def _ingests(seed: int, scenario: Scenario, tenant: Tenant, index: int, spec: Ingests) -> list[_Fixed]:
+    rng = random.Random(f"{seed}/{tenant.name}/ingests/{index}")
+    model = spec.model or scenario.embed_model
+    corpus = [[_text(rng, rng.randint(*spec.chunk_bytes)) for _ in range(spec.chunks_per_document)]
+              for _ in range(spec.documents)]
+    out: list[_Fixed] = []
+    for job in range(spec.jobs):
+        group = f"{tenant.name}/ingest-{index}.{job}"
+        start = spec.at_s + job * spec.every_s
+        documents = [corpus[(job * spec.step + d) % spec.documents] for d in range(spec.window)]
+        if job % 2 == 0:
+            chunks = [chunk for document in documents for chunk in document]
+            for call, first in enumerate(range(0, len(chunks), spec.batch_inputs)):
+                batch = chunks[first:first + spec.batch_inputs]
+                out.append((start + call * spec.gap_s, tenant, "embed", "/api/embed",
+                            {"model": model, "input": batch}, sum(len(c) for c in batch), group))
+        else:
+            for number, document in enumerate(documents):
+                for chunk in document:
+                    out.append((start + number * spec.gap_s, tenant, "embed", "/api/embed",
+                                {"model": model, "input": chunk}, len(chunk), group))
+    return out
+
+
 def plan(scenario: Scenario, seed: int) -> list[Planned]:
     """Every request of the scenario, sorted by offset; identical for identical (scenario, seed)."""
     rng = random.Random(seed)
-    arrivals: list[tuple[float, Tenant, RequestClass, int | None, str | None]] = []
+    arrivals: list[tuple[float, Tenant, IndependentClass, int | None, str | None] | _Fixed] = []
     for tenant in scenario.tenants:
         for stream in tenant.streams:
             end = min(stream.end_s if stream.end_s is not None else scenario.duration_s,
@@ -148,9 +269,18 @@ def plan(scenario: Scenario, seed: int) -> list[Planned]:
             for _ in range(burst.count):
                 arrivals.append((burst.at_s + rng.uniform(0, burst.window_s), tenant, burst.kind,
                                  burst.max_output_tokens, burst.model))
-    arrivals.sort(key=lambda item: item[0])
+        for index, conversations in enumerate(tenant.conversations):
+            arrivals += _conversations(seed, scenario, tenant, index, conversations)
+        for index, ingests in enumerate(tenant.ingests):
+            arrivals += _ingests(seed, scenario, tenant, index, ingests)
+    arrivals.sort(key=lambda item: item[0])  # stable: calls planned at one offset keep their order
     planned = []
-    for index, (at, tenant, kind, max_output, model) in enumerate(arrivals[: scenario.max_requests]):
-        path, body, context = _request(rng, scenario, kind, max_output, model)
-        planned.append(Planned(index, at, tenant.name, tenant.key, kind, path, body, context))
+    for index, arrival in enumerate(arrivals[: scenario.max_requests]):
+        if len(arrival) == 7:
+            at, tenant, kind, path, body, context, group = arrival
+        else:
+            at, tenant, kind, max_output, model = arrival
+            path, body, context = _request(rng, scenario, kind, max_output, model)
+            group = ""
+        planned.append(Planned(index, at, tenant.name, tenant.key, kind, path, body, context, group))
     return planned
