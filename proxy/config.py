@@ -246,7 +246,15 @@ def structure(data: Mapping[str, Any]) -> Config:
         if config.plugins:
             from .plugin import structure_plugins
 
-            structure_plugins(config.plugins)  # the plugins' own config classes, with the key path
+            # The plugins' own config classes, with the key path; a plugin's sub-requests charged to a
+            # tenant need that tenant (else every one of them would be refused, and the plugin fail open
+            # without a word).
+            known = {t.name for t in config.tenants} | {"anonymous"}
+            for index, (_, plugin) in enumerate(structure_plugins(config.plugins)):
+                tenant = getattr(plugin, "tenant", None)
+                if tenant is not None and tenant not in known:
+                    raise ValueError(f"plugins[{index}].tenant: unknown tenant {tenant[:60]!r} (known: "
+                                     f"{', '.join(sorted(known))})")
         return config
     except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
         if isinstance(exc, cattrs.BaseValidationError):

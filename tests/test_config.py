@@ -70,6 +70,8 @@ def test_listen_may_ask_for_any_free_port() -> None:
     ({"upstreams": [{"url": "http://a:1"}, {"url": "ftp://x"}]},
      "upstreams[1].url: expected an http(s) URL, got scheme 'ftp'"),
     ({"upstreams": [{"name": "a"}]}, "upstreams[0].url: required key missing"),
+    ({"plugins": [{"name": "embed_cache", "tenant": "nope"}]}, "plugins[0].tenant: unknown tenant 'nope'"),
+    ({"upstreams": [{"url": "htp://user:secret@h:1"}]}, "upstreams[0].url: expected an http(s) URL"),
     ({"telemetry": {"otlp_protocol": "udp"}}, "telemetry.otlp_protocol: not one of"),
     ({"telemetry": {"sample_ratio": 2}}, "telemetry.sample_ratio: must be between 0 and 1"),
     ({"server": {"listen": "nowhere"}}, "server.listen: expected HOST:PORT"),
@@ -92,6 +94,7 @@ def test_bad_values_name_the_key(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as error:
         structure(data)
     assert message in str(error.value)
+    assert "secret" not in str(error.value)  # a refused value is never quoted back when it is a URL
 
 
 def test_environment_overrides(tmp_path: Path) -> None:

@@ -277,8 +277,10 @@ def test_configuration_is_validated_with_the_key_path() -> None:
     assert "plugins[0].redis_url" in refused(_plugin(redis_url="http://not-redis"))
     assert "plugins[0].relevance.keep" in refused({"name": "trim_history",
                                                    "relevance": {"model": "m", "keep": 0}})
+    assert "plugins[0].tenant: unknown tenant 'summaries'" in refused(_plugin())
     config = structure({"chain": {"limits": {"prompt_policy": "summarize"}},
                         "models": {"llama3.2": {"prompt_policy": "summarize"}},
+                        "tenants": [{"name": "summaries", "keys": ["sk-summaries-000001"]}],
                         "plugins": [_plugin(budget_tokens=None)]})
     assert config.chain.limits.prompt_policy == "summarize"
 
