@@ -281,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     loadgen = commands.add_parser("loadgen", help="open-loop load against a loopback target")
     loadgen.add_argument("--target", required=True, help="base URL, e.g. http://127.0.0.1:11435")
-    loadgen.add_argument("--scenario", default="rag-burst", help="rag-burst, rag-quiet, smoke")
+    from .loadgen.scenarios import SCENARIOS
+
+    loadgen.add_argument("--scenario", default="rag-burst", help=", ".join(sorted(SCENARIOS)))
     loadgen.add_argument("--seed", type=int, default=1)
     loadgen.add_argument("--timeout-s", type=float, default=120.0, help="client timeout per request")
     loadgen.add_argument("--out", help="write one JSON record per request to this file")
