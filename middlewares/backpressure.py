@@ -229,10 +229,13 @@ class ModelGate:
         self.pending[name].append((start, top, beside))
 
     def _judge(self, name: str) -> None:
-        """Settle the pending proofs of `name` whose neighbours have all finished (oldest first)."""
+        """Settle the pending proofs of `name` whose neighbours have all finished (in the order they
+        were made; one still waiting for a long stream beside it does not hold up the others)."""
         pending = self.pending[name]
-        while pending and all(o.finished for o in pending[0][2]):
-            start, top, _ = pending.popleft()
+        ready = [entry for entry in pending if all(o.finished for o in entry[2])]
+        for entry in ready:
+            pending.remove(entry)
+        for start, top, _ in ready:
             limit = self.limits.get(name)
             if limit is None or max(1, math.floor(limit)) != top:
                 continue  # the limit moved since: this says nothing about the current one
