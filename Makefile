@@ -85,6 +85,11 @@ nginx:
 bench-burst: venv nginx
 	$(BIN)/python -m tests.bench.burst
 
+# The same comparison, scaled down, on real tokens: T0 vs T3 on llama.cpp (and on the cpu-small emulator).
+.PHONY: bench-burst-real
+bench-burst-real: venv-real
+	$(BIN)/python -m tests.bench.burst_real
+
 # embed_cache and embed_batch: CPU per request (idle and acting), then 64 single-input clients.
 bench-embed: venv
 	$(BIN)/python -m tests.bench.embed_cpu
