@@ -5,7 +5,8 @@ interactive/bulk lanes, max_in_flight `auto`, its defaults otherwise, in front o
 same seeded plan (interactive chats plus a bulk burst of RAG generations and embedding batches), each
 target with its own engine process:
     emu    the emulator with the shipped `cpu-small` profile (calibrated on the real engine, elsewhere)
-    real   llama.cpp (xllamacpp, Gemma 3 270M, 2 threads) behind the emulator's Ollama API
+    real   llama.cpp (xllamacpp, Gemma 3 270M, 2 threads) behind the emulator's Ollama API; here also
+           T3=2, the proxy with max_in_flight fixed at the engine's 2 slots instead of learning them
     rcal   the emulator with `cpu-small` recalibrated on this host during this run (from the real
            engines' probes, converted into the emulator's own token counts): is a gap between emu and
            real the timing model's fault or a stale calibration's?
@@ -19,14 +20,14 @@ contexts and the embedding batches of the seeded plan are cut to 1/16 of their s
 ~10,000 Gemma tokens, an embedding batch of 64 chunks a minute of this CPU), answers are capped (chat 32
 tokens, RAG 64) so that the engines produce similar lengths, and the client timeout is 60 s.
 
-A real engine starts once other processes leave the cores mostly idle (waiting at most a minute; what
+A real engine starts once other processes leave the cores mostly idle (waiting at most 30 s; what
 they used is reported). Before its run every engine is warmed and probed with requests sent to it directly
 (a few seconds; the model is resident and no target pays a first load): prefill, decode and embedding
 rates, the aggregate rate of 2 concurrent streams, and how long those 2 waited outside their prompt and
 eval times (what the proxy reads as queueing inside Ollama).
 
 Bounded: finite plan, 60 s client timeout, each run stops at its last arrival + 70 s whatever happens
-(about 5 minutes in all, at most 8). Loopback only. Results are printed and written as JSON.
+(about 5-6 minutes in all). Loopback only. Results are printed and written as JSON.
 """
 
 from __future__ import annotations
@@ -139,13 +140,14 @@ def _engine(tmp: Path, name: str, seed: int, profile: str | None) -> Server:
                           extra=[*extra, "--num-parallel", str(NUM_PARALLEL)])
 
 
-def _proxy(tmp: Path, name: str, engine: Server) -> Server:
-    """The proxy as T3 of bench-burst: fair queue with lanes, max_in_flight auto, defaults otherwise."""
+def _proxy(tmp: Path, name: str, engine: Server, max_in_flight: int | str = "auto") -> Server:
+    """The proxy as T3 of bench-burst: fair queue with lanes, max_in_flight auto (or fixed), its
+    defaults otherwise."""
     upstream = {"url": engine.url, "name": f"{name}-engine", "num_parallel": NUM_PARALLEL}
     return start_proxy(tmp, [upstream], {
         "models": {MODEL: {"options": {"num_ctx": NUM_CTX}}},
         "tenants": TENANTS, "admin": {"keys": [ADMIN_KEY]}, "telemetry": {"access_log": False},
-        "chain": {"backpressure": {"fair": True, "max_in_flight": "auto"}}}, name=f"{name}-proxy")
+        "chain": {"backpressure": {"fair": True, "max_in_flight": max_in_flight}}}, name=f"{name}-proxy")
 
 
 def _outside_s(final: dict[str, Any]) -> float:
@@ -233,7 +235,7 @@ def recalibrated(tmp: Path, emu: list[dict[str, float]], real: list[dict[str, fl
 # runs --------------------------------------------------------------------------------------------------
 QUIET_CPU = 0.25
 """Share of the 2 cores others may use before a real engine starts (the machine is shared)."""
-QUIET_WAIT_S = 60.0
+QUIET_WAIT_S = 30.0
 """How long to wait for that, at most; the run then goes ahead and the share is in its report."""
 
 
@@ -288,19 +290,27 @@ def _summary(records: list[Record], engine: Server, proxy: Server | None, second
             "records": [record_dict(r) for r in records]}
 
 
+Variant = tuple[str, int | str | None]
+"""A target's label and its proxy's max_in_flight (None: no proxy, the engine reached directly)."""
+PAIR: list[Variant] = [("T0", None), ("T3", "auto")]
+REAL: list[Variant] = [*PAIR, ("T3=2", NUM_PARALLEL)]
+"""On llama.cpp also T3 with max_in_flight fixed at the engine's real parallelism: what `auto` learns
+there is a finding of its own (see the report)."""
+
+
 async def _run_pair(tmp: Path, seed: int, kind: str, profile: str | None, planned: list[Planned],
                     texts: tuple[str, list[str]]) -> dict[str, Any]:
     """T0 and T3 on fresh engines: at once on the emulator, one after the other on llama.cpp."""
 
-    async def one(label: str, proxied: bool) -> tuple[str, dict[str, Any]]:
-        name = f"{kind}-{label.lower()}"
+    async def one(label: str, max_in_flight: int | str | None) -> tuple[str, dict[str, Any]]:
+        name = f"{kind}-{label.lower().replace('=', '-')}"
         quiet = await asyncio.to_thread(await_quiet) if profile is None else {}
         engine = await asyncio.to_thread(_engine, tmp, name, seed, profile)
         proxy: Server | None = None
         try:
             probed = await probe(engine.url, texts)
-            if proxied:
-                proxy = await asyncio.to_thread(_proxy, tmp, name, engine)
+            if max_in_flight is not None:
+                proxy = await asyncio.to_thread(_proxy, tmp, name, engine, max_in_flight)
             load_before = os.getloadavg()[0]
             started = time.monotonic()
             records = await run_plan((proxy or engine).url, planned, timeout_s=TIMEOUT_S)
@@ -308,17 +318,15 @@ async def _run_pair(tmp: Path, seed: int, kind: str, profile: str | None, planne
             machine = {"probe": probed, "profile": profile or "llama.cpp", **quiet,
                        "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
             summary = await asyncio.to_thread(_summary, records, engine, proxy, seconds, machine)
-            return f"{kind} {label}", summary
+            return f"{kind} {label}", {**summary, "max_in_flight": max_in_flight}
         finally:
             if proxy is not None:
                 proxy.stop()
             engine.stop()
 
     if profile is None:
-        pairs = [await one("T0", False), await one("T3", True)]
-    else:
-        pairs = list(await asyncio.gather(one("T0", False), one("T3", True)))
-    return dict(pairs)
+        return dict([await one(label, limit) for label, limit in REAL])
+    return dict(await asyncio.gather(*(one(label, limit) for label, limit in PAIR)))
 
 
 # the verdicts ----------------------------------------------------------------------------------------
@@ -350,14 +358,19 @@ CHECKS: list[tuple[str, Callable[[dict[str, Any], dict[str, Any]], bool | None]]
 """Directions of the conclusions: each is evaluated per pair (T0 vs T3 of one engine kind)."""
 
 
+COMPARED = [("emu", "emu T0", "emu T3"), ("real", "real T0", "real T3"),
+            ("real T3=2", "real T0", "real T3=2"), ("rcal", "rcal T0", "rcal T3")]
+"""(column, T0 target, T3 target) of the conclusions table."""
+
+
 def conclusions(targets: dict[str, Any]) -> dict[str, dict[str, bool | None]]:
     """Per check: its verdict on each pair that ran, and whether the emulated pairs agree with llama.cpp."""
     out: dict[str, dict[str, bool | None]] = {}
     for name, check in CHECKS:
         verdicts: dict[str, bool | None] = {}
-        for kind in KINDS:
-            if f"{kind} T0" in targets and f"{kind} T3" in targets:
-                verdicts[kind] = check(targets[f"{kind} T0"], targets[f"{kind} T3"])
+        for column, t0, t3 in COMPARED:
+            if t0 in targets and t3 in targets:
+                verdicts[column] = check(targets[t0], targets[t3])
         for kind in ("emu", "rcal"):
             if kind in verdicts and "real" in verdicts:
                 verdicts[f"{kind} = real"] = verdicts[kind] == verdicts["real"]
@@ -426,9 +439,9 @@ def print_table(report: dict[str, Any]) -> None:
     labels = list(targets)
     print(f"scenario {report['scenario']} seed {report['seed']}: {report['requests']} requests "
           f"({report['by_class']}), {NUM_PARALLEL} slots, {report['wall_s']:.0f} s wall")
-    print(f"{'':<24}" + "".join(f"{label:>10}" for label in labels))
+    print(f"{'':<24}" + "".join(f"{label:>11}" for label in labels))
     for name, get in ROWS:
-        print(f"{name:<24}" + "".join(f"{_fmt(get(targets[label])):>10}" for label in labels))
+        print(f"{name:<24}" + "".join(f"{_fmt(get(targets[label])):>11}" for label in labels))
     real = [targets[label]["machine"]["probe"]["decode_tokens_per_s"] for label in labels
             if label.startswith("real")]
     for label in labels:
@@ -438,11 +451,11 @@ def print_table(report: dict[str, Any]) -> None:
                   f"{max(real):.0f}: other processes had the cores, its figures measure that too")
     if report.get("recalibrated"):
         print(f"rcal profile: {report['recalibrated']}")
-    columns = [k for k in (*KINDS, "emu = real", "rcal = real")
+    columns = [k for k in (*(c for c, _, _ in COMPARED), "emu = real", "rcal = real")
                if any(k in v for v in report["conclusions"].values())]
-    print(f"{'conclusion (T3 vs T0)':<38}" + "".join(f"{c:>11}" for c in columns))
+    print(f"{'conclusion (T3 vs T0)':<36}" + "".join(f"{c:>12}" for c in columns))
     for name, verdicts in report["conclusions"].items():
-        print(f"{name:<38}" + "".join(f"{_fmt(verdicts.get(c)):>11}" for c in columns))
+        print(f"{name:<36}" + "".join(f"{_fmt(verdicts.get(c)):>12}" for c in columns))
 
 
 async def run(seed: int, parts: set[str]) -> dict[str, Any]:
@@ -461,7 +474,7 @@ async def run(seed: int, parts: set[str]) -> dict[str, Any]:
     if "real" in parts:
         targets.update(await _run_pair(tmp, seed, "real", None, planned, texts))
     if "rcal" in parts:
-        probes = {kind: [targets[f"{kind} {t}"]["machine"]["probe"] for t in ("T0", "T3")]
+        probes = {kind: [t["machine"]["probe"] for label, t in targets.items() if label.startswith(kind)]
                   for kind in ("emu", "real")}
         path = recalibrated(tmp, probes["emu"], probes["real"])
         recal = yaml.safe_load(path.read_text())["defaults"]
