@@ -86,6 +86,11 @@ bench-burst: venv nginx
 	$(BIN)/python -m tests.bench.burst
 	$(BIN)/python -m tests.bench.slots
 
+# The same comparison, scaled down, on real tokens: T0 vs T3 on llama.cpp (and on the cpu-small emulator).
+.PHONY: bench-burst-real
+bench-burst-real: venv-real
+	$(BIN)/python -m tests.bench.burst_real
+
 # Plugins' CPU per request (idle and acting: embed_cache, embed_batch, trim_history, summarize_history),
 # then 64 single-input embedding clients, direct vs proxy vs embed_batch, on the emulator's calibrated
 # cpu-small profile and on the real llama.cpp engine (the `real` extra).
