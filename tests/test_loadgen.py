@@ -21,7 +21,8 @@ import pytest
 from proxy.config import structure
 from proxy.emulator.profile import load_profile
 from proxy.emulator.vocabulary import default_vocabulary
-from proxy.loadgen.runner import Record, Retrying, assert_loopback, run_plan
+from proxy.loadgen.retrying import Retrying
+from proxy.loadgen.runner import Record, assert_loopback, run_plan
 from proxy.loadgen.scenarios import scenario
 from proxy.loadgen.summary import jain, percentile, summarize
 from proxy.loadgen.tap import Tap

@@ -4,11 +4,8 @@ finished (a closed loop would hide queueing), and one record per request is kept
 Bounded: the plan is finite, each request has the client timeout (120 s by default), and the run stops at
 duration + timeout + 10 s whatever happens. Loopback targets only.
 
-A tenant named in `retrying` sends as a client using the retry helper (`shared_ollama_client`, in
-clients/python): an `httpx.AsyncClient` with its `AsyncRetryTransport`, as the helper's README shows, so
-the helper's own logic decides whether and when to try again. Such a request is one Record however many
-attempts it took: its outcome is the final answer's, its TTFT and completion run from the first attempt
-to the final answer, and its client timeout counts from the first attempt too.
+A tenant named in `retrying` sends as a client using the retry helper (proxy/loadgen/retrying.py): one
+Record per request however many attempts it took, timed from the first attempt to the final answer.
 """
 
 from __future__ import annotations
@@ -19,21 +16,22 @@ import re
 import socket
 import time
 from collections.abc import Mapping
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import attrs
-import httpx
 from yarl import URL
 
 from .workload import Planned
 
 if TYPE_CHECKING:
-    from shared_ollama_client import RetryPolicy
+    from .retrying import Retrying
 
-__all__ = ["Record", "Retrying", "assert_loopback", "run_plan"]
+__all__ = ["REFUSALS", "Record", "assert_loopback", "classify", "read_counts", "run_plan"]
 
-_REFUSALS = (429, 503)
+REFUSALS = (429, 503)
+"""Statuses that are a refusal (the service says: not now)."""
 
 _COUNTS = {name: re.compile(rb'"' + name.encode() + rb'":(\d+)') for name in (
     "prompt_eval_count", "eval_count", "load_duration")}
@@ -63,16 +61,6 @@ class Record:
     """Attempts sent (more than one only through the retry helper)."""
     refusals: int = 0
     """Answers of 429 or 503 among them (the final answer included)."""
-
-
-@attrs.frozen
-class Retrying:
-    """A tenant whose clients use the retry helper: `shared_ollama_client.AsyncRetryTransport` with
-    `policy` (None: the helper's default RetryPolicy, 5 attempts and 120 s), the client giving up
-    `timeout_s` after its first attempt (None: the run's client timeout)."""
-
-    policy: RetryPolicy | None = None
-    timeout_s: float | None = None
 
 
 def assert_loopback(target: str) -> None:
@@ -109,21 +97,21 @@ async def _one(session: aiohttp.ClientSession, target: str, item: Planned, start
                     record.bytes += len(chunk)
                     tail = (tail + chunk)[-4096:]
         record.completion_s = time.monotonic() - sent
-        _classify(record, tail)
+        classify(record, tail)
     except TimeoutError:
         record.outcome = "timeout"
         record.completion_s = None
     except (aiohttp.ClientError, ConnectionError) as exc:
         record.outcome = "error"
         record.error = type(exc).__name__
-    record.refusals = int(record.status in _REFUSALS)
-    _counts(record, tail)
+    record.refusals = int(record.status in REFUSALS)
+    read_counts(record, tail)
     return record
 
 
-def _classify(record: Record, tail: bytes) -> None:
+def classify(record: Record, tail: bytes) -> None:
     """The outcome of an answer that arrived whole (status and the last bytes of its body)."""
-    if record.status in _REFUSALS:
+    if record.status in REFUSALS:
         record.outcome = "rejected"
     elif record.status != 200:
         record.outcome = "error"
@@ -135,68 +123,11 @@ def _classify(record: Record, tail: bytes) -> None:
         record.outcome = "ok"
 
 
-def _counts(record: Record, tail: bytes) -> None:
+def read_counts(record: Record, tail: bytes) -> None:
+    """Token counts and load time from the last bytes of an answer."""
     record.prompt_tokens = _last_int("prompt_eval_count", tail)
     record.output_tokens = _last_int("eval_count", tail)
     record.load_duration_ns = _last_int("load_duration", tail)
-
-
-class _Attempts(httpx.AsyncBaseTransport):
-    """Below the helper's transport: counts the attempts of one request and the refusals among them,
-    sending each on the run's shared connection pool (which closing this one leaves open)."""
-
-    def __init__(self, pool: httpx.AsyncBaseTransport) -> None:
-        self.pool = pool
-        self.attempts = 0
-        self.refusals = 0
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.attempts += 1
-        response = await self.pool.handle_async_request(request)
-        self.refusals += response.status_code in _REFUSALS
-        return response
-
-    async def aclose(self) -> None:
-        """The pool is the run's, closed when the run ends."""
-
-
-async def _one_retrying(pool: httpx.AsyncBaseTransport, target: str, item: Planned, start: float,
-                        timeout_s: float, retrying: Retrying) -> Record:
-    """`_one` through the retry helper: one Record from the first attempt to the final answer."""
-    # Imported here: the helper is a client-side package (clients/python), needed only by runs that
-    # name retrying tenants, not by the proxy.
-    from shared_ollama_client import AsyncRetryTransport
-
-    record = Record(item.index, item.tenant, item.kind, time.monotonic() - start)
-    counted = _Attempts(pool)
-    # Seeded per request: the helper's jitter is the same on every run of a plan.
-    transport = AsyncRetryTransport(counted, policy=retrying.policy, seed=item.index)
-    sent = time.monotonic()
-    tail = b""
-    try:
-        async with asyncio.timeout(retrying.timeout_s or timeout_s), httpx.AsyncClient(
-                transport=transport, timeout=None, trust_env=False) as client, client.stream(
-                "POST", target + item.path, json=item.body,
-                headers={"Authorization": f"Bearer {item.key}"}) as response:
-            record.status = response.status_code
-            record.retry_after = response.headers.get("Retry-After")
-            async for chunk in response.aiter_raw():
-                if record.ttft_s is None:
-                    record.ttft_s = time.monotonic() - sent
-                record.bytes += len(chunk)
-                tail = (tail + chunk)[-4096:]
-        record.completion_s = time.monotonic() - sent
-        _classify(record, tail)
-    except TimeoutError:
-        record.outcome = "timeout"
-        record.completion_s = None
-    except (httpx.HTTPError, ConnectionError) as exc:
-        record.outcome = "error"
-        record.error = type(exc).__name__
-    record.attempts = max(1, counted.attempts)
-    record.refusals = counted.refusals
-    _counts(record, tail)
-    return record
 
 
 async def run_plan(target: str, planned: list[Planned], *, timeout_s: float = 120.0,
@@ -212,18 +143,24 @@ async def run_plan(target: str, planned: list[Planned], *, timeout_s: float = 12
     hard_stop_s = horizon if hard_stop_s is None else hard_stop_s
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     start = time.monotonic()
-    pool = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=None,
-                                                        max_keepalive_connections=64))
-    async with pool, aiohttp.ClientSession(connector=connector,
-                                           timeout=aiohttp.ClientTimeout(total=None)) as session:
+    async with AsyncExitStack() as stack:
+        session = await stack.enter_async_context(aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None)))
+        helped = None
+        if retrying:
+            # Imported only here: the helper's path needs httpx and clients/python's package, which
+            # the proxy's own install does not have.
+            from .retrying import HelperClients
+
+            helped = await stack.enter_async_context(HelperClients(target, timeout_s))
 
         async def launch(item: Planned) -> Record:
             delay = item.at_s - (time.monotonic() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
             helper = retrying.get(item.tenant)
-            if helper is not None:
-                return await _one_retrying(pool, target, item, start, timeout_s, helper)
+            if helped is not None and helper is not None:
+                return await helped.send(item, start, helper)
             return await _one(session, target, item, start, timeout_s)
 
         tasks = [asyncio.ensure_future(launch(item)) for item in planned]

@@ -58,7 +58,8 @@ from typing import Any
 import attrs
 import httpx
 
-from proxy.loadgen.runner import Record, Retrying, run_plan
+from proxy.loadgen.retrying import Retrying
+from proxy.loadgen.runner import Record, run_plan
 from proxy.loadgen.scenarios import scenario
 from proxy.loadgen.summary import summarize
 from proxy.loadgen.tap import Tap
