@@ -235,6 +235,8 @@ def test_the_bench_proxy_configurations_load_and_t4_runs_beside_t3() -> None:
         FLEET_TARGETS,
         HISTORY_PLUGINS,
         HYGIENE_PAIR,
+        RETRY_LABEL,
+        bulk_retry_pass,
         hygiene_plugins,
         passes,
         proxy_config,
@@ -243,7 +245,8 @@ def test_the_bench_proxy_configurations_load_and_t4_runs_beside_t3() -> None:
     assert passes(["rag-burst", "rag-chat-ingest", "rag-burst-fleet"], None) == [
         ("rag-burst", None, "rag-burst"), ("rag-burst", HYGIENE_PAIR, "rag-burst-hygiene"),
         ("rag-chat-ingest", HYGIENE_PAIR, "rag-chat-ingest"),
-        ("rag-burst-fleet", FLEET_TARGETS, "rag-burst-fleet")]
+        ("rag-burst-fleet", FLEET_TARGETS, "rag-burst-fleet"), bulk_retry_pass()]
+    assert bulk_retry_pass() == ("rag-burst", frozenset({RETRY_LABEL}), "rag-burst-retry")
 
     upstreams = [{"url": "http://127.0.0.1:1"}]
     for history in HISTORY_PLUGINS:
