@@ -1,6 +1,7 @@
 """The load generator: seeded plans (rag-chat-ingest: growing histories, overlapping ingests), open-loop
 dispatch against a real emulator, the counting tap, outcome classification
-(ok, rejected, timeout, error), summaries and the loopback-only rule."""
+(ok, rejected, timeout, error), requests sent through the retry helper (counted once, from the first
+attempt), summaries and the loopback-only rule."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import httpx
 import pytest
 
 from proxy.config import structure
+from proxy.emulator.profile import load_profile
 from proxy.emulator.vocabulary import default_vocabulary
+from proxy.loadgen.retrying import Retrying
 from proxy.loadgen.runner import Record, assert_loopback, run_plan
 from proxy.loadgen.scenarios import scenario
 from proxy.loadgen.summary import jain, percentile, summarize
@@ -228,11 +231,22 @@ def test_tap_relays_and_counts_what_the_replica_received(emulator: Server) -> No
 
 
 def test_the_bench_proxy_configurations_load_and_t4_runs_beside_t3() -> None:
-    from tests.bench.burst import HISTORY_PLUGINS, HYGIENE_PAIR, hygiene_plugins, passes, proxy_config
+    from tests.bench.burst import (
+        FLEET_TARGETS,
+        HISTORY_PLUGINS,
+        HYGIENE_PAIR,
+        RETRY_LABEL,
+        bulk_retry_pass,
+        hygiene_plugins,
+        passes,
+        proxy_config,
+    )
 
-    assert passes(["rag-burst", "rag-chat-ingest"], None) == [
+    assert passes(["rag-burst", "rag-chat-ingest", "rag-burst-fleet"], None) == [
         ("rag-burst", None, "rag-burst"), ("rag-burst", HYGIENE_PAIR, "rag-burst-hygiene"),
-        ("rag-chat-ingest", HYGIENE_PAIR, "rag-chat-ingest")]
+        ("rag-chat-ingest", HYGIENE_PAIR, "rag-chat-ingest"),
+        ("rag-burst-fleet", FLEET_TARGETS, "rag-burst-fleet"), bulk_retry_pass()]
+    assert bulk_retry_pass() == ("rag-burst", frozenset({RETRY_LABEL}), "rag-burst-retry")
 
     upstreams = [{"url": "http://127.0.0.1:1"}]
     for history in HISTORY_PLUGINS:
@@ -241,3 +255,101 @@ def test_the_bench_proxy_configurations_load_and_t4_runs_beside_t3() -> None:
     assert [p["name"] for p in t4.plugins] == ["trim_history", "embed_cache", "embed_batch"]
     t3 = structure({**proxy_config(True), "upstreams": upstreams})
     assert not t3.plugins and t3.chain == t4.chain and t3.tenants == t4.tenants  # T4 = T3 + plugins
+
+
+def _chat_model_seconds(item: Planned) -> float:
+    """What one request costs the chat model's one slot on the gpu-8b profile: prefill of its prompt
+    (the emulator's own token count) plus its output at one stream's rate (num_predict, or the
+    profile's mean answer length)."""
+    timing = load_profile("gpu-8b").for_model(item.body["model"])
+    vocabulary = default_vocabulary()
+    text = item.body.get("prompt") or " ".join(m["content"] for m in item.body["messages"])
+    output = item.body["options"].get("num_predict") or sum(timing.output_tokens) / 2
+    return timing.prefill_s(vocabulary.count(text)) + output / timing.decode_tokens_per_s
+
+
+def test_rag_burst_fleet_is_seeded_finite_and_a_burst_two_replicas_absorb() -> None:
+    fleet = scenario("rag-burst-fleet")
+    first, again, other = plan(fleet, 1), plan(fleet, 1), plan(fleet, 2)
+    assert first == again and first != other
+    assert 0 < len(first) < fleet.max_requests
+    assert max(p.at_s for p in first) < fleet.duration_s
+    assert {p.kind for p in first} == {"chat", "rag", "embed"}
+    rag = [p for p in first if p.kind == "rag"]
+    assert {p.tenant for p in rag} == {"ingest-team"} and len(rag) == 10
+    generations = [p for p in first if p.kind != "embed"]
+    # Offered load in replicas (chat-model slot-seconds per second), per burst window and overall.
+    for start in (20.0, 85.0):
+        window = [p for p in generations if start <= p.at_s < start + 20.0]
+        peak = sum(_chat_model_seconds(p) for p in window) / 20.0
+        assert 3.0 <= peak <= 5.0, peak  # 3-5x one replica
+    mean = sum(_chat_model_seconds(p) for p in generations) / fleet.duration_s
+    assert 1.0 < mean < 2.0, mean  # more than one replica can do, within two
+    quiet = [p for p in generations if p.kind == "chat"]
+    assert sum(_chat_model_seconds(p) for p in quiet) / fleet.duration_s < 1.0
+
+
+CLOUD = "gpt-oss:120b-cloud"
+
+
+@pytest.fixture(scope="module")
+def cloud_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """An emulator serving a cloud model, whose `cloud_status` fault answers as ollama.com refuses."""
+    server = start_emulator(tmp_path_factory.mktemp("loadgen-cloud"), fixed_clock=False,
+                            decode_tokens_per_s=400, output_tokens="10,20", name="load-cloud",
+                            models=f"llama3.2,{CLOUD}")
+    yield server
+    server.stop()
+
+
+def _cloud_chat() -> list[Planned]:
+    body = {"model": CLOUD, "messages": [{"role": "user", "content": "hello"}], "stream": True,
+            "options": {"num_predict": 8}}
+    return [Planned(0, 0.0, "alpha", "sk-alpha", "chat", "/api/chat", body)]
+
+
+def test_a_request_refused_then_completed_through_the_retry_helper_counts_once(
+        cloud_emulator: Server) -> None:
+    from shared_ollama_client import RetryPolicy
+
+    # Refused twice with Retry-After: 1 (429, as ollama.com answers), then answered.
+    httpx.post(f"{cloud_emulator.url}/_emulator/faults",
+               json={"cloud_status": 429, "retry_after_s": 1, "count": 2}).raise_for_status()
+    try:
+        [record] = asyncio.run(run_plan(cloud_emulator.url, _cloud_chat(), timeout_s=60,
+                                        retrying={"alpha": Retrying()}))
+    finally:
+        httpx.delete(f"{cloud_emulator.url}/_emulator/faults")
+    assert record.outcome == "ok" and record.status == 200, record.error
+    assert (record.attempts, record.refusals) == (3, 2)
+    # From the first attempt to the final answer: both waits the server asked for are in it.
+    assert record.ttft_s is not None and record.ttft_s >= 2.0
+    assert record.completion_s is not None and record.completion_s >= record.ttft_s
+    assert record.output_tokens and record.output_tokens > 0
+    summary = summarize([record], 10.0)["overall"]
+    assert (summary["requests"], summary["ok"], summary["refused_then_ok"], summary["attempts"]) == \
+        (1, 1, 1, 3)
+    assert summary["rejection_pct"] == 0.0 and summary["completion_p95_s"] == record.completion_s
+
+    # A request the helper gives up on counts as its final answer, once.
+    httpx.post(f"{cloud_emulator.url}/_emulator/faults",
+               json={"cloud_status": 503, "retry_after_s": 0, "count": 2}).raise_for_status()
+    try:
+        [refused] = asyncio.run(run_plan(
+            cloud_emulator.url, _cloud_chat(), timeout_s=60,
+            retrying={"alpha": Retrying(RetryPolicy(max_attempts=2))}))
+    finally:
+        httpx.delete(f"{cloud_emulator.url}/_emulator/faults")
+    assert (refused.outcome, refused.status, refused.attempts, refused.refusals) == ("rejected", 503, 2, 2)
+    summary = summarize([refused], 10.0)["overall"]
+    assert (summary["requests"], summary["ok"], summary["refused_then_ok"]) == (1, 0, 0)
+    assert summary["rejection_pct"] == 100.0
+
+    # Tenants not named in `retrying` send once, as before.
+    httpx.post(f"{cloud_emulator.url}/_emulator/faults",
+               json={"cloud_status": 429, "retry_after_s": 0, "count": 1}).raise_for_status()
+    try:
+        [plain] = asyncio.run(run_plan(cloud_emulator.url, _cloud_chat(), timeout_s=60))
+    finally:
+        httpx.delete(f"{cloud_emulator.url}/_emulator/faults")
+    assert (plain.outcome, plain.attempts, plain.refusals) == ("rejected", 1, 1)

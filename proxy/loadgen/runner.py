@@ -3,6 +3,9 @@ finished (a closed loop would hide queueing), and one record per request is kept
 
 Bounded: the plan is finite, each request has the client timeout (120 s by default), and the run stops at
 duration + timeout + 10 s whatever happens. Loopback targets only.
+
+A tenant named in `retrying` sends as a client using the retry helper (proxy/loadgen/retrying.py): one
+Record per request however many attempts it took, timed from the first attempt to the final answer.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import ipaddress
 import re
 import socket
 import time
-from typing import Any
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import attrs
@@ -20,7 +25,13 @@ from yarl import URL
 
 from .workload import Planned
 
-__all__ = ["Record", "assert_loopback", "run_plan"]
+if TYPE_CHECKING:
+    from .retrying import Retrying
+
+__all__ = ["REFUSALS", "Record", "assert_loopback", "classify", "read_counts", "run_plan"]
+
+REFUSALS = (429, 503)
+"""Statuses that are a refusal (the service says: not now)."""
 
 _COUNTS = {name: re.compile(rb'"' + name.encode() + rb'":(\d+)') for name in (
     "prompt_eval_count", "eval_count", "load_duration")}
@@ -46,6 +57,10 @@ class Record:
     bytes: int = 0
     retry_after: str | None = None
     error: str | None = None
+    attempts: int = 1
+    """Attempts sent (more than one only through the retry helper)."""
+    refusals: int = 0
+    """Answers of 429 or 503 among them (the final answer included)."""
 
 
 def assert_loopback(target: str) -> None:
@@ -82,44 +97,70 @@ async def _one(session: aiohttp.ClientSession, target: str, item: Planned, start
                     record.bytes += len(chunk)
                     tail = (tail + chunk)[-4096:]
         record.completion_s = time.monotonic() - sent
-        if record.status in (429, 503):
-            record.outcome = "rejected"
-        elif record.status != 200:
-            record.outcome = "error"
-            record.error = tail[-200:].decode("utf-8", "replace")
-        elif b'"error"' in tail.rsplit(b"\n", 2)[-2 if tail.endswith(b"\n") else -1]:
-            record.outcome = "error"
-            record.error = "error line in stream"
-        else:
-            record.outcome = "ok"
+        classify(record, tail)
     except TimeoutError:
         record.outcome = "timeout"
         record.completion_s = None
     except (aiohttp.ClientError, ConnectionError) as exc:
         record.outcome = "error"
         record.error = type(exc).__name__
-    record.prompt_tokens = _last_int("prompt_eval_count", tail)
-    record.output_tokens = _last_int("eval_count", tail)
-    record.load_duration_ns = _last_int("load_duration", tail)
+    record.refusals = int(record.status in REFUSALS)
+    read_counts(record, tail)
     return record
 
 
+def classify(record: Record, tail: bytes) -> None:
+    """The outcome of an answer that arrived whole (status and the last bytes of its body)."""
+    if record.status in REFUSALS:
+        record.outcome = "rejected"
+    elif record.status != 200:
+        record.outcome = "error"
+        record.error = tail[-200:].decode("utf-8", "replace")
+    elif b'"error"' in tail.rsplit(b"\n", 2)[-2 if tail.endswith(b"\n") else -1]:
+        record.outcome = "error"
+        record.error = "error line in stream"
+    else:
+        record.outcome = "ok"
+
+
+def read_counts(record: Record, tail: bytes) -> None:
+    """Token counts and load time from the last bytes of an answer."""
+    record.prompt_tokens = _last_int("prompt_eval_count", tail)
+    record.output_tokens = _last_int("eval_count", tail)
+    record.load_duration_ns = _last_int("load_duration", tail)
+
+
 async def run_plan(target: str, planned: list[Planned], *, timeout_s: float = 120.0,
-                   hard_stop_s: float | None = None) -> list[Record]:
-    """Send `planned` to `target` open-loop; one Record per request, in plan order."""
+                   hard_stop_s: float | None = None,
+                   retrying: Mapping[str, Retrying] | None = None) -> list[Record]:
+    """Send `planned` to `target` open-loop; one Record per request, in plan order. The tenants in
+    `retrying` send through the retry helper (see the module docstring)."""
     assert_loopback(target)
     target = target.rstrip("/")
-    horizon = (planned[-1].at_s if planned else 0.0) + timeout_s + 10.0
+    retrying = retrying or {}
+    longest = max([timeout_s, *(r.timeout_s or timeout_s for r in retrying.values())])
+    horizon = (planned[-1].at_s if planned else 0.0) + longest + 10.0
     hard_stop_s = horizon if hard_stop_s is None else hard_stop_s
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     start = time.monotonic()
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
+    async with AsyncExitStack() as stack:
+        session = await stack.enter_async_context(aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None)))
+        helped = None
+        if retrying:
+            # Imported only here: the helper's path needs httpx and clients/python's package, which
+            # the proxy's own install does not have.
+            from .retrying import HelperClients
+
+            helped = await stack.enter_async_context(HelperClients(target, timeout_s))
 
         async def launch(item: Planned) -> Record:
             delay = item.at_s - (time.monotonic() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
+            helper = retrying.get(item.tenant)
+            if helped is not None and helper is not None:
+                return await helped.send(item, start, helper)
             return await _one(session, target, item, start, timeout_s)
 
         tasks = [asyncio.ensure_future(launch(item)) for item in planned]

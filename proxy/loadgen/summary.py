@@ -63,6 +63,8 @@ def _group(records: Sequence[Record], duration_s: float, timeout_s: float) -> di
         "satisfaction": len(good) / total if total else 0.0,
         "output_tokens": sum(r.output_tokens or 0 for r in done),
         "cold_loads": sum(1 for r in done if (r.load_duration_ns or 0) >= 500_000_000),
+        "attempts": sum(r.attempts for r in records),
+        "refused_then_ok": sum(1 for r in done if r.refusals),
     }
 
 
