@@ -42,6 +42,15 @@ def test_retry_decision() -> None:
     assert retry_delay(policy, 1, 200, {"x-should-retry": "true"}, rng) is None
     assert retry_delay(policy, 1, 429, {"x-should-retry": "false", "retry-after": "1"}, rng) is None
     assert retry_delay(policy, 1, 429, {"retry-after": "61"}, rng) is None  # a refusal, not a wait
+    # A bulk policy that accepts long waits comes back after the proxy's capped wait; never after a
+    # `false` without a wait (a request that cannot succeed), nor for a status it does not retry.
+    bulk = RetryPolicy(max_retry_after_s=600, retry_after_jitter=0.0)
+    capped = {"x-should-retry": "false", "retry-after": "60", "retry-after-ms": "60000"}
+    assert retry_delay(bulk, 1, 503, capped, rng) == 60.0
+    assert retry_delay(policy, 1, 503, capped, rng) is None
+    assert retry_delay(bulk, 1, 400, {"x-should-retry": "false"}, rng) is None
+    assert retry_delay(bulk, 1, 429, {"x-should-retry": "false"}, rng) is None
+    assert retry_delay(bulk, 1, 400, capped, rng) is None
     for _ in range(100):
         told = retry_delay(policy, 1, 429, {"retry-after": "2"}, rng)
         assert told is not None and 2.0 <= told <= 2.2

@@ -11,7 +11,9 @@ export interface RetryOptions {
   /** Budget from the start of the first attempt, in seconds: no wait is started that would end after it.
    * Default 120. */
   maxTotalS?: number;
-  /** A server-told wait longer than this (seconds) is a refusal to surface, not a wait. Default 60. */
+  /** A server-told wait longer than this (seconds) is a refusal to surface, not a wait. Default 60. Above
+   * 60, a 429/503 with `x-should-retry: false` and a Retry-After (the proxy's "longer than 60 s") is
+   * retried after that wait: bulk jobs poll every minute within `maxTotalS`. */
   maxRetryAfterS?: number;
   /** First backoff ceiling (seconds) when the server gave no wait. Default 0.5. */
   backoffBaseS?: number;

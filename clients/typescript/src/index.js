@@ -36,13 +36,22 @@ export function serverDelayS(headers, nowMs = Date.now()) {
  * `response` null means the connection failed. Attempts and budget are checked by the caller.
  * @param {Required<Omit<RetryOptions, "fetch" | "onRetry" | "random">>} policy @param {number} attempt
  * @param {Response | null} response @param {() => number} random @returns {number | null} */
+/** The longest Retry-After the proxy sends; a longer wait is `x-should-retry: false` with that header. */
+const PROXY_RETRY_AFTER_CAP_S = 60;
+
 export function retryDelay(policy, attempt, response, random = Math.random) {
   let server = null;
   if (response !== null) {
     const should = (response.headers.get("x-should-retry") ?? "").trim().toLowerCase();
     const forced = should === "true" && response.status >= 400; // the OpenAI SDKs' rule
-    if (should === "false" || (!policy.statuses.includes(response.status) && !forced)) return null;
+    if (!policy.statuses.includes(response.status) && !forced) return null;
     server = serverDelayS(response.headers);
+    if (should === "false") {
+      // With a wait, `false` is the proxy's "longer than its Retry-After may say (60 s)": a policy that
+      // accepts longer waits (a bulk job) comes back after the wait it was told.
+      if (server === null || policy.maxRetryAfterS <= PROXY_RETRY_AFTER_CAP_S) return null;
+      return server + random() * server * policy.retryAfterJitter;
+    }
   }
   if (server !== null) {
     if (server > policy.maxRetryAfterS) return null;

@@ -82,6 +82,24 @@ for (const status of [400, 429, 503]) {
   });
 }
 
+test("a bulk policy (maxRetryAfterS > 60) comes back after the proxy's capped wait", async () => {
+  // The proxy's "longer than 60 s": x-should-retry false with a wait (scaled down here to 0.2 s).
+  const server = await scripted(answer(503, { error: "the queue needs 95 s", code: "overload" },
+    { "x-should-retry": "false", "retry-after-ms": "200", "retry-after": "1" }), answer(200, CHAT_OK));
+  try {
+    const bulk = new Ollama({ host: server.url, fetch: retryingFetch({ ...quiet, maxRetryAfterS: 600 }) });
+    assert.equal((await chat(bulk)).message.content, "hello");
+    assert.equal(server.requests, 2);
+  } finally { server.close(); }
+  const again = await scripted(answer(503, { error: "the queue needs 95 s", code: "overload" },
+    { "x-should-retry": "false", "retry-after-ms": "200" }), answer(200, CHAT_OK));
+  try {
+    const interactive = new Ollama({ host: again.url, fetch: retryingFetch(quiet) });
+    await assert.rejects(chat(interactive));
+    assert.equal(again.requests, 1);
+  } finally { again.close(); }
+});
+
 test("gives up after maxAttempts with the service's message", async () => {
   const server = await scripted(answer(503, { error: "queue for llama3.2 is full", code: "overload" },
     { "retry-after-ms": "100" }));

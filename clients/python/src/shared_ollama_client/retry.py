@@ -38,7 +38,8 @@ class RetryPolicy:
     while connecting). Never retried: read timeouts and every other exception, any response once it has
     been returned to the caller (a stream that started), an answer carrying `x-should-retry: false`, and
     a request whose body cannot be sent twice. `x-should-retry: true` makes any error status (>= 400)
-    retryable (the header the OpenAI SDKs obey).
+    retryable (the header the OpenAI SDKs obey). A policy whose `max_retry_after_s` exceeds 60 s retries
+    a 429/503 refusal carrying `x-should-retry: false` and a wait (the proxy's "longer than 60 s").
 
     The wait is the server's (`retry-after-ms`, else `Retry-After` in seconds or as an HTTP date) plus up
     to `retry_after_jitter` of it, so clients told the same second do not return in the same instant;
@@ -53,7 +54,10 @@ class RetryPolicy:
     max_total_s: float = 120.0
     """Budget from the start of the first attempt: no wait is started that would end after it."""
     max_retry_after_s: float = 60.0
-    """A server-told wait longer than this is a refusal to surface, not a wait to sleep through."""
+    """A server-told wait longer than this is a refusal to surface, not a wait to sleep through. Above
+    60 s (a bulk job's policy) the client also comes back after the proxy's `x-should-retry: false`
+    refusals that carry a wait: the proxy says that when the real wait exceeds the 60 s its Retry-After
+    may show, and the client then polls every 60 s within `max_total_s`."""
     backoff_base_s: float = 0.5
     """First backoff ceiling when the server gave no wait."""
     backoff_max_s: float = 8.0
@@ -72,6 +76,10 @@ class RetryPolicy:
                 raise ValueError(f"{name} must be a positive number of seconds")
         if not (0 <= self.retry_after_jitter <= 1):
             raise ValueError("retry_after_jitter must be between 0 and 1")
+
+
+_PROXY_RETRY_AFTER_CAP_S = 60.0
+"""The longest Retry-After the proxy sends; a longer wait is `x-should-retry: false` with that header."""
 
 
 def server_delay_s(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
@@ -114,9 +122,15 @@ def retry_delay(policy: RetryPolicy, attempt: int, status: int | None,
         assert headers is not None
         should = headers.get("x-should-retry", "").strip().lower()
         forced = should == "true" and status >= 400  # the OpenAI SDKs' rule, for errors only
-        if should == "false" or (status not in policy.statuses and not forced):
+        if status not in policy.statuses and not forced:
             return None
         server = server_delay_s(headers)
+        if should == "false":
+            # With a wait, `false` is the proxy's "longer than it may say in Retry-After (60 s)": a
+            # policy that accepts longer waits (a bulk job) comes back after the wait it was told.
+            if server is None or policy.max_retry_after_s <= _PROXY_RETRY_AFTER_CAP_S:
+                return None
+            return server + rng.uniform(0, server * policy.retry_after_jitter)
     if server is not None:
         if server > policy.max_retry_after_s:
             return None
