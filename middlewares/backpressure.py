@@ -81,8 +81,9 @@ class BackpressureConfig:
     """Longest wait for a slot while a replica holding the model is ready, before 503 queue_timeout
     (the request's deadline may cut it shorter)."""
     cold_queue_timeout_s: float = attrs.field(default=120.0, validator=_cold_budget)
-    """Longest wait when the request waits on a model load (no replica it may use has the model loaded)
-    or on a replica coming back (restarting or warming): a load takes tens of seconds, and a client
+    """Longest wait for the first request in line behind a model load in progress (a request for the
+    model runs on a replica that has not finished loading it), and for requests waiting on a replica
+    coming back (its restart or warm-up is running): a load takes tens of seconds, and a client
     turned away would only come back to wait for the same load. At most 300 s, the common client
     header timeout (a non-streaming request sends its headers when the answer is complete)."""
     max_in_flight: int | Literal["auto"] = attrs.field(default="auto", validator=_in_flight)
@@ -609,8 +610,12 @@ class BackpressureStep(Step):
         if not eligible and not self.fleet.coming_back(gate.model):
             self.decide(ctx, span, "no_replica")
             return None
-        # Waiting on a model load, or on a replica coming back, takes its own, longer budget.
-        cold = not eligible or not any(gate.model in u.loaded for u in eligible)
+        # Waiting on a replica coming back, or first in line behind a model load in progress (a request
+        # for the model runs on a replica that does not list it as loaded yet), takes its own, longer
+        # budget. Not a model that is merely absent, nor the requests queued behind that first one:
+        # they wait for capacity, and the ready budget (and its 503 with Retry-After) applies.
+        cold = not eligible or (not len(gate.queue) and any(
+            u.by_model.get(gate.model) and gate.model not in u.loaded for u in eligible))
         placement = self.placement
         # Described only when placement ranks by cost: round robin looks at nothing.
         placing = placement.describe(ctx, request.headers) if placement is not None \

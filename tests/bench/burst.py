@@ -425,7 +425,9 @@ def _issue5_targets(targets: dict[str, Any]) -> dict[str, Any]:
     if not {"T0 direct", "T3 proxy fair", "T3 quiet", "T3 fair-pair"} <= set(targets):
         return {}
     t0, t3 = targets["T0 direct"], targets["T3 proxy fair"]
-    quiet = targets["T3 quiet"]["by_class"].get("chat", {}).get("ttft_p95_s")
+    # The quiet baseline without the answers that waited for the model's first load: otherwise its P95
+    # is that one cold start, and any burst looks "within 2x".
+    quiet = targets["T3 quiet"]["by_class"].get("chat", {}).get("ttft_warm_p95_s")
     burst = t3["by_class"].get("chat", {}).get("ttft_p95_s")
     ratio = burst / quiet if burst is not None and quiet else None
     jain_pair = targets["T3 fair-pair"]["jain_tokens"]
