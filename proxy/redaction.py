@@ -15,7 +15,9 @@ from yarl import URL
 __all__ = ["REDACTED", "redact", "redact_url"]
 
 REDACTED = "<redacted>"
-_SECRET_NAMES = re.compile(r"(^|_)(keys?|password|secret|token|api_key|credentials?|headers)$", re.I)
+_SECRET_NAMES = re.compile(r"(^|_)(keys?|password|secret|token|api_key|credentials?|headers|command)$",
+                           re.I)
+"""Fields shown as `<redacted>`; `command`: a replica's `restart_command` may carry a credential."""
 
 
 def redact_url(value: str) -> str:
