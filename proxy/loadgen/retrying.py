@@ -20,7 +20,7 @@ import attrs
 import httpx
 from shared_ollama_client import AsyncRetryTransport, RetryPolicy
 
-from .runner import REFUSALS, Record, classify, read_counts
+from .runner import REFUSALS, Record, classify, read_body, read_counts
 from .workload import Planned
 
 __all__ = ["HelperClients", "Retrying"]
@@ -80,7 +80,7 @@ class HelperClients:
         # Seeded per request: the helper's jitter is the same on every run of a plan.
         transport = AsyncRetryTransport(counted, policy=retrying.policy, seed=item.index)
         sent = time.monotonic()
-        tail = b""
+        tail = bytearray()
         try:
             async with asyncio.timeout(retrying.timeout_s or self.timeout_s), httpx.AsyncClient(
                     transport=transport, timeout=None, trust_env=False) as client, client.stream(
@@ -88,13 +88,9 @@ class HelperClients:
                     headers={"Authorization": f"Bearer {item.key}"}) as response:
                 record.status = response.status_code
                 record.retry_after = response.headers.get("Retry-After")
-                async for chunk in response.aiter_raw():
-                    if record.ttft_s is None:
-                        record.ttft_s = time.monotonic() - sent
-                    record.bytes += len(chunk)
-                    tail = (tail + chunk)[-4096:]
+                await read_body(record, response.aiter_raw(), sent, tail)
             record.completion_s = time.monotonic() - sent
-            classify(record, tail)
+            classify(record, bytes(tail))
         except TimeoutError:
             record.outcome = "timeout"
             record.completion_s = None
@@ -103,5 +99,5 @@ class HelperClients:
             record.error = type(exc).__name__
         record.attempts = max(1, counted.attempts)
         record.refusals = counted.refusals
-        read_counts(record, tail)
+        read_counts(record, bytes(tail))
         return record

@@ -15,7 +15,7 @@ import ipaddress
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +28,13 @@ from .workload import Planned
 if TYPE_CHECKING:
     from .retrying import Retrying
 
-__all__ = ["REFUSALS", "Record", "assert_loopback", "classify", "read_counts", "run_plan"]
+__all__ = ["REFUSALS", "Record", "assert_loopback", "classify", "read_body", "read_counts", "run_plan"]
 
 REFUSALS = (429, 503)
 """Statuses that are a refusal (the service says: not now)."""
 
+_TAIL_BYTES = 4096
+"""The end of a body kept to read its final record (outcome and counts) from."""
 _COUNTS = {name: re.compile(rb'"' + name.encode() + rb'":(\d+)') for name in (
     "prompt_eval_count", "eval_count", "load_duration")}
 
@@ -84,20 +86,16 @@ async def _one(session: aiohttp.ClientSession, target: str, item: Planned, start
                timeout_s: float) -> Record:
     record = Record(item.index, item.tenant, item.kind, time.monotonic() - start)
     sent = time.monotonic()
-    tail = b""
+    tail = bytearray()
     try:
         async with asyncio.timeout(timeout_s):
             async with session.post(target + item.path, json=item.body,
                                     headers={"Authorization": f"Bearer {item.key}"}) as response:
                 record.status = response.status
                 record.retry_after = response.headers.get("Retry-After")
-                async for chunk in response.content.iter_any():
-                    if record.ttft_s is None:
-                        record.ttft_s = time.monotonic() - sent
-                    record.bytes += len(chunk)
-                    tail = (tail + chunk)[-4096:]
+                await read_body(record, response.content.iter_any(), sent, tail)
         record.completion_s = time.monotonic() - sent
-        classify(record, tail)
+        classify(record, bytes(tail))
     except TimeoutError:
         record.outcome = "timeout"
         record.completion_s = None
@@ -105,8 +103,19 @@ async def _one(session: aiohttp.ClientSession, target: str, item: Planned, start
         record.outcome = "error"
         record.error = type(exc).__name__
     record.refusals = int(record.status in REFUSALS)
-    read_counts(record, tail)
+    read_counts(record, bytes(tail))
     return record
+
+
+async def read_body(record: Record, chunks: AsyncIterator[bytes], sent: float, tail: bytearray) -> None:
+    """Read a response body as it arrives: TTFT at its first chunk (from `sent`), bytes counted, the last
+    4 KiB kept in `tail` (in place, so a read cut by the client timeout keeps what it had)."""
+    async for chunk in chunks:
+        if record.ttft_s is None:
+            record.ttft_s = time.monotonic() - sent
+        record.bytes += len(chunk)
+        tail += chunk
+        del tail[:-_TAIL_BYTES]
 
 
 def classify(record: Record, tail: bytes) -> None:
