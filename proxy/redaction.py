@@ -22,10 +22,6 @@ _SECRET_NAMES = re.compile(r"(^|_)(keys?|password|secret|token|api_key|credentia
 
 def redact_url(value: str) -> str:
     """`value` with the password (or a bare user part, often a token) of a URL replaced."""
-    return _url(value)
-
-
-def _url(value: str) -> str:
     if "@" not in value or "://" not in value:
         return value
     try:
@@ -52,5 +48,5 @@ def redact(value: Any, name: str = "") -> Any:
     if isinstance(value, list | tuple):
         return [redact(v, name) for v in value]
     if isinstance(value, str):
-        return _url(value)
+        return redact_url(value)
     return value
