@@ -327,28 +327,10 @@ class PluginStep:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.mode == "off" or request.match_info.route.name != self.forward_route:
-            return await handler(request)
-        return await self._run(request, handler)
-
-    def enter(self) -> None:
-        """A request entered this plugin's slot (PluginChain counts it before the first plugin)."""
-        self.active += 1
-
-    def leave(self) -> None:
-        self.active -= 1
-        if not self.active and self._idle is not None:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        """Return once no request is inside this plugin."""
-        while self.active:
-            self._idle = asyncio.Event()
-            await self._idle.wait()
-
-    async def _run(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         from .context import CONTEXT
 
+        if self.mode == "off" or request.match_info.route.name != self.forward_route:
+            return await handler(request)
         ctx = request[CONTEXT]
         self.plugin.services.subrequests.learn_address(request)
         if ctx.internal:
@@ -374,6 +356,21 @@ class PluginStep:
             except Exception as exc:
                 log.warning("plugin %s's response observer failed at the end (%s)",
                             self.plugin.name, type(exc).__name__)
+
+    def enter(self) -> None:
+        """A request entered this plugin's slot (PluginChain counts it before the first plugin)."""
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+        if not self.active and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no request is inside this plugin."""
+        while self.active:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
 
     async def _request_phase(self, request: web.Request,
                              ctx: RequestContext) -> web.StreamResponse | None:
