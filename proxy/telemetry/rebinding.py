@@ -26,6 +26,8 @@ from opentelemetry.metrics import (
     UpDownCounter,
 )
 
+from .histograms import HistogramSet
+
 __all__ = ["RebindingMeter"]
 
 log = logging.getLogger("proxy.telemetry")
@@ -81,9 +83,12 @@ class RebindingMeter(Meter):
     """Delegates to the SDK meter; observable instruments may be created again by new owners (see the
     module docstring). Synchronous instruments need nothing: the SDK hands the same one back."""
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, histograms: HistogramSet | None = None) -> None:
         super().__init__(meter.name, meter.version, meter.schema_url)
         self._meter = meter
+        self._histograms = histograms
+        """Where histograms are aggregated (histograms.py: ~1 us a record instead of the SDK's ~10);
+        None: the SDK's own."""
         self._observed: dict[str, _Observed] = {}
 
     def create_counter(self, name: str, unit: str = "", description: str = "") -> Counter:
@@ -98,6 +103,9 @@ class RebindingMeter(Meter):
     def create_histogram(self, name: str, unit: str = "", description: str = "",
                          *, explicit_bucket_boundaries_advisory: Sequence[float] | None = None
                          ) -> Histogram:
+        if self._histograms is not None:
+            return self._histograms.histogram(name, unit, description,
+                                              explicit_bucket_boundaries_advisory)
         return self._meter.create_histogram(
             name, unit=unit, description=description,
             explicit_bucket_boundaries_advisory=explicit_bucket_boundaries_advisory)

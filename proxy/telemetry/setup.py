@@ -10,13 +10,10 @@ from __future__ import annotations
 import logging
 
 import attrs
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry
 
@@ -24,9 +21,12 @@ from proxy import __version__
 from proxy.events import EventBus
 from proxy.schema import TelemetryConfig
 
-from . import semconv
+from . import otlp_wire, semconv
+from .histograms import HistogramSet, MergingPeriodicReader, MergingPrometheusReader
 from .metrics import ProxyMetrics
 from .rebinding import RebindingMeter
+from .shipping import SpanShipper
+from .tracing import FastTracer
 
 __all__ = ["Telemetry", "build_telemetry"]
 
@@ -37,7 +37,8 @@ log = logging.getLogger("proxy.telemetry")
 class Telemetry:
     """A process's tracer, meter, instruments and the registry `/metrics` renders."""
 
-    tracer_provider: TracerProvider
+    spans: SpanShipper | None
+    """Where sampled spans go (None: nowhere, nothing is sampled)."""
     meter_provider: MeterProvider
     tracer: Tracer
     meter: RebindingMeter
@@ -58,50 +59,56 @@ class Telemetry:
         self.events = EventBus(self.meter, self.names)
 
     def shutdown(self) -> None:
-        """Flush and stop exporters (bounded by the SDK's own timeouts)."""
-        self.tracer_provider.shutdown()
+        """Flush and stop exporters (bounded: 5 s for spans, the SDK's own timeouts for metrics)."""
+        if self.spans is not None:
+            self.spans.shutdown()
         self.meter_provider.shutdown()
 
 
-def _otlp_exporters(config: TelemetryConfig) -> tuple[SpanExporter, object]:
+def _otlp_metric_exporter(config: TelemetryConfig) -> object:
     endpoint = config.otlp_endpoint
     assert endpoint is not None
     if config.otlp_protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GM
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GS
 
-        insecure = not endpoint.startswith("https://")
-        return GS(endpoint=endpoint, insecure=insecure), GM(endpoint=endpoint, insecure=insecure)
+        return GM(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HM
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HS
 
-    base = endpoint.rstrip("/")
-    return HS(endpoint=f"{base}/v1/traces"), HM(endpoint=f"{base}/v1/metrics")
+    return HM(endpoint=f"{endpoint.rstrip('/')}/v1/metrics")
 
 
-def build_telemetry(config: TelemetryConfig, extra_processors: tuple[SpanProcessor, ...] = ()
-                    ) -> Telemetry:
-    """Providers for `config`. `extra_processors` lets an embedding program add its own span sink."""
-    resource = Resource.create({"service.name": config.service_name, "service.version": __version__})
-    exporting = bool(config.otlp_endpoint) or bool(extra_processors)
-    # With nowhere to send spans, recording them is pure cost: sample nothing (trace ids still propagate).
-    sampler = ParentBased(TraceIdRatioBased(config.sample_ratio)) if exporting else ALWAYS_OFF
-    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
+def build_telemetry(config: TelemetryConfig) -> Telemetry:
+    """Providers for `config`: spans through the proxy's own tracer (tracing.py) to its shipper
+    (shipping.py), metrics through the SDK (Prometheus registry, plus OTLP when an endpoint is set)."""
+    resource_attributes = {"service.name": config.service_name, "service.version": __version__}
+    resource = Resource.create(resource_attributes)
     registry = CollectorRegistry(auto_describe=True)
-    readers: list[MetricReader] = [PrometheusMetricReader(registry=registry)]
+    histograms = HistogramSet(resource, InstrumentationScope("shared-ollama-proxy", __version__))
+    readers: list[MetricReader] = [MergingPrometheusReader(histograms, registry=registry)]
+    spans: SpanShipper | None = None
     if config.otlp_endpoint:
-        span_exporter, metric_exporter = _otlp_exporters(config)
-        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter, schedule_delay_millis=500))
-        readers.append(PeriodicExportingMetricReader(
-            metric_exporter,  # type: ignore[arg-type]
+        spans = SpanShipper(config.otlp_endpoint, config.otlp_protocol,
+                            otlp_wire.encode_resource(dict(resource.attributes)),
+                            otlp_wire.encode_scope("shared-ollama-proxy", __version__))
+        readers.append(MergingPeriodicReader(
+            histograms, _otlp_metric_exporter(config),
             export_interval_millis=config.export_interval_s * 1000))
         log.info("exporting traces and metrics over OTLP (%s)", config.otlp_protocol)
-    for processor in extra_processors:
-        tracer_provider.add_span_processor(processor)
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-    tracer = tracer_provider.get_tracer("shared-ollama-proxy", __version__)
+    # With nowhere to send spans, recording them is pure cost: sample nothing (trace ids still
+    # propagate: the request's span is a NonRecordingSpan with a fresh trace id).
+    tracer = FastTracer(spans if spans is not None else _NOWHERE,
+                        config.sample_ratio if spans is not None else 0.0)
     # Rebinding: a plugin rebuilt by a reload re-creates its observable instruments (rebinding.py).
-    meter = RebindingMeter(meter_provider.get_meter("shared-ollama-proxy", __version__))
+    meter = RebindingMeter(meter_provider.get_meter("shared-ollama-proxy", __version__), histograms)
     metrics = ProxyMetrics(meter, semconv.Names(config.metric_prefix))
-    return Telemetry(tracer_provider, meter_provider, tracer, meter, metrics, registry, config,
-                     recording=exporting)
+    return Telemetry(spans, meter_provider, tracer, meter, metrics, registry, config,
+                     recording=spans is not None)
+
+
+class _Nowhere:
+    def add(self, span: bytes) -> None:
+        del span  # unreachable: with ratio 0 nothing is sampled
+
+
+_NOWHERE = _Nowhere()

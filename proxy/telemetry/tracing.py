@@ -1,0 +1,200 @@
+"""The proxy's tracer: OpenTelemetry API spans that cost a few microseconds, encoded to OTLP when they end.
+
+A request meets seven spans (the SERVER span, one per step, the CLIENT span to the replica). The SDK's
+span (locks, attribute validation, resource and scope objects, a processor fan-out, then the OTLP encoder
+in the export thread) costs ~30 us each; issue 16 measured tracing at as much as the rest of the proxy.
+This tracer keeps the API (steps, plugins and the forwarder use `opentelemetry.trace` types only:
+`Span.set_attribute`, `set_status`, `add_event`, `record_exception`, `trace.set_span_in_context`, the
+W3C propagator), the sampling rule (parent-based, then a trace-id ratio, as the SDK's
+`ParentBased(TraceIdRatioBased)`), and the wire format (OTLP, checked against opentelemetry-proto).
+What it drops is what the proxy never used: span processors, links, and span limits (the proxy bounds
+every client-chosen string it puts on a span itself).
+
+Invariants: a span is encoded once, by `end()` (later calls are ignored, as in the SDK); an unsampled
+span is the API's NonRecordingSpan, and its children are the same object: no id, no dict, no clock read
+for a trace nobody samples.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+from opentelemetry.util import types
+from opentelemetry.util._decorator import _agnosticcontextmanager
+
+from . import otlp_wire
+
+__all__ = ["FastSpan", "FastTracer", "SpanSink"]
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_EXCEPTION_TEXT_LIMIT = 4096
+_STATUS_CODE = {StatusCode.UNSET: 0, StatusCode.OK: 1, StatusCode.ERROR: 2}
+
+
+class SpanSink(Protocol):
+    """Where ended spans go: `add` takes one encoded Span field (otlp_wire.encode_span) and must not block."""
+
+    def add(self, span: bytes) -> None: ...
+
+
+class FastSpan(trace.Span):
+    """A sampled span: its data in slots until `end()` encodes it and hands the bytes to the sink."""
+
+    __slots__ = ("_attributes", "_context", "_ended", "_events", "_flags", "_kind", "_name",
+                 "_parent_id", "_sink", "_start_ns", "_status_code", "_status_message", "_trace_bytes")
+
+    def __init__(self, sink: SpanSink, name: str, context: SpanContext, trace_bytes: bytes,
+                 parent_id: bytes | None, kind: int, attributes: dict[str, Any], start_ns: int,
+                 flags: int) -> None:
+        self._sink = sink
+        self._name = name
+        self._context = context
+        self._trace_bytes = trace_bytes
+        self._parent_id = parent_id
+        self._kind = kind
+        self._attributes = attributes
+        self._events: list[bytes] = []
+        self._start_ns = start_ns
+        self._status_code = 0
+        self._status_message: str | None = None
+        self._flags = flags
+        self._ended = False
+
+    # -- the API ---------------------------------------------------------------------------------
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def is_recording(self) -> bool:
+        return not self._ended
+
+    def set_attribute(self, key: str, value: types.AttributeValue) -> None:
+        if not self._ended:
+            self._attributes[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
+        if not self._ended:
+            self._attributes.update(attributes)
+
+    def add_event(self, name: str, attributes: types.Attributes = None,
+                  timestamp: int | None = None) -> None:
+        if not self._ended:
+            self._events.append(otlp_wire.encode_event(
+                name, timestamp if timestamp is not None else time.time_ns(), attributes or {}))
+
+    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        del context, attributes  # the proxy records no links
+
+    def update_name(self, name: str) -> None:
+        if not self._ended:
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._ended or self._status_code == 1:  # OK is final, as in the SDK
+            return
+        if isinstance(status, Status):
+            code, description = status.status_code, status.description
+        else:
+            code = status
+        self._status_code = _STATUS_CODE[code]
+        self._status_message = description if code is StatusCode.ERROR else None
+
+    def record_exception(self, exception: BaseException, attributes: types.Attributes = None,
+                         timestamp: int | None = None, escaped: bool = False) -> None:
+        # The message and trace are the proxy's own (its exceptions never carry bodies or keys), bounded.
+        stack = "".join(traceback.format_exception(exception))[-_EXCEPTION_TEXT_LIMIT:]
+        self.add_event("exception", {
+            "exception.type": type(exception).__qualname__,
+            "exception.message": str(exception)[:_EXCEPTION_TEXT_LIMIT],
+            "exception.stacktrace": stack, "exception.escaped": escaped, **(attributes or {})},
+            timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._sink.add(otlp_wire.encode_span(
+            self._trace_bytes, self._context.span_id.to_bytes(8, "big"), self._parent_id, self._name,
+            self._kind, self._start_ns, end_time if end_time is not None else time.time_ns(),
+            self._attributes, self._events, self._status_code, self._status_message, self._flags))
+
+    def __enter__(self) -> FastSpan:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.end()
+
+
+class FastTracer(trace.Tracer):
+    """`start_span` as the SDK's tracer with `ParentBased(TraceIdRatioBased(ratio))`, into `sink`."""
+
+    def __init__(self, sink: SpanSink, ratio: float) -> None:
+        self.sink = sink
+        self.ratio = ratio
+        self._bound = round(ratio * (1 << 64))
+        self._random = random.Random()
+        self._bits = self._random.getrandbits
+
+    def start_span(self, name: str, context: otel_context.Context | None = None,
+                   kind: SpanKind = SpanKind.INTERNAL,
+                   attributes: types.Attributes = None,
+                   links: Sequence[trace.Link] | None = None, start_time: int | None = None,
+                   record_exception: bool = True, set_status_on_exception: bool = True
+                   ) -> trace.Span:
+        del links, record_exception, set_status_on_exception
+        parent = trace.get_current_span(context)
+        if type(parent) is FastSpan:
+            # The common case, a child of the request's span: its trace, sampled.
+            parent_context = parent._context
+            trace_bytes = parent._trace_bytes
+            flags = 0x100  # SpanFlags: HAS_IS_REMOTE, parent local
+        else:
+            parent_context = parent.get_span_context()
+            if parent_context.is_valid:
+                if not parent_context.trace_flags.sampled:
+                    # Not sampled upstream: nothing to record, and the children are this same span.
+                    return parent if isinstance(parent, NonRecordingSpan) else NonRecordingSpan(
+                        parent_context)
+                trace_bytes = parent_context.trace_id.to_bytes(16, "big")
+                flags = 0x300 if parent_context.is_remote else 0x100  # HAS_IS_REMOTE | IS_REMOTE
+            else:
+                trace_id = self._bits(128) or 1
+                if (trace_id & 0xFFFFFFFFFFFFFFFF) >= self._bound:
+                    return NonRecordingSpan(SpanContext(trace_id, self._bits(64) or 1, False))
+                parent_context = SpanContext(trace_id, 0, False, _SAMPLED)
+                trace_bytes = trace_id.to_bytes(16, "big")
+                flags = 0x100
+        span_context = SpanContext(parent_context.trace_id, self._bits(64) or 1, False,
+                                   parent_context.trace_flags, parent_context.trace_state)
+        parent_id = (parent_context.span_id.to_bytes(8, "big")
+                     if parent_context.span_id else None)
+        return FastSpan(self.sink, name, span_context, trace_bytes, parent_id, kind.value + 1,
+                        dict(attributes) if attributes else {},
+                        start_time if start_time is not None else time.time_ns(), flags)
+
+    @_agnosticcontextmanager
+    def start_as_current_span(self, name: str, context: otel_context.Context | None = None,
+                              kind: SpanKind = SpanKind.INTERNAL,
+                              attributes: types.Attributes = None,
+                              links: Sequence[trace.Link] | None = None,
+                              start_time: int | None = None, record_exception: bool = True,
+                              set_status_on_exception: bool = True, end_on_exit: bool = True
+                              ) -> Iterator[trace.Span]:
+        span = self.start_span(name, context, kind, attributes, links, start_time)
+        with trace.use_span(span, end_on_exit=end_on_exit, record_exception=record_exception,
+                            set_status_on_exception=set_status_on_exception) as current:
+            yield current
+
