@@ -42,6 +42,7 @@ from proxy.ollama import classify
 from proxy.prompts import request_cost
 from proxy.schema import Mode, RolloutConfig, positive
 from proxy.state.base import StateBackend
+from proxy.state.memory import MemoryState
 from proxy.telemetry.setup import Telemetry
 
 __all__ = ["QuotasConfig", "QuotasStep", "go_duration", "is_exempt"]
@@ -90,6 +91,12 @@ class QuotasStep(Step):
         self._holder_prefix = f"{os.getpid()}-{time.time_ns()}"
         self._holders = itertools.count()
         self._mean_duration_s: dict[str, float] = {}
+        self._held: dict[str, str] = {}
+        """holder -> lease key of every concurrency lease held by a request in flight here."""
+        self._renewer: asyncio.Task[None] | None = None
+        # A local state answers without suspending: nothing can cancel its settling halfway, and a
+        # shield (one more task per request) would buy nothing.
+        self._local_state = isinstance(state, MemoryState)
 
     def reconfigure(self, config: QuotasConfig) -> None:
         super().reconfigure(config)
@@ -172,7 +179,8 @@ class QuotasStep(Step):
                 await asyncio.shield(self._give_back(tenant, holder, tenant.max_concurrent is not None,
                                                      took_request, reserved))
                 raise
-        renewer = asyncio.ensure_future(self._renew(lease_key, holder)) if leased else None
+        if leased:
+            self._hold(lease_key, holder)
         started = time.monotonic()
         refund_request = False
         try:
@@ -184,9 +192,13 @@ class QuotasStep(Step):
             refund_request = took_request and refusal.status == 503
             raise
         finally:
-            if renewer is not None:
-                renewer.cancel()
-            await asyncio.shield(self._settle(ctx, tenant, holder, leased, reserved, refund_request))
+            if leased:
+                self._held.pop(holder, None)
+            if self._local_state:
+                await self._settle(ctx, tenant, holder, leased, reserved, refund_request)
+            else:
+                await asyncio.shield(self._settle(ctx, tenant, holder, leased, reserved,
+                                                  refund_request))
             self._observe_duration(tenant, time.monotonic() - started)
 
     @staticmethod
@@ -222,12 +234,23 @@ class QuotasStep(Step):
         self._mean_duration_s[tenant.name] = seconds if previous is None else (
             previous + _EWMA_ALPHA * (seconds - previous))
 
-    async def _renew(self, lease_key: str, holder: str) -> None:
+    def _hold(self, lease_key: str, holder: str) -> None:
+        """Keep `holder`'s lease renewed until the request leaves (`_held` loses it). One renewer task
+        for every lease held here, not one per request: a task per request cost more than the lease."""
+        self._held[holder] = lease_key
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_all())
+
+    async def _renew_all(self) -> None:
         ttl = self.config.lease_ttl_s
-        while True:
+        # Ends when no lease is held; the next `_hold` starts another (no await between this check
+        # and the task's end, so a hold cannot slip in unseen).
+        while self._held:
             await asyncio.sleep(ttl / 3)
-            with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
-                await self.state.renew(lease_key, holder, ttl)
+            for holder, lease_key in list(self._held.items()):
+                if holder in self._held:
+                    with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
+                        await self.state.renew(lease_key, holder, ttl)
 
     async def _give_back(self, tenant: Tenant, holder: str, leased: bool, took_request: bool,
                          reserved: int) -> None:

@@ -1,0 +1,138 @@
+"""The proxy's tracer and its hand-written OTLP encoding, read back with opentelemetry-proto's own classes;
+the in-place histograms against the SDK's bucket rule (tests/test_telemetry.py covers both end to end, over
+the wire and on /metrics)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from proxy.telemetry import otlp_wire
+from proxy.telemetry.histograms import CARDINALITY_LIMIT, HistogramSet
+from proxy.telemetry.tracing import FastTracer
+from tests.support.otlp_receiver import attributes_of
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.spans: list[bytes] = []
+
+    def add(self, span: bytes) -> None:
+        self.spans.append(span)
+
+
+def _decode(sink: _Sink) -> tuple[Any, list[Any]]:
+    body = otlp_wire.encode_request(otlp_wire.encode_resource({"service.name": "svc", "n": 3}),
+                                    otlp_wire.encode_scope("scope", "1.2"), sink.spans)
+    message = ExportTraceServiceRequest()
+    message.ParseFromString(body)
+    (resource_spans,) = message.resource_spans
+    (scope_spans,) = resource_spans.scope_spans
+    assert scope_spans.scope.name == "scope" and scope_spans.scope.version == "1.2"
+    return resource_spans, list(scope_spans.spans)
+
+
+def test_a_trace_reads_back_field_by_field() -> None:
+    sink = _Sink()
+    tracer = FastTracer(sink, 1.0)
+    root = tracer.start_span("POST /api/chat", kind=SpanKind.SERVER,
+                             attributes={"http.request.method": "POST", "n": 7, "neg": -2,
+                                         "ratio": 0.25, "flag": True, "list": ["a", "b"],
+                                         "none": None, "long": "é" * 300})
+    token = otel_context.attach(trace.set_span_in_context(root))
+    try:
+        child = tracer.start_span("sop.limits", attributes={"sop.step.mode": "enforce"})
+        child.set_attribute("sop.limits.decision", "admitted")
+        child.set_status(Status(StatusCode.ERROR, "prompt_too_long"))
+        child.add_event("sop.truncation", {"tokens": 5})
+        child.end()
+        child.end()  # a second end records nothing
+        client = tracer.start_span("chat llama3.2", kind=SpanKind.CLIENT)
+        client.record_exception(ValueError("boom"))
+        client.set_status(StatusCode.OK)
+        client.set_status(StatusCode.ERROR, "ignored: OK is final")
+        client.end()
+    finally:
+        otel_context.detach(token)
+    root.set_attribute("http.response.status_code", 200)
+    root.end()
+    resource_spans, spans = _decode(sink)
+    assert {kv.key: kv.value.string_value or kv.value.int_value
+            for kv in resource_spans.resource.attributes} == {"service.name": "svc", "n": 3}
+    by_name = {s.name: s for s in spans}
+    assert list(by_name) == ["sop.limits", "chat llama3.2", "POST /api/chat"]
+    server, limits, call = by_name["POST /api/chat"], by_name["sop.limits"], by_name["chat llama3.2"]
+    context = root.get_span_context()
+    assert server.trace_id == context.trace_id.to_bytes(16, "big")
+    assert server.span_id == context.span_id.to_bytes(8, "big")
+    assert server.parent_span_id == b""
+    assert limits.trace_id == call.trace_id == server.trace_id
+    assert limits.parent_span_id == call.parent_span_id == server.span_id
+    assert len({server.span_id, limits.span_id, call.span_id}) == 3
+    assert server.kind == 2 and limits.kind == 1 and call.kind == 3  # SERVER, INTERNAL, CLIENT
+    assert 0 < server.start_time_unix_nano <= limits.start_time_unix_nano <= limits.end_time_unix_nano
+    assert server.end_time_unix_nano >= call.end_time_unix_nano
+    assert server.flags == 0x100
+    assert attributes_of(server) == {
+        "http.request.method": "POST", "n": 7, "neg": -2, "ratio": 0.25, "flag": True,
+        "list": ["a", "b"], "long": "é" * 300, "http.response.status_code": 200}
+    assert attributes_of(limits) == {"sop.step.mode": "enforce", "sop.limits.decision": "admitted"}
+    assert limits.status.code == 2 and limits.status.message == "prompt_too_long"
+    assert [(e.name, attributes_of(e)) for e in limits.events] == [("sop.truncation", {"tokens": 5})]
+    assert call.status.code == 1 and call.status.message == ""
+    (exception,) = call.events
+    recorded = attributes_of(exception)
+    assert exception.name == "exception" and recorded["exception.type"] == "ValueError"
+    assert recorded["exception.message"] == "boom" and "ValueError: boom" in recorded["exception.stacktrace"]
+
+
+def test_sampling_follows_the_parent_then_the_ratio() -> None:
+    sink = _Sink()
+    never = FastTracer(sink, 0.0)
+    root = never.start_span("root")
+    assert not root.is_recording() and root.get_span_context().is_valid  # the trace id propagates
+    with trace.use_span(root):
+        assert never.start_span("child") is root  # no work for a span nobody samples
+    remote_unsampled = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+        0xABC, 0xDEF, True, TraceFlags(0))))
+    always = FastTracer(sink, 1.0)
+    assert not always.start_span("x", context=remote_unsampled).is_recording()
+    remote_sampled = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+        0xABC, 0xDEF, True, TraceFlags(TraceFlags.SAMPLED))))
+    kept = never.start_span("y", context=remote_sampled)  # parent-based: sampled upstream, kept
+    assert kept.is_recording()
+    kept.end()
+    (span,) = _decode(sink)[1]
+    assert span.trace_id == (0xABC).to_bytes(16, "big") and span.parent_span_id == (0xDEF).to_bytes(8, "big")
+    assert span.flags == 0x300  # the parent is remote
+    half = FastTracer(sink, 0.5)
+    sampled = sum(half.start_span("z").is_recording() for _ in range(4000))
+    assert 1700 < sampled < 2300
+
+
+def test_histograms_bucket_as_the_sdk_does_and_bound_their_series() -> None:
+    histograms = HistogramSet(Resource.create({}), InstrumentationScope("scope", "1"))
+    duration = histograms.histogram("d", "s", "durations", (0.1, 1.0))
+    assert histograms.histogram("d", "s", "durations", (0.1, 1.0)) is duration  # a reload's owner
+    for value in (0.05, 0.1, 0.5, 1.0, 3.0):
+        duration.record(value, {"route": "/api/chat"})
+    duration.record(-1.0, {"route": "/api/chat"})  # dropped, as the SDK does
+    for n in range(CARDINALITY_LIMIT + 5):
+        duration.record(0.2, {"model": f"m{n}"})
+    data = histograms.merged(None)
+    assert data is not None
+    (metric,) = data.resource_metrics[0].scope_metrics[0].metrics
+    points = {tuple(sorted(p.attributes.items())): p for p in metric.data.data_points}
+    chat = points[(("route", "/api/chat"),)]
+    # Explicit buckets are (-inf, 0.1], (0.1, 1], (1, +inf): a value on a boundary goes below it.
+    assert list(chat.bucket_counts) == [2, 2, 1] and chat.count == 5
+    assert chat.min == 0.05 and chat.max == 3.0 and abs(chat.sum - 4.65) < 1e-9
+    assert len(points) == CARDINALITY_LIMIT + 1
+    overflow = points[(("otel.metric.overflow", True),)]
+    assert overflow.count == 6  # the sets beyond the limit, folded into one
