@@ -75,6 +75,16 @@ def _connection_tokens(headers: Any) -> set[str]:
             for token in value.split(",") if token.strip()}
 
 
+class _RelayResponse(web.StreamResponse):
+    """A relayed response whose head leaves with its first body chunk, in one write (one syscall
+    instead of two for a unary answer). The relay prepares the response only once the upstream's
+    first chunk is in hand and writes it at once, so holding the head back delays nothing.
+    (`_send_headers_immediately` is aiohttp's own switch, False for web.Response; were it to go away,
+    the head would simply be sent on its own again.)"""
+
+    _send_headers_immediately = False
+
+
 class Forwarder:
     """Relays requests to the replica the chain chose, over the fleet client's connections."""
 
@@ -211,8 +221,8 @@ class Forwarder:
             wait_s = slot.retry_after_s() if slot is not None else float(_DEFAULT_RETRY_AFTER_S)
             for name, value in retry_headers(wait_s).items():
                 headers.setdefault(name, value)
-        response = web.StreamResponse(status=upstream_response.status,
-                                      reason=upstream_response.reason, headers=headers)
+        response = _RelayResponse(status=upstream_response.status,
+                                  reason=upstream_response.reason, headers=headers)
         length = upstream_response.headers.get("Content-Length")
         if length is not None:
             response.content_length = int(length)

@@ -222,3 +222,50 @@ def test_metric_prefix_renames_every_own_name(tmp: Path, upstream: Server) -> No
     labels = {label for f in families.values() for sample in f.samples for label in sample.labels}
     assert not [label for label in labels if label.startswith("sop")], labels
     assert "acme_upstream_name" in labels
+
+
+def test_export_honours_the_standard_headers_and_compression(tmp: Path, upstream: Server) -> None:
+    """OTEL_EXPORTER_OTLP_HEADERS (URL-encoded values) and _COMPRESSION reach the collector, as with the
+    SDK's exporter: a collector behind an auth proxy keeps working."""
+    with OtlpReceiver() as receiver:
+        proxy = start_proxy(tmp, [upstream.url], {"telemetry": {
+            "otlp_endpoint": receiver.url, "otlp_protocol": "http/protobuf"}}, name="otlp-headers",
+            env={"OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=ops,authorization=Bearer%20abc",
+                 "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip"})
+        try:
+            ollama.Client(host=proxy.url).chat(model="llama3.2",
+                                               messages=[{"role": "user", "content": "hi"}])
+            _wait_spans(receiver.spans, lambda s: "chat llama3.2" in {x.name for x in s})
+        finally:
+            proxy.stop()
+        headers = receiver.headers[0]
+        assert headers["x-tenant"] == "ops" and headers["authorization"] == "Bearer abc"
+        assert headers["content-encoding"] == "gzip"
+        assert headers["content-type"] == "application/x-protobuf"
+
+
+def test_a_collector_that_is_down_costs_no_request(tmp: Path, upstream: Server) -> None:
+    """Spans that cannot be sent are dropped after one retry and said once in the log; requests and the
+    process are unaffected, and the stop does not hang on the export."""
+    import socket
+
+    with socket.socket() as sock:  # a port with nobody listening
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    proxy = start_proxy(tmp, [upstream.url], {"telemetry": {
+        "otlp_endpoint": dead, "otlp_protocol": "http/protobuf"}}, name="otlp-down")
+    try:
+        client = ollama.Client(host=proxy.url)
+        for _ in range(5):
+            client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+        deadline = time.monotonic() + 30
+        while "span export to the OTLP endpoint failed" not in proxy.log():
+            assert time.monotonic() < deadline, proxy.log()
+            time.sleep(0.2)
+        assert httpx.get(f"{proxy.url}/api/version").status_code == 200
+    finally:
+        started = time.monotonic()
+        proxy.stop()
+    assert time.monotonic() - started < 10  # bounded: the shutdown flush gives up
+    assert proxy.process.returncode == 0
+    assert proxy.log().count("span export to the OTLP endpoint failed") == 1  # once a minute at most

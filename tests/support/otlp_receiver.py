@@ -34,6 +34,8 @@ class OtlpReceiver(ThreadedApp):
 
     def __init__(self) -> None:
         self._spans: list[Any] = []
+        self.headers: list[dict[str, str]] = []
+        """The headers of every traces export, lower-cased names."""
         self._lock = threading.Lock()
         app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/v1/traces", self._traces)
@@ -45,9 +47,11 @@ class OtlpReceiver(ThreadedApp):
             return list(self._spans)
 
     async def _traces(self, request: web.Request) -> web.Response:
+        body = await request.read()  # aiohttp undoes a Content-Encoding: gzip
         message = ExportTraceServiceRequest()
-        message.ParseFromString(await request.read())
+        message.ParseFromString(body)
         with self._lock:
+            self.headers.append({k.lower(): v for k, v in request.headers.items()})
             for resource_spans in message.resource_spans:
                 for scope_spans in resource_spans.scope_spans:
                     self._spans.extend(scope_spans.spans)
