@@ -127,7 +127,9 @@ class Ingress:
             base_attributes[semconv.ATTR_HTTP_ROUTE] = route
         active_key = (request.method, route or "")
         metrics.active[active_key] += 1
-        parent = _PROPAGATOR.extract(request.headers)
+        # Most requests carry no trace context: skip the propagator's parsing for them.
+        parent = (_PROPAGATOR.extract(request.headers) if "traceparent" in request.headers
+                  else None)
         span = self.telemetry.tracer.start_span(
             f"{request.method} {route}" if route else request.method, context=parent,
             kind=SpanKind.SERVER, attributes={

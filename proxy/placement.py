@@ -210,8 +210,8 @@ class Placement:
                 wait = (position + 0.5) / max(1, upstream.num_parallel) * self._service(key)
             cost, reason = self.cost(upstream, key, tokens, wait, num_ctx)
             rows.append((cost, reason, upstream))
-        if not rows:
-            return rows
+        if len(rows) <= 1:
+            return rows  # nothing to choose between (one replica: most requests of a small fleet)
         best = min(c for c, _, _ in rows)
         near = [r for r in rows if r[0] <= best + max(0.05, _NEAR * best)]
         affinity = self._affinity_key(placing)
