@@ -127,18 +127,23 @@ class Ingress:
             base_attributes[semconv.ATTR_HTTP_ROUTE] = route
         active_key = (request.method, route or "")
         metrics.active[active_key] += 1
-        # Most requests carry no trace context: skip the propagator's parsing for them.
-        parent = (_PROPAGATOR.extract(request.headers) if "traceparent" in request.headers
-                  else None)
-        span = self.telemetry.tracer.start_span(
-            f"{request.method} {route}" if route else request.method, context=parent,
-            kind=SpanKind.SERVER, attributes={
-                # Client-chosen strings on spans are bounded (a head may carry 64 KiB of them).
-                **base_attributes, semconv.ATTR_URL_PATH: request.path[:_SPAN_TEXT_LIMIT],
-                semconv.ATTR_URL_SCHEME: request.scheme,
-                semconv.ATTR_USER_AGENT: request.headers.get("User-Agent", "")[:_SPAN_TEXT_LIMIT]})
-        ctx.root_span = span
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        span: trace.Span | None = None
+        token: object = None
+        incoming = "traceparent" in request.headers
+        if self.telemetry.recording or incoming:
+            # The SERVER span, current for the steps and the forwarder. Without an exporter it is only
+            # made to continue an incoming trace: otherwise the forwarder's span starts a fresh
+            # (unsampled) trace of its own, and the request pays for no context switching.
+            parent = _PROPAGATOR.extract(request.headers) if incoming else None
+            span = self.telemetry.tracer.start_span(
+                f"{request.method} {route}" if route else request.method, context=parent,
+                kind=SpanKind.SERVER, attributes={
+                    # Client-chosen strings on spans are bounded (a head may carry 64 KiB of them).
+                    **base_attributes, semconv.ATTR_URL_PATH: request.path[:_SPAN_TEXT_LIMIT],
+                    semconv.ATTR_URL_SCHEME: request.scheme,
+                    semconv.ATTR_USER_AGENT: request.headers.get("User-Agent", "")[:_SPAN_TEXT_LIMIT]})
+            ctx.root_span = span
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
         response: web.StreamResponse | None = None
         try:
             response = await self._handle(request, ctx, handler)
@@ -147,7 +152,8 @@ class Ingress:
             ctx.outcome = "client_disconnect"
             raise
         finally:
-            otel_context.detach(token)
+            if token is not None:
+                otel_context.detach(token)  # type: ignore[arg-type]
             metrics.active[active_key] -= 1
             self._finish(request, ctx, span, base_attributes, response)
 
@@ -313,20 +319,22 @@ class Ingress:
             response.force_close()
         return response
 
-    def _finish(self, request: web.Request, ctx: RequestContext, span: trace.Span,
+    def _finish(self, request: web.Request, ctx: RequestContext, span: trace.Span | None,
                 base_attributes: dict[str, Any], response: web.StreamResponse | None) -> None:
         duration = time.monotonic() - ctx.started
         status = ctx.status or (response.status if response is not None else 499)
         if ctx.outcome == "client_disconnect":
             status = 499
         attributes: dict[str, Any] = {**base_attributes, semconv.ATTR_HTTP_STATUS: status}
-        span.set_attribute(semconv.ATTR_HTTP_STATUS, status)
         if ctx.outcome != "ok":
             attributes[semconv.ATTR_ERROR_TYPE] = ctx.outcome
-            span.set_attribute(semconv.ATTR_ERROR_TYPE, ctx.outcome)
-        if status >= 500 or ctx.outcome not in ("ok",):
-            span.set_status(Status(StatusCode.ERROR, ctx.outcome))
-        span.end()
+        if span is not None:
+            span.set_attribute(semconv.ATTR_HTTP_STATUS, status)
+            if ctx.outcome != "ok":
+                span.set_attribute(semconv.ATTR_ERROR_TYPE, ctx.outcome)
+            if status >= 500 or ctx.outcome != "ok":
+                span.set_status(Status(StatusCode.ERROR, ctx.outcome))
+            span.end()
         metrics = self.telemetry.metrics
         metrics.request_duration.record(duration, attributes)
         if self.telemetry.config.access_log:

@@ -268,23 +268,10 @@ class Usage:
         return max(0, total - spent) / 1e9
 
 
-def _last_int(pattern: re.Pattern[bytes], data: bytes) -> int | None:
-    found = pattern.findall(data)
-    return int(found[-1]) if found else None
-
-
-def _last_str(pattern: re.Pattern[bytes], data: bytes) -> str | None:
-    found = pattern.findall(data)
-    return found[-1].decode("utf-8", "replace") if found else None
-
-
-_P = {name: re.compile(rb'"' + name.encode() + rb'":(\d+)') for name in (
-    "prompt_eval_count", "eval_count", "load_duration", "prompt_eval_duration", "eval_duration",
-    "total_duration",
-    "prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")}
+_COUNTS = re.compile(rb'"(prompt_eval_count|eval_count|load_duration|prompt_eval_duration|eval_duration|'
+                     rb'total_duration|prompt_tokens|completion_tokens|input_tokens|output_tokens)":(\d+)')
 _MODEL = re.compile(rb'"model":"((?:[^"\\]|\\.)*)"')
-_REASONS = (re.compile(rb'"done_reason":"(\w+)"'), re.compile(rb'"finish_reason":"(\w+)"'),
-            re.compile(rb'"stop_reason":"(\w+)"'))
+_REASON = re.compile(rb'"(done_reason|finish_reason|stop_reason)":"(\w+)"')
 
 
 class UsageScanner:
@@ -313,25 +300,28 @@ class UsageScanner:
     def usage(self) -> Usage:
         """What the response reported (fields left None when it did not say)."""
         tail = self._tail
+        # One pass over the tail for every count (the last occurrence of each wins, as in a stream the
+        # final object carries the totals), one for the finish reasons.
+        counts = {name: int(value) for name, value in _COUNTS.findall(tail)}
+        get = counts.get
         usage = Usage(
-            input_tokens=_last_int(_P["prompt_eval_count"], tail),
-            output_tokens=_last_int(_P["eval_count"], tail),
-            load_duration_ns=_last_int(_P["load_duration"], tail),
-            prompt_eval_duration_ns=_last_int(_P["prompt_eval_duration"], tail),
-            eval_duration_ns=_last_int(_P["eval_duration"], tail),
-            total_duration_ns=_last_int(_P["total_duration"], tail),
+            input_tokens=get(b"prompt_eval_count"),
+            output_tokens=get(b"eval_count"),
+            load_duration_ns=get(b"load_duration"),
+            prompt_eval_duration_ns=get(b"prompt_eval_duration"),
+            eval_duration_ns=get(b"eval_duration"),
+            total_duration_ns=get(b"total_duration"),
         )
         if usage.input_tokens is None:
-            usage.input_tokens = (_last_int(_P["prompt_tokens"], tail)
-                                  or _last_int(_P["input_tokens"], tail))
+            usage.input_tokens = get(b"prompt_tokens") or get(b"input_tokens")
         if usage.output_tokens is None:
-            usage.output_tokens = (_last_int(_P["completion_tokens"], tail)
-                                   or _last_int(_P["output_tokens"], tail))
+            usage.output_tokens = get(b"completion_tokens") or get(b"output_tokens")
         model = _MODEL.search(self._head)
         usage.response_model = model.group(1).decode("utf-8", "replace") if model else None
-        for pattern in _REASONS:
-            reason = _last_str(pattern, tail)
+        reasons = dict(_REASON.findall(tail))
+        for name in (b"done_reason", b"finish_reason", b"stop_reason"):
+            reason = reasons.get(name)
             if reason is not None:
-                usage.finish_reason = reason
+                usage.finish_reason = reason.decode("utf-8", "replace")
                 break
         return usage

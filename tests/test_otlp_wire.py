@@ -136,3 +136,16 @@ def test_histograms_bucket_as_the_sdk_does_and_bound_their_series() -> None:
     assert len(points) == CARDINALITY_LIMIT + 1
     overflow = points[(("otel.metric.overflow", True),)]
     assert overflow.count == 6  # the sets beyond the limit, folded into one
+
+
+def test_one_attribute_set_named_in_two_orders_is_one_series() -> None:
+    histograms = HistogramSet(Resource.create({}), InstrumentationScope("scope", "1"))
+    tokens = histograms.histogram("t", "{token}", "tokens", (10.0,))
+    tokens.record(1, {"type": "input", "model": "m"})
+    tokens.record(20, {"model": "m", "type": "input"})
+    data = histograms.merged(None)
+    assert data is not None
+    (point,) = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+    assert point.attributes == {"type": "input", "model": "m"}
+    assert list(point.bucket_counts) == [1, 1] and point.count == 2 and point.sum == 21
+    assert point.min == 1 and point.max == 20

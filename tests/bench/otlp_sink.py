@@ -53,9 +53,7 @@ async def _serve(port_file: Path) -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert server is not None
-    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    port = runner.addresses[0][1]
     partial = port_file.with_suffix(".tmp")
     partial.write_text(str(port))
     os.replace(partial, port_file)

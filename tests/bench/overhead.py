@@ -7,6 +7,8 @@ Two proxy configurations side by side (issue 16), each in front of the same fast
           of every request (sample ratio 1) to a local receiver (tests/bench/otlp_sink.py, its own
           process), the access log on
     bare  no tenant, no tracing, no access log
+and, as the floor, the least an aiohttp reverse proxy does (tests/bench/passthrough.py: read, forward over a
+keep-alive pool, relay).
 Requests come from a lean closed-loop client (tests/bench/loadclient.py) so that the client does not eat
 the CPU the proxy needs: client, proxy, upstream and receiver share this machine's cores, as issue 16's
 figures did. Reported per configuration: added p50/p99 at concurrency 1 (against the direct run),
@@ -59,12 +61,12 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _cpu_s(server: Server) -> float:
+def _cpu_s(server: Server | _Child) -> float:
     times = psutil.Process(server.process.pid).cpu_times()
     return float(times.user + times.system)
 
 
-def _rss(server: Server) -> int:
+def _rss(server: Server | _Child) -> int:
     return int(psutil.Process(server.process.pid).memory_info().rss)
 
 
@@ -110,7 +112,7 @@ def configurations(upstream: str, sink: str, streams: int) -> dict[str, dict[str
     return {"full": full, "bare": bare}
 
 
-async def _unary(direct: _Child, proxy: Server, key: str | None, quick: bool,
+async def _unary(proxy: Server | _Child, key: str | None, quick: bool,
                  direct_c1: list[float]) -> dict[str, float]:
     body = json.dumps(UNARY).encode()
     headers = {"Authorization": f"Bearer {key}"} if key else None
@@ -121,7 +123,7 @@ async def _unary(direct: _Child, proxy: Server, key: str | None, quick: bool,
     cpu_before = _cpu_s(proxy)
     c32, wall = await closed_loop("127.0.0.1", proxy.port, request, total, 32)
     cpu = _cpu_s(proxy) - cpu_before
-    del direct, c32
+    del c32
     return {
         "proxy_p50_ms_c1": _pct(c1, 0.5) * 1e3, "proxy_p99_ms_c1": _pct(c1, 0.99) * 1e3,
         "added_p50_ms_c1": (_pct(c1, 0.5) - _pct(direct_c1, 0.5)) * 1e3,
@@ -131,7 +133,7 @@ async def _unary(direct: _Child, proxy: Server, key: str | None, quick: bool,
     }
 
 
-async def _stream_cpu(proxy: Server, key: str | None, streams: int) -> dict[str, float]:
+async def _stream_cpu(proxy: Server | _Child, key: str | None, streams: int) -> dict[str, float]:
     body = {"model": "llama3.2", "prompt": "stream"}
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     lines = 0
@@ -248,6 +250,7 @@ async def run(quick: bool, streams: int) -> dict[str, Any]:
     sink = _Child("tests.bench.otlp_sink", tmp, "otlp-sink")
     configs = configurations(upstream.url, sink.url, streams)
     proxies: dict[str, Server] = {}
+    floor = _Child("tests.bench.passthrough", tmp, "passthrough", "--upstream", upstream.url)
     try:
         for name, config in configs.items():
             replicas = config.pop("upstreams")
@@ -264,9 +267,10 @@ async def run(quick: bool, streams: int) -> dict[str, Any]:
             "direct": {"p50_ms_c1": _pct(direct_c1, 0.5) * 1e3, "p99_ms_c1": _pct(direct_c1, 0.99) * 1e3,
                        "requests_per_s_c32": total / direct_wall},
         }
-        for name, proxy in proxies.items():
+        servers: dict[str, Server | _Child] = {**proxies, "floor": floor}
+        for name, proxy in servers.items():
             key = CHAIN_KEY if name == "full" else None
-            report[name] = await _unary(upstream, proxy, key, quick, direct_c1)
+            report[name] = await _unary(proxy, key, quick, direct_c1)
             report[name].update(await _stream_cpu(proxy, key, 50 if quick else 200))
             report[name]["rss_mib"] = _rss(proxy) / 2**20
         report["memory"] = await _stream_memory(proxies["full"], CHAIN_KEY,
@@ -278,6 +282,7 @@ async def run(quick: bool, streams: int) -> dict[str, Any]:
     finally:
         for proxy in proxies.values():
             proxy.stop()
+        floor.stop()
         upstream.stop()
         sink.stop()
     report["targets"] = _judge(report)
@@ -295,9 +300,10 @@ def _print(report: dict[str, Any]) -> None:
             ("proxy CPU per request (c=32)", "cpu_us_per_request_c32", "{:.0f} us"),
             ("proxy CPU per streamed chunk", "cpu_us_per_chunk", "{:.1f} us"),
             ("RSS after the runs", "rss_mib", "{:.0f} MiB")]
-    print(f"{'':<32}{'full chain + tracing':>24}{'bare':>16}")
+    print(f"{'':<32}{'full chain + tracing':>24}{'bare':>16}{'aiohttp floor':>16}")
     for label, key, fmt in rows:
-        print(f"{label:<32}{fmt.format(report['full'][key]):>24}{fmt.format(report['bare'][key]):>16}")
+        print(f"{label:<32}{fmt.format(report['full'][key]):>24}{fmt.format(report['bare'][key]):>16}"
+              f"{fmt.format(report['floor'][key]):>16}")
     m = report["memory"]
     print(f"memory (full chain): {m['streams']:.0f} of {m['attempted']:.0f} streams open at once "
           f"({m['failures']:.0f} failed), {m['kib_per_stream']:.1f} KiB RSS per stream, "
