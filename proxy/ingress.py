@@ -240,34 +240,31 @@ class Ingress:
                 raise
             return self._render(request, ctx, InternalProxyError("internal proxy error"))
 
-    async def _proceed(self, request: web.Request, ctx: RequestContext,
-                       handler: Handler) -> web.StreamResponse:
-        if not ctx.route.streams_body_upload and request.body_exists:
-            ctx.body = await self._read_body(request)
-        return await handler(request)
-
     async def _call(self, request: web.Request, ctx: RequestContext,
                     handler: Handler) -> web.StreamResponse:
         """Body and chain, registered with the stop sequence: at the end of the grace period a request
         that has not started its response gets 503 `shutting_down` (streams are ended by the
-        forwarder)."""
+        forwarder). One frame for both: every frame of the request's await chain is walked at each
+        resumption."""
         stop = self.stop
-        if stop is None:
-            return await self._proceed(request, ctx, handler)
         key = ctx.request_id
         task = asyncio.current_task()
         assert task is not None
-        stop.enter(key, task)
+        if stop is not None:
+            stop.enter(key, task)
         try:
-            return await self._proceed(request, ctx, handler)
+            if not ctx.route.streams_body_upload and request.body_exists:
+                ctx.body = await self._read_body(request)
+            return await handler(request)
         except asyncio.CancelledError:
             # Ours (the stop sequence's) and nobody else's: then it becomes a response, not a cancel.
-            if not stop.ending(key) or task.uncancel() > 0:
+            if stop is None or not stop.ending(key) or task.uncancel() > 0:
                 raise
             raise ShuttingDown("the proxy is shutting down; retry on another instance or shortly",
                                retry_after_s=1.0) from None
         finally:
-            stop.leave(key)
+            if stop is not None:
+                stop.leave(key)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, refusing with 413 as soon as it is known to be too large and with 408 when

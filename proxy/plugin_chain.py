@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -57,23 +57,30 @@ class PluginChain:
         """The aiohttp middleware of `slot`: the slot's plugins as they are when a request enters."""
 
         @web.middleware
-        async def run(request: web.Request, handler: Handler) -> web.StreamResponse:
+        def run(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+            # Not a coroutine itself: an empty slot hands back the next handler's coroutine, so the
+            # request's await chain (walked at every resumption) has no frame for it.
             steps = self._by_slot[slot]
             if not steps:
-                return await handler(request)
-            # Counted in every plugin of the slot from here on, not as each is reached: a reload must
-            # not stop a later plugin of the slot while this request is still in an earlier one.
-            for step in steps:
-                step.enter()
-            try:
-                for step in reversed(steps):
-                    handler = functools.partial(step.middleware, handler=handler)
-                return await handler(request)
-            finally:
-                for step in steps:
-                    step.leave()
+                return handler(request)
+            return self._run(steps, request, handler)
 
         return run  # type: ignore[return-value]
+
+    @staticmethod
+    async def _run(steps: Sequence[PluginStep], request: web.Request,
+                   handler: Handler) -> web.StreamResponse:
+        # Counted in every plugin of the slot from here on, not as each is reached: a reload must
+        # not stop a later plugin of the slot while this request is still in an earlier one.
+        for step in steps:
+            step.enter()
+        try:
+            for step in reversed(steps):
+                handler = functools.partial(step.middleware, handler=handler)
+            return await handler(request)
+        finally:
+            for step in steps:
+                step.leave()
 
     def find(self, name: str) -> Plugin | None:
         """The first configured plugin called `name`, if any."""
