@@ -12,6 +12,7 @@ from middlewares.balancer import BalancerStep
 from middlewares.health import HealthStep
 from middlewares.limits import LimitsStep
 from middlewares.quotas import QuotasStep
+from middlewares.shared_admission import SharedAdmission
 
 from .access import TenantDirectory
 from .chain import FORWARD_ROUTE, Step, build_chain
@@ -57,6 +58,20 @@ def build_state(config: Config, telemetry: Telemetry | None = None) -> StateBack
     return MemoryState()
 
 
+def _shared_admission(config: Config, state: StateBackend) -> SharedAdmission | None:
+    """With Redis state, the replicas' slots and the fair queue's counters are shared by every proxy
+    process that points at it (middlewares/shared_admission.py)."""
+    from .state.failover import FailoverState
+
+    if not isinstance(state, FailoverState):
+        return None
+    from .state.leases import SharedSlots
+
+    slots = SharedSlots(state, config.state.url, config.state.key_prefix, config.state.lease_ttl_s,
+                        connect_timeout_s=config.state.socket_timeout_s)
+    return SharedAdmission(slots)
+
+
 def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None = None,
               load: Callable[[], Config] | None = None) -> web.Application:
     """The proxy application: ingress, the chain, the proxy's own routes, and the forwarder.
@@ -88,11 +103,12 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
     placement = Placement(config.chain.balancer, upstreams)  # shared: backpressure binds, balancer reports
     balancer = BalancerStep(config.chain.balancer, upstreams, fleet_health, fanout, telemetry, placement)
     limits = LimitsStep(config.chain.limits, config.models, tokenizers, telemetry, upstreams)
+    shared = _shared_admission(config, state)
     steps: dict[str, Step] = {
         "limits": limits,
         "quotas": QuotasStep(config.chain.quotas, state, telemetry),
         "backpressure": BackpressureStep(config.chain.backpressure, upstreams, telemetry,
-                                         placement=placement),
+                                         placement=placement, shared=shared),
         "health": health,
         "balancer": balancer,
     }
@@ -127,6 +143,16 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
         await state.close()
 
     app.cleanup_ctx.append(state_lifecycle)
+    if shared is not None:
+        slots = shared.slots
+
+        async def slots_lifecycle(app: web.Application) -> AsyncIterator[None]:
+            del app
+            await slots.start()
+            yield
+            await slots.close()
+
+        app.cleanup_ctx.append(slots_lifecycle)
 
     subrequests.bind_session(lambda: fleet.control_session)
     app.cleanup_ctx.append(plugins.lifecycle)
