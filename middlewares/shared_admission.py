@@ -109,19 +109,15 @@ class SharedAdmission:
             async with asyncio.timeout(budget):
                 granted = await ticket.future
         except TimeoutError:
-            await slots.leave(ticket)
+            if not self._give_back(ticket):
+                await slots.leave(ticket)
             gate.rejections["queue_timeout"] += 1
             step.decide(ctx, span, "queue_timeout", QueueTimeout(
                 f"no slot for {gate.model} within {budget:.0f}s (waiting for "
                 f"{'a model load' if cold else 'a slot'})", retry_after_s=gate.retry_after_s()))
             raise AssertionError("unreachable") from None  # decide raised in enforce mode
         except asyncio.CancelledError:
-            future = ticket.future
-            if future.done() and not future.cancelled() and future.exception() is None:
-                # Granted just as the client left: give it back with the charge.
-                slots.granted(ticket, future.result())
-                ticket.release(-ticket.cost)
-            else:
+            if not self._give_back(ticket):
                 slots.spawn(slots.leave(ticket))
             raise
         except StateDown:
@@ -129,8 +125,19 @@ class SharedAdmission:
             raise
         finally:
             self.local_waiting[gate.model] -= 1
+        slots.counts["granted_queued"] += 1
         step.decide(ctx, span, "queued")
         return granted
+
+    @staticmethod
+    def _give_back(ticket: Ticket) -> bool:
+        """The wait ended without the request taking its slot: if the grant came just then (its
+        waiter had not resumed yet), release it with the tenant's charge; whether it had come."""
+        future = ticket.future
+        if future is None or not future.done() or future.cancelled() or future.exception() is not None:
+            return False
+        ticket.release(-ticket.cost)
+        return True
 
     def finish(self, gate: ModelGate, replica: Upstream, ticket: Ticket, delta_cost: float) -> None:
         """The request ended (any way, after `gate.release`): release its lease, settle the tenant's

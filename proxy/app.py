@@ -73,19 +73,22 @@ def _shared_admission(config: Config, state: StateBackend) -> SharedAdmission | 
 
 
 def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None = None,
-              load: Callable[[], Config] | None = None) -> web.Application:
+              load: Callable[[], Config] | None = None,
+              internal_secret: str | None = None) -> web.Application:
     """The proxy application: ingress, the chain, the proxy's own routes, and the forwarder.
 
     aiohttp's own body limit is lifted (ingress enforces `server.max_body_bytes` itself, with a 413 that
     does not read the rest, and blob uploads stream through). `config_path` and `load` (which reads that
     file again with the same overrides) make it reloadable: `app[RELOADER]`, proxy/reload.py.
+    `internal_secret`: the plugin sub-request secret shared by the workers of `serve --workers N`
+    (default: a random one of this process).
     """
     upstreams = UpstreamSet.from_config(config.upstreams, config.models)
     stop = GracefulStop()
     fleet = FleetClient(upstreams, config.forwarding)
     forwarder = Forwarder(upstreams, config.forwarding, telemetry, fleet,
                           body_timeout_s=config.server.body_timeout_s, stop=stop)
-    subrequests = Subrequests()
+    subrequests = Subrequests(internal_secret)
     directory = TenantDirectory(config.tenants, config.anonymous, config.admin.keys,
                                 metrics_need_admin=config.telemetry.metrics_need_admin,
                                 internal=subrequests.parse)

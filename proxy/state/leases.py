@@ -245,7 +245,10 @@ local missing = {}
 for i = 5, #ARGV, 2 do
   local tk, r = ARGV[i], ARGV[i + 1]
   if r ~= '' then
-    hold(tk, r)
+    if redis.call('ZADD', lease_key(r), 'XX', 'CH', now + ttl, tk) == 0 then
+      table.insert(missing, tk)
+    end
+    redis.call('PEXPIRE', lease_key(r), ttl * 2)
   elseif redis.call('ZSCORE', EXP, tk) then
     redis.call('ZADD', EXP, now + ttl, tk)
   else
@@ -253,6 +256,11 @@ for i = 5, #ARGV, 2 do
   end
 end
 return missing
+"""
+
+_RESTORE = _PREAMBLE + """
+for i = 5, #ARGV, 2 do hold(ARGV[i], ARGV[i + 1]) end
+return 1
 """
 
 _LEARNED = """
@@ -349,6 +357,7 @@ class SharedSlots:
         self._leave = client.register_script(_LEAVE)
         self._move = client.register_script(_MOVE)
         self._renew = client.register_script(_RENEW)
+        self._restore = client.register_script(_RESTORE)
         self._learned = client.register_script(_LEARNED)
         self.waiting: dict[str, Ticket] = {}
         """Tickets of this process queued in Redis, by id."""
@@ -413,6 +422,9 @@ class SharedSlots:
     def _deliver(self, grant: Grant) -> None:
         ticket = self.waiting.pop(grant.ticket, None)
         if ticket is not None and ticket.future is not None and not ticket.future.done():
+            # Held from now on, before its waiter resumes: a second delivery of the same grant (the
+            # message and the tick's claim) must find it held, not release it as an orphan.
+            self.granted(ticket, grant)
             ticket.future.set_result(grant)
             return
         if grant.ticket in self.held:
@@ -602,12 +614,22 @@ class SharedSlots:
         for base, pairs in by_base.items():
             missing = await self._call("slots_renew", partial(
                 self._renew, keys=[base], args=self._args(*pairs)))
-            for ticket_id in missing:
+            restore: list[str] = []
+            for ticket_id in map(str, missing):
                 # Its queue entry expired (Redis restarted empty, or was down past the TTL): the
                 # waiter takes the failure path (this process's own gate).
-                lost = self.waiting.get(str(ticket_id))
+                lost = self.waiting.get(ticket_id)
                 if lost is not None and lost.future is not None and not lost.future.done():
                     lost.future.set_exception(StateDown("ticket lost"))
+                # A lease Redis lost (restarted, or expired while it was down) or never had (admitted
+                # here while it was down), still running: added again, since it is in flight. Only
+                # those still held now: one released during the renewal must not come back.
+                held = self.held.get(ticket_id)
+                if held is not None and held.replica is not None:
+                    restore += [ticket_id, held.replica]
+            if restore:
+                await self._call("slots_restore", partial(
+                    self._restore, keys=[base], args=self._args(*restore)))
 
     def snapshot(self) -> dict[str, Any]:
         """For /system/queue: tickets waiting and held here, and the grant hand-off latency."""
