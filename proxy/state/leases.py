@@ -186,6 +186,19 @@ prune()
 local tk = ARGV[5]
 if tk ~= '' then
   local d = cjson.decode(ARGV[6])
+  if redis.call('ZCARD', lane_key('interactive')) == 0 and redis.call('ZCARD', lane_key('bulk')) == 0 then
+    -- Nobody waits: a free slot is taken at once, without queueing the ticket (the common case).
+    local r, h = free_replica(d.c, d.L)
+    if r ~= nil then
+      lift(d.t)
+      hold(tk, r)
+      charge(d.t, d.s)
+      redis.call('HSET', META, 'last', d.t)
+      redis.call('HINCRBY', META, 'n', 1)
+      redis.call('PEXPIRE', META, IDLE)
+      return {{tk, r, h + 1, now, d.t, tostring(d.s)}}
+    end
+  end
   local q = queue_key(d.l, d.t)
   if redis.call('ZCARD', q) == 0 then lift(d.t) end
   redis.call('ZADD', q, redis.call('INCR', base .. ':seq'), tk)
