@@ -49,9 +49,8 @@ from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import Upstream, UpstreamSet
 
 if TYPE_CHECKING:  # only with state.backend redis
+    from proxy.shared_admission import SharedAdmission
     from proxy.state.leases import Ticket
-
-    from .shared_admission import SharedAdmission
 
 __all__ = ["BackpressureConfig", "BackpressureStep", "ModelGate", "SlotLease"]
 
@@ -468,7 +467,7 @@ class BackpressureStep(Step):
         super().__init__(config.mode, telemetry, config.rollout)
         self.config = config
         self.shared = shared
-        """Admission through Redis, shared by proxy processes (middlewares/shared_admission.py)."""
+        """Admission through Redis, shared by proxy processes (proxy/shared_admission.py)."""
         self.fleet = upstreams
         self.placement = placement
         self.gates: dict[str, ModelGate] = {}

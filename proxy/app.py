@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -12,7 +12,6 @@ from middlewares.balancer import BalancerStep
 from middlewares.health import HealthStep
 from middlewares.limits import LimitsStep
 from middlewares.quotas import QuotasStep
-from middlewares.shared_admission import SharedAdmission
 
 from .access import TenantDirectory
 from .chain import FORWARD_ROUTE, Step, build_chain
@@ -33,6 +32,9 @@ from .system import add_system_routes
 from .telemetry.setup import Telemetry
 from .tokens import TokenizerRegistry
 from .upstreams import UpstreamSet
+
+if TYPE_CHECKING:  # imported (with redis) only when the state is in Redis
+    from .shared_admission import SharedAdmission
 
 __all__ = ["RELOADER", "build_app", "build_state"]
 
@@ -60,11 +62,12 @@ def build_state(config: Config, telemetry: Telemetry | None = None) -> StateBack
 
 def _shared_admission(config: Config, state: StateBackend) -> SharedAdmission | None:
     """With Redis state, the replicas' slots and the fair queue's counters are shared by every proxy
-    process that points at it (middlewares/shared_admission.py)."""
+    process that points at it (proxy/shared_admission.py)."""
     from .state.failover import FailoverState
 
     if not isinstance(state, FailoverState):
         return None
+    from .shared_admission import SharedAdmission
     from .state.leases import SharedSlots
 
     slots = SharedSlots(state, config.state.url, config.state.key_prefix, config.state.lease_ttl_s,

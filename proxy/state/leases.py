@@ -1,7 +1,7 @@
 """Slot admission shared by proxy processes through Redis: per (replica, model) slot leases with expiry,
 and one fair queue per model whose tenant counters (VTC) all processes share.
 
-Used by the backpressure step when `state.backend: redis` (middlewares/shared_admission.py decides what
+Used by the backpressure step when `state.backend: redis` (proxy/shared_admission.py decides what
 the outcomes mean for a request; this module only keeps the shared books). Invariants:
 - Slots: a lease is a member of the sorted set `<base>:lease:<replica>` scored by its expiry (Redis'
   own clock, ms). A lease is only ever added by a Lua script that first drops the expired members and

@@ -31,7 +31,7 @@ from proxy.state.leases import Grant, SharedSlots, StateDown, Ticket
 from proxy.upstreams import Upstream
 
 if TYPE_CHECKING:
-    from .backpressure import BackpressureStep, ModelGate
+    from middlewares.backpressure import BackpressureStep, ModelGate
 
 __all__ = ["SharedAdmission"]
 
