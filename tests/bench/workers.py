@@ -6,8 +6,9 @@ single-process path), 1 worker with Redis (slots, fair queue and quotas shared t
 with Redis (`serve --workers 2`, SO_REUSEPORT). For each: `CONCURRENCY` closed-loop clients, each on its
 own keep-alive connection (the kernel spreads connections, not requests, over the workers), send unary
 `/api/generate` requests for `WARMUP_S`, then requests/s is measured over `MEASURE_S`. Printed with the
-ratios to the first, and written as JSON beside this file. The client runs in this process with uvloop:
-on a 2-core machine it competes with the workers, so the figures are a floor for what 2 workers give.
+ratios to the first, and written as JSON to tests/bench/results/workers.json. The client runs in this
+process with uvloop: on a 2-core machine it competes with the workers, so the figures are a floor for
+what 2 workers give.
 
 Loopback only, bounded (three runs of WARMUP_S + MEASURE_S, 30 s client timeout per request), ends by
 itself.
@@ -33,7 +34,7 @@ CONCURRENCY = 32
 WARMUP_S = 3.0
 MEASURE_S = 10.0
 BODY = {"model": "llama3.2", "prompt": "hello", "stream": False, "options": {"num_predict": 8}}
-OUT = Path(__file__).with_name("workers.json")
+OUT = Path(__file__).parent / "results" / "workers.json"
 
 
 def _proxy(tmp: Path, name: str, emulator: Server, workers: int, state: dict[str, Any]) -> Server:
@@ -108,6 +109,7 @@ def main() -> None:
         "2 workers redis / 1 worker redis": round(runs["2 workers, redis"]["requests_per_s"] / redis_one,
                                                   2)}
     print(json.dumps(results, indent=2))
+    OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
 
 
