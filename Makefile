@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REAL_STAMP := $(VENV)/.installed-real
 
-.PHONY: venv venv-real demo test lint typecheck unit bench bench-burst bench-embed bench-failover calibrate nginx system node clean deploy-check
+.PHONY: venv venv-real demo test lint typecheck unit bench bench-burst bench-embed bench-failover bench-workers calibrate nginx system node clean deploy-check
 
 # System packages (Debian/Ubuntu names). `make system` installs the missing ones when run as root and
 # otherwise names them and stops; `make test` checks them first, so a missing one is one clear line, not
@@ -101,6 +101,10 @@ bench-embed: venv-real
 
 bench-failover: venv
 	$(BIN)/python -m tests.bench.failover
+
+# serve --workers 2 against 1 worker (memory and Redis state), c=32 unary requests (< 2 min).
+bench-workers: venv
+	$(BIN)/python -m tests.bench.workers
 
 calibrate: venv-real
 	$(BIN)/python -m tests.bench.calibrate

@@ -30,7 +30,7 @@ import math
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 from aiohttp import web
@@ -47,6 +47,10 @@ from proxy.schema import Mode, RolloutConfig, positive, ratio
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import Upstream, UpstreamSet
+
+if TYPE_CHECKING:  # only with state.backend redis
+    from proxy.shared_admission import SharedAdmission
+    from proxy.state.leases import Ticket
 
 __all__ = ["BackpressureConfig", "BackpressureStep", "ModelGate", "SlotLease"]
 
@@ -434,6 +438,8 @@ class SlotLease:
         self.granted_at = time.monotonic()
         """When it got the slot (it is sent right after): where its span on the replica begins."""
         self.finished = False
+        self.ticket: Ticket | None = None
+        """The shared lease (state.backend redis) that moves and is released with this slot."""
         gate.running[replica.name].add(self)
 
     def retry_after_s(self) -> float:
@@ -447,6 +453,8 @@ class SlotLease:
             self.level = self.gate.in_flight[upstream.name]
             self.granted_at = time.monotonic()
             self.gate.running[upstream.name].add(self)
+            if self.ticket is not None:
+                self.ticket.move(upstream.name)
 
 
 class BackpressureStep(Step):
@@ -455,9 +463,11 @@ class BackpressureStep(Step):
     name = "backpressure"
 
     def __init__(self, config: BackpressureConfig, upstreams: UpstreamSet, telemetry: Telemetry,
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None, shared: SharedAdmission | None = None) -> None:
         super().__init__(config.mode, telemetry, config.rollout)
         self.config = config
+        self.shared = shared
+        """Admission through Redis, shared by proxy processes (proxy/shared_admission.py)."""
         self.fleet = upstreams
         self.placement = placement
         self.gates: dict[str, ModelGate] = {}
@@ -569,9 +579,14 @@ class BackpressureStep(Step):
         lane = "bulk" if tenant.lane == "bulk" or ctx.route.operation == "embeddings" else "interactive"
         cost = self._cost(request, ctx)
         entered = time.monotonic()
+        shared = self.shared
+        ticket = None
         with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model, self.telemetry.names.lane: lane}) as span:
-            replica = await self._admit(request, ctx, gate, span, tenant.name, tenant.weight,
-                                        lane, cost)
+            if shared is None:
+                replica = await self._admit(request, ctx, gate, span, tenant.name, tenant.weight,
+                                            lane, cost)
+            else:
+                replica, ticket = await shared.admit(self, request, ctx, gate, span, lane, cost)
         if replica is None:  # no replica may serve the model: health answers
             return await handler(request)
         waited = time.monotonic() - entered
@@ -580,6 +595,9 @@ class BackpressureStep(Step):
                                             self.telemetry.names.lane: lane})
         ctx.response_headers["X-Queue-Wait-Ms"] = str(round(waited * 1000))
         lease = SlotLease(gate, replica)
+        if ticket is not None:
+            lease.ticket = ticket
+            lease.level = max(lease.level, ticket.holders)  # the fleet's holders, not this process's
         ctx.admission.replica = replica
         ctx.admission.slot = lease
         started = time.monotonic()
@@ -598,9 +616,11 @@ class BackpressureStep(Step):
                     actual = (usage.input_tokens or 0) + (usage.output_tokens or 0)
             elif ctx.exchange.first_byte_at is None:
                 actual = 0  # nothing was served: the charge comes back
-            if actual is not None:
+            if actual is not None and (ticket is None or ticket.local):
                 gate.queue.reconcile(tenant.name, tenant.weight, actual - cost)
             gate.release(replica, time.monotonic() - started, per_token, lease, usage)
+            if shared is not None and ticket is not None:
+                shared.finish(gate, replica, ticket, actual - cost if actual is not None else 0.0)
 
     async def _admit(self, request: web.Request, ctx: RequestContext, gate: ModelGate, span: Any,
                      tenant: str, weight: float, lane: str, cost: float) -> Upstream | None:

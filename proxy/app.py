@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -33,6 +33,9 @@ from .telemetry.setup import Telemetry
 from .tokens import TokenizerRegistry
 from .upstreams import UpstreamSet
 
+if TYPE_CHECKING:  # imported (with redis) only when the state is in Redis
+    from .shared_admission import SharedAdmission
+
 __all__ = ["RELOADER", "build_app", "build_state"]
 
 RELOADER = web.AppKey("reloader", Reloader)
@@ -57,20 +60,38 @@ def build_state(config: Config, telemetry: Telemetry | None = None) -> StateBack
     return MemoryState()
 
 
+def _shared_admission(config: Config, state: StateBackend) -> SharedAdmission | None:
+    """With Redis state, the replicas' slots and the fair queue's counters are shared by every proxy
+    process that points at it (proxy/shared_admission.py)."""
+    from .state.failover import FailoverState
+
+    if not isinstance(state, FailoverState):
+        return None
+    from .shared_admission import SharedAdmission
+    from .state.leases import SharedSlots
+
+    slots = SharedSlots(state, config.state.url, config.state.key_prefix, config.state.lease_ttl_s,
+                        connect_timeout_s=config.state.socket_timeout_s)
+    return SharedAdmission(slots)
+
+
 def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None = None,
-              load: Callable[[], Config] | None = None) -> web.Application:
+              load: Callable[[], Config] | None = None,
+              internal_secret: str | None = None) -> web.Application:
     """The proxy application: ingress, the chain, the proxy's own routes, and the forwarder.
 
     aiohttp's own body limit is lifted (ingress enforces `server.max_body_bytes` itself, with a 413 that
     does not read the rest, and blob uploads stream through). `config_path` and `load` (which reads that
     file again with the same overrides) make it reloadable: `app[RELOADER]`, proxy/reload.py.
+    `internal_secret`: the plugin sub-request secret shared by the workers of `serve --workers N`
+    (default: a random one of this process).
     """
     upstreams = UpstreamSet.from_config(config.upstreams, config.models)
     stop = GracefulStop()
     fleet = FleetClient(upstreams, config.forwarding)
     forwarder = Forwarder(upstreams, config.forwarding, telemetry, fleet,
                           body_timeout_s=config.server.body_timeout_s, stop=stop)
-    subrequests = Subrequests()
+    subrequests = Subrequests(internal_secret)
     directory = TenantDirectory(config.tenants, config.anonymous, config.admin.keys,
                                 metrics_need_admin=config.telemetry.metrics_need_admin,
                                 internal=subrequests.parse)
@@ -88,11 +109,12 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
     placement = Placement(config.chain.balancer, upstreams)  # shared: backpressure binds, balancer reports
     balancer = BalancerStep(config.chain.balancer, upstreams, fleet_health, fanout, telemetry, placement)
     limits = LimitsStep(config.chain.limits, config.models, tokenizers, telemetry, upstreams)
+    shared = _shared_admission(config, state)
     steps: dict[str, Step] = {
         "limits": limits,
         "quotas": QuotasStep(config.chain.quotas, state, telemetry),
         "backpressure": BackpressureStep(config.chain.backpressure, upstreams, telemetry,
-                                         placement=placement),
+                                         placement=placement, shared=shared),
         "health": health,
         "balancer": balancer,
     }
@@ -127,6 +149,16 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
         await state.close()
 
     app.cleanup_ctx.append(state_lifecycle)
+    if shared is not None:
+        slots = shared.slots
+
+        async def slots_lifecycle(app: web.Application) -> AsyncIterator[None]:
+            del app
+            await slots.start()
+            yield
+            await slots.close()
+
+        app.cleanup_ctx.append(slots_lifecycle)
 
     subrequests.bind_session(lambda: fleet.control_session)
     app.cleanup_ctx.append(plugins.lifecycle)

@@ -31,9 +31,32 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         uvloop.run(coro)
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, role: str | None = None) -> None:
+    """Log to stderr; `role` (`worker 2`, `supervisor`) tags every line of `serve --workers N`."""
+    tag = f"[{role}] " if role else ""
+    logging.root.handlers.clear()
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+                        format=f"%(asctime)s %(levelname)s %(name)s {tag}%(message)s", stream=sys.stderr)
+
+
+def _supervise(args: argparse.Namespace, config: Config) -> int:
+    """`serve --workers N` (N > 1): the supervisor of proxy/supervisor.py."""
+    from .supervisor import Supervisor
+
+    if config.state.backend != "redis":
+        print("shared-ollama-proxy: serve --workers N (N > 1) needs state.backend: redis: the workers "
+              "must share the replicas' slots, the fair queue and the quotas, or each would admit a "
+              "replica's slots on its own (see docs/OPERATIONS.md, Several processes)", file=sys.stderr)
+        return 2
+    _configure_logging(args.log_level, "supervisor")
+    host, port = parse_listen(config.server.listen)
+    serve_args: list[str] = []
+    if args.config:
+        serve_args += ["--config", args.config]
+    for url in args.upstream or []:
+        serve_args += ["--upstream", url]
+    return Supervisor(serve_args, args.workers, host, port, log_level=args.log_level,
+                      port_file=args.port_file, grace_s=config.server.shutdown_timeout_s).run()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -64,6 +87,18 @@ def _serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"shared-ollama-proxy: {exc}", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print("shared-ollama-proxy: --workers must be at least 1", file=sys.stderr)
+        return 2
+    worker = args.worker_index is not None
+    if args.workers > 1 and not worker:
+        return _supervise(args, config)
+    secret = None
+    if worker:
+        from .supervisor import read_secret
+
+        _configure_logging(args.log_level, f"worker {args.worker_index}")
+        secret = read_secret(args.worker_secret_fd) if args.worker_secret_fd is not None else None
     host, port = parse_listen(config.server.listen)
 
     server = config.server
@@ -81,12 +116,12 @@ def _serve(args: argparse.Namespace) -> int:
         # stopping), Python's default would end the process: ignore it meanwhile.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         telemetry = build_telemetry(config.telemetry)
-        app = build_app(config, telemetry, config_path=args.config, load=load)
+        app = build_app(config, telemetry, config_path=args.config, load=load, internal_secret=secret)
         runner = await start_site(app, host, port, backlog=server.backlog,
                                   header_timeout_s=server.header_timeout_s,
                                   keepalive_timeout_s=server.keepalive_timeout_s,
                                   max_header_bytes=server.max_header_bytes,
-                                  max_connections=max_connections)
+                                  max_connections=max_connections, reuse_port=worker)
         actual = bound_port(runner)
         if args.port_file:
             write_port_file(args.port_file, actual)
@@ -236,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "--listen or server.listen, the port the system chose")
     serve.add_argument("--upstream", action="append", metavar="URL",
                        help="an Ollama replica URL; repeat for several (default http://127.0.0.1:11434)")
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="worker processes sharing the port (SO_REUSEPORT) under a supervisor that "
+                            "forwards SIGTERM/SIGHUP and restarts a worker that dies; N > 1 needs "
+                            "state.backend: redis (default 1: this process serves)")
+    # Set by the supervisor for its workers only.
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-secret-fd", type=int, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     emulate = commands.add_parser("emulate", help="run an emulated Ollama daemon (tests, demos, benches)")

@@ -113,11 +113,13 @@ class Subrequests:
 
     They go to the proxy's own listening address over loopback HTTP, carrying `X-SOP-Internal:
     <secret> <tenant>`: ingress maps that to the tenant (quotas, lanes and the queue apply) and marks the
-    request so that plugins skip it (no recursion). The secret is random per process and never leaves it.
+    request so that plugins skip it (no recursion). The secret is random per process and never leaves it,
+    except to the other workers of one `serve --workers N` (the kernel may hand a sub-request to any of
+    them): their supervisor draws it and gives it to each through a pipe (`secret`).
     """
 
-    def __init__(self) -> None:
-        self.secret = secrets.token_urlsafe(24)
+    def __init__(self, secret: str | None = None) -> None:
+        self.secret = secret or secrets.token_urlsafe(24)
         self.base_url: str | None = None
         """Where this proxy listens, learnt from the first request it serves (the port may have been
         chosen by the OS, and the listening address may be a wildcard)."""

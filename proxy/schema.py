@@ -324,3 +324,7 @@ class StateConfig:
     """Connections to Redis per proxy process; a burst beyond waits for one (up to socket_timeout_s)."""
     retry_interval_s: float = attrs.field(default=1.0, validator=positive)
     """After a failure, Redis is not tried again for this long (calls use the failure mode meanwhile)."""
+    lease_ttl_s: float = attrs.field(default=15.0, validator=positive)
+    """Replica slot leases and queued tickets shared through Redis (backpressure) expire this long after
+    their last renewal (renewed every third of it while held): a dead proxy process's slots return
+    after at most this long."""

@@ -292,8 +292,11 @@ class ProxyRunner(web.AppRunner):
 
 async def start_site(app: web.Application, host: str, port: int, *, backlog: int = 2048,
                      header_timeout_s: float = 10.0, keepalive_timeout_s: float = 75.0,
-                     max_header_bytes: int = 64 * 1024, max_connections: int = 8192) -> ProxyRunner:
+                     max_header_bytes: int = 64 * 1024, max_connections: int = 8192,
+                     reuse_port: bool = False) -> ProxyRunner:
     """Start serving `app` on host:port; stop it with `run_until_signalled` (or `runner.cleanup()`).
+    `reuse_port`: SO_REUSEPORT, so that the workers of `serve --workers N` share the port (the kernel
+    spreads connections over them).
 
     aiohttp's per-line caps are set to the head cap (a longer line is a 431 from `EdgeHandler`), and its
     own shutdown wait is short (a last resort): `run_until_signalled` has drained by the time it runs."""
@@ -303,7 +306,8 @@ async def start_site(app: web.Application, host: str, port: int, *, backlog: int
                          max_field_size=max_header_bytes, max_line_size=min(max_header_bytes, 16384),
                          lingering_time=_LINGER_S)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=True)
+    site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=True,
+                       reuse_port=reuse_port or None)
     await site.start()
     return runner
 

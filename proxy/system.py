@@ -4,6 +4,8 @@ configured; see proxy/access.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -73,7 +75,11 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
         own = None if identity is None or identity.admin or directory.open_mode \
             else identity.tenant.name
         snapshot = step.snapshot(own) if step is not None and hasattr(step, "snapshot") else {}
-        return web.json_response({"models": snapshot})
+        body: dict[str, Any] = {"models": snapshot}
+        shared = getattr(step, "shared", None)
+        if shared is not None and own is None:  # slots shared through Redis (several processes)
+            body["shared"] = shared.slots.snapshot()
+        return web.json_response(body)
 
     async def config(request: web.Request) -> web.Response:
         """The configuration being served (secrets redacted), its version, the last reload (with the

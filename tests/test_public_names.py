@@ -92,7 +92,7 @@ chain.health.restart_min_interval_s chain.health.restart_timeout_s chain.health.
 chain.balancer.mode chain.balancer.affinity chain.balancer.affinity_prefix_bytes chain.balancer.cold_load_s
 chain.balancer.max_retries chain.balancer.retry_budget_ratio chain.balancer.min_retry_concurrency
 state.backend state.url state.key_prefix state.failure_mode state.socket_timeout_s state.max_connections
-state.retry_interval_s
+state.retry_interval_s state.lease_ttl_s
 telemetry.service_name telemetry.otlp_endpoint telemetry.otlp_protocol telemetry.sample_ratio
 telemetry.metric_prefix telemetry.export_interval_s telemetry.access_log telemetry.metrics_auth
 plugins

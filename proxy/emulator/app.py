@@ -201,7 +201,7 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
         totals = {key: sum(s[key] for s in per_model.values())
                   for key in ("active", "waiting", "completed", "cancelled", "rejected")}
         scheduler = engine.scheduler
-        return web.json_response({**totals, "models": per_model,
+        return web.json_response({**totals, "peak": engine.peak, "models": per_model,
                                   "loaded": sorted(scheduler.runners), "loading": scheduler.loading,
                                   "loads": scheduler.loads, "faults": faults.as_dict(),
                                   "requests": dict(calls),

@@ -69,6 +69,8 @@ class ModelStats:
     completed: int = 0
     cancelled: int = 0
     rejected: int = 0
+    peak: int = 0
+    """The most requests for the model inside the daemon at once (waiting for a slot or running)."""
 
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)
@@ -106,6 +108,10 @@ class Engine:
             max_loaded_models=settings.max_loaded_models,
             default_keep_alive_ns=int(settings.keep_alive_s * 1e9))
         self.stats: dict[str, ModelStats] = {}
+        self.inside = 0
+        """Requests inside the daemon now, all models (waiting for a slot or running)."""
+        self.peak = 0
+        """The most requests that were inside the daemon at once (a proxy's slot limit shows here)."""
         self._word_ids = [
             i for i in range(vocabulary.size)
             if vocabulary.is_normal(i) and vocabulary.piece(i).startswith(" ")
@@ -240,6 +246,9 @@ class Engine:
         """
         stats = self.stats_for(entry.name)
         stats.waiting += 1
+        stats.peak = max(stats.peak, stats.waiting + stats.active)
+        self.inside += 1
+        self.peak = max(self.peak, self.inside)
         state = "waiting"
         runner: Runner | None = None
         try:
@@ -307,6 +316,7 @@ class Engine:
             result.eval_duration = int((modelled_decode_s or limit / _NOMINAL_DECODE_TPS) * 1e9)
 
     def _settle(self, stats: ModelStats, state: str, runner: Runner | None) -> None:
+        self.inside -= 1
         if state in ("waiting", "rejected"):
             stats.waiting -= 1
         elif state in ("active", "completed"):

@@ -117,6 +117,18 @@ class FailoverState(StateBackend):
         with contextlib.suppress(_Down):
             await self._remote("probe", self.remote.probe)
 
+    async def call_remote(self, operation: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """Run `call` (a Redis call of another module: shared slot leases, state/leases.py) through
+        the breaker: its result, or None when the circuit is open or the call failed (counted under
+        `operation`, logged, the circuit opened as for any call): the caller applies the failure
+        mode. `call` must not return None."""
+        if self.degraded:
+            return None
+        try:
+            return await self._remote(operation, call)
+        except _Down:
+            return None
+
     async def _remote(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         started = time.monotonic()
         try:

@@ -101,6 +101,11 @@ class RedisState(StateBackend):
         self._renew = self._redis.register_script(_RENEW)
         self._holders = self._redis.register_script(_HOLDERS)
 
+    @property
+    def client(self) -> Any:
+        """The redis.asyncio client (its bounded pool), for scripts of other modules (leases.py)."""
+        return self._redis
+
     def _key(self, kind: str, key: str) -> str:
         return f"{self._prefix}{kind}:{key}"
 

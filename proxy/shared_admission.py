@@ -1,0 +1,154 @@
+"""Backpressure's admission when several proxy processes share a fleet (`state.backend: redis`): the
+slots and the fair queue's counters live in Redis (proxy/state/leases.py), so that all processes
+together never send a replica more than its slots, and the tenant with the least service across all of
+them goes next.
+
+What stays per process: the request's deadline and budgets (`queue_timeout_s`, `cold_queue_timeout_s`),
+`max_queue_size` (requests this process keeps waiting per model), placement's replica ranking (a shared
+grant takes the least loaded replica with a free slot) and learning (each process learns from its own
+requests; what it learns is stored beside the leases and is the fleet's limit from then on).
+
+Redis unreachable (the failover breaker, `state.failure_mode`): `open` admits through this process's own
+gate (ModelGate, as with one process): each process then keeps the replica's limit on its own, so the
+fleet may send a replica up to (processes x slots) until Redis answers again; leases granted meanwhile
+are added to Redis by their first renewal after it, so from then on they count for everyone. `closed`
+answers 503 `state_unavailable`. Shadow mode, and models no replica may serve now, also take the local
+path (nothing is enforced there, or health answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from proxy.context import RequestContext
+from proxy.errors import Overload, QueueTimeout, StateUnavailable
+from proxy.state.leases import Grant, SharedSlots, StateDown, Ticket
+from proxy.upstreams import Upstream
+
+if TYPE_CHECKING:
+    from middlewares.backpressure import BackpressureStep, ModelGate
+
+__all__ = ["SharedAdmission"]
+
+
+class SharedAdmission:
+    """The backpressure step's admission through Redis; see the module docstring."""
+
+    def __init__(self, slots: SharedSlots) -> None:
+        self.slots = slots
+        self.local_waiting: dict[str, int] = {}
+        """Requests of this process waiting on the shared queue, per model (max_queue_size)."""
+        self._published: dict[tuple[str, str], int] = {}
+        """The learned limits this process stored in Redis, per (model, replica)."""
+
+    async def admit(self, step: BackpressureStep, request: web.Request, ctx: RequestContext,
+                    gate: ModelGate, span: Any, lane: str, cost: float
+                    ) -> tuple[Upstream | None, Ticket | None]:
+        """A replica slot for this request and the ticket holding it (release it on every path), or
+        (None, None) when no replica may serve the model (health answers). Raises as `_admit`."""
+        tenant = ctx.tenant
+        config = step.config
+        slots = self.slots
+        slots.bulk_every = max(1, round(1 / config.bulk_share)) if config.bulk_share > 0 else 0
+        ticket = Ticket(slots, slots.base(gate.model), tenant.name, tenant.weight, lane, cost)
+        eligible = step.fleet.eligible(gate.model)
+        if step.mode_of(ctx) != "shadow" and eligible and not slots.degraded:
+            candidates = [(u.name, max(1, math.floor(gate.limit(u)))) for u in eligible]
+            try:
+                granted = await self._shared(step, ctx, gate, span, ticket, candidates)
+            except StateDown:
+                pass  # Redis failed under us: the failure mode applies
+            else:
+                replica = step.fleet.by_name.get(granted.replica)
+                if replica is None:  # left the set (a reload) since: the slot goes back
+                    slots.granted(ticket, granted)
+                    ticket.release(-cost)
+                    return await self.admit(step, request, ctx, gate, span, lane, cost)
+                slots.granted(ticket, granted)
+                gate.in_flight[replica.name] += 1  # this process's share, for metrics and learning
+                return replica, ticket
+        if slots.degraded and slots.failover.failure_mode == "closed" and step.mode_of(ctx) != "shadow":
+            step.decide(ctx, span, "state_unavailable", StateUnavailable(
+                "shared state (Redis) is unavailable: the replicas' slots cannot be shared",
+                retry_after_s=slots.failover.retry_interval_s))
+        replica = await step._admit(request, ctx, gate, span, tenant.name, tenant.weight, lane, cost)
+        if replica is None:
+            return None, None
+        slots.hold_local(ticket, replica.name)
+        return replica, ticket
+
+    async def _shared(self, step: BackpressureStep, ctx: RequestContext, gate: ModelGate, span: Any,
+                      ticket: Ticket, candidates: list[tuple[str, int]]) -> Grant:
+        slots = self.slots
+        waiting = self.local_waiting.get(gate.model, 0)
+        if waiting >= step.config.max_queue_size:
+            gate.rejections["overload"] += 1
+            step.decide(ctx, span, "overload", Overload(
+                f"the queue for {gate.model} is full ({step.config.max_queue_size} waiting)",
+                retry_after_s=gate.retry_after_s()))
+        eligible = step.fleet.eligible(gate.model)
+        cold = not waiting and any(u.by_model.get(gate.model) and gate.model not in u.loaded
+                                   for u in eligible)
+        granted = await slots.enter(ticket, candidates, gate.learning)
+        if granted is not None:
+            span.set_attribute(step.telemetry.names.queue_position, 0)
+            step.decide(ctx, span, "admitted")
+            return granted
+        assert ticket.future is not None
+        remaining = (ctx.deadline_at - time.monotonic()) if ctx.deadline_at else math.inf
+        budget = min(step.config.cold_queue_timeout_s if cold else step.config.queue_timeout_s,
+                     remaining)
+        span.set_attribute(step.telemetry.names.queue_cold, cold)
+        self.local_waiting[gate.model] = waiting + 1
+        try:
+            async with asyncio.timeout(budget):
+                granted = await ticket.future
+        except TimeoutError:
+            if not self._give_back(ticket):
+                await slots.leave(ticket)
+            gate.rejections["queue_timeout"] += 1
+            step.decide(ctx, span, "queue_timeout", QueueTimeout(
+                f"no slot for {gate.model} within {budget:.0f}s (waiting for "
+                f"{'a model load' if cold else 'a slot'})", retry_after_s=gate.retry_after_s()))
+            raise AssertionError("unreachable") from None  # decide raised in enforce mode
+        except asyncio.CancelledError:
+            if not self._give_back(ticket):
+                slots.spawn(slots.leave(ticket))
+            raise
+        except StateDown:
+            await slots.leave(ticket)
+            raise
+        finally:
+            self.local_waiting[gate.model] -= 1
+        slots.counts["granted_queued"] += 1
+        step.decide(ctx, span, "queued")
+        return granted
+
+    @staticmethod
+    def _give_back(ticket: Ticket) -> bool:
+        """The wait ended without the request taking its slot: if the grant came just then (its
+        waiter had not resumed yet), release it with the tenant's charge; whether it had come."""
+        future = ticket.future
+        if future is None or not future.done() or future.cancelled() or future.exception() is not None:
+            return False
+        ticket.release(-ticket.cost)
+        return True
+
+    def finish(self, gate: ModelGate, replica: Upstream, ticket: Ticket, delta_cost: float) -> None:
+        """The request ended (any way, after `gate.release`): release its lease, settle the tenant's
+        shared counter with the real cost (`delta_cost`, real minus charged; a ticket admitted locally
+        was charged locally), and store a limit this process just learned for the whole fleet."""
+        ticket.release(0.0 if ticket.local else delta_cost)
+        if gate.learning and not ticket.local:
+            limit = gate.limits.get(replica.name)
+            if limit is not None:
+                key = (gate.model, replica.name)
+                top = max(1, math.floor(limit))
+                if self._published.get(key, replica.num_parallel) != top:
+                    self._published[key] = top
+                    self.slots.learned(gate.model, replica.name, top)

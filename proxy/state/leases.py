@@ -1,0 +1,658 @@
+"""Slot admission shared by proxy processes through Redis: per (replica, model) slot leases with expiry,
+and one fair queue per model whose tenant counters (VTC) all processes share.
+
+Used by the backpressure step when `state.backend: redis` (proxy/shared_admission.py decides what
+the outcomes mean for a request; this module only keeps the shared books). Invariants:
+- Slots: a lease is a member of the sorted set `<base>:lease:<replica>` scored by its expiry (Redis'
+  own clock, ms). A lease is only ever added by a Lua script that first drops the expired members and
+  sees fewer than the replica's limit, so all processes together never hold more than the limit (a
+  balancer retry moves a lease without that check, as in one process; leases granted in a process's
+  memory while Redis was down are re-added by their first renewal after it, and may exceed it then).
+- Expiry: held leases and queued tickets are renewed every `ttl / 3` by one loop per process; a dead
+  process's leases and tickets expire `ttl` after their last renewal, and its slots return by
+  themselves.
+- Order: a request that does not get a slot at once queues a ticket in Redis. Whenever a slot may have
+  freed (a release, a ticket leaving, a move, a periodic tick for expiries), the script that freed it
+  hands free slots to the head tickets in the same atomic step: the lane (interactive ahead of bulk,
+  except every `1/bulk_share`-th dispatch), then the backlogged tenant with the smallest shared counter,
+  then first come first served within the tenant. A grant charges the tenant `cost / weight`; the real
+  cost is settled at release. A tenant that becomes backlogged is lifted to the smallest counter of
+  those waiting, or to the counter of the tenant served last when nobody waits (VTC's rule). So when
+  both of two tenants are backlogged, on any processes, each gets an equal share of the dispatches.
+- Delivery: a grant for a ticket of the calling process is in the script's answer; one for another
+  process is published on that process's channel and kept under `<base>:grant:<ticket>` for a TTL,
+  which the owner's tick reads in case the message was lost. A grant whose ticket its owner no longer
+  waits for (the client left, the wait timed out) is released and refunded by the owner.
+- Release: every lease is released on every path (`Ticket.release`, idempotent); a release that fails
+  (Redis down) is retried by the loop when Redis answers again, and meanwhile the lease expires.
+
+The head ticket blocks the queue while none of its replicas has a free slot (processes that disagree
+about which replicas may serve a model wait on the head's view): head-of-line, as in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from .failover import FailoverState
+
+__all__ = ["Grant", "SharedSlots", "StateDown", "Ticket"]
+
+log = logging.getLogger("proxy.state")
+
+_PREAMBLE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local base = KEYS[1]
+local owner = ARGV[1]
+local ttl = tonumber(ARGV[2])
+local bulk_every = tonumber(ARGV[3])
+local channel = ARGV[4]
+local VTC = base .. ':vtc'
+local META = base .. ':meta'
+local TK = base .. ':tk'
+local EXP = base .. ':exp'
+local LIMIT = base .. ':limit'
+local LANES = {'interactive', 'bulk'}
+local IDLE = 3600000
+local mine = {}
+local function lease_key(r) return base .. ':lease:' .. r end
+local function lane_key(l) return base .. ':wait:' .. l end
+local function queue_key(l, tn) return base .. ':q:' .. l .. ':' .. tn end
+local function grant_key(tk) return base .. ':grant:' .. tk end
+local function counter(tn) return tonumber(redis.call('HGET', VTC, tn) or '0') end
+local function charge(tn, share)
+  local c = tonumber(redis.call('HINCRBYFLOAT', VTC, tn, share))
+  for _, l in ipairs(LANES) do
+    if redis.call('ZSCORE', lane_key(l), tn) then redis.call('ZADD', lane_key(l), c, tn) end
+  end
+  redis.call('PEXPIRE', VTC, IDLE)
+end
+local function unqueue(tk, d)
+  local q = queue_key(d.l, d.t)
+  redis.call('ZREM', q, tk)
+  redis.call('ZREM', EXP, tk)
+  redis.call('HDEL', TK, tk)
+  if redis.call('ZCARD', q) == 0 then redis.call('ZREM', lane_key(d.l), d.t) end
+end
+local function prune()
+  for _, tk in ipairs(redis.call('ZRANGEBYSCORE', EXP, '-inf', now)) do
+    local raw = redis.call('HGET', TK, tk)
+    if raw then unqueue(tk, cjson.decode(raw)) else redis.call('ZREM', EXP, tk) end
+  end
+end
+local function lift(tn)
+  local floor = nil
+  for _, l in ipairs(LANES) do
+    local first = redis.call('ZRANGE', lane_key(l), 0, 0, 'WITHSCORES')
+    if first[2] then
+      local s = tonumber(first[2])
+      if floor == nil or s < floor then floor = s end
+    end
+  end
+  if floor == nil then
+    local last = redis.call('HGET', META, 'last')
+    floor = last and counter(last) or 0
+  end
+  if counter(tn) < floor then redis.call('HSET', VTC, tn, tostring(floor)) end
+end
+local function free_replica(cands, learning)
+  local best, best_load, best_h = nil, 2, 0
+  for _, c in ipairs(cands) do
+    local lk = lease_key(c[1])
+    redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
+    local limit = c[2]
+    if learning == 1 then
+      local stored = redis.call('HGET', LIMIT, c[1])
+      if stored then limit = tonumber(stored) end
+    end
+    local h = redis.call('ZCARD', lk)
+    if h < limit and h / limit < best_load then best, best_load, best_h = c[1], h / limit, h end
+  end
+  return best, best_h
+end
+local function hold(tk, r)
+  redis.call('ZADD', lease_key(r), now + ttl, tk)
+  redis.call('PEXPIRE', lease_key(r), ttl * 2)
+end
+local function head()
+  local n = tonumber(redis.call('HGET', META, 'n') or '0')
+  local wi = redis.call('ZCARD', lane_key('interactive')) > 0
+  local wb = redis.call('ZCARD', lane_key('bulk')) > 0
+  local lane
+  if wi and wb and bulk_every > 0 and (n + 1) % bulk_every == bulk_every - 1 then lane = 'bulk'
+  elseif wi then lane = 'interactive'
+  elseif wb then lane = 'bulk'
+  else return nil end
+  local tn = redis.call('ZRANGE', lane_key(lane), 0, 0)[1]
+  local tk = redis.call('ZRANGE', queue_key(lane, tn), 0, 0)[1]
+  if not tk then redis.call('ZREM', lane_key(lane), tn); return false end
+  return tk
+end
+local function dispatch()
+  for _ = 1, 10000 do
+    local tk = head()
+    if tk == nil then return end
+    if tk then
+      local raw = redis.call('HGET', TK, tk)
+      if not raw then
+        for _, l in ipairs(LANES) do
+          for _, tn in ipairs(redis.call('ZRANGE', lane_key(l), 0, -1)) do
+            redis.call('ZREM', queue_key(l, tn), tk)
+            if redis.call('ZCARD', queue_key(l, tn)) == 0 then redis.call('ZREM', lane_key(l), tn) end
+          end
+        end
+      else
+        local d = cjson.decode(raw)
+        local r, h = free_replica(d.c, d.L)
+        if r == nil then return end
+        unqueue(tk, d)
+        hold(tk, r)
+        charge(d.t, d.s)
+        redis.call('HSET', META, 'last', d.t)
+        redis.call('HINCRBY', META, 'n', 1)
+        local grant = {tk, r, h + 1, now, d.t, tostring(d.s)}
+        if d.o == owner then
+          table.insert(mine, grant)
+        else
+          local message = cjson.encode({base, tk, r, h + 1, now, d.t, tostring(d.s)})
+          redis.call('SET', grant_key(tk), message, 'PX', ttl)
+          redis.call('PUBLISH', channel .. d.o, message)
+        end
+      end
+    end
+  end
+end
+local function touch()
+  for _, k in ipairs({TK, EXP, META, base .. ':seq'}) do redis.call('PEXPIRE', k, IDLE) end
+end
+"""
+
+_ENTER = _PREAMBLE + """
+prune()
+local tk = ARGV[5]
+if tk ~= '' then
+  local d = cjson.decode(ARGV[6])
+  if redis.call('ZCARD', lane_key('interactive')) == 0 and redis.call('ZCARD', lane_key('bulk')) == 0 then
+    -- Nobody waits: a free slot is taken at once, without queueing the ticket (the common case).
+    local r, h = free_replica(d.c, d.L)
+    if r ~= nil then
+      lift(d.t)
+      hold(tk, r)
+      charge(d.t, d.s)
+      redis.call('HSET', META, 'last', d.t)
+      redis.call('HINCRBY', META, 'n', 1)
+      redis.call('PEXPIRE', META, IDLE)
+      return {{tk, r, h + 1, now, d.t, tostring(d.s)}}
+    end
+  end
+  local q = queue_key(d.l, d.t)
+  if redis.call('ZCARD', q) == 0 then lift(d.t) end
+  redis.call('ZADD', q, redis.call('INCR', base .. ':seq'), tk)
+  redis.call('ZADD', lane_key(d.l), counter(d.t), d.t)
+  redis.call('HSET', TK, tk, ARGV[6])
+  redis.call('ZADD', EXP, now + ttl, tk)
+end
+dispatch()
+for i = 7, #ARGV do
+  local message = redis.call('GET', grant_key(ARGV[i]))
+  if message then
+    redis.call('DEL', grant_key(ARGV[i]))
+    local m = cjson.decode(message)
+    table.insert(mine, {m[2], m[3], m[4], m[5], m[6], m[7]})
+  end
+end
+touch()
+return mine
+"""
+
+_RELEASE = _PREAMBLE + """
+prune()
+local removed = redis.call('ZREM', lease_key(ARGV[6]), ARGV[5])
+local delta = tonumber(ARGV[8])
+if removed == 1 and delta ~= 0 then charge(ARGV[7], delta) end
+dispatch()
+return mine
+"""
+
+_LEAVE = _PREAMBLE + """
+prune()
+local tk = ARGV[5]
+local raw = redis.call('HGET', TK, tk)
+if raw then
+  unqueue(tk, cjson.decode(raw))
+else
+  local message = redis.call('GET', grant_key(tk))
+  if message then
+    redis.call('DEL', grant_key(tk))
+    local m = cjson.decode(message)
+    if redis.call('ZREM', lease_key(m[3]), tk) == 1 then charge(m[6], -tonumber(m[7])) end
+  end
+end
+dispatch()
+return mine
+"""
+
+_MOVE = _PREAMBLE + """
+redis.call('ZREM', lease_key(ARGV[6]), ARGV[5])
+hold(ARGV[5], ARGV[7])
+dispatch()
+return mine
+"""
+
+_RENEW = _PREAMBLE + """
+local missing = {}
+for i = 5, #ARGV, 2 do
+  local tk, r = ARGV[i], ARGV[i + 1]
+  if r ~= '' then
+    if redis.call('ZADD', lease_key(r), 'XX', 'CH', now + ttl, tk) == 0 then
+      table.insert(missing, tk)
+    end
+    redis.call('PEXPIRE', lease_key(r), ttl * 2)
+  elseif redis.call('ZSCORE', EXP, tk) then
+    redis.call('ZADD', EXP, now + ttl, tk)
+  else
+    table.insert(missing, tk)
+  end
+end
+return missing
+"""
+
+_RESTORE = _PREAMBLE + """
+for i = 5, #ARGV, 2 do hold(ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+_LEARNED = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+_TICK_S = 0.5
+"""How often a process with tickets queued runs the dispatch itself: slots freed by an expiry (a dead
+process) have no release to hand them over, and a grant message may be lost."""
+_LEARNED_TTL_MS = 600_000
+"""A learned limit stored in Redis is forgotten after this long without a write."""
+_HANDOFF_SAMPLES = 1024
+
+
+class StateDown(Exception):
+    """Redis cannot answer (the breaker is open or the call failed): the failure mode applies."""
+
+
+class Grant:
+    """A slot granted to a ticket: the replica, how many held it then (this one included), the tenant
+    and the share it was charged."""
+
+    __slots__ = ("base", "holders", "replica", "share", "tenant", "ticket")
+
+    def __init__(self, base: str, ticket: str, replica: str, holders: int, tenant: str,
+                 share: float) -> None:
+        self.base = base
+        self.ticket = ticket
+        self.replica = replica
+        self.holders = holders
+        self.tenant = tenant
+        self.share = share
+
+
+class Ticket:
+    """One request's place in the shared books: queued, then holding a lease on `replica`."""
+
+    def __init__(self, slots: SharedSlots, base: str, tenant: str, weight: float, lane: str,
+                 cost: float, *, local: bool = False) -> None:
+        self.slots = slots
+        self.base = base
+        self.id = secrets.token_hex(8)
+        self.tenant = tenant
+        self.weight = weight
+        self.lane = lane
+        self.cost = cost
+        self.local = local
+        """Admitted by this process alone (Redis was down): renewals add it to Redis once it answers."""
+        self.replica: str | None = None
+        self.holders = 0
+        self.future: asyncio.Future[Grant] | None = None
+        self.data = ""
+        """The queued ticket as the scripts read it (JSON)."""
+
+    @property
+    def share(self) -> float:
+        return self.cost / self.weight
+
+    def move(self, replica: str) -> None:
+        """The balancer retried on another replica: the lease moves with the request."""
+        if self.replica is not None and replica != self.replica:
+            old, self.replica = self.replica, replica
+            self.slots.spawn(self.slots.move(self, old))
+
+    def release(self, delta_cost: float = 0.0) -> None:
+        """Give the slot back (idempotent; never raises, never waits): `delta_cost` is the real cost
+        minus the charged one, settled in the tenant's shared counter."""
+        if self.replica is not None and self.slots.held.pop(self.id, None) is not None:
+            self.slots.spawn(self.slots.release(self, delta_cost / self.weight))
+
+
+class SharedSlots:
+    """This process's side of the shared books (see the module docstring).
+
+    Every Redis call goes through the failover breaker (`state.failure_mode`): a failed call raises
+    StateDown to the admission path, which applies the failure mode; bookkeeping (release, move,
+    renew) never raises and never waits for Redis beyond the breaker's timeout."""
+
+    def __init__(self, failover: FailoverState, url: str, key_prefix: str, lease_ttl_s: float,
+                 connect_timeout_s: float = 0.5) -> None:
+        self.failover = failover
+        self.url = url
+        self.prefix = f"{key_prefix}slots:"
+        self.channel = f"{key_prefix}grant:"
+        self.ttl_ms = max(1000, int(lease_ttl_s * 1000))
+        self.connect_timeout_s = connect_timeout_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.bulk_every = 10
+        client: Any = failover.remote.client
+        self._enter = client.register_script(_ENTER)
+        self._release = client.register_script(_RELEASE)
+        self._leave = client.register_script(_LEAVE)
+        self._move = client.register_script(_MOVE)
+        self._renew = client.register_script(_RENEW)
+        self._restore = client.register_script(_RESTORE)
+        self._learned = client.register_script(_LEARNED)
+        self.waiting: dict[str, Ticket] = {}
+        """Tickets of this process queued in Redis, by id."""
+        self.held: dict[str, Ticket] = {}
+        """Tickets of this process holding a lease, by id."""
+        self._pending: dict[str, tuple[Ticket, float]] = {}
+        """Releases that failed (Redis down), retried when it answers: ticket id -> (ticket, share)."""
+        self._leaves: dict[str, Ticket] = {}
+        """Queued tickets whose leaving failed (Redis down), retried when it answers."""
+        self.handoffs: deque[float] = deque(maxlen=_HANDOFF_SAMPLES)
+        """Milliseconds from a grant in Redis to its owner learning of it by message (another process
+        freed the slot)."""
+        self.counts = {"granted_at_once": 0, "granted_queued": 0, "released_late": 0, "orphans": 0}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the grant listener and the renewal loop (never fails: both retry while Redis is down)."""
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self._listen()), loop.create_task(self._maintain())]
+
+    async def close(self) -> None:
+        for task in [*self._loops, *self._tasks]:
+            task.cancel()
+        for task in [*self._loops, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- keys and calls ------------------------------------------------------------------------------
+
+    def base(self, model: str) -> str:
+        """The key base of `model`'s books (a hash tag keeps them in one Redis Cluster slot)."""
+        return f"{self.prefix}{{{model}}}"
+
+    @property
+    def degraded(self) -> bool:
+        return self.failover.degraded
+
+    def _args(self, *extra: Any) -> list[Any]:
+        return [self.owner, self.ttl_ms, self.bulk_every, self.channel, *extra]
+
+    async def _call(self, operation: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        result = await self.failover.call_remote(operation, call)
+        if result is None:
+            raise StateDown(operation)
+        return result
+
+    def _grants(self, base: str, rows: Sequence[Any]) -> None:
+        """Hand the grants for this process's tickets to their waiters (a grant nobody waits for any
+        more is released and refunded)."""
+        for row in rows:
+            self._deliver(Grant(base, str(row[0]), str(row[1]), int(row[2]), str(row[4]),
+                                float(row[5])))
+
+    def _deliver(self, grant: Grant) -> None:
+        ticket = self.waiting.pop(grant.ticket, None)
+        if ticket is not None and ticket.future is not None and not ticket.future.done():
+            # Held from now on, before its waiter resumes: a second delivery of the same grant (the
+            # message and the tick's claim) must find it held, not release it as an orphan.
+            self.granted(ticket, grant)
+            ticket.future.set_result(grant)
+            return
+        if grant.ticket in self.held:
+            return  # delivered twice (message and tick): already running
+        # Nobody waits for it any more (the client left, the wait timed out or failed over): give it
+        # back with the tenant's charge. A second release of the same lease changes nothing.
+        self.counts["orphans"] += 1
+        orphan = Ticket(self, grant.base, grant.tenant, 1.0, "interactive", grant.share)
+        orphan.id = grant.ticket
+        orphan.replica = grant.replica
+        self.spawn(self.release(orphan, -grant.share))
+
+    # -- admission -----------------------------------------------------------------------------------
+
+    async def enter(self, ticket: Ticket, candidates: Sequence[tuple[str, int]], learning: bool
+                    ) -> Grant | None:
+        """Queue `ticket` for a slot on one of `candidates` ((replica, limit) pairs): the grant if one
+        was free for it at once, else None and `ticket.future` resolves with the grant later.
+        Raises StateDown when Redis cannot answer (nothing was queued, or the queued ticket expires)."""
+        ticket.data = orjson.dumps({"t": ticket.tenant, "l": ticket.lane, "s": ticket.share,
+                                    "o": self.owner, "c": [list(c) for c in candidates],
+                                    "L": 1 if learning else 0}).decode()
+        ticket.future = asyncio.get_running_loop().create_future()
+        self.waiting[ticket.id] = ticket
+        try:
+            rows = await self._call("slots_enter", lambda: self._enter(
+                keys=[ticket.base], args=self._args(ticket.id, ticket.data)))
+        except BaseException:
+            self.waiting.pop(ticket.id, None)
+            raise
+        self._grants(ticket.base, rows)
+        if ticket.future.done():
+            self.counts["granted_at_once"] += 1
+            return ticket.future.result()
+        return None
+
+    def granted(self, ticket: Ticket, grant: Grant) -> None:
+        """`ticket` holds the slot `grant` gave it (its renewals start)."""
+        ticket.replica = grant.replica
+        ticket.holders = grant.holders
+        self.held[ticket.id] = ticket
+
+    def hold_local(self, ticket: Ticket, replica: str) -> None:
+        """`ticket` got a slot from this process's own gate (Redis was down, fail-open): kept here,
+        and added to Redis by the first renewal once it answers."""
+        ticket.local = True
+        ticket.replica = replica
+        self.held[ticket.id] = ticket
+
+    async def leave(self, ticket: Ticket) -> None:
+        """`ticket` stops waiting (timeout, client gone): out of the queue, and a grant it got meanwhile
+        is released with its charge. Never raises."""
+        self.waiting.pop(ticket.id, None)
+        try:
+            rows = await self._call("slots_leave", lambda: self._leave(
+                keys=[ticket.base], args=self._args(ticket.id)))
+        except StateDown:
+            self._leaves[ticket.id] = ticket  # left when Redis answers again (else it expires)
+            return
+        self._grants(ticket.base, rows)
+
+    async def release(self, ticket: Ticket, share_delta: float) -> None:
+        """Free `ticket`'s lease and settle its charge; kept for later if Redis cannot answer."""
+        assert ticket.replica is not None
+        replica = ticket.replica
+        try:
+            rows = await self._call("slots_release", lambda: self._release(
+                keys=[ticket.base],
+                args=self._args(ticket.id, replica, ticket.tenant, share_delta)))
+        except StateDown:
+            self._pending[ticket.id] = (ticket, share_delta)
+            return
+        self._grants(ticket.base, rows)
+
+    async def move(self, ticket: Ticket, old: str) -> None:
+        assert ticket.replica is not None
+        new = ticket.replica
+        with contextlib.suppress(StateDown):  # the renewal adds it on `new` anyway
+            rows = await self._call("slots_move", lambda: self._move(
+                keys=[ticket.base], args=self._args(ticket.id, old, new)))
+            self._grants(ticket.base, rows)
+
+    def learned(self, model: str, replica: str, limit: int) -> None:
+        """This process learned `replica`'s slots for `model`: the fleet's limit from now on (the last
+        process to learn something wins; each keeps learning from its own requests)."""
+        base = self.base(model)
+
+        async def store() -> None:
+            with contextlib.suppress(StateDown):
+                await self._call("slots_learned", lambda: self._learned(
+                    keys=[f"{base}:limit"], args=[replica, limit, _LEARNED_TTL_MS]))
+
+        self.spawn(store())
+
+    # -- background: grants by message, renewals, ticks ----------------------------------------------
+
+    async def _listen(self) -> None:
+        """Receive this process's grants; reconnect with backoff (the tick covers the gap)."""
+        backoff = 0.1
+        while True:
+            client: Any = aioredis.Redis.from_url(
+                self.url, socket_connect_timeout=self.connect_timeout_s, decode_responses=True,
+                driver_info=None)
+            try:
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(f"{self.channel}{self.owner}")
+                    backoff = 0.1
+                    while True:
+                        message = await pubsub.get_message(timeout=5.0)
+                        if message is not None and message.get("type") == "message":
+                            self._on_message(str(message["data"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis gone: retry; the tick covers the gap
+                log.debug("slot grant listener: %s", type(exc).__name__)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(5.0, backoff * 2)
+
+    def _on_message(self, data: str) -> None:
+        try:
+            base, ticket, replica, holders, granted_ms, tenant, share = orjson.loads(data)
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            return
+        self.handoffs.append(max(0.0, time.time() * 1000 - float(granted_ms)))
+        self._deliver(Grant(str(base), str(ticket), str(replica), int(holders), str(tenant), float(share)))
+
+    async def _maintain(self) -> None:
+        """Every `_TICK_S`: retry failed releases, run the dispatch for models with tickets queued here
+        (claiming grants whose message was lost), and every `ttl / 3` renew what this process holds;
+        while Redis is down, tell waiters (they apply the failure mode)."""
+        renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(_TICK_S)
+            try:
+                if self.degraded:
+                    self._fail_waiters()
+                    continue
+                await self._flush_pending()
+                await self._tick()
+                if time.monotonic() - renewed >= self.ttl_ms / 3000:
+                    renewed = time.monotonic()
+                    await self._renew_all()
+            except StateDown:
+                self._fail_waiters()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must survive anything
+                log.exception("slot lease maintenance failed")
+
+    def _fail_waiters(self) -> None:
+        for ticket in list(self.waiting.values()):
+            if ticket.future is not None and not ticket.future.done():
+                ticket.future.set_exception(StateDown("wait"))
+
+    async def _flush_pending(self) -> None:
+        for key, ticket in list(self._leaves.items()):
+            self._leaves.pop(key, None)
+            await self.leave(ticket)
+            if key in self._leaves:
+                return  # still down
+        for key, (ticket, share) in list(self._pending.items()):
+            self._pending.pop(key, None)
+            self.counts["released_late"] += 1
+            await self.release(ticket, share)
+            if key in self._pending:
+                return  # still down
+
+    async def _tick(self) -> None:
+        by_base: dict[str, list[str]] = {}
+        for ticket in list(self.waiting.values()):
+            by_base.setdefault(ticket.base, []).append(ticket.id)
+        for base, ids in by_base.items():
+            args = self._args("", "", *ids)
+            rows = await self._call("slots_tick", partial(self._enter, keys=[base], args=args))
+            self._grants(base, rows)
+
+    async def _renew_all(self) -> None:
+        by_base: dict[str, list[str]] = {}
+        for ticket in list(self.held.values()):
+            if ticket.replica is not None and ticket.id not in self._pending:
+                by_base.setdefault(ticket.base, []).extend((ticket.id, ticket.replica))
+        for ticket in list(self.waiting.values()):
+            by_base.setdefault(ticket.base, []).extend((ticket.id, ""))
+        for base, pairs in by_base.items():
+            missing = await self._call("slots_renew", partial(
+                self._renew, keys=[base], args=self._args(*pairs)))
+            restore: list[str] = []
+            for ticket_id in map(str, missing):
+                # Its queue entry expired (Redis restarted empty, or was down past the TTL): the
+                # waiter takes the failure path (this process's own gate).
+                lost = self.waiting.get(ticket_id)
+                if lost is not None and lost.future is not None and not lost.future.done():
+                    lost.future.set_exception(StateDown("ticket lost"))
+                # A lease Redis lost (restarted, or expired while it was down) or never had (admitted
+                # here while it was down), still running: added again, since it is in flight. Only
+                # those still held now: one released during the renewal must not come back.
+                held = self.held.get(ticket_id)
+                if held is not None and held.replica is not None:
+                    restore += [ticket_id, held.replica]
+            if restore:
+                await self._call("slots_restore", partial(
+                    self._restore, keys=[base], args=self._args(*restore)))
+
+    def snapshot(self) -> dict[str, Any]:
+        """For /system/queue: tickets waiting and held here, and the grant hand-off latency."""
+        samples = sorted(self.handoffs)
+
+        def pct(q: float) -> float | None:
+            return round(samples[min(len(samples) - 1, int(q * len(samples)))], 2) if samples \
+                else None
+
+        return {"waiting": len(self.waiting), "held": len(self.held),
+                "pending_releases": len(self._pending) + len(self._leaves), **self.counts,
+                "handoff_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
+                               "samples": len(samples)}}

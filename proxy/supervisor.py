@@ -1,0 +1,259 @@
+"""`serve --workers N`: a supervisor process and N worker processes sharing one listening port.
+
+Each worker is the ordinary `serve` (the same command line) with SO_REUSEPORT on its listening socket:
+the kernel spreads incoming connections over the workers, and each runs its own event loop, so the
+proxy uses N cores. The supervisor serves nothing itself. Contract:
+- Port: the supervisor binds the address first (with SO_REUSEPORT, not listening: it receives no
+  connection) and keeps it bound, so a configured port 0 becomes one real port that every worker and
+  every restarted worker binds. `--port-file` is written once all N workers listen.
+- Secret: the plugin sub-request secret (proxy/plugin.py Subrequests) is drawn once here and given to
+  every worker through a pipe (never the command line or the environment), since a sub-request sent to
+  the shared port may reach any worker.
+- Signals: SIGTERM or SIGINT is forwarded as SIGTERM to every worker (each stops gracefully within
+  `server.shutdown_timeout_s`; a second signal is forwarded too and ends what remains); workers still
+  alive `_KILL_AFTER_S` past the grace period are killed. SIGHUP is forwarded: every worker reloads.
+  Workers run in their own session, so a terminal's Ctrl-C reaches them once, through here; they get
+  SIGTERM if the supervisor itself dies (PR_SET_PDEATHSIG on Linux).
+- Restarts: a worker that exits while the supervisor is not stopping is started again after a backoff
+  (0.5 s, doubling up to 10 s, reset after a minute of good health). `_MAX_DEATHS` deaths within
+  `_DEATH_WINDOW_S` stop everything, and the supervisor exits 1.
+- Exit: 0 after a stop by signal, 1 when workers keep dying, 2 when the workers could not start.
+Worker log lines carry `[worker i]`, the supervisor's `[supervisor]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Supervisor", "read_secret"]
+
+log = logging.getLogger("proxy.supervisor")
+
+_MAX_DEATHS = 5
+_DEATH_WINDOW_S = 60.0
+_BACKOFF_S = (0.5, 10.0)
+_HEALTHY_S = 60.0
+"""A worker that has run this long resets its backoff."""
+_KILL_AFTER_S = 5.0
+_START_TIMEOUT_S = 60.0
+_POLL_S = 0.05
+
+
+def read_secret(fd: int) -> str:
+    """The sub-request secret the supervisor wrote to pipe `fd` (read once, then closed)."""
+    with os.fdopen(fd, "r", encoding="ascii") as pipe:
+        return pipe.read().strip()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.backoff = _BACKOFF_S[0]
+        self.restart_at: float | None = None
+
+
+class Supervisor:
+    """Runs `workers` copies of `serve` (see the module docstring). `serve_args` is the `serve` command
+    line without `--workers`, `--listen` and `--port-file`."""
+
+    def __init__(self, serve_args: Sequence[str], workers: int, host: str, port: int, *,
+                 log_level: str = "INFO", port_file: str | None = None,
+                 grace_s: float = 30.0) -> None:
+        self.serve_args = list(serve_args)
+        self.workers = [_Worker(i) for i in range(1, workers + 1)]
+        self.host = host
+        self.port = port
+        self.log_level = log_level
+        self.port_file = port_file
+        self.grace_s = grace_s
+        self.secret = secrets.token_urlsafe(24)
+        self.deaths: deque[float] = deque()
+        self.stopping = False
+        self._signals: deque[int] = deque()
+        self._tmp = Path(tempfile.mkdtemp(prefix="sop-workers-"))
+        self._socket: socket.socket | None = None
+
+    # -- the port ------------------------------------------------------------------------------------
+
+    def _reserve(self) -> int:
+        """Bind (not listen) the address with SO_REUSEPORT and keep it: the port for every worker."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((self.host, self.port))
+        self._socket = sock
+        return int(sock.getsockname()[1])
+
+    def _listen_arg(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    # -- workers -------------------------------------------------------------------------------------
+
+    def _port_file(self, worker: _Worker) -> Path:
+        return self._tmp / f"worker-{worker.index}.port"
+
+    def _start(self, worker: _Worker) -> None:
+        read, write = os.pipe()
+        try:
+            os.write(write, self.secret.encode("ascii"))
+        finally:
+            os.close(write)
+        self._port_file(worker).unlink(missing_ok=True)
+        command = [sys.executable, "-m", "proxy", "--log-level", self.log_level, "serve",
+                   *self.serve_args, "--listen", self._listen_arg(),
+                   "--port-file", str(self._port_file(worker)),
+                   "--worker-index", str(worker.index), "--worker-secret-fd", str(read)]
+        try:
+            worker.process = subprocess.Popen(command, pass_fds=(read,), start_new_session=True,
+                                              preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads here
+        finally:
+            os.close(read)
+        worker.started = time.monotonic()
+        worker.restart_at = None
+        log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
+
+    def _send(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signum)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        del frame
+        self._signals.append(signum)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start the workers and supervise them until a signal stops them; the exit status."""
+        try:
+            self.port = self._reserve()
+        except OSError as exc:
+            log.error("cannot bind %s: %s", self._listen_arg(), exc)
+            return 2
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        try:
+            for worker in self.workers:
+                self._start(worker)
+            if not self._wait_listening():
+                self._stop()
+                return 2
+            if self.port_file:
+                from .serving import write_port_file
+
+                write_port_file(self.port_file, self.port)
+            log.info("%d workers listening on %s", len(self.workers), self._listen_arg())
+            return self._supervise()
+        finally:
+            if self._socket is not None:
+                self._socket.close()
+            for path in self._tmp.glob("*"):
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._tmp.rmdir()
+
+    def _wait_listening(self) -> bool:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._signals:
+                return False
+            if all(self._port_file(w).exists() for w in self.workers):
+                return True
+            dead = [w for w in self.workers if w.process is not None and w.process.poll() is not None]
+            if dead:
+                log.error("worker %d exited at start-up (status %s)", dead[0].index,
+                          dead[0].process.returncode if dead[0].process else None)
+                return False
+            time.sleep(_POLL_S)
+        log.error("the workers did not listen within %.0fs", _START_TIMEOUT_S)
+        return False
+
+    def _supervise(self) -> int:
+        while True:
+            while self._signals:
+                signum = self._signals.popleft()
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading every worker")
+                    self._send(signal.SIGHUP)
+                else:
+                    if not self.stopping:
+                        log.info("stopping: SIGTERM to every worker")
+                    self.stopping = True
+                    self._send(signal.SIGTERM)
+            if self.stopping:
+                return self._finish()
+            now = time.monotonic()
+            for worker in self.workers:
+                process = worker.process
+                if process is not None and process.poll() is not None \
+                        and self._died(worker, process.returncode, now):
+                    log.error("workers keep dying (%d deaths within %.0fs): stopping",
+                              len(self.deaths), _DEATH_WINDOW_S)
+                    self._stop()
+                    return 1
+                if worker.process is None and worker.restart_at is not None \
+                        and now >= worker.restart_at:
+                    self._start(worker)
+            time.sleep(_POLL_S)
+
+    def _died(self, worker: _Worker, status: int, now: float) -> bool:
+        """Record an unexpected exit and schedule the restart; whether the deaths are too many."""
+        worker.process = None
+        self.deaths.append(now)
+        while self.deaths and now - self.deaths[0] > _DEATH_WINDOW_S:
+            self.deaths.popleft()
+        if now - worker.started >= _HEALTHY_S:
+            worker.backoff = _BACKOFF_S[0]
+        log.warning("worker %d exited unexpectedly (status %s): restarting in %.1fs", worker.index,
+                    status, worker.backoff)
+        worker.restart_at = now + worker.backoff
+        worker.backoff = min(_BACKOFF_S[1], worker.backoff * 2)
+        return len(self.deaths) >= _MAX_DEATHS
+
+    def _finish(self) -> int:
+        """Wait for the workers to stop (a further signal is forwarded); kill what outlives the grace."""
+        deadline = time.monotonic() + self.grace_s + _KILL_AFTER_S
+        while any(w.process is not None and w.process.poll() is None for w in self.workers):
+            while self._signals:
+                if self._signals.popleft() != signal.SIGHUP:
+                    self._send(signal.SIGTERM)
+            if time.monotonic() > deadline:
+                log.warning("stopping: killing workers still running after %.0fs", self.grace_s)
+                self._send(signal.SIGKILL)
+                break
+            time.sleep(_POLL_S)
+        for worker in self.workers:
+            if worker.process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    worker.process.wait(5)
+        log.info("stopped")
+        return 0
+
+    def _stop(self) -> None:
+        self.stopping = True
+        self._send(signal.SIGTERM)
+        self._finish()

@@ -1,0 +1,250 @@
+"""Several proxy processes, one fleet: two real proxy processes share one real emulator's slots and one
+fair queue through one real redis-server (`state.backend: redis`).
+
+- Under load from two tenants, the emulator never holds more requests than its slots (its own `peak`
+  count), and the two tenants' shares are equal within 10 % although one of them sends through both
+  proxies and three times as many clients.
+- A SIGKILLed proxy's slots come back after the lease TTL: a request waiting on the other proxy gets one.
+- Redis killed under load: `failure_mode: open` keeps serving (each process on its own slots), `closed`
+  answers 503 state_unavailable; once Redis is back, the books are empty when the traffic ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+import redis
+
+from tests.support.polling import until
+from tests.support.redis_server import RedisServer
+from tests.support.servers import Server, start_emulator, start_proxy
+
+MODEL = "llama3.2"
+SLOTS = 3
+TENANTS = [{"name": "a", "keys": ["sk-a"]}, {"name": "b", "keys": ["sk-b"]}]
+ADMIN = "sk-admin"
+BUDGET_S = 60.0
+WARMUP = 30
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("shared-slots")
+
+
+@pytest.fixture
+def redis_server(tmp: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def emulator(tmp: Path) -> Iterator[Server]:
+    """SLOTS slots at 400 tokens/s: a 20-token answer holds its slot ~50 ms."""
+    server = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=400, output_tokens="2000,2000",
+                            name="shared-emu", extra=["--num-parallel", str(SLOTS)])
+    yield server
+    server.stop()
+
+
+def _proxy(tmp: Path, emulator: Server, redis_url: str, name: str, *, failure_mode: str = "open",
+           lease_ttl_s: float = 15.0) -> Server:
+    return start_proxy(tmp, [{"url": emulator.url, "num_parallel": SLOTS}], {
+        "admin": {"keys": [ADMIN]},
+        "tenants": TENANTS,
+        "chain": {"backpressure": {"max_in_flight": SLOTS, "max_queue_size": 256,
+                                   "queue_timeout_s": 60}},
+        "state": {"backend": "redis", "url": redis_url, "key_prefix": "shared:",
+                  "failure_mode": failure_mode, "retry_interval_s": 0.5,
+                  "lease_ttl_s": lease_ttl_s}}, name=name)
+
+
+def _books(url: str) -> dict[str, int]:
+    """Leases held and tickets queued in Redis, all models and replicas."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        leases = sum(int(client.zcard(k)) for k in client.scan_iter("shared:slots:*:lease:*"))
+        tickets = sum(int(client.zcard(k)) for k in client.scan_iter("shared:slots:*:exp"))
+        return {"leases": leases, "tickets": tickets}
+    finally:
+        client.close()
+
+
+def _shared(proxy: Server) -> dict[str, Any]:
+    response = httpx.get(f"{proxy.url}/system/queue", headers={"Authorization": f"Bearer {ADMIN}"},
+                         timeout=5)
+    return dict(response.json()["shared"])
+
+
+class Load:
+    """Closed-loop clients: each sends its next request when the last ends, until stopped."""
+
+    def __init__(self, num_predict: int = 20) -> None:
+        self.body = {"model": MODEL, "prompt": "hello", "stream": False,
+                     "options": {"num_predict": num_predict}}
+        self.served: list[str] = []
+        self.statuses: Counter[int] = Counter()
+        self.codes: Counter[str] = Counter()
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self, session: aiohttp.ClientSession, proxy: Server, tenant: str, count: int) -> None:
+        self.tasks += [asyncio.ensure_future(self._client(session, proxy, tenant))
+                       for _ in range(count)]
+
+    async def _client(self, session: aiohttp.ClientSession, proxy: Server, tenant: str) -> None:
+        deadline = time.monotonic() + BUDGET_S
+        headers = {"Authorization": f"Bearer sk-{tenant}"}
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            async with session.post(f"{proxy.url}/api/generate", json=self.body,
+                                    headers=headers) as response:
+                payload = await response.json(content_type=None)
+            self.statuses[response.status] += 1
+            if response.status != 200:
+                self.codes[str(payload.get("code") if isinstance(payload, dict) else payload)] += 1
+                await asyncio.sleep(0.05)
+            elif not self.stop.is_set():
+                self.served.append(tenant)
+
+    async def until(self, count: int) -> None:
+        deadline = time.monotonic() + BUDGET_S
+        while len(self.served) < count:
+            for task in self.tasks:
+                if task.done() and task.exception() is not None:
+                    raise AssertionError("a client failed") from task.exception()
+            assert time.monotonic() < deadline, f"{count} completions not reached: {self.statuses}"
+            await asyncio.sleep(0.02)
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+
+
+async def test_two_proxies_keep_the_slots_and_share_fairly(tmp: Path, emulator: Server,
+                                                           redis_server: RedisServer) -> None:
+    """Tenant a: 6 clients on each proxy; tenant b: 4 clients on the second only. Both stay backlogged
+    (16 clients, 3 slots). Without the shared books each proxy would keep 3 slots (the emulator would
+    see 6), and b, with a quarter of the clients, would get about a quarter of the service."""
+    first, second = await asyncio.gather(
+        asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "shared-1"),
+        asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "shared-2"))
+    load = Load()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+            load.start(session, first, "a", 6)
+            load.start(session, second, "a", 6)
+            load.start(session, second, "b", 4)
+            try:
+                await load.until(WARMUP + 300)
+            finally:
+                await load.finish()
+        counts = Counter(load.served[WARMUP:])
+        stats = emulator.stats()
+        shared = [_shared(first), _shared(second)]
+        print({"counts": counts, "peak": stats["peak"], "statuses": load.statuses, "shared": shared})
+        assert load.statuses == Counter({200: load.statuses[200]}), load.statuses
+        assert stats["peak"] == SLOTS, stats  # saturated, never above
+        assert abs(counts["a"] - counts["b"]) <= 0.1 * max(counts.values()), counts
+        # The cross-process hand-off ran (the second proxy's waiters got slots the first freed).
+        assert all(s["granted_queued"] > 0 for s in shared), shared
+        await until(lambda: _books(redis_server.url) == {"leases": 0, "tickets": 0},
+                    what="empty books after the load")
+    finally:
+        await asyncio.gather(asyncio.to_thread(first.stop), asyncio.to_thread(second.stop))
+
+
+async def test_a_killed_proxys_slots_return_after_the_lease_ttl(tmp: Path, emulator: Server,
+                                                                 redis_server: RedisServer) -> None:
+    """The first proxy holds every slot with long streams and is SIGKILLed: its leases stay in Redis
+    (nobody released them) and the second proxy's request waits, then gets a slot once they expire."""
+    first, second = await asyncio.gather(
+        asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "ttl-1", lease_ttl_s=5.0),
+        asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "ttl-2", lease_ttl_s=5.0))
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            long_body = {"model": MODEL, "prompt": "hello", "options": {"num_predict": 2000}}
+
+            async def hold() -> None:
+                with pytest.raises(aiohttp.ClientError):  # the proxy dies under it
+                    async with session.post(f"{first.url}/api/generate", json=long_body,
+                                            headers={"Authorization": "Bearer sk-a"}) as response:
+                        assert response.status == 200
+                        async for _ in response.content:
+                            pass
+
+            holders = [asyncio.ensure_future(hold()) for _ in range(SLOTS)]
+            await until(lambda: _books(redis_server.url)["leases"] == SLOTS, what="slots held")
+            first.kill()
+            await asyncio.gather(*holders)
+            assert _books(redis_server.url)["leases"] == SLOTS  # a dead process releases nothing
+            short = {"model": MODEL, "prompt": "hello", "stream": False,
+                     "options": {"num_predict": 5}}
+            waiting = asyncio.ensure_future(session.post(
+                f"{second.url}/api/generate", json=short, headers={"Authorization": "Bearer sk-b"}))
+            await until(lambda: _shared(second)["waiting"] == 1, what="the request queued")
+            response = await waiting
+            assert response.status == 200, await response.text()
+            assert (await response.json())["done"] is True
+        await until(lambda: _books(redis_server.url) == {"leases": 0, "tickets": 0},
+                    what="the dead proxy's leases expired")
+        assert emulator.stats()["peak"] <= SLOTS
+    finally:
+        await asyncio.gather(asyncio.to_thread(first.stop), asyncio.to_thread(second.stop))
+
+
+async def test_redis_killed_under_load_follows_the_failure_mode(tmp: Path, emulator: Server,
+                                                                redis_server: RedisServer) -> None:
+    """Open: every request is served while Redis is dead (each process on its own slots) and after it
+    is back; closed: 503 state_unavailable while it is dead. Afterwards nothing is left in the books."""
+    first, second, closed = await asyncio.gather(
+        asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "down-1", lease_ttl_s=3.0),
+        asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "down-2", lease_ttl_s=3.0),
+        asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "down-closed",
+                          failure_mode="closed", lease_ttl_s=3.0))
+    load = Load()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+            load.start(session, first, "a", 4)
+            load.start(session, second, "b", 4)
+            await load.until(60)
+            redis_server.kill()
+            served = len(load.served)
+            await load.until(served + 60)  # served on through the outage
+            response = await session.post(f"{closed.url}/api/generate", json=load.body,
+                                          headers={"Authorization": "Bearer sk-a"})
+            assert response.status == 503
+            assert (await response.json())["code"] == "state_unavailable"
+            before = [_shared(first)["granted_at_once"] + _shared(first)["granted_queued"],
+                      _shared(second)["granted_at_once"] + _shared(second)["granted_queued"]]
+            await asyncio.to_thread(redis_server.restart)
+
+            def shared_again() -> bool:
+                now = [_shared(p)["granted_at_once"] + _shared(p)["granted_queued"]
+                       for p in (first, second)]
+                return all(n > b for n, b in zip(now, before, strict=True))
+
+            await until(shared_again, timeout_s=30, what="admission through Redis again")
+            served = len(load.served)
+            await load.until(served + 60)
+            await load.finish()
+        print({"statuses": load.statuses, "codes": load.codes,
+               "shared": [_shared(first), _shared(second)]})
+        assert set(load.statuses) == {200}, (load.statuses, load.codes)
+        await until(lambda: _books(redis_server.url) == {"leases": 0, "tickets": 0},
+                    timeout_s=30, what="empty books once Redis is back and the load ended")
+        for proxy in (first, second):
+            await until(lambda p=proxy: _shared(p)["held"] == 0 and _shared(p)["waiting"] == 0
+                        and _shared(p)["pending_releases"] == 0, what="nothing held in the proxies")
+    finally:
+        await asyncio.gather(asyncio.to_thread(first.stop), asyncio.to_thread(second.stop),
+                             asyncio.to_thread(closed.stop))
+
