@@ -41,7 +41,7 @@ from proxy.errors import ProxyError, QuotaExceeded, RateLimited, RequestExceedsQ
 from proxy.ollama import classify
 from proxy.prompts import request_cost
 from proxy.schema import Mode, RolloutConfig, positive
-from proxy.state.base import StateBackend
+from proxy.state.base import Admission, BucketAsk, LeaseAsk, StateBackend
 from proxy.state.memory import MemoryState
 from proxy.telemetry.setup import Telemetry
 
@@ -129,6 +129,8 @@ class QuotasStep(Step):
         with self.span(**{self.telemetry.names.tenant: tenant.name}) as span:
             try:
                 wanted = 0
+                lease: LeaseAsk | None = None
+                buckets: list[BucketAsk] = []
                 if tenant.tokens_per_minute is not None:
                     tpm = tenant.tokens_per_minute
                     ctx.service_limits["tokens_per_minute"] = tpm
@@ -139,42 +141,32 @@ class QuotasStep(Step):
                             f"request reserves {wanted} tokens, more than tenant {tenant.name}'s "
                             f"whole budget of {tpm:g} tokens per minute")
                 if tenant.max_concurrent is not None:
-                    limit = tenant.max_concurrent
-                    ctx.service_limits["max_concurrent"] = limit
-                    leased, holders = await self.state.lease(lease_key, limit, holder,
-                                                             self.config.lease_ttl_s)
-                    self._concurrency_headers(ctx, limit, holders if leased else limit)
-                    if not leased:
-                        raise RateLimited(
-                            f"tenant {tenant.name} has {holders} requests in flight "
-                            f"(max_concurrent {limit})", retry_after_s=self._lease_wait_s(tenant))
+                    ctx.service_limits["max_concurrent"] = tenant.max_concurrent
+                    lease = LeaseAsk(lease_key, tenant.max_concurrent, holder, self.config.lease_ttl_s)
                 if tenant.requests_per_minute is not None:
                     rpm = tenant.requests_per_minute
                     ctx.service_limits["requests_per_minute"] = rpm
-                    taken = await self.state.take(rpm_key, rpm, rpm / 60, 1)
-                    self._request_headers(ctx, rpm, taken.remaining)
-                    if not taken.ok:
-                        raise RateLimited(f"tenant {tenant.name} is over {rpm:g} requests per minute",
-                                          retry_after_s=taken.retry_after_s)
-                    took_request = True
+                    buckets.append(BucketAsk(rpm_key, rpm, rpm / 60, 1))
                 if tenant.tokens_per_minute is not None:
                     tpm = tenant.tokens_per_minute
-                    taken = await self.state.take(tpm_key, tpm, tpm / 60, wanted)
-                    self._token_headers(ctx, tpm, taken.remaining)
-                    if not taken.ok:
-                        raise QuotaExceeded(
-                            f"tenant {tenant.name} is over {tpm:g} tokens per minute "
-                            f"(this request reserves {wanted})", retry_after_s=taken.retry_after_s)
-                    reserved = wanted
+                    buckets.append(BucketAsk(tpm_key, tpm, tpm / 60, wanted))
+                # One round trip for all three (state.admit: all or nothing; Redis runs one script).
+                admission = await self.state.admit(lease, buckets)
+                leased = admission.lease is not None and admission.lease[0]
+                self._admission_headers(ctx, tenant, admission)
+                self._refuse_unless_admitted(tenant, admission, wanted)
+                took_request = tenant.requests_per_minute is not None
+                reserved = wanted if tenant.tokens_per_minute is not None else 0
                 span.set_attribute(self.telemetry.names.quotas_reserved_tokens, reserved)
                 self.decide(ctx, span, "allowed")
             except ProxyError as error:
+                # Refused by admit: it held nothing. Refused later (never, today) would give back.
                 await self._give_back(tenant, holder, leased, took_request, reserved)
                 leased = took_request = False
                 reserved = 0
                 self.decide(ctx, span, "rejected", error)  # raises in enforce mode
             except BaseException:
-                # Cancelled (the client left) during a state call: a lease may have been granted
+                # Cancelled (the client left) during the state call: a lease may have been granted
                 # without our knowing, so the holder is released whatever `leased` says.
                 await asyncio.shield(self._give_back(tenant, holder, tenant.max_concurrent is not None,
                                                      took_request, reserved))
@@ -200,6 +192,35 @@ class QuotasStep(Step):
                 await asyncio.shield(self._settle(ctx, tenant, holder, leased, reserved,
                                                   refund_request))
             self._observe_duration(tenant, time.monotonic() - started)
+
+    def _admission_headers(self, ctx: RequestContext, tenant: Tenant, admission: Admission) -> None:
+        """The rate-limit headers of every limit admit looked at."""
+        results = iter(admission.buckets)
+        if admission.lease is not None and tenant.max_concurrent is not None:
+            granted, holders = admission.lease
+            self._concurrency_headers(ctx, tenant.max_concurrent,
+                                      holders if granted else tenant.max_concurrent)
+        if tenant.requests_per_minute is not None and (taken := next(results, None)) is not None:
+            self._request_headers(ctx, tenant.requests_per_minute, taken.remaining)
+        if tenant.tokens_per_minute is not None and (taken := next(results, None)) is not None:
+            self._token_headers(ctx, tenant.tokens_per_minute, taken.remaining)
+
+    def _refuse_unless_admitted(self, tenant: Tenant, admission: Admission, wanted: int) -> None:
+        """The refusal of the first limit that did not fit, if any."""
+        if admission.lease is not None and not admission.lease[0]:
+            raise RateLimited(
+                f"tenant {tenant.name} has {admission.lease[1]} requests in flight "
+                f"(max_concurrent {tenant.max_concurrent})", retry_after_s=self._lease_wait_s(tenant))
+        results = iter(admission.buckets)
+        if tenant.requests_per_minute is not None and (taken := next(results, None)) is not None \
+                and not taken.ok:
+            raise RateLimited(f"tenant {tenant.name} is over {tenant.requests_per_minute:g} requests "
+                              "per minute", retry_after_s=taken.retry_after_s)
+        if tenant.tokens_per_minute is not None and (taken := next(results, None)) is not None \
+                and not taken.ok:
+            raise QuotaExceeded(
+                f"tenant {tenant.name} is over {tenant.tokens_per_minute:g} tokens per minute "
+                f"(this request reserves {wanted})", retry_after_s=taken.retry_after_s)
 
     @staticmethod
     def _request_headers(ctx: RequestContext, limit: float, remaining: float) -> None:
@@ -283,23 +304,24 @@ class QuotasStep(Step):
     async def _settle_all(self, ctx: RequestContext, tenant: Tenant, holder: str, leased: bool,
                           reserved: int, refund_request: bool = False) -> None:
         rpm_key, tpm_key, lease_key = self.keys(tenant)
-        if leased:
-            await self.state.release(lease_key, holder)
+        adjustments: list[BucketAsk] = []
         if refund_request and tenant.requests_per_minute is not None:
             rpm = tenant.requests_per_minute
-            await self.state.adjust(rpm_key, rpm, rpm / 60, 1)
-        if not reserved or tenant.tokens_per_minute is None:
-            return
-        usage = ctx.exchange.usage
-        if usage is not None and (usage.input_tokens is not None or usage.output_tokens is not None):
-            used = (usage.input_tokens or 0) + (usage.output_tokens or 0)
-        elif ctx.exchange.first_byte_at is None:
-            used = 0  # nothing was produced: refund everything
-        else:
-            used = ctx.prompt.tokens or 0  # cut short mid-response: the prompt was read
-        if used != reserved:
-            tpm = tenant.tokens_per_minute
-            await self.state.adjust(tpm_key, tpm, tpm / 60, reserved - used)
+            adjustments.append(BucketAsk(rpm_key, rpm, rpm / 60, 1))
+        if reserved and tenant.tokens_per_minute is not None:
+            usage = ctx.exchange.usage
+            if usage is not None and (usage.input_tokens is not None
+                                      or usage.output_tokens is not None):
+                used = (usage.input_tokens or 0) + (usage.output_tokens or 0)
+            elif ctx.exchange.first_byte_at is None:
+                used = 0  # nothing was produced: refund everything
+            else:
+                used = ctx.prompt.tokens or 0  # cut short mid-response: the prompt was read
+            if used != reserved:
+                tpm = tenant.tokens_per_minute
+                adjustments.append(BucketAsk(tpm_key, tpm, tpm / 60, reserved - used))
+        # One round trip: the lease back and the buckets trued up (state.settle).
+        await self.state.settle((lease_key, holder) if leased else None, adjustments)
 
     async def snapshot(self, tenants: list[Tenant]) -> dict[str, Any]:
         """Usage and remaining per tenant, for /system/quotas."""

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.state.base import StateBackend
+from proxy.state.base import BucketAsk, LeaseAsk, StateBackend
 from proxy.state.failover import FailoverState
 from proxy.state.memory import MemoryState
 from proxy.state.redis import RedisState
@@ -237,6 +237,47 @@ async def test_state_backends_agree(backend: str, redis_server: RedisServer) -> 
         assert (await state.lease("l", 2, "short", 0.2))[0]
         await asyncio.sleep(0.35)  # time passing: the 0.2 s lease outlives nothing
         assert await state.holders("l") == 1  # the short lease expired by itself
+    finally:
+        await state.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis", "failover"])
+async def test_admit_is_all_or_nothing_and_settle_trues_up(backend: str,
+                                                            redis_server: RedisServer) -> None:
+    """state.admit takes the lease and every bucket or nothing (Redis: one script, one round trip);
+    state.settle gives the lease back and adjusts the buckets in one call."""
+    state: StateBackend = MemoryState()
+    if backend == "redis":
+        state = RedisState(redis_server.url, f"sop-admit-{backend}:")
+    elif backend == "failover":
+        state = FailoverState(RedisState(redis_server.url, f"sop-admit-{backend}:"),
+                              failure_mode="closed")
+    await state.start()
+    rpm, tpm = BucketAsk("rpm", 2, 0.001, 1), BucketAsk("tpm", 100, 0.001, 60)
+    try:
+        first = await state.admit(LeaseAsk("in", 2, "h1", 5), [rpm, tpm])
+        assert first.ok and first.lease == (True, 1)
+        assert [round(b.remaining) for b in first.buckets] == [1, 40]
+        # The token bucket refuses: the lease and the request bucket stay as they were.
+        refused = await state.admit(LeaseAsk("in", 2, "h2", 5), [rpm, tpm])
+        assert not refused.ok and refused.lease == (True, 1)  # grantable, not held: 1 holder
+        assert [b.ok for b in refused.buckets] == [True, False]
+        assert refused.buckets[1].retry_after_s == pytest.approx(20_000, rel=0.05)
+        assert await state.holders("in") == 1
+        assert await state.level("rpm", 2, 0.001) == pytest.approx(1, abs=0.01)
+        assert await state.level("tpm", 100, 0.001) == pytest.approx(40, abs=0.01)
+        # The lease refuses: no bucket is looked at.
+        full = await state.admit(LeaseAsk("in", 1, "h3", 5), [rpm])
+        assert full.lease == (False, 1) and full.buckets == () and not full.ok
+        assert await state.level("rpm", 2, 0.001) == pytest.approx(1, abs=0.01)
+        # Settle: the lease back, the request refunded, 30 of the 60 tokens reserved came back unused.
+        await state.settle(("in", "h1"), [BucketAsk("rpm", 2, 0.001, 1),
+                                          BucketAsk("tpm", 100, 0.001, 30)])
+        assert await state.holders("in") == 0
+        assert await state.level("rpm", 2, 0.001) == pytest.approx(2, abs=0.01)
+        assert await state.level("tpm", 100, 0.001) == pytest.approx(70, abs=0.01)
+        no_lease = await state.admit(None, [BucketAsk("rpm", 2, 0.001, 1)])
+        assert no_lease.ok and no_lease.lease is None
     finally:
         await state.close()
 

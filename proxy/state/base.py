@@ -10,11 +10,13 @@ renewal, so the holdings of a proxy that died come back by themselves.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import attrs
 
-__all__ = ["BucketResult", "StateBackend"]
+__all__ = ["Admission", "BucketAsk", "BucketResult", "LeaseAsk", "StateBackend"]
 
 
 @attrs.frozen
@@ -24,6 +26,42 @@ class BucketResult:
     ok: bool
     remaining: float
     retry_after_s: float
+
+
+@attrs.frozen
+class LeaseAsk:
+    """Become one of at most `limit` holders of `key`, for `ttl_s` after each renewal."""
+
+    key: str
+    limit: int
+    holder: str
+    ttl_s: float
+
+
+@attrs.frozen
+class BucketAsk:
+    """`amount` from the bucket `key` (capacity, refill per second): taken by `admit`, or added back
+    (negative: removed) unconditionally by `settle`."""
+
+    key: str
+    capacity: float
+    refill_per_s: float
+    amount: float
+
+
+@attrs.frozen
+class Admission:
+    """What `admit` decided. `lease`: (granted, holders), None when none was asked; when a bucket
+    refused, (True, the holders without this request): it could have had the lease but holds nothing.
+    `buckets`: the result of each bucket checked, in the order asked, up to the one that refused (none
+    when the lease was refused)."""
+
+    lease: tuple[bool, int] | None
+    buckets: tuple[BucketResult, ...]
+
+    @property
+    def ok(self) -> bool:
+        return (self.lease is None or self.lease[0]) and all(b.ok for b in self.buckets)
 
 
 class StateBackend(ABC):
@@ -56,6 +94,45 @@ class StateBackend(ABC):
     @abstractmethod
     async def holders(self, key: str) -> int:
         """Unexpired holders of `key`."""
+
+    async def admit(self, lease: LeaseAsk | None, buckets: Sequence[BucketAsk]) -> Admission:
+        """All or nothing: the lease, then every bucket in order; the first that cannot be had refuses
+        and nothing is held. The Redis backend does it in one round trip (one script); this composition
+        serves the in-process state, which never suspends in between."""
+        granted = None
+        if lease is not None:
+            granted = await self.lease(lease.key, lease.limit, lease.holder, lease.ttl_s)
+            if not granted[0]:
+                return Admission(granted, ())
+        results: list[BucketResult] = []
+        try:
+            for ask in buckets:
+                result = await self.take(ask.key, ask.capacity, ask.refill_per_s, ask.amount)
+                results.append(result)
+                if not result.ok:
+                    break
+        except BaseException:
+            await asyncio.shield(self._undo(lease, buckets[:len(results)]))
+            raise
+        if results and not results[-1].ok:
+            await self._undo(lease, buckets[:len(results) - 1])
+            if granted is not None:
+                granted = (True, granted[1] - 1)  # grantable, but not held: the others only
+        return Admission(granted, tuple(results))
+
+    async def _undo(self, lease: LeaseAsk | None, taken: Sequence[BucketAsk]) -> None:
+        for ask in taken:
+            await self.adjust(ask.key, ask.capacity, ask.refill_per_s, ask.amount)
+        if lease is not None:
+            await self.release(lease.key, lease.holder)
+
+    async def settle(self, lease: tuple[str, str] | None, adjustments: Sequence[BucketAsk]) -> None:
+        """Release the lease (key, holder) and add each adjustment's `amount` to its bucket, without
+        condition (refunds positive, extra use negative). One round trip on Redis."""
+        if lease is not None:
+            await self.release(*lease)
+        for ask in adjustments:
+            await self.adjust(ask.key, ask.capacity, ask.refill_per_s, ask.amount)
 
     async def start(self) -> None:  # noqa: B027 - optional hook, a no-op for memory
         """Called once the event loop runs, before serving; must not fail (nothing to do for memory)."""

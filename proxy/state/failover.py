@@ -10,14 +10,14 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Literal, TypeVar
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from ..errors import StateUnavailable
 from ..telemetry import semconv
-from .base import BucketResult, StateBackend
+from .base import Admission, BucketAsk, BucketResult, LeaseAsk, StateBackend
 from .memory import MemoryState
 from .redis import RedisState
 
@@ -233,6 +233,30 @@ class FailoverState(StateBackend):
         if granted:
             self._local_leases.add((key, holder))
         return granted, holders
+
+    async def admit(self, lease: LeaseAsk | None, buckets: Sequence[BucketAsk]) -> Admission:
+        if not self.degraded:
+            try:
+                return await self._remote("admit", lambda: self.remote.admit(lease, buckets))
+            except _Down:  # Redis may still admit once it reads the command: give the lease back
+                if lease is not None:
+                    if self.degraded:
+                        self._pend_release(lease.key, lease.holder)
+                    else:
+                        task = asyncio.get_running_loop().create_task(
+                            self._release_remote(lease.key, lease.holder))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+        # One operation at a time, each through the breaker and the failure mode.
+        return await StateBackend.admit(self, lease, buckets)
+
+    async def settle(self, lease: tuple[str, str] | None, adjustments: Sequence[BucketAsk]) -> None:
+        local = lease is not None and lease in self._local_leases
+        if not self.degraded and not local:
+            with contextlib.suppress(_Down):
+                await self._remote("settle", lambda: self.remote.settle(lease, adjustments))
+                return
+        await StateBackend.settle(self, lease, adjustments)
 
     async def renew(self, key: str, holder: str, ttl_s: float) -> None:
         local = (key, holder) in self._local_leases

@@ -12,13 +12,14 @@ three times by default, which turns one frozen Redis into four timeouts). Errors
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .base import BucketResult, StateBackend
+from .base import Admission, BucketAsk, BucketResult, LeaseAsk, StateBackend
 
 __all__ = ["RedisState"]
 
@@ -73,6 +74,90 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 return 1
 """
 
+# admit: KEYS = [lease set]? + bucket keys; ARGV = has_lease, limit, holder, ttl_ms, then per bucket
+# capacity, refill_per_s, amount. Checks everything first and writes only when everything fits.
+# Returns {ok, holders, refused bucket (1-based, 0: none; -1: the lease), levels...}.
+_ADMIT = _NOW + """
+local has_lease = ARGV[1] == '1'
+local first = 1
+local holders = 0
+if has_lease then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  holders = redis.call('ZCARD', KEYS[1])
+  if holders >= tonumber(ARGV[2]) and not redis.call('ZSCORE', KEYS[1], ARGV[3]) then
+    return {0, holders, -1}
+  end
+  first = 2
+end
+local levels = {}
+local n = #KEYS - first + 1
+for i = 1, n do
+  local base = 4 + (i - 1) * 3
+  local capacity = tonumber(ARGV[base + 1])
+  local per_ms = tonumber(ARGV[base + 2]) / 1000
+  local amount = tonumber(ARGV[base + 3])
+  local state = redis.call('HMGET', KEYS[first + i - 1], 'level', 'ms')
+  local level = tonumber(state[1])
+  local stamp = tonumber(state[2])
+  if level == nil then level = capacity; stamp = now end
+  level = math.min(capacity, level + math.max(0, now - stamp) * per_ms)
+  levels[i] = level
+  if not (amount == 0 or level >= amount) then
+    local out = {0, holders, i}
+    for j = 1, i do out[#out + 1] = tostring(levels[j]) end
+    return out
+  end
+end
+if has_lease then
+  local ttl = tonumber(ARGV[4])
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ttl * 2)
+  holders = redis.call('ZCARD', KEYS[1])
+end
+local out = {1, holders, 0}
+for i = 1, n do
+  local base = 4 + (i - 1) * 3
+  local capacity = tonumber(ARGV[base + 1])
+  local per_ms = tonumber(ARGV[base + 2]) / 1000
+  local amount = tonumber(ARGV[base + 3])
+  local level = levels[i] - amount
+  if amount ~= 0 then
+    redis.call('HSET', KEYS[first + i - 1], 'level', tostring(level), 'ms', now)
+    local idle_ms = 60000
+    if per_ms > 0 then idle_ms = math.ceil(capacity / per_ms) + 60000 end
+    redis.call('PEXPIRE', KEYS[first + i - 1], idle_ms)
+  end
+  out[#out + 1] = tostring(level)
+end
+return out
+"""
+
+# settle: KEYS = [lease set]? + bucket keys; ARGV = has_lease, holder, then per bucket capacity,
+# refill_per_s, delta (added without condition, capped at capacity).
+_SETTLE = _NOW + """
+local first = 1
+if ARGV[1] == '1' then
+  redis.call('ZREM', KEYS[1], ARGV[2])
+  first = 2
+end
+for i = first, #KEYS do
+  local base = 2 + (i - first) * 3
+  local capacity = tonumber(ARGV[base + 1])
+  local per_ms = tonumber(ARGV[base + 2]) / 1000
+  local delta = tonumber(ARGV[base + 3])
+  local state = redis.call('HMGET', KEYS[i], 'level', 'ms')
+  local level = tonumber(state[1])
+  local stamp = tonumber(state[2])
+  if level == nil then level = capacity; stamp = now end
+  level = math.min(capacity, level + math.max(0, now - stamp) * per_ms + delta)
+  redis.call('HSET', KEYS[i], 'level', tostring(level), 'ms', now)
+  local idle_ms = 60000
+  if per_ms > 0 then idle_ms = math.ceil(capacity / per_ms) + 60000 end
+  redis.call('PEXPIRE', KEYS[i], idle_ms)
+end
+return 1
+"""
+
 _HOLDERS = _NOW + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
@@ -100,6 +185,8 @@ class RedisState(StateBackend):
         self._lease = self._redis.register_script(_LEASE)
         self._renew = self._redis.register_script(_RENEW)
         self._holders = self._redis.register_script(_HOLDERS)
+        self._admit = self._redis.register_script(_ADMIT)
+        self._settle = self._redis.register_script(_SETTLE)
 
     @property
     def client(self) -> Any:
@@ -145,6 +232,35 @@ class RedisState(StateBackend):
 
     async def release(self, key: str, holder: str) -> None:
         await self._redis.zrem(self._key("lease", key), holder)
+
+    async def admit(self, lease: LeaseAsk | None, buckets: Sequence[BucketAsk]) -> Admission:
+        keys = [self._key("lease", lease.key)] if lease is not None else []
+        args: list[Any] = (["1", lease.limit, lease.holder, int(lease.ttl_s * 1000)]
+                           if lease is not None else ["0", 0, "", 0])
+        for ask in buckets:
+            keys.append(self._key("bucket", ask.key))
+            args += [ask.capacity, ask.refill_per_s, ask.amount]
+        reply = await self._admit(keys=keys, args=args)
+        ok, holders, refused = int(reply[0]), int(reply[1]), int(reply[2])
+        if refused == -1:
+            return Admission((False, holders), ())
+        results = []
+        for index, level in enumerate(float(value) for value in reply[3:]):
+            ask = buckets[index]
+            fits = ok == 1 or index + 1 != refused
+            results.append(BucketResult(fits, level, 0.0 if fits else self.wait_s(
+                level, ask.amount, ask.refill_per_s)))
+        return Admission((True, holders) if lease is not None else None, tuple(results))
+
+    async def settle(self, lease: tuple[str, str] | None, adjustments: Sequence[BucketAsk]) -> None:
+        if lease is None and not adjustments:
+            return
+        keys = [self._key("lease", lease[0])] if lease is not None else []
+        args: list[Any] = ["1", lease[1]] if lease is not None else ["0", ""]
+        for ask in adjustments:
+            keys.append(self._key("bucket", ask.key))
+            args += [ask.capacity, ask.refill_per_s, ask.amount]
+        await self._settle(keys=keys, args=args)
 
     async def release_many(self, leases: list[tuple[str, str]]) -> None:
         """Give back many (key, holder) leases in one round trip (after an outage)."""
