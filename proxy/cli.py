@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -29,6 +30,16 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coro)
     else:
         uvloop.run(coro)
+
+
+def settle_garbage_collector() -> None:
+    """Once everything long-lived exists (configuration, tokenizers, the application), move it out of
+    the collector's sight (`gc.freeze`) and collect the young generation less often: every request
+    allocates a few hundred objects that die with it, and full collections that walk the tokenizers'
+    tables again and again were ~9 % of the proxy's CPU under load (perf, issue 16)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 50)
 
 
 def _configure_logging(level: str, role: str | None = None) -> None:
@@ -123,6 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
                                   max_header_bytes=server.max_header_bytes,
                                   max_connections=max_connections, reuse_port=worker)
         actual = bound_port(runner)
+        settle_garbage_collector()
         if args.port_file:
             write_port_file(args.port_file, actual)
         log.info("shared-ollama-proxy %s listening on http://%s:%d, upstreams: %s", __version__,
