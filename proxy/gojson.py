@@ -305,5 +305,12 @@ def _default(value: Any) -> Any:
 
 def dumps(value: Any) -> bytes:
     """`value` as JSON that Go decodes to the same values (BigNumbers written as they were received).
-    Strings never hold surrogates here (decoding replaced them), so the output is valid UTF-8."""
-    return orjson.dumps(value, default=_default)
+    Strings never hold surrogates here (decoding replaced them), so the output is valid UTF-8.
+
+    The result is right-sized: orjson hands back a small output inside its 4 KiB working buffer, and a
+    rewritten body is kept for as long as its request runs (10,000 open streams: 40 MB of slack)."""
+    out = orjson.dumps(value, default=_default)
+    return bytes(memoryview(out)) if len(out) < _RIGHT_SIZE_BELOW else out
+
+
+_RIGHT_SIZE_BELOW = 64 * 1024

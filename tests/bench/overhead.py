@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -154,13 +155,14 @@ async def _stream_cpu(proxy: Server | _Child, key: str | None, streams: int) -> 
     return {"streams": streams, "lines": lines, "cpu_us_per_chunk": cpu / lines * 1e6}
 
 
-async def _stream_memory(proxy: Server, key: str, streams: int) -> dict[str, float]:
+async def _stream_memory(proxy: Server, key: str, streams: int) -> dict[str, Any]:
     """Hold `streams` streams open through the proxy at once (the fake sends a head and one line, then
     nothing); RSS per open stream, and whether every one got its first line."""
     body = {"model": "llama3.2", "prompt": "hold"}
     connector = aiohttp.TCPConnector(limit=0)
     opened: list[aiohttp.ClientResponse] = []
     failures = 0
+    reasons: Counter[str] = Counter()
     async with aiohttp.ClientSession(connector=connector, headers={"Authorization": f"Bearer {key}"},
                                      timeout=aiohttp.ClientTimeout(total=None)) as session:
         rss_before = _rss(proxy)
@@ -172,11 +174,16 @@ async def _stream_memory(proxy: Server, key: str, streams: int) -> dict[str, flo
                 try:
                     response = await session.post(f"{proxy.url}/api/generate", json=body)
                     await response.content.readline()
-                except (aiohttp.ClientError, OSError):
+                except (aiohttp.ClientError, OSError) as exc:
                     failures += 1
+                    reasons[type(exc).__name__] += 1
                     return
                 if response.status != 200:
                     failures += 1
+                    text = (await response.text())[:80]
+                    reasons[f"HTTP {response.status} {text}"] += 1
+                    response.close()
+                    return
                 opened.append(response)
 
         start = time.perf_counter()
@@ -187,7 +194,7 @@ async def _stream_memory(proxy: Server, key: str, streams: int) -> dict[str, flo
         fds = psutil.Process(proxy.process.pid).num_fds()
         for response in opened:
             response.close()
-    return {"streams": float(len(opened) - failures), "attempted": float(streams),
+    return {"streams": float(len(opened)), "attempted": float(streams), "reasons": dict(reasons),
             "failures": float(failures), "open_all_s": open_s, "proxy_fds": float(fds),
             "kib_per_stream": (rss_open - rss_before) / max(1, len(opened)) / 1024,
             "rss_mib_before": rss_before / 2**20, "rss_mib_open": rss_open / 2**20}
