@@ -183,8 +183,16 @@ class RequestContext:
         return self.identity is not None and self.identity.internal
 
     def service_limits_header(self) -> str:
-        """`v=1; key=value; ...` for X-Service-Limits."""
-        return "; ".join(["v=1", *(f"{k}={plain_number(v)}" for k, v in self.service_limits.items())])
+        """`v=1; key=value; ...` for X-Service-Limits. Cached by content: the limits come from the
+        configuration and a handful of contexts, so most responses repeat one of a few headers."""
+        key = tuple(self.service_limits.items())
+        header = _LIMITS_HEADERS.get(key)
+        if header is None:
+            header = "; ".join(["v=1", *(f"{k}={plain_number(v)}" for k, v in key)])
+            if len(_LIMITS_HEADERS) >= 1024:
+                _LIMITS_HEADERS.clear()  # bounded, whatever mix of limits comes by
+            _LIMITS_HEADERS[key] = header
+        return header
 
     def json(self) -> Any:
         """The body as Ollama reads it (cached): Go's encoding/json semantics (proxy/gojson.py), with
@@ -227,6 +235,9 @@ class RequestContext:
         if isinstance(value, dict) and isinstance(value.get("stream"), bool):
             return bool(value["stream"])
         return self.route.stream_default
+
+
+_LIMITS_HEADERS: dict[tuple[tuple[str, Any], ...], str] = {}
 
 
 def plain_number(value: Any) -> str:
