@@ -32,6 +32,7 @@ from opentelemetry.trace import (
     Status,
     StatusCode,
     TraceFlags,
+    TraceState,
 )
 from opentelemetry.util import types
 from opentelemetry.util._decorator import _agnosticcontextmanager
@@ -55,14 +56,22 @@ class FastSpan(trace.Span):
     """A sampled span: its data in slots until `end()` encodes it and hands the bytes to the sink."""
 
     __slots__ = ("_attributes", "_context", "_ended", "_events", "_flags", "_kind", "_name",
-                 "_parent_id", "_sink", "_start_ns", "_status_code", "_status_message", "_trace_bytes")
+                 "_parent_id", "_sink", "_span_id", "_start_ns", "_status_code", "_status_message",
+                 "_trace_bytes", "_trace_flags", "_trace_id", "_trace_state")
 
-    def __init__(self, sink: SpanSink, name: str, context: SpanContext, trace_bytes: bytes,
+    def __init__(self, sink: SpanSink, name: str, trace_id: int, span_id: int,
+                 trace_flags: TraceFlags, trace_state: TraceState | None, trace_bytes: bytes,
                  parent_id: bytes | None, kind: int, attributes: dict[str, Any], start_ns: int,
                  flags: int) -> None:
         self._sink = sink
         self._name = name
-        self._context = context
+        self._trace_id = trace_id
+        self._span_id = span_id
+        self._trace_flags = trace_flags
+        self._trace_state = trace_state
+        self._context: SpanContext | None = None
+        """Built when asked for (propagation, a foreign child): the API's SpanContext validates its
+        fields in Python, and most spans are never asked."""
         self._trace_bytes = trace_bytes
         self._parent_id = parent_id
         self._kind = kind
@@ -76,6 +85,9 @@ class FastSpan(trace.Span):
 
     # -- the API ---------------------------------------------------------------------------------
     def get_span_context(self) -> SpanContext:
+        if self._context is None:
+            self._context = SpanContext(self._trace_id, self._span_id, False, self._trace_flags,
+                                        self._trace_state)
         return self._context
 
     def is_recording(self) -> bool:
@@ -127,7 +139,7 @@ class FastSpan(trace.Span):
             return
         self._ended = True
         self._sink.add(otlp_wire.encode_span(
-            self._trace_bytes, self._context.span_id.to_bytes(8, "big"), self._parent_id, self._name,
+            self._trace_bytes, self._span_id.to_bytes(8, "big"), self._parent_id, self._name,
             self._kind, self._start_ns, end_time if end_time is not None else time.time_ns(),
             self._attributes, self._events, self._status_code, self._status_message, self._flags))
 
@@ -156,34 +168,31 @@ class FastTracer(trace.Tracer):
                    ) -> trace.Span:
         del links, record_exception, set_status_on_exception
         parent = trace.get_current_span(context)
+        start_ns = start_time if start_time is not None else time.time_ns()
+        fields = dict(attributes) if attributes else {}
         if type(parent) is FastSpan:
-            # The common case, a child of the request's span: its trace, sampled.
-            parent_context = parent._context
-            trace_bytes = parent._trace_bytes
-            flags = 0x100  # SpanFlags: HAS_IS_REMOTE, parent local
-        else:
-            parent_context = parent.get_span_context()
-            if parent_context.is_valid:
-                if not parent_context.trace_flags.sampled:
-                    # Not sampled upstream: nothing to record, and the children are this same span.
-                    return parent if isinstance(parent, NonRecordingSpan) else NonRecordingSpan(
-                        parent_context)
-                trace_bytes = parent_context.trace_id.to_bytes(16, "big")
-                flags = 0x300 if parent_context.is_remote else 0x100  # HAS_IS_REMOTE | IS_REMOTE
-            else:
-                trace_id = self._bits(128) or 1
-                if (trace_id & 0xFFFFFFFFFFFFFFFF) >= self._bound:
-                    return NonRecordingSpan(SpanContext(trace_id, self._bits(64) or 1, False))
-                parent_context = SpanContext(trace_id, 0, False, _SAMPLED)
-                trace_bytes = trace_id.to_bytes(16, "big")
-                flags = 0x100
-        span_context = SpanContext(parent_context.trace_id, self._bits(64) or 1, False,
-                                   parent_context.trace_flags, parent_context.trace_state)
-        parent_id = (parent_context.span_id.to_bytes(8, "big")
-                     if parent_context.span_id else None)
-        return FastSpan(self.sink, name, span_context, trace_bytes, parent_id, kind.value + 1,
-                        dict(attributes) if attributes else {},
-                        start_time if start_time is not None else time.time_ns(), flags)
+            # The common case, a child of the request's span: its trace, sampled, parent local
+            # (SpanFlags HAS_IS_REMOTE only).
+            return FastSpan(self.sink, name, parent._trace_id, self._bits(64) or 1,
+                            parent._trace_flags, parent._trace_state, parent._trace_bytes,
+                            parent._span_id.to_bytes(8, "big"), kind.value + 1, fields, start_ns,
+                            0x100)
+        parent_context = parent.get_span_context()
+        if parent_context.is_valid:
+            if not parent_context.trace_flags.sampled:
+                # Not sampled upstream: nothing to record, and the children are this same span.
+                return parent if isinstance(parent, NonRecordingSpan) else NonRecordingSpan(
+                    parent_context)
+            return FastSpan(self.sink, name, parent_context.trace_id, self._bits(64) or 1,
+                            parent_context.trace_flags, parent_context.trace_state,
+                            parent_context.trace_id.to_bytes(16, "big"),
+                            parent_context.span_id.to_bytes(8, "big"), kind.value + 1, fields,
+                            start_ns, 0x300 if parent_context.is_remote else 0x100)
+        trace_id = self._bits(128) or 1
+        if (trace_id & 0xFFFFFFFFFFFFFFFF) >= self._bound:
+            return NonRecordingSpan(SpanContext(trace_id, self._bits(64) or 1, False))
+        return FastSpan(self.sink, name, trace_id, self._bits(64) or 1, _SAMPLED, None,
+                        trace_id.to_bytes(16, "big"), None, kind.value + 1, fields, start_ns, 0x100)
 
     @_agnosticcontextmanager
     def start_as_current_span(self, name: str, context: otel_context.Context | None = None,
