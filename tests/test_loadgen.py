@@ -281,13 +281,16 @@ def test_rag_burst_fleet_is_seeded_finite_and_a_burst_two_replicas_absorb() -> N
     rag = [p for p in first if p.kind == "rag"]
     assert {p.tenant for p in rag} == {"ingest-team"} and len(rag) == 10
     generations = [p for p in first if p.kind != "embed"]
-    # Offered load in replicas (chat-model slot-seconds per second), per burst window and overall.
-    for start in (20.0, 85.0):
-        window = [p for p in generations if start <= p.at_s < start + 20.0]
-        peak = sum(_chat_model_seconds(p) for p in window) / 20.0
-        assert 3.0 <= peak <= 5.0, peak  # 3-5x one replica
+    # Offered load in replicas (chat-model slot-seconds per second), per burst window and overall:
+    # a sharp burst (about 5x one replica), a broad one, and a mean within two replicas.
+    peaks = []
+    for start, window_s in ((20.0, 15.0), (80.0, 25.0)):
+        window = [p for p in generations if start <= p.at_s < start + window_s]
+        assert sum(1 for p in window if p.kind == "rag") == 5
+        peaks.append(sum(_chat_model_seconds(p) for p in window) / window_s)
+    assert 4.5 <= peaks[0] <= 5.5 and 2.5 <= peaks[1] <= 4.0, peaks
     mean = sum(_chat_model_seconds(p) for p in generations) / fleet.duration_s
-    assert 1.0 < mean < 2.0, mean  # more than one replica can do, within two
+    assert 1.0 < mean < 1.6, mean  # more than one replica can do, well within two
     quiet = [p for p in generations if p.kind == "chat"]
     assert sum(_chat_model_seconds(p) for p in quiet) / fleet.duration_s < 1.0
 
