@@ -1,4 +1,5 @@
-"""The load generator: seeded plans (rag-chat-ingest: growing histories, overlapping ingests), open-loop
+"""The load generator: seeded plans (rag-chat-ingest: growing histories, overlapping ingests; every
+generation prompt within the context, cut as a client would), open-loop
 dispatch against a real emulator, the counting tap, outcome classification
 (ok, rejected, timeout, error), requests sent through the retry helper (counted once, from the first
 attempt), summaries and the loopback-only rule."""
@@ -13,8 +14,10 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import attrs
 import httpx
 import pytest
 
@@ -23,7 +26,7 @@ from proxy.emulator.profile import load_profile
 from proxy.emulator.vocabulary import default_vocabulary
 from proxy.loadgen.retrying import Retrying
 from proxy.loadgen.runner import Record, assert_loopback, run_plan
-from proxy.loadgen.scenarios import scenario
+from proxy.loadgen.scenarios import SCENARIOS, scenario
 from proxy.loadgen.summary import jain, percentile, summarize
 from proxy.loadgen.tap import Tap
 from proxy.loadgen.workload import Burst, Conversations, Ingests, Planned, Scenario, Stream, Tenant, plan
@@ -278,15 +281,82 @@ def test_rag_burst_fleet_is_seeded_finite_and_a_burst_two_replicas_absorb() -> N
     rag = [p for p in first if p.kind == "rag"]
     assert {p.tenant for p in rag} == {"ingest-team"} and len(rag) == 10
     generations = [p for p in first if p.kind != "embed"]
-    # Offered load in replicas (chat-model slot-seconds per second), per burst window and overall.
-    for start in (20.0, 85.0):
-        window = [p for p in generations if start <= p.at_s < start + 20.0]
-        peak = sum(_chat_model_seconds(p) for p in window) / 20.0
-        assert 3.0 <= peak <= 5.0, peak  # 3-5x one replica
+    # Offered load in replicas (chat-model slot-seconds per second), per burst window and overall:
+    # a sharp burst (about 5x one replica), a broad one, and a mean within two replicas.
+    peaks = []
+    for start, window_s in ((20.0, 15.0), (80.0, 25.0)):
+        window = [p for p in generations if start <= p.at_s < start + window_s]
+        assert sum(1 for p in window if p.kind == "rag") == 5
+        peaks.append(sum(_chat_model_seconds(p) for p in window) / window_s)
+    assert 4.5 <= peaks[0] <= 5.5 and 2.5 <= peaks[1] <= 4.0, peaks
     mean = sum(_chat_model_seconds(p) for p in generations) / fleet.duration_s
-    assert 1.0 < mean < 2.0, mean  # more than one replica can do, within two
+    assert 1.0 < mean < 1.6, mean  # more than one replica can do, well within two
     quiet = [p for p in generations if p.kind == "chat"]
     assert sum(_chat_model_seconds(p) for p in quiet) / fleet.duration_s < 1.0
+
+
+def _emulator_tokens(body: dict[str, Any]) -> int:
+    """A generation prompt's tokens as the emulator counts the rendered prompt (BOS, text, assistant
+    header; per chat message its header), with the whole text counted at once."""
+    vocabulary = default_vocabulary()
+    if "prompt" in body:
+        return 1 + vocabulary.count(body["prompt"]) + 3
+    return 1 + sum(4 + vocabulary.count(m["content"]) for m in body["messages"]) + 3
+
+
+def test_every_scenario_plans_prompts_within_the_context() -> None:
+    for name, named in SCENARIOS.items():
+        budget = named.prompt_budget()
+        assert budget == named.num_ctx - 256
+        for seed in (1, 2, 3):
+            for item in plan(named, seed):
+                if item.kind != "embed":
+                    assert _emulator_tokens(item.body) <= budget, (name, seed, item.index)
+
+
+def _tight(fit: bool) -> Scenario:
+    """RAG contexts of 2-16k tokens, long conversations and chats against a 2,048-token context."""
+    return Scenario(
+        "tight", 10.0,
+        (Tenant("t", "sk-t", streams=(Stream("chat", 2.0, max_output_tokens=4),),
+                bursts=(Burst("rag", 0.5, 8, 1.0, max_output_tokens=4),),
+                conversations=(Conversations(2, 5, at_s=0.5, stagger_s=0.2, think_s=(0.2, 0.4),
+                                             question_bytes=(3000, 5000), max_output_tokens=4),)),),
+        num_ctx=2048, fit_prompts=fit)
+
+
+def test_prompts_are_cut_to_the_context_and_the_replica_takes_them_whole(emulator: Server) -> None:
+    cut, whole = plan(_tight(True), 4), plan(_tight(False), 4)
+    budget = _tight(True).prompt_budget()
+    assert budget == 2048 - 256 and _tight(False).prompt_budget() is None
+    # The same requests at the same offsets: only the prompts over the budget changed.
+    assert [(p.at_s, p.kind) for p in cut] == [(p.at_s, p.kind) for p in whole]
+    assert [p.body for p in cut if p.kind == "chat"] == [p.body for p in whole if p.kind == "chat"]
+    for short, long in zip(cut, whole, strict=True):
+        assert _emulator_tokens(short.body) <= budget
+        if short.kind == "rag":
+            # The leading words of the drawn context, the question after them unchanged.
+            assert _emulator_tokens(long.body) > 2048 and budget - 64 < _emulator_tokens(short.body)
+            head, _, question = short.body["prompt"].partition("\n\nQuestion: ")
+            assert long.body["prompt"].startswith(head) and long.body["prompt"].endswith(question)
+            assert short.context_bytes == len(head.partition("Context:\n")[2]) < long.context_bytes
+        if short.kind == "long-chat":
+            # The newest turns, starting with a question, after the system prompt.
+            sent, history = short.body["messages"], long.body["messages"]
+            assert sent[0] == history[0] and sent[1]["role"] == "user"
+            assert sent[1:] == history[len(history) - len(sent) + 1:]
+    assert any(len(s.body["messages"]) < len(w.body["messages"]) for s, w in zip(cut, whole, strict=True)
+               if s.kind == "long-chat")
+
+    def strict(planned: list[Planned]) -> list[Planned]:
+        # truncate false: the replica answers 400 rather than cut a prompt over its context.
+        return [attrs.evolve(p, body={**p.body, "truncate": False}) for p in planned]
+
+    records = asyncio.run(run_plan(emulator.url, strict(cut), timeout_s=30))
+    assert {r.outcome for r in records} == {"ok"}, Counter((r.status, r.error) for r in records)
+    assert max(r.prompt_tokens or 0 for r in records) <= budget
+    overflowing = asyncio.run(run_plan(emulator.url, strict(whole), timeout_s=30))
+    assert {r.status for r in overflowing if r.kind == "rag"} == {400}
 
 
 CLOUD = "gpt-oss:120b-cloud"

@@ -16,9 +16,10 @@ replicas' own count, and the responses whose load_duration shows one).
 
 By default `rag-burst` runs on every target but T4, then again on T3 and T4 alone (see `passes` for why
 apart), then `rag-chat-ingest` (long conversations resending their whole history, repeated ingests of
-overlapping documents, interactive chats) on T3 and T4, then `rag-burst-fleet` (a burst two replicas
-can absorb: peak about 4x one replica, mean 70 % of two; the arithmetic is in proxy/loadgen/scenarios.py)
-on the fleet targets, each over two replicas but T0 (one, as the issue asks):
+overlapping documents, interactive chats) on T3 and T4, then `rag-burst-fleet` (bursts two replicas
+can absorb: a sharp one at about 5x one replica, a broad one at about 3x, mean 70 % of two; the
+arithmetic is in proxy/loadgen/scenarios.py) on the fleet targets, each over two replicas but T0 (one,
+as the issue asks):
     T0  one emulated Ollama, reached directly
     T1  nginx round robin over two
     T3  the proxy over two, fair queuing with lanes
