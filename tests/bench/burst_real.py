@@ -75,7 +75,9 @@ SMALL = Scenario(
                bursts=(Burst("rag", at_s=8.0, count=12, window_s=3.0, max_output_tokens=64),
                        Burst("embed", at_s=10.0, count=8, window_s=4.0))),
     ),
-    chat_model=MODEL, embed_model=MODEL, num_ctx=NUM_CTX)
+    # Drawn at rag-burst's sizes and then scaled down (`scaled`): the context cap would cut the drawn
+    # prompts before the scaling does.
+    chat_model=MODEL, embed_model=MODEL, num_ctx=NUM_CTX, fit_prompts=False)
 """rag-burst, small: a steady chat stream (a fifth of the engine when alone) and, from 8 s, a burst of
 bulk work that keeps the engine busy for tens of seconds."""
 
