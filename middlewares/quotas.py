@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import math
@@ -64,6 +65,7 @@ class QuotasConfig:
 log = logging.getLogger("proxy.quotas")
 
 _EWMA_ALPHA = 0.2
+_RENEW_BATCH = 500
 
 
 def is_exempt(method: str, path: str) -> bool:
@@ -100,7 +102,13 @@ class QuotasStep(Step):
 
     def reconfigure(self, config: QuotasConfig) -> None:
         super().reconfigure(config)
+        changed_ttl = config.lease_ttl_s != self.config.lease_ttl_s
         self.config = config
+        if changed_ttl and self._renewer is not None and not self._renewer.done():
+            # The running round sleeps for the old TTL's third: leases granted with a shorter one
+            # would expire before it wakes. Start the rounds again at the new pace.
+            self._renewer.cancel()
+            self._start_renewer()
 
     @staticmethod
     def keys(tenant: Tenant) -> tuple[str, str, str]:
@@ -152,7 +160,8 @@ class QuotasStep(Step):
                     buckets.append(BucketAsk(tpm_key, tpm, tpm / 60, wanted))
                 # One round trip for all three (state.admit: all or nothing; Redis runs one script).
                 admission = await self.state.admit(lease, buckets)
-                leased = admission.lease is not None and admission.lease[0]
+                # Held only when admitted: a refusal holds nothing (the lease part may say "grantable").
+                leased = admission.ok and admission.lease is not None
                 self._admission_headers(ctx, tenant, admission)
                 self._refuse_unless_admitted(tenant, admission, wanted)
                 took_request = tenant.requests_per_minute is not None
@@ -260,18 +269,26 @@ class QuotasStep(Step):
         for every lease held here, not one per request: a task per request cost more than the lease."""
         self._held[holder] = lease_key
         if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_all())
+            self._start_renewer()
+
+    def _start_renewer(self) -> None:
+        # A context of its own: started from some request, it must not keep that request's spans.
+        self._renewer = asyncio.get_running_loop().create_task(self._renew_all(),
+                                                               context=contextvars.Context())
 
     async def _renew_all(self) -> None:
-        ttl = self.config.lease_ttl_s
         # Ends when no lease is held; the next `_hold` starts another (no await between this check
         # and the task's end, so a hold cannot slip in unseen).
         while self._held:
+            # Read every round: a reload may change the TTL (and restarts this task, `reconfigure`).
+            ttl = self.config.lease_ttl_s
             await asyncio.sleep(ttl / 3)
-            for holder, lease_key in list(self._held.items()):
-                if holder in self._held:
-                    with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
-                        await self.state.renew(lease_key, holder, ttl)
+            held = [(lease_key, holder) for holder, lease_key in self._held.items()]
+            for start in range(0, len(held), _RENEW_BATCH):
+                # One round trip per batch (a Redis pipeline), not one per lease: 10,000 open streams
+                # renew within the round.
+                with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
+                    await self.state.renew_many(held[start:start + _RENEW_BATCH], ttl)
 
     async def _give_back(self, tenant: Tenant, holder: str, leased: bool, took_request: bool,
                          reserved: int) -> None:

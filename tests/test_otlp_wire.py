@@ -149,3 +149,30 @@ def test_one_attribute_set_named_in_two_orders_is_one_series() -> None:
     assert point.attributes == {"type": "input", "model": "m"}
     assert list(point.bucket_counts) == [1, 1] and point.count == 2 and point.sum == 21
     assert point.min == 1 and point.max == 20
+
+
+def test_values_the_wire_cannot_carry_are_left_out_and_tracestate_is_kept() -> None:
+    from opentelemetry.trace import TraceState
+
+    sink = _Sink()
+    tracer = FastTracer(sink, 1.0)
+    remote = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+        0xABC, 0xDEF, True, TraceFlags(TraceFlags.SAMPLED), TraceState([("vendor", "x1")]))))
+    span = tracer.start_span("s", context=remote, attributes={"big": 1 << 64, "ok": -(1 << 63)})
+    span.end()
+    (decoded,) = _decode(sink)[1]
+    assert attributes_of(decoded) == {"ok": -(1 << 63)}  # an int64 out of range would spoil the batch
+    assert decoded.trace_state == "vendor=x1"
+
+
+def test_a_tracer_that_records_nothing_still_propagates_a_hop() -> None:
+    sink = _Sink()
+    quiet = FastTracer(sink, 0.0, records=False)
+    remote = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+        0xABC, 0xDEF, True, TraceFlags(TraceFlags.SAMPLED))))
+    hop = quiet.start_span("x", context=remote)
+    context = hop.get_span_context()
+    assert not hop.is_recording() and context.trace_id == 0xABC and context.span_id != 0xDEF
+    assert context.trace_flags.sampled
+    hop.end()
+    assert sink.spans == []

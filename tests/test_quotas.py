@@ -278,6 +278,11 @@ async def test_admit_is_all_or_nothing_and_settle_trues_up(backend: str,
         assert await state.level("tpm", 100, 0.001) == pytest.approx(70, abs=0.01)
         no_lease = await state.admit(None, [BucketAsk("rpm", 2, 0.001, 1)])
         assert no_lease.ok and no_lease.lease is None
+        # renew_many (one pipeline on Redis) keeps short leases alive past their first expiry.
+        assert (await state.lease("r", 3, "x", 0.3))[0] and (await state.lease("r", 3, "y", 0.3))[0]
+        await state.renew_many([("r", "x"), ("r", "y")], 5)
+        await asyncio.sleep(0.5)
+        assert await state.holders("r") == 2
     finally:
         await state.close()
 

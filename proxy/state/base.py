@@ -126,6 +126,11 @@ class StateBackend(ABC):
         if lease is not None:
             await self.release(lease.key, lease.holder)
 
+    async def renew_many(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        """`renew` every (key, holder); Redis sends them in one pipeline."""
+        for key, holder in leases:
+            await self.renew(key, holder, ttl_s)
+
     async def settle(self, lease: tuple[str, str] | None, adjustments: Sequence[BucketAsk]) -> None:
         """Release the lease (key, holder) and add each adjustment's `amount` to its bucket, without
         condition (refunds positive, extra use negative). One round trip on Redis."""

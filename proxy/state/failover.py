@@ -247,8 +247,25 @@ class FailoverState(StateBackend):
                             self._release_remote(lease.key, lease.holder))
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
-        # One operation at a time, each through the breaker and the failure mode.
+                # Not again through Redis with the same holder: the background release could land
+                # after a new grant and delete it. The failure mode decides, as for `lease`.
+                return await self._admit_locally(lease, buckets)
+        # Degraded: one operation at a time, each through the breaker and the failure mode.
         return await StateBackend.admit(self, lease, buckets)
+
+    async def _admit_locally(self, lease: LeaseAsk | None, buckets: Sequence[BucketAsk]) -> Admission:
+        admission = await self._fallback().admit(lease, buckets)
+        if lease is not None and admission.ok:
+            self._local_leases.add((lease.key, lease.holder))
+        return admission
+
+    async def renew_many(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        if not self.degraded and not any(pair in self._local_leases for pair in leases):
+            with contextlib.suppress(_Down):
+                await self._remote("renew", lambda: self.remote.renew_many(leases, ttl_s))
+                return
+        for key, holder in leases:  # each with the moves between local and Redis of `renew`
+            await self.renew(key, holder, ttl_s)
 
     async def settle(self, lease: tuple[str, str] | None, adjustments: Sequence[BucketAsk]) -> None:
         local = lease is not None and lease in self._local_leases

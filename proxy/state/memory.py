@@ -53,7 +53,7 @@ class MemoryState(StateBackend):
         if now >= self._earliest.get(key, float("inf")):
             holders = {h: exp for h, exp in holders.items() if exp > now}
             self._leases[key] = holders
-            # Renewals only push expiries later, so this stays a lower bound until the next prune.
+            # Every lease and renewal lowers the bound to its own expiry if earlier: a lower bound.
             self._earliest[key] = min(holders.values(), default=float("inf"))
         return holders
 
@@ -69,7 +69,10 @@ class MemoryState(StateBackend):
     async def renew(self, key: str, holder: str, ttl_s: float) -> None:
         holders = self._live(key)
         if holder in holders:
-            holders[holder] = time.monotonic() + ttl_s
+            expiry = time.monotonic() + ttl_s
+            holders[holder] = expiry
+            # A shorter TTL (after a reload) may expire before the bound: keep it a lower bound.
+            self._earliest[key] = min(self._earliest.get(key, float("inf")), expiry)
 
     async def release(self, key: str, holder: str) -> None:
         self._live(key).pop(holder, None)

@@ -230,6 +230,15 @@ class RedisState(StateBackend):
     async def renew(self, key: str, holder: str, ttl_s: float) -> None:
         await self._renew(keys=[self._key("lease", key)], args=[holder, int(ttl_s * 1000)])
 
+    async def renew_many(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        if not leases:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for key, holder in leases:
+            await self._renew(keys=[self._key("lease", key)], args=[holder, int(ttl_s * 1000)],
+                              client=pipe)
+        await pipe.execute()
+
     async def release(self, key: str, holder: str) -> None:
         await self._redis.zrem(self._key("lease", key), holder)
 

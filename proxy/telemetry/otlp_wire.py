@@ -26,6 +26,7 @@ _TIMES = struct.Struct("<BQBQ")  # fields 7 and 8 of Span: start and end, fixed6
 _DOUBLE = struct.Struct("<d")
 _FIXED64 = struct.Struct("<Q")
 _CACHE_LIMIT = 4096
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _strings: dict[tuple[int, str], bytes] = {}
 """(tag, text) -> the whole field: span names, attribute keys and the string values that repeat (modes,
 decisions, routes, model labels). Bounded: cleared when full, so client-chosen values cannot grow it."""
@@ -70,6 +71,8 @@ def _any_value(value: object) -> bytes | None:
     if kind is bool:
         return b"\x10\x01" if value else b"\x10\x00"
     if kind is int:
+        if not _INT64_MIN <= value <= _INT64_MAX:  # type: ignore[operator]
+            return None  # not an int64: one bad value would make the collector refuse the batch
         return b"\x18" + varint(value)  # type: ignore[arg-type]
     if kind is float:
         return b"\x21" + _DOUBLE.pack(value)
@@ -79,7 +82,7 @@ def _any_value(value: object) -> bytes | None:
         return length_delimited(0x2A, array)
     if isinstance(value, str):  # a str subclass
         return _string_field(0x0A, str(value))
-    if isinstance(value, int):
+    if isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX:
         return b"\x18" + varint(int(value))
     return None
 
@@ -120,9 +123,11 @@ def encode_event(name: str, time_ns: int, attributes: Mapping[str, object]) -> b
 def encode_span(trace_id: bytes, span_id: bytes, parent_id: bytes | None, name: str, kind: int,
                 start_ns: int, end_ns: int, attributes: Mapping[str, object],
                 events: Sequence[bytes], status_code: int, status_message: str | None,
-                flags: int) -> bytes:
+                flags: int, trace_state: str = "") -> bytes:
     """One Span message, as the `spans` field (2) of a ScopeSpans: ready to be concatenated."""
     parts = [b"\x0a\x10", trace_id, b"\x12\x08", span_id]
+    if trace_state:
+        parts.append(_string_field(0x1A, trace_state))  # W3C tracestate, as received
     if parent_id is not None:
         parts += (b"\x22\x08", parent_id)
     parts.append(_string_field(0x2A, name))

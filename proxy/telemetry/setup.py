@@ -98,7 +98,7 @@ def build_telemetry(config: TelemetryConfig) -> Telemetry:
     # With nowhere to send spans, recording them is pure cost: sample nothing (trace ids still
     # propagate: the request's span is a NonRecordingSpan with a fresh trace id).
     tracer = FastTracer(spans if spans is not None else _NOWHERE,
-                        config.sample_ratio if spans is not None else 0.0)
+                        config.sample_ratio if spans is not None else 0.0, records=spans is not None)
     # Rebinding: a plugin rebuilt by a reload re-creates its observable instruments (rebinding.py).
     meter = RebindingMeter(meter_provider.get_meter("shared-ollama-proxy", __version__), histograms)
     metrics = ProxyMetrics(meter, semconv.Names(config.metric_prefix))
@@ -108,7 +108,7 @@ def build_telemetry(config: TelemetryConfig) -> Telemetry:
 
 class _Nowhere:
     def add(self, span: bytes) -> None:
-        del span  # unreachable: with ratio 0 nothing is sampled
+        del span  # unreachable: a tracer that does not record starts no FastSpan
 
 
 _NOWHERE = _Nowhere()

@@ -141,7 +141,8 @@ class FastSpan(trace.Span):
         self._sink.add(otlp_wire.encode_span(
             self._trace_bytes, self._span_id.to_bytes(8, "big"), self._parent_id, self._name,
             self._kind, self._start_ns, end_time if end_time is not None else time.time_ns(),
-            self._attributes, self._events, self._status_code, self._status_message, self._flags))
+            self._attributes, self._events, self._status_code, self._status_message, self._flags,
+            self._trace_state.to_header() if self._trace_state else ""))
 
     def __enter__(self) -> FastSpan:
         return self
@@ -153,9 +154,11 @@ class FastSpan(trace.Span):
 class FastTracer(trace.Tracer):
     """`start_span` as the SDK's tracer with `ParentBased(TraceIdRatioBased(ratio))`, into `sink`."""
 
-    def __init__(self, sink: SpanSink, ratio: float) -> None:
+    def __init__(self, sink: SpanSink, ratio: float, *, records: bool = True) -> None:
         self.sink = sink
         self.ratio = ratio
+        self.records = records
+        """False when spans go nowhere: even a trace sampled upstream is only propagated."""
         self._bound = round(ratio * (1 << 64))
         self._random = random.Random()
         self._bits = self._random.getrandbits
@@ -183,6 +186,11 @@ class FastTracer(trace.Tracer):
                 # Not sampled upstream: nothing to record, and the children are this same span.
                 return parent if isinstance(parent, NonRecordingSpan) else NonRecordingSpan(
                     parent_context)
+            if not self.records:
+                # Sampled upstream, but spans go nowhere here: a hop of its own in what is propagated.
+                return NonRecordingSpan(SpanContext(
+                    parent_context.trace_id, self._bits(64) or 1, False, parent_context.trace_flags,
+                    parent_context.trace_state))
             return FastSpan(self.sink, name, parent_context.trace_id, self._bits(64) or 1,
                             parent_context.trace_flags, parent_context.trace_state,
                             parent_context.trace_id.to_bytes(16, "big"),
