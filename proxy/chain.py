@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar
 
 from aiohttp import web
+from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
@@ -99,8 +100,10 @@ class Step:
     def span(self, **attributes: Any) -> _StepSpan:
         """The step's own INTERNAL span, as a context manager; end it (leave the block) before
         delegating. A ProxyError leaving the block marks the span with its code."""
-        if not self.telemetry.recording:
-            return _NO_SPAN  # nothing would record it: five steps per request skip the tracer
+        if not self.telemetry.recording or not trace.get_current_span().is_recording():
+            # Nothing would record it (no exporter, or a trace not sampled): five steps per request
+            # skip the tracer and build no attributes.
+            return _NO_SPAN
         return _StepSpan(self.telemetry.tracer.start_span(
             self._span_name, kind=SpanKind.INTERNAL,
             attributes={self._mode_attribute: self.mode, **attributes}))

@@ -176,3 +176,11 @@ def test_a_tracer_that_records_nothing_still_propagates_a_hop() -> None:
     assert context.trace_flags.sampled
     hop.end()
     assert sink.spans == []
+
+
+def test_a_root_starts_a_trace_when_nothing_is_current() -> None:
+    sink = _Sink()
+    root = FastTracer(sink, 1.0).start_span("root")  # the current span is INVALID_SPAN here
+    assert root.is_recording() and root.get_span_context().is_valid
+    root.end()
+    assert len(sink.spans) == 1

@@ -171,6 +171,10 @@ class FastTracer(trace.Tracer):
                    ) -> trace.Span:
         del links, record_exception, set_status_on_exception
         parent = trace.get_current_span(context)
+        if type(parent) is NonRecordingSpan:
+            parent_context = parent.get_span_context()
+            if parent_context.is_valid and not parent_context.trace_flags.sampled:
+                return parent  # an unsampled trace: no id, no clock, no attributes for its children
         start_ns = start_time if start_time is not None else time.time_ns()
         fields = dict(attributes) if attributes else {}
         if type(parent) is FastSpan:
