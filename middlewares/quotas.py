@@ -169,16 +169,13 @@ class QuotasStep(Step):
                 span.set_attribute(self.telemetry.names.quotas_reserved_tokens, reserved)
                 self.decide(ctx, span, "allowed")
             except ProxyError as error:
-                # Refused by admit: it held nothing. Refused later (never, today) would give back.
-                await self._give_back(tenant, holder, leased, took_request, reserved)
-                leased = took_request = False
-                reserved = 0
+                # Refused before admit or by it: admit is all or nothing, so nothing is held.
                 self.decide(ctx, span, "rejected", error)  # raises in enforce mode
             except BaseException:
                 # Cancelled (the client left) during the state call: a lease may have been granted
                 # without our knowing, so the holder is released whatever `leased` says.
-                await asyncio.shield(self._give_back(tenant, holder, tenant.max_concurrent is not None,
-                                                     took_request, reserved))
+                if tenant.max_concurrent is not None:
+                    await asyncio.shield(self._release_lease(tenant, lease_key, holder))
                 raise
         if leased:
             self._hold(lease_key, holder)
@@ -290,25 +287,12 @@ class QuotasStep(Step):
                 with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
                     await self.state.renew_many(held[start:start + _RENEW_BATCH], ttl)
 
-    async def _give_back(self, tenant: Tenant, holder: str, leased: bool, took_request: bool,
-                         reserved: int) -> None:
+    async def _release_lease(self, tenant: Tenant, lease_key: str, holder: str) -> None:
         try:
-            await self._give_back_all(tenant, holder, leased, took_request, reserved)
-        except Exception as exc:  # a refusal must stay the refusal, whatever the state backend did
-            log.warning("quotas: giving back tenant %s's holdings failed (%s)", tenant.name,
-                        type(exc).__name__)
-
-    async def _give_back_all(self, tenant: Tenant, holder: str, leased: bool, took_request: bool,
-                             reserved: int) -> None:
-        rpm_key, tpm_key, lease_key = self.keys(tenant)
-        if leased:
             await self.state.release(lease_key, holder)
-        if took_request and tenant.requests_per_minute is not None:
-            rpm = tenant.requests_per_minute
-            await self.state.adjust(rpm_key, rpm, rpm / 60, 1)
-        if reserved and tenant.tokens_per_minute is not None:
-            tpm = tenant.tokens_per_minute
-            await self.state.adjust(tpm_key, tpm, tpm / 60, reserved)
+        except Exception as exc:  # the cancellation must stay what ends the request
+            log.warning("quotas: giving back tenant %s's lease failed (%s)", tenant.name,
+                        type(exc).__name__)
 
     async def _settle(self, ctx: RequestContext, tenant: Tenant, holder: str, leased: bool,
                       reserved: int, refund_request: bool = False) -> None:

@@ -18,12 +18,14 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import Token
 from typing import Any
 
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -128,7 +130,7 @@ class Ingress:
         active_key = (request.method, route or "")
         metrics.active[active_key] += 1
         span: trace.Span | None = None
-        token: object = None
+        token: Token[Context] | None = None
         incoming = "traceparent" in request.headers
         if self.telemetry.recording or incoming:
             # The SERVER span, current for the steps and the forwarder. Without an exporter it is only
@@ -153,7 +155,7 @@ class Ingress:
             raise
         finally:
             if token is not None:
-                otel_context.detach(token)  # type: ignore[arg-type]
+                otel_context.detach(token)
             metrics.active[active_key] -= 1
             self._finish(request, ctx, span, base_attributes, response)
 

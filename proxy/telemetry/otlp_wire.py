@@ -16,11 +16,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["KIND", "encode_attributes", "encode_event", "encode_request", "encode_span",
-           "length_delimited"]
-
-KIND = {"INTERNAL": 1, "SERVER": 2, "CLIENT": 3, "PRODUCER": 4, "CONSUMER": 5}
-"""Span.SpanKind numbers by opentelemetry.trace.SpanKind name."""
+__all__ = ["encode_attributes", "encode_event", "encode_request", "encode_resource", "encode_scope",
+           "encode_span", "length_delimited"]
 
 _TIMES = struct.Struct("<BQBQ")  # fields 7 and 8 of Span: start and end, fixed64 each
 _DOUBLE = struct.Struct("<d")

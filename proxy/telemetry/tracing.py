@@ -179,7 +179,7 @@ class FastTracer(trace.Tracer):
         fields = dict(attributes) if attributes else {}
         if type(parent) is FastSpan:
             # The common case, a child of the request's span: its trace, sampled, parent local
-            # (SpanFlags HAS_IS_REMOTE only).
+            # (SpanFlags HAS_IS_REMOTE only). OTLP numbers span kinds from 1, the API from 0.
             return FastSpan(self.sink, name, parent._trace_id, self._bits(64) or 1,
                             parent._trace_flags, parent._trace_state, parent._trace_bytes,
                             parent._span_id.to_bytes(8, "big"), kind.value + 1, fields, start_ns,
