@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, start_emulator, start_proxy
 
 
@@ -27,5 +28,14 @@ def emulator(session_tmp: Path) -> Iterator[Server]:
 def proxy(session_tmp: Path, emulator: Server) -> Iterator[Server]:
     """The proxy, as started in production, in front of `emulator`."""
     server = start_proxy(session_tmp, [emulator.url])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the test module's own, on a port it reports (a module that kills it defines
+    its own per test)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()

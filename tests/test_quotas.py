@@ -54,13 +54,6 @@ def emulator(tmp: Path) -> Iterator[Server]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp)
-    yield server
-    server.stop()
-
-
 def _proxy(tmp: Path, emulator: Server, name: str, **extra: Any) -> Server:
     return start_proxy(tmp, [emulator.url], {"admin": {"keys": [ADMIN]}, "tenants": TENANTS,
                                              **extra}, name=name)

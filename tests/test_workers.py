@@ -37,13 +37,6 @@ def emulator(tmp: Path) -> Iterator[Server]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp)
-    yield server
-    server.stop()
-
-
 def _config(tmp: Path, name: str, emulator: Server, state: dict[str, Any]) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump({

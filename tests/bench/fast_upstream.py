@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 from pathlib import Path
 from typing import cast
+
+from proxy.serving import write_port_file
 
 _MODEL = {"name": "llama3.2:latest", "model": "llama3.2:latest", "size": 2019393189,
           "digest": "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
@@ -137,9 +138,7 @@ async def _serve(port_file: Path, chunks: int, host: str) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _Connection(table), host, 0, backlog=4096)
     port = server.sockets[0].getsockname()[1]
-    partial = port_file.with_suffix(".tmp")
-    partial.write_text(str(port))
-    os.replace(partial, port_file)  # readers see the whole port or no file
+    write_port_file(str(port_file), port)
     stopped = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopped.set)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 from pathlib import Path
 
 from aiohttp import web
@@ -16,6 +15,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+
+from tests.bench.loopback import serve_forever
 
 _EMPTY = ExportTraceServiceResponse().SerializeToString()
 
@@ -48,23 +49,11 @@ def build() -> web.Application:
     return app
 
 
-async def _serve(port_file: Path) -> None:
-    runner = web.AppRunner(build(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    partial = port_file.with_suffix(".tmp")
-    partial.write_text(str(port))
-    os.replace(partial, port_file)
-    await asyncio.Event().wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port-file", type=Path, required=True)
     args = parser.parse_args()
-    asyncio.run(_serve(args.port_file))
+    asyncio.run(serve_forever(build(), args.port_file))
 
 
 if __name__ == "__main__":

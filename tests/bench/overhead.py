@@ -29,8 +29,6 @@ import asyncio
 import json
 import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -41,7 +39,7 @@ import aiohttp
 import psutil
 
 from tests.bench.loadclient import closed_loop, request_bytes
-from tests.support.servers import Server, start_proxy
+from tests.support.servers import Server, start_module, start_proxy
 
 UNARY = {"model": "llama3.2", "stream": False, "options": {"num_predict": 1},
          "messages": [{"role": "user", "content": "ping"}]}
@@ -62,39 +60,13 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _cpu_s(server: Server | _Child) -> float:
+def _cpu_s(server: Server) -> float:
     times = psutil.Process(server.process.pid).cpu_times()
     return float(times.user + times.system)
 
 
-def _rss(server: Server | _Child) -> int:
+def _rss(server: Server) -> int:
     return int(psutil.Process(server.process.pid).memory_info().rss)
-
-
-class _Child:
-    """A bench helper process (`python -m module --port-file F ...`) on a port it chose."""
-
-    def __init__(self, module: str, tmp: Path, name: str, *args: str) -> None:
-        self.port_file = tmp / f"{name}.port"
-        self.log = (tmp / f"{name}.log").open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", module, "--port-file",
-                                         str(self.port_file), *args],
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while not self.port_file.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{module} did not start (see {tmp / name}.log)")
-            time.sleep(0.02)
-        self.port = int(self.port_file.read_text())
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
 
 
 def configurations(upstream: str, sink: str, streams: int) -> dict[str, dict[str, Any]]:
@@ -113,7 +85,7 @@ def configurations(upstream: str, sink: str, streams: int) -> dict[str, dict[str
     return {"full": full, "bare": bare}
 
 
-async def _unary(proxy: Server | _Child, key: str | None, quick: bool,
+async def _unary(proxy: Server, key: str | None, quick: bool,
                  direct_c1: list[float]) -> dict[str, float]:
     body = json.dumps(UNARY).encode()
     headers = {"Authorization": f"Bearer {key}"} if key else None
@@ -122,9 +94,8 @@ async def _unary(proxy: Server | _Child, key: str | None, quick: bool,
     c1, _ = await closed_loop("127.0.0.1", proxy.port, request, 1000 if quick else 3000, 1)
     total = 5000 if quick else 20000
     cpu_before = _cpu_s(proxy)
-    c32, wall = await closed_loop("127.0.0.1", proxy.port, request, total, 32)
+    _, wall = await closed_loop("127.0.0.1", proxy.port, request, total, 32)
     cpu = _cpu_s(proxy) - cpu_before
-    del c32
     return {
         "proxy_p50_ms_c1": _pct(c1, 0.5) * 1e3, "proxy_p99_ms_c1": _pct(c1, 0.99) * 1e3,
         "added_p50_ms_c1": (_pct(c1, 0.5) - _pct(direct_c1, 0.5)) * 1e3,
@@ -134,7 +105,7 @@ async def _unary(proxy: Server | _Child, key: str | None, quick: bool,
     }
 
 
-async def _stream_cpu(proxy: Server | _Child, key: str | None, streams: int) -> dict[str, float]:
+async def _stream_cpu(proxy: Server, key: str | None, streams: int) -> dict[str, float]:
     body = {"model": "llama3.2", "prompt": "stream"}
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     lines = 0
@@ -253,11 +224,11 @@ async def run(quick: bool, streams: int) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tmp = Path(tempfile.mkdtemp(prefix="sop-bench-"))
-    upstream = _Child("tests.bench.fast_upstream", tmp, "upstream", "--chunks", "200")
-    sink = _Child("tests.bench.otlp_sink", tmp, "otlp-sink")
+    upstream = start_module(tmp, "tests.bench.fast_upstream", "--chunks", "200")
+    sink = start_module(tmp, "tests.bench.otlp_sink")
     configs = configurations(upstream.url, sink.url, streams)
     proxies: dict[str, Server] = {}
-    floor = _Child("tests.bench.passthrough", tmp, "passthrough", "--upstream", upstream.url)
+    floor = start_module(tmp, "tests.bench.passthrough", "--upstream", upstream.url)
     try:
         for name, config in configs.items():
             replicas = config.pop("upstreams")
@@ -274,7 +245,7 @@ async def run(quick: bool, streams: int) -> dict[str, Any]:
             "direct": {"p50_ms_c1": _pct(direct_c1, 0.5) * 1e3, "p99_ms_c1": _pct(direct_c1, 0.99) * 1e3,
                        "requests_per_s_c32": total / direct_wall},
         }
-        servers: dict[str, Server | _Child] = {**proxies, "floor": floor}
+        servers: dict[str, Server] = {**proxies, "floor": floor}
         for name, proxy in servers.items():
             key = CHAIN_KEY if name == "full" else None
             report[name] = await _unary(proxy, key, quick, direct_c1)

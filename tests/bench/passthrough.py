@@ -7,13 +7,13 @@ send it to the upstream over a keep-alive pool, relay status, content type and b
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+
+from tests.bench.loopback import serve_forever
 
 
 def build(upstream: str) -> web.Application:
@@ -47,18 +47,6 @@ def build(upstream: str) -> web.Application:
     return app
 
 
-async def _serve(port_file: Path, upstream: str) -> None:
-    runner = web.AppRunner(build(upstream), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=2048)
-    await site.start()
-    port = runner.addresses[0][1]
-    partial = port_file.with_suffix(".tmp")
-    partial.write_text(str(port))
-    os.replace(partial, port_file)
-    await asyncio.Event().wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port-file", type=Path, required=True)
@@ -66,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(_serve(args.port_file, args.upstream.rstrip("/")))
+    uvloop.run(serve_forever(build(args.upstream.rstrip("/")), args.port_file))
 
 
 if __name__ == "__main__":

@@ -23,9 +23,8 @@ from typing import Any
 import yaml
 
 from tests.bench.loadclient import closed_loop, request_bytes
-from tests.bench.overhead import _Child
 from tests.support.redis_server import RedisServer
-from tests.support.servers import Server
+from tests.support.servers import Server, start_module
 
 SLOTS = 256
 CONCURRENCY = 32
@@ -62,7 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as name:
         tmp = Path(name)
         redis = RedisServer(tmp)
-        upstream = _Child("tests.bench.fast_upstream", tmp, "upstream")
+        upstream = start_module(tmp, "tests.bench.fast_upstream")
         try:
             setups = [("1 worker, memory", 1, {"backend": "memory"}),
                       ("1 worker, redis", 1, {"backend": "redis", "url": redis.url,

@@ -43,11 +43,12 @@ def free_port() -> int:
 class Server:
     """A child process serving HTTP on 127.0.0.1:port; stopped with SIGTERM (SIGKILL with `kill()`).
 
-    `args` are the CLI's; the child is given `--port-file port_file` and the server is ready when that
-    file exists (the CLI writes it once listening), which also tells the port when it listens on 0."""
+    `args` are the CLI's (or, with `module`, those of `python -m module`); the child is given
+    `--port-file port_file` and the server is ready when that file exists (the child writes it once
+    listening), which also tells the port when it listens on 0."""
 
     def __init__(self, args: list[str], port_file: Path, log_path: Path,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, module: str = "proxy") -> None:
         self.port = 0
         self.url = ""
         self.config_path: Path | None = None
@@ -61,7 +62,7 @@ class Server:
             del env[key]
         env.update(extra_env or {})
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", *args, "--port-file", str(port_file)],
+            [sys.executable, "-m", module, *args, "--port-file", str(port_file)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait_ready()
 
@@ -138,6 +139,13 @@ def start_proxy(tmp: Path, upstreams: list[str] | list[dict[str, Any]],
     server = Server(["serve", "--config", str(path)], tmp / f"{stem}.port", tmp / f"{stem}.log", env)
     server.config_path = path
     return server
+
+
+def start_module(tmp: Path, module: str, *args: str, name: str | None = None) -> Server:
+    """Another server of this repository run as `python -m module ... --port-file F` (the benches'
+    fast fake Ollama, OTLP sink, pass-through)."""
+    stem = f"{name or module.rsplit('.', 1)[-1]}-{next(_serial)}"
+    return Server(list(args), tmp / f"{stem}.port", tmp / f"{stem}.log", module=module)
 
 
 @contextlib.contextmanager
