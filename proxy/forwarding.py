@@ -2,8 +2,9 @@
 
 Header policy: hop-by-hop headers (and those named in `Connection`) are dropped both ways; `Host` is the
 replica's own address (Ollama's loopback guard refuses foreign hosts, reference §3.2); `X-Forwarded-For/
--Proto/-Host` are added; `traceparent` is the GenAI CLIENT span's. aiohttp's automatic request headers
-(User-Agent, Accept, Accept-Encoding, Content-Type) are suppressed so the replica sees what the client sent.
+-Proto/-Host` are added; `traceparent` is the GenAI CLIENT span's; `Expect` is answered by the proxy and
+not passed on. Nothing else is added (proxy/fleet/wire.py adds only the body's framing), so the replica
+sees what the client sent.
 
 Relay: bytes are written as they arrive (`readany`), never decoded, re-encoded or compressed; the response
 keeps the upstream's framing (Content-Length when it sent one, chunked otherwise). The response headers
@@ -24,7 +25,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, istr
@@ -44,6 +44,7 @@ from .errors import (
     UpstreamResponseTimeout,
 )
 from .fleet.client import FleetClient
+from .fleet.wire import UpstreamLost, WireResponse
 from .ollama import UsageScanner
 from .rendering import retry_headers, stream_error_record
 from .schema import ForwardingConfig
@@ -60,7 +61,11 @@ HOP_BY_HOP = frozenset(istr(h) for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE",
     "Trailer", "Transfer-Encoding", "Upgrade"))
 _DROP_REQUEST = HOP_BY_HOP | {istr("Host"), istr("Content-Length"), istr("traceparent"),
-                              istr("tracestate"), istr("X-Ollama-Replica"), istr(INTERNAL_HEADER)}
+                              istr("tracestate"), istr("X-Ollama-Replica"), istr(INTERNAL_HEADER),
+                              istr("Expect")}
+"""`Expect` included: the proxy answered the client's 100-continue itself and sends the body at once."""
+_REPLACED_REQUEST = frozenset(istr(h) for h in ("X-Forwarded-For", "X-Forwarded-Proto"))
+"""Set by the proxy (the client's X-Forwarded-For continues in the proxy's)."""
 _DROP_RESPONSE = HOP_BY_HOP | {istr("Content-Length")}
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -100,25 +105,27 @@ class Forwarder:
 
     # request side ------------------------------------------------------------------------------------
     def _request_headers(self, request: web.Request, upstream: Upstream, span: Span,
-                         ctx: RequestContext) -> CIMultiDict[str]:
-        named = _connection_tokens(request.headers)
+                         ctx: RequestContext) -> list[tuple[str, str]]:
+        """The header lines for the replica, in the client's order, then the proxy's own."""
+        client = request.headers
+        named = _connection_tokens(client) if "Connection" in client else set()
         if ctx.identity is not None and ctx.identity.key_header is not None:
             named.add(ctx.identity.key_header.lower())  # the proxy's API key stays with the proxy
-        headers: CIMultiDict[str] = CIMultiDict()
-        for key, value in request.headers.items():
-            if key in _DROP_REQUEST or key.lower() in named:
-                continue
-            headers.add(key, value)
-        headers["Host"] = upstream.host_header
+        drop = _DROP_REQUEST
+        headers = [(key, value) for key, value in client.items()
+                   if key not in drop and key.lower() not in named
+                   and key not in _REPLACED_REQUEST]
+        headers.append(("Host", upstream.host_header))
         peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        headers["X-Forwarded-Proto"] = request.scheme
-        if "X-Forwarded-Host" not in headers and "Host" in request.headers:
-            headers["X-Forwarded-Host"] = request.headers["Host"]
+        prior = client.get("X-Forwarded-For")
+        headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
+        headers.append(("X-Forwarded-Proto", request.scheme))
+        host = client.get("Host")
+        if host is not None and "X-Forwarded-Host" not in client:
+            headers.append(("X-Forwarded-Host", host))
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
-        headers.update(carrier)
+        headers.extend(carrier.items())
         return headers
 
     def _request_data(self, request: web.Request, ctx: RequestContext,
@@ -200,13 +207,13 @@ class Forwarder:
         finally:
             # Not fully read (client gone, timeout, error): closing drops the connection, which is the
             # cancel signal Ollama understands. After a complete read, release returns it to the pool.
-            if upstream_response.content.is_eof():
+            if upstream_response.is_eof():
                 upstream_response.release()
             else:
                 upstream_response.close()
 
     async def _relay(self, request: web.Request, ctx: RequestContext, upstream: Upstream,
-                     upstream_response: aiohttp.ClientResponse, span: Span,
+                     upstream_response: WireResponse, span: Span,
                      started: float) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict()
         named = _connection_tokens(upstream_response.headers)
@@ -230,7 +237,7 @@ class Forwarder:
               and upstream_response.status >= 200):
             response.enable_chunked_encoding()
         scanner = UsageScanner()
-        content = upstream_response.content
+        content = upstream_response
         loop = asyncio.get_running_loop()
         idle = self.config.idle_timeout_s
         # One timer for both limits: the idle gap (re-armed per chunk) and the request's deadline.
@@ -282,7 +289,7 @@ class Forwarder:
                     raise UpstreamResponseTimeout(f"{reason} (upstream {upstream.name})") from None
                 await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout",
                                             reason)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        except UpstreamLost as exc:
             if not response.prepared:
                 raise UpstreamResetBeforeResponseStarted(
                     f"upstream {upstream.name} closed the connection before its response started "

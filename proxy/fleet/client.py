@@ -6,25 +6,26 @@ mapping of client exceptions to the proxy's errors (`UpstreamConnectFailure`,
 `UpstreamResetBeforeResponseStarted`, `UpstreamResponseTimeout`). Its users: the forwarder's relay, the
 fan-out, health probes, warm-up loads and the tokenizer's `/api/show` fetch.
 
-Two pools, made in one place: the data pool (client traffic, `forwarding.pool_size`, no automatic
-decompression so bytes are relayed as sent) and the control pool (probes and warm-up loads, unlimited).
-A probe must never wait behind `pool_size` busy client streams: a saturated fleet would look dead and be
-ejected exactly when it is busiest.
+Three pools, made in one place: the relay's (proxy/fleet/wire.py: forwarded client requests,
+`forwarding.pool_size`, bytes relayed as sent), the data session (aiohttp: the fan-out and the proxy's own
+fetches, also bounded by `pool_size`, no automatic decompression) and the control session (aiohttp: probes
+and warm-up loads, unlimited). A probe must never wait behind `pool_size` busy client streams: a saturated
+fleet would look dead and be ejected exactly when it is busiest.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import istr
 
 from ..errors import (
+    InvalidRequest,
     ProxyError,
     UpstreamConnectFailure,
     UpstreamResetBeforeResponseStarted,
@@ -32,13 +33,9 @@ from ..errors import (
 )
 from ..schema import ForwardingConfig
 from ..upstreams import Upstream, UpstreamSet
+from .wire import ConnectFailed, UpstreamLost, WirePool, WireResponse
 
 __all__ = ["FleetClient", "ProbeFailed"]
-
-_SKIP_AUTO = (istr("User-Agent"), istr("Accept"), istr("Accept-Encoding"), istr("Content-Type"))
-"""aiohttp's automatic request headers, suppressed on relayed requests so the replica sees what the
-client sent."""
-
 
 class ProbeFailed(Exception):
     """A probe got an answer, but not a healthy one."""
@@ -52,6 +49,7 @@ class FleetClient:
         self.config = config
         self._data: aiohttp.ClientSession | None = None
         self._control: aiohttp.ClientSession | None = None
+        self._wire: WirePool | None = None
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: the pools live exactly as long as the application."""
@@ -64,12 +62,15 @@ class FleetClient:
             timeout=aiohttp.ClientTimeout(total=None, connect=None,
                                           sock_connect=self.config.connect_timeout_s, sock_read=None))
         self._control = self._session(connector=aiohttp.TCPConnector(limit=0))
+        self._wire = WirePool(limit=self.config.pool_size, keepalive_s=self.config.keepalive_s,
+                              connect_timeout_s=self.config.connect_timeout_s)
         try:
             yield
         finally:
+            await self._wire.close()
             await self._data.close()
             await self._control.close()
-            self._data = self._control = None
+            self._data = self._control = self._wire = None
 
     @staticmethod
     def _session(**kwargs: Any) -> aiohttp.ClientSession:
@@ -101,23 +102,40 @@ class FleetClient:
         return self.session.request(method, upstream.target(path_qs),
                                     headers={**(headers or {}), "Host": upstream.host_header}, **kwargs)
 
-    async def open(self, upstream: Upstream, method: str, path_qs: str, *, headers: Any, data: Any,
-                   first_byte_s: float, remaining_s: float, deadline_label: object = None,
-                   upload_error: Sequence[ProxyError] = ()) -> aiohttp.ClientResponse:
-        """Send a client's request to `upstream` and return the response once its headers arrived.
+    @property
+    def wire(self) -> WirePool:
+        """The relay's pool (proxy/fleet/wire.py). Only inside the application's lifetime."""
+        wire = self._wire
+        assert wire is not None, "fleet client used outside the application lifecycle"
+        return wire
 
-        `headers` are sent as given (the caller's header policy sets `Host`); aiohttp adds none of its
-        own. Waits at most `first_byte_s`, or `remaining_s` of the request's deadline when that is
-        shorter. Failures come out as ProxyErrors: an upload error the body iterator put in
-        `upload_error` (the client's fault, not the replica's), else a response timeout, a connect
-        failure, or a reset before the response started."""
+    async def open(self, upstream: Upstream, method: str, path_qs: str, *,
+                   headers: Sequence[tuple[str, str]] | Mapping[str, str], data: Any,
+                   first_byte_s: float,
+                   remaining_s: float, deadline_label: object = None,
+                   upload_error: Sequence[ProxyError] = ()) -> WireResponse:
+        """Send a client's request to `upstream` and return the response once its head arrived.
+
+        `headers` are sent as given, in order (the caller's header policy sets `Host`); only the
+        framing (Content-Length or chunked coding, from `data`) is added. Waits at most `first_byte_s`,
+        or `remaining_s` of the request's deadline when that is shorter. Failures come out as
+        ProxyErrors: an upload error the body iterator put in `upload_error` (the client's fault, not
+        the replica's), else a response timeout, a connect failure, or a reset before the response
+        started."""
+        lines = headers.items() if isinstance(headers, Mapping) else headers
+        head = "".join([f"{name}: {value}\r\n" for name, value in lines])
+        if head.count("\n") != len(headers) or head.count("\r") != len(headers):
+            # A CR or LF inside a name or value would split the head: never sent.
+            raise InvalidRequest("a request header carries a line break")
+        url = upstream.url
+        base = url.raw_path.rstrip("/")
         try:
             try:
                 async with asyncio.timeout(min(first_byte_s, remaining_s)):
-                    return await self.session.request(
-                        method, upstream.target(path_qs), headers=headers, data=data,
-                        allow_redirects=False, skip_auto_headers=_SKIP_AUTO, compress=None)
-            except (TimeoutError, aiohttp.ClientError, ConnectionError, HttpProcessingError):
+                    return await self.wire.request(
+                        url.raw_host or "localhost", url.port or 80, url.scheme == "https", method,
+                        base + path_qs if base else path_qs, head, data)
+            except (TimeoutError, ConnectionError, HttpProcessingError):
                 if upload_error:  # the client's upload failed, not the replica
                     raise upload_error[0] from None
                 raise
@@ -128,12 +146,12 @@ class FleetClient:
                     "before the upstream answered") from None
             raise UpstreamResponseTimeout(
                 f"upstream {upstream.name} sent no response within {first_byte_s:g}s") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamConnectFailure(f"cannot connect to upstream {upstream.name}: "
-                                         f"{exc.os_error.strerror or exc.os_error}") from None
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamConnectFailure(f"timed out connecting to upstream {upstream.name}") from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
+        except ConnectFailed as exc:
+            if exc.timed_out:
+                raise UpstreamConnectFailure(
+                    f"timed out connecting to upstream {upstream.name}") from None
+            raise UpstreamConnectFailure(f"cannot connect to upstream {upstream.name}: {exc}") from None
+        except (UpstreamLost, ConnectionError) as exc:
             raise UpstreamResetBeforeResponseStarted(
                 f"upstream {upstream.name} closed the connection before responding "
                 f"({type(exc).__name__})") from None

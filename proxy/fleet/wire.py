@@ -1,0 +1,486 @@
+"""The forwarder's data path to the replicas: HTTP/1.1 over pooled keep-alive connections, one asyncio
+protocol per connection and llhttp (through httptools) to parse what the replica sends.
+
+Why not aiohttp's client here: measured on this machine (`python -m tests.bench.overhead` and the two
+floors in docs/ARCHITECTURE.md), an aiohttp server relaying through `ClientSession.request` costs 142 us
+of CPU per request, and through this path about 50 us. A relay needs none of what the difference pays for
+(cookies, redirects, decompression, URL building, per-request timers and trace signals). Probes, warm-up
+loads, the fan-out and plugins keep aiohttp's client (proxy/fleet/client.py): they are few, and use what
+it offers.
+
+Contract:
+- `WirePool.request()` sends one request and returns a `WireResponse` once the response head arrived
+  (1xx heads skipped). It raises `ConnectFailed` (could not connect, or not within `connect_timeout_s`)
+  or `UpstreamLost` (the connection closed or broke framing before the head). Callers bound the wait
+  for the head themselves (`asyncio.timeout`); cancelling the wait closes the connection.
+- `WireResponse.readany()` returns the body bytes buffered so far (at least one byte), b"" once the body
+  is complete, or raises `UpstreamLost`. Reading is paused while more than `_HIGH_WATER` bytes wait, so a
+  slow client holds back the replica instead of the proxy's memory.
+- Every response ends with `release()` (body complete: the connection may go back to the pool) or
+  `close()` (anything else: the connection is closed, which is the cancel signal Ollama understands).
+  Both are idempotent, and either frees the pool permit (`forwarding.pool_size`).
+- A connection goes back to the pool only after a complete response that allows keep-alive; an idle
+  connection is closed after `keepalive_s`, and one the replica closed is never handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from collections.abc import AsyncIterable
+from typing import Any, cast
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+__all__ = ["ConnectFailed", "UpstreamLost", "WirePool", "WireResponse"]
+
+_HIGH_WATER = 256 * 1024
+"""Buffered response bytes above which the connection stops reading (until the relay catches up)."""
+_MAX_HEAD_BYTES = 64 * 1024
+"""A response head larger than this is refused (llhttp itself has no bound)."""
+_MAX_HEADERS = 256
+
+
+class UpstreamLost(ConnectionError):
+    """The replica's connection closed, reset or broke HTTP framing."""
+
+
+class ConnectFailed(ConnectionError):
+    """No connection to the replica: refused, unreachable, or not within the connect timeout."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class WireResponse:
+    """One response from a replica: status, reason, headers, and its body as it arrives."""
+
+    __slots__ = ("_buffered", "_chunks", "_connection", "_done", "_error", "_head_size", "_keep_alive",
+                 "_pool", "_raw_headers", "_skip", "_waiter", "head", "headers", "reason", "status",
+                 "upload")
+
+    def __init__(self, pool: WirePool, connection: _Connection, head_only: bool) -> None:
+        self._pool = pool
+        self._connection: _Connection | None = connection
+        self.status = 0
+        self.reason = ""
+        self.headers: CIMultiDictProxy[str] = _EMPTY_HEADERS
+        self._raw_headers: list[tuple[str, str]] = []
+        self._head_size = 0
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._done = False
+        """The whole body is in `_chunks` (or there is none)."""
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._keep_alive = False
+        """The replica allows another request on the connection (set when the message completes)."""
+        self._skip = head_only
+        """A HEAD request: the response ends with its head, whatever Content-Length says."""
+        self.head: asyncio.Future[None] = connection.loop.create_future()
+        """Resolved when the head arrived; failed with UpstreamLost when the connection went first."""
+        self.upload: asyncio.Task[None] | None = None
+        """The task writing a streamed body; it may outlive the head (the replica may answer first)."""
+
+    # parser callbacks (httptools) ---------------------------------------------------------------------
+    def on_status(self, status: bytes) -> None:
+        self.reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > _MAX_HEAD_BYTES or len(self._raw_headers) >= _MAX_HEADERS:
+            raise UpstreamLost("the upstream's response head is too large")
+        self._raw_headers.append((name.decode("utf-8", "surrogateescape"),
+                                  value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        connection = self._connection
+        assert connection is not None
+        if self._done:
+            raise UpstreamLost("the upstream sent more than one response")
+        status = connection.parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the final head follows.
+            self._raw_headers = []
+            self._head_size = 0
+            return
+        self.status = status
+        self.headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
+        if self._skip:
+            self._done = True
+        if not self.head.done():
+            self.head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self._skip:
+            return
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER:
+            connection = self._connection
+            if connection is not None:
+                connection.pause()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if not self.status:  # the end of an interim (1xx) message
+            return
+        self._done = True
+        connection = self._connection
+        # Asked here: once the callback returns, llhttp resets its state for the next message.
+        self._keep_alive = connection is not None and connection.parser.should_keep_alive()
+        self._wake()
+
+    # connection events ---------------------------------------------------------------------------------
+    def _lost(self, reason: str) -> None:
+        """The connection closed (or broke framing) before the message was complete."""
+        if self._done:
+            return
+        connection = self._connection
+        if self.status and connection is not None and connection.until_close(self.headers):
+            self._done = True  # a body delimited by the connection's close ended normally
+        else:
+            self._error = UpstreamLost(reason)
+            if not self.head.done():
+                self.head.set_exception(self._error)
+                self.head.exception()  # retrieved: nobody may be waiting any more (cancelled)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # the reader's side ---------------------------------------------------------------------------------
+    def is_eof(self) -> bool:
+        """Whether the whole body was read (nothing buffered, the message complete)."""
+        return self._done and not self._chunks
+
+    async def readany(self) -> bytes:
+        """Everything buffered (at least one byte, waiting for it), or b"" once the body is complete.
+        Raises UpstreamLost when the connection went before the body was complete."""
+        chunks = self._chunks
+        while not chunks:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            connection = self._connection
+            if connection is None:
+                raise UpstreamLost("the response was closed")
+            self._waiter = waiter = connection.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        connection = self._connection
+        if connection is not None and connection.paused:
+            connection.resume()  # nothing is buffered any more
+        return data
+
+    def release(self) -> None:
+        """Done with the response: a complete one returns its connection to the pool, any other closes
+        it. Idempotent."""
+        connection = self._connection
+        if connection is None:
+            return
+        self._connection = None
+        reusable = (self._done and self._keep_alive and self._error is None and not self._skip
+                    and (self.upload is None or self.upload.done()))
+        self._stop_upload()
+        self._pool._give_back(connection, reusable)
+
+    def close(self) -> None:
+        """Done with the response, whatever its state: the connection is closed. Idempotent."""
+        connection = self._connection
+        if connection is None:
+            return
+        self._connection = None
+        self._stop_upload()
+        self._pool._give_back(connection, False)
+
+    def _stop_upload(self) -> None:
+        upload = self.upload
+        if upload is not None and not upload.done():
+            upload.cancel()
+
+
+_EMPTY_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to a replica; carries one request at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int, bool]) -> None:
+        self.loop = loop
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.open = False
+        self.idle_since = 0.0
+        self.response: WireResponse | None = None
+        self.parser: Any = None
+        self.paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._writing_paused = False
+
+    # asyncio.Protocol ----------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its interface.
+        self.transport = cast(asyncio.Transport, transport)
+        self.open = True
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None:
+            # Bytes while no request is out: the replica is confused; the connection cannot be trusted.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(response, "the upstream switched protocols")
+        except (httptools.HttpParserError, UpstreamLost) as exc:
+            self._fail(response, f"malformed response from the upstream ({type(exc).__name__})")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.open = False
+        response = self.response
+        if response is not None:
+            response._lost("the upstream closed the connection"
+                           + (f" ({type(exc).__name__})" if exc is not None else ""))
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_exception(UpstreamLost("the upstream closed the connection"))
+            drain.exception()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # ours ------------------------------------------------------------------------------------------------
+    def _fail(self, response: WireResponse, reason: str) -> None:
+        response._lost(reason)
+        self.close()
+
+    def until_close(self, headers: CIMultiDictProxy[str]) -> bool:
+        """Whether the response's body is delimited by the connection's close (no length, not chunked)."""
+        return "Content-Length" not in headers and "chunked" not in headers.get(
+            "Transfer-Encoding", "").lower()
+
+    def start(self, response: WireResponse) -> None:
+        self.response = response
+        self.parser = httptools.HttpResponseParser(response)
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and self.open:
+            self.paused = False
+            self.transport.resume_reading()
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark (streamed uploads)."""
+        if not self.open:
+            raise UpstreamLost("the upstream closed the connection")
+        if self._writing_paused:
+            self._drain = self.loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+    def close(self) -> None:
+        self.open = False
+        if self.transport is not None:
+            self.transport.close()
+
+
+class WirePool:
+    """Keep-alive connections to the replicas, at most `limit` in use at once (0: no limit)."""
+
+    def __init__(self, *, limit: int, keepalive_s: float, connect_timeout_s: float) -> None:
+        self.limit = limit
+        self.keepalive_s = keepalive_s
+        self.connect_timeout_s = connect_timeout_s
+        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        self._permits = asyncio.Semaphore(limit) if limit > 0 else None
+        self._sweep: asyncio.TimerHandle | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._closed = False
+        self.in_use = 0
+        """Connections carrying a request now (for tests and /system views)."""
+        self._holding: set[_Connection] = set()
+
+    async def request(self, host: str, port: int, tls: bool, method: str, target: str,
+                      head: str, body: bytes | AsyncIterable[bytes] | None) -> WireResponse:
+        """Send `method target` with the header block `head` (`Name: value\\r\\n` lines, Host included,
+        framing headers excluded: they are added here) and `body`; return the response once its head
+        arrived. `body` bytes go with a Content-Length, an async iterable as chunked transfer coding."""
+        if self._closed:
+            raise UpstreamLost("the fleet client is closed")
+        permits = self._permits
+        if permits is not None:
+            await permits.acquire()
+        connection: _Connection | None = None
+        writer: asyncio.Task[None] | None = None
+        try:
+            connection = await self._connection(host, port, tls)
+            response = WireResponse(self, connection, method == "HEAD")
+            connection.start(response)
+            self._holding.add(connection)
+            self.in_use += 1
+            transport = connection.transport
+            assert transport is not None
+            if body is None or isinstance(body, bytes | bytearray):
+                data = body or b""
+                framing = f"Content-Length: {len(data)}\r\n" if data or method in (
+                    "POST", "PUT", "PATCH") else ""
+                transport.write(f"{method} {target} HTTP/1.1\r\n{head}{framing}\r\n".encode(
+                    "utf-8", "surrogateescape") + data)
+            else:
+                transport.write(f"{method} {target} HTTP/1.1\r\n{head}Transfer-Encoding: chunked\r\n"
+                                "\r\n".encode("utf-8", "surrogateescape"))
+                writer = response.upload = asyncio.ensure_future(self._upload(connection, body))
+                writer.add_done_callback(_retrieve)
+            try:
+                await response.head
+            except UpstreamLost:
+                if writer is not None and writer.done() and not writer.cancelled():
+                    error = writer.exception()
+                    if error is not None:  # the client's upload failed first: that is the cause
+                        raise error from None
+                raise
+            return response
+        except BaseException:
+            if writer is not None and not writer.done():
+                writer.cancel()
+            if connection is not None:
+                if connection in self._holding:
+                    self._give_back(connection, False)
+                else:
+                    connection.close()
+                    if permits is not None:
+                        permits.release()
+            elif permits is not None:
+                permits.release()
+            raise
+
+    async def _upload(self, connection: _Connection, body: AsyncIterable[bytes]) -> None:
+        """Write a streamed body in chunked coding. Its iterator's errors (the client's upload failing)
+        close the connection, so the response wait fails; the forwarder reports the client's error."""
+        transport = connection.transport
+        assert transport is not None
+        try:
+            async for chunk in body:
+                if chunk:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    await connection.drain()
+            transport.write(b"0\r\n\r\n")
+        except BaseException:
+            connection.close()
+            raise
+
+    async def _connection(self, host: str, port: int, tls: bool) -> _Connection:
+        key = (host, port, tls)
+        idle = self._idle.get(key)
+        if idle:
+            now = time.monotonic()
+            while idle:
+                connection = idle.pop()  # the most recently used: the warmest, least likely closed
+                if connection.open and now - connection.idle_since < self.keepalive_s:
+                    return connection
+                connection.close()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, protocol = await loop.create_connection(
+                    lambda: _Connection(loop, key), host, port,
+                    ssl=self._tls_context() if tls else None, server_hostname=host if tls else None)
+        except TimeoutError:
+            raise ConnectFailed(f"timed out after {self.connect_timeout_s:g}s",
+                                timed_out=True) from None
+        except OSError as exc:
+            raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from None
+        return protocol
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def _give_back(self, connection: _Connection, reusable: bool) -> None:
+        """A response is done with its connection: pool it (reusable) or close it; free the permit."""
+        if connection not in self._holding:
+            return
+        self._holding.discard(connection)
+        self.in_use -= 1
+        connection.response = None
+        connection.parser = None
+        connection.resume()
+        if reusable and connection.open and not self._closed:
+            connection.idle_since = time.monotonic()
+            self._idle.setdefault(connection.key, []).append(connection)
+            if self._sweep is None:
+                self._sweep = asyncio.get_running_loop().call_later(self.keepalive_s, self._expire)
+        else:
+            connection.close()
+        if self._permits is not None:
+            self._permits.release()
+
+    def _expire(self) -> None:
+        """Close the connections idle for `keepalive_s`; come back while any stay idle."""
+        self._sweep = None
+        deadline = time.monotonic() - self.keepalive_s
+        waiting = False
+        for key, idle in list(self._idle.items()):
+            keep = [c for c in idle if c.open and c.idle_since > deadline]
+            for connection in idle:
+                if connection not in keep:
+                    connection.close()
+            if keep:
+                self._idle[key] = keep
+                waiting = True
+            else:
+                del self._idle[key]
+        if waiting and not self._closed:
+            self._sweep = asyncio.get_running_loop().call_later(self.keepalive_s / 2, self._expire)
+
+    def idle_count(self) -> int:
+        """Pooled idle connections (for tests)."""
+        return sum(len(idle) for idle in self._idle.values())
+
+    async def close(self) -> None:
+        """Close every connection, idle or in use; further requests fail."""
+        self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()
+        for connection in list(self._holding):
+            connection.close()
+        await asyncio.sleep(0)  # let the transports run their connection_lost
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """An upload's error matters only while the head is awaited (`request` reads it then); after that
+    the response shows the replica's side of it. Retrieved here so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
