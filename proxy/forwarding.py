@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict, istr
+from multidict import CIMultiDict
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -57,16 +57,18 @@ __all__ = ["HOP_BY_HOP", "Forwarder"]
 
 log = logging.getLogger("proxy.forwarding")
 
-HOP_BY_HOP = frozenset(istr(h) for h in (
+HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE",
     "Trailer", "Transfer-Encoding", "Upgrade"))
-_DROP_REQUEST = HOP_BY_HOP | {istr("Host"), istr("Content-Length"), istr("traceparent"),
-                              istr("tracestate"), istr("X-Ollama-Replica"), istr(INTERNAL_HEADER),
-                              istr("Expect")}
-"""`Expect` included: the proxy answered the client's 100-continue itself and sends the body at once."""
-_REPLACED_REQUEST = frozenset(istr(h) for h in ("X-Forwarded-For", "X-Forwarded-Proto"))
-"""Set by the proxy (the client's X-Forwarded-For continues in the proxy's)."""
-_DROP_RESPONSE = HOP_BY_HOP | {istr("Content-Length")}
+"""Lower-case names: compare `name.lower()` (a header keeps the spelling its sender chose, and aiohttp's
+istr spellings do not make a set lookup case-insensitive)."""
+_DROP_REQUEST = HOP_BY_HOP | {h.lower() for h in (
+    "Host", "Content-Length", "traceparent", "tracestate", "X-Ollama-Replica", INTERNAL_HEADER,
+    # The proxy answered the client's 100-continue itself and sends the body at once.
+    "Expect",
+    # Set by the proxy (the client's X-Forwarded-For continues in the proxy's).
+    "X-Forwarded-For", "X-Forwarded-Proto")}
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NO_BODY_STATUSES = frozenset({204, 304})
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
@@ -111,10 +113,8 @@ class Forwarder:
         named = _connection_tokens(client) if "Connection" in client else set()
         if ctx.identity is not None and ctx.identity.key_header is not None:
             named.add(ctx.identity.key_header.lower())  # the proxy's API key stays with the proxy
-        drop = _DROP_REQUEST
-        headers = [(key, value) for key, value in client.items()
-                   if key not in drop and key.lower() not in named
-                   and key not in _REPLACED_REQUEST]
+        drop = _DROP_REQUEST | named if named else _DROP_REQUEST
+        headers = [(key, value) for key, value in client.items() if key.lower() not in drop]
         headers.append(("Host", upstream.host_header))
         peer = request.remote or ""
         prior = client.get("X-Forwarded-For")
@@ -218,7 +218,8 @@ class Forwarder:
         headers: CIMultiDict[str] = CIMultiDict()
         named = _connection_tokens(upstream_response.headers)
         for key, value in upstream_response.headers.items():
-            if key in _DROP_RESPONSE or key.lower() in named:
+            lower = key.lower()
+            if lower in _DROP_RESPONSE or lower in named:
                 continue
             headers.add(key, value)
         if upstream_response.status in _RETRY_AFTER_STATUSES and "Retry-After" not in headers:

@@ -248,3 +248,48 @@ def test_incoming_trace_is_continued(echo: tuple[ThreadedApp, Server]) -> None:
     seen = _received(httpx.get(f"{proxy.url}/api/tags", headers={"traceparent": incoming}))
     assert seen["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
     assert seen["traceparent"].split("-")[2] != "b7ad6b7169203331"
+
+
+def test_dropped_headers_are_dropped_in_any_spelling(echo: tuple[ThreadedApp, Server]) -> None:
+    """A header keeps the spelling its sender chose: hop-by-hop and proxy-owned names are dropped
+    whatever their case, and a client's X-Forwarded-For continues in the proxy's, never twice."""
+    _, proxy = echo
+    import socket
+
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /api/x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nconnection: close\r\n"
+                     b"proxy-connection: keep-alive\r\nkeep-alive: 5\r\n"
+                     b"x-forwarded-for: 10.0.0.1\r\nX-FORWARDED-PROTO: https\r\n"
+                     b"trailer: x\r\n\r\n{}")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    pairs = json.loads(body)["headers"]
+    names = [k.lower() for k, _ in pairs]
+    for dropped in ("proxy-connection", "keep-alive", "trailer"):
+        assert dropped not in names, dropped
+    assert names.count("x-forwarded-for") == 1 and names.count("x-forwarded-proto") == 1
+    seen = dict((k.lower(), v) for k, v in pairs)
+    assert seen["x-forwarded-for"] == "10.0.0.1, 127.0.0.1" and seen["x-forwarded-proto"] == "http"
+
+
+def test_credentials_in_the_replica_url_are_sent(tmp: Path) -> None:
+    """`http://user:pass@host` authenticates every relayed request (as the probes), in place of
+    whatever Authorization the client sent."""
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"authorization": request.headers.get("Authorization"),
+                                  "version": "0.12.0"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    with ThreadedApp(app) as upstream:
+        url = f"http://ops:s3cret@127.0.0.1:{upstream.port}"
+        proxy = start_proxy(tmp, [url], name="userinfo")
+        try:
+            seen = httpx.post(f"{proxy.url}/api/show", json={"model": "m"},
+                              headers={"Authorization": "Bearer client"}).json()
+            assert seen["authorization"] == "Basic b3BzOnMzY3JldA=="  # base64("ops:s3cret")
+        finally:
+            proxy.stop()

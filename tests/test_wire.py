@@ -8,6 +8,8 @@ suite."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -313,3 +315,137 @@ async def test_streamed_upload_is_chunked_and_a_failed_upload_is_the_error() -> 
         assert wire.in_use == 0
         await wire.close()
 
+
+
+async def test_a_hostile_head_or_trailer_is_bounded() -> None:
+    """llhttp gathers a header line of any length before any callback: the pool counts the bytes
+    that made no progress and gives up past 64 KiB, instead of buffering megabytes."""
+    async def endless_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Long: ")
+        for _ in range(64):  # 4 MiB, never ending the line
+            writer.write(b"a" * 65536)
+            await writer.drain()
+
+    async def endless_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
+        for _ in range(64):
+            writer.write(b"a" * 65536)
+            await writer.drain()
+
+    async with Replica(endless_header) as one, Replica(endless_trailer) as two:
+        wire = pool()
+        with pytest.raises(UpstreamLost, match="too large"):
+            await wire.request("127.0.0.1", one.port, False, "GET", "/", "Host: r\r\n", None)
+        response = await wire.request("127.0.0.1", two.port, False, "GET", "/", "Host: r\r\n", None)
+        assert await response.readany() == b"ok"
+        with pytest.raises(UpstreamLost):
+            await read_all(response)
+        response.close()
+        assert wire.in_use == 0
+        await wire.close()
+
+
+async def test_a_reason_split_across_segments_arrives_whole() -> None:
+    async def split(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 503 Service Un")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"available\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async with Replica(split) as replica:
+        wire = pool()
+        response = await wire.request("127.0.0.1", replica.port, False, "GET", "/", "Host: r\r\n",
+                                      None)
+        assert (response.status, response.reason) == (503, "Service Unavailable")
+        response.release()
+        await wire.close()
+
+
+async def test_a_close_delimited_body_cut_by_a_reset_is_an_error() -> None:
+    """Only an orderly close (FIN from the replica) ends a body that has neither length nor chunks."""
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"partial":')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset
+        raise ConnectionError
+
+    async with Replica(reset) as replica:
+        wire = pool()
+        response = await wire.request("127.0.0.1", replica.port, False, "GET", "/", "Host: r\r\n",
+                                      None)
+        with pytest.raises(UpstreamLost):
+            await read_all(response)
+        assert not response.is_eof()
+        response.close()
+        await wire.close()
+
+
+async def test_a_stale_pooled_connection_is_replaced_for_idempotent_requests_only() -> None:
+    """The replica (or a balancer in front of it) drops an idle keep-alive connection just as the
+    next request goes out: a GET is sent again on a new connection, a POST is not (it may have
+    reached the replica), as aiohttp's client does."""
+    served: list[int] = []
+
+    async def one_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, headers = await read_head(reader)
+        await reader.readexactly(int(headers.get("content-length", "0")))
+        if served and served[-1] == id(writer):
+            writer.transport.abort()  # the second request on a connection: gone without a byte
+            raise ConnectionError
+        served.append(id(writer))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with Replica(one_per_connection) as replica:
+        wire = pool(limit=2)
+        for _ in range(3):
+            response = await wire.request("127.0.0.1", replica.port, False, "GET", "/api/tags",
+                                          "Host: r\r\n", None)
+            assert await read_all(response) == b"ok"
+            response.release()
+        assert replica.connections == 3  # each GET after the first needed a fresh connection
+        with pytest.raises(UpstreamLost):
+            await wire.request("127.0.0.1", replica.port, False, "POST", "/api/generate",
+                               "Host: r\r\n", b"{}")
+        assert wire.in_use == 0
+        await wire.close()
+
+
+async def test_closing_with_unsent_bytes_resets_the_connection() -> None:
+    """A replica that stopped reading while a body was going out: giving up on it resets the
+    connection at once (a graceful close would wait behind the unsent bytes, forever)."""
+    outcome: list[str] = []
+    reading = asyncio.Event()
+
+    async def stalled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await reading.wait()  # read nothing until the client gave up
+        total = 0
+        try:
+            while chunk := await reader.read(1 << 20):
+                total += len(chunk)
+            outcome.append(f"eof after {total}")
+        except ConnectionResetError:
+            outcome.append("reset")
+        raise ConnectionError
+
+    async with Replica(stalled) as replica:
+        wire = pool(limit=1)
+        body = b"x" * (64 << 20)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await wire.request("127.0.0.1", replica.port, False, "POST", "/api/blobs/x",
+                                   "Host: r\r\n", body)
+        reading.set()
+        await until(lambda: bool(outcome), what="the replica to see the end")
+        assert outcome == ["reset"], outcome
+        assert wire.in_use == 0
+        await wire.close()

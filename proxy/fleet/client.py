@@ -122,12 +122,18 @@ class FleetClient:
         ProxyErrors: an upload error the body iterator put in `upload_error` (the client's fault, not
         the replica's), else a response timeout, a connect failure, or a reset before the response
         started."""
-        lines = headers.items() if isinstance(headers, Mapping) else headers
+        lines = list(headers.items()) if isinstance(headers, Mapping) else headers
+        url = upstream.url
+        credentials = aiohttp.BasicAuth.from_url(url) if url.user is not None else None
+        if credentials is not None:
+            # Credentials in the replica's URL (`http://user:pass@host`) answer for every request to
+            # it, as aiohttp's client did: they replace whatever Authorization the client sent.
+            lines = [(name, value) for name, value in lines if name.lower() != "authorization"]
+            lines.append(("Authorization", credentials.encode()))
         head = "".join([f"{name}: {value}\r\n" for name, value in lines])
-        if head.count("\n") != len(headers) or head.count("\r") != len(headers):
+        if head.count("\n") != len(lines) or head.count("\r") != len(lines):
             # A CR or LF inside a name or value would split the head: never sent.
             raise InvalidRequest("a request header carries a line break")
-        url = upstream.url
         base = url.raw_path.rstrip("/")
         try:
             try:

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterable
 from typing import Any, cast
@@ -42,6 +45,8 @@ _HIGH_WATER = 256 * 1024
 _MAX_HEAD_BYTES = 64 * 1024
 """A response head larger than this is refused (llhttp itself has no bound)."""
 _MAX_HEADERS = 256
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class UpstreamLost(ConnectionError):
@@ -60,8 +65,8 @@ class WireResponse:
     """One response from a replica: status, reason, headers, and its body as it arrives."""
 
     __slots__ = ("_buffered", "_chunks", "_connection", "_done", "_error", "_head_size", "_keep_alive",
-                 "_pool", "_raw_headers", "_skip", "_waiter", "head", "headers", "reason", "status",
-                 "upload")
+                 "_pool", "_raw_headers", "_skip", "_waiter", "head", "headers", "reason", "silent",
+                 "status", "upload")
 
     def __init__(self, pool: WirePool, connection: _Connection, head_only: bool) -> None:
         self._pool = pool
@@ -85,10 +90,16 @@ class WireResponse:
         """Resolved when the head arrived; failed with UpstreamLost when the connection went first."""
         self.upload: asyncio.Task[None] | None = None
         """The task writing a streamed body; it may outlive the head (the replica may answer first)."""
+        self.silent = 0
+        """Bytes received since the parser last showed progress (a head, body bytes): llhttp
+        accumulates a header line (or trailer, or chunk extension) of any length before any
+        callback, so this is what bounds one."""
 
     # parser callbacks (httptools) ---------------------------------------------------------------------
     def on_status(self, status: bytes) -> None:
-        self.reason = status.decode("latin-1")
+        # llhttp hands the reason over in fragments when it spans TCP segments.
+        if not self.status:
+            self.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
@@ -103,10 +114,12 @@ class WireResponse:
         if self._done:
             raise UpstreamLost("the upstream sent more than one response")
         status = connection.parser.get_status_code()
+        self.silent = 0
         if 100 <= status < 200:
             # An interim answer (100 Continue, 103 Early Hints): the final head follows.
             self._raw_headers = []
             self._head_size = 0
+            self.reason = ""
             return
         self.status = status
         self.headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
@@ -116,6 +129,7 @@ class WireResponse:
             self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        self.silent = 0
         if self._skip:
             return
         self._chunks.append(body)
@@ -136,12 +150,14 @@ class WireResponse:
         self._wake()
 
     # connection events ---------------------------------------------------------------------------------
-    def _lost(self, reason: str) -> None:
-        """The connection closed (or broke framing) before the message was complete."""
+    def _lost(self, reason: str, clean: bool = False) -> None:
+        """The connection closed (or broke framing) before the message was complete. `clean`: the
+        replica closed it in order (a FIN, not a reset, and not the proxy closing it)."""
         if self._done:
             return
         connection = self._connection
-        if self.status and connection is not None and connection.until_close(self.headers):
+        if (clean and self.status and connection is not None
+                and connection.until_close(self.headers)):
             self._done = True  # a body delimited by the connection's close ended normally
         else:
             self._error = UpstreamLost(reason)
@@ -229,6 +245,9 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self._drain: asyncio.Future[None] | None = None
         self._writing_paused = False
+        self.closed_by_us = False
+        self.received = False
+        """Any byte arrived on this connection (a pooled connection that got none may be stale)."""
 
     # asyncio.Protocol ----------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -237,24 +256,33 @@ class _Connection(asyncio.Protocol):
         self.open = True
 
     def data_received(self, data: bytes) -> None:
+        self.received = True
         response = self.response
         if response is None:
             # Bytes while no request is out: the replica is confused; the connection cannot be trusted.
             self.close()
             return
+        response.silent += len(data)
         try:
             self.parser.feed_data(data)
+            if response.silent > _MAX_HEAD_BYTES:
+                raise UpstreamLost("a response head, trailer or chunk header is too large")
         except httptools.HttpParserUpgrade:
             self._fail(response, "the upstream switched protocols")
-        except (httptools.HttpParserError, UpstreamLost) as exc:
-            self._fail(response, f"malformed response from the upstream ({type(exc).__name__})")
+        except UpstreamLost as exc:
+            self._fail(response, str(exc))
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__  # a callback's own refusal (a head over the bound) says why
+            self._fail(response, str(cause) if isinstance(cause, UpstreamLost)
+                       else f"malformed response from the upstream ({type(exc).__name__})")
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.open = False
         response = self.response
         if response is not None:
             response._lost("the upstream closed the connection"
-                           + (f" ({type(exc).__name__})" if exc is not None else ""))
+                           + (f" ({type(exc).__name__})" if exc is not None else ""),
+                           clean=exc is None and not self.closed_by_us)
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_exception(UpstreamLost("the upstream closed the connection"))
@@ -281,6 +309,7 @@ class _Connection(asyncio.Protocol):
 
     def start(self, response: WireResponse) -> None:
         self.response = response
+        self.received = False
         self.parser = httptools.HttpResponseParser(response)
 
     def pause(self) -> None:
@@ -305,9 +334,23 @@ class _Connection(asyncio.Protocol):
                 self._drain = None
 
     def close(self) -> None:
+        """Close now. With request bytes still unsent (a replica that stopped reading), abort: a
+        graceful close would wait for them forever, keeping the socket and never telling the
+        replica to stop (closing is Ollama's cancel signal)."""
         self.open = False
-        if self.transport is not None:
-            self.transport.close()
+        self.closed_by_us = True
+        transport = self.transport
+        if transport is not None:
+            if transport.get_write_buffer_size():
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    # A reset, not a FIN queued behind the unsent bytes: the kernel would otherwise
+                    # keep the connection (FIN-WAIT-1) for as long as the replica does not read.
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                transport.abort()
+            else:
+                transport.close()
 
 
 class WirePool:
@@ -328,22 +371,45 @@ class WirePool:
 
     async def request(self, host: str, port: int, tls: bool, method: str, target: str,
                       head: str, body: bytes | AsyncIterable[bytes] | None) -> WireResponse:
-        """Send `method target` with the header block `head` (`Name: value\\r\\n` lines, Host included,
+        """Send `method target` with the header block `head` (`Name: value\r\n` lines, Host included,
         framing headers excluded: they are added here) and `body`; return the response once its head
-        arrived. `body` bytes go with a Content-Length, an async iterable as chunked transfer coding."""
+        arrived. `body` bytes go with a Content-Length, an async iterable as chunked transfer coding.
+
+        A pooled connection that turns out closed before any byte of the answer (the replica's, or a
+        load balancer's, idle timeout) is replaced by a new one once, for idempotent methods with a
+        body in hand: aiohttp's rule, since a POST may have reached the replica."""
         if self._closed:
             raise UpstreamLost("the fleet client is closed")
         permits = self._permits
         if permits is not None:
             await permits.acquire()
-        connection: _Connection | None = None
+        # Invariant: the permit is this call's until a response exists; from then on the response's
+        # release()/close() gives it back (_give_back), so every path below returns it exactly once.
+        try:
+            connection, reused = await self._connection(host, port, tls, pooled=True)
+            try:
+                return await self._send(connection, method, target, head, body)
+            except UpstreamLost:
+                if not (reused and not connection.received and method in _IDEMPOTENT
+                        and (body is None or isinstance(body, bytes | bytearray))):
+                    raise
+            connection, _ = await self._connection(host, port, tls, pooled=False)
+            return await self._send(connection, method, target, head, body)
+        except BaseException:
+            if permits is not None:
+                permits.release()
+            raise
+
+    async def _send(self, connection: _Connection, method: str, target: str, head: str,
+                    body: bytes | AsyncIterable[bytes] | None) -> WireResponse:
+        """One request on `connection`, the response once its head arrived. On any failure the
+        connection is closed (the caller still holds the permit)."""
+        response = WireResponse(self, connection, method == "HEAD")
+        connection.start(response)
+        self._holding.add(connection)
+        self.in_use += 1
         writer: asyncio.Task[None] | None = None
         try:
-            connection = await self._connection(host, port, tls)
-            response = WireResponse(self, connection, method == "HEAD")
-            connection.start(response)
-            self._holding.add(connection)
-            self.in_use += 1
             transport = connection.transport
             assert transport is not None
             if body is None or isinstance(body, bytes | bytearray):
@@ -369,15 +435,8 @@ class WirePool:
         except BaseException:
             if writer is not None and not writer.done():
                 writer.cancel()
-            if connection is not None:
-                if connection in self._holding:
-                    self._give_back(connection, False)
-                else:
-                    connection.close()
-                    if permits is not None:
-                        permits.release()
-            elif permits is not None:
-                permits.release()
+            response._connection = None
+            self._give_back(connection, False, permit=False)
             raise
 
     async def _upload(self, connection: _Connection, body: AsyncIterable[bytes]) -> None:
@@ -395,15 +454,17 @@ class WirePool:
             connection.close()
             raise
 
-    async def _connection(self, host: str, port: int, tls: bool) -> _Connection:
+    async def _connection(self, host: str, port: int, tls: bool,
+                          pooled: bool) -> tuple[_Connection, bool]:
+        """A connection to (host, port), and whether it came from the pool."""
         key = (host, port, tls)
-        idle = self._idle.get(key)
+        idle = self._idle.get(key) if pooled else None
         if idle:
             now = time.monotonic()
             while idle:
                 connection = idle.pop()  # the most recently used: the warmest, least likely closed
                 if connection.open and now - connection.idle_since < self.keepalive_s:
-                    return connection
+                    return connection, True
                 connection.close()
         loop = asyncio.get_running_loop()
         try:
@@ -416,15 +477,16 @@ class WirePool:
                                 timed_out=True) from None
         except OSError as exc:
             raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from None
-        return protocol
+        return protocol, False
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._ssl is None:
             self._ssl = ssl.create_default_context()
         return self._ssl
 
-    def _give_back(self, connection: _Connection, reusable: bool) -> None:
-        """A response is done with its connection: pool it (reusable) or close it; free the permit."""
+    def _give_back(self, connection: _Connection, reusable: bool, *, permit: bool = True) -> None:
+        """A response is done with its connection: pool it (reusable) or close it; free the permit
+        (unless `permit` is False: `request` still holds it)."""
         if connection not in self._holding:
             return
         self._holding.discard(connection)
@@ -439,7 +501,7 @@ class WirePool:
                 self._sweep = asyncio.get_running_loop().call_later(self.keepalive_s, self._expire)
         else:
             connection.close()
-        if self._permits is not None:
+        if permit and self._permits is not None:
             self._permits.release()
 
     def _expire(self) -> None:
