@@ -1,10 +1,11 @@
 """The terminal handler: one upstream call per request, relayed byte for byte.
 
 Header policy: hop-by-hop headers (and those named in `Connection`) are dropped both ways; `Host` is the
-replica's own address (Ollama's loopback guard refuses foreign hosts, reference §3.2); `X-Forwarded-For/
--Proto/-Host` are added; `traceparent` is the GenAI CLIENT span's; `Expect` is answered by the proxy and
-not passed on. Nothing else is added (proxy/fleet/wire.py adds only the body's framing), so the replica
-sees what the client sent.
+replica's own address (Ollama's loopback guard refuses foreign hosts, reference §3.2); `X-Forwarded-For`
+and `-Proto` are set by the proxy (the client's X-Forwarded-For lines continued), `X-Forwarded-Host` is
+added when the client sent none (one set by a load balancer in front is kept); `traceparent` is the GenAI
+CLIENT span's; `Expect` is answered by the proxy and not passed on. Nothing else is added
+(proxy/fleet/wire.py adds only the body's framing), so the replica sees what the client sent.
 
 Relay: bytes are written as they arrive (`readany`), never decoded, re-encoded or compressed; the response
 keeps the upstream's framing (Content-Length when it sent one, chunked otherwise). The response headers
@@ -117,7 +118,8 @@ class Forwarder:
         headers = [(key, value) for key, value in client.items() if key.lower() not in drop]
         headers.append(("Host", upstream.host_header))
         peer = request.remote or ""
-        prior = client.get("X-Forwarded-For")
+        # Every X-Forwarded-For line the client sent, in order, then the peer (RFC 7239's chain).
+        prior = ", ".join(client.getall("X-Forwarded-For", ()))
         headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
         headers.append(("X-Forwarded-Proto", request.scheme))
         host = client.get("Host")

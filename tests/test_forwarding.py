@@ -259,7 +259,7 @@ def test_dropped_headers_are_dropped_in_any_spelling(echo: tuple[ThreadedApp, Se
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
         sock.sendall(b"POST /api/x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nconnection: close\r\n"
                      b"proxy-connection: keep-alive\r\nkeep-alive: 5\r\n"
-                     b"x-forwarded-for: 10.0.0.1\r\nX-FORWARDED-PROTO: https\r\n"
+                     b"x-forwarded-for: 10.0.0.1\r\nX-FORWARDED-PROTO: https\r\nX-Forwarded-For: 10.0.0.2\r\n"
                      b"trailer: x\r\n\r\n{}")
         raw = b""
         while chunk := sock.recv(65536):
@@ -272,7 +272,8 @@ def test_dropped_headers_are_dropped_in_any_spelling(echo: tuple[ThreadedApp, Se
         assert dropped not in names, dropped
     assert names.count("x-forwarded-for") == 1 and names.count("x-forwarded-proto") == 1
     seen = dict((k.lower(), v) for k, v in pairs)
-    assert seen["x-forwarded-for"] == "10.0.0.1, 127.0.0.1" and seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-for"] == "10.0.0.1, 10.0.0.2, 127.0.0.1"  # every line, then the peer
+    assert seen["x-forwarded-proto"] == "http"
 
 
 def test_credentials_in_the_replica_url_are_sent(tmp: Path) -> None:

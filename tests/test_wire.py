@@ -419,9 +419,12 @@ async def test_a_stale_pooled_connection_is_replaced_for_idempotent_requests_onl
         await wire.close()
 
 
-async def test_closing_with_unsent_bytes_resets_the_connection() -> None:
-    """A replica that stopped reading while a body was going out: giving up on it resets the
-    connection at once (a graceful close would wait behind the unsent bytes, forever)."""
+@pytest.mark.parametrize("size", [64 << 10, 64 << 20], ids=["in-kernel-buffer", "unsent"])
+async def test_giving_up_resets_the_connection(size: int) -> None:
+    """A request given up before its answer (a first-byte timeout, a client gone) resets the
+    connection: with bytes still unsent, a graceful close would wait behind them forever; with all of
+    them in the kernel's buffer, the replica would read a whole request and then a FIN, and could start
+    the work before it noticed."""
     outcome: list[str] = []
     reading = asyncio.Event()
 
@@ -439,7 +442,7 @@ async def test_closing_with_unsent_bytes_resets_the_connection() -> None:
 
     async with Replica(stalled) as replica:
         wire = pool(limit=1)
-        body = b"x" * (64 << 20)
+        body = b"x" * size
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5):
                 await wire.request("127.0.0.1", replica.port, False, "POST", "/api/blobs/x",
@@ -449,3 +452,33 @@ async def test_closing_with_unsent_bytes_resets_the_connection() -> None:
         assert outcome == ["reset"], outcome
         assert wire.in_use == 0
         await wire.close()
+
+
+async def test_a_closed_pool_sends_nothing_more() -> None:
+    """Closing the pool (the proxy stopping) fails what is in flight and what waits for a permit;
+    neither is sent again on a new connection."""
+    gate = asyncio.Event()
+    heads: list[str] = []
+
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line, headers = await read_head(reader)
+        await reader.readexactly(int(headers.get("content-length", "0")))
+        heads.append(line)
+        await gate.wait()
+
+    async with Replica(held) as replica:
+        wire = pool(limit=1)
+        in_flight = asyncio.ensure_future(wire.request("127.0.0.1", replica.port, False, "GET", "/a",
+                                                       "Host: r\r\n", None))
+        await until(lambda: len(heads) == 1, what="the first request")
+        queued = asyncio.ensure_future(wire.request("127.0.0.1", replica.port, False, "POST", "/b",
+                                                    "Host: r\r\n", b"{}"))
+        await asyncio.sleep(0.05)
+        await wire.close()
+        for task in (in_flight, queued):
+            with pytest.raises(UpstreamLost):
+                await task
+        await asyncio.sleep(0.1)
+        assert heads == ["GET /a HTTP/1.1"] and replica.connections == 1
+        assert wire.in_use == 0
+        gate.set()

@@ -127,7 +127,7 @@ class FleetClient:
         credentials = aiohttp.BasicAuth.from_url(url) if url.user is not None else None
         if credentials is not None:
             # Credentials in the replica's URL (`http://user:pass@host`) answer for every request to
-            # it, as aiohttp's client did: they replace whatever Authorization the client sent.
+            # it, as they do for the probes: they replace whatever Authorization the client sent.
             lines = [(name, value) for name, value in lines if name.lower() != "authorization"]
             lines.append(("Authorization", credentials.encode()))
         head = "".join([f"{name}: {value}\r\n" for name, value in lines])

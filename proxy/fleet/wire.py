@@ -53,6 +53,11 @@ class UpstreamLost(ConnectionError):
     """The replica's connection closed, reset or broke HTTP framing."""
 
 
+class _Unanswered(UpstreamLost):
+    """The replica closed the connection before any byte of the answer (a pooled connection it had
+    already dropped looks like this)."""
+
+
 class ConnectFailed(ConnectionError):
     """No connection to the replica: refused, unreachable, or not within the connect timeout."""
 
@@ -214,13 +219,15 @@ class WireResponse:
         self._pool._give_back(connection, reusable)
 
     def close(self) -> None:
-        """Done with the response, whatever its state: the connection is closed. Idempotent."""
+        """Done with the response, whatever its state: the connection is closed, reset when the
+        response was not complete (the replica must stop at once, whatever it still reads or
+        sends). Idempotent."""
         connection = self._connection
         if connection is None:
             return
         self._connection = None
         self._stop_upload()
-        self._pool._give_back(connection, False)
+        self._pool._give_back(connection, False, reset=not self._done)
 
     def _stop_upload(self) -> None:
         upload = self.upload
@@ -333,15 +340,16 @@ class _Connection(asyncio.Protocol):
             finally:
                 self._drain = None
 
-    def close(self) -> None:
-        """Close now. With request bytes still unsent (a replica that stopped reading), abort: a
-        graceful close would wait for them forever, keeping the socket and never telling the
-        replica to stop (closing is Ollama's cancel signal)."""
+    def close(self, reset: bool = False) -> None:
+        """Close now; `reset` (an exchange given up unfinished) or request bytes still unsent: a
+        reset. A graceful close would queue a FIN behind bytes the replica may never read, keeping the
+        socket, and a replica reading a complete request then a FIN may start the work before it
+        notices (closing is Ollama's cancel signal)."""
         self.open = False
         self.closed_by_us = True
         transport = self.transport
         if transport is not None:
-            if transport.get_write_buffer_size():
+            if reset or transport.get_write_buffer_size():
                 sock = transport.get_extra_info("socket")
                 if sock is not None:
                     # A reset, not a FIN queued behind the unsent bytes: the kernel would otherwise
@@ -383,14 +391,17 @@ class WirePool:
         permits = self._permits
         if permits is not None:
             await permits.acquire()
+            if self._closed:  # closed while this request waited for a permit
+                permits.release()
+                raise UpstreamLost("the fleet client is closed")
         # Invariant: the permit is this call's until a response exists; from then on the response's
         # release()/close() gives it back (_give_back), so every path below returns it exactly once.
         try:
             connection, reused = await self._connection(host, port, tls, pooled=True)
             try:
                 return await self._send(connection, method, target, head, body)
-            except UpstreamLost:
-                if not (reused and not connection.received and method in _IDEMPOTENT
+            except _Unanswered:
+                if not (reused and not self._closed and method in _IDEMPOTENT
                         and (body is None or isinstance(body, bytes | bytearray))):
                     raise
             connection, _ = await self._connection(host, port, tls, pooled=False)
@@ -430,13 +441,17 @@ class WirePool:
                     error = writer.exception()
                     if error is not None:  # the client's upload failed first: that is the cause
                         raise error from None
+                if not connection.received and not connection.closed_by_us:
+                    # Gone before a byte of the answer, and not by our doing: maybe a stale one.
+                    raise _Unanswered(str(response._error or "the upstream closed the connection")
+                                      ) from None
                 raise
             return response
         except BaseException:
             if writer is not None and not writer.done():
                 writer.cancel()
             response._connection = None
-            self._give_back(connection, False, permit=False)
+            self._give_back(connection, False, permit=False, reset=True)
             raise
 
     async def _upload(self, connection: _Connection, body: AsyncIterable[bytes]) -> None:
@@ -457,6 +472,8 @@ class WirePool:
     async def _connection(self, host: str, port: int, tls: bool,
                           pooled: bool) -> tuple[_Connection, bool]:
         """A connection to (host, port), and whether it came from the pool."""
+        if self._closed:
+            raise UpstreamLost("the fleet client is closed")
         key = (host, port, tls)
         idle = self._idle.get(key) if pooled else None
         if idle:
@@ -484,9 +501,10 @@ class WirePool:
             self._ssl = ssl.create_default_context()
         return self._ssl
 
-    def _give_back(self, connection: _Connection, reusable: bool, *, permit: bool = True) -> None:
-        """A response is done with its connection: pool it (reusable) or close it; free the permit
-        (unless `permit` is False: `request` still holds it)."""
+    def _give_back(self, connection: _Connection, reusable: bool, *, permit: bool = True,
+                   reset: bool = False) -> None:
+        """A response is done with its connection: pool it (reusable) or close it (`reset`: abort it);
+        free the permit (unless `permit` is False: `request` still holds it)."""
         if connection not in self._holding:
             return
         self._holding.discard(connection)
@@ -500,7 +518,7 @@ class WirePool:
             if self._sweep is None:
                 self._sweep = asyncio.get_running_loop().call_later(self.keepalive_s, self._expire)
         else:
-            connection.close()
+            connection.close(reset)
         if permit and self._permits is not None:
             self._permits.release()
 
