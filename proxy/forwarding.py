@@ -292,13 +292,18 @@ class Forwarder:
                     raise UpstreamResponseTimeout(f"{reason} (upstream {upstream.name})") from None
                 await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout",
                                             reason)
-        except UpstreamLost as exc:
-            if not response.prepared:
+        except ConnectionError as exc:
+            # Either side: UpstreamLost is the replica's connection; anything else (aiohttp's
+            # ClientConnectionResetError, "Cannot write to closing transport") is our write to a
+            # client that went away, which is neither an error of the replica nor of the proxy.
+            if not isinstance(exc, UpstreamLost):
+                ctx.outcome = "client_disconnect"
+            elif not response.prepared:
                 raise UpstreamResetBeforeResponseStarted(
                     f"upstream {upstream.name} closed the connection before its response started "
                     f"({type(exc).__name__})") from None
-            if request.transport is None or request.transport.is_closing():
-                ctx.outcome = "client_disconnect"  # our write failed: the client went away
+            elif request.transport is None or request.transport.is_closing():
+                ctx.outcome = "client_disconnect"  # both went: the client's leaving comes first
             else:
                 await self._fail_mid_stream(request, response, ctx, "upstream_reset_after_response_started",
                                             "upstream connection lost mid-response "
