@@ -125,12 +125,12 @@ _PROOFS = 3
 """Requests at the limit that did not queue inside Ollama, with none that queued in between, before one
 more slot is tried."""
 _REPROBE_S = 60.0
+"""How long a limit at which Ollama queued a request is not tried again."""
 _BESIDE_S = 0.015
 """How long a neighbour must have run past a request's start, by Ollama's timings placed on the proxy's
 clock, to count as running beside it (the placement errs by the requests' network delays)."""
 _SPANS = 64
 """Finished requests per replica kept to count, by Ollama's timings, how many ran at once."""
-"""How long a limit at which Ollama queued a request is not tried again."""
 _MAX_GATES = 256
 """Gates kept while the fleet's models are unknown; past it idle ones are dropped."""
 

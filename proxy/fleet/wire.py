@@ -12,12 +12,14 @@ Contract:
 - `WirePool.request()` sends one request and returns a `WireResponse` once the response head arrived
   (1xx heads skipped). It raises `ConnectFailed` (could not connect, or not within `connect_timeout_s`)
   or `UpstreamLost` (the connection closed or broke framing before the head). Callers bound the wait
-  for the head themselves (`asyncio.timeout`); cancelling the wait closes the connection.
+  for the head themselves (`asyncio.timeout`); cancelling the wait resets the connection. A pooled
+  connection the replica had dropped is replaced once, for idempotent requests with a body in hand.
 - `WireResponse.readany()` returns the body bytes buffered so far (at least one byte), b"" once the body
   is complete, or raises `UpstreamLost`. Reading is paused while more than `_HIGH_WATER` bytes wait, so a
   slow client holds back the replica instead of the proxy's memory.
 - Every response ends with `release()` (body complete: the connection may go back to the pool) or
-  `close()` (anything else: the connection is closed, which is the cancel signal Ollama understands).
+  `close()` (anything else: the connection is closed, reset if the response was unfinished: the cancel
+  signal Ollama understands).
   Both are idempotent, and either frees the pool permit (`forwarding.pool_size`).
 - A connection goes back to the pool only after a complete response that allows keep-alive; an idle
   connection is closed after `keepalive_s`, and one the replica closed is never handed out.
@@ -43,7 +45,8 @@ __all__ = ["ConnectFailed", "UpstreamLost", "WirePool", "WireResponse"]
 _HIGH_WATER = 256 * 1024
 """Buffered response bytes above which the connection stops reading (until the relay catches up)."""
 _MAX_HEAD_BYTES = 64 * 1024
-"""A response head larger than this is refused (llhttp itself has no bound)."""
+"""A response head larger than this is refused, and so are this many bytes without the parser showing
+progress (llhttp itself bounds neither)."""
 _MAX_HEADERS = 256
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
