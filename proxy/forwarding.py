@@ -114,8 +114,11 @@ class Forwarder:
         named = _connection_tokens(client) if "Connection" in client else set()
         if ctx.identity is not None and ctx.identity.key_header is not None:
             named.add(ctx.identity.key_header.lower())  # the proxy's API key stays with the proxy
-        drop = _DROP_REQUEST | named if named else _DROP_REQUEST
-        headers = [(key, value) for key, value in client.items() if key.lower() not in drop]
+        headers: list[tuple[str, str]] = []
+        for key, value in client.items():
+            lower = key.lower()
+            if lower not in _DROP_REQUEST and lower not in named:
+                headers.append((key, value))
         headers.append(("Host", upstream.host_header))
         peer = request.remote or ""
         # Every X-Forwarded-For line the client sent, in order, then the peer (RFC 7239's chain).
@@ -240,7 +243,6 @@ class Forwarder:
               and upstream_response.status >= 200):
             response.enable_chunked_encoding()
         scanner = UsageScanner()
-        content = upstream_response
         loop = asyncio.get_running_loop()
         idle = self.config.idle_timeout_s
         # One timer for both limits: the idle gap (re-armed per chunk) and the request's deadline.
@@ -256,7 +258,7 @@ class Forwarder:
                     stop.relay(ctx.request_id, timer)
                 try:
                     while True:
-                        chunk = await content.readany()
+                        chunk = await upstream_response.readany()
                         if not response.prepared:
                             ctx.status = upstream_response.status
                             span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)

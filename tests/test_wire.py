@@ -320,21 +320,19 @@ async def test_streamed_upload_is_chunked_and_a_failed_upload_is_the_error() -> 
 async def test_a_hostile_head_or_trailer_is_bounded() -> None:
     """llhttp gathers a header line of any length before any callback: the pool counts the bytes
     that made no progress and gives up past 64 KiB, instead of buffering megabytes."""
-    async def endless_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nX-Long: ")
-        for _ in range(64):  # 4 MiB, never ending the line
-            writer.write(b"a" * 65536)
-            await writer.drain()
+    def endless(prefix: bytes) -> Reply:
+        """A reply that sends `prefix`, then 4 MiB that never end the line it started."""
+        async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_head(reader)
+            writer.write(prefix)
+            for _ in range(64):
+                writer.write(b"a" * 65536)
+                await writer.drain()
+        return reply
 
-    async def endless_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
-        for _ in range(64):
-            writer.write(b"a" * 65536)
-            await writer.drain()
-
-    async with Replica(endless_header) as one, Replica(endless_trailer) as two:
+    header = endless(b"HTTP/1.1 200 OK\r\nX-Long: ")
+    trailer = endless(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
+    async with Replica(header) as one, Replica(trailer) as two:
         wire = pool()
         with pytest.raises(UpstreamLost, match="too large"):
             await wire.request("127.0.0.1", one.port, False, "GET", "/", "Host: r\r\n", None)

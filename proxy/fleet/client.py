@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..schema import ForwardingConfig
 from ..upstreams import Upstream, UpstreamSet
-from .wire import ConnectFailed, UpstreamLost, WirePool, WireResponse
+from .wire import ConnectFailed, WirePool, WireResponse
 
 __all__ = ["FleetClient", "ProbeFailed"]
 
@@ -157,7 +157,7 @@ class FleetClient:
                 raise UpstreamConnectFailure(
                     f"timed out connecting to upstream {upstream.name}") from None
             raise UpstreamConnectFailure(f"cannot connect to upstream {upstream.name}: {exc}") from None
-        except (UpstreamLost, ConnectionError) as exc:
+        except ConnectionError as exc:  # UpstreamLost, or the socket's own error
             raise UpstreamResetBeforeResponseStarted(
                 f"upstream {upstream.name} closed the connection before responding "
                 f"({type(exc).__name__})") from None

@@ -164,8 +164,7 @@ class WireResponse:
         if self._done:
             return
         connection = self._connection
-        if (clean and self.status and connection is not None
-                and connection.until_close(self.headers)):
+        if clean and self.status and connection is not None and _until_close(self.headers):
             self._done = True  # a body delimited by the connection's close ended normally
         else:
             self._error = UpstreamLost(reason)
@@ -241,6 +240,12 @@ class WireResponse:
 _EMPTY_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
+def _until_close(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether a response's body is delimited by the connection's close (no length, not chunked)."""
+    return "Content-Length" not in headers and "chunked" not in headers.get(
+        "Transfer-Encoding", "").lower()
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection to a replica; carries one request at a time."""
 
@@ -311,11 +316,6 @@ class _Connection(asyncio.Protocol):
     def _fail(self, response: WireResponse, reason: str) -> None:
         response._lost(reason)
         self.close()
-
-    def until_close(self, headers: CIMultiDictProxy[str]) -> bool:
-        """Whether the response's body is delimited by the connection's close (no length, not chunked)."""
-        return "Content-Length" not in headers and "chunked" not in headers.get(
-            "Transfer-Encoding", "").lower()
 
     def start(self, response: WireResponse) -> None:
         self.response = response
