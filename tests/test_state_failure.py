@@ -15,11 +15,16 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
+import redis.asyncio
 
+from proxy.state.base import BucketAsk
+from proxy.state.failover import FailoverState
+from proxy.state.redis import RedisState
 from tests.support.metrics import metric
 from tests.support.polling import wait_for
 from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, free_port, start_emulator, start_proxy
+from tests.support.stalling_relay import StallingRelay
 
 KEY = "sk-team"
 ADMIN = "sk-admin"
@@ -434,3 +439,36 @@ async def test_redis_fails_in_the_middle_of_a_burst(tmp: Path, emulator: Server,
     finally:
         await asyncio.to_thread(proxy.stop)
     assert "Traceback" not in proxy.log()
+
+
+async def test_a_settle_redis_answered_late_is_refunded_once(redis_server: RedisServer) -> None:
+    """Redis runs a settle whose answer comes too late, while other calls are answered (this process
+    was busy, not Redis down): the refund must not be sent again, and the lease must still come back."""
+    relay = await StallingRelay.start(redis_server.port)
+    state = FailoverState(RedisState(f"redis://127.0.0.1:{relay.port}/0", "late-settle:"),
+                          timeout_s=0.5)
+    bucket = ("tpm:team", 1000.0, 1e-6)  # no refill to speak of: levels are exact
+    try:
+        await state.start()
+        assert (await state.take(*bucket, 500)).ok
+        assert (await state.lease("inflight:team", 2, "h1", 30))[0]
+        # Once before, so that the held answer is the script's own, not NOSCRIPT before a reload.
+        await state.settle(("inflight:team", "nobody"), [BucketAsk(bucket[0], bucket[1], bucket[2], 0)])
+        relay.hold_next()
+        settle = asyncio.get_running_loop().create_task(state.settle(
+            ("inflight:team", "h1"), [BucketAsk(bucket[0], bucket[1], bucket[2], 100)]))
+        await asyncio.wait_for(relay.held.wait(), 10)  # Redis ran it; its answer is held
+        # Another call, on another connection, answered while the settle waits: Redis is up.
+        assert await state.level(*bucket) == pytest.approx(600, abs=0.01)
+        await settle  # gives up after timeout_s, without raising
+        assert state.failures["settle"] == 1 and not state.degraded
+        relay.release()
+        check = redis.asyncio.Redis(port=redis_server.port)
+        try:
+            assert await check.zcard("late-settle:lease:inflight:team") == 0  # the lease came back
+        finally:
+            await check.aclose()
+        assert await state.level(*bucket) == pytest.approx(600, abs=0.01)  # one refund, not two
+    finally:
+        await state.close()
+        await relay.close()

@@ -67,7 +67,8 @@ class FailoverState(StateBackend):
     - Tokens counted locally during an outage are not copied into Redis: each proxy process admits at
       most one budget of its own while degraded (Envoy's rate-limit filter admits without any count).
       A bucket command that Redis runs after its caller gave up (a freeze) still counts there, so a
-      bucket may be charged twice for one request around a freeze; leases are handled as above.
+      bucket may be charged twice for one request around a freeze; leases are handled as above. A
+      settle Redis did not answer is not sent again and not applied here: its refund is at most once.
 
     Start-up (`start`) never fails: with Redis unreachable both modes start degraded and the probe brings
     Redis in as soon as it answers. Refusing to start would turn a Redis restart into a crash loop of
@@ -270,9 +271,16 @@ class FailoverState(StateBackend):
     async def settle(self, lease: tuple[str, str] | None, adjustments: Sequence[BucketAsk]) -> None:
         local = lease is not None and lease in self._local_leases
         if not self.degraded and not local:
-            with contextlib.suppress(_Down):
+            try:
                 await self._remote("settle", lambda: self.remote.settle(lease, adjustments))
-                return
+            except _Down:
+                # Unanswered is not undone: Redis may run the script once it reads it (a freeze), or
+                # has run it and this process was too busy to read the answer. Giving the lease back
+                # is idempotent, so it goes again (or waits for recovery); the bucket adjustments are
+                # not, so they go nowhere else: a refund may be lost, never given twice.
+                if lease is not None:
+                    await self.release(*lease)
+            return
         await StateBackend.settle(self, lease, adjustments)
 
     async def renew(self, key: str, holder: str, ttl_s: float) -> None:
