@@ -4,6 +4,7 @@ the wire and on /metrics)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -184,3 +185,46 @@ def test_a_root_starts_a_trace_when_nothing_is_current() -> None:
     assert root.is_recording() and root.get_span_context().is_valid
     root.end()
     assert len(sink.spans) == 1
+
+
+def test_spans_ended_on_a_loop_are_encoded_at_its_next_turn_in_one_batch() -> None:
+    sink = _Sink()
+    tracer = FastTracer(sink, 1.0)
+
+    async def steps() -> list[int]:
+        seen = []
+        for name in ("sop.limits", "sop.quotas", "sop.backpressure"):
+            tracer.start_span(name).end()
+            seen.append(len(sink.spans))  # nothing encoded while the request's code runs
+        await asyncio.sleep(0)  # the loop's next turn
+        seen.append(len(sink.spans))
+        return seen
+
+    assert asyncio.run(steps()) == [0, 0, 0, 3]
+    assert [span.name for span in _decode(sink)[1]] == ["sop.limits", "sop.quotas", "sop.backpressure"]
+
+
+def test_a_loop_that_stops_before_its_flush_keeps_nothing_waiting() -> None:
+    sink = _Sink()
+    tracer = FastTracer(sink, 1.0)
+    loop = asyncio.new_event_loop()
+    try:
+        def end_and_stop() -> None:
+            tracer.start_span("first").end()
+            loop.stop()  # the flush it scheduled would run at the next turn: there is none
+
+        loop.call_soon(end_and_stop)
+        loop.run_forever()
+    finally:
+        loop.close()
+    assert sink.spans == []
+
+    async def end_one(name: str) -> None:
+        tracer.start_span(name).end()
+
+    asyncio.run(end_one("second"))  # a new loop flushes both, not waiting on the dead one
+    assert [span.name for span in _decode(sink)[1]] == ["first", "second"]
+    tracer.start_span("outside any loop").end()  # encoded at once
+    assert len(sink.spans) == 3
+    tracer.flush()  # the stop sequence's flush: with nothing pending, nothing happens
+    assert len(sink.spans) == 3

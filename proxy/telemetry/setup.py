@@ -14,7 +14,6 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry
 
 from proxy import __version__
@@ -40,7 +39,7 @@ class Telemetry:
     spans: SpanShipper | None
     """Where sampled spans go (None: nowhere, nothing is sampled)."""
     meter_provider: MeterProvider
-    tracer: Tracer
+    tracer: FastTracer
     meter: RebindingMeter
     metrics: ProxyMetrics
     registry: CollectorRegistry
@@ -61,6 +60,7 @@ class Telemetry:
     def shutdown(self) -> None:
         """Flush and stop exporters (bounded: 5 s for spans, the SDK's own timeouts for metrics)."""
         if self.spans is not None:
+            self.tracer.flush()  # spans that ended since the loop's last turn
             self.spans.shutdown()
         self.meter_provider.shutdown()
 
