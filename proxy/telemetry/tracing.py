@@ -17,8 +17,6 @@ for a trace nobody samples.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import random
 import time
 import traceback
@@ -39,11 +37,10 @@ from opentelemetry.trace import (
 from opentelemetry.util import types
 from opentelemetry.util._decorator import _agnosticcontextmanager
 
+from ..nextturn import NextTurn
 from . import otlp_wire
 
-__all__ = ["EndedSpans", "FastSpan", "FastTracer", "SpanSink"]
-
-log = logging.getLogger("proxy.telemetry")
+__all__ = ["FastSpan", "FastTracer", "SpanSink"]
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _EXCEPTION_TEXT_LIMIT = 4096
@@ -56,50 +53,6 @@ class SpanSink(Protocol):
     def add(self, span: bytes) -> None: ...
 
 
-class EndedSpans:
-    """Where FastSpans go when they end: encoded in one batch at the event loop's next turn, then handed
-    to the sink.
-
-    Why later: a request's step spans end before it is sent to the replica; encoded then, their ~10 us
-    each delay the request. At the next turn they are encoded while the replica works (at low load the
-    loop is idle then), and a batch of spans encoded in one loop runs warmer than the same spans
-    encoded one at a time between the steps' code. Without a running loop (a test, the stop sequence)
-    a span is encoded at once.
-
-    Invariants: spans end on the event loop's thread only (as everything else of a request);
-    `flush()` leaves nothing pending (the stop sequence calls it before the shipper's last export)."""
-
-    __slots__ = ("_loop", "_pending", "sink")
-
-    def __init__(self, sink: SpanSink) -> None:
-        self.sink = sink
-        self._pending: list[FastSpan] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        """The loop a flush is scheduled on, None when none is: a loop that stopped before running
-        its flush (a test's loop) does not keep the next loop's spans waiting."""
-
-    def ended(self, span: FastSpan) -> None:
-        self._pending.append(span)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        if self._loop is not loop:
-            self._loop = loop
-            loop.call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._loop = None
-        pending, self._pending = self._pending, []
-        add = self.sink.add
-        for span in pending:
-            try:
-                add(span.encode())
-            except Exception:  # one span's bad attribute must not lose the batch's other spans
-                log.exception("a span could not be encoded; it is dropped")
-
-
 class FastSpan(trace.Span):
     """A sampled span: its data in slots until `end()` encodes it and hands the bytes to the sink."""
 
@@ -107,7 +60,7 @@ class FastSpan(trace.Span):
                  "_parent_id", "_sink", "_span_id", "_start_ns", "_status_code", "_status_message",
                  "_trace_bytes", "_trace_flags", "_trace_id", "_trace_state")
 
-    def __init__(self, sink: EndedSpans, name: str, trace_id: int, span_id: int,
+    def __init__(self, sink: NextTurn[FastSpan], name: str, trace_id: int, span_id: int,
                  trace_flags: TraceFlags, trace_state: TraceState | None, trace_bytes: bytes,
                  parent_id: bytes | None, kind: int, attributes: dict[str, Any], start_ns: int,
                  flags: int) -> None:
@@ -188,7 +141,7 @@ class FastSpan(trace.Span):
             return
         self._ended = True
         self._end_ns = end_time if end_time is not None else time.time_ns()
-        self._sink.ended(self)
+        self._sink.add(self)  # encoded at the loop's next turn, with the others ended meanwhile
 
     def encode(self) -> bytes:
         """The ended span as OTLP bytes (otlp_wire.encode_span)."""
@@ -210,7 +163,7 @@ class FastTracer(trace.Tracer):
 
     def __init__(self, sink: SpanSink, ratio: float, *, records: bool = True) -> None:
         self.sink = sink
-        self._ended = EndedSpans(sink)
+        self._ended: NextTurn[FastSpan] = NextTurn(lambda span: sink.add(span.encode()), "a span")
         self.ratio = ratio
         self.records = records
         """False when spans go nowhere: even a trace sampled upstream is only propagated."""
@@ -262,7 +215,7 @@ class FastTracer(trace.Tracer):
                         trace_id.to_bytes(16, "big"), None, kind.value + 1, fields, start_ns, 0x100)
 
     def flush(self) -> None:
-        """Encode and hand to the sink every span that ended and is still pending (EndedSpans)."""
+        """Encode and hand to the sink every span that ended and is still pending."""
         self._ended.flush()
 
     @_agnosticcontextmanager

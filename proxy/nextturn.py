@@ -1,0 +1,61 @@
+"""NextTurn: bookkeeping handed over now and done at the event loop's next turn, in one batch.
+
+Why: a request's own code runs between its awaits, interleaved with every other request's; spans to
+encode and access lines to write, done where they arise, run cold (each between the steps' code) and,
+for the step spans, before the request is sent to a replica. Handed over instead, they run together
+at the next turn: warmer, and while the replica works (at low load the loop is idle then). Measured
+on the full chain with tracing (issue 16): a few tens of microseconds a request at c=32 and ~0.1 ms of
+p50 at c=1.
+
+Invariants: items are added on the event loop's thread only; `flush()` processes everything pending
+(the stop sequence calls it before the last export); without a running loop an item is processed at
+once; a loop that stopped before its turn keeps nothing waiting (the next loop schedules its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+__all__ = ["NextTurn"]
+
+log = logging.getLogger("proxy")
+
+T = TypeVar("T")
+
+
+class NextTurn(Generic[T]):
+    """Items in, `process(item)` for each at the loop's next turn, in the order they came."""
+
+    __slots__ = ("_loop", "_pending", "_process", "_what")
+
+    def __init__(self, process: Callable[[T], None], what: str) -> None:
+        """`what` names the items in the log line of one that failed (it is dropped, the rest go on)."""
+        self._process = process
+        self._what = what
+        self._pending: list[T] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop a flush is scheduled on; None when none is."""
+
+    def add(self, item: T) -> None:
+        self._pending.append(item)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._loop is not loop:
+            self._loop = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._loop = None
+        pending, self._pending = self._pending, []
+        process = self._process
+        for item in pending:
+            try:
+                process(item)
+            except Exception:  # one bad item must not lose the others of its batch
+                log.exception("%s dropped: it could not be processed", self._what)
