@@ -138,12 +138,6 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
                           client_max_size=2**62)
     app[STOP] = stop
     app.on_response_prepare.append(add_context_headers)
-
-    async def flush_access_lines(app: web.Application) -> None:
-        del app
-        ingress.access_lines.flush()  # the last requests' lines, even if the loop turns no more
-
-    app.on_cleanup.append(flush_access_lines)
     # Order matters: the pools open before the probes start and close after they stopped.
     app.cleanup_ctx.append(fleet.lifecycle)
     app.cleanup_ctx.append(fleet_health.lifecycle)

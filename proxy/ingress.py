@@ -42,7 +42,6 @@ from .errors import (
     ShuttingDown,
 )
 from .escaping import escape
-from .nextturn import NextTurn
 from .ollama import classify
 from .rendering import render
 from .serving import STOP, GracefulStop, escape_field
@@ -100,25 +99,6 @@ async def add_context_headers(request: web.Request, response: web.StreamResponse
         response.force_close()
 
 
-_AccessLine = tuple[str, "str | None", str, "str | None", int, str, float, str, "str | None",
-                    "str | None", "int | None", "int | None", int]
-"""request id, peer, method, route template, status, outcome, seconds, tenant, upstream, model,
-input tokens, output tokens, bytes out."""
-
-
-def _write_access_line(line: _AccessLine) -> None:
-    """One access line; every field a client chose is escaped (`escape_field`): it cannot start a new
-    line nor forge a field."""
-    (request_id, remote, method, template, status, outcome, duration, tenant, upstream, model,
-     input_tokens, output_tokens, bytes_out) = line
-    access_log.info(
-        '%s %s "%s %s" %d %s %.3fs tenant=%s upstream=%s model=%s in_tokens=%s out_tokens=%s bytes=%d',
-        request_id, escape_field(remote or "-", 64), escape_field(method, 32), template or "(other)",
-        status, outcome, duration, escape_field(tenant, 64), escape_field(upstream or "-", 64),
-        escape_field(model or "-", 128), input_tokens if input_tokens is not None else "-",
-        output_tokens if output_tokens is not None else "-", bytes_out)
-
-
 class Ingress:
     """The outermost aiohttp middleware; register `Ingress(...).middleware`."""
 
@@ -134,8 +114,6 @@ class Ingress:
         self.directory = directory
         self.stop = stop
         self._ids = itertools.count(1)
-        self.access_lines: NextTurn[_AccessLine] = NextTurn(_write_access_line, "an access line")
-        """Access lines waiting for the loop's next turn; `flush()` writes them at once."""
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}"
 
     @web.middleware
@@ -360,11 +338,13 @@ class Ingress:
         metrics.request_duration.record(duration, attributes)
         if self.telemetry.config.access_log:
             usage = ctx.exchange.usage
-            # Written at the loop's next turn with the others (proxy/nextturn.py); the values are
-            # taken now (the request's transport and context do not outlive it), escaped then.
-            self.access_lines.add((
-                ctx.request_id, request.remote, request.method, ctx.route.template, status,
-                ctx.outcome, duration, ctx.tenant.name,
-                "*" if ctx.routing.fan_out else ctx.exchange.upstream_name, ctx.model,
-                usage.input_tokens if usage is not None else None,
-                usage.output_tokens if usage is not None else None, ctx.exchange.bytes_out))
+            access_log.info(
+                '%s %s "%s %s" %d %s %.3fs tenant=%s upstream=%s model=%s in_tokens=%s out_tokens=%s '
+                "bytes=%d", ctx.request_id, escape_field(request.remote or "-", 64),
+                escape_field(request.method, 32), ctx.route.template or "(other)", status,
+                ctx.outcome, duration, escape_field(ctx.tenant.name, 64),
+                escape_field("*" if ctx.routing.fan_out else ctx.exchange.upstream_name or "-", 64),
+                escape_field(ctx.model or "-", 128),
+                usage.input_tokens if usage and usage.input_tokens is not None else "-",
+                usage.output_tokens if usage and usage.output_tokens is not None else "-",
+                ctx.exchange.bytes_out)
