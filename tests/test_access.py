@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.support.inprocess import in_process_proxy
+from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
 
 ADMIN, TEAM, OPS = "sk-admin-secret-1", "sk-team-secret-2", "sk-ops-secret-3"
@@ -163,7 +164,7 @@ def test_placeholder_keys_count_as_anonymous_when_allowed(tmp_path: Path) -> Non
             answer = client.chat.completions.create(
                 model="llama3.2", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
             assert answer.choices[0].message.content
-        assert "tenant=anonymous" in open_proxy.log()
+        wait_for(lambda: "tenant=anonymous" in open_proxy.log(), 10, "the access line")
         assert httpx.post(f"{open_proxy.url}/api/generate", headers=_auth("ollama-not"),
                           json={"model": "llama3.2", "prompt": "x"}).status_code == 401
         refused = openai.OpenAI(base_url=f"{closed_proxy.url}/v1", api_key="ollama", max_retries=0)
@@ -179,5 +180,6 @@ def test_a_refused_request_is_logged_under_its_tenant(guarded: tuple[Server, Ser
     _, proxy = guarded
     refused = httpx.post(f"{proxy.url}/api/pull", headers=_auth(TEAM), json={"model": "x"})
     assert refused.status_code == 403
-    lines = [line for line in proxy.log().splitlines() if '"POST /api/pull" 403' in line]
-    assert lines and "tenant=team" in lines[-1]
+    lines = wait_for(lambda: [line for line in proxy.log().splitlines()
+                              if '"POST /api/pull" 403' in line], 10, "the access line")
+    assert "tenant=team" in lines[-1]

@@ -20,6 +20,7 @@ import pytest
 
 from proxy.embeddings import read_answer
 from tests.support.metrics import metric
+from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
 
 MODEL = "nomic-embed-text"
@@ -98,7 +99,13 @@ def test_concurrent_requests_go_upstream_as_one_batch(proxy: Server, emulator: S
     assert metric(proxy.url, "sop_plugin_embed_batch_inputs_total", sent="deduplicated") == 1
     # The batch ran once as `system`; each caller's own request carries its share of the batch's tokens
     # (what quotas settle its reservation with), and the shares add up to what the replica counted.
-    lines = proxy.log().splitlines()
+    def logged() -> list[str] | None:  # the access lines follow the responses: polled
+        lines = proxy.log().splitlines()
+        batch = [line for line in lines if "tenant=system" in line and '"POST /api/embed" 200' in line]
+        ours = [line for line in lines[-len(requests) - 2:] if re.search(r"tenant=(a|b) ", line)]
+        return lines if len(batch) >= 2 and len(ours) >= len(requests) else None
+
+    lines = wait_for(logged, 10, "every access line")
     batch = [line for line in lines if "tenant=system" in line and '"POST /api/embed" 200' in line]
     assert len(batch) == 2
     batch_tokens = sum(int(re.search(r"in_tokens=(\d+)", line).group(1))  # type: ignore[union-attr]

@@ -92,6 +92,9 @@ def test_a_wait_longer_than_60_s_is_capped_and_final(tmp_path: Path) -> None:
             client.chat.completions.create(model="llama3.2",
                                            messages=[{"role": "user", "content": "x"}])
         assert error.value.status_code == 503 and "no healthy replica" in str(error.value)
+        # The access line follows the response: polled, then counted (the SDK's retries, had it
+        # made any, all happened before it raised).
+        wait_for(lambda: proxy.log().count('"POST /v1/chat/completions"') > before, 10, "its line")
         assert proxy.log().count('"POST /v1/chat/completions"') == before + 1
     finally:
         proxy.stop()

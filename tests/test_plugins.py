@@ -17,6 +17,7 @@ import pytest
 
 from proxy.plugin import PluginError, discover, structure_plugins
 from tests.support.metrics import metric
+from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "PLUGINS.md"
@@ -191,8 +192,9 @@ def test_an_answer_before_backpressure_uses_a_subrequest_through_the_chain(
         assert emulator.stats()["completed"] == before  # answered here: no generation ran
         # The sub-request went through ingress and the chain as tenant `team`; the credential that
         # carried it never reached the replica or the log.
-        lines = [line for line in proxy.log().splitlines() if '"POST /api/show" 200' in line]
-        assert lines and "tenant=team" in lines[-1]
+        lines = wait_for(lambda: [line for line in proxy.log().splitlines()
+                                  if '"POST /api/show" 200' in line], 10, "the access line")
+        assert "tenant=team" in lines[-1]
         assert "X-SOP-Internal" not in proxy.log()
     finally:
         proxy.stop()

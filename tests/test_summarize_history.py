@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.metrics import metric
 from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.polling import wait_for
 from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, start_emulator, start_proxy
 
@@ -97,8 +98,8 @@ def test_the_oldest_turns_become_one_cached_summary_and_the_next_turn_reuses_it(
         assert received <= BUDGET
         assert _chats(emulator) == chats + 2  # the summary's sub-request, then the chat itself
         # The summary was charged to the configured tenant, through the chain.
-        assert any('"POST /api/chat" 200' in line and "tenant=summaries" in line
-                   for line in proxy.log().splitlines())
+        wait_for(lambda: any('"POST /api/chat" 200' in line and "tenant=summaries" in line
+                             for line in proxy.log().splitlines()), 10, "the summary's access line")
         # The same conversation again: the cached summary, nothing new upstream but the chat.
         again = _chat(proxy, messages)
         assert _header(again, "x-history-summarized") == {**summarized, "cached": 1}
