@@ -100,6 +100,10 @@ class Exchange:
     """Token counts and timings the upstream reported (read from the response's own bytes)."""
 
 
+_UNREAD = object()
+"""No body looked at yet (None is a body's possible parse)."""
+
+
 @attrs.define
 class RequestContext:
     """Per-request state shared by ingress, the plugins, the steps and the forwarder.
@@ -142,6 +146,8 @@ class RequestContext:
     _json: Any = attrs.field(default=None, alias="_json")
     _json_parsed: bool = attrs.field(default=False, alias="_json_parsed")
     _json_error: str | None = attrs.field(default=None, alias="_json_error")
+    _model_of: Any = attrs.field(default=_UNREAD, alias="_model_of")
+    _model: str | None = attrs.field(default=None, alias="_model")
 
     @property
     def tenant(self) -> Tenant:
@@ -222,11 +228,18 @@ class RequestContext:
     def model(self) -> str | None:
         """The `model` the client asked for, if the body names one."""
         value = self.json()
+        # Read ~10 times a request: kept per parsed body (a rewrite replaces the body's object; none
+        # changes `model` in place).
+        if value is self._model_of:
+            return self._model
+        model = None
         if isinstance(value, dict):
-            model = value.get("model") or value.get("name")
-            if isinstance(model, str):
-                return model
-        return None
+            named = value.get("model") or value.get("name")
+            if isinstance(named, str):
+                model = named
+        self._model_of = value
+        self._model = model
+        return model
 
     @property
     def streaming(self) -> bool:

@@ -83,6 +83,10 @@ def _header_safe(char: str) -> bool:
     return char.isascii() and char.isprintable()
 
 
+_SAFE_NAMES: set[str] = set()
+"""Header names `header_value` returned unchanged (bounded)."""
+
+
 async def add_context_headers(request: web.Request, response: web.StreamResponse) -> None:
     """`on_response_prepare` hook: what the steps asked for, plus X-Service-Limits, on every response
     (forwarded, error or the proxy's own), just before its headers go out. Values are sanitised
@@ -91,8 +95,15 @@ async def add_context_headers(request: web.Request, response: web.StreamResponse
     ctx = request.get(CONTEXT)
     if ctx is None:
         return
+    add = response.headers.add
     for key, value in ctx.response_headers.items():
-        response.headers.add(header_value(key, 128), header_value(value))
+        if key not in _SAFE_NAMES:
+            safe = header_value(key, 128)
+            if safe != key or len(_SAFE_NAMES) >= 512:
+                add(safe, header_value(value))
+                continue
+            _SAFE_NAMES.add(key)  # the steps' names are a few constants: checked once each
+        add(key, header_value(value))
     response.headers["X-Service-Limits"] = header_value(ctx.service_limits_header())
     stop = request.app.get(STOP)
     if stop is not None and stop.stopping:

@@ -39,8 +39,19 @@ OPENAI_EMBEDDINGS_PATH = "/v1/embeddings"
 def model_key(model: str) -> str:
     """Ollama's name matching: `llama3.2` and `LLaMA3.2:latest` are one model (tag `latest` by default,
     case-insensitive; a registry host's port is not a tag)."""
-    name = model.strip().lower()
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+    key = _KEYS.get(model)
+    if key is None:
+        name = model.strip().lower()
+        key = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+        if len(model) <= 256:  # client-chosen names: bounded in size and in number
+            if len(_KEYS) >= 4096:
+                _KEYS.clear()
+            _KEYS[model] = key
+    return key
+
+
+_KEYS: dict[str, str] = {}
+"""model_key's answers (~20 a request, for a handful of names)."""
 
 
 def is_cloud_model(model: object) -> bool:
