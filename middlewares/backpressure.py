@@ -688,7 +688,8 @@ class BackpressureStep(Step):
             async with asyncio.timeout(min(budget, remaining)):
                 replica = await future
         except TimeoutError:
-            gate.queue.remove(waiter)
+            # The slot may have been handed over in the very turn the timer fired: given back.
+            self._give_up(gate, waiter, future, tenant, weight, cost)
             gate.rejections["queue_timeout"] += 1
             waited_for = "a model load or a replica coming back" if cold else "a slot"
             self.decide(ctx, span, "queue_timeout", QueueTimeout(
@@ -696,13 +697,7 @@ class BackpressureStep(Step):
                 f"{waited_for})", retry_after_s=gate.retry_after_s()))
             raise AssertionError("unreachable") from None  # decide raised in enforce mode
         except asyncio.CancelledError:
-            if not gate.queue.remove(waiter) and future.done() and not future.cancelled() \
-                    and (granted := future.result()) is not None:
-                # The slot was handed over just as the client left: give it to the next one, and
-                # the tenant's charge back (nothing was served).
-                gate.queue.reconcile(tenant, weight, -cost)
-                gate.release(granted, 0.0, None)
-            future.cancel()
+            self._give_up(gate, waiter, future, tenant, weight, cost)  # the client left
             raise
         if replica is None:
             gate.queue.reconcile(tenant, weight, -cost)  # popped (and charged) without being served
@@ -712,6 +707,20 @@ class BackpressureStep(Step):
             ctx.admission.ranking = placing.routing
         self.decide(ctx, span, "queued")
         return replica
+
+    @staticmethod
+    def _give_up(gate: ModelGate, waiter: Waiter, future: asyncio.Future[Upstream | None],
+                 tenant: str, weight: float, cost: float) -> None:
+        """A queued request stops waiting (its timer fired, or its client left): out of the queue, or,
+        when it was dispatched in the same turn (the slot counted in flight and the tenant charged, but
+        the request never resumed to use them), the slot to the next waiter and the charge back:
+        nothing was served. Either way nothing stays held."""
+        if not gate.queue.remove(waiter) and future.done() and not future.cancelled():
+            gate.queue.reconcile(tenant, weight, -cost)  # popped, so charged
+            granted = future.result()
+            if granted is not None:
+                gate.release(granted, 0.0, None)
+        future.cancel()
 
     def _shadow(self, ctx: RequestContext, gate: ModelGate, span: Any, cost: float) -> Upstream:
         """Shadow mode: report that the request would have waited (or been refused), let it through."""

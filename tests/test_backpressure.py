@@ -304,3 +304,34 @@ async def _burst_one(session: aiohttp.ClientSession, proxy: Server) -> tuple[int
             "model": "llama3.2", "prompt": "x", "stream": False},
             headers={"Authorization": f"Bearer {CHAT}", "X-Deadline-S": "15"}) as response:
         return response.status, await response.text()
+
+
+async def _deadline_generate(session: aiohttp.ClientSession, proxy: Server, deadline_s: float) -> int:
+    body = {"model": "llama3.2", "prompt": "hello"}
+    async with session.post(f"{proxy.url}/api/generate", json=body, headers={
+            "Authorization": f"Bearer {CHAT}", "X-Deadline-S": str(deadline_s)}) as response:
+        await response.read()
+        return response.status
+
+
+async def test_a_slot_handed_over_as_the_wait_times_out_comes_back(tmp: Path) -> None:
+    """Every request has the same short deadline: the running ones are cut at it, freeing their slots
+    in the very turn the queued ones' timers fire. A slot handed to a request that then gives up (408
+    or 503) must come back: before the fix, each such race kept one slot counted in flight forever,
+    and after a few rounds the model answered nothing but 503 queue_timeout."""
+    emulator = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=50, output_tokens="30,30",
+                              name="race-emu")
+    proxy = _proxy(tmp, emulator, "race", max_in_flight=2)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(6):
+                await asyncio.gather(*(_deadline_generate(session, proxy, 0.5)
+                                       for _ in range(8)), return_exceptions=True)
+                # Back to nothing held, in the proxy and in Ollama, once the round is over.
+                await until(lambda: _queued(proxy, 0, 0) and emulator.stats()["active"] == 0, 10,
+                            "every slot back")
+            status, _, _ = await _generate(session, proxy, CHAT, num_predict=2)
+            assert status == 200
+    finally:
+        proxy.stop()
+        emulator.stop()
