@@ -619,19 +619,16 @@ class BackpressureStep(Step):
             ctx.admission.slot = None
             usage = ctx.exchange.usage
             per_token = None
-            actual = None
-            if usage is not None:
-                if usage.eval_duration_ns and usage.output_tokens:
-                    per_token = usage.eval_duration_ns / 1e9 / usage.output_tokens
-                if usage.input_tokens is not None or usage.output_tokens is not None:
-                    actual = (usage.input_tokens or 0) + (usage.output_tokens or 0)
-            elif ctx.exchange.first_byte_at is None:
-                actual = 0  # nothing was served: the charge comes back
-            if actual is not None and (ticket is None or ticket.local):
+            if usage is not None and usage.eval_duration_ns and usage.output_tokens:
+                per_token = usage.eval_duration_ns / 1e9 / usage.output_tokens
+            # What was served (Ollama's counts; nothing; or, cut short, the prompt and one token per
+            # record relayed), so that the charge is settled on every path.
+            actual = ctx.exchange.served_tokens(ctx.prompt.tokens)
+            if ticket is None or ticket.local:
                 gate.queue.reconcile(tenant.name, tenant.weight, actual - cost)
             gate.release(replica, time.monotonic() - started, per_token, lease, usage)
             if shared is not None and ticket is not None:
-                shared.finish(gate, replica, ticket, actual - cost if actual is not None else 0.0)
+                shared.finish(gate, replica, ticket, actual - cost)
 
     async def _admit(self, request: web.Request, ctx: RequestContext, gate: ModelGate, span: Any,
                      tenant: str, weight: float, lane: str, cost: float) -> Upstream | None:

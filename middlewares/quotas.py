@@ -310,14 +310,9 @@ class QuotasStep(Step):
             rpm = tenant.requests_per_minute
             adjustments.append(BucketAsk(rpm_key, rpm, rpm / 60, 1))
         if reserved and tenant.tokens_per_minute is not None:
-            usage = ctx.exchange.usage
-            if usage is not None and (usage.input_tokens is not None
-                                      or usage.output_tokens is not None):
-                used = (usage.input_tokens or 0) + (usage.output_tokens or 0)
-            elif ctx.exchange.first_byte_at is None:
-                used = 0  # nothing was produced: refund everything
-            else:
-                used = ctx.prompt.tokens or 0  # cut short mid-response: the prompt was read
+            # Ollama's counts; nothing when nothing came back (refund everything); a response cut
+            # short: its prompt and one token per record relayed (Exchange.served_tokens).
+            used = ctx.exchange.served_tokens(ctx.prompt.tokens)
             if used != reserved:
                 tpm = tenant.tokens_per_minute
                 adjustments.append(BucketAsk(tpm_key, tpm, tpm / 60, reserved - used))

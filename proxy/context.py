@@ -98,6 +98,21 @@ class Exchange:
     bytes_out: int = 0
     usage: Usage | None = None
     """Token counts and timings the upstream reported (read from the response's own bytes)."""
+    records_out: int = 0
+    """NDJSON lines or SSE events relayed. While Ollama streams, each carries about one output token:
+    what a response cut short before its final counts is charged for (on top of its prompt)."""
+
+    def served_tokens(self, prompt_tokens: int | None) -> int:
+        """Tokens the request was served: Ollama's counts when the response gave them; 0 when nothing
+        came back; else (a response cut short after its first byte, or one without counts such as an
+        error) the prompt plus one token per record relayed: a client that leaves just before the
+        final line is charged its output all the same."""
+        usage = self.usage
+        if usage is not None and (usage.input_tokens is not None or usage.output_tokens is not None):
+            return (usage.input_tokens or 0) + (usage.output_tokens or 0)
+        if self.first_byte_at is None:
+            return 0
+        return (prompt_tokens or 0) + self.records_out
 
 
 _UNREAD = object()

@@ -252,66 +252,72 @@ class Forwarder:
         observers = ctx.observers
         stop = self.stop
         try:
-            async with timer:
-                # Registered only while the timer is entered: the stop sequence may fire it then.
-                if stop is not None:
-                    stop.relay(ctx.request_id, timer)
-                try:
-                    while True:
-                        chunk = await upstream_response.readany()
-                        if not response.prepared:
-                            ctx.status = upstream_response.status
-                            span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
-                            for hook in ctx.header_hooks:
-                                hook(chunk)
-                            await response.prepare(request)
-                        if not chunk:
-                            break
-                        if ctx.exchange.first_byte_at is None:
-                            ctx.exchange.first_byte_at = time.monotonic()
-                            self._record_first_chunk(ctx, started)
-                        if attempt is not None:
-                            attempt.last_progress = time.monotonic()
-                        scanner.feed(chunk)
-                        if observers:
-                            self._feed(observers, chunk)
-                        await response.write(chunk)
-                        timer.reschedule(min(loop.time() + idle, hard_stop))
-                finally:
+            try:
+                async with timer:
+                    # Registered only while the timer is entered: the stop sequence may fire it then.
                     if stop is not None:
-                        stop.relay_done(ctx.request_id)
-        except TimeoutError:
-            if stop is not None and stop.expired:
-                message = "the proxy is shutting down; the response was cut short"
-                if not response.prepared:
-                    raise ShuttingDown(message, retry_after_s=1.0) from None
-                await self._fail_mid_stream(request, response, ctx, ShuttingDown.code, message)
-            else:
-                # Which limit the timer was set for, not the clock: asyncio may fire it a hair early.
-                reason = (f"the request's deadline of {ctx.service_limits.get('deadline_s')}s passed"
-                          if timer.when() == hard_stop else f"upstream sent nothing for {idle:g}s")
-                if not response.prepared:
-                    raise UpstreamResponseTimeout(f"{reason} (upstream {upstream.name})") from None
-                await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout",
-                                            reason)
-        except ConnectionError as exc:
-            # Either side: UpstreamLost is the replica's connection; anything else (aiohttp's
-            # ClientConnectionResetError, "Cannot write to closing transport") is our write to a
-            # client that went away, which is neither an error of the replica nor of the proxy.
-            if not isinstance(exc, UpstreamLost):
-                ctx.outcome = "client_disconnect"
-            elif not response.prepared:
-                raise UpstreamResetBeforeResponseStarted(
-                    f"upstream {upstream.name} closed the connection before its response started "
-                    f"({type(exc).__name__})") from None
-            elif request.transport is None or request.transport.is_closing():
-                ctx.outcome = "client_disconnect"  # both went: the client's leaving comes first
-            else:
-                await self._fail_mid_stream(request, response, ctx, "upstream_reset_after_response_started",
-                                            "upstream connection lost mid-response "
-                                            f"({type(exc).__name__})")
-        ctx.exchange.bytes_out = scanner.bytes_seen
-        ctx.exchange.usage = scanner.usage()
+                        stop.relay(ctx.request_id, timer)
+                    try:
+                        while True:
+                            chunk = await upstream_response.readany()
+                            if not response.prepared:
+                                ctx.status = upstream_response.status
+                                span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
+                                for hook in ctx.header_hooks:
+                                    hook(chunk)
+                                await response.prepare(request)
+                            if not chunk:
+                                break
+                            if ctx.exchange.first_byte_at is None:
+                                ctx.exchange.first_byte_at = time.monotonic()
+                                self._record_first_chunk(ctx, started)
+                            if attempt is not None:
+                                attempt.last_progress = time.monotonic()
+                            scanner.feed(chunk)
+                            if observers:
+                                self._feed(observers, chunk)
+                            await response.write(chunk)
+                            timer.reschedule(min(loop.time() + idle, hard_stop))
+                    finally:
+                        if stop is not None:
+                            stop.relay_done(ctx.request_id)
+            except TimeoutError:
+                if stop is not None and stop.expired:
+                    message = "the proxy is shutting down; the response was cut short"
+                    if not response.prepared:
+                        raise ShuttingDown(message, retry_after_s=1.0) from None
+                    await self._fail_mid_stream(request, response, ctx, ShuttingDown.code, message)
+                else:
+                    # Which limit the timer was set for, not the clock: asyncio may fire it a hair early.
+                    reason = (f"the request's deadline of {ctx.service_limits.get('deadline_s')}s passed"
+                              if timer.when() == hard_stop else f"upstream sent nothing for {idle:g}s")
+                    if not response.prepared:
+                        raise UpstreamResponseTimeout(f"{reason} (upstream {upstream.name})") from None
+                    await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout",
+                                                reason)
+            except ConnectionError as exc:
+                # Either side: UpstreamLost is the replica's connection; anything else (aiohttp's
+                # ClientConnectionResetError, "Cannot write to closing transport") is our write to a
+                # client that went away, which is neither an error of the replica nor of the proxy.
+                if not isinstance(exc, UpstreamLost):
+                    ctx.outcome = "client_disconnect"
+                elif not response.prepared:
+                    raise UpstreamResetBeforeResponseStarted(
+                        f"upstream {upstream.name} closed the connection before its response started "
+                        f"({type(exc).__name__})") from None
+                elif request.transport is None or request.transport.is_closing():
+                    ctx.outcome = "client_disconnect"  # both went: the client's leaving comes first
+                else:
+                    await self._fail_mid_stream(
+                        request, response, ctx, "upstream_reset_after_response_started",
+                        f"upstream connection lost mid-response ({type(exc).__name__})")
+        finally:
+            # However the relay ended (a client that leaves cancels it mid-await), what went out is
+            # accounted: quotas and the fair queue charge a response cut short by it.
+            ctx.exchange.bytes_out = scanner.bytes_seen
+            ctx.exchange.usage = scanner.usage()
+            ctx.exchange.records_out = scanner.records(
+                upstream_response.headers.get("Content-Type", "").startswith("text/event-stream"))
         if ctx.outcome == "ok":
             await response.write_eof()
         return response

@@ -291,7 +291,7 @@ class UsageScanner:
     Cost per chunk is a bounded slice copy, independent of the response size.
     """
 
-    __slots__ = ("_head", "_tail", "bytes_seen")
+    __slots__ = ("_head", "_tail", "bytes_seen", "newlines")
 
     HEAD_BYTES = 1024
     TAIL_BYTES = 8192
@@ -300,6 +300,7 @@ class UsageScanner:
         self._head = b""
         self._tail = b""
         self.bytes_seen = 0
+        self.newlines = 0
 
     def feed(self, chunk: bytes) -> None:
         """Account one relayed chunk."""
@@ -307,6 +308,12 @@ class UsageScanner:
             self._head += chunk[: self.HEAD_BYTES - len(self._head)]
         self._tail = (self._tail + chunk)[-self.TAIL_BYTES:]
         self.bytes_seen += len(chunk)
+        self.newlines += chunk.count(b"\n")
+
+    def records(self, event_stream: bool) -> int:
+        """Records relayed: NDJSON lines, or SSE events (`data: ...` and a blank line each). JSON
+        escapes a newline inside a string, so every raw one ends a record."""
+        return self.newlines // 2 if event_stream else self.newlines
 
     def usage(self) -> Usage:
         """What the response reported (fields left None when it did not say)."""

@@ -391,3 +391,43 @@ def test_a_capacity_refusal_downstream_gives_the_request_back(tmp: Path) -> None
         assert _quotas(proxy)["rpm"]["requests_per_minute"]["remaining"] >= 2.9
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("route", ["/api/generate", "/v1/chat/completions"])
+async def test_leaving_just_before_the_final_line_still_pays_for_the_output(tmp: Path,
+                                                                          route: str) -> None:
+    """A client reads 290 of its 300 streamed tokens and leaves before the line with Ollama's counts:
+    it is charged its prompt and one token per line (or SSE event) relayed, not its prompt alone
+    (which let a tenant take any output for free)."""
+    emulator = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=1000,
+                              output_tokens="400,400", name=f"leave-emu-{route.count('/')}")
+    tpm = 2000
+    proxy = start_proxy(tmp, [emulator.url], {"admin": {"keys": [ADMIN]}, "tenants": [
+        {"name": "leaver", "keys": ["sk-leaver"], "tokens_per_minute": tpm}]},
+        name=f"leave-{route.count('/')}")
+    body: dict[str, Any] = (
+        {"model": "llama3.2", "prompt": "hi", "options": {"num_predict": 300}}
+        if route == "/api/generate" else
+        {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300,
+         "stream": True})
+    try:
+        before = _quotas(proxy)["leaver"]["tokens_per_minute"]["remaining"]
+        started = time.monotonic()
+        read = 0
+        async with aiohttp.ClientSession() as session, session.post(f"{proxy.url}{route}", json=body,
+                                headers=_auth("sk-leaver")) as response:
+            assert response.status == 200
+            async for line in response.content:
+                if line.strip():
+                    read += 1
+                if read >= 290:
+                    break  # gone before the final counts
+        await until(lambda: _quotas(proxy)["leaver"]["in_flight"] == 0, 10, "settled")
+        after = _quotas(proxy)["leaver"]["tokens_per_minute"]["remaining"]
+        refilled = (time.monotonic() - started) * tpm / 60  # the bucket was below capacity meanwhile
+        charged = before - after + refilled
+        assert charged >= 290, (before, after, refilled)
+        assert charged <= 300 + 40  # the reservation's size (prompt and 300), plus rounding
+    finally:
+        proxy.stop()
+        emulator.stop()
