@@ -134,13 +134,13 @@ class LimitsStep(Step):
             if body is None:  # `null` decodes to the zero struct: no model
                 raise InvalidRequest("model is required")
             raise InvalidRequest(f"json: cannot unmarshal {_GO_TYPES.get(type(body), 'number')} into "
-                                 "Go value of type api.Request")
+                                 f"Go value of type {ctx.route.go_type}")
         model = body.get("model")
         if model is None or model == "":
             raise InvalidRequest("model is required")
         if not isinstance(model, str):
             raise InvalidRequest(f"json: cannot unmarshal {_GO_TYPES.get(type(model), 'number')} into "
-                                 "Go struct field Request.model of type string")
+                                 f"Go struct field {ctx.route.go_struct}.model of type string")
 
     async def handle(self, request: web.Request, ctx: RequestContext,
                      handler: Handler) -> web.StreamResponse:

@@ -226,7 +226,7 @@ class RequestContext:
                     value, slow = gojson.loads(self.body)
                     view = gojson.request_view(value, self.body, slow)
                     if slow:
-                        gojson.check_numbers(view)
+                        gojson.check_numbers(view, self.route.go_struct)
                     self._json = view
                 except gojson.GoJSONError as exc:
                     self._json = None

@@ -279,9 +279,10 @@ def _overflow_in(value: Any) -> BigNumber | None:
     return None
 
 
-def check_numbers(view: Any) -> None:
+def check_numbers(view: Any, struct: str = "") -> None:
     """Raise GoJSONError when a number out of float64's range sits where Ollama decodes it (a known
-    field); in fields Go skips (unknown ones) or keeps raw (`format`) it is harmless and kept."""
+    field); in fields Go skips (unknown ones) or keeps raw (`format`) it is harmless and kept. `struct`
+    names the request's Go struct in the message (`GenerateRequest.options`)."""
     if not isinstance(view, dict):
         return
     for key, item in view.items():
@@ -294,7 +295,7 @@ def check_numbers(view: Any) -> None:
         found = _overflow_in(decoded)
         if found is not None:
             raise GoJSONError(f"json: cannot unmarshal number {found.text[:64]} into Go struct field "
-                              f".{key} of type float64")
+                              f"{struct}.{key} of type float64")
 
 
 def _default(value: Any) -> Any:

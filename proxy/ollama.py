@@ -116,6 +116,14 @@ class RouteInfo:
     progress_stream: bool = False
     """A management route that answers with NDJSON progress when it streams (pull, push, create); the
     others (copy, delete) answer once, with an empty body."""
+    go_type: str = "api.Request"
+    """The Go type Ollama decodes the body into, as its decoder's errors name it
+    (`json: cannot unmarshal array into Go value of type api.GenerateRequest`)."""
+
+    @property
+    def go_struct(self) -> str:
+        """`go_type` without its package, as a struct field error names it (`GenerateRequest.model`)."""
+        return self.go_type.rpartition(".")[2]
 
 
 _NATIVE = RouteInfo(None, "ollama", True, output_limit="num_predict")
@@ -138,52 +146,58 @@ _ROUTE_TABLE: tuple[tuple[tuple[str, ...], str, RouteInfo], ...] = (
     (("HEAD", "GET"), "/api/version", _native(quota_exempt=True)),
     (("GET",), "/api/status", _native()),
     (("POST",), "/api/pull", _native(fleet_scope="manage", management=True, json_body=True,
-                                         progress_stream=True)),
+                                         progress_stream=True, go_type="api.PullRequest")),
     (("POST",), "/api/push", _native(fleet_scope="manage", management=True, json_body=True,
-                                         progress_stream=True)),
+                                         progress_stream=True, go_type="api.PushRequest")),
     (("GET",), "/api/tags", _native(fleet_scope="tags", quota_exempt=True)),
     (("HEAD",), "/api/tags", _native(quota_exempt=True)),
-    (("POST",), "/api/show", _native(quota_exempt=True, json_body=True)),
-    (("DELETE",), "/api/delete", _native(fleet_scope="manage", management=True, json_body=True)),
+    (("POST",), "/api/show", _native(quota_exempt=True, json_body=True, go_type="api.ShowRequest")),
+    (("DELETE",), "/api/delete", _native(fleet_scope="manage", management=True, json_body=True,
+                                         go_type="api.DeleteRequest")),
     (("POST",), "/api/me", _native()),
     (("POST",), "/api/signout", _native()),
     (("DELETE",), "/api/user/keys/{encodedKey}", _native()),
     (("POST",), "/api/create", _native(fleet_scope="manage", management=True, json_body=True,
-                                         progress_stream=True)),
+                                         progress_stream=True, go_type="api.CreateRequest")),
     (("POST",), "/api/blobs/{digest}", RouteInfo(None, "ollama", False, streams_body_upload=True,
                                                  output_limit="num_predict", management=True)),
     (("HEAD",), "/api/blobs/{digest}", _native(management=True)),
-    (("POST",), "/api/copy", _native(fleet_scope="manage", management=True, json_body=True)),
+    (("POST",), "/api/copy", _native(fleet_scope="manage", management=True, json_body=True,
+                                     go_type="api.CopyRequest")),
     (("POST",), "/api/experimental/web_search", _native()),
     (("POST",), "/api/experimental/web_fetch", _native()),
     (("GET",), "/api/experimental/model-recommendations", _native()),
     (("GET",), "/api/ps", _native(fleet_scope="ps", quota_exempt=True)),
     (("HEAD",), "/api/ps", _native(quota_exempt=True)),
     (("POST",), "/api/generate", RouteInfo("text_completion", "ollama", True, prompt_shape="generate",
-                                           prompt_field="prompt", output_limit="num_predict")),
+                                           prompt_field="prompt", output_limit="num_predict",
+                                           go_type="api.GenerateRequest")),
     (("POST",), "/api/chat", RouteInfo("chat", "ollama", True, prompt_shape="chat",
-                                       prompt_field="messages", output_limit="num_predict")),
+                                       prompt_field="messages", output_limit="num_predict",
+                                       go_type="api.ChatRequest")),
     (("POST",), "/api/embed", RouteInfo("embeddings", "ollama", False, prompt_shape="embed",
-                                        prompt_field="input")),
+                                        prompt_field="input", go_type="api.EmbedRequest")),
     (("POST",), "/api/embeddings", RouteInfo("embeddings", "ollama", False, prompt_shape="embed",
-                                             prompt_field="prompt")),
+                                             prompt_field="prompt", go_type="api.EmbeddingRequest")),
     (("POST",), "/v1/chat/completions", RouteInfo(
         "chat", "openai", False, prompt_shape="chat", prompt_field="messages",
-        output_limit="max_completion_tokens")),
+        output_limit="max_completion_tokens", go_type="openai.ChatCompletionRequest")),
     (("POST",), "/v1/completions", RouteInfo("text_completion", "openai", False, prompt_shape="generate",
-                                             prompt_field="prompt", output_limit="max_tokens")),
+                                             prompt_field="prompt", output_limit="max_tokens",
+                                             go_type="openai.CompletionRequest")),
     (("POST",), "/v1/embeddings", RouteInfo("embeddings", "openai", False, prompt_shape="embed",
-                                            prompt_field="input")),
+                                            prompt_field="input", go_type="openai.EmbedRequest")),
     (("GET",), "/v1/models", _openai(fleet_scope="models", quota_exempt=True)),
     (("HEAD",), "/v1/models", _openai(quota_exempt=True)),
     (("GET", "HEAD"), "/v1/models/{model}", _openai(quota_exempt=True)),
     (("POST",), "/v1/responses", RouteInfo("chat", "openai", False, prompt_shape="chat",
                                            prompt_field="input", system_field="instructions",
-                                           output_limit="max_output_tokens")),
+                                           output_limit="max_output_tokens",
+                                           go_type="openai.ResponsesRequest")),
     (("POST",), "/v1/audio/transcriptions", _openai()),
     (("POST",), "/v1/messages", RouteInfo("chat", "anthropic", False, prompt_shape="chat",
                                           prompt_field="messages", system_field="system",
-                                          output_limit="max_tokens")),
+                                          output_limit="max_tokens", go_type="anthropic.MessagesRequest")),
 )
 """Every route Ollama registers (reference §2), one row per method: the only list of Ollama paths in the
 proxy core."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -249,6 +250,32 @@ def test_go_folds_non_ascii_letters_onto_field_names(proxy: Server) -> None:
     assert gojson.go_fold("\u0131nput") == gojson.go_fold("INPUT")
     assert gojson.go_fold("\u212aeep_alive") == gojson.go_fold("keep_alive")
     assert gojson.go_fold("stre\u00e4m") != gojson.go_fold("stream")
+
+
+@pytest.mark.parametrize("path", ["/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
+                                  "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                  "/v1/messages"])
+def test_go_type_errors_name_the_routes_own_request_type(proxy: Server, emulator: Server,
+                                                          path: str) -> None:
+    """As Ollama's decoder names them (`api.GenerateRequest`, `openai.ChatCompletionRequest`), which
+    the proxy answers for it: the same text as the replica would give."""
+    for body in (b"[]", b"7"):
+        ours, theirs = _post(proxy, path, body), _post(emulator, path, body)
+        assert ours.status_code == theirs.status_code == 400
+        assert _message(ours.json()) == _message(theirs.json()), (path, body)
+    struct = {"/api/generate": "GenerateRequest", "/api/chat": "ChatRequest",
+              "/api/embed": "EmbedRequest", "/api/embeddings": "EmbeddingRequest"}.get(path)
+    if struct is not None:  # the native routes decode `model` first
+        wrong = _post(proxy, path, b'{"model":5}').json()["error"]
+        assert wrong == f"json: cannot unmarshal number into Go struct field {struct}.model of type string"
+        big = _post(proxy, path, b'{"model":"llama3.2","options":{"num_ctx":1e400}}').json()["error"]
+        assert big == ("json: cannot unmarshal number 1e400 into Go struct field "
+                       f"{struct}.options of type float64")
+
+
+def _message(error: dict[str, Any]) -> str:
+    inner = error["error"]
+    return str(inner["message"] if isinstance(inner, dict) else inner)
 
 
 def test_go_error_texts_name_the_container(proxy: Server) -> None:

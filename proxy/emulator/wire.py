@@ -118,10 +118,13 @@ def decode_body(raw: bytes, struct: str, types: dict[str, tuple[type, str]]) -> 
         raise GoDecodeError(f"invalid character {char!r} {where}") from None
     if value is None:
         return {}
+    # `struct` may name its package (`openai.ChatCompletionRequest`); native ones are package api.
+    qualified = struct if "." in struct else f"api.{struct}"
+    struct = qualified.rpartition(".")[2]
     if not isinstance(value, dict):
         raise GoDecodeError(
             f"json: cannot unmarshal {_TYPE_NAMES.get(type(value), 'value')} into Go value of type "
-            f"api.{struct}")
+            f"{qualified}")
     for field, (expected, go_type) in types.items():
         item = value.get(field)
         if item is None:
