@@ -37,11 +37,20 @@ OPENAI_EMBEDDINGS_PATH = "/v1/embeddings"
 
 
 def model_key(model: str) -> str:
-    """Ollama's name matching: `llama3.2` and `LLaMA3.2:latest` are one model (tag `latest` by default,
-    case-insensitive; a registry host's port is not a tag)."""
+    """Ollama's name matching: `llama3.2`, `LLaMA3.2:latest`, `library/llama3.2` and
+    `registry.ollama.ai/library/llama3.2:latest` are one model (host `registry.ollama.ai`, namespace
+    `library` and tag `latest` by default, case-insensitive; a registry host's port is not a tag). The
+    key is the short form replicas list (`llama3.2:latest`): a fully qualified name meets the same
+    queue, slots and quotas as the short one."""
     key = _KEYS.get(model)
     if key is None:
         name = model.strip().lower()
+        if name.startswith(_DEFAULT_HOST):
+            rest = name[len(_DEFAULT_HOST):]
+            if rest.count("/") == 1:  # host/namespace/model: the host is the default one
+                name = rest
+        if name.startswith(_DEFAULT_NAMESPACE) and name.count("/") == 1:
+            name = name[len(_DEFAULT_NAMESPACE):]
         key = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
         if len(model) <= 256:  # client-chosen names: bounded in size and in number
             if len(_KEYS) >= 4096:
@@ -50,6 +59,8 @@ def model_key(model: str) -> str:
     return key
 
 
+_DEFAULT_HOST = "registry.ollama.ai/"
+_DEFAULT_NAMESPACE = "library/"
 _KEYS: dict[str, str] = {}
 """model_key's answers (~20 a request, for a handful of names)."""
 

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.fairqueue import FairQueue, Waiter
+from proxy.ollama import model_key
 from tests.support.polling import until
 from tests.support.servers import Server, start_emulator, start_proxy
 
@@ -335,3 +336,27 @@ async def test_a_slot_handed_over_as_the_wait_times_out_comes_back(tmp: Path) ->
     finally:
         proxy.stop()
         emulator.stop()
+
+
+async def test_a_fully_qualified_model_name_waits_in_the_same_queue(tmp: Path, slow: Server) -> None:
+    """`registry.ollama.ai/library/llama3.2:latest` is `llama3.2` to Ollama: it meets the same slots
+    and queue, not a pass of its own as an unknown model."""
+    assert {model_key(name) for name in (
+        "llama3.2", "LLaMA3.2:latest", "library/llama3.2", "registry.ollama.ai/library/llama3.2:latest",
+        "Registry.Ollama.AI/Library/LLAMA3.2")} == {"llama3.2:latest"}
+    assert model_key("someone/llama3.2") == "someone/llama3.2:latest"  # another namespace
+    assert model_key("localhost:5000/library/llama3.2") == "localhost:5000/library/llama3.2:latest"
+    proxy = _proxy(tmp, slow, "qualified", max_in_flight=1)
+    try:
+        async with aiohttp.ClientSession() as session:
+            first = asyncio.ensure_future(_generate(session, proxy, CHAT))
+            await until(lambda: _queued(proxy, 1, 0), 10, "the first request running")
+            second = asyncio.ensure_future(_generate(
+                session, proxy, CHAT2, model="registry.ollama.ai/library/llama3.2:latest"))
+            await until(lambda: _queued(proxy, 1, 1), 10, "the qualified name queued behind it")
+            assert (await first)[0] == 200
+            status, headers, _ = await second
+            assert "X-Queue-Wait-Ms" in headers, (status, headers)
+        assert set(_queue(proxy)) == {"llama3.2:latest"}
+    finally:
+        proxy.stop()
