@@ -401,6 +401,12 @@ class ModelGate:
             self._judge(lease.replica.name)
         self.dispatch()
 
+    def give_back(self, replica: Upstream) -> None:
+        """A slot handed to a request that never used it (it gave up in the same turn): free it for the
+        next waiter. Nothing is learned: no request ran, so no service time or completion is counted."""
+        self.in_flight[replica.name] = max(0, self.in_flight[replica.name] - 1)
+        self.dispatch()
+
     def _adapt(self, name: str, per_token_s: float) -> None:
         """Gradient limiter: shrink while per-token latency exceeds the no-load baseline by more than the
         tolerance, grow by one while it does not; smoothed, bounded by [1, ceiling]. The baseline is the
@@ -623,7 +629,7 @@ class BackpressureStep(Step):
                 per_token = usage.eval_duration_ns / 1e9 / usage.output_tokens
             # What was served (Ollama's counts; nothing; or, cut short, the prompt and one token per
             # record relayed), so that the charge is settled on every path.
-            actual = ctx.exchange.served_tokens(ctx.prompt.tokens)
+            actual = ctx.served_tokens()
             if ticket is None or ticket.local:
                 gate.queue.reconcile(tenant.name, tenant.weight, actual - cost)
             gate.release(replica, time.monotonic() - started, per_token, lease, usage)
@@ -716,7 +722,7 @@ class BackpressureStep(Step):
             gate.queue.reconcile(tenant, weight, -cost)  # popped, so charged
             granted = future.result()
             if granted is not None:
-                gate.release(granted, 0.0, None)
+                gate.give_back(granted)
         future.cancel()
 
     def _shadow(self, ctx: RequestContext, gate: ModelGate, span: Any, cost: float) -> Upstream:

@@ -311,8 +311,8 @@ class QuotasStep(Step):
             adjustments.append(BucketAsk(rpm_key, rpm, rpm / 60, 1))
         if reserved and tenant.tokens_per_minute is not None:
             # Ollama's counts; nothing when nothing came back (refund everything); a response cut
-            # short: its prompt and one token per record relayed (Exchange.served_tokens).
-            used = ctx.exchange.served_tokens(ctx.prompt.tokens)
+            # short: its prompt and one token per record relayed (RequestContext.served_tokens).
+            used = ctx.served_tokens()
             if used != reserved:
                 tpm = tenant.tokens_per_minute
                 adjustments.append(BucketAsk(tpm_key, tpm, tpm / 60, reserved - used))

@@ -32,6 +32,7 @@ from .errors import ProxyError
 from .schema import RolloutConfig
 from .telemetry import semconv
 from .telemetry.setup import Telemetry
+from .telemetry.tracing import FastSpan
 
 __all__ = ["FORWARD_ROUTE", "STEP_ORDER", "Canary", "Handler", "Step", "build_chain"]
 
@@ -100,13 +101,18 @@ class Step:
     def span(self, **attributes: Any) -> _StepSpan:
         """The step's own INTERNAL span, as a context manager; end it (leave the block) before
         delegating. A ProxyError leaving the block marks the span with its code."""
-        if not self.telemetry.recording or not trace.get_current_span().is_recording():
+        if not self.telemetry.recording:
+            return _NO_SPAN
+        parent = trace.get_current_span()
+        if not parent.is_recording():
             # Nothing would record it (no exporter, or a trace not sampled): five steps per request
             # skip the tracer and build no attributes.
             return _NO_SPAN
+        fields = {self._mode_attribute: self.mode, **attributes}
+        if type(parent) is FastSpan:  # the request's span: the tracer need not look it up again
+            return _StepSpan(self.telemetry.tracer.child(parent, self._span_name, fields))
         return _StepSpan(self.telemetry.tracer.start_span(
-            self._span_name, kind=SpanKind.INTERNAL,
-            attributes={self._mode_attribute: self.mode, **attributes}))
+            self._span_name, kind=SpanKind.INTERNAL, attributes=fields))
 
     def record(self, ctx: RequestContext, decision: str, **attributes: Any) -> None:
         """A span holding only `decision`, for a request the step lets through untouched (a tenant

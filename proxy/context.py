@@ -99,21 +99,15 @@ class Exchange:
     usage: Usage | None = None
     """Token counts and timings the upstream reported (read from the response's own bytes)."""
     records_out: int = 0
-    """NDJSON lines or SSE events relayed. While Ollama streams, each carries about one output token:
-    what a response cut short before its final counts is charged for (on top of its prompt)."""
+    """NDJSON lines or SSE `data:` lines relayed. While Ollama streams, each carries about one output
+    token: what a response cut short before its final counts is charged for (on top of its prompt)."""
+    complete: bool = False
+    """The replica's response ended (its last byte read), as opposed to cut short by the client
+    leaving, a timeout or a lost connection."""
 
-    def served_tokens(self, prompt_tokens: int | None) -> int:
-        """Tokens the request was served: Ollama's counts when the response gave them; 0 when nothing
-        came back; else (a response cut short after its first byte, or one without counts such as an
-        error) the prompt plus one token per record relayed: a client that leaves just before the
-        final line is charged its output all the same."""
-        usage = self.usage
-        if usage is not None and (usage.input_tokens is not None or usage.output_tokens is not None):
-            return (usage.input_tokens or 0) + (usage.output_tokens or 0)
-        if self.first_byte_at is None:
-            return 0
-        return (prompt_tokens or 0) + self.records_out
 
+_GENERATING = frozenset({"chat", "text_completion"})
+"""Operations whose response records are output tokens (not embeddings, not pull progress)."""
 
 _UNREAD = object()
 """No body looked at yet (None is a body's possible parse)."""
@@ -164,6 +158,24 @@ class RequestContext:
     _model_of: Any = attrs.field(default=_UNREAD, alias="_model_of")
     _model: str | None = attrs.field(default=None, alias="_model")
 
+    def served_tokens(self) -> int:
+        """Tokens the request was served, what quotas and the fair queue settle by: 0 when nothing came
+        back; Ollama's counts from a response that ended; else (cut short, or no counts) the prompt
+        plus, on routes that generate, one token per record relayed, and never less than counts
+        already seen (a client that leaves just before the final line pays for its output all the
+        same; /v1/messages reports its input before the first token)."""
+        exchange = self.exchange
+        if exchange.first_byte_at is None:
+            return 0
+        usage = exchange.usage
+        counted = None
+        if usage is not None and (usage.input_tokens is not None or usage.output_tokens is not None):
+            counted = (usage.input_tokens or 0) + (usage.output_tokens or 0)
+            if exchange.complete:
+                return counted
+        generated = exchange.records_out if self.route.operation in _GENERATING else 0
+        return max(counted or 0, (self.prompt.tokens or 0) + generated)
+
     @property
     def tenant(self) -> Tenant:
         """The caller's tenant (anonymous before or without authentication)."""
@@ -176,6 +188,7 @@ class RequestContext:
         self._json = value
         self._json_parsed = True
         self._json_error = None
+        self._model_of = _UNREAD  # `value` may be the parsed body, edited in place
 
     def set_deadline(self, default_s: float, asked: str | None) -> None:
         """The request's deadline: the tenant's (else `default_s`), lowered by a client's `X-Deadline-S`
@@ -197,6 +210,7 @@ class RequestContext:
         self._json = parsed
         self._json_parsed = True
         self._json_error = None
+        self._model_of = _UNREAD
 
     @property
     def internal(self) -> bool:
@@ -243,8 +257,8 @@ class RequestContext:
     def model(self) -> str | None:
         """The `model` the client asked for, if the body names one."""
         value = self.json()
-        # Read ~10 times a request: kept per parsed body (a rewrite replaces the body's object; none
-        # changes `model` in place).
+        # Read ~10 times a request: kept per parsed body, forgotten by every rewrite (replace_json,
+        # restore_body), also one that hands the same object back edited in place.
         if value is self._model_of:
             return self._model
         model = None

@@ -267,6 +267,7 @@ class Forwarder:
                                     hook(chunk)
                                 await response.prepare(request)
                             if not chunk:
+                                ctx.exchange.complete = True
                                 break
                             if ctx.exchange.first_byte_at is None:
                                 ctx.exchange.first_byte_at = time.monotonic()

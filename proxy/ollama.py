@@ -45,11 +45,15 @@ def model_key(model: str) -> str:
     key = _KEYS.get(model)
     if key is None:
         name = model.strip().lower()
+        scheme, sep, rest = name.partition("://")
+        if sep and scheme in ("http", "https"):  # Ollama's name parser drops a scheme
+            name = rest
         if name.startswith(_DEFAULT_HOST):
             rest = name[len(_DEFAULT_HOST):]
             if rest.count("/") == 1:  # host/namespace/model: the host is the default one
                 name = rest
-        if name.startswith(_DEFAULT_NAMESPACE) and name.count("/") == 1:
+        if name.startswith(_DEFAULT_NAMESPACE) and name.count("/") == 1 \
+                and len(name) > len(_DEFAULT_NAMESPACE):
             name = name[len(_DEFAULT_NAMESPACE):]
         key = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
         if len(model) <= 256:  # client-chosen names: bounded in size and in number
@@ -316,7 +320,7 @@ class UsageScanner:
     Cost per chunk is a bounded slice copy, independent of the response size.
     """
 
-    __slots__ = ("_head", "_tail", "bytes_seen", "newlines")
+    __slots__ = ("_carry", "_head", "_tail", "bytes_seen", "data_lines", "newlines")
 
     HEAD_BYTES = 1024
     TAIL_BYTES = 8192
@@ -326,6 +330,9 @@ class UsageScanner:
         self._tail = b""
         self.bytes_seen = 0
         self.newlines = 0
+        self.data_lines = 0
+        self._carry = b"\n"
+        """The end of the previous chunk: a `data:` line split across chunks still counts once."""
 
     def feed(self, chunk: bytes) -> None:
         """Account one relayed chunk."""
@@ -334,11 +341,14 @@ class UsageScanner:
         self._tail = (self._tail + chunk)[-self.TAIL_BYTES:]
         self.bytes_seen += len(chunk)
         self.newlines += chunk.count(b"\n")
+        self.data_lines += (self._carry + chunk[:5]).count(b"\ndata:") + chunk.count(b"\ndata:")
+        self._carry = chunk[-5:] if len(chunk) >= 5 else (self._carry + chunk)[-5:]
 
     def records(self, event_stream: bool) -> int:
-        """Records relayed: NDJSON lines, or SSE events (`data: ...` and a blank line each). JSON
-        escapes a newline inside a string, so every raw one ends a record."""
-        return self.newlines // 2 if event_stream else self.newlines
+        """Records relayed: NDJSON lines, or SSE `data:` lines (an `event:` line may come with each,
+        Anthropic's and Responses' streams). JSON escapes a newline inside a string, so every raw one
+        ends a record, and a `data:` after one starts an event."""
+        return self.data_lines if event_stream else self.newlines
 
     def usage(self) -> Usage:
         """What the response reported (fields left None when it did not say)."""

@@ -17,6 +17,8 @@ import httpx
 import pytest
 
 from proxy import gojson
+from proxy.context import RequestContext
+from proxy.ollama import classify
 from tests.support.servers import Server, start_emulator, start_proxy
 
 WORDS = "the quarterly incident review covers deployment rollbacks and customer impact ".split()
@@ -310,3 +312,17 @@ def test_what_ollama_renders_into_the_prompt_is_counted(proxy: Server) -> None:
     served = _post(proxy, "/api/generate", json.dumps({
         "model": "llama3.2", "prompt": "hi", "stream": False, "context": [1, 2, 3]}).encode())
     assert served.status_code == 200
+
+
+def test_the_model_follows_every_rewrite_of_the_body() -> None:
+    """`ctx.model` is kept per parsed body; a plugin that edits the parsed body in place and hands
+    it back (an alias plugin) must not leave the steps acting on the old name."""
+    ctx = RequestContext(request_id="r", route=classify("POST", "/api/chat"),
+                         body=b'{"model":"gpt-4o","messages":[]}')
+    assert ctx.model == "gpt-4o"
+    body = ctx.json()
+    body["model"] = "llama3.2"
+    ctx.replace_json(body)  # the same object, edited
+    assert ctx.model == "llama3.2" and b'"llama3.2"' in (ctx.body or b"")
+    ctx.restore_body(b'{"model":"gpt-4o"}', {"model": "gpt-4o"})
+    assert ctx.model == "gpt-4o"

@@ -228,3 +228,15 @@ def test_a_loop_that_stops_before_its_flush_keeps_nothing_waiting() -> None:
     assert len(sink.spans) == 3
     tracer.flush()  # the stop sequence's flush: with nothing pending, nothing happens
     assert len(sink.spans) == 3
+
+
+def test_cached_attributes_keep_their_type() -> None:
+    """`True == 1` for a dict: the encoding cache keys by type too, so neither takes the other's bytes."""
+    sink = _Sink()
+    tracer = FastTracer(sink, 1.0)
+    for value in (True, 1, 1.0, "1", False, 0, 1023, 1024, -1):
+        tracer.start_span("s", attributes={"v": value}).end()
+        tracer.start_span("s", attributes={"v": value}).end()  # the second from the cache
+    values = [attributes_of(span)["v"] for span in _decode(sink)[1]]
+    expected = [v for v in (True, 1, 1.0, "1", False, 0, 1023, 1024, -1) for _ in (0, 1)]
+    assert values == expected and [type(v) for v in values] == [type(v) for v in expected]

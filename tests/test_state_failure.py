@@ -441,34 +441,51 @@ async def test_redis_fails_in_the_middle_of_a_burst(tmp: Path, emulator: Server,
     assert "Traceback" not in proxy.log()
 
 
-async def test_a_settle_redis_answered_late_is_refunded_once(redis_server: RedisServer) -> None:
-    """Redis runs a settle whose answer comes too late, while other calls are answered (this process
-    was busy, not Redis down): the refund must not be sent again, and the lease must still come back."""
+@pytest.mark.parametrize("held", ["answer", "request"])
+async def test_a_settle_redis_answered_late_is_refunded_once(redis_server: RedisServer,
+                                                             held: str) -> None:
+    """A settle that times out while other calls are answered (this process was busy, not Redis
+    down): Redis ran it and the answer came late (`answer`), or it reaches Redis only later
+    (`request`). Either way the refund is applied once (it is not sent again) and the lease comes
+    back at once (its release, idempotent, is)."""
     relay = await StallingRelay.start(redis_server.port)
     state = FailoverState(RedisState(f"redis://127.0.0.1:{relay.port}/0", "late-settle:"),
                           timeout_s=0.5)
     bucket = ("tpm:team", 1000.0, 1e-6)  # no refill to speak of: levels are exact
+    check = redis.asyncio.Redis(port=redis_server.port)
     try:
         await state.start()
         assert (await state.take(*bucket, 500)).ok
         assert (await state.lease("inflight:team", 2, "h1", 30))[0]
         # Once before, so that the held answer is the script's own, not NOSCRIPT before a reload.
         await state.settle(("inflight:team", "nobody"), [BucketAsk(bucket[0], bucket[1], bucket[2], 0)])
-        relay.hold_next()
+        relay.hold_next(requests=held == "request")
         settle = asyncio.get_running_loop().create_task(state.settle(
             ("inflight:team", "h1"), [BucketAsk(bucket[0], bucket[1], bucket[2], 100)]))
-        await asyncio.wait_for(relay.held.wait(), 10)  # Redis ran it; its answer is held
+        await asyncio.wait_for(relay.held.wait(), 10)
         # Another call, on another connection, answered while the settle waits: Redis is up.
-        assert await state.level(*bucket) == pytest.approx(600, abs=0.01)
+        ran = held == "answer"
+        assert await state.level(*bucket) == pytest.approx(600 if ran else 500, abs=0.01)
         await settle  # gives up after timeout_s, without raising
         assert state.failures["settle"] == 1 and not state.degraded
-        relay.release()
-        check = redis.asyncio.Redis(port=redis_server.port)
-        try:
-            assert await check.zcard("late-settle:lease:inflight:team") == 0  # the lease came back
-        finally:
-            await check.aclose()
+        assert await check.zcard("late-settle:lease:inflight:team") == 0  # the lease came back
+        relay.release()  # a held request now runs in Redis: the refund's one and only time
+        deadline = time.monotonic() + 10
+        while await _level(redis_server.port) < 599.5:  # a held request runs once released
+            assert time.monotonic() < deadline, "the held settle never ran"
+            await asyncio.sleep(0.05)
         assert await state.level(*bucket) == pytest.approx(600, abs=0.01)  # one refund, not two
     finally:
+        await check.aclose()
         await state.close()
         await relay.close()
+
+
+async def _level(port: int) -> float:
+    """The token bucket's level as stored (the scripts keep it in a hash: `level`)."""
+    client = redis.asyncio.Redis(port=port)
+    try:
+        fields = await client.hgetall("late-settle:bucket:tpm:team")
+        return float(fields.get(b"level", 0))
+    finally:
+        await client.aclose()

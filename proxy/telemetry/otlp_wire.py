@@ -84,25 +84,29 @@ def _any_value(value: object) -> bytes | None:
     return None
 
 
-_pairs: dict[tuple[int, str, str], bytes] = {}
-"""(tag, key, value) -> the whole KeyValue field for string values, bounded like `_strings`."""
+_pairs: dict[tuple[int, str, object, type], bytes] = {}
+"""(tag, key, value, type) -> the whole KeyValue field, for values that repeat: strings, booleans and
+small integers (statuses, positions). The type is part of the key: True == 1 for a dict. Bounded like
+`_strings`."""
 
 
 def _key_value(tag: int, key: str, value: object) -> bytes:
-    if type(value) is str:
-        cache_key = (tag, key, value)
+    kind = type(value)
+    cache_key = None
+    if kind is str or kind is bool or (kind is int and 0 <= value < 1024):  # type: ignore[operator]
+        cache_key = (tag, key, value, kind)
         field = _pairs.get(cache_key)
-        if field is None:
-            field = length_delimited(tag, _string_field(0x0A, key)
-                                     + length_delimited(0x12, _string_field(0x0A, value)))
-            if len(_pairs) >= _CACHE_LIMIT:
-                _pairs.clear()
-            _pairs[cache_key] = field
-        return field
+        if field is not None:
+            return field
     encoded = _any_value(value)
     if encoded is None:
         return b""
-    return length_delimited(tag, _string_field(0x0A, key) + length_delimited(0x12, encoded))
+    field = length_delimited(tag, _string_field(0x0A, key) + length_delimited(0x12, encoded))
+    if cache_key is not None:
+        if len(_pairs) >= _CACHE_LIMIT:
+            _pairs.clear()
+        _pairs[cache_key] = field
+    return field
 
 
 def encode_attributes(tag: int, attributes: Mapping[str, object]) -> bytes:

@@ -14,13 +14,16 @@ class StallingRelay:
     """`await StallingRelay.start(port)`: relays 127.0.0.1:`self.port` to 127.0.0.1:`port`.
 
     `hold_next()`: the next connection to get a reply from the server keeps that reply and every later
-    one (`held` is set once it has one) until `release()` or `close()`."""
+    one (`held` is set once it has one) until `release()` or `close()`. `hold_next(requests=True)`:
+    the next connection to send a request keeps it from the server instead (the server runs it only
+    once released)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
         self.held = asyncio.Event()
         self._arm = False
+        self._arm_requests = False
         self._holding: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
@@ -32,8 +35,11 @@ class StallingRelay:
         relay.port = relay._server.sockets[0].getsockname()[1]
         return relay
 
-    def hold_next(self) -> None:
-        self._arm = True
+    def hold_next(self, requests: bool = False) -> None:
+        if requests:
+            self._arm_requests = True
+        else:
+            self._arm = True
 
     def release(self) -> None:
         if self._holding is not None:
@@ -61,8 +67,13 @@ class StallingRelay:
         gate: asyncio.Event | None = None
         try:
             while data := await reader.read(65536):
-                if replies and gate is None and self._arm:
-                    self._arm = False  # this connection is the one held, from this reply on
+                armed = self._arm if replies else self._arm_requests
+                if gate is None and armed:
+                    # This connection's direction is the one held, from these bytes on.
+                    if replies:
+                        self._arm = False
+                    else:
+                        self._arm_requests = False
                     gate = self._holding = asyncio.Event()
                     self.held.set()
                 if gate is not None:
