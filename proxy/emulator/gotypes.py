@@ -169,14 +169,16 @@ class AnyValue(GoType):
     go: str = "interface {}"
 
     def walk(self, w: _Walk, value: Any) -> None:
-        if isinstance(value, BigNumber) and value.overflow:
-            w.save(UnmarshalTypeError(f"number {value.text}", "float64"))
-        elif isinstance(value, list):
-            for item in value:
-                self.walk(w, item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                self.walk(w, item)
+        pending = [value]  # depth-first in document order, without recursion (Go nests 10000 deep)
+        while pending:
+            item = pending.pop()
+            if isinstance(item, BigNumber) and item.overflow:
+                w.save(UnmarshalTypeError(f"number {item.text}", "float64"))
+                return
+            if isinstance(item, list):
+                pending.extend(reversed(item))
+            elif isinstance(item, dict):
+                pending.extend(reversed(list(item.values())))
 
 
 @attrs.frozen

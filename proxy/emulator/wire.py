@@ -115,13 +115,18 @@ def _literal_view(raw: bytes) -> Any:
 
 
 def _plain(value: Any) -> Any:
-    """Numbers as the handlers read them: a BigNumber within float64's range is a float to Go."""
-    if isinstance(value, goread.BigNumber):
-        return float(value.text)
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
+    """Numbers as the handlers read them, in place: a BigNumber within float64's range is a float to Go
+    (only the slow read makes BigNumbers; iterative, as bodies nest up to Go's limit)."""
+    pending = [value]
+    while pending:
+        container = pending.pop()
+        keys: Any = container.keys() if isinstance(container, dict) else range(len(container))
+        for key in list(keys):
+            item = container[key]
+            if isinstance(item, goread.BigNumber):
+                container[key] = float(item.text)
+            elif isinstance(item, dict | list):
+                pending.append(item)
     return value
 
 
@@ -132,6 +137,15 @@ def decode_body(raw: bytes, struct: str) -> dict[str, Any]:
     Reads bytes the way proxy.gojson does (the proxy's own Go-faithful reader): invalid UTF-8 replaced,
     first value only, duplicate keys last-wins, field names matched case-insensitively.
     """
+    try:
+        return _decode(raw, struct)
+    except RecursionError:
+        # Python's recursion limit (about 1000 levels) comes before Go's 10000, reported the same way,
+        # as the proxy's own reader does (proxy.gojson).
+        raise GoDecodeError("exceeded max depth") from None
+
+
+def _decode(raw: bytes, struct: str) -> dict[str, Any]:
     try:
         value, slow = goread.loads(raw)
     except goread.GoJSONError as exc:
@@ -147,5 +161,7 @@ def decode_body(raw: bytes, struct: str) -> dict[str, Any]:
             gotypes.check(_literal_view(raw), schema)
         except gotypes.GoTypeError as exc:
             raise GoDecodeError(str(exc)) from None
+        except (ValueError, RecursionError):
+            pass
         raise GoDecodeError(str(first)) from None
     return dict(_plain(view)) if slow else dict(view)
