@@ -27,7 +27,8 @@ async def emu(aiohttp_client: Any) -> Client:
 @pytest.mark.parametrize("path,body,status,message", [
     ("/api/chat", b"", 400, "missing request body"),
     ("/api/chat", b'{"model":"llama3.2","messages":[', 400, "unexpected EOF"),
-    ("/api/chat", b'{"model":"llama3.2"}}', 400, "invalid character '}' after top-level value"),
+    ("/api/chat", b'{"model":"llama3.2",}', 400,
+     "invalid character '}' looking for beginning of object key string"),
     ("/api/chat", b'{"messages":[{"role":"user","content":"x"}]}', 400, "model is required"),
     ("/api/generate", b'{"prompt":"x"}', 404, "model '' not found"),
     ("/api/embed", b'{"input":"x"}', 404, "model '' not found"),

@@ -48,7 +48,7 @@ class AnthropicRoutes:
             raise AnthropicError(400, "model is required")
         max_tokens = body.get("max_tokens")
         if not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise AnthropicError(400, "max_tokens is required and must be greater than 0")
+            raise AnthropicError(400, "max_tokens is required and must be positive")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise AnthropicError(400, "messages is required")

@@ -52,17 +52,10 @@ class Route:
     methods: tuple[str, ...]
     handler: Handler
     struct: str | None = None
-    types: dict[str, tuple[type, str]] = attrs.field(factory=dict)
+    """The Go request struct its body decodes into (a key of gotypes.SCHEMAS); None: no JSON body."""
     cloud: bool = False
     """Ollama forwards this route's requests for cloud models to ollama.com."""
 
-
-_GEN_TYPES: dict[str, tuple[type, str]] = {
-    "model": (str, "string"), "prompt": (str, "string"), "stream": (bool, "bool"),
-    "raw": (bool, "bool"), "system": (str, "string"), "suffix": (str, "string")}
-_CHAT_TYPES: dict[str, tuple[type, str]] = {
-    "model": (str, "string"), "stream": (bool, "bool"), "messages": (list, "[]api.Message")}
-_MODEL_TYPES: dict[str, tuple[type, str]] = {"model": (str, "string"), "stream": (bool, "bool")}
 
 _CORS_ALLOW_HEADERS = ("Authorization,Content-Type,User-Agent,Accept,X-Requested-With,Openai-Beta,"
                        "X-Stainless-Arch,X-Stainless-Async,X-Stainless-Custom-Poll-Interval,"
@@ -75,10 +68,9 @@ _CORS_ORIGINS = (
     "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 
 
-def _route(path: str, methods: tuple[str, ...], handler: Handler, struct: str | None = None,
-           types: dict[str, tuple[type, str]] | None = None) -> Route:
+def _route(path: str, methods: tuple[str, ...], handler: Handler, struct: str | None = None) -> Route:
     regex = "^" + re.sub(r":(\w+)", r"(?P<\1>[^/]+)", path) + "$"
-    return Route(re.compile(regex), methods, handler, struct, types or {}, path in CLOUD_PATHS)
+    return Route(re.compile(regex), methods, handler, struct, path in CLOUD_PATHS)
 
 
 def _routes(engine: Engine) -> list[Route]:
@@ -92,23 +84,20 @@ def _routes(engine: Engine) -> list[Route]:
         _route("/", head_get, manage.root),
         _route("/api/version", head_get, manage.version),
         _route("/api/status", ("GET",), manage.status),
-        _route("/api/pull", ("POST",), manage.pull, "PullRequest", _MODEL_TYPES),
-        _route("/api/push", ("POST",), manage.push, "PushRequest", _MODEL_TYPES),
+        _route("/api/pull", ("POST",), manage.pull, "PullRequest"),
+        _route("/api/push", ("POST",), manage.push, "PushRequest"),
         _route("/api/tags", head_get, manage.tags),
-        _route("/api/show", ("POST",), manage.show, "ShowRequest", {"model": (str, "string")}),
-        _route("/api/delete", ("DELETE",), manage.delete, "DeleteRequest",
-               {"model": (str, "string")}),
-        _route("/api/create", ("POST",), manage.create, "CreateRequest", _MODEL_TYPES),
+        _route("/api/show", ("POST",), manage.show, "ShowRequest"),
+        _route("/api/delete", ("DELETE",), manage.delete, "DeleteRequest"),
+        _route("/api/create", ("POST",), manage.create, "CreateRequest"),
         _route("/api/blobs/:digest", ("POST", "HEAD"), _blob_dispatch(manage)),
-        _route("/api/copy", ("POST",), manage.copy, "CopyRequest",
-               {"source": (str, "string"), "destination": (str, "string")}),
+        _route("/api/copy", ("POST",), manage.copy, "CopyRequest"),
         _route("/api/experimental/model-recommendations", ("GET",), manage.recommendations),
         _route("/api/ps", ("GET",), manage.ps),
-        _route("/api/generate", ("POST",), native.generate, "GenerateRequest", _GEN_TYPES),
-        _route("/api/chat", ("POST",), native.chat, "ChatRequest", _CHAT_TYPES),
-        _route("/api/embed", ("POST",), native.embed, "EmbedRequest", {"model": (str, "string")}),
-        _route("/api/embeddings", ("POST",), native.embeddings, "EmbeddingRequest",
-               {"model": (str, "string"), "prompt": (str, "string")}),
+        _route("/api/generate", ("POST",), native.generate, "GenerateRequest"),
+        _route("/api/chat", ("POST",), native.chat, "ChatRequest"),
+        _route("/api/embed", ("POST",), native.embed, "EmbedRequest"),
+        _route("/api/embeddings", ("POST",), native.embeddings, "EmbeddingRequest"),
         _route("/v1/chat/completions", ("POST",), openai.chat_completions, "openai.ChatCompletionRequest"),
         _route("/v1/completions", ("POST",), openai.completions, "openai.CompletionRequest"),
         _route("/v1/embeddings", ("POST",), openai.embeddings, "openai.EmbedRequest"),
@@ -300,7 +289,7 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
                     # apply) is in its body.
                     raw = await request.read()
                     try:
-                        body = wire.decode_body(raw, route.struct, route.types)
+                        body = wire.decode_body(raw, route.struct)
                     except wire.GoDecodeError as exc:
                         decode_error = RequestError(400, str(exc))
                 named = request.match_info.get("model") or body.get("model") or body.get("name")

@@ -13,22 +13,36 @@ import attrs
 
 __all__ = ["KNOWN_MODELS", "ModelEntry", "ModelStore", "display_name", "normalize_name", "valid_name"]
 
-_DEFAULT_PREFIX = "registry.ollama.ai/library/"
+_DEFAULT_HOST = "registry.ollama.ai"
+_DEFAULT_NAMESPACE = "library"
+_DEFAULT_TAG = "latest"
 
 
 def normalize_name(name: str) -> str:
-    """`llama3.2` -> `llama3.2:latest`; host and namespace kept; lower-cased for matching."""
+    """The fully qualified, lower-cased name models are matched by, as Ollama's ParseName fills it:
+    `llama3.2`, `library/llama3.2`, `LLAMA3.2:latest` and `registry.ollama.ai/library/llama3.2:latest`
+    all give `registry.ollama.ai/library/llama3.2:latest` (default host, namespace and tag)."""
     name = name.strip()
-    last = name.rsplit("/", 1)[-1]
-    if ":" not in last:
-        name = f"{name}:latest"
-    return name.lower()
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    path, tag = (name[:colon], name[colon + 1:]) if colon > slash else (name, "")
+    parts = path.split("/")
+    model = parts[-1]
+    namespace = parts[-2] if len(parts) >= 2 else _DEFAULT_NAMESPACE
+    host = "/".join(parts[:-2]) if len(parts) >= 3 else _DEFAULT_HOST
+    return f"{host}/{namespace}/{model}:{tag or _DEFAULT_TAG}".lower()
 
 
 def display_name(name: str) -> str:
-    """Ollama's DisplayShortest: the canonical name without the default registry prefix."""
+    """Ollama's DisplayShortest: the canonical name without the default host, and without the default
+    namespace when the host is the default one (`llama3.2:latest`, `me/m:latest`, `hf.co/o/r:q4`)."""
     full = normalize_name(name)
-    return full[len(_DEFAULT_PREFIX):] if full.startswith(_DEFAULT_PREFIX) else full
+    host_prefix = f"{_DEFAULT_HOST}/"
+    if not full.startswith(host_prefix):
+        return full
+    short = full[len(host_prefix):]
+    namespace_prefix = f"{_DEFAULT_NAMESPACE}/"
+    return short[len(namespace_prefix):] if short.startswith(namespace_prefix) else short
 
 
 def valid_name(name: str) -> bool:
@@ -162,10 +176,12 @@ class ModelStore:
         return entry
 
     def get(self, name: str) -> ModelEntry | None:
-        return self.models.get(normalize_name(name)) if name else None
+        if not name or not isinstance(name, str):  # a body Go would not have decoded; never a match
+            return None
+        return self.models.get(normalize_name(name))
 
     def remove(self, name: str) -> bool:
-        return self.models.pop(normalize_name(name), None) is not None
+        return isinstance(name, str) and self.models.pop(normalize_name(name), None) is not None
 
     def by_recency(self) -> list[ModelEntry]:
         """Most recently modified first, as /api/tags lists them."""

@@ -37,6 +37,8 @@ def parse_go_duration(text: str) -> int:
             raise KeepAliveError(f'time: invalid duration "{original}"')
         total += float(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
+    if total > FOREVER_NS:  # Go's int64 nanoseconds overflow
+        raise KeepAliveError(f'time: invalid duration "{original}"')
     return sign * int(total)
 
 
@@ -50,9 +52,15 @@ def parse_keep_alive(value: object) -> int | None:
     if isinstance(value, bool):
         raise KeepAliveError("Unsupported type: 'bool'")
     if isinstance(value, int | float):
-        ns = int(value * 1_000_000_000)
+        seconds = float(value)
+        # Go converts seconds x 1e9 to an int64; beyond its range the result is MinInt64 on amd64,
+        # a negative duration: the model stays loaded, as for any negative keep_alive.
+        if seconds < 0 or seconds * 1e9 >= FOREVER_NS:
+            return FOREVER_NS
+        ns = int(seconds * 1_000_000_000)
     elif isinstance(value, str):
-        ns = parse_go_duration(value.strip())
+        ns = parse_go_duration(value)
     else:
-        raise KeepAliveError(f"Unsupported type: '{type(value).__name__}'")
+        go_type = "[]interface {}" if isinstance(value, list) else "map[string]interface {}"
+        raise KeepAliveError(f"Unsupported type: '{go_type}'")
     return FOREVER_NS if ns < 0 else ns

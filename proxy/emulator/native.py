@@ -64,21 +64,56 @@ def _top_logprobs(body: dict[str, Any]) -> None:
         raise RequestError(400, "top_logprobs must be between 0 and 20")
 
 
+_FLOAT_OPTIONS = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                  "frequency_penalty")
+_INT_OPTIONS = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch",
+                "num_gpu", "main_gpu", "num_thread")
+_BOOL_OPTIONS = ("use_mmap",)
+
+
 def _options(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's options as Ollama's Options.FromMap reads them (reference §4.2): a JSON number
+    is a float64, and an integer option takes its integer part (`num_predict: 5.0` is 5); a value of
+    the wrong type fails the run with Ollama's 500 `option "x" must be of type ...`. Unknown keys are
+    ignored. (The decoder has already made `options` an object of float64-sized values.)"""
     options = body.get("options")
-    if options is None:
-        return {}
     if not isinstance(options, dict):
-        raise RequestError(400, "json: cannot unmarshal into Go struct field of type map[string]any")
-    for key in ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty"):
+        return {}
+    options = dict(options)
+    for key in _FLOAT_OPTIONS:
         value = options.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise RequestError(500, f'option "{key}" must be of type float32')
-    for key in ("num_predict", "num_ctx", "seed", "top_k", "num_keep", "num_batch", "num_gpu"):
+    for key in _INT_OPTIONS:
         value = options.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise RequestError(500, f'option "{key}" must be of type integer')
+        options[key] = int(value)  # Go's int64(float64): the integer part
+    for key in _BOOL_OPTIONS:
+        value = options.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise RequestError(500, f'option "{key}" must be of type boolean')
+    stop = options.get("stop")
+    if stop is not None:
+        if not isinstance(stop, list):
+            raise RequestError(500, 'option "stop" must be of type array')
+        if not all(isinstance(item, str) for item in stop):
+            raise RequestError(500, 'option "stop" must be of an array of strings')
     return options
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """`messages` as api.Message values: a `null` entry is an empty message, roles lower-cased, missing
+    strings empty (the decoder has checked every type)."""
+    out = []
+    for given in body.get("messages") or []:
+        message = dict(given or {})
+        message["role"] = (message.get("role") or "").lower()
+        message["content"] = message.get("content") or ""
+        out.append(message)
+    return out
 
 
 class NativeRoutes:
@@ -196,10 +231,7 @@ class NativeRoutes:
         thinks = _think(body, entry, model)
         _top_logprobs(body)
         options = _options(body)
-        messages = body.get("messages") or []
-        if not isinstance(messages, list):
-            raise RequestError(400, "json: cannot unmarshal object into Go struct field "
-                                    "ChatRequest.messages of type []api.Message")
+        messages = _messages(body)
         engine = self.engine
         if not messages:
             return await self._load_or_unload(request, entry, model, keep_alive, options,
@@ -305,12 +337,14 @@ def _tool_calls(tools: Any, engine: Engine, model: str) -> list[dict[str, Any]]:
         return []
     function = tools[0].get("function") or {}
     parameters = function.get("parameters") or {}
-    required = parameters.get("required") or list((parameters.get("properties") or {}).keys())[:1]
-    rng = engine.rng(model, "tool", function.get("name"))
+    properties = parameters.get("properties")  # kept raw by the decoder: any JSON value
+    required = parameters.get("required") or (list(properties)[:1] if isinstance(properties, dict) else [])
+    name = function.get("name") or ""
+    rng = engine.rng(model, "tool", name)
     arguments = {name: rng.choice(["Paris", "Berlin", "Tokyo", "Lima"]) for name in required
                  if isinstance(name, str)}
     call_id = "call_" + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
-    return [{"id": call_id, "function": {"index": 0, "name": function.get("name", ""),
+    return [{"id": call_id, "function": {"index": 0, "name": name,
                                          "arguments": arguments}}]
 
 

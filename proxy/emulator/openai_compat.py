@@ -7,6 +7,7 @@ shape; streams are SSE `data: {...}\n\n` events ending with `data: [DONE]`.
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from typing import Any
 
@@ -15,9 +16,10 @@ from aiohttp import web
 from . import gojson, wire
 from .catalog import display_name
 from .engine import Engine, RunResult
+from .gotypes import base64_error, go_dynamic_type
 from .native import RequestError
 
-__all__ = ["OpenAIError", "OpenAIRoutes", "content_text", "openai_error_type"]
+__all__ = ["OpenAIError", "OpenAIRoutes", "chat_messages", "content_text", "openai_error_type"]
 
 
 class OpenAIError(RequestError):
@@ -68,11 +70,10 @@ class OpenAIRoutes:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise OpenAIError(400, "[] is too short - 'messages'")
+        flat = chat_messages(messages)
         model = body.get("model") or ""
         entry = self._entry(model, "completion")
         engine = self.engine
-        flat = [{"role": m.get("role"), "content": content_text(m.get("content"))} for m in messages
-                if isinstance(m, dict)]
         result = RunResult()
         tokens = engine.generate(entry, engine.render_chat(flat), engine.count_chat(flat),
                                  self._options(body), None, result)
@@ -111,9 +112,12 @@ class OpenAIRoutes:
 
     async def completions(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         model = body.get("model") or ""
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise OpenAIError(400, "invalid type for 'prompt' field: only string is supported")
+        prompt = body.get("prompt") or ""
+        stop = body.get("stop")
+        if isinstance(stop, list):
+            for item in stop:
+                if not isinstance(item, str):
+                    raise OpenAIError(400, f"invalid type for 'stop' field: {go_dynamic_type(item)}")
         entry = self._entry(model, "completion")
         engine = self.engine
         result = RunResult()
@@ -158,18 +162,20 @@ class OpenAIRoutes:
     async def embeddings(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         model = body.get("model") or ""
         raw = body.get("input")
-        if raw is None or raw == []:
-            raise OpenAIError(400, "invalid input")
-        texts = [raw] if isinstance(raw, str) else raw
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise OpenAIError(400, "invalid input")
         encoding = body.get("encoding_format") or "float"
-        if encoding not in ("float", "base64"):
+        if encoding.lower() not in ("float", "base64"):  # Go's strings.EqualFold
             raise OpenAIError(400, f"Invalid value for 'encoding_format' = {encoding}. "
                                    "Supported values: ['float', 'base64'].")
+        encoding = encoding.lower()
+        if raw is None or raw == []:
+            raise OpenAIError(400, "invalid input")
         entry = self.engine.store.get(model) if model else None
         if entry is None:
             raise OpenAIError(404, f'model "{model}" not found, try pulling it first')
+        # The body goes on to /api/embed, which takes a string or an array of strings.
+        texts = [raw] if isinstance(raw, str) else raw
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise OpenAIError(400, "invalid input type")
         dimensions = body.get("dimensions")
         vectors, result = await self.engine.embed(
             entry, texts, None, normalize=True,
@@ -193,7 +199,7 @@ class OpenAIRoutes:
         if isinstance(raw_input, str):
             messages = [{"role": "user", "content": raw_input}]
         elif isinstance(raw_input, list):
-            messages = [{"role": m.get("role", "user"), "content": content_text(m.get("content"))}
+            messages = [{"role": str(m.get("role") or "user"), "content": content_text(m.get("content"))}
                         for m in raw_input if isinstance(m, dict)]
         else:
             raise OpenAIError(400, "input is required")
@@ -296,12 +302,92 @@ class OpenAIRoutes:
 
 
 def content_text(content: Any) -> str:
-    """The text of a message's content: a string, or the `text` of its parts (OpenAI and Anthropic)."""
+    """The text of a message's content: a string, or the string `text` of its parts (OpenAI and
+    Anthropic); anything else contributes nothing."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        return "".join(part["text"] for part in content
+                       if isinstance(part, dict) and isinstance(part.get("text"), str))
     return ""
+
+
+_IMAGE_PREFIXES = ("data:;base64,",
+                   *(f"data:image/{kind};base64," for kind in ("jpeg", "jpg", "png", "webp")))
+
+
+def _image_url(url: str) -> None:
+    """Ollama's decodeImageURL checks, with its texts."""
+    if url.startswith(("http://", "https://")):
+        raise OpenAIError(400, "image URLs are not currently supported, please use base64 encoded data "
+                               "instead")
+    prefix = next((p for p in _IMAGE_PREFIXES if url.startswith(p)), None)
+    if prefix is None or base64_error(url[len(prefix):]) is not None:
+        raise OpenAIError(400, "invalid image input")
+
+
+def _tool_call_arguments(tool_calls: Any) -> None:
+    for call in tool_calls or []:
+        arguments = ((call or {}).get("function") or {}).get("arguments") or ""
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            parsed = []
+        if parsed is not None and not isinstance(parsed, dict):
+            raise OpenAIError(400, "invalid tool call arguments")
+
+
+def chat_messages(messages: list[Any]) -> list[dict[str, str]]:
+    """Chat Completions messages as Ollama's FromChatRequest converts them: one message per string
+    content or content part, with its 400s (`invalid message format`, `invalid message content type:
+    <Go type>`, ...) for parts it cannot read. The decoder has already checked the field types."""
+    out: list[dict[str, str]] = []
+    for given in messages:
+        message = given or {}
+        role = message.get("role") or ""
+        content = message.get("content")
+        tool_calls = message.get("tool_calls")
+        if isinstance(content, str):
+            _tool_call_arguments(tool_calls)
+            out.append({"role": role, "content": content})
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    raise OpenAIError(400, "invalid message format")
+                kind = part.get("type")
+                if kind == "text":
+                    text = part.get("text")
+                    if not isinstance(text, str):
+                        raise OpenAIError(400, "invalid message format")
+                    out.append({"role": role, "content": text})
+                elif kind == "image_url":
+                    image = part.get("image_url")
+                    url = image.get("url") if isinstance(image, dict) else image
+                    if not isinstance(url, str):
+                        raise OpenAIError(400, "invalid message format")
+                    _image_url(url)
+                    out.append({"role": role, "content": ""})
+                elif kind == "input_audio":
+                    audio = part.get("input_audio")
+                    if not isinstance(audio, dict):
+                        raise OpenAIError(400, "invalid input_audio format")
+                    data = audio.get("data")
+                    if not isinstance(data, str):
+                        raise OpenAIError(400, "invalid input_audio format: missing data")
+                    error = base64_error(data)
+                    if error is not None:
+                        raise OpenAIError(400, f"invalid input_audio base64 data: {error}")
+                    out.append({"role": role, "content": ""})
+                else:
+                    raise OpenAIError(400, "invalid message format")
+            if out and tool_calls:
+                _tool_call_arguments(tool_calls)
+        else:
+            if tool_calls is None:  # content is optional only beside tool calls
+                raise OpenAIError(400, f"invalid message content type: {go_dynamic_type(content)}")
+            _tool_call_arguments(tool_calls)
+            out.append({"role": role, "content": ""})
+    return out
 
 
 def _usage(result: RunResult) -> dict[str, int]:

@@ -13,7 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import gojson
+from proxy import gojson as goread
+
+from . import gojson, gotypes
 from .faults import FAULT_KEY, FAULTS, FaultyStream
 
 __all__ = [
@@ -90,50 +92,76 @@ class GoDecodeError(Exception):
     """A request body Go's decoder would refuse; `str()` is Go's error text."""
 
 
-_TYPE_NAMES = {str: "string", bool: "bool", int: "number", float: "number", list: "array",
-               dict: "object", type(None): "null"}
-
-
-def decode_body(raw: bytes, struct: str, types: dict[str, tuple[type, str]]) -> dict[str, Any]:
-    """Decode a JSON request body as gin's ShouldBindJSON would, with Go's error texts.
-
-    `types` maps a field to (python type, Go type name) for the type checks that matter on the wire, e.g.
-    `{"stream": (bool, "bool")}` ->
-    `json: cannot unmarshal string into Go struct field X.stream of type bool`.
-    """
-    if not raw.strip():
-        raise GoDecodeError("missing request body")
+def _parse_int(text: str) -> Any:
+    value = int(text)
+    if -(2**63) <= value < 2**64:
+        return value
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        if exc.pos >= len(raw.rstrip()):
-            raise GoDecodeError("unexpected EOF") from None
-        char = raw.decode("utf-8", "replace")[exc.pos]
-        where = "looking for beginning of value" if exc.msg.startswith("Expecting value") else (
-            "after object key" if "':'" in exc.msg else
-            "after object key:value pair" if "','" in exc.msg and "object" in exc.msg.lower() else
-            "looking for beginning of object key string" if "property name" in exc.msg else
-            "after top-level value" if exc.msg.startswith("Extra data") else
-            "looking for beginning of value")
-        raise GoDecodeError(f"invalid character {char!r} {where}") from None
+        float(value)
+    except OverflowError:
+        return goread.BigNumber(text, overflow=True)
+    return goread.BigNumber(text, overflow=False)
+
+
+_LITERAL_DECODER = json.JSONDecoder(parse_float=gotypes.Literal, parse_int=_parse_int, strict=True)
+
+
+def _literal_view(raw: bytes) -> Any:
+    """The body again, floats keeping their text: only on the error path, to quote them as Go does."""
+    text = raw.decode("utf-8", "sop-go-replace")
+    start = len(text) - len(text.lstrip(" \t\r\n"))
+    value, _ = _LITERAL_DECODER.raw_decode(text, start)
+    return goread.request_view(value, raw, True)
+
+
+def _plain(value: Any) -> Any:
+    """Numbers as the handlers read them, in place: a BigNumber within float64's range is a float to Go
+    (only the slow read makes BigNumbers; iterative, as bodies nest up to Go's limit)."""
+    pending = [value]
+    while pending:
+        container = pending.pop()
+        keys: Any = container.keys() if isinstance(container, dict) else range(len(container))
+        for key in list(keys):
+            item = container[key]
+            if isinstance(item, goread.BigNumber):
+                container[key] = float(item.text)
+            elif isinstance(item, dict | list):
+                pending.append(item)
+    return value
+
+
+def decode_body(raw: bytes, struct: str) -> dict[str, Any]:
+    """Decode a JSON request body as gin's ShouldBindJSON would into `struct` (gotypes.SCHEMAS), with
+    Go's error texts: syntax, nesting depth, NaN/Infinity, numbers out of range, wrong field types.
+
+    Reads bytes the way proxy.gojson does (the proxy's own Go-faithful reader): invalid UTF-8 replaced,
+    first value only, duplicate keys last-wins, field names matched case-insensitively.
+    """
+    try:
+        return _decode(raw, struct)
+    except RecursionError:
+        # Python's recursion limit (about 1000 levels) comes before Go's 10000, reported the same way,
+        # as the proxy's own reader does (proxy.gojson).
+        raise GoDecodeError("exceeded max depth") from None
+
+
+def _decode(raw: bytes, struct: str) -> dict[str, Any]:
+    try:
+        value, slow = goread.loads(raw)
+    except goread.GoJSONError as exc:
+        raise GoDecodeError(str(exc)) from None
     if value is None:
         return {}
-    # `struct` may name its package (`openai.ChatCompletionRequest`); native ones are package api.
-    qualified = struct if "." in struct else f"api.{struct}"
-    struct = qualified.rpartition(".")[2]
-    if not isinstance(value, dict):
-        raise GoDecodeError(
-            f"json: cannot unmarshal {_TYPE_NAMES.get(type(value), 'value')} into Go value of type "
-            f"{qualified}")
-    for field, (expected, go_type) in types.items():
-        item = value.get(field)
-        if item is None:
-            continue
-        ok = isinstance(item, expected) and not (expected is int and isinstance(item, bool))
-        if expected is float:
-            ok = isinstance(item, int | float) and not isinstance(item, bool)
-        if not ok:
-            raise GoDecodeError(
-                f"json: cannot unmarshal {_TYPE_NAMES.get(type(item), 'value')} into Go struct field "
-                f"{struct}.{field} of type {go_type}")
-    return value
+    view = goread.request_view(value, raw, slow)
+    schema = gotypes.SCHEMAS[struct]
+    try:
+        gotypes.check(view, schema)
+    except gotypes.GoTypeError as first:
+        try:  # the same error, with numbers quoted as written
+            gotypes.check(_literal_view(raw), schema)
+        except gotypes.GoTypeError as exc:
+            raise GoDecodeError(str(exc)) from None
+        except (ValueError, RecursionError):
+            pass
+        raise GoDecodeError(str(first)) from None
+    return dict(_plain(view)) if slow else dict(view)
