@@ -1,4 +1,4 @@
-"""The proxy's tracer: OpenTelemetry API spans that cost a few microseconds, encoded to OTLP when they end.
+"""The proxy's tracer: OpenTelemetry API spans that cost a few microseconds, encoded to OTLP once ended.
 
 A request meets seven spans (the SERVER span, one per step, the CLIENT span to the replica). The SDK's
 span (locks, attribute validation, resource and scope objects, a processor fan-out, then the OTLP encoder
@@ -10,9 +10,10 @@ W3C propagator), the sampling rule (parent-based, then a trace-id ratio, as the 
 What it drops is what the proxy never used: span processors, links, and span limits (the proxy bounds
 every client-chosen string it puts on a span itself).
 
-Invariants: a span is encoded once, by `end()` (later calls are ignored, as in the SDK); an unsampled
-span is the API's NonRecordingSpan, and its children are the same object: no id, no dict, no clock read
-for a trace nobody samples.
+Invariants: a span is encoded once, at the event loop's turn after its `end()` (proxy/nextturn.py;
+later `end()` calls and setters are ignored, as in the SDK, so what is encoded is what it held at
+`end()`); an unsampled span is the API's NonRecordingSpan, and its children are the same object: no
+id, no dict, no clock read for a trace nobody samples.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class SpanSink(Protocol):
 
 
 class FastSpan(trace.Span):
-    """A sampled span: its data in slots until `end()` encodes it and hands the bytes to the sink."""
+    """A sampled span: its data in slots until, once ended, it is encoded and its bytes go to the sink."""
 
     __slots__ = ("_attributes", "_context", "_end_ns", "_ended", "_events", "_flags", "_kind", "_name",
                  "_parent_id", "_sink", "_span_id", "_start_ns", "_status_code", "_status_message",
