@@ -92,6 +92,10 @@ class FailoverState(StateBackend):
         self._pending_releases: dict[tuple[str, str], None] = {}
         self._probe: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._calls = 0
+        """Redis calls in flight (close() lets them finish); `_quiet` is set whenever none is."""
+        self._quiet = asyncio.Event()
+        self._closing = False
         if meter is not None:
             meter.create_observable_gauge(
                 semconv.metric_name(metric_prefix, "state", "degraded"),
@@ -132,12 +136,19 @@ class FailoverState(StateBackend):
 
     async def _remote(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         started = time.monotonic()
+        self._calls += 1
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await call()
         except _FAILURES as exc:
+            if self._closing:  # the proxy stopping, not Redis failing: no transition, no warning
+                raise _Down from None
             self._failed(operation, exc, started)
             raise _Down from None
+        finally:
+            self._calls -= 1
+            if not self._calls:
+                self._quiet.set()
         self._last_success = time.monotonic()
         return result
 
@@ -322,6 +333,15 @@ class FailoverState(StateBackend):
         return await self._fallback().holders(key)
 
     async def close(self) -> None:
+        """Stop: the calls in flight finish first (each within its `timeout_s`), so that a request's
+        settle that outlived its request (shielded from the client's leaving) still reaches Redis
+        instead of failing on a closed pool; then background work stops and the pool closes."""
+        self._closing = True
+        if self._calls:
+            self._quiet.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.timeout_s + 0.1):
+                    await self._quiet.wait()
         for task in [*self._tasks, *([self._probe] if self._probe is not None else [])]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
