@@ -97,6 +97,8 @@ def _parse_int(text: str) -> Any:
 
 
 def _parse_constant(text: str) -> Any:
+    if text[0] == "-":  # -Infinity: Go's scanner wants a digit after the minus sign
+        raise GoJSONError(f"invalid character '{text[1]}' in numeric literal")
     raise GoJSONError(f"invalid character '{text[0]}' looking for beginning of value")
 
 
@@ -118,9 +120,16 @@ def _go_syntax_error(text: str, exc: json.JSONDecodeError) -> GoJSONError:
     if exc.pos >= len(text.rstrip(" \t\r\n")):
         return GoJSONError("unexpected EOF")
     char = text[exc.pos]
-    shown = "'\\''" if char == "'" else f"'{char}'" if char.isprintable() else repr(char)
     message = exc.msg
-    if message.startswith("Expecting value"):
+    if message.startswith("Expecting value") and char == "-":
+        # A minus sign not followed by a digit: Go names the character after it.
+        if exc.pos + 1 >= len(text.rstrip(" \t\r\n")):
+            return GoJSONError("unexpected EOF")
+        char, message = text[exc.pos + 1], "in numeric literal"
+    shown = "'\\''" if char == "'" else f"'{char}'" if char.isprintable() else repr(char)
+    if message == "in numeric literal":
+        where = message
+    elif message.startswith("Expecting value"):
         where = "looking for beginning of value"
     elif "property name" in message:
         where = "looking for beginning of object key string"

@@ -326,3 +326,19 @@ def test_the_model_follows_every_rewrite_of_the_body() -> None:
     assert ctx.model == "llama3.2" and b'"llama3.2"' in (ctx.body or b"")
     ctx.restore_body(b'{"model":"gpt-4o"}', {"model": "gpt-4o"})
     assert ctx.model == "gpt-4o"
+
+
+@pytest.mark.parametrize("body,text", [
+    (b'{"model":"llama3.2","x":-Infinity}', "invalid character 'I' in numeric literal"),
+    (b'{"model":"llama3.2","x":-}', "invalid character '}' in numeric literal"),
+    (b'{"model":"llama3.2","x":- 1}', "invalid character ' ' in numeric literal"),
+    (b'{"model":"llama3.2","x":-', "unexpected EOF"),
+    (b'{"model":"llama3.2","x":Infinity}', "invalid character 'I' looking for beginning of value"),
+])
+def test_a_minus_sign_without_digits_is_gos_numeric_literal_error(proxy: Server, body: bytes,
+                                                                  text: str) -> None:
+    """Go's scanner, after a minus sign, wants a digit and names the character it found instead."""
+    with pytest.raises(gojson.GoJSONError) as error:
+        gojson.loads(body)
+    assert str(error.value) == text
+    assert _post(proxy, "/api/generate", body).json()["error"] == text
