@@ -20,7 +20,7 @@ import base64
 import binascii
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
@@ -192,33 +192,34 @@ class Raw(GoType):
 
 
 @attrs.frozen
-class Slice(GoType):
+class _Elements(GoType):
+    """A slice or a map: null is its zero value, another JSON kind a type error, and every element is
+    walked as `elem` (map keys add nothing to Go's field path)."""
+
     elem: GoType
     go: str
+    container: ClassVar[type] = list
 
     def walk(self, w: _Walk, value: Any) -> None:
         if value is None:
             return
-        if not isinstance(value, list):
+        elements = value.values() if isinstance(value, dict) else value if isinstance(value, list) \
+            else None
+        if elements is None or not isinstance(value, self.container):
             w.save(UnmarshalTypeError(kind(value), self.go))
             return
-        for item in value:
+        for item in elements:
             self.elem.walk(w, item)
 
 
 @attrs.frozen
-class Map(GoType):
-    elem: GoType
-    go: str
+class Slice(_Elements):
+    container = list
 
-    def walk(self, w: _Walk, value: Any) -> None:
-        if value is None:
-            return
-        if not isinstance(value, dict):
-            w.save(UnmarshalTypeError(kind(value), self.go))
-            return
-        for item in value.values():  # map keys add nothing to Go's field path
-            self.elem.walk(w, item)
+
+@attrs.frozen
+class Map(_Elements):
+    container = dict
 
 
 @attrs.frozen
