@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from . import __version__
+from .accesslog import AccessLog
 from .config import Config, ConfigError, UpstreamConfig, load_config, parse_listen
 
 __all__ = ["main"]
@@ -52,8 +53,11 @@ def _configure_logging(level: str, role: str | None = None) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging.root.handlers.clear()
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format=f"%(asctime)s %(levelname)s %(name)s {tag}%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s {tag}%(message)s"))
+    logging.root.addHandler(handler)
+    logging.root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    AccessLog.direct(handler, tag)  # access lines skip the logging machinery while this is the handler
 
 
 def _supervise(args: argparse.Namespace, config: Config) -> int:

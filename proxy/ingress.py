@@ -30,6 +30,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .access import TenantDirectory
+from .accesslog import AccessLog
 from .context import CONTEXT, DEADLINE_REQUEST_HEADER, RequestContext
 from .errors import (
     InternalProxyError,
@@ -51,7 +52,6 @@ from .telemetry.setup import Telemetry
 __all__ = ["Ingress", "add_context_headers", "header_value"]
 
 log = logging.getLogger("proxy.ingress")
-access_log = logging.getLogger("proxy.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -125,6 +125,7 @@ class Ingress:
         self.directory = directory
         self.stop = stop
         self._ids = itertools.count(1)
+        self.access_log = AccessLog()
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}"
 
     @web.middleware
@@ -349,7 +350,7 @@ class Ingress:
         metrics.request_duration.record(duration, attributes)
         if self.telemetry.config.access_log:
             usage = ctx.exchange.usage
-            access_log.info(
+            self.access_log.line(
                 '%s %s "%s %s" %d %s %.3fs tenant=%s upstream=%s model=%s in_tokens=%s out_tokens=%s '
                 "bytes=%d", ctx.request_id, escape_field(request.remote or "-", 64),
                 escape_field(request.method, 32), ctx.route.template or "(other)", status,

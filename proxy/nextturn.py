@@ -9,9 +9,14 @@ while the replica works (at low load the loop is idle then). Measured on the ful
 Only for what nobody watches at the microsecond: not access lines (a client that reads the log as
 soon as its response ends expects its line there, as before), nor anything another request may see.
 
+The batch is handed over whole (`process(items)`): the span encoder joins a turn's spans into one chunk
+for the export thread, one queue entry per turn instead of one per span.
+
 Invariants: items are added on the event loop's thread only; `flush()` processes everything pending
 (the stop sequence calls it before the last export); without a running loop an item is processed at
-once; a loop that stopped before its turn keeps nothing waiting (the next loop schedules its own).
+once; a loop that stopped before its turn keeps nothing waiting (the next loop schedules its own);
+`process` keeps what it can of a batch when one item fails (a failure escaping it drops the batch,
+logged).
 """
 
 from __future__ import annotations
@@ -29,12 +34,12 @@ T = TypeVar("T")
 
 
 class NextTurn(Generic[T]):
-    """Items in, `process(item)` for each at the loop's next turn, in the order they came."""
+    """Items in, `process(items)` at the loop's next turn, with the items in the order they came."""
 
     __slots__ = ("_loop", "_pending", "_process", "_what")
 
-    def __init__(self, process: Callable[[T], None], what: str) -> None:
-        """`what` names the items in the log line of one that failed (it is dropped, the rest go on)."""
+    def __init__(self, process: Callable[[list[T]], None], what: str) -> None:
+        """`what` names the items in the log line of a batch that failed."""
         self._process = process
         self._what = what
         self._pending: list[T] = []
@@ -55,9 +60,9 @@ class NextTurn(Generic[T]):
     def flush(self) -> None:
         self._loop = None
         pending, self._pending = self._pending, []
-        process = self._process
-        for item in pending:
-            try:
-                process(item)
-            except Exception:  # one bad item must not lose the others of its batch
-                log.exception("%s dropped: it could not be processed", self._what)
+        if not pending:
+            return
+        try:
+            self._process(pending)
+        except Exception:  # a bug in process: logged, and the next batch still goes
+            log.exception("%d %s dropped: they could not be processed", len(pending), self._what)

@@ -5,6 +5,7 @@ the wire and on /metrics)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -16,16 +17,20 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 
 from proxy.telemetry import otlp_wire
 from proxy.telemetry.histograms import CARDINALITY_LIMIT, HistogramSet
+from proxy.telemetry.shipping import SpanShipper
 from proxy.telemetry.tracing import FastTracer
-from tests.support.otlp_receiver import attributes_of
+from tests.support.otlp_receiver import OtlpReceiver, attributes_of
 
 
 class _Sink:
     def __init__(self) -> None:
         self.spans: list[bytes] = []
+        """The chunks handed over (each holds one turn's spans)."""
+        self.count = 0
 
-    def add(self, span: bytes) -> None:
-        self.spans.append(span)
+    def add(self, spans: bytes, count: int) -> None:
+        self.spans.append(spans)
+        self.count += count
 
 
 def _decode(sink: _Sink) -> tuple[Any, list[Any]]:
@@ -184,7 +189,7 @@ def test_a_root_starts_a_trace_when_nothing_is_current() -> None:
     root = FastTracer(sink, 1.0).start_span("root")  # the current span is INVALID_SPAN here
     assert root.is_recording() and root.get_span_context().is_valid
     root.end()
-    assert len(sink.spans) == 1
+    assert sink.count == 1
 
 
 def test_spans_ended_on_a_loop_are_encoded_at_its_next_turn_in_one_batch() -> None:
@@ -195,12 +200,13 @@ def test_spans_ended_on_a_loop_are_encoded_at_its_next_turn_in_one_batch() -> No
         seen = []
         for name in ("sop.limits", "sop.quotas", "sop.backpressure"):
             tracer.start_span(name).end()
-            seen.append(len(sink.spans))  # nothing encoded while the request's code runs
+            seen.append(sink.count)  # nothing encoded while the request's code runs
         await asyncio.sleep(0)  # the loop's next turn
-        seen.append(len(sink.spans))
+        seen.append(sink.count)
         return seen
 
     assert asyncio.run(steps()) == [0, 0, 0, 3]
+    assert len(sink.spans) == 1  # the turn's spans in one chunk for the export thread
     assert [span.name for span in _decode(sink)[1]] == ["sop.limits", "sop.quotas", "sop.backpressure"]
 
 
@@ -225,9 +231,9 @@ def test_a_loop_that_stops_before_its_flush_keeps_nothing_waiting() -> None:
     asyncio.run(end_one("second"))  # a new loop flushes both, not waiting on the dead one
     assert [span.name for span in _decode(sink)[1]] == ["first", "second"]
     tracer.start_span("outside any loop").end()  # encoded at once
-    assert len(sink.spans) == 3
+    assert sink.count == 3
     tracer.flush()  # the stop sequence's flush: with nothing pending, nothing happens
-    assert len(sink.spans) == 3
+    assert sink.count == 3
 
 
 def test_cached_attributes_keep_their_type() -> None:
@@ -240,3 +246,41 @@ def test_cached_attributes_keep_their_type() -> None:
     values = [attributes_of(span)["v"] for span in _decode(sink)[1]]
     expected = [v for v in (True, 1, 1.0, "1", False, 0, 1023, 1024, -1) for _ in (0, 1)]
     assert values == expected and [type(v) for v in values] == [type(v) for v in expected]
+
+
+def _spans_chunk(tracer_names: list[str]) -> tuple[bytes, int]:
+    sink = _Sink()
+    tracer = FastTracer(sink, 1.0)
+    for name in tracer_names:
+        tracer.start_span(name).end()  # outside a loop: encoded at once, one chunk each
+    return b"".join(sink.spans), sink.count
+
+
+def test_the_shipper_sends_whole_chunks_and_drops_past_its_bound() -> None:
+    """Chunks (a turn's spans each) reach a real OTLP/HTTP receiver whole and in order; past `max_queue`
+    spans a chunk is dropped and its spans counted, never half queued."""
+    first = _spans_chunk(["a1", "a2", "a3"])
+    second = _spans_chunk(["b1", "b2"])
+    third = _spans_chunk(["c1", "c2", "c3", "c4"])
+    with OtlpReceiver() as receiver:
+        shipper = SpanShipper(receiver.url, "http/protobuf", otlp_wire.encode_resource({}),
+                              otlp_wire.encode_scope("s", "1"), delay_s=3600.0, max_batch=4,
+                              max_queue=8, environ={})
+        shipper.add(*first)  # 3 waiting: under max_batch, the thread sleeps on
+        shipper.add(*second)  # 5: max_batch crossed, the thread wakes and sends both chunks whole
+        deadline = time.monotonic() + 30
+        while len(receiver.spans()) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [span.name for span in receiver.spans()] == ["a1", "a2", "a3", "b1", "b2"]
+        assert shipper.exported == 5
+        shipper.shutdown()
+        bounded = SpanShipper(receiver.url, "http/protobuf", otlp_wire.encode_resource({}),
+                              otlp_wire.encode_scope("s", "1"), delay_s=3600.0, max_batch=100,
+                              max_queue=8, environ={})
+        bounded.add(*third)  # 4 waiting (under max_batch: nothing is sent before the shutdown)
+        bounded.add(*second)  # 6
+        bounded.add(*first)  # 9 > 8: dropped whole
+        assert bounded.dropped == 3
+        bounded.shutdown()
+        assert [span.name for span in receiver.spans()][5:] == ["c1", "c2", "c3", "c4", "b1", "b2"]
+        assert bounded.exported == 6 and bounded.failed == 0

@@ -1,17 +1,19 @@
 """SpanShipper: ended spans (already OTLP bytes) batched and sent to the collector from a daemon thread.
 
-The event loop's part is `add()`: a deque append. The thread wakes every `delay_s`, or at once when a
-batch is full, joins up to `max_batch` encoded spans into one ExportTraceServiceRequest (a `bytes.join`:
-no Python per attribute, so the GIL is held for microseconds, not the milliseconds the SDK's encoder
-holds it for) and sends it: OTLP/HTTP (protobuf, `{endpoint}/v1/traces`, keep-alive) or OTLP/gRPC
-(`TraceService/Export` with the bytes as they are). Both release the GIL while they wait on the network.
+The event loop's part is `add()`: a deque append of one chunk (a turn's spans, joined by the tracer).
+The thread wakes every `delay_s`, or at once when a batch is full, joins chunks of about `max_batch`
+encoded spans (whole chunks: a batch may pass it by one chunk) into one ExportTraceServiceRequest (a
+`bytes.join`: no Python per attribute, so the GIL is held for microseconds, not the milliseconds the
+SDK's encoder holds it for) and sends it: OTLP/HTTP (protobuf, `{endpoint}/v1/traces`, keep-alive) or
+OTLP/gRPC (`TraceService/Export` with the bytes as they are). Both release the GIL while they wait on
+the network.
 
-Bounded: at most `max_queue` spans wait; beyond that new spans are dropped and counted (`dropped`), so a
-collector that is down costs memory up to the bound and nothing else. A failed export is retried once
-after a second when the failure is transient (HTTP 429/502/503/504, gRPC UNAVAILABLE), then dropped and
-logged (once a minute at most, with counts). The standard exporter settings the SDK honoured stay honoured:
-OTEL_EXPORTER_OTLP[_TRACES]_HEADERS (`k=v,k2=v2`, URL-encoded), _COMPRESSION (`gzip`) and _CERTIFICATE
-(a CA file for https).
+Bounded: at most `max_queue` spans wait; beyond that new chunks are dropped and their spans counted
+(`dropped`), so a collector that is down costs memory up to the bound and nothing else. A failed export
+is retried once after a second when the failure is transient (HTTP 429/502/503/504, gRPC UNAVAILABLE),
+then dropped and logged (once a minute at most, with counts). The standard exporter settings the SDK
+honoured stay honoured: OTEL_EXPORTER_OTLP[_TRACES]_HEADERS (`k=v,k2=v2`, URL-encoded), _COMPRESSION
+(`gzip`) and _CERTIFICATE (a CA file for https).
 """
 
 from __future__ import annotations
@@ -72,8 +74,11 @@ class SpanShipper:
             os.environ if environ is None else environ)
         self._resource = resource
         self._scope = scope
-        # deque: append (loop thread) and popleft (export thread) are atomic without a lock.
-        self._queue: deque[bytes] = deque()
+        # deque: append (loop thread) and popleft (export thread) are atomic without a lock. The spans
+        # waiting are _added - _taken: each counter is written by one thread only (no lost update).
+        self._queue: deque[tuple[bytes, int]] = deque()
+        self._added = 0
+        self._taken = 0
         self._wake = threading.Event()
         self._stopping = False
         self.dropped = 0
@@ -86,13 +91,15 @@ class SpanShipper:
         self._thread = threading.Thread(target=self._run, name="otlp-spans", daemon=True)
         self._thread.start()
 
-    def add(self, span: bytes) -> None:
-        queue = self._queue
-        if len(queue) >= self.max_queue:
-            self.dropped += 1
+    def add(self, spans: bytes, count: int) -> None:
+        """`count` encoded Span fields joined in `spans`, queued for export (dropped past `max_queue`)."""
+        waiting = self._added - self._taken
+        if waiting + count > self.max_queue:
+            self.dropped += count
             return
-        queue.append(span)
-        if len(queue) == self.max_batch:
+        self._queue.append((spans, count))
+        self._added += count
+        if waiting < self.max_batch <= waiting + count:
             self._wake.set()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
@@ -113,8 +120,13 @@ class SpanShipper:
     def _drain(self) -> None:
         queue = self._queue
         while queue:
-            count = min(len(queue), self.max_batch)
-            batch = [queue.popleft() for _ in range(count)]
+            batch: list[bytes] = []
+            count = 0
+            while queue and count < self.max_batch:
+                chunk, size = queue.popleft()
+                batch.append(chunk)
+                count += size
+            self._taken += count
             body = otlp_wire.encode_request(self._resource, self._scope, batch)
             if self._send_with_retry(body):
                 self.exported += count

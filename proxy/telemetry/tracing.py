@@ -18,6 +18,7 @@ id, no dict, no clock read for a trace nobody samples.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import traceback
@@ -43,15 +44,18 @@ from . import otlp_wire
 
 __all__ = ["FastSpan", "FastTracer", "SpanSink"]
 
+log = logging.getLogger("proxy.telemetry")
+
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _EXCEPTION_TEXT_LIMIT = 4096
 _STATUS_CODE = {StatusCode.UNSET: 0, StatusCode.OK: 1, StatusCode.ERROR: 2}
 
 
 class SpanSink(Protocol):
-    """Where ended spans go: `add` takes one encoded Span field (otlp_wire.encode_span) and must not block."""
+    """Where ended spans go: `add` takes `count` encoded Span fields (otlp_wire.encode_span) joined in
+    one chunk (a ScopeSpans' repeated field: chunks concatenate), and must not block."""
 
-    def add(self, span: bytes) -> None: ...
+    def add(self, spans: bytes, count: int) -> None: ...
 
 
 class FastSpan(trace.Span):
@@ -164,7 +168,7 @@ class FastTracer(trace.Tracer):
 
     def __init__(self, sink: SpanSink, ratio: float, *, records: bool = True) -> None:
         self.sink = sink
-        self._ended: NextTurn[FastSpan] = NextTurn(lambda span: sink.add(span.encode()), "a span")
+        self._ended: NextTurn[FastSpan] = NextTurn(self._encode, "spans")
         self.ratio = ratio
         self.records = records
         """False when spans go nowhere: even a trace sampled upstream is only propagated."""
@@ -214,6 +218,18 @@ class FastTracer(trace.Tracer):
             return NonRecordingSpan(SpanContext(trace_id, self._bits(64) or 1, False))
         return FastSpan(self._ended, name, trace_id, self._bits(64) or 1, _SAMPLED, None,
                         trace_id.to_bytes(16, "big"), None, kind.value + 1, fields, start_ns, 0x100)
+
+    def _encode(self, spans: list[FastSpan]) -> None:
+        """A turn's ended spans to the sink, as one chunk; a span that cannot be encoded is dropped,
+        logged, and the others go."""
+        encoded = []
+        for span in spans:
+            try:
+                encoded.append(span.encode())
+            except Exception:
+                log.exception("a span dropped: it could not be encoded")
+        if encoded:
+            self.sink.add(b"".join(encoded), len(encoded))
 
     def child(self, parent: FastSpan, name: str, attributes: dict[str, Any]) -> FastSpan:
         """`start_span(name, attributes=attributes)` for an INTERNAL child of `parent`, the current
