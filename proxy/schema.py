@@ -319,9 +319,11 @@ class StateConfig:
     rate-limit filter, failure_mode_deny false), `closed` answers 503 `state_unavailable` with
     Retry-After. Either way a metric and a log line say the state is degraded."""
     socket_timeout_s: float = attrs.field(default=0.5, validator=positive)
-    """Longest wait for one Redis command (and for a connection to it); past it the call has failed."""
+    """Longest wait for one Redis command (and for a connection to it); past it the call has failed. A
+    connection that answers nothing for twice this long is closed and replaced."""
     max_connections: int = attrs.field(default=512, validator=positive)
-    """Connections to Redis per proxy process; a burst beyond waits for one (up to socket_timeout_s)."""
+    """Connections to Redis per proxy process, at most 4 used: calls are pipelined on them (many in
+    flight on one connection), so a burst never waits for a free connection."""
     retry_interval_s: float = attrs.field(default=1.0, validator=positive)
     """After a failure, Redis is not tried again for this long (calls use the failure mode meanwhile)."""
     lease_ttl_s: float = attrs.field(default=15.0, validator=positive)

@@ -4,22 +4,21 @@ Each operation is one Lua script, so it is atomic across replicas, and uses Redi
 replicas' clocks need not agree. Buckets are hashes {level, ms}; leases are sorted sets of holder ->
 expiry (ms), pruned on every access. Keys expire when idle.
 
-Every call is bounded: connect and socket timeouts of `socket_timeout_s`, a pool that waits (at most as
-long) for a free connection instead of raising at its size, and no client-side retries (redis-py retries
-three times by default, which turns one frozen Redis into four timeouts). Errors are raised as they are;
-`failover.FailoverState` decides what a failed call means.
+Calls go through RespClient (resp.py): pipelined connections, a call is one frame and a future, no
+client-side retries (redis-py retries three times by default, which turns one frozen Redis into four
+timeouts). Every call is bounded by its caller (`failover.FailoverState`'s timeout) and a connect by
+`socket_timeout_s`. Errors are raised as they are; `failover.FailoverState` decides what a failed call
+means.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from .base import Admission, BucketAsk, BucketResult, LeaseAsk, StateBackend
+from .resp import RespClient
 
 __all__ = ["RedisState"]
 
@@ -167,19 +166,16 @@ return redis.call('ZCARD', KEYS[1])
 class RedisState(StateBackend):
     """State in Redis, for several proxy replicas.
 
-    `socket_timeout_s` bounds a connect, a command, and the wait for one of `max_connections` pooled
-    connections. `renew` re-adds a holder that is missing (Redis restarted and lost it, or its lease
-    expired while Redis was unreachable): a request still running is still in flight and must count.
+    `socket_timeout_s` bounds a connect, and says when a connection that answers nothing is given up;
+    at most `max_connections` (and 4) pipelined connections carry the calls. `renew` re-adds a holder
+    that is missing (Redis restarted and lost it, or its lease expired while Redis was unreachable): a
+    request still running is still in flight and must count.
     """
 
     def __init__(self, url: str, key_prefix: str = "sop:", *, socket_timeout_s: float = 0.5,
                  max_connections: int = 512) -> None:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=socket_timeout_s,
-            socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 0), decode_responses=True,
-            driver_info=None)  # no CLIENT SETINFO: one round trip less per new connection
-        self._redis: Any = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
+        self._redis = RespClient(url, timeout_s=socket_timeout_s,
+                                 connections=min(4, max_connections))
         self._prefix = key_prefix
         self._bucket = self._redis.register_script(_BUCKET)
         self._lease = self._redis.register_script(_LEASE)
@@ -189,8 +185,8 @@ class RedisState(StateBackend):
         self._settle = self._redis.register_script(_SETTLE)
 
     @property
-    def client(self) -> Any:
-        """The redis.asyncio client (its bounded pool), for scripts of other modules (leases.py)."""
+    def client(self) -> RespClient:
+        """The pipelined client, for scripts of other modules (leases.py)."""
         return self._redis
 
     def _key(self, kind: str, key: str) -> str:
@@ -198,7 +194,7 @@ class RedisState(StateBackend):
 
     async def ping(self) -> None:
         """One round trip; raises when Redis cannot be reached."""
-        await self._redis.ping()
+        await self._redis.execute("PING")
 
     async def probe(self) -> None:
         """Raise unless Redis can run the scripts: one lease script on a key of its own (reads TIME,
@@ -233,14 +229,11 @@ class RedisState(StateBackend):
     async def renew_many(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
         if not leases:
             return
-        pipe = self._redis.pipeline(transaction=False)
-        for key, holder in leases:
-            await self._renew(keys=[self._key("lease", key)], args=[holder, int(ttl_s * 1000)],
-                              client=pipe)
-        await pipe.execute()
+        await _all([self._renew(keys=[self._key("lease", key)], args=[holder, int(ttl_s * 1000)])
+                    for key, holder in leases])
 
     async def release(self, key: str, holder: str) -> None:
-        await self._redis.zrem(self._key("lease", key), holder)
+        await self._redis.execute("ZREM", self._key("lease", key), holder)
 
     async def admit(self, lease: LeaseAsk | None, buckets: Sequence[BucketAsk]) -> Admission:
         keys = [self._key("lease", lease.key)] if lease is not None else []
@@ -273,13 +266,19 @@ class RedisState(StateBackend):
 
     async def release_many(self, leases: list[tuple[str, str]]) -> None:
         """Give back many (key, holder) leases in one round trip (after an outage)."""
-        pipe = self._redis.pipeline(transaction=False)
-        for key, holder in leases:
-            pipe.zrem(self._key("lease", key), holder)
-        await pipe.execute()
+        await _all([self._redis.execute("ZREM", self._key("lease", key), holder)
+                    for key, holder in leases])
 
     async def holders(self, key: str) -> int:
         return int(await self._holders(keys=[self._key("lease", key)]))
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.close()
+
+
+async def _all(calls: list[Any]) -> None:
+    """Every call sent at once (pipelined on the connections), all awaited; the first failure raised."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result

@@ -1,0 +1,260 @@
+"""A lean Redis client for the state's hot path: commands and Lua scripts pipelined over a few connections.
+
+Why not redis-py's client for these calls: each of its calls takes a connection from a pool (a lock and
+a condition), arms a timeout around every read, goes through its retry wrapper and its command
+dispatch; measured in the running proxy (issue 16, `serve` with `state.backend: redis`, c=32 unary
+requests), ~120 us of CPU per call, two to four calls per request. Here a call is one RESP frame
+written to a connection and a future resolved when its answer is parsed (hiredis, the C parser
+redis-py itself uses when installed): many calls in flight on one connection, answered in order.
+redis-py stays for what is not per request (the grant listener's pub/sub, leases.py).
+
+Semantics kept from the pooled client:
+- Bounded calls: the caller bounds each call (failover.FailoverState's timeout); a connect is bounded
+  by `connect_timeout_s` on its own.
+- A connection that answered nothing for twice `timeout_s` when a call on it is abandoned (timed out
+  or cancelled) is closed, as redis-py disconnects a connection whose read timed out: every call still
+  waiting on it fails with ConnectionError and the next call opens a new one. A connection that did
+  answer lately keeps its calls: one caller giving up (a busy process) does not fail the others.
+- Replies as redis-py gives them with decode_responses: str, int, lists; an error reply raises
+  redis.exceptions.ResponseError (NoScriptError for NOSCRIPT), so `failover` counts the same failures.
+
+Invariants: answers come in the order requests were written on a connection (RESP, no pub/sub on these
+connections), so each connection keeps a FIFO of futures, one per request written, and pops one per
+reply; a future whose caller left stays in the FIFO and its reply is dropped. A closed connection fails
+every future in its FIFO and is never written to again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+__all__ = ["RespClient", "RespScript"]
+
+
+def encode(args: Sequence[object]) -> bytes:
+    """One command as a RESP array of bulk strings (numbers as redis-py writes them: repr of a float)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode("utf-8")
+        elif isinstance(arg, bool):
+            raise TypeError("a boolean is not a Redis argument (send '1' or '0')")
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        elif isinstance(arg, float):
+            data = repr(arg).encode()
+        else:
+            raise TypeError(f"a {type(arg).__name__} is not a Redis argument")
+        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: requests written in order, replies matched to their futures in that order."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.closed = False
+        self.last_answer = time.monotonic()
+        """When a reply last arrived, or the connection opened."""
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        waiting = self.waiting
+        while True:
+            try:
+                reply = reader.gets()
+            except Exception as exc:  # not RESP, or a string that is not UTF-8: not our Redis
+                self.close(RedisConnectionError(f"not a Redis reply ({type(exc).__name__})"))
+                return
+            if reply is False:
+                return
+            self.last_answer = time.monotonic()
+            if not waiting:  # a reply nobody asked for: whatever is on the port is not Redis
+                self.close(RedisConnectionError("a reply no request was waiting for"))
+                return
+            future = waiting.popleft()
+            if future.done():
+                continue  # its caller left (timed out or cancelled): the answer is dropped
+            if isinstance(reply, ResponseError):
+                text = str(reply)
+                future.set_exception(NoScriptError(text) if text.startswith("NOSCRIPT")
+                                     else ResponseError(text))
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(RedisConnectionError(f"Connection closed by server ({exc})" if exc
+                                        else "Connection closed by server."))
+
+    # -- use ----------------------------------------------------------------------------------------
+    def send(self, frame: bytes) -> asyncio.Future[Any]:
+        """Write one request; its reply's future (resolved in order with the others)."""
+        if self.closed or self.transport is None:
+            raise RedisConnectionError("the connection to Redis is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self.waiting:
+            self.last_answer = time.monotonic()  # the clock of an idle connection starts now
+        self.waiting.append(future)
+        self.transport.write(frame)
+        return future
+
+    def stuck(self, timeout_s: float) -> bool:
+        """True when calls wait and nothing was answered for `timeout_s`."""
+        return bool(self.waiting) and time.monotonic() - self.last_answer >= timeout_s
+
+    def close(self, error: Exception) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+
+class RespClient:
+    """Calls to one Redis (`redis://`, `rediss://` or `unix://` URL, with user, password and db) over up to
+    `connections` pipelined connections; a call goes to the connection with the fewest calls waiting."""
+
+    def __init__(self, url: str, *, timeout_s: float = 0.5, connect_timeout_s: float | None = None,
+                 connections: int = 4) -> None:
+        params = parse_url(url)
+        kind = params.pop("connection_class", None)
+        unknown = set(params) - {"host", "port", "db", "username", "password", "path"}
+        if kind not in (None, SSLConnection, UnixDomainSocketConnection) or unknown:
+            raise ValueError(f"state.url: options this client does not take: {sorted(unknown)}")
+        self._host = str(params.get("host", "localhost"))
+        self._port = int(params.get("port", 6379))
+        self._path: str | None = params.get("path")
+        self._tls = kind is SSLConnection
+        self._db = int(params.get("db", 0))
+        self._username: str | None = params.get("username")
+        self._password: str | None = params.get("password")
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s or timeout_s
+        self._slots: list[_Connection | None] = [None] * max(1, connections)
+        self._opening: list[asyncio.Task[_Connection] | None] = [None] * len(self._slots)
+        self._closed = False
+
+    def register_script(self, text: str) -> RespScript:
+        """A Lua script run by EVALSHA (EVAL when Redis does not have it yet)."""
+        return RespScript(self, text)
+
+    async def execute(self, *args: object) -> Any:
+        """One command's reply (see the module docstring for its types and errors)."""
+        frame = encode(args)
+        connection = await self._connection()
+        future = connection.send(frame)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller left before the answer. A connection that answered nothing for twice the
+            # timeout is closed (Redis frozen, or the peer gone without a word); one that answered
+            # recently keeps its other calls: this process was busy, Redis was not.
+            if connection.stuck(2 * self.timeout_s):
+                connection.close(RedisConnectionError("Redis answered nothing in time"))
+            raise
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._opening:
+            if task is not None and not task.done():
+                task.cancel()
+        for index, connection in enumerate(self._slots):
+            if connection is not None:
+                connection.close(RedisConnectionError("the client is closed"))
+                self._slots[index] = None
+
+    # -- connections ----------------------------------------------------------------------------------
+    async def _connection(self) -> _Connection:
+        if self._closed:
+            raise RedisConnectionError("the client is closed")
+        best: _Connection | None = None
+        free = -1
+        for index, connection in enumerate(self._slots):
+            if connection is None or connection.closed:
+                if free < 0:
+                    free = index
+                continue
+            if best is None or len(connection.waiting) < len(best.waiting):
+                best = connection
+        if best is not None and (not best.waiting or free < 0):
+            return best
+        if free < 0:  # unreachable: no usable connection means a free slot
+            raise RedisConnectionError("no connection to Redis")
+        task = self._opening[free]
+        if task is None or task.done():
+            task = self._opening[free] = asyncio.ensure_future(self._open(free))
+            task.add_done_callback(_retrieve)
+        # Every connection has calls waiting (one may be stalled): this call waits for a new one.
+        # Shielded: the connect serves the calls after this one even if this one gives up.
+        return await asyncio.shield(task)
+
+    async def _open(self, index: int) -> _Connection:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout_s):
+            if self._path is not None:
+                _, connection = await loop.create_unix_connection(_Connection, self._path)
+            else:
+                context = ssl.create_default_context() if self._tls else None
+                _, connection = await loop.create_connection(
+                    _Connection, self._host, self._port, ssl=context)
+            try:
+                if self._password is not None:
+                    credentials = ([self._username] if self._username else []) + [self._password]
+                    await connection.send(encode(["AUTH", *credentials]))
+                if self._db:
+                    await connection.send(encode(["SELECT", self._db]))
+            except BaseException:
+                connection.close(RedisConnectionError("the connection could not be set up"))
+                raise
+        if self._closed:
+            connection.close(RedisConnectionError("the client is closed"))
+            raise RedisConnectionError("the client is closed")
+        self._slots[index] = connection
+        return connection
+
+
+def _retrieve(task: asyncio.Task[_Connection]) -> None:
+    """A connect nobody awaited (opened ahead for later calls) fails silently: the next call retries."""
+    if not task.cancelled():
+        task.exception()
+
+
+class RespScript:
+    """`await script(keys=[...], args=[...])`: the script's reply (as redis-py's Script call)."""
+
+    def __init__(self, client: RespClient, text: str) -> None:
+        self.client = client
+        self.text = text
+        self.sha = hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+    async def __call__(self, keys: Sequence[object] = (), args: Sequence[object] = ()) -> Any:
+        try:
+            return await self.client.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Not loaded in this Redis yet (first use, a restart, SCRIPT FLUSH): EVAL runs it and
+            # caches it for the next EVALSHA.
+            return await self.client.execute("EVAL", self.text, len(keys), *keys, *args)

@@ -1,0 +1,150 @@
+"""The state's pipelined Redis client (proxy/state/resp.py) against a real redis-server: answers matched to
+their calls under concurrency, scripts loaded on demand, errors as redis-py raises them, a stalled
+connection left for another, a frozen Redis given up, a killed one reconnected, AUTH and SELECT."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from proxy.state.resp import RespClient, encode
+from tests.support.redis_server import RedisServer
+from tests.support.stalling_relay import StallingRelay
+
+
+@pytest.fixture()
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server this test may pause, kill or restart."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+async def test_concurrent_calls_get_their_own_answers(redis_server: RedisServer) -> None:
+    client = RespClient(redis_server.url, connections=2)
+    try:
+        values = [f"v{i}-é" for i in range(500)]
+        answers = await asyncio.gather(*(client.execute("ECHO", value) for value in values))
+        assert answers == values
+        assert await client.execute("INCRBY", "resp:n", 5) == 5
+        assert await client.execute("INCRBYFLOAT", "resp:f", 0.25) == "0.25"
+        assert await client.execute("GET", "resp:missing") is None
+        assert await client.execute("DEL", "resp:n", "resp:f") == 2
+    finally:
+        await client.close()
+
+
+async def test_scripts_run_and_load_themselves(redis_server: RedisServer) -> None:
+    client = RespClient(redis_server.url)
+    script = client.register_script("return {KEYS[1], ARGV[1], tonumber(ARGV[2]) * 2}")
+    try:
+        await client.execute("SCRIPT", "FLUSH")  # not loaded: EVALSHA says NOSCRIPT, EVAL runs it
+        assert await script(keys=["k"], args=["a", 21]) == ["k", "a", 42]
+        assert await client.execute("SCRIPT", "EXISTS", script.sha) == [1]  # EVAL cached it
+        assert await script(keys=["k"], args=["b", 1.5]) == ["k", "b", 3]
+        failing = client.register_script("return redis.error_reply('BUSYKEY nope')")
+        with pytest.raises(ResponseError, match="BUSYKEY nope"):
+            await failing()
+        with pytest.raises(ResponseError, match="unknown command"):
+            await client.execute("NOSUCHCOMMAND")
+        assert await client.execute("PING") == "PONG"  # the connection goes on after errors
+    finally:
+        await client.close()
+
+
+def test_arguments_are_encoded_as_redis_py_does() -> None:
+    assert encode(["SET", "k", 1, 0.5, b"\x00"]) == (
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n1\r\n$3\r\n0.5\r\n$1\r\n\x00\r\n")
+    with pytest.raises(TypeError):
+        encode(["SET", "k", True])
+    with pytest.raises(TypeError):
+        encode(["SET", "k", None])
+
+
+async def test_a_stalled_connection_is_left_for_another(redis_server: RedisServer) -> None:
+    """One connection's answers held: later calls go to another connection and are answered; the held
+    call gets its answer once released."""
+    relay = await StallingRelay.start(redis_server.port)
+    client = RespClient(f"redis://127.0.0.1:{relay.port}/0", connections=2)
+    try:
+        assert await client.execute("PING") == "PONG"
+        relay.hold_next()
+        held = asyncio.ensure_future(client.execute("ECHO", "late"))
+        await asyncio.wait_for(relay.held.wait(), 10)
+        assert await asyncio.wait_for(client.execute("ECHO", "now"), 5) == "now"
+        assert not held.done()
+        relay.release()
+        assert await asyncio.wait_for(held, 5) == "late"
+    finally:
+        await client.close()
+        await relay.close()
+
+
+async def test_a_frozen_redis_is_given_up_and_found_again(own_redis: RedisServer) -> None:
+    """Calls abandoned by their callers on a Redis that answers nothing: after twice the timeout the
+    connection is closed (its other calls fail at once, not at their own timeouts), and the calls
+    after the thaw are answered."""
+    client = RespClient(own_redis.url, timeout_s=0.2, connections=1)
+    try:
+        assert await client.execute("PING") == "PONG"
+        own_redis.pause()
+        waiting = asyncio.ensure_future(client.execute("ECHO", "frozen"))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):  # past 2 x 0.2 s: the connection is given up
+                await client.execute("PING")
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(waiting, 1)  # failed by the close, not left hanging
+        own_redis.resume()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert await asyncio.wait_for(client.execute("ECHO", "thawed"), 1) == "thawed"
+                break
+            except (TimeoutError, RedisConnectionError):
+                assert time.monotonic() < deadline, "no answer after the thaw"
+    finally:
+        own_redis.resume()
+        await client.close()
+
+
+async def test_a_killed_redis_fails_calls_then_a_restarted_one_serves(own_redis: RedisServer) -> None:
+    client = RespClient(own_redis.url, timeout_s=0.5)
+    try:
+        assert await client.execute("SET", "k", "v") == "OK"
+        own_redis.kill()
+        with pytest.raises((RedisConnectionError, OSError)):
+            await asyncio.wait_for(client.execute("GET", "k"), 5)
+        own_redis.restart()
+        assert await asyncio.wait_for(client.execute("PING"), 5) == "PONG"
+    finally:
+        await client.close()
+    with pytest.raises(RedisConnectionError):
+        await client.execute("PING")  # closed for good
+
+
+async def test_password_and_database_from_the_url(own_redis: RedisServer) -> None:
+    admin = redis.Redis(port=own_redis.port)
+    admin.config_set("requirepass", "s3cret")
+    client = RespClient(f"redis://:s3cret@127.0.0.1:{own_redis.port}/3")
+    wrong = RespClient(f"redis://:wrong@127.0.0.1:{own_redis.port}/0")
+    try:
+        assert await client.execute("SET", "in-db-3", "yes") == "OK"
+        check = redis.Redis(port=own_redis.port, password="s3cret", db=3)
+        assert check.get("in-db-3") == b"yes"
+        with pytest.raises(ResponseError, match=r"WRONGPASS|invalid"):
+            await wrong.execute("PING")
+    finally:
+        await client.close()
+        await wrong.close()
+
+
+def test_options_it_does_not_take_are_refused() -> None:
+    with pytest.raises(ValueError, match="options"):
+        RespClient("redis://127.0.0.1:6379/0?socket_timeout=3")
