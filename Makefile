@@ -10,7 +10,7 @@ REAL_STAMP := $(VENV)/.installed-real
 # System packages (Debian/Ubuntu names). `make system` installs the missing ones when run as root and
 # otherwise names them and stops; `make test` checks them first, so a missing one is one clear line, not
 # a test failure halfway through. (libgomp1: OpenMP, which the llama.cpp wheel of the real engine links.)
-SYSTEM_PACKAGES := python3 python3-venv make redis-server libgomp1 nodejs npm
+SYSTEM_PACKAGES := python3 python3-venv make redis-server libgomp1 nodejs npm openssl
 
 system:
 	@missing=""; \
@@ -20,6 +20,7 @@ system:
 		$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	else missing="$$missing python3 python3-venv"; fi; \
 	command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	/sbin/ldconfig -p 2>/dev/null | grep -q 'libgomp\.so\.1' || missing="$$missing libgomp1"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \

@@ -109,6 +109,12 @@ def redis_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> Non
     url = URL(value)
     if url.scheme not in ("redis", "rediss", "unix") or not (url.host or url.path):
         raise ValueError(f"{attribute.name}: expected a redis://, rediss:// or unix:// URL")
+    from .state.resp import url_settings  # here: the schema loads before the state's modules
+
+    try:
+        url_settings(value)
+    except ValueError as exc:
+        raise ValueError(f"{attribute.name}: {exc}") from None
 
 
 @attrs.frozen
@@ -312,7 +318,9 @@ class StateConfig:
 
     backend: Literal["memory", "redis"] = "memory"
     url: str = attrs.field(default="redis://127.0.0.1:6379/0", validator=redis_url)
-    """Redis to share state through: redis://, rediss:// (TLS) or unix:// (a socket path)."""
+    """Redis to share state through: redis://, rediss:// (TLS) or unix:// (a socket path), with user,
+    password and db as redis-py reads them; the options taken are TLS ones (`ssl_ca_certs`, `ssl_ca_path`,
+    `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs`, `ssl_check_hostname`), any other is refused."""
     key_prefix: str = "sop:"
     failure_mode: Literal["open", "closed"] = "open"
     """When Redis cannot answer in time: `open` admits and counts in this process alone (like Envoy's

@@ -5,6 +5,9 @@ connection left for another, a frozen Redis given up, a killed one reconnected, 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +17,9 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from proxy.state.resp import RespClient, encode
+from proxy.state.resp import RespClient, encode, url_settings
 from tests.support.redis_server import RedisServer
+from tests.support.servers import free_port
 from tests.support.stalling_relay import StallingRelay
 
 
@@ -148,3 +152,97 @@ async def test_password_and_database_from_the_url(own_redis: RedisServer) -> Non
 def test_options_it_does_not_take_are_refused() -> None:
     with pytest.raises(ValueError, match="options"):
         RespClient("redis://127.0.0.1:6379/0?socket_timeout=3")
+
+
+async def test_a_failed_connect_leaves_calls_on_the_open_connection(own_redis: RedisServer) -> None:
+    """Redis refuses new connections (maxclients): a burst that wants more connections is carried by
+    the one open, not failed by the connect (and the slot is not retried at once)."""
+    admin = redis.Redis(port=own_redis.port)
+    client = RespClient(own_redis.url, connections=4)
+    try:
+        assert await client.execute("PING") == "PONG"  # one connection open
+        admin.config_set("maxclients", 2)  # admin's and the client's: no third
+        for _ in range(5):
+            values = [f"b{i}" for i in range(32)]
+            assert await asyncio.gather(*(client.execute("ECHO", v) for v in values)) == values
+    finally:
+        admin.config_set("maxclients", 10000)
+        await client.close()
+
+
+async def test_closing_during_a_connect_fails_the_call_without_cancelling_it() -> None:
+    """A server that accepts and never answers (the connect's PING waits): close() does not cancel the
+    connect under its waiter, which gets an error, not a CancelledError it did not ask for."""
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    client = RespClient(f"redis://127.0.0.1:{port}/0", timeout_s=0.2, connect_timeout_s=0.5)
+    try:
+        call = asyncio.ensure_future(client.execute("PING"))
+        await asyncio.sleep(0.1)
+        await client.close()
+        with pytest.raises((TimeoutError, RedisConnectionError)):
+            await asyncio.wait_for(call, 5)
+    finally:
+        silent.close()
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name)
+    assert path is not None, f"{name} is required for this test (apt-get install {name})"
+    return path
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run([_binary("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def _tls_redis(directory: Path, cert: Path, key: Path, port: int) -> subprocess.Popen[bytes]:
+    """A redis-server speaking TLS only, on `port`."""
+    return subprocess.Popen(
+        [_binary("redis-server"), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-auth-clients", "no",
+         "--save", "", "--appendonly", "no", "--dir", str(directory)], stdout=subprocess.DEVNULL)
+
+
+async def test_tls_with_a_private_ca_from_the_url(tmp_path: Path) -> None:
+    """rediss:// to a redis-server on TLS whose certificate only `ssl_ca_certs` vouches for."""
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    server = _tls_redis(tmp_path, cert, key, port)
+    try:
+        trusting = RespClient(f"rediss://127.0.0.1:{port}/2?ssl_ca_certs={cert}", connect_timeout_s=5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert await trusting.execute("SET", "over-tls", "1") == "OK"
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server on TLS did not come up"
+                await asyncio.sleep(0.1)
+        assert await trusting.execute("CLIENT", "INFO") is not None
+        await trusting.close()
+        untrusting = RespClient(f"rediss://127.0.0.1:{port}/0", connect_timeout_s=5)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await untrusting.execute("PING")
+        await untrusting.close()
+        unchecked = RespClient(f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none", connect_timeout_s=5)
+        assert await unchecked.execute("PING") == "PONG"
+        await unchecked.close()
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_url_options_are_taken_or_refused_by_name() -> None:
+    settings = url_settings("rediss://u:p@h:7/1?ssl_ca_certs=/ca.pem&ssl_check_hostname=false")
+    assert settings["ssl_ca_certs"] == "/ca.pem" and settings["tls"] and settings["db"] == 1
+    with pytest.raises(ValueError, match="socket_timeout"):
+        url_settings("redis://127.0.0.1:6379/0?socket_timeout=3")
+    with pytest.raises(ValueError, match="ssl_ca_certs"):
+        url_settings("redis://127.0.0.1:6379/0?ssl_ca_certs=/ca.pem")  # TLS options need rediss://
+    with pytest.raises(ValueError, match="ssl_cert_reqs"):
+        url_settings("rediss://h/0?ssl_cert_reqs=maybe")

@@ -280,5 +280,8 @@ async def _all(calls: list[Any]) -> None:
     """Every call sent at once (pipelined on the connections), all awaited; the first failure raised."""
     results = await asyncio.gather(*calls, return_exceptions=True)
     for result in results:
+        if isinstance(result, asyncio.CancelledError):
+            # A call cancelled from inside (not this task: gather would have raised): a failure.
+            raise ConnectionError("a pipelined Redis call was cancelled") from result
         if isinstance(result, BaseException):
             raise result

@@ -39,7 +39,46 @@ from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-__all__ = ["RespClient", "RespScript"]
+__all__ = ["RespClient", "RespScript", "url_settings"]
+
+_TLS_OPTIONS = {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
+                "ssl_check_hostname"}
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+_CONNECT_BACKOFF_S = 1.0
+"""A slot whose connect failed is not tried again for this long (the calls use the connections open)."""
+
+
+def url_settings(url: str) -> dict[str, Any]:
+    """What this client takes from a `redis://`, `rediss://` or `unix://` URL (as redis-py reads it: user,
+    password, db, socket path, and for TLS `ssl_ca_certs`, `ssl_ca_path`, `ssl_certfile`, `ssl_keyfile`,
+    `ssl_cert_reqs` none/optional/required, `ssl_check_hostname`). ValueError names any other option:
+    the configuration check refuses it rather than the client ignoring it."""
+    params: dict[str, Any] = dict(parse_url(url))
+    kind = params.pop("connection_class", None)
+    tls = kind is SSLConnection
+    allowed = {"host", "port", "db", "username", "password", "path"} | (_TLS_OPTIONS if tls else set())
+    unknown = set(params) - allowed
+    if kind not in (None, SSLConnection, UnixDomainSocketConnection) or unknown:
+        raise ValueError(f"options the state's Redis client does not take: {', '.join(sorted(unknown))}"
+                         " (TLS options need rediss://)")
+    reqs = params.get("ssl_cert_reqs")
+    if reqs is not None and str(reqs).lower() not in _CERT_REQS:
+        raise ValueError("ssl_cert_reqs: expected none, optional or required")
+    params["tls"] = tls
+    return params
+
+
+def _tls_context(params: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS context of `rediss://` as redis-py builds it from the same options."""
+    context = ssl.create_default_context(cafile=params.get("ssl_ca_certs"),
+                                         capath=params.get("ssl_ca_path"))
+    if params.get("ssl_certfile"):
+        context.load_cert_chain(params["ssl_certfile"], params.get("ssl_keyfile"))
+    reqs = _CERT_REQS[str(params.get("ssl_cert_reqs") or "required").lower()]
+    check = params.get("ssl_check_hostname")
+    context.check_hostname = reqs != ssl.CERT_NONE and (check is None or bool(check))
+    context.verify_mode = reqs
+    return context
 
 
 def encode(args: Sequence[object]) -> bytes:
@@ -140,15 +179,11 @@ class RespClient:
 
     def __init__(self, url: str, *, timeout_s: float = 0.5, connect_timeout_s: float | None = None,
                  connections: int = 4) -> None:
-        params = parse_url(url)
-        kind = params.pop("connection_class", None)
-        unknown = set(params) - {"host", "port", "db", "username", "password", "path"}
-        if kind not in (None, SSLConnection, UnixDomainSocketConnection) or unknown:
-            raise ValueError(f"state.url: options this client does not take: {sorted(unknown)}")
+        params = url_settings(url)
         self._host = str(params.get("host", "localhost"))
         self._port = int(params.get("port", 6379))
         self._path: str | None = params.get("path")
-        self._tls = kind is SSLConnection
+        self._tls = _tls_context(params) if params["tls"] else None
         self._db = int(params.get("db", 0))
         self._username: str | None = params.get("username")
         self._password: str | None = params.get("password")
@@ -156,6 +191,8 @@ class RespClient:
         self.connect_timeout_s = connect_timeout_s or timeout_s
         self._slots: list[_Connection | None] = [None] * max(1, connections)
         self._opening: list[asyncio.Task[_Connection] | None] = [None] * len(self._slots)
+        self._failed_at = [0.0] * len(self._slots)
+        """When each slot's last connect failed (its backoff)."""
         self._closed = False
 
     def register_script(self, text: str) -> RespScript:
@@ -178,10 +215,10 @@ class RespClient:
             raise
 
     async def close(self) -> None:
+        """Close every connection (their waiting calls fail). A connect under way is not cancelled (its
+        waiters would see a cancellation that is not theirs): it closes what it opens, bounded by
+        connect_timeout_s."""
         self._closed = True
-        for task in self._opening:
-            if task is not None and not task.done():
-                task.cancel()
         for index, connection in enumerate(self._slots):
             if connection is not None:
                 connection.close(RedisConnectionError("the client is closed"))
@@ -193,46 +230,66 @@ class RespClient:
             raise RedisConnectionError("the client is closed")
         best: _Connection | None = None
         free = -1
+        now = time.monotonic()
         for index, connection in enumerate(self._slots):
             if connection is None or connection.closed:
-                if free < 0:
+                if free < 0 and now - self._failed_at[index] >= _CONNECT_BACKOFF_S:
                     free = index
                 continue
             if best is None or len(connection.waiting) < len(best.waiting):
                 best = connection
         if best is not None and (not best.waiting or free < 0):
             return best
-        if free < 0:  # unreachable: no usable connection means a free slot
-            raise RedisConnectionError("no connection to Redis")
+        if free < 0:
+            raise RedisConnectionError("no connection to Redis (the last connect failed)")
         task = self._opening[free]
         if task is None or task.done():
             task = self._opening[free] = asyncio.ensure_future(self._open(free))
             task.add_done_callback(_retrieve)
-        # Every connection has calls waiting (one may be stalled): this call waits for a new one.
-        # Shielded: the connect serves the calls after this one even if this one gives up.
-        return await asyncio.shield(task)
+        # Every open connection has calls waiting (one may be stalled): this call waits for a new one,
+        # and takes the best of the open ones if the connect fails (Redis at maxclients, a refused
+        # AUTH): a failed connect must not fail calls a working connection can carry.
+        try:
+            return await asyncio.shield(task)  # shielded: the connect serves the calls after this one
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this call was cancelled (its caller's timeout)
+            error: Exception = RedisConnectionError("the connect was abandoned")
+        except Exception as exc:
+            error = exc
+        if best is not None and not best.closed:
+            return best
+        raise error
 
     async def _open(self, index: int) -> _Connection:
+        """Connect slot `index` (AUTH, SELECT and a PING answered), bounded by connect_timeout_s; a
+        failure starts the slot's backoff."""
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self.connect_timeout_s):
-            if self._path is not None:
-                _, connection = await loop.create_unix_connection(_Connection, self._path)
-            else:
-                context = ssl.create_default_context() if self._tls else None
-                _, connection = await loop.create_connection(
-                    _Connection, self._host, self._port, ssl=context)
-            try:
+        connection: _Connection | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                if self._path is not None:
+                    _, connection = await loop.create_unix_connection(_Connection, self._path)
+                else:
+                    _, connection = await loop.create_connection(
+                        _Connection, self._host, self._port, ssl=self._tls)
                 if self._password is not None:
                     credentials = ([self._username] if self._username else []) + [self._password]
                     await connection.send(encode(["AUTH", *credentials]))
                 if self._db:
                     await connection.send(encode(["SELECT", self._db]))
-            except BaseException:
+                # A Redis at maxclients (or loading, or not Redis) accepts the connection and
+                # answers its first command with an error: found here, it is a failed connect.
+                if await connection.send(encode(["PING"])) != "PONG":
+                    raise RedisConnectionError("the server did not answer PING with PONG")
+            if self._closed:
+                raise RedisConnectionError("the client is closed")
+        except BaseException:
+            if connection is not None:
                 connection.close(RedisConnectionError("the connection could not be set up"))
-                raise
-        if self._closed:
-            connection.close(RedisConnectionError("the client is closed"))
-            raise RedisConnectionError("the client is closed")
+            self._failed_at[index] = time.monotonic()
+            raise
         self._slots[index] = connection
         return connection
 
