@@ -45,7 +45,8 @@ _TLS_OPTIONS = {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "s
                 "ssl_check_hostname"}
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 _CONNECT_BACKOFF_S = 1.0
-"""A slot whose connect failed is not tried again for this long (the calls use the connections open)."""
+"""A slot whose connect failed is not tried again for this long while a connection is open (the calls
+use it meanwhile); with none open, every call tries (it has nothing else)."""
 
 
 def url_settings(url: str) -> dict[str, Any]:
@@ -229,19 +230,22 @@ class RespClient:
         if self._closed:
             raise RedisConnectionError("the client is closed")
         best: _Connection | None = None
-        free = -1
+        free = ready = -1
         now = time.monotonic()
         for index, connection in enumerate(self._slots):
             if connection is None or connection.closed:
-                if free < 0 and now - self._failed_at[index] >= _CONNECT_BACKOFF_S:
+                if free < 0:
                     free = index
+                if ready < 0 and now - self._failed_at[index] >= _CONNECT_BACKOFF_S:
+                    ready = index
                 continue
             if best is None or len(connection.waiting) < len(best.waiting):
                 best = connection
-        if best is not None and (not best.waiting or free < 0):
-            return best
-        if free < 0:
-            raise RedisConnectionError("no connection to Redis (the last connect failed)")
+        if best is not None:
+            if not best.waiting or ready < 0:
+                return best
+            free = ready  # another connection, but not on a slot whose connect just failed
+        # Invariant: free >= 0 here (no usable connection means every slot is free).
         task = self._opening[free]
         if task is None or task.done():
             task = self._opening[free] = asyncio.ensure_future(self._open(free))
