@@ -35,7 +35,12 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import hiredis
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.asyncio.connection import (
+    RedisSSLContext,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -43,7 +48,7 @@ __all__ = ["RespClient", "RespScript", "url_settings"]
 
 _TLS_OPTIONS = {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
                 "ssl_check_hostname"}
-_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+_CERT_REQS = ("none", "optional", "required")
 _CONNECT_BACKOFF_S = 1.0
 """A slot whose connect failed is not tried again for this long while a connection is open (the calls
 use it meanwhile); with none open, every call tries (it has nothing else)."""
@@ -70,16 +75,14 @@ def url_settings(url: str) -> dict[str, Any]:
 
 
 def _tls_context(params: dict[str, Any]) -> ssl.SSLContext:
-    """The TLS context of `rediss://` as redis-py builds it from the same options."""
-    context = ssl.create_default_context(cafile=params.get("ssl_ca_certs"),
-                                         capath=params.get("ssl_ca_path"))
-    if params.get("ssl_certfile"):
-        context.load_cert_chain(params["ssl_certfile"], params.get("ssl_keyfile"))
-    reqs = _CERT_REQS[str(params.get("ssl_cert_reqs") or "required").lower()]
+    """The TLS context of `rediss://`, built by redis-py from the same options and defaults as its own
+    SSLConnection's (certificates required, host names checked unless `ssl_cert_reqs=none`)."""
     check = params.get("ssl_check_hostname")
-    context.check_hostname = reqs != ssl.CERT_NONE and (check is None or bool(check))
-    context.verify_mode = reqs
-    return context
+    return RedisSSLContext(
+        keyfile=params.get("ssl_keyfile"), certfile=params.get("ssl_certfile"),
+        cert_reqs=str(params.get("ssl_cert_reqs") or "required").lower(),
+        ca_certs=params.get("ssl_ca_certs"), ca_path=params.get("ssl_ca_path"),
+        check_hostname=True if check is None else bool(check)).get()
 
 
 def encode(args: Sequence[object]) -> bytes:
@@ -138,8 +141,7 @@ class _Connection(asyncio.Protocol):
                 continue  # its caller left (timed out or cancelled): the answer is dropped
             if isinstance(reply, ResponseError):
                 text = str(reply)
-                future.set_exception(NoScriptError(text) if text.startswith("NOSCRIPT")
-                                     else ResponseError(text))
+                future.set_exception(NoScriptError(text) if text.startswith("NOSCRIPT") else reply)
             else:
                 future.set_result(reply)
 
