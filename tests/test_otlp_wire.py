@@ -284,3 +284,48 @@ def test_the_shipper_sends_whole_chunks_and_drops_past_its_bound() -> None:
         bounded.shutdown()
         assert [span.name for span in receiver.spans()][5:] == ["c1", "c2", "c3", "c4", "b1", "b2"]
         assert bounded.exported == 6 and bounded.failed == 0
+
+
+def _reference_varint(value: int) -> bytes:
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+_EDGES = [0, 1, 127, 128, 2**14 - 1, 2**14, 2**21 - 1, 2**21, 2**28 - 1, 2**28, 2**35 - 1, 2**35,
+          2**49, 2**63 - 1, -1, -(2**63)]
+
+
+def test_varints_and_lengths_at_every_size_boundary() -> None:
+    """The straight-line varint branches (up to 5 bytes) and the loop agree with the definition, and
+    spans whose length needs 1, 2 or 3 bytes read back whole."""
+    for value in _EDGES:
+        assert otlp_wire.varint(value) == _reference_varint(value), value
+    sink = _Sink()
+    tracer = FastTracer(sink, 1.0)
+    for value in _EDGES:
+        tracer.start_span("s", attributes={"n": value}).end()
+    for size in (10, 200, 20_000):  # the span's own length: one, two and three varint bytes
+        tracer.start_span("s", attributes={"text": "x" * size}).end()
+    spans = _decode(sink)[1]
+    assert [attributes_of(span)["n"] for span in spans[:len(_EDGES)]] == _EDGES
+    assert [len(attributes_of(span)["text"]) for span in spans[len(_EDGES):]] == [10, 200, 20_000]
+
+
+def test_cached_list_and_string_attributes_read_back_as_set() -> None:
+    """Lists of strings (finish reasons) and string pairs come from caches after their first use;
+    each span still carries its own values."""
+    sink = _Sink()
+    tracer = FastTracer(sink, 1.0)
+    sequence = [["stop"], ["length"], ["stop"], ["stop", "length"], [], ["stop"]]
+    for reasons in sequence:
+        tracer.start_span("s", attributes={"reasons": reasons, "mode": "enforce",
+                                           "decision": reasons[0] if reasons else "none"}).end()
+    read = [attributes_of(span) for span in _decode(sink)[1]]
+    assert [list(a["reasons"]) if a.get("reasons") else [] for a in read] == sequence
+    assert [a["decision"] for a in read] == [r[0] if r else "none" for r in sequence]
+    assert {a["mode"] for a in read} == {"enforce"}
