@@ -9,7 +9,9 @@ whatever was already taken and answers 429 (`rate_limited` for requests and conc
 concurrency the measured mean duration of the tenant's requests divided by its leases. A request that
 reserves more than the whole token budget can never fit: 400 `request_exceeds_quota`, not retryable.
 After the response the token reservation is settled against Ollama's real counts; a request that
-produced nothing (rejected downstream, client gone before the first byte) is refunded. Leases are renewed
+produced nothing (rejected downstream, a replica that failed, the client gone before its request reached
+a replica) is refunded, and one the client left after it reached a replica but before the first byte is
+charged its prompt (`RequestContext.served_tokens`). Leases are renewed
 while a request runs and released in `finally`; a dead proxy's leases expire after `lease_ttl_s`.
 Listing and metadata routes (`is_exempt`) take nothing: they cost the fleet nothing worth a quota.
 

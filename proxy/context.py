@@ -104,6 +104,14 @@ class Exchange:
     complete: bool = False
     """The replica's response ended (its last byte read), as opposed to cut short by the client
     leaving, a timeout or a lost connection."""
+    sent: bool = False
+    """This attempt's request reached a replica (its head was written): the replica may be working."""
+    abandoned: bool = False
+    """The client left after its request reached a replica and before the first byte came back: the
+    replica worked (prompt evaluation, at least) for nobody, and the prompt is charged."""
+
+    def mark_sent(self) -> None:
+        self.sent = True
 
 
 _GENERATING = frozenset({"chat", "text_completion"})
@@ -160,13 +168,16 @@ class RequestContext:
 
     def served_tokens(self) -> int:
         """Tokens the request was served, what quotas and the fair queue settle by: 0 when nothing came
-        back; Ollama's counts from a response that ended; else (cut short, or no counts) the prompt
-        plus, on routes that generate, one token per record relayed, and never less than counts
-        already seen (a client that leaves just before the final line pays for its output all the
-        same; /v1/messages reports its input before the first token)."""
+        back (refused, failed, or the client left before its request reached a replica), except the
+        prompt when the client left after it did (`Exchange.abandoned`: otherwise leaving just before
+        the first byte, again and again, would make the fleet evaluate prompts for free and keep the
+        tenant first in the fair queue); Ollama's counts from a response that ended; else (cut short,
+        or no counts) the prompt plus, on routes that generate, one token per record relayed, and never
+        less than counts already seen (a client that leaves just before the final line pays for its
+        output all the same; /v1/messages reports its input before the first token)."""
         exchange = self.exchange
         if exchange.first_byte_at is None:
-            return 0
+            return (self.prompt.tokens or 0) if exchange.abandoned else 0
         usage = exchange.usage
         counted = None
         if usage is not None and (usage.input_tokens is not None or usage.output_tokens is not None):

@@ -186,11 +186,20 @@ class Forwarder:
         """Forward `request` to the next replica and relay its response."""
         ctx = request[CONTEXT]
         upstream = ctx.routing.upstream or self.upstreams.next_serving()
-        ctx.exchange.upstream_name = upstream.name
+        exchange = ctx.exchange
+        exchange.upstream_name = upstream.name
+        exchange.sent = False  # this attempt's (the balancer may retry after a failed one)
         span = self._start_client_span(ctx, request, upstream)
         started = time.monotonic()
         try:
             return await self._exchange(request, ctx, upstream, span, started)
+        except asyncio.CancelledError:
+            # The client left (or the stop sequence ended the request: not the client's doing). Sent
+            # and unanswered: the replica worked for it, and quotas and the fair queue charge the prompt.
+            if (exchange.sent and exchange.first_byte_at is None
+                    and not (self.stop is not None and self.stop.ending(ctx.request_id))):
+                exchange.abandoned = True
+            raise
         finally:
             self._finish(ctx, span, started)
 
@@ -202,7 +211,8 @@ class Forwarder:
             upstream, request.method, request.raw_path, headers=headers,
             data=self._request_data(request, ctx, body_error),
             first_byte_s=self.config.first_byte_timeout_s, remaining_s=self._remaining(ctx),
-            deadline_label=ctx.service_limits.get("deadline_s"), upload_error=body_error)
+            deadline_label=ctx.service_limits.get("deadline_s"), upload_error=body_error,
+            on_sent=ctx.exchange.mark_sent)
         if upstream_response.status in ctx.routing.retry_statuses:
             upstream_response.close()
             raise UpstreamBusy(f"upstream {upstream.name} answered {upstream_response.status}",

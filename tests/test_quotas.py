@@ -139,19 +139,65 @@ async def test_concurrency_and_release_on_disconnect(tmp: Path, emulator: Server
         await asyncio.to_thread(proxy.stop)
 
 
-async def test_cancelled_request_refunds_its_reservation(tmp: Path, emulator: Server) -> None:
+PROMPT_KEY = "sk-prompt"
+PROMPT_TENANT = {"name": "prompt", "keys": [PROMPT_KEY], "tokens_per_minute": 400}
+"""400 tokens a minute: refills ~7 a second, slowly enough to tell a refund from a refill."""
+LONG_PROMPT = " ".join(["hello"] * 50)
+
+
+async def test_client_gone_after_its_request_reached_a_replica_pays_its_prompt(
+        tmp: Path, emulator: Server) -> None:
+    """The replica worked for a client that left before the first byte: the output it reserved comes
+    back, its prompt does not (leaving just before the answer again and again is not free)."""
     slow = await asyncio.to_thread(start_emulator, tmp, fixed_clock=False, load_s=2.0, name="cold")
     proxy = await asyncio.to_thread(start_proxy, tmp, [slow.url], {
-        "admin": {"keys": [ADMIN]}, "tenants": TENANTS}, name="refund")
+        "admin": {"keys": [ADMIN]}, "tenants": [*TENANTS, PROMPT_TENANT]}, name="abandoned")
     try:
-        async with aiohttp.ClientSession(headers=_auth(TPM)) as session:
+        async with aiohttp.ClientSession(headers=_auth(PROMPT_KEY)) as session:
             with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.5):  # gone while the model loads: nothing produced
+                async with asyncio.timeout(0.5):  # gone while the replica loads the model
                     await session.post(f"{proxy.url}/api/generate", json={
-                        "model": "llama3.2", "prompt": "hi", "options": {"num_predict": 300}})
-        # the whole reservation comes back (polled: the proxy sees the client leave a moment later)
-        await until(lambda: _quotas(proxy)["tpm"]["tokens_per_minute"]["remaining"] >= 599, 5,
-                    "the reservation refunded")
+                        "model": "llama3.2", "prompt": LONG_PROMPT, "options": {"num_predict": 200}})
+
+        def remaining() -> float:
+            return float(_quotas(proxy)["prompt"]["tokens_per_minute"]["remaining"])
+
+        # Held while it runs: 400 - (prompt + 200), about 50. Settled (polled: the proxy sees the
+        # client leave a moment later): the 200 output tokens back, the prompt's ~150 kept. A refill
+        # alone would take 20 s to get there; a full refund would show 400.
+        await until(lambda: remaining() >= 200, 5, "the unused output refunded")
+        charged = 400 - remaining()
+        assert 60 <= charged <= 200, charged  # the prompt (less what refilled since, ~7 a second)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        await asyncio.to_thread(slow.stop)
+
+
+async def test_client_gone_before_its_request_reached_a_replica_gets_everything_back(
+        tmp: Path, emulator: Server) -> None:
+    """Left while queued for the replica's one slot: nothing was asked of the replica, nothing is
+    charged."""
+    slow = await asyncio.to_thread(start_emulator, tmp, fixed_clock=False, load_s=2.0, name="cold")
+    proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": slow.url, "num_parallel": 1}], {
+        "admin": {"keys": [ADMIN]}, "tenants": [*TENANTS, PROMPT_TENANT]}, name="queued")
+    try:
+        async with aiohttp.ClientSession() as session:
+            # Another tenant's request holds the only slot while the model loads.
+            first = asyncio.create_task(session.post(
+                f"{proxy.url}/api/generate", headers=_auth(ALL),
+                json={"model": "llama3.2", "prompt": "hi", "stream": False,
+                      "options": {"num_predict": 2}}))
+            await until(lambda: _quotas(proxy)["all"]["in_flight"] == 1, 5, "the slot taken")
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await session.post(f"{proxy.url}/api/generate", headers=_auth(PROMPT_KEY),
+                                       json={"model": "llama3.2", "prompt": LONG_PROMPT,
+                                             "options": {"num_predict": 100}})
+            # The whole reservation back at once (a refill would take ~40 s).
+            await until(lambda: _quotas(proxy)["prompt"]["tokens_per_minute"]["remaining"] >= 399,
+                        5, "the reservation refunded")
+            async with await first as response:
+                assert response.status == 200
     finally:
         await asyncio.to_thread(proxy.stop)
         await asyncio.to_thread(slow.stop)

@@ -16,7 +16,7 @@ fleet would look dead and be ejected exactly when it is busiest.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -113,7 +113,8 @@ class FleetClient:
                    headers: Sequence[tuple[str, str]] | Mapping[str, str], data: Any,
                    first_byte_s: float,
                    remaining_s: float, deadline_label: object = None,
-                   upload_error: Sequence[ProxyError] = ()) -> WireResponse:
+                   upload_error: Sequence[ProxyError] = (),
+                   on_sent: Callable[[], None] | None = None) -> WireResponse:
         """Send a client's request to `upstream` and return the response once its head arrived.
 
         `headers` are sent as given, in order (the caller's header policy sets `Host`); only the
@@ -121,7 +122,7 @@ class FleetClient:
         or `remaining_s` of the request's deadline when that is shorter. Failures come out as
         ProxyErrors: an upload error the body iterator put in `upload_error` (the client's fault, not
         the replica's), else a response timeout, a connect failure, or a reset before the response
-        started."""
+        started. `on_sent` is called once the request's head is written to the replica."""
         lines = list(headers.items()) if isinstance(headers, Mapping) else headers
         url = upstream.url
         credentials = aiohttp.BasicAuth.from_url(url) if url.user is not None else None
@@ -140,7 +141,7 @@ class FleetClient:
                 async with asyncio.timeout(min(first_byte_s, remaining_s)):
                     return await self.wire.request(
                         url.raw_host or "localhost", url.port or 80, url.scheme == "https", method,
-                        base + path_qs if base else path_qs, head, data)
+                        base + path_qs if base else path_qs, head, data, on_sent)
             except (TimeoutError, ConnectionError, HttpProcessingError):
                 if upload_error:  # the client's upload failed, not the replica
                     raise upload_error[0] from None

@@ -34,7 +34,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import Any, cast
 
 import httptools
@@ -381,7 +381,8 @@ class WirePool:
         self._holding: set[_Connection] = set()
 
     async def request(self, host: str, port: int, tls: bool, method: str, target: str,
-                      head: str, body: bytes | AsyncIterable[bytes] | None) -> WireResponse:
+                      head: str, body: bytes | AsyncIterable[bytes] | None,
+                      on_sent: Callable[[], None] | None = None) -> WireResponse:
         """Send `method target` with the header block `head` (`Name: value\r\n` lines, Host included,
         framing headers excluded: they are added here) and `body`; return the response once its head
         arrived. `body` bytes go with a Content-Length, an async iterable as chunked transfer coding.
@@ -402,21 +403,23 @@ class WirePool:
         try:
             connection, reused = await self._connection(host, port, tls, pooled=True)
             try:
-                return await self._send(connection, method, target, head, body)
+                return await self._send(connection, method, target, head, body, on_sent)
             except _Unanswered:
                 if not (reused and not self._closed and method in _IDEMPOTENT
                         and (body is None or isinstance(body, bytes | bytearray))):
                     raise
             connection, _ = await self._connection(host, port, tls, pooled=False)
-            return await self._send(connection, method, target, head, body)
+            return await self._send(connection, method, target, head, body, on_sent)
         except BaseException:
             if permits is not None:
                 permits.release()
             raise
 
     async def _send(self, connection: _Connection, method: str, target: str, head: str,
-                    body: bytes | AsyncIterable[bytes] | None) -> WireResponse:
-        """One request on `connection`, the response once its head arrived. On any failure the
+                    body: bytes | AsyncIterable[bytes] | None,
+                    on_sent: Callable[[], None] | None) -> WireResponse:
+        """One request on `connection`, the response once its head arrived; `on_sent` is called once
+        its head is written (the replica may be working on it from then on). On any failure the
         connection is closed (the caller still holds the permit)."""
         response = WireResponse(self, connection, method == "HEAD")
         connection.start(response)
@@ -437,6 +440,8 @@ class WirePool:
                                 "\r\n".encode("utf-8", "surrogateescape"))
                 writer = response.upload = asyncio.ensure_future(self._upload(connection, body))
                 writer.add_done_callback(_retrieve)
+            if on_sent is not None:
+                on_sent()
             try:
                 await response.head
             except UpstreamLost:
