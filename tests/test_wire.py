@@ -143,7 +143,30 @@ async def test_interim_answers_are_skipped_and_head_has_no_body() -> None:
         assert response.status == 200 and response.headers["Content-Length"] == "1000"
         assert await response.readany() == b""
         response.release()
-        # HEAD's connection is not reused (the parser cannot know the body it announced is absent).
+        # The announced body never comes: the connection goes back to the pool and carries the next
+        # request, whose answer is read as its own (not as HEAD's 1000 bytes).
+        assert wire.idle_count() == 1
+        response = await wire.request("127.0.0.1", replica.port, False, "GET", "/", "Host: r\r\n",
+                                      None)
+        assert response.status == 201 and await read_all(response) == b"ok"
+        response.release()
+        assert replica.connections == 1 and replica.closed == 0
+        await wire.close()
+
+
+async def test_a_head_answer_without_length_is_not_reused() -> None:
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        await writer.drain()
+
+    async with Replica(until_close) as replica:
+        wire = pool()
+        response = await wire.request("127.0.0.1", replica.port, False, "HEAD", "/", "Host: r\r\n",
+                                      None)
+        assert response.status == 200 and await response.readany() == b""
+        response.release()
+        # A GET's body would run until the close: llhttp does not call that keep-alive, nor do we.
         await until(lambda: wire.idle_count() == 0 and replica.closed == 1)
         await wire.close()
 

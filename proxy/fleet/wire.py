@@ -132,7 +132,12 @@ class WireResponse:
         self.status = status
         self.headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
         if self._skip:
+            # A HEAD answer ends with its head: nothing more may come on the connection (bytes that
+            # do close it: data_received), and the next request starts a parser of its own, so the
+            # connection is reusable when the head says keep-alive. Not when it announced a body to
+            # be ended by the close (no length, not chunked): llhttp then says not keep-alive.
             self._done = True
+            self._keep_alive = connection.parser.should_keep_alive()
         if not self.head.done():
             self.head.set_result(None)
 
@@ -215,7 +220,7 @@ class WireResponse:
         if connection is None:
             return
         self._connection = None
-        reusable = (self._done and self._keep_alive and self._error is None and not self._skip
+        reusable = (self._done and self._keep_alive and self._error is None
                     and (self.upload is None or self.upload.done()))
         self._stop_upload()
         self._pool._give_back(connection, reusable)
