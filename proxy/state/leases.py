@@ -462,17 +462,44 @@ class SharedSlots:
                                     "L": 1 if learning else 0}).decode()
         ticket.future = asyncio.get_running_loop().create_future()
         self.waiting[ticket.id] = ticket
+        # The script's answer is read, and its grants handed out, whatever becomes of the caller: Redis
+        # runs the script even when the client leaves while it does, and the answer is the only place
+        # a grant to this process is written (otherwise that slot stays taken, for every process, until
+        # its lease expires, and the queue behind it waits as long).
+        call = asyncio.ensure_future(self._delivered("slots_enter", ticket.base, lambda: self._enter(
+            keys=[ticket.base], args=self._args(ticket.id, ticket.data))))
         try:
-            rows = await self._call("slots_enter", lambda: self._enter(
-                keys=[ticket.base], args=self._args(ticket.id, ticket.data)))
+            await asyncio.shield(call)
+        except asyncio.CancelledError:
+            self.waiting.pop(ticket.id, None)  # a grant delivered from now on is an orphan: released
+            self.spawn(self._abandoned(ticket, call))
+            raise
         except BaseException:
             self.waiting.pop(ticket.id, None)
             raise
-        self._grants(ticket.base, rows)
         if ticket.future.done():
             self.counts["granted_at_once"] += 1
             return ticket.future.result()
         return None
+
+    async def _delivered(self, operation: str, base: str, call: Callable[[], Awaitable[Any]]) -> None:
+        """Run a script and hand its grants to this process's waiters (see `enter`)."""
+        self._grants(base, await self._call(operation, call))
+
+    async def _abandoned(self, ticket: Ticket, call: asyncio.Future[None]) -> None:
+        """`ticket`'s enter was given up by its caller while the script ran: whatever it got goes back
+        once the answer is in (a slot granted before the caller's leaving was seen, with its charge; a
+        place in the queue). When Redis does not answer, leaving is retried once it does, and a grant
+        the lost answer held expires with its lease."""
+        try:
+            await call
+        except Exception:
+            self._leaves[ticket.id] = ticket
+            return
+        if ticket.id in self.held:
+            ticket.release(-ticket.cost)
+        elif ticket.future is None or not ticket.future.done():
+            await self.leave(ticket)
 
     def granted(self, ticket: Ticket, grant: Grant) -> None:
         """`ticket` holds the slot `grant` gave it (its renewals start)."""
@@ -489,15 +516,17 @@ class SharedSlots:
 
     async def leave(self, ticket: Ticket) -> None:
         """`ticket` stops waiting (timeout, client gone): out of the queue, and a grant it got meanwhile
-        is released with its charge. Never raises."""
+        is released with its charge. Never raises; finishes (its answer handed out) also when the
+        caller is cancelled meanwhile, as `enter` does."""
         self.waiting.pop(ticket.id, None)
+        await asyncio.shield(asyncio.ensure_future(self._left(ticket)))
+
+    async def _left(self, ticket: Ticket) -> None:
         try:
-            rows = await self._call("slots_leave", lambda: self._leave(
+            await self._delivered("slots_leave", ticket.base, lambda: self._leave(
                 keys=[ticket.base], args=self._args(ticket.id)))
         except StateDown:
             self._leaves[ticket.id] = ticket  # left when Redis answers again (else it expires)
-            return
-        self._grants(ticket.base, rows)
 
     async def release(self, ticket: Ticket, share_delta: float) -> None:
         """Free `ticket`'s lease and settle its charge; kept for later if Redis cannot answer."""
