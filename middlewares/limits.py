@@ -245,9 +245,7 @@ class LimitsStep(Step):
 
     async def _tokenizer(self, model: str) -> Tokenizer:
         """The model's own tokenizer; the estimate, without asking any replica, for a name the fleet
-        does not have (so random names cost no /api/show and no registry entry)."""
-        if self.upstreams is not None and not self.upstreams.tracks(model):
-            return self.tokenizers.estimate
+        does not have (the registry's `tracks`: random names cost no /api/show and no entry)."""
         return await self.tokenizers.for_model(model)
 
     def _default_num_ctx(self, body: dict[str, Any], model: str) -> int | None:

@@ -101,7 +101,7 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
         return await fleet.fetch_json("/api/show", {"model": model, "verbose": True})
 
     tokenizers = TokenizerRegistry({name: m.tokenizer for name, m in config.models.items()
-                                    if m.tokenizer}, fetch_show)
+                                    if m.tokenizer}, fetch_show, tracks=upstreams.tracks)
     tokenizers.load_configured()
     fleet_health = FleetHealth(config.chain.health, upstreams, config.models, telemetry, fleet)
     health = HealthStep(config.chain.health, upstreams, fleet_health, telemetry)

@@ -32,6 +32,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as _model_pb2
 
 from .ollama import model_key
+from .serving import escape_field
 
 __all__ = ["BYTES_PER_TOKEN", "EstimateTokenizer", "SentencePieceTokenizer", "Tokenizer",
            "TokenizerRegistry", "model_proto_from_show"]
@@ -154,13 +155,17 @@ class TokenizerRegistry:
     """The tokenizer of each model, resolved once (single-flight) and cached by model name.
 
     `fetch_show(model)` returns the verbose /api/show body of the model from some replica, or None.
+    `tracks(model)` (UpstreamSet.tracks) says whether a name may be looked up at all: a name the fleet
+    does not have gets the estimate without a replica being asked or an entry made, whoever asks (the
+    limits step or a plugin), so random names cost nothing.
     """
 
     def __init__(self, configured: dict[str, str],
                  fetch_show: Callable[[str], Awaitable[dict[str, Any] | None]],
-                 wait_s: float = 5.0) -> None:
+                 wait_s: float = 5.0, tracks: Callable[[str], bool] | None = None) -> None:
         self._configured = {model_key(name): path for name, path in configured.items()}
         self._fetch_show = fetch_show
+        self._tracks = tracks
         self._wait_s = wait_s
         self._cache: dict[str, Tokenizer] = {}
         self._failed_at: dict[str, float] = {}
@@ -200,6 +205,8 @@ class TokenizerRegistry:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
+        if self._tracks is not None and not self._tracks(model):
+            return self.estimate
         failed = self._failed_at.get(key)
         if failed is not None and time.monotonic() - failed < _RETRY_FAILED_FETCH_S:
             return self.estimate
@@ -221,7 +228,9 @@ class TokenizerRegistry:
                 raise ValueError("the model's tokenizer is not SentencePiece")
             tokenizer: Tokenizer = await asyncio.to_thread(SentencePieceTokenizer, proto)
         except Exception as exc:
-            log.info("no vocabulary for %s (%s); estimating token counts", model, exc)
+            # The name came from a client: escaped, so it can neither start a line nor forge a field.
+            log.info("no vocabulary for %s (%s); estimating token counts", escape_field(model, 128),
+                     type(exc).__name__)
             _bounded_put(self._failed_at, key, time.monotonic())
             return self.estimate
         _bounded_put(self._cache, key, tokenizer, keep=self._configured)

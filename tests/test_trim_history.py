@@ -16,6 +16,7 @@ import pytest
 from proxy import gojson
 from proxy.tokens import SentencePieceTokenizer
 from tests.support.metrics import metric
+from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
 
 KEY = "sk-trim-team"
@@ -162,5 +163,28 @@ def test_relevance_keeps_the_older_turn_that_matches_the_question(tmp_path: Path
         assert second.json()["prompt_eval_count"] == received
         assert emulator.stats()["requests"].get(EMBED, 0) == after_first.get(EMBED, 0)
         assert 'POST /api/embed" 200' in proxy.log() and "tenant=team" in proxy.log()
+    finally:
+        proxy.stop()
+
+
+def test_names_the_fleet_lacks_cost_no_lookup_and_reach_the_log_escaped(tmp_path: Path,
+                                                                        emulator: Server) -> None:
+    """The plugin asks for the model's tokenizer as limits does: a name no replica has gets the
+    estimate, without an /api/show to a replica (a client cannot make the proxy query the fleet per
+    random name) and without a log line carrying the name as sent."""
+    proxy = _proxy(tmp_path, emulator, {"name": "trim_history", "budget_tokens": 50}, "unknown")
+    try:
+        # Once the first probe listed the replica's models (before it, any name may be real).
+        wait_for(lambda: "-> healthy" in proxy.log(), what="the first probe")
+        shows = emulator.stats()["requests"].get("POST /api/show", 0)
+        forged = "nosuch\n2026-12-03 07:00:00,000 INFO proxy.access FORGED tenant=admin \x1b[31m"
+        for model in (forged, *(f"random-{i}" for i in range(5))):
+            httpx.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=30, json={"model": model, "stream": False,
+                                         "messages": [{"role": "user", "content": "hello " * 100}]})
+        assert emulator.stats()["requests"].get("POST /api/show", 0) == shows
+        log = proxy.log()
+        assert not any(line.startswith("2026-12-03 07:00:00,000") for line in log.splitlines())
+        assert "\x1b" not in log
     finally:
         proxy.stop()
