@@ -2,8 +2,11 @@
 
 Keys come from `Authorization: Bearer <key>` (what the Ollama clients send when OLLAMA_API_KEY is set, and
 the OpenAI SDK always) or `X-API-Key`. They are looked up by SHA-256 digest, so the lookup time reveals
-nothing about a key, and never logged. A key the proxy recognised is removed before the request goes
-upstream: tenants' keys are the proxy's business, not the replica's.
+nothing about a key, and never logged. Both headers are read: a tenant or admin key in either identifies
+the caller (Authorization's first), so a placeholder in Authorization (the OpenAI SDK's `ollama`) does
+not hide the tenant's key in X-API-Key. Every header that carries a key the proxy recognised is removed
+before the request goes upstream: tenants' keys are the proxy's business, not the replica's (nor, for
+a cloud model, ollama.com's).
 
 Open mode: with no tenants and no admin keys configured the proxy is a transparent pass-through and
 every route stays open, as Ollama itself is. As soon as either is configured, `/system/*` needs an admin
@@ -80,8 +83,8 @@ class Identity:
 
     tenant: Tenant
     admin: bool = False
-    key_header: str | None = None
-    """The header that carried a recognised key (removed before forwarding)."""
+    key_headers: tuple[str, ...] = ()
+    """The headers that carried a key the proxy recognised (removed before forwarding)."""
     internal: bool = False
     """A plugin's sub-request (proxy/plugin.py): runs the chain as `tenant`, and no plugin sees it."""
 
@@ -90,13 +93,15 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def _key_from(headers: Mapping[str, str]) -> tuple[str | None, str | None]:
+def _keys_from(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(header, key) for each header that carries a key, Authorization's first."""
+    keys = []
     authorization = headers.get("Authorization", "")
     if authorization[:7].lower() == "bearer ":
-        return authorization[7:].strip(), "Authorization"
+        keys.append(("Authorization", authorization[7:].strip()))
     if "X-API-Key" in headers:
-        return headers["X-API-Key"].strip(), "X-API-Key"
-    return None, None
+        keys.append(("X-API-Key", headers["X-API-Key"].strip()))
+    return keys
 
 
 class TenantDirectory:
@@ -141,17 +146,30 @@ class TenantDirectory:
         credential = headers.get(INTERNAL_HEADER)
         if credential is not None:
             return self._internal_identity(credential)
-        key, header = _key_from(headers)
-        digest = _digest(key) if key is not None else None
-        if digest is not None and (tenant := self._tenants.get(digest)) is not None:
-            return Identity(tenant, key_header=header)
-        if digest is not None and digest in self._admin:
-            return Identity(Tenant("admin"), admin=True, key_header=header)
-        if digest is not None and digest in self._placeholders and self.anonymous_allowed:
-            return Identity(self.anonymous, key_header=header)
+        keys = _keys_from(headers)
+        caller: Identity | None = None
+        recognised: list[str] = []
+        placeholder = unknown = False
+        for header, key in keys:
+            digest = _digest(key)
+            if (tenant := self._tenants.get(digest)) is not None:
+                recognised.append(header)
+                caller = caller or Identity(tenant)
+            elif digest in self._admin:
+                recognised.append(header)
+                caller = caller or Identity(Tenant("admin"), admin=True)
+            elif digest in self._placeholders and self.anonymous_allowed:
+                recognised.append(header)
+                placeholder = True
+            else:
+                unknown = True
+        if caller is not None:
+            return attrs.evolve(caller, key_headers=tuple(recognised))
+        if placeholder and not unknown:
+            return Identity(self.anonymous, key_headers=tuple(recognised))
         if self.open_mode or self._open_route(path):
-            return Identity(self.anonymous)
-        if key is not None:
+            return Identity(self.anonymous, key_headers=tuple(recognised))
+        if unknown:
             raise Unauthorized("invalid API key")
         if self.anonymous_allowed or path.startswith("/system/") or path == METRICS_PATH:
             return Identity(self.anonymous)
@@ -164,7 +182,7 @@ class TenantDirectory:
         tenant = self.anonymous if name == self.anonymous.name else self._by_name.get(name)
         if tenant is None:
             raise Unauthorized("a sub-request names an unknown tenant")
-        return Identity(tenant, key_header=INTERNAL_HEADER, internal=True)
+        return Identity(tenant, key_headers=(INTERNAL_HEADER,), internal=True)
 
     def authorize(self, identity: Identity, method: str, path: str, headers: Mapping[str, str]) -> None:
         """May `identity` call this route? Raises Unauthorized (anonymous) or Forbidden (a known caller

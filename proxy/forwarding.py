@@ -112,8 +112,9 @@ class Forwarder:
         """The header lines for the replica, in the client's order, then the proxy's own."""
         client = request.headers
         named = _connection_tokens(client) if "Connection" in client else set()
-        if ctx.identity is not None and ctx.identity.key_header is not None:
-            named.add(ctx.identity.key_header.lower())  # the proxy's API key stays with the proxy
+        if ctx.identity is not None:
+            for header in ctx.identity.key_headers:
+                named.add(header.lower())  # the proxy's API keys stay with the proxy
         headers: list[tuple[str, str]] = []
         for key, value in client.items():
             lower = key.lower()

@@ -147,6 +147,48 @@ async def test_metrics_behind_the_admin_key(aiohttp_client: Any, aiohttp_server:
     assert (await proxy.get("/healthz")).status == 200
 
 
+def test_a_key_in_either_header_identifies_and_neither_reaches_the_replica(tmp_path: Path) -> None:
+    """Clients may send both headers: the OpenAI SDK's placeholder in Authorization and the tenant's
+    key in X-API-Key, or a tenant's key beside an admin's. The real key identifies the caller, whichever
+    header holds it, and every key the proxy knows stays with the proxy (a replica, or ollama.com
+    behind it for a cloud model, never sees one). An unknown key is refused, not read as anonymous."""
+    from aiohttp import web
+
+    from tests.support.threaded import ThreadedApp
+
+    seen: list[dict[str, str]] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        if request.path == "/api/generate":  # not the health probes
+            seen.append(dict(request.headers))
+        return web.json_response({"model": "llama3.2", "response": "ok", "done": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    admin = "sk-admin-both"
+    with ThreadedApp(app) as upstream:
+        proxy = start_proxy(tmp_path, [upstream.url], {
+            "tenants": [{"name": "t", "keys": [TEAM]}], "admin": {"keys": [admin]},
+            "anonymous": {"allow": True, "keys": ["ollama"]}}, name="both")
+        body = {"model": "llama3.2", "prompt": "x", "stream": False}
+        try:
+            placeholder_and_key = {"Authorization": "Bearer ollama", "X-API-Key": TEAM}
+            key_and_admin = {"Authorization": f"Bearer {TEAM}", "X-API-Key": admin}
+            for headers in (placeholder_and_key, key_and_admin):
+                answer = httpx.post(f"{proxy.url}/api/generate", headers=headers, json=body)
+                assert answer.status_code == 200, answer.text
+            unknown = httpx.post(f"{proxy.url}/api/generate", json=body,
+                                 headers={"Authorization": "Bearer ollama", "X-API-Key": "sk-typo"})
+            assert unknown.status_code == 401
+        finally:
+            proxy.stop()
+    assert len(seen) == 2
+    assert all(k.lower() not in ("authorization", "x-api-key") for h in seen for k in h)
+    lines = [line for line in proxy.log().splitlines() if '"POST /api/generate" 200' in line]
+    assert len(lines) == 2 and all("tenant=t " in line for line in lines)
+    assert TEAM not in proxy.log() and admin not in proxy.log()
+
+
 def test_placeholder_keys_count_as_anonymous_when_allowed(tmp_path: Path) -> None:
     """The OpenAI SDK needs some api_key; `ollama` is what every Ollama guide tells people to pass."""
     import openai
