@@ -27,6 +27,7 @@ from .context import RequestContext
 from .errors import UpstreamConnectFailure
 from .fleet.client import FleetClient
 from .ollama import classify
+from .rendering import retry_headers
 from .upstreams import Upstream, UpstreamSet
 
 __all__ = ["REPLICA_HEADER", "RESULTS_HEADER", "FanOut", "fleet_scope"]
@@ -36,6 +37,8 @@ REPLICA_HEADER = "X-Ollama-Replica"
 RESULTS_HEADER = "X-Replica-Results"
 _JSON = "application/json; charset=utf-8"
 _READ_TIMEOUT_S = 10.0
+_RETRY_AFTER_S = 5.0
+"""A busy replica's 429 or 503 relayed without one: the forwarder's default wait."""
 
 
 def fleet_scope(method: str, path: str) -> str | None:
@@ -145,9 +148,14 @@ class FanOut:
                                 headers={"Content-Type": "application/json", RESULTS_HEADER: header})
         name, status, error = failures[0]
         ctx.status = status if status >= 400 else 502
+        headers = {"Content-Type": _JSON, RESULTS_HEADER: header}
+        if ctx.status in (429, 503):
+            # Every 429 and 503 the proxy sends says when to come back, as the forwarder's do (a
+            # replica's busy answer carries none).
+            headers.update(retry_headers(_RETRY_AFTER_S))
         return web.Response(status=ctx.status, body=orjson.dumps(
             {"error": f"{operation} failed on {name}: {error}", "replicas": results}),
-            headers={"Content-Type": _JSON, RESULTS_HEADER: header})
+            headers=headers)
 
     async def _manage_stream(self, request: web.Request, ctx: RequestContext,
                              live: Sequence[Upstream], skipped: dict[str, str]) -> web.StreamResponse:

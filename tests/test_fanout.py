@@ -117,3 +117,18 @@ def test_named_replica_and_skipped_replicas(fleet: tuple[Server, Server, Server]
     assert reply.json() == {"status": "success",
                             "replicas": {"a": "success", "b": "skipped: replica is ejected"}}
     assert names(proxy.url, ADMIN) == sorted(names(a.url))  # only a answers the merged list now
+
+
+def test_a_busy_fleet_answer_says_when_to_come_back(fleet: tuple[Server, Server, Server]) -> None:
+    """Replicas answering a management call with 503 (and no Retry-After): the merged answer keeps the
+    status and, like every 429 and 503 the proxy sends, carries Retry-After."""
+    a, b, proxy = fleet
+    for replica in (a, b):
+        httpx.post(f"{replica.url}/_emulator/faults", timeout=5,
+                   json={"status": 503, "paths": ["/api/pull", "/api/copy"]})
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for path, body in (("/api/pull", {"model": "llama3.2", "stream": False}),
+                       ("/api/copy", {"source": "llama3.2", "destination": "copy"})):
+        answer = httpx.post(f"{proxy.url}{path}", json=body, headers=admin, timeout=30)
+        assert answer.status_code == 503, answer.text
+        assert int(answer.headers["Retry-After"]) >= 1 and "replicas" in answer.json()
