@@ -22,7 +22,9 @@ the outcomes mean for a request; this module only keeps the shared books). Invar
 - Delivery: a grant for a ticket of the calling process is in the script's answer; one for another
   process is published on that process's channel and kept under `<base>:grant:<ticket>` for a TTL,
   which the owner's tick reads in case the message was lost. A grant whose ticket its owner no longer
-  waits for (the client left, the wait timed out) is released and refunded by the owner.
+  waits for (the client left, the wait timed out) is released and refunded by the owner. A grant to the
+  calling process is only in the script's answer, so the answer of `enter` and `leave` is read in a task
+  of its own whatever becomes of the caller: a client leaving mid-call cannot lose a slot until expiry.
 - Release: every lease is released on every path (`Ticket.release`, idempotent); a release that fails
   (Redis down) is retried by the loop when Redis answers again, and meanwhile the lease expires.
 
