@@ -94,13 +94,17 @@ def _digest(key: str) -> bytes:
 
 
 def _keys_from(headers: Mapping[str, str]) -> list[tuple[str, str]]:
-    """(header, key) for each header that carries a key, Authorization's first."""
+    """(header, key) for every line of either header that carries a key, Authorization's first (every
+    line: a key on a second line is a key too, and must not reach the replica). Empty values are no key
+    (SDKs send `X-Api-Key:` with an empty api_key)."""
+    getall = getattr(headers, "getall", None)
     keys = []
-    authorization = headers.get("Authorization", "")
-    if authorization[:7].lower() == "bearer ":
-        keys.append(("Authorization", authorization[7:].strip()))
-    if "X-API-Key" in headers:
-        keys.append(("X-API-Key", headers["X-API-Key"].strip()))
+    for line in getall("Authorization", ()) if getall else [headers.get("Authorization", "")]:
+        if line[:7].lower() == "bearer " and (key := line[7:].strip()):
+            keys.append(("Authorization", key))
+    for line in getall("X-API-Key", ()) if getall else [headers.get("X-API-Key", "")]:
+        if key := line.strip():
+            keys.append(("X-API-Key", key))
     return keys
 
 
@@ -164,9 +168,9 @@ class TenantDirectory:
             else:
                 unknown = True
         if caller is not None:
-            return attrs.evolve(caller, key_headers=tuple(recognised))
-        if placeholder and not unknown:
-            return Identity(self.anonymous, key_headers=tuple(recognised))
+            return attrs.evolve(caller, key_headers=tuple(dict.fromkeys(recognised)))
+        if placeholder:  # beside it, an unknown key is someone else's (forwarded), as with one header
+            return Identity(self.anonymous, key_headers=tuple(dict.fromkeys(recognised)))
         if self.open_mode or self._open_route(path):
             return Identity(self.anonymous, key_headers=tuple(recognised))
         if unknown:

@@ -107,8 +107,9 @@ class Exchange:
     sent: bool = False
     """This attempt's request reached a replica (its head was written): the replica may be working."""
     abandoned: bool = False
-    """The client left after its request reached a replica and before the first byte came back: the
-    replica worked (prompt evaluation, at least) for nobody, and the prompt is charged."""
+    """Given up after the request reached a replica and before the first byte came back (the client
+    left, or the request's deadline passed): the replica worked (prompt evaluation, at least) for
+    nobody, and the prompt is charged."""
 
     def mark_sent(self) -> None:
         self.sent = True
@@ -169,7 +170,8 @@ class RequestContext:
     def served_tokens(self) -> int:
         """Tokens the request was served, what quotas and the fair queue settle by: 0 when nothing came
         back (refused, failed, or the client left before its request reached a replica), except the
-        prompt when the client left after it did (`Exchange.abandoned`: otherwise leaving just before
+        prompt when the client left, or its deadline passed, after it did (`Exchange.abandoned`:
+        otherwise leaving, or a deadline lowered with X-Deadline-S, just before
         the first byte, again and again, would make the fleet evaluate prompts for free and keep the
         tenant first in the fair queue); Ollama's counts from a response that ended; else (cut short,
         or no counts) the prompt plus, on routes that generate, one token per record relayed, and never

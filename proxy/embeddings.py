@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ import attrs
 import orjson
 from aiohttp import web
 
-from .ollama import EMBED_PATH, EMBEDDINGS_PATH, OPENAI_EMBEDDINGS_PATH
+from .ollama import EMBED_PATH, EMBEDDINGS_PATH, OPENAI_EMBEDDINGS_PATH, Usage
 
 if TYPE_CHECKING:
     from .context import RequestContext
@@ -238,8 +239,16 @@ def render(ask: Ask, vectors: Sequence[bytes], tokens: int,
 def respond(ctx: RequestContext, body: bytes, content_type: str) -> web.Response:
     """A plugin's own 200 answer, made as the forwarder makes a relayed one: `ctx.status` set and the
     response observers already attached (by plugins earlier in the chain: embed_cache's, when
-    embed_batch answers) fed the body and so able to keep what they need of it."""
+    embed_batch answers) fed the body and so able to keep what they need of it. The exchange counts as
+    answered in full, so quotas and the fair queue settle the caller by the `usage` the plugin set
+    (its share of a batch, the misses it paid for), and by nothing when it set none (all from cache)."""
     ctx.status = 200
+    exchange = ctx.exchange
+    if exchange.first_byte_at is None:
+        exchange.first_byte_at = time.monotonic()
+    exchange.complete = True
+    if exchange.usage is None:
+        exchange.usage = Usage(input_tokens=0, output_tokens=0)
     for observer in list(ctx.observers):
         try:
             observer.feed(body)

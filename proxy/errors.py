@@ -109,6 +109,11 @@ class UpstreamResponseTimeout(ProxyError):
     code = "upstream_response_timeout"
 
 
+class DeadlinePassed(UpstreamResponseTimeout):
+    """The request's own deadline (`deadline_s`, or lower by `X-Deadline-S`) passed before the first
+    byte: the same answer, but not the replica's failure (quotas charge a prompt it was sent)."""
+
+
 class InternalProxyError(ProxyError):
     """An unexpected failure inside the proxy; details go to the log and the span only."""
 

@@ -36,6 +36,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from .access import INTERNAL_HEADER
 from .context import CONTEXT, RequestContext
 from .errors import (
+    DeadlinePassed,
     MalformedBody,
     ProxyError,
     RequestTimeout,
@@ -194,11 +195,13 @@ class Forwarder:
         started = time.monotonic()
         try:
             return await self._exchange(request, ctx, upstream, span, started)
-        except asyncio.CancelledError:
-            # The client left (or the stop sequence ended the request: not the client's doing). Sent
-            # and unanswered: the replica worked for it, and quotas and the fair queue charge the prompt.
+        except (asyncio.CancelledError, DeadlinePassed) as exc:
+            # The client left, or its request's deadline passed (not the stop sequence's doing, nor a
+            # replica too slow for its first-byte timeout). Sent and unanswered: the replica worked
+            # for it, and quotas and the fair queue charge the prompt.
             if (exchange.sent and exchange.first_byte_at is None
-                    and not (self.stop is not None and self.stop.ending(ctx.request_id))):
+                    and not (isinstance(exc, asyncio.CancelledError) and self.stop is not None
+                             and self.stop.ending(ctx.request_id))):
                 exchange.abandoned = True
             raise
         finally:
@@ -301,10 +304,12 @@ class Forwarder:
                     await self._fail_mid_stream(request, response, ctx, ShuttingDown.code, message)
                 else:
                     # Which limit the timer was set for, not the clock: asyncio may fire it a hair early.
+                    deadline = timer.when() == hard_stop
                     reason = (f"the request's deadline of {ctx.service_limits.get('deadline_s')}s passed"
-                              if timer.when() == hard_stop else f"upstream sent nothing for {idle:g}s")
+                              if deadline else f"upstream sent nothing for {idle:g}s")
                     if not response.prepared:
-                        raise UpstreamResponseTimeout(f"{reason} (upstream {upstream.name})") from None
+                        raise (DeadlinePassed if deadline else UpstreamResponseTimeout)(
+                            f"{reason} (upstream {upstream.name})") from None
                     await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout",
                                                 reason)
             except ConnectionError as exc:

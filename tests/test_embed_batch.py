@@ -243,3 +243,34 @@ def test_batches_are_bounded_in_inputs_and_bytes(tmp_path: Path, emulator: Serve
         assert _calls(emulator) == calls + 3
     finally:
         proxy.stop()
+
+
+def test_batched_requests_are_charged_their_share_by_quotas(tmp_path: Path, emulator: Server) -> None:
+    """The plugin answers a batched request itself: quotas settle its reservation with its share of
+    the batch's tokens, as for a request answered by a replica (not a refund: batching is no way
+    around tokens_per_minute)."""
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "admin": {"keys": ["sk-batch-admin"]},
+        # 600 a minute refills 10 a second: slow enough to see the charge.
+        "tenants": [{"name": "meter", "keys": ["sk-batch-meter"], "tokens_per_minute": 600},
+                    {"name": "system", "keys": ["sk-batch-system"]}],
+        "plugins": [{"name": "embed_batch", "window_s": 0.5, "tenant": "system"}]}, name="charged")
+    try:
+        async def send() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                return await asyncio.gather(*(client.post(
+                    f"{proxy.url}/api/embed", headers={"Authorization": "Bearer sk-batch-meter"},
+                    json={"model": MODEL, "input": " ".join(["word"] * 25) + f" {i}"})
+                    for i in range(4)))
+
+        replies = asyncio.run(send())
+        assert [r.status_code for r in replies] == [200] * 4, [r.text for r in replies]
+        assert all(r.headers.get("X-Embed-Batch") == "requests=4" for r in replies)
+        shares = sum(int(r.json()["prompt_eval_count"]) for r in replies)
+        quotas = httpx.get(f"{proxy.url}/system/quotas",
+                           headers={"Authorization": "Bearer sk-batch-admin"}).json()
+        charged = 600 - float(quotas["tenants"]["meter"]["tokens_per_minute"]["remaining"])
+        # The shares, less what refilled since (10 a second; a loaded machine may take a few).
+        assert shares - 50 <= charged <= shares + 1, (shares, charged)
+    finally:
+        proxy.stop()

@@ -173,6 +173,25 @@ async def test_client_gone_after_its_request_reached_a_replica_pays_its_prompt(
         await asyncio.to_thread(slow.stop)
 
 
+async def test_a_deadline_passed_after_the_request_reached_a_replica_pays_its_prompt(
+        tmp: Path, emulator: Server) -> None:
+    """The same for a request whose deadline passed before the first byte (504): lowering it with
+    X-Deadline-S is no way around the charge either."""
+    slow = await asyncio.to_thread(start_emulator, tmp, fixed_clock=False, load_s=2.0, name="cold")
+    proxy = await asyncio.to_thread(start_proxy, tmp, [slow.url], {
+        "admin": {"keys": [ADMIN]}, "tenants": [*TENANTS, PROMPT_TENANT]}, name="deadline")
+    try:
+        body = {"model": "llama3.2", "prompt": LONG_PROMPT, "options": {"num_predict": 200}}
+        async with aiohttp.ClientSession(headers=_auth(PROMPT_KEY)) as session, session.post(
+                f"{proxy.url}/api/generate", json=body, headers={"X-Deadline-S": "0.5"}) as response:
+            assert response.status == 504
+        remaining = float(_quotas(proxy)["prompt"]["tokens_per_minute"]["remaining"])
+        assert 60 <= 400 - remaining <= 200, remaining  # the prompt (~150), not the 200 reserved
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        await asyncio.to_thread(slow.stop)
+
+
 async def test_client_gone_before_its_request_reached_a_replica_gets_everything_back(
         tmp: Path, emulator: Server) -> None:
     """Left while queued for the replica's one slot: nothing was asked of the replica, nothing is

@@ -289,3 +289,41 @@ def test_clients_that_leave_during_the_admission_round_trip_leave_no_slot_taken(
     finally:
         proxy.stop()
         upstream.stop()
+
+
+async def test_a_given_up_admission_is_given_back_even_when_the_process_stops(
+        redis_server: RedisServer) -> None:
+    """The client leaves while the slot script is in flight, and the process stops before Redis
+    answers: stopping waits (one Redis timeout) for the answer, so the slot it granted is released, not
+    left taken for every process until its lease expires."""
+    from proxy.state.failover import FailoverState
+    from proxy.state.leases import SharedSlots, Ticket
+    from proxy.state.redis import RedisState
+
+    failover = FailoverState(RedisState(redis_server.url, "closing:"), timeout_s=2.0)
+    await failover.start()
+    slots = SharedSlots(failover, redis_server.url, "closing:", 15.0)
+    await slots.start()
+    try:
+        # Once through, so the script is loaded in Redis: the call below is one round trip.
+        warm = Ticket(slots, slots.base(MODEL), "a", 1.0, "interactive", 10.0)
+        assert await slots.enter(warm, [("r", 1)], False) is not None
+        await slots.release(warm, 0.0)
+        ticket = Ticket(slots, slots.base(MODEL), "a", 1.0, "interactive", 10.0)
+        redis_server.pause()  # the script is sent; its answer comes once Redis runs again
+        entering = asyncio.ensure_future(slots.enter(ticket, [("r", 1)], False))
+        await asyncio.sleep(0.05)
+        entering.cancel()  # the client leaves
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(slots.close())  # the process stops
+        await asyncio.sleep(0.05)
+        redis_server.resume()
+        await closing
+    finally:
+        redis_server.resume()
+        await failover.close()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        assert sum(int(client.zcard(k)) for k in client.scan_iter("closing:slots:*:lease:*")) == 0
+    finally:
+        client.close()

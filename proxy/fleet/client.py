@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..errors import (
+    DeadlinePassed,
     InvalidRequest,
     ProxyError,
     UpstreamConnectFailure,
@@ -148,7 +149,7 @@ class FleetClient:
                 raise
         except TimeoutError:
             if remaining_s < first_byte_s:
-                raise UpstreamResponseTimeout(
+                raise DeadlinePassed(
                     f"the request's deadline of {deadline_label}s passed "
                     "before the upstream answered") from None
             raise UpstreamResponseTimeout(

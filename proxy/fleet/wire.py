@@ -133,9 +133,11 @@ class WireResponse:
         self.headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
         if self._skip:
             # A HEAD answer ends with its head: nothing more may come on the connection (bytes that
-            # do close it: data_received), and the next request starts a parser of its own, so the
-            # connection is reusable when the head says keep-alive. Not when it announced a body to
-            # be ended by the close (no length, not chunked): llhttp then says not keep-alive.
+            # do while it is idle close it: data_received), and the next request starts a parser of
+            # its own, so the connection is reusable when the head says keep-alive, as Go's and
+            # aiohttp's clients reuse it. Not when it announced a body to be ended by the close (no
+            # length, not chunked): llhttp then says not keep-alive. (A replica that sends a body
+            # after a HEAD head anyway breaks HTTP; the replicas are the operator's, not a client's.)
             self._done = True
             self._keep_alive = connection.parser.should_keep_alive()
         if not self.head.done():

@@ -397,6 +397,12 @@ class SharedSlots:
         self._loops = [loop.create_task(self._listen()), loop.create_task(self._maintain())]
 
     async def close(self) -> None:
+        """Stop the loops; bookkeeping still under way (releases, a given-up enter's answer) gets one
+        Redis timeout to finish first, so a slot it would give back is not left until its lease expires."""
+        for task in self._loops:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.failover.timeout_s * 2)
         for task in [*self._loops, *self._tasks]:
             task.cancel()
         for task in [*self._loops, *self._tasks]:
