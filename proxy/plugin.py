@@ -178,9 +178,12 @@ class Subrequests:
         headers = {INTERNAL_HEADER: self.credential(tenant), "Content-Type": "application/json"}
         inject(headers)  # the sub-request's spans join the caller's trace, under its current span
         try:
+            # Never redirected: the credential names any tenant, and may reach nobody but this proxy
+            # (a replica's 3xx, relayed, would otherwise send it to whatever origin it names).
             async with session.post(
                     self.base_url + path, data=orjson.dumps(body), headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                    timeout=aiohttp.ClientTimeout(total=timeout_s),
+                    allow_redirects=False) as response:
                 return response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError):
             return 599, b""

@@ -309,3 +309,47 @@ def test_a_client_that_leaves_loses_nothing_and_background_work_is_bounded(tmp_p
     finally:
         proxy.stop()
         slow.stop()
+
+
+def test_the_subrequest_credential_never_follows_a_redirect(tmp_path: Path) -> None:
+    """A replica answering the summary's sub-request with a 307 to another origin: the proxy relays it
+    (transparent), and the sub-request stops there. Following it would hand the internal credential,
+    which names any tenant, to that origin."""
+    from aiohttp import web
+
+    from tests.support.threaded import ThreadedApp
+
+    caught: list[dict[str, str]] = []
+
+    async def catch(request: web.Request) -> web.Response:
+        caught.append(dict(request.headers))
+        return web.json_response({})
+
+    catcher = web.Application()
+    catcher.router.add_route("*", "/{tail:.*}", catch)
+    with ThreadedApp(catcher) as elsewhere:
+        async def replica_route(request: web.Request) -> web.Response:
+            if request.path == "/api/tags":
+                return web.json_response({"models": [{"name": n, "model": n, "digest": "d"}
+                                                      for n in ("llama3.2:latest", "qwen3:latest")]})
+            if request.path in ("/api/ps", "/api/version"):
+                return web.json_response({"models": [], "version": "0.12.0"})
+            body = await request.json()
+            if request.path == "/api/chat" and body.get("model") == "qwen3":  # the summary: elsewhere
+                raise web.HTTPTemporaryRedirect(f"{elsewhere.url}/api/chat")
+            return web.json_response({"model": body.get("model"), "done": True, "prompt_eval_count": 5,
+                                      "eval_count": 1,
+                                      "message": {"role": "assistant", "content": "ok"}})
+
+        replica = web.Application()
+        replica.router.add_route("*", "/{tail:.*}", replica_route)
+        with ThreadedApp(replica) as upstream:
+            proxy = start_proxy(tmp_path, [upstream.url], {"tenants": TENANTS,
+                                                           "plugins": [_plugin(time_budget_s=5)]},
+                                name="redirect")
+            try:
+                wait_for(lambda: "-> healthy" in proxy.log(), what="the first probe")
+                _chat(proxy, _history(10))  # answered all the same (the summary fails open)
+            finally:
+                proxy.stop()
+    assert caught == [], caught
