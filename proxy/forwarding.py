@@ -94,6 +94,13 @@ class _RelayResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
+def _reason(phrase: str) -> str | None:
+    """The replica's reason phrase, relayed when it is printable ASCII (HTTP allows more, aiohttp
+    refuses control characters and the head would fail after the replica did the work); else None:
+    the standard phrase of the status."""
+    return phrase if phrase.isascii() and phrase.isprintable() else None
+
+
 class Forwarder:
     """Relays requests to the replica the chain chose, over the fleet client's connections."""
 
@@ -249,7 +256,7 @@ class Forwarder:
             for name, value in retry_headers(wait_s).items():
                 headers.setdefault(name, value)
         response = _RelayResponse(status=upstream_response.status,
-                                  reason=upstream_response.reason, headers=headers)
+                                  reason=_reason(upstream_response.reason), headers=headers)
         length = upstream_response.headers.get("Content-Length")
         if length is not None:
             response.content_length = int(length)

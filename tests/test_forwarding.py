@@ -294,3 +294,38 @@ def test_credentials_in_the_replica_url_are_sent(tmp: Path) -> None:
             assert seen["authorization"] == "Basic b3BzOnMzY3JldA=="  # base64("ops:s3cret")
         finally:
             proxy.stop()
+
+
+async def test_a_reason_phrase_with_control_characters_is_replaced_not_a_500(tmp: Path) -> None:
+    """HTTP allows more in a reason phrase than aiohttp sends: a replica's `200 O\\x01K` is relayed
+    as 200 with the standard phrase and the body, not turned into a 500 after the replica's work."""
+    body = b'{"model":"m","response":"hi","done":true}'
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                path = head.split(b" ")[1]
+                payload = b'{"models":[],"version":"0.12.0"}' if path != b"/api/generate" else body
+                writer.write(b"HTTP/1.1 200 O\x01K\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%b" % (len(payload), payload))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await asyncio.to_thread(start_proxy, tmp, [f"http://127.0.0.1:{port}"], name="reason")
+    try:
+        async with aiohttp.ClientSession() as session, session.post(
+                f"{proxy.url}/api/generate", json={"model": "m", "prompt": "x", "stream": False}
+        ) as response:
+            assert response.status == 200 and response.reason == "OK"
+            assert await response.read() == body
+        assert "Traceback" not in proxy.log()
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        server.close()
