@@ -287,7 +287,12 @@ class QuotasStep(Step):
                 # One round trip per batch (a Redis pipeline), not one per lease: 10,000 open streams
                 # renew within the round.
                 with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
-                    await self.state.renew_many(held[start:start + _RENEW_BATCH], ttl)
+                    await self.state.renew_many(held[start:start + _RENEW_BATCH], ttl,
+                                                held=self._still_held)
+
+    def _still_held(self, lease_key: str, holder: str) -> bool:
+        del lease_key
+        return holder in self._held
 
     async def _release_lease(self, tenant: Tenant, lease_key: str, holder: str) -> None:
         try:

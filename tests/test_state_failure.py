@@ -534,3 +534,44 @@ async def test_stopping_lets_a_settle_in_flight_finish(tmp: Path, emulator: Serv
     assert "state degraded" not in log and "Traceback" not in log, log[-3000:]
     leases = redis.Redis(port=redis_server.port).zcard("stop-settle:lease:inflight:team")
     assert leases == 0
+
+
+async def test_a_renewal_never_brings_back_a_lease_given_back_meanwhile(
+        redis_server: RedisServer) -> None:
+    """Leases taken in this process while Redis was down are renewed one by one once it is back (each
+    moves into Redis). A request that ends during that round gives its lease back: the renewal that
+    follows must not add it to Redis again, where it would count against max_concurrent until it
+    expired (found by an attack: 16 leases in Redis for 13 live streams)."""
+    state = FailoverState(RedisState(redis_server.url, "renew-race:"), timeout_s=0.3,
+                          retry_interval_s=0.2)
+    check = redis.asyncio.Redis(port=redis_server.port)
+    held = {"a", "b", "c"}
+    try:
+        await state.start()
+        redis_server.pause()
+        for holder in sorted(held):  # the first call finds Redis frozen; all three are local
+            assert (await state.lease("inflight:team", 10, holder, 30))[0]
+        assert state.degraded
+        redis_server.resume()
+        deadline = time.monotonic() + 10
+        while state.degraded:
+            assert time.monotonic() < deadline, "Redis never came back for the breaker"
+            await asyncio.sleep(0.05)
+
+        released: list[asyncio.Task[None]] = []
+
+        def still_held(key: str, holder: str) -> bool:
+            if holder == "a":  # b's request ends while a's renewal is out: its lease goes back
+                held.discard("b")
+                released.append(asyncio.ensure_future(state.release(key, "b")))
+            return holder in held
+
+        leases = [("inflight:team", h) for h in ("a", "b", "c")]
+        await state.renew_many(leases, 30, held=still_held)
+        await asyncio.gather(*released)
+        members = {m.decode() for m in await check.zrange("renew-race:lease:inflight:team", 0, -1)}
+        assert members == {"a", "c"}
+    finally:
+        redis_server.resume()
+        await check.aclose()
+        await state.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -126,10 +126,14 @@ class StateBackend(ABC):
         if lease is not None:
             await self.release(lease.key, lease.holder)
 
-    async def renew_many(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
-        """`renew` every (key, holder); Redis sends them in one pipeline."""
+    async def renew_many(self, leases: Sequence[tuple[str, str]], ttl_s: float,
+                         held: Callable[[str, str], bool] | None = None) -> None:
+        """`renew` every (key, holder); Redis sends them in one pipeline. `held(key, holder)`, asked
+        right before each renewal is sent, leaves out a lease released since the list was made: a
+        renewal re-adds a lease Redis lost, and must not re-add one given back."""
         for key, holder in leases:
-            await self.renew(key, holder, ttl_s)
+            if held is None or held(key, holder):
+                await self.renew(key, holder, ttl_s)
 
     async def settle(self, lease: tuple[str, str] | None, adjustments: Sequence[BucketAsk]) -> None:
         """Release the lease (key, holder) and add each adjustment's `amount` to its bucket, without

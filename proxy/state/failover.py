@@ -271,13 +271,17 @@ class FailoverState(StateBackend):
             self._local_leases.add((lease.key, lease.holder))
         return admission
 
-    async def renew_many(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+    async def renew_many(self, leases: Sequence[tuple[str, str]], ttl_s: float,
+                         held: Callable[[str, str], bool] | None = None) -> None:
         if not self.degraded and not any(pair in self._local_leases for pair in leases):
             with contextlib.suppress(_Down):
-                await self._remote("renew", lambda: self.remote.renew_many(leases, ttl_s))
+                await self._remote("renew", lambda: self.remote.renew_many(leases, ttl_s, held))
                 return
         for key, holder in leases:  # each with the moves between local and Redis of `renew`
-            await self.renew(key, holder, ttl_s)
+            # One round trip each: a request may end meanwhile, and its released lease must not be
+            # re-added by a renewal sent after (it would count against max_concurrent until expiry).
+            if held is None or held(key, holder):
+                await self.renew(key, holder, ttl_s)
 
     async def settle(self, lease: tuple[str, str] | None, adjustments: Sequence[BucketAsk]) -> None:
         local = lease is not None and lease in self._local_leases

@@ -14,7 +14,7 @@ means.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .base import Admission, BucketAsk, BucketResult, LeaseAsk, StateBackend
@@ -226,7 +226,10 @@ class RedisState(StateBackend):
     async def renew(self, key: str, holder: str, ttl_s: float) -> None:
         await self._renew(keys=[self._key("lease", key)], args=[holder, int(ttl_s * 1000)])
 
-    async def renew_many(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+    async def renew_many(self, leases: Sequence[tuple[str, str]], ttl_s: float,
+                         held: Callable[[str, str], bool] | None = None) -> None:
+        if held is not None:
+            leases = [(key, holder) for key, holder in leases if held(key, holder)]
         if not leases:
             return
         await _all([self._renew(keys=[self._key("lease", key)], args=[holder, int(ttl_s * 1000)])
