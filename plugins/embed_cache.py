@@ -75,6 +75,12 @@ class EmbedCacheConfig(PluginConfig):
     own reservation is refunded)."""
     timeout_s: float = attrs.field(default=120.0, validator=_positive)
     """Bound on the sub-request for the misses; past it the request goes upstream whole."""
+    cache_scope: str = attrs.field(default="tenant",
+                                   validator=attrs.validators.in_(("tenant", "shared")))
+    """`tenant`: a tenant's vectors serve that tenant alone, so nobody learns from a hit (its header,
+    or how fast it came) what another tenant sent. `shared`: every tenant's requests use the same
+    entries (a corpus every team embeds is embedded once); a hit then tells a tenant that someone sent that
+    text before."""
 
 
 class MemoryStore:
@@ -248,10 +254,11 @@ class EmbedCache(Plugin):
             await self.redis.close()
 
     @staticmethod
-    def key(ask: Ask, digest: str, text: str) -> bytes:
-        """What a vector is keyed by: nothing a client sends is kept in clear."""
-        material = b"\0".join((ask.kind.encode(), ask.model.encode(), digest.encode(), ask.variant,
-                               text.encode("utf-8", "surrogatepass")))
+    def key(ask: Ask, digest: str, text: str, scope: str = "") -> bytes:
+        """What a vector is keyed by: nothing a client sends is kept in clear. `scope`: the tenant
+        under `cache_scope: tenant`, empty when shared."""
+        material = b"\0".join((scope.encode(), ask.kind.encode(), ask.model.encode(), digest.encode(),
+                               ask.variant, text.encode("utf-8", "surrogatepass")))
         return hashlib.sha256(material).digest()
 
     async def lookup(self, keys: list[bytes]) -> dict[bytes, tuple[bytes, int]]:
@@ -294,7 +301,8 @@ class EmbedCache(Plugin):
             decide("no_digest")  # a vector we could not tell from a re-pulled model's: not cached
             return None
         started = time.monotonic()
-        keys = [self.key(ask, digest, text) for text in ask.inputs]
+        scope = ctx.tenant.name if self.config.cache_scope == "tenant" else ""
+        keys = [self.key(ask, digest, text, scope) for text in ask.inputs]
         found = await self.lookup(list(dict.fromkeys(keys)))
         hits = sum(1 for key in keys if key in found)
         misses = len(keys) - hits

@@ -89,6 +89,12 @@ class SummarizeHistoryConfig(PluginConfig):
     """A Redis shared by proxy replicas for the summaries; when it fails, memory alone serves."""
     redis_ttl_s: int = attrs.field(default=86400, validator=positive)
     """How long a summary lives in Redis."""
+    cache_scope: str = attrs.field(default="tenant",
+                                   validator=attrs.validators.in_(("tenant", "shared")))
+    """`tenant`: a tenant's summaries serve that tenant alone, so nobody learns from a hit (its header,
+    or how fast it came) what another tenant sent. `shared`: every tenant's requests use the same
+    entries (the same conversation summarized once for all); a hit then tells a tenant that someone sent that
+    text before."""
 
 
 class SummaryStore:
@@ -225,6 +231,13 @@ class SummarizeHistory(Plugin):
         decide(await self.fit(ctx, body, tokenizer, budget) or "kept")
         return None
 
+    def _prefix(self, ctx: RequestContext) -> str:
+        """The key prefix of `ctx`'s summaries: the summarizer's, and the tenant's under
+        `cache_scope: tenant` (hashed: the key names no tenant in clear)."""
+        if self.config.cache_scope != "tenant":
+            return self.key_prefix
+        return self.key_prefix + hashlib.sha256(ctx.tenant.name.encode()).hexdigest()[:16] + ":"
+
     async def fit(self, ctx: RequestContext, body: dict[str, Any], tokenizer: Tokenizer,
                   budget: int) -> str | None:
         """Make `ctx`'s prompt fit `budget` tokens with a summary (else a trim), rewriting the body with
@@ -252,7 +265,8 @@ class SummarizeHistory(Plugin):
         fixed = before - sum(message_tokens(m, tokenizer.count) for m in messages)
         if summarized:
             texts = [_transcript_line(messages[g.start]) for g in summarized]
-            keys = [self.key_prefix + h for h in chain_hashes([messages[g.start] for g in summarized])]
+            prefix = self._prefix(ctx)
+            keys = [prefix + h for h in chain_hashes([messages[g.start] for g in summarized])]
             role = "user" if ctx.route.dialect == "anthropic" else "system"
 
             def render(count: int, summary: str) -> tuple[dict[str, Any], int]:
@@ -295,7 +309,7 @@ class SummarizeHistory(Plugin):
         prompt: str = body["prompt"]
         front, tail = split_tail(prompt, self.config.generate_tail_tokens, tokenizer.count)
         if front:
-            keys = [self.key_prefix + h for h in chain_hashes([{"prompt": front}])]
+            keys = [self._prefix(ctx) + h for h in chain_hashes([{"prompt": front}])]
 
             def render(summary: str) -> tuple[dict[str, Any], int]:
                 new_body = {**body, "prompt": f"{GENERATE_PREFIX}{summary}\n\n{tail}"}

@@ -26,7 +26,7 @@ from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, start_emulator, start_proxy
 
 MODEL = "nomic-embed-text"
-TEAM, SYSTEM = "sk-embed-team", "sk-embed-system"
+TEAM, SYSTEM, RIVAL = "sk-embed-team", "sk-embed-system", "sk-embed-rival"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def _proxy(tmp: Path, emulator: Server, name: str, **plugin: Any) -> Server:
     return start_proxy(tmp, [emulator.url], {
         "tenants": [{"name": "team", "keys": [TEAM], "tokens_per_minute": 1_000_000},
-                    {"name": "system", "keys": [SYSTEM]}],
+                    {"name": "rival", "keys": [RIVAL]}, {"name": "system", "keys": [SYSTEM]}],
         "chain": {"health": {"probe_interval_s": 0.5}},
         # limits pins num_ctx (part of the key) to the loaded context once it sees the model loaded;
         # a configured value keeps it the same from the first request on.
@@ -291,3 +291,25 @@ def test_config_is_validated_with_the_key_path() -> None:
         structure_plugins([{"name": "embed_cache"}, {"name": "embed_batch", "window_s": 5}])
     with pytest.raises(PluginError, match=r"plugins\[0\]: unknown key\(s\) ttl"):
         structure_plugins([{"name": "embed_batch", "ttl": 5}])
+
+
+@pytest.mark.parametrize("scope", ["tenant", "shared"])
+def test_a_tenant_learns_nothing_from_another_tenants_vectors(tmp_path: Path, emulator: Server,
+                                                              scope: str) -> None:
+    """`cache_scope: tenant` (the default): what one tenant embedded is no hit for another, so a hit
+    (its header, or its speed) cannot tell a tenant what another sent. `shared` is the operator's
+    choice for a corpus every team embeds: then it is."""
+    proxy = _proxy(tmp_path, emulator, f"scope-{scope}", **({"cache_scope": "shared"}
+                                                            if scope == "shared" else {}))
+    try:
+        _warm(proxy)
+        secret = {"model": MODEL, "input": "the merger closes on friday"}
+        assert _post(proxy, "/api/embed", secret).headers["x-embed-cache"] == "hits=0; misses=1"
+        assert _post(proxy, "/api/embed", secret).headers["x-embed-cache"] == "hits=1; misses=0"
+        probe = httpx.post(f"{proxy.url}/api/embed", json=secret, timeout=30,
+                           headers={"Authorization": f"Bearer {RIVAL}"})
+        assert probe.status_code == 200
+        assert probe.headers["x-embed-cache"] == ("hits=0; misses=1" if scope == "tenant"
+                                                  else "hits=1; misses=0")
+    finally:
+        proxy.stop()

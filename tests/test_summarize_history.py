@@ -353,3 +353,23 @@ def test_the_subrequest_credential_never_follows_a_redirect(tmp_path: Path) -> N
             finally:
                 proxy.stop()
     assert caught == [], caught
+
+
+def test_a_tenant_gets_no_summary_another_tenant_paid_for(tmp_path: Path, emulator: Server) -> None:
+    """Summaries are kept per tenant (`cache_scope: tenant`, the default): a conversation another
+    tenant sent is no cache hit, so `cached=1` (or a fast answer) cannot tell anyone what it held."""
+    rival = "sk-summary-rival"
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "tenants": [*TENANTS, {"name": "rival", "keys": [rival]}], "plugins": [_plugin()]},
+        name="scoped")
+    try:
+        messages = _history(10)
+        assert _header(_chat(proxy, messages), "x-history-summarized")["cached"] == 0
+        assert _header(_chat(proxy, messages), "x-history-summarized")["cached"] == 1
+        other = httpx.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {rival}"},
+                           timeout=60, json={"model": "llama3.2", "messages": messages,
+                                             "stream": False, "options": {"num_predict": 1}})
+        assert other.status_code == 200, other.text
+        assert _header(other, "x-history-summarized")["cached"] == 0
+    finally:
+        proxy.stop()
