@@ -11,6 +11,7 @@ is exact; against other templates it differs by a few tokens per message (tests/
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -48,12 +49,54 @@ class PromptCount:
     largest: int
 
 
-def _text(content: Any) -> str:
+_PART_TEXT = ("text", "thinking", "output", "arguments", "refusal")
+"""Content-part fields whose string Ollama renders into the prompt: text blocks, Anthropic `thinking`,
+Responses `function_call_output.output` and `function_call.arguments`, OpenAI `refusal`."""
+
+
+def _field(item: dict[str, Any], key: str) -> Any:
+    """`item[key]`, the key matched without regard to case when it is not there as written: Go's JSON
+    decoder fills struct fields so, and a prompt must not escape counting by its spelling."""
+    value = item.get(key)
+    if value is None and item:
+        for name, candidate in item.items():
+            if name.lower() == key:
+                return candidate
+    return value
+
+
+def _part_text(part: dict[str, Any], depth: int = 0) -> str:
+    """What one content part (or a Responses item without `content`) puts into the prompt: its text
+    fields, a tool result's own content, a tool call's input (as JSON). Images are not text."""
+    pieces = [value for key in _PART_TEXT if isinstance(value := _field(part, key), str)]
+    inner = _field(part, "content")  # Anthropic tool_result: a string or blocks
+    if inner is not None:
+        pieces.append(_text(inner, depth + 1))
+    arguments = _field(part, "input")  # Anthropic tool_use
+    if isinstance(arguments, dict):
+        pieces.append(_json_text(arguments))
+    return "".join(pieces)
+
+
+def _text(content: Any, depth: int = 0) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list):  # OpenAI / Anthropic content parts
-        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return ""
+    if not isinstance(content, list) or depth > 8:  # nesting bounded: a body may nest 1,000 deep
+        return ""
+    pieces = []
+    for part in content:  # OpenAI / Anthropic content parts
+        if isinstance(part, dict):
+            pieces.append(_part_text(part, depth))
+        elif isinstance(part, str):
+            pieces.append(part)
+    return "".join(pieces)
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    """A chat message's text: its content (case as Go reads it), or, for a Responses item without one
+    (function_call, function_call_output), the item's own text fields."""
+    content = _field(message, "content")
+    return _text(content) if content is not None else _part_text(message)
 
 
 def _json_text(value: Any) -> str:
@@ -75,6 +118,11 @@ def _messages(route: RouteInfo, body: dict[str, Any]) -> list[dict[str, Any]] | 
     if system:
         out = [{"role": "system", "content": _text(system)}, *out]
     return out
+
+
+def _message_tokens(message: dict[str, Any], count: Callable[[str], int]) -> int:
+    return (_MESSAGE_OVERHEAD + count(_message_text(message))
+            + count(_json_text(_field(message, "tool_calls"))))
 
 
 def _inputs(route: RouteInfo, body: dict[str, Any]) -> list[str]:
@@ -99,8 +147,7 @@ def count_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer,
         messages = _messages(route, body)
         if messages is None:
             return None
-        total = _CHAT_FRAME + sum(_MESSAGE_OVERHEAD + count(_text(m.get("content")))
-                                  + count(_json_text(m.get("tool_calls"))) for m in messages)
+        total = _CHAT_FRAME + sum(_message_tokens(m, count) for m in messages)
         total += count(_json_text(body.get("tools")))  # tool schemas are rendered into the prompt
         return PromptCount(total, total)
     if shape == "generate":
@@ -163,19 +210,26 @@ def truncate_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer
         messages = body.get("messages")
         if not isinstance(messages, list):
             return None
-        kept = list(messages)
-        dropped = 0
-        while True:
-            current = count_prompt(route, {**body, "messages": kept}, tokenizer)
-            if current is not None and current.total <= limit:
+        counted = count_prompt(route, body, tokenizer)
+        if counted is None:
+            return None
+        # One pass: each message counted once, the oldest droppable ones (not system messages, not
+        # the last) left out until the rest fits. (Recounting after every drop was quadratic, on the
+        # event loop: 6,000 small messages froze the proxy for 19 s.)
+        total = counted.total
+        drop: set[int] = set()
+        for i, message in enumerate(messages[:-1]):
+            if total <= limit:
                 break
-            droppable = [i for i, m in enumerate(kept[:-1])
-                         if not (isinstance(m, dict) and m.get("role") == "system")]
-            if not droppable:
-                return None
-            del kept[droppable[0]]
-            dropped += 1
-        return {**body, "messages": kept}, f"dropped {dropped} oldest message(s)"
+            if isinstance(message, dict) and _field(message, "role") == "system":
+                continue
+            if isinstance(message, dict):
+                total -= _message_tokens(message, tokenizer.count)
+            drop.add(i)
+        if total > limit:
+            return None
+        kept = [m for i, m in enumerate(messages) if i not in drop]
+        return {**body, "messages": kept}, f"dropped {len(drop)} oldest message(s)"
     if route.prompt_shape == "generate":
         prompt = body.get("prompt")
         counted = count_prompt(route, body, tokenizer)
