@@ -74,6 +74,8 @@ _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NO_BODY_STATUSES = frozenset({204, 304})
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
+_MAX_HELD_BYTES = 1 << 20
+"""The most of an unfinished NDJSON/SSE record the relay holds back (past it, bytes go out as they come)."""
 _DEFAULT_RETRY_AFTER_S = 5
 """Retry-After for a relayed 429/503 when the upstream sent none and no queue measured a drain (a cloud
 model's usage limit or overload: the proxy cannot see ollama.com's capacity)."""
@@ -92,6 +94,16 @@ class _RelayResponse(web.StreamResponse):
     the head would simply be sent on its own again.)"""
 
     _send_headers_immediately = False
+
+
+def _records_end(data: bytes, sse: bool) -> int:
+    """Where the last complete record of `data` ends (0: none does): after a newline for NDJSON, after
+    a blank line (LF or CRLF) for SSE."""
+    if not sse:
+        return data.rfind(b"\n") + 1
+    end = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(end + 2 if end >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 def _reason(phrase: str) -> str | None:
@@ -264,6 +276,14 @@ class Forwarder:
               and upstream_response.status >= 200):
             response.enable_chunked_encoding()
         scanner = UsageScanner()
+        # A record stream (NDJSON, SSE) is relayed whole records at a time: the end of a chunk that
+        # splits a record waits for the rest, so a stream cut mid-record ends at a record boundary and
+        # its final error record is read as one (not glued onto half a line, which clients cannot
+        # parse). A record longer than _MAX_HELD_BYTES goes out as it comes.
+        content_type = upstream_response.headers.get("Content-Type", "")
+        sse = content_type.startswith("text/event-stream")
+        boundary = b"\n\n" if sse else b"\n" if content_type.startswith("application/x-ndjson") else b""
+        held = b""
         loop = asyncio.get_running_loop()
         idle = self.config.idle_timeout_s
         # One timer for both limits: the idle gap (re-armed per chunk) and the request's deadline.
@@ -289,6 +309,8 @@ class Forwarder:
                                 await response.prepare(request)
                             if not chunk:
                                 ctx.exchange.complete = True
+                                if held:  # a last record without its terminator: as it came
+                                    await response.write(held)
                                 break
                             if ctx.exchange.first_byte_at is None:
                                 ctx.exchange.first_byte_at = time.monotonic()
@@ -298,6 +320,15 @@ class Forwarder:
                             scanner.feed(chunk)
                             if observers:
                                 self._feed(observers, chunk)
+                            if boundary and (held or not chunk.endswith(boundary)):
+                                data = held + chunk
+                                cut = _records_end(data, sse)
+                                if len(data) - cut > _MAX_HELD_BYTES:
+                                    cut = len(data)
+                                chunk, held = data[:cut], data[cut:]
+                                if not chunk:  # no record ends here yet
+                                    timer.reschedule(min(loop.time() + idle, hard_stop))
+                                    continue
                             await response.write(chunk)
                             timer.reschedule(min(loop.time() + idle, hard_stop))
                     finally:

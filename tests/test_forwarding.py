@@ -329,3 +329,56 @@ async def test_a_reason_phrase_with_control_characters_is_replaced_not_a_500(tmp
     finally:
         await asyncio.to_thread(proxy.stop)
         server.close()
+
+
+@pytest.mark.parametrize("framing", ["ndjson", "sse"])
+async def test_a_stream_cut_mid_record_ends_with_whole_records(tmp: Path, framing: str) -> None:
+    """The replica sends a record, half of the next, and dies: the client gets the whole record and
+    then the error record, each parseable (the half record never goes out; the error is not glued
+    onto it, which made the ollama and openai clients raise a JSON error instead of theirs)."""
+    if framing == "ndjson":
+        content_type, first, half = (b"application/x-ndjson", b'{"response":"Hi","done":false}\n',
+                                     b'{"response":"the')
+    else:
+        content_type, first, half = (b"text/event-stream", b'data: {"choices":[{"delta":{}}]}\n\n',
+                                     b'data: {"choices":[{"del')
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                if head.split(b" ")[1] != b"/api/generate":
+                    payload = b'{"models":[],"version":"0.12.0"}'
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%b" % (len(payload), payload))
+                    await writer.drain()
+                    continue
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: %b\r\nTransfer-Encoding: chunked\r\n"
+                             b"\r\n" % content_type)
+                for piece in (first, half):
+                    writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                writer.transport.abort()  # dies mid-record
+                return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await asyncio.to_thread(start_proxy, tmp, [f"http://127.0.0.1:{port}"], name="cut")
+    try:
+        async with aiohttp.ClientSession() as session, session.post(
+                f"{proxy.url}/api/generate", json={"model": "m", "prompt": "x"}) as response:
+            body = await response.read()
+        separator = b"\n" if framing == "ndjson" else b"\n\n"
+        records = [r for r in body.split(separator) if r]
+        assert records[0] + separator == first and len(records) == 2, body
+        error = json.loads(records[1].removeprefix(b"data: "))
+        assert "error" in error and b"the" not in records[1], body
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        server.close()
