@@ -17,6 +17,7 @@ import attrs
 from . import __version__
 from .accesslog import AccessLog
 from .config import Config, ConfigError, UpstreamConfig, load_config, parse_listen
+from .redaction import redact_url
 
 __all__ = ["main"]
 
@@ -148,7 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.port_file:
             write_port_file(args.port_file, actual)
         log.info("shared-ollama-proxy %s listening on http://%s:%d, upstreams: %s", __version__,
-                 host, actual, ", ".join(u.url for u in config.upstreams))
+                 host, actual, ", ".join(redact_url(u.url) for u in config.upstreams))
         try:
             await run_until_signalled(runner, app[STOP], server.shutdown_timeout_s,
                                       on_sighup=app[RELOADER].sighup)

@@ -18,21 +18,28 @@ REDACTED = "<redacted>"
 _SECRET_NAMES = re.compile(r"(^|_)(keys?|password|secret|token|api_key|credentials?|headers|command)$",
                            re.I)
 """Fields shown as `<redacted>`; `command`: a replica's `restart_command` may carry a credential."""
+_SECRET_QUERY = re.compile(r"pass|secret|token|key|auth|cred", re.I)
+"""URL query parameters shown as `redacted` (ssl_keyfile too: a path, but nobody needs it here)."""
 
 
 def redact_url(value: str) -> str:
-    """`value` with the password (or a bare user part, often a token) of a URL replaced."""
-    if "@" not in value or "://" not in value:
+    """`value` with the secrets of a URL replaced: the password (or a bare user part, often a token),
+    and query parameters named like a secret (`redis://host/0?password=...`, which redis-py and the
+    proxy's state URL accept)."""
+    if "://" not in value or ("@" not in value and "?" not in value):
         return value
     try:
         url = URL(value)
     except ValueError:
         return REDACTED
     if url.password is not None:
-        return str(url.with_password("redacted"))
-    if url.user is not None:  # a bare user part is often a token (https://TOKEN@host)
-        return str(url.with_user("redacted"))
-    return value
+        url = url.with_password("redacted")
+    elif url.user is not None:  # a bare user part is often a token (https://TOKEN@host)
+        url = url.with_user("redacted")
+    if url.query and any(_SECRET_QUERY.search(name) for name in url.query):
+        url = url.with_query([(name, "redacted" if _SECRET_QUERY.search(name) else text)
+                              for name, text in url.query.items()])
+    return str(url)
 
 
 def redact(value: Any, name: str = "") -> Any:

@@ -340,9 +340,13 @@ def test_sighup_applies_keys_plugins_and_modes_and_says_what_needs_a_restart(
 def test_system_config_is_admin_only(emulators: tuple[Server, Server], tmp_path: Path) -> None:
     one, _ = emulators
     restart = "ssh -i /keys/sk-restart-secret-01 {host} systemctl restart ollama"
-    proxy = start_proxy(tmp_path, [{"url": one.url, "restart_command": restart}],
+    # Credentials in the replica's URL, and a Redis password as a query parameter (redis-py takes it).
+    with_credentials = one.url.replace("http://", "http://bob:sk-upstream-pass-01@")
+    proxy = start_proxy(tmp_path, [{"url": with_credentials, "restart_command": restart}],
                         {"admin": {"keys": [ADMIN]}, "tenants": [{"name": "t", "keys": [KEY_A]}],
-                         "state": {"backend": "memory", "url": "redis://:sk-redis-pass-01@127.0.0.1:1/0"}},
+                         "state": {"backend": "memory", "url": "redis://:sk-redis-pass-01@127.0.0.1:1/0"},
+                         "plugins": [{"name": "embed_cache",
+                                      "redis_url": "redis://127.0.0.1:1/0?password=sk-redis-query-01"}]},
                         name="reload-admin")
     try:
         assert httpx.get(f"{proxy.url}/system/config", timeout=10).status_code == 401
@@ -352,8 +356,11 @@ def test_system_config_is_admin_only(emulators: tuple[Server, Server], tmp_path:
         config = _system_config(proxy)
         assert config["version"] == 1 and config["last_reload"]["trigger"] == "start"
         assert config["restart_only"] == ["server", "forwarding", "state", "telemetry"]
-        shown = str(config)
-        for secret in (ADMIN, KEY_A, "sk-restart-secret-01", "sk-redis-pass-01"):
+        profile = httpx.get(f"{proxy.url}/system/profile", headers={"Authorization": f"Bearer {ADMIN}"},
+                            timeout=10).json()
+        shown = f"{config} {profile} {proxy.log()}"  # nor the replicas' view, nor the start-up line
+        for secret in (ADMIN, KEY_A, "sk-restart-secret-01", "sk-redis-pass-01", "sk-upstream-pass-01",
+                       "sk-redis-query-01"):
             assert secret not in shown, secret
         assert config["config"]["upstreams"][0]["restart_command"] == "<redacted>"
     finally:

@@ -38,6 +38,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ..ollama import is_cloud_model, model_key
 from ..prompts import canonicalize
+from ..redaction import redact_url
 from ..schema import ModelConfig
 from ..telemetry.setup import Telemetry
 from ..upstreams import LoadedModel, Upstream, UpstreamSet
@@ -480,7 +481,7 @@ class FleetHealth:
         out: dict[str, Any] = {}
         for u in self.upstreams:
             out[u.name] = {
-                "url": str(u.url), "status": u.status, "reason": u.reason or None,
+                "url": redact_url(str(u.url)), "status": u.status, "reason": u.reason or None,
                 "version": u.version, "consecutive_failures": u.consecutive_failures,
                 "suspect": u.suspect, "ejections": u.ejections,
                 "ejected_for_s": round(u.ejected_until - now, 1) if u.status == "ejected" else None,
