@@ -111,7 +111,11 @@ class UpstreamResponseTimeout(ProxyError):
 
 class DeadlinePassed(UpstreamResponseTimeout):
     """The request's own deadline (`deadline_s`, or lower by `X-Deadline-S`) passed before the first
-    byte: the same answer, but not the replica's failure (quotas charge a prompt it was sent)."""
+    byte: the same answer, but not the replica's failure (quotas charge a prompt it was sent), and not
+    one to retry as it is (`x-should-retry: false`: the OpenAI SDKs retried it twice, each attempt
+    another prompt evaluation that the same deadline would cut again)."""
+
+    should_retry = False
 
 
 class InternalProxyError(ProxyError):

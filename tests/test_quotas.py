@@ -185,6 +185,7 @@ async def test_a_deadline_passed_after_the_request_reached_a_replica_pays_its_pr
         async with aiohttp.ClientSession(headers=_auth(PROMPT_KEY)) as session, session.post(
                 f"{proxy.url}/api/generate", json=body, headers={"X-Deadline-S": "0.5"}) as response:
             assert response.status == 504
+            assert response.headers["x-should-retry"] == "false"  # the same deadline would cut it again
         remaining = float(_quotas(proxy)["prompt"]["tokens_per_minute"]["remaining"])
         assert 60 <= 400 - remaining <= 200, remaining  # the prompt (~150), not the 200 reserved
     finally:
