@@ -667,10 +667,19 @@ class BackpressureStep(Step):
             return self._shadow(ctx, gate, span, cost)
         remaining = (ctx.deadline_at - time.monotonic()) if ctx.deadline_at else math.inf
         if len(gate.queue) >= self.config.max_queue_size and not gate.has_free_slot():
-            gate.rejections["overload"] += 1
-            self.decide(ctx, span, "overload", Overload(
-                f"the queue for {gate.model} is full ({self.config.max_queue_size} waiting)",
-                retry_after_s=gate.retry_after_s()))
+            displaced = gate.queue.displace(tenant, weight)
+            if displaced is None:
+                gate.rejections["overload"] += 1
+                self.decide(ctx, span, "overload", Overload(
+                    f"the queue for {gate.model} is full ({self.config.max_queue_size} waiting)",
+                    retry_after_s=gate.retry_after_s()))
+            elif not displaced.future.done():
+                # Its tenant held the most places: its newest request gives one up (503, as if it had
+                # found the queue full) to a tenant holding fewer.
+                displaced.future.set_exception(Overload(
+                    f"the queue for {gate.model} is full ({self.config.max_queue_size} waiting) and "
+                    "this tenant held the most places", retry_after_s=gate.retry_after_s()))
+                displaced.future.exception()  # retrieved: its waiter may have just left
         future: asyncio.Future[Upstream | None] = asyncio.get_running_loop().create_future()
         waiter = Waiter(tenant, weight, lane, cost, future, placing=placing)
         ahead = gate.queue.push(waiter)
@@ -690,6 +699,10 @@ class BackpressureStep(Step):
         try:
             async with asyncio.timeout(min(budget, remaining)):
                 replica = await future
+        except Overload as displaced:  # its place went to a tenant holding fewer (FairQueue.displace)
+            gate.rejections["overload"] += 1
+            self.decide(ctx, span, "overload", displaced)
+            raise AssertionError("unreachable") from None  # decide raised in enforce mode
         except TimeoutError:
             # The slot may have been handed over in the very turn the timer fired: given back.
             self._give_up(gate, waiter, future, tenant, weight, cost)

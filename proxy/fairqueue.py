@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -82,8 +83,11 @@ class FairQueue:
             self.fair = self._wanted_fair
 
     def push(self, waiter: Waiter) -> int:
-        """Queue `waiter`; returns how many wait ahead of it in dispatch order's rough sense (its lane's
-        length before it, plus all interactive waiters when it is bulk)."""
+        """Queue `waiter`; returns about how many will be dispatched ahead of it: in fair order, its own
+        tenant's earlier waiters and, of every other tenant of its lane, as many as fair shares give
+        them meanwhile (weights counted), plus all interactive waiters when it is bulk. (The lane's
+        length would make a tenant flooding the queue look like a wait for everyone, and refuse a light
+        tenant's request on an estimate although it goes next.)"""
         self._switch()
         waiter.seq = next(self._seq)
         self._size += 1
@@ -96,10 +100,35 @@ class FairQueue:
             self._lift(waiter.tenant)
             queue = lane.setdefault(waiter.tenant, deque())
         queue.append(waiter)
-        ahead = sum(len(q) for q in lane.values()) - 1
+        own = len(queue)
+        ahead = own - 1
+        for tenant, others in lane.items():
+            if tenant != waiter.tenant and others:
+                ahead += min(len(others), math.ceil(own * others[0].weight / waiter.weight))
         if waiter.lane == "bulk":
             ahead += sum(len(q) for q in self._lanes["interactive"].values())
         return ahead
+
+    def displace(self, tenant: str, weight: float) -> Waiter | None:
+        """The queue is full and `tenant` (`weight`) wants a place: the newest waiter of the tenant
+        holding the most places for its weight, taken out, when that tenant holds more than `tenant`
+        would with the place; else None (the newcomer is the one refused). A tenant flooding the queue
+        thus cannot keep the others out: the waiting room is shared as the slots are. FIFO: None."""
+        if not self.fair:
+            return None
+        held: dict[str, list[Waiter]] = {}
+        for lane in self._lanes.values():
+            for name, queue in lane.items():
+                held.setdefault(name, []).extend(queue)
+        if not held:
+            return None
+        top = max(held, key=lambda name: len(held[name]) / held[name][0].weight)
+        mine = len(held.get(tenant, ()))
+        if top == tenant or len(held[top]) / held[top][0].weight <= (mine + 1) / weight:
+            return None
+        newest = max(held[top], key=lambda w: w.seq)
+        self.remove(newest)
+        return newest
 
     def _lift(self, tenant: str) -> None:
         """`tenant` becomes backlogged: raise its counter to the smallest of those waiting or, when

@@ -262,3 +262,80 @@ def test_lift_rule_in_the_queue() -> None:
         assert [w.tenant for w in (queue.pop(), queue.pop()) if w] == ["f", "e"]
     finally:
         loop.close()
+
+
+def test_a_full_queue_is_shared_and_positions_are_counted_in_fair_order() -> None:
+    """The waiting room is bounded by the caller; when it is full, a tenant holding fewer places than
+    another (for its weight) takes the newest place of the one holding the most, and the position a
+    waiter is told counts what fair order dispatches before it, not the lane's length."""
+    loop = asyncio.new_event_loop()
+    try:
+        queue = FairQueue(fair=True)
+
+        def waiter(tenant: str, weight: float = 1.0) -> Waiter:
+            return Waiter(tenant, weight, "interactive", 100.0, loop.create_future())
+
+        flood = [waiter("flood") for _ in range(6)]
+        assert [queue.push(w) for w in flood] == [0, 1, 2, 3, 4, 5]
+        assert queue.push(waiter("light")) == 1  # one of flood's goes first, not all six
+        assert queue.displace("flood", 1.0) is None  # the one holding the most is refused itself
+        taken = queue.displace("light", 1.0)  # light holds 1 (2 with the place), flood 6
+        assert taken is flood[-1] and len(queue) == 6
+        three = [waiter("third") for _ in range(3)]
+        for w in three:
+            queue.push(w)
+        # flood 5, light 1, third 3: a second light waiter may still take flood's newest...
+        assert queue.displace("light", 1.0) is flood[-2]
+        queue.push(waiter("light"))
+        # ...but no tenant gains a place from one that holds no more than it would: flood 4, third 4
+        assert queue.displace("third", 1.0) is None
+        heavy = FairQueue(fair=True)
+        for _ in range(4):
+            heavy.push(waiter("big", 4.0))  # weight 4: four places are its share of one
+        heavy.push(waiter("small"))
+        assert heavy.displace("small", 1.0) is None
+    finally:
+        loop.close()
+
+
+async def test_a_tenant_flooding_the_queue_cannot_keep_another_out(tmp: Path) -> None:
+    """A small waiting room (max_queue_size 6), kept full by one tenant's 10 looping clients: another
+    tenant's requests are still queued and served (its place taken from the flooding tenant's newest),
+    not refused as 'queue full' nor on an estimate that counts the flood ahead of it."""
+    upstream = await asyncio.to_thread(
+        start_emulator, tmp, fixed_clock=False, decode_tokens_per_s=20, output_tokens="5,5",
+        name="flood-emu", extra=["--num-parallel", "1"])
+    proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": upstream.url, "num_parallel": 1}], {
+        "tenants": [{"name": "flood", "keys": ["sk-flood"]}, {"name": "light", "keys": ["sk-light"]}],
+        "chain": {"backpressure": {"max_in_flight": 1, "max_queue_size": 6, "queue_timeout_s": 60}}},
+        name="flooded")
+    body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 5}}
+    stop = asyncio.Event()
+    flood_statuses: list[int] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def send(key: str) -> int:
+                async with session.post(f"{proxy.url}/api/generate", json=body,
+                                        headers={"Authorization": f"Bearer {key}"}) as response:
+                    await response.read()
+                    return response.status
+
+            async def flood() -> None:
+                deadline = time.monotonic() + BUDGET_S
+                while not stop.is_set() and time.monotonic() < deadline:
+                    flood_statuses.append(await send("sk-flood"))
+                    if flood_statuses[-1] != 200:
+                        await asyncio.sleep(0.05)
+
+            flooders = [asyncio.ensure_future(flood()) for _ in range(10)]
+            deadline = time.monotonic() + BUDGET_S
+            while flood_statuses.count(503) < 5:  # the room is full: the flood is refused in part
+                assert time.monotonic() < deadline, flood_statuses
+                await asyncio.sleep(0.05)
+            light = [await send("sk-light") for _ in range(5)]
+            stop.set()
+            await asyncio.gather(*flooders)
+        assert light == [200] * 5
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        await asyncio.to_thread(upstream.stop)
