@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -296,27 +296,47 @@ def test_credentials_in_the_replica_url_are_sent(tmp: Path) -> None:
             proxy.stop()
 
 
-async def test_a_reason_phrase_with_control_characters_is_replaced_not_a_500(tmp: Path) -> None:
-    """HTTP allows more in a reason phrase than aiohttp sends: a replica's `200 O\\x01K` is relayed
-    as 200 with the standard phrase and the body, not turned into a 500 after the replica's work."""
-    body = b'{"model":"m","response":"hi","done":true}'
+Generate = Callable[[asyncio.StreamWriter], Awaitable[bool]]
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+async def _raw_replica(generate: Generate) -> asyncio.Server:
+    """A replica written byte by byte, for what the emulator never does: it answers the health probes
+    with empty JSON and hands each /api/generate to `generate`, which writes the answer and says
+    whether the connection goes on."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                                if line.lower().startswith(b"content-length:")), 0)
                 await reader.readexactly(length)
-                path = head.split(b" ")[1]
-                payload = b'{"models":[],"version":"0.12.0"}' if path != b"/api/generate" else body
-                writer.write(b"HTTP/1.1 200 O\x01K\r\nContent-Type: application/json\r\n"
+                if head.split(b" ")[1] == b"/api/generate":
+                    if not await generate(writer):
+                        return
+                    continue
+                payload = b'{"models":[],"version":"0.12.0"}'
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%b" % (len(payload), payload))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def test_a_reason_phrase_with_control_characters_is_replaced_not_a_500(tmp: Path) -> None:
+    """HTTP allows more in a reason phrase than aiohttp sends: a replica's `200 O\\x01K` is relayed
+    as 200 with the standard phrase and the body, not turned into a 500 after the replica's work."""
+    body = b'{"model":"m","response":"hi","done":true}'
+
+    async def generate(writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 O\x01K\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        await writer.drain()
+        return True
+
+    server = await _raw_replica(generate)
     port = server.sockets[0].getsockname()[1]
     proxy = await asyncio.to_thread(start_proxy, tmp, [f"http://127.0.0.1:{port}"], name="reason")
     try:
@@ -343,31 +363,17 @@ async def test_a_stream_cut_mid_record_ends_with_whole_records(tmp: Path, framin
         content_type, first, half = (b"text/event-stream", b'data: {"choices":[{"delta":{}}]}\n\n',
                                      b'data: {"choices":[{"del')
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                await reader.readexactly(length)
-                if head.split(b" ")[1] != b"/api/generate":
-                    payload = b'{"models":[],"version":"0.12.0"}'
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\n\r\n%b" % (len(payload), payload))
-                    await writer.drain()
-                    continue
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: %b\r\nTransfer-Encoding: chunked\r\n"
-                             b"\r\n" % content_type)
-                for piece in (first, half):
-                    writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
-                    await writer.drain()
-                    await asyncio.sleep(0.05)
-                writer.transport.abort()  # dies mid-record
-                return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
+    async def generate(writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: %b\r\nTransfer-Encoding: chunked\r\n"
+                     b"\r\n" % content_type)
+        for piece in (first, half):
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.transport.abort()  # dies mid-record
+        return False
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    server = await _raw_replica(generate)
     port = server.sockets[0].getsockname()[1]
     proxy = await asyncio.to_thread(start_proxy, tmp, [f"http://127.0.0.1:{port}"], name="cut")
     try:
