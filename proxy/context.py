@@ -171,9 +171,9 @@ class RequestContext:
         """Tokens the request was served, what quotas and the fair queue settle by: 0 when nothing came
         back (refused, failed, or the client left before its request reached a replica), except the
         prompt when the client left, or its deadline passed, after it did (`Exchange.abandoned`:
-        otherwise leaving, or a deadline lowered with X-Deadline-S, just before
-        the first byte, again and again, would make the fleet evaluate prompts for free and keep the
-        tenant first in the fair queue); Ollama's counts from a response that ended; else (cut short,
+        otherwise leaving, or a deadline lowered with X-Deadline-S, just before the first byte, again
+        and again, would have the fleet evaluate prompts for free and keep the tenant first in the fair
+        queue); Ollama's counts from a response that ended; else (cut short,
         or no counts) the prompt plus, on routes that generate, one token per record relayed, and never
         less than counts already seen (a client that leaves just before the final line pays for its
         output all the same; /v1/messages reports its input before the first token)."""
