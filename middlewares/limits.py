@@ -302,7 +302,10 @@ class LimitsStep(Step):
                 return
             policy = "truncate"
         if policy == "truncate" and ctx.route.prompt_shape != "embed":
-            cut = truncate_prompt(ctx.route, body, tokenizer, limit)
+            if len(ctx.body or b"") > OFFLOAD_BYTES:  # as counting: a large prompt off the event loop
+                cut = await asyncio.to_thread(truncate_prompt, ctx.route, body, tokenizer, limit)
+            else:
+                cut = truncate_prompt(ctx.route, body, tokenizer, limit)
             if cut is not None:
                 if self.mode_of(ctx) == "enforce":
                     new_body, what = cut
