@@ -666,20 +666,14 @@ class BackpressureStep(Step):
         if self.mode_of(ctx) == "shadow":
             return self._shadow(ctx, gate, span, cost)
         remaining = (ctx.deadline_at - time.monotonic()) if ctx.deadline_at else math.inf
+        displaced: Waiter | None = None
         if len(gate.queue) >= self.config.max_queue_size and not gate.has_free_slot():
-            displaced = gate.queue.displace(tenant, weight)
+            displaced = gate.queue.displaceable(tenant, weight)
             if displaced is None:
                 gate.rejections["overload"] += 1
                 self.decide(ctx, span, "overload", Overload(
                     f"the queue for {gate.model} is full ({self.config.max_queue_size} waiting)",
                     retry_after_s=gate.retry_after_s()))
-            elif not displaced.future.done():
-                # Its tenant held the most places: its newest request gives one up (503, as if it had
-                # found the queue full) to a tenant holding fewer.
-                displaced.future.set_exception(Overload(
-                    f"the queue for {gate.model} is full ({self.config.max_queue_size} waiting) and "
-                    "this tenant held the most places", retry_after_s=gate.retry_after_s()))
-                displaced.future.exception()  # retrieved: its waiter may have just left
         future: asyncio.Future[Upstream | None] = asyncio.get_running_loop().create_future()
         waiter = Waiter(tenant, weight, lane, cost, future, placing=placing)
         ahead = gate.queue.push(waiter)
@@ -693,6 +687,13 @@ class BackpressureStep(Step):
             self.decide(ctx, span, "overload", Overload(
                 f"the estimated wait for {gate.model} ({estimate:.0f}s) exceeds the request's deadline",
                 retry_after_s=gate.retry_after_s()))
+        if displaced is not None and gate.queue.remove(displaced) and not displaced.future.done():
+            # The newcomer keeps its place, taken from the tenant holding the most: that tenant's
+            # newest request gives it up (503, as if it had found the queue full).
+            displaced.future.set_exception(Overload(
+                f"the queue for {gate.model} is full ({self.config.max_queue_size} waiting) and "
+                "this tenant held the most places", retry_after_s=gate.retry_after_s()))
+            displaced.future.exception()  # retrieved: its waiter may have just left
         gate.dispatch()  # a longer queue may make an idle replica worth a model load now
         budget = self.config.cold_queue_timeout_s if cold else self.config.queue_timeout_s
         span.set_attribute(self.telemetry.names.queue_cold, cold)

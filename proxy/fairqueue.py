@@ -114,6 +114,14 @@ class FairQueue:
         holding the most places for its weight, taken out, when that tenant holds more than `tenant`
         would with the place; else None (the newcomer is the one refused). A tenant flooding the queue
         thus cannot keep the others out: the waiting room is shared as the slots are. FIFO: None."""
+        victim = self.displaceable(tenant, weight)
+        if victim is not None:
+            self.remove(victim)
+        return victim
+
+    def displaceable(self, tenant: str, weight: float) -> Waiter | None:
+        """The waiter `displace` would take out, left in the queue (the caller takes it out only once
+        the newcomer is sure to keep the place: one refused on its own deadline must evict nobody)."""
         if not self.fair:
             return None
         held: dict[str, list[Waiter]] = {}
@@ -126,9 +134,7 @@ class FairQueue:
         mine = len(held.get(tenant, ()))
         if top == tenant or len(held[top]) / held[top][0].weight <= (mine + 1) / weight:
             return None
-        newest = max(held[top], key=lambda w: w.seq)
-        self.remove(newest)
-        return newest
+        return max(held[top], key=lambda w: w.seq)
 
     def _lift(self, tenant: str) -> None:
         """`tenant` becomes backlogged: raise its counter to the smallest of those waiting or, when

@@ -339,3 +339,39 @@ async def test_a_tenant_flooding_the_queue_cannot_keep_another_out(tmp: Path) ->
     finally:
         await asyncio.to_thread(proxy.stop)
         await asyncio.to_thread(upstream.stop)
+
+
+async def test_a_request_refused_on_its_own_deadline_evicts_nobody(tmp: Path) -> None:
+    """The queue is full of one tenant's requests; another tenant's requests, each with a deadline
+    shorter than its wait, are refused on the estimate: the places they would have taken stay with the
+    requests holding them (a request refused anyway must not push one out: a cheap lever otherwise)."""
+    upstream = await asyncio.to_thread(
+        start_emulator, tmp, fixed_clock=False, decode_tokens_per_s=20, output_tokens="20,20",
+        name="evict-emu", extra=["--num-parallel", "1"])
+    proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": upstream.url, "num_parallel": 1}], {
+        "tenants": [{"name": "flood", "keys": ["sk-flood"]}, {"name": "light", "keys": ["sk-light"]}],
+        "chain": {"backpressure": {"max_in_flight": 1, "max_queue_size": 6, "queue_timeout_s": 60}}},
+        name="evict")
+    body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 20}}
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def send(key: str, headers: dict[str, str] | None = None) -> int:
+                async with session.post(f"{proxy.url}/api/generate", json=body,
+                                        headers={"Authorization": f"Bearer {key}",
+                                                 **(headers or {})}) as response:
+                    await response.read()
+                    return response.status
+
+            for _ in range(2):  # a service time to estimate with (~1 s a request)
+                assert await send("sk-light") == 200
+            flood = []
+            for _ in range(7):  # one running, six waiting: the queue is full
+                flood.append(asyncio.ensure_future(send("sk-flood")))
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            light = [await send("sk-light", {"X-Deadline-S": "0.5"}) for _ in range(3)]
+            assert light == [503] * 3
+            assert await asyncio.gather(*flood) == [200] * 7  # none of them gave its place up
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        await asyncio.to_thread(upstream.stop)
