@@ -43,6 +43,9 @@ class SharedAdmission:
         self.slots = slots
         self.local_waiting: dict[str, int] = {}
         """Requests of this process waiting on the shared queue, per model (max_queue_size)."""
+        self.waiters: dict[str, list[Ticket]] = {}
+        """Those requests' tickets, per model, oldest first: a full room is shared by push-out, as in
+        one process (FairQueue.displace)."""
         self._published: dict[tuple[str, str], int] = {}
         """The learned limits this process stored in Redis, per (model, replica)."""
 
@@ -86,11 +89,14 @@ class SharedAdmission:
                       ticket: Ticket, candidates: list[tuple[str, int]]) -> Grant:
         slots = self.slots
         waiting = self.local_waiting.get(gate.model, 0)
+        displaced: Ticket | None = None
         if waiting >= step.config.max_queue_size:
-            gate.rejections["overload"] += 1
-            step.decide(ctx, span, "overload", Overload(
-                f"the queue for {gate.model} is full ({step.config.max_queue_size} waiting)",
-                retry_after_s=gate.retry_after_s()))
+            displaced = self._displaceable(gate.model, ticket)
+            if displaced is None:
+                gate.rejections["overload"] += 1
+                step.decide(ctx, span, "overload", Overload(
+                    f"the queue for {gate.model} is full ({step.config.max_queue_size} waiting)",
+                    retry_after_s=gate.retry_after_s()))
         eligible = step.fleet.eligible(gate.model)
         cold = not waiting and any(u.by_model.get(gate.model) and gate.model not in u.loaded
                                    for u in eligible)
@@ -104,10 +110,26 @@ class SharedAdmission:
         budget = min(step.config.cold_queue_timeout_s if cold else step.config.queue_timeout_s,
                      remaining)
         span.set_attribute(step.telemetry.names.queue_cold, cold)
-        self.local_waiting[gate.model] = waiting + 1
+        if displaced is not None and displaced.future is not None and not displaced.future.done():
+            # This request waits, in a place taken from this process's tenant holding the most: that
+            # tenant's newest request gives it up (503, as if it had found the queue full).
+            displaced.future.set_exception(Overload(
+                f"the queue for {gate.model} is full ({step.config.max_queue_size} waiting) and "
+                "this tenant held the most places", retry_after_s=gate.retry_after_s()))
+            displaced.future.exception()  # retrieved: its waiter may have just left
+        # Counted now, not from `waiting`: other requests came and went during `enter`'s round trip.
+        self.local_waiting[gate.model] = self.local_waiting.get(gate.model, 0) + 1
+        waiters = self.waiters.setdefault(gate.model, [])
+        waiters.append(ticket)
         try:
             async with asyncio.timeout(budget):
                 granted = await ticket.future
+        except Overload as refusal:  # its place went to a tenant holding fewer
+            if not self._give_back(ticket):
+                slots.spawn(slots.leave(ticket))
+            gate.rejections["overload"] += 1
+            step.decide(ctx, span, "overload", refusal)
+            raise AssertionError("unreachable") from None  # decide raised in enforce mode
         except TimeoutError:
             if not self._give_back(ticket):
                 await slots.leave(ticket)
@@ -125,9 +147,26 @@ class SharedAdmission:
             raise
         finally:
             self.local_waiting[gate.model] -= 1
+            waiters.remove(ticket)
         slots.counts["granted_queued"] += 1
         step.decide(ctx, span, "queued")
         return granted
+
+    def _displaceable(self, model: str, newcomer: Ticket) -> Ticket | None:
+        """The newest waiting ticket of the tenant holding the most of this process's places for
+        `model` (for its weight), when it holds more than the newcomer's tenant would with one more;
+        else None. Not taken out: the caller ends it only once the newcomer keeps the place."""
+        held: dict[str, list[Ticket]] = {}
+        for ticket in self.waiters.get(model, ()):
+            if ticket.future is not None and not ticket.future.done():
+                held.setdefault(ticket.tenant, []).append(ticket)
+        if not held:
+            return None
+        top = max(held, key=lambda name: len(held[name]) / held[name][0].weight)
+        mine = len(held.get(newcomer.tenant, ()))
+        if top == newcomer.tenant or len(held[top]) / held[top][0].weight <= (mine + 1) / newcomer.weight:
+            return None
+        return held[top][-1]
 
     @staticmethod
     def _give_back(ticket: Ticket) -> bool:

@@ -298,17 +298,22 @@ def test_a_full_queue_is_shared_and_positions_are_counted_in_fair_order() -> Non
         loop.close()
 
 
-async def test_a_tenant_flooding_the_queue_cannot_keep_another_out(tmp: Path) -> None:
+@pytest.mark.parametrize("state", ["memory", "redis"])
+async def test_a_tenant_flooding_the_queue_cannot_keep_another_out(
+        tmp: Path, state: str, request: pytest.FixtureRequest) -> None:
     """A small waiting room (max_queue_size 6), kept full by one tenant's 10 looping clients: another
     tenant's requests are still queued and served (its place taken from the flooding tenant's newest),
-    not refused as 'queue full' nor on an estimate that counts the flood ahead of it."""
+    not refused as 'queue full' nor on an estimate that counts the flood ahead of it. The same with
+    the queue in Redis (`state.backend: redis`, the shared admission of several processes)."""
+    shared = ({"state": {"backend": "redis", "url": request.getfixturevalue("redis_server").url,
+                         "key_prefix": "flood:"}} if state == "redis" else {})
     upstream = await asyncio.to_thread(
         start_emulator, tmp, fixed_clock=False, decode_tokens_per_s=20, output_tokens="5,5",
         name="flood-emu", extra=["--num-parallel", "1"])
     proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": upstream.url, "num_parallel": 1}], {
         "tenants": [{"name": "flood", "keys": ["sk-flood"]}, {"name": "light", "keys": ["sk-light"]}],
-        "chain": {"backpressure": {"max_in_flight": 1, "max_queue_size": 6, "queue_timeout_s": 60}}},
-        name="flooded")
+        "chain": {"backpressure": {"max_in_flight": 1, "max_queue_size": 6, "queue_timeout_s": 60}},
+        **shared}, name=f"flooded-{state}")
     body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 5}}
     stop = asyncio.Event()
     flood_statuses: list[int] = []
