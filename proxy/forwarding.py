@@ -96,13 +96,13 @@ class _RelayResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def _records_end(data: bytes, sse: bool) -> int:
-    """Where the last complete record of `data` ends (0: none does): after a newline for NDJSON, after
-    a blank line (LF or CRLF) for SSE."""
+def _records_end(data: bytearray, sse: bool, start: int) -> int:
+    """Where the last complete record of `data` ends (0: none does), searching from `start`: after a
+    newline for NDJSON, after a blank line (LF or CRLF) for SSE."""
     if not sse:
-        return data.rfind(b"\n") + 1
-    end = data.rfind(b"\n\n")
-    crlf = data.rfind(b"\r\n\r\n")
+        return data.rfind(b"\n", start) + 1
+    end = data.rfind(b"\n\n", start)
+    crlf = data.rfind(b"\r\n\r\n", start)
     return max(end + 2 if end >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
@@ -283,7 +283,8 @@ class Forwarder:
         content_type = upstream_response.headers.get("Content-Type", "")
         sse = content_type.startswith("text/event-stream")
         boundary = b"\n\n" if sse else b"\n" if content_type.startswith("application/x-ndjson") else b""
-        held = b""
+        held = bytearray()
+        passing = False  # a record longer than _MAX_HELD_BYTES is going out as it comes, until it ends
         loop = asyncio.get_running_loop()
         idle = self.config.idle_timeout_s
         # One timer for both limits: the idle gap (re-armed per chunk) and the request's deadline.
@@ -310,7 +311,7 @@ class Forwarder:
                             if not chunk:
                                 ctx.exchange.complete = True
                                 if held:  # a last record without its terminator: as it came
-                                    await response.write(held)
+                                    await response.write(bytes(held))
                                 break
                             if ctx.exchange.first_byte_at is None:
                                 ctx.exchange.first_byte_at = time.monotonic()
@@ -320,13 +321,21 @@ class Forwarder:
                             scanner.feed(chunk)
                             if observers:
                                 self._feed(observers, chunk)
-                            if boundary and (held or not chunk.endswith(boundary)):
-                                data = held + chunk
-                                cut = _records_end(data, sse)
-                                if len(data) - cut > _MAX_HELD_BYTES:
-                                    cut = len(data)
-                                chunk, held = data[:cut], data[cut:]
-                                if not chunk:  # no record ends here yet
+                            if boundary and (held or passing or not chunk.endswith(boundary)):
+                                start = len(held)
+                                held += chunk
+                                # Only the new bytes are searched (and the 3 before them, where a
+                                # terminator may straddle): what was held ends no record.
+                                cut = _records_end(held, sse, max(0, start - 3))
+                                if cut:
+                                    chunk = bytes(held[:cut])
+                                    del held[:cut]
+                                    passing = False
+                                elif passing or len(held) > _MAX_HELD_BYTES:
+                                    chunk = bytes(held)
+                                    held.clear()
+                                    passing = True
+                                else:  # no record ends here yet
                                     timer.reschedule(min(loop.time() + idle, hard_stop))
                                     continue
                             await response.write(chunk)

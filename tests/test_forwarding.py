@@ -388,3 +388,34 @@ async def test_a_stream_cut_mid_record_ends_with_whole_records(tmp: Path, framin
     finally:
         await asyncio.to_thread(proxy.stop)
         server.close()
+
+
+async def test_a_record_longer_than_the_hold_goes_through_whole_and_in_order(tmp: Path) -> None:
+    """A 1.5 MiB NDJSON line, sent in 64 KiB pieces, then a short record: past the 1 MiB the relay
+    holds back, the long record goes out as it comes, and every byte arrives in order."""
+    long_record = b'{"response":"' + b"x" * (3 << 19) + b'"}\n'
+    last = b'{"done":true}\n'
+
+    async def generate(writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        body = long_record + last
+        for at in range(0, len(body), 1 << 16):
+            piece = body[at:at + (1 << 16)]
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    server = await _raw_replica(generate)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await asyncio.to_thread(start_proxy, tmp, [f"http://127.0.0.1:{port}"], name="long")
+    try:
+        async with aiohttp.ClientSession() as session, session.post(
+                f"{proxy.url}/api/generate", json={"model": "m", "prompt": "x"}) as response:
+            assert response.status == 200
+            assert await response.read() == long_record + last
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        server.close()
