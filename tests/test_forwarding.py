@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -325,6 +326,22 @@ async def _raw_replica(generate: Generate) -> asyncio.Server:
     return await asyncio.start_server(serve, "127.0.0.1", 0)
 
 
+async def _through_raw_replica(tmp: Path, generate: Generate, name: str,
+                               body: dict[str, Any]) -> tuple[int, str, bytes, str]:
+    """POST `body` to /api/generate through a proxy in front of `_raw_replica(generate)`: the
+    response's status, reason and bytes, and the proxy's log."""
+    server = await _raw_replica(generate)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await asyncio.to_thread(start_proxy, tmp, [f"http://127.0.0.1:{port}"], name=name)
+    try:
+        async with aiohttp.ClientSession() as session, session.post(
+                f"{proxy.url}/api/generate", json=body) as response:
+            return response.status, response.reason or "", await response.read(), proxy.log()
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        server.close()
+
+
 async def test_a_reason_phrase_with_control_characters_is_replaced_not_a_500(tmp: Path) -> None:
     """HTTP allows more in a reason phrase than aiohttp sends: a replica's `200 O\\x01K` is relayed
     as 200 with the standard phrase and the body, not turned into a 500 after the replica's work."""
@@ -336,19 +353,11 @@ async def test_a_reason_phrase_with_control_characters_is_replaced_not_a_500(tmp
         await writer.drain()
         return True
 
-    server = await _raw_replica(generate)
-    port = server.sockets[0].getsockname()[1]
-    proxy = await asyncio.to_thread(start_proxy, tmp, [f"http://127.0.0.1:{port}"], name="reason")
-    try:
-        async with aiohttp.ClientSession() as session, session.post(
-                f"{proxy.url}/api/generate", json={"model": "m", "prompt": "x", "stream": False}
-        ) as response:
-            assert response.status == 200 and response.reason == "OK"
-            assert await response.read() == body
-        assert "Traceback" not in proxy.log()
-    finally:
-        await asyncio.to_thread(proxy.stop)
-        server.close()
+    status, reason, got, log = await _through_raw_replica(
+        tmp, generate, "reason", {"model": "m", "prompt": "x", "stream": False})
+    assert status == 200 and reason == "OK"
+    assert got == body
+    assert "Traceback" not in log
 
 
 @pytest.mark.parametrize("framing", ["ndjson", "sse"])
@@ -373,21 +382,12 @@ async def test_a_stream_cut_mid_record_ends_with_whole_records(tmp: Path, framin
         writer.transport.abort()  # dies mid-record
         return False
 
-    server = await _raw_replica(generate)
-    port = server.sockets[0].getsockname()[1]
-    proxy = await asyncio.to_thread(start_proxy, tmp, [f"http://127.0.0.1:{port}"], name="cut")
-    try:
-        async with aiohttp.ClientSession() as session, session.post(
-                f"{proxy.url}/api/generate", json={"model": "m", "prompt": "x"}) as response:
-            body = await response.read()
-        separator = b"\n" if framing == "ndjson" else b"\n\n"
-        records = [r for r in body.split(separator) if r]
-        assert records[0] + separator == first and len(records) == 2, body
-        error = json.loads(records[1].removeprefix(b"data: "))
-        assert "error" in error and b"the" not in records[1], body
-    finally:
-        await asyncio.to_thread(proxy.stop)
-        server.close()
+    _, _, body, _ = await _through_raw_replica(tmp, generate, "cut", {"model": "m", "prompt": "x"})
+    separator = b"\n" if framing == "ndjson" else b"\n\n"
+    records = [r for r in body.split(separator) if r]
+    assert records[0] + separator == first and len(records) == 2, body
+    error = json.loads(records[1].removeprefix(b"data: "))
+    assert "error" in error and b"the" not in records[1], body
 
 
 async def test_a_record_longer_than_the_hold_goes_through_whole_and_in_order(tmp: Path) -> None:
@@ -408,14 +408,7 @@ async def test_a_record_longer_than_the_hold_goes_through_whole_and_in_order(tmp
         await writer.drain()
         return True
 
-    server = await _raw_replica(generate)
-    port = server.sockets[0].getsockname()[1]
-    proxy = await asyncio.to_thread(start_proxy, tmp, [f"http://127.0.0.1:{port}"], name="long")
-    try:
-        async with aiohttp.ClientSession() as session, session.post(
-                f"{proxy.url}/api/generate", json={"model": "m", "prompt": "x"}) as response:
-            assert response.status == 200
-            assert await response.read() == long_record + last
-    finally:
-        await asyncio.to_thread(proxy.stop)
-        server.close()
+    status, _, body, _ = await _through_raw_replica(tmp, generate, "long",
+                                                    {"model": "m", "prompt": "x"})
+    assert status == 200
+    assert body == long_record + last
