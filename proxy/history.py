@@ -19,6 +19,9 @@ from typing import Any
 import attrs
 
 from . import gojson
+from .prompts import MESSAGE_OVERHEAD
+from .prompts import message_text as prompt_message_text
+from .prompts import message_tokens as prompt_message_tokens
 
 __all__ = [
     "MESSAGE_OVERHEAD_TOKENS",
@@ -32,7 +35,7 @@ __all__ = [
     "split_tail",
 ]
 
-MESSAGE_OVERHEAD_TOKENS = 4
+MESSAGE_OVERHEAD_TOKENS = MESSAGE_OVERHEAD
 """Tokens a chat template adds per message (start, role, end, separator): proxy/prompts.py counts so."""
 
 Count = Callable[[str], int]
@@ -50,13 +53,9 @@ class Group:
 
 
 def message_text(message: Any) -> str:
-    """The text a message carries: a string content, or the text of its content parts."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI / Anthropic content parts
-        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return ""
+    """The text a message carries (proxy/prompts.py's reading: content parts, tool results and inputs,
+    thinking blocks, keys in any case); empty for what is not a message."""
+    return prompt_message_text(message) if isinstance(message, dict) else ""
 
 
 def _parts_of_type(message: Any, kind: str) -> bool:
@@ -78,14 +77,10 @@ def _is_tool_result(message: Any) -> bool:
 
 
 def message_tokens(message: Any, count: Count) -> int:
-    """A message's cost in the prompt: the template's overhead, its text and its tool calls (rendered
-    into the prompt as JSON), counted as proxy/prompts.py counts them."""
-    if not isinstance(message, dict):
-        return 0
-    calls = message.get("tool_calls")
-    calls_text = gojson.dumps(calls).decode("utf-8", "replace") if calls else ""
-    return MESSAGE_OVERHEAD_TOKENS + count(message_text(message)) + (count(calls_text) if calls_text
-                                                                      else 0)
+    """A message's cost in the prompt, counted as proxy/prompts.py counts it for limits (the same
+    function: what a plugin takes off a prompt is what limits will find gone); 0 for what is not a
+    message."""
+    return prompt_message_tokens(message, count) if isinstance(message, dict) else 0
 
 
 def group_messages(messages: Sequence[Any]) -> list[Group]:

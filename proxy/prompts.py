@@ -22,10 +22,13 @@ from .tokens import Tokenizer
 
 __all__ = [
     "LOAD_OPTIONS",
+    "MESSAGE_OVERHEAD",
     "PromptCount",
     "canonicalize",
     "count_prompt",
     "expected_output",
+    "message_text",
+    "message_tokens",
     "request_cost",
     "truncate_prompt",
 ]
@@ -34,7 +37,7 @@ LOAD_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mm
                           "num_thread", "low_vram", "numa", "vocab_only"})
 """Options that make Ollama reload a runner when they differ from the loaded one (reference §4.2)."""
 
-_MESSAGE_OVERHEAD = 4
+MESSAGE_OVERHEAD = 4
 _CHAT_FRAME = 1 + 3
 _GENERATE_FRAME = 1 + 3
 _EMBED_FRAME = 2
@@ -92,9 +95,10 @@ def _text(content: Any, depth: int = 0) -> str:
     return "".join(pieces)
 
 
-def _message_text(message: dict[str, Any]) -> str:
-    """A chat message's text: its content (case as Go reads it), or, for a Responses item without one
-    (function_call, function_call_output), the item's own text fields."""
+def message_text(message: dict[str, Any]) -> str:
+    """A chat message's text, what counting and the history plugins' transcripts read: its content
+    (case as Go reads it), or, for a Responses item without one (function_call,
+    function_call_output), the item's own text fields."""
     content = _field(message, "content")
     return _text(content) if content is not None else _part_text(message)
 
@@ -120,8 +124,10 @@ def _messages(route: RouteInfo, body: dict[str, Any]) -> list[dict[str, Any]] | 
     return out
 
 
-def _message_tokens(message: dict[str, Any], count: Callable[[str], int]) -> int:
-    return (_MESSAGE_OVERHEAD + count(_message_text(message))
+def message_tokens(message: dict[str, Any], count: Callable[[str], int]) -> int:
+    """A chat message's cost in the prompt: the template's overhead, its text and its tool calls
+    (rendered into the prompt as JSON). The one count: limits, quotas and the history plugins."""
+    return (MESSAGE_OVERHEAD + count(message_text(message))
             + count(_json_text(_field(message, "tool_calls"))))
 
 
@@ -147,7 +153,7 @@ def count_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer,
         messages = _messages(route, body)
         if messages is None:
             return None
-        total = _CHAT_FRAME + sum(_message_tokens(m, count) for m in messages)
+        total = _CHAT_FRAME + sum(message_tokens(m, count) for m in messages)
         total += count(_json_text(body.get("tools")))  # tool schemas are rendered into the prompt
         return PromptCount(total, total)
     if shape == "generate":
@@ -224,7 +230,7 @@ def truncate_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer
             if isinstance(message, dict) and _field(message, "role") == "system":
                 continue
             if isinstance(message, dict):
-                total -= _message_tokens(message, tokenizer.count)
+                total -= message_tokens(message, tokenizer.count)
             drop.add(i)
         if total > limit:
             return None
