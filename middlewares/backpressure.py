@@ -700,7 +700,7 @@ class BackpressureStep(Step):
         try:
             async with asyncio.timeout(min(budget, remaining)):
                 replica = await future
-        except Overload as displaced:  # its place went to a tenant holding fewer (FairQueue.displace)
+        except Overload as displaced:  # its place went to a tenant holding fewer (fairqueue.push_out)
             gate.rejections["overload"] += 1
             self.decide(ctx, span, "overload", displaced)
             raise AssertionError("unreachable") from None  # decide raised in enforce mode

@@ -20,14 +20,15 @@ import itertools
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import attrs
 
 if TYPE_CHECKING:  # the queue only carries it
     from .placement import Placing
 
-__all__ = ["FairQueue", "Waiter"]
+__all__ = ["FairQueue", "Waiter", "push_out"]
 
 LANES = ("interactive", "bulk")
 _UNSETTLED_HORIZON_S = 300.0
@@ -47,6 +48,32 @@ class Waiter:
     seq: int = 0
     placing: Placing | None = None
     """What the replica choice may look at (proxy/placement.py); the queue never reads it."""
+
+
+class _Place(Protocol):
+    tenant: str
+    weight: float
+
+
+P = TypeVar("P", bound=_Place)
+
+
+def push_out(waiting: Iterable[P], tenant: str, weight: float) -> P | None:
+    """A full waiting room, and `tenant` (`weight`) wants a place: of `waiting` (oldest first), the
+    newest of the tenant holding the most places for its weight, when it holds more than `tenant` would
+    with the place; else None (the newcomer is the one refused). So a tenant flooding the room cannot
+    keep the others out: it is shared as the slots are. The one rule for the in-process queue and for
+    each process's share of the Redis one (proxy/shared_admission.py)."""
+    held: dict[str, list[P]] = {}
+    for place in waiting:
+        held.setdefault(place.tenant, []).append(place)
+    if not held:
+        return None
+    top = max(held, key=lambda name: len(held[name]) / held[name][0].weight)
+    mine = len(held.get(tenant, ()))
+    if top == tenant or len(held[top]) / held[top][0].weight <= (mine + 1) / weight:
+        return None
+    return held[top][-1]
 
 
 class FairQueue:
@@ -109,32 +136,14 @@ class FairQueue:
             ahead += sum(len(q) for q in self._lanes["interactive"].values())
         return ahead
 
-    def displace(self, tenant: str, weight: float) -> Waiter | None:
-        """The queue is full and `tenant` (`weight`) wants a place: the newest waiter of the tenant
-        holding the most places for its weight, taken out, when that tenant holds more than `tenant`
-        would with the place; else None (the newcomer is the one refused). A tenant flooding the queue
-        thus cannot keep the others out: the waiting room is shared as the slots are. FIFO: None."""
-        victim = self.displaceable(tenant, weight)
-        if victim is not None:
-            self.remove(victim)
-        return victim
-
     def displaceable(self, tenant: str, weight: float) -> Waiter | None:
-        """The waiter `displace` would take out, left in the queue (the caller takes it out only once
-        the newcomer is sure to keep the place: one refused on its own deadline must evict nobody)."""
+        """The queue is full and `tenant` (`weight`) wants a place: the waiter `push_out` names, left
+        in the queue (the caller takes it out only once the newcomer is sure to keep the place: one
+        refused on its own deadline must evict nobody). FIFO: None."""
         if not self.fair:
             return None
-        held: dict[str, list[Waiter]] = {}
-        for lane in self._lanes.values():
-            for name, queue in lane.items():
-                held.setdefault(name, []).extend(queue)
-        if not held:
-            return None
-        top = max(held, key=lambda name: len(held[name]) / held[name][0].weight)
-        mine = len(held.get(tenant, ()))
-        if top == tenant or len(held[top]) / held[top][0].weight <= (mine + 1) / weight:
-            return None
-        return max(held[top], key=lambda w: w.seq)
+        waiting = [w for lane in self._lanes.values() for queue in lane.values() for w in queue]
+        return push_out(sorted(waiting, key=lambda w: w.seq), tenant, weight)
 
     def _lift(self, tenant: str) -> None:
         """`tenant` becomes backlogged: raise its counter to the smallest of those waiting or, when

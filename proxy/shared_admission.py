@@ -27,6 +27,7 @@ from aiohttp import web
 
 from proxy.context import RequestContext
 from proxy.errors import Overload, QueueTimeout, StateUnavailable
+from proxy.fairqueue import push_out
 from proxy.state.leases import Grant, SharedSlots, StateDown, Ticket
 from proxy.upstreams import Upstream
 
@@ -41,11 +42,10 @@ class SharedAdmission:
 
     def __init__(self, slots: SharedSlots) -> None:
         self.slots = slots
-        self.local_waiting: dict[str, int] = {}
-        """Requests of this process waiting on the shared queue, per model (max_queue_size)."""
         self.waiters: dict[str, list[Ticket]] = {}
-        """Those requests' tickets, per model, oldest first: a full room is shared by push-out, as in
-        one process (FairQueue.displace)."""
+        """The tickets of this process's requests waiting on the shared queue, per model, oldest first:
+        their number is held to max_queue_size, and a full room is shared by push-out, as in one
+        process (fairqueue.push_out)."""
         self._published: dict[tuple[str, str], int] = {}
         """The learned limits this process stored in Redis, per (model, replica)."""
 
@@ -88,10 +88,12 @@ class SharedAdmission:
     async def _shared(self, step: BackpressureStep, ctx: RequestContext, gate: ModelGate, span: Any,
                       ticket: Ticket, candidates: list[tuple[str, int]]) -> Grant:
         slots = self.slots
-        waiting = self.local_waiting.get(gate.model, 0)
+        waiting = len(self.waiters.get(gate.model, ()))
         displaced: Ticket | None = None
         if waiting >= step.config.max_queue_size:
-            displaced = self._displaceable(gate.model, ticket)
+            displaced = push_out((t for t in self.waiters.get(gate.model, ())
+                                  if t.future is not None and not t.future.done()),
+                                 ticket.tenant, ticket.weight)
             if displaced is None:
                 gate.rejections["overload"] += 1
                 step.decide(ctx, span, "overload", Overload(
@@ -117,8 +119,7 @@ class SharedAdmission:
                 f"the queue for {gate.model} is full ({step.config.max_queue_size} waiting) and "
                 "this tenant held the most places", retry_after_s=gate.retry_after_s()))
             displaced.future.exception()  # retrieved: its waiter may have just left
-        # Counted now, not from `waiting`: other requests came and went during `enter`'s round trip.
-        self.local_waiting[gate.model] = self.local_waiting.get(gate.model, 0) + 1
+        # Added now, not counted from `waiting`: others came and went during `enter`'s round trip.
         waiters = self.waiters.setdefault(gate.model, [])
         waiters.append(ticket)
         try:
@@ -146,27 +147,10 @@ class SharedAdmission:
             await slots.leave(ticket)
             raise
         finally:
-            self.local_waiting[gate.model] -= 1
             waiters.remove(ticket)
         slots.counts["granted_queued"] += 1
         step.decide(ctx, span, "queued")
         return granted
-
-    def _displaceable(self, model: str, newcomer: Ticket) -> Ticket | None:
-        """The newest waiting ticket of the tenant holding the most of this process's places for
-        `model` (for its weight), when it holds more than the newcomer's tenant would with one more;
-        else None. Not taken out: the caller ends it only once the newcomer keeps the place."""
-        held: dict[str, list[Ticket]] = {}
-        for ticket in self.waiters.get(model, ()):
-            if ticket.future is not None and not ticket.future.done():
-                held.setdefault(ticket.tenant, []).append(ticket)
-        if not held:
-            return None
-        top = max(held, key=lambda name: len(held[name]) / held[name][0].weight)
-        mine = len(held.get(newcomer.tenant, ()))
-        if top == newcomer.tenant or len(held[top]) / held[top][0].weight <= (mine + 1) / newcomer.weight:
-            return None
-        return held[top][-1]
 
     @staticmethod
     def _give_back(ticket: Ticket) -> bool:

@@ -275,25 +275,32 @@ def test_a_full_queue_is_shared_and_positions_are_counted_in_fair_order() -> Non
         def waiter(tenant: str, weight: float = 1.0) -> Waiter:
             return Waiter(tenant, weight, "interactive", 100.0, loop.create_future())
 
+        def displace(queue: FairQueue, tenant: str, weight: float) -> Waiter | None:
+            """What backpressure does once the newcomer keeps its place: the waiter out."""
+            victim = queue.displaceable(tenant, weight)
+            if victim is not None:
+                queue.remove(victim)
+            return victim
+
         flood = [waiter("flood") for _ in range(6)]
         assert [queue.push(w) for w in flood] == [0, 1, 2, 3, 4, 5]
         assert queue.push(waiter("light")) == 1  # one of flood's goes first, not all six
-        assert queue.displace("flood", 1.0) is None  # the one holding the most is refused itself
-        taken = queue.displace("light", 1.0)  # light holds 1 (2 with the place), flood 6
+        assert displace(queue, "flood", 1.0) is None  # the one holding the most is refused itself
+        taken = displace(queue, "light", 1.0)  # light holds 1 (2 with the place), flood 6
         assert taken is flood[-1] and len(queue) == 6
         three = [waiter("third") for _ in range(3)]
         for w in three:
             queue.push(w)
         # flood 5, light 1, third 3: a second light waiter may still take flood's newest...
-        assert queue.displace("light", 1.0) is flood[-2]
+        assert displace(queue, "light", 1.0) is flood[-2]
         queue.push(waiter("light"))
         # ...but no tenant gains a place from one that holds no more than it would: flood 4, third 4
-        assert queue.displace("third", 1.0) is None
+        assert displace(queue, "third", 1.0) is None
         heavy = FairQueue(fair=True)
         for _ in range(4):
             heavy.push(waiter("big", 4.0))  # weight 4: four places are its share of one
         heavy.push(waiter("small"))
-        assert heavy.displace("small", 1.0) is None
+        assert displace(heavy, "small", 1.0) is None
     finally:
         loop.close()
 
