@@ -232,6 +232,24 @@ def test_gateway_errors_back_off_with_jitter_then_succeed() -> None:
     assert gaps[0] <= 0.2 + 0.5 and gaps[1] <= 0.4 + 0.5  # full jitter under 0.2 s, then 0.4 s
 
 
+@pytest.mark.parametrize("timeout_retries", [1, 2])
+def test_a_gateway_timeout_is_retried_once_by_default(timeout_retries: int) -> None:
+    """A 504 may have kept a replica busy for the whole timeout: retried `max_timeout_retries` times
+    (once by default), not `max_attempts` times."""
+    recorder = Recorder()
+    over = {} if timeout_retries == 1 else {"max_timeout_retries": timeout_retries}
+    with Scripted(answer(504), answer(504), answer(200, CHAT_OK)) as server:
+        if timeout_retries == 1:
+            with pytest.raises(ollama.ResponseError) as refused:
+                chat(client(server.url, recorder, backoff_base_s=0.05, **over))
+            assert refused.value.status_code == 504
+        else:
+            assert chat(client(server.url, recorder, backoff_base_s=0.05, **over)).done
+    assert [a.status for a in recorder.attempts] == [504, 504, 200][:timeout_retries + 1]
+    with pytest.raises(ValueError, match="max_timeout_retries"):
+        RetryPolicy(max_timeout_retries=-1)
+
+
 @pytest.mark.parametrize("status", [400, 429, 503])
 def test_should_retry_false_is_never_retried(status: int) -> None:
     body = {"error": "request needs 9000 tokens, more than the quota", "code": "quota_exceeded"}

@@ -24,6 +24,10 @@ export interface RetryOptions {
   retryAfterJitter?: number;
   /** Statuses retried without `x-should-retry: true`. Default [429, 502, 503, 504]. */
   statuses?: number[];
+  /** 504 answers retried per request, whatever `maxAttempts` allows. Default 1: a request that timed out
+   * may have kept a replica busy for the whole timeout, and retrying it again and again multiplies the
+   * load the timeout was there to shed. */
+  maxTimeoutRetries?: number;
   /** The fetch to wrap. Default `globalThis.fetch`. */
   fetch?: typeof fetch;
   /** Called before each wait (default: one `console.info` line with method, path, wait and status;
@@ -50,14 +54,15 @@ export interface RetryInfo {
 /**
  * A fetch-compatible function with the shared service's retry policy.
  *
- * Retried: 429, 502, 503, 504 (the proxy answers 502/504 only before the first body byte) and refused
- * connections. The wait is the server's (`retry-after-ms`, else `Retry-After` seconds or HTTP date) plus
- * up to `retryAfterJitter` of it, else exponential backoff with full jitter. Never retried: an answer
- * with `x-should-retry: false`, any other status (unless an error carries `x-should-retry: true`), a response once it is
- * returned (a stream that started: the response is returned as soon as its headers arrive, the body is
- * never buffered), aborts, header timeouts and other network errors, and a request whose body cannot be
- * sent twice (a ReadableStream, or a `Request` with a body). A server wait longer than `maxRetryAfterS`
- * or past the `maxTotalS` budget is not slept through: the answer is returned at once so the caller sees
+ * Retried: 429, 502, 503, 504 (the proxy answers 502/504 only before the first body byte; a 504 is
+ * retried once, see `maxTimeoutRetries`) and refused connections. The wait is the server's
+ * (`retry-after-ms`, else `Retry-After` seconds or HTTP date) plus up to `retryAfterJitter` of it, else
+ * exponential backoff with full jitter. Never retried: an answer with `x-should-retry: false`, any other
+ * status (unless an error carries `x-should-retry: true`), a response once it is returned (a stream that
+ * started: the response is returned as soon as its headers arrive, the body is never buffered), aborts,
+ * header timeouts and other network errors, and a request whose body cannot be sent twice (a
+ * ReadableStream, or a `Request` with a body). A server wait longer than `maxRetryAfterS` or past the
+ * `maxTotalS` budget is not slept through: the answer is returned at once so the caller sees
  * the refusal (ollama-js throws `ResponseError` with the service's message and `status_code`). Aborting
  * the request's signal during a wait rejects at once.
  */

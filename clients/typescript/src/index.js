@@ -13,6 +13,7 @@ const DEFAULTS = Object.freeze({
   backoffMaxS: 8,
   retryAfterJitter: 0.1,
   statuses: [429, 502, 503, 504],
+  maxTimeoutRetries: 1,
 });
 
 /** The wait a server asked for, in seconds: `retry-after-ms` first, else `Retry-After` (seconds or an
@@ -112,6 +113,9 @@ export function retryingFetch(options = {}) {
   if (!(Number.isInteger(policy.maxAttempts) && policy.maxAttempts >= 1)) {
     throw new RangeError("maxAttempts must be an integer >= 1");
   }
+  if (!(Number.isInteger(policy.maxTimeoutRetries) && policy.maxTimeoutRetries >= 0)) {
+    throw new RangeError("maxTimeoutRetries must be an integer >= 0");
+  }
   for (const key of ["maxTotalS", "maxRetryAfterS", "backoffBaseS", "backoffMaxS"]) {
     const value = /** @type {number} */ (policy[/** @type {keyof typeof policy} */ (key)]);
     if (!(Number.isFinite(value) && value > 0)) throw new RangeError(`${key} must be > 0 seconds`);
@@ -128,9 +132,11 @@ export function retryingFetch(options = {}) {
     const started = performance.now();
     const canReplay = replayable(init?.body) && !(input instanceof Request && input.body !== null);
     const signal = init?.signal ?? (input instanceof Request ? input.signal : undefined);
+    let timeouts = 0;  // 504 answers so far, counted in `plan`
     /** @param {number} attempt @param {Response | null} response */
     const plan = (attempt, response) => {
-      if (attempt >= policy.maxAttempts || !canReplay) return null;
+      if (response?.status === 504) timeouts += 1;
+      if (attempt >= policy.maxAttempts || !canReplay || timeouts > policy.maxTimeoutRetries) return null;
       const delay = retryDelay(policy, attempt, response, random);
       if (delay === null || (performance.now() - started) / 1000 + delay > policy.maxTotalS) return null;
       onRetry({ ...describe(input, init), delayS: delay, status: response === null ? null : response.status,

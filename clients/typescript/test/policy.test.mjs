@@ -126,6 +126,25 @@ for (const [retryAfter, options] of [["120", {}], ["10", { maxTotalS: 3 }]]) {
   });
 }
 
+test("a 504 is retried once, whatever maxAttempts allows", async () => {
+  const server = await scripted(answer(504, { error: "no first byte in time" }),
+    answer(504, { error: "no first byte in time" }), answer(200, CHAT_OK));
+  try {
+    const client = new Ollama({ host: server.url, fetch: retryingFetch({ ...quiet, backoffBaseS: 0.05 }) });
+    await assert.rejects(chat(client), (error) => error.status_code === 504);
+    assert.equal(server.requests, 2);
+  } finally { server.close(); }
+  const again = await scripted(answer(504, { error: "no first byte in time" }),
+    answer(504, { error: "no first byte in time" }), answer(200, CHAT_OK));
+  try {
+    const client = new Ollama({ host: again.url,
+      fetch: retryingFetch({ ...quiet, backoffBaseS: 0.05, maxTimeoutRetries: 2 }) });
+    assert.equal((await chat(client)).message.content, CHAT_OK.message.content);
+    assert.equal(again.requests, 3);
+  } finally { again.close(); }
+  assert.throws(() => retryingFetch({ maxTimeoutRetries: -1 }), RangeError);
+});
+
 test("other statuses are not retried", async () => {
   const server = await scripted(answer(500, { error: "model runner crashed" }), answer(200, CHAT_OK));
   try {

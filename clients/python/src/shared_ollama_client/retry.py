@@ -40,6 +40,7 @@ class RetryPolicy:
     a request whose body cannot be sent twice. `x-should-retry: true` makes any error status (>= 400)
     retryable (the header the OpenAI SDKs obey). A policy whose `max_retry_after_s` exceeds 60 s retries
     a 429/503 refusal carrying `x-should-retry: false` and a wait (the proxy's "longer than 60 s").
+    A 504 is retried at most `max_timeout_retries` times (once by default).
 
     The wait is the server's (`retry-after-ms`, else `Retry-After` in seconds or as an HTTP date) plus up
     to `retry_after_jitter` of it, so clients told the same second do not return in the same instant;
@@ -66,10 +67,16 @@ class RetryPolicy:
     """Extra wait of up to this share of a server-told wait."""
     statuses: frozenset[int] = field(default=frozenset({429, 502, 503, 504}))
     """Statuses retried without `x-should-retry: true`."""
+    max_timeout_retries: int = 1
+    """504 answers retried per request, whatever `max_attempts` allows: a request that timed out may
+    have kept a replica busy for the whole timeout, and retrying it again and again multiplies the load
+    the timeout was there to shed."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if self.max_timeout_retries < 0:
+            raise ValueError("max_timeout_retries must be >= 0")
         for name in ("max_total_s", "max_retry_after_s", "backoff_base_s", "backoff_max_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -161,13 +168,16 @@ class _Retrying:
         self._rng_lock = threading.Lock()
 
     def _plan(self, request: httpx.Request, attempt: int, started: float,
-              response: httpx.Response | None) -> float | None:
-        """Seconds to wait before trying again, or None to give the answer (or error) to the caller."""
+              response: httpx.Response | None, timeouts: int) -> float | None:
+        """Seconds to wait before trying again, or None to give the answer (or error) to the caller.
+        `timeouts`: the 504 answers this request has had, this one included."""
         if response is not None:
             seen = limits(response)
             if seen is not None:
                 self.last_limits = seen
         if attempt >= self.policy.max_attempts or not _replayable(request):
+            return None
+        if timeouts > self.policy.max_timeout_retries:
             return None
         with self._rng_lock:
             delay = retry_delay(self.policy, attempt, None if response is None else response.status_code,
@@ -196,15 +206,17 @@ class RetryTransport(_Retrying, httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         started = time.monotonic()
         attempt = 1
+        timeouts = 0
         while True:
             try:
                 response = self.inner.handle_request(request)
             except httpx.ConnectError:
-                delay = self._plan(request, attempt, started, None)
+                delay = self._plan(request, attempt, started, None, timeouts)
                 if delay is None:
                     raise
             else:
-                delay = self._plan(request, attempt, started, response)
+                timeouts += response.status_code == 504
+                delay = self._plan(request, attempt, started, response, timeouts)
                 if delay is None:
                     return response
                 response.close()
@@ -227,15 +239,17 @@ class AsyncRetryTransport(_Retrying, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         started = time.monotonic()
         attempt = 1
+        timeouts = 0
         while True:
             try:
                 response = await self.inner.handle_async_request(request)
             except httpx.ConnectError:
-                delay = self._plan(request, attempt, started, None)
+                delay = self._plan(request, attempt, started, None, timeouts)
                 if delay is None:
                     raise
             else:
-                delay = self._plan(request, attempt, started, response)
+                timeouts += response.status_code == 504
+                delay = self._plan(request, attempt, started, response, timeouts)
                 if delay is None:
                     return response
                 await response.aclose()
