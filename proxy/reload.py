@@ -17,6 +17,12 @@ the request has not reached yet applies the new section.
 `server`, `forwarding`, `state` and `telemetry` are bound when the process starts (the listening socket,
 connection pools, the state backend, exporters): a change there is reported as needing a restart and
 the running values stay; the rest of the file is applied.
+
+A file caught in the middle of being written is never applied: a reload refuses an empty file (what
+`open(path, "w")` leaves before the first byte, which would otherwise parse as "all defaults": no keys,
+no tenants, the default replica), and the watch applies a change only once the file's identity, size
+and modification time held still for one whole check interval. Writing the new file elsewhere and
+renaming it onto the path (as editors and Kubernetes do) is still the safe way.
 """
 
 from __future__ import annotations
@@ -189,6 +195,9 @@ class Reloader:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sighup_pending = False
         self._stamp: tuple[int, int, int] | None = _stamp(path)
+        """The file's stamp when it was last read (None: read it again at the next check)."""
+        self._settling: tuple[int, int, int] | None = None
+        """A changed stamp the watch saw at its last check: applied if it still holds at the next."""
         names = telemetry.names
         meter = telemetry.meter
         self._reloads = meter.create_counter(
@@ -237,6 +246,11 @@ class Reloader:
         now = time.time()
         self._stamp = _stamp(self.path)
         before = _digest(self.path)
+        if _empty(self.path):
+            # Caught between `open(path, "w")` and the first write: applying it would serve the
+            # defaults (no keys, no tenants). The watch looks again once the file changes.
+            return self._refuse(trigger, now, "the file is empty (still being written?); write the new "
+                                "file elsewhere and rename it into place")
         try:
             new = self._load()
         except (ConfigError, PluginError, ValueError) as exc:
@@ -298,17 +312,25 @@ class Reloader:
     # triggers ----------------------------------------------------------------------------------------
     async def watch(self, interval_s: float) -> None:
         """Reload whenever the file's identity or contents change (checked every `interval_s`): an edit
-        in place, or a new file renamed onto the path (how editors and Kubernetes ConfigMaps update)."""
+        in place, or a new file renamed onto the path (how editors and Kubernetes ConfigMaps update).
+        A change is applied once its stamp held for a whole interval: a file being written in place is
+        read when its writer is done, not halfway."""
         while True:
             await asyncio.sleep(interval_s)
             try:
                 stamp = _stamp(self.path)
-                if stamp is not None and stamp != self._stamp:
-                    digest = _digest(self.path)
-                    if digest == self.digest and not self.refused:
-                        self._stamp = stamp  # touched, not changed
-                        continue
-                    await self.reload("file")
+                if stamp is None or stamp == self._stamp:
+                    self._settling = None
+                    continue
+                if stamp != self._settling:
+                    self._settling = stamp  # changed since the last check: may still be being written
+                    continue
+                self._settling = None
+                digest = _digest(self.path)
+                if digest == self.digest and not self.refused:
+                    self._stamp = stamp  # touched, not changed
+                    continue
+                await self.reload("file")
             except Exception:  # the watch must outlive any one reload's bug
                 log.exception("configuration watch: reload failed unexpectedly")
 
@@ -372,6 +394,17 @@ def _stamp(path: str | None) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _empty(path: str | None) -> bool:
+    """Whether the file holds nothing but whitespace (a file caught mid-write; an unreadable one is for
+    the loader to report)."""
+    if path is None:
+        return False
+    try:
+        return not Path(path).read_bytes().strip()
+    except OSError:
+        return False
 
 
 def _digest(path: str | None) -> str | None:

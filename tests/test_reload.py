@@ -365,3 +365,44 @@ def test_system_config_is_admin_only(emulators: tuple[Server, Server], tmp_path:
         assert config["config"]["upstreams"][0]["restart_command"] == "<redacted>"
     finally:
         proxy.stop()
+
+
+def test_a_file_caught_mid_write_is_never_applied(emulators: tuple[Server, Server], tmp_path: Path) -> None:
+    """Rewriting the file in place (`open(path, "w")`, then the text) leaves it empty for a moment:
+    applied, that would serve the defaults, with no keys at all. Neither the watch nor SIGHUP applies
+    an empty file, and an in-place edit is applied once it holds still."""
+    one, _ = emulators
+    proxy = start_proxy(tmp_path, [one.url], _config([one], keys=[KEY_A], watch_s=0.2,
+                                                     anonymous={"allow": False}), name="reload-midwrite")
+    assert proxy.config_path is not None
+    text = proxy.config_path.read_text()
+    keyless = f"{proxy.url}/api/tags"
+    try:
+        assert httpx.get(keyless, timeout=10).status_code == 401
+        with proxy.config_path.open("w"):  # truncated, and held empty well past a check of the watch
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                assert httpx.get(keyless, timeout=10).status_code == 401
+                time.sleep(0.05)
+        refused = wait_for(lambda: (c := _system_config(proxy))["refused"] and c, what="a refusal")
+        assert refused["version"] == 1 and "empty" in refused["last_reload"]["error"]
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: _system_config(proxy)["last_reload"]["trigger"] == "sighup", what="SIGHUP")
+        assert _system_config(proxy)["version"] == 1
+        assert httpx.get(keyless, timeout=10).status_code == 401
+
+        # Written back in place, in two halves with a pause between (a slow writer): only the whole
+        # file is applied, once it held still.
+        edited = text.replace(KEY_A, KEY_B)
+        with proxy.config_path.open("w") as handle:
+            handle.write(edited[: len(edited) // 2])
+            handle.flush()
+            time.sleep(0.1)
+            handle.write(edited[len(edited) // 2:])
+        wait_for(lambda: httpx.get(keyless, headers={"Authorization": f"Bearer {KEY_B}"},
+                                   timeout=10).status_code == 200, what="the edited file applied")
+        config = _system_config(proxy)
+        assert not config["refused"] and config["version"] == 2
+        assert httpx.get(keyless, timeout=10).status_code == 401
+    finally:
+        proxy.stop()
