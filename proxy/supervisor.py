@@ -59,7 +59,11 @@ def read_secret(fd: int) -> str:
         return pipe.read().strip()
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def _in_child() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Die with the supervisor, and ignore SIGHUP until the worker installs its reload handler (an
+    ignored signal stays ignored across exec): a reload forwarded to a worker still starting must not
+    end it, and that worker reads the current file anyway."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -128,7 +132,7 @@ class Supervisor:
                    "--worker-index", str(worker.index), "--worker-secret-fd", str(read)]
         try:
             worker.process = subprocess.Popen(command, pass_fds=(read,), start_new_session=True,
-                                              preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads here
+                                              preexec_fn=_in_child)  # noqa: PLW1509 - no threads here
         finally:
             os.close(read)
         worker.started = time.monotonic()
@@ -179,7 +183,9 @@ class Supervisor:
     def _wait_listening(self) -> bool:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
-            if self._signals:
+            # A SIGHUP waits in the queue: it is forwarded once every worker listens (a worker reads
+            # the current file when it starts); any other signal stops the start.
+            if any(signum != signal.SIGHUP for signum in self._signals):
                 return False
             if all(self._port_file(w).exists() for w in self.workers):
                 return True

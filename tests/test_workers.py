@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,67 @@ def test_workers_that_keep_dying_stop_the_supervisor(tmp: Path, emulator: Server
         assert not any(_alive(p[-1]) for p in _pids(server).values())
     finally:
         server.stop()
+
+
+def _ignores_sighup(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    except OSError:
+        pass
+    return False
+
+
+def _has_loaded(pid: int, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            return name in maps.read()
+    except OSError:
+        return False
+
+
+def _start_under_sighup(tmp: Path, name: str, config: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """Start `serve` from its real command line and send it SIGHUP every 20 ms until it listens (or
+    exits): a `systemctl reload` right after a start. Returns the process, listening."""
+    port_file = tmp / f"{name}.port"
+    port_file.unlink(missing_ok=True)
+    log = (tmp / f"{name}.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config),
+                                "--port-file", str(port_file), *extra], stdout=log, stderr=log)
+    deadline = time.monotonic() + 60
+    # The storm starts once the process ignores SIGHUP or has begun loading aiohttp, whichever comes
+    # first: a process that loads the proxy before ignoring it dies here, without any timing guess.
+    while process.poll() is None and time.monotonic() < deadline and not (
+            _ignores_sighup(process.pid) or _has_loaded(process.pid, "aiohttp")):
+        time.sleep(0.001)
+    while not port_file.exists() and process.poll() is None and time.monotonic() < deadline:
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.02)
+    assert process.poll() is None, f"serve ended under SIGHUP at start-up: {process.returncode}"
+    assert port_file.exists()
+    return process
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_while_starting_does_not_end_the_proxy(tmp: Path, emulator: Server,
+                                                      redis_server: RedisServer, workers: int) -> None:
+    """Python's default for SIGHUP ends a process, and the proxy takes ~0.3 s to import: SIGHUP is
+    ignored from the first line until serving installs its reload handler, in the supervisor and in
+    every worker it starts."""
+    config = _config(tmp, f"hup-start-{workers}", emulator,
+                     {"backend": "redis", "url": redis_server.url, "key_prefix": f"hup{workers}:"})
+    process = _start_under_sighup(tmp, f"hup-start-{workers}", config, "--workers", str(workers))
+    try:
+        port = int((tmp / f"hup-start-{workers}.port").read_text())
+        with httpx.Client(timeout=30) as client:
+            for _ in range(4):
+                assert client.post(f"http://127.0.0.1:{port}/api/generate", json=BODY).status_code == 200
+        for _ in range(5):  # and while serving, each is a reload
+            process.send_signal(signal.SIGHUP)
+            time.sleep(0.05)
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
