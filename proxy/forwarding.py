@@ -48,7 +48,7 @@ from .errors import (
 from .fleet.client import FleetClient
 from .fleet.wire import UpstreamLost, WireResponse
 from .ollama import UsageScanner
-from .rendering import retry_headers, stream_error_record
+from .rendering import retry_headers, stream_error_record, told_wait_s
 from .schema import ForwardingConfig
 from .serving import GracefulStop
 from .telemetry import semconv
@@ -260,13 +260,18 @@ class Forwarder:
             if lower in _DROP_RESPONSE or lower in named:
                 continue
             headers.add(key, value)
-        if upstream_response.status in _RETRY_AFTER_STATUSES and "Retry-After" not in headers:
-            # Ollama's "server busy" and ollama.com's usage-limit 429 / overloaded 503 (relayed for
-            # cloud models) carry none; every 429 and 503 the proxy sends says when to come back.
+        if upstream_response.status in _RETRY_AFTER_STATUSES:
+            # Every 429 and 503 the proxy sends says when to come back, in its own bounds (1-60 s,
+            # `x-should-retry: false` past them): Ollama's "server busy" and ollama.com's usage-limit
+            # 429 / overloaded 503 (relayed for cloud models) carry none, and a told wait of 0 or an
+            # hour would turn the clients' retries into a storm or a hang.
+            told = told_wait_s(headers)
             slot = ctx.admission.slot
-            wait_s = slot.retry_after_s() if slot is not None else float(_DEFAULT_RETRY_AFTER_S)
-            for name, value in retry_headers(wait_s).items():
-                headers.setdefault(name, value)
+            wait_s = told if told is not None else \
+                slot.retry_after_s() if slot is not None else float(_DEFAULT_RETRY_AFTER_S)
+            for name in ("Retry-After", "retry-after-ms"):
+                headers.popall(name, None)
+            headers.update(retry_headers(wait_s))
         response = _RelayResponse(status=upstream_response.status,
                                   reason=_reason(upstream_response.reason), headers=headers)
         length = upstream_response.headers.get("Content-Length")

@@ -14,14 +14,19 @@ whichever phase the failure met. Only ingress (before headers), the forwarder (a
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import math
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from .errors import MAX_RETRY_AFTER_S, ProxyError
 
-__all__ = ["error_body", "error_object", "render", "retry_headers", "status_of", "stream_error_record"]
+__all__ = ["error_body", "error_object", "render", "retry_headers", "status_of", "stream_error_record",
+           "told_wait_s"]
 
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
@@ -83,6 +88,32 @@ def retry_headers(retry_after_s: float) -> dict[str, str]:
     if retry_after_s > MAX_RETRY_AFTER_S:
         headers["x-should-retry"] = "false"
     return headers
+
+
+def told_wait_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """The wait a replica's (or ollama.com's) answer asks for, in seconds: `retry-after-ms`, else
+    `Retry-After` as seconds or an HTTP date (a past date is 0). None when absent or not a finite,
+    non-negative value: the proxy then says its own."""
+    for name, scale in (("retry-after-ms", 1000.0), ("Retry-After", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        value = value.strip()
+        try:
+            seconds = float(value) / scale
+        except ValueError:
+            if scale != 1.0:
+                continue
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError, IndexError):
+                continue
+            if when.tzinfo is None:  # RFC 9110 dates are GMT
+                when = when.replace(tzinfo=datetime.UTC)
+            seconds = max(0.0, when.timestamp() - (time.time() if now is None else now))
+        if math.isfinite(seconds) and seconds >= 0:
+            return seconds
+    return None
 
 
 def render(dialect: str, exc: ProxyError) -> tuple[int, dict[str, str], bytes]:

@@ -159,11 +159,17 @@ def test_cloud_refusals_are_relayed_and_never_count_against_the_replica(
         else:
             assert "usage limit" in response.json()["error"]["message"]
         assert int(response.headers["Retry-After"]) >= 1
-    # The upstream's own Retry-After is kept as it is.
-    set_faults(a, cloud_status=429, retry_after_s=42)
-    set_faults(b, cloud_status=429, retry_after_s=42)
-    kept = httpx.post(f"{proxy.url}/api/chat", json=chat(CLOUD), timeout=30)
-    assert kept.status_code == 429 and kept.headers.get_list("Retry-After") == ["42"]
+    # The upstream's own Retry-After is kept within the proxy's bounds (1-60 s, `x-should-retry:
+    # false` past them, `retry-after-ms` beside it): 0 would make clients retry in a tight loop, an
+    # hour would make the OpenAI SDK sleep it (or fall back to its own backoff).
+    for told, seconds, milliseconds, should in (("42", "42", "42000", None), ("0", "1", "1", None),
+                                                ("3600", "60", "60000", "false")):
+        set_faults(a, cloud_status=429, retry_after_s=int(told))
+        set_faults(b, cloud_status=429, retry_after_s=int(told))
+        kept = httpx.post(f"{proxy.url}/api/chat", json=chat(CLOUD), timeout=30)
+        assert kept.status_code == 429 and kept.headers.get_list("Retry-After") == [seconds], told
+        assert kept.headers.get_list("retry-after-ms") == [milliseconds], told
+        assert kept.headers.get("x-should-retry") == should, told
 
     # The OpenAI SDK sees a RateLimitError it can act on (no retries here: we count requests).
     client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="ollama", max_retries=0)

@@ -8,6 +8,7 @@ them), so what a client sees is what the proxy actually sends.
 
 from __future__ import annotations
 
+import email.utils
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,9 +20,10 @@ import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
 
 from proxy import errors
-from proxy.rendering import error_object, render, status_of, stream_error_record
+from proxy.rendering import error_object, render, status_of, stream_error_record, told_wait_s
 from tests.support.servers import Server, start_emulator, start_proxy
 
 ANTHROPIC_ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error",
@@ -275,3 +277,20 @@ def test_proxy_stream_broken_after_headers_in_each_dialect(stalling: Server) -> 
     assert name == "error"
     assert data == {"type": "error", "error": {"type": "api_error",
                                                "message": "upstream sent nothing for 0.2s"}}
+
+
+def test_a_told_wait_is_read_as_clients_read_it() -> None:
+    """`told_wait_s`: retry-after-ms first, then Retry-After in seconds or as an HTTP date; anything
+    else (garbage, negative, infinite) is no wait at all, so the proxy says its own."""
+    now = 1_800_000_000.0
+    date = email.utils.formatdate(now + 30, usegmt=True)
+    past = email.utils.formatdate(now - 30, usegmt=True)
+    cases: list[tuple[dict[str, str], float | None]] = [
+        ({"Retry-After": "7"}, 7.0), ({"Retry-After": " 2.5 "}, 2.5), ({"retry-after-ms": "1500"}, 1.5),
+        ({"retry-after-ms": "1500", "Retry-After": "9"}, 1.5),
+        ({"retry-after-ms": "x", "Retry-After": "9"}, 9.0),
+        ({"Retry-After": date}, 30.0), ({"Retry-After": past}, 0.0), ({"Retry-After": "soon 3"}, None),
+        ({"Retry-After": "-1"}, None), ({"Retry-After": "inf"}, None), ({"Retry-After": "nan"}, None),
+        ({"Retry-After": "1e400"}, None), ({}, None)]
+    for headers, expected in cases:
+        assert told_wait_s(CIMultiDict(headers), now=now) == expected, headers
