@@ -29,9 +29,14 @@ export function serverDelayS(headers, nowMs = Date.now()) {
   if (seconds === null || seconds.trim() === "") return null;
   const value = Number(seconds.trim());
   if (!Number.isNaN(value)) return Number.isFinite(value) && value >= 0 ? value : null;
+  // Only an HTTP date (RFC 9110's IMF-fixdate, what servers send): V8's Date.parse reads garbage such
+  // as "soon 3" as a date in 2001, a wait of 0, which would make every client retry at once.
+  if (!IMF_FIXDATE.test(seconds.trim())) return null;
   const when = Date.parse(seconds);
   return Number.isNaN(when) ? null : Math.max(0, (when - nowMs) / 1000);
 }
+
+const IMF_FIXDATE = /^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d{2}:\d{2}:\d{2} GMT$/;
 
 /** Seconds to wait before attempt `attempt + 1`, or `null` when the answer must not be retried;
  * `response` null means the connection failed. Attempts and budget are checked by the caller.

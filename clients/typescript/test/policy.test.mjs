@@ -208,6 +208,10 @@ test("server delays and chunking", () => {
   assert.equal(serverDelayS(new Headers({ "retry-after-ms": "250", "retry-after": "7" })), 0.25);
   assert.equal(serverDelayS(new Headers({ "retry-after": new Date(Date.now() + 30_000).toUTCString() })) > 28, true);
   assert.equal(serverDelayS(new Headers({ "retry-after": "soon" })), null);
+  // Garbage V8's Date.parse would read as a past date (a wait of 0): no wait, as in the Python helper.
+  for (const garbage of ["soon 3", "1 2", "Tomorrow 5"]) {
+    assert.equal(serverDelayS(new Headers({ "retry-after": garbage })), null, garbage);
+  }
   const words = (s) => s.split(/\s+/).filter(Boolean).length;
   assert.deepEqual(chunkText("A b. C d. E f. G h.", { maxTokens: 4, overlap: 2, countTokens: words }),
     ["A b. C d.", "C d. E f.", "E f. G h."]);
