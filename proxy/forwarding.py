@@ -74,6 +74,8 @@ _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NO_BODY_STATUSES = frozenset({204, 304})
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
+_GENERATION = frozenset({"chat", "text_completion"})
+"""Route operations whose streams end with a final record (`UsageScanner.ended_whole`)."""
 _MAX_HELD_BYTES = 1 << 20
 """The most of an unfinished NDJSON/SSE record the relay holds back (past it, bytes go out as they come)."""
 _DEFAULT_RETRY_AFTER_S = 5
@@ -317,6 +319,14 @@ class Forwarder:
                                 ctx.exchange.complete = True
                                 if held:  # a last record without its terminator: as it came
                                     await response.write(bytes(held))
+                                if boundary and ctx.route.operation in _GENERATION \
+                                        and not scanner.ended_whole(sse):
+                                    # Ended cleanly after an ordinary record: a client would take
+                                    # the text so far for the whole answer (the Python clients
+                                    # raise nothing), so it is told the stream was cut.
+                                    await self._fail_mid_stream(
+                                        request, response, ctx, "upstream_reset_after_response_started",
+                                        "upstream stream ended without its final record", False)
                                 break
                             if ctx.exchange.first_byte_at is None:
                                 ctx.exchange.first_byte_at = time.monotonic()
@@ -353,7 +363,8 @@ class Forwarder:
                     message = "the proxy is shutting down; the response was cut short"
                     if not response.prepared:
                         raise ShuttingDown(message, retry_after_s=1.0) from None
-                    await self._fail_mid_stream(request, response, ctx, ShuttingDown.code, message)
+                    await self._fail_mid_stream(request, response, ctx, ShuttingDown.code, message,
+                                                passing)
                 else:
                     # Which limit the timer was set for, not the clock: asyncio may fire it a hair early.
                     deadline = timer.when() == hard_stop
@@ -363,7 +374,7 @@ class Forwarder:
                         raise (DeadlinePassed if deadline else UpstreamResponseTimeout)(
                             f"{reason} (upstream {upstream.name})") from None
                     await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout",
-                                                reason)
+                                                reason, passing)
             except ConnectionError as exc:
                 # Either side: UpstreamLost is the replica's connection; anything else (aiohttp's
                 # ClientConnectionResetError, "Cannot write to closing transport") is our write to a
@@ -379,7 +390,7 @@ class Forwarder:
                 else:
                     await self._fail_mid_stream(
                         request, response, ctx, "upstream_reset_after_response_started",
-                        f"upstream connection lost mid-response ({type(exc).__name__})")
+                        f"upstream connection lost mid-response ({type(exc).__name__})", passing)
         finally:
             # However the relay ended (a client that leaves cancels it mid-await), what went out is
             # accounted: quotas and the fair queue charge a response cut short by it.
@@ -392,15 +403,17 @@ class Forwarder:
         return response
 
     async def _fail_mid_stream(self, request: web.Request, response: web.StreamResponse,
-                               ctx: RequestContext, code: str, message: str) -> None:
-        """End a response whose headers are already sent: a final error record, or an abort."""
+                               ctx: RequestContext, code: str, message: str, mid_record: bool) -> None:
+        """End a response whose headers are already sent: a final error record, or an abort (a body
+        that cannot carry one, or `mid_record`: part of a record went out, and an error record glued
+        onto it would be one unparseable line; a broken connection is the clearer error)."""
         ctx.outcome = code
         if code != ShuttingDown.code:  # the proxy's own stop is not an upstream failure
             self.telemetry.metrics.upstream_errors.add(1, {semconv.ATTR_ERROR_TYPE: code})
             log.warning("upstream %s failed mid-response: %s", ctx.exchange.upstream_name, code)
         record = stream_error_record(response.headers.get("Content-Type", ""), message, code,
                                      ctx.route.dialect)
-        if record is not None and response.chunked:
+        if record is not None and response.chunked and not mid_record:
             await response.write(record)
             await response.write_eof()
         elif request.transport is not None:

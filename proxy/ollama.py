@@ -314,6 +314,11 @@ _MODEL = re.compile(rb'"model":"((?:[^"\\]|\\.)*)"')
 _REASON = re.compile(rb'"(done_reason|finish_reason|stop_reason)":"(\w+)"')
 
 
+_FINAL_MARKERS = (b'"done":true', b"[DONE]", b"message_stop", b"response.completed", b"response.failed",
+                  b"response.incomplete", b'"error"')
+"""What only a stream's last record holds, in each dialect (Go's encoder writes no spaces)."""
+
+
 class UsageScanner:
     """Fed every relayed chunk; keeps the first and last few KiB and reads usage from them at the end.
 
@@ -378,3 +383,17 @@ class UsageScanner:
                 usage.finish_reason = reason.decode("utf-8", "replace")
                 break
         return usage
+
+    def ended_whole(self, event_stream: bool) -> bool:
+        """Whether a generation stream's last record is one that ends it: Ollama's `"done":true` line,
+        OpenAI's `[DONE]`, Anthropic's `message_stop`, a Responses terminal event, or an error record.
+        A stream that stopped after an ordinary record was cut short upstream. True when the last
+        record is not in the tail (longer than TAIL_BYTES: an `/api/generate` final line with a long
+        `context`): what cannot be seen is not called cut."""
+        boundary = b"\n\n" if event_stream else b"\n"
+        tail = self._tail.rstrip(b"\r\n")
+        start = tail.rfind(boundary)
+        if start < 0 and self.bytes_seen > len(self._tail):
+            return True
+        last = tail[start + len(boundary):] if start >= 0 else tail
+        return any(marker in last for marker in _FINAL_MARKERS)

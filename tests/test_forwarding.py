@@ -412,3 +412,47 @@ async def test_a_record_longer_than_the_hold_goes_through_whole_and_in_order(tmp
                                                     {"model": "m", "prompt": "x"})
     assert status == 200
     assert body == long_record + last
+
+
+@pytest.mark.parametrize("framing", ["ndjson", "sse"])
+async def test_a_stream_that_ends_without_its_final_record_ends_with_an_error(
+        tmp: Path, framing: str) -> None:
+    """The replica ends the stream cleanly after an ordinary record (no `done`, no `[DONE]`): the
+    text so far is not the whole answer, and the Python clients would raise nothing. The client gets
+    the records and then one error record."""
+    if framing == "ndjson":
+        content_type, first = b"application/x-ndjson", b'{"response":"Hello wor","done":false}\n'
+    else:
+        content_type, first = b"text/event-stream", b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n'
+
+    async def generate(writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: %b\r\nTransfer-Encoding: chunked\r\n"
+                     b"\r\n%x\r\n%b\r\n0\r\n\r\n" % (content_type, len(first), first))
+        await writer.drain()
+        return True
+
+    status, _, body, _ = await _through_raw_replica(tmp, generate, "nodone", {"model": "m", "prompt": "x"})
+    separator = b"\n" if framing == "ndjson" else b"\n\n"
+    records = [r for r in body.split(separator) if r]
+    assert status == 200 and records[0] + separator == first and len(records) == 2, body
+    error = json.loads(records[1].removeprefix(b"data: "))
+    assert "without its final record" in json.dumps(error), body
+
+
+async def test_a_stream_cut_inside_a_record_past_the_hold_is_a_broken_connection(tmp: Path) -> None:
+    """Part of a record longer than the hold already went out when the replica died: an error record
+    glued onto it would be one unparseable line, so the client's connection is broken instead (its
+    client raises a connection error, not a JSON one)."""
+    async def generate(writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        piece = b'{"response":"' + b"x" * (1 << 16)
+        for _ in range(24):  # 1.5 MiB of one record, past the 1 MiB hold
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+            piece = b"x" * (1 << 16)
+        writer.transport.abort()
+        return False
+
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await _through_raw_replica(tmp, generate, "cutlong", {"model": "m", "prompt": "x"})
