@@ -88,7 +88,8 @@ _SAFE_NAMES: set[str] = set()
 
 
 async def add_context_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare` hook: what the steps asked for, plus X-Service-Limits, on every response
+    """`on_response_prepare` hook: what the steps asked for, plus X-Service-Limits and X-Request-Id
+    (the access line's id, unless the replica sent its own), on every response
     (forwarded, error or the proxy's own), just before its headers go out. Values are sanitised
     (`header_value`): a step may echo something a client sent. While the proxy is stopping, responses
     say `Connection: close`."""
@@ -105,6 +106,10 @@ async def add_context_headers(request: web.Request, response: web.StreamResponse
             _SAFE_NAMES.add(key)  # the steps' names are a few constants: checked once each
         add(key, header_value(value))
     response.headers["X-Service-Limits"] = header_value(ctx.service_limits_header())
+    if "X-Request-Id" not in response.headers:  # a replica's own id is relayed as it is
+        # The access line's id: what an SDK reports with an error (openai's `request_id`), so a
+        # refusal can be tied to its log line.
+        response.headers["X-Request-Id"] = ctx.request_id
     stop = request.app.get(STOP)
     if stop is not None and stop.stopping:
         response.force_close()

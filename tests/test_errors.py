@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 
 from proxy import errors
 from proxy.rendering import error_object, render, status_of, stream_error_record, told_wait_s
+from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
 
 ANTHROPIC_ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error",
@@ -255,6 +256,19 @@ def test_proxy_refusal_before_headers_in_each_dialect(stalling: Server) -> None:
     assert anthropic.status_code == 400
     assert anthropic.json() == {"type": "error", "error": {"type": "invalid_request_error",
                                                            "message": "model is required"}}
+
+
+def test_a_refusal_names_its_access_line(stalling: Server) -> None:
+    """Every answer carries the access line's id as X-Request-Id, which the OpenAI SDK reports with
+    its error (`request_id`): a user's refusal can be found in the log."""
+    client = openai.OpenAI(base_url=f"{stalling.url}/v1", api_key="k", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="", messages=[{"role": "user", "content": "x"}])
+    request_id = caught.value.request_id
+    assert request_id
+    wait_for(lambda: f"{request_id} " in stalling.log(), what="the refusal's access line")
+    served = httpx.get(f"{stalling.url}/api/tags", timeout=10)
+    assert served.status_code == 200 and served.headers["X-Request-Id"] not in ("", request_id)
 
 
 def test_proxy_stream_broken_after_headers_in_each_dialect(stalling: Server) -> None:

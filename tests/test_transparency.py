@@ -126,9 +126,9 @@ REFUSED_BY_THE_PROXY: list[tuple[str, bytes, int, str]] = [
 ]
 
 _IGNORED_HEADERS = {"date", "server", "connection", "keep-alive"}
-# What the proxy adds by design (X-Service-Limits on every response, X-Queue-Wait-Ms on admitted
-# inference responses); checked separately.
-_PROXY_HEADERS = {"x-service-limits", "x-queue-wait-ms"}
+# What the proxy adds by design (X-Service-Limits and X-Request-Id on every response, X-Queue-Wait-Ms
+# on admitted inference responses); checked separately.
+_PROXY_HEADERS = {"x-service-limits", "x-request-id", "x-queue-wait-ms"}
 
 
 @pytest.fixture(scope="module")
