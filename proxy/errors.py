@@ -158,7 +158,10 @@ class InvalidRequest(ProxyError):
 
 
 class MalformedBody(InvalidRequest):
-    """The request body's framing is broken (a bad chunk); the connection cannot be reused."""
+    """The request body's framing is broken (a bad chunk), or its Content-Encoding does not decode;
+    the connection cannot be reused."""
+
+    UNDECODABLE = "the request body could not be decoded as its Content-Encoding says"
 
 
 class RateLimited(ProxyError):

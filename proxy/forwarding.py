@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -70,6 +71,9 @@ _DROP_REQUEST = HOP_BY_HOP | {h.lower() for h in (
     "Expect",
     # Set by the proxy (the client's X-Forwarded-For continues in the proxy's).
     "X-Forwarded-For", "X-Forwarded-Proto")}
+DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+"""Request Content-Encodings aiohttp's server decodes before the proxy reads the body: the replica gets
+the decoded body, so the header is not passed on (any other encoding reaches it as it came)."""
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -140,7 +144,8 @@ class Forwarder:
         headers: list[tuple[str, str]] = []
         for key, value in client.items():
             lower = key.lower()
-            if lower not in _DROP_REQUEST and lower not in named:
+            if lower not in _DROP_REQUEST and lower not in named and not (
+                    lower == "content-encoding" and value.lower() in DECODED_ENCODINGS):
                 headers.append((key, value))
         headers.append(("Host", upstream.host_header))
         peer = request.remote or ""
@@ -178,6 +183,9 @@ class Forwarder:
                 raise
             except HttpProcessingError:
                 body_error.append(MalformedBody("malformed request body (chunked framing)"))
+                raise
+            except RequestPayloadError:
+                body_error.append(MalformedBody(MalformedBody.UNDECODABLE))
                 raise
             if not chunk:
                 return

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -302,6 +303,8 @@ class Ingress:
                 chunk = content.read_nowait()
             except HttpProcessingError:
                 raise MalformedBody("malformed request body (chunked framing)") from None
+            except RequestPayloadError:  # aiohttp could not decode the Content-Encoding it names
+                raise MalformedBody(MalformedBody.UNDECODABLE) from None
             if not chunk:
                 if content.is_eof():
                     break
@@ -313,6 +316,8 @@ class Ingress:
                                          f"{self.body_timeout_s:g}s") from None
                 except HttpProcessingError:
                     raise MalformedBody("malformed request body (chunked framing)") from None
+                except RequestPayloadError:
+                    raise MalformedBody(MalformedBody.UNDECODABLE) from None
                 if not chunk:
                     break
             size += len(chunk)

@@ -4,6 +4,7 @@ reach the upstream, phase timeouts and upstream failures before and after the fi
 from __future__ import annotations
 
 import asyncio
+import gzip
 import itertools
 import json
 import time
@@ -456,3 +457,23 @@ async def test_a_stream_cut_inside_a_record_past_the_hold_is_a_broken_connection
 
     with pytest.raises(aiohttp.ClientPayloadError):
         await _through_raw_replica(tmp, generate, "cutlong", {"model": "m", "prompt": "x"})
+
+
+def test_a_compressed_request_body_reaches_the_replica_decoded(echo: tuple[ThreadedApp, Server]) -> None:
+    """aiohttp decodes a gzip (deflate, br, zstd) request body before the proxy reads it: the replica
+    gets the decoded body without the Content-Encoding that no longer describes it. A body that does
+    not decode is the client's 400, not a 500 with a traceback."""
+    _, proxy = echo
+    body = b'{"model":"m","prompt":"compressed"}'
+    response = httpx.post(f"{proxy.url}/api/generate", content=gzip.compress(body),
+                          headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+                          timeout=10)
+    assert response.status_code == 200, response.text
+    assert "content-encoding" not in _received(response)
+    assert response.json()["body"] == body.decode()
+    broken = httpx.post(f"{proxy.url}/api/generate", content=b"not gzip at all",
+                        headers={"Content-Encoding": "gzip"}, timeout=10)
+    assert broken.status_code == 400
+    assert broken.json() == {"error": "the request body could not be decoded as its Content-Encoding says",
+                             "code": "invalid_request"}
+    assert "Traceback" not in proxy.log()
