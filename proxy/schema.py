@@ -11,6 +11,7 @@ Key names are the public interface documented in deploy/config.example.yaml: ext
 
 from __future__ import annotations
 
+import shlex
 from typing import Any, Literal
 
 import attrs
@@ -104,6 +105,29 @@ def http_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None
                          if url.scheme else f"{attribute.name}: expected an http(s) URL")
 
 
+RESTART_FIELDS = ("name", "url", "host", "port")
+"""The placeholders a replica's `restart_command` may use."""
+
+
+def restart_fields(command: str, **fields: str) -> list[str]:
+    """`command` split into arguments (no shell) with the placeholders substituted (each empty when
+    `fields` lacks it: the check `restart_command` runs when the file is loaded). Raises ValueError
+    naming the placeholders that may be used, for anything else in braces or a broken quote."""
+    try:
+        arguments = shlex.split(command)
+        return [arg.format(**{name: fields.get(name, "") for name in RESTART_FIELDS})
+                for arg in arguments]
+    except (KeyError, IndexError, ValueError, AttributeError):
+        raise ValueError("restart_command: only {name}, {url}, {host} and {port} may be substituted "
+                         "({{ and }} for a literal brace), and quotes must be closed") from None
+
+
+def _check_restart(command: Any) -> None:
+    if not isinstance(command, str):
+        raise ValueError("restart_command: expected a string")
+    restart_fields(command)
+
+
 def redis_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     del instance
     url = URL(value)
@@ -113,8 +137,11 @@ def redis_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> Non
 
     try:
         url_settings(value)
-    except ValueError as exc:
-        raise ValueError(f"{attribute.name}: {exc}") from None
+    except ValueError:
+        # Not the parser's message: it quotes the part it could not read, which may be a password
+        # (this message is logged and shown by /system/config when a reload is refused).
+        raise ValueError(f"{attribute.name}: not a valid Redis URL (check the host, port and database; "
+                         "percent-encode special characters in a password)") from None
 
 
 @attrs.frozen
@@ -159,7 +186,8 @@ class UpstreamConfig:
     """The replica's OLLAMA_NUM_PARALLEL (slots per loaded model)."""
     weight: int = attrs.field(default=1, validator=positive)
     """Relative share of traffic."""
-    restart_command: str | None = None
+    restart_command: str | None = attrs.field(default=None, validator=attrs.validators.optional(
+        lambda _instance, _attribute, value: _check_restart(value)))
     """Command the health step runs to restart this replica once it is down or stuck, e.g.
     `systemctl restart ollama@{name}` or `docker restart {name}`; `{name}`, `{url}`, `{host}` and `{port}`
     are substituted per argument (no shell). Unset: no restarts."""

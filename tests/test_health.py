@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
+import yaml
+from aiohttp import web
 from yarl import URL
 
 from proxy.config import HealthConfig, TelemetryConfig
@@ -25,6 +28,7 @@ from proxy.upstreams import Upstream, UpstreamSet
 from tests.support.metrics import metric
 from tests.support.polling import until
 from tests.support.servers import Server, start_emulator, start_proxy
+from tests.support.threaded import ThreadedApp
 
 FAST = {"probe_interval_s": 0.3, "probe_timeout_s": 1.0, "base_ejection_s": 1.0}
 BODY = {"model": "llama3.2", "prompt": "hello", "stream": False, "options": {"num_predict": 4}}
@@ -346,3 +350,51 @@ def test_a_failed_probe_confirms_a_request_failure() -> None:
     step.observe(b, "ok", 200)
     step.failure(b, "probe failed (TimeoutError)", probe=True)
     assert b.status == "healthy"
+
+
+@pytest.mark.parametrize("context", [-7, 1 << 40])
+def test_a_replica_s_unbelievable_listing_is_not_believed(tmp: Path, context: int) -> None:
+    """A replica whose /api/ps reports a non-positive or absurd context length, and whose /api/tags
+    holds no list: the model is served as if its context were unknown (not every prompt refused as too
+    long, nor num_ctx set to a trillion), and the probes neither fail nor log a traceback."""
+    async def handler(request: web.Request) -> web.Response:
+        path = request.path
+        if path == "/api/version":
+            return web.json_response({"version": "0.12.0"})
+        if path == "/api/ps":
+            return web.json_response({"models": [{"model": "llama3.2:latest", "name": "llama3.2:latest",
+                                                  "context_length": context}]})
+        if path == "/api/tags":
+            return web.json_response({"models": 5})
+        body = await request.json()
+        return web.json_response({"model": body.get("model"), "response": "ok", "done": True,
+                                  "options_seen": body.get("options")})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    with ThreadedApp(app) as replica:
+        proxy = start_proxy(tmp, [{"url": replica.url, "name": "odd"}], {"chain": {"health": FAST}},
+                            name=f"odd-{context}")
+        try:
+            wait_for(lambda: profile(proxy)["replicas"]["odd"]["loaded"], what="the listing probed")
+            view = profile(proxy)["replicas"]["odd"]
+            assert view["status"] == "healthy" and view["loaded"][0]["context_length"] is None
+            answer = httpx.post(f"{proxy.url}/api/generate", timeout=30, json={
+                "model": "llama3.2", "prompt": "words " * 50, "stream": False})
+            assert answer.status_code == 200, answer.text
+            assert (answer.json()["options_seen"] or {}).get("num_ctx") != context
+            assert "Traceback" not in proxy.log()
+        finally:
+            proxy.stop()
+
+
+def test_a_restart_command_with_an_unknown_placeholder_is_refused_at_load(tmp: Path) -> None:
+    """`{instance}` (not one of name, url, host, port) is the file's error, not a replica stuck in
+    `restarting` with a traceback at every probe."""
+    path = tmp / "restart-typo.yaml"
+    path.write_text(yaml.safe_dump({"upstreams": [{"url": "http://127.0.0.1:1",
+                                                   "restart_command": "systemctl restart {instance}"}]}))
+    checked = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(path)],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert checked.returncode != 0
+    assert "only {name}, {url}, {host} and {port}" in checked.stdout + checked.stderr

@@ -24,7 +24,6 @@ import contextlib
 import logging
 import math
 import random
-import shlex
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -39,7 +38,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from ..ollama import is_cloud_model, model_key
 from ..prompts import canonicalize
 from ..redaction import redact_url
-from ..schema import ModelConfig
+from ..schema import ModelConfig, restart_fields
 from ..telemetry.setup import Telemetry
 from ..upstreams import LoadedModel, Upstream, UpstreamSet
 from .client import FleetClient, ProbeFailed
@@ -60,6 +59,9 @@ _TAGS_EVERY_PROBES = 6
 _PIN_RETRY_S = 60.0
 """A pinned model found missing is loaded again at most this often (it may not fit, or be gone)."""
 _OUTPUT_LOG_BYTES = 4096
+_MAX_CONTEXT_TOKENS = 1 << 24
+"""The largest context length a replica's /api/ps is believed for (16M tokens; models today stop at
+~10M); a larger or non-positive one is treated as unknown."""
 
 
 class FleetHealth:
@@ -207,7 +209,8 @@ class FleetHealth:
         before = (set(upstream.loaded), upstream.models)
         upstream.loaded = _loaded_models(ps)
         if listing is not None:
-            entries = [m for m in (listing.get("models") or []) if isinstance(m, dict)]
+            models = listing.get("models") if isinstance(listing, dict) else None
+            entries = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
             upstream.models = frozenset(model_key(str(m.get("name") or m.get("model"))) for m in entries)
             upstream.digests = {model_key(str(m.get("name") or m.get("model"))): str(m["digest"])
                                 for m in entries if isinstance(m.get("digest"), str)}
@@ -354,7 +357,7 @@ class FleetHealth:
         record a span. Returns the exit code (None when it had to be killed)."""
         fields = {"name": upstream.name, "url": str(upstream.url), "host": upstream.url.host or "",
                   "port": str(upstream.url.port or "")}
-        argv = [arg.format(**fields) for arg in shlex.split(command)]
+        argv = restart_fields(command, **fields)  # checked when the configuration was loaded
         names = self.telemetry.names
         span = self.telemetry.tracer.start_span(
             names.health_restart_span, kind=SpanKind.INTERNAL,
@@ -497,7 +500,7 @@ class FleetHealth:
 def _loaded_models(ps: Any) -> dict[str, LoadedModel]:
     models = ps.get("models") if isinstance(ps, dict) else None
     loaded: dict[str, LoadedModel] = {}
-    for entry in models or []:
+    for entry in models if isinstance(models, list) else ():
         if not isinstance(entry, dict):
             continue
         name = entry.get("model") or entry.get("name")
@@ -507,6 +510,9 @@ def _loaded_models(ps: Any) -> dict[str, LoadedModel]:
         vram = entry.get("size_vram")
         loaded[model_key(name)] = LoadedModel(
             model_key(name), str(entry.get("digest", "")),
-            context if isinstance(context, int) else None, str(entry.get("expires_at", "")),
+            # A replica's word, trusted only within bounds: limits cuts every prompt for the model
+            # to the largest context a replica reports (and injects it as num_ctx).
+            context if isinstance(context, int) and 0 < context <= _MAX_CONTEXT_TOKENS else None,
+            str(entry.get("expires_at", "")),
             vram if isinstance(vram, int) else None)
     return loaded
