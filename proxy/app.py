@@ -60,6 +60,16 @@ def build_state(config: Config, telemetry: Telemetry | None = None) -> StateBack
     return MemoryState()
 
 
+def _refusing_all(state: StateBackend) -> str | None:
+    """With `failure_mode: closed` and Redis out, every request gets 503 state_unavailable: the
+    process is not ready (an outer load balancer sends the traffic to a proxy that can serve)."""
+    from .state.failover import FailoverState
+
+    if isinstance(state, FailoverState) and state.degraded and state.failure_mode == "closed":
+        return "shared state unavailable (state.failure_mode: closed)"
+    return None
+
+
 def _shared_admission(config: Config, state: StateBackend) -> SharedAdmission | None:
     """With Redis state, the replicas' slots and the fair queue's counters are shared by every proxy
     process that points at it (proxy/shared_admission.py)."""
@@ -168,7 +178,8 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
                         load=load if load is not None else (lambda: config))
     app[RELOADER] = reloader
     app.cleanup_ctx.append(reloader.lifecycle)
-    add_system_routes(app, telemetry, upstreams, directory, steps, reloader)
+    add_system_routes(app, telemetry, upstreams, directory, steps, reloader,
+                      refusing_all=lambda: _refusing_all(state))
     telemetry.events.add_route(app, upstreams, steps)  # GET /system/events
     reloader.listeners.append(
         lambda r: telemetry.events.reload(r.version, r.outcome != "refused", changed=r.changed,

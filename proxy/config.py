@@ -126,6 +126,12 @@ class Config:
         names = [t.name for t in self.tenants]
         if len(set(names)) != len(names):
             raise ValueError("tenants: tenant names must be unique")
+        for reserved, whose in (("anonymous", "callers without a key"), ("admin", "admin keys")):
+            # A tenant called so would share their quota buckets and their rows in /system/quotas
+            # and the metrics.
+            if reserved in names:
+                raise ValueError(f"tenants[{names.index(reserved)}].name: {reserved!r} is reserved "
+                                 f"(the {whose})")
         replicas = [u.name or f"{URL(u.url).host}:{URL(u.url).port}" for u in self.upstreams]
         if len(set(replicas)) != len(replicas):
             raise ValueError("upstreams: replica names must be unique")

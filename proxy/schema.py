@@ -95,9 +95,19 @@ def listen_address(instance: Any, attribute: attrs.Attribute[Any], value: str) -
     parse_listen(value)
 
 
+def _parsed(attribute: attrs.Attribute[Any], value: str, what: str) -> URL:
+    """`value` as a URL; yarl's complaint is not repeated (it quotes what it could not read, which
+    may be a password, and this message is logged and shown by /system/config)."""
+    try:
+        return URL(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"{attribute.name}: not a valid {what} (check the host, port and path; "
+                         "percent-encode special characters in a user or password)") from None
+
+
 def http_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     del instance
-    url = URL(value)
+    url = _parsed(attribute, value, "http(s) URL")
     if url.scheme not in ("http", "https") or not url.host:
         # The scheme only, never the value: it may carry credentials, and this message is logged and
         # shown by /system/config when a reload is refused.
@@ -130,7 +140,7 @@ def _check_restart(command: Any) -> None:
 
 def redis_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     del instance
-    url = URL(value)
+    url = _parsed(attribute, value, "Redis URL")
     if url.scheme not in ("redis", "rediss", "unix") or not (url.host or url.path):
         raise ValueError(f"{attribute.name}: expected a redis://, rediss:// or unix:// URL")
     from .state.resp import url_settings  # here: the schema loads before the state's modules

@@ -4,6 +4,7 @@ configured; see proxy/access.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -22,8 +23,10 @@ __all__ = ["add_system_routes"]
 
 
 def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: UpstreamSet,
-                      directory: TenantDirectory, steps: dict[str, Step], reloader: Reloader) -> None:
-    """Register the proxy's own routes on `app` (before the catch-all forwarder)."""
+                      directory: TenantDirectory, steps: dict[str, Step], reloader: Reloader,
+                      refusing_all: Callable[[], str | None] = lambda: None) -> None:
+    """Register the proxy's own routes on `app` (before the catch-all forwarder). `refusing_all` says
+    why every request is being refused right now (None: it is not), for /readyz."""
 
     async def quotas(request: web.Request) -> web.Response:
         """Per-tenant usage and remaining quota, across replicas when the state is shared."""
@@ -49,6 +52,9 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
         if not upstreams.eligible(None):
             return web.json_response({"status": "no healthy upstream", "upstreams": statuses},
                                      status=503)
+        why = refusing_all()
+        if why is not None:
+            return web.json_response({"status": why, "upstreams": statuses}, status=503)
         return web.json_response({"status": "ready", "upstreams": statuses})
 
     async def profile(request: web.Request) -> web.Response:

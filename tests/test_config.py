@@ -89,12 +89,24 @@ def test_listen_may_ask_for_any_free_port() -> None:
     ({"chain": {"balancer": {"max_retries": True}}}, "chain.balancer.max_retries: expected an integer"),
     ({"chain": {"backpressure": {"max_queue_size": 0}}}, "chain.backpressure.max_queue_size: must be > 0"),
     ({"models": {"m": {"bogus": 1}}}, "models.m: unknown key(s) bogus"),
+    # Reserved tenant names: a tenant called so would share the keyless callers' (or admins') buckets.
+    ({"upstreams": [{"url": "http://a:1"}], "tenants": [{"name": "t", "keys": ["k1"]},
+                                                       {"name": "anonymous", "keys": ["k2"]}]},
+     "tenants[1].name: 'anonymous' is reserved"),
+    ({"upstreams": [{"url": "http://a:1"}], "tenants": [{"name": "admin", "keys": ["k1"]}]},
+     "tenants[0].name: 'admin' is reserved"),
+    # A Redis URL the parser cannot read: refused without quoting the part it could not read.
+    ({"upstreams": [{"url": "http://a:1"}], "state": {"url": "redis://:secretPrefix/tail@h:6379/0"}},
+     "state.url: not a valid Redis URL"),
+    ({"upstreams": [{"url": "http://a:secretPrefix/x@h:1"}]}, "upstreams[0].url: not a valid http(s) URL"),
+    ({"upstreams": [{"url": "http://a:1", "restart_command": "restart {instance}"}]},
+     "upstreams[0].restart_command: only {name}, {url}, {host} and {port} may be substituted"),
 ])
 def test_bad_values_name_the_key(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as error:
         structure(data)
     assert message in str(error.value)
-    assert "secret" not in str(error.value)  # a refused value is never quoted back when it is a URL
+    assert "secret" not in str(error.value).lower()  # a refused value is never quoted back when a URL
 
 
 def test_environment_overrides(tmp_path: Path) -> None:

@@ -175,11 +175,16 @@ async def test_redis_killed_closed_mode_refuses_with_503(tmp: Path, emulator: Se
                 assert "Redis" in body["error"]
             async with session.get(f"{proxy.url}/api/tags") as tags:  # listing spends no quota
                 assert tags.status == 200
+            # Refusing every request, the process is not ready: an outer load balancer moves on.
+            async with session.get(f"{proxy.url}/readyz") as ready:
+                assert ready.status == 503 and "shared state" in (await ready.json())["status"]
             await asyncio.to_thread(redis_server.restart)
             deadline = time.monotonic() + 15
             while (status := (await _generate(session, proxy.url))[0]) != 200:
                 assert status == 503 and time.monotonic() < deadline
                 await asyncio.sleep(0.2)
+            async with session.get(f"{proxy.url}/readyz") as ready:
+                assert ready.status == 200
     finally:
         await asyncio.to_thread(proxy.stop)
     assert "Traceback" not in proxy.log()
