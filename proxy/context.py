@@ -253,7 +253,8 @@ class RequestContext:
                     value, slow = gojson.loads(self.body)
                     view = gojson.request_view(value, self.body, slow)
                     if slow:
-                        gojson.check_numbers(view, self.route.go_struct)
+                        gojson.check_numbers(view, self.route.go_struct,
+                                             native=self.route.dialect == "ollama")
                     self._json = view
                 except gojson.GoJSONError as exc:
                     self._json = None

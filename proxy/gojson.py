@@ -288,14 +288,15 @@ def _overflow_in(value: Any) -> BigNumber | None:
     return None
 
 
-def check_numbers(view: Any, struct: str = "") -> None:
+def check_numbers(view: Any, struct: str = "", native: bool = True) -> None:
     """Raise GoJSONError when a number out of float64's range sits where Ollama decodes it (a known
     field); in fields Go skips (unknown ones) or keeps raw (`format`) it is harmless and kept. `struct`
-    names the request's Go struct in the message (`GenerateRequest.options`)."""
+    names the request's Go struct in the message (`GenerateRequest.options`); `native` False (the
+    OpenAI and Anthropic routes) also skips `options`, which their structs do not have."""
     if not isinstance(view, dict):
         return
     for key, item in view.items():
-        if key not in TOP_FIELDS or key in RAW_FIELDS:
+        if key not in TOP_FIELDS or key in RAW_FIELDS or (key == "options" and not native):
             continue
         decoded = item
         if key == "messages" and isinstance(item, list):

@@ -139,6 +139,11 @@ def test_a_number_go_refuses_for_its_field_is_ollamas_400(proxy: Server, emulato
     before = _posts(emulator)
     _post(proxy, "/api/generate", body)
     assert _posts(emulator) == before  # the replica never saw it
+    # The OpenAI and Anthropic structs have no `options`: Go skips it there, and so does the check.
+    for path, extra in (("/v1/chat/completions", b""), ("/v1/messages", b',"max_tokens":4')):
+        skipped = b'{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"options":{"x":1e400}' \
+            + extra + b"}"
+        assert _post(proxy, path, skipped).status_code == 200, path
 
 
 GO_REFUSES: dict[str, bytes] = {
