@@ -100,6 +100,16 @@ def test_workers_serve_reload_restart_and_stop(tmp: Path, emulator: Server,
         # Serves, from both workers (the kernel spreads new connections over them).
         wait_for(lambda: _generate(server) == 200 and _served_by(server) == {"worker 1", "worker 2"},
                  timeout_s=60, what="both workers serving")
+        # /metrics answers from one worker per connection; each says which (service.instance.id), so a
+        # scrape per worker, or an OTLP collector, keeps their counters apart.
+        def instances() -> set[str]:
+            seen: set[str] = set()
+            for _ in range(20):
+                text = httpx.get(f"{server.url}/metrics", timeout=10).text
+                seen.update(re.findall(r'target_info\{[^}]*service_instance_id="([^"]+)"', text))
+            return seen
+
+        wait_for(lambda: len(instances()) == 2, timeout_s=60, what="both workers' metrics")
         # SIGHUP reloads every worker.
         data = yaml.safe_load(config.read_text())
         data["chain"] = {"backpressure": {"queue_timeout_s": 31}}
