@@ -46,12 +46,19 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        """Ready when at least one replica takes traffic (an outer load balancer stops sending else)."""
+        """Ready when at least one replica takes traffic (an outer load balancer stops sending else), or
+        health enforces only for a canary of tenants (the rest are served as in shadow mode)."""
         del request
         statuses = {u.name: u.status for u in upstreams}
         if not upstreams.eligible(None):
-            return web.json_response({"status": "no healthy upstream", "upstreams": statuses},
-                                     status=503)
+            health = steps.get("health")
+            if health is None or health.canary is None:
+                return web.json_response({"status": "no healthy upstream", "upstreams": statuses},
+                                         status=503)
+            # A health canary: the tenants outside it are served as in shadow mode (which is ready
+            # too), and pulling the whole proxy from its load balancer would fail them all.
+            return web.json_response({"status": "ready (no healthy upstream for the health canary's "
+                                                "tenants)", "upstreams": statuses})
         why = refusing_all()
         if why is not None:
             return web.json_response({"status": why, "upstreams": statuses}, status=503)

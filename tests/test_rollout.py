@@ -9,11 +9,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
 
 from proxy.chain import Canary
 from proxy.schema import RolloutConfig
 from tests.support.metrics import metric
+from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
+from tests.support.threaded import ThreadedApp
 
 TENANTS = [f"team-{i}" for i in range(12)]
 LONG = "word " * 200  # over the 32-token limit below
@@ -76,3 +79,40 @@ def test_the_default_rollout_enforces_for_everybody(tmp_path: Path, emulator: Se
         assert all(_long(proxy, t).status_code == 400 for t in TENANTS[:4])
     finally:
         proxy.stop()
+
+
+def test_a_health_canary_keeps_the_proxy_ready(tmp_path: Path) -> None:
+    """Health enforces for the canary tenant only; the replica fails its probes (its /api/ps answers
+    500) but serves work. The canary tenant gets 503, everyone else is served as in shadow mode, and
+    /readyz stays 200: pulling the proxy from its load balancer would fail them all."""
+    async def handler(request: web.Request) -> web.Response:
+        if request.path == "/api/ps":
+            return web.json_response({"error": "broken"}, status=500)
+        if request.path in ("/api/version", "/api/tags"):
+            return web.json_response({"version": "0.12.0", "models": []})
+        return web.json_response({"model": "llama3.2", "response": "ok", "done": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    with ThreadedApp(app) as replica:
+        proxy = start_proxy(tmp_path, [{"url": replica.url, "name": "r"}], {
+            "admin": {"keys": ["sk-admin"]},
+            "tenants": [{"name": t, "keys": [f"sk-{t}"]} for t in ("canary", "rest")],
+            "chain": {"health": {"probe_interval_s": 0.3, "base_ejection_s": 30,
+                                 "rollout": {"enforce_share": 0.0, "tenants": ["canary"]}}}},
+                            name="health-canary")
+        try:
+            wait_for(lambda: httpx.get(f"{proxy.url}/system/profile", timeout=10,
+                                       headers={"Authorization": "Bearer sk-admin"}).json()
+                     ["replicas"]["r"]["status"] != "healthy", what="the replica ejected")
+            ready = httpx.get(f"{proxy.url}/readyz", timeout=10)
+            assert ready.status_code == 200, ready.text
+            assert _short(proxy, "rest").status_code == 200
+            assert _short(proxy, "canary").status_code == 503
+        finally:
+            proxy.stop()
+
+
+def _short(proxy: Server, tenant: str) -> httpx.Response:
+    return httpx.post(f"{proxy.url}/api/generate", headers={"Authorization": f"Bearer sk-{tenant}"},
+                      json={"model": "llama3.2", "prompt": "hi", "stream": False}, timeout=30)
