@@ -14,11 +14,13 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.fairqueue import FairQueue, Waiter
 from proxy.ollama import model_key
 from tests.support.polling import until
+from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, start_emulator, start_proxy
 
 ADMIN, CHAT, CHAT2, BULK = "sk-admin", "sk-chat", "sk-chat-two", "sk-bulk"
@@ -360,3 +362,32 @@ async def test_a_fully_qualified_model_name_waits_in_the_same_queue(tmp: Path, s
         assert set(_queue(proxy)) == {"llama3.2:latest"}
     finally:
         proxy.stop()
+
+
+async def test_names_no_listing_confirms_get_few_shared_books(tmp_path: Path,
+                                                              redis_server: RedisServer) -> None:
+    """With Redis state and no replica's listing (health off), any model name is tracked, but shared
+    books are Redis keys that live an hour: only the first few names get them. 60 random names (each
+    a replica's 404) leave keys for at most 32 names; a model the emulator serves still works."""
+    emulator = await asyncio.to_thread(start_emulator, tmp_path, name="unlisted-emu")
+    proxy = await asyncio.to_thread(start_proxy, tmp_path, [emulator.url], {
+        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "unlisted:"},
+        "chain": {"health": {"mode": "off"}}}, name="unlisted")
+    try:
+        async with aiohttp.ClientSession() as session:
+            for i in range(60):
+                async with session.post(f"{proxy.url}/api/generate", json={
+                        "model": f"nonexistent-{i}-" + "x" * 40, "prompt": "hi", "stream": False}) as r:
+                    assert r.status == 404
+            async with session.post(f"{proxy.url}/api/generate", json={
+                    "model": "llama3.2", "prompt": "hi", "stream": False}) as served:
+                assert served.status == 200
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            names = {key.split("{", 1)[1].split("}", 1)[0] for key in client.scan_iter("unlisted:slots:*")}
+        finally:
+            client.close()
+        assert 0 < len(names) <= 32, len(names)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        await asyncio.to_thread(emulator.stop)
