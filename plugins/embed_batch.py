@@ -7,7 +7,9 @@ together, identical inputs once, as one /api/embed sub-request through the chain
 upstream call. Each request is answered in its own route's shape with its own vectors in order and
 charged its own share of the batch's prompt tokens (its `usage`, which quotas settle its reservation
 with). A request alone in its window, and every request of a batch that failed, go on through the
-chain by themselves: a bad input gets its own route's error and fails nobody else.
+chain by themselves: a bad input gets its own route's error and fails nobody else. A request that
+leaves (client gone, deadline passed: 504) after its batch was sent is charged its prompt, since the
+replica embeds its inputs anyway.
 /api/embeddings is left alone: its vectors are not normalised, so /api/embed cannot produce them.
 """
 
@@ -26,6 +28,7 @@ from aiohttp import web
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from proxy.embeddings import Answer, Ask, apportion, parse_ask, read_answer, render, respond, to_base64
+from proxy.errors import DeadlinePassed
 from proxy.ollama import Usage
 from proxy.plugin import Plugin, PluginConfig, PluginServices
 
@@ -73,6 +76,8 @@ class EmbedBatchConfig(PluginConfig):
 class _Waiter:
     ask: Ask
     future: asyncio.Future[tuple[list[bytes], int, int, int] | None]
+    sent: bool = False
+    """Its inputs went upstream in a batch: the replica works for it whether it stays or not."""
 
 
 @attrs.define
@@ -149,9 +154,22 @@ class EmbedBatch(Plugin):
         started = time.monotonic()
         waiter = _Waiter(ask, asyncio.get_running_loop().create_future())
         self._join(waiter, texts, size)
-        # Cancelled here (the client left): the future is cancelled with us and the batch leaves its
-        # inputs out if it has not gone yet; nothing is held meanwhile.
-        result = await waiter.future
+        # Cancelled here (the client left) or past the request's deadline: the future is cancelled and
+        # the batch leaves its inputs out if it has not gone yet; nothing is held meanwhile. If it had
+        # gone, the replica computes them all the same: the request counts as abandoned after it was
+        # sent, and quotas and the fair queue charge its prompt, as the forwarder's path does
+        # (RequestContext.served_tokens). Otherwise leaving just after the batch left would have the
+        # fleet embed inputs for free, past tokens_per_minute.
+        remaining = None if ctx.deadline_at is None else max(0.0, ctx.deadline_at - time.monotonic())
+        try:
+            result = await asyncio.wait_for(waiter.future, remaining)
+        except TimeoutError:
+            self._abandon(ctx, waiter)
+            raise DeadlinePassed(f"the request's deadline of {ctx.service_limits.get('deadline_s')}s "
+                                 "passed (waiting for an embedding batch)") from None
+        except asyncio.CancelledError:
+            self._abandon(ctx, waiter)
+            raise
         if result is None:
             decide("alone")
             return None
@@ -164,6 +182,11 @@ class EmbedBatch(Plugin):
         body, content_type = render(ask, vectors, tokens,
                                     int((time.monotonic() - started) * 1e9) or 1)
         return respond(ctx, body, content_type)
+
+    @staticmethod
+    def _abandon(ctx: RequestContext, waiter: _Waiter) -> None:
+        if waiter.sent and ctx.exchange.first_byte_at is None:
+            ctx.exchange.abandoned = True
 
     def _join(self, waiter: _Waiter, texts: dict[str, None], size: int) -> None:
         ask = waiter.ask
@@ -202,6 +225,8 @@ class EmbedBatch(Plugin):
             for waiter in live:
                 waiter.future.set_result(None)
             return
+        for waiter in live:
+            waiter.sent = True  # from here the batch goes upstream with its inputs, whoever stays
         task = asyncio.get_running_loop().create_task(self._send(live))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -274,3 +274,77 @@ def test_batched_requests_are_charged_their_share_by_quotas(tmp_path: Path, emul
         assert shares - 50 <= charged <= shares + 1, (shares, charged)
     finally:
         proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """An emulator that takes its time over embeddings (about 170 tokens a second), so that a batch is
+    still upstream when its clients leave or their deadline passes."""
+    server = start_emulator(tmp_path_factory.mktemp("embed-batch-slow"), load_s=0,
+                            extra=["--profile", "cpu-small"], name="embed-batch-slow")
+    yield server
+    server.stop()
+
+
+def test_a_client_that_leaves_after_its_batch_went_upstream_is_charged_its_prompt(
+        tmp_path: Path, slow_emulator: Server) -> None:
+    """The replica embeds a batch's inputs whoever stays for the answer: a client that leaves after its
+    batch was sent is charged its prompt, as one the forwarder had sent is, not refunded (leaving
+    just after the batch left would otherwise have the fleet embed for free, past tokens_per_minute)."""
+    proxy = start_proxy(tmp_path, [slow_emulator.url], {
+        "admin": {"keys": ["sk-batch-admin"]},
+        "tenants": [{"name": "meter", "keys": ["sk-batch-meter"], "tokens_per_minute": 600},
+                    {"name": "system", "keys": ["sk-batch-system"]}],
+        "plugins": [{"name": "embed_batch", "window_s": 0.2, "tenant": "system"}]}, name="abandon")
+    text = " ".join(f"word{i}" for i in range(40))
+
+    def remaining() -> float:
+        quotas = httpx.get(f"{proxy.url}/system/quotas",
+                           headers={"Authorization": "Bearer sk-batch-admin"}).json()
+        return float(quotas["tenants"]["meter"]["tokens_per_minute"]["remaining"])
+
+    try:
+        async def scenario() -> None:
+            async with httpx.AsyncClient(timeout=30) as client:
+                posts = [asyncio.ensure_future(client.post(
+                    f"{proxy.url}/api/embed", headers={"Authorization": "Bearer sk-batch-meter"},
+                    json={"model": MODEL, "input": f"{text} {i}"})) for i in range(2)]
+                # The batch is upstream once the replica works on it; then both clients leave.
+                started = time.monotonic() + 15
+                while not slow_emulator.stats()["active"]:
+                    assert time.monotonic() < started and not any(p.done() for p in posts)
+                    await asyncio.sleep(0.02)
+                for post in posts:
+                    post.cancel()
+                await asyncio.gather(*posts, return_exceptions=True)
+
+        asyncio.run(scenario())
+        # Each prompt is about 80 tokens: about 160 charged once both reservations are settled (not
+        # refunded, which would leave 600); 10 a second refill meanwhile.
+        wait_for(lambda: remaining() < 600 - 100, what="the abandoned prompts charged")
+    finally:
+        proxy.stop()
+
+
+def test_a_batched_request_is_answered_504_at_its_deadline(tmp_path: Path, slow_emulator: Server) -> None:
+    """A request waiting for its batch's answer keeps its deadline (X-Deadline-S here): 504 when it
+    passes, as the forwarder answers, not the batch's answer whenever it comes."""
+    proxy = start_proxy(tmp_path, [slow_emulator.url], {
+        "plugins": [{"name": "embed_batch", "window_s": 0.05}]}, name="batch-deadline")
+    text = " ".join(f"word{i}" for i in range(150))  # about 500 tokens: 3 s each for this replica
+    try:
+        async def scenario() -> list[tuple[httpx.Response, float]]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                async def one(i: int) -> tuple[httpx.Response, float]:
+                    started = time.monotonic()
+                    reply = await client.post(f"{proxy.url}/api/embed", headers={"X-Deadline-S": "1"},
+                                              json={"model": MODEL, "input": f"{text} {i}"})
+                    return reply, time.monotonic() - started
+                return list(await asyncio.gather(*(one(i) for i in range(2))))
+
+        for reply, took in asyncio.run(scenario()):
+            assert reply.status_code == 504, reply.text
+            assert reply.headers.get("x-should-retry") == "false"
+            assert took < 3.5, took  # the batch takes about 6 s
+    finally:
+        proxy.stop()
