@@ -5,11 +5,11 @@ reserved there) and holds no queue slot yet. Requests for the same model and out
 (/api/embed and /v1/embeddings, float or base64) that arrive within `window_s` of the first are sent
 together, identical inputs once, as one /api/embed sub-request through the chain: one queue slot, one
 upstream call. Each request is answered in its own route's shape with its own vectors in order and
-charged its own share of the batch's prompt tokens (its `usage`, which quotas settle its reservation
-with). A request alone in its window, and every request of a batch that failed, go on through the
-chain by themselves: a bad input gets its own route's error and fails nobody else. A request that
-leaves (client gone, deadline passed: 504) after its batch was sent is charged its prompt, since the
-replica embeds its inputs anyway.
+charged its own share of the batch's prompt tokens, split by each input's count by the model's
+tokenizer (its `usage`, which quotas settle its reservation with). A request alone in its window,
+and every request of a batch that failed, go on through the chain by themselves: a bad input gets
+its own route's error and fails nobody else. A request that leaves (client gone, deadline passed:
+504) after its batch was sent is charged its prompt, since the replica embeds its inputs anyway.
 /api/embeddings is left alone: its vectors are not normalised, so /api/embed cannot produce them.
 """
 
@@ -27,10 +27,12 @@ import orjson
 from aiohttp import web
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from middlewares.limits import OFFLOAD_BYTES
 from proxy.embeddings import Answer, Ask, apportion, parse_ask, read_answer, render, respond, to_base64
 from proxy.errors import DeadlinePassed
 from proxy.ollama import Usage
 from proxy.plugin import Plugin, PluginConfig, PluginServices
+from proxy.tokens import Tokenizer
 
 if TYPE_CHECKING:
     from proxy.context import RequestContext
@@ -76,6 +78,8 @@ class EmbedBatchConfig(PluginConfig):
 class _Waiter:
     ask: Ask
     future: asyncio.Future[tuple[list[bytes], int, int, int] | None]
+    counts: dict[str, int] | None = None
+    """Each distinct input's token count by the model's own tokenizer (None: only the estimate)."""
     sent: bool = False
     """Its inputs went upstream in a batch: the replica works for it whether it stays or not."""
 
@@ -152,7 +156,8 @@ class EmbedBatch(Plugin):
             decide("too_large")
             return None
         started = time.monotonic()
-        waiter = _Waiter(ask, asyncio.get_running_loop().create_future())
+        counts = await self._count(ask.model, texts, size)
+        waiter = _Waiter(ask, asyncio.get_running_loop().create_future(), counts)
         self._join(waiter, texts, size)
         # Cancelled here (the client left) or past the request's deadline: the future is cancelled and
         # the batch leaves its inputs out if it has not gone yet; nothing is held meanwhile. If it had
@@ -182,6 +187,18 @@ class EmbedBatch(Plugin):
         body, content_type = render(ask, vectors, tokens,
                                     int((time.monotonic() - started) * 1e9) or 1)
         return respond(ctx, body, content_type)
+
+    async def _count(self, model: str, texts: dict[str, None], size: int) -> dict[str, int] | None:
+        """Each input's tokens by the model's tokenizer, what a batch's count is split by; None when
+        only the estimate is known (bytes / 3: splitting by bytes is the same). Counted again rather
+        than taken from limits, which keeps totals only; the tokenizer's segment cache makes the
+        second count cheap, and a large body is counted in a worker as limits does."""
+        tokenizer = await self.services.tokenizer_for(model)
+        if tokenizer.method == "estimate":
+            return None
+        if size > OFFLOAD_BYTES:
+            return await asyncio.to_thread(_count_all, tokenizer, texts, True)
+        return _count_all(tokenizer, texts, False)
 
     @staticmethod
     def _abandon(ctx: RequestContext, waiter: _Waiter) -> None:
@@ -262,7 +279,11 @@ class EmbedBatch(Plugin):
 
     @staticmethod
     def _split(waiters: list[_Waiter], texts: list[str], answer: Answer) -> None:
-        shares = dict(zip(texts, apportion(answer.tokens, texts), strict=True))
+        counts: dict[str, int] = {}
+        for waiter in waiters:
+            counts.update(waiter.counts or {})
+        tokens = [counts[text] for text in texts] if all(text in counts for text in texts) else None
+        shares = dict(zip(texts, apportion(answer.tokens, texts, tokens), strict=True))
         vectors = dict(zip(texts, answer.vectors, strict=True))
         encoded: dict[str, bytes] = {}
         for waiter in waiters:
@@ -275,6 +296,11 @@ class EmbedBatch(Plugin):
                 mine = [vectors[text] for text in ask.inputs]
             waiter.future.set_result((mine, sum(shares[text] for text in ask.inputs), len(waiters),
                                       answer.total_duration_ns))
+
+
+def _count_all(tokenizer: Tokenizer, texts: dict[str, None], offload: bool) -> dict[str, int]:
+    count = tokenizer.count_offloadable if offload else tokenizer.count
+    return {text: count(text) for text in texts}
 
 
 PLUGIN = EmbedBatch

@@ -200,12 +200,16 @@ def to_base64(vector: bytes) -> bytes:
     return b'"' + base64.b64encode(struct.pack(f"<{len(values)}f", *values)) + b'"'
 
 
-def apportion(total: int, inputs: Sequence[str]) -> list[int]:
-    """`total` tokens shared among `inputs` in proportion to their length, as integers summing to it
-    (Ollama reports one count per batch; a per-input share is what each input is charged and cached with)."""
+def apportion(total: int, inputs: Sequence[str], tokens: Sequence[int] | None = None) -> list[int]:
+    """`total` tokens shared among `inputs` as integers summing to it (Ollama reports one count per
+    batch; a per-input share is what each input is charged and cached with): in proportion to each
+    input's own token count `tokens` (the proxy's tokenizer's) when given, else to its length in bytes.
+    Bytes are a poor proxy for tokens (digits and punctuation take a token each, long words a few
+    bytes per token): where inputs of several tenants share a count, only token counts keep one
+    tenant's cost off another's."""
     if len(inputs) == 1:
         return [total]
-    lengths = [len(text.encode()) for text in inputs]
+    lengths = list(tokens) if tokens is not None else [len(text.encode()) for text in inputs]
     whole = sum(lengths) or 1
     shares = [total * length // whole for length in lengths]
     for index in range(total - sum(shares)):

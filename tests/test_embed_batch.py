@@ -348,3 +348,19 @@ def test_a_batched_request_is_answered_504_at_its_deadline(tmp_path: Path, slow_
             assert took < 3.5, took  # the batch takes about 6 s
     finally:
         proxy.stop()
+
+
+def test_a_batch_is_split_by_each_inputs_tokens_not_its_bytes(proxy: Server, emulator: Server) -> None:
+    """Two tenants' inputs of about the same length in bytes, one token-dense (a digit and a space a
+    token each), one not (a long word is a few tokens): each is charged about what the replica counts
+    for it alone, not half the batch (bytes would move the dense one's cost to the other)."""
+    dense = " ".join("7" for _ in range(400))
+    sparse = " ".join("internationalization" for _ in range(40))
+    alone = {text: int(_direct(emulator, "/api/embed", {"model": MODEL, "input": text}).json()[
+        "prompt_eval_count"]) for text in (dense, sparse)}
+    replies = asyncio.run(_send(proxy, [("a", "/api/embed", {"model": MODEL, "input": dense}),
+                                        ("b", "/api/embed", {"model": MODEL, "input": sparse})]))
+    assert [r.headers.get("x-embed-batch") for r in replies] == ["requests=2"] * 2, [r.text for r in replies]
+    for reply, text in zip(replies, (dense, sparse), strict=True):
+        charged = int(reply.json()["prompt_eval_count"])
+        assert abs(charged - alone[text]) <= 10, (charged, alone)
