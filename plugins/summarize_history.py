@@ -24,8 +24,9 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from middlewares.limits import OFFLOAD_BYTES
 from proxy.context import RequestContext
-from proxy.history import chain_hashes, group_messages, message_text, message_tokens, split_tail
+from proxy.history import Group, chain_hashes, group_messages, message_text, message_tokens, split_tail
 from proxy.plugin import Plugin, PluginConfig, PluginServices
 from proxy.prompts import count_prompt
 from proxy.schema import positive, redis_url
@@ -34,7 +35,7 @@ from proxy.tokens import Tokenizer
 
 from ._cache import ByteLRU
 from .trim_history import HEADER as TRIMMED_HEADER
-from .trim_history import trim_messages
+from .trim_history import ChatCount, count_chat, parsed_body, trim_messages
 
 __all__ = ["HEADER", "PLUGIN", "SummarizeHistory", "SummarizeHistoryConfig", "SummaryStore"]
 
@@ -222,7 +223,7 @@ class SummarizeHistory(Plugin):
         if budget is None or shape not in ("chat", "generate") or len(ctx.body or b"") <= budget:
             decide("pass")
             return None
-        body = ctx.json()
+        body = await parsed_body(ctx)
         model = ctx.model
         if not isinstance(body, dict) or model is None:
             decide("pass")
@@ -245,44 +246,55 @@ class SummarizeHistory(Plugin):
         `trimmed`) or None when the prompt fits already or cannot be changed. Limits calls this under
         `prompt_policy: summarize`."""
         route = ctx.route
-        before = count_prompt(route, body, tokenizer)
-        if before is None or before.total <= budget:
-            return None
+        # Counting (and hashing, and cutting) a large prompt runs in a worker thread, as limits counts
+        # it: megabytes take a second, which on the event loop would stall every other request.
+        large = len(ctx.body or b"") > OFFLOAD_BYTES
         if route.prompt_shape == "chat" and route.prompt_field == "messages" \
                 and isinstance(body.get("messages"), list):
-            return await self._fit_chat(ctx, body, tokenizer, budget, before.total)
+            counted = await count_chat(ctx, body, tokenizer)
+            if counted is None or counted.total <= budget:
+                return None
+            return await self._fit_chat(ctx, body, tokenizer, budget, counted, large)
+        before = (await asyncio.to_thread(count_prompt, route, body, tokenizer, True) if large
+                  else count_prompt(route, body, tokenizer))
+        if before is None or before.total <= budget:
+            return None
         if route.prompt_shape == "generate" and isinstance(body.get("prompt"), str):
-            return await self._fit_generate(ctx, body, tokenizer, budget, before.total)
+            return await self._fit_generate(ctx, body, tokenizer, budget, before.total, large)
         return None
 
     # chat ------------------------------------------------------------------------------------------
     async def _fit_chat(self, ctx: RequestContext, body: dict[str, Any], tokenizer: Tokenizer,
-                        budget: int, before: int) -> str | None:
+                        budget: int, counted: ChatCount, large: bool) -> str | None:
         messages: list[Any] = body["messages"]
+        before, costs = counted.total, counted.costs
         groups = group_messages(messages)
         older = max(0, len(groups) - self.config.keep_last_turns)
         summarized = [g for g in groups[:older] if g.kind == "turn"]
-        fixed = before - sum(message_tokens(m, tokenizer.count) for m in messages)
         if summarized:
-            texts = [_transcript_line(messages[g.start]) for g in summarized]
+            texts, hashes = (await asyncio.to_thread(_summarized, messages, summarized) if large
+                             else _summarized(messages, summarized))
             prefix = self._prefix(ctx)
-            keys = [prefix + h for h in chain_hashes([messages[g.start] for g in summarized])]
+            keys = [prefix + h for h in hashes]
             role = "user" if ctx.route.dialect == "anthropic" else "system"
 
             def render(count: int, summary: str) -> tuple[dict[str, Any], int]:
+                # The new prompt's count from the messages' own (counted once): the summary message,
+                # the messages kept and what is not a message.
                 chosen = {id(g) for g in summarized[:count]}
                 out: list[Any] = []
+                summary_message = {"role": role, "content": SUMMARY_PREFIX + summary}
+                after = counted.fixed + message_tokens(summary_message, tokenizer.count)
                 placed = False
                 for group in groups:
                     if id(group) in chosen:
                         if not placed:
-                            out.append({"role": role, "content": SUMMARY_PREFIX + summary})
+                            out.append(summary_message)
                             placed = True
                         continue
                     out.extend(messages[group.start:group.end])
-                new_body = {**body, "messages": out}
-                after = count_prompt(ctx.route, new_body, tokenizer)
-                return new_body, after.total if after is not None else before
+                    after += sum(costs[group.start:group.end])
+                return {**body, "messages": out}, after
 
             outcome = await self._summary(ctx, _Plan(keys, texts, budget),
                                           lambda count, summary: render(count, summary)[1] <= budget)
@@ -294,8 +306,8 @@ class SummarizeHistory(Plugin):
                     ctx.replace_json(new_body)
                     return "summarized"
                 self._fallback(ctx, "too_long")
-        kept, dropped, after = trim_messages(messages, tokenizer.count, budget, fixed_tokens=fixed,
-                                             keep_last=self.config.keep_last_turns)
+        kept, dropped, after = trim_messages(messages, tokenizer.count, budget, fixed_tokens=counted.fixed,
+                                             keep_last=self.config.keep_last_turns, costs=costs)
         if not dropped:
             return None
         ctx.replace_json({**body, "messages": kept})
@@ -305,11 +317,15 @@ class SummarizeHistory(Plugin):
 
     # generate --------------------------------------------------------------------------------------
     async def _fit_generate(self, ctx: RequestContext, body: dict[str, Any], tokenizer: Tokenizer,
-                            budget: int, before: int) -> str | None:
+                            budget: int, before: int, large: bool) -> str | None:
         prompt: str = body["prompt"]
-        front, tail = split_tail(prompt, self.config.generate_tail_tokens, tokenizer.count)
+        tail_tokens = self.config.generate_tail_tokens
+        front, tail = (await asyncio.to_thread(split_tail, prompt, tail_tokens, tokenizer.count_offloadable)
+                       if large else split_tail(prompt, tail_tokens, tokenizer.count))
         if front:
-            keys = [self._prefix(ctx) + h for h in chain_hashes([{"prompt": front}])]
+            hashes = (await asyncio.to_thread(chain_hashes, [{"prompt": front}]) if large
+                      else chain_hashes([{"prompt": front}]))
+            keys = [self._prefix(ctx) + h for h in hashes]
 
             def render(summary: str) -> tuple[dict[str, Any], int]:
                 new_body = {**body, "prompt": f"{GENERATE_PREFIX}{summary}\n\n{tail}"}
@@ -326,15 +342,13 @@ class SummarizeHistory(Plugin):
                     ctx.replace_json(new_body)
                     return "summarized"
                 self._fallback(ctx, "too_long")
-        room = budget - (before - tokenizer.count(prompt))
-        if room <= 0:
+        cut = (await asyncio.to_thread(_cut_front, prompt, tokenizer, budget, before, True) if large
+               else _cut_front(prompt, tokenizer, budget, before, False))
+        if cut is None:
             return None
-        kept = tokenizer.keep_last(prompt, room)
-        while kept and tokenizer.count(kept) > room:  # decode/encode can differ by one
-            kept = kept[1:]
+        kept, saved = cut
         ctx.replace_json({**body, "prompt": kept})
-        ctx.response_headers[TRIMMED_HEADER] = \
-            f"turns=0; tokens={tokenizer.count(prompt) - tokenizer.count(kept)}"
+        ctx.response_headers[TRIMMED_HEADER] = f"turns=0; tokens={saved}"
         return "trimmed"
 
     # the summary -----------------------------------------------------------------------------------
@@ -436,6 +450,27 @@ class SummarizeHistory(Plugin):
         self.fallbacks.add(1, {"reason": reason})
         if ctx.root_span is not None:
             ctx.root_span.set_attribute(self.names.summarize_fallback, reason)
+
+
+def _summarized(messages: Sequence[Any], summarized: Sequence[Group]) -> tuple[list[str], list[str]]:
+    """The transcript lines of the `summarized` groups and their chained cache keys."""
+    firsts = [messages[g.start] for g in summarized]
+    return [_transcript_line(m) for m in firsts], chain_hashes(firsts)
+
+
+def _cut_front(prompt: str, tokenizer: Tokenizer, budget: int, before: int,
+               offload: bool) -> tuple[str, int] | None:
+    """A generate prompt's end that fits `budget` with the rest of the prompt (`before` tokens in all),
+    and the tokens it saves; None when nothing of it fits. `offload`: in a worker thread."""
+    count = tokenizer.count_offloadable if offload else tokenizer.count
+    prompt_tokens = count(prompt)
+    room = budget - (before - prompt_tokens)
+    if room <= 0:
+        return None
+    kept = tokenizer.keep_last(prompt, room)
+    while kept and count(kept) > room:  # decode/encode can differ by one
+        kept = kept[1:]
+    return kept, prompt_tokens - count(kept)
 
 
 def _transcript_line(message: Any) -> str:

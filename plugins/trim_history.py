@@ -8,6 +8,7 @@ the chain and cached by content hash. Reports `X-History-Trimmed: turns=<n>; tok
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -18,15 +19,18 @@ from typing import Any
 import attrs
 from aiohttp import web
 
+from middlewares.limits import OFFLOAD_BYTES, PARSE_OFFLOAD_BYTES
 from proxy.context import RequestContext
 from proxy.history import Group, group_messages, message_text, message_tokens, select_groups
 from proxy.plugin import Plugin, PluginConfig
 from proxy.prompts import count_prompt
 from proxy.schema import positive
+from proxy.tokens import Tokenizer
 
 from ._cache import ByteLRU
 
-__all__ = ["PLUGIN", "RelevanceConfig", "TrimHistory", "TrimHistoryConfig", "trim_messages"]
+__all__ = ["PLUGIN", "ChatCount", "RelevanceConfig", "TrimHistory", "TrimHistoryConfig", "count_chat",
+           "parsed_body", "trim_messages"]
 
 log = logging.getLogger("plugins.trim_history")
 
@@ -63,20 +67,59 @@ class TrimHistoryConfig(PluginConfig):
     """The tenant the embedding sub-requests are charged to; the caller's when absent."""
 
 
+@attrs.frozen
+class ChatCount:
+    """A chat prompt's tokens: `total`, `fixed` (besides its messages: framing, tools, a top-level
+    system prompt) and each message's cost, in order (`total` = `fixed` + their sum)."""
+
+    total: int
+    fixed: int
+    costs: list[int]
+
+
+def _count_chat(ctx: RequestContext, body: dict[str, Any], tokenizer: Tokenizer,
+                offload: bool) -> ChatCount | None:
+    rest = count_prompt(ctx.route, {**body, "messages": []}, tokenizer, offload)
+    if rest is None:
+        return None
+    count = tokenizer.count_offloadable if offload else tokenizer.count
+    costs = [message_tokens(message, count) for message in body["messages"]]
+    return ChatCount(rest.total + sum(costs), rest.total, costs)
+
+
+async def count_chat(ctx: RequestContext, body: dict[str, Any], tokenizer: Tokenizer) -> ChatCount | None:
+    """`body`'s chat prompt counted as limits counts it (proxy/prompts.py), each message once (None:
+    the route has no chat prompt). A large body (over limits' OFFLOAD_BYTES) is counted in a worker
+    thread, as limits counts it: counting megabytes takes a second, which on the event loop would
+    stall every other request of the process (one tenant's long chats, everyone's latency)."""
+    if len(ctx.body or b"") > OFFLOAD_BYTES:
+        return await asyncio.to_thread(_count_chat, ctx, body, tokenizer, True)
+    return _count_chat(ctx, body, tokenizer, False)
+
+
+async def parsed_body(ctx: RequestContext) -> Any:
+    """`ctx.json()`, parsed in a worker thread when the body is large (limits' rule, before limits)."""
+    if len(ctx.body or b"") > PARSE_OFFLOAD_BYTES:
+        await asyncio.to_thread(ctx.json)
+    return ctx.json()
+
+
 def trim_messages(messages: Sequence[Any], count: Callable[[str], int], budget: int, *,
-                  fixed_tokens: int = 0, keep_last: int = 1,
-                  preferred: Sequence[int] = ()) -> tuple[list[Any], int, int]:
+                  fixed_tokens: int = 0, keep_last: int = 1, preferred: Sequence[int] = (),
+                  costs: Sequence[int] | None = None) -> tuple[list[Any], int, int]:
     """The messages kept within `budget` (see proxy.history.select_groups), how many groups went and
     what the kept messages cost (`fixed_tokens` included: the new prompt's count).
 
     `fixed_tokens` is what the prompt costs besides its messages (framing, tools, a top-level system
-    prompt); `preferred` are group indices to keep first if they fit."""
+    prompt); `preferred` are group indices to keep first if they fit; `costs`, each message's cost when
+    already counted (`ChatCount.costs`: then `count` is not called)."""
     groups = group_messages(messages)
-    costs = [sum(message_tokens(messages[i], count) for i in range(g.start, g.end)) for g in groups]
-    kept = select_groups(costs, [g.kind for g in groups], budget - fixed_tokens,
+    each = costs if costs is not None else [message_tokens(m, count) for m in messages]
+    group_costs = [sum(each[g.start:g.end]) for g in groups]
+    kept = select_groups(group_costs, [g.kind for g in groups], budget - fixed_tokens,
                          preferred=preferred, keep_last=keep_last)
     out = [m for i in kept for m in messages[groups[i].start:groups[i].end]]
-    return out, len(groups) - len(kept), fixed_tokens + sum(costs[i] for i in kept)
+    return out, len(groups) - len(kept), fixed_tokens + sum(group_costs[i] for i in kept)
 
 
 def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
@@ -109,25 +152,23 @@ class TrimHistory(Plugin):
                 or len(ctx.body or b"") <= self.config.budget_tokens:
             decide("pass")
             return None
-        body = ctx.json()
+        body = await parsed_body(ctx)
         model = ctx.model
         if not isinstance(body, dict) or model is None or not isinstance(body.get("messages"), list):
             decide("pass")
             return None
         tokenizer = await self.services.tokenizer_for(model)
-        before = count_prompt(route, body, tokenizer)
+        before = await count_chat(ctx, body, tokenizer)
         if before is None or before.total <= self.config.budget_tokens:
             decide("kept")
             return None
         messages: list[Any] = body["messages"]
-        count = tokenizer.count
-        fixed = before.total - sum(message_tokens(m, count) for m in messages)
         preferred: list[int] = []
         if self.config.relevance is not None:
             preferred = await self._relevant(ctx, model, messages, group_messages(messages))
         kept, dropped, after = trim_messages(
-            messages, count, self.config.budget_tokens, fixed_tokens=fixed,
-            keep_last=self.config.keep_last_turns, preferred=preferred)
+            messages, tokenizer.count, self.config.budget_tokens, fixed_tokens=before.fixed,
+            keep_last=self.config.keep_last_turns, preferred=preferred, costs=before.costs)
         if not dropped:
             decide("kept")
             return None

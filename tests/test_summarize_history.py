@@ -15,11 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy import gojson
 from tests.support.metrics import metric
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.polling import wait_for
 from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, start_emulator, start_proxy
+from tests.support.stall import healthz_stall_during
 
 KEY = "sk-summary-team"
 BUDGET = 300
@@ -371,5 +373,22 @@ def test_a_tenant_gets_no_summary_another_tenant_paid_for(tmp_path: Path, emulat
                                              "stream": False, "options": {"num_predict": 1}})
         assert other.status_code == 200, other.text
         assert _header(other, "x-history-summarized")["cached"] == 0
+    finally:
+        proxy.stop()
+
+
+def test_a_large_chat_is_counted_off_the_event_loop(tmp_path: Path, emulator: Server) -> None:
+    """Counting and hashing megabytes of history takes about a second: in a worker thread (as limits
+    counts), so the process answers others meanwhile (/healthz here), where it stalled for it."""
+    proxy = _proxy(tmp_path, emulator, "summary-large", [_plugin(keep_last_turns=1)])
+    try:
+        history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: " + "z " * 5000}
+                   for i in range(600)]  # about 6 MB, 3 million tokens
+        body = gojson.dumps({"model": "llama3.2", "stream": False, "options": {"num_predict": 1},
+                             "messages": [*history, {"role": "user", "content": "So?"}]})
+        worst, summarized = healthz_stall_during(proxy.url, "/api/chat", body, KEY,
+                                                 "x-history-summarized", 3)
+        assert all(header.startswith("turns=") for header in summarized), summarized
+        assert worst < 0.6, worst  # stalled for over a second per request on the event loop
     finally:
         proxy.stop()

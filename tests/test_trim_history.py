@@ -18,6 +18,7 @@ from proxy.tokens import SentencePieceTokenizer
 from tests.support.metrics import metric
 from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
+from tests.support.stall import healthz_stall_during
 
 KEY = "sk-trim-team"
 BUDGET = 300
@@ -188,3 +189,15 @@ def test_names_the_fleet_lacks_cost_no_lookup_and_reach_the_log_escaped(tmp_path
         assert "\x1b" not in log
     finally:
         proxy.stop()
+
+
+def test_a_large_chat_is_counted_off_the_event_loop(proxy: Server) -> None:
+    """Counting megabytes of history takes about a second: in a worker thread (as limits counts), so
+    the process answers others meanwhile (/healthz here), where it stalled for the whole count."""
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: " + "z " * 5000}
+               for i in range(600)]  # about 6 MB, 3 million tokens
+    body = gojson.dumps({"model": "llama3.2", "stream": False, "options": {"num_predict": 1},
+                         "messages": [*history, {"role": "user", "content": "So?"}]})
+    worst, trimmed = healthz_stall_during(proxy.url, "/api/chat", body, KEY, "x-history-trimmed", 3)
+    assert all(header.startswith("turns=600;") for header in trimmed), trimmed
+    assert worst < 0.6, worst  # stalled for over a second per request on the event loop
