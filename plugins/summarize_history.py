@@ -2,7 +2,8 @@
 written on the fleet by a small model through the chain (before limits); also what limits calls under
 `prompt_policy: summarize`.
 
-Kept verbatim: system prompts, tool calls with their results, the last `keep_last_turns` turns. The cache
+Kept verbatim: system prompts, tool calls with their results, the last `keep_last_turns` turns and the
+latest user message (only turns before it are summarized). The cache
 is keyed by a hash of exactly the turns summarized (memory bounded in bytes, optionally Redis shared by
 proxy replicas), so the next turn of the conversation reuses the summary and the prompt's prefix stays
 byte-identical (Ollama's prompt cache keeps working). A summary not ready within `time_budget_s` is
@@ -26,7 +27,15 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from middlewares.limits import OFFLOAD_BYTES
 from proxy.context import RequestContext
-from proxy.history import Group, chain_hashes, group_messages, message_text, message_tokens, split_tail
+from proxy.history import (
+    Group,
+    chain_hashes,
+    group_messages,
+    last_question,
+    message_text,
+    message_tokens,
+    split_tail,
+)
 from proxy.plugin import Plugin, PluginConfig, PluginServices
 from proxy.prompts import count_prompt
 from proxy.schema import positive, redis_url
@@ -270,6 +279,9 @@ class SummarizeHistory(Plugin):
         before, costs = counted.total, counted.costs
         groups = group_messages(messages)
         older = max(0, len(groups) - self.config.keep_last_turns)
+        question = last_question(messages, groups)
+        if question is not None:  # in a tool loop the newest groups are tools: the question stays
+            older = min(older, question)
         summarized = [g for g in groups[:older] if g.kind == "turn"]
         if summarized:
             texts, hashes = (await asyncio.to_thread(_summarized, messages, summarized) if large

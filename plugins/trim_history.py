@@ -1,6 +1,7 @@
 """trim_history: a chat history over its token budget loses its oldest turns (before limits).
 
-Kept: system prompts, tool calls with their results, the newest turns that fit `budget_tokens` (counted
+Kept: system prompts, tool calls with their results, the latest user message (all of it when these are
+alone over the budget), the newest turns that fit `budget_tokens` (counted
 with the model's own tokenizer), and optionally the older turns most relevant to the latest user message
 (`relevance: {model: <embedding model>, keep: N}`), scored with embeddings computed on the fleet through
 the chain and cached by content hash. Reports `X-History-Trimmed: turns=<n>; tokens=<saved>`.
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from middlewares.limits import OFFLOAD_BYTES, PARSE_OFFLOAD_BYTES
 from proxy.context import RequestContext
-from proxy.history import Group, group_messages, message_text, message_tokens, select_groups
+from proxy.history import Group, group_messages, last_question, message_text, message_tokens, select_groups
 from proxy.plugin import Plugin, PluginConfig
 from proxy.prompts import count_prompt
 from proxy.schema import positive
@@ -107,8 +108,9 @@ async def parsed_body(ctx: RequestContext) -> Any:
 def trim_messages(messages: Sequence[Any], count: Callable[[str], int], budget: int, *,
                   fixed_tokens: int = 0, keep_last: int = 1, preferred: Sequence[int] = (),
                   costs: Sequence[int] | None = None) -> tuple[list[Any], int, int]:
-    """The messages kept within `budget` (see proxy.history.select_groups), how many groups went and
-    what the kept messages cost (`fixed_tokens` included: the new prompt's count).
+    """The messages kept within `budget` (see proxy.history.select_groups: the latest user message
+    always among them), how many groups went and what the kept messages cost (`fixed_tokens`
+    included: the new prompt's count).
 
     `fixed_tokens` is what the prompt costs besides its messages (framing, tools, a top-level system
     prompt); `preferred` are group indices to keep first if they fit; `costs`, each message's cost when
@@ -116,8 +118,10 @@ def trim_messages(messages: Sequence[Any], count: Callable[[str], int], budget: 
     groups = group_messages(messages)
     each = costs if costs is not None else [message_tokens(m, count) for m in messages]
     group_costs = [sum(each[g.start:g.end]) for g in groups]
+    question = last_question(messages, groups)
     kept = select_groups(group_costs, [g.kind for g in groups], budget - fixed_tokens,
-                         preferred=preferred, keep_last=keep_last)
+                         preferred=preferred, keep_last=keep_last,
+                         pinned=() if question is None else (question,))
     out = [m for i in kept for m in messages[groups[i].start:groups[i].end]]
     return out, len(groups) - len(kept), fixed_tokens + sum(group_costs[i] for i in kept)
 

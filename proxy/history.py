@@ -29,6 +29,7 @@ __all__ = [
     "chain_hashes",
     "chunk_text",
     "group_messages",
+    "last_question",
     "message_text",
     "message_tokens",
     "select_groups",
@@ -106,21 +107,39 @@ def group_messages(messages: Sequence[Any]) -> list[Group]:
     return groups
 
 
+def last_question(messages: Sequence[Any], groups: Sequence[Group]) -> int | None:
+    """The index of the group holding the latest user message (a `turn` whose role is `user`: what
+    the model is asked to answer), None when there is none."""
+    for index in range(len(groups) - 1, -1, -1):
+        group = groups[index]
+        message = messages[group.start]
+        if group.kind == "turn" and isinstance(message, dict) and message.get("role") == "user":
+            return index
+    return None
+
+
 def select_groups(costs: Sequence[int], kinds: Sequence[str], budget: int, *,
-                  preferred: Iterable[int] = (), keep_last: int = 1) -> list[int]:
+                  preferred: Iterable[int] = (), keep_last: int = 1,
+                  pinned: Iterable[int] = ()) -> list[int]:
     """Which groups to keep (their indices, ascending) so that their total cost fits `budget`.
 
-    Always kept, whatever the budget: `system` and `tools` groups, and the last `keep_last` groups
-    (the newest turns, the latest user message among them). Then `preferred` groups (in the order
-    given, each only if it still fits: the most relevant older turns), then the newest remaining
-    groups, newest first, up to the first that does not fit (the recent window stays contiguous).
+    Always kept, whatever the budget: `system` and `tools` groups, the last `keep_last` groups (the
+    newest turns) and the `pinned` ones (the latest user message: in a tool loop the tool groups are
+    the newest, and the question they serve must not be the turn that goes). When these alone are
+    over `budget`, every group is kept: no trim can make the prompt fit, and dropping the rest would
+    only lose context. Then `preferred` groups (in the order given, each only if it still fits: the
+    most relevant older turns), then the newest remaining groups, newest first, up to the first that
+    does not fit (the recent window stays contiguous).
     """
     count = len(costs)
     if count == 0:
         return []
     kept = {i for i in range(count) if kinds[i] != "turn"}
     kept.update(range(max(0, count - keep_last), count))
+    kept.update(i for i in pinned if 0 <= i < count)
     used = sum(costs[i] for i in kept)
+    if used > budget:
+        return list(range(count))
     for i in preferred:
         if 0 <= i < count and i not in kept and used + costs[i] <= budget:
             kept.add(i)

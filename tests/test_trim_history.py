@@ -201,3 +201,36 @@ def test_a_large_chat_is_counted_off_the_event_loop(proxy: Server) -> None:
     worst, trimmed = healthz_stall_during(proxy.url, "/api/chat", body, KEY, "x-history-trimmed", 3)
     assert all(header.startswith("turns=600;") for header in trimmed), trimmed
     assert worst < 0.6, worst  # stalled for over a second per request on the event loop
+
+
+def test_the_question_of_a_tool_loop_is_kept(proxy: Server, emulator: Server) -> None:
+    """In a tool loop the newest groups are a tool call and its result (always kept): the latest user
+    message, the question they serve, stays too; and when what must be kept is alone over the budget,
+    nothing else is dropped (it could not make the prompt fit)."""
+    question = {"role": "user", "content": "What is the total of the rows in the report?"}
+    call = {"role": "assistant", "content": "",
+            "tool_calls": [{"function": {"name": "fetch_report", "arguments": {}}}]}
+    call_tokens = TOKENIZER.count(gojson.dumps(call["tool_calls"]).decode())
+
+    def send(messages: list[dict[str, Any]]) -> httpx.Response:
+        reply = httpx.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {KEY}"},
+                           timeout=30, json={"model": "llama3.2", "messages": messages, "stream": False,
+                                             "options": {"num_predict": 1}})
+        assert reply.status_code == 200, reply.text
+        return reply
+
+    # Older turns go, the question stays.
+    result = {"role": "tool", "content": " ".join(f"row{i}" for i in range(60))}
+    messages = [SYSTEM, *(_turn(i) for i in range(6)), question, call, result]
+    assert _direct_count(emulator, messages) > BUDGET
+    reply = send(messages)
+    assert reply.headers["x-history-trimmed"].startswith("turns=")
+    kept = [SYSTEM, question, call, result]
+    assert reply.json()["prompt_eval_count"] >= _direct_count(emulator, kept)
+    assert _direct_count(emulator, kept) + call_tokens <= BUDGET
+    # The tool result alone is over the budget: nothing is dropped.
+    result = {"role": "tool", "content": " ".join(f"row{i} value{i}" for i in range(200))}
+    messages = [SYSTEM, _turn(0), _turn(1), question, call, result]
+    reply = send(messages)
+    assert "x-history-trimmed" not in reply.headers
+    assert reply.json()["prompt_eval_count"] == _direct_count(emulator, messages)
