@@ -52,6 +52,11 @@ class RelevanceConfig:
     """How long to wait for the embeddings; then the trim goes on by recency alone."""
     cache_max_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=positive)
     """Memory for cached turn embeddings (keyed by the model, its digest and a hash of the text)."""
+    cache_scope: str = attrs.field(default="tenant", validator=attrs.validators.in_(("tenant", "shared")))
+    """`tenant`: a tenant's cached embeddings serve that tenant alone, so nobody learns from how fast
+    a trim came (a cached turn is not embedded again) what another tenant's chats held. `shared`:
+    every tenant uses the same entries (and a fast trim then tells a tenant that someone sent those
+    turns before)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -206,11 +211,14 @@ class TrimHistory(Plugin):
 
     async def embed(self, ctx: RequestContext, relevance: RelevanceConfig,
                     texts: Sequence[str]) -> list[Sequence[float]] | None:
-        """Embeddings of `texts` (cached by model, digest and text hash; the misses in one /api/embed
-        sub-request through the chain), or None when the fleet did not give them in time."""
+        """Embeddings of `texts` (cached by model, digest and text hash, and the caller's tenant under
+        `cache_scope: tenant`; the misses in one /api/embed sub-request through the chain), or None
+        when the fleet did not give them in time."""
         assert self.vectors is not None
         digest = self.services.model_digest(relevance.model) or ""
-        keys = [hashlib.sha256(f"{relevance.model}\0{digest}\0{t}".encode()).hexdigest() for t in texts]
+        scope = ctx.tenant.name if relevance.cache_scope == "tenant" else ""
+        keys = [hashlib.sha256(f"{scope}\0{relevance.model}\0{digest}\0{t}".encode()).hexdigest()
+                for t in texts]
         out: list[Sequence[float] | None] = []
         for key in keys:
             cached = self.vectors.get(key)

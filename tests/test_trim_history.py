@@ -234,3 +234,37 @@ def test_the_question_of_a_tool_loop_is_kept(proxy: Server, emulator: Server) ->
     reply = send(messages)
     assert "x-history-trimmed" not in reply.headers
     assert reply.json()["prompt_eval_count"] == _direct_count(emulator, messages)
+
+
+@pytest.mark.parametrize("scope", ["tenant", "shared"])
+def test_relevance_embeddings_are_cached_per_tenant_unless_shared(tmp_path: Path, emulator: Server,
+                                                                  scope: str) -> None:
+    """Under `cache_scope: tenant` (the default) one tenant's cached turn embeddings do not serve
+    another (whose trim would come faster, telling it what the first one's chats held); `shared`
+    uses the same entries for all."""
+    relevance: dict[str, Any] = {"model": "nomic-embed-text", "keep": 1}
+    if scope == "shared":
+        relevance["cache_scope"] = "shared"
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "tenants": [{"name": "team", "keys": [KEY]}, {"name": "other", "keys": ["sk-trim-other"]}],
+        "plugins": [{"name": "trim_history", "budget_tokens": BUDGET, "relevance": relevance}]},
+        name=f"trim-scope-{scope}")
+    try:
+        question = "Where did we leave the green bicycle?"
+        messages = [SYSTEM, {"role": "user", "content": question}, *(_turn(i) for i in range(1, 10)),
+                    {"role": "user", "content": question}]
+
+        def chat(key: str) -> int:
+            before = emulator.stats()["requests"].get(EMBED, 0)
+            reply = httpx.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {key}"},
+                               timeout=30, json={"model": "llama3.2", "messages": messages,
+                                                 "stream": False, "options": {"num_predict": 1}})
+            assert reply.status_code == 200, reply.text
+            assert reply.headers["x-history-trimmed"].startswith("turns=")
+            return int(emulator.stats()["requests"].get(EMBED, 0) - before)
+
+        assert chat(KEY) == 1
+        assert chat(KEY) == 0  # cached for its own tenant
+        assert chat("sk-trim-other") == (1 if scope == "tenant" else 0)
+    finally:
+        proxy.stop()
