@@ -33,8 +33,13 @@ __all__ = ["PLUGIN", "EmbedCache", "EmbedCacheConfig", "MemoryStore"]
 
 log = logging.getLogger("plugins.embed_cache")
 
-_ENTRY_OVERHEAD_BYTES = 96
-"""What one entry costs besides its vector: key, token count, the LRU's node (measured roughly)."""
+_ENTRY_OVERHEAD_BYTES = 280
+"""What one entry costs besides the lengths of its vector and key: the two bytes objects' headers, the
+(vector, tokens) tuple and its int, the OrderedDict's slot, hash-table slack and linked-list node, and
+the allocator's rounding. Measured on CPython 3.11 (x86-64) by putting 300,000 entries with 32-byte
+keys and 12, 40 and 3,000-byte vectors into a MemoryStore: the process's RSS grew 274-279 bytes per
+entry beyond len(vector) + len(key) (tracemalloc, which misses the allocator's rounding: 235). 96, the
+rough guess before, let the cache hold about 2.4 times its `max_bytes` with small vectors."""
 _REDIS_PREFIX = b"sop:embed:"
 
 

@@ -4,6 +4,7 @@ whose digest changes, the shared Redis tier and its failure, the metrics, and th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 import time
@@ -18,7 +19,7 @@ import orjson
 import pytest
 import redis as redis_client
 
-from plugins.embed_cache import MemoryStore
+from plugins.embed_cache import _ENTRY_OVERHEAD_BYTES, MemoryStore
 from proxy.embeddings import read_answer
 from proxy.plugin import PluginError, structure_plugins
 from tests.support.metrics import metric
@@ -252,7 +253,7 @@ def test_redis_is_shared_by_replicas_and_its_failure_falls_back_to_memory(
 
 def test_the_memory_store_is_bounded_in_bytes_with_lru() -> None:
     vector = b"[" + b"0.1," * 60 + b"0.1]"
-    entry = len(vector) + 32 + 96  # vector, key, fixed cost per entry
+    entry = len(vector) + 32 + _ENTRY_OVERHEAD_BYTES  # vector, key, fixed cost per entry
     store = MemoryStore(max_bytes=3 * entry + entry // 2)  # three fit, not four
     for index in range(5):
         store.put(bytes([index]) * 32, vector, index)
@@ -311,5 +312,47 @@ def test_a_tenant_learns_nothing_from_another_tenants_vectors(tmp_path: Path, em
         assert probe.status_code == 200
         assert probe.headers["x-embed-cache"] == ("hits=0; misses=1" if scope == "tenant"
                                                   else "hits=1; misses=0")
+    finally:
+        proxy.stop()
+
+
+def _rss_bytes(server: Server) -> int:
+    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the proxy's RSS from /proc")
+def test_the_memory_bound_counts_what_entries_really_cost(tmp_path: Path, emulator: Server) -> None:
+    """`max_bytes` bounds real memory: with tiny vectors (dimensions 1) most of an entry is overhead,
+    and the bytes the cache counts (its gauge) must cover what the process grew by holding them, not
+    a fraction of it."""
+    proxy = _proxy(tmp_path, emulator, "embed-cache-memory", max_bytes=256 * 1024 * 1024)
+    try:
+        _warm(proxy)
+        body = {"model": MODEL, "input": [f"warm {i}" for i in range(2000)], "dimensions": 1}
+        assert _post(proxy, "/api/embed", body).status_code == 200  # buffers of this size, once
+        counted_before = metric(proxy.url, "sop_plugin_embed_cache_bytes") or 0
+        rss_before = _rss_bytes(proxy)
+
+        async def fill() -> list[int]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                limit = asyncio.Semaphore(2)
+
+                async def one(k: int) -> int:
+                    async with limit:
+                        reply = await client.post(
+                            f"{proxy.url}/api/embed", headers={"Authorization": f"Bearer {TEAM}"},
+                            json={"model": MODEL, "input": [f"{k}-{i}" for i in range(2000)],
+                                  "dimensions": 1})
+                        return reply.status_code
+                return list(await asyncio.gather(*(one(k) for k in range(10))))
+
+        assert asyncio.run(fill()) == [200] * 10
+        counted = (metric(proxy.url, "sop_plugin_embed_cache_bytes") or 0) - counted_before
+        grown = _rss_bytes(proxy) - rss_before
+        # 20,000 entries: about 6 MB held; 96 bytes of overhead counted only about 2.6 MB of it.
+        assert grown < counted * 1.5, (grown, counted)  # the old count: 2.5 times less
     finally:
         proxy.stop()
