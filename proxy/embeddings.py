@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 import time
 from collections.abc import Mapping, Sequence
@@ -23,8 +24,8 @@ from .ollama import EMBED_PATH, EMBEDDINGS_PATH, OPENAI_EMBEDDINGS_PATH, Usage
 if TYPE_CHECKING:
     from .context import RequestContext
 
-__all__ = ["EMBED_ROUTES", "Answer", "Ask", "apportion", "parse_ask", "read_answer", "render", "respond",
-           "to_base64"]
+__all__ = ["EMBED_ROUTES", "Answer", "Ask", "apportion", "keep_alive_ok", "parse_ask", "read_answer",
+           "render", "respond", "to_base64"]
 
 EMBED_ROUTES = (EMBED_PATH, EMBEDDINGS_PATH, OPENAI_EMBEDDINGS_PATH)
 
@@ -33,6 +34,8 @@ _KEYS = {
     EMBEDDINGS_PATH: frozenset({"model", "prompt", "options", "keep_alive"}),
     OPENAI_EMBEDDINGS_PATH: frozenset({"model", "input", "encoding_format", "dimensions", "user"}),
 }
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_NS = {"ns": 1, "us": 1e3, "µs": 1e3, "μs": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
 _GO_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
                              "\u2028": "\\u2028", "\u2029": "\\u2029"})
 CT_GIN = "application/json; charset=utf-8"
@@ -58,11 +61,39 @@ class Ask:
     upstream: Mapping[str, Any]
 
 
+def keep_alive_ok(value: Any) -> bool:
+    """Whether Ollama accepts `value` as a `keep_alive` (api.Duration's decoding): absent, a number of
+    seconds, or a Go duration string (time.ParseDuration: `5m`, `1h30m`, `-1s`, `0`). Conservative:
+    a string near int64 nanoseconds' overflow counts as refused (the replica then says)."""
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return True
+    if not isinstance(value, str):
+        return False
+    text = value[1:] if value[:1] in ("+", "-") else value
+    if text == "0":
+        return True
+    total, position = 0.0, 0
+    while position < len(text):
+        part = _DURATION_PART.match(text, position)
+        if part is None:
+            return False
+        total += float(part.group(1)) * _DURATION_NS[part.group(2)]
+        position = part.end()
+    return position > 0 and total < 9.2e18  # Go refuses beyond 2**63 - 1 ns (about 9.22e18)
+
+
 def parse_ask(route: str, body: Any) -> Ask | None:
     """The ask of a body Ollama would accept and the plugins can answer exactly, else None (then the
-    request goes on untouched: unknown keys, token arrays, empty inputs and odd types all do)."""
+    request goes on untouched: unknown keys, token arrays, empty inputs, odd types and a keep_alive
+    Ollama refuses all do: the replica answers them its own way, a cache must not answer 200)."""
     keys = _KEYS.get(route)
     if keys is None or not isinstance(body, dict) or not keys.issuperset(body):
+        return None
+    if not keep_alive_ok(body.get("keep_alive")):
         return None
     model = body.get("model")
     if not isinstance(model, str) or not model:

@@ -356,3 +356,26 @@ def test_the_memory_bound_counts_what_entries_really_cost(tmp_path: Path, emulat
         assert grown < counted * 1.5, (grown, counted)  # the old count: 2.5 times less
     finally:
         proxy.stop()
+
+
+def test_a_keep_alive_ollama_refuses_is_not_answered_from_the_cache(tmp_path: Path,
+                                                                     emulator: Server) -> None:
+    """keep_alive does not change vectors, but a value Ollama cannot parse (not seconds, not a Go
+    duration) makes it answer 400: the cache must not answer 200 in its place. A valid one is a hit."""
+    proxy = _proxy(tmp_path, emulator, "cache-keep-alive")
+    try:
+        _warm(proxy, text="kept alive")
+        assert _post(proxy, "/api/embed", {"model": MODEL, "input": "kept alive"}).headers[
+            "x-embed-cache"] == "hits=1; misses=0"
+        for valid in ("5m", "1h30m", "-1s", "0", 300, -1):
+            reply = _post(proxy, "/api/embed", {"model": MODEL, "input": "kept alive", "keep_alive": valid})
+            assert reply.status_code == 200 and reply.headers["x-embed-cache"] == "hits=1; misses=0", valid
+        for invalid in ("forever", "5", "5 m", "1e3s", True):
+            body = {"model": MODEL, "input": "kept alive", "keep_alive": invalid}
+            reply = _post(proxy, "/api/embed", body)
+            direct = httpx.post(f"{emulator.url}/api/embed", json=body, timeout=30)
+            assert direct.status_code == 400
+            assert (reply.status_code, reply.json()) == (400, direct.json()), invalid
+            assert "x-embed-cache" not in reply.headers
+    finally:
+        proxy.stop()
