@@ -54,7 +54,7 @@ METRIC_LABELS = {"sop_upstream_name", "sop_lane", "decision", "outcome", "method
 """Label names of the proxy's own metrics (besides the semconv ones and otel_scope_*)."""
 
 HEADERS = {
-    "x-service-limits", "x-queue-wait-ms", "x-ratelimit-limit", "x-ratelimit-remaining",
+    "x-service-limits", "x-request-id", "x-queue-wait-ms", "x-ratelimit-limit", "x-ratelimit-remaining",
     "x-ratelimit-reset", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
     "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-tokens", "x-ratelimit-limit-concurrent", "x-ratelimit-remaining-concurrent",
