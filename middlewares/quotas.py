@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import attrs
@@ -97,6 +98,8 @@ class QuotasStep(Step):
         self._mean_duration_s: dict[str, float] = {}
         self._held: dict[str, str] = {}
         """holder -> lease key of every concurrency lease held by a request in flight here."""
+        self._background: set[asyncio.Task[None]] = set()
+        """Settles waiting for the answer of an admit whose client left (`_abandoned`)."""
         self._renewer: asyncio.Task[None] | None = None
         # A local state answers without suspending: nothing can cancel its settling halfway, and a
         # shield (one more task per request) would buy nothing.
@@ -136,6 +139,7 @@ class QuotasStep(Step):
         holder = f"{self._holder_prefix}-{next(self._holders)}"
         took_request = leased = False
         reserved = 0
+        admit: asyncio.Future[Admission] | None = None
         with self.span(**{self.telemetry.names.tenant: tenant.name}) as span:
             try:
                 wanted = 0
@@ -161,7 +165,13 @@ class QuotasStep(Step):
                     tpm = tenant.tokens_per_minute
                     buckets.append(BucketAsk(tpm_key, tpm, tpm / 60, wanted))
                 # One round trip for all three (state.admit: all or nothing; Redis runs one script).
-                admission = await self.state.admit(lease, buckets)
+                # Its own task, awaited through a shield: a client that leaves meanwhile must not stop
+                # us reading the answer, because the lease is released only once the admit has landed.
+                if self._local_state:
+                    admission = await self.state.admit(lease, buckets)
+                else:
+                    admit = asyncio.ensure_future(self.state.admit(lease, buckets))
+                    admission = await asyncio.shield(admit)
                 # Held only when admitted: a refusal holds nothing (the lease part may say "grantable").
                 leased = admission.ok and admission.lease is not None
                 self._admission_headers(ctx, tenant, admission)
@@ -175,8 +185,16 @@ class QuotasStep(Step):
                 self.decide(ctx, span, "rejected", error)  # raises in enforce mode
             except BaseException:
                 # Cancelled (the client left) during the state call: a lease may have been granted
-                # without our knowing, so the holder is released whatever `leased` says.
-                if tenant.max_concurrent is not None:
+                # without our knowing, so the holder is released whatever `leased` says, after the
+                # admit's answer is in. Sent earlier, the release could overtake the admit (another
+                # pipelined connection, or the script still queued) and the grant nobody waits for
+                # would stay in flight until its TTL ran out.
+                if admit is not None and not admit.done():
+                    refund = [BucketAsk(tpm_key, tenant.tokens_per_minute,
+                                        tenant.tokens_per_minute / 60, wanted)
+                              ] if tenant.tokens_per_minute is not None and wanted else []
+                    self._spawn(self._abandoned(admit, tenant, lease_key, holder, refund))
+                elif tenant.max_concurrent is not None:
                     await asyncio.shield(self._release_lease(tenant, lease_key, holder))
                 raise
         if leased:
@@ -293,6 +311,26 @@ class QuotasStep(Step):
     def _still_held(self, lease_key: str, holder: str) -> bool:
         del lease_key
         return holder in self._held
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` past the request that started it (a strong reference until it ends)."""
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abandoned(self, admit: asyncio.Future[Admission], tenant: Tenant, lease_key: str,
+                         holder: str, refund: list[BucketAsk]) -> None:
+        """The client left while `admit` ran: once its answer is in, what it granted goes back (the
+        lease, and the token reservation, as for a request that never reached a replica). An admit
+        that failed may still have run: its lease is released all the same."""
+        await asyncio.wait([admit])
+        admitted = not admit.cancelled() and admit.exception() is None and admit.result().ok
+        try:
+            await self.state.settle((lease_key, holder) if tenant.max_concurrent is not None else None,
+                                    refund if admitted else [])
+        except Exception as exc:
+            log.warning("quotas: giving back tenant %s's admission failed (%s)", tenant.name,
+                        type(exc).__name__)
 
     async def _release_lease(self, tenant: Tenant, lease_key: str, holder: str) -> None:
         try:
