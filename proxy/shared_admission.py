@@ -8,6 +8,10 @@ What stays per process: the request's deadline and budgets (`queue_timeout_s`, `
 grant takes the least loaded replica with a free slot) and learning (each process learns from its own
 requests; what it learns is stored beside the leases and is the fleet's limit from then on).
 
+A request whose ticket Redis loses while it still answers (the queue's keys gone, one call that timed
+out) queues again with a new ticket, within its budget from the first entry (503 `state_unavailable`
+after three): only the breaker's being open lets a request past the shared books.
+
 Redis unreachable (the failover breaker, `state.failure_mode`): `open` admits through this process's own
 gate (ModelGate, as with one process): each process then keeps the replica's limit on its own, so the
 fleet may send a replica up to (processes x slots) until Redis answers again; leases granted meanwhile
@@ -36,6 +40,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SharedAdmission"]
 
+_ENTRIES = 3
+"""Tickets one request may queue while Redis answers but loses them (see `SharedAdmission._entries`)."""
+
 
 class SharedAdmission:
     """The backpressure step's admission through Redis; see the module docstring."""
@@ -62,17 +69,15 @@ class SharedAdmission:
         eligible = step.fleet.eligible(gate.model)
         if step.mode_of(ctx) != "shadow" and eligible and not slots.degraded:
             candidates = [(u.name, max(1, math.floor(gate.limit(u)))) for u in eligible]
-            try:
-                granted = await self._shared(step, ctx, gate, span, ticket, candidates)
-            except StateDown:
-                pass  # Redis failed under us: the failure mode applies
-            else:
-                replica = step.fleet.by_name.get(granted.replica)
+            granted = await self._entries(step, ctx, gate, span, ticket, candidates)
+            if granted is not None:
+                ticket = granted[0]
+                replica = step.fleet.by_name.get(granted[1].replica)
                 if replica is None:  # left the set (a reload) since: the slot goes back
-                    slots.granted(ticket, granted)
+                    slots.granted(ticket, granted[1])
                     ticket.release(-cost)
                     return await self.admit(step, request, ctx, gate, span, lane, cost)
-                slots.granted(ticket, granted)
+                slots.granted(ticket, granted[1])
                 gate.in_flight[replica.name] += 1  # this process's share, for metrics and learning
                 return replica, ticket
         if slots.degraded and slots.failover.failure_mode == "closed" and step.mode_of(ctx) != "shadow":
@@ -85,8 +90,32 @@ class SharedAdmission:
         slots.hold_local(ticket, replica.name)
         return replica, ticket
 
+    async def _entries(self, step: BackpressureStep, ctx: RequestContext, gate: ModelGate, span: Any,
+                       ticket: Ticket, candidates: list[tuple[str, int]]
+                       ) -> tuple[Ticket, Grant] | None:
+        """The ticket that got a shared slot and its grant, or None when the breaker opened (the
+        failure mode applies). A ticket lost while Redis answers (its queue entry gone, one call timed
+        out) is replaced by a new one, within the request's budget from its first entry: another
+        process may hold the slot it waited for, so this process's own gate could overfill the
+        replica. Raises as `_shared`, or 503 state_unavailable after `_ENTRIES` lost tickets."""
+        slots = self.slots
+        started = time.monotonic()
+        for _ in range(_ENTRIES):
+            try:
+                return ticket, await self._shared(step, ctx, gate, span, ticket, candidates, started)
+            except StateDown:
+                if slots.degraded:
+                    return None
+            slots.counts["reentered"] += 1
+            ticket = Ticket(slots, ticket.base, ticket.tenant, ticket.weight, ticket.lane,
+                            ticket.cost)
+        step.decide(ctx, span, "state_unavailable", StateUnavailable(
+            "shared state (Redis) kept losing this request's place in the queue",
+            retry_after_s=slots.failover.retry_interval_s))
+        raise AssertionError("unreachable")  # decide raised in enforce mode
+
     async def _shared(self, step: BackpressureStep, ctx: RequestContext, gate: ModelGate, span: Any,
-                      ticket: Ticket, candidates: list[tuple[str, int]]) -> Grant:
+                      ticket: Ticket, candidates: list[tuple[str, int]], started: float) -> Grant:
         slots = self.slots
         waiting = len(self.waiters.get(gate.model, ()))
         displaced: Ticket | None = None
@@ -102,15 +131,22 @@ class SharedAdmission:
         eligible = step.fleet.eligible(gate.model)
         cold = not waiting and any(u.by_model.get(gate.model) and gate.model not in u.loaded
                                    for u in eligible)
-        granted = await slots.enter(ticket, candidates, gate.learning)
+        try:
+            granted = await slots.enter(ticket, candidates, gate.learning)
+        except StateDown:
+            # The script may have run (a call that timed out): its queued ticket leaves, rather
+            # than wait for a grant nobody takes.
+            slots.spawn(slots.leave(ticket))
+            raise
         if granted is not None:
             span.set_attribute(step.telemetry.names.queue_position, 0)
             step.decide(ctx, span, "admitted")
             return granted
         assert ticket.future is not None
         remaining = (ctx.deadline_at - time.monotonic()) if ctx.deadline_at else math.inf
-        budget = min(step.config.cold_queue_timeout_s if cold else step.config.queue_timeout_s,
-                     remaining)
+        # From the request's first entry: a ticket entered again (`_entries`) keeps its budget.
+        budget = min((step.config.cold_queue_timeout_s if cold else step.config.queue_timeout_s)
+                     - (time.monotonic() - started), remaining)
         span.set_attribute(step.telemetry.names.queue_cold, cold)
         if displaced is not None and displaced.future is not None and not displaced.future.done():
             # This request waits, in a place taken from this process's tenant holding the most: that

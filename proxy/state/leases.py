@@ -266,7 +266,8 @@ for i = 5, #ARGV, 2 do
     redis.call('PEXPIRE', lease_key(r), ttl * 2)
   elseif redis.call('ZSCORE', EXP, tk) then
     redis.call('ZADD', EXP, now + ttl, tk)
-  else
+  elseif redis.call('EXISTS', grant_key(tk)) == 0 then
+    -- Out of the queue and no grant on its way by message (which the owner's tick also claims).
     table.insert(missing, tk)
   end
 end
@@ -331,6 +332,8 @@ class Ticket:
         self.future: asyncio.Future[Grant] | None = None
         self.data = ""
         """The queued ticket as the scripts read it (JSON)."""
+        self.entered = False
+        """Its `enter` script has answered: only from then on may a renewal find it missing."""
 
     @property
     def share(self) -> float:
@@ -385,7 +388,8 @@ class SharedSlots:
         self.handoffs: deque[float] = deque(maxlen=_HANDOFF_SAMPLES)
         """Milliseconds from a grant in Redis to its owner learning of it by message (another process
         freed the slot)."""
-        self.counts = {"granted_at_once": 0, "granted_queued": 0, "released_late": 0, "orphans": 0}
+        self.counts = {"granted_at_once": 0, "granted_queued": 0, "released_late": 0, "orphans": 0,
+                       "reentered": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
 
@@ -485,6 +489,7 @@ class SharedSlots:
         except BaseException:
             self.waiting.pop(ticket.id, None)
             raise
+        ticket.entered = True
         if ticket.future.done():
             self.counts["granted_at_once"] += 1
             return ticket.future.result()
@@ -660,14 +665,17 @@ class SharedSlots:
             if ticket.replica is not None and ticket.id not in self._pending:
                 by_base.setdefault(ticket.base, []).extend((ticket.id, ticket.replica))
         for ticket in list(self.waiting.values()):
-            by_base.setdefault(ticket.base, []).extend((ticket.id, ""))
+            # Not before its enter has answered: a renewal on another connection may reach Redis
+            # first, and would report a ticket that is about to be queued as lost.
+            if ticket.entered:
+                by_base.setdefault(ticket.base, []).extend((ticket.id, ""))
         for base, pairs in by_base.items():
             missing = await self._call("slots_renew", partial(
                 self._renew, keys=[base], args=self._args(*pairs)))
             restore: list[str] = []
             for ticket_id in map(str, missing):
-                # Its queue entry expired (Redis restarted empty, or was down past the TTL): the
-                # waiter takes the failure path (this process's own gate).
+                # Its queue entry expired (Redis restarted empty, or was down past the TTL) and no
+                # grant for it waits in Redis: the waiter enters again (SharedAdmission.admit).
                 lost = self.waiting.get(ticket_id)
                 if lost is not None and lost.future is not None and not lost.future.done():
                     lost.future.set_exception(StateDown("ticket lost"))
