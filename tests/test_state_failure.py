@@ -433,6 +433,49 @@ async def test_resets_during_admission_leave_no_lease_behind(tmp: Path, emulator
     assert "Traceback" not in proxy.log()
 
 
+async def test_redis_out_of_memory_stays_out_until_it_takes_writes(tmp: Path, emulator: Server,
+                                                                   redis_server: RedisServer) -> None:
+    # maxmemory with noeviction: Redis still answers PING and runs the probe's lease script, but
+    # refuses writes that may grow it. The probe used to pass, so the breaker closed every
+    # retry_interval_s and the next write opened it again (a WARNING pair each time).
+    proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": emulator.url, "num_parallel": 16}], {
+        "admin": {"keys": [ADMIN]}, "tenants": [_tenant()],
+        "chain": {"backpressure": {"max_in_flight": 1, "queue_timeout_s": 10}},
+        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "oom:",
+                  "failure_mode": "closed", "retry_interval_s": 0.3}}, "oom")
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        async with _session() as session:
+            assert (await _generate(session, proxy.url))[0] == 200
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)
+            # A slot script that must queue a ticket writes first with ZADD, which Redis refuses now
+            # (one that takes a free slot writes first with a command it lets through).
+            give_up = time.monotonic() + 15
+            while not await asyncio.to_thread(metric, proxy.url, DEGRADED):
+                assert time.monotonic() < give_up, "no refused write opened the breaker"
+                await asyncio.gather(*(_generate(session, proxy.url, num_predict=20)
+                                       for _ in range(4)))
+            deadline = time.monotonic() + 4  # about 13 probes
+            statuses: Counter[int] = Counter()
+            while time.monotonic() < deadline:
+                for status, *_ in await asyncio.gather(*(_generate(session, proxy.url)
+                                                         for _ in range(4))):
+                    statuses[status] += 1
+                await asyncio.sleep(0.05)
+            assert "state recovered" not in proxy.log()
+            assert proxy.log().count("state degraded") == 1
+            assert await asyncio.to_thread(metric, proxy.url, DEGRADED) == 1
+            assert set(statuses) == {503}, statuses
+            admin.config_set("maxmemory", 0)
+            await _poll_metric(proxy.url, DEGRADED, 0)
+            assert (await _generate(session, proxy.url))[0] == 200
+    finally:
+        admin.close()
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
 @pytest.mark.parametrize("reply", [b"HTTP/1.1 400 Bad Request\r\n\r\n",  # another server on the port
                                    b"$4\r\n\xff\xfe\xfd\xfc\r\n",  # a reply that is not UTF-8
                                    b"*1\r\n$3\r\nabc\r\n"])  # a reply no script returns

@@ -51,8 +51,9 @@ class FailoverState(StateBackend):
       (one call every `retry_interval_s`) succeeds, so a frozen Redis costs one timeout per interval,
       not one per request. Transitions log one WARNING each (degraded, recovered) and show in the
       gauge `<prefix>.state.degraded` (0/1); failed calls count in `<prefix>.state.failures{operation}`.
-      The probe runs one of the real scripts (TIME and a write), not a bare PING, so a Redis that
-      answers PING but cannot serve (loading, read-only replica, out of memory) stays out.
+      The probe runs one of the real scripts (TIME and a write) and a plain SET with a short expiry,
+      not a bare PING, so a Redis that answers PING but cannot serve (loading, read-only replica, out
+      of memory: Redis still runs that script then, but refuses the SET) stays out.
     - Meanwhile admission calls (`take`, `lease`, `level`, `holders`) are answered by a MemoryState of
       this process in `open` mode (admitted and counted locally, per proxy process), or raise
       StateUnavailable (503, Retry-After about `retry_interval_s`) in `closed` mode.

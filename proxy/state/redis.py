@@ -197,10 +197,12 @@ class RedisState(StateBackend):
         await self._redis.execute("PING")
 
     async def probe(self) -> None:
-        """Raise unless Redis can run the scripts: one lease script on a key of its own (reads TIME,
-        writes), so a server that answers PING but refuses writes (loading, read-only, out of memory)
-        fails it."""
+        """Raise unless Redis can run the scripts and take writes: one lease script on a key of its
+        own (reads TIME, writes), so a server that answers PING but cannot serve (loading, read-only)
+        fails it, then a SET with a short expiry, since Redis runs that script while out of memory
+        (noeviction) but refuses the commands that may grow it."""
         await self._lease(keys=[self._key("probe", "lease")], args=[1, "probe", 1])
+        await self._redis.execute("SET", self._key("probe", "write"), "1", "PX", "1000")
 
     async def _run_bucket(self, key: str, capacity: float, refill_per_s: float, amount: float,
                           force: bool) -> tuple[bool, float]:
