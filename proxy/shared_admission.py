@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -69,6 +70,7 @@ class SharedAdmission:
         eligible = step.fleet.eligible(gate.model)
         if step.mode_of(ctx) != "shadow" and eligible and not slots.degraded:
             candidates = [(u.name, max(1, math.floor(gate.limit(u)))) for u in eligible]
+            slots.limits[ticket.base] = partial(self._limit_now, step, gate.model)
             granted = await self._entries(step, ctx, gate, span, ticket, candidates)
             if granted is not None:
                 ticket = granted[0]
@@ -89,6 +91,15 @@ class SharedAdmission:
             return None, None
         slots.hold_local(ticket, replica.name)
         return replica, ticket
+
+    @staticmethod
+    def _limit_now(step: BackpressureStep, model: str, replica: str) -> int | None:
+        """`replica`'s limit for `model` as the settings say now (a reload changes it)."""
+        gate = step.gates.get(model)
+        upstream = step.fleet.by_name.get(replica)
+        if gate is None or upstream is None:
+            return None
+        return max(1, math.floor(gate.limit(upstream)))
 
     async def _entries(self, step: BackpressureStep, ctx: RequestContext, gate: ModelGate, span: Any,
                        ticket: Ticket, candidates: list[tuple[str, int]]

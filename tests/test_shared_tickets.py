@@ -5,6 +5,7 @@ request past the shared books; a lost ticket queues again, so the emulator never
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import aiohttp
 import httpx
 import pytest
 import redis
+import yaml
 
 from tests.support.polling import wait_for
 from tests.support.redis_server import RedisServer
@@ -136,3 +138,44 @@ async def test_renewals_racing_grants_never_admit_twice(tmp: Path,
         assert emulator.stats()["peak"] == 1
     finally:
         await asyncio.to_thread(_stop, emulator, proxies)
+
+
+async def test_a_lowered_max_in_flight_holds_for_requests_already_queued(
+        tmp: Path, redis_server: RedisServer) -> None:
+    """One replica with 2 slots, ten requests, then a reload to max_in_flight 1. Each queued ticket
+    carried the limit of its queueing, and a grant reads the head ticket's: the queue of that time
+    kept getting 2 at once. The tick stamps queued tickets with the new limit (as the in-process
+    backend applies it to its queue)."""
+    emulator = await asyncio.to_thread(
+        start_emulator, tmp, fixed_clock=False, decode_tokens_per_s=40, output_tokens="20,20",
+        name="shrink-emu", extra=["--num-parallel", "4"])
+    proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": emulator.url, "num_parallel": 2}], {
+        "server": {"config_watch_s": 0}, "admin": {"keys": [ADMIN]}, "tenants": TENANTS,
+        "chain": {"backpressure": {"max_in_flight": 2, "queue_timeout_s": 60}},
+        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "shrink:"}},
+        name="shrink")
+    assert proxy.config_path is not None
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            requests = [asyncio.ensure_future(_generate(session, proxy, "sk-a", 20))
+                        for _ in range(10)]
+            await asyncio.to_thread(wait_for, lambda: _shared(proxy)["waiting"] >= 6, 10,
+                                    "requests queued behind the two slots")
+            settings = yaml.safe_load(proxy.config_path.read_text())
+            settings["chain"]["backpressure"]["max_in_flight"] = 1
+            proxy.config_path.write_text(yaml.safe_dump(settings))
+            proxy.process.send_signal(signal.SIGHUP)
+            await asyncio.to_thread(wait_for, lambda: "configuration version 2 applied"
+                                    in proxy.log(), 10, "the reload")
+            # The two running at the reload end within 0.5 s; a tick (0.5 s) stamps the queue.
+            await asyncio.sleep(1.2)
+            active: list[int] = []
+            while not all(request.done() for request in requests):
+                active.append(int(emulator.stats()["active"]))
+                await asyncio.sleep(0.05)
+            assert [request.result() for request in requests] == [200] * 10
+        assert active and max(active) == 1, active
+    finally:
+        await asyncio.to_thread(proxy.stop)
+        await asyncio.to_thread(emulator.stop)
+    assert "Traceback" not in proxy.log()

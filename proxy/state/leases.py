@@ -274,6 +274,14 @@ end
 return missing
 """
 
+_RESTAMP = _PREAMBLE + """
+for i = 5, #ARGV, 2 do
+  if redis.call('HEXISTS', TK, ARGV[i]) == 1 then redis.call('HSET', TK, ARGV[i], ARGV[i + 1]) end
+end
+dispatch()
+return mine
+"""
+
 _RESTORE = _PREAMBLE + """
 for i = 5, #ARGV, 2 do hold(ARGV[i], ARGV[i + 1]) end
 return 1
@@ -334,6 +342,9 @@ class Ticket:
         """The queued ticket as the scripts read it (JSON)."""
         self.entered = False
         """Its `enter` script has answered: only from then on may a renewal find it missing."""
+        self.candidates: list[tuple[str, int]] = []
+        """(replica, limit) pairs as the queued ticket holds them in Redis."""
+        self.learning = False
 
     @property
     def share(self) -> float:
@@ -376,9 +387,13 @@ class SharedSlots:
         self._move = client.register_script(_MOVE)
         self._renew = client.register_script(_RENEW)
         self._restore = client.register_script(_RESTORE)
+        self._restamp = client.register_script(_RESTAMP)
         self._learned = client.register_script(_LEARNED)
         self.waiting: dict[str, Ticket] = {}
         """Tickets of this process queued in Redis, by id."""
+        self.limits: dict[str, Callable[[str], int | None]] = {}
+        """Per key base: a replica's limit for that model as this process's settings say now (None:
+        not known now). Queued tickets are stamped with it again when it changed (a reload)."""
         self.held: dict[str, Ticket] = {}
         """Tickets of this process holding a lease, by id."""
         self._pending: dict[str, tuple[Ticket, float]] = {}
@@ -469,9 +484,9 @@ class SharedSlots:
         """Queue `ticket` for a slot on one of `candidates` ((replica, limit) pairs): the grant if one
         was free for it at once, else None and `ticket.future` resolves with the grant later.
         Raises StateDown when Redis cannot answer (nothing was queued, or the queued ticket expires)."""
-        ticket.data = orjson.dumps({"t": ticket.tenant, "l": ticket.lane, "s": ticket.share,
-                                    "o": self.owner, "c": [list(c) for c in candidates],
-                                    "L": 1 if learning else 0}).decode()
+        ticket.candidates = list(candidates)
+        ticket.learning = learning
+        ticket.data = self._data(ticket, ticket.candidates)
         ticket.future = asyncio.get_running_loop().create_future()
         self.waiting[ticket.id] = ticket
         # The script's answer is read, and its grants handed out, whatever becomes of the caller: Redis
@@ -494,6 +509,12 @@ class SharedSlots:
             self.counts["granted_at_once"] += 1
             return ticket.future.result()
         return None
+
+    def _data(self, ticket: Ticket, candidates: Sequence[tuple[str, int]]) -> str:
+        """The queued ticket as the scripts read it."""
+        return orjson.dumps({"t": ticket.tenant, "l": ticket.lane, "s": ticket.share,
+                             "o": self.owner, "c": [list(c) for c in candidates],
+                             "L": 1 if ticket.learning else 0}).decode()
 
     async def _delivered(self, operation: str, base: str, call: Callable[[], Awaitable[Any]]) -> None:
         """Run a script and hand its grants to this process's waiters (see `enter`)."""
@@ -651,13 +672,37 @@ class SharedSlots:
                 return  # still down
 
     async def _tick(self) -> None:
-        by_base: dict[str, list[str]] = {}
+        by_base: dict[str, list[Ticket]] = {}
         for ticket in list(self.waiting.values()):
-            by_base.setdefault(ticket.base, []).append(ticket.id)
-        for base, ids in by_base.items():
-            args = self._args("", "", *ids)
+            by_base.setdefault(ticket.base, []).append(ticket)
+        for base, tickets in by_base.items():
+            await self._restamp_all(base, tickets)
+            args = self._args("", "", *(ticket.id for ticket in tickets))
             rows = await self._call("slots_tick", partial(self._enter, keys=[base], args=args))
             self._grants(base, rows)
+
+    async def _restamp_all(self, base: str, tickets: Sequence[Ticket]) -> None:
+        """Queued tickets whose replicas' limits changed here since they were queued (a reload) are
+        stamped with the new ones: a grant reads the limits from the head ticket, so a lowered
+        max_in_flight would otherwise not hold until the queue of that time had drained."""
+        limit_of = self.limits.get(base)
+        if limit_of is None:
+            return
+        changed: list[tuple[Ticket, list[tuple[str, int]], str]] = []
+        for ticket in tickets:
+            if not ticket.entered:
+                continue
+            now = [(replica, limit_of(replica) or limit) for replica, limit in ticket.candidates]
+            if now != ticket.candidates:
+                changed.append((ticket, now, self._data(ticket, now)))
+        if not changed:
+            return
+        args = [value for ticket, _, data in changed for value in (ticket.id, data)]
+        rows = await self._call("slots_restamp", partial(
+            self._restamp, keys=[base], args=self._args(*args)))
+        for ticket, now, data in changed:
+            ticket.candidates, ticket.data = now, data
+        self._grants(base, rows)
 
     async def _renew_all(self) -> None:
         by_base: dict[str, list[str]] = {}
