@@ -232,21 +232,29 @@ class QuotasStep(Step):
             self._token_headers(ctx, tenant.tokens_per_minute, taken.remaining)
 
     def _refuse_unless_admitted(self, tenant: Tenant, admission: Admission, wanted: int) -> None:
-        """The refusal of the first limit that did not fit, if any."""
+        """The refusal of the first limit that did not fit, if any, with the wait until every one of
+        them fits: a client told only the first limit's wait comes back to meet the next one (3
+        requests a minute and 100 tokens: told 18 s for the requests, then refused 10 s more for the
+        tokens, where 27 s would have done)."""
+        refusals: list[RateLimited | QuotaExceeded] = []
         if admission.lease is not None and not admission.lease[0]:
-            raise RateLimited(
+            refusals.append(RateLimited(
                 f"tenant {tenant.name} has {admission.lease[1]} requests in flight "
-                f"(max_concurrent {tenant.max_concurrent})", retry_after_s=self._lease_wait_s(tenant))
+                f"(max_concurrent {tenant.max_concurrent})", retry_after_s=self._lease_wait_s(tenant)))
         results = iter(admission.buckets)
         if tenant.requests_per_minute is not None and (taken := next(results, None)) is not None \
                 and not taken.ok:
-            raise RateLimited(f"tenant {tenant.name} is over {tenant.requests_per_minute:g} requests "
-                              "per minute", retry_after_s=taken.retry_after_s)
+            refusals.append(RateLimited(f"tenant {tenant.name} is over {tenant.requests_per_minute:g} "
+                                        "requests per minute", retry_after_s=taken.retry_after_s))
         if tenant.tokens_per_minute is not None and (taken := next(results, None)) is not None \
                 and not taken.ok:
-            raise QuotaExceeded(
+            refusals.append(QuotaExceeded(
                 f"tenant {tenant.name} is over {tenant.tokens_per_minute:g} tokens per minute "
-                f"(this request reserves {wanted})", retry_after_s=taken.retry_after_s)
+                f"(this request reserves {wanted})", retry_after_s=taken.retry_after_s))
+        if refusals:
+            first = refusals[0]
+            first.retry_after_s = max(r.retry_after_s or 0.0 for r in refusals)
+            raise first
 
     @staticmethod
     def _request_headers(ctx: RequestContext, limit: float, remaining: float) -> None:

@@ -325,10 +325,19 @@ async def test_admit_is_all_or_nothing_and_settle_trues_up(backend: str,
         assert await state.holders("in") == 1
         assert await state.level("rpm", 2, 0.001) == pytest.approx(1, abs=0.01)
         assert await state.level("tpm", 100, 0.001) == pytest.approx(40, abs=0.01)
-        # The lease refuses: no bucket is looked at.
-        full = await state.admit(LeaseAsk("in", 1, "h3", 5), [rpm])
-        assert full.lease == (False, 1) and full.buckets == () and not full.ok
+        # The lease refuses: every bucket is reported as it stands (the caller's Retry-After is the
+        # longest wait of all the limits that refuse), and nothing is taken.
+        full = await state.admit(LeaseAsk("in", 1, "h3", 5), [rpm, tpm])
+        assert full.lease == (False, 1) and not full.ok
+        assert [(b.ok, round(b.remaining)) for b in full.buckets] == [(True, 1), (False, 40)]
+        assert full.buckets[1].retry_after_s == pytest.approx(20_000, rel=0.05)
         assert await state.level("rpm", 2, 0.001) == pytest.approx(1, abs=0.01)
+        assert await state.level("tpm", 100, 0.001) == pytest.approx(40, abs=0.01)
+        # The request bucket refuses first: the token bucket after it is reported too.
+        both = await state.admit(None, [BucketAsk("rpm", 2, 0.001, 2), tpm])
+        assert [(b.ok, round(b.remaining)) for b in both.buckets] == [(False, 1), (False, 40)]
+        assert both.buckets[0].retry_after_s == pytest.approx(1_000, rel=0.05)
+        assert both.buckets[1].retry_after_s == pytest.approx(20_000, rel=0.05)
         # Settle: the lease back, the request refunded, 30 of the 60 tokens reserved came back unused.
         await state.settle(("in", "h1"), [BucketAsk("rpm", 2, 0.001, 1),
                                           BucketAsk("tpm", 100, 0.001, 30)])
@@ -518,3 +527,30 @@ def test_a_pull_spends_no_tokens_for_its_progress_lines(tmp: Path, emulator: Ser
         assert after >= before - 0.5  # nothing spent (refill only adds)
     finally:
         proxy.stop()
+
+
+async def test_a_refusal_waits_for_every_limit_it_does_not_fit(tmp: Path, emulator: Server) -> None:
+    """A tenant at max_concurrent 1 whose token bucket is also short: the 429 names the concurrency
+    limit (checked first) but its Retry-After covers the token wait too, so a client that waits as told
+    is not refused again for the other limit."""
+    key = "sk-two-limits"
+    proxy = await asyncio.to_thread(start_proxy, tmp, [emulator.url], {"tenants": [
+        {"name": "two-limits", "keys": [key], "max_concurrent": 1, "tokens_per_minute": 60}]},
+        "two-limits")
+    body = {"model": "llama3.2", "stream": True, "options": {"num_predict": 40},
+            "messages": [{"role": "user", "content": "hello there"}]}
+    try:
+        async with aiohttp.ClientSession(headers=_auth(key)) as session, \
+                session.post(f"{proxy.url}/api/chat", json=body) as held:
+            assert held.status == 200
+            reserved = 60 - float(held.headers["x-ratelimit-remaining-tokens"])
+            async with session.post(f"{proxy.url}/api/chat", json=body) as refused:
+                assert refused.status == 429
+                assert (await refused.json())["code"] == "rate_limited"  # the first limit
+                told_s = int(refused.headers["retry-after-ms"]) / 1000
+            level = float(refused.headers["x-ratelimit-remaining-tokens"])
+            token_wait_s = (reserved - level) / 1.0  # 60 per minute: 1 token a second
+            assert reserved > level and told_s >= min(60.0, token_wait_s) * 0.9, (told_s, token_wait_s)
+            await held.read()
+    finally:
+        await asyncio.to_thread(proxy.stop)

@@ -53,8 +53,9 @@ class BucketAsk:
 class Admission:
     """What `admit` decided. `lease`: (granted, holders), None when none was asked; when a bucket
     refused, (True, the holders without this request): it could have had the lease but holds nothing.
-    `buckets`: the result of each bucket checked, in the order asked, up to the one that refused (none
-    when the lease was refused)."""
+    `buckets`: one result per bucket asked, in order: after the take when admitted; when refused
+    (lease or bucket), each bucket as it stands with nothing taken, so that every limit the request
+    does not fit is known with its wait (a refusal's Retry-After is the longest of them)."""
 
     lease: tuple[bool, int] | None
     buckets: tuple[BucketResult, ...]
@@ -97,13 +98,14 @@ class StateBackend(ABC):
 
     async def admit(self, lease: LeaseAsk | None, buckets: Sequence[BucketAsk]) -> Admission:
         """All or nothing: the lease, then every bucket in order; the first that cannot be had refuses
-        and nothing is held. The Redis backend does it in one round trip (one script); this composition
-        serves the in-process state, which never suspends in between."""
+        and nothing is held. A refusal reports every bucket as it stands (`Admission`), so the caller
+        can say when all of them will fit. The Redis backend does it in one round trip (one script);
+        this composition serves the in-process state, which never suspends in between."""
         granted = None
         if lease is not None:
             granted = await self.lease(lease.key, lease.limit, lease.holder, lease.ttl_s)
             if not granted[0]:
-                return Admission(granted, ())
+                return Admission(granted, tuple([await self._peek(ask) for ask in buckets]))
         results: list[BucketResult] = []
         try:
             for ask in buckets:
@@ -118,7 +120,16 @@ class StateBackend(ABC):
             await self._undo(lease, buckets[:len(results) - 1])
             if granted is not None:
                 granted = (True, granted[1] - 1)  # grantable, but not held: the others only
+            # Every bucket as it is now that nothing is held (the undo put the earlier ones back).
+            return Admission(granted, tuple([await self._peek(ask) for ask in buckets]))
         return Admission(granted, tuple(results))
+
+    async def _peek(self, ask: BucketAsk) -> BucketResult:
+        """Whether `ask` would fit its bucket now, its level and the wait until it fits; nothing taken."""
+        level = await self.level(ask.key, ask.capacity, ask.refill_per_s)
+        fits = ask.amount == 0 or level >= ask.amount
+        return BucketResult(fits, level, 0.0 if fits else self.wait_s(level, ask.amount,
+                                                                     ask.refill_per_s))
 
     async def _undo(self, lease: LeaseAsk | None, taken: Sequence[BucketAsk]) -> None:
         for ask in taken:

@@ -80,14 +80,17 @@ _ADMIT = _NOW + """
 local has_lease = ARGV[1] == '1'
 local first = 1
 local holders = 0
+local refused = 0
 if has_lease then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
   holders = redis.call('ZCARD', KEYS[1])
   if holders >= tonumber(ARGV[2]) and not redis.call('ZSCORE', KEYS[1], ARGV[3]) then
-    return {0, holders, -1}
+    refused = -1
   end
   first = 2
 end
+-- Every bucket's level, before anything is taken: on a refusal each one is reported, so the caller
+-- knows when all of them fit (the longest wait), not only the first that did not.
 local levels = {}
 local n = #KEYS - first + 1
 for i = 1, n do
@@ -101,11 +104,12 @@ for i = 1, n do
   if level == nil then level = capacity; stamp = now end
   level = math.min(capacity, level + math.max(0, now - stamp) * per_ms)
   levels[i] = level
-  if not (amount == 0 or level >= amount) then
-    local out = {0, holders, i}
-    for j = 1, i do out[#out + 1] = tostring(levels[j]) end
-    return out
-  end
+  if refused == 0 and not (amount == 0 or level >= amount) then refused = i end
+end
+if refused ~= 0 then
+  local out = {0, holders, refused}
+  for j = 1, n do out[#out + 1] = tostring(levels[j]) end
+  return out
 end
 if has_lease then
   local ttl = tonumber(ARGV[4])
@@ -249,14 +253,15 @@ class RedisState(StateBackend):
             args += [ask.capacity, ask.refill_per_s, ask.amount]
         reply = await self._admit(keys=keys, args=args)
         ok, holders, refused = int(reply[0]), int(reply[1]), int(reply[2])
-        if refused == -1:
-            return Admission((False, holders), ())
         results = []
         for index, level in enumerate(float(value) for value in reply[3:]):
             ask = buckets[index]
-            fits = ok == 1 or index + 1 != refused
+            # Admitted: levels after the take. Refused: every level before it, nothing taken.
+            fits = ok == 1 or ask.amount == 0 or level >= ask.amount
             results.append(BucketResult(fits, level, 0.0 if fits else self.wait_s(
                 level, ask.amount, ask.refill_per_s)))
+        if refused == -1:
+            return Admission((False, holders), tuple(results))
         return Admission((True, holders) if lease is not None else None, tuple(results))
 
     async def settle(self, lease: tuple[str, str] | None, adjustments: Sequence[BucketAsk]) -> None:
