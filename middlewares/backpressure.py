@@ -133,10 +133,6 @@ _SPANS = 64
 """Finished requests per replica kept to count, by Ollama's timings, how many ran at once."""
 _MAX_GATES = 256
 """Gates kept while the fleet's models are unknown; past it idle ones are dropped."""
-_MAX_UNLISTED_SHARED = 32
-"""Model names admitted through Redis while no replica's listing confirms them (`_shares`)."""
-_MAX_SHARED_NAME = 256
-"""The longest model name given shared books while unconfirmed (Ollama refuses longer ones anyway)."""
 
 
 class ModelGate:
@@ -489,8 +485,7 @@ class BackpressureStep(Step):
         self.config = config
         self.shared = shared
         """Admission through Redis, shared by proxy processes (proxy/shared_admission.py)."""
-        self._unlisted_shared: set[str] = set()
-        """Model keys admitted through Redis before any listing confirmed them (`_shares`)."""
+
         self.fleet = upstreams
         self.placement = placement
         self.gates: dict[str, ModelGate] = {}
@@ -527,20 +522,6 @@ class BackpressureStep(Step):
                     del self.gates[idle]
             gate = self.gates[key] = ModelGate(key, self.fleet, self.config, self.placement)
         return gate
-
-    def _shares(self, model: str, gate: ModelGate) -> bool:
-        """Is `model` admitted through the shared (Redis) books? A model the fleet knows, yes. While no
-        replica's listing is known (health off, or before the first probe) any name is tracked, but
-        each shared one is a set of Redis keys that lives an hour: only the first _MAX_UNLISTED_SHARED
-        names (of a sane length) are shared meanwhile; others wait in this process's own gate."""
-        if self.fleet.knows(model):
-            return True
-        if gate.model in self._unlisted_shared:
-            return True
-        if len(self._unlisted_shared) >= _MAX_UNLISTED_SHARED or len(gate.model) > _MAX_SHARED_NAME:
-            return False
-        self._unlisted_shared.add(gate.model)
-        return True
 
     def _fleet_changed(self) -> None:
         """A replica came, went or changed what it holds: slots may be usable (or gone) now."""
@@ -618,8 +599,11 @@ class BackpressureStep(Step):
         entered = time.monotonic()
         shared = self.shared
         ticket = None
-        if shared is not None and not self._shares(model, gate):
-            shared = None  # a name no listing confirms, past the few shared meanwhile: this process's gate
+        if shared is not None and not self.fleet.knows(model):
+            # A name no replica confirmed yet (health off, or before the first probe): this process's
+            # own gate. Shared books are Redis keys kept an hour, and a client's made-up names must not
+            # create them; a real model is known from its first answer (balancer) or probe.
+            shared = None
         with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model, self.telemetry.names.lane: lane}) as span:
             if shared is None:
                 replica = await self._admit(request, ctx, gate, span, tenant.name, tenant.weight,

@@ -189,7 +189,9 @@ class QuotasStep(Step):
                 # admit's answer is in. Sent earlier, the release could overtake the admit (another
                 # pipelined connection, or the script still queued) and the grant nobody waits for
                 # would stay in flight until its TTL ran out.
-                if admit is not None and not admit.done():
+                # Also when the admit has just landed: its answer may not have reached us (a
+                # cancellation takes precedence over the result), and what it granted goes back.
+                if admit is not None:
                     refund = [BucketAsk(tpm_key, tenant.tokens_per_minute,
                                         tenant.tokens_per_minute / 60, wanted)
                               ] if tenant.tokens_per_minute is not None and wanted else []

@@ -277,7 +277,9 @@ class Forwarder:
             # hour would turn the clients' retries into a storm or a hang.
             told = told_wait_s(headers)
             slot = ctx.admission.slot
-            wait_s = told if told is not None else \
+            # At least 1 s, in both headers: clients read retry-after-ms first, and a replica's 0 (or
+            # a date already past) would have them retry at once.
+            wait_s = max(1.0, told) if told is not None else \
                 slot.retry_after_s() if slot is not None else float(_DEFAULT_RETRY_AFTER_S)
             for name in ("Retry-After", "retry-after-ms"):
                 headers.popall(name, None)

@@ -391,9 +391,16 @@ class UsageScanner:
         record is not in the tail (longer than TAIL_BYTES: an `/api/generate` final line with a long
         `context`): what cannot be seen is not called cut."""
         boundary = b"\n\n" if event_stream else b"\n"
-        tail = self._tail.rstrip(b"\r\n")
-        start = tail.rfind(boundary)
-        if start < 0 and self.bytes_seen > len(self._tail):
-            return True
-        last = tail[start + len(boundary):] if start >= 0 else tail
-        return any(marker in last for marker in _FINAL_MARKERS)
+        tail = self._tail.replace(b"\r\n", b"\n").rstrip(b"\n")
+        while True:
+            start = tail.rfind(boundary)
+            if start < 0 and self.bytes_seen > len(self._tail):
+                return True
+            last = tail[start + len(boundary):] if start >= 0 else tail
+            # An SSE comment (`: ping`, a keep-alive some gateways add) after the last event ends
+            # nothing: the event before it is the one that counts.
+            if not (event_stream and last and all(line.startswith(b":") for line in last.split(b"\n"))):
+                return any(marker in last for marker in _FINAL_MARKERS)
+            if start < 0:
+                return False
+            tail = tail[:start].rstrip(b"\n")

@@ -111,15 +111,16 @@ class SharedAdmission:
         replica. Raises as `_shared`, or 503 state_unavailable after `_ENTRIES` lost tickets."""
         slots = self.slots
         started = time.monotonic()
-        for _ in range(_ENTRIES):
+        for entry in range(_ENTRIES):
             try:
                 return ticket, await self._shared(step, ctx, gate, span, ticket, candidates, started)
             except StateDown:
                 if slots.degraded:
                     return None
-            slots.counts["reentered"] += 1
-            ticket = Ticket(slots, ticket.base, ticket.tenant, ticket.weight, ticket.lane,
-                            ticket.cost)
+            if entry + 1 < _ENTRIES:
+                slots.counts["reentered"] += 1
+                ticket = Ticket(slots, ticket.base, ticket.tenant, ticket.weight, ticket.lane,
+                                ticket.cost)
         step.decide(ctx, span, "state_unavailable", StateUnavailable(
             "shared state (Redis) kept losing this request's place in the queue",
             retry_after_s=slots.failover.retry_interval_s))

@@ -162,7 +162,7 @@ def test_cloud_refusals_are_relayed_and_never_count_against_the_replica(
     # The upstream's own Retry-After is kept within the proxy's bounds (1-60 s, `x-should-retry:
     # false` past them, `retry-after-ms` beside it): 0 would make clients retry in a tight loop, an
     # hour would make the OpenAI SDK sleep it (or fall back to its own backoff).
-    for told, seconds, milliseconds, should in (("42", "42", "42000", None), ("0", "1", "1", None),
+    for told, seconds, milliseconds, should in (("42", "42", "42000", None), ("0", "1", "1000", None),
                                                 ("3600", "60", "60000", "false")):
         set_faults(a, cloud_status=429, retry_after_s=int(told))
         set_faults(b, cloud_status=429, retry_after_s=int(told))

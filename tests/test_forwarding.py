@@ -477,3 +477,20 @@ def test_a_compressed_request_body_reaches_the_replica_decoded(echo: tuple[Threa
     assert broken.json() == {"error": "the request body could not be decoded as its Content-Encoding says",
                              "code": "invalid_request"}
     assert "Traceback" not in proxy.log()
+
+
+@pytest.mark.parametrize("ending", [b"data: [DONE]\r\n\r\n: ping\r\n\r\n", b"data: [DONE]\n\n:\n\n"])
+async def test_a_comment_after_the_final_event_is_not_a_cut(tmp: Path, ending: bytes) -> None:
+    """An SSE comment (a keep-alive some gateways add) after `[DONE]`, with either line ending: the
+    stream ended whole, and nothing is added to it."""
+    first = b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n'
+    body = first + ending
+
+    async def generate(writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked"
+                     b"\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+        await writer.drain()
+        return True
+
+    status, _, got, _ = await _through_raw_replica(tmp, generate, "comment", {"model": "m", "prompt": "x"})
+    assert status == 200 and got == body

@@ -59,11 +59,12 @@ def test_selection_keeps_pinned_groups_the_newest_that_fit_and_preferred_first()
     assert select_groups([1, 1, 50, 1], ["turn"] * 4, 10) == [3]
     # Pinned groups are kept even over the budget; keep_last keeps the newest whatever they cost.
     assert select_groups([5, 100], ["system", "turn"], 10) == [0, 1]
-    # What must be kept is alone over the budget: nothing else is dropped for nothing.
-    assert select_groups([9, 9, 9], ["turn"] * 3, 0, keep_last=2) == [0, 1, 2]
+    # What must be kept is alone over the budget: only it is kept (the closer to the budget, the
+    # likelier the prompt fits the model's context).
+    assert select_groups([9, 9, 9], ["turn"] * 3, 0, keep_last=2) == [1, 2]
     tool_loop = ["turn", "turn", "turn", "tools"]  # the question (2) before a tool call and its result
     assert select_groups([1, 1, 5, 20], tool_loop, 26, pinned=[2]) == [1, 2, 3]
-    assert select_groups([1, 1, 5, 20], tool_loop, 22, pinned=[2]) == [0, 1, 2, 3]
+    assert select_groups([1, 1, 5, 20], tool_loop, 22, pinned=[2]) == [2, 3]
     assert select_groups([], [], 10) == []
 
 

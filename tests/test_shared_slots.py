@@ -327,3 +327,34 @@ async def test_a_given_up_admission_is_given_back_even_when_the_process_stops(
         assert sum(int(client.zcard(k)) for k in client.scan_iter("closing:slots:*:lease:*")) == 0
     finally:
         client.close()
+
+
+async def test_leaving_after_a_lost_immediate_grant_frees_the_slot(redis_server: RedisServer) -> None:
+    """`enter` granted a free slot at once, but its answer never arrived (a call that timed out): the
+    grant is only in the lease set. `leave` (which the request sends when entering failed) finds it
+    there, frees the slot and takes back the tenant's charge, rather than leave it taken for
+    `lease_ttl_s` with the request's own re-entry queued behind it."""
+    from proxy.state.failover import FailoverState
+    from proxy.state.leases import SharedSlots, Ticket
+    from proxy.state.redis import RedisState
+
+    failover = FailoverState(RedisState(redis_server.url, "lost:"), timeout_s=2.0)
+    await failover.start()
+    slots = SharedSlots(failover, redis_server.url, "lost:", 15.0)
+    await slots.start()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        ticket = Ticket(slots, slots.base(MODEL), "a", 1.0, "interactive", 10.0)
+        assert await slots.enter(ticket, [("r0", 1), ("r1", 1)], False) is not None
+        # As if the answer had been lost: the process never learnt of the grant, and leaves.
+        await slots.leave(ticket)
+        assert sum(int(client.zcard(k)) for k in client.scan_iter("lost:slots:*:lease:*")) == 0
+        charged = [float(v) for k in client.scan_iter("lost:slots:*:vtc") for v in client.hvals(k)]
+        assert charged and all(abs(v) < 1e-6 for v in charged), charged
+        again = Ticket(slots, slots.base(MODEL), "a", 1.0, "interactive", 10.0)
+        assert await slots.enter(again, [("r0", 1)], False) is not None  # the slot is free
+        await slots.release(again, 0.0)
+    finally:
+        client.close()
+        await slots.close()
+        await failover.close()

@@ -389,6 +389,6 @@ def test_a_large_chat_is_counted_off_the_event_loop(tmp_path: Path, emulator: Se
         worst, summarized = healthz_stall_during(proxy.url, "/api/chat", body, KEY,
                                                  "x-history-summarized", 3)
         assert all(header.startswith("turns=") for header in summarized), summarized
-        assert worst < 0.6, worst  # stalled for over a second per request on the event loop
+        assert worst < 0.8, worst  # stalled for 1.25-1.45 s per request on the event loop
     finally:
         proxy.stop()

@@ -242,6 +242,12 @@ else
     redis.call('DEL', grant_key(tk))
     local m = cjson.decode(message)
     if redis.call('ZREM', lease_key(m[3]), tk) == 1 then charge(m[6], -tonumber(m[7])) end
+  else
+    -- Neither queued nor granted by message: a slot `enter` granted at once, in an answer that was
+    -- lost (a call that timed out), is known only to the lease sets of its candidates (ARGV[8..]).
+    for i = 8, #ARGV do
+      if redis.call('ZREM', lease_key(ARGV[i]), tk) == 1 then charge(ARGV[6], -tonumber(ARGV[7])) end
+    end
   end
 end
 dispatch()
@@ -558,7 +564,8 @@ class SharedSlots:
     async def _left(self, ticket: Ticket) -> None:
         try:
             await self._delivered("slots_leave", ticket.base, lambda: self._leave(
-                keys=[ticket.base], args=self._args(ticket.id)))
+                keys=[ticket.base], args=self._args(ticket.id, ticket.tenant, ticket.share,
+                                                    *(replica for replica, _ in ticket.candidates))))
         except StateDown:
             self._leaves[ticket.id] = ticket  # left when Redis answers again (else it expires)
 
