@@ -25,6 +25,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from proxy.embeddings import Ask, apportion, parse_ask, read_answer, render, respond, to_base64
 from proxy.ollama import Usage
 from proxy.plugin import Plugin, PluginConfig, PluginServices
+from proxy.schema import redis_url
 
 if TYPE_CHECKING:
     from proxy.context import RequestContext
@@ -49,12 +50,6 @@ def _positive(instance: Any, attribute: Any, value: float) -> None:
         raise ValueError(f"{attribute.name}: must be > 0")
 
 
-def _redis_url(instance: Any, attribute: Any, value: str | None) -> None:
-    del instance
-    if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"{attribute.name}: must be a redis://, rediss:// or unix:// URL")
-
-
 @attrs.frozen(kw_only=True)
 class EmbedCacheConfig(PluginConfig):
     """plugins[]: {name: embed_cache, ...}."""
@@ -64,7 +59,7 @@ class EmbedCacheConfig(PluginConfig):
     recently used entries go first."""
     max_response_bytes: int = attrs.field(default=67_108_864, validator=_positive)
     """Upstream answers larger than this are relayed without being cached."""
-    redis_url: str | None = attrs.field(default=None, validator=_redis_url)
+    redis_url: str | None = attrs.field(default=None, validator=attrs.validators.optional(redis_url))
     """Optional shared cache (`redis://host:port/db`) behind the memory one, for proxy replicas; a Redis
     failure falls back to the memory cache, never fails a request."""
     redis_ttl_s: float = attrs.field(default=86_400.0, validator=_positive)

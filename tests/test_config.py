@@ -99,6 +99,9 @@ def test_listen_may_ask_for_any_free_port() -> None:
     ({"upstreams": [{"url": "http://a:1"}], "state": {"url": "redis://:secretPrefix/tail@h:6379/0"}},
      "state.url: not a valid Redis URL"),
     ({"upstreams": [{"url": "http://a:secretPrefix/x@h:1"}]}, "upstreams[0].url: not a valid http(s) URL"),
+    ({"upstreams": [{"url": "http://a:1"}],
+      "plugins": [{"name": "embed_cache", "redis_url": "redis://:secretPrefix/tail@h:6379/0"}]},
+     "plugins[0].redis_url: not a valid Redis URL"),
     ({"upstreams": [{"url": "http://a:1", "restart_command": "restart {instance}"}]},
      "upstreams[0].restart_command: only {name}, {url}, {host} and {port} may be substituted"),
 ])
