@@ -314,9 +314,10 @@ _MODEL = re.compile(rb'"model":"((?:[^"\\]|\\.)*)"')
 _REASON = re.compile(rb'"(done_reason|finish_reason|stop_reason)":"(\w+)"')
 
 
-_FINAL_MARKERS = (b'"done":true', b"[DONE]", b"message_stop", b"response.completed", b"response.failed",
-                  b"response.incomplete", b'"error"')
-"""What only a stream's last record holds, in each dialect (Go's encoder writes no spaces)."""
+_FINAL_MARKERS = (b'"done":true', b'"done": true', b"[DONE]", b"message_stop", b"response.completed",
+                  b"response.failed", b"response.incomplete", b'"error"')
+"""What only a stream's last record holds, in each dialect (Go's encoder writes no spaces; an
+Ollama-compatible server in another language may)."""
 
 
 class UsageScanner:

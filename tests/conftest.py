@@ -39,3 +39,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fresh_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own: for modules whose tests kill, pause or fill it, or whose
+    books must start empty (they override `redis_server` with it)."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()

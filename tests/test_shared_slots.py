@@ -45,10 +45,9 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def redis_server(tmp: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp)
-    yield server
-    server.stop()
+def redis_server(fresh_redis_server: RedisServer) -> RedisServer:
+    """A redis-server per test: one test's shared books must not meet another's."""
+    return fresh_redis_server
 
 
 @pytest.fixture

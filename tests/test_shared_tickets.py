@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,9 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def redis_server(tmp: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp)
-    yield server
-    server.stop()
+def redis_server(fresh_redis_server: RedisServer) -> RedisServer:
+    """A redis-server per test: one test's shared books must not meet another's."""
+    return fresh_redis_server
 
 
 def _stack(tmp: Path, redis_url: str, tokens_per_s: int, lease_ttl_s: float
