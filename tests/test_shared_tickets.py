@@ -30,12 +30,6 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("shared-tickets")
 
 
-@pytest.fixture
-def redis_server(fresh_redis_server: RedisServer) -> RedisServer:
-    """A redis-server per test: one test's shared books must not meet another's."""
-    return fresh_redis_server
-
-
 def _stack(tmp: Path, redis_url: str, tokens_per_s: int, lease_ttl_s: float
            ) -> tuple[Server, list[Server]]:
     emulator = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=tokens_per_s,
@@ -84,13 +78,13 @@ async def _generate(session: aiohttp.ClientSession, proxy: Server, key: str, num
 
 
 async def test_a_ticket_lost_while_redis_answers_queues_again(tmp: Path,
-                                                              redis_server: RedisServer) -> None:
+                                                              fresh_redis_server: RedisServer) -> None:
     """The queue's keys vanish (lost writes, a flush) while the only slot is held through the first
     proxy and a request waits on the second. The renewal finds the ticket gone: the request used to
     go to its process's own gate, which knew of no request in flight, and reached the replica beside
     the one holding the slot, in failure_mode closed with Redis up. It queues again now."""
-    emulator, proxies = await asyncio.to_thread(_stack, tmp, redis_server.url, 50, 3.0)
-    state = redis.Redis.from_url(redis_server.url)
+    emulator, proxies = await asyncio.to_thread(_stack, tmp, fresh_redis_server.url, 50, 3.0)
+    state = redis.Redis.from_url(fresh_redis_server.url)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             long = asyncio.ensure_future(_generate(session, proxies[0], "sk-a", 250))  # ~5 s
@@ -112,12 +106,12 @@ async def test_a_ticket_lost_while_redis_answers_queues_again(tmp: Path,
 
 
 async def test_renewals_racing_grants_never_admit_twice(tmp: Path,
-                                                        redis_server: RedisServer) -> None:
+                                                        fresh_redis_server: RedisServer) -> None:
     """No fault: 1 slot, two proxies with twenty clients each, renewals every 0.33 s. A renewal that met
     a ticket just granted (out of the queue, its grant on its way by message) or not yet queued
     (its enter still on another connection) reported it lost, and its request went through its own
     process's gate beside the slot's holder."""
-    emulator, proxies = await asyncio.to_thread(_stack, tmp, redis_server.url, 1000, 1.0)
+    emulator, proxies = await asyncio.to_thread(_stack, tmp, fresh_redis_server.url, 1000, 1.0)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             stop = time.monotonic() + 10
@@ -139,7 +133,7 @@ async def test_renewals_racing_grants_never_admit_twice(tmp: Path,
 
 
 async def test_a_lowered_max_in_flight_holds_for_requests_already_queued(
-        tmp: Path, redis_server: RedisServer) -> None:
+        tmp: Path, fresh_redis_server: RedisServer) -> None:
     """One replica with 2 slots, ten requests, then a reload to max_in_flight 1. Each queued ticket
     carried the limit of its queueing, and a grant reads the head ticket's: the queue of that time
     kept getting 2 at once. The tick stamps queued tickets with the new limit (as the in-process
@@ -150,7 +144,7 @@ async def test_a_lowered_max_in_flight_holds_for_requests_already_queued(
     proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": emulator.url, "num_parallel": 2}], {
         "server": {"config_watch_s": 0}, "admin": {"keys": [ADMIN]}, "tenants": TENANTS,
         "chain": {"backpressure": {"max_in_flight": 2, "queue_timeout_s": 60}},
-        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "shrink:"}},
+        "state": {"backend": "redis", "url": fresh_redis_server.url, "key_prefix": "shrink:"}},
         name="shrink")
     assert proxy.config_path is not None
     try:
