@@ -286,7 +286,7 @@ def test_shadow_mode_reports_the_hit_and_goes_upstream(tmp_path: Path, emulator:
 def test_config_is_validated_with_the_key_path() -> None:
     with pytest.raises(PluginError, match=r"plugins\[0\]\.max_bytes: must be > 0"):
         structure_plugins([{"name": "embed_cache", "max_bytes": 0}])
-    with pytest.raises(PluginError, match=r"plugins\[0\]\.redis_url: must be a redis://"):
+    with pytest.raises(PluginError, match=r"plugins\[0\]\.redis_url: expected a redis://"):
         structure_plugins([{"name": "embed_cache", "redis_url": "http://127.0.0.1:6379"}])
     with pytest.raises(PluginError, match=r"plugins\[1\]\.window_s: must be > 0 and <= 1"):
         structure_plugins([{"name": "embed_cache"}, {"name": "embed_batch", "window_s": 5}])
