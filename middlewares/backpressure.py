@@ -485,7 +485,6 @@ class BackpressureStep(Step):
         self.config = config
         self.shared = shared
         """Admission through Redis, shared by proxy processes (proxy/shared_admission.py)."""
-
         self.fleet = upstreams
         self.placement = placement
         self.gates: dict[str, ModelGate] = {}

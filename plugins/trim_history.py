@@ -1,6 +1,6 @@
 """trim_history: a chat history over its token budget loses its oldest turns (before limits).
 
-Kept: system prompts, tool calls with their results, the latest user message (all of it when these are
+Kept: system prompts, tool calls with their results, the latest user message (only these when they are
 alone over the budget), the newest turns that fit `budget_tokens` (counted
 with the model's own tokenizer), and optionally the older turns most relevant to the latest user message
 (`relevance: {model: <embedding model>, keep: N}`), scored with embeddings computed on the fleet through

@@ -125,12 +125,12 @@ def select_groups(costs: Sequence[int], kinds: Sequence[str], budget: int, *,
 
     Always kept, whatever the budget: `system` and `tools` groups, the last `keep_last` groups (the
     newest turns) and the `pinned` ones (the latest user message: in a tool loop the tool groups are
-    the newest, and the question they serve must not be the turn that goes). When these alone are
-    over `budget`, only they are kept: the prompt cannot fit the budget, but the closer it comes, the
-    likelier it fits the model's context (tool results grow with every step of an agent loop). Then
-    `preferred` groups (in the order given, each only if it still fits: the
-    most relevant older turns), then the newest remaining groups, newest first, up to the first that
-    does not fit (the recent window stays contiguous).
+    the newest, and the question they serve must not be the turn that goes). Then `preferred` groups
+    (in the order given, each only if it still fits: the most relevant older turns), then the newest
+    remaining groups, newest first, up to the first that does not fit (the recent window stays
+    contiguous). So when the groups always kept are alone over `budget`, only they are kept: the
+    prompt cannot fit the budget, but the closer it comes, the likelier it fits the model's context
+    (tool results grow with every step of an agent loop).
     """
     count = len(costs)
     if count == 0:
@@ -139,8 +139,6 @@ def select_groups(costs: Sequence[int], kinds: Sequence[str], budget: int, *,
     kept.update(range(max(0, count - keep_last), count))
     kept.update(i for i in pinned if 0 <= i < count)
     used = sum(costs[i] for i in kept)
-    if used > budget:
-        return sorted(kept)
     for i in preferred:
         if 0 <= i < count and i not in kept and used + costs[i] <= budget:
             kept.add(i)

@@ -245,8 +245,9 @@ class Reloader:
     async def _reload(self, trigger: str) -> ReloadResult:
         now = time.time()
         self._stamp = _stamp(self.path)
-        before = _digest(self.path)
-        if _empty(self.path):
+        data = _read(self.path)
+        before = _sha256(data)
+        if data is not None and not data.strip():
             # Caught between `open(path, "w")` and the first write: applying it would serve the
             # defaults (no keys, no tenants). The watch looks again once the file changes.
             return self._refuse(trigger, now, "the file is empty (still being written?); write the new "
@@ -396,21 +397,19 @@ def _stamp(path: str | None) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _empty(path: str | None) -> bool:
-    """Whether the file holds nothing but whitespace (a file caught mid-write; an unreadable one is for
-    the loader to report)."""
+def _read(path: str | None) -> bytes | None:
+    """The file's bytes; None without a file or when it cannot be read (the loader reports why)."""
     if path is None:
-        return False
+        return None
     try:
-        return not Path(path).read_bytes().strip()
+        return Path(path).read_bytes()
     except OSError:
-        return False
+        return None
+
+
+def _sha256(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
 
 
 def _digest(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
+    return _sha256(_read(path))

@@ -132,7 +132,8 @@ def restart_fields(command: str, **fields: str) -> list[str]:
                          "({{ and }} for a literal brace), and quotes must be closed") from None
 
 
-def _check_restart(command: Any) -> None:
+def valid_restart_command(instance: Any, attribute: attrs.Attribute[Any], command: Any) -> None:
+    del instance, attribute
     if not isinstance(command, str):
         raise ValueError("restart_command: expected a string")
     restart_fields(command)
@@ -196,8 +197,8 @@ class UpstreamConfig:
     """The replica's OLLAMA_NUM_PARALLEL (slots per loaded model)."""
     weight: int = attrs.field(default=1, validator=positive)
     """Relative share of traffic."""
-    restart_command: str | None = attrs.field(default=None, validator=attrs.validators.optional(
-        lambda _instance, _attribute, value: _check_restart(value)))
+    restart_command: str | None = attrs.field(default=None,
+                                              validator=attrs.validators.optional(valid_restart_command))
     """Command the health step runs to restart this replica once it is down or stuck, e.g.
     `systemctl restart ollama@{name}` or `docker restart {name}`; `{name}`, `{url}`, `{host}` and `{port}`
     are substituted per argument (no shell). Unset: no restarts."""

@@ -70,7 +70,8 @@ class SharedAdmission:
         eligible = step.fleet.eligible(gate.model)
         if step.mode_of(ctx) != "shadow" and eligible and not slots.degraded:
             candidates = [(u.name, max(1, math.floor(gate.limit(u)))) for u in eligible]
-            slots.limits[ticket.base] = partial(self._limit_now, step, gate.model)
+            if ticket.base not in slots.limits:  # once per model: the step and its gates stay put
+                slots.limits[ticket.base] = partial(self._limit_now, step, gate.model)
             granted = await self._entries(step, ctx, gate, span, ticket, candidates)
             if granted is not None:
                 ticket = granted[0]

@@ -126,10 +126,13 @@ class StateBackend(ABC):
 
     async def _peek(self, ask: BucketAsk) -> BucketResult:
         """Whether `ask` would fit its bucket now, its level and the wait until it fits; nothing taken."""
-        level = await self.level(ask.key, ask.capacity, ask.refill_per_s)
+        return self.standing(ask, await self.level(ask.key, ask.capacity, ask.refill_per_s))
+
+    @classmethod
+    def standing(cls, ask: BucketAsk, level: float) -> BucketResult:
+        """`ask` against a bucket at `level`, nothing taken: whether it fits and the wait until it does."""
         fits = ask.amount == 0 or level >= ask.amount
-        return BucketResult(fits, level, 0.0 if fits else self.wait_s(level, ask.amount,
-                                                                     ask.refill_per_s))
+        return BucketResult(fits, level, 0.0 if fits else cls.wait_s(level, ask.amount, ask.refill_per_s))
 
     async def _undo(self, lease: LeaseAsk | None, taken: Sequence[BucketAsk]) -> None:
         for ask in taken:

@@ -253,13 +253,9 @@ class RedisState(StateBackend):
             args += [ask.capacity, ask.refill_per_s, ask.amount]
         reply = await self._admit(keys=keys, args=args)
         ok, holders, refused = int(reply[0]), int(reply[1]), int(reply[2])
-        results = []
-        for index, level in enumerate(float(value) for value in reply[3:]):
-            ask = buckets[index]
-            # Admitted: levels after the take. Refused: every level before it, nothing taken.
-            fits = ok == 1 or ask.amount == 0 or level >= ask.amount
-            results.append(BucketResult(fits, level, 0.0 if fits else self.wait_s(
-                level, ask.amount, ask.refill_per_s)))
+        # Admitted: levels after the take. Refused: every level before it, nothing taken.
+        results = [BucketResult(True, level, 0.0) if ok == 1 else self.standing(ask, level)
+                   for ask, level in zip(buckets, (float(value) for value in reply[3:]), strict=True)]
         if refused == -1:
             return Admission((False, holders), tuple(results))
         return Admission((True, holders) if lease is not None else None, tuple(results))
