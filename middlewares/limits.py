@@ -21,7 +21,6 @@ and `<prefix>.limits.truncations`.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +32,7 @@ from aiohttp import web
 from proxy.chain import Handler, Step
 from proxy.context import DEADLINE_REQUEST_HEADER, RequestContext
 from proxy.errors import InvalidRequest, PromptTooLong
+from proxy.offload import large, off_loop, parsed_json
 from proxy.ollama import model_key
 from proxy.prompts import canonicalize, count_prompt, truncate_prompt
 from proxy.schema import Mode, ModelConfig, PromptPolicy, RolloutConfig, positive
@@ -73,10 +73,6 @@ Summarizer = Callable[[RequestContext, dict[str, Any], Tokenizer, int], Awaitabl
 _PROMPT_EVAL = re.compile(rb'"prompt_eval_count":(\d+)')
 DEADLINE_HEADER = DEADLINE_REQUEST_HEADER
 """Kept here for existing imports; ingress reads it (proxy/ingress.py)."""
-OFFLOAD_BYTES = 16 * 1024
-"""Bodies larger than this are counted in a worker thread."""
-PARSE_OFFLOAD_BYTES = 1 << 20
-"""Bodies larger than this are parsed in a worker thread."""
 _GO_TYPES = {str: "string", bool: "bool", int: "number", float: "number", list: "array", dict: "object"}
 
 
@@ -145,10 +141,7 @@ class LimitsStep(Step):
     async def handle(self, request: web.Request, ctx: RequestContext,
                      handler: Handler) -> web.StreamResponse:
         deadline_s = ctx.deadline_s  # set by ingress, whatever this step's mode
-        if len(ctx.body or b"") > PARSE_OFFLOAD_BYTES:
-            # Decoding a large body Go's way (when orjson refuses it) takes a while: in a worker, the
-            # event loop keeps serving others meanwhile. The result is cached on the context.
-            await asyncio.to_thread(ctx.json)
+        await parsed_json(ctx)  # a large body in a worker: the event loop keeps serving others
         self.check_body(request, ctx)
         if self.mode == "off":
             ctx.service_limits["deadline_s"] = deadline_s
@@ -184,12 +177,8 @@ class LimitsStep(Step):
                 ctx.replace_json(body)
             tokenizer = await self._tokenizer(model)
             started = time.perf_counter()
-            if len(ctx.body or b"") > OFFLOAD_BYTES:
-                # A large prompt is mostly unseen text: count it in a worker (SentencePiece releases
-                # the GIL) rather than hold the event loop for milliseconds.
-                counted = await asyncio.to_thread(count_prompt, ctx.route, body, tokenizer, True)
-            else:
-                counted = count_prompt(ctx.route, body, tokenizer)
+            offload = large(ctx)  # a large prompt is mostly unseen text: counted in a worker
+            counted = await off_loop(offload, count_prompt, ctx.route, body, tokenizer, offload)
             self.count_seconds.record(time.perf_counter() - started, {"method": tokenizer.method})
             span.set_attribute(self.telemetry.names.limits_count_method, tokenizer.method)
             if counted is None:
@@ -302,10 +291,7 @@ class LimitsStep(Step):
                 return
             policy = "truncate"
         if policy == "truncate" and ctx.route.prompt_shape != "embed":
-            if len(ctx.body or b"") > OFFLOAD_BYTES:  # as counting: a large prompt off the event loop
-                cut = await asyncio.to_thread(truncate_prompt, ctx.route, body, tokenizer, limit)
-            else:
-                cut = truncate_prompt(ctx.route, body, tokenizer, limit)
+            cut = await off_loop(large(ctx), truncate_prompt, ctx.route, body, tokenizer, limit)
             if cut is not None:
                 if self.mode_of(ctx) == "enforce":
                     new_body, what = cut

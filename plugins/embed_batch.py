@@ -27,9 +27,9 @@ import orjson
 from aiohttp import web
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from middlewares.limits import OFFLOAD_BYTES
 from proxy.embeddings import Answer, Ask, apportion, parse_ask, read_answer, render, respond, to_base64
 from proxy.errors import DeadlinePassed
+from proxy.offload import OFFLOAD_BYTES, off_loop
 from proxy.ollama import Usage
 from proxy.plugin import Plugin, PluginConfig, PluginServices
 from proxy.tokens import Tokenizer
@@ -196,9 +196,8 @@ class EmbedBatch(Plugin):
         tokenizer = await self.services.tokenizer_for(model)
         if tokenizer.method == "estimate":
             return None
-        if size > OFFLOAD_BYTES:
-            return await asyncio.to_thread(_count_all, tokenizer, texts, True)
-        return _count_all(tokenizer, texts, False)
+        offload = size > OFFLOAD_BYTES
+        return await off_loop(offload, _count_all, tokenizer, texts, offload)
 
     @staticmethod
     def _abandon(ctx: RequestContext, waiter: _Waiter) -> None:

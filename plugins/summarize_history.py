@@ -25,7 +25,6 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from middlewares.limits import OFFLOAD_BYTES
 from proxy.context import RequestContext
 from proxy.history import (
     Group,
@@ -36,6 +35,7 @@ from proxy.history import (
     message_tokens,
     split_tail,
 )
+from proxy.offload import large, off_loop, parsed_json
 from proxy.plugin import Plugin, PluginConfig, PluginServices
 from proxy.prompts import count_prompt
 from proxy.schema import positive, redis_url
@@ -44,7 +44,7 @@ from proxy.tokens import Tokenizer
 
 from ._cache import ByteLRU
 from .trim_history import HEADER as TRIMMED_HEADER
-from .trim_history import ChatCount, count_chat, parsed_body, trim_messages
+from .trim_history import ChatCount, count_chat, trim_messages
 
 __all__ = ["HEADER", "PLUGIN", "SummarizeHistory", "SummarizeHistoryConfig", "SummaryStore"]
 
@@ -232,7 +232,7 @@ class SummarizeHistory(Plugin):
         if budget is None or shape not in ("chat", "generate") or len(ctx.body or b"") <= budget:
             decide("pass")
             return None
-        body = await parsed_body(ctx)
+        body = await parsed_json(ctx)
         model = ctx.model
         if not isinstance(body, dict) or model is None:
             decide("pass")
@@ -257,24 +257,23 @@ class SummarizeHistory(Plugin):
         route = ctx.route
         # Counting (and hashing, and cutting) a large prompt runs in a worker thread, as limits counts
         # it: megabytes take a second, which on the event loop would stall every other request.
-        large = len(ctx.body or b"") > OFFLOAD_BYTES
+        offload = large(ctx)
         if route.prompt_shape == "chat" and route.prompt_field == "messages" \
                 and isinstance(body.get("messages"), list):
             counted = await count_chat(ctx, body, tokenizer)
             if counted is None or counted.total <= budget:
                 return None
-            return await self._fit_chat(ctx, body, tokenizer, budget, counted, large)
-        before = (await asyncio.to_thread(count_prompt, route, body, tokenizer, True) if large
-                  else count_prompt(route, body, tokenizer))
+            return await self._fit_chat(ctx, body, tokenizer, budget, counted, offload)
+        before = await off_loop(offload, count_prompt, route, body, tokenizer, offload)
         if before is None or before.total <= budget:
             return None
         if route.prompt_shape == "generate" and isinstance(body.get("prompt"), str):
-            return await self._fit_generate(ctx, body, tokenizer, budget, before.total, large)
+            return await self._fit_generate(ctx, body, tokenizer, budget, before.total, offload)
         return None
 
     # chat ------------------------------------------------------------------------------------------
     async def _fit_chat(self, ctx: RequestContext, body: dict[str, Any], tokenizer: Tokenizer,
-                        budget: int, counted: ChatCount, large: bool) -> str | None:
+                        budget: int, counted: ChatCount, offload: bool) -> str | None:
         messages: list[Any] = body["messages"]
         before, costs = counted.total, counted.costs
         groups = group_messages(messages)
@@ -284,8 +283,7 @@ class SummarizeHistory(Plugin):
             older = min(older, question)
         summarized = [g for g in groups[:older] if g.kind == "turn"]
         if summarized:
-            texts, hashes = (await asyncio.to_thread(_summarized, messages, summarized) if large
-                             else _summarized(messages, summarized))
+            texts, hashes = await off_loop(offload, _summarized, messages, summarized)
             prefix = self._prefix(ctx)
             keys = [prefix + h for h in hashes]
             role = "user" if ctx.route.dialect == "anthropic" else "system"
@@ -329,14 +327,13 @@ class SummarizeHistory(Plugin):
 
     # generate --------------------------------------------------------------------------------------
     async def _fit_generate(self, ctx: RequestContext, body: dict[str, Any], tokenizer: Tokenizer,
-                            budget: int, before: int, large: bool) -> str | None:
+                            budget: int, before: int, offload: bool) -> str | None:
         prompt: str = body["prompt"]
         tail_tokens = self.config.generate_tail_tokens
-        front, tail = (await asyncio.to_thread(split_tail, prompt, tail_tokens, tokenizer.count_offloadable)
-                       if large else split_tail(prompt, tail_tokens, tokenizer.count))
+        front, tail = await off_loop(offload, split_tail, prompt, tail_tokens,
+                                     tokenizer.count_offloadable if offload else tokenizer.count)
         if front:
-            hashes = (await asyncio.to_thread(chain_hashes, [{"prompt": front}]) if large
-                      else chain_hashes([{"prompt": front}]))
+            hashes = await off_loop(offload, chain_hashes, [{"prompt": front}])
             keys = [self._prefix(ctx) + h for h in hashes]
 
             def render(summary: str) -> tuple[dict[str, Any], int]:
@@ -354,8 +351,7 @@ class SummarizeHistory(Plugin):
                     ctx.replace_json(new_body)
                     return "summarized"
                 self._fallback(ctx, "too_long")
-        cut = (await asyncio.to_thread(_cut_front, prompt, tokenizer, budget, before, True) if large
-               else _cut_front(prompt, tokenizer, budget, before, False))
+        cut = await off_loop(offload, _cut_front, prompt, tokenizer, budget, before, offload)
         if cut is None:
             return None
         kept, saved = cut

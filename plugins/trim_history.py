@@ -9,7 +9,6 @@ the chain and cached by content hash. Reports `X-History-Trimmed: turns=<n>; tok
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
@@ -20,9 +19,9 @@ from typing import Any
 import attrs
 from aiohttp import web
 
-from middlewares.limits import OFFLOAD_BYTES, PARSE_OFFLOAD_BYTES
 from proxy.context import RequestContext
 from proxy.history import Group, group_messages, last_question, message_text, message_tokens, select_groups
+from proxy.offload import large, off_loop, parsed_json
 from proxy.plugin import Plugin, PluginConfig
 from proxy.prompts import count_prompt
 from proxy.schema import positive
@@ -31,7 +30,7 @@ from proxy.tokens import Tokenizer
 from ._cache import ByteLRU
 
 __all__ = ["PLUGIN", "ChatCount", "RelevanceConfig", "TrimHistory", "TrimHistoryConfig", "count_chat",
-           "parsed_body", "trim_messages"]
+           "trim_messages"]
 
 log = logging.getLogger("plugins.trim_history")
 
@@ -95,19 +94,10 @@ def _count_chat(ctx: RequestContext, body: dict[str, Any], tokenizer: Tokenizer,
 
 async def count_chat(ctx: RequestContext, body: dict[str, Any], tokenizer: Tokenizer) -> ChatCount | None:
     """`body`'s chat prompt counted as limits counts it (proxy/prompts.py), each message once (None:
-    the route has no chat prompt). A large body (over limits' OFFLOAD_BYTES) is counted in a worker
-    thread, as limits counts it: counting megabytes takes a second, which on the event loop would
-    stall every other request of the process (one tenant's long chats, everyone's latency)."""
-    if len(ctx.body or b"") > OFFLOAD_BYTES:
-        return await asyncio.to_thread(_count_chat, ctx, body, tokenizer, True)
-    return _count_chat(ctx, body, tokenizer, False)
-
-
-async def parsed_body(ctx: RequestContext) -> Any:
-    """`ctx.json()`, parsed in a worker thread when the body is large (limits' rule, before limits)."""
-    if len(ctx.body or b"") > PARSE_OFFLOAD_BYTES:
-        await asyncio.to_thread(ctx.json)
-    return ctx.json()
+    the route has no chat prompt); a large body in a worker thread, as limits counts it
+    (proxy/offload.py)."""
+    offload = large(ctx)
+    return await off_loop(offload, _count_chat, ctx, body, tokenizer, offload)
 
 
 def trim_messages(messages: Sequence[Any], count: Callable[[str], int], budget: int, *,
@@ -161,7 +151,7 @@ class TrimHistory(Plugin):
                 or len(ctx.body or b"") <= self.config.budget_tokens:
             decide("pass")
             return None
-        body = await parsed_body(ctx)
+        body = await parsed_json(ctx)
         model = ctx.model
         if not isinstance(body, dict) or model is None or not isinstance(body.get("messages"), list):
             decide("pass")
