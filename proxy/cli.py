@@ -146,13 +146,16 @@ def _serve(args: argparse.Namespace) -> int:
                                   max_connections=max_connections, reuse_port=worker)
         actual = bound_port(runner)
         settle_garbage_collector()
-        if args.port_file:
-            write_port_file(args.port_file, actual)
-        log.info("shared-ollama-proxy %s listening on http://%s:%d, upstreams: %s", __version__,
-                 host, actual, ", ".join(redact_url(u.url) for u in config.upstreams))
+
+        def ready() -> None:
+            if args.port_file:
+                write_port_file(args.port_file, actual)
+            log.info("shared-ollama-proxy %s listening on http://%s:%d, upstreams: %s", __version__,
+                     host, actual, ", ".join(redact_url(u.url) for u in config.upstreams))
+
         try:
             await run_until_signalled(runner, app[STOP], server.shutdown_timeout_s,
-                                      on_sighup=app[RELOADER].sighup)
+                                      on_sighup=app[RELOADER].sighup, ready=ready)
         finally:
             telemetry.shutdown()
 
@@ -212,12 +215,14 @@ def _emulate(args: argparse.Namespace) -> int:
         control = ListenerControl(runner, host, port)
         app[LISTENER] = control
         await control.start()
-        if args.port_file:
-            write_port_file(args.port_file, control.port)
-        log.info("emulated Ollama %s on http://%s:%d with models %s (profile %s, %d slot(s))",
-                 settings.version, host, control.port, ", ".join(models), profiles.name,
-                 args.num_parallel)
-        await run_until_signalled(runner)
+        def ready() -> None:
+            if args.port_file:
+                write_port_file(args.port_file, control.port)
+            log.info("emulated Ollama %s on http://%s:%d with models %s (profile %s, %d slot(s))",
+                     settings.version, host, control.port, ", ".join(models), profiles.name,
+                     args.num_parallel)
+
+        await run_until_signalled(runner, ready=ready)
 
     _run(serve())
     return 0

@@ -472,10 +472,14 @@ def _hurry(stop: GracefulStop) -> None:
 
 
 async def run_until_signalled(runner: ProxyRunner, stop: GracefulStop | None = None,
-                              grace_s: float = 30.0, on_sighup: Callable[[], None] | None = None
-                              ) -> None:
+                              grace_s: float = 30.0, on_sighup: Callable[[], None] | None = None,
+                              ready: Callable[[], None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM; SIGHUP calls `on_sighup` (the proxy: reload the configuration),
     or is logged and ignored (Python's default for SIGHUP would end the process).
+
+    `ready` is called once every handler is installed: what tells the world the process is up (its
+    port file, which tests and the supervisor wait for before they signal it) belongs there. Told
+    earlier, a SIGHUP sent at once would meet the SIG_IGN that covers start-up and be lost.
 
     With `stop`: refuse new connections, give requests in flight until `grace_s` after the signal, end
     what remains (final `shutting_down` record or 503), then clean up; the process can exit by then.
@@ -491,6 +495,8 @@ async def run_until_signalled(runner: ProxyRunner, stop: GracefulStop | None = N
     else:
         loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: nothing to reload")
     try:
+        if ready is not None:
+            ready()
         await signalled.wait()
         if stop is not None:
             for signum in (signal.SIGINT, signal.SIGTERM):

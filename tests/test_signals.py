@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.support.polling import wait_for
 from tests.support.raw import read_response
@@ -264,3 +267,31 @@ def test_a_second_sigterm_ends_the_streams_at_once(slow_emulator: Server, tmp_pa
     assert json.loads(stream.lines[-1])["code"] == "shutting_down"
     assert "second signal" in proxy.log()
     proxy.stop()
+
+
+def test_a_sighup_sent_the_moment_the_port_file_appears_reloads(slow_emulator: Server,
+                                                                tmp_path: Path) -> None:
+    """The port file is what says "up" (to tests, to `serve --workers`' supervisor, which forwards a
+    SIGHUP once every worker's exists): a SIGHUP sent the instant it appears must reload, not meet the
+    SIG_IGN that covers start-up. The file is watched in a tight loop, so the signal lands within
+    microseconds of the rename (the window the proxy once left open while it logged "listening")."""
+    config = tmp_path / "hup.yaml"
+    config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0", "config_watch_s": 0},
+                                      "upstreams": [{"url": slow_emulator.url}]}))
+    for attempt in range(3):
+        port_file, log_path = tmp_path / f"hup-{attempt}.port", tmp_path / f"hup-{attempt}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "serve", "--config", str(config),
+                 "--port-file", str(port_file)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 20
+            while not port_file.exists():
+                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            process.send_signal(signal.SIGHUP)
+            wait_for(lambda path=log_path: "configuration reload (sighup)" in path.read_text(), timeout_s=10,
+                     what=f"the reload of a SIGHUP sent as the port file appeared (attempt {attempt})")
+            assert process.poll() is None
+        finally:
+            process.terminate()
+            process.wait(10)
