@@ -139,18 +139,23 @@ async def test_interactive_ahead_of_bulk_and_fair_between_tenants(tmp: Path, slo
         async with aiohttp.ClientSession() as session:
             order: list[str] = []
 
-            async def tagged(key: str, tag: str) -> None:
-                status, _, _ = await _generate(session, proxy, key)
+            async def tagged(key: str, tag: str, **extra: Any) -> None:
+                status, _, _ = await _generate(session, proxy, key, **extra)
                 assert status == 200
                 order.append(tag)
 
-            blocker = asyncio.ensure_future(tagged(CHAT, "blocker"))
+            # The blocker streams with a drip before each of its ~11 writes: it holds the slot ~3.5 s
+            # (the others take 0.5 s), long enough on a loaded machine for all six to be seen queued.
+            await asyncio.to_thread(httpx.post, f"{slow.url}/_emulator/faults",
+                                    json={"slow_drip_s": 0.3, "count": 1}, timeout=10)
+            blocker = asyncio.ensure_future(tagged(CHAT, "blocker", stream=True))
             await until(lambda: _queued(proxy, 1, 0), what="the blocker running")
             tasks = [asyncio.ensure_future(tagged(BULK, f"bulk{i}")) for i in range(2)]
             await until(lambda: _queued(proxy, 1, 2), what="both bulk requests queued")
             tasks += [asyncio.ensure_future(tagged(CHAT, f"chat{i}")) for i in range(3)]
             await until(lambda: _queued(proxy, 1, 5), what="the three chat requests queued")
             tasks += [asyncio.ensure_future(tagged(CHAT2, "chat2-0"))]
+            await until(lambda: _queued(proxy, 1, 6), what="chat2 queued behind the three chats")
             await asyncio.gather(blocker, *tasks)
         # interactive before bulk; chat2 arrived after chat's three but is served after one of them
         assert order[0] == "blocker" and order[-2:] == ["bulk0", "bulk1"]
