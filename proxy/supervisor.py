@@ -11,7 +11,9 @@ proxy uses N cores. The supervisor serves nothing itself. Contract:
   the shared port may reach any worker.
 - Signals: SIGTERM or SIGINT is forwarded as SIGTERM to every worker (each stops gracefully within
   `server.shutdown_timeout_s`; a second signal is forwarded too and ends what remains); workers still
-  alive `_KILL_AFTER_S` past the grace period are killed. SIGHUP is forwarded: every worker reloads.
+  alive `_KILL_AFTER_S` past the grace period are killed. SIGHUP is forwarded: every worker reloads. A
+  worker still starting (its port file, written once its handlers are installed, not there yet) may
+  have read the file before the change: it gets the SIGHUP once it listens.
   Workers run in their own session, so a terminal's Ctrl-C reaches them once, through here; they get
   SIGTERM if the supervisor itself dies (PR_SET_PDEATHSIG on Linux).
 - Restarts: a worker that exits while the supervisor is not stopping is started again after a backoff
@@ -62,7 +64,7 @@ def read_secret(fd: int) -> str:
 def _in_child() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Die with the supervisor, and ignore SIGHUP until the worker installs its reload handler (an
     ignored signal stays ignored across exec): a reload forwarded to a worker still starting must not
-    end it, and that worker reads the current file anyway."""
+    end it (the supervisor holds it back until that worker listens)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -76,6 +78,8 @@ class _Worker:
         self.started = 0.0
         self.backoff = _BACKOFF_S[0]
         self.restart_at: float | None = None
+        self.reload_pending = False
+        """A SIGHUP came while this worker was starting: it is sent once the worker listens."""
 
 
 class Supervisor:
@@ -137,13 +141,38 @@ class Supervisor:
             os.close(read)
         worker.started = time.monotonic()
         worker.restart_at = None
+        worker.reload_pending = False  # started now: it reads the file as it is from here on
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
     def _send(self, signum: int) -> None:
         for worker in self.workers:
-            if worker.process is not None and worker.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.send_signal(signum)
+            self._signal(worker, signum)
+
+    @staticmethod
+    def _signal(worker: _Worker, signum: int) -> None:
+        if worker.process is not None and worker.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signum)
+
+    def _reload(self) -> None:
+        """Forward a SIGHUP: now to each worker that listens; to one still starting once it listens.
+        Why not at once: a starting worker ignores SIGHUP until its handler is installed, and it may
+        have read the file before this change (it would serve the old configuration until the next
+        reload). Its port file appears only once the handler is installed (serving.run_until_signalled)."""
+        for worker in self.workers:
+            if worker.process is None:
+                continue  # waiting to be restarted: it will read the file as it is then
+            if self._port_file(worker).exists():
+                self._signal(worker, signal.SIGHUP)
+            else:
+                worker.reload_pending = True
+
+    def _send_pending_reloads(self) -> None:
+        for worker in self.workers:
+            if worker.reload_pending and worker.process is not None \
+                    and self._port_file(worker).exists():
+                worker.reload_pending = False
+                self._signal(worker, signal.SIGHUP)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         del frame
@@ -204,7 +233,7 @@ class Supervisor:
                 signum = self._signals.popleft()
                 if signum == signal.SIGHUP:
                     log.info("SIGHUP: reloading every worker")
-                    self._send(signal.SIGHUP)
+                    self._reload()
                 else:
                     if not self.stopping:
                         log.info("stopping: SIGTERM to every worker")
@@ -212,6 +241,7 @@ class Supervisor:
                     self._send(signal.SIGTERM)
             if self.stopping:
                 return self._finish()
+            self._send_pending_reloads()
             now = time.monotonic()
             for worker in self.workers:
                 process = worker.process

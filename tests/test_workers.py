@@ -5,6 +5,7 @@ keep dying, stops every worker on SIGTERM (exit 0), and refuses to start without
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -220,3 +221,52 @@ def test_sighup_while_starting_does_not_end_the_proxy(tmp: Path, emulator: Serve
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
+
+
+def test_a_sighup_while_a_worker_restarts_reaches_it_once_it_listens(
+        tmp: Path, emulator: Server, redis_server: RedisServer) -> None:
+    """A worker restarted after a crash reads the file, then builds its app and listens, ignoring
+    SIGHUP meanwhile. A reload asked for in that window is held by the supervisor and sent once the
+    worker listens: otherwise that worker would serve the old configuration until the next reload (no
+    file watch here) while its sibling serves the new one. The worker is frozen (SIGSTOP) inside the
+    window, so the SIGHUP lands there whatever the machine's speed."""
+    config = _config(tmp, "restart-hup", emulator, {"backend": "redis", "url": redis_server.url,
+                                                    "key_prefix": "restart-hup:"})
+    data = yaml.safe_load(config.read_text())
+    data["server"]["config_watch_s"] = 0  # only SIGHUP reloads
+    config.write_text(yaml.safe_dump(data))
+    server = _workers(tmp, "restart-hup", config)
+    read_file = re.compile(r"\[worker 1\] serving at most")  # logged once it has read the file
+    listening = re.compile(r"\[worker 1\] shared-ollama-proxy \S+ listening")
+    try:
+        for attempt in range(1, 4):
+            pid = _pids(server)[1][-1]
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda n=attempt: len(_pids(server)[1]) == n + 1, timeout_s=30,
+                     what="worker 1 restarted")
+            new = _pids(server)[1][-1]
+            deadline = time.monotonic() + 30
+            while len(read_file.findall(server.log())) < attempt + 1:  # tight: the window is ~70 ms
+                assert time.monotonic() < deadline, "the restarted worker 1 did not read its file"
+            os.kill(new, signal.SIGSTOP)
+            if len(listening.findall(server.log())) == attempt:  # frozen before it listened
+                break
+            os.kill(new, signal.SIGCONT)  # it listened already: the window was missed, again
+        else:
+            pytest.fail("could not freeze a restarted worker before it listened")
+        data["chain"] = {"backpressure": {"queue_timeout_s": 31}}
+        config.write_text(yaml.safe_dump(data))
+        server.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "[supervisor] SIGHUP: reloading every worker" in server.log(),
+                 what="the supervisor to take the SIGHUP")
+        os.kill(new, signal.SIGCONT)
+        wait_for(lambda: {m for m in re.findall(r"\[(worker \d+)\] configuration version 2 applied",
+                                                server.log())} == {"worker 1", "worker 2"},
+                 what="both workers reloaded, the restarted one included")
+        assert server.process.poll() is None
+    finally:
+        for pids in _pids(server).values():  # nothing left frozen, whatever failed
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        server.stop()
