@@ -205,8 +205,10 @@ class LimitsStep(Step):
         if ctx.route.dialect == "ollama":
             options = body.get("options")
             num_ctx = options.get("num_ctx") if isinstance(options, dict) else None
-            if isinstance(num_ctx, int) and not isinstance(num_ctx, bool) and num_ctx > 0:
-                return num_ctx
+            # A JSON number Ollama reads as an int (Go truncates a float64 toward zero): `512.0` is a
+            # context of 512 to it, so it is one to the guard too, else the prompt passes and is cut.
+            if isinstance(num_ctx, int | float) and not isinstance(num_ctx, bool) and int(num_ctx) > 0:
+                return int(num_ctx)
         return self.upstreams.loaded_context(model) if self.upstreams is not None else None
 
     def _truncated_upstream(self, ctx: RequestContext, evaluated: int, *, certain: bool = False) -> bool:

@@ -96,3 +96,28 @@ def test_refuse_makes_ollama_answer_400_instead_of_cutting(tmp_path: Path, emula
         assert fits.status_code == 200
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize(("num_ctx", "context"), [(128.0, 128), (200.9, 200)])
+def test_a_num_ctx_sent_as_a_float_is_the_context_too(tmp_path: Path, emulator: Server,
+                                                      num_ctx: float, context: int) -> None:
+    # Without the canonical rewrite, the client's num_ctx is what Ollama runs with; Go reads a JSON
+    # float into the int option by truncation, so 128.0 (what Python's json writes for a float) is a
+    # context of 128 and 200.9 one of 200: the guard limits to it instead of letting Ollama cut the
+    # prompt (it let it through, with the limit of 4096 in X-Service-Limits).
+    proxy = _proxy(tmp_path, emulator, "guard-float", strip_load_options=False)
+    try:
+        refused = httpx.post(f"{proxy.url}/api/generate", timeout=30, json={
+            "model": "llama3.2", "prompt": "word " * 200, "stream": False,
+            "options": {"num_ctx": num_ctx, "num_predict": 2}})
+        assert refused.status_code == 400, (refused.status_code, refused.text[:200])
+        assert refused.json()["code"] == "prompt_too_long"
+        assert f"limit of {context} tokens" in refused.json()["error"]
+        assert f"max_prompt_tokens={context};" in refused.headers["x-service-limits"]
+        fits = httpx.post(f"{proxy.url}/api/generate", timeout=30, json={
+            "model": "llama3.2", "prompt": "hi", "stream": False,
+            "options": {"num_ctx": num_ctx, "num_predict": 2}})
+        assert fits.status_code == 200, fits.text
+        assert f"max_prompt_tokens={context};" in fits.headers["x-service-limits"]
+    finally:
+        proxy.stop()
