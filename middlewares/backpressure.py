@@ -603,7 +603,8 @@ class BackpressureStep(Step):
             # own gate. Shared books are Redis keys kept an hour, and a client's made-up names must not
             # create them; a real model is known from its first answer (balancer) or probe.
             shared = None
-        with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model, self.telemetry.names.lane: lane}) as span:
+        with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: semconv.request_model(model),
+                          self.telemetry.names.lane: lane}) as span:
             if shared is None:
                 replica = await self._admit(request, ctx, gate, span, tenant.name, tenant.weight,
                                             lane, cost)

@@ -128,7 +128,7 @@ class BalancerStep(Step):
         placement = self.placement
         if model and self.upstreams.tracks(model):  # no measurements for names no replica has
             placement.wanted(model, ctx.route.operation)
-        attributes = {semconv.ATTR_GEN_AI_REQUEST_MODEL: model} if model else {}
+        attributes = {semconv.ATTR_GEN_AI_REQUEST_MODEL: semconv.request_model(model)} if model else {}
         with self.span(**attributes) as span:
             ranked: list[tuple[float, str, Upstream]] = []
             bound = ctx.admission.replica

@@ -97,7 +97,7 @@ class HealthStep(Step):
     async def handle(self, request: web.Request, ctx: RequestContext,
                      handler: Handler) -> web.StreamResponse:
         model = ctx.model
-        attributes = {semconv.ATTR_GEN_AI_REQUEST_MODEL: model} if model else {}
+        attributes = {semconv.ATTR_GEN_AI_REQUEST_MODEL: semconv.request_model(model)} if model else {}
         with self.span(**attributes) as span:
             candidates = self.upstreams.eligible(model)
             for upstream in self.upstreams:

@@ -159,7 +159,7 @@ class LimitsStep(Step):
         if ctx.route.operation is None or not isinstance(body, dict) or not model:
             self.record(ctx, "not_applicable")
             return await handler(request)
-        with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: model,
+        with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: semconv.request_model(model),
                                self.telemetry.names.limits_max_prompt_tokens: limit}) as span:
             if ctx.route.dialect == "ollama":  # native options; /v1 bodies have none
                 body = self._canonical_options(ctx, span, body, model, model_config)

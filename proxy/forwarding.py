@@ -207,7 +207,7 @@ class Forwarder:
             attributes[semconv.ATTR_GEN_AI_OPERATION] = operation
             attributes[semconv.ATTR_GEN_AI_PROVIDER] = semconv.PROVIDER_OLLAMA
             if model:
-                attributes[semconv.ATTR_GEN_AI_REQUEST_MODEL] = model[:256]
+                attributes[semconv.ATTR_GEN_AI_REQUEST_MODEL] = semconv.request_model(model)
         else:
             name = f"{request.method} upstream"
         return self.telemetry.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)

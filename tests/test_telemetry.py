@@ -269,3 +269,27 @@ def test_a_collector_that_is_down_costs_no_request(tmp: Path, upstream: Server) 
     assert time.monotonic() - started < 10  # bounded: the shutdown flush gives up
     assert proxy.process.returncode == 0
     assert proxy.log().count("span export to the OTLP endpoint failed") == 1  # once a minute at most
+
+
+def test_a_model_name_of_megabytes_stays_off_the_spans(tmp: Path, upstream: Server) -> None:
+    """The model a body names is the client's text: every span carries it cut to 256 characters (the
+    step spans carried it whole, so one request naming a 1 MB model exported megabytes of spans)."""
+    with OtlpReceiver() as receiver:
+        proxy = start_proxy(tmp, [upstream.url], {
+            "telemetry": {"otlp_endpoint": receiver.url, "otlp_protocol": "http/protobuf"}},
+            name="otlp-long-model")
+        try:
+            name = "m" * (1 << 20)
+            answer = httpx.post(f"{proxy.url}/api/chat", timeout=30, json={
+                "model": name, "stream": False, "messages": [{"role": "user", "content": "hi"}]})
+            assert answer.status_code == 400  # the replica refuses the name: it went through the chain
+            spans = _wait_spans(receiver.spans, lambda s: any(x.name == "POST /api/chat" for x in s)
+                                and sum(x.name.startswith("sop.") for x in s) >= 4)
+        finally:
+            proxy.stop()
+    carrying = [s for s in spans if "gen_ai.request.model" in attributes_of(s)]
+    assert {"sop.limits", "sop.health", "sop.balancer"} <= {s.name for s in carrying}
+    for span in carrying:
+        assert attributes_of(span)["gen_ai.request.model"] == "m" * 256, span.name
+    for span in spans:
+        assert all(len(str(v)) <= 1024 for v in attributes_of(span).values()), span.name

@@ -41,9 +41,11 @@ __all__ = [
     "METRIC_HTTP_ACTIVE_REQUESTS",
     "METRIC_HTTP_REQUEST_DURATION",
     "PROVIDER_OLLAMA",
+    "REQUEST_MODEL_CHARS",
     "SILENT_TRUNCATION_EVENT",
     "Names",
     "metric_name",
+    "request_model",
 ]
 
 # HTTP (stable semconv)
@@ -61,6 +63,8 @@ ATTR_ERROR_TYPE = "error.type"
 ATTR_GEN_AI_OPERATION = "gen_ai.operation.name"
 ATTR_GEN_AI_PROVIDER = "gen_ai.provider.name"
 ATTR_GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+REQUEST_MODEL_CHARS = 256
+"""Longest `gen_ai.request.model` on a span: the value is the client's text (see `request_model`)."""
 ATTR_GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
 ATTR_GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 ATTR_GEN_AI_USAGE_INPUT = "gen_ai.usage.input_tokens"
@@ -205,3 +209,11 @@ class Names:
     def metric_step_decisions(self, step: str) -> str:
         """A step's decisions counter: `<prefix>.<step>.decisions`, labelled by `decision`."""
         return f"{self.prefix}.{step}.decisions"
+
+
+def request_model(model: str) -> str:
+    """`model` as `gen_ai.request.model` on a span: the client's text, cut to REQUEST_MODEL_CHARS. A body
+    may name a model in megabytes; each span that carries it is kept until exported and sent whole, so
+    one such request made an export batch of megabytes (a collector refuses it, dropping every other
+    trace of the batch)."""
+    return model[:REQUEST_MODEL_CHARS]
