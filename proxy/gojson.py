@@ -320,8 +320,48 @@ def dumps(value: Any) -> bytes:
 
     The result is right-sized: orjson hands back a small output inside its 4 KiB working buffer, and a
     rewritten body is kept for as long as its request runs (10,000 open streams: 40 MB of slack)."""
-    out = orjson.dumps(value, default=_default)
+    try:
+        out = orjson.dumps(value, default=_default)
+    except orjson.JSONEncodeError:
+        # orjson stops at 255 levels of nesting, and a body Go (and so the decoder here) accepts may
+        # nest deeper (a tool schema, a `format`): written level by level instead of answering 500.
+        # A value orjson cannot encode at all raises from there, where its leaf is encoded.
+        return _dumps_nested(value)
     return bytes(memoryview(out)) if len(out) < _RIGHT_SIZE_BELOW else out
 
 
 _RIGHT_SIZE_BELOW = 64 * 1024
+
+
+class _Literal(bytes):
+    """Punctuation or an encoded key waiting on `_dumps_nested`'s stack (never a decoded value)."""
+
+
+def _dumps_nested(value: Any) -> bytes:
+    """`dumps` without a limit on nesting: objects and arrays are opened and closed from a stack (no
+    recursion), every other value is encoded by orjson."""
+    out = bytearray()
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Literal):
+            out += item
+        elif isinstance(item, dict):
+            pending: list[Any] = [_Literal(b"}")]
+            for index, (key, element) in enumerate(reversed(item.items())):
+                pending.append(element)
+                pending.append(_Literal((b"" if index == len(item) - 1 else b",")
+                                        + orjson.dumps(key) + b":"))
+            stack.extend(pending)
+            stack.append(_Literal(b"{"))
+        elif isinstance(item, list):
+            pending = [_Literal(b"]")]
+            for index, element in enumerate(reversed(item)):
+                pending.append(element)
+                if index != len(item) - 1:
+                    pending.append(_Literal(b","))
+            stack.extend(pending)
+            stack.append(_Literal(b"["))
+        else:
+            out += orjson.dumps(item, default=_default)
+    return bytes(out)

@@ -319,6 +319,29 @@ def test_what_ollama_renders_into_the_prompt_is_counted(proxy: Server) -> None:
     assert served.status_code == 200
 
 
+def test_bodies_nested_deeper_than_orjson_writes_are_counted_and_rewritten(proxy: Server) -> None:
+    """Go decodes JSON nested up to 10,000 levels; orjson writes 255. A body 300 levels deep (a tool
+    schema, a `format`) is counted and rewritten like any other, where the proxy answered 500."""
+    nested = b"[" * 300 + b"]" * 300
+    schema = b'{"type":"array","items":' * 300 + b'{"type":"string"}' + b"}" * 300
+    served = _post(proxy, "/api/generate", b'{"model":"qwen3","prompt":"hi","stream":false,'
+                   b'"options":{"num_predict":2},"format":' + nested + b"}")
+    assert served.status_code == 200, served.text[:200]  # num_ctx added: the body was written again
+    assert served.headers["x-options-rewritten"] == "num_ctx=+2048"
+    counted = {
+        "/api/chat": b'{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"hi"}],'
+                     b'"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object",'
+                     b'"properties":{"a":' + schema + b"}}}}]}",
+        "/v1/messages": b'{"model":"llama3.2","max_tokens":5,"messages":[{"role":"assistant","content":'
+                        b'[{"type":"tool_use","id":"t","name":"f","input":{"a":' + nested + b'}}]},'
+                        b'{"role":"user","content":"hi"}]}',
+    }
+    for path, body in counted.items():  # the nested JSON is rendered into the prompt: over 50 tokens
+        response = _post(proxy, path, body)
+        assert response.status_code == 400, (path, response.status_code, response.text[:200])
+        assert "more than the limit of 50 tokens" in response.text
+
+
 def test_the_model_follows_every_rewrite_of_the_body() -> None:
     """`ctx.model` is kept per parsed body; a plugin that edits the parsed body in place and hands
     it back (an alias plugin) must not leave the steps acting on the old name."""
