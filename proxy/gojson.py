@@ -102,14 +102,37 @@ def _parse_constant(text: str) -> Any:
     raise GoJSONError(f"invalid character '{text[0]}' looking for beginning of value")
 
 
+def _no_surrogate(text: str) -> str:
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
 def _no_surrogates(value: Any) -> Any:
-    if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value) if _SURROGATE.search(value) else value
-    if isinstance(value, _Object):
-        return _Object([(_no_surrogates(k), _no_surrogates(v)) for k, v in value.pairs])
-    if isinstance(value, list):
-        return [_no_surrogates(item) for item in value]
-    return value
+    """A copy of a decoded value whose strings and keys hold U+FFFD for each lone surrogate. Walked from
+    a stack, not by recursion: a body nested ~500 deep (Go takes 10,000) overflowed Python's stack
+    here, a 500 where Ollama serves it."""
+    top: list[Any] = [None]
+    stack: list[tuple[Any, list[Any], int]] = [(value, top, 0)]
+    objects: list[tuple[_Object, list[str], list[Any]]] = []
+    while stack:
+        item, into, at = stack.pop()
+        if isinstance(item, str):
+            into[at] = _no_surrogate(item)
+        elif isinstance(item, _Object):
+            values: list[Any] = [None] * len(item.pairs)
+            copy = _Object([])
+            objects.append((copy, [_no_surrogate(k) for k, _ in item.pairs], values))
+            stack.extend((v, values, i) for i, (_, v) in enumerate(item.pairs))
+            into[at] = copy
+        elif isinstance(item, list):
+            elements: list[Any] = [None] * len(item)
+            stack.extend((v, elements, i) for i, v in enumerate(item))
+            into[at] = elements
+        else:
+            into[at] = item
+    for copy, keys, values in objects:  # once every value is in place: dict(pairs) semantics
+        copy.pairs = list(zip(keys, values, strict=True))
+        dict.update(copy, copy.pairs)
+    return top[0]
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_Object, parse_float=_parse_float, parse_int=_parse_int,

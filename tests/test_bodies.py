@@ -342,6 +342,15 @@ def test_bodies_nested_deeper_than_orjson_writes_are_counted_and_rewritten(proxy
         assert "more than the limit of 50 tokens" in response.text
 
 
+def test_a_lone_surrogate_in_a_deeply_nested_body_is_replaced(proxy: Server) -> None:
+    """A lone surrogate escape is U+FFFD to Go at any depth; replacing it walked the body by recursion,
+    and a body 700 levels deep (Go takes 10,000) answered 500."""
+    nested = b"[" * 700 + b'"\\udc00"' + b"]" * 700
+    served = _post(proxy, "/api/generate", b'{"model":"llama3.2","prompt":"hi \\ud800","stream":false,'
+                   b'"options":{"num_predict":2},"unknown":' + nested + b"}")
+    assert served.status_code == 200, served.text[:200]
+
+
 def test_the_model_follows_every_rewrite_of_the_body() -> None:
     """`ctx.model` is kept per parsed body; a plugin that edits the parsed body in place and hands
     it back (an alias plugin) must not leave the steps acting on the old name."""
