@@ -175,11 +175,15 @@ def count_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer,
 
 def expected_output(route: RouteInfo, body: dict[str, Any]) -> int | None:
     """The output limit the request sets in its route's `output_limit` field (num_predict in options,
-    max_tokens, ...), None when it sets none."""
+    max_tokens, ...), None when it sets none (or an unlimited one, a negative num_predict)."""
     key = route.output_limit
     if key == "num_predict":
         options = body.get("options")
         value = options.get("num_predict") if isinstance(options, dict) else None
+        if isinstance(value, float) and math.isfinite(value):
+            # Options are a map to Go, and Ollama reads a float into the int option by truncation:
+            # 2000.0 is an output limit of 2000 (the /v1 structs refuse a float themselves).
+            value = int(value)
     elif key == "max_completion_tokens":  # OpenAI's chat: the newer name wins, the older still counts
         value = body.get("max_completion_tokens", body.get("max_tokens"))
     else:

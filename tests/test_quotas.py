@@ -119,6 +119,27 @@ def test_tokens_reserved_then_settled(tmp: Path, emulator: Server) -> None:
         proxy.stop()
 
 
+def test_a_num_predict_sent_as_a_float_is_reserved_as_ollama_reads_it(tmp: Path,
+                                                                       emulator: Server) -> None:
+    """Ollama reads options.num_predict 5000.0 as 5000 (a float into its int option): the reservation
+    is 5000 too. It was the default output (256), so a tenant of 600 tokens a minute had a request that
+    may produce 5000 admitted."""
+    proxy = _proxy(tmp, emulator, "tpm-float")
+    try:
+        as_int = _chat(proxy, TPM, num_predict=5000).json()["error"]
+        assert "reserves 50" in as_int
+        for value in (5000.0, 5000.7):
+            too_big = _chat(proxy, TPM, num_predict=value)
+            assert too_big.status_code == 400, (value, too_big.status_code)
+            assert too_big.json()["code"] == "request_exceeds_quota"
+            assert too_big.json()["error"] == as_int
+        fits = _chat(proxy, TPM, num_predict=20.0)
+        assert fits.status_code == 200
+        assert fits.json()["eval_count"] <= 20
+    finally:
+        proxy.stop()
+
+
 async def test_concurrency_and_release_on_disconnect(tmp: Path, emulator: Server) -> None:
     proxy = await asyncio.to_thread(_proxy, tmp, emulator, "conc")
     try:
