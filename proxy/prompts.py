@@ -213,12 +213,14 @@ def truncate_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer
                     limit: int) -> tuple[dict[str, Any], str] | None:
     """A copy of `body` whose prompt fits `limit`, and what was cut; None when it cannot fit.
 
-    Chats keep the system messages and the newest turns that fit and drop the oldest; a generate prompt
-    loses its front. Embedding inputs are never cut here (Ollama truncates each input itself).
+    Chats keep the system messages and the newest turns that fit and drop the oldest (the items of a
+    Responses `input` list alike; its `instructions`, like Anthropic's `system`, stay); a generate
+    prompt loses its front. Embedding inputs are never cut here (Ollama truncates each input itself).
     """
-    if route.prompt_shape == "chat" and route.prompt_field == "messages":
-        messages = body.get("messages")
-        if not isinstance(messages, list):
+    if route.prompt_shape == "chat" and route.prompt_field in ("messages", "input"):
+        field = route.prompt_field
+        messages = body.get(field)
+        if not isinstance(messages, list):  # a Responses `input` string is one turn: nothing to drop
             return None
         counted = count_prompt(route, body, tokenizer)
         if counted is None:
@@ -239,7 +241,7 @@ def truncate_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer
         if total > limit:
             return None
         kept = [m for i, m in enumerate(messages) if i not in drop]
-        return {**body, "messages": kept}, f"dropped {len(drop)} oldest message(s)"
+        return {**body, field: kept}, f"dropped {len(drop)} oldest message(s)"
     if route.prompt_shape == "generate":
         prompt = body.get("prompt")
         counted = count_prompt(route, body, tokenizer)

@@ -118,6 +118,23 @@ def test_truncate_policy(limited: Server) -> None:
     assert "from the front of the prompt" in generated.headers["x-prompt-truncated"]
 
 
+def test_truncate_policy_drops_the_oldest_items_of_a_responses_input(limited: Server) -> None:
+    """/v1/responses is a chat route: `truncate` drops the oldest items of its `input` list (it answered
+    400 prompt_too_long instead), keeping `instructions` and the newest turn."""
+    items = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: " + _words(40)}
+             for i in range(12)]
+    body = {"model": "qwen3", "instructions": "Keep me.",
+            "input": [*items, {"role": "user", "content": "the newest question"}]}
+    response = httpx.post(f"{limited.url}/v1/responses", json=body, timeout=30)
+    assert response.status_code == 200, response.text[:200]
+    dropped = re.fullmatch(r"dropped (\d+) oldest message\(s\)", response.headers["x-prompt-truncated"])
+    assert dropped and 0 < int(dropped.group(1)) < 12
+    assert response.json()["usage"]["input_tokens"] <= 300
+    single = httpx.post(f"{limited.url}/v1/responses", json={  # one turn: nothing to drop
+        "model": "qwen3", "input": _words(500)}, timeout=30)
+    assert single.status_code == 400 and single.json()["error"]["code"] == "prompt_too_long"
+
+
 def test_canonical_options_stop_reload_thrash(limited: Server, emulator: Server) -> None:
     response = httpx.post(f"{limited.url}/api/generate", json={
         "model": "llama3.2", "prompt": "hi", "stream": False,
