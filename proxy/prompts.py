@@ -209,13 +209,19 @@ def request_cost(path: str, body: Any, operation: str | None, prompt_tokens: int
     return prompt + output
 
 
+_INSTRUCTION_ROLES = ("system", "developer")
+"""Roles whose messages instruct rather than converse: kept when turns are dropped. `developer` is
+OpenAI's name for the system prompt of its newer models (the history plugins keep it too)."""
+
+
 def truncate_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer,
                     limit: int) -> tuple[dict[str, Any], str] | None:
     """A copy of `body` whose prompt fits `limit`, and what was cut; None when it cannot fit.
 
-    Chats keep the system messages and the newest turns that fit and drop the oldest (the items of a
-    Responses `input` list alike; its `instructions`, like Anthropic's `system`, stay); a generate
-    prompt loses its front. Embedding inputs are never cut here (Ollama truncates each input itself).
+    Chats keep the system (and developer) messages and the newest turns that fit and drop the oldest
+    (the items of a Responses `input` list alike; its `instructions`, like Anthropic's `system`, stay);
+    a generate prompt loses its front. Embedding inputs are never cut here (Ollama truncates each input
+    itself).
     """
     if route.prompt_shape == "chat" and route.prompt_field in ("messages", "input"):
         field = route.prompt_field
@@ -233,7 +239,7 @@ def truncate_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer
         for i, message in enumerate(messages[:-1]):
             if total <= limit:
                 break
-            if isinstance(message, dict) and _field(message, "role") == "system":
+            if isinstance(message, dict) and _field(message, "role") in _INSTRUCTION_ROLES:
                 continue
             if isinstance(message, dict):
                 total -= message_tokens(message, tokenizer.count)

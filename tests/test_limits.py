@@ -135,6 +135,21 @@ def test_truncate_policy_drops_the_oldest_items_of_a_responses_input(limited: Se
     assert single.status_code == 400 and single.json()["error"]["code"] == "prompt_too_long"
 
 
+def test_truncate_policy_keeps_developer_messages(limited: Server) -> None:
+    """OpenAI's `developer` role is the system prompt of its newer models: `truncate` keeps it as it
+    keeps system messages (it was the first message dropped), and drops the oldest turns instead."""
+    messages = [{"role": "developer", "content": "Answer in French. " + _words(80)},
+                *[{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: " + _words(30)}
+                  for i in range(8)],
+                {"role": "user", "content": "the newest question"}]
+    response = httpx.post(f"{limited.url}/v1/chat/completions", timeout=30, json={
+        "model": "qwen3", "messages": messages, "max_tokens": 5})
+    assert response.status_code == 200, response.text[:200]
+    # The developer message is ~210 tokens and each turn ~80: with it kept, every older turn must go.
+    assert response.headers["x-prompt-truncated"] == "dropped 8 oldest message(s)"
+    assert 200 < response.json()["usage"]["prompt_tokens"] <= 300
+
+
 def test_canonical_options_stop_reload_thrash(limited: Server, emulator: Server) -> None:
     response = httpx.post(f"{limited.url}/api/generate", json={
         "model": "llama3.2", "prompt": "hi", "stream": False,
