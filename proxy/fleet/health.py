@@ -245,6 +245,15 @@ class FleetHealth:
             missing = self._missing_warm(upstream)
             if missing:  # at start-up it serves while its profile models load
                 self._start_warm(upstream, missing, then_serve=False)
+        elif status == "warming" and not self._warm_running(upstream):
+            # Nothing will take it back: it was set warming while a warm-up that does not serve (the
+            # start-up's, or a pinned model's) ran, and `_start_warm` left that one alone. Without
+            # this it stayed `warming`, out of service, for good.
+            missing = self._missing_warm(upstream)
+            if missing:
+                self._start_warm(upstream, missing, then_serve=True)
+            else:
+                self._set(upstream, "healthy", "")
         elif status == "healthy" and now - upstream.healthy_since > self.config.max_ejection_s:
             upstream.ejections = 0
 
@@ -406,8 +415,7 @@ class FleetHealth:
                 if model_key(name) not in upstream.loaded]
 
     def _keep_pinned(self, upstream: Upstream) -> None:
-        running = self._warming.get(upstream.name)
-        if running is not None and not running.done():
+        if self._warm_running(upstream):
             return
         now = time.monotonic()
         missing = [name for name, profile in self.warm.get(upstream.name, [])
@@ -418,9 +426,15 @@ class FleetHealth:
                 self._pin_attempts[(upstream.name, name)] = now
             self._start_warm(upstream, missing, then_serve=False)
 
-    def _start_warm(self, upstream: Upstream, models: list[str], then_serve: bool) -> None:
+    def _warm_running(self, upstream: Upstream) -> bool:
         running = self._warming.get(upstream.name)
-        if running is not None and not running.done():
+        return running is not None and not running.done()
+
+    def _start_warm(self, upstream: Upstream, models: list[str], then_serve: bool) -> None:
+        """Load `models` on `upstream` in the background; with `then_serve`, a `warming` replica serves
+        once they are loaded. Nothing when a warm-up runs already (the next probe after it ends takes a
+        replica left `warming` back, see `_success`)."""
+        if self._warm_running(upstream):
             return
         self._warming[upstream.name] = asyncio.create_task(self._warm(upstream, models, then_serve))
 
