@@ -87,8 +87,9 @@ class BackpressureConfig:
     cold_queue_timeout_s: float = attrs.field(default=120.0, validator=_cold_budget)
     """Longest wait for the first request in line behind a model load in progress (a request for the
     model runs on a replica that has not finished loading it), and for requests waiting on a replica
-    coming back (its restart or warm-up is running): a load takes tens of seconds, and a client
-    turned away would only come back to wait for the same load. At most 300 s, the common client
+    coming back (its restart or warm-up is running, or its restart succeeded and no probe found it
+    back yet, for at most `restart_after_failures` failed probes): a load takes tens of seconds, and
+    a client turned away would only come back to wait for the same load. At most 300 s, the common client
     header timeout (a non-streaming request sends its headers when the answer is complete)."""
     max_in_flight: int | Literal["auto"] = attrs.field(default="auto", validator=_in_flight)
     """Requests per replica and model past this step. `auto`: start from the replica's declared

@@ -256,8 +256,9 @@ class UpstreamSet:
 
     def coming_back(self, model: str | None) -> bool:
         """Is a replica that may serve `model` coming back: its restart command or its pre-warming is
-        running right now? (Not merely in status `restarting`: a restart that ended without bringing
-        the daemon back keeps that status until a probe succeeds.)"""
+        running right now, or its restart command succeeded and the probes have not decided yet? (Not
+        merely in status `restarting`: a restart that did not bring the daemon back keeps that status
+        until a probe succeeds.)"""
         return any(u.returning and u.status in COMING_BACK_STATUSES and self.allows(u, model)
                    for u in self.upstreams)
 

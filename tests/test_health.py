@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -422,3 +423,35 @@ def test_a_replica_ejected_during_its_start_up_warm_up_comes_back(tmp: Path) -> 
     finally:
         proxy.stop()
         a.stop()
+
+
+def test_requests_waiting_on_a_restart_are_served_once_it_is_back(tmp: Path) -> None:
+    """Requests queued while the only replica's restart command runs wait for it (the cold budget) and
+    then take its slots one by one. They were let go the moment the command exited, before the probe
+    that takes the replica back, and all got 503 no_healthy_upstream (`restarting`); and those queued
+    while it pre-warmed were let go at the end of the warm-up and reached it together, past its slot."""
+    pidfile = tmp / "waiters.pid"
+    command = (f"{sys.executable} -m tests.support.respawn --port {{port}} --log {tmp / 'waiters.log'} "
+               f"--pidfile {pidfile} -- --seed 7 --load-s 1.0 --decode-tokens-per-s 50")
+    a = start_emulator(tmp, name="waiters-a", load_s=1.0)
+    port = a.port
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a", "restart_command": command}],
+                        {"models": {"llama3.2": {"warm_on": ["a"]}},
+                         "chain": {"backpressure": {"max_in_flight": 1, "cold_queue_timeout_s": 60},
+                                   "health": {**FAST, "restart_after_failures": 1,
+                                              "restart_min_interval_s": 60}}}, name="waiters")
+    try:
+        wait_for(lambda: loaded(a.url) == ["llama3.2:latest"], what="llama3.2 pre-warmed on a")
+        a.kill()
+        wait_for(lambda: status(proxy, "a") == "restarting", what="the restart command running")
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda _: httpx.post(f"{proxy.url}/api/generate", json=BODY,
+                                                         timeout=60), range(3)))
+        assert [r.status_code for r in replies] == [200, 200, 200], [r.text for r in replies]
+        stats = httpx.get(f"http://127.0.0.1:{port}/_emulator/stats", timeout=5).json()
+        assert stats["completed"] == 3 and stats["peak"] == 1, stats
+    finally:
+        proxy.stop()
+        a.stop()
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)

@@ -80,6 +80,9 @@ class FleetHealth:
         self._set_warm(models)
         self.last_restart: dict[str, float] = {}
         self._restarting: set[str] = set()
+        self._after_restart: dict[str, int] = {}
+        """Replica -> its failed probes when its restart command succeeded: until a probe finds it back,
+        or `restart_after_failures` more fail, it is still coming back (the queue keeps its waiters)."""
         self._tags_due: set[str] = set()
         self._pin_attempts: dict[tuple[str, str], float] = {}
         # Counters (a missing replica counts 0): a replica added or removed by a reload needs no entry.
@@ -130,6 +133,8 @@ class FleetHealth:
         wanted = {u.name: u for u in self.upstreams} if self._running and self.mode != "off" else {}
         for name in [n for n in self._watches if n not in wanted]:
             self._watches.pop(name).cancel()
+            if self._after_restart.pop(name, None) is not None and name in self.upstreams.by_name:
+                self.upstreams.by_name[name].returning = False  # no probe will decide any more
             warming = self._warming.pop(name, None)
             if warming is not None:
                 warming.cancel()
@@ -200,6 +205,13 @@ class FleetHealth:
             self.probes.add(1, {self.telemetry.names.upstream_name: upstream.name, "outcome": "failure"})
             self.probe_failures[upstream.name] += 1
             self.failure(upstream, f"probe failed ({reason})", probe=True)
+            since = self._after_restart.get(upstream.name)
+            if since is not None and self.probe_failures[upstream.name] - since >= \
+                    self.config.restart_after_failures:
+                # The restart did not bring it back: its waiters go (health's 503) rather than wait on.
+                del self._after_restart[upstream.name]
+                upstream.returning = False
+                self.upstreams.changed()
             await self._maybe_restart(upstream)
             return
         self.probes.add(1, {self.telemetry.names.upstream_name: upstream.name, "outcome": "success"})
@@ -215,6 +227,8 @@ class FleetHealth:
             upstream.digests = {model_key(str(m.get("name") or m.get("model"))): str(m["digest"])
                                 for m in entries if isinstance(m.get("digest"), str)}
         self._success(upstream)
+        if self._after_restart.pop(upstream.name, None) is not None and upstream.status != "warming":
+            upstream.returning = False  # serving now (a warm-up, if any, holds it until it serves)
         if self._stale(upstream):
             self._mark_stuck(upstream)
             await self._maybe_restart(upstream)
@@ -354,12 +368,19 @@ class FleetHealth:
         self._set(upstream, "restarting", "restart command running")
         self._restarting.add(upstream.name)
         upstream.returning = True  # the queue waits for it meanwhile (cold budget)
+        code: int | None = None
         try:
-            await self.restart(upstream, command)
+            code = await self.restart(upstream, command)
         finally:
-            upstream.returning = False
             self._restarting.discard(upstream.name)
-            self.upstreams.changed()  # waiters held for it decide again (health's 503 if still down)
+            if code == 0 and upstream.status == "restarting":
+                # Only a probe takes it back, and the daemon may need a moment to listen: until
+                # probes decide (see _probe), it is still coming back. Letting the waiters go here
+                # sent every one of them health's 503 just before the probe found it serving.
+                self._after_restart[upstream.name] = self.probe_failures[upstream.name]
+            else:
+                upstream.returning = False
+                self.upstreams.changed()  # waiters held for it decide again (health's 503)
 
     async def restart(self, upstream: Upstream, command: str) -> int | None:
         """Run `command` for `upstream` (fields substituted per argument, no shell); log its output and
@@ -442,6 +463,7 @@ class FleetHealth:
         profiles = dict(self.warm.get(upstream.name, []))
         names = self.telemetry.names
         upstream.returning = then_serve
+        done = False
         try:
             with self.telemetry.tracer.start_as_current_span(
                     names.health_warm_span, kind=SpanKind.INTERNAL,
@@ -450,11 +472,14 @@ class FleetHealth:
                     loaded = await self.load(upstream, name, profiles[name])
                     if loaded:
                         upstream.loaded.setdefault(model_key(name), LoadedModel(model_key(name)))
+            done = True
         finally:
+            if done and then_serve and upstream.status == "warming":
+                # Serving before the queue hears of it: told while it was neither serving nor
+                # coming back, the queue let its waiters go, and they reached it past its slots.
+                self._set(upstream, "healthy", "")
             upstream.returning = False
             self.upstreams.changed()
-        if then_serve and upstream.status == "warming":
-            self._set(upstream, "healthy", "")
         self.probe_soon(upstream)
 
     async def load(self, upstream: Upstream, model: str, profile: ModelConfig) -> bool:
