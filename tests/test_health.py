@@ -455,3 +455,35 @@ def test_requests_waiting_on_a_restart_are_served_once_it_is_back(tmp: Path) -> 
         a.stop()
         if pidfile.exists():
             os.kill(int(pidfile.read_text()), signal.SIGTERM)
+
+
+def test_a_restart_command_that_leaves_its_daemon_running_ends_when_it_exits(tmp: Path) -> None:
+    """A restart command that starts the daemon in the background and exits (`ollama serve &`), the
+    daemon keeping the command's output open: the restart ends when the command exits and the probes
+    take the replica back. The proxy waited for the end of the output instead, `restarting` and
+    unprobed, until restart_timeout_s (then failed on killing a process already gone)."""
+    pidfile = tmp / "background.pid"
+    script = tmp / "restart-in-background.sh"
+    script.write_text(f"#!/bin/sh\ncd {Path.cwd()}\n"
+                      f"{sys.executable} -m proxy emulate --listen 127.0.0.1:$1 --seed 7 &\n"
+                      f"echo $! > {pidfile}\necho started\n")
+    script.chmod(0o755)
+    a = start_emulator(tmp, name="background-a")
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a", "restart_command": f"{script} {{port}}"}],
+                        {"chain": {"health": {**FAST, "restart_after_failures": 1,
+                                              "restart_min_interval_s": 60,
+                                              "restart_timeout_s": 60}}}, name="background")
+    try:
+        wait_for(lambda: status(proxy, "a") == "healthy", what="a healthy at start")
+        a.kill()
+        wait_for(pidfile.exists, 15, "the restart command to run")
+        wait_for(lambda: status(proxy, "a") == "healthy", 15, "a back after its restart")
+        assert profile(proxy)["replicas"]["a"]["restarts"] == 1
+        assert "restart of a" in proxy.log() and "output: started" in proxy.log()
+        reply = httpx.post(f"{proxy.url}/api/generate", json=BODY, timeout=30)
+        assert reply.status_code == 200
+    finally:
+        proxy.stop()
+        a.stop()
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)

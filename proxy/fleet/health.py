@@ -59,6 +59,8 @@ _TAGS_EVERY_PROBES = 6
 _PIN_RETRY_S = 60.0
 """A pinned model found missing is loaded again at most this often (it may not fit, or be gone)."""
 _OUTPUT_LOG_BYTES = 4096
+_OUTPUT_GRACE_S = 1.0
+"""How long a restart command's output is still read once the command exited, before it is logged."""
 _MAX_CONTEXT_TOKENS = 1 << 24
 """The largest context length a replica's /api/ps is believed for (16M tokens; models today stop at
 ~10M); a larger or non-positive one is treated as unknown."""
@@ -90,6 +92,8 @@ class FleetHealth:
         self.restarts: Counter[str] = Counter()
         self._wake = {u.name: asyncio.Event() for u in upstreams}
         self._warming: dict[str, asyncio.Task[None]] = {}
+        self._outputs: set[asyncio.Task[None]] = set()
+        """Readers of restart commands' output left open by a daemon they started (see `restart`)."""
         self._watches: dict[str, asyncio.Task[None]] = {}
         self._running = False
         """Between the start and the end of `lifecycle`: watches run for the replicas of the set."""
@@ -117,7 +121,7 @@ class FleetHealth:
             yield
         finally:
             self._running = False
-            tasks = [*self._watches.values(), *self._warming.values()]
+            tasks = [*self._watches.values(), *self._warming.values(), *self._outputs]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -398,21 +402,37 @@ class FleetHealth:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT)
+            output = bytearray()
+            reader = asyncio.create_task(_read_tail(process, output))
+            # The command's end is its exit, not the end of its output: a daemon it starts in the
+            # background (`ollama serve &`) may hold the pipe open for as long as it runs (under
+            # uvloop even one whose output is sent elsewhere). Waiting for that end kept the replica
+            # `restarting`, unprobed, for restart_timeout_s.
             try:
                 async with asyncio.timeout(self.config.restart_timeout_s):
-                    output, _ = await process.communicate()
-                code = process.returncode
+                    code = await process.wait()
             except TimeoutError:
-                process.kill()
-                output, _ = await process.communicate()
-            except asyncio.CancelledError:  # the replica left the set, or the proxy stops
-                if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):  # it may exit in between
                     process.kill()
+                await process.wait()
+                code = None
+            except asyncio.CancelledError:  # the replica left the set, or the proxy stops
+                reader.cancel()
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
                     await asyncio.shield(process.wait())
                 span.set_status(Status(StatusCode.ERROR, "restart cancelled"))
                 span.end()
                 raise
-            text = output[-_OUTPUT_LOG_BYTES:].decode(errors="replace").strip()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), _OUTPUT_GRACE_S)
+            if not reader.done():
+                # Still open: a daemon the command started holds it. Read on (and drop) what it
+                # writes while the proxy runs: closing the pipe could kill it with SIGPIPE.
+                self._outputs.add(reader)
+                reader.add_done_callback(self._outputs.discard)
+            text = bytes(output[-_OUTPUT_LOG_BYTES:]).decode(errors="replace").strip()
             outcome = "success" if code == 0 else "failure"
             (log.info if code == 0 else log.warning)(
                 "restart of %s (%s) exited with %s; output: %s", upstream.name, argv[0], code,
@@ -534,6 +554,15 @@ class FleetHealth:
                 "models_on_disk": sorted(u.models) if u.models is not None else None,
             }
         return out
+
+
+async def _read_tail(process: asyncio.subprocess.Process, tail: bytearray) -> None:
+    """Read `process`'s output to its end, keeping the last _OUTPUT_LOG_BYTES in `tail`."""
+    stream = process.stdout
+    assert stream is not None
+    while chunk := await stream.read(65536):
+        tail += chunk
+        del tail[:-_OUTPUT_LOG_BYTES]
 
 
 def _loaded_models(ps: Any) -> dict[str, LoadedModel]:
