@@ -104,8 +104,7 @@ class BalancerStep(Step):
     def reconfigure(self, config: BalancerConfig) -> None:
         super().reconfigure(config)
         self.config = config
-        self.placement.config = config
-        self.placement.enforce = config.mode == "enforce"
+        self.placement.reconfigure(config)
 
     # the step ----------------------------------------------------------------------------------------
     async def handle(self, request: web.Request, ctx: RequestContext,

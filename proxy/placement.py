@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from .chain import Canary
 from .context import RequestContext
 from .ollama import model_key
 from .profiles import ModelStats
@@ -78,10 +79,26 @@ class Placement:
         self.config = config
         self.upstreams = upstreams
         self.enforce = config.mode == "enforce"
+        self.canary = Canary.of(config.mode, config.rollout)
+        """The balancer's rollout: only its tenants are placed by cost (None: every request is)."""
         self.stats: dict[str, ModelStats] = {}
         self.max_resident: dict[str, int] = {}
         self._picks = itertools.count(1)
         self._last_pick: dict[str, int] = {}
+
+    def reconfigure(self, config: BalancerConfig) -> None:
+        """A reload of `chain.balancer`."""
+        self.config = config
+        self.enforce = config.mode == "enforce"
+        self.canary = Canary.of(config.mode, config.rollout)
+
+    def ranks(self, placing: Placing | None) -> bool:
+        """Is this request placed by cost? Only when the balancer enforces, and, under its rollout,
+        for the canary's tenants: the others are placed round robin, as the balancer's shadow mode
+        places them."""
+        if not self.enforce:
+            return False
+        return self.canary is None or placing is None or self.canary.enforces(placing.tenant)
 
     def describe(self, ctx: RequestContext, headers: Mapping[str, str]) -> Placing:
         """The request as placement sees it (the session header is read only for `affinity: session`)."""
@@ -232,7 +249,9 @@ class Placement:
         """Backpressure's late binding: the replica to take a free slot on now, or None when waiting
         for a busy one (that holds the model) is cheaper than loading the model on a free one. The
         ranking that chose goes to `placing.routing`."""
-        if not self.enforce:
+        if not self.ranks(placing):
+            # Under the balancer's rollout, a tenant outside the canary got cost placement here all
+            # the same (the balancer then reported the bound replica): the rollout did nothing.
             return self.round_robin(free)
         ranked = self.rank(model, eligible, placing, free, position)
         if not ranked:

@@ -354,3 +354,37 @@ def test_unknown_named_replica_is_400_in_every_mode(tmp_path: Path, mode: str) -
     finally:
         for server in (proxy, a, b):
             server.stop()
+
+
+def test_a_balancer_rollout_places_only_its_canary_by_cost(tmp: Path) -> None:
+    """`chain.balancer.rollout`: the canary's tenants are placed by cost (on the replica holding the
+    model), the others round robin, as the balancer's shadow mode places them. With backpressure on
+    (the default), the slot's replica was chosen by cost for every tenant: the rollout did nothing."""
+    a, b = start_emulator(tmp, name="rollout-a"), start_emulator(tmp, name="rollout-b")
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}], {
+        "admin": {"keys": [ADMIN]},
+        "tenants": [{"name": "canary", "keys": [TENANT]}, {"name": "rest", "keys": ["sk-rest"]}],
+        "chain": {"health": FAST,
+                  "balancer": {"rollout": {"enforce_share": 0.0, "tenants": ["canary"]}}}},
+        name="rollout")
+    try:
+        preload(a)  # only a holds llama3.2: cost placement sends everything there
+        wait_profile(proxy, lambda v: [m["model"] for m in v["replicas"]["a"]["loaded"]]
+                     == ["llama3.2:latest"] and v["replicas"]["b"]["loaded"] == [],
+                     headers={"Authorization": f"Bearer {ADMIN}"})
+        body = {"model": "llama3.2", "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+
+        def served(key: str) -> tuple[int, int]:
+            before = completed(a), completed(b)
+            for _ in range(4):
+                reply = httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30,
+                                   headers={"Authorization": f"Bearer {key}"})
+                assert reply.status_code == 200
+            return completed(a) - before[0], completed(b) - before[1]
+
+        assert served(TENANT) == (4, 0)  # the canary: by residency
+        assert served("sk-rest") == (2, 2)  # outside it: round robin
+    finally:
+        proxy.stop()
+        a.stop()
+        b.stop()
