@@ -301,7 +301,10 @@ class ModelGate:
 
     # capacity ----------------------------------------------------------------------------------------
     def _free(self, eligible: Sequence[Upstream]) -> list[Upstream]:
-        return [u for u in eligible if self.in_flight[u.name] < max(1, math.floor(self.limit(u)))]
+        """Replicas with a slot free for this model, and not busy (Upstream.busy_until)."""
+        now = time.monotonic()
+        return [u for u in eligible if self.in_flight[u.name] < max(1, math.floor(self.limit(u)))
+                and u.busy_until <= now]
 
     def has_free_slot(self) -> bool:
         """Is a slot free on some replica that may serve the model?"""
@@ -313,6 +316,10 @@ class ModelGate:
         eligible = self.fleet.eligible(self.model)
         free = self._free(eligible)
         if not free:
+            now = time.monotonic()
+            busy = [u.busy_until for u in eligible if u.busy_until > now]
+            if busy:  # a slot frees when that ends too, with no release to dispatch then
+                self._recheck_later(min(busy) - now + 0.01)
             return None
         if self.placement is not None:
             replica = self.placement.pick_slot(self.model, free, eligible, position, placing)
@@ -369,12 +376,16 @@ class ModelGate:
             self.in_flight[replica.name] += 1
             waiter.future.set_result(replica)
 
-    def _recheck_later(self) -> None:
-        """Free slots were passed over (waiting for a replica that holds the model was cheaper): look
-        again in a second, since that choice changes as the wait grows even when nothing else happens."""
+    def _recheck_later(self, delay_s: float = _RECHECK_S) -> None:
+        """Dispatch again in `delay_s` (the earliest of the rechecks asked for): free slots were passed
+        over (waiting for a replica that holds the model was cheaper, a choice that changes as the
+        wait grows even when nothing else happens), or a busy replica's pause ends."""
         loop = asyncio.get_running_loop()
-        if self._recheck is None or self._recheck.when() <= loop.time():
-            self._recheck = loop.call_later(_RECHECK_S, self.dispatch)
+        when = loop.time() + delay_s
+        if self._recheck is None or self._recheck.when() <= loop.time() or self._recheck.when() > when:
+            if self._recheck is not None:
+                self._recheck.cancel()
+            self._recheck = loop.call_at(when, self.dispatch)
 
     def move(self, old: Upstream, new: Upstream) -> None:
         """A request holding a slot on `old` goes to `new` instead (the balancer retried)."""

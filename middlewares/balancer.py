@@ -72,6 +72,8 @@ class BalancerConfig:
 
 
 _RETRYABLE = (UpstreamConnectFailure, UpstreamResetBeforeResponseStarted, UpstreamBusy)
+_BUSY_S = 1.0
+"""A replica that answered Ollama's `503 server busy` gets no new request for this long."""
 
 
 class BalancerStep(Step):
@@ -199,6 +201,8 @@ class BalancerStep(Step):
                     return await handler(request)
                 except _RETRYABLE as exc:
                     self._observe(upstream, exc.code, 0, ctx)
+                    if isinstance(exc, UpstreamBusy):
+                        upstream.busy(_BUSY_S)
                     if not may_retry or ctx.exchange.first_byte_at is not None:
                         raise
                     self.retries.add(1, {self.telemetry.names.upstream_name: upstream.name,
@@ -243,6 +247,9 @@ class BalancerStep(Step):
         """After an attempt: passive health, service time, load time, residency seen."""
         if ctx.outcome != "client_disconnect" and ctx.status:
             self._observe(upstream, ctx.outcome, ctx.status, ctx)
+        if ctx.status == 503 and ctx.exchange.first_byte_at is not None \
+                and not ctx.routing.fan_out and not is_cloud_model(ctx.model):
+            upstream.busy(_BUSY_S)  # relayed (no other replica to try): busy all the same
         model = ctx.model
         if not model or ctx.route.operation is None or ctx.outcome != "ok" or ctx.status != 200:
             return

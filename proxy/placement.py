@@ -225,6 +225,8 @@ class Placement:
                 wait = 0.0
             else:
                 wait = (position + 0.5) / max(1, upstream.num_parallel) * self._service(key)
+            # A replica that just said `server busy` takes nothing before its pause ends.
+            wait += max(0.0, upstream.busy_until - time.monotonic())
             cost, reason = self.cost(upstream, key, tokens, wait, num_ctx)
             rows.append((cost, reason, upstream))
         if len(rows) <= 1:

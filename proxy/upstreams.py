@@ -84,6 +84,10 @@ class Upstream:
     """Model keys the replica has on disk (`/api/tags`), None until known."""
     digests: dict[str, str] = attrs.field(factory=dict)
     """Model key -> digest, as the last `/api/tags` listed them."""
+    busy_until: float = 0.0
+    """Until then (monotonic) it gets no new request: it answered Ollama's `503 server busy` (its own
+    queue is full, with work the proxy does not see), and a replica that refuses at once would
+    otherwise always look free and take every request placed."""
     returning: bool = False
     """Its restart command or pre-warming runs now (set by the health service): it will serve soon."""
     attempts: set[Attempt] = attrs.field(factory=set)
@@ -112,6 +116,10 @@ class Upstream:
         """Absolute URL for a request path (+query), keeping any base path of the replica URL."""
         base = str(self.url).rstrip("/")
         return URL(base + path_qs, encoded=True)
+
+    def busy(self, seconds: float) -> None:
+        """It answered Ollama's `server busy`: no new request for `seconds`."""
+        self.busy_until = max(self.busy_until, time.monotonic() + seconds)
 
     def begin(self, model: str | None) -> Attempt:
         """Count a request sent to this replica; pair with `end`."""

@@ -388,3 +388,31 @@ def test_a_balancer_rollout_places_only_its_canary_by_cost(tmp: Path) -> None:
         proxy.stop()
         a.stop()
         b.stop()
+
+
+def test_a_replica_that_says_server_busy_gets_no_new_request_for_a_moment(tmp: Path) -> None:
+    """A replica answering Ollama's `503 server busy` (its own queue full, with work the proxy does not
+    see) is paused for a second: requests wait in the proxy's queue for the other replica rather than
+    be placed on it. Answering at once, it always looked free and took a slot, and once the retry
+    budget was spent the clients got its 503 (7 of 10 in a run with the other replica serving)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = start_emulator(tmp, name="busy-a", decode_tokens_per_s=20)
+    b = start_emulator(tmp, name="busy-b", decode_tokens_per_s=20)
+    preload(a, b)
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}], {
+        "chain": {"health": FAST, "backpressure": {"max_in_flight": 1}}}, name="busy")
+    try:
+        wait_profile(proxy, lambda v: all(r["status"] == "healthy" and r["loaded"]
+                                          for r in v["replicas"].values()))
+        assert httpx.post(f"{a.url}/_emulator/faults", json={"status": 503}).status_code == 200
+        body = {"model": "llama3.2", "prompt": "hi", "stream": False, "options": {"num_predict": 8}}
+        with ThreadPoolExecutor(10) as pool:
+            replies = list(pool.map(lambda _: httpx.post(f"{proxy.url}/api/generate", json=body,
+                                                         timeout=60), range(10)))
+        assert [r.status_code for r in replies] == [200] * 10, [r.text[:80] for r in replies]
+        assert completed(b) == 10
+    finally:
+        proxy.stop()
+        a.stop()
+        b.stop()
