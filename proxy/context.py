@@ -133,6 +133,9 @@ class RequestContext:
 
     request_id: str
     route: RouteInfo
+    path_model: str | None = None
+    """The model the request's path names (`GET /v1/models/{model}`), None on other routes: the
+    `model` of a request whose body names none. Writer: ingress."""
     started: float = attrs.field(factory=time.monotonic)
     body: bytes | None = None
     """The request body once read (None for bodiless requests and streamed blob uploads)."""
@@ -269,7 +272,7 @@ class RequestContext:
 
     @property
     def model(self) -> str | None:
-        """The `model` the client asked for, if the body names one."""
+        """The `model` the client asked for, if the body (else the path, `path_model`) names one."""
         value = self.json()
         # Read ~10 times a request: kept per parsed body, forgotten by every rewrite (replace_json,
         # restore_body), also one that hands the same object back edited in place.
@@ -280,6 +283,8 @@ class RequestContext:
             named = value.get("model") or value.get("name")
             if isinstance(named, str):
                 model = named
+        if model is None:
+            model = self.path_model
         self._model_of = value
         self._model = model
         return model

@@ -44,7 +44,7 @@ from .errors import (
     ShuttingDown,
 )
 from .escaping import escape
-from .ollama import classify
+from .ollama import classify, path_model
 from .rendering import render
 from .serving import STOP, GracefulStop, escape_field
 from .telemetry import semconv
@@ -136,8 +136,9 @@ class Ingress:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = RequestContext(request_id=f"{self._id_prefix}-{next(self._ids)}",
-                             route=classify(request.method, request.path))
+        row = classify(request.method, request.path)
+        ctx = RequestContext(request_id=f"{self._id_prefix}-{next(self._ids)}", route=row,
+                             path_model=path_model(row, request.path))
         ctx.service_limits["max_body_bytes"] = self.max_body_bytes
         request[CONTEXT] = ctx
         route = ctx.route.template

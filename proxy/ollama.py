@@ -25,6 +25,7 @@ __all__ = [
     "is_cloud_model",
     "known_route",
     "model_key",
+    "path_model",
 ]
 
 
@@ -126,6 +127,9 @@ class RouteInfo:
     `allow_management` or an admin key."""
     quota_exempt: bool = False
     """A listing or metadata route, which spends no quota."""
+    model_in_path: bool = False
+    """The path's last segment names the model (`GET /v1/models/{model}`): routing must send it to a
+    replica that has the model, as the body's `model` does for `/api/show`."""
     json_body: bool = False
     """A non-inference route whose body Ollama decodes as JSON (limits refuses what Go would refuse)."""
     progress_stream: bool = False
@@ -204,7 +208,7 @@ _ROUTE_TABLE: tuple[tuple[tuple[str, ...], str, RouteInfo], ...] = (
                                             prompt_field="input", go_type="openai.EmbedRequest")),
     (("GET",), "/v1/models", _openai(fleet_scope="models", quota_exempt=True)),
     (("HEAD",), "/v1/models", _openai(quota_exempt=True)),
-    (("GET", "HEAD"), "/v1/models/{model}", _openai(quota_exempt=True)),
+    (("GET", "HEAD"), "/v1/models/{model}", _openai(quota_exempt=True, model_in_path=True)),
     (("POST",), "/v1/responses", RouteInfo("chat", "openai", False, prompt_shape="chat",
                                            prompt_field="input", system_field="instructions",
                                            output_limit="max_output_tokens",
@@ -276,6 +280,13 @@ def classify(method: str, path: str) -> RouteInfo:
     if row is not None:
         return row
     return _OTHER_OPENAI if path.startswith("/v1/") else _OTHER_OLLAMA
+
+
+def path_model(route: RouteInfo, path: str) -> str | None:
+    """The model named by the (decoded) `path` of a `route` that names one there, else None."""
+    if not route.model_in_path:
+        return None
+    return path.rpartition("/")[2] or None
 
 
 def known_route(path: str) -> str | None:

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import httpx
 import ollama
+import openai
 import pytest
 from yarl import URL
 
@@ -260,6 +261,34 @@ def test_named_replica_and_show_goes_to_a_holder(tmp: Path) -> None:
         # A named replica is relayed as it is, unmerged.
         direct = httpx.get(f"{proxy.url}/api/tags", headers={**admin, "X-Ollama-Replica": "a"})
         assert direct.content == httpx.get(f"{a.url}/api/tags").content
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
+
+
+def test_model_lookup_goes_to_a_holder(tmp: Path) -> None:
+    # `GET /v1/models/{model}` names its model in the path, not the body: it goes to a replica that
+    # has the model, as /api/show does. (It went round robin: with the models on different replicas,
+    # the OpenAI SDK's models.retrieve answered 404 for every other call.)
+    a = start_emulator(tmp, name="lookup-a", models="llama3.2")
+    b = start_emulator(tmp, name="lookup-b", models="qwen3")
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"admin": {"keys": [ADMIN]}, "tenants": [{"name": "t", "keys": [TENANT]}],
+                         "chain": {"health": FAST}}, name="lookup")
+    try:
+        wait_profile(proxy, lambda v: all(r["models_on_disk"] for r in v["replicas"].values()),
+                     headers={"Authorization": f"Bearer {ADMIN}"})
+        client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=TENANT, max_retries=0)
+        # Each name twice in a row: round robin would send one of the two to the other replica.
+        seen = [client.models.retrieve(name).id
+                for name in ("llama3.2", "llama3.2", "qwen3:latest", "qwen3:latest", "qwen3", "qwen3")]
+        assert seen == ["llama3.2", "llama3.2", "qwen3:latest", "qwen3:latest", "qwen3", "qwen3"]
+        # Percent-encoded as some clients send it; a name no replica has is a replica's own 404.
+        encoded = httpx.get(f"{proxy.url}/v1/models/qwen3%3Alatest",
+                            headers={"Authorization": f"Bearer {TENANT}"})
+        assert encoded.status_code == 200 and encoded.json()["id"] == "qwen3:latest"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("nope")
     finally:
         for server in (proxy, a, b):
             server.stop()
