@@ -11,7 +11,8 @@ Relay: bytes are written as they arrive (`readany`), never decoded, re-encoded o
 keeps the upstream's framing (Content-Length when it sent one, chunked otherwise). The response headers
 go out with the first body byte, not before: until then nothing has reached the client, so a replica that
 dies or stalls in between is an error the balancer can still retry elsewhere (or a real 502/504).
-Timeouts are by phase: connect, first byte, idle gap between chunks; there is no total timeout. A client
+Timeouts are by phase: connect, first byte, idle gap between the replica's chunks (not the time a slow
+client takes to read one: that only the request's deadline bounds); there is no total timeout. A client
 that goes away cancels the handler, and the `finally` below closes the upstream connection at once:
 Ollama's only cancel signal. A streamed upload (blob) that stops arriving for `server.body_timeout_s` is
 a 408. When the proxy stops (`serving.GracefulStop`), a stream still running at the end of the grace
@@ -363,6 +364,11 @@ class Forwarder:
                                 else:  # no record ends here yet
                                     timer.reschedule(min(loop.time() + idle, hard_stop))
                                     continue
+                            # The idle limit is the replica's silence: while a slow client
+                            # holds the write (its buffers full), only the deadline applies. Else
+                            # a client that reads slowly was cut as "upstream sent nothing", and
+                            # the replica charged with a gateway failure (health, metrics).
+                            timer.reschedule(hard_stop)
                             await response.write(chunk)
                             timer.reschedule(min(loop.time() + idle, hard_stop))
                     finally:

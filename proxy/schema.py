@@ -214,7 +214,8 @@ class ForwardingConfig:
     """Request sent -> response headers. Long enough for a cold model load (Ollama's own load stall
     timeout is 5 minutes)."""
     idle_timeout_s: float = attrs.field(default=120.0, validator=positive)
-    """Longest silence between two body chunks of a response."""
+    """Longest silence of the replica between two body chunks of a response (a client slow to read
+    them is bounded by the request's deadline, not by this)."""
     pool_size: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     """Upstream connections kept per proxy process; 0 = unlimited (admission is the chain's job)."""
     keepalive_s: float = attrs.field(default=30.0, validator=positive)

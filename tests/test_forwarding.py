@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import itertools
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -139,6 +140,56 @@ def test_idle_gap_timeout_ends_stream_with_error_line(tmp: Path) -> None:
             lines = [json.loads(line) for line in response.iter_lines()]
         assert lines[-1]["code"] == "upstream_response_timeout" and "error" in lines[-1]
         assert not any(line.get("done") for line in lines)
+    finally:
+        proxy.stop()
+        emulator.stop()
+
+
+def _dechunk(raw: bytes) -> bytes:
+    """The body of a chunked HTTP/1.1 response read whole from a socket."""
+    parts, at = [], raw.index(b"\r\n\r\n") + 4
+    while True:
+        end = raw.index(b"\r\n", at)
+        size = int(raw[at:end], 16)
+        if size == 0:
+            return b"".join(parts)
+        parts.append(raw[end + 2:end + 2 + size])
+        at = end + 2 + size + 2
+
+
+def test_a_client_slow_to_read_is_not_an_idle_replica(tmp: Path) -> None:
+    # The idle limit is the replica's silence. A client that stops reading a large stream for a while
+    # (its receive buffer small and full) holds the proxy's write; the replica is not silent, and the
+    # stream must come out whole once the client reads again. (It was cut with "upstream sent nothing
+    # for 0.5s" and counted as the replica's gateway failure.)
+    emulator = start_emulator(tmp, decode_tokens_per_s=20000, name="firehose",
+                              output_tokens="40000,40000", extra=["--context-length", "131072"])
+    proxy = start_proxy(tmp, [emulator.url], {"forwarding": {"idle_timeout_s": 0.5}},
+                        name="slow-reader")
+    body = json.dumps({"model": "llama3.2", "prompt": "x",
+                       "options": {"num_predict": 40000}}).encode()
+    try:
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            client.connect(("127.0.0.1", proxy.port))
+            client.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            time.sleep(3.0)  # six idle limits without reading a byte
+            client.settimeout(20)
+            received = bytearray()
+            while not received.endswith(b"\r\n0\r\n\r\n"):
+                chunk = client.recv(1 << 20)
+                if not chunk:
+                    break
+                received += chunk
+        raw = bytes(received)
+        lines = [json.loads(line) for line in _dechunk(raw).splitlines()]
+        assert not any("error" in line for line in lines), lines[-1]
+        assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 40000
+        assert len(raw) > 3_000_000  # more than the socket buffers hold: the proxy waited on the client
+        errors = [line for line in httpx.get(f"{proxy.url}/metrics").text.splitlines()
+                  if line.startswith("sop_upstream_errors_total")]
+        assert errors == [], errors
     finally:
         proxy.stop()
         emulator.stop()
