@@ -13,7 +13,10 @@ every route stays open, as Ollama itself is. As soon as either is configured, `/
 key and the model-management routes need an admin key or a tenant with `allow_management`.
 
 Always open, whatever the configuration: `/healthz` and `/readyz` (load-balancer and kubelet probes carry
-no key) and, unless `telemetry.metrics_auth` asks for the admin key, `/metrics`. Placeholder keys
+no key), unless `telemetry.metrics_auth` asks for the admin key `/metrics`, and a browser's CORS preflight
+(`OPTIONS` with `Origin` and `Access-Control-Request-Method`: the Fetch standard sends it without
+credentials, so refusing it keeps every browser client out; the replica answers it by its
+OLLAMA_ORIGINS, and the request that follows needs its key as any other). Placeholder keys
 (`anonymous.keys`, default `ollama`: the OpenAI SDK refuses to run without an api_key, so people pass one)
 count as no key while anonymous access is allowed.
 """
@@ -30,7 +33,7 @@ from .ollama import classify
 from .schema import AnonymousConfig, TenantConfig
 
 __all__ = ["ANONYMOUS", "INTERNAL_HEADER", "METRICS_PATH", "PROBE_PATHS", "Identity", "Tenant",
-           "TenantDirectory", "is_management"]
+           "TenantDirectory", "is_management", "is_preflight"]
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 """Routes that never need a key: an orchestrator's probes must not depend on the keys."""
@@ -89,6 +92,11 @@ class Identity:
     """A plugin's sub-request (proxy/plugin.py): runs the chain as `tenant`, and no plugin sees it."""
 
 
+def is_preflight(method: str, headers: Mapping[str, str]) -> bool:
+    """A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method` (Fetch standard)."""
+    return method == "OPTIONS" and "Origin" in headers and "Access-Control-Request-Method" in headers
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -139,14 +147,15 @@ class TenantDirectory:
 
     def identify(self, method: str, path: str, headers: Mapping[str, str]) -> Identity:
         """Who calls, and whether they may call this route; raises Unauthorized or Forbidden."""
-        identity = self.authenticate(path, headers)
+        identity = self.authenticate(path, headers, method)
         self.authorize(identity, method, path, headers)
         return identity
 
-    def authenticate(self, path: str, headers: Mapping[str, str]) -> Identity:
+    def authenticate(self, path: str, headers: Mapping[str, str], method: str = "") -> Identity:
         """Who calls (a tenant, admin, or anonymous); raises Unauthorized for an unknown key, or for no
         key where anonymous access is refused. Open routes (probes, /metrics unless protected) never
-        refuse: an unknown key there is simply anonymous."""
+        refuse: an unknown key there is simply anonymous. A CORS preflight (`method` OPTIONS) without a
+        key is anonymous too: it never carries one."""
         credential = headers.get(INTERNAL_HEADER)
         if credential is not None:
             return self._internal_identity(credential)
@@ -175,7 +184,8 @@ class TenantDirectory:
             return Identity(self.anonymous, key_headers=tuple(recognised))
         if unknown:
             raise Unauthorized("invalid API key")
-        if self.anonymous_allowed or path.startswith("/system/") or path == METRICS_PATH:
+        if (self.anonymous_allowed or path.startswith("/system/") or path == METRICS_PATH
+                or is_preflight(method, headers)):
             return Identity(self.anonymous)
         raise Unauthorized("an API key is required (Authorization: Bearer <key>)")
 

@@ -235,7 +235,7 @@ class Ingress:
                 # path, as nginx does; the steps and the forwarder see an origin-form request.
                 request = request.clone(rel_url=request.rel_url)
                 request[CONTEXT] = ctx
-            ctx.identity = self.directory.authenticate(request.path, request.headers)
+            ctx.identity = self.directory.authenticate(request.path, request.headers, request.method)
             # Set before authorizing, so a refused request is logged under the tenant it came from.
             self.directory.authorize(ctx.identity, request.method, request.path, request.headers)
             ctx.set_deadline(self.default_deadline_s, request.headers.get(DEADLINE_REQUEST_HEADER))

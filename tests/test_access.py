@@ -232,3 +232,30 @@ def test_a_refused_request_is_logged_under_its_tenant(guarded: tuple[Server, Ser
     lines = wait_for(lambda: [line for line in proxy.log().splitlines()
                               if '"POST /api/pull" 403' in line], 10, "the access line")
     assert "tenant=team" in lines[-1]
+
+
+def test_a_browser_preflight_needs_no_key(guarded: tuple[Server, Server]) -> None:
+    # A CORS preflight never carries credentials (Fetch standard): refused with 401, no browser client
+    # (a web app on the OpenAI SDK, an extension, an Obsidian plugin) could reach the proxy at all. It
+    # is relayed, so the replica's OLLAMA_ORIGINS decides, exactly as without the proxy; the request
+    # that follows still needs its key.
+    emulator, proxy = guarded
+    for origin in ("http://localhost:3000", "app://obsidian.md", "https://elsewhere.example"):
+        preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type"}
+        for path in ("/v1/chat/completions", "/api/chat"):
+            through = httpx.options(f"{proxy.url}{path}", headers=preflight)
+            direct = httpx.options(f"{emulator.url}{path}", headers=preflight)
+            assert through.status_code == direct.status_code, (origin, path, through.text)
+            assert through.headers.get("Access-Control-Allow-Origin") == \
+                direct.headers.get("Access-Control-Allow-Origin")
+    allowed = httpx.options(f"{proxy.url}/v1/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
+    assert allowed.status_code == 204
+    assert allowed.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    # Only a preflight: a bare OPTIONS, the request itself and the admin routes still need keys.
+    assert httpx.options(f"{proxy.url}/v1/chat/completions").status_code == 401
+    assert httpx.post(f"{proxy.url}/v1/chat/completions", headers={"Origin": "http://localhost:3000"},
+                      json={"model": "llama3.2", "messages": []}).status_code == 401
+    assert httpx.options(f"{proxy.url}/system/queue", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "GET"}).status_code == 401
