@@ -19,7 +19,7 @@ from .ollama import model_key
 from .schema import ModelConfig, UpstreamConfig
 
 __all__ = ["DEFAULT_NUM_CTX", "OTHER_MODEL", "PROVISIONAL_LABELS", "SERVING_STATUSES", "Attempt",
-           "LoadedModel", "Upstream", "UpstreamSet"]
+           "LoadedModel", "ModelFailures", "Upstream", "UpstreamSet"]
 
 _ELIGIBLE_CACHE = 4096
 OTHER_MODEL = "other"
@@ -56,6 +56,18 @@ class Attempt:
     last_progress: float = attrs.field(factory=time.monotonic)
 
 
+class ModelFailures:
+    """One model's run of 500 answers on one replica (see `Upstream.failing`)."""
+
+    __slots__ = ("avoid_until", "avoidances", "in_a_row")
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+        self.avoidances = 0
+        """Avoidances in a row (the backoff exponent), reset by a success."""
+        self.avoid_until = 0.0
+
+
 @attrs.define(eq=False)
 class Upstream:
     """One Ollama replica: where it is, and what the health step last learned about it."""
@@ -90,6 +102,9 @@ class Upstream:
     otherwise always look free and take every request placed."""
     returning: bool = False
     """Its restart command or pre-warming runs now (set by the health service): it will serve soon."""
+    failing: dict[str, ModelFailures] = attrs.field(factory=dict)
+    """Model key -> its run of 500s here (health's `server_error`): while `avoid_until` lies ahead,
+    other replicas that may serve the model take it (`UpstreamSet.eligible`). Bounded by health."""
     attempts: set[Attempt] = attrs.field(factory=set)
     by_model: Counter[str] = attrs.field(factory=Counter)
 
@@ -103,6 +118,11 @@ class Upstream:
     @property
     def serving(self) -> bool:
         return self.status in SERVING_STATUSES
+
+    def avoids(self, key: str, now: float) -> bool:
+        """Should another replica take model `key` now (a run of 500s for it here, see `failing`)?"""
+        failures = self.failing.get(key)
+        return failures is not None and failures.avoid_until > now
 
     @property
     def host_header(self) -> str:
@@ -257,6 +277,15 @@ class UpstreamSet:
             key = model_key(model)
             if any(u.models is not None and key in u.models for u in serving):
                 serving = [u for u in serving if u.models is None or key in u.models]
+            if self.enforce_health and any(u.failing for u in serving):
+                # A replica answering 500 to every request for the model fails at once, so it always
+                # looks free and would take them all: the others serve it while it is avoided. When
+                # every one is avoided (the requests' own fault, likely), nothing changes. The
+                # health service calls changed() when an avoidance starts and when it ends.
+                now = time.monotonic()
+                preferred = [u for u in serving if not u.avoids(key, now)]
+                if preferred:
+                    serving = preferred
         if len(self._eligible) > _ELIGIBLE_CACHE:
             self._eligible.clear()
         self._eligible[model] = serving

@@ -445,3 +445,46 @@ def test_a_replica_that_says_server_busy_gets_no_new_request_for_a_moment(tmp: P
         proxy.stop()
         a.stop()
         b.stop()
+
+
+def test_a_replica_answering_500_to_every_request_for_a_model_is_avoided(tmp: Path) -> None:
+    """A replica whose runner fails every request for a model (Ollama's 500) answers at once, so it
+    always looked free and took every request: with the other replica serving, 10 of 10 got 500. After
+    `eject_after_failures` 500s in a row for the model, the other replica takes it for a backoff; when
+    every replica fails it alike (the requests' own fault, likely), nothing is avoided and the 500s
+    are the client's answer, as before."""
+    a = start_emulator(tmp, name="err-a")
+    b = start_emulator(tmp, name="err-b")
+    preload(a, b)
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}], {
+        "chain": {"health": {**FAST, "base_ejection_s": 30.0}}}, name="errors")
+    body = {"model": "llama3.2", "prompt": "hi", "stream": False, "options": {"num_predict": 4}}
+    try:
+        wait_profile(proxy, lambda v: all(r["status"] == "healthy" and r["loaded"]
+                                          for r in v["replicas"].values()))
+        assert httpx.post(f"{a.url}/_emulator/faults", json={"status": 500}).status_code == 200
+        statuses = [httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30).status_code
+                    for _ in range(12)]
+        assert statuses.count(500) <= 3, statuses  # the run that names replica a, then only b
+        assert statuses[-6:] == [200] * 6, statuses
+        view = wait_profile(proxy, lambda v: "llama3.2:latest" in v["replicas"]["a"]["avoided_models"])
+        assert view["replicas"]["a"]["status"] == "healthy"  # a 500 is not a gateway failure
+        assert view["replicas"]["b"]["avoided_models"] == {}
+        assert "answered 500 to 3 requests in a row for model llama3.2: " in proxy.log()
+
+        # Both failing alike: nothing is avoided on top, every request is answered (500), none refused.
+        assert httpx.post(f"{b.url}/_emulator/faults", json={"status": 500}).status_code == 200
+        statuses = [httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30).status_code
+                    for _ in range(8)]
+        assert statuses == [500] * 8, statuses
+
+        # Once the replica serves the model again, a success ends its avoidance.
+        for server in (a, b):
+            assert httpx.delete(f"{server.url}/_emulator/faults").status_code in (200, 204)
+        statuses = [httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30).status_code
+                    for _ in range(4)]
+        assert statuses == [200] * 4, statuses
+    finally:
+        proxy.stop()
+        a.stop()
+        b.stop()

@@ -40,7 +40,7 @@ from ..prompts import canonicalize
 from ..redaction import redact_url
 from ..schema import ModelConfig, restart_fields
 from ..telemetry.setup import Telemetry
-from ..upstreams import LoadedModel, Upstream, UpstreamSet
+from ..upstreams import LoadedModel, ModelFailures, Upstream, UpstreamSet
 from .client import FleetClient, ProbeFailed
 
 if TYPE_CHECKING:  # the step module holds the config class (config beside code); no import cycle
@@ -53,8 +53,11 @@ log = logging.getLogger("proxy.health")
 GATEWAY_FAILURES = frozenset({"upstream_connect_failure", "upstream_reset_before_response_started",
                               "upstream_response_timeout", "upstream_reset_after_response_started"})
 """Outcomes that count against a replica. Ollama's 500s do not: it answers 500 for request-specific
-runner errors too, and one client's bad requests must not eject a healthy replica."""
+runner errors too, and one client's bad requests must not eject a healthy replica (a run of them for
+one model has the other replicas take that model for a while: `FleetHealth.server_error`)."""
 _FAILING_STATUSES = frozenset({502, 504})
+_MAX_FAILING_MODELS = 64
+"""Models whose run of 500s one replica keeps (see `FleetHealth.server_error`)."""
 _TAGS_EVERY_PROBES = 6
 _PIN_RETRY_S = 60.0
 """A pinned model found missing is loaded again at most this often (it may not fit, or be gone)."""
@@ -317,6 +320,46 @@ class FleetHealth:
             self.failure(upstream, outcome if outcome != "ok" else f"HTTP {status}")
         elif outcome == "ok" and 0 < status < 500:
             self.success(upstream)
+            if model and upstream.failing:
+                self._model_recovered(upstream, model_key(model))
+        elif outcome == "ok" and status == 500 and model:
+            self.server_error(upstream, model_key(model))
+
+    def server_error(self, upstream: Upstream, key: str) -> None:
+        """`upstream` answered 500 to a request for model `key`. A 500 does not count against the
+        replica (Ollama answers it for one request's runner error too), but `eject_after_failures` of
+        them in a row for one model, with no success between, have the other replicas that may serve
+        the model take it for `base_ejection_s` x 2^(n-1) (capped at `max_ejection_s`; n: avoidances
+        in a row). Why: a replica that fails every request for a model at once (its runner crashes, the
+        model no longer fits) always looks free and took every request for it. Only models the fleet
+        knows are tracked (a client names any string), at most _MAX_FAILING_MODELS per replica."""
+        if not self.upstreams.knows(key):
+            return
+        failures = upstream.failing.get(key)
+        if failures is None:
+            if len(upstream.failing) >= _MAX_FAILING_MODELS:
+                return
+            failures = upstream.failing[key] = ModelFailures()
+        failures.in_a_row += 1
+        now = time.monotonic()
+        if failures.in_a_row < self.config.eject_after_failures or failures.avoid_until > now:
+            return
+        failures.in_a_row = 0  # the next run counts from here: one more 500 after it ends is not enough
+        failures.avoidances += 1
+        backoff = min(self.config.max_ejection_s,
+                      self.config.base_ejection_s * 2 ** (failures.avoidances - 1))
+        failures.avoid_until = now + backoff
+        log.warning("replica %s answered 500 to %d requests in a row for model %s: other replicas take "
+                    "it for %.0fs", upstream.name, self.config.eject_after_failures,
+                    self.upstreams.label(key), backoff)
+        self.upstreams.changed()
+        # Its end changes who is eligible too (the eligible lists are cached until changed()).
+        asyncio.get_running_loop().call_later(backoff, self.upstreams.changed)
+
+    def _model_recovered(self, upstream: Upstream, key: str) -> None:
+        failures = upstream.failing.pop(key, None)
+        if failures is not None and failures.avoid_until > time.monotonic():
+            self.upstreams.changed()  # served it after all (no other replica could): back in line
 
     def _eject(self, upstream: Upstream, reason: str) -> None:
         upstream.ejections += 1
@@ -377,6 +420,9 @@ class FleetHealth:
             code = await self.restart(upstream, command)
         finally:
             self._restarting.discard(upstream.name)
+            if code == 0 and upstream.failing:
+                upstream.failing.clear()  # a new daemon: its runners start afresh
+                self.upstreams.changed()
             if code == 0 and upstream.status == "restarting":
                 # Only a probe takes it back, and the daemon may need a moment to listen: until
                 # probes decide (see _probe), it is still coming back. Letting the waiters go here
@@ -552,6 +598,8 @@ class FleetHealth:
                             "expires_at": m.expires_at or None, "size_vram": m.size_vram}
                            for m in u.loaded.values()],
                 "models_on_disk": sorted(u.models) if u.models is not None else None,
+                "avoided_models": {key: round(f.avoid_until - now, 1) for key, f in u.failing.items()
+                                   if f.avoid_until > now},
             }
         return out
 
