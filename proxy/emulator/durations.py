@@ -20,7 +20,7 @@ def parse_go_duration(text: str) -> int:
     """Nanoseconds of a Go duration string such as `5m`, `1h30m`, `-1m`, `0`."""
     original = text
     sign = 1
-    if text[:1] in "+-":
+    if text and text[0] in "+-":  # ("" is in every string: the empty text would index past its end)
         sign = -1 if text[0] == "-" else 1
         text = text[1:]
     if text == "0":
