@@ -426,8 +426,10 @@ def test_a_replica_that_says_server_busy_gets_no_new_request_for_a_moment(tmp: P
     budget was spent the clients got its 503 (7 of 10 in a run with the other replica serving)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    a = start_emulator(tmp, name="busy-a", decode_tokens_per_s=20)
-    b = start_emulator(tmp, name="busy-b", decode_tokens_per_s=20)
+    # b answers in ~0.05 s: the burst is served within a's pause, and a loaded machine does not pile
+    # up retries (each 503 from a is retried on b within the retry budget).
+    a = start_emulator(tmp, name="busy-a", decode_tokens_per_s=200)
+    b = start_emulator(tmp, name="busy-b", decode_tokens_per_s=200)
     preload(a, b)
     proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}], {
         "chain": {"health": FAST, "backpressure": {"max_in_flight": 1}}}, name="busy")

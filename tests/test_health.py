@@ -404,8 +404,9 @@ def test_a_restart_command_with_an_unknown_placeholder_is_refused_at_load(tmp: P
 def test_a_replica_ejected_during_its_start_up_warm_up_comes_back(tmp: Path) -> None:
     """Ejected while the start-up warm-up (which does not take it out of service) still loads its
     profile model, a replica found alive again is set `warming`; when that warm-up ends, the replica
-    serves again. It stayed `warming` (503 no_healthy_upstream) for good."""
-    a = start_emulator(tmp, name="warm-eject", load_s=3.0)
+    serves again. It stayed `warming` (503 no_healthy_upstream) for good. The load takes 10 s: the
+    ejection and its 1 s backoff must end while it runs, even on a loaded machine."""
+    a = start_emulator(tmp, name="warm-eject", load_s=10.0)
     proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}],
                         {"models": {"llama3.2": {"warm_on": ["a"]}},
                          "chain": {"health": {**FAST, "eject_after_failures": 2}}}, name="warm-eject")
@@ -416,7 +417,7 @@ def test_a_replica_ejected_during_its_start_up_warm_up_comes_back(tmp: Path) -> 
         wait_for(lambda: status(proxy, "a") == "ejected", what="a ejected")
         httpx.delete(f"{a.url}/_emulator/faults")
         wait_for(lambda: status(proxy, "a") == "warming", what="a warming after its backoff")
-        wait_for(lambda: status(proxy, "a") == "healthy", 15, "a serving once llama3.2 is loaded")
+        wait_for(lambda: status(proxy, "a") == "healthy", 30, "a serving once llama3.2 is loaded")
         assert loaded(a.url) == ["llama3.2:latest"]
         reply = httpx.post(f"{proxy.url}/api/generate", json=BODY, timeout=30)
         assert reply.status_code == 200
