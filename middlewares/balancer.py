@@ -241,7 +241,10 @@ class BalancerStep(Step):
         if ctx.deadline_at is not None and time.monotonic() >= ctx.deadline_at - 0.05:
             return
         if self.health is not None and self.health.mode != "off":
-            self.health.observe(upstream, outcome, status, model=ctx.model)
+            # A 500's request is fingerprinted (tenant and body; hashed only then): the same request
+            # sent again, as SDKs retry a 500, is one failure of the replica, not three.
+            request = hash((ctx.tenant.name, ctx.body)) if status == 500 else None
+            self.health.observe(upstream, outcome, status, model=ctx.model, request=request)
 
     def _learn(self, upstream: Upstream, ctx: RequestContext, elapsed_s: float) -> None:
         """After an attempt: passive health, service time, load time, residency seen."""

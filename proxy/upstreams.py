@@ -59,10 +59,12 @@ class Attempt:
 class ModelFailures:
     """One model's run of 500 answers on one replica (see `Upstream.failing`)."""
 
-    __slots__ = ("avoid_until", "avoidances", "in_a_row")
+    __slots__ = ("avoid_until", "avoidances", "in_a_row", "last_request")
 
     def __init__(self) -> None:
         self.in_a_row = 0
+        self.last_request: int | None = None
+        """The fingerprint of the last request counted (its retries count once)."""
         self.avoidances = 0
         """Avoidances in a row (the backoff exponent), reset by a success."""
         self.avoid_until = 0.0

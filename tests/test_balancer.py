@@ -452,21 +452,30 @@ def test_a_replica_that_says_server_busy_gets_no_new_request_for_a_moment(tmp: P
 def test_a_replica_answering_500_to_every_request_for_a_model_is_avoided(tmp: Path) -> None:
     """A replica whose runner fails every request for a model (Ollama's 500) answers at once, so it
     always looked free and took every request: with the other replica serving, 10 of 10 got 500. After
-    `eject_after_failures` 500s in a row for the model, the other replica takes it for a backoff; when
-    every replica fails it alike (the requests' own fault, likely), nothing is avoided and the 500s
-    are the client's answer, as before."""
+    `eject_after_failures` 500s in a row for the model (different requests: a client's retries of one
+    request count once), the other replica takes it for a backoff; when every replica fails it alike
+    (the requests' own fault, likely), nothing is avoided and the 500s are the client's answer."""
     a = start_emulator(tmp, name="err-a")
     b = start_emulator(tmp, name="err-b")
     preload(a, b)
     proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}], {
         "chain": {"health": {**FAST, "base_ejection_s": 30.0}}}, name="errors")
-    body = {"model": "llama3.2", "prompt": "hi", "stream": False, "options": {"num_predict": 4}}
+    def body(i: int) -> dict[str, Any]:
+        return {"model": "llama3.2", "prompt": f"hi {i}", "stream": False, "options": {"num_predict": 4}}
+
     try:
         wait_profile(proxy, lambda v: all(r["status"] == "healthy" and r["loaded"]
                                           for r in v["replicas"].values()))
         assert httpx.post(f"{a.url}/_emulator/faults", json={"status": 500}).status_code == 200
-        statuses = [httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30).status_code
-                    for _ in range(12)]
+        # One request sent again and again (as SDKs retry a 500) is one failure: a is not avoided.
+        statuses = [httpx.post(f"{proxy.url}/api/generate", json=body(0), timeout=30).status_code
+                    for _ in range(8)]
+        assert statuses.count(500) >= 3, statuses
+        view = httpx.get(f"{proxy.url}/system/profile", timeout=5).json()
+        assert view["replicas"]["a"]["avoided_models"] == {}
+        # Different requests failing on it are: after 3 in a row, b takes the model.
+        statuses = [httpx.post(f"{proxy.url}/api/generate", json=body(i), timeout=30).status_code
+                    for i in range(1, 13)]
         assert statuses.count(500) <= 3, statuses  # the run that names replica a, then only b
         assert statuses[-6:] == [200] * 6, statuses
         view = wait_profile(proxy, lambda v: "llama3.2:latest" in v["replicas"]["a"]["avoided_models"])
@@ -476,15 +485,15 @@ def test_a_replica_answering_500_to_every_request_for_a_model_is_avoided(tmp: Pa
 
         # Both failing alike: nothing is avoided on top, every request is answered (500), none refused.
         assert httpx.post(f"{b.url}/_emulator/faults", json={"status": 500}).status_code == 200
-        statuses = [httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30).status_code
-                    for _ in range(8)]
+        statuses = [httpx.post(f"{proxy.url}/api/generate", json=body(i), timeout=30).status_code
+                    for i in range(20, 28)]
         assert statuses == [500] * 8, statuses
 
         # Once the replica serves the model again, a success ends its avoidance.
         for server in (a, b):
             assert httpx.delete(f"{server.url}/_emulator/faults").status_code in (200, 204)
-        statuses = [httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30).status_code
-                    for _ in range(4)]
+        statuses = [httpx.post(f"{proxy.url}/api/generate", json=body(i), timeout=30).status_code
+                    for i in range(30, 34)]
         assert statuses == [200] * 4, statuses
     finally:
         proxy.stop()

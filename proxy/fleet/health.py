@@ -308,8 +308,11 @@ class FleetHealth:
         upstream.consecutive_failures = 0
         upstream.suspect = False
 
-    def observe(self, upstream: Upstream, outcome: str, status: int, model: str | None = None) -> None:
-        """Passive detection: the outcome of one request for `model` sent to `upstream`.
+    def observe(self, upstream: Upstream, outcome: str, status: int, model: str | None = None,
+                request: int | None = None) -> None:
+        """Passive detection: the outcome of one request for `model` sent to `upstream`; `request`
+        fingerprints a request answered 500 (its tenant and body), so that a client's retries of
+        one failing request count once.
 
         A status the replica answered for a cloud model (`*:cloud`, `*-cloud`) is ollama.com's (its
         usage-limit 429, overloaded 503, or a 502 when the daemon cannot reach it), relayed by a replica
@@ -323,28 +326,39 @@ class FleetHealth:
             if model and upstream.failing:
                 self._model_recovered(upstream, model_key(model))
         elif outcome == "ok" and status == 500 and model:
-            self.server_error(upstream, model_key(model))
+            self.server_error(upstream, model_key(model), request)
 
-    def server_error(self, upstream: Upstream, key: str) -> None:
+    def server_error(self, upstream: Upstream, key: str, request: int | None = None) -> None:
         """`upstream` answered 500 to a request for model `key`. A 500 does not count against the
         replica (Ollama answers it for one request's runner error too), but `eject_after_failures` of
         them in a row for one model, with no success between, have the other replicas that may serve
         the model take it for `base_ejection_s` x 2^(n-1) (capped at `max_ejection_s`; n: avoidances
         in a row). Why: a replica that fails every request for a model at once (its runner crashes, the
-        model no longer fits) always looks free and took every request for it. Only models the fleet
-        knows are tracked (a client names any string), at most _MAX_FAILING_MODELS per replica."""
+        model no longer fits) always looks free and took every request for it. The same request again
+        (`request`: an SDK retries a 500 twice) counts once, so one client's one bad request moves
+        nothing; 500s while the replica is avoided are not counted (only requests no other replica
+        could take reach it). Only models the fleet knows are tracked (a client names any string), at
+        most _MAX_FAILING_MODELS per replica (one not avoided makes room for a new one)."""
         if not self.upstreams.knows(key):
             return
+        now = time.monotonic()
         failures = upstream.failing.get(key)
         if failures is None:
             if len(upstream.failing) >= _MAX_FAILING_MODELS:
-                return
+                stale = next((k for k, f in upstream.failing.items() if f.avoid_until <= now), None)
+                if stale is None:
+                    return
+                del upstream.failing[stale]
             failures = upstream.failing[key] = ModelFailures()
-        failures.in_a_row += 1
-        now = time.monotonic()
-        if failures.in_a_row < self.config.eject_after_failures or failures.avoid_until > now:
+        if failures.avoid_until > now:
             return
-        failures.in_a_row = 0  # the next run counts from here: one more 500 after it ends is not enough
+        if request is not None and request == failures.last_request:
+            return  # a retry of the request that failed last: not a new failure
+        failures.last_request = request
+        failures.in_a_row += 1
+        if failures.in_a_row < self.config.eject_after_failures:
+            return
+        failures.in_a_row = 0  # the next run counts from here, once this avoidance ended
         failures.avoidances += 1
         backoff = min(self.config.max_ejection_s,
                       self.config.base_ejection_s * 2 ** (failures.avoidances - 1))
