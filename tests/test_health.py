@@ -481,6 +481,7 @@ def test_a_restart_command_that_leaves_its_daemon_running_ends_when_it_exits(tmp
         wait_for(lambda: status(proxy, "a") == "healthy", 15, "a back after its restart")
         assert profile(proxy)["replicas"]["a"]["restarts"] == 1
         assert "restart of a" in proxy.log() and "output: started" in proxy.log()
+        assert "keeps the command's output open" in proxy.log()  # the operator is told to redirect it
         reply = httpx.post(f"{proxy.url}/api/generate", json=BODY, timeout=30)
         assert reply.status_code == 200
     finally:

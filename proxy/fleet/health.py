@@ -485,13 +485,22 @@ class FleetHealth:
                 span.set_status(Status(StatusCode.ERROR, "restart cancelled"))
                 span.end()
                 raise
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(reader), _OUTPUT_GRACE_S)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(reader), _OUTPUT_GRACE_S)
+            except asyncio.CancelledError:  # as above: nothing may outlive the replica or the proxy
+                reader.cancel()
+                span.set_status(Status(StatusCode.ERROR, "restart cancelled"))
+                span.end()
+                raise
             if not reader.done():
                 # Still open: a daemon the command started holds it. Read on (and drop) what it
                 # writes while the proxy runs: closing the pipe could kill it with SIGPIPE.
                 self._outputs.add(reader)
                 reader.add_done_callback(self._outputs.discard)
+                log.warning("restart of %s: a process its command started keeps the command's output "
+                            "open; if it writes there it may die of SIGPIPE when the proxy stops: "
+                            "redirect its output (`... >/var/log/ollama.log 2>&1 &`)", upstream.name)
             text = bytes(output[-_OUTPUT_LOG_BYTES:]).decode(errors="replace").strip()
             outcome = "success" if code == 0 else "failure"
             (log.info if code == 0 else log.warning)(
