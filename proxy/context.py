@@ -199,7 +199,9 @@ class RequestContext:
 
     def replace_json(self, value: Any) -> None:
         """Replace the body with `value` re-encoded (a step rewrote the request) so that Go reads the
-        same values: numbers Python cannot hold keep their original text (proxy/gojson.py)."""
+        same values: numbers Python cannot hold keep their original text (proxy/gojson.py). Raises
+        gojson.RewriteTooLarge, an InvalidRequest (400 `invalid_request`, rendered by ingress like any
+        step's refusal), for a value nested deeper than orjson writes that is too large to write."""
         self.body = gojson.dumps(value)
         self._json = value
         self._json_parsed = True

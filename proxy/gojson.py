@@ -12,7 +12,9 @@ body the proxy cannot read but Ollama can would skip every limit of the chain:
 - NaN, Infinity, comments, single quotes, control characters in strings, a BOM: refused with Go's error
   text (`GoJSONError`), which Ollama answers with 400.
 
-`dumps` re-encodes a (rewritten) body so that Go reads the same values: BigNumbers keep their text.
+`dumps` re-encodes a (rewritten) body so that Go reads the same values: BigNumbers keep their text. A
+value nested deeper than orjson writes (254 levels) is written with Python opening only its deep part,
+within a budget (`RewriteTooLarge`, a 400, past it).
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ import codecs
 import json
 import re
 from collections.abc import Iterable
+from itertools import compress, count, repeat
 from typing import Any
 
 import orjson
 
-__all__ = ["BigNumber", "GoJSONError", "check_numbers", "dumps", "go_fold", "loads", "request_view"]
+from .errors import InvalidRequest
+
+__all__ = ["BigNumber", "GoJSONError", "RewriteTooLarge", "check_numbers", "dumps", "go_fold", "loads",
+           "request_view"]
 
 _WHITESPACE = b" \t\r\n"
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -341,50 +347,149 @@ def dumps(value: Any) -> bytes:
     """`value` as JSON that Go decodes to the same values (BigNumbers written as they were received).
     Strings never hold surrogates here (decoding replaced them), so the output is valid UTF-8.
 
+    orjson writes at most 254 levels of nesting, and a body Go (and so the decoder here) accepts may
+    nest deeper (a tool schema, a `format`): such a value is written by `_dumps_deep`, the same bytes.
+    Raises orjson.JSONEncodeError for what orjson cannot encode for another reason (a non-str key, a
+    type it does not know), and `RewriteTooLarge` (a GoJSONError and a 400 `invalid_request`) when a
+    deep value is too large for `_dumps_deep`'s budget.
+
     The result is right-sized: orjson hands back a small output inside its 4 KiB working buffer, and a
     rewritten body is kept for as long as its request runs (10,000 open streams: 40 MB of slack)."""
     try:
         out = orjson.dumps(value, default=_default)
-    except orjson.JSONEncodeError:
-        # orjson stops at 255 levels of nesting, and a body Go (and so the decoder here) accepts may
-        # nest deeper (a tool schema, a `format`): written level by level instead of answering 500.
-        # A value orjson cannot encode at all raises from there, where its leaf is encoded.
-        return _dumps_nested(value)
+    except orjson.JSONEncodeError as exc:
+        if not _too_deep(exc) or not isinstance(value, _CONTAINERS):
+            raise
+        return _dumps_deep(value)
     return bytes(memoryview(out)) if len(out) < _RIGHT_SIZE_BELOW else out
 
 
 _RIGHT_SIZE_BELOW = 64 * 1024
+_ORJSON_MAX_NESTING = 254
+"""The deepest nesting orjson writes (254 arrays in one another); one more is "Recursion limit reached"."""
+DEEP_BUDGET = 200_000
+"""What `_dumps_deep` may scan in Python (containers it opens plus their elements) before it refuses."""
+_MIN_REACH = 4
+"""The least reach of a probe (`_reach`): a shallow branch (a message, a small schema) is written whole
+at any depth; higher, more failed probes would write each byte of a deep spine's neighbours again."""
+_CONTAINERS = (dict, list, tuple)
 
 
-class _Literal(bytes):
-    """Punctuation or an encoded key waiting on `_dumps_nested`'s stack (never a decoded value)."""
+class RewriteTooLarge(GoJSONError, InvalidRequest):
+    """A value nested deeper than orjson writes, with more in its deep part than `_dumps_deep` may walk.
+    A GoJSONError for the encoder's callers and an InvalidRequest (400 `invalid_request`, in the route's
+    dialect) wherever it leaves a step: a rewrite (`ctx.replace_json`) or a prompt count."""
+
+    def __init__(self, message: str) -> None:
+        InvalidRequest.__init__(self, message)
 
 
-def _dumps_nested(value: Any) -> bytes:
-    """`dumps` without a limit on nesting: objects and arrays are opened and closed from a stack (no
-    recursion), every other value is encoded by orjson."""
+def _too_deep(exc: orjson.JSONEncodeError) -> bool:
+    return "Recursion limit reached" in str(exc)
+
+
+class DeepStats:
+    """What the last `_dumps_deep` call in this process did (for tests and profiling; not thread-local,
+    so only indicative under concurrency)."""
+
+    scanned = 0
+    """Containers opened in Python plus their elements."""
+    probes = 0
+    """orjson calls on a single subtree (each writes it whole, or fails because it is too deep)."""
+
+
+def _reach(depth: int) -> int:
+    """How many levels a probe of a container at `depth` lets orjson write. A failed probe wastes what
+    it wrote; with the lowest set bit of the depth (a ruler sequence), at most ~_MIN_REACH + log2(254)
+    failed probes above any byte reach it, where probing every level with orjson's full 254 would
+    write a byte up to 254 times (a deep spine with a large array beside every level)."""
+    if depth <= 1:  # nothing but the root (one failure, already paid) above: take all orjson writes
+        return _ORJSON_MAX_NESTING
+    return min(_ORJSON_MAX_NESTING, max(_MIN_REACH, depth & -depth))
+
+
+def _dumps_deep(value: Any, budget: int = DEEP_BUDGET) -> bytes:
+    """`dumps` for a value nested deeper than orjson writes, without recursion and byte for byte what
+    orjson would write without its limit.
+
+    Python opens only containers too deep for a probe: each container element of an open container is
+    probed (one orjson call writes it whole when it is shallow enough, see `_reach`), and each run of
+    other elements between them is written by one orjson call on a slice. So a large shallow part
+    (a long message list, an array of numbers) costs one orjson call, and the Python work is bounded by
+    the deep part: past `budget` (containers opened plus their elements) RewriteTooLarge is raised."""
+    DeepStats.scanned = DeepStats.probes = 0
+    chains: dict[int, tuple[list[Any], list[Any]]] = {}
+
+    def probe(child: Any, depth: int) -> bytes | None:
+        """The child written whole, or None when it nests deeper than its reach."""
+        DeepStats.probes += 1
+        wrap = _ORJSON_MAX_NESTING - _reach(depth)
+        try:
+            if not wrap:
+                return orjson.dumps(child, default=_default)
+            # Wrapped in `wrap` arrays, orjson refuses the child past its reach (one chain per reach,
+            # built per call: dumps may run on several threads).
+            chain = chains.get(wrap)
+            if chain is None:
+                inner: list[Any] = [None]
+                outer = inner
+                for _ in range(wrap - 1):
+                    outer = [outer]
+                chain = chains[wrap] = (outer, inner)
+            chain[1][0] = child
+            try:
+                return orjson.dumps(chain[0], default=_default)[wrap:-wrap]
+            finally:
+                chain[1][0] = None
+        except orjson.JSONEncodeError as exc:
+            if _too_deep(exc):
+                return None
+            raise
+
     out = bytearray()
-    stack: list[Any] = [value]
+    stack: list[Any] = [(value, 0)]  # bytes to write, or (container to open, its depth)
+    scanned = 0
     while stack:
         item = stack.pop()
-        if isinstance(item, _Literal):
+        if type(item) is bytes:
             out += item
-        elif isinstance(item, dict):
-            pending: list[Any] = [_Literal(b"}")]
-            for index, (key, element) in enumerate(reversed(item.items())):
-                pending.append(element)
-                pending.append(_Literal((b"" if index == len(item) - 1 else b",")
-                                        + orjson.dumps(key) + b":"))
-            stack.extend(pending)
-            stack.append(_Literal(b"{"))
-        elif isinstance(item, list):
-            pending = [_Literal(b"]")]
-            for index, element in enumerate(reversed(item)):
-                pending.append(element)
-                if index != len(item) - 1:
-                    pending.append(_Literal(b","))
-            stack.extend(pending)
-            stack.append(_Literal(b"["))
-        else:
-            out += orjson.dumps(item, default=_default)
+            continue
+        node, depth = item
+        scanned += 1 + len(node)
+        if scanned > budget:
+            DeepStats.scanned = scanned
+            raise RewriteTooLarge(f"the body nests deeper than {_ORJSON_MAX_NESTING} levels and is too "
+                                  f"large for the proxy to rewrite")
+        is_dict = isinstance(node, dict)
+        elements: Any = list(dict.items(node)) if is_dict else node
+        values = dict.values(node) if is_dict else node
+        # Where the containers are, found in C (no Python step per element).
+        at = list(compress(count(), map(isinstance, values, repeat(_CONTAINERS))))
+        groups: list[list[Any]] = []  # one per run or container element, in order; commas between
+        start = 0
+        for index in [*at, len(elements)]:
+            if index > start:  # a run of other elements: one orjson call, its brackets dropped
+                run = dict(elements[start:index]) if is_dict else elements[start:index]
+                groups.append([orjson.dumps(run, default=_default)[1:-1]])
+            if index == len(elements):
+                break
+            group: list[Any] = []
+            if is_dict:
+                key, child = elements[index]
+                if not isinstance(key, str):
+                    raise orjson.JSONEncodeError("Dict key must be str")
+                group.append(orjson.dumps(key) + b":")
+            else:
+                child = elements[index]
+            written = probe(child, depth + 1)
+            group.append(written if written is not None else (child, depth + 1))
+            groups.append(group)
+            start = index + 1
+        stack.append(b"}" if is_dict else b"]")
+        for position in range(len(groups) - 1, -1, -1):
+            stack.extend(reversed(groups[position]))
+            if position:
+                stack.append(b",")
+        stack.append(b"{" if is_dict else b"[")
+    DeepStats.scanned = scanned
     return bytes(out)

@@ -9,6 +9,8 @@ refuses is Ollama's 400 before any step; an inference body the chain cannot read
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -340,6 +342,52 @@ def test_bodies_nested_deeper_than_orjson_writes_are_counted_and_rewritten(proxy
         response = _post(proxy, path, body)
         assert response.status_code == 400, (path, response.status_code, response.text[:200])
         assert "more than the limit of 50 tokens" in response.text
+
+
+def test_a_deep_body_beside_a_large_flat_part_is_rewritten_without_stalling_the_proxy(
+        proxy: Server) -> None:
+    """One branch nested past orjson's 254 levels made the rewrite (num_ctx added) write the WHOLE body
+    from Python, one orjson call per number, on the event loop: 6 MB took ~3 s, and /healthz waited
+    as long. Now the flat part is one orjson call. A deep part too large to open is a 400."""
+    junk = b"[" + b",".join([b"1"] * 3_000_000) + b"]"
+    body = (b'{"model":"qwen3","prompt":"hi","stream":false,"options":{"num_predict":2},"junk":' + junk
+            + b',"format":' + b"[" * 300 + b"]" * 300 + b"}")
+    waits: list[float] = []
+    done = threading.Event()
+
+    def probe_health() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not done.is_set():
+                started = time.perf_counter()
+                assert client.get(proxy.url + "/healthz").status_code == 200
+                waits.append(time.perf_counter() - started)
+                time.sleep(0.01)
+
+    prober = threading.Thread(target=probe_health)
+    prober.start()
+    try:
+        served = _post(proxy, "/api/generate", body)
+    finally:
+        done.set()
+        prober.join()
+    assert served.status_code == 200, served.text[:200]
+    assert served.headers["x-options-rewritten"] == "num_ctx=+2048"
+    assert waits and max(waits) < 1.0, max(waits)  # ~3 s while the body was written from Python
+
+    too_large = (b'{"model":"qwen3","prompt":"hi","stream":false,"format":[' + b"[" * 300 + b"]" * 300
+                 + b"," + junk[1:] + b"}")  # the deep array holds the 3,000,000 numbers itself
+    started = time.perf_counter()
+    refused = _post(proxy, "/api/generate", too_large)
+    took = time.perf_counter() - started
+    assert refused.status_code == 400, (refused.status_code, refused.text[:200])
+    assert refused.json() == {"code": "invalid_request", "error": "the body nests deeper than 254 levels "
+                              "and is too large for the proxy to rewrite"}
+    assert took < 2.0, took  # not written number by number first
+    chat = (b'{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"hi"}],'
+            b'"tools":[' + b"[" * 300 + b"]" * 300 + b"," + junk[1:] + b"}")
+    refused = _post(proxy, "/v1/chat/completions", chat)  # counted (tools are rendered), not rewritten
+    assert refused.status_code == 400, (refused.status_code, refused.text[:200])
+    assert refused.json()["error"]["code"] == "invalid_request"
 
 
 def test_a_lone_surrogate_in_a_deeply_nested_body_is_replaced(proxy: Server) -> None:
