@@ -100,6 +100,8 @@ class Supervisor:
         self.deaths: deque[float] = deque()
         self.stopping = False
         self._signals: deque[int] = deque()
+        """Signals received, oldest first: appended by the handler at any bytecode of the main
+        thread, so read only with popleft() or a one-call copy (tuple()), never iterated."""
         self._tmp = Path(tempfile.mkdtemp(prefix="sop-workers-"))
         self._socket: socket.socket | None = None
 
@@ -214,7 +216,10 @@ class Supervisor:
         while time.monotonic() < deadline:
             # A SIGHUP waits in the queue: it is forwarded once every worker listens (a worker reads
             # the current file when it starts); any other signal stops the start.
-            if any(signum != signal.SIGHUP for signum in self._signals):
+            # tuple(): one C call. The handler (_on_signal) runs between any two bytecodes of this
+            # thread, and appending while a generator walks the deque raised "deque mutated during
+            # iteration", ending the supervisor in a SIGHUP storm at start-up.
+            if any(signum != signal.SIGHUP for signum in tuple(self._signals)):
                 return False
             if all(self._port_file(w).exists() for w in self.workers):
                 return True

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -270,3 +271,38 @@ def test_a_sighup_while_a_worker_restarts_reaches_it_once_it_listens(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
         server.stop()
+
+
+def test_the_supervisors_start_survives_a_sighup_storm(tmp_path: Path) -> None:
+    """The supervisor's handler queues signals while it waits for its workers to listen, and it runs
+    between any two bytecodes: walking the queue while a SIGHUP came raised "deque mutated during
+    iteration" and ended the supervisor (CI saw it once under `test_sighup_while_starting...`). Here
+    the wait runs in this process while another process sends it SIGHUP as fast as it can, until the
+    (only) worker's port file appears; the wait must say the workers listen."""
+    from proxy.supervisor import Supervisor
+
+    supervisor = Supervisor([], 1, "127.0.0.1", 0)
+    previous = signal.signal(signal.SIGHUP, supervisor._on_signal)
+    storm = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys, time\n"
+        "pid, end = int(sys.argv[1]), time.monotonic() + 1.5\n"
+        "while time.monotonic() < end:\n"
+        "    os.kill(pid, signal.SIGHUP)\n"), str(os.getpid())])
+
+    def listen_when_the_storm_ends() -> None:
+        storm.wait(30)
+        supervisor._port_file(supervisor.workers[0]).write_text("0\n")
+
+    thread = threading.Thread(target=listen_when_the_storm_ends, daemon=True)
+    try:
+        thread.start()
+        assert supervisor._wait_listening() is True
+        assert len(supervisor._signals) > 100  # the storm reached the queue while it was walked
+    finally:
+        storm.kill()
+        storm.wait(10)
+        thread.join(10)
+        signal.signal(signal.SIGHUP, previous)
+        for path in supervisor._tmp.glob("*"):
+            path.unlink()
+        supervisor._tmp.rmdir()
