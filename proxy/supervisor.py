@@ -162,14 +162,12 @@ class Supervisor:
         have read the file before this change (it would serve the old configuration until the next
         reload). Its port file appears only once the handler is installed (serving.run_until_signalled)."""
         for worker in self.workers:
-            if worker.process is None:
-                continue  # waiting to be restarted: it will read the file as it is then
-            if self._port_file(worker).exists():
-                self._signal(worker, signal.SIGHUP)
-            else:
-                worker.reload_pending = True
+            # One waiting to be restarted (no process) reads the file as it is when it starts.
+            worker.reload_pending = worker.process is not None
+        self._send_pending_reloads()
 
     def _send_pending_reloads(self) -> None:
+        """SIGHUP to each worker with a reload pending that listens now."""
         for worker in self.workers:
             if worker.reload_pending and worker.process is not None \
                     and self._port_file(worker).exists():

@@ -434,9 +434,10 @@ class FleetHealth:
             code = await self.restart(upstream, command)
         finally:
             self._restarting.discard(upstream.name)
-            if code == 0 and upstream.failing:
-                upstream.failing.clear()  # a new daemon: its runners start afresh
-                self.upstreams.changed()
+            if code == 0:
+                # A new daemon: its runners start afresh. Out of service meanwhile, it is in no
+                # eligible list; the probe that takes it back (or the changed() below) renews them.
+                upstream.failing.clear()
             if code == 0 and upstream.status == "restarting":
                 # Only a probe takes it back, and the daemon may need a moment to listen: until
                 # probes decide (see _probe), it is still coming back. Letting the waiters go here
@@ -469,27 +470,22 @@ class FleetHealth:
             # uvloop even one whose output is sent elsewhere). Waiting for that end kept the replica
             # `restarting`, unprobed, for restart_timeout_s.
             try:
-                async with asyncio.timeout(self.config.restart_timeout_s):
-                    code = await process.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):  # it may exit in between
-                    process.kill()
-                await process.wait()
-                code = None
+                try:
+                    async with asyncio.timeout(self.config.restart_timeout_s):
+                        code = await process.wait()
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):  # it may exit in between
+                        process.kill()
+                    await process.wait()
+                    code = None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(reader), _OUTPUT_GRACE_S)
             except asyncio.CancelledError:  # the replica left the set, or the proxy stops
-                reader.cancel()
+                reader.cancel()  # nothing of the restart may outlive the replica or the proxy
                 if process.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         process.kill()
                     await asyncio.shield(process.wait())
-                span.set_status(Status(StatusCode.ERROR, "restart cancelled"))
-                span.end()
-                raise
-            try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(reader), _OUTPUT_GRACE_S)
-            except asyncio.CancelledError:  # as above: nothing may outlive the replica or the proxy
-                reader.cancel()
                 span.set_status(Status(StatusCode.ERROR, "restart cancelled"))
                 span.end()
                 raise
