@@ -34,7 +34,7 @@ from proxy.context import DEADLINE_REQUEST_HEADER, RequestContext
 from proxy.errors import InvalidRequest, PromptTooLong
 from proxy.offload import large, off_loop, parsed_json
 from proxy.ollama import model_key
-from proxy.prompts import canonicalize, count_prompt, truncate_prompt
+from proxy.prompts import canonicalize, count_prompt, int_option, truncate_prompt
 from proxy.schema import Mode, ModelConfig, PromptPolicy, RolloutConfig, positive
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
@@ -203,12 +203,11 @@ class LimitsStep(Step):
         routes (after the canonical rewrite), else the context the model is loaded with (/api/ps), which
         is what /v1 routes always get. None: not known (the model is loaded nowhere yet)."""
         if ctx.route.dialect == "ollama":
-            options = body.get("options")
-            num_ctx = options.get("num_ctx") if isinstance(options, dict) else None
-            # A JSON number Ollama reads as an int (Go truncates a float64 toward zero): `512.0` is a
-            # context of 512 to it, so it is one to the guard too, else the prompt passes and is cut.
-            if isinstance(num_ctx, int | float) and not isinstance(num_ctx, bool) and int(num_ctx) > 0:
-                return int(num_ctx)
+            # As Ollama reads it: `512.0` is a context of 512 to it, so it is one to the guard too,
+            # else the prompt passes and is cut.
+            num_ctx = int_option(body.get("options"), "num_ctx")
+            if num_ctx is not None and num_ctx > 0:
+                return num_ctx
         return self.upstreams.loaded_context(model) if self.upstreams is not None else None
 
     def _truncated_upstream(self, ctx: RequestContext, evaluated: int, *, certain: bool = False) -> bool:

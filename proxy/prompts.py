@@ -27,6 +27,7 @@ __all__ = [
     "canonicalize",
     "count_prompt",
     "expected_output",
+    "int_option",
     "message_text",
     "message_tokens",
     "request_cost",
@@ -173,17 +174,23 @@ def count_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer,
     return None
 
 
+def int_option(options: Any, name: str) -> int | None:
+    """Option `name` of a native request's `options` as Ollama reads it into its int option: an int, or
+    a finite float truncated (options are a map to Go, converted by truncation: 512.0 is 512); None
+    when absent or anything else."""
+    value = options.get(name) if isinstance(options, dict) else None
+    if isinstance(value, float) and math.isfinite(value):
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def expected_output(route: RouteInfo, body: dict[str, Any]) -> int | None:
     """The output limit the request sets in its route's `output_limit` field (num_predict in options,
     max_tokens, ...), None when it sets none (or an unlimited one, a negative num_predict)."""
     key = route.output_limit
+    value: Any
     if key == "num_predict":
-        options = body.get("options")
-        value = options.get("num_predict") if isinstance(options, dict) else None
-        if isinstance(value, float) and math.isfinite(value):
-            # Options are a map to Go, and Ollama reads a float into the int option by truncation:
-            # 2000.0 is an output limit of 2000 (the /v1 structs refuse a float themselves).
-            value = int(value)
+        value = int_option(body.get("options"), "num_predict")  # the /v1 structs refuse a float
     elif key == "max_completion_tokens":  # OpenAI's chat: the newer name wins, the older still counts
         value = body.get("max_completion_tokens", body.get("max_tokens"))
     else:
