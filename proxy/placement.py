@@ -34,6 +34,7 @@ from .chain import Canary
 from .context import RequestContext
 from .ollama import model_key
 from .profiles import ModelStats
+from .prompts import int_option
 from .telemetry import semconv
 from .upstreams import Upstream, UpstreamSet
 
@@ -282,6 +283,5 @@ class Placement:
 
 def _requested_num_ctx(body: Any) -> int | None:
     """The num_ctx the request (as the limits step left it) asks Ollama for, if any."""
-    options = body.get("options") if isinstance(body, dict) else None
-    value = options.get("num_ctx") if isinstance(options, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    # As limits and Ollama read it: a float num_ctx (512.0, how Python's json writes it) is truncated.
+    return int_option(body.get("options") if isinstance(body, dict) else None, "num_ctx")

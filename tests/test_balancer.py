@@ -20,7 +20,7 @@ import pytest
 from yarl import URL
 
 from proxy.config import BalancerConfig
-from proxy.placement import Placement
+from proxy.placement import Placement, Placing
 from proxy.upstreams import LoadedModel, Upstream, UpstreamSet
 from tests.support.metrics import metric
 from tests.support.otlp_receiver import OtlpReceiver, attributes_of
@@ -360,6 +360,21 @@ def test_cost_model_prefers_residency_and_prices_evictions() -> None:
     placement.stat("llama3.2:latest").service_s = 30.0
     ranked = placement.rank("llama3.2", [a, b], None, free=[b], position=0)
     assert ranked[0][2] is b  # a 15 s expected wait does not
+
+
+def test_a_float_num_ctx_is_priced_as_the_reload_it_makes() -> None:
+    """`num_ctx: 8192.0` (how Python's json writes a float) is 8192 to Ollama, which reloads a model
+    loaded with 4096: placement reads it as limits does, and prefers the replica loaded with 8192."""
+    upstreams = UpstreamSet([Upstream("a", URL("http://127.0.0.1:1")),
+                             Upstream("b", URL("http://127.0.0.1:2"))])
+    placement = Placement(BalancerConfig(cold_load_s=8.0), upstreams)
+    a, b = upstreams.upstreams
+    a.loaded = {"llama3.2:latest": LoadedModel("llama3.2:latest", context_length=4096)}
+    b.loaded = {"llama3.2:latest": LoadedModel("llama3.2:latest", context_length=8192)}
+    for num_ctx in (8192, 8192.0, 8192.9):
+        placing = Placing("t", "llama3.2", 100, body={"model": "llama3.2", "options": {"num_ctx": num_ctx}})
+        ranked = placement.rank("llama3.2", [a, b], placing)
+        assert [(row[1], row[2].name) for row in ranked] == [("resident", "b"), ("reload", "a")], num_ctx
 
 
 @pytest.mark.parametrize("mode", ["shadow", "off"])
