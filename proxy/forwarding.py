@@ -319,6 +319,11 @@ class Forwarder:
                         stop.relay(ctx.request_id, timer)
                     try:
                         while True:
+                            if stop is not None and stop.expired:
+                                # The stop fired the timer (reschedule to now) while this task was
+                                # already woken: its reschedule below then cancelled that firing, and
+                                # a busy stream ran on past the grace period without its final record.
+                                raise TimeoutError
                             chunk = await upstream_response.readany()
                             if not response.prepared:
                                 ctx.status = upstream_response.status

@@ -20,6 +20,13 @@ import httpx
 import pytest
 import yaml
 
+from proxy.app import build_app
+from proxy.config import load_config
+from proxy.emulator.app import create_emulator_app
+from proxy.emulator.engine import EngineSettings
+from proxy.emulator.profile import ProfileSet
+from proxy.serving import STOP
+from proxy.telemetry.setup import build_telemetry
 from tests.support.polling import wait_for
 from tests.support.raw import read_response
 from tests.support.servers import Server, start_emulator, start_proxy
@@ -295,3 +302,31 @@ def test_a_sighup_sent_the_moment_the_port_file_appears_reloads(slow_emulator: S
         finally:
             process.terminate()
             process.wait(10)
+
+
+async def test_the_stop_cuts_a_stream_whose_relay_was_already_woken(
+        aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path) -> None:
+    """The stop ends a relay by firing its timer. A fast stream's relay is often already woken (a chunk
+    came) when the stop runs; its reschedule then cancelled that firing, and the stream ran on past the
+    grace period without its final record. In-process: the application `serve` builds, the stop
+    sequence's `expire()` called as `run_until_signalled` calls it, at varying points of the stream."""
+    emulator = await aiohttp_server(create_emulator_app(EngineSettings(
+        seed=7, num_parallel=4,
+        profiles=ProfileSet().with_defaults(decode_tokens_per_s=100_000.0, output_tokens=(20_000, 20_000)))))
+    config = tmp_path / "proxy.yaml"
+    config.write_text(yaml.safe_dump({"upstreams": [{"url": f"http://127.0.0.1:{emulator.port}"}]}))
+    loaded = load_config(config, environ={})
+    for trial in range(12):
+        client = await aiohttp_client(build_app(loaded, build_telemetry(loaded.telemetry)))
+        stop = client.app[STOP]
+        lines: list[bytes] = []
+        async with client.post("/api/generate", json={"model": "llama3.2", "prompt": "x"}) as response:
+            async for line in response.content:
+                lines.append(line)
+                if len(lines) == 20 + 15 * trial:
+                    assert stop.in_flight == 1  # far from the stream's 20,001 records
+                    stop.expire()
+        await client.close()
+        assert len(lines) < 20_000, trial
+        final = json.loads(lines[-1])
+        assert final["code"] == "shutting_down" and "shutting down" in final["error"], (trial, final)
