@@ -139,12 +139,20 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         telemetry = build_telemetry(config.telemetry)
         app = build_app(config, telemetry, config_path=args.config, load=load, internal_secret=secret)
+        worker_metrics = None
+        if worker and args.worker_peers:
+            from .telemetry.workers import WORKER_METRICS, WorkerMetrics
+
+            worker_metrics = app[WORKER_METRICS] = WorkerMetrics(Path(args.worker_peers),
+                                                                 args.worker_index, telemetry.registry)
         runner = await start_site(app, host, port, backlog=server.backlog,
                                   header_timeout_s=server.header_timeout_s,
                                   keepalive_timeout_s=server.keepalive_timeout_s,
                                   max_header_bytes=server.max_header_bytes,
                                   max_connections=max_connections, reuse_port=worker)
         actual = bound_port(runner)
+        if worker_metrics is not None:
+            await worker_metrics.start()  # before the port file: a scrape then finds it
         settle_garbage_collector()
 
         def ready() -> None:
@@ -157,6 +165,8 @@ def _serve(args: argparse.Namespace) -> int:
             await run_until_signalled(runner, app[STOP], server.shutdown_timeout_s,
                                       on_sighup=app[RELOADER].sighup, ready=ready)
         finally:
+            if worker_metrics is not None:
+                await worker_metrics.close()
             telemetry.shutdown()
 
     _run(serve())
@@ -306,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Set by the supervisor for its workers only.
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-secret-fd", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-peers", default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     emulate = commands.add_parser("emulate", help="run an emulated Ollama daemon (tests, demos, benches)")

@@ -19,6 +19,9 @@ proxy uses N cores. The supervisor serves nothing itself. Contract:
 - Restarts: a worker that exits while the supervisor is not stopping is started again after a backoff
   (0.5 s, doubling up to 10 s, reset after a minute of good health). `_MAX_DEATHS` deaths within
   `_DEATH_WINDOW_S` stop everything, and the supervisor exits 1.
+- Metrics: each worker serves its own metrics on a Unix socket in the supervisor's private directory
+  (`--worker-peers`), so a scrape landing on any worker answers with every worker's series
+  (proxy/telemetry/workers.py).
 - Exit: 0 after a stop by signal, 1 when workers keep dying, 2 when the workers could not start.
 Worker log lines carry `[worker i]`, the supervisor's `[supervisor]`.
 """
@@ -135,7 +138,8 @@ class Supervisor:
         command = [sys.executable, "-m", "proxy", "--log-level", self.log_level, "serve",
                    *self.serve_args, "--listen", self._listen_arg(),
                    "--port-file", str(self._port_file(worker)),
-                   "--worker-index", str(worker.index), "--worker-secret-fd", str(read)]
+                   "--worker-index", str(worker.index), "--worker-secret-fd", str(read),
+                   "--worker-peers", str(self._tmp)]
         try:
             worker.process = subprocess.Popen(command, pass_fds=(read,), start_new_session=True,
                                               preexec_fn=_in_child)  # noqa: PLW1509 - no threads here

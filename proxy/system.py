@@ -17,6 +17,7 @@ from .context import CONTEXT
 from .profiles import fleet_profile
 from .reload import Reloader
 from .telemetry.setup import Telemetry
+from .telemetry.workers import WORKER_METRICS
 from .upstreams import UpstreamSet
 
 __all__ = ["add_system_routes"]
@@ -37,9 +38,10 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
         return web.json_response({"tenants": snapshot})
 
     async def metrics(request: web.Request) -> web.Response:
-        del request
-        return web.Response(body=generate_latest(telemetry.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        """This process's metrics; a worker of `serve --workers` answers with every worker's."""
+        workers = request.app.get(WORKER_METRICS)
+        body = await workers.scrape() if workers is not None else generate_latest(telemetry.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(request: web.Request) -> web.Response:
         del request

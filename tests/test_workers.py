@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.polling import wait_for
 from tests.support.redis_server import RedisServer
@@ -102,16 +103,29 @@ def test_workers_serve_reload_restart_and_stop(tmp: Path, emulator: Server,
         # Serves, from both workers (the kernel spreads new connections over them).
         wait_for(lambda: _generate(server) == 200 and _served_by(server) == {"worker 1", "worker 2"},
                  timeout_s=60, what="both workers serving")
-        # /metrics answers from one worker per connection; each says which (service.instance.id), so a
-        # scrape per worker, or an OTLP collector, keeps their counters apart.
-        def instances() -> set[str]:
-            seen: set[str] = set()
-            for _ in range(20):
-                text = httpx.get(f"{server.url}/metrics", timeout=10).text
-                seen.update(re.findall(r'target_info\{[^}]*service_instance_id="([^"]+)"', text))
-            return seen
+        # Whichever worker a scrape lands on, it holds every worker's series, each labelled `worker`
+        # (a new connection per scrape: the kernel spreads them over both).
+        served = 1 + sum(1 for _ in range(39) if _generate(server) == 200)
 
-        wait_for(lambda: len(instances()) == 2, timeout_s=60, what="both workers' metrics")
+        def scrape() -> dict[str, Any]:
+            text = httpx.get(f"{server.url}/metrics", timeout=10).text
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            requests = [s for s in families["http_server_request_duration_seconds"].samples
+                        if s.name.endswith("_count") and s.labels.get("http_route") == "/api/generate"]
+            return {"workers": families["sop_metrics_workers"].samples[0].value,
+                    "instances": {s.labels["worker"]: s.labels["service_instance_id"]
+                                  for s in families["target_info"].samples},
+                    "by_worker": {s.labels["worker"] for s in requests},
+                    "requests": sum(s.value for s in requests)}
+
+        # One generate before the burst (the wait above) plus the burst: at least `served`, all counted
+        # in every scrape (earlier waits may have sent more).
+        for _ in range(10):
+            seen = scrape()
+            assert seen["workers"] == 2 and set(seen["instances"]) == {"1", "2"}, seen
+            assert len(set(seen["instances"].values())) == 2 and seen["by_worker"] == {"1", "2"}, seen
+            assert seen["requests"] >= served, seen
+        assert len({scrape()["requests"] for _ in range(6)}) == 1  # the same total from either worker
         # SIGHUP reloads every worker.
         data = yaml.safe_load(config.read_text())
         data["chain"] = {"backpressure": {"queue_timeout_s": 31}}
@@ -126,6 +140,9 @@ def test_workers_serve_reload_restart_and_stop(tmp: Path, emulator: Server,
         wait_for(lambda: len(_pids(server).get(1, [])) == 2, what="worker 1 restarted")
         wait_for(lambda: all(_generate(server) == 200 for _ in range(10)), timeout_s=30,
                  what="serving after the restart")
+        # The restarted worker's metrics are in every scrape again (it replaced its stale socket).
+        wait_for(lambda: all(scrape()["workers"] == 2 for _ in range(6)), timeout_s=30,
+                 what="both workers in the scrape after the restart")
         assert server.process.poll() is None
         # SIGTERM stops every worker, and the supervisor exits 0.
         workers = [p[-1] for p in _pids(server).values()]
