@@ -12,7 +12,8 @@ Request phase, for inference routes:
   replace the oldest turns (the front of a generate prompt) by a summary (`truncate` without it);
 - deadline: the tenant's (or the chain's) deadline, lowered, never raised, by a client's `X-Deadline-S`;
 - bodies: what Ollama's Go decoder refuses is answered with its 400 here, and an inference body that is
-  not an object or names no model is refused (fail closed): nothing the chain cannot read goes through.
+  not an object or names no model is refused (fail closed; no model is answered with the route's own
+  404 or 400, as Ollama's handler answers it): nothing the chain cannot read goes through.
 The deadline and the body checks apply in every mode, `off` included (`runs_when_off`): `off` drops the
 prompt and option limits only. Every response carries `X-Service-Limits` (v=1). Response phase: when
 Ollama's `prompt_eval_count` is well below our count, it truncated the prompt silently: a span event
@@ -31,7 +32,7 @@ from aiohttp import web
 
 from proxy.chain import Handler, Step
 from proxy.context import DEADLINE_REQUEST_HEADER, RequestContext
-from proxy.errors import InvalidRequest, PromptTooLong
+from proxy.errors import InvalidRequest, ModelNotFound, PromptTooLong
 from proxy.offload import large, off_loop, parsed_json
 from proxy.ollama import model_key
 from proxy.prompts import canonicalize, count_prompt, int_option, truncate_prompt
@@ -76,6 +77,14 @@ DEADLINE_HEADER = DEADLINE_REQUEST_HEADER
 _GO_TYPES = {str: "string", bool: "bool", int: "number", float: "number", list: "array", dict: "object"}
 
 
+def _no_model(ctx: RequestContext) -> InvalidRequest | ModelNotFound:
+    """The refusal of a body that names no model, as Ollama's handler for the route answers it: 404
+    `model '' not found` on generate and embed (and the /v1 routes Ollama runs on them), else 400."""
+    if ctx.route.missing_model_not_found:
+        return ModelNotFound("model '' not found")
+    return InvalidRequest("model is required")
+
+
 class LimitsStep(Step):
     """Prompt, option and deadline limits; see the module docstring."""
 
@@ -113,7 +122,8 @@ class LimitsStep(Step):
     def check_body(request: web.Request, ctx: RequestContext) -> None:
         """Refuse, with Ollama's 400 and Go's text, a body Ollama's decoder would refuse; on an inference
         route also one that is absent, not an object, or names no model as a string (fail closed: the
-        chain could not apply its limits to it). Raised in every mode."""
+        chain could not apply its limits to it); no model is Ollama's 404 or 400 for the route
+        (`_no_model`). Raised in every mode."""
         inference = ctx.route.operation is not None
         # Non-inference routes whose body Ollama decodes as JSON: a body Go refuses is answered here too.
         if not inference and not ctx.route.json_body:
@@ -128,12 +138,12 @@ class LimitsStep(Step):
             raise InvalidRequest("missing request body")
         if not isinstance(body, dict):
             if body is None:  # `null` decodes to the zero struct: no model
-                raise InvalidRequest("model is required")
+                raise _no_model(ctx)
             raise InvalidRequest(f"json: cannot unmarshal {_GO_TYPES.get(type(body), 'number')} into "
                                  f"Go value of type {ctx.route.go_type}")
         model = body.get("model")
         if model is None or model == "":
-            raise InvalidRequest("model is required")
+            raise _no_model(ctx)
         if not isinstance(model, str):
             raise InvalidRequest(f"json: cannot unmarshal {_GO_TYPES.get(type(model), 'number')} into "
                                  f"Go struct field {ctx.route.go_struct}.model of type string")

@@ -18,6 +18,7 @@ __all__ = [
     "InternalProxyError",
     "InvalidRequest",
     "MalformedBody",
+    "ModelNotFound",
     "NoHealthyUpstream",
     "Overload",
     "PromptTooLong",
@@ -154,6 +155,16 @@ class InvalidRequest(ProxyError):
 
     status = 400
     code = "invalid_request"
+    should_retry = False
+
+
+class ModelNotFound(ProxyError):
+    """A body that names no model on a route where Ollama answers that 404 `model '' not found`
+    (/api/generate, /api/embed and the /v1 routes it maps to them); the others answer 400 `model is
+    required` (InvalidRequest), as Ollama does."""
+
+    status = 404
+    code = "model_not_found"
     should_retry = False
 
 

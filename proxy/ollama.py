@@ -135,6 +135,10 @@ class RouteInfo:
     progress_stream: bool = False
     """A management route that answers with NDJSON progress when it streams (pull, push, create); the
     others (copy, delete) answer once, with an empty body."""
+    missing_model_not_found: bool = False
+    """Ollama answers a body that names no model 404 `model '' not found` (/api/generate, /api/embed, and
+    /v1/completions and /v1/embeddings, which it runs on those), not 400 `model is required` (chat,
+    /api/embeddings, the other /v1 routes, Anthropic's Messages)."""
     go_type: str = "api.Request"
     """The Go type Ollama decodes the body into, as its decoder's errors name it
     (`json: cannot unmarshal array into Go value of type api.GenerateRequest`)."""
@@ -190,12 +194,13 @@ _ROUTE_TABLE: tuple[tuple[tuple[str, ...], str, RouteInfo], ...] = (
     (("HEAD",), "/api/ps", _native(quota_exempt=True)),
     (("POST",), "/api/generate", RouteInfo("text_completion", "ollama", True, prompt_shape="generate",
                                            prompt_field="prompt", output_limit="num_predict",
-                                           go_type="api.GenerateRequest")),
+                                           missing_model_not_found=True, go_type="api.GenerateRequest")),
     (("POST",), "/api/chat", RouteInfo("chat", "ollama", True, prompt_shape="chat",
                                        prompt_field="messages", output_limit="num_predict",
                                        go_type="api.ChatRequest")),
     (("POST",), "/api/embed", RouteInfo("embeddings", "ollama", False, prompt_shape="embed",
-                                        prompt_field="input", go_type="api.EmbedRequest")),
+                                        prompt_field="input", missing_model_not_found=True,
+                                        go_type="api.EmbedRequest")),
     (("POST",), "/api/embeddings", RouteInfo("embeddings", "ollama", False, prompt_shape="embed",
                                              prompt_field="prompt", go_type="api.EmbeddingRequest")),
     (("POST",), "/v1/chat/completions", RouteInfo(
@@ -203,9 +208,11 @@ _ROUTE_TABLE: tuple[tuple[tuple[str, ...], str, RouteInfo], ...] = (
         output_limit="max_completion_tokens", go_type="openai.ChatCompletionRequest")),
     (("POST",), "/v1/completions", RouteInfo("text_completion", "openai", False, prompt_shape="generate",
                                              prompt_field="prompt", output_limit="max_tokens",
+                                             missing_model_not_found=True,
                                              go_type="openai.CompletionRequest")),
     (("POST",), "/v1/embeddings", RouteInfo("embeddings", "openai", False, prompt_shape="embed",
-                                            prompt_field="input", go_type="openai.EmbedRequest")),
+                                            prompt_field="input", missing_model_not_found=True,
+                                            go_type="openai.EmbedRequest")),
     (("GET",), "/v1/models", _openai(fleet_scope="models", quota_exempt=True)),
     (("HEAD",), "/v1/models", _openai(quota_exempt=True)),
     (("GET", "HEAD"), "/v1/models/{model}", _openai(quota_exempt=True, model_in_path=True)),

@@ -53,15 +53,23 @@ def status_of(code: str) -> int:
     return _STATUS_OF_CODE.get(code, 502)
 
 
+def _openai_type(status: int) -> str:
+    """The OpenAI error object's `type` for a status, as Ollama's /v1 names it (reference section 7),
+    except that every other 4xx of the proxy's own is `invalid_request_error` too."""
+    if status == 404:
+        return "not_found_error"
+    return "invalid_request_error" if status < 500 else "api_error"
+
+
 def error_object(dialect: str, status: int, code: str, message: str,
                  retry_after_s: float | None = None) -> dict[str, Any]:
     """The error object of `dialect` (`ollama`, `openai`, `anthropic`). `message` must be safe to show a
     client (ProxyError's contract). Native objects carry `retry_after_s` (whole seconds) when given;
-    OpenAI's carries the code; Anthropic's type follows the status as the Anthropic API's does."""
+    OpenAI's carries the code, and its `type` is `not_found_error` for a 404 (as on Ollama's /v1),
+    `invalid_request_error` below 500, `api_error` above; Anthropic's type follows the status as the
+    Anthropic API's does."""
     if dialect == "openai":
-        return {"error": {"message": message,
-                          "type": "invalid_request_error" if status < 500 else "api_error",
-                          "param": None, "code": code}}
+        return {"error": {"message": message, "type": _openai_type(status), "param": None, "code": code}}
     if dialect == "anthropic":
         return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"),
                                            "message": message}}

@@ -113,7 +113,7 @@ def test_a_short_wait_gives_both_retry_headers(servers: tuple[Server, Server]) -
 
 
 @pytest.mark.parametrize("case", ["prompt_too_long", "unauthorized", "forbidden",
-                                  "request_payload_too_large", "invalid_request"])
+                                  "request_payload_too_large", "invalid_request", "model_not_found"])
 def test_answers_retrying_cannot_change_say_so(servers: tuple[Server, Server], case: str) -> None:
     _, proxy = servers
     if case == "prompt_too_long":
@@ -125,6 +125,9 @@ def test_answers_retrying_cannot_change_say_so(servers: tuple[Server, Server], c
                             headers={"Authorization": f"Bearer {FREE}"})
     elif case == "request_payload_too_large":
         answer = _generate(proxy, FREE, prompt="x" * 8000)
+    elif case == "invalid_request":
+        answer = httpx.post(f"{proxy.url}/api/chat", json={"messages": []},
+                            headers={"Authorization": f"Bearer {FREE}"})
     else:
         answer = httpx.post(f"{proxy.url}/api/generate", json={"prompt": "no model"},
                             headers={"Authorization": f"Bearer {FREE}"})

@@ -33,14 +33,16 @@ ANTHROPIC_ERROR_TYPES = {"invalid_request_error", "authentication_error", "permi
 """Anthropic's documented error types (docs.anthropic.com, errors)."""
 
 CASES: list[tuple[type[errors.ProxyError], float | None]] = [
-    (errors.InvalidRequest, None), (errors.PromptTooLong, None), (errors.Unauthorized, None),
-    (errors.Forbidden, None), (errors.RequestPayloadTooLarge, None), (errors.RateLimited, 7.2),
+    (errors.InvalidRequest, None), (errors.ModelNotFound, None), (errors.PromptTooLong, None),
+    (errors.Unauthorized, None), (errors.Forbidden, None), (errors.RequestPayloadTooLarge, None),
+    (errors.RateLimited, 7.2),
     (errors.QuotaExceeded, 30.0), (errors.RequestExceedsQuota, None), (errors.Overload, 2.0),
     (errors.NoHealthyUpstream, 1.0), (errors.UpstreamConnectFailure, None),
     (errors.UpstreamResponseTimeout, None), (errors.ShuttingDown, 1.0), (errors.InternalProxyError, None),
 ]
 OPENAI_CLASSES = {400: openai.BadRequestError, 401: openai.AuthenticationError,
-                  403: openai.PermissionDeniedError, 413: openai.APIStatusError, 429: openai.RateLimitError,
+                  403: openai.PermissionDeniedError, 404: openai.NotFoundError, 413: openai.APIStatusError,
+                  429: openai.RateLimitError,
                   500: openai.InternalServerError, 502: openai.InternalServerError,
                   503: openai.InternalServerError, 504: openai.InternalServerError}
 STREAM_CODES = ["upstream_response_timeout", "upstream_reset_after_response_started", "shutting_down"]
@@ -107,7 +109,9 @@ async def test_openai_sdk_reads_the_error_before_headers(harness: str, index: in
     assert type(exc) is OPENAI_CLASSES[cls.status]
     assert exc.status_code == cls.status
     assert exc.code == cls.code
-    assert exc.type == ("invalid_request_error" if cls.status < 500 else "api_error")
+    # Ollama's /v1 types: not_found_error for a 404 (reference section 7), else by the status.
+    assert exc.type == ("not_found_error" if cls.status == 404
+                        else "invalid_request_error" if cls.status < 500 else "api_error")
     assert isinstance(exc.body, dict) and exc.body["message"] == _error(cls, retry).message
     if cls.should_retry is False:
         assert exc.response.headers["x-should-retry"] == "false"
@@ -145,7 +149,8 @@ async def test_anthropic_shape_before_headers(harness: str, index: int) -> None:
     assert body["error"]["type"] in ANTHROPIC_ERROR_TYPES
     assert body["error"]["message"] == _error(cls, retry).message
     expected = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                503: "overloaded_error"}
     assert body["error"]["type"] == expected.get(cls.status, "api_error")
 
 
@@ -256,6 +261,21 @@ def test_proxy_refusal_before_headers_in_each_dialect(stalling: Server) -> None:
     assert anthropic.status_code == 400
     assert anthropic.json() == {"type": "error", "error": {"type": "invalid_request_error",
                                                            "message": "model is required"}}
+
+
+def test_no_model_is_a_404_where_ollama_says_so(stalling: Server) -> None:
+    """/v1/completions and /v1/embeddings run on Ollama's generate and embed, which answer a request
+    without a model 404 `model '' not found`: the OpenAI SDK raises NotFoundError, typed
+    `not_found_error` as Ollama's /v1 types a 404; chat stays 400 (test above)."""
+    client = openai.OpenAI(base_url=f"{stalling.url}/v1", api_key="k", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as completion:
+        client.completions.create(model="", prompt="x")
+    with pytest.raises(openai.NotFoundError) as embedding:
+        client.embeddings.create(model="", input="x")
+    for caught in (completion, embedding):
+        assert caught.value.body == {"message": "model '' not found", "type": "not_found_error",
+                                     "param": None, "code": "model_not_found"}
+        assert caught.value.response.headers["x-should-retry"] == "false"
 
 
 def test_a_refusal_names_its_access_line(stalling: Server) -> None:

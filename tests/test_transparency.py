@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import ollama
 import pytest
 
 from tests.support.servers import Server, start_emulator, start_proxy
@@ -116,13 +117,31 @@ REQUESTS: list[tuple[str, str, bytes | None, dict[str, str]]] = [
 ]
 
 # Bodies the proxy refuses itself, before any step (a body the chain cannot read never goes through):
-# Ollama's status and `error` text, plus the proxy's `code`. A missing model is 400 `model is required`
-# on every route (Ollama answers /api/generate's with 404 `model '' not found`).
+# Ollama's status and `error` text, plus the proxy's `code`.
 REFUSED_BY_THE_PROXY: list[tuple[str, bytes, int, str]] = [
     ("/api/chat", b"", 400, "missing request body"),
     ("/api/chat", b'{"model":"llama3.2","messages":[', 400, "unexpected EOF"),
-    ("/api/chat", b'{"messages":[{"role":"user","content":"x"}]}', 400, "model is required"),
-    ("/api/generate", b'{"prompt":"x"}', 404, "model '' not found"),
+]
+
+_MESSAGES = b'"messages":[{"role":"user","content":"x"}]'
+# Bodies that name no model (absent, "" or a `null` body), which the proxy refuses itself as Ollama's
+# handler for the route does: 404 `model '' not found` on generate and embed and on the /v1 routes Ollama
+# runs on them (completions, embeddings), 400 `model is required` on the others. (path, body, status)
+NO_MODEL: list[tuple[str, bytes, int]] = [
+    *[("/api/generate", body, 404) for body in (b'{"prompt":"x"}', b'{"model":"","prompt":"x"}', b"null")],
+    *[("/api/embed", body, 404) for body in (b'{"input":"x"}', b'{"model":"","input":"x"}', b"null")],
+    *[("/api/chat", body, 400) for body in (b"{" + _MESSAGES + b"}", b'{"model":"",' + _MESSAGES + b"}",
+                                            b"null")],
+    *[("/api/embeddings", body, 400) for body in (b'{"prompt":"x"}', b'{"model":"","prompt":"x"}',
+                                                  b"null")],
+    ("/v1/completions", b'{"prompt":"x"}', 404),
+    ("/v1/completions", b'{"model":"","prompt":"x"}', 404),
+    ("/v1/embeddings", b'{"input":"x"}', 404),
+    ("/v1/embeddings", b'{"model":"","input":"x"}', 404),
+    ("/v1/chat/completions", b"{" + _MESSAGES + b"}", 400),
+    ("/v1/chat/completions", b'{"model":"",' + _MESSAGES + b"}", 400),
+    ("/v1/responses", b'{"input":"x"}', 400),
+    ("/v1/messages", b'{"max_tokens":5,' + _MESSAGES + b"}", 400),
 ]
 
 _IGNORED_HEADERS = {"date", "server", "connection", "keep-alive"}
@@ -171,8 +190,45 @@ def test_unreadable_bodies_are_refused_in_ollamas_shape(twins: tuple[Server, Ser
             got = client.post(proxy.url + path, content=body)
             assert got.status_code == 400, (path, body)
             assert got.headers["content-type"] == expected.headers["content-type"]
-            assert got.json() == {"error": error if status == 400 else "model is required",
-                                  "code": "invalid_request"}
+            assert got.json() == {"error": error, "code": "invalid_request"}
+
+
+@pytest.mark.parametrize("path,body,status", NO_MODEL)
+def test_no_model_is_refused_as_ollamas_route_refuses_it(
+        twins: tuple[Server, Server, Server], path: str, body: bytes, status: int) -> None:
+    """Status, content type and error object as Ollama's (the emulator's, straight), plus the proxy's
+    `code`; on /v1 OpenAI's `type` too (`not_found_error` for the 404s)."""
+    direct, _, proxy = twins
+    code = "model_not_found" if status == 404 else "invalid_request"
+    with httpx.Client(timeout=30) as client:
+        expected = client.post(direct.url + path, content=body)
+        got = client.post(proxy.url + path, content=body)
+    assert (expected.status_code, got.status_code) == (status, status), (got.text, expected.text)
+    assert got.headers["content-type"] == expected.headers["content-type"]
+    if path == "/v1/messages":  # Anthropic's object, less the request_id only Ollama's has
+        assert got.json() == {"type": "error", "error": expected.json()["error"]}
+    elif path.startswith("/v1/"):
+        assert got.json() == {"error": {**expected.json()["error"], "code": code}}
+    else:
+        assert got.json() == {**expected.json(), "code": code}
+
+
+def test_the_ollama_client_reads_a_missing_models_404(twins: tuple[Server, Server, Server]) -> None:
+    """The official client's `ResponseError.status_code` is Ollama's: 404 on generate and embed, 400 on
+    chat. Its `generate(model="")` refuses an empty name itself (pydantic), so the body without a model
+    goes through the method `generate` sends with (`_request`), which is the client's reading of the
+    answer that is tested."""
+    direct, _, proxy = twins
+    for server in (direct, proxy):
+        client = ollama.Client(host=server.url)
+        for path, body, status, error in (
+                ("/api/generate", {"prompt": "x", "stream": False}, 404, "model '' not found"),
+                ("/api/embed", {"input": "x"}, 404, "model '' not found"),
+                ("/api/chat", {"messages": [{"role": "user", "content": "x"}], "stream": False}, 400,
+                 "model is required")):
+            with pytest.raises(ollama.ResponseError) as caught:
+                client._request(ollama.GenerateResponse, "POST", path, json=body)
+            assert (caught.value.status_code, caught.value.error) == (status, error), (server.url, path)
 
 
 def test_the_proxy_adds_only_its_service_limits(twins: tuple[Server, Server, Server]) -> None:

@@ -72,6 +72,8 @@ class OpenAIRoutes:
             raise OpenAIError(400, "[] is too short - 'messages'")
         flat = chat_messages(messages)
         model = body.get("model") or ""
+        if not model:  # Ollama runs it on /api/chat, whose answer this is
+            raise OpenAIError(400, "model is required")
         entry = self._entry(model, "completion")
         engine = self.engine
         result = RunResult()
@@ -169,7 +171,9 @@ class OpenAIRoutes:
         encoding = encoding.lower()
         if raw is None or raw == []:
             raise OpenAIError(400, "invalid input")
-        entry = self.engine.store.get(model) if model else None
+        if not model:  # Ollama runs it on /api/embed, whose answer this is
+            raise OpenAIError(404, "model '' not found")
+        entry = self.engine.store.get(model)
         if entry is None:
             raise OpenAIError(404, f'model "{model}" not found, try pulling it first')
         # The body goes on to /api/embed, which takes a string or an array of strings.
@@ -194,6 +198,8 @@ class OpenAIRoutes:
     async def responses(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         """The Responses API: non-streaming object, or named SSE events ending in response.completed."""
         model = body.get("model") or ""
+        if not model:  # Ollama runs it on /api/chat, whose answer this is
+            raise OpenAIError(400, "model is required")
         entry = self._entry(model, "completion")
         raw_input = body.get("input")
         if isinstance(raw_input, str):
