@@ -20,7 +20,7 @@ from .fanout import FanOut
 from .fleet.client import FleetClient
 from .fleet.health import FleetHealth
 from .forwarding import Forwarder
-from .ingress import Ingress, add_context_headers
+from .ingress import INGRESS, Ingress, add_context_headers
 from .placement import Placement
 from .plugin import PluginServices, Subrequests, structure_plugins
 from .plugin_chain import PluginChain
@@ -147,6 +147,7 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
     app = web.Application(middlewares=[ingress.middleware, *build_chain(steps, plugins)],
                           client_max_size=2**62)
     app[STOP] = stop
+    app[INGRESS] = ingress
     app.on_response_prepare.append(add_context_headers)
     # Order matters: the pools open before the probes start and close after they stopped.
     app.cleanup_ctx.append(fleet.lifecycle)

@@ -50,7 +50,7 @@ from .serving import STOP, GracefulStop, escape_field
 from .telemetry import semconv
 from .telemetry.setup import Telemetry
 
-__all__ = ["Ingress", "add_context_headers", "header_value"]
+__all__ = ["INGRESS", "Ingress", "add_context_headers", "header_value"]
 
 log = logging.getLogger("proxy.ingress")
 
@@ -93,10 +93,19 @@ async def add_context_headers(request: web.Request, response: web.StreamResponse
     (the access line's id, unless the replica sent its own), on every response
     (forwarded, error or the proxy's own), just before its headers go out. Values are sanitised
     (`header_value`): a step may echo something a client sent. While the proxy is stopping, responses
-    say `Connection: close`."""
+    say `Connection: close`.
+
+    A routed request the middleware never saw (aiohttp's expect handlers answer an `Expect` other than
+    100-continue with 417 before any middleware runs) gets its context here, from the app's ingress
+    (`INGRESS`). What aiohttp's parser refuses (a bad method or request line, a line too long, a
+    malformed chunk that came with the head) never reaches this hook: it has no route, and aiohttp
+    sends on_response_prepare only for routed requests; serving.EdgeHandler.handle_error answers it."""
     ctx = request.get(CONTEXT)
     if ctx is None:
-        return
+        ingress = request.app.get(INGRESS)
+        if ingress is None:  # an app built without the proxy's ingress
+            return
+        ctx = ingress.answered_before_middleware(request, response)
     add = response.headers.add
     for key, value in ctx.response_headers.items():
         if key not in _SAFE_NAMES:
@@ -134,12 +143,32 @@ class Ingress:
         self.access_log = AccessLog()
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}"
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def new_context(self, request: web.BaseRequest) -> RequestContext:
+        """The context a request starts with: the id of its access line (unique in this process), its
+        row of the route table, and the one limit every request has (`max_body_bytes`)."""
         row = classify(request.method, request.path)
         ctx = RequestContext(request_id=f"{self._id_prefix}-{next(self._ids)}", route=row,
                              path_model=path_model(row, request.path))
         ctx.service_limits["max_body_bytes"] = self.max_body_bytes
+        return ctx
+
+    def answered_before_middleware(self, request: web.Request,
+                                   response: web.StreamResponse) -> RequestContext:
+        """The context of a response aiohttp prepared for a routed request before this middleware ran
+        (an expect handler's 417): made and attached now, with its access line (and duration metric)
+        written at once, so the response's X-Request-Id names a line of the log like any other's."""
+        ctx = self.new_context(request)
+        request[CONTEXT] = ctx
+        ctx.status = response.status
+        attributes = {semconv.ATTR_HTTP_METHOD: request.method}
+        if ctx.route.template:
+            attributes[semconv.ATTR_HTTP_ROUTE] = ctx.route.template
+        self._finish(request, ctx, None, attributes, response)
+        return ctx
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = self.new_context(request)
         request[CONTEXT] = ctx
         route = ctx.route.template
         metrics = self.telemetry.metrics
@@ -371,3 +400,7 @@ class Ingress:
                 usage.input_tokens if usage and usage.input_tokens is not None else "-",
                 usage.output_tokens if usage and usage.output_tokens is not None else "-",
                 ctx.exchange.bytes_out)
+
+
+INGRESS: web.AppKey[Ingress] = web.AppKey("sop_ingress", Ingress)
+"""The app's ingress, for `add_context_headers` (a response prepared before the middleware ran)."""

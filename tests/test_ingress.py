@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import raw
+from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
 
 
@@ -119,3 +121,20 @@ def test_errors_take_the_route_dialect(guarded: tuple[Server, Server]) -> None:
     anthropic = httpx.post(f"{proxy.url}/v1/messages", content=big)
     assert anthropic.json()["type"] == "error"
     assert anthropic.json()["error"]["type"] == "request_too_large"
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/healthz"])
+def test_a_refused_expectation_carries_the_proxys_headers(guarded: tuple[Server, Server],
+                                                          path: str) -> None:
+    """An `Expect` other than 100-continue is answered 417 by the route's expect handler before any
+    middleware runs (the forwarder's route and a system route alike): it still carries X-Service-Limits
+    (v=1, the limits of a request with no tenant yet) and an X-Request-Id that names its access line."""
+    _, proxy = guarded
+    answer = raw.request(proxy.port, f"POST {path} HTTP/1.1\r\nHost: x\r\nExpect: something-else\r\n"
+                                     f"Content-Length: 2\r\n\r\n{{}}".encode())
+    assert answer.status == 417, answer.status_line
+    assert answer.headers["x-service-limits"] == "v=1; max_body_bytes=4096"
+    request_id = answer.headers["x-request-id"]
+    assert request_id
+    wait_for(lambda: f"{request_id} " in proxy.log(), what="the 417's access line")
+
