@@ -181,10 +181,14 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
     app.cleanup_ctx.append(reloader.lifecycle)
     add_system_routes(app, telemetry, upstreams, directory, steps, reloader,
                       refusing_all=lambda: _refusing_all(state))
-    telemetry.events.add_route(app, upstreams, steps)  # GET /system/events
+    telemetry.events.add_route(app, upstreams, steps, directory)  # GET /system/events
     reloader.listeners.append(
         lambda r: telemetry.events.reload(r.version, r.outcome != "refused", changed=r.changed,
                                           error=r.error))
+    # Open streams check their key again after an applied reload (a revoked one ends with `shutdown`,
+    # before the reload event published just above).
+    reloader.listeners.append(
+        lambda r: telemetry.events.access_changed() if r.outcome == "applied" else None)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle, name=FORWARD_ROUTE,
                          expect_handler=ingress.expect_handler)
     return app

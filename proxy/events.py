@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from .access import TenantDirectory
 from .context import CONTEXT
 from .errors import (
     InternalProxyError,
@@ -71,7 +72,8 @@ log = logging.getLogger("proxy.events")
 EVENTS_PATH = "/system/events"
 KINDS = ("rejection", "health", "ejection", "restart", "model_load", "reload", "queue")
 """What a subscriber may ask for with `?kinds=`. Two control events are sent whatever it asked:
-`dropped` (events it lost) and `shutdown` (the proxy is stopping; the stream ends after it)."""
+`dropped` (events it lost) and `shutdown` (the stream ends after it: `reason` `shutting_down`, the proxy
+is stopping, or `key_revoked`, a reload took away the admin access of the key that opened it)."""
 MAX_SUBSCRIBERS = 64
 """Streams open at once per proxy process; past it, 503 `too_many_subscribers`."""
 BUFFER_EVENTS = 256
@@ -147,6 +149,9 @@ class Subscription:
         """Events dropped since it was last told."""
         self.lost_total = 0
         self.wake = asyncio.Event()
+        self.recheck = False
+        """The keys changed (`EventBus.access_changed`): the stream checks its key before it sends
+        anything more."""
 
     def wants(self, kind: str) -> bool:
         return self.kinds is None or kind in self.kinds
@@ -298,6 +303,14 @@ class EventBus:
                                                                    name="events-queue-sampler")
         return subscription
 
+    def access_changed(self) -> None:
+        """The keys may have changed (an applied reload): every open stream checks, before it sends
+        anything more, that the key it was opened with still opens it, and ends with `shutdown`
+        (`key_revoked`) if not. O(subscribers) once per reload; publishing is untouched."""
+        for subscription in self._subscribers:
+            subscription.recheck = True
+            subscription.wake.set()
+
     def unsubscribe(self, subscription: Subscription) -> None:
         """Remove `subscription`; the queue sampler stops with the last subscriber that wanted it."""
         self._subscribers = [s for s in self._subscribers if s is not subscription]
@@ -324,9 +337,10 @@ class EventBus:
                 self.publish("queue", **values)
             busy = now_busy
 
-    def add_route(self, app: web.Application, upstreams: UpstreamSet, steps: Mapping[str, Any]) -> None:
-        """`add_events_route(app, self, upstreams, steps)`: serve this bus on `app`."""
-        add_events_route(app, self, upstreams, steps)
+    def add_route(self, app: web.Application, upstreams: UpstreamSet, steps: Mapping[str, Any],
+                  directory: TenantDirectory | None = None) -> None:
+        """`add_events_route(app, self, upstreams, steps, directory)`: serve this bus on `app`."""
+        add_events_route(app, self, upstreams, steps, directory)
 
     # metrics -----------------------------------------------------------------------------------------
     def _observe_published(self, options: CallbackOptions) -> Iterable[Observation]:
@@ -376,11 +390,12 @@ def _queue_sampler(steps: Mapping[str, Any], upstreams: UpstreamSet) -> Callable
 
 
 def add_events_route(app: web.Application, bus: EventBus, upstreams: UpstreamSet,
-                     steps: Mapping[str, Any]) -> None:
+                     steps: Mapping[str, Any], directory: TenantDirectory | None = None) -> None:
     """Register `GET /system/events` on `app` (before the catch-all forwarder) and bind `bus` to this
     application's fleet (model labels, queue sampling). The route is admin-only as every `/system/*`
-    route is (proxy/access.py). A rebuilt application (reload) binds the same bus again: open streams
-    carry on."""
+    route is (proxy/access.py); `directory` (the one ingress asks, which a reload reconfigures in place)
+    is asked again after each `bus.access_changed()`, and a stream whose key it no longer lets in ends.
+    A rebuilt application (reload) binds the same bus again: open streams carry on."""
     bus.label = upstreams.label
     bus.queue_sample = _queue_sampler(steps, upstreams)
 
@@ -388,6 +403,17 @@ def add_events_route(app: web.Application, bus: EventBus, upstreams: UpstreamSet
         """The event stream: SSE `id` (a sequence number per process), `event` (the kind) and `data`
         (one JSON object); a `: ping` comment every HEARTBEAT_S; `?kinds=` filters."""
         subscription = bus.subscribe(parse_kinds(request.query.getall("kinds", [])))
+
+        def still_allowed() -> bool:
+            """Would ingress let this request in now? (The same check, on the same headers.)"""
+            if directory is None:
+                return True
+            try:
+                directory.identify(request.method, request.path, request.headers)
+            except ProxyError:  # Unauthorized, Forbidden
+                return False
+            return True
+
         try:
             response = EventSourceResponse(ping_interval=HEARTBEAT_S, send_timeout=SEND_TIMEOUT_S,
                                            headers={"X-Accel-Buffering": "no"})
@@ -395,7 +421,7 @@ def add_events_route(app: web.Application, bus: EventBus, upstreams: UpstreamSet
             response.force_close()  # the socket's buffer was changed for this stream: not reused
             await response.prepare(request)
             try:
-                await _stream(request, response, subscription)
+                await _stream(request, response, subscription, still_allowed)
             finally:
                 response.stop_streaming()
                 await response.wait()
@@ -415,12 +441,14 @@ def _bound_send_buffer(request: web.Request) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
 
-async def _stream(request: web.Request, response: EventSourceResponse,
-                  subscription: Subscription) -> None:
+async def _stream(request: web.Request, response: EventSourceResponse, subscription: Subscription,
+                  still_allowed: Callable[[], bool]) -> None:
     """Write the subscription's events until the client leaves (the handler is cancelled), its
-    connection stalls for SEND_TIMEOUT_S, or the proxy stops: then one `shutdown` event ends the
-    stream. The stream is registered with the stop sequence like a relay (proxy/serving.py), so that
-    at the end of the grace period it is ended here, not cancelled into an error response."""
+    connection stalls for SEND_TIMEOUT_S, the proxy stops, or (checked when the subscription is told
+    to `recheck`, after a reload) its key no longer opens the stream: then one `shutdown` event, with
+    `reason` `shutting_down` or `key_revoked`, ends the stream. The stream is registered with the stop
+    sequence like a relay (proxy/serving.py), so that at the end of the grace period it is ended here,
+    not cancelled into an error response."""
     stop = request.app.get(STOP)
     ctx = request.get(CONTEXT)
     key = ctx.request_id if ctx is not None else f"events-{id(request)}"
@@ -428,8 +456,14 @@ async def _stream(request: web.Request, response: EventSourceResponse,
         async with asyncio.timeout(None) as timer:
             if stop is not None:
                 stop.relay(key, timer)
+            reason = "shutting_down"
             try:
                 while stop is None or not stop.stopping:
+                    if subscription.recheck:
+                        subscription.recheck = False
+                        if not still_allowed():  # before anything buffered: none of it is its now
+                            reason = "key_revoked"
+                            break
                     if not subscription.buffer and not subscription.lost:
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(_STOP_POLL_S):
@@ -442,8 +476,8 @@ async def _stream(request: web.Request, response: EventSourceResponse,
                             "dropped_total": subscription.lost_total}).decode(), event="dropped")
                     for event in batch:
                         await response.send(event.data, id=str(event.seq), event=event.kind)
-                await response.send(orjson.dumps({"kind": "shutdown", "reason": "shutting_down"})
-                                    .decode(), event="shutdown")
+                await response.send(orjson.dumps({"kind": "shutdown", "reason": reason}).decode(),
+                                    event="shutdown")
             finally:
                 if stop is not None:
                     stop.relay_done(key)

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
+import yaml
 
 from proxy.config import TelemetryConfig
 from proxy.errors import NoHealthyUpstream, Overload, UpstreamBusy
@@ -336,6 +337,49 @@ def test_sigterm_ends_a_curl_stream_cleanly(tmp: Path, emulator: Server) -> None
     finally:
         curl.kill()
         curl.wait()
+        proxy.stop()
+
+
+async def test_a_reload_that_revokes_the_key_ends_its_stream(tmp: Path, emulator: Server) -> None:
+    """Two admin keys, a stream opened with each; a SIGHUP reload keeps only the second. The first
+    stream gets one `shutdown` (`key_revoked`), nothing after it (not even the reload event), and
+    ends; the second carries on: it sees the reload and the events after it."""
+    other_key = "events-other-admin-key"
+    proxy = start_proxy(tmp, [emulator.url], {"admin": {"keys": [ADMIN_KEY, other_key]},
+                                              "tenants": KEYS["tenants"],
+                                              "server": {"config_watch_s": 0}}, name="events-revoke")
+    no_timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    url = f"{proxy.url}/system/events"
+    try:
+        async with aiohttp.ClientSession() as session, \
+                session.get(url, headers=ADMIN, timeout=no_timeout) as revoked, \
+                session.get(url, headers={"Authorization": f"Bearer {other_key}"},
+                            timeout=no_timeout) as kept:
+            assert (revoked.status, kept.status) == (200, 200)
+            first, second = Stream(revoked), Stream(kept)
+            assert proxy.config_path is not None
+            config = yaml.safe_load(proxy.config_path.read_text())
+            config["admin"]["keys"] = [other_key]
+            fresh = proxy.config_path.with_suffix(".new")
+            fresh.write_text(yaml.safe_dump(config))
+            fresh.replace(proxy.config_path)
+            proxy.process.send_signal(signal.SIGHUP)
+
+            end = await first.until(lambda e: e["event"] == "shutdown")
+            assert end["data"] == {"kind": "shutdown", "reason": "key_revoked"}
+            assert not any(e["event"] == "reload" for e in first.seen)
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                with pytest.raises(EOFError):
+                    await first.next()
+
+            reload = await second.until(lambda e: e["event"] == "reload")
+            assert reload["data"]["outcome"] == "ok" and "admin.keys" in reload["data"]["changed"]
+            wait_for(lambda: _one_rejection(proxy), what="a rejection after the reload")
+            await second.until(lambda e: e["event"] == "rejection")
+            assert not any(e["event"] == "shutdown" for e in second.seen)
+            async with session.get(url, headers=ADMIN) as refused:
+                assert refused.status == 401  # the revoked key opens no new stream either
+    finally:
         proxy.stop()
 
 
