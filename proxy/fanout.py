@@ -27,7 +27,7 @@ from .context import RequestContext
 from .errors import UpstreamConnectFailure
 from .fleet.client import FleetClient
 from .ollama import classify
-from .rendering import retry_headers
+from .rendering import retry_headers, told_wait_s
 from .upstreams import Upstream, UpstreamSet
 
 __all__ = ["REPLICA_HEADER", "RESULTS_HEADER", "FanOut", "fleet_scope"]
@@ -38,7 +38,8 @@ RESULTS_HEADER = "X-Replica-Results"
 _JSON = "application/json; charset=utf-8"
 _READ_TIMEOUT_S = 10.0
 _RETRY_AFTER_S = 5.0
-"""A busy replica's 429 or 503 relayed without one: the forwarder's default wait."""
+"""A busy replica's 429 or 503 relayed without a (valid) Retry-After: the forwarder's default wait."""
+_BUSY = frozenset({429, 503})
 
 
 def fleet_scope(method: str, path: str) -> str | None:
@@ -113,27 +114,30 @@ class FanOut:
                            skipped: dict[str, str]) -> web.StreamResponse:
         """Single-answer management calls (copy, delete, and pull/create/push with stream:false)."""
 
-        async def call(upstream: Upstream) -> tuple[int, bytes]:
+        async def call(upstream: Upstream) -> tuple[int, bytes, float | None]:
+            """The replica's status and body, and the wait its 429 or 503 asks for (None: none, or
+            not a valid one)."""
             try:
                 async with self.fleet.request(
                         upstream, request.method, request.raw_path, data=ctx.body or b"",
                         headers=self._headers(request)) as reply:
-                    return reply.status, await reply.read()
+                    told = told_wait_s(reply.headers) if reply.status in _BUSY else None
+                    return reply.status, await reply.read(), told
             except (aiohttp.ClientError, OSError) as exc:
-                return 502, orjson.dumps({"error": f"cannot reach replica: {type(exc).__name__}"})
+                return 502, orjson.dumps({"error": f"cannot reach replica: {type(exc).__name__}"}), None
 
         answers = await asyncio.gather(*(call(u) for u in live))
         results: dict[str, Any] = {}
-        failures: list[tuple[str, int, str]] = []
-        for upstream, (status, body) in zip(live, answers, strict=True):
+        failures: list[tuple[str, int, str, float | None]] = []
+        for upstream, (status, body, told) in zip(live, answers, strict=True):
             error = _error_text(body)
             results[upstream.name] = "success" if status == 200 else f"{status}: {error}"
             if status != 200:
-                failures.append((upstream.name, status, error))
+                failures.append((upstream.name, status, error, told))
         results.update(skipped)
         header = ", ".join(f"{n}={'success' if r == 'success' else r.split(':')[0]}"
                            for n, r in results.items())
-        statuses = {status for status, _ in answers}
+        statuses = {status for status, _, _ in answers}
         operation = request.path.rsplit("/", 1)[-1]
         if statuses == {404}:  # nowhere to be found: Ollama's own 404, from the first replica
             ctx.status = 404
@@ -146,13 +150,15 @@ class FanOut:
             ctx.status = 200
             return web.Response(body=orjson.dumps({"status": "success", "replicas": results}),
                                 headers={"Content-Type": "application/json", RESULTS_HEADER: header})
-        name, status, error = failures[0]
+        name, status, error, told = failures[0]
         ctx.status = status if status >= 400 else 502
         headers = {"Content-Type": _JSON, RESULTS_HEADER: header}
-        if ctx.status in (429, 503):
-            # Every 429 and 503 the proxy sends says when to come back, as the forwarder's do (a
-            # replica's busy answer carries none).
-            headers.update(retry_headers(_RETRY_AFTER_S))
+        if ctx.status in _BUSY:
+            # Every 429 and 503 the proxy sends says when to come back, as the forwarder's do: the
+            # wait the replica whose answer this is asked for, in the forwarder's bounds (at least
+            # 1 s; at most 60, with `x-should-retry: false` past it), else the default (Ollama's own
+            # busy answer carries none).
+            headers.update(retry_headers(max(1.0, told) if told is not None else _RETRY_AFTER_S))
         return web.Response(status=ctx.status, body=orjson.dumps(
             {"error": f"{operation} failed on {name}: {error}", "replicas": results}),
             headers=headers)

@@ -65,6 +65,18 @@ def test_status_faults(emulator: Server) -> None:
     assert _hits(emulator) == 2
 
 
+def test_a_status_fault_can_say_when_to_come_back(emulator: Server) -> None:
+    """Ollama's own busy answer has no Retry-After; a setting can add one (`retry_after_s`), or a
+    header of any text (`retry_after`: a date, or nothing a client can read)."""
+    _set(emulator, status=503)
+    assert "retry-after" not in httpx.post(f"{emulator.url}/api/generate", json=STREAM).headers
+    _set(emulator, status=503, retry_after_s=7)
+    busy = httpx.post(f"{emulator.url}/api/generate", json=STREAM)
+    assert (busy.status_code, busy.headers["retry-after"]) == (503, "7")
+    _set(emulator, status=503, retry_after="soon")
+    assert httpx.post(f"{emulator.url}/api/generate", json=STREAM).headers["retry-after"] == "soon"
+
+
 def test_count_and_paths(emulator: Server) -> None:
     _set(emulator, status=503, count=2, paths=["*"])
     statuses = [httpx.get(f"{emulator.url}/api/version").status_code for _ in range(3)]

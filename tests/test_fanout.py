@@ -131,4 +131,27 @@ def test_a_busy_fleet_answer_says_when_to_come_back(fleet: tuple[Server, Server,
                        ("/api/copy", {"source": "llama3.2", "destination": "copy"})):
         answer = httpx.post(f"{proxy.url}{path}", json=body, headers=admin, timeout=30)
         assert answer.status_code == 503, answer.text
-        assert int(answer.headers["Retry-After"]) >= 1 and "replicas" in answer.json()
+        assert answer.headers["Retry-After"] == "5" and "replicas" in answer.json()  # the default
+
+
+@pytest.mark.parametrize("told,expected", [
+    ({"retry_after_s": 17}, {"retry-after": "17", "retry-after-ms": "17000"}),
+    ({"retry_after_s": 0}, {"retry-after": "1", "retry-after-ms": "1000"}),  # never "retry at once"
+    ({"retry_after_s": 600}, {"retry-after": "60", "retry-after-ms": "60000", "x-should-retry": "false"}),
+    ({"retry_after": "soon"}, {"retry-after": "5", "retry-after-ms": "5000"}),  # unreadable: the default
+], ids=["17s", "0s", "600s", "unreadable"])
+def test_a_busy_fleet_answer_relays_the_replicas_own_wait(
+        fleet: tuple[Server, Server, Server], told: dict[str, object], expected: dict[str, str]) -> None:
+    """A replica that says when to come back (its 503's Retry-After) is relayed in the forwarder's
+    bounds: at least 1 s, at most 60 (and `x-should-retry: false` past it); a value no client can read
+    gives the default, as no value does."""
+    a, b, proxy = fleet
+    for replica in (a, b):
+        httpx.post(f"{replica.url}/_emulator/faults", timeout=5,
+                   json={"status": 503, "paths": ["/api/copy"], **told})
+    answer = httpx.post(f"{proxy.url}/api/copy", json={"source": "llama3.2", "destination": "copy"},
+                        headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+    assert answer.status_code == 503, answer.text
+    assert {name: answer.headers.get(name) for name in expected} == expected
+    if "x-should-retry" not in expected:
+        assert "x-should-retry" not in answer.headers

@@ -28,7 +28,7 @@ from .anthropic_compat import AnthropicError, AnthropicRoutes, anthropic_error_t
 from .catalog import ModelStore
 from .cloud import CLOUD_PATHS, CloudRoutes, cloud_error_message
 from .engine import ContextOverflow, Engine, EngineSettings
-from .faults import FAULT_KEY, FAULTS, FaultBox, ListenerControl
+from .faults import FAULT_KEY, FAULTS, FaultBox, Faults, ListenerControl
 from .management import ManagementRoutes
 from .native import NativeRoutes, RequestError
 from .openai_compat import OpenAIError, OpenAIRoutes, openai_error_type
@@ -219,6 +219,14 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
                 control.refuse_for(set_to.refuse_connections_s)
         return web.json_response(faults.as_dict())
 
+    def with_retry_after(refused: web.StreamResponse, active: Faults) -> web.StreamResponse:
+        """`refused` with the Retry-After the setting asks for (none unless it asks: neither Ollama
+        nor ollama.com sends one); an error body is small, so its headers are not sent yet."""
+        header = active.retry_after_header
+        if header is not None and not refused.prepared:
+            refused.headers["Retry-After"] = header
+        return refused
+
     async def apply_faults(request: web.Request, cloud: bool) -> web.StreamResponse | None:
         """Answer or stall the request as the faults in force say; None lets it through. `cloud`: the
         request names a cloud model on a route Ollama forwards to ollama.com."""
@@ -229,15 +237,14 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
             # ollama.com's refusal, copied through by the daemon: status, body, and no Retry-After
             # unless the setting asks for one.
             message = active.message or cloud_error_message(active.cloud_status, request.path)
-            refused = await render_error(request, RequestError(active.cloud_status, message))
-            if active.retry_after_s is not None and not refused.prepared:
-                refused.headers["Retry-After"] = str(active.retry_after_s)
-            return refused
+            return with_retry_after(await render_error(request, RequestError(active.cloud_status,
+                                                                             message)), active)
         if active.status is not None:
             message = active.message or (SERVER_BUSY if active.status == 503 else
                                          "an error was encountered while running the model: "
                                          "emulated fault")
-            return await render_error(request, RequestError(active.status, message))
+            return with_retry_after(await render_error(request, RequestError(active.status, message)),
+                                    active)
         if active.hang_before_headers:
             try:
                 await asyncio.Event().wait()

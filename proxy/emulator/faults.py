@@ -7,7 +7,10 @@
                            (`Server overloaded, please retry shortly (ref: <uuid>)`), or 502 (the daemon
                            cannot reach ollama.com); local models are untouched and `count` counts
                            cloud requests only (`message` overrides the text)
-    retry_after_s          with cloud_status: send this `Retry-After` (ollama.com itself sends none)
+    retry_after_s          with cloud_status or status: send this `Retry-After` (ollama.com itself, and
+                           Ollama's own busy or failed answers, send none)
+    retry_after            with cloud_status or status: send `Retry-After` with exactly this text (an
+                           HTTP date, or a value no client can read), instead of retry_after_s
     hang_before_headers    accept the request and never answer (until the client leaves)
     reset_after_chunks     abort the connection after N body writes of a stream
     hang_after_chunks      stop sending after N body writes, keeping the connection open
@@ -51,6 +54,7 @@ class Faults:
         attrs.validators.in_((429, 502, 503))))
     retry_after_s: int | None = attrs.field(default=None, validator=attrs.validators.optional(
         attrs.validators.ge(0)))
+    retry_after: str | None = None
     hang_before_headers: bool = False
     reset_after_chunks: int | None = None
     hang_after_chunks: int | None = None
@@ -60,6 +64,13 @@ class Faults:
     missing_done: bool = False
     count: int | None = None
     paths: tuple[str, ...] = INFERENCE_PATHS
+
+    @property
+    def retry_after_header(self) -> str | None:
+        """The `Retry-After` a refusal (`status`, `cloud_status`) carries, None: none."""
+        if self.retry_after is not None:
+            return self.retry_after
+        return None if self.retry_after_s is None else str(self.retry_after_s)
 
     def applies_to(self, path: str) -> bool:
         return "*" in self.paths or path in self.paths
