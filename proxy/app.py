@@ -25,7 +25,7 @@ from .placement import Placement
 from .plugin import PluginServices, Subrequests, structure_plugins
 from .plugin_chain import PluginChain
 from .reload import Reloader, Runtime
-from .serving import STOP, GracefulStop
+from .serving import EDGE_ERROR_HEADERS, STOP, GracefulStop
 from .state.base import StateBackend
 from .state.memory import MemoryState
 from .system import add_system_routes
@@ -148,6 +148,7 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
                           client_max_size=2**62)
     app[STOP] = stop
     app[INGRESS] = ingress
+    app[EDGE_ERROR_HEADERS] = ingress.edge_error_headers
     app.on_response_prepare.append(add_context_headers)
     # Order matters: the pools open before the probes start and close after they stopped.
     app.cleanup_ctx.append(fleet.lifecycle)

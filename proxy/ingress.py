@@ -166,6 +166,12 @@ class Ingress:
         self._finish(request, ctx, None, attributes, response)
         return ctx
 
+    def edge_error_headers(self) -> dict[str, str]:
+        """X-Service-Limits (the limit every request has) and a new X-Request-Id, for the errors the
+        edge answers before a request exists (serving.EDGE_ERROR_HEADERS)."""
+        return {"X-Service-Limits": f"v=1; max_body_bytes={self.max_body_bytes}",
+                "X-Request-Id": f"{self._id_prefix}-{next(self._ids)}"}
+
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = self.new_context(request)

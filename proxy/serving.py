@@ -32,6 +32,7 @@ from .escaping import escape
 from .rendering import error_body
 
 __all__ = [
+    "EDGE_ERROR_HEADERS",
     "STOP",
     "EdgeHandler",
     "GracefulStop",
@@ -77,12 +78,14 @@ def _log_safe(char: str) -> bool:
 
 
 def _raw_response(status: int, reason: str, message: str, code: str, *,
-                  retry_after_s: int | None = None) -> bytes:
+                  retry_after_s: int | None = None, headers: dict[str, str] | None = None) -> bytes:
     """A complete HTTP/1.1 response that closes the connection, for refusals made before aiohttp has a
-    request object (the connection cap, a head that never ends)."""
+    request object (the connection cap, a head that never ends). `headers`: the proxy's own
+    (`EdgeHandler.error_headers`: ASCII by construction, never a client's bytes)."""
     body = error_body("ollama", status, code, message)
     extra = (f"Retry-After: {retry_after_s}\r\nretry-after-ms: {retry_after_s * 1000}\r\n"
              if retry_after_s is not None else "x-should-retry: false\r\n" if 400 <= status < 500 else "")
+    extra += "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n")
     return head.encode("ascii") + body
@@ -143,7 +146,7 @@ class EdgeHandler(RequestHandler):
                                 server.max_connections, server.refused_connections)
                 transport.write(_raw_response(  # type: ignore[attr-defined]
                     503, "Service Unavailable", "too many open connections to the proxy",
-                    "too_many_connections", retry_after_s=1))
+                    "too_many_connections", retry_after_s=1, headers=self._error_headers()))
                 self.force_close()
                 return
         self._arm()
@@ -184,15 +187,20 @@ class EdgeHandler(RequestHandler):
             if counting and self._head_bytes > self.max_header_bytes:
                 self._refuse_head()
 
+    def _error_headers(self) -> dict[str, str]:
+        return self.error_headers() if self.error_headers is not None else {}
+
     def _refuse_head(self) -> None:
-        log.info("refusing a request head over server.max_header_bytes=%d from %s",
-                 self.max_header_bytes, escape_field(self._peer()))
+        headers = self._error_headers()
+        log.info("refusing a request head over server.max_header_bytes=%d from %s (request id %s)",
+                 self.max_header_bytes, escape_field(self._peer()), headers.get("X-Request-Id", "-"))
         self._head_bytes = -1
         busy = self._request_in_progress or bool(self._messages)
         if self.transport is not None and not busy:
             self.transport.write(_raw_response(
                 431, "Request Header Fields Too Large",
-                f"request head exceeds {self.max_header_bytes} bytes", "request_header_fields_too_large"))
+                f"request head exceeds {self.max_header_bytes} bytes", "request_header_fields_too_large",
+                headers=headers))
         # A pipelined head behind a running request cannot be answered in order: only closed.
         self.force_close()
 
@@ -225,10 +233,16 @@ class EdgeHandler(RequestHandler):
         else:
             log.error("%s", message)
 
+    error_headers: Callable[[], dict[str, str]] | None = None
+    """Headers for the errors answered here (`EDGE_ERROR_HEADERS` of the app; a new request id each)."""
+
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         """A JSON error response that never quotes the request's bytes; the connection closes."""
         del message
+        # X-Service-Limits and X-Request-Id, as on every response: this one never reaches the app's
+        # on_response_prepare (aiohttp sends it only for a routed request). The id goes in the log line.
+        headers = self._error_headers()
         if status >= 500:
             self.log_exception("error handling a request", exc_info=exc)
             code, text = "internal_error", "internal proxy error"
@@ -241,15 +255,21 @@ class EdgeHandler(RequestHandler):
                 code, text = "bad_request", "malformed request line"
             else:
                 code, text = "bad_request", "malformed request head"
-            log.info("refused a malformed request from %s: %s (%d)", escape_field(request.remote or "-"),
-                     type(exc).__name__ if exc is not None else "-", status)
+            log.info("refused a malformed request from %s: %s (%d, request id %s)",
+                     escape_field(request.remote or "-"), type(exc).__name__ if exc is not None else "-",
+                     status, headers.get("X-Request-Id", "-"))
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send the error")
         response = web.Response(status=status, body=error_body("ollama", status, code, text),
                                 content_type="application/json", charset="utf-8")
+        response.headers.update(headers)
         response.force_close()
         return response
 
+
+EDGE_ERROR_HEADERS: web.AppKey[Callable[[], dict[str, str]]] = web.AppKey("sop_edge_error_headers")
+"""Set on the proxy's application: the headers of an error `EdgeHandler.handle_error` answers (what
+aiohttp's parser refused: a bad request line, a header over the cap), which the app's hooks never see."""
 
 HeadDeadlineHandler = EdgeHandler
 """The former name (docs/ARCHITECTURE.md uses it)."""
@@ -257,14 +277,16 @@ HeadDeadlineHandler = EdgeHandler
 
 class _EdgeServer(web.Server):
     def __init__(self, *args: Any, header_timeout_s: float, max_header_bytes: int,
-                 max_connections: int, **kwargs: Any) -> None:
+                 max_connections: int, error_headers: Callable[[], dict[str, str]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
         self.open_connections = 0
         self.refused_connections = 0
         self._handler_class = type("BoundEdgeHandler", (EdgeHandler,),
                                    {"header_timeout_s": header_timeout_s,
-                                    "max_header_bytes": max_header_bytes})
+                                    "max_header_bytes": max_header_bytes,
+                                    "error_headers": error_headers})
 
     def __call__(self) -> RequestHandler:
         return self._handler_class(self, loop=self._loop, **self._kwargs)  # type: ignore[no-any-return]
@@ -287,7 +309,8 @@ class ProxyRunner(web.AppRunner):
             base.request_handler, request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation, loop=asyncio.get_running_loop(),
             header_timeout_s=self._header_timeout_s, max_header_bytes=self._max_header_bytes,
-            max_connections=self._max_connections, **base._kwargs)
+            max_connections=self._max_connections, error_headers=self.app.get(EDGE_ERROR_HEADERS),
+            **base._kwargs)
 
 
 async def start_site(app: web.Application, host: str, port: int, *, backlog: int = 2048,

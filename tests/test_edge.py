@@ -18,7 +18,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.raw import connect, read_response, request
+from tests.support.polling import wait_for
+from tests.support.raw import RawResponse, connect, read_response, request
 from tests.support.servers import Server, start_emulator, start_proxy
 
 KEY = "edge-key-7f3a9c21d4"
@@ -62,6 +63,14 @@ def _wait_for_log(server: Server, pattern: str, timeout_s: float = 10.0) -> str:
     raise AssertionError(f"{pattern!r} never appeared in the proxy log:\n{server.log()[-3000:]}")
 
 
+def _has_edge_headers(server: Server, response: RawResponse) -> None:
+    """Versioned limits and a request id on a refusal made before any request existed; the id names the
+    refusal's log line."""
+    assert response.headers["x-service-limits"].startswith("v=1; max_body_bytes="), response.headers
+    request_id = response.headers["x-request-id"]
+    wait_for(lambda: request_id in server.log(), what=f"the log line of {request_id}")
+
+
 # head cap -------------------------------------------------------------------------------------------------
 def test_a_head_over_the_cap_is_431_before_authentication(proxy: Server) -> None:
     """Many headers, each well under the per-line limit, together over `max_header_bytes`; no key at
@@ -73,6 +82,8 @@ def test_a_head_over_the_cap_is_431_before_authentication(proxy: Server) -> None
     assert response.headers["x-should-retry"] == "false"
     assert response.closed
     text = _wait_for_log(proxy, r'"GET /api/tags" 431 request_header_fields_too_large')
+    assert response.headers["x-service-limits"].startswith("v=1; max_body_bytes=")
+    assert response.headers["x-request-id"] in text
     record = next(line for line in reversed(text.splitlines()) if " 431 " in line)
     assert "upstream=-" in record  # nothing of it went upstream
 
@@ -93,6 +104,7 @@ def test_a_head_that_never_ends_is_refused_while_it_grows(proxy: Server) -> None
         response = read_response(sock)
     assert response.status == 431
     assert response.json()["code"] == "request_header_fields_too_large"
+    _has_edge_headers(proxy, response)
     assert response.closed
 
 
@@ -101,6 +113,7 @@ def test_one_oversized_header_line_is_431(proxy: Server) -> None:
                        + b"X-Huge: " + b"h" * (HEAD_CAP + 100) + b"\r\n\r\n")
     assert response.status == 431
     assert response.json()["code"] == "request_header_fields_too_large"
+    _has_edge_headers(proxy, response)
     assert response.closed
 
 
@@ -266,8 +279,12 @@ def test_malformed_heads_leave_no_key_and_no_traceback_in_the_log(proxy: Server,
     assert 400 <= response.status < 500
     assert response.headers["content-type"].startswith("application/json")
     assert KEY not in response.body.decode("latin-1")  # the answer does not echo the head either
-    time.sleep(0.3)
-    written = proxy.log()[before:]
+    # Versioned limits and an id on this response too, though no request ever existed; the id names
+    # the log line of the refusal.
+    assert response.headers["x-service-limits"].startswith("v=1; max_body_bytes="), response.headers
+    request_id = response.headers["x-request-id"]
+    written = wait_for(lambda: text if request_id in (text := proxy.log()[before:]) else None,
+                       what="the refusal's log line")
     assert KEY not in written
     assert "Traceback" not in written
 
@@ -491,6 +508,7 @@ def test_too_many_headers_is_431(proxy: Server) -> None:
     response = request(proxy.port, b"GET /api/tags HTTP/1.1\r\nHost: x\r\n" + _auth() + headers + b"\r\n")
     assert response.status == 431
     assert response.json()["code"] == "request_header_fields_too_large"
+    _has_edge_headers(proxy, response)
     assert response.closed
 
 
