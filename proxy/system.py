@@ -52,6 +52,10 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
         health enforces only for a canary of tenants (the rest are served as in shadow mode)."""
         del request
         statuses = {u.name: u.status for u in upstreams}
+        # First: while every request is refused (closed mode without Redis), no canary makes it ready.
+        why = refusing_all()
+        if why is not None:
+            return web.json_response({"status": why, "upstreams": statuses}, status=503)
         if not upstreams.eligible(None):
             health = steps.get("health")
             if health is None or health.canary is None:
@@ -61,9 +65,6 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
             # too), and pulling the whole proxy from its load balancer would fail them all.
             return web.json_response({"status": "ready (no healthy upstream for the health canary's "
                                                 "tenants)", "upstreams": statuses})
-        why = refusing_all()
-        if why is not None:
-            return web.json_response({"status": why, "upstreams": statuses}, status=503)
         return web.json_response({"status": "ready", "upstreams": statuses})
 
     async def profile(request: web.Request) -> web.Response:

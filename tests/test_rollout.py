@@ -15,7 +15,7 @@ from proxy.chain import Canary
 from proxy.schema import RolloutConfig
 from tests.support.metrics import metric
 from tests.support.polling import wait_for
-from tests.support.servers import Server, start_emulator, start_proxy
+from tests.support.servers import Server, free_port, start_emulator, start_proxy
 from tests.support.threaded import ThreadedApp
 
 TENANTS = [f"team-{i}" for i in range(12)]
@@ -109,6 +109,38 @@ def test_a_health_canary_keeps_the_proxy_ready(tmp_path: Path) -> None:
             assert ready.status_code == 200, ready.text
             assert _short(proxy, "rest").status_code == 200
             assert _short(proxy, "canary").status_code == 503
+        finally:
+            proxy.stop()
+
+
+def test_closed_mode_without_redis_is_not_ready_under_a_health_canary(tmp_path: Path) -> None:
+    """The canary's readiness (no healthy replica, yet ready: the other tenants are served as in
+    shadow mode) does not hold while `failure_mode: closed` refuses every request for want of Redis:
+    /readyz is 503 then, whatever health's rollout says."""
+    async def handler(request: web.Request) -> web.Response:
+        if request.path == "/api/ps":
+            return web.json_response({"error": "broken"}, status=500)
+        return web.json_response({"version": "0.12.0", "models": []})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    with ThreadedApp(app) as replica:
+        proxy = start_proxy(tmp_path, [{"url": replica.url, "name": "r"}], {
+            "admin": {"keys": ["sk-admin"]},
+            "tenants": [{"name": "canary", "keys": ["sk-canary"], "requests_per_minute": 100}],
+            "state": {"backend": "redis", "url": f"redis://127.0.0.1:{free_port()}/0",
+                      "failure_mode": "closed", "retry_interval_s": 1},
+            "chain": {"health": {"probe_interval_s": 0.3, "base_ejection_s": 30,
+                                 "rollout": {"enforce_share": 0.0, "tenants": ["canary"]}}}},
+                            name="canary-closed")
+        try:
+            wait_for(lambda: httpx.get(f"{proxy.url}/system/profile", timeout=10,
+                                       headers={"Authorization": "Bearer sk-admin"}).json()
+                     ["replicas"]["r"]["status"] != "healthy", what="the replica ejected")
+            assert _short(proxy, "canary").status_code == 503  # refused: Redis is out
+            ready = wait_for(lambda: (r := httpx.get(f"{proxy.url}/readyz", timeout=10)).status_code
+                             == 503 and r, what="/readyz 503")
+            assert "shared state" in ready.json()["status"], ready.text
         finally:
             proxy.stop()
 
