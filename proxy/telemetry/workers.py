@@ -23,7 +23,6 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -144,22 +143,31 @@ class WorkerMetrics:
 
     @staticmethod
     async def _peer(path: Path) -> str | None:
-        """A sibling's own metrics, or None when it does not answer in time (restarting, stopping)."""
+        """A sibling's own metrics, or None when it does not answer in time (restarting, stopping).
+
+        One HTTP/1.0 GET on a fresh Unix connection, read to its close: the sibling is this same code
+        (an aiohttp app answering with Content-Length), so no client library is needed, and the fleet
+        client (proxy/fleet/client.py) stays the only place that makes client sessions."""
+        writer: asyncio.StreamWriter | None = None
         try:
-            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path)),
-                                             timeout=aiohttp.ClientTimeout(total=_PEER_TIMEOUT_S)) \
-                    as session, session.get("http://worker/metrics") as reply:
-                if reply.status != 200:
-                    return None
-                body = bytearray()
-                async for chunk in reply.content.iter_any():
-                    body += chunk
-                    if len(body) > _MAX_PEER_BYTES:
+            async with asyncio.timeout(_PEER_TIMEOUT_S):
+                reader, writer = await asyncio.open_unix_connection(str(path), limit=2**16)
+                writer.write(b"GET /metrics HTTP/1.0\r\nHost: worker\r\n\r\n")
+                answer = bytearray()
+                while chunk := await reader.read(2**16):
+                    answer += chunk
+                    if len(answer) > _MAX_PEER_BYTES:
                         return None
-                return body.decode("utf-8", errors="replace")
-        except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             log.debug("worker metrics from %s left out: %s", path.name, type(exc).__name__)
             return None
+        finally:
+            if writer is not None:
+                writer.close()
+        head, _, body = bytes(answer).partition(b"\r\n\r\n")
+        if not head.startswith((b"HTTP/1.0 200 ", b"HTTP/1.1 200 ")):
+            return None
+        return body.decode("utf-8", errors="replace")
 
 
 WORKER_METRICS: web.AppKey[WorkerMetrics] = web.AppKey("sop_worker_metrics", WorkerMetrics)
