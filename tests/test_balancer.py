@@ -334,13 +334,18 @@ def test_decision_on_the_step_spans(tmp: Path) -> None:
             b.stop()
 
 
-def test_cost_model_prefers_residency_and_prices_evictions() -> None:
+def _two_replicas(b_holds: str, b_context: int) -> tuple[Placement, Upstream, Upstream]:
+    """Placement over replicas a (llama3.2 loaded with 4096) and b (`b_holds` with `b_context`), 8 s loads."""
     upstreams = UpstreamSet([Upstream("a", URL("http://127.0.0.1:1")),
                              Upstream("b", URL("http://127.0.0.1:2"))])
-    placement = Placement(BalancerConfig(cold_load_s=8.0), upstreams)
     a, b = upstreams.upstreams
     a.loaded = {"llama3.2:latest": LoadedModel("llama3.2:latest", context_length=4096)}
-    b.loaded = {"qwen3:latest": LoadedModel("qwen3:latest", context_length=4096)}
+    b.loaded = {b_holds: LoadedModel(b_holds, context_length=b_context)}
+    return Placement(BalancerConfig(cold_load_s=8.0), upstreams), a, b
+
+
+def test_cost_model_prefers_residency_and_prices_evictions() -> None:
+    placement, a, b = _two_replicas("qwen3:latest", 4096)
     assert placement.cost(a, "llama3.2:latest", 1000, 0.0) == (0.0, "resident")
     # A prompt longer than the loaded context: still resident (no load), a little behind one that fits;
     # another num_ctx than the loaded one makes Ollama reload the model.
@@ -365,12 +370,7 @@ def test_cost_model_prefers_residency_and_prices_evictions() -> None:
 def test_a_float_num_ctx_is_priced_as_the_reload_it_makes() -> None:
     """`num_ctx: 8192.0` (how Python's json writes a float) is 8192 to Ollama, which reloads a model
     loaded with 4096: placement reads it as limits does, and prefers the replica loaded with 8192."""
-    upstreams = UpstreamSet([Upstream("a", URL("http://127.0.0.1:1")),
-                             Upstream("b", URL("http://127.0.0.1:2"))])
-    placement = Placement(BalancerConfig(cold_load_s=8.0), upstreams)
-    a, b = upstreams.upstreams
-    a.loaded = {"llama3.2:latest": LoadedModel("llama3.2:latest", context_length=4096)}
-    b.loaded = {"llama3.2:latest": LoadedModel("llama3.2:latest", context_length=8192)}
+    placement, a, b = _two_replicas("llama3.2:latest", 8192)
     for num_ctx in (8192, 8192.0, 8192.9):
         placing = Placing("t", "llama3.2", 100, body={"model": "llama3.2", "options": {"num_ctx": num_ctx}})
         ranked = placement.rank("llama3.2", [a, b], placing)
