@@ -173,10 +173,11 @@ class _Capture:
     """Observer of a fully missed request's answer: keeps its bytes (up to a bound) and caches its
     vectors at the end if it was a complete 200."""
 
-    def __init__(self, plugin: EmbedCache, ask: Ask, keys: list[bytes]) -> None:
+    def __init__(self, plugin: EmbedCache, ask: Ask, keys: list[bytes], digest: str) -> None:
         self.plugin = plugin
         self.ask = ask
         self.keys = keys
+        self.digest = digest
         self.chunks: list[bytes] = []
         self.size = 0
 
@@ -191,6 +192,8 @@ class _Capture:
         answer = read_answer(self.ask.route, b"".join(self.chunks))
         self.chunks = []
         if answer is None or len(answer.vectors) != len(self.keys):
+            return
+        if not self.plugin.same_model(self.ask.model, self.digest):
             return
         usage = ctx.exchange.usage
         tokens = answer.tokens or (usage.input_tokens if usage and usage.input_tokens else 0)
@@ -213,7 +216,7 @@ class EmbedCache(Plugin):
         self.redis: RedisStore | None = None
         self.hits = 0
         self.misses = 0
-        self._pending: dict[int, tuple[Ask, list[bytes]]] = {}
+        self._pending: dict[int, tuple[Ask, list[bytes], str]] = {}
         """request id -> what `observe` needs for a request that went upstream whole."""
         self._tasks: set[asyncio.Task[None]] = set()
         names = services.telemetry.names
@@ -260,6 +263,12 @@ class EmbedCache(Plugin):
         material = b"\0".join((scope.encode(), ask.kind.encode(), ask.model.encode(), digest.encode(),
                                ask.variant, text.encode("utf-8", "surrogatepass")))
         return hashlib.sha256(material).digest()
+
+    def same_model(self, model: str, digest: str) -> bool:
+        """Do the replicas still hold `model` as `digest` alone, now that vectors keyed by it came back?
+        Otherwise (re-pulled meanwhile, on some replicas or all) they may be another model's vectors,
+        which must not be cached under this digest."""
+        return self.services.model_digest(model) == digest
 
     async def lookup(self, keys: list[bytes]) -> dict[bytes, tuple[bytes, int]]:
         """The cached entries among `keys`: memory first, then Redis for the rest (copied to memory)."""
@@ -316,14 +325,14 @@ class EmbedCache(Plugin):
         if hits == 0:
             self.misses += misses
             ctx.response_headers["X-Embed-Cache"] = f"hits=0; misses={misses}"
-            self._pending[id(ctx)] = (ask, keys)
+            self._pending[id(ctx)] = (ask, keys, digest)
             decide("miss")
             return None
-        answer = await self._fetch_misses(ask, keys, found, ctx)
+        answer = await self._fetch_misses(ask, keys, digest, found, ctx)
         if answer is None:
             self.misses += len(keys)
             ctx.response_headers["X-Embed-Cache"] = f"hits=0; misses={len(keys)}"
-            self._pending[id(ctx)] = (ask, keys)
+            self._pending[id(ctx)] = (ask, keys, digest)
             decide("partial_failed")  # the whole request goes upstream: its own answer or error
             return None
         self.hits += hits
@@ -332,7 +341,8 @@ class EmbedCache(Plugin):
         decide("partial")
         return answer
 
-    async def _fetch_misses(self, ask: Ask, keys: list[bytes], found: dict[bytes, tuple[bytes, int]],
+    async def _fetch_misses(self, ask: Ask, keys: list[bytes], digest: str,
+                            found: dict[bytes, tuple[bytes, int]],
                             ctx: RequestContext) -> web.StreamResponse | None:
         """Send the missing inputs (once each) upstream through the chain, cache them and answer the
         whole request in order; None when the sub-request did not give a usable answer."""
@@ -346,6 +356,8 @@ class EmbedCache(Plugin):
         upstream = read_answer("/api/embed", raw) if status == 200 else None
         if upstream is None or len(upstream.vectors) != len(missing):
             return None
+        if not self.same_model(ask.model, digest):
+            return None  # the model changed meanwhile: its vectors and the cached ones must not mix
         vectors = upstream.vectors if ask.kind != "b64" else [to_base64(v) for v in upstream.vectors]
         shares = apportion(upstream.tokens, missing)
         fresh = {text: (vector, share) for text, vector, share in zip(missing, vectors, shares, strict=True)}

@@ -321,18 +321,20 @@ class UpstreamSet:
         return any(key in u.loaded or (u.models is not None and key in u.models) for u in self.upstreams)
 
     def digest(self, model: str) -> str | None:
-        """The digest of `model` as some replica holds it (loaded, or listed on disk), None when no replica
-        reported one. Replicas holding different digests of one name: the first found."""
+        """The digest of `model` as the replicas hold it (loaded, or listed on disk), None when no replica
+        reported one, or when they report more than one (a re-pull under way on some replicas, or a
+        runner still loaded from the model a pull replaced): a request may then be served by either
+        model, and what is keyed by this digest (cached vectors) must not be taken for the other's."""
         key = model_key(model)
+        found: set[str] = set()
         for upstream in self.upstreams:
             loaded = upstream.loaded.get(key)
             if loaded is not None and loaded.digest:
-                return loaded.digest
-        for upstream in self.upstreams:
-            digest = upstream.digests.get(key)
-            if digest:
-                return digest
-        return None
+                found.add(loaded.digest)
+            listed = upstream.digests.get(key)
+            if listed:
+                found.add(listed)
+        return next(iter(found)) if len(found) == 1 else None
 
     def tracks(self, model: str) -> bool:
         """May per-model state (queues, measurements, tokenizers) be created for `model`? Yes for a known

@@ -23,6 +23,7 @@ from plugins.embed_cache import _ENTRY_OVERHEAD_BYTES, MemoryStore
 from proxy.embeddings import read_answer
 from proxy.plugin import PluginError, structure_plugins
 from tests.support.metrics import metric
+from tests.support.polling import wait_for
 from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, start_emulator, start_proxy
 
@@ -193,7 +194,9 @@ def test_a_new_digest_invalidates(tmp_path: Path) -> None:
         deadline = time.monotonic() + 30
         while True:  # until the probes report the new digest; a stale hit would never end this loop
             reply = _post(proxy, "/api/embed", body)
-            if reply.json()["embeddings"][0] == direct:
+            # While /api/ps and /api/tags disagree on the digest (a probe has seen one, not yet the
+            # other), nothing is cached: the answer is the replica's, without the header.
+            if reply.json()["embeddings"][0] == direct and "x-embed-cache" in reply.headers:
                 break
             assert time.monotonic() < deadline, "the cache kept answering the replaced model's vectors"
             time.sleep(0.3)
@@ -201,6 +204,54 @@ def test_a_new_digest_invalidates(tmp_path: Path) -> None:
     finally:
         proxy.stop()
         emulator.stop()
+
+
+def test_replicas_holding_different_digests_cache_nothing(tmp_path: Path) -> None:
+    """A rolling re-pull: one replica holds the new model under the name, the other still the old one, and
+    a request may be served by either. Nothing is cached then (the key's digest could name the other
+    model), so once every replica holds the new model no old vector is answered: before, the vectors the
+    old replica computed were cached under the digest found first (the new one) and answered for ever."""
+    first = start_emulator(tmp_path, name="cache-rollout-a")
+    second = start_emulator(tmp_path, name="cache-rollout-b")
+    proxy = start_proxy(tmp_path, [first.url, second.url], {
+        "chain": {"health": {"probe_interval_s": 0.3}},
+        "models": {MODEL: {"options": {"num_ctx": 2048}}},
+        "plugins": [{"name": "embed_cache"}]}, name="cache-rollout")
+
+    def tags_probes(server: Server) -> int:
+        return int(server.stats()["requests"].get("GET /api/tags", 0))
+
+    def replace(server: Server) -> None:
+        """The model replaced under its name (other digest, other vector size); returns once the proxy
+        has listed the replica's models twice since."""
+        seen = tags_probes(server)
+        assert httpx.post(f"{server.url}/api/copy", timeout=30,
+                          json={"source": "llama3.2", "destination": MODEL}).status_code == 200
+        wait_for(lambda: tags_probes(server) >= seen + 2, 20, "two listings of the new model")
+
+    try:
+        _warm(proxy)
+        replace(first)
+        new_size = len(httpx.post(f"{first.url}/api/embed", json={"model": MODEL, "input": "x"},
+                                  timeout=30).json()["embeddings"][0])
+        texts = [f"rollout text {i}" for i in range(6)]
+        for text in texts:  # served by either replica while they differ
+            reply = _post(proxy, "/api/embed", {"model": MODEL, "input": text})
+            assert reply.status_code == 200 and "x-embed-cache" not in reply.headers, reply.headers
+        replace(second)
+        deadline = time.monotonic() + 20
+        for text in texts:
+            while len(_post(proxy, "/api/embed", {"model": MODEL, "input": text}).json()[
+                    "embeddings"][0]) != new_size:
+                assert time.monotonic() < deadline, "an old model's vector answered from the cache"
+                time.sleep(0.3)
+        # Agreed again on the new digest: cached as before.
+        assert _post(proxy, "/api/embed", {"model": MODEL, "input": texts[0]}).headers[
+            "x-embed-cache"] == "hits=1; misses=0"
+    finally:
+        proxy.stop()
+        first.stop()
+        second.stop()
 
 
 def test_redis_is_shared_by_replicas_and_its_failure_falls_back_to_memory(
