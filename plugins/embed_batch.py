@@ -82,6 +82,23 @@ class _Waiter:
     """Each distinct input's token count by the model's own tokenizer (None: only the estimate)."""
     sent: bool = False
     """Its inputs went upstream in a batch: the replica works for it whether it stays or not."""
+    batch: _Sent | None = None
+    """The batch it went upstream in (once sent)."""
+
+
+@attrs.define
+class _Sent:
+    """A batch on its way upstream: its sub-request's task and the requests it answers."""
+
+    waiters: list[_Waiter]
+    task: asyncio.Task[None] | None = None
+
+    def left(self) -> None:
+        """One of its requests left (client gone, deadline passed): when none is waiting any more, the
+        sub-request is cancelled, as the forwarder's call is when its client leaves (otherwise it kept
+        a queue slot and the replica for nobody, up to `timeout_s`)."""
+        if self.task is not None and all(waiter.future.done() for waiter in self.waiters):
+            self.task.cancel()
 
 
 @attrs.define
@@ -203,6 +220,8 @@ class EmbedBatch(Plugin):
     def _abandon(ctx: RequestContext, waiter: _Waiter) -> None:
         if waiter.sent and ctx.exchange.first_byte_at is None:
             ctx.exchange.abandoned = True
+        if waiter.batch is not None:
+            waiter.batch.left()
 
     def _join(self, waiter: _Waiter, texts: dict[str, None], size: int) -> None:
         ask = waiter.ask
@@ -241,9 +260,12 @@ class EmbedBatch(Plugin):
             for waiter in live:
                 waiter.future.set_result(None)
             return
+        sent = _Sent(live)
         for waiter in live:
             waiter.sent = True  # from here the batch goes upstream with its inputs, whoever stays
+            waiter.batch = sent
         task = asyncio.get_running_loop().create_task(self._send(live))
+        sent.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -267,6 +289,12 @@ class EmbedBatch(Plugin):
             self.inputs["yes"] += len(texts)
             self.inputs["deduplicated"] += asked - len(texts)
             self._split(waiters, texts, answer)
+        except asyncio.CancelledError:
+            # Every request of the batch left (or the plugin stops): nobody to answer.
+            self.batches["failed"] += 1
+            log.info("embed_batch: every request of a batch of %d left; its call was cancelled",
+                     len(waiters))
+            raise
         except Exception as exc:  # fail open: the requests go on by themselves
             self.batches["failed"] += 1
             log.warning("embed_batch: a batch failed in the proxy (%s); its requests go on one by one",

@@ -364,3 +364,40 @@ def test_a_batch_is_split_by_each_inputs_tokens_not_its_bytes(proxy: Server, emu
     for reply, text in zip(replies, (dense, sparse), strict=True):
         charged = int(reply.json()["prompt_eval_count"])
         assert abs(charged - alone[text]) <= 10, (charged, alone)
+
+
+def test_a_batch_whose_requests_all_left_is_cancelled(tmp_path: Path) -> None:
+    """Every request of a batch gone (here: their deadline passed, 504) while the replica has not
+    answered: the batch's call is cancelled, as the forwarder's is when its client leaves. Before, it
+    held its queue slot and the replica until `timeout_s` (120 s) for nobody, and the next embedding
+    request waited behind it (503 queue_timeout after 30 s)."""
+    emulator = start_emulator(tmp_path, name="embed-batch-left-emu")
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "tenants": [{"name": "team", "keys": ["sk-batch-team"]}, {"name": "system", "keys": ["sk-sys"]}],
+        "plugins": [{"name": "embed_batch", "window_s": 0.2, "tenant": "system"}]}, name="embed-batch-left")
+    try:
+        headers = {"Authorization": "Bearer sk-batch-team"}
+        assert httpx.post(f"{proxy.url}/api/embed", json={"model": MODEL, "input": "warm"}, headers=headers,
+                          timeout=30).status_code == 200
+        assert httpx.post(f"{emulator.url}/_emulator/faults", timeout=5, json={
+            "hang_before_headers": True, "count": 1, "paths": ["/api/embed"]}).status_code == 200
+
+        async def scenario() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                return list(await asyncio.gather(*(client.post(
+                    f"{proxy.url}/api/embed", json={"model": MODEL, "input": f"hangs {i}"},
+                    headers={**headers, "X-Deadline-S": "1"}) for i in range(2))))
+
+        replies = asyncio.run(scenario())
+        assert [(r.status_code, r.headers.get("x-should-retry")) for r in replies] == [(504, "false")] * 2
+        # The batch's own request ended with them (its client, the plugin, left) ...
+        wait_for(lambda: any(re.search(r'"POST /api/embed" 499 .*tenant=system', line)
+                             for line in proxy.log().splitlines()), 10, "the batch's call cancelled")
+        # ... and the next request is served at once, not queued behind it.
+        started = time.monotonic()
+        reply = httpx.post(f"{proxy.url}/api/embed", json={"model": MODEL, "input": "after"}, headers=headers,
+                           timeout=15)
+        assert reply.status_code == 200 and time.monotonic() - started < 10, reply.text
+    finally:
+        proxy.stop()
+        emulator.stop()
