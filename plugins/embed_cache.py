@@ -23,6 +23,7 @@ from aiohttp import web
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from proxy.embeddings import Ask, apportion, parse_ask, read_answer, render, respond, to_base64
+from proxy.errors import DeadlinePassed
 from proxy.ollama import Usage
 from proxy.plugin import Plugin, PluginConfig, PluginServices
 from proxy.schema import redis_url
@@ -350,9 +351,30 @@ class EmbedCache(Plugin):
         missing = list(dict.fromkeys(text for text, key in zip(ask.inputs, keys, strict=True)
                                      if key not in found))
         tenant = self.config.tenant or ctx.tenant.name
-        status, raw = await self.services.subrequests.post_raw(
+        call = self.services.subrequests.post_raw(
             "/api/embed", {"model": ask.model, "input": missing, **ask.upstream}, tenant=tenant,
             timeout_s=self.config.timeout_s)
+        # The request's deadline holds while its misses are upstream, as it does for the forwarder's
+        # call: 504 when it passes (not the sub-request's own bound, and then a queue that finds the
+        # deadline gone).
+        remaining = None if ctx.deadline_at is None else ctx.deadline_at - time.monotonic()
+        if remaining is None or remaining >= self.config.timeout_s:
+            status, raw = await call
+        else:
+            try:
+                if remaining <= 0:  # gone already: nothing was sent, nothing is charged
+                    call.close()
+                    raise DeadlinePassed(f"the request's deadline of "
+                                         f"{ctx.service_limits.get('deadline_s')}s passed")
+                status, raw = await asyncio.wait_for(call, remaining)
+            except TimeoutError:
+                if self.config.tenant is not None:
+                    # Charged as a request the forwarder had sent is (the sub-request, a system
+                    # tenant's, is not the caller's); without `tenant` the sub-request, the caller's
+                    # own, is charged when it is abandoned.
+                    ctx.exchange.abandoned = True
+                raise DeadlinePassed(f"the request's deadline of {ctx.service_limits.get('deadline_s')}s "
+                                     "passed (waiting for the embeddings not cached)") from None
         upstream = read_answer("/api/embed", raw) if status == 200 else None
         if upstream is None or len(upstream.vectors) != len(missing):
             return None

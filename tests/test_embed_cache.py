@@ -178,6 +178,32 @@ def test_each_route_keeps_its_shape_and_options_change_the_key(tmp_path: Path,
         proxy.stop()
 
 
+def test_a_partial_hit_keeps_the_requests_deadline(tmp_path: Path, emulator: Server) -> None:
+    """The misses' sub-request is bounded by the request's own deadline (X-Deadline-S here): 504 with
+    x-should-retry: false when it passes, as the forwarder answers, and the sub-request is cancelled.
+    Before, the request waited for the plugin's timeout_s (120 s by default) and then got the queue's
+    503 for a deadline long gone."""
+    proxy = _proxy(tmp_path, emulator, "cache-deadline", tenant="system")
+    try:
+        _warm(proxy)
+        assert _post(proxy, "/api/embed", {"model": MODEL, "input": "cached before"}).status_code == 200
+        assert httpx.post(f"{emulator.url}/_emulator/faults", timeout=5, json={
+            "hang_before_headers": True, "count": 1, "paths": ["/api/embed"]}).status_code == 200
+        started = time.monotonic()
+        reply = httpx.post(f"{proxy.url}/api/embed", timeout=30, json={
+            "model": MODEL, "input": ["cached before", "not cached yet"]}, headers={
+            "Authorization": f"Bearer {TEAM}", "X-Deadline-S": "1"})
+        assert reply.status_code == 504, reply.text
+        assert reply.json()["code"] == "upstream_response_timeout"
+        assert reply.headers["x-should-retry"] == "false"
+        assert time.monotonic() - started < 5
+        wait_for(lambda: any('"POST /api/embed" 499' in line and "tenant=system" in line
+                             for line in proxy.log().splitlines()), 10, "the sub-request cancelled")
+    finally:
+        httpx.delete(f"{emulator.url}/_emulator/faults", timeout=5)
+        proxy.stop()
+
+
 def test_a_new_digest_invalidates(tmp_path: Path) -> None:
     emulator = start_emulator(tmp_path, name="cache-digest-emu")
     proxy = _proxy(tmp_path, emulator, "cache-digest")
