@@ -20,7 +20,15 @@ import attrs
 from aiohttp import web
 
 from proxy.context import RequestContext
-from proxy.history import Group, group_messages, last_question, message_text, message_tokens, select_groups
+from proxy.history import (
+    Group,
+    group_messages,
+    last_question,
+    message_text,
+    message_tokens,
+    role,
+    select_groups,
+)
 from proxy.offload import large, off_loop, parsed_json
 from proxy.plugin import Plugin, PluginConfig
 from proxy.prompts import count_prompt
@@ -183,8 +191,7 @@ class TrimHistory(Plugin):
         empty when they cannot be scored (fails open to recency)."""
         relevance = self.config.relevance
         assert relevance is not None and self.vectors is not None
-        query = next((message_text(m) for m in reversed(messages)
-                      if isinstance(m, dict) and m.get("role") == "user"), "")
+        query = next((message_text(m) for m in reversed(messages) if role(m) == "user"), "")
         older = len(groups) - self.config.keep_last_turns
         candidates = [i for i in range(max(0, older)) if groups[i].kind == "turn"]
         candidates = candidates[-_MAX_RELEVANCE_CANDIDATES:]

@@ -32,6 +32,7 @@ __all__ = [
     "last_question",
     "message_text",
     "message_tokens",
+    "role",
     "select_groups",
     "split_tail",
 ]
@@ -59,22 +60,41 @@ def message_text(message: Any) -> str:
     return prompt_message_text(message) if isinstance(message, dict) else ""
 
 
+def _get(message: dict[str, Any], key: str) -> Any:
+    """`message[key]`, the key matched without regard to case when it is not there as written (Go's
+    JSON decoding, which Ollama's structs get)."""
+    value = message.get(key)
+    if value is None:
+        for name, candidate in message.items():
+            if isinstance(name, str) and name.lower() == key:
+                return candidate
+    return value
+
+
+def role(message: Any) -> str:
+    """A message's role as Ollama reads it: lower-cased (api.Message's decoding lower-cases it, and the
+    OpenAI and Anthropic routes decode through it), so `System` is a system prompt and `Tool` a tool
+    result; empty for what is not a message or has no string role."""
+    value = _get(message, "role") if isinstance(message, dict) else None
+    return value.lower() if isinstance(value, str) else ""
+
+
 def _parts_of_type(message: Any, kind: str) -> bool:
-    content = message.get("content") if isinstance(message, dict) else None
+    content = _get(message, "content") if isinstance(message, dict) else None
     return isinstance(content, list) and any(
-        isinstance(part, dict) and part.get("type") == kind for part in content)
+        isinstance(part, dict) and _get(part, "type") == kind for part in content)
 
 
 def _calls_tools(message: Any) -> bool:
-    if not isinstance(message, dict) or message.get("role") != "assistant":
+    if role(message) != "assistant":
         return False
-    return bool(message.get("tool_calls")) or _parts_of_type(message, "tool_use")
+    return bool(_get(message, "tool_calls")) or _parts_of_type(message, "tool_use")
 
 
 def _is_tool_result(message: Any) -> bool:
     if not isinstance(message, dict):
         return False
-    return message.get("role") == "tool" or _parts_of_type(message, "tool_result")
+    return role(message) == "tool" or _parts_of_type(message, "tool_result")
 
 
 def message_tokens(message: Any, count: Count) -> int:
@@ -91,7 +111,7 @@ def group_messages(messages: Sequence[Any]) -> list[Group]:
     total = len(messages)
     while index < total:
         message = messages[index]
-        if isinstance(message, dict) and message.get("role") in ("system", "developer"):
+        if role(message) in ("system", "developer"):
             groups.append(Group(index, index + 1, "system"))
             index += 1
             continue
@@ -112,8 +132,7 @@ def last_question(messages: Sequence[Any], groups: Sequence[Group]) -> int | Non
     the model is asked to answer), None when there is none."""
     for index in range(len(groups) - 1, -1, -1):
         group = groups[index]
-        message = messages[group.start]
-        if group.kind == "turn" and isinstance(message, dict) and message.get("role") == "user":
+        if group.kind == "turn" and role(messages[group.start]) == "user":
             return index
     return None
 

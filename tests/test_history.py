@@ -14,7 +14,9 @@ from proxy.history import (
     chain_hashes,
     chunk_text,
     group_messages,
+    last_question,
     message_tokens,
+    role,
     select_groups,
     split_tail,
 )
@@ -46,6 +48,26 @@ def test_groups_keep_tool_calls_with_their_results_in_every_dialect() -> None:
     assert [(g.start, g.end, g.kind) for g in groups] == [
         (0, 1, "system"), (1, 2, "turn"), (2, 5, "tools"), (5, 7, "tools"), (7, 8, "system"),
         (8, 9, "turn")]
+
+
+def test_roles_are_read_in_any_case_as_ollama_lower_cases_them() -> None:
+    messages = [
+        {"role": "SYSTEM", "content": "s"},
+        {"role": "User", "content": "u1"},
+        {"Role": "Assistant", "content": "", "Tool_Calls": [{"function": {"name": "f", "arguments": {}}}]},
+        {"role": "Tool", "content": "r1"},
+        {"role": "Assistant", "Content": [{"Type": "tool_use", "id": "t", "name": "f", "input": {}}]},
+        {"role": "USER", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "x"}]},
+        {"role": "Developer", "content": "d"},
+        {"role": "uSeR", "content": "u2"},
+        {"role": 7, "content": "not a role"},
+    ]
+    groups = group_messages(messages)
+    assert [(g.start, g.end, g.kind) for g in groups] == [
+        (0, 1, "system"), (1, 2, "turn"), (2, 4, "tools"), (4, 6, "tools"), (6, 7, "system"),
+        (7, 8, "turn"), (8, 9, "turn")]
+    assert last_question(messages, groups) == 5
+    assert [role(m) for m in messages[:2]] == ["system", "user"] and role(messages[8]) == role(None) == ""
 
 
 def test_selection_keeps_pinned_groups_the_newest_that_fit_and_preferred_first() -> None:

@@ -105,6 +105,29 @@ def test_native_chat_is_trimmed_to_the_budget_keeping_system_and_tool_results(
     assert CALL in expected and RESULT in expected  # never separated, never dropped
 
 
+def test_roles_are_read_as_ollama_reads_them_in_any_case(proxy: Server, emulator: Server) -> None:
+    """Ollama lower-cases a message's role (api.Message's decoding): `System` is the system prompt, `Tool`
+    a tool result, `User` the question. Kept as their lower-case spelling is; before, they were turns
+    like any other, so the system prompt was dropped and a tool call separated from its result."""
+    messages = _history(8)
+    expected = _expected(messages, emulator)
+
+    def spelled(message: dict[str, Any]) -> dict[str, Any]:
+        return {**message, "role": message["role"].capitalize() if message["role"] != "assistant"
+                else "ASSISTANT"}
+
+    shouting = [spelled(m) for m in messages]
+    reply = httpx.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                       json={"model": "llama3.2", "messages": shouting, "stream": False,
+                             "options": {"num_predict": 1}})
+    assert reply.status_code == 200, reply.text
+    full = _direct_count(emulator, messages)
+    received = reply.json()["prompt_eval_count"]
+    assert received == _direct_count(emulator, expected)
+    assert reply.headers["x-history-trimmed"] == \
+        f"turns={len(messages) - len(expected)}; tokens={full - received}"
+
+
 def test_openai_chat_is_trimmed_and_a_small_chat_is_left_alone(proxy: Server, emulator: Server) -> None:
     client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=KEY, max_retries=0)
     messages: list[Any] = [m for m in _history(8) if m not in (CALL, RESULT)]
