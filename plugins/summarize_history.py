@@ -377,6 +377,13 @@ class SummarizeHistory(Plugin):
             if fits(base + 1, summary):
                 self.cache_hits.add(1)
                 return base + 1, summary, True
+        if base == last - 1 or not fits(last, ""):
+            # A summary of every piece is cached and does not fit, or what is kept verbatim (system
+            # prompts, tool calls and results, the newest turns) is over the budget even with an empty
+            # one: no summary can make this prompt fit. Writing one anyway cost every such request a
+            # sub-request and its wait (a summary of the cached summary, again and again).
+            self._fallback(ctx, "too_long")
+            return None
         key = plan.keys[-1]
         task = self.jobs.get(key)
         if task is None:

@@ -144,6 +144,28 @@ def test_a_slow_summary_falls_back_to_trimming_and_finishes_in_the_background(
         slow.stop()
 
 
+def test_no_summary_is_written_when_none_can_make_the_prompt_fit(tmp_path: Path,
+                                                                  emulator: Server) -> None:
+    """An agent loop whose tool result alone is over the budget (tool calls and results are always kept):
+    no summary of the older turns can make the prompt fit. It is trimmed at once, without a summary
+    sub-request; before, every such request (the same one again too) had a summary written, and waited
+    for it, only to fall back to the trim (the second one a summary of the first)."""
+    proxy = _proxy(tmp_path, emulator, "summary-hopeless", [_plugin()])
+    try:
+        big = {"role": "tool", "content": "result " + "lorem ipsum dolor sit amet " * 80}
+        messages = [SYSTEM, *(_turn(i) for i in range(8)), CALL, big, {"role": "user", "content": "So?"}]
+        chats = _chats(emulator)
+        for _ in range(2):
+            reply = _chat(proxy, messages)
+            assert "x-history-summarized" not in reply.headers
+            assert _header(reply, "x-history-trimmed")["turns"] == 8
+        assert _chats(emulator) == chats + 2  # the chats themselves, no summary
+        assert metric(proxy.url, "sop_summarize_history_fallbacks_total", reason="too_long") == 2
+        assert "tenant=summaries" not in proxy.log()
+    finally:
+        proxy.stop()
+
+
 def test_an_unknown_summary_model_fails_open_to_a_trim(tmp_path: Path, emulator: Server) -> None:
     proxy = _proxy(tmp_path, emulator, "summary-missing", [_plugin(model="no-such-model")])
     try:
