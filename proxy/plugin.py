@@ -50,6 +50,7 @@ from .telemetry import semconv
 
 if TYPE_CHECKING:
     from .context import RequestContext
+    from .ollama import Usage
     from .telemetry.setup import Telemetry
     from .tokens import Tokenizer
 
@@ -387,6 +388,12 @@ class PluginStep:
             "enforce" if self.canary.enforces(ctx.tenant.name) else "shadow")
         headers_saved = ctx.response_headers.copy()
         headers_before = headers_saved if mode == "shadow" else None
+        # An answer a plugin makes (proxy/embeddings.respond) records itself as the forwarder records a
+        # relayed one (status, first byte, complete, usage): discarded in shadow mode, or on failure,
+        # that record goes with it, or the request the forwarder then serves kept it (its first byte
+        # never timed, and a prompt abandoned upstream charged as the discarded answer's 0 tokens).
+        exchange = ctx.exchange
+        recorded = (ctx.status, exchange.first_byte_at, exchange.complete, exchange.usage)
         span: Span = INVALID_SPAN
         if self.telemetry.recording:
             span = self.telemetry.tracer.start_span(
@@ -412,6 +419,7 @@ class PluginStep:
             span.end()
             ctx.response_headers = headers_saved
             self._restore(ctx, body_before, json_before)
+            self._unrecord(ctx, recorded)
             self._failed(ctx, exc)
             return None
         decision = decisions[-1] if decisions else ("answered" if answer is not None else "pass")
@@ -422,6 +430,8 @@ class PluginStep:
                 headers_before.add("X-Shadow-Decision", f"{self.plugin.name}={decision}")
             ctx.response_headers = headers_before
             self._restore(ctx, body_before, json_before)
+            if answer is not None:
+                self._unrecord(ctx, recorded)
             self.decision_counts[f"shadow_{decision}"] += 1
             return None
         self.decision_counts[decision] += 1
@@ -438,6 +448,14 @@ class PluginStep:
     def _restore(ctx: RequestContext, body: bytes | None, parsed: Any) -> None:
         if ctx.body is not body:
             ctx.restore_body(body, parsed)
+
+    @staticmethod
+    def _unrecord(ctx: RequestContext,
+                  recorded: tuple[int, float | None, bool, Usage | None]) -> None:
+        """Put back what an answer records (ctx.status and the exchange's first byte, completeness and
+        usage: see proxy/embeddings.respond) as it was before the plugin ran."""
+        exchange = ctx.exchange
+        ctx.status, exchange.first_byte_at, exchange.complete, exchange.usage = recorded
 
     def _failed(self, ctx: RequestContext, exc: Exception) -> None:
         self.failures += 1

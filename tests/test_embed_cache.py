@@ -360,6 +360,49 @@ def test_shadow_mode_reports_the_hit_and_goes_upstream(tmp_path: Path, emulator:
         proxy.stop()
 
 
+def test_a_shadow_hit_leaves_the_request_accounted_as_the_forwarder_serves_it(tmp_path: Path,
+                                                                             emulator: Server) -> None:
+    """In shadow mode the hit's answer is discarded and the request goes upstream; what the answer had
+    recorded (a first byte, complete, 0 tokens) goes with it. Before, it stayed: a request whose
+    deadline passed after the replica had it (504) was charged the discarded answer's 0 tokens instead
+    of its prompt, and its access line said in_tokens=0."""
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "admin": {"keys": ["sk-embed-admin"]},
+        "tenants": [{"name": "meter", "keys": ["sk-embed-meter"], "tokens_per_minute": 1200}],
+        "chain": {"health": {"probe_interval_s": 0.5}},
+        "models": {MODEL: {"options": {"num_ctx": 2048}}},
+        "plugins": [{"name": "embed_cache", "mode": "shadow"}]}, name="cache-shadow-charge")
+    headers = {"Authorization": "Bearer sk-embed-meter"}
+
+    def remaining() -> float:
+        quotas = httpx.get(f"{proxy.url}/system/quotas", timeout=5,
+                           headers={"Authorization": "Bearer sk-embed-admin"}).json()
+        return float(quotas["tenants"]["meter"]["tokens_per_minute"]["remaining"])
+
+    try:
+        body = {"model": MODEL, "input": " ".join(f"word{i}" for i in range(40))}
+        deadline = time.monotonic() + 20
+        while (reply := httpx.post(f"{proxy.url}/api/embed", json=body, headers=headers, timeout=30)
+               ).headers.get("x-shadow-decision") != "embed_cache=hit":
+            assert reply.status_code == 200 and time.monotonic() < deadline, reply.headers
+            time.sleep(0.3)
+        prompt = int(reply.json()["prompt_eval_count"])
+        assert httpx.post(f"{emulator.url}/_emulator/faults", timeout=5, json={
+            "hang_before_headers": True, "count": 1, "paths": ["/api/embed"]}).status_code == 200
+        before = remaining()
+        reply = httpx.post(f"{proxy.url}/api/embed", json=body, timeout=30,
+                           headers={**headers, "X-Deadline-S": "1"})
+        assert reply.status_code == 504 and reply.headers["x-shadow-decision"] == "embed_cache=hit"
+        # Its prompt, less what refilled meanwhile (20 a second).
+        assert before - remaining() >= prompt - 60, (before, prompt)
+        line = wait_for(lambda: next((line for line in proxy.log().splitlines()
+                                      if '"POST /api/embed" 504' in line), None), 10, "the 504's line")
+        assert "in_tokens=0" not in line
+    finally:
+        httpx.delete(f"{emulator.url}/_emulator/faults", timeout=5)
+        proxy.stop()
+
+
 def test_config_is_validated_with_the_key_path() -> None:
     with pytest.raises(PluginError, match=r"plugins\[0\]\.max_bytes: must be > 0"):
         structure_plugins([{"name": "embed_cache", "max_bytes": 0}])
