@@ -20,6 +20,7 @@ import attrs
 
 from . import gojson
 from .prompts import MESSAGE_OVERHEAD
+from .prompts import message_role as prompt_message_role
 from .prompts import message_text as prompt_message_text
 from .prompts import message_tokens as prompt_message_tokens
 
@@ -74,9 +75,9 @@ def _get(message: dict[str, Any], key: str) -> Any:
 def role(message: Any) -> str:
     """A message's role as Ollama reads it: lower-cased (api.Message's decoding lower-cases it, and the
     OpenAI and Anthropic routes decode through it), so `System` is a system prompt and `Tool` a tool
-    result; empty for what is not a message or has no string role."""
-    value = _get(message, "role") if isinstance(message, dict) else None
-    return value.lower() if isinstance(value, str) else ""
+    result; empty for what is not a message or has no string role (proxy/prompts.py's reading, which
+    limits' `truncate` keeps system prompts by)."""
+    return prompt_message_role(message) if isinstance(message, dict) else ""
 
 
 def _parts_of_type(message: Any, kind: str) -> bool:

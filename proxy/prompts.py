@@ -28,6 +28,7 @@ __all__ = [
     "count_prompt",
     "expected_output",
     "int_option",
+    "message_role",
     "message_text",
     "message_tokens",
     "request_cost",
@@ -221,6 +222,14 @@ _INSTRUCTION_ROLES = ("system", "developer")
 OpenAI's name for the system prompt of its newer models (the history plugins keep it too)."""
 
 
+def message_role(message: dict[str, Any]) -> str:
+    """A chat message's role as Ollama reads it: lower-cased (api.Message's decoding lower-cases it, and
+    the OpenAI and Anthropic routes decode through it), so `System` is a system prompt; empty when it
+    has no string role."""
+    value = _field(message, "role")
+    return value.lower() if isinstance(value, str) else ""
+
+
 def truncate_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer,
                     limit: int) -> tuple[dict[str, Any], str] | None:
     """A copy of `body` whose prompt fits `limit`, and what was cut; None when it cannot fit.
@@ -246,7 +255,7 @@ def truncate_prompt(route: RouteInfo, body: dict[str, Any], tokenizer: Tokenizer
         for i, message in enumerate(messages[:-1]):
             if total <= limit:
                 break
-            if isinstance(message, dict) and _field(message, "role") in _INSTRUCTION_ROLES:
+            if isinstance(message, dict) and message_role(message) in _INSTRUCTION_ROLES:
                 continue
             if isinstance(message, dict):
                 total -= message_tokens(message, tokenizer.count)

@@ -150,6 +150,20 @@ def test_truncate_policy_keeps_developer_messages(limited: Server) -> None:
     assert 200 < response.json()["usage"]["prompt_tokens"] <= 300
 
 
+def test_truncate_policy_keeps_a_system_prompt_whatever_the_case_of_its_role(limited: Server) -> None:
+    """Ollama lower-cases a message's role: {"role": "System"} is the system prompt, kept by `truncate`
+    as the lower-case spelling is (it was the first message dropped)."""
+    messages = [{"role": "System", "content": "Answer in French. " + _words(80)},
+                *[{"role": "User" if i % 2 == 0 else "Assistant", "content": f"turn {i}: " + _words(30)}
+                  for i in range(8)],
+                {"role": "User", "content": "the newest question"}]
+    response = httpx.post(f"{limited.url}/api/chat", timeout=30, json={
+        "model": "qwen3", "messages": messages, "stream": False, "think": False})
+    assert response.status_code == 200, response.text[:200]
+    assert response.headers["x-prompt-truncated"] == "dropped 8 oldest message(s)"
+    assert 200 < response.json()["prompt_eval_count"] <= 300
+
+
 def test_canonical_options_stop_reload_thrash(limited: Server, emulator: Server) -> None:
     response = httpx.post(f"{limited.url}/api/generate", json={
         "model": "llama3.2", "prompt": "hi", "stream": False,
