@@ -419,6 +419,12 @@ class SummarizeHistory(Plugin):
             transcript = tokenizer.keep_last(transcript, max(room, 1))
             while transcript and tokenizer.count(transcript) > room:
                 transcript = transcript[1:]
+        if not transcript.strip():
+            # The limit leaves no room for any of the conversation beside the instruction: a summary
+            # written from nothing would replace the turns with whatever the model makes up.
+            log.info("summarize_history: the limit (%d tokens) leaves no room for a transcript; no summary",
+                     limit_tokens)
+            return None
         body = {"model": self.config.model, "stream": False,
                 "messages": [{"role": "system", "content": INSTRUCTION},
                              {"role": "user", "content": transcript}],

@@ -212,6 +212,29 @@ def test_limits_prompt_policy_summarize_uses_the_summarizer_or_truncates_without
         without.stop()
 
 
+def test_no_summary_is_written_from_an_empty_transcript(tmp_path: Path, emulator: Server) -> None:
+    """A limit smaller than the summarizer's instruction leaves no room for any of the conversation in the
+    summary's request: no summary (a trim), where the model was asked to summarize an empty transcript
+    and what it made up replaced the turns."""
+    # The caller's own limit (the summaries tenant has none: the summary's request is not refused).
+    tenants = [{"name": "team", "keys": [KEY], "max_prompt_tokens": 45},
+               {"name": "summaries", "keys": ["sk-summaries-unused"]}]
+    proxy = _proxy(tmp_path, emulator, "summary-no-room", [_plugin(budget_tokens=None, keep_last_turns=1)],
+                   tenants=tenants, chain={"limits": {"prompt_policy": "summarize"}})
+    try:
+        messages = [*({"role": "user" if i % 2 == 0 else "assistant",
+                       "content": f"turn {i}: my name is Bob and I like {i} apples"} for i in range(6)),
+                    {"role": "user", "content": "What is my name?"}]
+        reply = _chat(proxy, messages)
+        assert "x-history-summarized" not in reply.headers
+        assert _header(reply, "x-history-trimmed")["turns"] > 0
+        assert reply.json()["prompt_eval_count"] <= 45
+        assert metric(proxy.url, "sop_summarize_history_fallbacks_total", reason="failed") == 1
+        assert "tenant=summaries" not in proxy.log()
+    finally:
+        proxy.stop()
+
+
 def test_redis_shares_summaries_between_proxies_and_its_failure_falls_back_to_memory(
         tmp_path: Path, emulator: Server) -> None:
     redis = RedisServer(tmp_path)
