@@ -357,3 +357,55 @@ async def test_leaving_after_a_lost_immediate_grant_frees_the_slot(redis_server:
         client.close()
         await slots.close()
         await failover.close()
+
+
+async def test_leaving_after_an_enter_that_reached_redis_late_frees_the_slot(
+        redis_server: RedisServer) -> None:
+    """`enter` timed out while Redis answered other calls (its request was slow on the way), and the
+    request leaves as it does then: the leave must reach Redis after the enter, which may still
+    grant the slot once it runs. Sent on another connection, it overtook the enter and found nothing
+    to take back: the slot stayed taken, for every process, until its lease expired (found by an
+    attack through a slow link to Redis: a lease of no request left after the traffic ended)."""
+    from proxy.state.failover import FailoverState
+    from proxy.state.leases import SharedSlots, StateDown, Ticket
+    from proxy.state.redis import RedisState
+    from tests.support.stalling_relay import StallingRelay
+
+    relay = await StallingRelay.start(redis_server.port)
+    url = f"redis://127.0.0.1:{relay.port}/0"
+    failover = FailoverState(RedisState(url, "late-enter:"), timeout_s=0.5)
+    await failover.start()
+    slots = SharedSlots(failover, url, "late-enter:", 15.0)
+    await slots.start()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        # Once through, so the script is loaded in Redis: the held request is the script itself.
+        warm = Ticket(slots, slots.base(MODEL), "a", 1.0, "interactive", 10.0)
+        assert await slots.enter(warm, [("r", 1)], False) is not None
+        await slots.release(warm, -warm.share)  # its charge back too: the counter starts at 0
+        relay.hold_next(requests=True)
+        ticket = Ticket(slots, slots.base(MODEL), "a", 1.0, "interactive", 10.0)
+        entering = asyncio.ensure_future(slots.enter(ticket, [("r", 1)], False))
+        await asyncio.wait_for(relay.held.wait(), 10)
+        await failover.holders("other")  # answered on another connection: Redis is up
+        with pytest.raises(StateDown):
+            await entering
+        assert not failover.degraded
+        await slots.leave(ticket)  # what the request does when its enter failed
+        relay.release()  # the enter runs in Redis now (and grants the free slot)
+        deadline = time.monotonic() + 8
+        while client.hget(f"{slots.base(MODEL)}:meta", "n") != "2":  # its grant counted
+            assert time.monotonic() < deadline, "the held enter never ran"
+            await asyncio.sleep(0.05)
+        # Freed well before the lease could expire: by the leave sent behind the enter, or, when that
+        # leave timed out too (it waited behind the held enter), by its retry once Redis answers.
+        while sum(int(client.zcard(k)) for k in client.scan_iter("late-enter:slots:*:lease:*")):
+            assert time.monotonic() < deadline, "the late enter's slot stayed taken"
+            await asyncio.sleep(0.05)
+        charged = [float(v) for k in client.scan_iter("late-enter:slots:*:vtc") for v in client.hvals(k)]
+        assert all(abs(v) < 1e-6 for v in charged), charged
+    finally:
+        client.close()
+        await slots.close()
+        await failover.close()
+        await relay.close()

@@ -21,7 +21,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from proxy.state.base import BucketAsk
+from proxy.state.base import BucketAsk, LeaseAsk
 from proxy.state.failover import FailoverState
 from proxy.state.redis import RedisState
 from tests.support.metrics import metric
@@ -664,3 +664,69 @@ async def test_a_renewal_never_brings_back_a_lease_given_back_meanwhile(
         redis_server.resume()
         await check.aclose()
         await state.close()
+
+
+async def test_a_lease_given_back_after_a_late_admit_stays_given_back(redis_server: RedisServer
+                                                                      ) -> None:
+    """An admit that times out while Redis answers other calls (this process busy, or its request
+    slow on the way) may still run in Redis later: the lease it asked for is given back at once, and
+    that release must reach Redis after the admit, not overtake it on another connection (then the
+    admit's lease stayed, counting against max_concurrent until it expired; found by an attack
+    through a slow link to Redis: leases of no request left after every request had ended)."""
+    relay = await StallingRelay.start(redis_server.port)
+    state = FailoverState(RedisState(f"redis://127.0.0.1:{relay.port}/0", "late-admit:"),
+                          timeout_s=0.5)
+    check = redis.asyncio.Redis(port=redis_server.port)
+    bucket = ("tpm:team", 1000.0, 1e-6)
+    try:
+        await state.start()
+        # Once before, so that the held request is the script itself, not NOSCRIPT before a reload.
+        await state.admit(LeaseAsk("inflight:team", 4, "warm", 30), [])
+        await state.release("inflight:team", "warm")
+        relay.hold_next(requests=True)  # the admit's request reaches Redis only once released
+        admit = asyncio.get_running_loop().create_task(state.admit(
+            LeaseAsk("inflight:team", 4, "h1", 30), [BucketAsk(*bucket, 100)]))
+        await asyncio.wait_for(relay.held.wait(), 10)
+        # Another call, on another connection, answered while the admit waits: Redis is up.
+        assert (await state.level(*bucket)) == pytest.approx(1000, abs=0.01)
+        assert (await admit).ok  # given up after timeout_s: admitted by this process (open)
+        assert state.failures["admit"] == 1 and not state.degraded
+        await asyncio.sleep(0.2)  # the release of the given-up lease is sent meanwhile
+        relay.release()  # the admit runs in Redis now, and the release after it
+        deadline = time.monotonic() + 5
+        while await check.zcard("late-admit:lease:inflight:team") != 0:
+            assert time.monotonic() < deadline, "the late admit's lease stayed in Redis"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert await check.zcard("late-admit:lease:inflight:team") == 0
+    finally:
+        await check.aclose()
+        await state.close()
+        await relay.close()
+
+
+async def test_a_renewal_on_its_way_cannot_bring_back_a_lease_settled_meanwhile(
+        redis_server: RedisServer) -> None:
+    """A renewal re-adds a lease Redis lost. One still on its way to Redis when its request ends (a
+    slow link, another connection's backlog) must not overtake the settle that gives the lease back:
+    the settle goes behind it, on its connection."""
+    relay = await StallingRelay.start(redis_server.port)
+    state = FailoverState(RedisState(f"redis://127.0.0.1:{relay.port}/0", "renew-late:"),
+                          timeout_s=2.0)
+    check = redis.asyncio.Redis(port=redis_server.port)
+    try:
+        await state.start()
+        assert (await state.admit(LeaseAsk("inflight:team", 4, "h1", 30), [])).ok
+        relay.hold_next(requests=True)  # the renewal's request reaches Redis only once released
+        renewal = asyncio.get_running_loop().create_task(state.renew("inflight:team", "h1", 30))
+        await asyncio.wait_for(relay.held.wait(), 10)
+        settle = asyncio.get_running_loop().create_task(state.settle(("inflight:team", "h1"), []))
+        await asyncio.sleep(0.2)
+        relay.release()
+        await asyncio.gather(renewal, settle)
+        assert await check.zcard("renew-late:lease:inflight:team") == 0
+        assert not state.failures
+    finally:
+        await check.aclose()
+        await state.close()
+        await relay.close()

@@ -26,7 +26,10 @@ the outcomes mean for a request; this module only keeps the shared books). Invar
   calling process is only in the script's answer, so the answer of `enter` and `leave` is read in a task
   of its own whatever becomes of the caller: a client leaving mid-call cannot lose a slot until expiry.
 - Release: every lease is released on every path (`Ticket.release`, idempotent); a release that fails
-  (Redis down) is retried by the loop when Redis answers again, and meanwhile the lease expires.
+  (Redis down) is retried by the loop when Redis answers again, and meanwhile the lease expires. A
+  ticket's calls name it as their `order` (state/resp.py): a leave or release runs in Redis after an
+  enter or move of the ticket that is still unanswered (on its way, or timed out while Redis may still
+  run it and grant or add the slot), not before it on another connection.
 
 The head ticket blocks the queue while none of its replicas has a free slot (processes that disagree
 about which replicas may serve a model wait on the head's view): head-of-line, as in one process.
@@ -500,7 +503,8 @@ class SharedSlots:
         # a grant to this process is written (otherwise that slot stays taken, for every process, until
         # its lease expires, and the queue behind it waits as long).
         call = asyncio.ensure_future(self._delivered("slots_enter", ticket.base, lambda: self._enter(
-            keys=[ticket.base], args=self._args(ticket.id, ticket.data))))
+            keys=[ticket.base], args=self._args(ticket.id, ticket.data), order=ticket.id,
+            takes=True)))
         try:
             await asyncio.shield(call)
         except asyncio.CancelledError:
@@ -565,7 +569,8 @@ class SharedSlots:
         try:
             await self._delivered("slots_leave", ticket.base, lambda: self._leave(
                 keys=[ticket.base], args=self._args(ticket.id, ticket.tenant, ticket.share,
-                                                    *(replica for replica, _ in ticket.candidates))))
+                                                    *(replica for replica, _ in ticket.candidates)),
+                order=ticket.id))
         except StateDown:
             self._leaves[ticket.id] = ticket  # left when Redis answers again (else it expires)
 
@@ -576,7 +581,7 @@ class SharedSlots:
         try:
             rows = await self._call("slots_release", lambda: self._release(
                 keys=[ticket.base],
-                args=self._args(ticket.id, replica, ticket.tenant, share_delta)))
+                args=self._args(ticket.id, replica, ticket.tenant, share_delta), order=ticket.id))
         except StateDown:
             self._pending[ticket.id] = (ticket, share_delta)
             return
@@ -587,7 +592,8 @@ class SharedSlots:
         new = ticket.replica
         with contextlib.suppress(StateDown):  # the renewal adds it on `new` anyway
             rows = await self._call("slots_move", lambda: self._move(
-                keys=[ticket.base], args=self._args(ticket.id, old, new)))
+                keys=[ticket.base], args=self._args(ticket.id, old, new), order=ticket.id,
+                takes=True))
             self._grants(ticket.base, rows)
 
     def learned(self, model: str, replica: str, limit: int) -> None:

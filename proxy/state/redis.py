@@ -8,7 +8,9 @@ Calls go through RespClient (resp.py): pipelined connections, a call is one fram
 client-side retries (redis-py retries three times by default, which turns one frozen Redis into four
 timeouts). Every call is bounded by its caller (`failover.FailoverState`'s timeout) and a connect by
 `socket_timeout_s`. Errors are raised as they are; `failover.FailoverState` decides what a failed call
-means.
+means. Every call about a lease names its holder as its `order` (resp.py), so one that gives the lease
+back runs in Redis after a call that takes it (admit, lease, renew) and is still unanswered: on its
+way, or given up by a timeout while Redis may still run it.
 """
 
 from __future__ import annotations
@@ -226,11 +228,13 @@ class RedisState(StateBackend):
 
     async def lease(self, key: str, limit: int, holder: str, ttl_s: float) -> tuple[bool, int]:
         granted, holders = await self._lease(keys=[self._key("lease", key)],
-                                             args=[limit, holder, int(ttl_s * 1000)])
+                                             args=[limit, holder, int(ttl_s * 1000)], order=holder,
+                                             takes=True)
         return bool(int(granted)), int(holders)
 
     async def renew(self, key: str, holder: str, ttl_s: float) -> None:
-        await self._renew(keys=[self._key("lease", key)], args=[holder, int(ttl_s * 1000)])
+        await self._renew(keys=[self._key("lease", key)], args=[holder, int(ttl_s * 1000)],
+                          order=holder, takes=True)
 
     async def renew_many(self, leases: Sequence[tuple[str, str]], ttl_s: float,
                          held: Callable[[str, str], bool] | None = None) -> None:
@@ -238,11 +242,11 @@ class RedisState(StateBackend):
             leases = [(key, holder) for key, holder in leases if held(key, holder)]
         if not leases:
             return
-        await _all([self._renew(keys=[self._key("lease", key)], args=[holder, int(ttl_s * 1000)])
-                    for key, holder in leases])
+        await _all([self._renew(keys=[self._key("lease", key)], args=[holder, int(ttl_s * 1000)],
+                                order=holder, takes=True) for key, holder in leases])
 
     async def release(self, key: str, holder: str) -> None:
-        await self._redis.execute("ZREM", self._key("lease", key), holder)
+        await self._redis.execute("ZREM", self._key("lease", key), holder, order=holder)
 
     async def admit(self, lease: LeaseAsk | None, buckets: Sequence[BucketAsk]) -> Admission:
         keys = [self._key("lease", lease.key)] if lease is not None else []
@@ -251,7 +255,8 @@ class RedisState(StateBackend):
         for ask in buckets:
             keys.append(self._key("bucket", ask.key))
             args += [ask.capacity, ask.refill_per_s, ask.amount]
-        reply = await self._admit(keys=keys, args=args)
+        reply = await self._admit(keys=keys, args=args,
+                                  order=lease.holder if lease is not None else None, takes=True)
         ok, holders, refused = int(reply[0]), int(reply[1]), int(reply[2])
         # Admitted: levels after the take. Refused: every level before it, nothing taken.
         results = [BucketResult(True, level, 0.0) if ok == 1 else self.standing(ask, level)
@@ -268,11 +273,11 @@ class RedisState(StateBackend):
         for ask in adjustments:
             keys.append(self._key("bucket", ask.key))
             args += [ask.capacity, ask.refill_per_s, ask.amount]
-        await self._settle(keys=keys, args=args)
+        await self._settle(keys=keys, args=args, order=lease[1] if lease is not None else None)
 
     async def release_many(self, leases: list[tuple[str, str]]) -> None:
         """Give back many (key, holder) leases in one round trip (after an outage)."""
-        await _all([self._redis.execute("ZREM", self._key("lease", key), holder)
+        await _all([self._redis.execute("ZREM", self._key("lease", key), holder, order=holder)
                     for key, holder in leases])
 
     async def holders(self, key: str) -> int:

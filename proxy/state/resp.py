@@ -22,6 +22,14 @@ Invariants: answers come in the order requests were written on a connection (RES
 connections), so each connection keeps a FIFO of futures, one per request written, and pops one per
 reply; a future whose caller left stays in the FIFO and its reply is dropped. A closed connection fails
 every future in its FIFO and is never written to again.
+
+Order of calls about one thing: a call that takes something (a lease, a slot) may still be on its way
+when the call that gives it back is sent: in flight, or given up by its caller (timed out, cancelled)
+before its answer, when Redis may still run it later. Calls on different connections have no order in
+Redis, so the give-back could run first and the take stay. So a call may name an `order` key (a lease
+holder, a ticket): while a call with that key that takes (`takes`) is unanswered on an open
+connection, the next calls with the key are written to that connection, behind it. (A connection
+closed as stuck may still have delivered it: that case is left to the lease's expiry.)
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ __all__ = ["RespClient", "RespScript", "url_settings"]
 _TLS_OPTIONS = {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
                 "ssl_check_hostname"}
 _CERT_REQS = ("none", "optional", "required")
+_MAX_BEHIND = 4096
+"""Unanswered taking calls remembered for `order` (beyond this, those answered since are forgotten,
+then the oldest)."""
 _CONNECT_BACKOFF_S = 1.0
 """A slot whose connect failed is not tried again for this long while a connection is open (the calls
 use it meanwhile); with none open, every call tries (it has nothing else)."""
@@ -115,6 +126,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.last_answer = time.monotonic()
         """When a reply last arrived, or the connection opened."""
+        self.sent = 0
+        self.answered = 0
+        """Requests written and replies read: request n (1-based) is answered once answered >= n."""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -136,6 +150,7 @@ class _Connection(asyncio.Protocol):
             if not waiting:  # a reply nobody asked for: whatever is on the port is not Redis
                 self.close(RedisConnectionError("a reply no request was waiting for"))
                 return
+            self.answered += 1
             future = waiting.popleft()
             if future.done():
                 continue  # its caller left (timed out or cancelled): the answer is dropped
@@ -158,8 +173,13 @@ class _Connection(asyncio.Protocol):
         if not self.waiting:
             self.last_answer = time.monotonic()  # the clock of an idle connection starts now
         self.waiting.append(future)
+        self.sent += 1
         self.transport.write(frame)
         return future
+
+    def pending(self, number: int) -> bool:
+        """Is request `number` (its `sent` count) still unanswered on this open connection?"""
+        return not self.closed and self.answered < number
 
     def stuck(self, timeout_s: float) -> bool:
         """True when calls wait and nothing was answered for `timeout_s`."""
@@ -196,26 +216,66 @@ class RespClient:
         self._opening: list[asyncio.Task[_Connection] | None] = [None] * len(self._slots)
         self._failed_at = [0.0] * len(self._slots)
         """When each slot's last connect failed (its backoff)."""
+        self._behind: dict[str, tuple[_Connection, int]] = {}
+        """`order` key -> the connection and number of the last call with that key that takes, until
+        its answer (see the module docstring)."""
         self._closed = False
 
     def register_script(self, text: str) -> RespScript:
         """A Lua script run by EVALSHA (EVAL when Redis does not have it yet)."""
         return RespScript(self, text)
 
-    async def execute(self, *args: object) -> Any:
-        """One command's reply (see the module docstring for its types and errors)."""
+    async def execute(self, *args: object, order: str | None = None, takes: bool = False) -> Any:
+        """One command's reply (see the module docstring for its types and errors). `order`: runs in
+        Redis after an unanswered call with the same key that `takes` (see the module docstring)."""
         frame = encode(args)
-        connection = await self._connection()
+        connection = self._after(order) if order is not None else None
+        if connection is None:
+            connection = await self._connection()
         future = connection.send(frame)
+        number = connection.sent
+        if order is not None and takes:
+            self._remember(order, connection, number)
         try:
-            return await future
+            result = await future
         except asyncio.CancelledError:
             # The caller left before the answer. A connection that answered nothing for twice the
             # timeout is closed (Redis frozen, or the peer gone without a word); one that answered
-            # recently keeps its other calls: this process was busy, Redis was not.
+            # recently keeps its other calls: this process was busy, Redis was not. A taking call
+            # stays remembered (`order`): Redis may still run it.
             if connection.stuck(2 * self.timeout_s):
                 connection.close(RedisConnectionError("Redis answered nothing in time"))
             raise
+        except BaseException:
+            self._forget(order, connection, number)
+            raise
+        self._forget(order, connection, number)
+        return result
+
+    def _after(self, order: str) -> _Connection | None:
+        """The connection of an unanswered taking call with key `order`, if any."""
+        entry = self._behind.get(order)
+        if entry is None:
+            return None
+        if entry[0].pending(entry[1]):
+            return entry[0]
+        del self._behind[order]
+        return None
+
+    def _forget(self, order: str | None, connection: _Connection, number: int) -> None:
+        """The call `number` on `connection` was answered: calls with its key need not follow it."""
+        if order is not None and self._behind.get(order) == (connection, number):
+            del self._behind[order]
+
+    def _remember(self, order: str, connection: _Connection, number: int) -> None:
+        behind = self._behind
+        behind[order] = (connection, number)
+        if len(behind) > _MAX_BEHIND:
+            for key, (known, at) in list(behind.items()):
+                if not known.pending(at):
+                    del behind[key]
+            while len(behind) > _MAX_BEHIND:
+                del behind[next(iter(behind))]
 
     async def close(self) -> None:
         """Close every connection (their waiting calls fail). A connect under way is not cancelled (its
@@ -314,10 +374,14 @@ class RespScript:
         self.text = text
         self.sha = hashlib.sha1(text.encode("utf-8")).hexdigest()
 
-    async def __call__(self, keys: Sequence[object] = (), args: Sequence[object] = ()) -> Any:
+    async def __call__(self, keys: Sequence[object] = (), args: Sequence[object] = (),
+                       order: str | None = None, takes: bool = False) -> Any:
+        """`order`, `takes`: as for RespClient.execute."""
         try:
-            return await self.client.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+            return await self.client.execute("EVALSHA", self.sha, len(keys), *keys, *args,
+                                             order=order, takes=takes)
         except NoScriptError:
             # Not loaded in this Redis yet (first use, a restart, SCRIPT FLUSH): EVAL runs it and
             # caches it for the next EVALSHA.
-            return await self.client.execute("EVAL", self.text, len(keys), *keys, *args)
+            return await self.client.execute("EVAL", self.text, len(keys), *keys, *args, order=order,
+                                             takes=takes)
