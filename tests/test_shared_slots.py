@@ -375,7 +375,8 @@ async def test_leaving_after_an_enter_that_reached_redis_late_frees_the_slot(
     url = f"redis://127.0.0.1:{relay.port}/0"
     failover = FailoverState(RedisState(url, "late-enter:"), timeout_s=0.5)
     await failover.start()
-    slots = SharedSlots(failover, url, "late-enter:", 15.0)
+    # The grant listener talks to Redis directly: its connection must not be the one held.
+    slots = SharedSlots(failover, redis_server.url, "late-enter:", 15.0)
     await slots.start()
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
@@ -406,6 +407,105 @@ async def test_leaving_after_an_enter_that_reached_redis_late_frees_the_slot(
         assert all(abs(v) < 1e-6 for v in charged), charged
     finally:
         client.close()
+        await slots.close()
+        await failover.close()
+        await relay.close()
+
+
+async def _slow_link_slots(redis_server: RedisServer, prefix: str, *, loops: bool = True
+                           ) -> tuple[Any, Any, Any]:
+    """SharedSlots whose state calls go through a relay that can hold Redis' answers (its grant
+    listener talks to Redis directly), with `lease_ttl_s` 15: renewals every 5 s."""
+    from proxy.state.failover import FailoverState
+    from proxy.state.leases import SharedSlots, Ticket
+    from proxy.state.redis import RedisState
+    from tests.support.stalling_relay import StallingRelay
+
+    relay = await StallingRelay.start(redis_server.port)
+    failover = FailoverState(RedisState(f"redis://127.0.0.1:{relay.port}/0", prefix), timeout_s=0.5)
+    await failover.start()
+    slots = SharedSlots(failover, redis_server.url, prefix, 15.0)
+    # The scripts loaded (a held answer is then the script's, not NOSCRIPT before it runs)...
+    warm = Ticket(slots, slots.base("warm"), "a", 1.0, "interactive", 1.0)
+    assert await slots.enter(warm, [("r", 1)], False) is not None
+    await slots.release(warm, -warm.share)
+    # ... and two connections open and idle, so that no call waits for a connect (whose PING the
+    # relay would hold).
+    opened = [asyncio.ensure_future(failover.holders("warm")) for _ in range(2)]
+    await asyncio.sleep(0)
+    await asyncio.gather(failover.holders("warm"), *opened)
+    if loops:
+        await slots.start()
+    return relay, failover, slots
+
+
+async def test_a_tick_that_times_out_while_redis_answers_keeps_the_waiters_waiting(
+        redis_server: RedisServer) -> None:
+    """The 0.5 s tick's call times out while Redis answers other calls (a slow link, a busy process):
+    the breaker stays closed, and the requests waiting here keep their places. They were all failed
+    as if Redis were down: each left and queued again at the back (its place in the fair order
+    lost), and after three such ticks got 503 state_unavailable (found by an attack through a slow
+    link to Redis: 160 requests refused so in 20 s, with Redis answering every other call)."""
+    from proxy.state.leases import Ticket
+
+    relay, failover, slots = await _slow_link_slots(redis_server, "slow-tick:")
+    try:
+        first = Ticket(slots, slots.base(MODEL), "a", 1.0, "interactive", 10.0)
+        assert await slots.enter(first, [("r", 1)], False) is not None
+        second = Ticket(slots, slots.base(MODEL), "b", 1.0, "interactive", 10.0)
+        assert await slots.enter(second, [("r", 1)], False) is None  # queued: its tick runs
+        relay.hold_next()  # the next answer from Redis, the tick's, comes late
+        await asyncio.wait_for(relay.held.wait(), 10)
+        await failover.holders("other")  # answered on another connection: Redis is up
+        await asyncio.sleep(0.8)  # the tick has given up meanwhile
+        assert failover.failures["slots_tick"] >= 1 and not failover.degraded
+        assert second.future is not None and not second.future.done()
+        await slots.release(first, 0.0)  # the slot frees: the waiter gets it
+        grant = await asyncio.wait_for(second.future, 5)
+        assert grant.replica == "r"
+        slots.granted(second, grant)
+        await slots.release(second, 0.0)
+    finally:
+        await slots.close()
+        await failover.close()
+        await relay.close()
+
+
+async def test_a_grant_in_an_answer_that_timed_out_reaches_its_waiter(
+        redis_server: RedisServer) -> None:
+    """A release frees the slot and its script grants it, in the same step, to a request waiting in
+    the same process; the answer carrying that grant times out (Redis up, the answer late). The
+    waiter gets it from the next tick, which claims grants kept in Redis, as for a grant to another
+    process whose message was lost. It used to learn only at the next renewal (a third of the TTL)
+    that its ticket was gone, while the slot it had been granted stayed idle."""
+    from proxy.state.leases import Ticket
+
+    # The maintenance loop is run by hand (`_tick`): its own calls must not take the held answer.
+    relay, failover, slots = await _slow_link_slots(redis_server, "lost-grant:", loops=False)
+    try:
+        first = Ticket(slots, slots.base(MODEL), "a", 1.0, "interactive", 10.0)
+        assert await slots.enter(first, [("r", 1)], False) is not None
+        second = Ticket(slots, slots.base(MODEL), "b", 1.0, "interactive", 10.0)
+        assert await slots.enter(second, [("r", 1)], False) is None
+        relay.hold_next()  # the release's answer, with the grant to `second`, comes late
+        releasing = asyncio.ensure_future(slots.release(first, 0.0))
+        await asyncio.wait_for(relay.held.wait(), 10)
+        await failover.holders("other")  # answered on another connection: Redis is up
+        await releasing  # gave up after the timeout (kept for a retry)
+        assert failover.failures["slots_release"] == 1 and not second.future.done()
+        await slots._tick()  # what the loop does every 0.5 s while a request waits here
+        assert second.future.done()
+        grant = second.future.result()
+        assert grant.replica == "r" and not failover.degraded
+        slots.granted(second, grant)
+        await slots._flush_pending()  # the first release again: nothing left to do
+        await slots.release(second, 0.0)
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            assert not list(client.scan_iter("lost-grant:slots:*:grant:*"))  # gone with the release
+        finally:
+            client.close()
+    finally:
         await slots.close()
         await failover.close()
         await relay.close()

@@ -20,8 +20,9 @@ the outcomes mean for a request; this module only keeps the shared books). Invar
   those waiting, or to the counter of the tenant served last when nobody waits (VTC's rule). So when
   both of two tenants are backlogged, on any processes, each gets an equal share of the dispatches.
 - Delivery: a grant for a ticket of the calling process is in the script's answer; one for another
-  process is published on that process's channel and kept under `<base>:grant:<ticket>` for a TTL,
-  which the owner's tick reads in case the message was lost. A grant whose ticket its owner no longer
+  process is published on that process's channel. Both are kept under `<base>:grant:<ticket>` (until
+  the lease is released, or for a TTL), which the owner's tick reads in case the answer or the message
+  was lost (a call that timed out while Redis answered others). A grant whose ticket its owner no longer
   waits for (the client left, the wait timed out) is released and refunded by the owner. A grant to the
   calling process is only in the script's answer, so the answer of `enter` and `leave` is read in a task
   of its own whatever becomes of the caller: a client leaving mid-call cannot lose a slot until expiry.
@@ -170,11 +171,13 @@ local function dispatch()
         redis.call('HSET', META, 'last', d.t)
         redis.call('HINCRBY', META, 'n', 1)
         local grant = {tk, r, h + 1, now, d.t, tostring(d.s)}
+        -- Kept until the lease is released (or for a TTL): the owner's tick claims it if the answer
+        -- or the message carrying it is lost.
+        local message = cjson.encode({base, tk, r, h + 1, now, d.t, tostring(d.s)})
+        redis.call('SET', grant_key(tk), message, 'PX', ttl)
         if d.o == owner then
           table.insert(mine, grant)
         else
-          local message = cjson.encode({base, tk, r, h + 1, now, d.t, tostring(d.s)})
-          redis.call('SET', grant_key(tk), message, 'PX', ttl)
           redis.call('PUBLISH', channel .. d.o, message)
         end
       end
@@ -226,6 +229,7 @@ return mine
 
 _RELEASE = _PREAMBLE + """
 prune()
+redis.call('DEL', grant_key(ARGV[5]))
 local removed = redis.call('ZREM', lease_key(ARGV[6]), ARGV[5])
 local delta = tonumber(ARGV[8])
 if removed == 1 and delta ~= 0 then charge(ARGV[7], delta) end
@@ -645,8 +649,8 @@ class SharedSlots:
 
     async def _maintain(self) -> None:
         """Every `_TICK_S`: retry failed releases, run the dispatch for models with tickets queued here
-        (claiming grants whose message was lost), and every `ttl / 3` renew what this process holds;
-        while Redis is down, tell waiters (they apply the failure mode)."""
+        (claiming grants whose message or answer was lost), and every `ttl / 3` renew what this
+        process holds; while Redis is down, tell waiters (they apply the failure mode)."""
         renewed = time.monotonic()
         while True:
             await asyncio.sleep(_TICK_S)
@@ -660,7 +664,11 @@ class SharedSlots:
                     renewed = time.monotonic()
                     await self._renew_all()
             except StateDown:
-                self._fail_waiters()
+                # Only when the breaker opened: a call that timed out while Redis answers others (a
+                # slow link, a busy process) leaves the waiters' tickets where they are in Redis, and
+                # a grant its lost answer carried is claimed by the next tick.
+                if self.degraded:
+                    self._fail_waiters()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the loop must survive anything
