@@ -129,6 +129,8 @@ class _Connection(asyncio.Protocol):
         self.sent = 0
         self.answered = 0
         """Requests written and replies read: request n (1-based) is answered once answered >= n."""
+        self.scripts: set[str] = set()
+        """Scripts (SHA1) loaded ahead of their first EVALSHA on this connection (see RespScript)."""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -225,13 +227,21 @@ class RespClient:
         """A Lua script run by EVALSHA (EVAL when Redis does not have it yet)."""
         return RespScript(self, text)
 
-    async def execute(self, *args: object, order: str | None = None, takes: bool = False) -> Any:
+    async def execute(self, *args: object, order: str | None = None, takes: bool = False,
+                      script: RespScript | None = None) -> Any:
         """One command's reply (see the module docstring for its types and errors). `order`: runs in
-        Redis after an unanswered call with the same key that `takes` (see the module docstring)."""
+        Redis after an unanswered call with the same key that `takes` (see the module docstring).
+        `script`: the script an EVALSHA runs, loaded first if this connection has not loaded it."""
         frame = encode(args)
         connection = self._after(order) if order is not None else None
         if connection is None:
             connection = await self._connection()
+        if script is not None and script.sha not in connection.scripts:
+            # Written right before the EVALSHA, on its connection: Redis has the script when the
+            # EVALSHA runs. (Without it, NOSCRIPT and then EVAL: a second round trip, during which a
+            # call sent later, such as a lease given back, could run before this one's take.)
+            connection.scripts.add(script.sha)
+            connection.send(script.load).add_done_callback(_ignore)
         future = connection.send(frame)
         number = connection.sent
         if order is not None and takes:
@@ -360,6 +370,12 @@ class RespClient:
         return connection
 
 
+def _ignore(future: asyncio.Future[Any]) -> None:
+    """A reply nobody reads (a script loaded ahead: its EVALSHA says if that failed)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _retrieve(task: asyncio.Task[_Connection]) -> None:
     """A connect nobody awaited (opened ahead for later calls) fails silently: the next call retries."""
     if not task.cancelled():
@@ -373,15 +389,16 @@ class RespScript:
         self.client = client
         self.text = text
         self.sha = hashlib.sha1(text.encode("utf-8")).hexdigest()
+        self.load = encode(["SCRIPT", "LOAD", text])
 
     async def __call__(self, keys: Sequence[object] = (), args: Sequence[object] = (),
                        order: str | None = None, takes: bool = False) -> Any:
         """`order`, `takes`: as for RespClient.execute."""
         try:
             return await self.client.execute("EVALSHA", self.sha, len(keys), *keys, *args,
-                                             order=order, takes=takes)
+                                             order=order, takes=takes, script=self)
         except NoScriptError:
-            # Not loaded in this Redis yet (first use, a restart, SCRIPT FLUSH): EVAL runs it and
-            # caches it for the next EVALSHA.
+            # Loaded on this connection, but not in this Redis any more (SCRIPT FLUSH): EVAL runs it
+            # and caches it for the next EVALSHA.
             return await self.client.execute("EVAL", self.text, len(keys), *keys, *args, order=order,
                                              takes=takes)
