@@ -17,7 +17,9 @@ gate (ModelGate, as with one process): each process then keeps the replica's lim
 fleet may send a replica up to (processes x slots) until Redis answers again; leases granted meanwhile
 are added to Redis by their first renewal after it, so from then on they count for everyone. `closed`
 answers 503 `state_unavailable`. Shadow mode, and models no replica may serve now, also take the local
-path (nothing is enforced there, or health answers).
+path (nothing is enforced there, or health answers). Once Redis answers again, this process keeps to its
+own gate until its next tick has added its slots to Redis; a request its gate admits after that goes to
+the shared books instead (the gate counts this process only).
 """
 
 from __future__ import annotations
@@ -90,6 +92,12 @@ class SharedAdmission:
         replica = await step._admit(request, ctx, gate, span, tenant.name, tenant.weight, lane, cost)
         if replica is None:
             return None, None
+        if not slots.degraded and step.mode_of(ctx) != "shadow" and step.fleet.eligible(gate.model):
+            # Redis came back (and holds this process's slots again) while this request waited in the
+            # process's own gate: that gate counts this process only, so the shared books decide.
+            gate.queue.reconcile(tenant.name, tenant.weight, -cost)
+            gate.give_back(replica)
+            return await self.admit(step, request, ctx, gate, span, lane, cost)
         slots.hold_local(ticket, replica.name)
         return replica, ticket
 

@@ -7,10 +7,16 @@ the outcomes mean for a request; this module only keeps the shared books). Invar
   own clock, ms). A lease is only ever added by a Lua script that first drops the expired members and
   sees fewer than the replica's limit, so all processes together never hold more than the limit (a
   balancer retry moves a lease without that check, as in one process; leases granted in a process's
-  memory while Redis was down are re-added by their first renewal after it, and may exceed it then).
+  memory while Redis was down are re-added by its first tick after it, before it admits through Redis
+  again, and may exceed it then).
 - Expiry: held leases and queued tickets are renewed every `ttl / 3` by one loop per process; a dead
   process's leases and tickets expire `ttl` after their last renewal, and its slots return by
   themselves.
+- Lost books: Redis may lose them while requests run (restarted without persistence, flushed, failed
+  over to an empty replica). `<base>:epoch` says when they were created; each process looks at it every
+  tick while it holds or waits on the model, and renews at once when it changed (adding its running
+  requests' leases back). A script that finds it missing, called by a process that knew it, creates it
+  with a pause (`_HOLD_MS`) in which nothing is granted, so those leases are back first.
 - Order: a request that does not get a slot at once queues a ticket in Redis. Whenever a slot may have
   freed (a release, a ticket leaving, a move, a periodic tick for expiries), the script that freed it
   hands free slots to the head tickets in the same atomic step: the lane (interactive ahead of bulk,
@@ -59,6 +65,14 @@ __all__ = ["Grant", "SharedSlots", "StateDown", "Ticket"]
 
 log = logging.getLogger("proxy.state")
 
+_TICK_S = 0.5
+"""How often a process with tickets queued or slots held runs its maintenance: the dispatch (slots freed by
+an expiry, a dead process, have no release to hand them over, and a grant message may be lost), and a
+look at the books' epoch (`SharedSlots._books_lost`)."""
+_HOLD_MS = int(_TICK_S * 2000)
+"""After Redis lost a model's books, no grant for this long: every process's next tick adds back the
+leases of its running requests first."""
+
 _PREAMBLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -67,6 +81,9 @@ local owner = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local bulk_every = tonumber(ARGV[3])
 local channel = ARGV[4]
+-- The books' epoch as the calling process last saw it ('' if never), taken out of ARGV so that every
+-- script reads its own arguments from ARGV[5] on.
+local known = table.remove(ARGV, 5)
 local VTC = base .. ':vtc'
 local META = base .. ':meta'
 local TK = base .. ':tk'
@@ -115,7 +132,27 @@ local function lift(tn)
   end
   if counter(tn) < floor then redis.call('HSET', VTC, tn, tostring(floor)) end
 end
+local EPOCH = base .. ':epoch'
+local quiet_until = nil
+local function settled()
+  -- The books' epoch ('<created ms>:<no grant before ms>'), created when missing: first use, or Redis
+  -- lost the books (restarted without persistence, flushed, failed over to an empty replica). After a
+  -- loss (a caller that knew the books), the leases of running requests are missing until their
+  -- processes see the new epoch at their next tick and add them back: no grant before that.
+  if quiet_until == nil then
+    local e = redis.call('GET', EPOCH)
+    if not e then
+      local hold = 0
+      if known ~= '' then hold = HOLD_MS end
+      e = tostring(now) .. ':' .. tostring(now + hold)
+      redis.call('SET', EPOCH, e)
+    end
+    quiet_until = tonumber(string.match(e, ':(%d+)$')) or 0
+  end
+  return now >= quiet_until
+end
 local function free_replica(cands, learning)
+  if not settled() then return nil, 0 end
   local best, best_load, best_h = nil, 2, 0
   for _, c in ipairs(cands) do
     local lk = lease_key(c[1])
@@ -187,7 +224,7 @@ end
 local function touch()
   for _, k in ipairs({TK, EXP, META, base .. ':seq'}) do redis.call('PEXPIRE', k, IDLE) end
 end
-"""
+""".replace("HOLD_MS", str(_HOLD_MS))
 
 _ENTER = _PREAMBLE + """
 prune()
@@ -300,15 +337,17 @@ for i = 5, #ARGV, 2 do hold(ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
+_EPOCH = _PREAMBLE + """
+settled()
+return redis.call('GET', EPOCH)
+"""
+
 _LEARNED = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """
 
-_TICK_S = 0.5
-"""How often a process with tickets queued runs the dispatch itself: slots freed by an expiry (a dead
-process) have no release to hand them over, and a grant message may be lost."""
 _LEARNED_TTL_MS = 600_000
 """A learned limit stored in Redis is forgotten after this long without a write."""
 _HANDOFF_SAMPLES = 1024
@@ -402,6 +441,13 @@ class SharedSlots:
         self._restore = client.register_script(_RESTORE)
         self._restamp = client.register_script(_RESTAMP)
         self._learned = client.register_script(_LEARNED)
+        self._epoch = client.register_script(_EPOCH)
+        self._epochs: dict[str, str] = {}
+        """Per key base this process holds or waits on: its `:epoch` as last seen (`_books_lost`)."""
+        self._restored = True
+        """False from an outage until the first renewal after it (`degraded`)."""
+        self._local_count = 0
+        """Slots taken from this process's own gate so far (`hold_local`)."""
         self.waiting: dict[str, Ticket] = {}
         """Tickets of this process queued in Redis, by id."""
         self.limits: dict[str, Callable[[str], int | None]] = {}
@@ -454,10 +500,15 @@ class SharedSlots:
 
     @property
     def degraded(self) -> bool:
-        return self.failover.degraded
+        """Redis cannot answer, or has just come back and this process has not yet added to it the
+        slots it holds (taken meanwhile, or expired there during a long outage): admission keeps to
+        this process's own gate until then."""
+        return self.failover.degraded or (not self._restored and bool(self.held))
 
-    def _args(self, *extra: Any) -> list[Any]:
-        return [self.owner, self.ttl_ms, self.bulk_every, self.channel, *extra]
+    def _args(self, base: str, *extra: Any) -> list[Any]:
+        """A script's arguments: the header every script reads (`_PREAMBLE`), then `extra`."""
+        return [self.owner, self.ttl_ms, self.bulk_every, self.channel, self._epochs.get(base, ""),
+                *extra]
 
     async def _call(self, operation: str, call: Callable[[], Awaitable[Any]]) -> Any:
         result = await self.failover.call_remote(operation, call)
@@ -507,7 +558,7 @@ class SharedSlots:
         # a grant to this process is written (otherwise that slot stays taken, for every process, until
         # its lease expires, and the queue behind it waits as long).
         call = asyncio.ensure_future(self._delivered("slots_enter", ticket.base, lambda: self._enter(
-            keys=[ticket.base], args=self._args(ticket.id, ticket.data), order=ticket.id,
+            keys=[ticket.base], args=self._args(ticket.base, ticket.id, ticket.data), order=ticket.id,
             takes=True)))
         try:
             await asyncio.shield(call)
@@ -561,6 +612,7 @@ class SharedSlots:
         ticket.local = True
         ticket.replica = replica
         self.held[ticket.id] = ticket
+        self._local_count += 1
 
     async def leave(self, ticket: Ticket) -> None:
         """`ticket` stops waiting (timeout, client gone): out of the queue, and a grant it got meanwhile
@@ -572,7 +624,7 @@ class SharedSlots:
     async def _left(self, ticket: Ticket) -> None:
         try:
             await self._delivered("slots_leave", ticket.base, lambda: self._leave(
-                keys=[ticket.base], args=self._args(ticket.id, ticket.tenant, ticket.share,
+                keys=[ticket.base], args=self._args(ticket.base, ticket.id, ticket.tenant, ticket.share,
                                                     *(replica for replica, _ in ticket.candidates)),
                 order=ticket.id))
         except StateDown:
@@ -581,11 +633,13 @@ class SharedSlots:
     async def release(self, ticket: Ticket, share_delta: float) -> None:
         """Free `ticket`'s lease and settle its charge; kept for later if Redis cannot answer."""
         assert ticket.replica is not None
+        self.held.pop(ticket.id, None)  # (Ticket.release did; a renewal must not add it back)
         replica = ticket.replica
         try:
             rows = await self._call("slots_release", lambda: self._release(
                 keys=[ticket.base],
-                args=self._args(ticket.id, replica, ticket.tenant, share_delta), order=ticket.id))
+                args=self._args(ticket.base, ticket.id, replica, ticket.tenant, share_delta),
+                order=ticket.id))
         except StateDown:
             self._pending[ticket.id] = (ticket, share_delta)
             return
@@ -596,7 +650,7 @@ class SharedSlots:
         new = ticket.replica
         with contextlib.suppress(StateDown):  # the renewal adds it on `new` anyway
             rows = await self._call("slots_move", lambda: self._move(
-                keys=[ticket.base], args=self._args(ticket.id, old, new), order=ticket.id,
+                keys=[ticket.base], args=self._args(ticket.base, ticket.id, old, new), order=ticket.id,
                 takes=True))
             self._grants(ticket.base, rows)
 
@@ -648,31 +702,54 @@ class SharedSlots:
         self._deliver(Grant(str(base), str(ticket), str(replica), int(holders), str(tenant), float(share)))
 
     async def _maintain(self) -> None:
-        """Every `_TICK_S`: retry failed releases, run the dispatch for models with tickets queued here
-        (claiming grants whose message or answer was lost), and every `ttl / 3` renew what this
-        process holds; while Redis is down, tell waiters (they apply the failure mode)."""
+        """Every `_TICK_S`: retry failed releases, renew what this process holds (every `ttl / 3`, and
+        at once after an outage or when Redis lost the books), then run the dispatch for models with
+        tickets queued here (claiming grants whose message or answer was lost); while Redis is down,
+        tell waiters (they apply the failure mode)."""
         renewed = time.monotonic()
         while True:
             await asyncio.sleep(_TICK_S)
             try:
-                if self.degraded:
+                if self.failover.degraded:
+                    self._restored = False
                     self._fail_waiters()
                     continue
                 await self._flush_pending()
-                await self._tick()
-                if time.monotonic() - renewed >= self.ttl_ms / 3000:
+                lost = await self._books_lost()
+                if lost or not self._restored or time.monotonic() - renewed >= self.ttl_ms / 3000:
                     renewed = time.monotonic()
-                    await self._renew_all()
+                    local = self._local_count
+                    await self._renew_all()  # adds back what Redis lacks of what runs here
+                    # Restored unless a slot was taken locally meanwhile (the next round adds it).
+                    self._restored = self._local_count == local
+                await self._tick()
             except StateDown:
                 # Only when the breaker opened: a call that timed out while Redis answers others (a
                 # slow link, a busy process) leaves the waiters' tickets where they are in Redis, and
                 # a grant its lost answer carried is claimed by the next tick.
-                if self.degraded:
+                if self.failover.degraded:
+                    self._restored = False
                     self._fail_waiters()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the loop must survive anything
                 log.exception("slot lease maintenance failed")
+
+    async def _books_lost(self) -> bool:
+        """Did Redis lose the books of a model this process holds or waits on since its last look
+        (restarted without persistence, flushed, failed over to an empty replica: `<base>:epoch`,
+        created by the first look after, changed)? Without a call failing, the breaker never opens,
+        and the leases of requests running here would be missing until the next renewal."""
+        bases = {t.base for t in list(self.held.values())} | {t.base for t in list(self.waiting.values())}
+        lost = False
+        for base in bases:
+            epoch = str(await self._call("slots_epoch", partial(
+                self._epoch, keys=[base], args=self._args(base))))
+            if self._epochs.get(base) != epoch:
+                # New to this process too: its first look may come after the loss.
+                lost = True
+            self._epochs[base] = epoch
+        return lost
 
     def _fail_waiters(self) -> None:
         for ticket in list(self.waiting.values()):
@@ -698,7 +775,7 @@ class SharedSlots:
             by_base.setdefault(ticket.base, []).append(ticket)
         for base, tickets in by_base.items():
             await self._restamp_all(base, tickets)
-            args = self._args("", "", *(ticket.id for ticket in tickets))
+            args = self._args(base, "", "", *(ticket.id for ticket in tickets))
             rows = await self._call("slots_tick", partial(self._enter, keys=[base], args=args))
             self._grants(base, rows)
 
@@ -720,7 +797,7 @@ class SharedSlots:
             return
         args = [value for ticket, _, data in changed for value in (ticket.id, data)]
         rows = await self._call("slots_restamp", partial(
-            self._restamp, keys=[base], args=self._args(*args)))
+            self._restamp, keys=[base], args=self._args(base, *args)))
         for ticket, now, data in changed:
             ticket.candidates, ticket.data = now, data
         self._grants(base, rows)
@@ -737,7 +814,7 @@ class SharedSlots:
                 by_base.setdefault(ticket.base, []).extend((ticket.id, ""))
         for base, pairs in by_base.items():
             missing = await self._call("slots_renew", partial(
-                self._renew, keys=[base], args=self._args(*pairs)))
+                self._renew, keys=[base], args=self._args(base, *pairs)))
             restore: list[str] = []
             for ticket_id in map(str, missing):
                 # Its queue entry expired (Redis restarted empty, or was down past the TTL) and no
@@ -753,7 +830,7 @@ class SharedSlots:
                     restore += [ticket_id, held.replica]
             if restore:
                 await self._call("slots_restore", partial(
-                    self._restore, keys=[base], args=self._args(*restore)))
+                    self._restore, keys=[base], args=self._args(base, *restore)))
 
     def snapshot(self) -> dict[str, Any]:
         """For /system/queue: tickets waiting and held here, and the grant hand-off latency."""
