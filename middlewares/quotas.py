@@ -69,6 +69,8 @@ log = logging.getLogger("proxy.quotas")
 
 _EWMA_ALPHA = 0.2
 _RENEW_BATCH = 500
+_EPOCH_CHECK_S = 0.5
+"""While leases are held, how often the state's epoch is read (renewed at once when it changed)."""
 
 
 def is_exempt(method: str, path: str) -> bool:
@@ -101,6 +103,8 @@ class QuotasStep(Step):
         self._background: set[asyncio.Task[None]] = set()
         """Settles waiting for the answer of an admit whose client left (`_abandoned`)."""
         self._renewer: asyncio.Task[None] | None = None
+        self._epoch: str | None = None
+        """The state's epoch as last read (`_state_lost`)."""
         # A local state answers without suspending: nothing can cancel its settling halfway, and a
         # shield (one more task per request) would buy nothing.
         self._local_state = isinstance(state, MemoryState)
@@ -309,7 +313,11 @@ class QuotasStep(Step):
         while self._held:
             # Read every round: a reload may change the TTL (and restarts this task, `reconfigure`).
             ttl = self.config.lease_ttl_s
-            await asyncio.sleep(ttl / 3)
+            due = time.monotonic() + ttl / 3
+            while self._held and (left := due - time.monotonic()) > 0:
+                await asyncio.sleep(min(left, _EPOCH_CHECK_S))
+                if await self._state_lost():
+                    break  # Redis lost the leases, or took none while it was down: renew now
             held = [(lease_key, holder) for holder, lease_key in self._held.items()]
             for start in range(0, len(held), _RENEW_BATCH):
                 # One round trip per batch (a Redis pipeline), not one per lease: 10,000 open streams
@@ -317,6 +325,20 @@ class QuotasStep(Step):
                 with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
                     await self.state.renew_many(held[start:start + _RENEW_BATCH], ttl,
                                                 held=self._still_held)
+
+    async def _state_lost(self) -> bool:
+        """Has the state's epoch changed since it was last read (Redis lost its data, or an outage
+        ended)? The leases of the requests running here must then be renewed at once: until then
+        they are missing, and max_concurrent admits as many again."""
+        try:
+            epoch = await self.state.epoch()
+        except Exception:  # a missed look only delays the renewal to its time
+            return False
+        if epoch is None:
+            return False
+        changed = epoch != self._epoch  # also the first read: the loss may have come before it
+        self._epoch = epoch
+        return changed
 
     def _still_held(self, lease_key: str, holder: str) -> bool:
         del lease_key

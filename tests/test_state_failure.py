@@ -760,3 +760,34 @@ async def test_a_renewal_of_a_script_redis_lacks_still_runs_before_the_settle(
         await check.aclose()
         await state.close()
         await relay.close()
+
+
+async def test_max_concurrent_holds_when_redis_lost_the_running_leases(
+        tmp: Path, emulator: Server, redis_server: RedisServer) -> None:
+    """Redis loses its data (FLUSHALL here; a restart without persistence) while a tenant's requests
+    run at its max_concurrent. The proxy reads the state's epoch every half second while it holds
+    leases and renews at once when it changed (or at its first read, which may come after the loss),
+    adding the running requests' leases back, so the next request is refused as before, not
+    admitted on empty books until the next renewal (a third of chain.quotas.lease_ttl_s: 10 s here;
+    an attack saw 6 requests in flight for a max_concurrent of 3 after a restart)."""
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "lost-quota",
+                                    tenant=_tenant(max_concurrent=2))
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        async with _session() as session:
+            streams = [await session.post(f"{proxy.url}/api/generate",
+                                          json=_body(num_predict=400, stream=True)) for _ in range(2)]
+            assert [s.status for s in streams] == [200, 200]
+            assert (await _generate(session, proxy.url))[0] == 429  # at max_concurrent
+            admin.flushall()  # before the proxy's first look at the epoch, even
+            deadline = time.monotonic() + 1.5
+            while admin.zcard("lost-quota:lease:inflight:team") < 2:
+                assert time.monotonic() < deadline, "the running requests' leases never came back"
+                await asyncio.sleep(0.05)
+            assert (await _generate(session, proxy.url))[0] == 429
+            for stream in streams:
+                stream.close()
+    finally:
+        admin.close()
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()

@@ -157,6 +157,13 @@ class StateBackend(ABC):
         for ask in adjustments:
             await self.adjust(ask.key, ask.capacity, ask.refill_per_s, ask.amount)
 
+    async def epoch(self) -> str | None:
+        """A token that changes when the shared state lost what it held (Redis restarted without
+        persistence, flushed) or comes back from an outage: then the leases of requests running here
+        must be renewed at once, since a renewal adds back a lease that is missing. None when there
+        is nothing to say (in-process state) or it cannot be asked now (Redis down)."""
+        return None
+
     async def start(self) -> None:  # noqa: B027 - optional hook, a no-op for memory
         """Called once the event loop runs, before serving; must not fail (nothing to do for memory)."""
 

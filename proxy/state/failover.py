@@ -97,6 +97,8 @@ class FailoverState(StateBackend):
         """Redis calls in flight (close() lets them finish); `_quiet` is set whenever none is."""
         self._quiet = asyncio.Event()
         self._closing = False
+        self._recoveries = 0
+        """Outages ended so far (part of `epoch`)."""
         if meter is not None:
             meter.create_observable_gauge(
                 semconv.metric_name(metric_prefix, "state", "degraded"),
@@ -183,6 +185,7 @@ class FailoverState(StateBackend):
                 continue
             # No await since the flush found nothing pending: no release can slip in between.
             self.degraded = False
+            self._recoveries += 1
             log.warning("state recovered: Redis answers again after %.1fs degraded",
                         time.monotonic() - self._degraded_at)
             return
@@ -336,6 +339,18 @@ class FailoverState(StateBackend):
             with contextlib.suppress(_Down):
                 return await self._remote("holders", lambda: self.remote.holders(key))
         return await self._fallback().holders(key)
+
+    async def epoch(self) -> str | None:
+        """Redis' epoch and the outages ended so far: it changes when Redis lost its data, and when an
+        outage ends (leases taken locally meanwhile, or expired in Redis, are then renewed at once).
+        None while degraded."""
+        if self.degraded:
+            return None
+        try:
+            epoch = await self._remote("epoch", self.remote.epoch)
+        except _Down:
+            return None
+        return f"{epoch}/{self._recoveries}"
 
     async def close(self) -> None:
         """Stop: the calls in flight finish first (each within its `timeout_s`), so that a request's

@@ -16,6 +16,7 @@ way, or given up by a timeout while Redis may still run it.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -163,6 +164,15 @@ end
 return 1
 """
 
+_EPOCH = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+end
+return epoch
+"""
+
 _HOLDERS = _NOW + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
@@ -189,6 +199,7 @@ class RedisState(StateBackend):
         self._holders = self._redis.register_script(_HOLDERS)
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
+        self._epoch = self._redis.register_script(_EPOCH)
 
     @property
     def client(self) -> RespClient:
@@ -282,6 +293,11 @@ class RedisState(StateBackend):
 
     async def holders(self, key: str) -> int:
         return int(await self._holders(keys=[self._key("lease", key)]))
+
+    async def epoch(self) -> str | None:
+        """The value of `<prefix>epoch:state`, created (a random token, no expiry) when missing: it
+        changes when Redis lost its data."""
+        return str(await self._epoch(keys=[self._key("epoch", "state")], args=[secrets.token_hex(8)]))
 
     async def close(self) -> None:
         await self._redis.close()
