@@ -246,3 +246,33 @@ def test_url_options_are_taken_or_refused_by_name() -> None:
         url_settings("redis://127.0.0.1:6379/0?ssl_ca_certs=/ca.pem")  # TLS options need rediss://
     with pytest.raises(ValueError, match="ssl_cert_reqs"):
         url_settings("rediss://h/0?ssl_cert_reqs=maybe")
+
+
+async def test_calls_about_one_thing_stay_in_order_behind_an_unanswered_take(
+        redis_server: RedisServer) -> None:
+    """A call that takes (`takes=True`) and is unanswered keeps the calls with its `order` key behind
+    it on its connection, whatever the other connections' load; answered, it lets them go anywhere.
+    The memory of unanswered takes is bounded."""
+    from proxy.state import resp
+
+    client = RespClient(redis_server.url, connections=4)
+    try:
+        await client.execute("DEL", "ordered")
+        await asyncio.gather(*(client.execute("PING") for _ in range(16)))  # several connections
+        # A take that Redis holds for 0.3 s (BLPOP blocks its connection, not Redis).
+        taking = asyncio.ensure_future(client.execute("BLPOP", "nothing", "0.3", order="k",
+                                                      takes=True))
+        await asyncio.sleep(0)
+        pinned = client._behind["k"][0]
+        behind = asyncio.ensure_future(client.execute("RPUSH", "ordered", "after", order="k"))
+        await asyncio.sleep(0)
+        assert client._after("k") is pinned
+        await client.execute("RPUSH", "ordered", "other")  # no key: another connection, at once
+        assert await taking is None and await behind == 2
+        assert "k" not in client._behind
+        assert await client.execute("LRANGE", "ordered", 0, -1) == ["other", "after"]
+        for i in range(resp._MAX_BEHIND + 10):
+            client._remember(f"old-{i}", pinned, 0)  # answered long ago: pruned
+        assert len(client._behind) <= resp._MAX_BEHIND
+    finally:
+        await client.close()
