@@ -666,3 +666,40 @@ async def test_after_an_outage_the_fleet_keeps_to_the_slots_again(tmp: Path, emu
     finally:
         redis_server.resume()
         await asyncio.gather(asyncio.to_thread(first.stop), asyncio.to_thread(second.stop))
+
+
+async def test_a_dead_processs_queued_tickets_get_no_slot(redis_server: RedisServer) -> None:
+    """A process dies (SIGKILL) with requests queued: their tickets stay in Redis until their TTL. A
+    slot another process frees meanwhile went to them when fair order put them first: granted to a
+    process nobody runs, it stayed taken for another TTL (an attack: the queue of the live process
+    served 6.5 s after the slots were free, with a TTL of 6 s). A process marks itself alive at every
+    tick; the dispatch drops a ticket whose process has not for 3 s and serves the next."""
+    from proxy.state.failover import FailoverState
+    from proxy.state.leases import SharedSlots, Ticket
+    from proxy.state.redis import RedisState
+
+    processes = []
+    for _ in range(2):
+        failover = FailoverState(RedisState(redis_server.url, "dead-tickets:"), timeout_s=0.5)
+        await failover.start()
+        slots = SharedSlots(failover, redis_server.url, "dead-tickets:", 15.0)
+        await slots.start()
+        processes.append((failover, slots))
+    (_, dead), (_, live) = processes
+    try:
+        running = Ticket(live, live.base(MODEL), "b", 1.0, "interactive", 10.0)
+        assert await live.enter(running, [("r", 1)], False) is not None
+        orphaned = Ticket(dead, dead.base(MODEL), "a", 1.0, "interactive", 10.0)
+        assert await dead.enter(orphaned, [("r", 1)], False) is None  # first in fair order
+        waiting = Ticket(live, live.base(MODEL), "b", 1.0, "interactive", 10.0)
+        assert await live.enter(waiting, [("r", 1)], False) is None
+        for task in dead._loops:  # the process dies: no more ticks, its ticket stays queued
+            task.cancel()
+        await asyncio.sleep(3.5)
+        running.release(0.0)
+        grant = await asyncio.wait_for(waiting.future, 2)  # type: ignore[arg-type]
+        assert grant.replica == "r"
+    finally:
+        for failover, slots in processes:
+            await slots.close()
+            await failover.close()

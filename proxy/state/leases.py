@@ -11,7 +11,8 @@ the outcomes mean for a request; this module only keeps the shared books). Invar
   again, and may exceed it then).
 - Expiry: held leases and queued tickets are renewed every `ttl / 3` by one loop per process; a dead
   process's leases and tickets expire `ttl` after their last renewal, and its slots return by
-  themselves.
+  themselves. Its tickets get no slot meanwhile: every process marks itself alive (`<base>:alive`) at
+  each tick, and the dispatch drops a ticket whose process has not for `_ALIVE_MS`.
 - Lost books: Redis may lose them while requests run (restarted without persistence, flushed, failed
   over to an empty replica). `<base>:epoch` says when they were created; each process looks at it every
   tick while it holds or waits on the model, and renews at once when it changed (adding its running
@@ -70,6 +71,9 @@ _TICK_S = 0.5
 an expiry, a dead process, have no release to hand them over, and a grant message may be lost), and a
 look at the books' epoch (`SharedSlots._books_lost`)."""
 _HOLD_MS = int(_TICK_S * 2000)
+_ALIVE_MS = 3000
+"""A process whose ticks have not reached Redis for this long (and not more than the lease TTL) is
+taken for dead: its queued tickets are dropped rather than granted a slot nobody would use."""
 """After Redis lost a model's books, no grant for this long: every process's next tick adds back the
 leases of its running requests first."""
 
@@ -131,6 +135,18 @@ local function lift(tn)
     floor = last and counter(last) or 0
   end
   if counter(tn) < floor then redis.call('HSET', VTC, tn, tostring(floor)) end
+end
+local ALIVE = base .. ':alive'
+local function beat()
+  -- This process runs: its queued tickets may be granted (see `dispatch`).
+  redis.call('HSET', ALIVE, owner, now + math.min(ALIVE_MS, ttl))
+  redis.call('PEXPIRE', ALIVE, IDLE)
+end
+local function gone(o)
+  -- Another process that has not beaten for ALIVE_MS (killed: its tickets stay queued until their
+  -- TTL). A process never seen beating (an older version) counts as alive.
+  local stamp = redis.call('HGET', ALIVE, o)
+  return stamp ~= false and tonumber(stamp) < now
 end
 local EPOCH = base .. ':epoch'
 local quiet_until = nil
@@ -200,22 +216,28 @@ local function dispatch()
         end
       else
         local d = cjson.decode(raw)
-        local r, h = free_replica(d.c, d.L)
-        if r == nil then return end
-        unqueue(tk, d)
-        hold(tk, r)
-        charge(d.t, d.s)
-        redis.call('HSET', META, 'last', d.t)
-        redis.call('HINCRBY', META, 'n', 1)
-        local grant = {tk, r, h + 1, now, d.t, tostring(d.s)}
-        -- Kept until the lease is released (or for a TTL): the owner's tick claims it if the answer
-        -- or the message carrying it is lost.
-        local message = cjson.encode({base, tk, r, h + 1, now, d.t, tostring(d.s)})
-        redis.call('SET', grant_key(tk), message, 'PX', ttl)
-        if d.o == owner then
-          table.insert(mine, grant)
+        if d.o ~= owner and gone(d.o) then
+          -- Its process is dead: granted, the slot would stay taken until the lease's TTL for a
+          -- request nobody serves.
+          unqueue(tk, d)
         else
-          redis.call('PUBLISH', channel .. d.o, message)
+          local r, h = free_replica(d.c, d.L)
+          if r == nil then return end
+          unqueue(tk, d)
+          hold(tk, r)
+          charge(d.t, d.s)
+          redis.call('HSET', META, 'last', d.t)
+          redis.call('HINCRBY', META, 'n', 1)
+          local grant = {tk, r, h + 1, now, d.t, tostring(d.s)}
+          -- Kept until the lease is released (or for a TTL): the owner's tick claims it if the
+          -- answer or the message carrying it is lost.
+          local message = cjson.encode({base, tk, r, h + 1, now, d.t, tostring(d.s)})
+          redis.call('SET', grant_key(tk), message, 'PX', ttl)
+          if d.o == owner then
+            table.insert(mine, grant)
+          else
+            redis.call('PUBLISH', channel .. d.o, message)
+          end
         end
       end
     end
@@ -224,10 +246,11 @@ end
 local function touch()
   for _, k in ipairs({TK, EXP, META, base .. ':seq'}) do redis.call('PEXPIRE', k, IDLE) end
 end
-""".replace("HOLD_MS", str(_HOLD_MS))
+""".replace("HOLD_MS", str(_HOLD_MS)).replace("ALIVE_MS", str(_ALIVE_MS))
 
 _ENTER = _PREAMBLE + """
 prune()
+beat()
 local tk = ARGV[5]
 if tk ~= '' then
   local d = cjson.decode(ARGV[6])
@@ -338,6 +361,7 @@ return 1
 """
 
 _EPOCH = _PREAMBLE + """
+beat()
 settled()
 return redis.call('GET', EPOCH)
 """
