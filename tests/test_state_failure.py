@@ -705,18 +705,28 @@ async def test_a_lease_given_back_after_a_late_admit_stays_given_back(redis_serv
         await relay.close()
 
 
+@pytest.mark.parametrize("noscript", [False, True], ids=["renewal-on-its-way", "noscript"])
 async def test_a_renewal_on_its_way_cannot_bring_back_a_lease_settled_meanwhile(
-        redis_server: RedisServer) -> None:
+        redis_server: RedisServer, noscript: bool) -> None:
     """A renewal re-adds a lease Redis lost. One still on its way to Redis when its request ends (a
     slow link, another connection's backlog) must not overtake the settle that gives the lease back:
-    the settle goes behind it, on its connection."""
+    the settle goes behind it, on its connection.
+
+    `noscript`: the first renewal after Redis started (or restarted) runs a script Redis has not
+    loaded yet. Answered NOSCRIPT, it used to be sent again as EVAL: a second round trip, during which
+    the settle of a request that ended went first, and the renewal then re-added its lease (found by an
+    attack with Redis' MONITOR: EVALSHA renew, settle's ZREM, EVAL renew's ZADD). A connection loads a
+    script right before its first EVALSHA, so the renewal runs in its place."""
+    prefix = "renew-noscript:" if noscript else "renew-late:"
     relay = await StallingRelay.start(redis_server.port)
-    state = FailoverState(RedisState(f"redis://127.0.0.1:{relay.port}/0", "renew-late:"),
-                          timeout_s=2.0)
+    state = FailoverState(RedisState(f"redis://127.0.0.1:{relay.port}/0", prefix), timeout_s=2.0)
     check = redis.asyncio.Redis(port=redis_server.port)
     try:
         await state.start()
         assert (await state.admit(LeaseAsk("inflight:team", 4, "h1", 30), [])).ok
+        if noscript:
+            # The settle's script is loaded, the renewal's is not: Redis has never run it.
+            await state.settle(("inflight:team", "nobody"), [])
         relay.hold_next(requests=True)  # the renewal's request reaches Redis only once released
         renewal = asyncio.get_running_loop().create_task(state.renew("inflight:team", "h1", 30))
         await asyncio.wait_for(relay.held.wait(), 10)
@@ -724,37 +734,7 @@ async def test_a_renewal_on_its_way_cannot_bring_back_a_lease_settled_meanwhile(
         await asyncio.sleep(0.2)
         relay.release()
         await asyncio.gather(renewal, settle)
-        assert await check.zcard("renew-late:lease:inflight:team") == 0
-        assert not state.failures
-    finally:
-        await check.aclose()
-        await state.close()
-        await relay.close()
-
-
-async def test_a_renewal_of_a_script_redis_lacks_still_runs_before_the_settle(
-        redis_server: RedisServer) -> None:
-    """The first renewal after Redis started (or restarted) runs a script Redis has not loaded yet.
-    Answered NOSCRIPT, it used to be sent again as EVAL: a second round trip, during which the settle
-    of a request that ended went first, and the renewal then re-added its lease (found by an attack
-    with Redis' MONITOR: EVALSHA renew, settle's ZREM, EVAL renew's ZADD). A connection loads a script
-    right before its first EVALSHA, so the renewal runs in its place."""
-    relay = await StallingRelay.start(redis_server.port)
-    state = FailoverState(RedisState(f"redis://127.0.0.1:{relay.port}/0", "renew-noscript:"),
-                          timeout_s=2.0)
-    check = redis.asyncio.Redis(port=redis_server.port)
-    try:
-        await state.start()
-        assert (await state.admit(LeaseAsk("inflight:team", 4, "h1", 30), [])).ok
-        await state.settle(("inflight:team", "nobody"), [])  # the settle's script is loaded
-        relay.hold_next(requests=True)
-        renewal = asyncio.get_running_loop().create_task(state.renew("inflight:team", "h1", 30))
-        await asyncio.wait_for(relay.held.wait(), 10)
-        settle = asyncio.get_running_loop().create_task(state.settle(("inflight:team", "h1"), []))
-        await asyncio.sleep(0.2)
-        relay.release()
-        await asyncio.gather(renewal, settle)
-        assert await check.zcard("renew-noscript:lease:inflight:team") == 0
+        assert await check.zcard(f"{prefix}lease:inflight:team") == 0
         assert not state.failures
     finally:
         await check.aclose()
