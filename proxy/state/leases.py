@@ -71,11 +71,11 @@ _TICK_S = 0.5
 an expiry, a dead process, have no release to hand them over, and a grant message may be lost), and a
 look at the books' epoch (`SharedSlots._books_lost`)."""
 _HOLD_MS = int(_TICK_S * 2000)
+"""After Redis lost a model's books, no grant for this long: every process's next tick adds back the
+leases of its running requests first."""
 _ALIVE_MS = 3000
 """A process whose ticks have not reached Redis for this long (and not more than the lease TTL) is
 taken for dead: its queued tickets are dropped rather than granted a slot nobody would use."""
-"""After Redis lost a model's books, no grant for this long: every process's next tick adds back the
-leases of its running requests first."""
 
 _PREAMBLE = """
 local t = redis.call('TIME')
