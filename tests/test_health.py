@@ -426,6 +426,48 @@ def test_a_replica_ejected_during_its_start_up_warm_up_comes_back(tmp: Path) -> 
         a.stop()
 
 
+@pytest.mark.parametrize("start_up_load", ["running", "refused"])
+def test_a_replica_whose_daemon_dies_while_it_pre_warms_is_ejected_not_served(
+        tmp: Path, start_up_load: str) -> None:
+    """A replica coming back from an ejection loads its profile model before it serves (`warming`):
+    with a warm-up of its own, or with the start-up's when that one still runs. When its daemon dies
+    during that load, it is ejected again: the probes, the backoff and the restart policy take it from
+    there. It was set `healthy` as if the load had gone through (its own warm-up), and took requests
+    it could only fail; or it stayed `warming` for good, never probed back (the start-up's)."""
+    a = start_emulator(tmp, name="warm-dies-a", load_s=30.0)
+    b = start_emulator(tmp, name="warm-dies-b")
+    if start_up_load == "refused":  # the start-up warm-up ends at once: the replica gets its own
+        httpx.post(f"{a.url}/_emulator/faults", json={"status": 500, "paths": ["/api/generate"]})
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"models": {"qwen3": {"warm_on": ["a"]}},
+                         "chain": {"health": {**FAST, "eject_after_failures": 2}}},
+                        name=f"warm-dies-{start_up_load}")
+    try:
+        wait_for(lambda: status(proxy, "a") == "healthy", what="a healthy at start")
+        if start_up_load == "refused":
+            wait_for(lambda: "pre-warming qwen3 on a was refused" in proxy.log(),
+                     what="the start-up warm-up refused")
+            httpx.delete(f"{a.url}/_emulator/faults")
+        httpx.post(f"{a.url}/_emulator/faults", json={"status": 500, "paths": ["/api/version"]})
+        wait_for(lambda: status(proxy, "a") == "ejected", what="a ejected")
+        httpx.delete(f"{a.url}/_emulator/faults")
+        wait_for(lambda: status(proxy, "a") == "warming", what="a warming after its backoff")
+        a.kill()  # the 30 s load of qwen3 is under way
+        wait_for(lambda: "replica a: warming -> " in proxy.log(), 20, "the warm-up to end")
+        log = proxy.log()
+        after = log[log.index("replica a: warming -> "):]
+        assert after.startswith("replica a: warming -> ejected (unreachable while pre-warming)"), \
+            after[:200]
+        assert "replica a: warming -> healthy" not in log
+        assert status(proxy, "a") != "healthy"
+        reply = httpx.post(f"{proxy.url}/api/generate", json=BODY, timeout=30)
+        assert reply.status_code == 200  # b serves
+    finally:
+        proxy.stop()
+        b.stop()
+        a.stop()
+
+
 def test_requests_waiting_on_a_restart_are_served_once_it_is_back(tmp: Path) -> None:
     """Requests queued while the only replica's restart command runs wait for it (the cold budget) and
     then take its slots one by one. They were let go the moment the command exited, before the probe

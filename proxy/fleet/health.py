@@ -27,7 +27,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import orjson
@@ -47,6 +47,9 @@ if TYPE_CHECKING:  # the step module holds the config class (config beside code)
     from middlewares.health import HealthConfig
 
 __all__ = ["GATEWAY_FAILURES", "FleetHealth"]
+
+LoadOutcome = Literal["loaded", "failed", "unreachable"]
+"""What a pre-warm load came to (FleetHealth.load)."""
 
 log = logging.getLogger("proxy.health")
 
@@ -284,7 +287,11 @@ class FleetHealth:
         is sent right after it). Passive ejections respect `max_ejection_ratio`."""
         upstream.consecutive_failures += 1
         upstream.reason = reason
-        if upstream.status in ("restarting", "warming"):
+        if upstream.status == "restarting" or (upstream.status == "warming"
+                                               and self._warm_running(upstream)):
+            # The restart or the warm-up in progress decides (a warm-up that finds the daemon gone
+            # ejects it). A `warming` replica with none running is probed as any other: nothing
+            # else would ever take it out of `warming`.
             return
         if upstream.status == "ejected" and time.monotonic() < upstream.ejected_until:
             return
@@ -549,30 +556,44 @@ class FleetHealth:
         names = self.telemetry.names
         upstream.returning = then_serve
         done = False
+        unreachable = False
         try:
             with self.telemetry.tracer.start_as_current_span(
                     names.health_warm_span, kind=SpanKind.INTERNAL,
                     attributes={names.upstream_name: upstream.name, names.health_models: models}):
                 for name in models:
-                    loaded = await self.load(upstream, name, profiles[name])
-                    if loaded:
+                    outcome = await self.load(upstream, name, profiles[name])
+                    if outcome == "loaded":
                         upstream.loaded.setdefault(model_key(name), LoadedModel(model_key(name)))
+                    elif outcome == "unreachable":
+                        unreachable = True
+                        break  # the next models would only fail the same way
             done = True
         finally:
-            if done and then_serve and upstream.status == "warming":
-                # Serving before the queue hears of it: told while it was neither serving nor
-                # coming back, the queue let its waiters go, and they reached it past its slots.
+            if done and unreachable and upstream.status == "warming":
+                # The daemon went away while it loaded (killed, crashed, its host gone), whichever
+                # warm-up held the replica: out of service as any replica that stops answering, so
+                # the probes, the backoff and the restart policy take it from here. Set healthy, it
+                # took requests it could only fail; left `warming`, nothing ever probed it back.
+                self._eject(upstream, "unreachable while pre-warming")
+            elif done and then_serve and upstream.status == "warming":
+                # Serving before the queue hears of it: told while it was neither serving nor coming
+                # back, the queue let its waiters go, and they reached it past its slots. A model the
+                # daemon refused or loaded too slowly does not keep a replica that answers out of
+                # service.
                 self._set(upstream, "healthy", "")
             upstream.returning = False
             self.upstreams.changed()
         self.probe_soon(upstream)
 
-    async def load(self, upstream: Upstream, model: str, profile: ModelConfig) -> bool:
+    async def load(self, upstream: Upstream, model: str, profile: ModelConfig) -> LoadOutcome:
         """Load `model` on `upstream` without generating anything (Ollama's load-only request), with the
-        model's canonical load options so that real requests reuse the runner."""
+        model's canonical load options so that real requests reuse the runner. `unreachable`: the
+        daemon could not be reached or dropped the connection; `failed`: it answered with a refusal,
+        or did not finish within `warm_timeout_s` (a slow load is not a dead daemon)."""
         client = self.client
         if client is None or not client.running:
-            return False
+            return "failed"
         # The very rewrite the limits step applies to real requests, so their options match the runner.
         body, _ = canonicalize({"model": model}, profile.options, strip_others=True)
         if profile.pinned:
@@ -586,15 +607,18 @@ class FleetHealth:
                                                   self.config.warm_timeout_s)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 log.warning("pre-warming %s on %s failed: %s", model, upstream.name, type(exc).__name__)
-                return False
+                # aiohttp's ServerTimeoutError is both a ClientError and a TimeoutError: a timeout.
+                timed_out = isinstance(exc, TimeoutError) or not isinstance(
+                    exc, (aiohttp.ClientConnectionError, OSError))
+                return "failed" if timed_out else "unreachable"
             if status == 200:
                 log.info("pre-warmed %s on %s", model, upstream.name)
                 self.telemetry.events.model_load(upstream.name, model, time.monotonic() - started, "warm")
-                return True
+                return "loaded"
             if status != 400:  # 400: e.g. an embedding model cannot generate
                 break
         log.warning("pre-warming %s on %s was refused", model, upstream.name)
-        return False
+        return "failed"
 
     def _observe_healthy(self, options: CallbackOptions) -> Iterable[Observation]:
         del options
