@@ -131,7 +131,8 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
     ingress = Ingress(telemetry, config.server.max_body_bytes, directory,
                       max_header_bytes=config.server.max_header_bytes,
                       body_timeout_s=config.server.body_timeout_s, stop=stop,
-                      default_deadline_s=config.chain.limits.deadline_s)
+                      default_deadline_s=config.chain.limits.deadline_s,
+                      cors_origins=config.server.cors_origins)
     # The parser's per-line limits are set by serving.start_site from server.max_header_bytes.
     services = PluginServices(telemetry, subrequests, knows_model=upstreams.knows,
                               tokenizer_for=tokenizers.for_model, model_digest=upstreams.digest)

@@ -106,6 +106,8 @@ class Exchange:
     leaving, a timeout or a lost connection."""
     sent: bool = False
     """This attempt's request reached a replica (its head was written): the replica may be working."""
+    relayed: bool = False
+    """The response going out is a replica's, relayed (its CORS headers are the replica's)."""
     abandoned: bool = False
     """Given up after the request reached a replica and before the first byte came back (the client
     left, or the request's deadline passed): the replica worked (prompt evaluation, at least) for

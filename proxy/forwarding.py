@@ -330,6 +330,7 @@ class Forwarder:
                                 span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
                                 for hook in ctx.header_hooks:
                                     hook(chunk)
+                                ctx.exchange.relayed = True
                                 await response.prepare(request)
                             if not chunk:
                                 ctx.exchange.complete = True

@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import Token
 from typing import Any
 
@@ -33,6 +33,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from .access import TenantDirectory
 from .accesslog import AccessLog
 from .context import CONTEXT, DEADLINE_REQUEST_HEADER, RequestContext
+from .cors import OriginPolicy
 from .errors import (
     InternalProxyError,
     InvalidRequest,
@@ -46,6 +47,7 @@ from .errors import (
 from .escaping import escape
 from .ollama import classify, path_model
 from .rendering import render
+from .schema import OLLAMA_DEFAULT_ORIGINS
 from .serving import STOP, GracefulStop, escape_field
 from .telemetry import semconv
 from .telemetry.setup import Telemetry
@@ -120,6 +122,10 @@ async def add_context_headers(request: web.Request, response: web.StreamResponse
         # The access line's id: what an SDK reports with an error (openai's `request_id`), so a
         # refusal can be tied to its log line.
         response.headers["X-Request-Id"] = ctx.request_id
+    if "Origin" in request.headers:
+        ingress = request.app.get(INGRESS)
+        if ingress is not None:
+            ingress.origins.apply(request, response.headers, own=not ctx.exchange.relayed)
     stop = request.app.get(STOP)
     if stop is not None and stop.stopping:
         response.force_close()
@@ -130,7 +136,8 @@ class Ingress:
 
     def __init__(self, telemetry: Telemetry, max_body_bytes: int, directory: TenantDirectory, *,
                  max_header_bytes: int = 64 * 1024, body_timeout_s: float = 60.0,
-                 stop: GracefulStop | None = None, default_deadline_s: float = 120.0) -> None:
+                 stop: GracefulStop | None = None, default_deadline_s: float = 120.0,
+                 cors_origins: Iterable[str] = OLLAMA_DEFAULT_ORIGINS) -> None:
         self.telemetry = telemetry
         self.default_deadline_s = default_deadline_s
         """chain.limits.deadline_s: a tenant without its own deadline gets this one."""
@@ -141,6 +148,8 @@ class Ingress:
         self.stop = stop
         self._ids = itertools.count(1)
         self.access_log = AccessLog()
+        self.origins = OriginPolicy(cors_origins)
+        """server.cors_origins: which browser origins may read the proxy's own answers."""
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}"
 
     def new_context(self, request: web.BaseRequest) -> RequestContext:

@@ -155,6 +155,14 @@ def redis_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> Non
                          "percent-encode special characters in a password)") from None
 
 
+OLLAMA_DEFAULT_ORIGINS: tuple[str, ...] = (
+    *(f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "0.0.0.0")
+      for scheme in ("http", "https") for port in ("", ":*")),
+    "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+"""The origins Ollama allows with `OLLAMA_ORIGINS` unset (envconfig.AllowedOrigins): server.cors_origins'
+default."""
+
+
 @attrs.frozen
 class ServerConfig:
     """The listening side."""
@@ -183,6 +191,11 @@ class ServerConfig:
     config_watch_s: float = attrs.field(default=2.0, validator=non_negative)
     """How often the configuration file is checked for a change, which reloads it like SIGHUP does
     (0: only SIGHUP reloads). A rename onto the path (editors, Kubernetes ConfigMaps) counts too."""
+    cors_origins: tuple[str, ...] = OLLAMA_DEFAULT_ORIGINS
+    """Browser origins (glob patterns; `*` alone: any) that may read the proxy's own answers: its
+    errors (429, 503, 401, 413, ...) and what it builds itself (merged /api/tags, cached embeddings).
+    Set it to what the replicas' OLLAMA_ORIGINS allow; the default is Ollama's own list. Answers
+    relayed from a replica keep the replica's CORS headers (proxy/cors.py)."""
 
 
 @attrs.frozen

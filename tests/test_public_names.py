@@ -66,6 +66,7 @@ CONFIG_KEYS = """
 server.listen server.max_body_bytes server.header_timeout_s server.keepalive_timeout_s server.backlog
 server.shutdown_timeout_s server.max_header_bytes server.body_timeout_s server.max_connections
 server.config_watch_s
+server.cors_origins
 admin.keys
 upstreams[].url upstreams[].name upstreams[].num_parallel upstreams[].weight upstreams[].restart_command
 forwarding.connect_timeout_s forwarding.first_byte_timeout_s forwarding.idle_timeout_s forwarding.pool_size

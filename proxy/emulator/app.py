@@ -21,6 +21,7 @@ import cattrs
 from aiohttp import web
 
 from proxy.ollama import is_cloud_model
+from proxy.schema import OLLAMA_DEFAULT_ORIGINS
 from proxy.validation import format_validation_error
 
 from . import wire
@@ -62,10 +63,7 @@ _CORS_ALLOW_HEADERS = ("Authorization,Content-Type,User-Agent,Accept,X-Requested
                        "X-Stainless-Helper-Method,X-Stainless-Lang,X-Stainless-Os,"
                        "X-Stainless-Package-Version,X-Stainless-Poll-Helper,X-Stainless-Retry-Count,"
                        "X-Stainless-Runtime,X-Stainless-Runtime-Version,X-Stainless-Timeout")
-_CORS_ORIGINS = (
-    *(f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "0.0.0.0")
-      for scheme in ("http", "https") for port in ("", ":*")),
-    "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+_CORS_ORIGINS = OLLAMA_DEFAULT_ORIGINS
 
 
 def _route(path: str, methods: tuple[str, ...], handler: Handler, struct: str | None = None) -> Route:
