@@ -51,6 +51,11 @@ def test_retry_decision() -> None:
     assert retry_delay(bulk, 1, 400, {"x-should-retry": "false"}, rng) is None
     assert retry_delay(bulk, 1, 429, {"x-should-retry": "false"}, rng) is None
     assert retry_delay(bulk, 1, 400, capped, rng) is None
+    # `false` never loosens the bound: a told wait over the bulk policy's own max_retry_after_s is
+    # still a refusal to surface, whatever budget is left (a server other than the proxy may say it).
+    for told in ({"retry-after": "601"}, {"retry-after-ms": "99999000"}):
+        assert retry_delay(bulk, 1, 429, {**told, "x-should-retry": "false"}, rng) is None
+        assert retry_delay(bulk, 1, 429, told, rng) is None
     for _ in range(100):
         told = retry_delay(policy, 1, 429, {"retry-after": "2"}, rng)
         assert told is not None and 2.0 <= told <= 2.2

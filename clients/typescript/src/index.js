@@ -52,11 +52,11 @@ export function retryDelay(policy, attempt, response, random = Math.random) {
     const forced = should === "true" && response.status >= 400; // the OpenAI SDKs' rule
     if (!policy.statuses.includes(response.status) && !forced) return null;
     server = serverDelayS(response.headers);
-    if (should === "false") {
+    if (should === "false" && (server === null || policy.maxRetryAfterS <= PROXY_RETRY_AFTER_CAP_S)) {
       // With a wait, `false` is the proxy's "longer than its Retry-After may say (60 s)": a policy that
-      // accepts longer waits (a bulk job) comes back after the wait it was told.
-      if (server === null || policy.maxRetryAfterS <= PROXY_RETRY_AFTER_CAP_S) return null;
-      return server + random() * server * policy.retryAfterJitter;
+      // accepts longer waits (a bulk job) comes back after the wait it was told, within its
+      // `maxRetryAfterS` like any other wait (below).
+      return null;
     }
   }
   if (server !== null) {

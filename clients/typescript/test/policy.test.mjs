@@ -100,6 +100,23 @@ test("a bulk policy (maxRetryAfterS > 60) comes back after the proxy's capped wa
   } finally { again.close(); }
 });
 
+test("x-should-retry: false never lets a wait past maxRetryAfterS through", { timeout: 10_000 }, async () => {
+  // A bulk policy with time to spare: a wait longer than its own maxRetryAfterS is returned at once,
+  // with or without x-should-retry (which may only make the policy stricter).
+  for (const headers of [{ "retry-after": "601" }, { "retry-after": "601", "x-should-retry": "false" },
+    { "retry-after-ms": "99999000", "x-should-retry": "false" }]) {
+    const server = await scripted(answer(429, { error: "come back tomorrow" }, headers), answer(200, CHAT_OK));
+    try {
+      const bulk = new Ollama({ host: server.url, fetch: retryingFetch({ ...quiet, maxRetryAfterS: 600,
+        maxTotalS: 1e6, maxAttempts: 100 }) });
+      const started = performance.now();
+      await assert.rejects(chat(bulk), (error) => error.status_code === 429 && error.error === "come back tomorrow");
+      assert.ok(performance.now() - started < 2000, JSON.stringify(headers));
+      assert.equal(server.requests, 1);
+    } finally { server.close(); }
+  }
+});
+
 test("gives up after maxAttempts with the service's message", async () => {
   const server = await scripted(answer(503, { error: "queue for llama3.2 is full", code: "overload" },
     { "retry-after-ms": "100" }));

@@ -39,7 +39,8 @@ class RetryPolicy:
     been returned to the caller (a stream that started), an answer carrying `x-should-retry: false`, and
     a request whose body cannot be sent twice. `x-should-retry: true` makes any error status (>= 400)
     retryable (the header the OpenAI SDKs obey). A policy whose `max_retry_after_s` exceeds 60 s retries
-    a 429/503 refusal carrying `x-should-retry: false` and a wait (the proxy's "longer than 60 s").
+    a 429/503 refusal carrying `x-should-retry: false` and a wait (the proxy's "longer than 60 s"), a
+    wait no longer than `max_retry_after_s` like any other.
     A 504 is retried at most `max_timeout_retries` times (once by default).
 
     The wait is the server's (`retry-after-ms`, else `Retry-After` in seconds or as an HTTP date) plus up
@@ -132,12 +133,11 @@ def retry_delay(policy: RetryPolicy, attempt: int, status: int | None,
         if status not in policy.statuses and not forced:
             return None
         server = server_delay_s(headers)
-        if should == "false":
+        if should == "false" and (server is None or policy.max_retry_after_s <= _PROXY_RETRY_AFTER_CAP_S):
             # With a wait, `false` is the proxy's "longer than it may say in Retry-After (60 s)": a
-            # policy that accepts longer waits (a bulk job) comes back after the wait it was told.
-            if server is None or policy.max_retry_after_s <= _PROXY_RETRY_AFTER_CAP_S:
-                return None
-            return server + rng.uniform(0, server * policy.retry_after_jitter)
+            # policy that accepts longer waits (a bulk job) comes back after the wait it was told,
+            # within its `max_retry_after_s` like any other wait (below).
+            return None
     if server is not None:
         if server > policy.max_retry_after_s:
             return None
