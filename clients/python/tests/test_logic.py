@@ -83,6 +83,12 @@ def test_limits_parsing_is_versioned_and_bounded() -> None:
     assert junk is not None and len(junk.raw) == 64
     assert limits({"X-Service-Limits": "v=1; deadline_s=5"}).deadline_s == 5.0  # type: ignore[union-attr]
     assert limits({}) is None
+    # Values the syntax lets through but that are no number: None, never an exception from a property.
+    odd = parse_limits("v=1; max_body_bytes=nan; max_prompt_tokens=inf; deadline_s=1e999; "
+                       "requests_per_minute=-Infinity")
+    assert odd is not None and len(odd.raw) == 4
+    assert (odd.max_body_bytes, odd.max_prompt_tokens, odd.deadline_s, odd.requests_per_minute) == (
+        None, None, None, None)
 
 
 def test_chunking_boundaries() -> None:

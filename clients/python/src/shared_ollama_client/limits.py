@@ -8,6 +8,7 @@ trusts the typed fields only for versions it understands (`SUPPORTED_VERSIONS`).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,13 +45,15 @@ class ServiceLimits:
         return self.version in SUPPORTED_VERSIONS
 
     def number(self, key: str) -> float | None:
-        """`key` as a number under a supported version, else None."""
+        """`key` as a finite number under a supported version, else None (`nan`, `inf` and `1e999` pass
+        the value syntax but are no limit: None, as in the TypeScript helper)."""
         if not self.understood or key not in self.raw:
             return None
         try:
-            return float(self.raw[key])
+            value = float(self.raw[key])
         except ValueError:
             return None
+        return value if math.isfinite(value) else None
 
     def _int(self, key: str) -> int | None:
         value = self.number(key)
