@@ -10,6 +10,7 @@ examples/typescript`. Without them these tests fail (they are part of the contra
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from shared_ollama_client import chunk_text
+from shared_ollama_client import chunk_text, parse_limits, server_delay_s
 
 from tests.support.servers import Server, start_emulator, start_proxy
 
@@ -127,6 +128,57 @@ def test_chunk_text_matches_python() -> None:
     from_python = [chunk_text(text, max_tokens, overlap) for max_tokens, overlap in cases]
     assert from_node == from_python
     assert all(len(chunks) > 3 for chunks in from_python)
+
+
+RETRY_AFTER = ["5", " 5\t", "5.5", ".5", "0", "-0", "-1", "99999", "1e3", "1e400", "+5", "0x10", "0b11",
+               "0o7", "1_000", "nan", "inf", "Infinity", "", "  ", "garbage", "soon 3", "5 seconds", "1,2",
+               "3\u00a0", "Thu, 01 Jan 2026 00:00:30 GMT", "Wed, 31 Dec 2025 23:59:00 GMT"]
+SERVICE_LIMITS = [
+    "v=1; max_body_bytes=100; max_prompt_tokens=4096.0; deadline_s=0.5; requests_per_minute=600",
+    "v=2; max_body_bytes=100", "v=+1; a=1", "v= 1; a=1", "v=01; a=1", "v=1.0; a=1", "v=-1; a=1",
+    "v=1_0; a=1", "v=1234567890123456; a=1", "V=1; a=1", "a=1; v=1", "v=1;max_body_bytes=100;;;", "garbage",
+    "", "v=", "v=1", "v=1; max_body_bytes=nan; max_prompt_tokens=inf; deadline_s=1e999",
+    "v=1; max_body_bytes=1_000; max_prompt_tokens=0x10; deadline_s=1.5e1; requests_per_minute=+600",
+    "v=1; max_body_bytes=1.9; deadline_s=-5; future=abc; max_body_bytes=7; Bad_Key=1; x = 2",
+    "v=1\u00a0; a=1", "v=1; deadline_s=3\u00a0"]
+_TS_NAMES = {"maxBodyBytes": "max_body_bytes", "maxPromptTokens": "max_prompt_tokens",
+             "deadlineS": "deadline_s", "requestsPerMinute": "requests_per_minute"}
+
+
+def test_header_parsing_matches_python() -> None:
+    """Retry-After, retry-after-ms and X-Service-Limits read alike in both languages: the same value
+    gives the same wait and the same limits, garbage included (one number grammar, one version rule)."""
+    node = _node()
+    now_ms = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+    script = ("import { parseServiceLimits, serverDelayS } from 'shared-ollama-client';"
+              "let input = ''; for await (const c of process.stdin) input += c;"
+              "const { delays, limits, nowMs } = JSON.parse(input);"
+              "console.log(JSON.stringify({"
+              " seconds: delays.map((v) => serverDelayS(new Headers({ 'retry-after': v }), nowMs)),"
+              " millis: delays.map((v) => serverDelayS(new Headers({ 'retry-after-ms': v,"
+              " 'retry-after': '7' }), nowMs)),"
+              " limits: limits.map((v) => parseServiceLimits(v)) }));")
+    _installed(PACKAGE, "ollama")
+    given = {"delays": RETRY_AFTER, "limits": SERVICE_LIMITS, "nowMs": now_ms}
+    done = subprocess.run([node, "--input-type=module", "-e", script], cwd=PACKAGE, check=False,
+                          input=json.dumps(given), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    from_node = json.loads(done.stdout)
+    now = datetime.datetime.fromtimestamp(now_ms / 1000, datetime.UTC)
+    for value, seconds, millis in zip(RETRY_AFTER, from_node["seconds"], from_node["millis"], strict=True):
+        assert server_delay_s({"retry-after": value}, now) == seconds, value
+        assert server_delay_s({"retry-after-ms": value, "retry-after": "7"}, now) == millis, value
+    for value, limits in zip(SERVICE_LIMITS, from_node["limits"], strict=True):
+        parsed = parse_limits(value)
+        if limits is None:
+            assert parsed is None, value
+            continue
+        assert parsed is not None, value
+        typed = {_TS_NAMES[k]: v for k, v in limits.items() if k in _TS_NAMES}
+        assert (parsed.version, parsed.understood, dict(parsed.raw)) == (
+            limits["version"], limits["understood"], limits["raw"]), value
+        assert {name: getattr(parsed, name) for name in _TS_NAMES.values()
+                if getattr(parsed, name) is not None} == typed, value
 
 
 # --- the TypeScript examples, against an emulated fleet behind the proxy ---------------------------

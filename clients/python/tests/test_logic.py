@@ -28,8 +28,11 @@ def test_server_delay_prefers_milliseconds_then_seconds_then_dates() -> None:
                           now) == 30.0
     assert server_delay_s({"retry-after": format_datetime(now - timedelta(seconds=30), usegmt=True)},
                           now) == 0.0
-    for bad in ("", "nan", "inf", "-1", "tomorrow"):
-        assert server_delay_s({"retry-after": bad}) is None
+    for bad in ("", "nan", "inf", "-1", "tomorrow", "0x10", "0b11", "1_000", "\u0663", "3\u00a0"):
+        assert server_delay_s({"retry-after": bad}) is None, bad
+    assert server_delay_s({"retry-after": " 1e1\t"}) == 10.0 and server_delay_s({"retry-after": ".5"}) == 0.5
+    for bad in ("0x10", "1_000", "inf", ""):  # not a number: Retry-After instead
+        assert server_delay_s({"retry-after-ms": bad, "retry-after": "7"}) == 7.0, bad
     assert server_delay_s({}) is None
 
 
@@ -89,6 +92,15 @@ def test_limits_parsing_is_versioned_and_bounded() -> None:
     assert odd is not None and len(odd.raw) == 4
     assert (odd.max_body_bytes, odd.max_prompt_tokens, odd.deadline_s, odd.requests_per_minute) == (
         None, None, None, None)
+    # One number grammar with the TypeScript helper: no `1_000`, `0x10`; counts only whole.
+    other = parse_limits("v=1; max_body_bytes=1_000; max_prompt_tokens=0x10; deadline_s=1.5e1; "
+                         "requests_per_minute=+600")
+    assert other is not None and (other.max_body_bytes, other.max_prompt_tokens) == (None, None)
+    assert (other.deadline_s, other.requests_per_minute) == (15.0, 600.0)
+    fraction = parse_limits("v=1; max_body_bytes=1.9; max_prompt_tokens=4096.0")
+    assert fraction is not None and (fraction.max_body_bytes, fraction.max_prompt_tokens) == (None, 4096)
+    for version in ("v=+1", "v= 1", "v=-1", "v=1_0", "v=\u0661", "v=1234567890123456"):
+        assert parse_limits(version + "; max_body_bytes=1") is None, version
 
 
 def test_chunking_boundaries() -> None:

@@ -21,19 +21,35 @@ const DEFAULTS = Object.freeze({
  * @param {Headers} headers @param {number} [nowMs] @returns {number | null} */
 export function serverDelayS(headers, nowMs = Date.now()) {
   const ms = headers.get("retry-after-ms");
-  if (ms !== null && ms.trim() !== "") {
-    const value = Number(ms);
-    if (Number.isFinite(value) && value >= 0) return value / 1000;
+  if (ms !== null) {
+    const value = decimal(ms);
+    if (value !== null && value >= 0) return value / 1000;
   }
   const seconds = headers.get("retry-after");
-  if (seconds === null || seconds.trim() === "") return null;
-  const value = Number(seconds.trim());
-  if (!Number.isNaN(value)) return Number.isFinite(value) && value >= 0 ? value : null;
+  if (seconds === null) return null;
+  const value = decimal(seconds);
+  if (value !== null) return value >= 0 ? value : null;
   // Only an HTTP date (RFC 9110's IMF-fixdate, what servers send): V8's Date.parse reads garbage such
   // as "soon 3" as a date in 2001, a wait of 0, which would make every client retry at once.
-  if (!IMF_FIXDATE.test(seconds.trim())) return null;
+  if (!IMF_FIXDATE.test(stripOws(seconds))) return null;
   const when = Date.parse(seconds);
   return Number.isNaN(when) ? null : Math.max(0, (when - nowMs) / 1000);
+}
+
+const DECIMAL = /^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$/;
+
+/** HTTP's optional whitespace (spaces, tabs) off both ends; trim() would take other characters than the
+ * Python helper's strip. @param {string} text */
+const stripOws = (text) => text.replace(/^[ \t]+|[ \t]+$/g, "");
+
+/** `text` as a finite decimal number (ASCII digits, optional sign, fraction and exponent), else null:
+ * the Python helper's grammar (Number() alone also reads `0x10`, `0b11`, `0o7` and the empty string).
+ * @param {string} text @returns {number | null} */
+function decimal(text) {
+  const stripped = stripOws(text);
+  if (!DECIMAL.test(stripped)) return null;
+  const value = Number(stripped);
+  return Number.isFinite(value) ? value : null;
 }
 
 const IMF_FIXDATE = /^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d{2}:\d{2}:\d{2} GMT$/;
@@ -273,6 +289,7 @@ export function chunkText(text, { maxTokens, overlap = 0, countTokens = estimate
 export const SUPPORTED_LIMITS_VERSIONS = Object.freeze([1]);
 const LIMIT_KEY = /^[a-z][a-z0-9_]{0,63}$/;
 const LIMIT_VALUE = /^[A-Za-z0-9_.:+-]{1,64}$/;
+const COUNT_KEYS = Object.freeze(["max_body_bytes", "max_prompt_tokens"]);
 const V1_KEYS = Object.freeze({ max_body_bytes: "maxBodyBytes", max_prompt_tokens: "maxPromptTokens",
   deadline_s: "deadlineS", requests_per_minute: "requestsPerMinute" });
 
@@ -280,16 +297,16 @@ const V1_KEYS = Object.freeze({ max_body_bytes: "maxBodyBytes", max_prompt_token
  * Bounded (4096 characters, 64 keys) and malformed parts skipped: the header comes from the network.
  * @param {string} value @returns {import("./index.d.ts").ServiceLimits | null} */
 export function parseServiceLimits(value) {
-  const parts = value.slice(0, 4096).split(";").map((p) => p.trim());
-  if (!parts[0]?.startsWith("v=") || !/^\d+$/.test(parts[0].slice(2))) return null;
+  const parts = value.slice(0, 4096).split(";").map(stripOws);
+  if (!parts[0]?.startsWith("v=") || !/^[0-9]{1,15}$/.test(parts[0].slice(2))) return null;
   const version = Number(parts[0].slice(2));
   /** @type {Record<string, string>} */
   const raw = {};
   for (const part of parts.slice(1)) {
     const at = part.indexOf("=");
     if (at < 0) continue;
-    const key = part.slice(0, at).trim();
-    const item = part.slice(at + 1).trim();
+    const key = stripOws(part.slice(0, at));
+    const item = stripOws(part.slice(at + 1));
     if (LIMIT_KEY.test(key) && LIMIT_VALUE.test(item) && !(key in raw)) {
       raw[key] = item;
       if (Object.keys(raw).length >= 64) break;
@@ -300,8 +317,11 @@ export function parseServiceLimits(value) {
   const limits = { version, raw, understood };
   if (understood) {
     for (const [key, name] of Object.entries(V1_KEYS)) {
-      const number = key in raw ? Number(raw[key]) : NaN;
-      if (Number.isFinite(number)) Object.assign(limits, { [name]: number });
+      const number = key in raw ? decimal(raw[key]) : null;
+      // Counts (bytes, tokens) only as whole numbers, as in the Python helper.
+      if (number !== null && (!COUNT_KEYS.includes(key) || Number.isInteger(number))) {
+        Object.assign(limits, { [name]: number });
+      }
     }
   }
   return limits;

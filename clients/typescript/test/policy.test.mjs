@@ -229,6 +229,12 @@ test("server delays and chunking", () => {
   for (const garbage of ["soon 3", "1 2", "Tomorrow 5"]) {
     assert.equal(serverDelayS(new Headers({ "retry-after": garbage })), null, garbage);
   }
+  // The Python helper's number grammar: no hexadecimal, binary or octal, no NBSP padding.
+  for (const bad of ["0x10", "0b11", "0o7", "1_000", "3\u00a0", "Infinity"]) {
+    assert.equal(serverDelayS(new Headers({ "retry-after": bad })), null, bad);
+    assert.equal(serverDelayS(new Headers({ "retry-after-ms": bad, "retry-after": "7" })), 7, bad);
+  }
+  assert.equal(serverDelayS(new Headers({ "retry-after": "1e1" })), 10);
   const words = (s) => s.split(/\s+/).filter(Boolean).length;
   assert.deepEqual(chunkText("A b. C d. E f. G h.", { maxTokens: 4, overlap: 2, countTokens: words }),
     ["A b. C d.", "C d. E f.", "E f. G h."]);
@@ -253,4 +259,10 @@ test("X-Service-Limits parsing is versioned and bounded", async () => {
   assert.equal(Object.keys(junk.raw).length, 64);
   assert.equal(serviceLimits(new Headers({ "X-Service-Limits": "v=1; deadline_s=5" })).deadlineS, 5);
   assert.equal(serviceLimits(new Response("")), null);
+  assert.deepEqual(parseServiceLimits("v=1; max_body_bytes=0x10; max_prompt_tokens=1.9; deadline_s=1.5e1; " +
+    "requests_per_minute=+600"), { version: 1, understood: true, deadlineS: 15, requestsPerMinute: 600,
+    raw: { max_body_bytes: "0x10", max_prompt_tokens: "1.9", deadline_s: "1.5e1", requests_per_minute: "+600" } });
+  for (const version of ["v=+1", "v= 1", "v=-1", "v=1_0", "v=1234567890123456"]) {
+    assert.equal(parseServiceLimits(`${version}; max_body_bytes=1`), null, version);
+  }
 });

@@ -24,6 +24,22 @@ _MAX_HEADER_CHARS = 4096
 _MAX_KEYS = 64
 _KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _VALUE = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_VERSION = re.compile(r"[0-9]{1,15}")  # exact in a JavaScript number too
+_OWS = " \t"
+"""HTTP's optional whitespace, the only padding stripped (str.strip() would also take NBSP, NEL and the
+separators \x1c-\x1f, which JavaScript's trim() leaves or takes differently)."""
+
+
+def decimal(text: str) -> float | None:
+    """`text` (padded with spaces or tabs at most) as a finite decimal number, else None: ASCII digits
+    with an optional sign, fraction and exponent. One grammar for both helpers: Python's float() also
+    reads `1_000`, `nan` and non-ASCII digits, JavaScript's Number() `0x10`, `0b11` and `0o7`."""
+    text = text.strip(_OWS)
+    if not _DECIMAL.fullmatch(text):
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -49,15 +65,12 @@ class ServiceLimits:
         the value syntax but are no limit: None, as in the TypeScript helper)."""
         if not self.understood or key not in self.raw:
             return None
-        try:
-            value = float(self.raw[key])
-        except ValueError:
-            return None
-        return value if math.isfinite(value) else None
+        return decimal(self.raw[key])
 
     def _int(self, key: str) -> int | None:
+        """A count (bytes, tokens): None unless a whole number, as in the TypeScript helper."""
         value = self.number(key)
-        return int(value) if value is not None else None
+        return int(value) if value is not None and value.is_integer() else None
 
     @property
     def max_body_bytes(self) -> int | None:
@@ -83,17 +96,14 @@ class ServiceLimits:
 def parse_limits(value: str) -> ServiceLimits | None:
     """Parse a header value; None when it has no integer `v=` first. Malformed parts are skipped and the
     input is bounded (4096 characters, 64 keys): the header comes from the network."""
-    parts = [p.strip() for p in value[:_MAX_HEADER_CHARS].split(";")]
-    if not parts or not parts[0].startswith("v="):
+    parts = [p.strip(_OWS) for p in value[:_MAX_HEADER_CHARS].split(";")]
+    if not parts or not parts[0].startswith("v=") or not _VERSION.fullmatch(parts[0][2:]):
         return None
-    try:
-        version = int(parts[0][2:])
-    except ValueError:
-        return None
+    version = int(parts[0][2:])
     raw: dict[str, str] = {}
     for part in parts[1:]:
         key, sep, item = part.partition("=")
-        key, item = key.strip(), item.strip()
+        key, item = key.strip(_OWS), item.strip(_OWS)
         if sep and _KEY.fullmatch(key) and _VALUE.fullmatch(item) and key not in raw:
             raw[key] = item
             if len(raw) >= _MAX_KEYS:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 import httpx
 
-from shared_ollama_client.limits import ServiceLimits, limits
+from shared_ollama_client.limits import ServiceLimits, decimal, limits
 
 __all__ = ["AsyncRetryTransport", "RetryPolicy", "RetryTransport", "retry_delay", "server_delay_s"]
 
@@ -92,30 +92,27 @@ _PROXY_RETRY_AFTER_CAP_S = 60.0
 
 def server_delay_s(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
     """The wait the server asked for, in seconds: `retry-after-ms` first, else `Retry-After` (seconds or
-    an HTTP date, a date in the past meaning 0). None when neither is present or parseable."""
+    an HTTP date, a date in the past meaning 0). None when neither is present or parseable. Numbers are
+    read with `decimal`'s grammar, the TypeScript helper's too, so both wait alike (`0x10` or `1_000`
+    is no number to either)."""
     milliseconds = headers.get("retry-after-ms")
     if milliseconds is not None:
-        try:
-            value = float(milliseconds)
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value) and value >= 0:
+        value = decimal(milliseconds)
+        if value is not None and value >= 0:
             return value / 1000
     seconds = headers.get("retry-after")
     if seconds is None:
         return None
-    seconds = seconds.strip()
+    value = decimal(seconds)
+    if value is not None:
+        return value if value >= 0 else None
     try:
-        value = float(seconds)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(seconds)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-    return value if math.isfinite(value) and value >= 0 else None
+        when = email.utils.parsedate_to_datetime(seconds.strip(" \t"))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def retry_delay(policy: RetryPolicy, attempt: int, status: int | None,
