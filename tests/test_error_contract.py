@@ -50,6 +50,20 @@ def test_every_error_code_is_documented_with_its_status() -> None:
         set(_all_errors()) | set(EXTRA_CODES))
 
 
+def test_every_service_limits_key_is_documented() -> None:
+    """Each key the proxy may put in X-Service-Limits is in docs/CLIENTS.md's list of v=1 keys: clients
+    are told to ignore unknown keys, so an undocumented one is a limit nobody can rely on."""
+    root = README.parent
+    sources = [*root.glob("proxy/**/*.py"), *root.glob("middlewares/*.py"), *root.glob("plugins/*.py")]
+    keys = {key for path in sources
+            for key in re.findall(r'service_limits\["([a-z_]+)"\]', path.read_text(encoding="utf-8"))}
+    assert {"max_body_bytes", "max_prompt_tokens", "deadline_s", "requests_per_minute"} <= keys, keys
+    clients = (root / "docs" / "CLIENTS.md").read_text(encoding="utf-8")
+    listed = clients[clients.index("- Keys in v=1 today:"):]
+    listed = listed[:listed.index("\n\n")]
+    assert sorted(k for k in keys if f"`{k}`" not in listed) == []
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
     tmp = tmp_path_factory.mktemp("contract")
