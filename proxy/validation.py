@@ -13,11 +13,13 @@ __all__ = ["format_validation_error"]
 
 def _describe(exc: BaseException, type_: Any) -> str:
     """One error in words; our validators already say `field: problem`."""
-    text = str(exc)
     if isinstance(exc, KeyError):
         return "required key missing"
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return "unknown key(s) " + ", ".join(sorted(exc.extra_fields))
+        # YAML keys need not be strings (`1: 2`, `true: x`): each is named as the file spells it
+        # (cattrs' own str() of this error joins them as strings and raises TypeError for others).
+        return "unknown key(s) " + ", ".join(sorted(str(field) for field in exc.extra_fields))
+    text = str(exc)
     if " not in literal " in text:
         _, _, allowed = text.partition(" not in literal ")
         # Not the value itself: a key pasted into the wrong field must not reach a log line.

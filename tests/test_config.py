@@ -218,3 +218,17 @@ def test_check_config_and_serve_refuse_loose_types(tmp_path: Path, text: str, pa
     served = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(bad)],
                             capture_output=True, text=True, timeout=30, check=False)
     assert served.returncode == 2 and path in served.stderr
+
+
+@pytest.mark.parametrize("data,message", [
+    ({1: 2}, "unknown key(s) 1"),
+    ({True: "x", "server": {7: 1}}, "server: unknown key(s) 7"),
+    ({"tenants": [{"name": "a", "keys": ["k"], 5: "x"}]}, "tenants[0]: unknown key(s) 5"),
+])
+def test_keys_that_are_not_strings_are_named(data: dict[object, object], message: str) -> None:
+    # YAML reads `1: 2` with an integer key: the refusal names it (it raised a TypeError from the
+    # message's join instead: a traceback from check-config and serve, "unexpected TypeError" on reload).
+    with pytest.raises(ConfigError) as error:
+        structure(data)  # type: ignore[arg-type]
+    assert message in str(error.value)
+
