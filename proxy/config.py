@@ -276,6 +276,9 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            # Where, never the bytes around it (they may be part of a key).
+            raise ConfigError(f"{path}: not UTF-8 text (an invalid byte at offset {exc.start})") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

@@ -232,3 +232,13 @@ def test_keys_that_are_not_strings_are_named(data: dict[object, object], message
         structure(data)  # type: ignore[arg-type]
     assert message in str(error.value)
 
+
+def test_a_file_that_is_not_utf8_is_refused_with_its_path(tmp_path: Path) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"server:\n  listen: \"\xff\xfe\"\n")
+    with pytest.raises(ConfigError, match=r"binary\.yaml: not UTF-8 text \(an invalid byte at offset 19\)"):
+        load_config(binary)
+    checked = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(binary)],
+                             capture_output=True, text=True, check=False)
+    assert checked.returncode == 1 and "not UTF-8" in checked.stderr
+    assert "Traceback" not in checked.stderr
