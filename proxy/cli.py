@@ -138,7 +138,11 @@ def _serve(args: argparse.Namespace) -> int:
         # stopping), Python's default would end the process: ignore it meanwhile.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         telemetry = build_telemetry(config.telemetry)
-        app = build_app(config, telemetry, config_path=args.config, load=load, internal_secret=secret)
+        try:
+            app = build_app(config, telemetry, config_path=args.config, load=load, internal_secret=secret)
+        except BaseException:
+            telemetry.shutdown()  # its exporters must not keep a process that will not serve alive
+            raise
         worker_metrics = None
         if worker and args.worker_peers:
             from .telemetry.workers import WORKER_METRICS, WorkerMetrics
@@ -169,7 +173,13 @@ def _serve(args: argparse.Namespace) -> int:
                 await worker_metrics.close()
             telemetry.shutdown()
 
-    _run(serve())
+    from .tokens import TokenizerFileError
+
+    try:
+        _run(serve())
+    except TokenizerFileError as exc:  # a file of the configuration: refused like any bad value
+        print(f"shared-ollama-proxy: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -275,9 +285,13 @@ def _loadgen(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from .tokens import TokenizerFileError, load_tokenizer_files
+
     try:
         config = load_config(args.file)
-    except ConfigError as exc:
+        # What `serve` loads from the files the configuration names: the same checks, offline.
+        load_tokenizer_files({name: m.tokenizer for name, m in config.models.items() if m.tokenizer})
+    except (ConfigError, TokenizerFileError) as exc:
         print(f"{args.file}: {exc}", file=sys.stderr)
         return 1
     print(f"{args.file}: OK ({len(config.upstreams)} upstream(s), listen {config.server.listen})")

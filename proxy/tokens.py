@@ -35,7 +35,7 @@ from .ollama import model_key
 from .serving import escape_field
 
 __all__ = ["BYTES_PER_TOKEN", "EstimateTokenizer", "SentencePieceTokenizer", "Tokenizer",
-           "TokenizerRegistry", "model_proto_from_show"]
+           "TokenizerFileError", "TokenizerRegistry", "load_tokenizer_files", "model_proto_from_show"]
 
 log = logging.getLogger("proxy.tokens")
 model_pb2: Any = _model_pb2  # generated protobuf module, untyped
@@ -150,6 +150,24 @@ def model_proto_from_show(model_info: dict[str, Any]) -> bytes | None:
     return bytes(proto.SerializeToString())
 
 
+class TokenizerFileError(ValueError):
+    """A `models.<model>.tokenizer` file that cannot be loaded; the message names the key path."""
+
+
+def load_tokenizer_files(configured: dict[str, str]) -> dict[str, Tokenizer]:
+    """Load each model's configured tokenizer file (model name -> path), keyed by `model_key`. Raises
+    TokenizerFileError naming the first file that cannot be read or is not a SentencePiece model:
+    `serve` and `check-config` refuse such a file as they refuse any bad value, with its key path."""
+    loaded: dict[str, Tokenizer] = {}
+    for name, path in configured.items():
+        try:
+            loaded[model_key(name)] = SentencePieceTokenizer.from_file(path)
+        except (OSError, ValueError, RuntimeError) as exc:
+            # SentencePiece raises RuntimeError (or OSError) for a file that is not its model.
+            raise TokenizerFileError(f"models.{name}.tokenizer: cannot be loaded ({type(exc).__name__}: "
+                                     f"{str(exc)[:200]})") from None
+    return loaded
+
 
 class TokenizerRegistry:
     """The tokenizer of each model, resolved once (single-flight) and cached by model name.
@@ -163,6 +181,8 @@ class TokenizerRegistry:
     def __init__(self, configured: dict[str, str],
                  fetch_show: Callable[[str], Awaitable[dict[str, Any] | None]],
                  wait_s: float = 5.0, tracks: Callable[[str], bool] | None = None) -> None:
+        self._names = dict(configured)
+        """The configured files by model name as the file spells it (for load_configured's errors)."""
         self._configured = {model_key(name): path for name, path in configured.items()}
         self._fetch_show = fetch_show
         self._tracks = tracks
@@ -173,9 +193,9 @@ class TokenizerRegistry:
         self.estimate = EstimateTokenizer()
 
     def load_configured(self) -> None:
-        """Load the tokenizer files named in the configuration (at start-up, not on the request path)."""
-        for key, path in self._configured.items():
-            self._cache[key] = SentencePieceTokenizer.from_file(path)
+        """Load the tokenizer files named in the configuration (at start-up, not on the request path).
+        Raises TokenizerFileError (a ValueError) naming the key path of a file that cannot be loaded."""
+        self._cache.update(load_tokenizer_files(self._names))
 
     def prepare(self, configured: dict[str, str]) -> dict[str, Tokenizer]:
         """A reload's tokenizer files, loaded (raises OSError or ValueError for one that cannot be):

@@ -242,3 +242,24 @@ def test_a_file_that_is_not_utf8_is_refused_with_its_path(tmp_path: Path) -> Non
                              capture_output=True, text=True, check=False)
     assert checked.returncode == 1 and "not UTF-8" in checked.stderr
     assert "Traceback" not in checked.stderr
+
+
+@pytest.mark.parametrize("make", ["missing", "not a SentencePiece model"])
+def test_check_config_and_serve_refuse_a_tokenizer_file_that_cannot_be_loaded(tmp_path: Path,
+                                                                            make: str) -> None:
+    # check-config said OK, and serve died with a traceback (exit 1) loading the file.
+    tokenizer = tmp_path / "llama.model"
+    if make != "missing":
+        tokenizer.write_bytes(b"\x00garbage, not a model proto")
+    config = tmp_path / "tok.yaml"
+    config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"},
+                                      "models": {"llama3.2": {"tokenizer": str(tokenizer)}}}))
+    checked = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(config)],
+                             capture_output=True, text=True, check=False)
+    assert checked.returncode == 1, checked.stdout
+    assert "models.llama3.2.tokenizer: cannot be loaded" in checked.stderr
+    served = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert served.returncode == 2
+    assert "models.llama3.2.tokenizer: cannot be loaded" in served.stderr
+    assert "Traceback" not in served.stderr
