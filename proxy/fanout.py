@@ -240,14 +240,19 @@ def _union(lists: list[tuple[Upstream, Any]], key: str,
     seen: set[Any] = set()
     out: list[dict[str, Any]] = []
     for upstream, entries in lists:
-        for entry in entries or []:
+        if not isinstance(entries, list):
+            continue  # a replica's odd answer (`"models": 5`) is its own, not the fleet's listing error
+        for entry in entries:
             if not isinstance(entry, dict):
                 continue
             if replica_key is not None:
                 out.append({**entry, replica_key: upstream.name})
                 continue
-            if entry.get(key) in seen:
+            marker = entry.get(key)
+            if not isinstance(marker, str | int | float | bool | None):
+                marker = orjson.dumps(marker, option=orjson.OPT_SORT_KEYS)  # a list or object: hashable
+            if marker in seen:
                 continue
-            seen.add(entry.get(key))
+            seen.add(marker)
             out.append(entry)
     return out

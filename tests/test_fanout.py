@@ -155,3 +155,42 @@ def test_a_busy_fleet_answer_relays_the_replicas_own_wait(
     assert {name: answer.headers.get(name) for name in expected} == expected
     if "x-should-retry" not in expected:
         assert "x-should-retry" not in answer.headers
+
+
+@pytest.mark.parametrize("odd", [
+    {"models": 5},
+    {"models": [{"name": ["x"], "model": {"a": 1}, "modified_at": 5}, "text", None]},
+    {"models": "not a list"},
+], ids=["count", "list-names", "string"])
+def test_a_replica_answering_an_odd_listing_does_not_break_the_fleets(tmp: Path,
+                                                                      odd: dict[str, object]) -> None:
+    """One replica whose /api/tags and /api/ps say something that is not Ollama's list (another server
+    behind the URL, a broken version): the merged listing is the others' (plus what of it is an
+    entry), never a 500 for everyone (`'int' object is not iterable`, `unhashable type: 'list'`)."""
+    from aiohttp import web
+
+    from tests.support.threaded import ThreadedApp
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.path in ("/api/tags", "/api/ps"):
+            return web.json_response(odd)
+        return web.json_response({"version": "0.12.0"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    good = start_emulator(tmp, name="fan-good", models="llama3.2")
+    with ThreadedApp(app) as replica:
+        proxy = start_proxy(tmp, [{"url": replica.url, "name": "odd"}, {"url": good.url, "name": "good"}],
+                            {"chain": {"health": {"probe_interval_s": 0.3}}}, name="fan-odd")
+        try:
+            for path in ("/api/tags", "/api/ps"):
+                answer = httpx.get(f"{proxy.url}{path}", timeout=30)
+                assert answer.status_code == 200, answer.text
+                assert answer.headers["X-Replica-Results"] == "odd=ok, good=ok"
+            listed = [m["name"] for m in httpx.get(f"{proxy.url}/api/tags", timeout=30).json()["models"]]
+            assert "llama3.2:latest" in listed
+            assert "Traceback" not in proxy.log()
+        finally:
+            proxy.stop()
+            good.stop()
+
