@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -114,15 +115,22 @@ class FanOut:
                            skipped: dict[str, str]) -> web.StreamResponse:
         """Single-answer management calls (copy, delete, and pull/create/push with stream:false)."""
 
+        # The request's deadline bounds every replica's answer, as the forwarder bounds one replica's:
+        # without it a replica that accepted the call and never answered held the request for ever.
+        remaining = ctx.deadline_at - time.monotonic() if ctx.deadline_at is not None else None
+
         async def call(upstream: Upstream) -> tuple[int, bytes, float | None]:
             """The replica's status and body, and the wait its 429 or 503 asks for (None: none, or
-            not a valid one)."""
+            not a valid one). No answer by the request's deadline is that replica's 504."""
             try:
-                async with self.fleet.request(
+                async with asyncio.timeout(remaining), self.fleet.request(
                         upstream, request.method, request.raw_path, data=ctx.body or b"",
                         headers=self._headers(request)) as reply:
                     told = told_wait_s(reply.headers) if reply.status in _BUSY else None
                     return reply.status, await reply.read(), told
+            except TimeoutError:
+                return 504, orjson.dumps({"error": f"no answer within the request's deadline of "
+                                                   f"{ctx.deadline_s:g}s"}), None
             except (aiohttp.ClientError, OSError) as exc:
                 return 502, orjson.dumps({"error": f"cannot reach replica: {type(exc).__name__}"}), None
 

@@ -194,3 +194,30 @@ def test_a_replica_answering_an_odd_listing_does_not_break_the_fleets(tmp: Path,
             proxy.stop()
             good.stop()
 
+
+def test_management_fanned_out_to_a_replica_that_never_answers_ends_at_the_deadline(tmp: Path) -> None:
+    """A replica that accepts `DELETE /api/delete` (or copy, or a pull with stream false) and never
+    answers: with one replica the forwarder ends the request at its deadline (504); fanned out to
+    several it waited for ever (no timeout at all). Now the hung replica's result is a 504 at the
+    deadline, and the others' results are reported with it."""
+    a = start_emulator(tmp, name="fan-hang-a")
+    b = start_emulator(tmp, name="fan-hang-b")
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"admin": {"keys": [ADMIN]}, "chain": {"limits": {"deadline_s": 3}}},
+                        name="fan-hang")
+    try:
+        httpx.post(f"{b.url}/_emulator/faults", timeout=5,
+                   json={"hang_before_headers": True, "paths": ["/api/delete", "/api/copy"]})
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        for method, path, body in (("DELETE", "/api/delete", {"model": "qwen3"}),
+                                   ("POST", "/api/copy", {"source": "llama3.2", "destination": "c"})):
+            started = time.monotonic()
+            answer = httpx.request(method, f"{proxy.url}{path}", json=body, headers=admin, timeout=60)
+            assert time.monotonic() - started < 20
+            assert answer.status_code == 504, answer.text
+            results = answer.json()["replicas"]
+            assert results["a"] == "success" and results["b"].startswith("504: ")
+            assert "deadline" in results["b"]
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
