@@ -54,6 +54,17 @@ def non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> 
         raise ValueError(f"{attribute.name}: must be >= 0")
 
 
+_C_INT_MAX = 2**31 - 1
+
+
+def positive_c_int(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    """> 0 and within a C int: the value goes to the socket layer or aiohttp's C parser, where a larger
+    one raises OverflowError (at start, or on every connection) instead of being refused here."""
+    positive(instance, attribute, value)
+    if value > _C_INT_MAX:
+        raise ValueError(f"{attribute.name}: must be at most {_C_INT_MAX}")
+
+
 def ratio(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     del instance
     if not 0.0 <= value <= 1.0:
@@ -175,12 +186,12 @@ class ServerConfig:
     """Time a client has to send a complete request head; slower connections are closed (slowloris)."""
     keepalive_timeout_s: float = attrs.field(default=75.0, validator=positive)
     """Idle keep-alive connections are closed after this long."""
-    backlog: int = attrs.field(default=2048, validator=positive)
+    backlog: int = attrs.field(default=2048, validator=positive_c_int)
     """Listen backlog; the default 128 of asyncio collapses under connection storms."""
     shutdown_timeout_s: float = attrs.field(default=30.0, validator=positive)
     """Grace period for in-flight requests on SIGTERM; streams still running then end with one final
     error line (`code: shutting_down`) and the process exits by this deadline."""
-    max_header_bytes: int = attrs.field(default=64 * 1024, validator=positive)
+    max_header_bytes: int = attrs.field(default=64 * 1024, validator=positive_c_int)
     """Largest request head (request line and all headers together); larger ones get 431 before
     authentication, like nginx's large_client_header_buffers and Envoy's max_request_headers_kb."""
     body_timeout_s: float = attrs.field(default=60.0, validator=positive)

@@ -263,3 +263,12 @@ def test_check_config_and_serve_refuse_a_tokenizer_file_that_cannot_be_loaded(tm
     assert served.returncode == 2
     assert "models.llama3.2.tokenizer: cannot be loaded" in served.stderr
     assert "Traceback" not in served.stderr
+
+
+@pytest.mark.parametrize("key", ["backlog", "max_header_bytes"])
+def test_numbers_past_what_the_socket_layer_takes_are_refused(key: str) -> None:
+    # check-config said OK; serve then died of OverflowError in listen() (backlog), or started and
+    # reset every connection with one (max_header_bytes, in aiohttp's parser).
+    with pytest.raises(ConfigError, match=rf"server\.{key}: must be at most 2147483647"):
+        structure({"server": {key: 3_000_000_000}})
+    assert getattr(structure({"server": {key: 2**31 - 1}}).server, key) == 2**31 - 1
