@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.polling import wait_for
 from tests.support.servers import Server, free_port, start_emulator, start_proxy
@@ -69,6 +70,46 @@ def test_a_broken_rule_fails_its_unit_test(tmp_path: Path) -> None:
     tested = _run(tool("promtool"), "test", "rules", "tests.yml", cwd=tmp_path)
     assert tested.returncode != 0
     assert "SOPRejectionsBudgetBurnFast" in tested.stdout + tested.stderr
+
+
+_SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\}$")
+_TARGET_LABELS = {"job", "instance"}
+"""Labels Prometheus adds to a scraped series itself: the proxy never exports them."""
+
+
+def test_the_unit_tests_feed_series_shaped_like_the_proxys(tmp_path: Path) -> None:
+    """Every input series of tests.yml whose metric a real proxy exports after a request carries only
+    labels the proxy's own series of it have (plus job and instance): an alert tested on a label the
+    proxy never exports (its `by` grouping then yields nothing) passes promtool and misleads on call."""
+    emulator = start_emulator(tmp_path)
+    proxy = start_proxy(tmp_path, [emulator.url])
+    try:
+        served = httpx.post(f"{proxy.url}/api/chat", json={
+            "model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "hi"}]},
+            timeout=60)
+        assert served.status_code == 200
+        refused = httpx.post(f"{proxy.url}/api/chat", content=b"{", timeout=60)  # an error.type too
+        assert refused.status_code == 400
+        exported: dict[str, set[str]] = {}
+        for family in text_string_to_metric_families(httpx.get(f"{proxy.url}/metrics", timeout=30).text):
+            for sample in family.samples:
+                exported.setdefault(sample.name, set()).update(sample.labels)
+    finally:
+        proxy.stop()
+        emulator.stop()
+    checked: set[str] = set()
+    for case in yaml.safe_load((PROM / "tests.yml").read_text())["tests"]:
+        for entry in case["input_series"]:
+            match = _SERIES.match(entry["series"])
+            assert match is not None, entry["series"]
+            name, labels = match[1], {pair.split("=", 1)[0].strip() for pair in match[2].split(",")}
+            if name in exported:
+                checked.add(name)
+                assert labels - _TARGET_LABELS <= exported[name], (
+                    f"{case['name']}: {name} has no label {sorted(labels - _TARGET_LABELS - exported[name])}")
+    # Not vacuous: the request and traffic metrics and the backpressure decisions are among them.
+    assert {"http_server_request_duration_seconds_count", "sop_backpressure_decisions_total",
+            "sop_upstream_healthy", "gen_ai_client_operation_duration_seconds_bucket"} <= checked
 
 
 def _start_prometheus(tmp: Path, target: str) -> tuple[subprocess.Popen[bytes], str]:
