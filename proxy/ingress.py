@@ -203,10 +203,13 @@ class Ingress:
             span = self.telemetry.tracer.start_span(
                 f"{request.method} {route}" if route else request.method, context=parent,
                 kind=SpanKind.SERVER, attributes={
-                    # Client-chosen strings on spans are bounded (a head may carry 64 KiB of them).
-                    **base_attributes, semconv.ATTR_URL_PATH: request.path[:_SPAN_TEXT_LIMIT],
+                    # Client-chosen strings on spans are bounded (a head may carry 64 KiB of them)
+                    # and escaped: the path is percent-decoded, so %1b%0d%0a arrive as ESC CR LF.
+                    **base_attributes,
+                    semconv.ATTR_URL_PATH: semconv.span_text(request.path, _SPAN_TEXT_LIMIT),
                     semconv.ATTR_URL_SCHEME: request.scheme,
-                    semconv.ATTR_USER_AGENT: request.headers.get("User-Agent", "")[:_SPAN_TEXT_LIMIT]})
+                    semconv.ATTR_USER_AGENT: semconv.span_text(request.headers.get("User-Agent", ""),
+                                                               _SPAN_TEXT_LIMIT)})
             ctx.root_span = span
             token = otel_context.attach(trace.set_span_in_context(span, parent))
         response: web.StreamResponse | None = None

@@ -293,3 +293,41 @@ def test_a_model_name_of_megabytes_stays_off_the_spans(tmp: Path, upstream: Serv
         assert attributes_of(span)["gen_ai.request.model"] == "m" * 256, span.name
     for span in spans:
         assert all(len(str(v)) <= 1024 for v in attributes_of(span).values()), span.name
+
+
+def test_control_characters_a_client_sends_reach_spans_escaped(tmp: Path, upstream: Server) -> None:
+    """The model a body names and the path (percent-decoded: %1b%0d%0a are ESC CR LF) are the client's
+    text: on every span they carry, non-printable characters are escaped as on log lines, so a trace UI
+    or a collector's exporter shows `\\x1b`, never the escape sequence itself; printable text of any
+    script is left as it was."""
+    model = "x\r\nInjected: 1\x1b[31m\u202e\x00\u6a21\u578b"
+    with OtlpReceiver() as receiver:
+        proxy = start_proxy(tmp, [upstream.url], {
+            "telemetry": {"otlp_endpoint": receiver.url, "otlp_protocol": "http/protobuf"}},
+            name="otlp-control-chars")
+        try:
+            agent = "ua\u00e9\u0085".encode()  # UTF-8 on the wire: a C1 control (NEL) after an e-acute
+            answer = httpx.post(f"{proxy.url}/api/chat", timeout=30, headers={"User-Agent": agent},
+                                json={"model": model, "stream": False,
+                                      "messages": [{"role": "user", "content": "hi"}]})
+            assert answer.status_code == 400  # the replica refuses the name: it went through the chain
+            assert httpx.get(f"{proxy.url}/api/%1b%5b2J%0d%0aforged", timeout=30).status_code == 404
+            spans = _wait_spans(receiver.spans, lambda s: any(x.name == "POST /api/chat" for x in s)
+                                and sum(x.name.startswith("sop.") for x in s) >= 4
+                                and any(attributes_of(x).get("url.path", "").endswith("forged")
+                                        for x in s))
+        finally:
+            proxy.stop()
+    carrying = [s for s in spans if "gen_ai.request.model" in attributes_of(s)]
+    assert {"sop.limits", "sop.health", "sop.balancer"} <= {s.name for s in carrying}
+    for span in carrying:
+        assert attributes_of(span)["gen_ai.request.model"] == (
+            "x\\x0d\\x0aInjected: 1\\x1b[31m\\u202e\\x00\u6a21\u578b"), span.name
+    paths = {attributes_of(s)["url.path"] for s in spans if "url.path" in attributes_of(s)}
+    assert "/api/\\x1b[2J\\x0d\\x0aforged" in paths
+    agents = {attributes_of(s)["user_agent.original"] for s in spans
+              if s.name == "POST /api/chat"}
+    assert agents == {"ua\u00e9\\x85"}
+    for span in spans:
+        for value in attributes_of(span).values():
+            assert not isinstance(value, str) or value.isprintable(), (span.name, value)

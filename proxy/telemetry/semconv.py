@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from functools import cache
 
+from ..escaping import escape
+
 __all__ = [
     "ATTR_ERROR_TYPE",
     "ATTR_GEN_AI_OPERATION",
@@ -46,6 +48,7 @@ __all__ = [
     "Names",
     "metric_name",
     "request_model",
+    "span_text",
 ]
 
 # HTTP (stable semconv)
@@ -211,9 +214,22 @@ class Names:
         return f"{self.prefix}.{step}.decisions"
 
 
+def span_text(text: str, limit: int) -> str:
+    """A client-chosen string as a span attribute: its first `limit` characters, with every character
+    that is not printable (C0/C1 controls, CR and LF above all, line separators, bidi overrides and other
+    format characters) escaped as `\\xNN`/`\\uNNNN` (proxy/escaping.py, as on log lines), cut again to
+    `limit`. OTLP carries the raw string intact, but backends show it: in a trace UI, a collector's debug
+    or file exporter, or a log pipeline fed from spans, an ESC sequence, a NUL or an RLO from a request
+    body rewrites what the operator reads. Printable text (any script) is left as it was."""
+    head = text[:limit]
+    if head.isprintable():
+        return head
+    return escape(head, limit, str.isprintable)[:limit]
+
+
 def request_model(model: str) -> str:
-    """`model` as `gen_ai.request.model` on a span: the client's text, cut to REQUEST_MODEL_CHARS. A body
-    may name a model in megabytes; each span that carries it is kept until exported and sent whole, so
-    one such request made an export batch of megabytes (a collector refuses it, dropping every other
-    trace of the batch)."""
-    return model[:REQUEST_MODEL_CHARS]
+    """`model` as `gen_ai.request.model` on a span: the client's text, cut to REQUEST_MODEL_CHARS and
+    escaped (`span_text`). A body may name a model in megabytes; each span that carries it is kept until
+    exported and sent whole, so one such request made an export batch of megabytes (a collector refuses
+    it, dropping every other trace of the batch)."""
+    return span_text(model, REQUEST_MODEL_CHARS)
