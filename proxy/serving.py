@@ -321,8 +321,10 @@ async def start_site(app: web.Application, host: str, port: int, *, backlog: int
     `reuse_port`: SO_REUSEPORT, so that the workers of `serve --workers N` share the port (the kernel
     spreads connections over them).
 
-    aiohttp's per-line caps are set to the head cap (a longer line is a 431 from `EdgeHandler`), and its
-    own shutdown wait is short (a last resort): `run_until_signalled` has drained by the time it runs."""
+    aiohttp's per-line caps are the head cap for a header line and 16 KiB for the request line (no
+    Ollama call has a target that long; nginx allows 8 KiB): a longer line is a 431 from `EdgeHandler`.
+    aiohttp's own shutdown wait is short (a last resort): `run_until_signalled` has drained by the time
+    it runs."""
     runner = ProxyRunner(app, header_timeout_s=header_timeout_s, max_header_bytes=max_header_bytes,
                          max_connections=max_connections, handler_cancellation=True,
                          access_log=None, keepalive_timeout=keepalive_timeout_s, shutdown_timeout=0.25,
