@@ -249,18 +249,30 @@ def structure(data: Mapping[str, Any]) -> Config:
     """Build a Config from plain data, or raise ConfigError naming each bad key path."""
     try:
         config = _CONVERTER.structure(dict(data), Config)
+        known = {t.name for t in config.tenants} | {"anonymous"}
+
+        def check_tenant(path: str, tenant: str) -> None:
+            if tenant not in known:
+                raise ValueError(f"{path}: unknown tenant {tenant[:60]!r} (known: "
+                                 f"{', '.join(sorted(known))})")
+
+        # A canary's tenants are names of this file's tenants: a typo would make it enforce for
+        # nobody, without a word.
+        for field in attrs.fields(ChainConfig):
+            for tenant in getattr(config.chain, field.name).rollout.tenants:
+                check_tenant(f"chain.{field.name}.rollout.tenants", tenant)
         if config.plugins:
             from .plugin import structure_plugins
 
             # The plugins' own config classes, with the key path; a plugin's sub-requests charged to a
             # tenant need that tenant (else every one of them would be refused, and the plugin fail open
             # without a word).
-            known = {t.name for t in config.tenants} | {"anonymous"}
             for index, (_, plugin) in enumerate(structure_plugins(config.plugins)):
                 tenant = getattr(plugin, "tenant", None)
-                if tenant is not None and tenant not in known:
-                    raise ValueError(f"plugins[{index}].tenant: unknown tenant {tenant[:60]!r} (known: "
-                                     f"{', '.join(sorted(known))})")
+                if tenant is not None:
+                    check_tenant(f"plugins[{index}].tenant", tenant)
+                for tenant in plugin.rollout.tenants:
+                    check_tenant(f"plugins[{index}].rollout.tenants", tenant)
         return config
     except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
         if isinstance(exc, cattrs.BaseValidationError):
