@@ -352,6 +352,31 @@ class AnonymousConfig:
     max_prompt_tokens: int | None = attrs.field(default=None, validator=positive)
 
 
+OLLAMA_FLOAT_OPTIONS = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                        "frequency_penalty")
+OLLAMA_INT_OPTIONS = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch",
+                      "num_gpu", "main_gpu", "num_thread")
+OLLAMA_BOOL_OPTIONS = ("use_mmap",)
+"""Ollama's typed options (api.Options, read by Options.FromMap): a value of another type fails every run
+of the model with a 500 `option "x" must be of type ...`."""
+
+
+def ollama_options(instance: Any, attribute: attrs.Attribute[Any], value: dict[str, Any]) -> None:
+    """`models.<m>.options` typed as Ollama types them: they are written into every request for the
+    model, so a wrong type would fail each of them at the replica instead of being refused here."""
+    del instance, attribute
+    for key, item in value.items():
+        number = isinstance(item, int | float) and not isinstance(item, bool)
+        if key in OLLAMA_FLOAT_OPTIONS and not number:
+            raise ValueError(f"options: {key} must be a number, got {type(item).__name__}")
+        if key in OLLAMA_INT_OPTIONS and not number:
+            raise ValueError(f"options: {key} must be an integer, got {type(item).__name__}")
+        if key in OLLAMA_BOOL_OPTIONS and not isinstance(item, bool):
+            raise ValueError(f"options: {key} must be true or false, got {type(item).__name__}")
+        if key == "stop" and not (isinstance(item, list) and all(isinstance(s, str) for s in item)):
+            raise ValueError("options: stop must be a list of strings")
+
+
 @attrs.frozen
 class ModelConfig:
     """Per-model policy."""
@@ -361,7 +386,7 @@ class ModelConfig:
     """reject (400 prompt_too_long) or truncate (drop the oldest turns / the front of the prompt)."""
     tokenizer: str | None = None
     """Path of the model's SentencePiece `.model` file; else it is built from /api/show (verbose)."""
-    options: dict[str, Any] = attrs.field(factory=dict)
+    options: dict[str, Any] = attrs.field(factory=dict, validator=ollama_options)
     """Canonical load-time options (num_ctx, num_batch, num_gpu, ..., and keep_alive): requests are
     rewritten to these so that no tenant can make Ollama reload the model for everyone."""
     warm_on: tuple[str, ...] = ()

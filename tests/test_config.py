@@ -76,6 +76,12 @@ def test_listen_may_ask_for_any_free_port() -> None:
      "chain.quotas.rollout.tenants: unknown tenant 'canray' (known: anonymous, canary)"),
     ({"plugins": [{"name": "trim_history", "rollout": {"tenants": ["nope"]}}]},
      "plugins[0].rollout.tenants: unknown tenant 'nope'"),
+    # Written into every request for the model: a type Ollama refuses would fail each of them.
+    ({"models": {"llama3.2": {"options": {"num_ctx": "big"}}}},
+     "models.llama3.2.options: num_ctx must be an integer, got str"),
+    ({"models": {"m": {"options": {"temperature": True}}}}, "models.m.options: temperature must be a number"),
+    ({"models": {"m": {"options": {"use_mmap": 1}}}}, "models.m.options: use_mmap must be true or false"),
+    ({"models": {"m": {"options": {"stop": "###"}}}}, "models.m.options: stop must be a list of strings"),
     ({"upstreams": [{"url": "htp://user:secret@h:1"}]}, "upstreams[0].url: expected an http(s) URL"),
     ({"telemetry": {"otlp_protocol": "udp"}}, "telemetry.otlp_protocol: not one of"),
     ({"telemetry": {"sample_ratio": 2}}, "telemetry.sample_ratio: must be between 0 and 1"),

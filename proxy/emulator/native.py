@@ -10,6 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.schema import OLLAMA_BOOL_OPTIONS, OLLAMA_FLOAT_OPTIONS, OLLAMA_INT_OPTIONS
+
 from . import gojson, wire
 from .catalog import ModelEntry, valid_name
 from .durations import KeepAliveError, parse_keep_alive
@@ -64,11 +66,9 @@ def _top_logprobs(body: dict[str, Any]) -> None:
         raise RequestError(400, "top_logprobs must be between 0 and 20")
 
 
-_FLOAT_OPTIONS = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-                  "frequency_penalty")
-_INT_OPTIONS = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch",
-                "num_gpu", "main_gpu", "num_thread")
-_BOOL_OPTIONS = ("use_mmap",)
+_FLOAT_OPTIONS = OLLAMA_FLOAT_OPTIONS
+_INT_OPTIONS = OLLAMA_INT_OPTIONS
+_BOOL_OPTIONS = OLLAMA_BOOL_OPTIONS
 
 
 def _options(body: dict[str, Any]) -> dict[str, Any]:
