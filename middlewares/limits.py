@@ -203,7 +203,7 @@ class LimitsStep(Step):
                     await self._over_limit(request, ctx, span, body, tokenizer, measured, limit,
                                            model_config)
         if not ctx.streaming:
-            ctx.header_hooks.append(lambda chunk: self._report_before_headers(ctx, chunk))
+            ctx.header_hooks.append(self._report_before_headers)
         response = await handler(request)
         self._check_silent_truncation(ctx, model)
         return response

@@ -161,9 +161,11 @@ class RequestContext:
     health: Candidates = attrs.field(factory=Candidates)
     routing: Routing = attrs.field(factory=Routing)
     exchange: Exchange = attrs.field(factory=Exchange)
-    header_hooks: list[Callable[[bytes], None]] = attrs.field(factory=list)
-    """Called with the first body chunk just before the response headers go out (the forwarder holds
-    them until then): a step may still add a header from what the answer says."""
+    header_hooks: list[Callable[[RequestContext, bytes], None]] = attrs.field(factory=list)
+    """Called with this context and the first body chunk just before the response headers go out (the
+    forwarder holds them until then): a step may still add a header from what the answer says. The
+    context is passed, not captured: a closure over it, stored on it, is a reference cycle, and made
+    every request's objects garbage that only the collector could free (issue 16)."""
     observers: list[ResponseObserver] = attrs.field(factory=list)
     """Plugins' response observers (proxy/plugin.py): the forwarder feeds them every relayed chunk."""
     _json: Any = attrs.field(default=None, alias="_json")

@@ -329,7 +329,7 @@ class Forwarder:
                                 ctx.status = upstream_response.status
                                 span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
                                 for hook in ctx.header_hooks:
-                                    hook(chunk)
+                                    hook(ctx, chunk)
                                 ctx.exchange.relayed = True
                                 await response.prepare(request)
                             if not chunk:
