@@ -226,11 +226,18 @@ class RequestContext:
         self.deadline_s = deadline
         self.deadline_at = self.started + deadline
 
-    def restore_body(self, body: bytes | None, parsed: Any) -> None:
-        """Put back a body and its parsed view as they were (a plugin's rewrite undone)."""
+    def restore_body(self, body: bytes | None, parsed: Any = _UNREAD) -> None:
+        """Put back a body and its parsed view as they were (a plugin's rewrite undone). Without
+        `parsed`, the view is read again from `body` when next asked for: the view a plugin was handed
+        may have been edited in place (replace_json allows it), and then only the bytes are still what
+        the client sent."""
         self.body = body
-        self._json = parsed
-        self._json_parsed = True
+        if parsed is _UNREAD:
+            self._json = None
+            self._json_parsed = False
+        else:
+            self._json = parsed
+            self._json_parsed = True
         self._json_error = None
         self._model_of = _UNREAD
 

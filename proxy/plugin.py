@@ -408,7 +408,7 @@ class PluginStep:
             if headers_before is not None:
                 ctx.response_headers = headers_before
                 ctx.response_headers.add("X-Shadow-Decision", f"{self.plugin.name}={exc.code}")
-                self._restore(ctx, body_before, json_before)
+                self._restore(ctx, body_before, json_before, failed=True)
                 return None
             exc.step = exc.step or f"plugin.{self.plugin.name}"
             raise
@@ -418,7 +418,7 @@ class PluginStep:
             span.set_status(Status(StatusCode.ERROR, "plugin_failure"))
             span.end()
             ctx.response_headers = headers_saved
-            self._restore(ctx, body_before, json_before)
+            self._restore(ctx, body_before, json_before, failed=True)
             self._unrecord(ctx, recorded)
             self._failed(ctx, exc)
             return None
@@ -445,8 +445,19 @@ class PluginStep:
         return answer
 
     @staticmethod
-    def _restore(ctx: RequestContext, body: bytes | None, parsed: Any) -> None:
-        if ctx.body is not body:
+    def _restore(ctx: RequestContext, body: bytes | None, parsed: Any, *,
+                 failed: bool = False) -> None:
+        """Undo what the plugin did to the body: its rewrite, and an edit in place of the parsed view
+        it was handed (`ctx.replace_json` allows one), which the bytes never saw. The view is then
+        read again from the bytes, the one record of what the client sent, unless nothing could have
+        changed it: no rewrite, no failure (a plugin that edits the view in place rewrites with
+        replace_json; one that failed may have stopped between the two), or a view that cannot be
+        edited (a string, a number, None)."""
+        if ctx.body is body and not failed:
+            return
+        if isinstance(parsed, dict | list):
+            ctx.restore_body(body)
+        else:
             ctx.restore_body(body, parsed)
 
     @staticmethod

@@ -66,6 +66,29 @@ EXTRA = textwrap.dedent('''
         async def on_request(self, request: web.Request, ctx: Any, decide: Any) -> Any:
             ctx.replace_json({"model": "llama3.2", "messages": []})  # undone when it fails
             raise RuntimeError("boom")
+
+
+    @attrs.frozen(kw_only=True)
+    class InPlaceConfig(PluginConfig):
+        fail_before_rewrite: bool = False
+
+
+    class InPlace(Plugin):
+        """Keeps the newest message only, editing the parsed body in place before replace_json (which
+        context.py allows); with `fail_before_rewrite`, it raises between the two."""
+
+        name = "in_place"
+        slot = "before_limits"
+        config_class = InPlaceConfig
+
+        async def on_request(self, request: web.Request, ctx: Any, decide: Any) -> Any:
+            body = ctx.json()
+            body["messages"] = body["messages"][-1:]
+            if self.config.fail_before_rewrite:
+                raise RuntimeError("boom")
+            ctx.replace_json(body)
+            decide("trimmed")
+            return None
 ''')
 
 
@@ -91,7 +114,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "[shared_ollama_proxy.plugins]\n"
         "max_messages = example_plugins.max_messages:MaxMessages\n"
         "echo_version = example_plugins.extra:EchoVersion\n"
-        "broken = example_plugins.extra:Broken\n")
+        "broken = example_plugins.extra:Broken\n"
+        "in_place = example_plugins.extra:InPlace\n")
     return root
 
 
@@ -179,6 +203,31 @@ def test_a_failing_plugin_fails_open_and_its_rewrite_is_undone(tmp_path: Path, e
     finally:
         proxy.stop()
         closed.stop()
+
+
+def test_an_edit_in_place_is_undone_in_shadow_mode_and_on_failure(tmp_path: Path, emulator: Server,
+                                                                  site: Path) -> None:
+    """A plugin that edits the parsed body in place and is in shadow mode, or fails before its
+    replace_json, changes nothing: limits count what goes upstream, the client's bytes (it used to
+    count the edited view while the original prompt went upstream: max_prompt_tokens bypassed)."""
+    over = [{"role": "user", "content": "many words in an old turn " * 60}, *_turns(1)]
+    for n, entry in enumerate([{"name": "in_place", "mode": "shadow"},
+                               {"name": "in_place", "fail_before_rewrite": True},
+                               {"name": "in_place"}]):
+        proxy = start_proxy(tmp_path, [emulator.url], {
+            "tenants": [{"name": "team", "keys": [TEAM], "max_prompt_tokens": 100}],
+            "plugins": [entry]}, name=f"plugin-in-place-{n}", env={"PYTHONPATH": str(site)})
+        try:
+            reply = httpx.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {TEAM}"},
+                               timeout=30, json={"model": "llama3.2", "messages": over, "stream": False})
+            if entry.get("mode") == "shadow" or entry.get("fail_before_rewrite"):
+                assert reply.status_code == 400, (entry, reply.text)
+                assert reply.json()["code"] == "prompt_too_long"
+            else:  # enforced, the edit is the rewrite: what it kept is what is counted and sent
+                assert reply.status_code == 200, reply.text
+                assert reply.json()["prompt_eval_count"] == _count_direct(emulator, over[-1:])
+        finally:
+            proxy.stop()
 
 
 def test_an_answer_before_backpressure_uses_a_subrequest_through_the_chain(
