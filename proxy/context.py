@@ -168,6 +168,9 @@ class RequestContext:
     every request's objects garbage that only the collector could free (issue 16)."""
     observers: list[ResponseObserver] = attrs.field(factory=list)
     """Plugins' response observers (proxy/plugin.py): the forwarder feeds them every relayed chunk."""
+    prepared: web.StreamResponse | None = None
+    """The response whose head has gone (or is going) to the client, once one is prepared: nothing
+    else may be sent for this request. Writer: ingress's on_response_prepare hook."""
     _json: Any = attrs.field(default=None, alias="_json")
     _json_parsed: bool = attrs.field(default=False, alias="_json_parsed")
     _json_error: str | None = attrs.field(default=None, alias="_json_error")

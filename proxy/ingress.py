@@ -108,6 +108,7 @@ async def add_context_headers(request: web.Request, response: web.StreamResponse
         if ingress is None:  # an app built without the proxy's ingress
             return
         ctx = ingress.answered_before_middleware(request, response)
+    ctx.prepared = response
     add = response.headers.add
     for key, value in ctx.response_headers.items():
         if key not in _SAFE_NAMES:

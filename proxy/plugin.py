@@ -341,7 +341,14 @@ class PluginStep:
         self.plugin.services.subrequests.learn_address(request)
         if ctx.internal:
             return await handler(request)  # a plugin's own sub-request: no plugin sees it
-        answer = await self._request_phase(request, ctx)
+        try:
+            answer = await self._request_phase(request, ctx)
+        except ProxyError:
+            if ctx.prepared is None:
+                raise
+            answer = None  # a refusal cannot be sent: the plugin has started a response itself
+        if ctx.prepared is not None:
+            return self._answered_itself(request, ctx, answer)
         if answer is not None:
             return answer
         observer = None
@@ -362,6 +369,34 @@ class PluginStep:
             except Exception as exc:
                 log.warning("plugin %s's response observer failed at the end (%s)",
                             self.plugin.name, type(exc).__name__)
+
+    def _answered_itself(self, request: web.Request, ctx: RequestContext,
+                         answer: web.StreamResponse | None) -> web.StreamResponse:
+        """The plugin prepared a response on the client's connection itself (a streamed answer).
+        Enforced from `before_backpressure` and returned, that is its answer. Otherwise (shadow mode,
+        the `before_limits` slot, or it failed, refused or went on after starting it) its head and
+        whatever body it wrote are the client's already and cannot be taken back: nothing else may
+        follow on that connection (another response there would be read as the answer to the client's
+        next request), so the response ends the connection, at once when the plugin did not hand it
+        back finished (the client sees it cut short, not complete)."""
+        response = ctx.prepared
+        assert response is not None
+        if answer is response and self.mode_of(ctx) == "enforce" \
+                and self.plugin.slot == "before_backpressure":
+            return response
+        response.force_close()
+        self.decision_counts["wrote_response"] += 1
+        log.warning("plugin %s started a response of its own on request %s without answering with it "
+                    "(%s); the connection ends after it", self.plugin.name, ctx.request_id,
+                    "returned it" if answer is response else "did not return it")
+        if answer is not response and request.transport is not None:
+            request.transport.close()
+        return response
+
+    def mode_of(self, ctx: RequestContext) -> str:
+        """This plugin's mode for the request's tenant (a canary enforces for some tenants only)."""
+        return self.mode if self.canary is None else (
+            "enforce" if self.canary.enforces(ctx.tenant.name) else "shadow")
 
     def enter(self) -> None:
         """A request entered this plugin's slot (PluginChain counts it before the first plugin)."""
@@ -384,8 +419,7 @@ class PluginStep:
         body_before, json_before = ctx.body, ctx.json()
         # Shadow mode and a failure discard what the plugin did to the response headers too (a copy of
         # a few entries: well under a microsecond).
-        mode = self.mode if self.canary is None else (
-            "enforce" if self.canary.enforces(ctx.tenant.name) else "shadow")
+        mode = self.mode_of(ctx)
         headers_saved = ctx.response_headers.copy()
         headers_before = headers_saved if mode == "shadow" else None
         # An answer a plugin makes (proxy/embeddings.respond) records itself as the forwarder records a

@@ -4,7 +4,9 @@ response observers, and sub-requests that go through the chain under an identity
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -89,6 +91,30 @@ EXTRA = textwrap.dedent('''
             ctx.replace_json(body)
             decide("trimmed")
             return None
+
+
+    @attrs.frozen(kw_only=True)
+    class StreamsConfig(PluginConfig):
+        then: str = "return"
+
+
+    class StreamsItself(Plugin):
+        """Answers by streaming a response of its own, then returns it, raises or returns None."""
+
+        name = "streams_itself"
+        slot = "before_backpressure"
+        config_class = StreamsConfig
+
+        async def on_request(self, request: web.Request, ctx: Any, decide: Any) -> Any:
+            response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await response.prepare(request)
+            await response.write(b'{"from":"plugin"}\\n')
+            if self.config.then == "raise":
+                raise RuntimeError("boom")
+            if self.config.then == "none":
+                return None
+            await response.write_eof()
+            return response
 ''')
 
 
@@ -115,7 +141,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "max_messages = example_plugins.max_messages:MaxMessages\n"
         "echo_version = example_plugins.extra:EchoVersion\n"
         "broken = example_plugins.extra:Broken\n"
-        "in_place = example_plugins.extra:InPlace\n")
+        "in_place = example_plugins.extra:InPlace\n"
+        "streams_itself = example_plugins.extra:StreamsItself\n")
     return root
 
 
@@ -226,6 +253,46 @@ def test_an_edit_in_place_is_undone_in_shadow_mode_and_on_failure(tmp_path: Path
             else:  # enforced, the edit is the rewrite: what it kept is what is counted and sent
                 assert reply.status_code == 200, reply.text
                 assert reply.json()["prompt_eval_count"] == _count_direct(emulator, over[-1:])
+        finally:
+            proxy.stop()
+
+
+def _raw_exchange(proxy: Server, request: bytes) -> bytes:
+    """Send `request` on a fresh connection and read what comes back until it closes (or 5 s pass)."""
+    host, port = proxy.url.removeprefix("http://").split(":")
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(request)
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    return received
+
+
+def test_a_response_a_plugin_started_itself_is_the_only_one_on_the_connection(
+        tmp_path: Path, emulator: Server, site: Path) -> None:
+    """A plugin that streams an answer of its own is the request's answer when enforced; in shadow
+    mode, or when it fails or returns None after starting it, the proxy cannot take those bytes back,
+    and used to send the forwarder's response after them on the same connection, where a keep-alive
+    client (or a pooling load balancer) reads it as the answer to its next request. Now nothing
+    follows the plugin's response, and the connection ends after it (at once, cut short, when the
+    plugin did not hand it back finished)."""
+    body = b'{"model":"llama3.2","messages":[{"role":"user","content":"x"}],"stream":false}'
+    request = (b"POST /api/chat HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    for n, (entry, finished) in enumerate([({"name": "streams_itself"}, True),
+                                           ({"name": "streams_itself", "mode": "shadow"}, True),
+                                           ({"name": "streams_itself", "then": "raise"}, False),
+                                           ({"name": "streams_itself", "then": "none"}, False)]):
+        proxy = _proxy(tmp_path, emulator, site, [entry], f"plugin-streams-{n}")
+        try:
+            before = emulator.stats()["completed"]
+            received = _raw_exchange(proxy, request)
+            assert received.count(b"HTTP/1.1 ") == 1, (entry, received)
+            assert b'{"from":"plugin"}' in received
+            assert received.endswith(b"\r\n0\r\n\r\n") == finished, (entry, received)
+            assert emulator.stats()["completed"] == before  # nothing went upstream
+            assert httpx.get(f"{proxy.url}/healthz", timeout=10).status_code == 200  # still serving
         finally:
             proxy.stop()
 
