@@ -30,6 +30,7 @@ import asyncio
 import logging
 import re
 import secrets
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import import_module, metadata
@@ -44,7 +45,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from .access import INTERNAL_HEADER
 from .chain import Canary
-from .errors import InternalProxyError, ProxyError
+from .errors import DeadlinePassed, InternalProxyError, ProxyError
 from .schema import RolloutConfig
 from .telemetry import semconv
 
@@ -76,6 +77,16 @@ SLOTS = ("before_limits", "before_backpressure")
 """Where a plugin may sit: before `limits` (may rewrite the body) or before `backpressure` (may answer)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+DEADLINE_GRACE_S = 1.0
+"""How long past the request's deadline a plugin's request phase may still run: one that watches the
+deadline itself answers it first (embed_cache and embed_batch charge a prompt already sent), one that
+does not is cut off then."""
+
+
+class _PluginOverDeadline(DeadlinePassed):
+    """The request's deadline passed while a plugin's request phase was still running."""
 
 
 class PluginError(ValueError):
@@ -433,11 +444,15 @@ class PluginStep:
             span = self.telemetry.tracer.start_span(
                 self.span_name, kind=SpanKind.INTERNAL, attributes={self.mode_attribute: mode})
         try:
-            answer = await self.plugin.on_request(request, ctx, decisions.append)
+            answer = await self._bounded(request, ctx, decisions.append)
         except ProxyError as exc:
             span.set_attribute(semconv.ATTR_ERROR_TYPE, exc.code)
             span.set_status(Status(StatusCode.ERROR, exc.code))
             span.end()
+            if isinstance(exc, _PluginOverDeadline):  # not the plugin's refusal: in every mode
+                self.decision_counts["deadline"] += 1
+                exc.step = f"plugin.{self.plugin.name}"
+                raise
             self.decision_counts["rejected"] += 1
             if headers_before is not None:
                 ctx.response_headers = headers_before
@@ -477,6 +492,25 @@ class PluginStep:
             raise InternalProxyError(f"plugin {self.plugin.name} rewrote a body from the "
                                      f"{self.plugin.slot} slot, after limits counted it")
         return answer
+
+    async def _bounded(self, request: web.Request, ctx: RequestContext,
+                       decide: Callable[[str], None]) -> web.StreamResponse | None:
+        """The plugin's request phase, cancelled `DEADLINE_GRACE_S` after the request's deadline: a
+        plugin that hangs (an external call without a timeout) must not hold the client, and the
+        tenant's reservation and concurrency place, past the deadline every other part keeps."""
+        if ctx.deadline_at is None:
+            return await self.plugin.on_request(request, ctx, decide)
+        loop = asyncio.get_running_loop()
+        bound = asyncio.timeout_at(loop.time() + (ctx.deadline_at + DEADLINE_GRACE_S - time.monotonic()))
+        try:
+            async with bound:
+                return await self.plugin.on_request(request, ctx, decide)
+        except TimeoutError:
+            if not bound.expired():
+                raise  # the plugin's own
+            raise _PluginOverDeadline(
+                f"the request's deadline of {ctx.deadline_s:g}s passed (in plugin "
+                f"{self.plugin.name})") from None
 
     @staticmethod
     def _restore(ctx: RequestContext, body: bytes | None, parsed: Any, *,

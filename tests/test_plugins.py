@@ -30,6 +30,7 @@ ADMIN, TEAM = "sk-plugin-admin", "sk-plugin-team"
 EXTRA = textwrap.dedent('''
     from __future__ import annotations
 
+    import asyncio
     from typing import Any
 
     import attrs
@@ -115,6 +116,16 @@ EXTRA = textwrap.dedent('''
                 return None
             await response.write_eof()
             return response
+
+
+    class Hangs(Plugin):
+        """Waits for something that never comes (an external call without a timeout)."""
+
+        name = "hangs"
+        slot = "before_backpressure"
+
+        async def on_request(self, request: web.Request, ctx: Any, decide: Any) -> Any:
+            await asyncio.Event().wait()
 ''')
 
 
@@ -142,7 +153,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "echo_version = example_plugins.extra:EchoVersion\n"
         "broken = example_plugins.extra:Broken\n"
         "in_place = example_plugins.extra:InPlace\n"
-        "streams_itself = example_plugins.extra:StreamsItself\n")
+        "streams_itself = example_plugins.extra:StreamsItself\n"
+        "hangs = example_plugins.extra:Hangs\n")
     return root
 
 
@@ -295,6 +307,33 @@ def test_a_response_a_plugin_started_itself_is_the_only_one_on_the_connection(
             assert httpx.get(f"{proxy.url}/healthz", timeout=10).status_code == 200  # still serving
         finally:
             proxy.stop()
+
+
+def test_a_plugin_that_hangs_is_cut_off_at_the_request_deadline(tmp_path: Path, emulator: Server,
+                                                                site: Path) -> None:
+    """A plugin that never returns used to hold the request, and the tenant's concurrency place,
+    for good (the deadline was only checked once the forwarder ran); now the request ends with the
+    deadline's 504 shortly after it passes, and its place is given back."""
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "admin": {"keys": [ADMIN]},
+        "tenants": [{"name": "team", "keys": [TEAM], "max_concurrent": 1}],
+        "plugins": [{"name": "hangs", "mode": "shadow"}]}, name="plugin-hangs",
+        env={"PYTHONPATH": str(site)})
+    try:
+        for _ in range(2):  # the second finds the place the first held given back
+            started = time.monotonic()
+            reply = httpx.post(f"{proxy.url}/api/chat", timeout=30,
+                               headers={"Authorization": f"Bearer {TEAM}", "X-Deadline-S": "1"},
+                               json={"model": "llama3.2", "messages": _turns(1), "stream": False})
+            assert reply.status_code == 504, reply.text
+            assert reply.json()["code"] == "upstream_response_timeout"
+            assert reply.headers["x-should-retry"] == "false"
+            assert time.monotonic() - started < 10
+        quotas = httpx.get(f"{proxy.url}/system/quotas", timeout=10,
+                           headers={"Authorization": f"Bearer {ADMIN}"}).json()
+        assert quotas["tenants"]["team"]["in_flight"] == 0
+    finally:
+        proxy.stop()
 
 
 def test_an_answer_before_backpressure_uses_a_subrequest_through_the_chain(
