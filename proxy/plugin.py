@@ -89,6 +89,11 @@ class _PluginOverDeadline(DeadlinePassed):
     """The request's deadline passed while a plugin's request phase was still running."""
 
 
+class StrayCancellation(Exception):
+    """A CancelledError out of a plugin whose request was not being cancelled (it awaited a future or
+    task someone else cancelled): the plugin's failure, not the client's leaving."""
+
+
 class PluginError(ValueError):
     """A plugin configuration that cannot be served (unknown name, bad key); names the key path."""
 
@@ -499,18 +504,31 @@ class PluginStep:
         plugin that hangs (an external call without a timeout) must not hold the client, and the
         tenant's reservation and concurrency place, past the deadline every other part keeps."""
         if ctx.deadline_at is None:
-            return await self.plugin.on_request(request, ctx, decide)
+            return await self._uncancelled(request, ctx, decide)
         loop = asyncio.get_running_loop()
         bound = asyncio.timeout_at(loop.time() + (ctx.deadline_at + DEADLINE_GRACE_S - time.monotonic()))
         try:
             async with bound:
-                return await self.plugin.on_request(request, ctx, decide)
+                return await self._uncancelled(request, ctx, decide)
         except TimeoutError:
             if not bound.expired():
                 raise  # the plugin's own
             raise _PluginOverDeadline(
                 f"the request's deadline of {ctx.deadline_s:g}s passed (in plugin "
                 f"{self.plugin.name})") from None
+
+    async def _uncancelled(self, request: web.Request, ctx: RequestContext,
+                           decide: Callable[[str], None]) -> web.StreamResponse | None:
+        """The plugin's request phase, a CancelledError nobody asked this request for turned into
+        StrayCancellation (a failure, fail-open like any other): let through, it would end the
+        request as if the client had left, without a response."""
+        try:
+            return await self.plugin.on_request(request, ctx, decide)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the client left, the deadline's bound or the stop sequence
+            raise StrayCancellation() from None
 
     @staticmethod
     def _restore(ctx: RequestContext, body: bytes | None, parsed: Any, *,

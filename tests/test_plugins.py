@@ -126,6 +126,19 @@ EXTRA = textwrap.dedent('''
 
         async def on_request(self, request: web.Request, ctx: Any, decide: Any) -> Any:
             await asyncio.Event().wait()
+
+
+    class AwaitsACancelledFuture(Plugin):
+        """Awaits work someone else cancelled (a shared task a stop() or another request ended)."""
+
+        name = "awaits_cancelled"
+        slot = "before_limits"
+
+        async def on_request(self, request: web.Request, ctx: Any, decide: Any) -> Any:
+            ctx.replace_json({"model": "llama3.2", "messages": []})  # undone when it fails
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future
 ''')
 
 
@@ -154,7 +167,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "broken = example_plugins.extra:Broken\n"
         "in_place = example_plugins.extra:InPlace\n"
         "streams_itself = example_plugins.extra:StreamsItself\n"
-        "hangs = example_plugins.extra:Hangs\n")
+        "hangs = example_plugins.extra:Hangs\n"
+        "awaits_cancelled = example_plugins.extra:AwaitsACancelledFuture\n")
     return root
 
 
@@ -334,6 +348,26 @@ def test_a_plugin_that_hangs_is_cut_off_at_the_request_deadline(tmp_path: Path, 
         assert quotas["tenants"]["team"]["in_flight"] == 0
     finally:
         proxy.stop()
+
+
+def test_a_cancellation_the_request_did_not_get_is_a_plugin_failure(tmp_path: Path, emulator: Server,
+                                                                    site: Path) -> None:
+    """A plugin that awaits a future someone else cancelled raises CancelledError although its request
+    was not cancelled: that used to end the request without any response (as if the client had left);
+    it is the plugin's failure, and the request goes on without it (fail open) or fails with 500."""
+    proxy = _proxy(tmp_path, emulator, site, [{"name": "awaits_cancelled"}], "plugin-cancelled")
+    closed = _proxy(tmp_path, emulator, site, [{"name": "awaits_cancelled", "fail": "closed"}],
+                    "plugin-cancelled-closed")
+    try:
+        reply = _chat(proxy, 3)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["prompt_eval_count"] == _chat_direct(emulator, 3)
+        assert "plugin awaits_cancelled failed" in proxy.log()
+        refused = _chat(closed, 3)
+        assert refused.status_code == 500 and refused.json()["code"] == "internal_error"
+    finally:
+        proxy.stop()
+        closed.stop()
 
 
 def test_an_answer_before_backpressure_uses_a_subrequest_through_the_chain(
