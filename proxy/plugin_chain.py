@@ -22,12 +22,18 @@ from .chain import Handler
 from .plugin import SLOTS, Plugin, PluginConfig, PluginServices, PluginStep
 from .telemetry.setup import Telemetry
 
-__all__ = ["RETIRE_TIMEOUT_S", "PluginChain"]
+__all__ = ["RETIRE_TIMEOUT_S", "START_TIMEOUT_S", "STOP_TIMEOUT_S", "PluginChain"]
 
 log = logging.getLogger("proxy.plugins")
 
 RETIRE_TIMEOUT_S = 600.0
 """Longest wait for the requests inside a dropped plugin before it is stopped anyway."""
+START_TIMEOUT_S = 30.0
+"""Longest a plugin's `start()` may take: past it the reload is refused (the start-up fails), rather
+than every later reload waiting behind it for good."""
+STOP_TIMEOUT_S = 10.0
+"""Longest a plugin's `stop()` may take: past it the plugin is left as it is (logged), rather than a
+reload, or the process's exit after SIGTERM, waiting for it for good."""
 
 
 class PluginChain:
@@ -105,7 +111,7 @@ class PluginChain:
                     continue
                 step = self._build(cls, config)
                 started.append(step)  # stopped and retired if its start fails half way
-                await step.plugin.start()
+                await self._start(step)
                 plan.append(step)
         except BaseException:
             for step in started:
@@ -139,9 +145,26 @@ class PluginChain:
         del self._retiring[step]
         await self._stop(step)
 
+    @staticmethod
+    async def _start(step: PluginStep) -> None:
+        """`start()` the plugin, bounded by START_TIMEOUT_S (RuntimeError past it)."""
+        bound = asyncio.timeout(START_TIMEOUT_S)
+        try:
+            async with bound:
+                await step.plugin.start()
+        except TimeoutError:
+            if not bound.expired():
+                raise  # the plugin's own failure
+            raise RuntimeError(f"plugin {step.plugin.name} did not start within "
+                               f"{START_TIMEOUT_S:g}s") from None
+
     async def _stop(self, step: PluginStep) -> None:
         try:
-            await step.plugin.stop()
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await step.plugin.stop()
+        except TimeoutError:
+            log.warning("plugin %s did not stop within %gs; left as it is", step.plugin.name,
+                        STOP_TIMEOUT_S)
         except Exception as exc:  # a plugin's stop must not fail a reload or a shutdown
             log.warning("plugin %s failed to stop (%s)", step.plugin.name, type(exc).__name__)
         self.telemetry.meter.retire(step)
@@ -151,7 +174,7 @@ class PluginChain:
         """aiohttp cleanup context: start the plugins, and stop whatever is current or retiring."""
         del app
         for step in self.steps:
-            await step.plugin.start()
+            await self._start(step)
         yield
         # The application is stopping: nothing waits for the retiring plugins' requests any more.
         retiring = dict(self._retiring)

@@ -4,6 +4,7 @@ response observers, and sub-requests that go through the chain under an identity
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import socket
@@ -16,8 +17,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
 
-from proxy.plugin import PluginError, discover, structure_plugins
+from proxy import plugin_chain
+from proxy.config import TelemetryConfig
+from proxy.plugin import (
+    Plugin,
+    PluginConfig,
+    PluginError,
+    PluginServices,
+    Subrequests,
+    discover,
+    structure_plugins,
+)
+from proxy.telemetry.setup import build_telemetry
 from tests.support.metrics import metric
 from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
@@ -411,3 +424,43 @@ def test_check_config_knows_the_installed_plugins(tmp_path: Path, site: Path) ->
                             capture_output=True, text=True, check=False,
                             env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 1 and "plugins[0].keep: must be > 0" in result.stderr
+
+
+class _HangsOnStart(Plugin):
+    name = "hangs_on_start"
+
+    async def start(self) -> None:
+        await asyncio.Event().wait()
+
+
+class _HangsOnStop(Plugin):
+    name = "hangs_on_stop"
+
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
+
+
+def test_a_plugin_start_or_stop_that_hangs_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start() that never returns used to hold the reload lock for good (every later reload, a
+    fixed configuration included, waited behind it), and a stop() that never returns kept the process
+    from exiting after SIGTERM and a reload from retiring its plugins. Both are bounded now: the reload
+    (or the start-up) is refused with the plugin's name, and the stop is given up (logged)."""
+    monkeypatch.setattr(plugin_chain, "START_TIMEOUT_S", 0.2, raising=False)
+    monkeypatch.setattr(plugin_chain, "STOP_TIMEOUT_S", 0.2, raising=False)
+    telemetry = build_telemetry(TelemetryConfig())
+    chain = plugin_chain.PluginChain(telemetry, PluginServices(telemetry, Subrequests()), "forward")
+
+    async def scenario() -> None:
+        chain.set_initial([(_HangsOnStop, PluginConfig(name="hangs_on_stop"))])
+        lifecycle = chain.lifecycle(web.Application())
+        await anext(lifecycle)
+        with pytest.raises(RuntimeError, match=r"plugin hangs_on_start did not start within 0\.2s"):
+            await asyncio.wait_for(
+                chain.replace([(_HangsOnStart, PluginConfig(name="hangs_on_start"))]), 5)
+        await chain.abandon()  # what the reloader does with a refused reload
+        assert [s.plugin.name for s in chain.steps] == ["hangs_on_stop"]  # still serving as before
+        # The application stops: the plugin's stop is given up, the process can exit.
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(lifecycle), 5)
+
+    asyncio.run(scenario())
