@@ -46,6 +46,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from .access import INTERNAL_HEADER
 from .chain import Canary
 from .errors import DeadlinePassed, InternalProxyError, ProxyError
+from .offload import parsed_json
 from .schema import RolloutConfig
 from .telemetry import semconv
 
@@ -432,7 +433,9 @@ class PluginStep:
     async def _request_phase(self, request: web.Request,
                              ctx: RequestContext) -> web.StreamResponse | None:
         decisions: list[str] = []
-        body_before, json_before = ctx.body, ctx.json()
+        # Parsed in a worker when large, as limits does (cached: once for every plugin and limits): a
+        # large body Go's way takes seconds, which on the event loop would hold every other request.
+        body_before, json_before = ctx.body, await parsed_json(ctx)
         # Shadow mode and a failure discard what the plugin did to the response headers too (a copy of
         # a few entries: well under a microsecond).
         mode = self.mode_of(ctx)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -381,6 +382,39 @@ def test_a_cancellation_the_request_did_not_get_is_a_plugin_failure(tmp_path: Pa
     finally:
         proxy.stop()
         closed.stop()
+
+
+def test_a_large_body_is_parsed_off_the_event_loop_with_plugins_configured(
+        tmp_path: Path, emulator: Server, site: Path) -> None:
+    """Every plugin step read the parsed body first, parsing it on the event loop when nothing had:
+    an 11 MB body orjson refuses (a lone surrogate escape: Go's reading, in Python, ~3 s) held every
+    other request of the process that long whenever a plugin was configured, where limits alone
+    parses it in a worker. Now the plugins parse it as limits does."""
+    turn = b'{"role":"user","content":"word word word \\ud800 word"}'
+    body = b'{"model":"llama3.2","stream":false,"messages":[' + b",".join([turn] * 200_000) + b"]}"
+    proxy = _proxy(tmp_path, emulator, site, [{"name": "max_messages", "keep": 3}], "plugin-large")
+    waits: list[float] = []
+    done = threading.Event()
+
+    def probe_health() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not done.is_set():
+                started = time.perf_counter()
+                assert client.get(proxy.url + "/healthz").status_code == 200
+                waits.append(time.perf_counter() - started)
+                time.sleep(0.01)
+
+    prober = threading.Thread(target=probe_health)
+    try:
+        prober.start()
+        reply = httpx.post(f"{proxy.url}/api/chat", content=body, timeout=60,
+                           headers={"Authorization": f"Bearer {TEAM}", "Content-Type": "application/json"})
+        assert reply.status_code in (200, 400), reply.text[:200]
+    finally:
+        done.set()
+        prober.join()
+        proxy.stop()
+    assert waits and max(waits) < 1.0, max(waits)  # ~3 s while the body was parsed on the loop
 
 
 def test_an_answer_before_backpressure_uses_a_subrequest_through_the_chain(
