@@ -86,6 +86,13 @@ deadline itself answers it first (embed_cache and embed_batch charge a prompt al
 does not is cut off then."""
 
 
+MAX_DECISIONS = 32
+"""Distinct decisions counted per plugin; any further one is counted as `other`: a plugin that puts a
+number or a name in its decision must not grow /metrics without bound."""
+DECISION_MAX_CHARS = 64
+"""Longest decision kept (the rest is cut)."""
+
+
 class _PluginOverDeadline(DeadlinePassed):
     """The request's deadline passed while a plugin's request phase was still running."""
 
@@ -343,6 +350,16 @@ class PluginStep:
             callbacks=[self._observe], unit="{decision}",
             description=f"Decisions of the {plugin.name} plugin, by decision.")
 
+    def _count(self, decision: str) -> None:
+        """Count `decision`, as `other` once MAX_DECISIONS distinct ones are (logged once)."""
+        counts = self.decision_counts
+        if decision not in counts and len(counts) >= MAX_DECISIONS:
+            if "other" not in counts:
+                log.warning("plugin %s made more than %d distinct decisions; further ones are "
+                            "counted as `other`", self.plugin.name, MAX_DECISIONS)
+            decision = "other"
+        counts[decision] += 1
+
     def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
         del options
         for decision, count in list(self.decision_counts.items()):
@@ -402,7 +419,7 @@ class PluginStep:
                 and self.plugin.slot == "before_backpressure":
             return response
         response.force_close()
-        self.decision_counts["wrote_response"] += 1
+        self._count("wrote_response")
         log.warning("plugin %s started a response of its own on request %s without answering with it "
                     "(%s); the connection ends after it", self.plugin.name, ctx.request_id,
                     "returned it" if answer is response else "did not return it")
@@ -458,10 +475,10 @@ class PluginStep:
             span.set_status(Status(StatusCode.ERROR, exc.code))
             span.end()
             if isinstance(exc, _PluginOverDeadline):  # not the plugin's refusal: in every mode
-                self.decision_counts["deadline"] += 1
+                self._count("deadline")
                 exc.step = f"plugin.{self.plugin.name}"
                 raise
-            self.decision_counts["rejected"] += 1
+            self._count("rejected")
             if headers_before is not None:
                 ctx.response_headers = headers_before
                 ctx.response_headers.add("X-Shadow-Decision", f"{self.plugin.name}={exc.code}")
@@ -479,7 +496,9 @@ class PluginStep:
             self._unrecord(ctx, recorded)
             self._failed(ctx, exc)
             return None
-        decision = decisions[-1] if decisions else ("answered" if answer is not None else "pass")
+        # What a plugin decides goes on a metric label, a span and X-Shadow-Decision: a short string.
+        decision = str(decisions[-1])[:DECISION_MAX_CHARS] if decisions else (
+            "answered" if answer is not None else "pass")
         span.set_attribute(self.decision_attribute, decision)
         span.end()
         if headers_before is not None:
@@ -489,9 +508,9 @@ class PluginStep:
             self._restore(ctx, body_before, json_before)
             if answer is not None:
                 self._unrecord(ctx, recorded)
-            self.decision_counts[f"shadow_{decision}"] += 1
+            self._count(f"shadow_{decision}")
             return None
-        self.decision_counts[decision] += 1
+        self._count(decision)
         if answer is not None and self.plugin.slot != "before_backpressure":
             raise InternalProxyError(f"plugin {self.plugin.name} answered a request from the "
                                      f"{self.plugin.slot} slot, where only rewriting is allowed")
@@ -559,7 +578,7 @@ class PluginStep:
 
     def _failed(self, ctx: RequestContext, exc: Exception) -> None:
         self.failures += 1
-        self.decision_counts["failed"] += 1
+        self._count("failed")
         log.warning("plugin %s failed on request %s (%s); %s", self.plugin.name, ctx.request_id,
                     type(exc).__name__, "failing it" if self.plugin.config.fail == "closed"
                     else "going on without it")

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import plugin_chain
 from proxy.config import TelemetryConfig
@@ -153,6 +154,17 @@ EXTRA = textwrap.dedent('''
             future = asyncio.get_running_loop().create_future()
             future.cancel()
             await future
+
+
+    class Chatty(Plugin):
+        """Puts the request's own id in its decision (a number, a name...: unbounded)."""
+
+        name = "chatty"
+        slot = "before_limits"
+
+        async def on_request(self, request: web.Request, ctx: Any, decide: Any) -> Any:
+            decide(f"seen_{ctx.request_id}_" + "x" * 100)
+            return None
 ''')
 
 
@@ -182,7 +194,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "in_place = example_plugins.extra:InPlace\n"
         "streams_itself = example_plugins.extra:StreamsItself\n"
         "hangs = example_plugins.extra:Hangs\n"
-        "awaits_cancelled = example_plugins.extra:AwaitsACancelledFuture\n")
+        "awaits_cancelled = example_plugins.extra:AwaitsACancelledFuture\n"
+        "chatty = example_plugins.extra:Chatty\n")
     return root
 
 
@@ -415,6 +428,31 @@ def test_a_large_body_is_parsed_off_the_event_loop_with_plugins_configured(
         prober.join()
         proxy.stop()
     assert waits and max(waits) < 1.0, max(waits)  # ~3 s while the body was parsed on the loop
+
+
+def test_a_plugin_decisions_cannot_grow_the_metrics_without_bound(tmp_path: Path, emulator: Server,
+                                                                 site: Path) -> None:
+    """Each distinct decide() string used to become a new series of the plugin's decision counter:
+    a plugin that puts an id or a number in it grew /metrics by a series per request. At most
+    MAX_DECISIONS distinct ones are counted (further ones as `other`), each cut to 64 characters."""
+    proxy = _proxy(tmp_path, emulator, site, [{"name": "chatty"}], "plugin-chatty")
+    name = "sop_plugin_chatty_decisions_total"
+    bound = 32  # proxy.plugin.MAX_DECISIONS
+    try:
+        with httpx.Client(timeout=30) as client:
+            for _ in range(bound + 20):
+                reply = client.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {TEAM}"},
+                                    json={"model": "llama3.2", "messages": _turns(1), "stream": False})
+                assert reply.status_code == 200
+        series = [family for family in text_string_to_metric_families(
+            httpx.get(f"{proxy.url}/metrics", timeout=5).text) if family.name + "_total" == name]
+        samples = [s for family in series for s in family.samples if s.name == name]
+        assert len(samples) == bound + 1, len(samples)
+        assert sum(s.value for s in samples) == bound + 20
+        assert metric(proxy.url, name, decision="other") == 20
+        assert all(len(s.labels["decision"]) <= 64 for s in samples)
+    finally:
+        proxy.stop()
 
 
 def test_an_answer_before_backpressure_uses_a_subrequest_through_the_chain(
