@@ -118,7 +118,8 @@ class PluginConfig:
     without changing the request; off: not in the chain at all."""
     fail: Literal["open", "closed"] = "open"
     """open: an exception inside the plugin is logged and the request goes on without it; closed: the
-    request fails with 500 internal_error."""
+    request fails with 500 internal_error where the plugin enforces (in shadow mode, and for the
+    tenants a canary shadows, it fails open)."""
     rollout: RolloutConfig = attrs.field(factory=RolloutConfig)
     """Canary for `enforce`: who it acts for; the other tenants get shadow (see RolloutConfig)."""
 
@@ -577,10 +578,13 @@ class PluginStep:
         ctx.status, exchange.first_byte_at, exchange.complete, exchange.usage = recorded
 
     def _failed(self, ctx: RequestContext, exc: Exception) -> None:
+        """Count and log a failure; fail the request (500) only under `fail: closed` where the plugin
+        enforces. In shadow mode, and for the tenants a canary only shadows, the plugin must change
+        nothing, its failure included: it fails open there whatever `fail` says."""
         self.failures += 1
         self._count("failed")
+        closed = self.plugin.config.fail == "closed" and self.mode_of(ctx) == "enforce"
         log.warning("plugin %s failed on request %s (%s); %s", self.plugin.name, ctx.request_id,
-                    type(exc).__name__, "failing it" if self.plugin.config.fail == "closed"
-                    else "going on without it")
-        if self.plugin.config.fail == "closed":
+                    type(exc).__name__, "failing it" if closed else "going on without it")
+        if closed:
             raise InternalProxyError(f"plugin {self.plugin.name} failed") from None

@@ -285,6 +285,30 @@ def test_a_failing_plugin_fails_open_and_its_rewrite_is_undone(tmp_path: Path, e
         closed.stop()
 
 
+def test_fail_closed_fails_only_where_the_plugin_enforces(tmp_path: Path, emulator: Server,
+                                                          site: Path) -> None:
+    """`fail: closed` used to fail the request in shadow mode too, and for the tenants a canary only
+    shadows: trying a plugin in shadow, or rolling it out to one tenant, took everybody's requests
+    down when it failed. Shadow changes nothing, its failures included."""
+    shadow = _proxy(tmp_path, emulator, site, [{"name": "broken", "fail": "closed", "mode": "shadow"}],
+                    "plugin-closed-shadow")
+    canary = start_proxy(tmp_path, [emulator.url], {
+        "tenants": [{"name": "team", "keys": [TEAM]}, {"name": "pilot", "keys": ["sk-plugin-pilot"]}],
+        "plugins": [{"name": "broken", "fail": "closed",
+                     "rollout": {"enforce_share": 0.0, "tenants": ["pilot"]}}]},
+        name="plugin-closed-canary", env={"PYTHONPATH": str(site)})
+    try:
+        reply = _chat(shadow, 5)
+        assert reply.status_code == 200 and reply.json()["prompt_eval_count"] == _chat_direct(emulator, 5)
+        assert _chat(canary, 5).status_code == 200  # team: shadowed
+        pilot = httpx.post(f"{canary.url}/api/chat", headers={"Authorization": "Bearer sk-plugin-pilot"},
+                           timeout=30, json={"model": "llama3.2", "messages": _turns(5), "stream": False})
+        assert pilot.status_code == 500 and pilot.json()["code"] == "internal_error"  # enforced
+    finally:
+        shadow.stop()
+        canary.stop()
+
+
 def test_an_edit_in_place_is_undone_in_shadow_mode_and_on_failure(tmp_path: Path, emulator: Server,
                                                                   site: Path) -> None:
     """A plugin that edits the parsed body in place and is in shadow mode, or fails before its
