@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,12 @@ def test_the_unit_tests_feed_series_shaped_like_the_proxys(tmp_path: Path) -> No
         refused = httpx.post(f"{proxy.url}/api/chat", content=b"{", timeout=60)  # an error.type too
         assert refused.status_code == 400
         exported: dict[str, set[str]] = {}
+        bounds: dict[str, set[str]] = {}
         for family in text_string_to_metric_families(httpx.get(f"{proxy.url}/metrics", timeout=30).text):
             for sample in family.samples:
                 exported.setdefault(sample.name, set()).update(sample.labels)
+                if "le" in sample.labels:
+                    bounds.setdefault(sample.name, set()).add(sample.labels["le"])
     finally:
         proxy.stop()
         emulator.stop()
@@ -102,11 +106,17 @@ def test_the_unit_tests_feed_series_shaped_like_the_proxys(tmp_path: Path) -> No
         for entry in case["input_series"]:
             match = _SERIES.match(entry["series"])
             assert match is not None, entry["series"]
-            name, labels = match[1], {pair.split("=", 1)[0].strip() for pair in match[2].split(",")}
+            pairs = dict(pair.split("=", 1) for pair in match[2].split(","))
+            name, labels = match[1], {key.strip() for key in pairs}
             if name in exported:
                 checked.add(name)
                 assert labels - _TARGET_LABELS <= exported[name], (
                     f"{case['name']}: {name} has no label {sorted(labels - _TARGET_LABELS - exported[name])}")
+                # A bucket bound as the proxy writes it (le="45.0"): a rule matching le="45" passes
+                # promtool on le="45" inputs and never matches a scraped series.
+                if "le" in labels:
+                    assert pairs["le"].strip('"') in bounds[name], (
+                        f"{case['name']}: {name} has no bucket le={pairs['le']} ({sorted(bounds[name])})")
     # Not vacuous: the request and traffic metrics and the backpressure decisions are among them.
     assert {"http_server_request_duration_seconds_count", "sop_backpressure_decisions_total",
             "sop_upstream_healthy", "gen_ai_client_operation_duration_seconds_bucket"} <= checked
@@ -137,6 +147,33 @@ def _start_prometheus(tmp: Path, target: str) -> tuple[subprocess.Popen[bytes], 
             return False
     wait_for(ready, 30, "prometheus ready")
     return process, url
+
+
+@pytest.mark.timeout(120)
+def test_the_slow_completion_ratio_is_computed_from_a_real_proxys_buckets(tmp_path: Path) -> None:
+    """`sop:slow_completions:ratio_rate5m` (what both slow-completion alerts compare) has a value when a
+    real Prometheus scrapes a real proxy that served completions: 0, all of them well within 45 s. A rule
+    naming a bucket bound the proxy does not write (le="45" against the exported le="45.0") leaves the
+    ratio empty for ever, and the P95 completion SLO alerts can never fire."""
+    emulator = start_emulator(tmp_path)
+    proxy = start_proxy(tmp_path, [emulator.url])
+    prometheus, url = _start_prometheus(tmp_path, f"127.0.0.1:{proxy.port}")
+    body = {"model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        def ratio() -> list[dict[str, Any]]:
+            # A completion between scrapes, until rate() sees the bucket and the count rise.
+            assert httpx.post(f"{proxy.url}/api/chat", json=body, timeout=60).status_code == 200
+            time.sleep(0.5)  # scraped and evaluated every second
+            result: list[dict[str, Any]] = httpx.get(f"{url}/api/v1/query", timeout=5, params={
+                "query": "sop:slow_completions:ratio_rate5m"}).json()["data"]["result"]
+            return result
+        result = wait_for(ratio, 60, "sop:slow_completions:ratio_rate5m has a value")
+        assert [float(series["value"][1]) for series in result] == [0.0]
+    finally:
+        prometheus.terminate()
+        prometheus.wait(15)
+        proxy.stop()
+        emulator.stop()
 
 
 async def _burst(proxy: Server, count: int) -> list[int]:
