@@ -720,7 +720,7 @@ class BackpressureStep(Step):
                 replica = await future
         except Overload as displaced:  # its place went to a tenant holding fewer (fairqueue.push_out)
             gate.rejections["overload"] += 1
-            self.decide(ctx, span, "overload", displaced)
+            self.decide(ctx, span, "overload", displaced, mode="enforce")  # queued in enforce mode
             raise AssertionError("unreachable") from None  # decide raised in enforce mode
         except TimeoutError:
             # The slot may have been handed over in the very turn the timer fired: given back.
@@ -729,7 +729,7 @@ class BackpressureStep(Step):
             waited_for = "a model load or a replica coming back" if cold else "a slot"
             self.decide(ctx, span, "queue_timeout", QueueTimeout(
                 f"no slot for {gate.model} within {min(budget, remaining):.0f}s (waiting for "
-                f"{waited_for})", retry_after_s=gate.retry_after_s()))
+                f"{waited_for})", retry_after_s=gate.retry_after_s()), mode="enforce")
             raise AssertionError("unreachable") from None  # decide raised in enforce mode
         except asyncio.CancelledError:
             self._give_up(gate, waiter, future, tenant, weight, cost)  # the client left

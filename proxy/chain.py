@@ -121,9 +121,12 @@ class Step:
             self.decide(ctx, span, decision)
 
     def decide(self, ctx: RequestContext, span: Span, decision: str,
-               error: ProxyError | None = None) -> None:
-        """Record a decision; with an error, reject (enforce) or only report it (shadow)."""
-        mode = self.mode_of(ctx)
+               error: ProxyError | None = None, mode: str | None = None) -> None:
+        """Record a decision; with an error, reject (enforce) or only report it (shadow). `mode`: the
+        mode the request was taken in when that was before an await (a request queued in enforce
+        mode is refused when its wait ends, whatever a reload made of the step meanwhile); None: the
+        step's mode for the request now."""
+        mode = self.mode_of(ctx) if mode is None else mode
         if error is not None and mode == "shadow":
             decision = f"shadow_{error.code}"
             ctx.response_headers.add("X-Shadow-Decision", f"{self.name}={error.code}")

@@ -132,7 +132,7 @@ class SharedAdmission:
                                 ticket.cost)
         step.decide(ctx, span, "state_unavailable", StateUnavailable(
             "shared state (Redis) kept losing this request's place in the queue",
-            retry_after_s=slots.failover.retry_interval_s))
+            retry_after_s=slots.failover.retry_interval_s), mode="enforce")
         raise AssertionError("unreachable")  # decide raised in enforce mode
 
     async def _shared(self, step: BackpressureStep, ctx: RequestContext, gate: ModelGate, span: Any,
@@ -148,7 +148,7 @@ class SharedAdmission:
                 gate.rejections["overload"] += 1
                 step.decide(ctx, span, "overload", Overload(
                     f"the queue for {gate.model} is full ({step.config.max_queue_size} waiting)",
-                    retry_after_s=gate.retry_after_s()))
+                    retry_after_s=gate.retry_after_s()), mode="enforce")
         eligible = step.fleet.eligible(gate.model)
         cold = not waiting and any(u.by_model.get(gate.model) and gate.model not in u.loaded
                                    for u in eligible)
@@ -186,7 +186,7 @@ class SharedAdmission:
             if not self._give_back(ticket):
                 slots.spawn(slots.leave(ticket))
             gate.rejections["overload"] += 1
-            step.decide(ctx, span, "overload", refusal)
+            step.decide(ctx, span, "overload", refusal, mode="enforce")
             raise AssertionError("unreachable") from None  # decide raised in enforce mode
         except TimeoutError:
             if not self._give_back(ticket):
@@ -194,7 +194,8 @@ class SharedAdmission:
             gate.rejections["queue_timeout"] += 1
             step.decide(ctx, span, "queue_timeout", QueueTimeout(
                 f"no slot for {gate.model} within {budget:.0f}s (waiting for "
-                f"{'a model load' if cold else 'a slot'})", retry_after_s=gate.retry_after_s()))
+                f"{'a model load' if cold else 'a slot'})", retry_after_s=gate.retry_after_s()),
+                mode="enforce")
             raise AssertionError("unreachable") from None  # decide raised in enforce mode
         except asyncio.CancelledError:
             if not self._give_back(ticket):

@@ -4,17 +4,23 @@ decisions metric and the span's mode. Against a real proxy and emulator."""
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import yaml
 from aiohttp import web
 
 from proxy.chain import Canary
 from proxy.schema import RolloutConfig
 from tests.support.metrics import metric
 from tests.support.polling import wait_for
+from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, free_port, start_emulator, start_proxy
 from tests.support.threaded import ThreadedApp
 
@@ -148,3 +154,63 @@ def test_closed_mode_without_redis_is_not_ready_under_a_health_canary(tmp_path: 
 def _short(proxy: Server, tenant: str) -> httpx.Response:
     return httpx.post(f"{proxy.url}/api/generate", headers={"Authorization": f"Bearer sk-{tenant}"},
                       json={"model": "llama3.2", "prompt": "hi", "stream": False}, timeout=30)
+
+
+@pytest.mark.parametrize(("change", "shared"), [
+    ({"rollout": {"enforce_share": 0.0, "tenants": []}}, False), ({"mode": "shadow"}, False),
+    ({"rollout": {"enforce_share": 0.0, "tenants": []}}, True)], ids=["rollout", "shadow", "redis"])
+def test_a_request_queued_before_a_reload_to_shadow_gets_its_queue_timeout(
+        tmp_path: Path, change: dict[str, object], shared: bool, request: pytest.FixtureRequest) -> None:
+    """A request waits in backpressure's queue (enforce mode; with `shared`, the Redis-shared queue); a
+    reload then puts its tenant outside a rollout, or the step in shadow mode. It was queued in enforce
+    mode, so its wait ends as such a wait does: 503 queue_timeout, counted as `queue_timeout` (not an
+    internal error, nor a shadow decision)."""
+    emulator = start_emulator(tmp_path, name="queued-emu", decode_tokens_per_s=10.0, load_s=0,
+                              output_tokens="100,100")  # ~10 s: holds the only slot
+    backpressure: dict[str, object] = {"max_in_flight": 1, "max_queue_size": 4, "queue_timeout_s": 4.0,
+                                       "cold_queue_timeout_s": 4.0}
+    config: dict[str, Any] = {
+        "admin": {"keys": ["sk-admin"]}, "server": {"config_watch_s": 0},
+        "tenants": [{"name": t, "keys": [f"sk-{t}"]} for t in ("holder", "waiter")],
+        "chain": {"backpressure": backpressure}}
+    if shared:
+        redis: RedisServer = request.getfixturevalue("fresh_redis_server")
+        config["state"] = {"backend": "redis", "url": redis.url}
+    proxy = start_proxy(tmp_path, [emulator.url], config, name="queued-reload")
+    admin = {"Authorization": "Bearer sk-admin"}
+    answers: dict[str, httpx.Response] = {}
+
+    def send(tenant: str) -> None:
+        answers[tenant] = httpx.post(f"{proxy.url}/api/generate", timeout=60,
+                                     headers={"Authorization": f"Bearer sk-{tenant}"},
+                                     json={"model": "llama3.2", "prompt": "hi", "stream": False})
+    try:
+        holder = threading.Thread(target=send, args=("holder",))
+        holder.start()
+        wait_for(lambda: metric(proxy.url, "sop_backpressure_decisions_total", decision="admitted"),
+                 what="the slot taken")
+        waiter = threading.Thread(target=send, args=("waiter",))
+        waiter.start()
+        if shared:  # in Redis's queue, which this process's queue depth does not count
+            time.sleep(1.0)
+        else:
+            wait_for(lambda: metric(proxy.url, "sop_queue_depth"), what="the second request queued")
+        assert proxy.config_path is not None
+        written = yaml.safe_load(proxy.config_path.read_text())
+        written["chain"]["backpressure"].update(change)
+        proxy.config_path.write_text(yaml.safe_dump(written))
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: httpx.get(f"{proxy.url}/system/config", headers=admin, timeout=10)
+                 .json()["version"] == 2, what="the reload applied")
+        waiter.join(60)
+        refused = answers["waiter"]
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["code"] == "queue_timeout"
+        assert "x-shadow-decision" not in refused.headers
+        assert metric(proxy.url, "sop_backpressure_decisions_total", decision="queue_timeout") == 1
+        holder.join(60)
+        assert answers["holder"].status_code == 200
+    finally:
+        proxy.stop()
+        emulator.stop()
+    assert "Traceback" not in proxy.log()
