@@ -289,14 +289,16 @@ class LimitsStep(Step):
             # The summarize_history plugin's summarizer (it trims when no summary is ready in time);
             # without one configured, `summarize` acts as `truncate` (docs/PLUGINS.md), and so it
             # does for a plugin's own sub-request (a summary's transcript: no summary of a summary).
-            if self.summarizer is not None and self.mode == "enforce" and not ctx.internal:
+            # The request's own mode: a tenant outside the step's rollout is only reported on.
+            mode = self.mode_of(ctx)
+            if self.summarizer is not None and mode == "enforce" and not ctx.internal:
                 decision = await self.summarizer(ctx, body, tokenizer, limit)
                 recount = count_prompt(ctx.route, ctx.json(), tokenizer) if decision else None
                 if recount is not None and recount.total <= limit:
                     ctx.prompt.tokens = recount.total
                     self.decide(ctx, span, decision or "summarized")
                     return
-            elif self.mode != "enforce":
+            elif mode != "enforce":
                 ctx.response_headers.add("X-Shadow-Decision", f"{self.name}=summarize")
                 self.decide(ctx, span, "shadow_summarize")
                 return

@@ -212,6 +212,27 @@ def test_limits_prompt_policy_summarize_uses_the_summarizer_or_truncates_without
         without.stop()
 
 
+def test_limits_summarize_leaves_a_tenant_outside_its_rollout_alone(tmp_path: Path,
+                                                                     emulator: Server) -> None:
+    """limits in enforce mode with `prompt_policy: summarize` under a rollout that enforces for nobody
+    (enforce_share 0): every tenant is in shadow, so an over-long history is only reported
+    (X-Shadow-Decision limits=summarize, `shadow_summarize`) and reaches the model whole."""
+    proxy = _proxy(tmp_path, emulator, "summary-rollout", [_plugin(budget_tokens=None)], chain={"limits": {
+        "max_prompt_tokens": BUDGET, "prompt_policy": "summarize",
+        "rollout": {"enforce_share": 0.0, "tenants": []}}})
+    try:
+        before = _chats(emulator)
+        reply = _chat(proxy, _history(10))
+        assert "x-history-summarized" not in reply.headers
+        assert reply.headers["x-shadow-decision"] == "limits=summarize"
+        assert reply.json()["prompt_eval_count"] > BUDGET  # the history as the client sent it
+        assert _chats(emulator) == before + 1  # no summary sub-request
+        assert metric(proxy.url, "sop_limits_decisions_total", decision="shadow_summarize") == 1
+        assert metric(proxy.url, "sop_limits_decisions_total", decision="summarized") is None
+    finally:
+        proxy.stop()
+
+
 def test_no_summary_is_written_from_an_empty_transcript(tmp_path: Path, emulator: Server) -> None:
     """A limit smaller than the summarizer's instruction leaves no room for any of the conversation in the
     summary's request: no summary (a trim), where the model was asked to summarize an empty transcript
