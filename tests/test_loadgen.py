@@ -20,6 +20,7 @@ import aiohttp
 import attrs
 import httpx
 import pytest
+from aiohttp import web
 
 from proxy.config import structure
 from proxy.emulator.profile import load_profile
@@ -31,6 +32,7 @@ from proxy.loadgen.summary import jain, percentile, summarize
 from proxy.loadgen.tap import Tap
 from proxy.loadgen.workload import Burst, Conversations, Ingests, Planned, Scenario, Stream, Tenant, plan
 from tests.support.servers import Server, start_emulator
+from tests.support.threaded import ThreadedApp
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,30 @@ def test_loopback_only() -> None:
                              "http://192.0.2.10:11434", "--scenario", "smoke"],
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 2 and "loopback only" in result.stderr
+
+
+def test_a_redirect_is_not_followed(tmp_path: Path) -> None:
+    """A loopback target answering 307 to another host: the load stays on the target (the loopback rule
+    is checked on it only), each request is one `error` with the 307, and nothing reaches the host the
+    redirect names (here another loopback server, which counts what it gets)."""
+    reached: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        reached.append(request.path)
+        return web.json_response({"done": True})
+
+    sink = web.Application()
+    sink.router.add_route("*", "/{tail:.*}", elsewhere)
+    with ThreadedApp(sink) as other:
+        async def redirect(request: web.Request) -> web.Response:
+            raise web.HTTPTemporaryRedirect(other.url + request.path)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", redirect)
+        with ThreadedApp(app) as target:
+            records = asyncio.run(run_plan(target.url, plan(scenario("smoke"), 1)[:3], timeout_s=10))
+    assert {(r.status, r.outcome) for r in records} == {(307, "error")}
+    assert reached == []
 
 
 def test_cli_writes_records(emulator: Server, tmp_path: Path) -> None:

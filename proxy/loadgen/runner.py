@@ -2,7 +2,7 @@
 finished (a closed loop would hide queueing), and one record per request is kept.
 
 Bounded: the plan is finite, each request has the client timeout (120 s by default), and the run stops at
-duration + timeout + 10 s whatever happens. Loopback targets only.
+duration + timeout + 10 s whatever happens. Loopback targets only, and redirects are not followed.
 
 A tenant named in `retrying` sends as a client using the retry helper (proxy/loadgen/retrying.py): one
 Record per request however many attempts it took, timed from the first attempt to the final answer.
@@ -89,7 +89,9 @@ async def _one(session: aiohttp.ClientSession, target: str, item: Planned, start
     tail = bytearray()
     try:
         async with asyncio.timeout(timeout_s):
-            async with session.post(target + item.path, json=item.body,
+            # Never a redirect: it could lead off this machine (the loopback rule is checked on the
+            # target only), and its answer would be counted as the target's. A 3xx is an error.
+            async with session.post(target + item.path, json=item.body, allow_redirects=False,
                                     headers={"Authorization": f"Bearer {item.key}"}) as response:
                 record.status = response.status
                 record.retry_after = response.headers.get("Retry-After")

@@ -52,4 +52,7 @@ class ThreadedApp:
             await runner.cleanup()
 
         self._loop = asyncio.new_event_loop()
-        self._loop.run_until_complete(main())
+        try:
+            self._loop.run_until_complete(main())
+        finally:
+            self._loop.close()  # not left to the collector, which may close it at interpreter exit
