@@ -298,6 +298,24 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+_MAX_CLIENT_TIMEOUT_S = 3600.0
+"""The longest client timeout loadgen takes: a run stops at its last arrival + this + 10 s."""
+
+
+def _client_timeout(text: str) -> float:
+    """loadgen's --timeout-s: a number of seconds in (0, 3600]. inf would let a run against a target
+    that never answers go on for ever, nan crashes the dispatcher, 0 or less times every request out
+    before it is sent."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= _MAX_CLIENT_TIMEOUT_S:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"need 0 < seconds <= {_MAX_CLIENT_TIMEOUT_S:.0f}, got {text!r}")
+    return value
+
+
 def _token_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition(",")
     try:
@@ -380,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     loadgen.add_argument("--scenario", default="rag-burst", help=", ".join(sorted(SCENARIOS)))
     loadgen.add_argument("--seed", type=int, default=1)
-    loadgen.add_argument("--timeout-s", type=float, default=120.0, help="client timeout per request")
+    loadgen.add_argument("--timeout-s", type=_client_timeout, default=120.0,
+                         help="client timeout per request, seconds (0 < S <= 3600; default 120)")
     loadgen.add_argument("--out", help="write one JSON record per request to this file")
     loadgen.set_defaults(func=_loadgen)
 

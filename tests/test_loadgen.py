@@ -31,7 +31,7 @@ from proxy.loadgen.scenarios import SCENARIOS, scenario
 from proxy.loadgen.summary import jain, percentile, summarize
 from proxy.loadgen.tap import Tap
 from proxy.loadgen.workload import Burst, Conversations, Ingests, Planned, Scenario, Stream, Tenant, plan
-from tests.support.servers import Server, start_emulator
+from tests.support.servers import Server, free_port, start_emulator
 from tests.support.threaded import ThreadedApp
 
 
@@ -133,6 +133,20 @@ def test_a_redirect_is_not_followed(tmp_path: Path) -> None:
             records = asyncio.run(run_plan(target.url, plan(scenario("smoke"), 1)[:3], timeout_s=10))
     assert {(r.status, r.outcome) for r in records} == {(307, "error")}
     assert reached == []
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-5", "3601", "soon"])
+def test_the_cli_refuses_a_client_timeout_that_would_not_bound_the_run(value: str) -> None:
+    """--timeout-s bounds every request and the run (last arrival + timeout + 10 s): inf would let a
+    run against a target that never answers go on for ever, nan crashed it, 0 or less timed every
+    request out unsent. Refused before anything is sent (the target here does not even listen)."""
+    result = subprocess.run([sys.executable, "-m", "proxy", "loadgen", "--target",
+                             f"http://127.0.0.1:{free_port()}", "--scenario", "smoke",
+                             f"--timeout-s={value}"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--timeout-s" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
 
 
 def test_cli_writes_records(emulator: Server, tmp_path: Path) -> None:
