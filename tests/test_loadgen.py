@@ -80,6 +80,11 @@ def test_open_loop_run_against_the_emulator(emulator: Server) -> None:
     assert summary["jain_fairness"] == pytest.approx(1.0)
 
 
+def test_an_empty_plan_sends_nothing_and_returns_no_records(emulator: Server) -> None:
+    assert asyncio.run(run_plan(emulator.url, [], timeout_s=5)) == []
+    assert summarize([], 4.0)["overall"]["requests"] == 0
+
+
 def test_rejections_and_timeouts_are_classified(emulator: Server) -> None:
     planned = plan(scenario("smoke"), 1)[:3]
     httpx.post(f"{emulator.url}/_emulator/faults", json={"status": 503})

@@ -147,6 +147,8 @@ async def run_plan(target: str, planned: list[Planned], *, timeout_s: float = 12
     """Send `planned` to `target` open-loop; one Record per request, in plan order. The tenants in
     `retrying` send through the retry helper (see the module docstring)."""
     assert_loopback(target)
+    if not planned:  # nothing to send (asyncio.wait refuses an empty set)
+        return []
     target = target.rstrip("/")
     retrying = retrying or {}
     longest = max([timeout_s, *(r.timeout_s or timeout_s for r in retrying.values())])
