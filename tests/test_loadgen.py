@@ -31,7 +31,8 @@ from proxy.loadgen.scenarios import SCENARIOS, scenario
 from proxy.loadgen.summary import jain, percentile, summarize
 from proxy.loadgen.tap import Tap
 from proxy.loadgen.workload import Burst, Conversations, Ingests, Planned, Scenario, Stream, Tenant, plan
-from tests.support.servers import Server, free_port, start_emulator
+from tests.support.metrics import metric
+from tests.support.servers import Server, free_port, start_emulator, start_proxy
 from tests.support.threaded import ThreadedApp
 
 
@@ -103,6 +104,32 @@ def test_rejections_and_timeouts_are_classified(emulator: Server) -> None:
     assert summary["overall"]["timeout_pct"] == 100.0
     assert summary["overall"]["completion_p95_s"] == 0.5  # censored at the timeout, not dropped
     assert not summary["slo"]["timeouts_lt_1pct"]
+
+
+def test_a_deadline_the_proxy_enforces_counts_as_a_timeout(tmp_path: Path) -> None:
+    """A tenant whose deadline_s (1 s) passes before a slow replica answers: the proxy answers 504 (no
+    stream) or ends the stream with an `upstream_response_timeout` line, and counts both as timeouts
+    (error_type, the rules' timeouts ratio). loadgen counts them as timeouts too, completed at the time
+    the answer took (not censored at its own client timeout)."""
+    emulator = start_emulator(tmp_path, name="deadline-emu", decode_tokens_per_s=10.0, load_s=0,
+                              output_tokens="100,100")  # ~10 s an answer
+    proxy = start_proxy(tmp_path, [emulator.url], {"tenants": [
+        {"name": "alpha", "keys": ["sk-alpha"], "deadline_s": 1}]}, name="deadline-proxy")
+    chat = next(p for p in plan(scenario("smoke"), 1) if p.tenant == "alpha" and p.kind == "chat")
+    planned = [attrs.evolve(chat, index=0, at_s=0.0),
+               attrs.evolve(chat, index=1, at_s=0.1, body={**chat.body, "stream": False})]
+    try:
+        records = asyncio.run(run_plan(proxy.url, planned, timeout_s=30))
+        assert metric(proxy.url, "http_server_request_duration_seconds_count",
+                      error_type="upstream_response_timeout") == 2
+    finally:
+        proxy.stop()
+        emulator.stop()
+    assert [(r.status, r.outcome) for r in records] == [(200, "timeout"), (504, "timeout")]
+    summary = summarize(records, 1.0, timeout_s=30)
+    assert summary["overall"]["timeout_pct"] == 100.0
+    assert not summary["slo"]["timeouts_lt_1pct"]
+    assert summary["overall"]["completion_p95_s"] < 10  # the answers' own times
 
 
 def test_loopback_only() -> None:

@@ -35,6 +35,8 @@ REFUSALS = (429, 503)
 
 _TAIL_BYTES = 4096
 """The end of a body kept to read its final record (outcome and counts) from."""
+_DEADLINE_LINE = re.compile(rb'"code"\s*:\s*"upstream_response_timeout"')
+"""The proxy's last line of a stream its deadline cut (README: Deadlines)."""
 _COUNTS = {name: re.compile(rb'"' + name.encode() + rb'":(\d+)') for name in (
     "prompt_eval_count", "eval_count", "load_duration")}
 
@@ -49,7 +51,9 @@ class Record:
     submitted_s: float
     status: int = 0
     outcome: str = "pending"
-    """ok, rejected (429/503), timeout (client gave up), error (other status, reset, error line)."""
+    """ok, rejected (429/503), timeout (the client gave up, or the answer says a deadline passed: a 504, or
+    a stream ending in an `upstream_response_timeout` line, as the proxy's timeouts SLO counts them),
+    error (other status, reset, error line)."""
     ttft_s: float | None = None
     """Time to the first body byte of the response (the first token of a stream)."""
     completion_s: float | None = None
@@ -121,15 +125,25 @@ async def read_body(record: Record, chunks: AsyncIterator[bytes], sent: float, t
 
 
 def classify(record: Record, tail: bytes) -> None:
-    """The outcome of an answer that arrived whole (status and the last bytes of its body)."""
+    """The outcome of an answer that arrived whole (status and the last bytes of its body). A deadline
+    that passed on the server's side (504, or a stream cut by the proxy's deadline) is a timeout, as the
+    proxy's own timeouts SLO counts it, not an error: else a run the proxy reports 30 % timeouts for
+    would say 0 % here."""
     if record.status in REFUSALS:
         record.outcome = "rejected"
+    elif record.status == 504:
+        record.outcome = "timeout"
+        record.error = tail[-200:].decode("utf-8", "replace")
     elif record.status != 200:
         record.outcome = "error"
         record.error = tail[-200:].decode("utf-8", "replace")
-    elif b'"error"' in tail.rsplit(b"\n", 2)[-2 if tail.endswith(b"\n") else -1]:
-        record.outcome = "error"
-        record.error = "error line in stream"
+    elif b'"error"' in (last := tail.rsplit(b"\n", 2)[-2 if tail.endswith(b"\n") else -1]):
+        if _DEADLINE_LINE.search(last):
+            record.outcome = "timeout"
+            record.error = "deadline passed in stream"
+        else:
+            record.outcome = "error"
+            record.error = "error line in stream"
     else:
         record.outcome = "ok"
 

@@ -43,9 +43,11 @@ def _group(records: Sequence[Record], duration_s: float, timeout_s: float) -> di
     total = len(records)
     done = [r for r in records if r.outcome == "ok" and r.completion_s is not None]
     # A request the client gave up on took at least the timeout: it counts in the completion
-    # percentiles as that (censored) value instead of vanishing from them.
+    # percentiles as that (censored) value instead of vanishing from them; one the server ended at its
+    # deadline counts with the time its answer took.
     completions = [r.completion_s for r in done if r.completion_s is not None] + [
-        timeout_s for r in records if r.outcome == "timeout"]
+        timeout_s if r.completion_s is None else r.completion_s
+        for r in records if r.outcome == "timeout"]
     ttfts = [r.ttft_s for r in done if r.ttft_s is not None]
     # Without the answers that waited for a model load: the baseline a burst is compared with.
     warm = [r.ttft_s for r in done if r.ttft_s is not None and (r.load_duration_ns or 0) < _COLD_LOAD_NS]
