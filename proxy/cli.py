@@ -271,17 +271,37 @@ def _loadgen(args: argparse.Namespace) -> int:
         return 2
     planned = plan(chosen, args.seed)
     records: list[Any] = []
+    caught: list[int] = []
 
     async def go() -> None:
-        records.extend(await run_plan(args.target, planned, timeout_s=args.timeout_s))
+        # SIGINT (Ctrl-C) or SIGTERM ends the run at once and still reports what finished.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def interrupted(number: int) -> None:
+            caught.append(number)
+            stop.set()
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(number, interrupted, number)
+        try:
+            records.extend(await run_plan(args.target, planned, timeout_s=args.timeout_s, stop=stop))
+        finally:
+            for number in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(number)
 
     _run(go())
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record_dict(record)) + "\n")
-    print(json.dumps(summarize(records, chosen.duration_s, args.timeout_s), indent=2))
-    return 0
+    # Figures over the requests that finished: one the interrupt cut short has no outcome to count.
+    summary = summarize([r for r in records if r.outcome != "stopped"], chosen.duration_s, args.timeout_s)
+    if caught:
+        summary["interrupted"] = {"signal": signal.Signals(caught[0]).name,
+                                  "unfinished": sum(1 for r in records if r.outcome == "stopped")}
+    print(json.dumps(summary, indent=2))
+    return 128 + caught[0] if caught else 0
 
 
 def _check_config(args: argparse.Namespace) -> int:

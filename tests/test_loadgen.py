@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,7 @@ from proxy.loadgen.summary import jain, percentile, summarize
 from proxy.loadgen.tap import Tap
 from proxy.loadgen.workload import Burst, Conversations, Ingests, Planned, Scenario, Stream, Tenant, plan
 from tests.support.metrics import metric
+from tests.support.polling import wait_for
 from tests.support.servers import Server, free_port, start_emulator, start_proxy
 from tests.support.threaded import ThreadedApp
 
@@ -179,6 +182,53 @@ def test_the_cli_refuses_a_client_timeout_that_would_not_bound_the_run(value: st
     assert result.returncode == 2, result.stdout + result.stderr
     assert "--timeout-s" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_stops_at_once_and_reports_what_finished(tmp_path: Path, number: int) -> None:
+    """Ctrl-C (or SIGTERM) during a run against a target that never answers: loadgen stops within
+    seconds (not at its 30 s client timeout), without a traceback, exits 128 + the signal, writes every
+    planned request to --out (the unfinished ones `stopped`) and prints the figures of what finished,
+    saying it was interrupted; the target sees every request it got closed."""
+    arrived: list[str] = []
+    left: list[str] = []
+
+    async def never(request: web.Request) -> web.Response:
+        arrived.append(request.path)
+        try:
+            await asyncio.sleep(60)
+        finally:
+            left.append(request.path)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", never)
+    out = tmp_path / "records.jsonl"
+    with ThreadedApp(app) as target:
+        run = subprocess.Popen([sys.executable, "-m", "proxy", "loadgen", "--target", target.url,
+                                "--scenario", "smoke", "--timeout-s", "30", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: len(arrived) >= 2, 30, "requests in flight")
+            run.send_signal(number)
+            sent = time.monotonic()
+            stdout, stderr = run.communicate(timeout=20)
+            took = time.monotonic() - sent
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
+        wait_for(lambda: len(left) == len(arrived), 10, "the requests closed at the target")
+    assert took < 10, took
+    assert run.returncode == 128 + number, stderr
+    assert "Traceback" not in stderr
+    summary = json.loads(stdout)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == len(plan(scenario("smoke"), 1))
+    unfinished = sum(1 for line in lines if line["outcome"] == "stopped")
+    assert summary["interrupted"] == {"signal": signal.Signals(number).name, "unfinished": unfinished}
+    assert unfinished >= len(arrived) >= 2
+    assert summary["overall"]["requests"] == len(lines) - unfinished
 
 
 def test_cli_writes_records(emulator: Server, tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ class Record:
     outcome: str = "pending"
     """ok, rejected (429/503), timeout (the client gave up, or the answer says a deadline passed: a 504, or
     a stream ending in an `upstream_response_timeout` line, as the proxy's timeouts SLO counts them),
-    error (other status, reset, error line)."""
+    error (other status, reset, error line), stopped (the run was interrupted before it finished)."""
     ttft_s: float | None = None
     """Time to the first body byte of the response (the first token of a stream)."""
     completion_s: float | None = None
@@ -157,9 +157,12 @@ def read_counts(record: Record, tail: bytes) -> None:
 
 async def run_plan(target: str, planned: list[Planned], *, timeout_s: float = 120.0,
                    hard_stop_s: float | None = None,
-                   retrying: Mapping[str, Retrying] | None = None) -> list[Record]:
+                   retrying: Mapping[str, Retrying] | None = None,
+                   stop: asyncio.Event | None = None) -> list[Record]:
     """Send `planned` to `target` open-loop; one Record per request, in plan order. The tenants in
-    `retrying` send through the retry helper (see the module docstring)."""
+    `retrying` send through the retry helper (see the module docstring). Setting `stop` (the CLI does
+    on SIGINT/SIGTERM) ends the run at once: nothing more is sent, the requests in flight are
+    cancelled, and every request that had not finished is a Record with outcome `stopped`."""
     assert_loopback(target)
     if not planned:  # nothing to send (asyncio.wait refuses an empty set)
         return []
@@ -191,13 +194,29 @@ async def run_plan(target: str, planned: list[Planned], *, timeout_s: float = 12
             return await _one(session, target, item, start, timeout_s)
 
         tasks = [asyncio.ensure_future(launch(item)) for item in planned]
-        done, pending = await asyncio.wait(tasks, timeout=hard_stop_s)
-        for task in pending:
+        # Never cancelled itself (its children are): it ends once they all did, whatever each did.
+        everything = asyncio.gather(*tasks, return_exceptions=True)
+        stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        waits: list[asyncio.Future[Any]] = [everything] if stopped is None else [everything, stopped]
+        await asyncio.wait(waits, timeout=hard_stop_s, return_when=asyncio.FIRST_COMPLETED)
+        interrupted = stop is not None and stop.is_set()
+        finished = {task for task in tasks if task.done()}
+        if stopped is not None:
+            stopped.cancel()
+        for task in tasks:
             task.cancel()
+        # The cancelled requests leave (their connections closed) before the session does.
+        await asyncio.wait([everything], timeout=5.0)
         records: list[Record] = []
         for item, task in zip(planned, tasks, strict=True):
-            if task in done and not task.cancelled() and task.exception() is None:
+            if task in finished and not task.cancelled() and task.exception() is None:
                 records.append(task.result())
+            elif task in finished and not task.cancelled():
+                records.append(Record(item.index, item.tenant, item.kind, item.at_s, outcome="error",
+                                      error=type(task.exception()).__name__))
+            elif interrupted:
+                records.append(Record(item.index, item.tenant, item.kind, item.at_s,
+                                      outcome="stopped", error="run interrupted"))
             else:
                 records.append(Record(item.index, item.tenant, item.kind, item.at_s,
                                       outcome="timeout", error="run stopped"))
