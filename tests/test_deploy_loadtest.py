@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -33,9 +34,10 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         emulator.stop()
 
 
-def _run(args: list[str], extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], extra: dict[str, str], timeout: float = 150) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **ENV, **extra}
-    return subprocess.run(args, capture_output=True, text=True, timeout=150, cwd=ROOT, env=env, check=False)
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
+                          check=False)
 
 
 def test_locust_runs_its_user_classes(proxy: Server) -> None:
@@ -45,6 +47,22 @@ def test_locust_runs_its_user_classes(proxy: Server) -> None:
     assert done.returncode == 0, output[-4000:]
     for name in ("/api/chat", "/api/embed"):
         assert name in output, output[-4000:]
+
+
+def test_locust_without_host_or_run_time_uses_sop_host_and_stops_by_itself(proxy: Server) -> None:
+    """As the loadtest README says of both tools: the target comes from SOP_HOST (default the loopback
+    proxy) and a headless run is bounded by SOP_DURATION when --run-time is not given. Without them
+    Locust refused to start for want of --host, or ran until interrupted."""
+    started = time.monotonic()
+    try:
+        done = _run([tool("locust"), "-f", str(LOADTEST / "locustfile.py"), "--headless", "-u", "2",
+                     "-r", "2", "--only-summary"], {"SOP_HOST": proxy.url, "SOP_DURATION": "3s"}, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("locust did not stop by itself within 60 s")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "/api/chat" in output, output[-4000:]
+    assert time.monotonic() - started < 60
 
 
 def test_k6_runs_its_scenarios_and_meets_the_slos(proxy: Server) -> None:

@@ -8,7 +8,9 @@ Three user classes mirror the RAG workload of `shared-ollama-proxy loadgen`: int
 RAG users sending 8-64 KB of retrieved context, and ingest users posting embedding batches. Each sends its
 team's API key (`SOP_CHAT_KEY`, `SOP_RAG_KEY`, `SOP_INGEST_KEY`) and honours `Retry-After` on 429/503.
 Time to first token is reported as its own request type (`TTFT /api/chat`, ...), next to the completion.
-Point it only at hosts you operate.
+Point it only at hosts you operate. Like k6.js, it defaults to the loopback proxy (`--host`, else
+`SOP_HOST`, else http://127.0.0.1:11435) and is bounded: a headless run without `--run-time` stops after
+`SOP_DURATION` (default 30s).
 """
 
 from __future__ import annotations
@@ -18,12 +20,25 @@ import random
 import time
 from typing import Any
 
-from locust import HttpUser, between, task
+from locust import HttpUser, between, events, task
+from locust.env import Environment
+from locust.util.timespan import parse_timespan
 
 MODEL = os.environ.get("SOP_MODEL", "llama3.2")
 EMBED_MODEL = os.environ.get("SOP_EMBED_MODEL", "nomic-embed-text")
 WORDS = ("retrieval chunk index vector passage answer source policy contract invoice incident runbook "
          "release customer region quarter revenue support deployment security onboarding").split()
+
+
+def _bounded(environment: Environment, **_: Any) -> None:
+    """A headless run stops by itself: without --run-time it gets SOP_DURATION (read by Locust after
+    this listener, before the users start)."""
+    options = environment.parsed_options
+    if options is not None and options.headless and not options.run_time:
+        options.run_time = parse_timespan(os.environ.get("SOP_DURATION", "30s"))
+
+
+events.init.add_listener(_bounded)  # type: ignore[no-untyped-call]  # Locust leaves it untyped
 
 
 def _text(size_bytes: int) -> str:
@@ -35,6 +50,7 @@ def _text(size_bytes: int) -> str:
 
 class _OllamaUser(HttpUser):
     abstract = True
+    host = os.environ.get("SOP_HOST", "http://127.0.0.1:11435")  # --host overrides it
     key_variable = ""
 
     def _headers(self) -> dict[str, str]:
