@@ -5,12 +5,15 @@ fails (exit 99) when the proxy rejects requests."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.support.metrics import metric
 from tests.support.servers import Server, start_emulator, start_proxy
 from tests.support.tools import ROOT, tool
 
@@ -80,3 +83,28 @@ def test_k6_verdict_fails_when_requests_fail() -> None:
                 {"SOP_HOST": "http://127.0.0.1:9", "SOP_DURATION": "2s", "SOP_RAG_VUS": "0",
                  "SOP_INGEST_VUS": "0", "SOP_CHAT_VUS": "1", "K6_NO_USAGE_REPORT": "true"})
     assert done.returncode == 99, (done.stdout + done.stderr)[-4000:]
+
+
+def test_k6_counts_a_stream_the_proxys_deadline_ended_as_a_timeout(tmp_path: Path) -> None:
+    """A tenant whose deadline (1 s) passes mid-stream: the proxy has sent 200 and ends the stream with an
+    `upstream_response_timeout` line, which it counts as a timeout (error_type; the rules' timeouts
+    ratio). k6 counts it so too: the timeout verdict fails (exit 99), and the cut stream is no
+    completion. Chat only (streamed), one user, against a ~10 s replica."""
+    emulator = start_emulator(tmp_path, name="k6-deadline-emu", decode_tokens_per_s=10.0, load_s=0,
+                              output_tokens="100,100")
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "tenants": [{"name": "load", "keys": [KEY], "deadline_s": 1}], "anonymous": {"allow": False}},
+        name="k6-deadline")
+    try:
+        done = _run([tool("k6"), "run", "--no-usage-report", str(LOADTEST / "k6.js")],
+                    {"SOP_HOST": proxy.url, "SOP_DURATION": "3s", "SOP_RAG_VUS": "0", "SOP_INGEST_VUS": "0",
+                     "SOP_CHAT_VUS": "1", "K6_NO_USAGE_REPORT": "true"})
+        cut = metric(proxy.url, "http_server_request_duration_seconds_count",
+                     http_response_status_code="200", error_type="upstream_response_timeout")
+    finally:
+        proxy.stop()
+        emulator.stop()
+    output = done.stdout + done.stderr
+    assert cut, output[-4000:]  # the proxy did end streams at the deadline
+    assert done.returncode == 99, output[-4000:]
+    assert re.search(r"sop_timed_out\S*\.*: 100\.00%", output), output[-4000:]
