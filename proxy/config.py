@@ -44,7 +44,9 @@ from .schema import (
     TelemetryConfig,
     TenantConfig,
     UpstreamConfig,
+    is_mode,
     parse_listen,
+    structure_mode,
 )
 from .validation import format_validation_error
 
@@ -186,6 +188,8 @@ def _converter() -> cattrs.Converter:
     converter.register_structure_hook(int, _strict_int)
     converter.register_structure_hook(float, _strict_float)
     converter.register_structure_hook(str, _strict_str)
+    # `mode: off` unquoted is a YAML boolean: see structure_mode.
+    converter.register_structure_hook_func(is_mode, structure_mode)
 
     def sequence_hook(type_: Any) -> Any:
         item = typing.get_args(type_)[0]

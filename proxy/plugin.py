@@ -47,7 +47,7 @@ from .access import INTERNAL_HEADER
 from .chain import Canary
 from .errors import DeadlinePassed, InternalProxyError, ProxyError
 from .offload import parsed_json
-from .schema import RolloutConfig
+from .schema import Mode, RolloutConfig, is_mode, structure_mode
 from .telemetry import semconv
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class PluginConfig:
 
     name: str
     """Which plugin (a built-in in plugins/, or an entry point of `shared_ollama_proxy.plugins`)."""
-    mode: Literal["enforce", "shadow", "off"] = "enforce"
+    mode: Mode = "enforce"
     """enforce: act; shadow: run and report what it would have done (span, metric, X-Shadow-Decision)
     without changing the request; off: not in the chain at all."""
     fail: Literal["open", "closed"] = "open"
@@ -306,6 +306,7 @@ def structure_plugins(raw: Iterable[Any], available: Mapping[str, type[Plugin]] 
 
     available = discover() if available is None else available
     converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook_func(is_mode, structure_mode)  # `mode: off` unquoted is YAML's false
     out: list[tuple[type[Plugin], PluginConfig]] = []
     for index, entry in enumerate(raw):
         where = f"plugins[{index}]"

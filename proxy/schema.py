@@ -18,6 +18,7 @@ import attrs
 from yarl import URL
 
 __all__ = [
+    "MODES",
     "AdminConfig",
     "AnonymousConfig",
     "ForwardingConfig",
@@ -31,6 +32,7 @@ __all__ = [
     "TenantConfig",
     "UpstreamConfig",
     "http_url",
+    "is_mode",
     "listen_address",
     "non_empty",
     "non_negative",
@@ -38,6 +40,7 @@ __all__ = [
     "positive",
     "ratio",
     "redis_url",
+    "structure_mode",
     "valid_keys",
 ]
 
@@ -286,6 +289,31 @@ removes the step's policy, per step:
 - balancer: round robin instead of the cost model; retries before the first byte stay (the step still
   runs: a request cannot do without a replica).
 """
+
+
+MODES: tuple[str, ...] = ("enforce", "shadow", "off")
+
+
+def structure_mode(value: Any, _: Any = None) -> str:
+    """A `mode:` value as written in YAML: one of MODES. `mode: off` unquoted is YAML 1.1's boolean
+    false (PyYAML reads `off`, `no` and `false` alike), so false is `off`: the word the docs, the
+    example file and DESIGN write must not be refused. True (`on`, `yes`) is refused with the reason,
+    as is anything else."""
+    if value is False:
+        return "off"
+    if value is True:
+        raise TypeError("expected enforce, shadow or off (an unquoted on, yes or true is YAML's "
+                        "boolean true, not a mode)")
+    if isinstance(value, str) and value in MODES:
+        return value
+    # Not the value itself: a key pasted into the wrong field must not reach a log line.
+    raise TypeError(f"not one of {list(MODES)}")
+
+
+def is_mode(type_: Any) -> bool:
+    """The predicate a cattrs converter registers `structure_mode` with (a Literal is no class, so it
+    cannot be registered by type)."""
+    return bool(type_ == Mode)
 
 
 @attrs.frozen

@@ -26,7 +26,7 @@ def _describe(exc: BaseException, type_: Any) -> str:
         return f"not one of {allowed.removeprefix('typing.Literal')}"
     if isinstance(exc, ValueError) and re.match(r"^[\w.\[\]]+: ", text):
         return text
-    if isinstance(exc, TypeError) and text.startswith("expected "):
+    if isinstance(exc, TypeError) and text.startswith(("expected ", "not one of ")):
         return text
     return f"expected {getattr(type_, '__name__', type_)}"
 

@@ -123,6 +123,28 @@ def test_bad_values_name_the_key(data: dict[str, object], message: str) -> None:
     assert "secret" not in str(error.value).lower()  # a refused value is never quoted back when a URL
 
 
+def test_mode_off_written_as_the_docs_write_it(tmp_path: Path) -> None:
+    """`mode: off`, unquoted as DESIGN, the README and the example file write it, is YAML 1.1's boolean
+    false to PyYAML: it must mean `off` for every step and plugin (it was refused as "not one of
+    ['enforce', 'shadow', 'off']"), while an unquoted `on` is refused with the reason."""
+    path = tmp_path / "off.yaml"
+    path.write_text("chain:\n" + "".join(f"  {step}: {{mode: off}}\n" for step in
+                                          ("limits", "quotas", "backpressure", "health", "balancer"))
+                    + "plugins:\n  - {name: trim_history, mode: off}\n")
+    config = load_config(path, environ={})
+    assert {config.chain.limits.mode, config.chain.quotas.mode, config.chain.backpressure.mode,
+            config.chain.health.mode, config.chain.balancer.mode} == {"off"}
+    checked = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(path)],
+                             capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stderr
+    path.write_text("chain:\n  quotas: {mode: on}\n")
+    with pytest.raises(ConfigError, match=r"chain\.quotas\.mode: expected enforce, shadow or off"):
+        load_config(path, environ={})
+    path.write_text("plugins:\n  - {name: trim_history, mode: on}\n")
+    with pytest.raises(ConfigError, match=r"plugins\[0\]\.mode: expected enforce, shadow or off"):
+        load_config(path, environ={})
+
+
 def test_environment_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("server: {listen: '127.0.0.1:1'}\n")
