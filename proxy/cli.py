@@ -147,8 +147,9 @@ def _serve(args: argparse.Namespace) -> int:
         if worker and args.worker_peers:
             from .telemetry.workers import WORKER_METRICS, WorkerMetrics
 
-            worker_metrics = app[WORKER_METRICS] = WorkerMetrics(Path(args.worker_peers),
-                                                                 args.worker_index, telemetry.registry)
+            worker_metrics = app[WORKER_METRICS] = WorkerMetrics(
+                Path(args.worker_peers), args.worker_index, telemetry.registry,
+                prefix=config.telemetry.metric_prefix)
         runner = await start_site(app, host, port, backlog=server.backlog,
                                   header_timeout_s=server.header_timeout_s,
                                   keepalive_timeout_s=server.keepalive_timeout_s,

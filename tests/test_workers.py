@@ -323,3 +323,17 @@ def test_the_supervisors_start_survives_a_sighup_storm(tmp_path: Path) -> None:
         for path in supervisor._tmp.glob("*"):
             path.unlink()
         supervisor._tmp.rmdir()
+
+
+def test_merged_scrape_names_the_worker_count_with_the_metric_prefix() -> None:
+    """`telemetry.metric_prefix: acme` makes every name of ours `acme_*` (proxy/telemetry/semconv.py):
+    the merged scrape's worker count too (it was `sop_metrics_workers` whatever the prefix)."""
+    from proxy.telemetry.workers import merge_worker_metrics
+
+    one = "# HELP acme_queue_depth d\n# TYPE acme_queue_depth gauge\nacme_queue_depth 1.0\n"
+    families = {f.name: f for f in text_string_to_metric_families(
+        merge_worker_metrics({0: one, 1: one}, "acme").decode())}
+    assert families["acme_metrics_workers"].samples[0].value == 2
+    assert not [name for name in families if name.startswith("sop_")]
+    default = merge_worker_metrics({0: one}).decode()
+    assert "sop_metrics_workers 1.0" in default

@@ -55,9 +55,10 @@ class _Families:
         return self._families
 
 
-def merge_worker_metrics(expositions: dict[int, str]) -> bytes:
+def merge_worker_metrics(expositions: dict[int, str], prefix: str = "sop") -> bytes:
     """One Prometheus text exposition from each worker's (worker index -> its text): each family once, in
-    first-seen order, with every worker's samples labelled `worker`, plus `sop_metrics_workers`."""
+    first-seen order, with every worker's samples labelled `worker`, plus `<prefix>_metrics_workers`
+    (`sop_metrics_workers` by default; `prefix` is `telemetry.metric_prefix`, like every name of ours)."""
     merged: dict[str, Metric] = {}
     included = 0
     for index in sorted(expositions):
@@ -75,9 +76,9 @@ def merge_worker_metrics(expositions: dict[int, str]) -> bytes:
                                                     family.unit)
             into.samples.extend(Sample(s.name, {WORKER_LABEL: label, **s.labels}, s.value, s.timestamp,
                                        s.exemplar) for s in family.samples)
-    count = Metric("sop_metrics_workers", "Workers whose metrics this scrape holds (serve --workers).",
-                   "gauge")
-    count.add_sample("sop_metrics_workers", {}, float(included))
+    name = f"{prefix}_metrics_workers"
+    count = Metric(name, "Workers whose metrics this scrape holds (serve --workers).", "gauge")
+    count.add_sample(name, {}, float(included))
     merged[count.name] = count
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(merged.values()))
@@ -91,8 +92,11 @@ class WorkerMetrics:
     killed predecessor left; a socket that cannot be made is logged, and the worker serves without
     it); `close()` stops serving and removes the socket."""
 
-    def __init__(self, directory: Path, index: int, registry: CollectorRegistry) -> None:
+    def __init__(self, directory: Path, index: int, registry: CollectorRegistry,
+                 prefix: str = "sop") -> None:
         self.directory = directory
+        self.prefix = prefix
+        """`telemetry.metric_prefix`: the merged scrape's `<prefix>_metrics_workers`."""
         self.index = index
         self.registry = registry
         self._runner: web.AppRunner | None = None
@@ -139,7 +143,7 @@ class WorkerMetrics:
             if text is not None:
                 expositions[index] = text
         # Parsing a few hundred KiB of text takes milliseconds: off the event loop's turn.
-        return await asyncio.to_thread(merge_worker_metrics, expositions)
+        return await asyncio.to_thread(merge_worker_metrics, expositions, self.prefix)
 
     @staticmethod
     async def _peer(path: Path) -> str | None:
