@@ -122,16 +122,19 @@ class FanOut:
         async def call(upstream: Upstream) -> tuple[int, bytes, float | None]:
             """The replica's status and body, and the wait its 429 or 503 asks for (None: none, or
             not a valid one). No answer by the request's deadline is that replica's 504."""
+            bound = asyncio.timeout(remaining)
             try:
-                async with asyncio.timeout(remaining), self.fleet.request(
+                async with bound, self.fleet.request(
                         upstream, request.method, request.raw_path, data=ctx.body or b"",
                         headers=self._headers(request)) as reply:
                     told = told_wait_s(reply.headers) if reply.status in _BUSY else None
                     return reply.status, await reply.read(), told
-            except TimeoutError:
-                return 504, orjson.dumps({"error": f"no answer within the request's deadline of "
-                                                   f"{ctx.deadline_s:g}s"}), None
-            except (aiohttp.ClientError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                # Only the deadline's own expiry is a 504: aiohttp's connect timeout is also a
+                # TimeoutError, and a replica that cannot be reached is a 502 like any refused connect.
+                if bound.expired():
+                    return 504, orjson.dumps({"error": f"no answer within the request's deadline of "
+                                                       f"{ctx.deadline_s:g}s"}), None
                 return 502, orjson.dumps({"error": f"cannot reach replica: {type(exc).__name__}"}), None
 
         answers = await asyncio.gather(*(call(u) for u in live))

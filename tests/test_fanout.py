@@ -5,6 +5,7 @@ one an admin names) with per-replica results, replicas that are down reported as
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,3 +222,31 @@ def test_management_fanned_out_to_a_replica_that_never_answers_ends_at_the_deadl
     finally:
         for server in (proxy, a, b):
             server.stop()
+
+
+def test_management_fanned_out_to_an_unreachable_replica_is_a_502_not_a_deadline(tmp: Path) -> None:
+    """A replica whose connect times out (a listening socket whose accept queue is full: the kernel
+    drops the SYNs) is unreachable, a 502 like a refused connect. aiohttp's connect timeout is also a
+    TimeoutError, and it was reported as the request's deadline (504) long before that deadline."""
+    a = start_emulator(tmp, name="fan-unreach-a")
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(0)
+    filler = socket.create_connection(stuck.getsockname(), timeout=5)  # fills the accept queue
+    stuck_url = f"http://127.0.0.1:{stuck.getsockname()[1]}"
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": stuck_url, "name": "b"}],
+                        {"admin": {"keys": [ADMIN]}, "chain": {"limits": {"deadline_s": 120},
+                                                               "health": {"mode": "off"}},
+                         "forwarding": {"connect_timeout_s": 0.5}}, name="fan-unreach")
+    try:
+        answer = httpx.request("DELETE", f"{proxy.url}/api/delete", json={"model": "qwen3"},
+                               headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+        results = answer.json()["replicas"]
+        assert results["a"] == "success", results
+        assert results["b"].startswith("502: "), results
+        assert "cannot reach replica" in results["b"] and "deadline" not in results["b"]
+    finally:
+        proxy.stop()
+        a.stop()
+        filler.close()
+        stuck.close()
