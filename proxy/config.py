@@ -255,16 +255,20 @@ def structure(data: Mapping[str, Any]) -> Config:
         config = _CONVERTER.structure(dict(data), Config)
         known = {t.name for t in config.tenants} | {"anonymous"}
 
-        def check_tenant(path: str, tenant: str) -> None:
-            if tenant not in known:
+        # Admin-key callers run as the tenant `admin` (proxy/access.py), so a canary may name it; a
+        # plugin's sub-requests cannot be charged to it (it has no quotas).
+        rollout_known = known | {"admin"}
+
+        def check_tenant(path: str, tenant: str, names: set[str] = known) -> None:
+            if tenant not in names:
                 raise ValueError(f"{path}: unknown tenant {tenant[:60]!r} (known: "
-                                 f"{', '.join(sorted(known))})")
+                                 f"{', '.join(sorted(names))})")
 
         # A canary's tenants are names of this file's tenants: a typo would make it enforce for
         # nobody, without a word.
         for field in attrs.fields(ChainConfig):
             for tenant in getattr(config.chain, field.name).rollout.tenants:
-                check_tenant(f"chain.{field.name}.rollout.tenants", tenant)
+                check_tenant(f"chain.{field.name}.rollout.tenants", tenant, rollout_known)
         if config.plugins:
             from .plugin import structure_plugins
 
@@ -276,7 +280,7 @@ def structure(data: Mapping[str, Any]) -> Config:
                 if tenant is not None:
                     check_tenant(f"plugins[{index}].tenant", tenant)
                 for tenant in plugin.rollout.tenants:
-                    check_tenant(f"plugins[{index}].rollout.tenants", tenant)
+                    check_tenant(f"plugins[{index}].rollout.tenants", tenant, rollout_known)
         return config
     except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
         if isinstance(exc, cattrs.BaseValidationError):

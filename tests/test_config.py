@@ -59,6 +59,17 @@ def test_example_lists_every_key_with_its_default() -> None:
     assert _yaml_keys(yaml.safe_load(EXAMPLE.read_text())) == _type_keys(Config)
 
 
+def test_a_canary_may_name_the_admin_callers() -> None:
+    """Admin-key callers run as the tenant `admin`, so a rollout list may name it (it did before the
+    rollout names were checked); a plugin's sub-requests still cannot be charged to it."""
+    config = structure({"admin": {"keys": ["sk-admin"]},
+                        "chain": {"limits": {"rollout": {"enforce_share": 0, "tenants": ["admin"]}}},
+                        "plugins": [{"name": "trim_history", "rollout": {"tenants": ["admin"]}}]})
+    assert list(config.chain.limits.rollout.tenants) == ["admin"]
+    with pytest.raises(ConfigError, match=r"plugins\[0\]\.tenant: unknown tenant 'admin'"):
+        structure({"plugins": [{"name": "embed_cache", "tenant": "admin"}]})
+
+
 def test_listen_may_ask_for_any_free_port() -> None:
     """Port 0: the system picks one and the server reports it (`--port-file`, its log line)."""
     assert structure({"server": {"listen": "127.0.0.1:0"}}).server.listen == "127.0.0.1:0"
@@ -73,7 +84,7 @@ def test_listen_may_ask_for_any_free_port() -> None:
     ({"plugins": [{"name": "embed_cache", "tenant": "nope"}]}, "plugins[0].tenant: unknown tenant 'nope'"),
     ({"tenants": [{"name": "canary", "keys": ["sk-canary"]}],
       "chain": {"quotas": {"rollout": {"enforce_share": 0, "tenants": ["canray"]}}}},
-     "chain.quotas.rollout.tenants: unknown tenant 'canray' (known: anonymous, canary)"),
+     "chain.quotas.rollout.tenants: unknown tenant 'canray' (known: admin, anonymous, canary)"),
     ({"plugins": [{"name": "trim_history", "rollout": {"tenants": ["nope"]}}]},
      "plugins[0].rollout.tenants: unknown tenant 'nope'"),
     # Written into every request for the model: a type Ollama refuses would fail each of them.
