@@ -18,6 +18,7 @@ import attrs
 
 from . import gojson
 from .ollama import RouteInfo, classify
+from .schema import LOAD_OPTIONS
 from .tokens import Tokenizer
 
 __all__ = [
@@ -35,9 +36,6 @@ __all__ = [
     "truncate_prompt",
 ]
 
-LOAD_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock",
-                          "num_thread", "low_vram", "numa", "vocab_only"})
-"""Options that make Ollama reload a runner when they differ from the loaded one (reference §4.2)."""
 
 MESSAGE_OVERHEAD = 4
 _CHAT_FRAME = 1 + 3

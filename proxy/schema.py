@@ -389,11 +389,20 @@ OLLAMA_BOOL_OPTIONS = ("use_mmap",)
 of the model with a 500 `option "x" must be of type ...`."""
 
 
+LOAD_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock",
+                          "num_thread", "low_vram", "numa", "vocab_only"})
+"""Options that make Ollama reload a runner when they differ from the loaded one (reference §4.2): the
+ones `models.<m>.options` makes canonical."""
+
+
 def ollama_options(instance: Any, attribute: attrs.Attribute[Any], value: dict[str, Any]) -> None:
-    """`models.<m>.options` typed as Ollama types them: they are written into every request for the
-    model, so a wrong type would fail each of them at the replica instead of being refused here."""
+    """`models.<m>.options` typed as Ollama types them: the load-time ones are written into every
+    request for the model, so a wrong type would fail each of them at the replica instead of being
+    refused here. A null is skipped, as Ollama skips it; other keys are never written, so not checked."""
     del instance, attribute
     for key, item in value.items():
+        if item is None or key not in LOAD_OPTIONS:
+            continue
         number = isinstance(item, int | float) and not isinstance(item, bool)
         if key in OLLAMA_FLOAT_OPTIONS and not number:
             raise ValueError(f"options: {key} must be a number, got {type(item).__name__}")
