@@ -17,13 +17,13 @@ allows every origin as Ollama's `OLLAMA_ORIGINS=*` does (answered `*`, no creden
 
 from __future__ import annotations
 
-import fnmatch
+import re
 from collections.abc import Iterable
 
 from aiohttp import web
 from multidict import CIMultiDict
 
-__all__ = ["EXPOSED_HEADERS", "OriginPolicy"]
+__all__ = ["EXPOSED_HEADERS", "OriginPolicy", "origin_pattern"]
 
 EXPOSED_HEADERS = "Retry-After, X-Service-Limits, X-Request-Id"
 
@@ -31,15 +31,22 @@ _MAX_ORIGIN = 512
 _MAX_REMEMBERED = 1024
 
 
+def origin_pattern(pattern: str) -> re.Pattern[str]:
+    """An `OLLAMA_ORIGINS` entry as Ollama (gin-contrib/cors) reads it: `*` is any run of characters and
+    every other character is itself. Not a shell glob: `[` and `?` are literal, so `http://[::1]:*`
+    means the IPv6 loopback on any port."""
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")), re.DOTALL)
+
+
 class OriginPolicy:
-    """Which `Origin`s may read the proxy's own answers (glob patterns, `*` any run of characters)."""
+    """Which `Origin`s may read the proxy's own answers (patterns whose `*` is any run of characters)."""
 
     __slots__ = ("_allow_all", "_patterns", "_seen")
 
     def __init__(self, patterns: Iterable[str]) -> None:
         patterns = tuple(patterns)
         self._allow_all = "*" in patterns
-        self._patterns = tuple(p for p in patterns if p != "*")
+        self._patterns = tuple(origin_pattern(p) for p in patterns if p != "*")
         self._seen: dict[str, bool] = {}
         """origin -> allowed: a page sends the same few origins again and again. Bounded: cleared when
         full, so client-chosen values cannot grow it."""
@@ -51,7 +58,7 @@ class OriginPolicy:
         if known is None:
             # Echoed only when it matched: bounded and printable ASCII, as a header value must be.
             known = len(origin) <= _MAX_ORIGIN and origin.isascii() and origin.isprintable() and any(
-                fnmatch.fnmatchcase(origin, pattern) for pattern in self._patterns)
+                pattern.fullmatch(origin) is not None for pattern in self._patterns)
             if len(self._seen) >= _MAX_REMEMBERED:
                 self._seen.clear()
             self._seen[origin] = known

@@ -206,7 +206,8 @@ class ServerConfig:
     """How often the configuration file is checked for a change, which reloads it like SIGHUP does
     (0: only SIGHUP reloads). A rename onto the path (editors, Kubernetes ConfigMaps) counts too."""
     cors_origins: tuple[str, ...] = OLLAMA_DEFAULT_ORIGINS
-    """Browser origins (glob patterns; `*` alone: any) that may read the proxy's own answers: its
+    """Browser origins (patterns as `OLLAMA_ORIGINS` has them: `*` any run of characters, everything else
+    literal; `*` alone: any) that may read the proxy's own answers: its
     errors (429, 503, 401, 413, ...) and what it builds itself (merged /api/tags, cached embeddings).
     Set it to what the replicas' OLLAMA_ORIGINS allow; the default is Ollama's own list. Answers
     relayed from a replica keep the replica's CORS headers (proxy/cors.py)."""

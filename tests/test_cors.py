@@ -29,7 +29,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, 
                "anonymous": {"allow": False}}
     default = start_proxy(tmp, [emulator.url], tenants, name="cors-default")
     custom = start_proxy(tmp, [emulator.url], {
-        **tenants, "server": {"cors_origins": ["https://*.example.com"]}}, name="cors-custom")
+        **tenants, "server": {"cors_origins": ["https://*.example.com", "http://[::1]:*", "https://app?.test"]}},
+        name="cors-custom")
     yield emulator, default, custom
     for server in (default, custom, emulator):
         server.stop()
@@ -91,7 +92,13 @@ def test_configured_patterns_replace_the_default_list(servers: tuple[Server, Ser
     good = httpx.post(f"{proxy.url}/api/chat", headers={"Origin": "https://app.example.com"}, json=CHAT,
                       timeout=30)
     assert good.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
-    for origin in (ALLOWED, "https://example.com.evil.net", "http://app.example.com"):
+    # Ollama's patterns: `*` is any run of characters, everything else is itself (not a shell glob,
+    # where `[::1]` would be a character class and `?` any character).
+    for origin in ("http://[::1]:8080", "https://app?.test"):
+        allowed = httpx.post(f"{proxy.url}/api/chat", headers={"Origin": origin}, json=CHAT, timeout=30)
+        assert allowed.headers.get("Access-Control-Allow-Origin") == origin
+    for origin in (ALLOWED, "https://example.com.evil.net", "http://app.example.com", "http://::1:8080",
+                   "https://app1.test"):
         refused = httpx.post(f"{proxy.url}/api/chat", headers={"Origin": origin}, json=CHAT, timeout=30)
         assert "Access-Control-Allow-Origin" not in refused.headers, origin
 

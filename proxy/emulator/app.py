@@ -7,7 +7,6 @@ Routing is done here rather than by aiohttp's router so that fallbacks match gin
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import ipaddress
 import re
 import socket
@@ -20,6 +19,7 @@ import attrs
 import cattrs
 from aiohttp import web
 
+from proxy.cors import origin_pattern
 from proxy.ollama import is_cloud_model
 from proxy.schema import OLLAMA_DEFAULT_ORIGINS
 from proxy.validation import format_validation_error
@@ -63,7 +63,7 @@ _CORS_ALLOW_HEADERS = ("Authorization,Content-Type,User-Agent,Accept,X-Requested
                        "X-Stainless-Helper-Method,X-Stainless-Lang,X-Stainless-Os,"
                        "X-Stainless-Package-Version,X-Stainless-Poll-Helper,X-Stainless-Retry-Count,"
                        "X-Stainless-Runtime,X-Stainless-Runtime-Version,X-Stainless-Timeout")
-_CORS_ORIGINS = OLLAMA_DEFAULT_ORIGINS
+_CORS_PATTERNS = tuple(origin_pattern(origin) for origin in OLLAMA_DEFAULT_ORIGINS)
 
 
 def _route(path: str, methods: tuple[str, ...], handler: Handler, struct: str | None = None) -> Route:
@@ -147,7 +147,7 @@ def _host_allowed(host_header: str) -> bool:
 
 
 def _origin_allowed(origin: str) -> bool:
-    return any(fnmatch.fnmatchcase(origin, pattern) for pattern in _CORS_ORIGINS)
+    return any(pattern.fullmatch(origin) is not None for pattern in _CORS_PATTERNS)
 
 
 def create_emulator_app(settings: EngineSettings | None = None, models: tuple[str, ...] = DEFAULT_MODELS,
