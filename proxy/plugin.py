@@ -562,10 +562,12 @@ class PluginStep:
         read again from the bytes, the one record of what the client sent, unless nothing could have
         changed it: no rewrite, no failure (a plugin that edits the view in place rewrites with
         replace_json; one that failed may have stopped between the two), or a view that cannot be
-        edited (a string, a number, None)."""
+        edited (a string, a number)."""
         if ctx.body is body and not failed:
             return
-        if isinstance(parsed, dict | list):
+        if parsed is None or isinstance(parsed, dict | list):
+            # None is also a body Go refuses: read again, its error comes back with it (put back as
+            # a view of None, the error was lost and limits answered `model is required`).
             ctx.restore_body(body)
         else:
             ctx.restore_body(body, parsed)

@@ -285,6 +285,24 @@ def test_a_failing_plugin_fails_open_and_its_rewrite_is_undone(tmp_path: Path, e
         closed.stop()
 
 
+def test_a_body_go_refuses_keeps_its_error_through_a_failing_plugin(tmp_path: Path, emulator: Server,
+                                                                    site: Path) -> None:
+    """A body Go cannot read is Ollama's 400 with Go's message. Undoing a failed plugin's rewrite used to
+    put back the body with a view of None and no error, so the proxy then answered as if the model were
+    missing. The answer must be what the replica itself says."""
+    proxy = _proxy(tmp_path, emulator, site, [{"name": "broken"}], "plugin-broken-invalid")
+    try:
+        for body in (b'{"model": "llama3.2", "messages": [], "stream": fals}', b'{"model": "llama3.2", '):
+            direct = httpx.post(f"{emulator.url}/api/chat", content=body, timeout=30)
+            reply = httpx.post(f"{proxy.url}/api/chat", content=body, timeout=30,
+                               headers={"Authorization": f"Bearer {TEAM}"})
+            assert direct.status_code == 400, direct.text
+            # Go's own message (the proxy's refusals add their `code`).
+            assert (reply.status_code, reply.json()["error"]) == (400, direct.json()["error"]), body
+    finally:
+        proxy.stop()
+
+
 def test_fail_closed_fails_only_where_the_plugin_enforces(tmp_path: Path, emulator: Server,
                                                           site: Path) -> None:
     """`fail: closed` used to fail the request in shadow mode too, and for the tenants a canary only
