@@ -477,6 +477,9 @@ class PluginStep:
             span.set_status(Status(StatusCode.ERROR, exc.code))
             span.end()
             if isinstance(exc, _PluginOverDeadline):  # not the plugin's refusal: in every mode
+                # The 504 is the proxy's: nothing of what the cut-off plugin set goes with it.
+                ctx.response_headers = headers_saved
+                self._unrecord(ctx, recorded)
                 self._count("deadline")
                 exc.step = f"plugin.{self.plugin.name}"
                 raise

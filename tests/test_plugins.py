@@ -140,6 +140,7 @@ EXTRA = textwrap.dedent('''
         slot = "before_backpressure"
 
         async def on_request(self, request: web.Request, ctx: Any, decide: Any) -> Any:
+            ctx.response_headers["X-Hangs"] = "waiting"  # undone: a shadow plugin changes nothing
             await asyncio.Event().wait()
 
 
@@ -411,6 +412,7 @@ def test_a_plugin_that_hangs_is_cut_off_at_the_request_deadline(tmp_path: Path, 
             assert reply.status_code == 504, reply.text
             assert reply.json()["code"] == "upstream_response_timeout"
             assert reply.headers["x-should-retry"] == "false"
+            assert "x-hangs" not in reply.headers  # in shadow mode, on the deadline too
             assert time.monotonic() - started < 10
         quotas = httpx.get(f"{proxy.url}/system/quotas", timeout=10,
                            headers={"Authorization": f"Bearer {ADMIN}"}).json()
