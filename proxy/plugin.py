@@ -89,6 +89,10 @@ does not is cut off then."""
 MAX_DECISIONS = 32
 """Distinct decisions counted per plugin; any further one is counted as `other`: a plugin that puts a
 number or a name in its decision must not grow /metrics without bound."""
+PROXY_DECISIONS = frozenset({"pass", "answered", "rejected", "failed", "deadline", "wrote_response",
+                             "other", "shadow_pass", "shadow_answered"})
+"""The decisions the proxy itself records for a plugin (a fixed set): never counted against
+MAX_DECISIONS nor folded into `other`, so a plugin's own unbounded decisions cannot hide its failures."""
 DECISION_MAX_CHARS = 64
 """Longest decision kept (the rest is cut)."""
 
@@ -355,7 +359,8 @@ class PluginStep:
     def _count(self, decision: str) -> None:
         """Count `decision`, as `other` once MAX_DECISIONS distinct ones are (logged once)."""
         counts = self.decision_counts
-        if decision not in counts and len(counts) >= MAX_DECISIONS:
+        if decision not in counts and decision not in PROXY_DECISIONS and \
+                sum(1 for known in counts if known not in PROXY_DECISIONS) >= MAX_DECISIONS:
             if "other" not in counts:
                 log.warning("plugin %s made more than %d distinct decisions; further ones are "
                             "counted as `other`", self.plugin.name, MAX_DECISIONS)
@@ -421,6 +426,8 @@ class PluginStep:
                 and self.plugin.slot == "before_backpressure":
             return response
         response.force_close()
+        # Besides the request phase's own outcome (failed, shadow_..., ...), which says what the plugin
+        # decided: this one says the connection was spent on the plugin's response.
         self._count("wrote_response")
         log.warning("plugin %s started a response of its own on request %s without answering with it "
                     "(%s); the connection ends after it", self.plugin.name, ctx.request_id,

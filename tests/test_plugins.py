@@ -164,6 +164,8 @@ EXTRA = textwrap.dedent('''
         slot = "before_limits"
 
         async def on_request(self, request: web.Request, ctx: Any, decide: Any) -> Any:
+            if ctx.json()["messages"][-1]["content"] == "fail":
+                raise RuntimeError("boom")
             decide(f"seen_{ctx.request_id}_" + "x" * 100)
             return None
 ''')
@@ -488,12 +490,18 @@ def test_a_plugin_decisions_cannot_grow_the_metrics_without_bound(tmp_path: Path
                 reply = client.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {TEAM}"},
                                     json={"model": "llama3.2", "messages": _turns(1), "stream": False})
                 assert reply.status_code == 200
+            # The proxy's own outcomes are a fixed set, never folded into `other`.
+            failing = client.post(f"{proxy.url}/api/chat", headers={"Authorization": f"Bearer {TEAM}"},
+                                  json={"model": "llama3.2", "stream": False,
+                                        "messages": [{"role": "user", "content": "fail"}]})
+            assert failing.status_code == 200  # fails open
         series = [family for family in text_string_to_metric_families(
             httpx.get(f"{proxy.url}/metrics", timeout=5).text) if family.name + "_total" == name]
         samples = [s for family in series for s in family.samples if s.name == name]
-        assert len(samples) == bound + 1, len(samples)
-        assert sum(s.value for s in samples) == bound + 20
+        assert len(samples) == bound + 2, len(samples)
+        assert sum(s.value for s in samples) == bound + 21
         assert metric(proxy.url, name, decision="other") == 20
+        assert metric(proxy.url, name, decision="failed") == 1
         assert all(len(s.labels["decision"]) <= 64 for s in samples)
     finally:
         proxy.stop()
