@@ -281,6 +281,11 @@ class RequestContext:
         return self._json
 
     @property
+    def json_ready(self) -> bool:
+        """Is the body's view parsed already (json() returns it at once)?"""
+        return self._json_parsed
+
+    @property
     def body_error(self) -> str | None:
         """Go's error text when the body is present but Ollama's decoder would refuse it, else None."""
         self.json()

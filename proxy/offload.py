@@ -39,7 +39,8 @@ async def off_loop(offload: bool, fn: Callable[..., T], *args: Any) -> T:
 
 async def parsed_json(ctx: RequestContext) -> Any:
     """`ctx.json()`, parsed in a worker thread when the body is over PARSE_OFFLOAD_BYTES (decoding a
-    large body Go's way, when orjson refuses it, takes a while); the result is cached on the context."""
-    if len(ctx.body or b"") > PARSE_OFFLOAD_BYTES:
+    large body Go's way, when orjson refuses it, takes a while); the result is cached on the context, and
+    a body parsed already costs no thread hop (every plugin and limits ask again)."""
+    if not ctx.json_ready and len(ctx.body or b"") > PARSE_OFFLOAD_BYTES:
         await asyncio.to_thread(ctx.json)
     return ctx.json()

@@ -8,6 +8,7 @@ refuses is Ollama's 400 before any step; an inference body the chain cannot read
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from proxy import gojson
 from proxy.context import RequestContext
+from proxy.offload import PARSE_OFFLOAD_BYTES, parsed_json
 from proxy.ollama import classify
 from tests.support.servers import Server, start_emulator, start_proxy
 
@@ -421,6 +424,29 @@ def test_the_model_follows_every_rewrite_of_the_body() -> None:
     assert ctx.model == "llama3.2" and b'"llama3.2"' in (ctx.body or b"")
     ctx.restore_body(b'{"model":"gpt-4o"}', {"model": "gpt-4o"})
     assert ctx.model == "gpt-4o"
+
+
+def test_a_large_body_is_parsed_in_a_worker_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body over PARSE_OFFLOAD_BYTES is parsed in a worker thread; every later step that asks
+    (each plugin, then limits) gets the cached view without another thread hop."""
+    hops: list[object] = []
+    real = asyncio.to_thread
+
+    async def counted(fn: Any, *args: Any) -> Any:
+        hops.append(fn)
+        return await real(fn, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    prompt = "word " * (PARSE_OFFLOAD_BYTES // 4)
+    ctx = RequestContext(request_id="r", route=classify("POST", "/api/generate"),
+                         body=orjson.dumps({"model": "llama3.2", "prompt": prompt}))
+
+    async def steps() -> None:
+        for _ in range(3):
+            assert (await parsed_json(ctx))["model"] == "llama3.2"
+
+    asyncio.run(steps())
+    assert len(hops) == 1
 
 
 @pytest.mark.parametrize("body,text", [
