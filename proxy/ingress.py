@@ -225,6 +225,9 @@ class Ingress:
                 otel_context.detach(token)
             metrics.active[active_key] -= 1
             self._finish(request, ctx, span, base_attributes, response)
+            # The response holds the request, which holds the context: for a response cut short
+            # aiohttp keeps that link, and this one made a cycle only the collector would break.
+            ctx.prepared = None
 
     @staticmethod
     def head_bytes(request: web.BaseRequest) -> int:
