@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from proxy.context import RequestContext
 from proxy.offload import PARSE_OFFLOAD_BYTES, parsed_json
 from proxy.ollama import classify
 from tests.support.servers import Server, start_emulator, start_proxy
+from tests.support.stall import healthz_waits
 
 WORDS = "the quarterly incident review covers deployment rollbacks and customer impact ".split()
 LONG = " ".join(WORDS[i % len(WORDS)] for i in range(200)).encode()
@@ -365,24 +365,8 @@ def test_a_deep_body_beside_a_large_flat_part_is_rewritten_without_stalling_the_
     junk = b"[" + b",".join([b"1"] * 3_000_000) + b"]"
     body = (b'{"model":"qwen3","prompt":"hi","stream":false,"options":{"num_predict":2},"junk":' + junk
             + b',"format":' + b"[" * 300 + b"]" * 300 + b"}")
-    waits: list[float] = []
-    done = threading.Event()
-
-    def probe_health() -> None:
-        with httpx.Client(timeout=30) as client:
-            while not done.is_set():
-                started = time.perf_counter()
-                assert client.get(proxy.url + "/healthz").status_code == 200
-                waits.append(time.perf_counter() - started)
-                time.sleep(0.01)
-
-    prober = threading.Thread(target=probe_health)
-    prober.start()
-    try:
+    with healthz_waits(proxy.url) as waits:
         served = _post(proxy, "/api/generate", body)
-    finally:
-        done.set()
-        prober.join()
     assert served.status_code == 200, served.text[:200]
     assert served.headers["x-options-rewritten"] == "num_ctx=+2048"
     assert waits and max(waits) < 1.0, max(waits)  # ~3 s while the body was written from Python

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +35,7 @@ from proxy.telemetry.setup import build_telemetry
 from tests.support.metrics import metric
 from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
+from tests.support.stall import healthz_waits
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "PLUGINS.md"
 ADMIN, TEAM = "sk-plugin-admin", "sk-plugin-team"
@@ -452,26 +452,12 @@ def test_a_large_body_is_parsed_off_the_event_loop_with_plugins_configured(
     turn = b'{"role":"user","content":"word word word \\ud800 word"}'
     body = b'{"model":"llama3.2","stream":false,"messages":[' + b",".join([turn] * 200_000) + b"]}"
     proxy = _proxy(tmp_path, emulator, site, [{"name": "max_messages", "keep": 3}], "plugin-large")
-    waits: list[float] = []
-    done = threading.Event()
-
-    def probe_health() -> None:
-        with httpx.Client(timeout=30) as client:
-            while not done.is_set():
-                started = time.perf_counter()
-                assert client.get(proxy.url + "/healthz").status_code == 200
-                waits.append(time.perf_counter() - started)
-                time.sleep(0.01)
-
-    prober = threading.Thread(target=probe_health)
     try:
-        prober.start()
-        reply = httpx.post(f"{proxy.url}/api/chat", content=body, timeout=60,
-                           headers={"Authorization": f"Bearer {TEAM}", "Content-Type": "application/json"})
+        with healthz_waits(proxy.url) as waits:
+            reply = httpx.post(f"{proxy.url}/api/chat", content=body, timeout=60, headers={
+                "Authorization": f"Bearer {TEAM}", "Content-Type": "application/json"})
         assert reply.status_code in (200, 400), reply.text[:200]
     finally:
-        done.set()
-        prober.join()
         proxy.stop()
     assert waits and max(waits) < 1.0, max(waits)  # ~3 s while the body was parsed on the loop
 
