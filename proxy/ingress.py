@@ -59,6 +59,7 @@ log = logging.getLogger("proxy.ingress")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+_MAX_TRACEPARENT = 512
 _HEADER_VALUE_LIMIT = 1024
 _SPAN_TEXT_LIMIT = 1024
 
@@ -195,7 +196,10 @@ class Ingress:
         metrics.active[active_key] += 1
         span: trace.Span | None = None
         token: Token[Context] | None = None
-        incoming = "traceparent" in request.headers
+        # Over 512 characters a traceparent cannot be valid (W3C; version 00 is 55): ignored here, as
+        # OpenTelemetry would ignore it, but without its WARNING, one log line per request any client
+        # could ask for.
+        incoming = 0 < len(request.headers.get("traceparent", "")) <= _MAX_TRACEPARENT
         if self.telemetry.recording or incoming:
             # The SERVER span, current for the steps and the forwarder. Without an exporter it is only
             # made to continue an incoming trace: otherwise the forwarder's span starts a fresh

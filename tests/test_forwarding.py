@@ -304,6 +304,19 @@ def test_incoming_trace_is_continued(echo: tuple[ThreadedApp, Server]) -> None:
     assert seen["traceparent"].split("-")[2] != "b7ad6b7169203331"
 
 
+def test_an_oversized_traceparent_is_ignored_without_a_log_line(echo: tuple[ThreadedApp, Server]) -> None:
+    """A traceparent over 512 characters cannot be valid; OpenTelemetry ignores it but logs a WARNING
+    each time, so any client could write a log line per request. The proxy ignores it itself: a
+    fresh trace, and nothing logged."""
+    _, proxy = echo
+    for _ in range(3):
+        seen = _received(httpx.get(f"{proxy.url}/api/tags",
+                                   headers={"traceparent": "00-" + "a" * 600 + "-b7ad6b7169203331-01"}))
+        version, trace_id, _span_id, _flags = seen["traceparent"].split("-")
+        assert version == "00" and len(trace_id) == 32 and trace_id != "a" * 32
+    assert "traceparent" not in proxy.log()
+
+
 def test_dropped_headers_are_dropped_in_any_spelling(echo: tuple[ThreadedApp, Server]) -> None:
     """A header keeps the spelling its sender chose: hop-by-hop and proxy-owned names are dropped
     whatever their case, and a client's X-Forwarded-For continues in the proxy's, never twice."""
