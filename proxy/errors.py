@@ -20,6 +20,7 @@ __all__ = [
     "MalformedBody",
     "ModelNotFound",
     "NoHealthyUpstream",
+    "OutOfDescriptors",
     "Overload",
     "PromptTooLong",
     "ProxyError",
@@ -203,6 +204,13 @@ class Overload(ProxyError):
 
     status = 503
     code = "overload"
+
+
+class OutOfDescriptors(Overload):
+    """This process ran out of file descriptors (or socket buffers) connecting to the replica: the
+    proxy's own overload, the same `overload` 503 with a short Retry-After. Never counted against the
+    replica (the replica was not reached) and never retried on another one (it would meet the same
+    limit)."""
 
 
 class QueueTimeout(ProxyError):

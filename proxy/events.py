@@ -33,6 +33,7 @@ from .errors import (
     InvalidRequest,
     MalformedBody,
     NoHealthyUpstream,
+    OutOfDescriptors,
     Overload,
     PromptTooLong,
     ProxyError,
@@ -96,7 +97,8 @@ _MAX_CHANGED_KEYS = 100
 _STEP_OF_ERROR: dict[type[ProxyError], str] = {
     MalformedBody: "ingress", PromptTooLong: "limits", InvalidRequest: "limits",
     RateLimited: "quotas", QuotaExceeded: "quotas", RequestExceedsQuota: "quotas",
-    StateUnavailable: "quotas", UpstreamBusy: "forwarder", Overload: "backpressure",
+    StateUnavailable: "quotas", UpstreamBusy: "forwarder", OutOfDescriptors: "forwarder",
+    Overload: "backpressure",
     QueueTimeout: "backpressure", NoHealthyUpstream: "health", UpstreamConnectFailure: "forwarder",
     UpstreamResetBeforeResponseStarted: "forwarder", UpstreamResponseTimeout: "forwarder",
     InternalProxyError: "internal",

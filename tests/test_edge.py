@@ -5,6 +5,9 @@ access-log escaping and response-header sanitising."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import re
 import socket
 import struct
@@ -13,7 +16,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 import yaml
@@ -459,24 +464,22 @@ def test_many_stalled_bodies_do_not_deny_service(emulator: Server, tmp_path: Pat
         stalled_proxy.stop()
 
 
-def test_the_connection_cap_is_lowered_to_fit_the_descriptor_limit(emulator: Server,
-                                                                    tmp_path: Path) -> None:
-    """Started with a hard RLIMIT_NOFILE of 256, the proxy cannot hold 8192 connections (two descriptors
-    each): it says so and caps itself at what fits, and past that cap answers 503 instead of failing."""
+@contextlib.contextmanager
+def _low_fd_proxy(tmp_path: Path, upstreams: list[dict[str, Any]],
+                  nofile: int) -> Iterator[tuple[int, Path]]:
+    """The proxy's CLI started with a hard RLIMIT_NOFILE of `nofile`: (its port, its log file)."""
     config = tmp_path / "lowfd.yaml"
     config.write_text(yaml.safe_dump({"server": {"listen": "127.0.0.1:0"},  # the system picks
-                                      "upstreams": [{"url": emulator.url}]}))
+                                      "upstreams": upstreams}))
     log_path = tmp_path / "lowfd.log"
-
     # The limit is set in the child itself before the CLI starts (no preexec_fn: unsafe with threads).
     launcher = ("import resource, runpy, sys; "
-                "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
                 "sys.argv = ['proxy', 'serve', '--config', sys.argv[1]]; "
                 "runpy.run_module('proxy', run_name='__main__')")
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-c", launcher, str(config)],
                                    stdout=log, stderr=subprocess.STDOUT)
-    held: list[socket.socket] = []
     try:
         text = ""
         deadline = time.monotonic() + 20
@@ -488,19 +491,79 @@ def test_the_connection_cap_is_lowered_to_fit_the_descriptor_limit(emulator: Ser
         assert found is not None, text
         port = int(found.group(1))
         assert port != 0
-        assert "server.max_connections=8192 does not fit RLIMIT_NOFILE=256" in text
-        assert "serving at most 96 client connections" in text
-        for _ in range(96):
-            held.append(connect(port))
-        with connect(port) as extra:
-            refused = read_response(extra, 5)
-        assert refused.status == 503
-        assert httpx.get(f"{emulator.url}/api/version").status_code == 200
+        yield port, log_path
     finally:
-        for sock in held:
-            sock.close()
         process.terminate()
         process.wait(20)
+
+
+def test_the_connection_cap_is_lowered_to_fit_the_descriptor_limit(emulator: Server,
+                                                                    tmp_path: Path) -> None:
+    """Started with a hard RLIMIT_NOFILE of 256, the proxy cannot hold 8192 connections (two descriptors
+    each): it says so and caps itself at what fits, and past that cap answers 503 instead of failing."""
+    held: list[socket.socket] = []
+    with _low_fd_proxy(tmp_path, [{"url": emulator.url}], 256) as (port, log_path):
+        try:
+            text = log_path.read_text()
+            assert "server.max_connections=8192 does not fit RLIMIT_NOFILE=256" in text
+            assert "serving at most 96 client connections" in text
+            for _ in range(96):
+                held.append(connect(port))
+            with connect(port) as extra:
+                refused = read_response(extra, 5)
+            assert refused.status == 503
+            assert httpx.get(f"{emulator.url}/api/version").status_code == 200
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_running_out_of_descriptors_is_not_blamed_on_the_replicas(emulator: Server,
+                                                                   tmp_path: Path) -> None:
+    """At RLIMIT_NOFILE=128 (32 client connections fit) with two replicas, 32 listings at once (each
+    fanned out to both: the data pool keeps 64 connections) then 32 generations at once (32 more) run
+    the proxy out of descriptors. The generations that cannot connect get the proxy's own 503
+    `overload` with a Retry-After, the log says why (once), and no replica is ejected: a healthy
+    replica is not blamed for the proxy's limit."""
+    second = start_emulator(tmp_path, name="lowfd-emu")
+    replicas = [emulator, second]
+    try:
+        for replica in replicas:  # streams that last a while: the 32 generations overlap
+            httpx.post(f"{replica.url}/_emulator/faults", json={
+                "slow_drip_s": 0.3, "paths": ["/api/generate"]}).raise_for_status()
+        # Slots declared (16 each), so that the 32 generations are all sent at once (they wait in the
+        # replicas' own queues), each on a connection of its own.
+        upstreams = [{"url": replica.url, "num_parallel": 16} for replica in replicas]
+        with _low_fd_proxy(tmp_path, upstreams, 128) as (port, log_path):
+            assert "serving at most 32 client connections" in log_path.read_text()
+            url = f"http://127.0.0.1:{port}"
+            body = {"model": "llama3.2", "prompt": "hi", "options": {"num_predict": 3}}
+
+            async def burst() -> list[tuple[int, str]]:
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
+                    async def call(method: str, path: str) -> tuple[int, str]:
+                        async with session.request(method, url + path, json=body if method == "POST"
+                                                   else None) as reply:
+                            data = await reply.read()
+                            if reply.status == 200:
+                                return 200, ""
+                            return reply.status, str(json.loads(data).get("code"))
+                    for _ in range(3):  # the data pool keeps a connection per replica per listing
+                        listings = await asyncio.gather(*(call("GET", "/api/tags") for _ in range(32)))
+                        assert {status for status, _ in listings} == {200}, listings
+                    return await asyncio.gather(*(call("POST", "/api/generate") for _ in range(32)))
+
+            answers = asyncio.run(burst())
+            assert set(answers) <= {(200, ""), (503, "overload")}, answers
+            assert (503, "overload") in answers, "the descriptors never ran out: the test proves nothing"
+            text = log_path.read_text()
+            assert "out of file descriptors (RLIMIT_NOFILE=128" in text, text[-3000:]
+            assert "ejected" not in text, text[-3000:]
+            ready = httpx.get(f"{url}/readyz", timeout=10).json()
+            assert set(ready["upstreams"].values()) == {"healthy"}, ready
+    finally:
+        httpx.delete(f"{emulator.url}/_emulator/faults")  # the module's emulator, shared
+        second.stop()
 
 
 def test_too_many_headers_is_431(proxy: Server) -> None:

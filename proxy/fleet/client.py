@@ -27,6 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from ..errors import (
     DeadlinePassed,
     InvalidRequest,
+    OutOfDescriptors,
     ProxyError,
     UpstreamConnectFailure,
     UpstreamResetBeforeResponseStarted,
@@ -34,7 +35,7 @@ from ..errors import (
 )
 from ..schema import ForwardingConfig
 from ..upstreams import Upstream, UpstreamSet
-from .wire import ConnectFailed, WirePool, WireResponse
+from .wire import ConnectFailed, WirePool, WireResponse, exhausted, warn_exhausted
 
 __all__ = ["FleetClient", "ProbeFailed"]
 
@@ -155,6 +156,10 @@ class FleetClient:
             raise UpstreamResponseTimeout(
                 f"upstream {upstream.name} sent no response within {first_byte_s:g}s") from None
         except ConnectFailed as exc:
+            if exc.exhausted:
+                warn_exhausted(f"a connection to upstream {upstream.name}")
+                raise OutOfDescriptors("the proxy is out of connections; retry shortly",
+                                       retry_after_s=1) from None
             if exc.timed_out:
                 raise UpstreamConnectFailure(
                     f"timed out connecting to upstream {upstream.name}") from None
@@ -184,7 +189,9 @@ class FleetClient:
                 if response.status != 200:
                     return None
                 value = await response.json(loads=orjson.loads, content_type=None)
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            if exhausted(exc):
+                warn_exhausted(f"a call to upstream {upstream.name}")
             return None
         return value if isinstance(value, dict) else None
 

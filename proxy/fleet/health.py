@@ -42,6 +42,7 @@ from ..schema import ModelConfig, restart_fields
 from ..telemetry.setup import Telemetry
 from ..upstreams import LoadedModel, ModelFailures, Upstream, UpstreamSet
 from .client import FleetClient, ProbeFailed
+from .wire import exhausted, warn_exhausted
 
 if TYPE_CHECKING:  # the step module holds the config class (config beside code); no import cycle
     from middlewares.health import HealthConfig
@@ -210,6 +211,9 @@ class FleetHealth:
             ps = await self._get(upstream, "/api/ps")
             listing = await self._get(upstream, "/api/tags") if tags else None
         except (aiohttp.ClientError, TimeoutError, ProbeFailed, orjson.JSONDecodeError, OSError) as exc:
+            if exhausted(exc):  # this process is out of descriptors: nothing learned of the replica
+                warn_exhausted(f"a probe of {upstream.name}")
+                return
             reason = str(exc) if isinstance(exc, ProbeFailed) else (type(exc).__name__ if not str(exc)
                                                                     else f"{type(exc).__name__}: {exc}")
             self.probes.add(1, {self.telemetry.names.upstream_name: upstream.name, "outcome": "failure"})

@@ -23,6 +23,11 @@ Contract:
   Both are idempotent, and either frees the pool permit (`forwarding.pool_size`).
 - A connection goes back to the pool only after a complete response that allows keep-alive; an idle
   connection is closed after `keepalive_s`, and one the replica closed is never handed out.
+- A connect that fails because this process (or the system) is out of file descriptors or socket
+  buffers (`exhausted`) is not the replica's failure: the idle pooled connections are closed to give
+  descriptors back and the connect is tried once more; if it fails again, `ConnectFailed.exhausted` is
+  set, so that callers neither blame the replica nor retry on another (`warn_exhausted` says it in
+  the log, at most every `_EXHAUSTED_LOG_S`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
+import logging
+import os
+import resource
 import socket
 import ssl
 import struct
@@ -40,7 +49,9 @@ from typing import Any, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-__all__ = ["ConnectFailed", "UpstreamLost", "WirePool", "WireResponse"]
+__all__ = ["ConnectFailed", "UpstreamLost", "WirePool", "WireResponse", "exhausted", "warn_exhausted"]
+
+log = logging.getLogger("proxy.fleet")
 
 _HIGH_WATER = 256 * 1024
 """Buffered response bytes above which the connection stops reading (until the relay catches up)."""
@@ -50,6 +61,46 @@ progress (llhttp itself bounds neither)."""
 _MAX_HEADERS = 256
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_EXHAUSTED_LOG_S = 10.0
+"""At most one log line per this many seconds about running out of descriptors (a flood of them would
+make the condition worse: each line is a write, and the log may be what the operator needs to read)."""
+_exhausted_log = {"at": float("-inf"), "since": 0}
+
+
+def exhausted(exc: BaseException) -> bool:
+    """Whether `exc` (an OSError, aiohttp's connector errors included, or one it was raised from) says
+    this process or the system ran out of file descriptors or socket buffers: the proxy's condition,
+    not the replica's."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            return False
+        if isinstance(current, OSError) and current.errno in _EXHAUSTED_ERRNOS:
+            return True
+        if isinstance(current, ConnectFailed) and current.exhausted:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def warn_exhausted(what: str) -> None:
+    """Log that `what` failed for want of file descriptors, at most once per `_EXHAUSTED_LOG_S` (with
+    how many more were suppressed meanwhile), with the limit and the descriptors open."""
+    now = time.monotonic()
+    state = _exhausted_log
+    if now - state["at"] < _EXHAUSTED_LOG_S:
+        state["since"] += 1
+        return
+    suppressed, state["at"], state["since"] = state["since"], now, 0
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:  # none left even for that (or no /proc): all of them
+        in_use = soft
+    log.warning("out of file descriptors (RLIMIT_NOFILE=%s, %s open): %s failed; not counted against "
+                "the replica (%d more since the last such line). Lower server.max_connections or "
+                "raise the limit", soft, in_use, what, suppressed)
 
 
 class UpstreamLost(ConnectionError):
@@ -62,11 +113,13 @@ class _Unanswered(UpstreamLost):
 
 
 class ConnectFailed(ConnectionError):
-    """No connection to the replica: refused, unreachable, or not within the connect timeout."""
+    """No connection to the replica: refused, unreachable, or not within the connect timeout;
+    `exhausted`: not for the replica's sake, this process is out of descriptors (see the module doc)."""
 
-    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+    def __init__(self, message: str, *, timed_out: bool = False, exhausted: bool = False) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+        self.exhausted = exhausted
 
 
 class WireResponse:
@@ -499,17 +552,37 @@ class WirePool:
                     return connection, True
                 connection.close()
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.connect_timeout_s):
-                _, protocol = await loop.create_connection(
-                    lambda: _Connection(loop, key), host, port,
-                    ssl=self._tls_context() if tls else None, server_hostname=host if tls else None)
-        except TimeoutError:
-            raise ConnectFailed(f"timed out after {self.connect_timeout_s:g}s",
-                                timed_out=True) from None
-        except OSError as exc:
-            raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from None
-        return protocol, False
+        deadline = loop.time() + self.connect_timeout_s
+        shed = False
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    _, protocol = await loop.create_connection(
+                        lambda: _Connection(loop, key), host, port,
+                        ssl=self._tls_context() if tls else None, server_hostname=host if tls else None)
+            except TimeoutError:
+                raise ConnectFailed(f"timed out after {self.connect_timeout_s:g}s",
+                                    timed_out=True) from None
+            except OSError as exc:
+                if exc.errno not in _EXHAUSTED_ERRNOS:
+                    raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from None
+                if not shed and self.shed_idle():
+                    # Idle connections (to any replica) hold descriptors a request needs now.
+                    shed = True
+                    await asyncio.sleep(0)  # let the closed transports give their descriptors back
+                    continue
+                raise ConnectFailed(exc.strerror or "out of file descriptors", exhausted=True) from None
+            return protocol, False
+
+    def shed_idle(self) -> int:
+        """Close every idle pooled connection (descriptors are short); how many there were."""
+        count = 0
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+                count += 1
+        self._idle.clear()
+        return count
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._ssl is None:
