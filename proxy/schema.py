@@ -200,8 +200,9 @@ class ServerConfig:
     body_timeout_s: float = attrs.field(default=60.0, validator=positive)
     """Longest silence while a request body is being received; then 408 and the connection is closed."""
     max_connections: int = attrs.field(default=8192, validator=positive)
-    """Open client connections served at once; beyond it new connections get an immediate 503 and are
-    closed, rather than exhaust file descriptors (the proxy raises its own RLIMIT_NOFILE to fit)."""
+    """Open client connections served at once; beyond it the oldest idle keep-alive connection is closed
+    to make room, and when none is idle new connections get an immediate 503 and are closed, rather
+    than exhaust file descriptors (the proxy raises its own RLIMIT_NOFILE to fit)."""
     config_watch_s: float = attrs.field(default=2.0, validator=non_negative)
     """How often the configuration file is checked for a change, which reloads it like SIGHUP does
     (0: only SIGHUP reloads). A rename onto the path (editors, Kubernetes ConfigMaps) counts too."""

@@ -61,6 +61,11 @@ the response rather than a reset (nginx's lingering close); aiohttp's default of
 stalled clients hold their connection five times longer."""
 
 
+_RECLAIM_BACKOFF_S = 0.1
+"""After a search for an idle keep-alive connection to close (past the connection cap) found none, new
+connections are refused without searching again for this long."""
+
+
 def escape_field(value: object, limit: int = 200) -> str:
     """`value` as one safe token for a log line: control characters (C0, DEL, C1, and other non-printable
     code points such as U+2028), space, backslash and double quote escaped as `\\xNN`/`\\uNNNN`, and at
@@ -99,7 +104,8 @@ class EdgeHandler(RequestHandler):
     - Head size: bytes are counted while a head is being received (not while a body is); past
       `max_header_bytes` without a complete head the client gets 431 and the connection closes. A head
       that completes inside one read is measured exactly by ingress instead (`Ingress.head_bytes`).
-    - Connection cap: past `max_connections` open connections a new one gets 503 and is closed at once.
+    - Connection cap: past `max_connections` open connections the oldest idle keep-alive connection is
+      closed to make room; when there is none, a new one gets 503 and is closed at once.
     - Malformed heads get a JSON 400 (431 for an oversized line or too many headers) and are logged by
       exception type only: aiohttp's own message quotes the offending bytes, which may hold an API key.
     """
@@ -139,7 +145,7 @@ class EdgeHandler(RequestHandler):
         if isinstance(server, _EdgeServer):
             self._counted = True
             server.open_connections += 1
-            if server.open_connections > server.max_connections:
+            if server.open_connections > server.max_connections and not server.reclaim_idle():
                 server.refused_connections += 1
                 if server.refused_connections == 1 or server.refused_connections % 1000 == 0:
                     log.warning("refusing connections beyond server.max_connections=%d (%d so far)",
@@ -208,6 +214,14 @@ class EdgeHandler(RequestHandler):
     def idle(self) -> bool:
         """No request on this connection is being handled or waiting to be (keep-alive, or mid-head)."""
         return not self._request_in_progress and not self._messages
+
+    @property
+    def reusable(self) -> bool:
+        """Idle between requests: answered at least once, waiting in keep-alive, no byte of a next head
+        received. Closing it loses nothing a client sent (HTTP lets either side close such a connection;
+        clients retry a request on a reused connection that closes)."""
+        return (self._request_count > 0 and self._keepalive_handle is not None and self._head_bytes == 0
+                and not self._force_close and self.transport is not None and self.idle)
 
     def _peer(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
@@ -283,6 +297,8 @@ class _EdgeServer(web.Server):
         self.max_connections = max_connections
         self.open_connections = 0
         self.refused_connections = 0
+        self.reclaimed_connections = 0
+        self._no_idle_until = 0.0
         self._handler_class = type("BoundEdgeHandler", (EdgeHandler,),
                                    {"header_timeout_s": header_timeout_s,
                                     "max_header_bytes": max_header_bytes,
@@ -290,6 +306,28 @@ class _EdgeServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return self._handler_class(self, loop=self._loop, **self._kwargs)  # type: ignore[no-any-return]
+
+    def reclaim_idle(self) -> bool:
+        """Make room for a connection past `max_connections` by closing the oldest reusable keep-alive
+        connection (`EdgeHandler.reusable`), as nginx reuses keep-alive connections when it runs out:
+        otherwise a client holding the cap in idle keep-alive connections (one request each, then
+        nothing) had every other client refused for `keepalive_timeout_s`. Whether one was closed.
+        A scan that finds none is not repeated for `_RECLAIM_BACKOFF_S`: with every connection busy, a
+        flood of new ones must not cost a walk over all of them each."""
+        now = self._loop.time()
+        if now < self._no_idle_until:
+            return False
+        for handler in self._connections:
+            if isinstance(handler, EdgeHandler) and handler.reusable:
+                handler.force_close()  # its connection_lost gives the slot back
+                self.reclaimed_connections += 1
+                if self.reclaimed_connections == 1 or self.reclaimed_connections % 1000 == 0:
+                    log.warning("closing idle keep-alive connections to admit new ones past "
+                                "server.max_connections=%d (%d so far)", self.max_connections,
+                                self.reclaimed_connections)
+                return True
+        self._no_idle_until = now + _RECLAIM_BACKOFF_S
+        return False
 
 
 class ProxyRunner(web.AppRunner):

@@ -372,7 +372,9 @@ def test_connections_past_the_cap_get_503_and_service_resumes(emulator: Server, 
     held: list[socket.socket] = []
     try:
         for _ in range(cap):
-            held.append(_hold(capped.port))
+            sock = _hold(capped.port)
+            sock.sendall(b"GET /api/tags HTTP/1.1\r\n")  # mid-head: busy, not an idle keep-alive one
+            held.append(sock)
         with connect(capped.port) as extra:
             refused = read_response(extra, 5)
         assert refused.status == 503
@@ -393,6 +395,29 @@ def test_connections_past_the_cap_get_503_and_service_resumes(emulator: Server, 
         assert time.monotonic() < deadline, "service did not resume after the connections closed"
         time.sleep(0.1)
     capped.stop()
+
+
+def test_an_idle_keepalive_connection_makes_room_past_the_cap(emulator: Server, tmp_path: Path) -> None:
+    """A client holding the cap in idle keep-alive connections (answered once, then silent) does not
+    lock everyone else out for the keep-alive timeout: the oldest idle one is closed and the new
+    connection served, as nginx does."""
+    cap = 10
+    capped = start_proxy(tmp_path, [emulator.url], {"server": {"max_connections": cap,
+                                                               "keepalive_timeout_s": 60}}, name="reuse")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(cap):
+            held.append(_hold(capped.port))
+        with connect(capped.port) as extra:
+            extra.sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(extra, 5).status == 200
+        held[0].settimeout(5)
+        assert held[0].recv(1) == b"", "the oldest idle connection was not the one closed"
+        assert "closing idle keep-alive connections to admit new ones" in capped.log()
+    finally:
+        for sock in held:
+            sock.close()
+        capped.stop()
 
 
 # framing ------------------------------------------------------------------------------------------------
