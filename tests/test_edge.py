@@ -543,51 +543,101 @@ def test_the_connection_cap_is_lowered_to_fit_the_descriptor_limit(emulator: Ser
                 sock.close()
 
 
-def test_running_out_of_descriptors_is_not_blamed_on_the_replicas(emulator: Server,
-                                                                   tmp_path: Path) -> None:
-    """At RLIMIT_NOFILE=128 (32 client connections fit) with two replicas, 32 listings at once (each
-    fanned out to both: the data pool keeps 64 connections) then 32 generations at once (32 more) run
-    the proxy out of descriptors. The generations that cannot connect get the proxy's own 503
-    `overload` with a Retry-After, the log says why (once), and no replica is ejected: a healthy
-    replica is not blamed for the proxy's limit."""
-    second = start_emulator(tmp_path, name="lowfd-emu")
-    replicas = [emulator, second]
+def _slow_streams(*replicas: Server) -> None:
+    """Streams that last a while (0.3 s per line), so that a burst of them overlaps."""
+    for replica in replicas:
+        httpx.post(f"{replica.url}/_emulator/faults", json={
+            "slow_drip_s": 0.3, "paths": ["/api/generate"]}).raise_for_status()
+
+
+async def _calls(url: str, calls: list[tuple[str, str, str | None]]) -> list[tuple[int, str]]:
+    """`calls` (method, path, model) at once, each on a connection of its own: (status, error code)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=len(calls))) as session:
+        async def call(method: str, path: str, model: str | None) -> tuple[int, str]:
+            body = {"model": model, "prompt": "hi", "options": {"num_predict": 3}} if model else None
+            async with session.request(method, url + path, json=body) as reply:
+                data = await reply.read()
+                return (200, "") if reply.status == 200 else \
+                    (reply.status, str(json.loads(data).get("code")))
+        return await asyncio.gather(*(call(*c) for c in calls))
+
+
+def test_running_out_of_descriptors_is_not_blamed_on_the_replicas(tmp_path: Path) -> None:
+    """At RLIMIT_NOFILE=128 (32 client connections fit), replica A holds llama3.2 and B qwen3: 32
+    listings (the data pool keeps its 32 connections), 32 llama3.2 streams (32 relay connections to A,
+    idle afterwards), then 32 qwen3 streams at once: 32 more connections to B do not fit. The idle
+    ones are closed to make room; a request that still cannot connect gets the proxy's own 503
+    `overload`. The log says why, and no replica is ejected: a healthy replica is not blamed for the
+    proxy's limit."""
+    parallel = ["--num-parallel", "32"]  # each burst runs at once (and holds its connections)
+    first = start_emulator(tmp_path, name="lowfd-a", models="llama3.2", extra=parallel)
+    second = start_emulator(tmp_path, name="lowfd-b", models="qwen3", extra=parallel)
     try:
-        for replica in replicas:  # streams that last a while: the 32 generations overlap
-            httpx.post(f"{replica.url}/_emulator/faults", json={
-                "slow_drip_s": 0.3, "paths": ["/api/generate"]}).raise_for_status()
-        # Slots declared (16 each), so that the 32 generations are all sent at once (they wait in the
-        # replicas' own queues), each on a connection of its own.
-        upstreams = [{"url": replica.url, "num_parallel": 16} for replica in replicas]
+        _slow_streams(first, second)
+        # Slots declared, so that each burst is sent at once.
+        upstreams = [{"url": replica.url, "num_parallel": 32} for replica in (first, second)]
         with _low_fd_proxy(tmp_path, upstreams, 128) as (port, log_path):
             assert "serving at most 32 client connections" in log_path.read_text()
             url = f"http://127.0.0.1:{port}"
-            body = {"model": "llama3.2", "prompt": "hi", "options": {"num_predict": 3}}
-
-            async def burst() -> list[tuple[int, str]]:
-                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
-                    async def call(method: str, path: str) -> tuple[int, str]:
-                        async with session.request(method, url + path, json=body if method == "POST"
-                                                   else None) as reply:
-                            data = await reply.read()
-                            if reply.status == 200:
-                                return 200, ""
-                            return reply.status, str(json.loads(data).get("code"))
-                    for _ in range(3):  # the data pool keeps a connection per replica per listing
-                        listings = await asyncio.gather(*(call("GET", "/api/tags") for _ in range(32)))
-                        assert {status for status, _ in listings} == {200}, listings
-                    return await asyncio.gather(*(call("POST", "/api/generate") for _ in range(32)))
-
-            answers = asyncio.run(burst())
-            assert set(answers) <= {(200, ""), (503, "overload")}, answers
-            assert (503, "overload") in answers, "the descriptors never ran out: the test proves nothing"
+            listings = asyncio.run(_calls(url, [("GET", "/api/tags", None)] * 32))
+            assert set(listings) == {(200, "")}, listings
+            on_a = asyncio.run(_calls(url, [("POST", "/api/generate", "llama3.2")] * 32))
+            assert set(on_a) == {(200, "")}, on_a
+            on_b = asyncio.run(_calls(url, [("POST", "/api/generate", "qwen3")] * 32))
+            assert set(on_b) <= {(200, ""), (503, "overload")}, on_b
             text = log_path.read_text()
-            assert "out of file descriptors (RLIMIT_NOFILE=128" in text, text[-3000:]
+            assert "out of file descriptors (RLIMIT_NOFILE=128" in text, \
+                f"the descriptors never ran out: the test proves nothing\n{text[-3000:]}"
             assert "ejected" not in text, text[-3000:]
             ready = httpx.get(f"{url}/readyz", timeout=10).json()
             assert set(ready["upstreams"].values()) == {"healthy"}, ready
     finally:
-        httpx.delete(f"{emulator.url}/_emulator/faults")  # the module's emulator, shared
+        first.stop()
+        second.stop()
+
+
+def test_listings_cannot_take_the_descriptors_new_clients_need(emulator: Server,
+                                                               tmp_path: Path) -> None:
+    """At RLIMIT_NOFILE=256 (96 client connections fit) with two replicas, 90 clients list the models
+    over and over (each listing fans out to both replicas) while another opens a new connection for
+    /healthz every 0.1 s: every one is answered. The data pool is bounded (DATA_POOL_LIMIT) within the
+    descriptors kept aside; unbounded, the listings took them all and the new connections were reset
+    unanswered."""
+    second = start_emulator(tmp_path, name="lowfd-tags")
+    replicas = [{"url": emulator.url}, {"url": second.url}]
+    try:
+        with _low_fd_proxy(tmp_path, replicas, 256) as (port, _):
+            url = f"http://127.0.0.1:{port}"
+            until = time.monotonic() + 4
+
+            async def lists(session: aiohttp.ClientSession) -> None:
+                while time.monotonic() < until:
+                    async with session.get(f"{url}/api/tags") as reply:
+                        await reply.read()
+                        assert reply.status == 200
+
+            async def probes() -> list[str]:
+                outcomes = []
+                while time.monotonic() < until:
+                    try:
+                        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        outcomes.append((await asyncio.wait_for(reader.read(), 10))[:12].decode())
+                        writer.close()
+                    except OSError as exc:
+                        outcomes.append(type(exc).__name__)
+                    await asyncio.sleep(0.1)
+                return outcomes
+
+            async def run() -> list[str]:
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=90)) as session:
+                    *_, outcomes = await asyncio.gather(*(lists(session) for _ in range(90)), probes())
+                    return outcomes
+
+            outcomes = asyncio.run(run())
+            assert len(outcomes) >= 10
+            assert set(outcomes) == {"HTTP/1.1 200"}, outcomes
+    finally:
         second.stop()
 
 

@@ -8,9 +8,9 @@ fan-out, health probes, warm-up loads and the tokenizer's `/api/show` fetch.
 
 Three pools, made in one place: the relay's (proxy/fleet/wire.py: forwarded client requests,
 `forwarding.pool_size`, bytes relayed as sent), the data session (aiohttp: the fan-out and the proxy's own
-fetches, also bounded by `pool_size`, no automatic decompression) and the control session (aiohttp: probes
-and warm-up loads, unlimited). A probe must never wait behind `pool_size` busy client streams: a saturated
-fleet would look dead and be ejected exactly when it is busiest.
+fetches, at most `DATA_POOL_LIMIT` connections, no automatic decompression) and the control session
+(aiohttp: probes and warm-up loads, unlimited). A probe must never wait behind `pool_size` busy client
+streams: a saturated fleet would look dead and be ejected exactly when it is busiest.
 """
 
 from __future__ import annotations
@@ -37,7 +37,14 @@ from ..schema import ForwardingConfig
 from ..upstreams import Upstream, UpstreamSet
 from .wire import ConnectFailed, WirePool, WireResponse, exhausted, warn_exhausted
 
-__all__ = ["FleetClient", "ProbeFailed"]
+__all__ = ["DATA_POOL_LIMIT", "FleetClient", "ProbeFailed"]
+
+DATA_POOL_LIMIT = 32
+"""Connections the data pool (fan-out, the proxy's own fetches) holds at most, in use or idle, whatever
+`forwarding.pool_size` says (a lower pool_size lowers it). They come out of the descriptors kept beside
+the client connections and their relays (serving._FD_RESERVE): unbounded, a burst of listings (one
+connection per replica each) ran the process out of descriptors, and new clients were then reset
+unanswered. Fan-out calls are short: past the bound they wait for a connection."""
 
 class ProbeFailed(Exception):
     """A probe got an answer, but not a healthy one."""
@@ -56,7 +63,8 @@ class FleetClient:
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: the pools live exactly as long as the application."""
         del app
-        connector = aiohttp.TCPConnector(limit=self.config.pool_size,
+        connector = aiohttp.TCPConnector(limit=min(self.config.pool_size or DATA_POOL_LIMIT,
+                                                   DATA_POOL_LIMIT),
                                          keepalive_timeout=self.config.keepalive_s,
                                          enable_cleanup_closed=True)
         self._data = self._session(

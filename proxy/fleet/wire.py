@@ -566,8 +566,11 @@ class WirePool:
             except OSError as exc:
                 if exc.errno not in _EXHAUSTED_ERRNOS:
                     raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from None
-                if not shed and self.shed_idle():
+                closed = 0 if shed else self.shed_idle()
+                if closed:
                     # Idle connections (to any replica) hold descriptors a request needs now.
+                    warn_exhausted(f"a connection to {host}:{port} (closed {closed} idle upstream "
+                                   "connections, tried again)")
                     shed = True
                     await asyncio.sleep(0)  # let the closed transports give their descriptors back
                     continue
