@@ -12,6 +12,7 @@ fair queue through one real redis-server (`state.backend: redis`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import struct
@@ -703,3 +704,70 @@ async def test_a_dead_processs_queued_tickets_get_no_slot(redis_server: RedisSer
         for failover, slots in processes:
             await slots.close()
             await failover.close()
+
+
+@pytest.mark.parametrize("client_leaves", [False, True])
+async def test_a_grant_that_came_while_the_enter_answer_was_late_is_not_kept_for_ever(
+        redis_server: RedisServer, client_leaves: bool) -> None:
+    """The enter's script queues the ticket, and its answer is late (Redis up, the call times out).
+    Meanwhile another process frees the slot: the dispatch grants it to the ticket, and the message
+    reaches this process, which holds it for the waiter. Whatever `enter` then says, what the request
+    does with it (run and release on a grant, leave on StateDown), or its client leaving then, leaves
+    the slot free. The ticket stayed among the held ones while the request left: every renewal added
+    its lease back, and the slot was lost to the whole fleet for as long as the process ran (found by
+    an attack through a slow link to Redis: a lease and `held: 1` left after the traffic ended)."""
+    from proxy.state.failover import FailoverState
+    from proxy.state.leases import SharedSlots, StateDown, Ticket
+    from proxy.state.redis import RedisState
+
+    relay, failover, slots = await _slow_link_slots(redis_server, "late-grant:", loops=False)
+    listener = asyncio.ensure_future(slots._listen())  # grants by message; no tick, no renewal loop
+    other_failover = FailoverState(RedisState(redis_server.url, "late-grant:"), timeout_s=0.5)
+    await other_failover.start()
+    other = SharedSlots(other_failover, redis_server.url, "late-grant:", 15.0)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    lease_key = f"{slots.base(MODEL)}:lease:r"
+    try:
+        holder = Ticket(other, other.base(MODEL), "b", 1.0, "interactive", 10.0)
+        assert await other.enter(holder, [("r", 1)], False) is not None
+        await asyncio.sleep(0.3)  # the listener subscribed
+        relay.hold_next()  # the enter's answer comes late
+        ticket = Ticket(slots, slots.base(MODEL), "a", 1.0, "interactive", 10.0)
+        entering = asyncio.ensure_future(slots.enter(ticket, [("r", 1)], False))
+        await asyncio.wait_for(relay.held.wait(), 10)
+        await failover.holders("other")  # answered on another connection: Redis is up
+        await until(lambda: client.zcard(f"{slots.base(MODEL)}:exp") == 1, what="the ticket queued")
+        await other.release(holder, 0.0)  # the slot frees: granted to the queued ticket, by message
+        await until(lambda: ticket.future is not None and ticket.future.done(),
+                    what="the grant delivered by message")
+        if client_leaves:
+            entering.cancel()
+            await asyncio.sleep(0.8)  # the call has given up meanwhile
+            relay.release()
+            await slots._flush_pending()  # what the loop does first once Redis answers
+        else:
+            try:
+                grant = await entering
+            except StateDown:
+                relay.release()  # the link is fast again
+                await slots.leave(ticket)  # what the request does when its enter failed
+            else:
+                relay.release()
+                assert grant is not None and grant.replica == "r"
+                slots.granted(ticket, grant)
+                ticket.release(0.0)  # the request ran and ended
+        await until(lambda: not slots._tasks, what="bookkeeping done")
+        assert not failover.degraded
+        await slots._renew_all()  # what the loop does every ttl / 3
+        assert not slots.held
+        assert client.zcard(lease_key) == 0
+    finally:
+        client.close()
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await other.close()
+        await other_failover.close()
+        await slots.close()
+        await failover.close()
+        await relay.close()

@@ -590,8 +590,17 @@ class SharedSlots:
             self.waiting.pop(ticket.id, None)  # a grant delivered from now on is an orphan: released
             self.spawn(self._abandoned(ticket, call))
             raise
-        except BaseException:
+        except BaseException as exc:
             self.waiting.pop(ticket.id, None)
+            future = ticket.future
+            if isinstance(exc, Exception) and future.done() and not future.cancelled() \
+                    and future.exception() is None:
+                # The call failed (its answer late: a timeout while Redis answers others), but the
+                # script had queued the ticket and a grant for it came meanwhile, by message or a
+                # tick: the slot is this request's. Raising would leave the ticket among the held
+                # ones with nobody to release it, and every renewal would add its lease back.
+                ticket.entered = True
+                return future.result()
             raise
         ticket.entered = True
         if ticket.future.done():
@@ -617,7 +626,12 @@ class SharedSlots:
         try:
             await call
         except Exception:
-            self._leaves[ticket.id] = ticket
+            if ticket.id in self.held:
+                # Granted by message or a tick before its caller left: held, so released (a leave
+                # would free the lease in Redis but keep the ticket held, renewed back for ever).
+                ticket.release(-ticket.cost)
+            else:
+                self._leaves[ticket.id] = ticket
             return
         if ticket.id in self.held:
             ticket.release(-ticket.cost)
