@@ -78,7 +78,12 @@ class SharedAdmission:
             if granted is not None:
                 ticket = granted[0]
                 replica = step.fleet.by_name.get(granted[1].replica)
-                if replica is None:  # left the set (a reload) since: the slot goes back
+                if replica is None or replica not in step.fleet.eligible(gate.model):
+                    # Left the set (a reload), or out of service (health ejected it, it fails the
+                    # model) since the ticket was queued with the replicas of then: the slot goes
+                    # back and the request enters again with those of now. Sent there, it would
+                    # be moved by the balancer to another replica without the shared check, and
+                    # every ticket queued before would get the same free slot in turn.
                     slots.granted(ticket, granted[1])
                     ticket.release(-cost)
                     return await self.admit(step, request, ctx, gate, span, lane, cost)

@@ -771,3 +771,48 @@ async def test_a_grant_that_came_while_the_enter_answer_was_late_is_not_kept_for
         await slots.close()
         await failover.close()
         await relay.close()
+
+
+async def test_a_replica_out_of_service_is_not_granted_to_requests_queued_before(
+        tmp: Path, redis_server: RedisServer) -> None:
+    """Two replicas of one slot each and requests queued in Redis, their tickets stamped with both.
+    One replica dies: its slot is free in Redis, and the dispatch granted it to the queued tickets one
+    after another; each request found the replica out of service and the balancer sent it to the
+    other one, moving its lease there without the shared check. An attack with 2 x 2 slots and 16
+    requests queued saw 20 requests at once on the surviving replica (one process alone: 4, the
+    retries of the two that were on the dead one). A grant of a replica this process would not send
+    to now is given back and the request enters again with the replicas of now."""
+    survivor, doomed = (start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=400,
+                                       output_tokens="2000,2000", name=f"out-{n}",
+                                       extra=["--num-parallel", "1"]) for n in ("a", "b"))
+    proxy = start_proxy(tmp, [{"url": survivor.url, "num_parallel": 1, "name": "survivor"},
+                              {"url": doomed.url, "num_parallel": 1, "name": "doomed"}], {
+        "admin": {"keys": [ADMIN]},
+        "chain": {"backpressure": {"max_in_flight": 1, "max_queue_size": 64, "queue_timeout_s": 60},
+                  "health": {"probe_interval_s": 0.5, "eject_after_failures": 1}},
+        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "shared:",
+                  "lease_ttl_s": 15.0}}, name="out-of-service")
+    body = {"model": MODEL, "prompt": "hello", "stream": False, "options": {"num_predict": 400}}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+            assert (await session.post(f"{proxy.url}/api/generate", json={
+                **body, "options": {"num_predict": 1}})).status == 200  # the model is known
+
+            async def one() -> int:
+                async with session.post(f"{proxy.url}/api/generate", json=body) as response:
+                    await response.read()
+                    return response.status
+
+            requests = [asyncio.ensure_future(one()) for _ in range(8)]
+            await until(lambda: _shared(proxy)["waiting"] == 6, what="two running, six queued")
+            doomed.kill()
+            statuses = await asyncio.gather(*requests)
+        assert statuses == [200] * 8
+        # The survivor's own request, and the one the dead replica held, retried there.
+        assert survivor.stats()["peak"] <= 2, survivor.stats()["peak"]
+        await until(lambda: _books(redis_server.url) == {"leases": 0, "tickets": 0},
+                    what="empty books")
+    finally:
+        proxy.stop()
+        survivor.stop()
+        doomed.stop()
