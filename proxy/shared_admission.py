@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -71,9 +72,9 @@ class SharedAdmission:
         ticket = Ticket(slots, slots.base(gate.model), tenant.name, tenant.weight, lane, cost)
         eligible = step.fleet.eligible(gate.model)
         if step.mode_of(ctx) != "shadow" and eligible and not slots.degraded:
-            candidates = [(u.name, max(1, math.floor(gate.limit(u)))) for u in eligible]
-            if ticket.base not in slots.limits:  # once per model: the step and its gates stay put
-                slots.limits[ticket.base] = partial(self._limit_now, step, gate.model)
+            candidates = self._pairs(gate, eligible)
+            if ticket.base not in slots.candidates:  # once per model: the step and its gates stay put
+                slots.candidates[ticket.base] = partial(self._candidates_now, step, gate.model)
             granted = await self._entries(step, ctx, gate, span, ticket, candidates)
             if granted is not None:
                 ticket = granted[0]
@@ -107,13 +108,16 @@ class SharedAdmission:
         return replica, ticket
 
     @staticmethod
-    def _limit_now(step: BackpressureStep, model: str, replica: str) -> int | None:
-        """`replica`'s limit for `model` as the settings say now (a reload changes it)."""
+    def _pairs(gate: ModelGate, upstreams: Sequence[Upstream]) -> list[tuple[str, int]]:
+        """What a ticket carries into the shared queue: (replica, limit) for each of `upstreams`."""
+        return [(u.name, max(1, math.floor(gate.limit(u)))) for u in upstreams]
+
+    @classmethod
+    def _candidates_now(cls, step: BackpressureStep, model: str) -> list[tuple[str, int]]:
+        """The (replica, limit) pairs that may serve `model` now, as the settings (a reload changes
+        them) and health (ejections, returns) say."""
         gate = step.gates.get(model)
-        upstream = step.fleet.by_name.get(replica)
-        if gate is None or upstream is None:
-            return None
-        return max(1, math.floor(gate.limit(upstream)))
+        return [] if gate is None else cls._pairs(gate, step.fleet.eligible(model))
 
     async def _entries(self, step: BackpressureStep, ctx: RequestContext, gate: ModelGate, span: Any,
                        ticket: Ticket, candidates: list[tuple[str, int]]

@@ -816,3 +816,58 @@ async def test_a_replica_out_of_service_is_not_granted_to_requests_queued_before
         proxy.stop()
         survivor.stop()
         doomed.stop()
+
+
+async def test_a_replica_back_in_service_serves_the_requests_queued_while_it_was_out(
+        tmp: Path, redis_server: RedisServer) -> None:
+    """Two replicas of one slot each; one is down (ejected) while requests queue, so their tickets
+    carry only the other. It comes back: the tick stamps the queued tickets with the replicas of now,
+    and it serves at once. The head ticket blocks the queue while none of its replicas has a free slot,
+    so the replica stayed idle until the queue of the outage had drained through the other one alone
+    (an attack: 16 s idle with 18 requests queued, while one process alone used it once healthy)."""
+    survivor = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=400, output_tokens="2000,2000",
+                              name="back-a", extra=["--num-parallel", "1"])
+    returning = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=400,
+                               output_tokens="2000,2000", name="back-b", extra=["--num-parallel", "1"])
+    port = returning.port
+    proxy = start_proxy(tmp, [{"url": survivor.url, "num_parallel": 1, "name": "survivor"},
+                              {"url": returning.url, "num_parallel": 1, "name": "returning"}], {
+        "admin": {"keys": [ADMIN]},
+        "chain": {"backpressure": {"max_in_flight": 1, "max_queue_size": 64, "queue_timeout_s": 90},
+                  "health": {"probe_interval_s": 0.5, "eject_after_failures": 1,
+                             "base_ejection_s": 0.5}},
+        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "shared:",
+                  "lease_ttl_s": 15.0}}, name="back-in-service")
+    body = {"model": MODEL, "prompt": "hello", "stream": False, "options": {"num_predict": 800}}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            assert (await session.post(f"{proxy.url}/api/generate", json={
+                **body, "options": {"num_predict": 1}})).status == 200  # the model is known
+            returning.kill()
+            await until(lambda: "replica returning: healthy -> ejected" in proxy.log(),
+                        what="the replica ejected")
+
+            async def one() -> int:
+                async with session.post(f"{proxy.url}/api/generate", json=body) as response:
+                    await response.read()
+                    return response.status
+
+            # ~2 s each: the survivor alone needs ~16 s for them.
+            requests = [asyncio.ensure_future(one()) for _ in range(8)]
+            await until(lambda: _shared(proxy)["waiting"] == 7, what="one running, seven queued")
+            returning = await asyncio.to_thread(
+                start_emulator, tmp, fixed_clock=False, decode_tokens_per_s=400,
+                output_tokens="2000,2000", name="back-b2", extra=["--num-parallel", "1"], port=port)
+            await until(lambda: "replica returning: ejected -> healthy" in proxy.log(), timeout_s=20,
+                        what="the replica back in service")
+            healthy = time.monotonic()
+            await until(lambda: returning.stats()["peak"] >= 1, timeout_s=10,
+                        what="the returning replica serving")
+            assert time.monotonic() - healthy < 4
+            statuses = await asyncio.gather(*requests)
+        assert statuses == [200] * 8
+        assert survivor.stats()["peak"] == 1 and returning.stats()["peak"] == 1
+    finally:
+        proxy.stop()
+        survivor.stop()
+        returning.stop()

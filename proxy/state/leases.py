@@ -474,9 +474,10 @@ class SharedSlots:
         """Slots taken from this process's own gate so far (`hold_local`)."""
         self.waiting: dict[str, Ticket] = {}
         """Tickets of this process queued in Redis, by id."""
-        self.limits: dict[str, Callable[[str], int | None]] = {}
-        """Per key base: a replica's limit for that model as this process's settings say now (None:
-        not known now). Queued tickets are stamped with it again when it changed (a reload)."""
+        self.candidates: dict[str, Callable[[], list[tuple[str, int]]]] = {}
+        """Per key base: the (replica, limit) pairs a ticket queued now would carry, as this process's
+        settings and health say now (empty: no replica may serve the model now). Queued tickets are
+        stamped with them again when they changed (a reload, a replica ejected or back)."""
         self.held: dict[str, Ticket] = {}
         """Tickets of this process holding a lease, by id."""
         self._pending: dict[str, tuple[Ticket, float]] = {}
@@ -818,17 +819,22 @@ class SharedSlots:
             self._grants(base, rows)
 
     async def _restamp_all(self, base: str, tickets: Sequence[Ticket]) -> None:
-        """Queued tickets whose replicas' limits changed here since they were queued (a reload) are
-        stamped with the new ones: a grant reads the limits from the head ticket, so a lowered
-        max_in_flight would otherwise not hold until the queue of that time had drained."""
-        limit_of = self.limits.get(base)
-        if limit_of is None:
+        """Queued tickets whose replicas or limits changed here since they were queued (a reload, a
+        replica ejected or back in service) are stamped with those of now: a grant reads the replicas
+        and limits from the head ticket, so a lowered max_in_flight would otherwise not hold, and a
+        replica back in service would stay idle, until the queue of that time had drained (the head
+        blocks the queue while none of its replicas has a free slot). While no replica may serve the
+        model, the tickets keep theirs."""
+        candidates_of = self.candidates.get(base)
+        if candidates_of is None:
+            return
+        now = candidates_of()
+        if not now:
             return
         changed: list[tuple[Ticket, list[tuple[str, int]], str]] = []
         for ticket in tickets:
             if not ticket.entered:
                 continue
-            now = [(replica, limit_of(replica) or limit) for replica, limit in ticket.candidates]
             if now != ticket.candidates:
                 changed.append((ticket, now, self._data(ticket, now)))
         if not changed:
