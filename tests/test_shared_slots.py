@@ -871,3 +871,32 @@ async def test_a_replica_back_in_service_serves_the_requests_queued_while_it_was
         proxy.stop()
         survivor.stop()
         returning.stop()
+
+
+async def test_processes_long_dead_are_forgotten(redis_server: RedisServer) -> None:
+    """Every process marks itself alive in the model's `:alive` hash, and each restart is a new
+    process: the hash kept every process that ever ran, for as long as the model was in use (a fleet
+    restarting its workers grew it by one field per restart, for good). A process's tick forgets
+    those that have not marked themselves alive for a lease TTL (their tickets have expired)."""
+    from proxy.state.failover import FailoverState
+    from proxy.state.leases import SharedSlots, Ticket
+    from proxy.state.redis import RedisState
+
+    failover = FailoverState(RedisState(redis_server.url, "alive:"), timeout_s=0.5)
+    await failover.start()
+    slots = SharedSlots(failover, redis_server.url, "alive:", 2.0)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    alive = f"{slots.base(MODEL)}:alive"
+    try:
+        running = Ticket(slots, slots.base(MODEL), "a", 1.0, "interactive", 10.0)
+        assert await slots.enter(running, [("r", 1)], False) is not None
+        now_ms = int(float(client.time()[0]) * 1000)
+        client.hset(alive, mapping={f"dead-{n}": now_ms - 60_000 for n in range(100)})
+        client.hset(alive, "recent", now_ms)  # beat just now: may still have tickets queued
+        await slots._books_lost()  # what the tick does
+        assert set(client.hkeys(alive)) == {slots.owner, "recent"}
+        running.release(0.0)
+    finally:
+        client.close()
+        await slots.close()
+        await failover.close()

@@ -363,6 +363,16 @@ return 1
 _EPOCH = _PREAMBLE + """
 beat()
 settled()
+-- Forget processes that have not beaten for a TTL: their tickets have expired, so `gone` has nothing
+-- left to tell about them, and every process that ever ran (each restart is a new owner) would
+-- otherwise stay in the hash for as long as the model is in use. Here, at each process's tick, not
+-- at every `enter`.
+if redis.call('HLEN', ALIVE) > 16 then
+  local stamps = redis.call('HGETALL', ALIVE)
+  for i = 1, #stamps, 2 do
+    if (tonumber(stamps[i + 1]) or 0) < now - ttl then redis.call('HDEL', ALIVE, stamps[i]) end
+  end
+end
 return redis.call('GET', EPOCH)
 """
 
