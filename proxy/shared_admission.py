@@ -4,9 +4,10 @@ together never send a replica more than its slots, and the tenant with the least
 them goes next.
 
 What stays per process: the request's deadline and budgets (`queue_timeout_s`, `cold_queue_timeout_s`),
-`max_queue_size` (requests this process keeps waiting per model), placement's replica ranking (a shared
-grant takes the least loaded replica with a free slot) and learning (each process learns from its own
-requests; what it learns is stored beside the leases and is the fleet's limit from then on).
+`max_queue_size` (requests this process keeps waiting per model, those whose ticket is on its way into
+the queue included), placement's replica ranking (a shared grant takes the least loaded replica with a
+free slot) and learning (each process learns from its own requests; what it learns is stored beside the
+leases and is the fleet's limit from then on).
 
 A request whose ticket Redis loses while it still answers (the queue's keys gone, one call that timed
 out) queues again with a new ticket, within its budget from the first entry (503 `state_unavailable`
@@ -57,6 +58,10 @@ class SharedAdmission:
         """The tickets of this process's requests waiting on the shared queue, per model, oldest first:
         their number is held to max_queue_size, and a full room is shared by push-out, as in one
         process (fairqueue.push_out)."""
+        self.entering: dict[str, int] = {}
+        """Requests of this process whose ticket is on its way into the shared queue (the enter's round
+        trip), per model: they count against max_queue_size with the waiters, or a burst would all
+        pass the check before any of them was queued."""
         self._published: dict[tuple[str, str], int] = {}
         """The learned limits this process stored in Redis, per (model, replica)."""
 
@@ -147,7 +152,8 @@ class SharedAdmission:
     async def _shared(self, step: BackpressureStep, ctx: RequestContext, gate: ModelGate, span: Any,
                       ticket: Ticket, candidates: list[tuple[str, int]], started: float) -> Grant:
         slots = self.slots
-        waiting = len(self.waiters.get(gate.model, ()))
+        model = gate.model
+        waiting = len(self.waiters.get(model, ())) + self.entering.get(model, 0)
         displaced: Ticket | None = None
         if waiting >= step.config.max_queue_size:
             displaced = push_out((t for t in self.waiters.get(gate.model, ())
@@ -161,6 +167,7 @@ class SharedAdmission:
         eligible = step.fleet.eligible(gate.model)
         cold = not waiting and any(u.by_model.get(gate.model) and gate.model not in u.loaded
                                    for u in eligible)
+        self.entering[model] = self.entering.get(model, 0) + 1
         try:
             granted = await slots.enter(ticket, candidates, gate.learning)
         except StateDown:
@@ -168,6 +175,12 @@ class SharedAdmission:
             # than wait for a grant nobody takes.
             slots.spawn(slots.leave(ticket))
             raise
+        finally:
+            # Among the waiters from here on (no await before), or gone.
+            if self.entering[model] > 1:
+                self.entering[model] -= 1
+            else:
+                del self.entering[model]
         if granted is not None:
             span.set_attribute(step.telemetry.names.queue_position, 0)
             step.decide(ctx, span, "admitted")

@@ -900,3 +900,40 @@ async def test_processes_long_dead_are_forgotten(redis_server: RedisServer) -> N
         client.close()
         await slots.close()
         await failover.close()
+
+
+async def test_a_burst_cannot_pass_max_queue_size(tmp: Path, redis_server: RedisServer) -> None:
+    """max_queue_size bounds the requests a process keeps waiting per model. It counted the tickets
+    whose enter had answered, so a burst all passed the check during the enter's round trip: an
+    attack with max_queue_size 5 and 60 concurrent requests on one slot saw all 60 queued, served over
+    20 s, where the in-process backend refused 54 at once. Requests on their way into the queue count
+    too."""
+    upstream = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=400, name="bound-emu",
+                              extra=["--num-parallel", "1"])
+    proxy = start_proxy(tmp, [{"url": upstream.url, "num_parallel": 1}], {
+        "admin": {"keys": [ADMIN]},
+        "chain": {"backpressure": {"max_in_flight": 1, "max_queue_size": 5, "queue_timeout_s": 60}},
+        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "shared:"}},
+        name="queue-bound")
+    statuses: Counter[tuple[int, str]] = Counter()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+            body = {"model": MODEL, "prompt": "x", "stream": False, "options": {"num_predict": 100}}
+            assert (await session.post(f"{proxy.url}/api/generate", json={
+                **body, "options": {"num_predict": 1}})).status == 200  # the model is known
+
+            async def one() -> None:
+                async with session.post(f"{proxy.url}/api/generate", json=body) as response:
+                    payload = await response.json(content_type=None)
+                    statuses[(response.status, payload.get("code", "") if response.status != 200
+                              else "")] += 1
+
+            await asyncio.gather(*(one() for _ in range(40)))
+        # One running, at most five waiting (one more may have been counted while it entered).
+        assert statuses[(200, "")] <= 6, statuses
+        assert set(statuses) == {(200, ""), (503, "overload")}, statuses
+        await until(lambda: _books(redis_server.url) == {"leases": 0, "tickets": 0},
+                    what="empty books")
+    finally:
+        proxy.stop()
+        upstream.stop()
