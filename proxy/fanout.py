@@ -186,7 +186,9 @@ class FanOut:
                 async with self.fleet.request(
                         upstream, request.method, request.raw_path, data=ctx.body or b"",
                         headers=self._headers(request),
-                        timeout=aiohttp.ClientTimeout(sock_read=self.idle_timeout_s)) as reply:
+                        timeout=aiohttp.ClientTimeout(  # replaces the session's: connect kept
+                            sock_read=self.idle_timeout_s,
+                            sock_connect=self.fleet.config.connect_timeout_s)) as reply:
                     async for raw in reply.content:
                         if not raw.strip():
                             continue

@@ -563,19 +563,21 @@ async def _calls(url: str, calls: list[tuple[str, str, str | None]]) -> list[tup
 
 
 def test_running_out_of_descriptors_is_not_blamed_on_the_replicas(tmp_path: Path) -> None:
-    """At RLIMIT_NOFILE=128 (32 client connections fit), replica A holds llama3.2 and B qwen3: 32
-    listings (the data pool keeps its 32 connections), 32 llama3.2 streams (32 relay connections to A,
-    idle afterwards), then 32 qwen3 streams at once: 32 more connections to B do not fit. The idle
+    """At RLIMIT_NOFILE=128 (32 client connections fit), replica A holds llama3.2, B qwen3 and C an
+    embedding model: 32 listings (the data pool keeps its 8 connections to each replica), 32 llama3.2
+    streams (32 relay connections to A, idle afterwards), then 32 qwen3 streams at once: 32 more
+    connections to B do not fit. The idle
     ones are closed to make room; a request that still cannot connect gets the proxy's own 503
     `overload`. The log says why, and no replica is ejected: a healthy replica is not blamed for the
     proxy's limit."""
     parallel = ["--num-parallel", "32"]  # each burst runs at once (and holds its connections)
     first = start_emulator(tmp_path, name="lowfd-a", models="llama3.2", extra=parallel)
     second = start_emulator(tmp_path, name="lowfd-b", models="qwen3", extra=parallel)
+    third = start_emulator(tmp_path, name="lowfd-c", models="nomic-embed-text")
     try:
         _slow_streams(first, second)
         # Slots declared, so that each burst is sent at once.
-        upstreams = [{"url": replica.url, "num_parallel": 32} for replica in (first, second)]
+        upstreams = [{"url": replica.url, "num_parallel": 32} for replica in (first, second, third)]
         with _low_fd_proxy(tmp_path, upstreams, 128) as (port, log_path):
             assert "serving at most 32 client connections" in log_path.read_text()
             url = f"http://127.0.0.1:{port}"
@@ -594,14 +596,15 @@ def test_running_out_of_descriptors_is_not_blamed_on_the_replicas(tmp_path: Path
     finally:
         first.stop()
         second.stop()
+        third.stop()
 
 
 def test_listings_cannot_take_the_descriptors_new_clients_need(emulator: Server,
                                                                tmp_path: Path) -> None:
     """At RLIMIT_NOFILE=256 (96 client connections fit) with two replicas, 90 clients list the models
     over and over (each listing fans out to both replicas) while another opens a new connection for
-    /healthz every 0.1 s: every one is answered. The data pool is bounded (DATA_POOL_LIMIT) within the
-    descriptors kept aside; unbounded, the listings took them all and the new connections were reset
+    /healthz every 0.1 s: every one is answered. The data pool is bounded (DATA_POOL_PER_REPLICA) within
+    the descriptors kept aside; unbounded, the listings took them all and the new connections were reset
     unanswered."""
     second = start_emulator(tmp_path, name="lowfd-tags")
     replicas = [{"url": emulator.url}, {"url": second.url}]

@@ -4,8 +4,10 @@ one an admin names) with per-replica results, replicas that are down reported as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,3 +252,38 @@ def test_management_fanned_out_to_an_unreachable_replica_is_a_502_not_a_deadline
         a.stop()
         filler.close()
         stuck.close()
+
+
+def test_long_pulls_do_not_starve_the_listings(tmp: Path) -> None:
+    """Streamed pulls hold a connection to each replica for as long as they last (minutes, for a large
+    model). With management calls in the listings' bounded pool, 16 pulls on 2 replicas took all of
+    it, and /api/tags waited for a connection until its own timeout: a 502 after 10 s. Management
+    has a pool of its own."""
+    replicas = [start_emulator(tmp, name=f"pull-hang-{i}") for i in range(2)]
+    for replica in replicas:
+        httpx.post(f"{replica.url}/_emulator/faults", timeout=5, json={
+            "hang_before_headers": True, "paths": ["/api/pull"]}).raise_for_status()
+    proxy = start_proxy(tmp, [r.url for r in replicas], name="pull-hang")
+    stop = threading.Event()
+
+    def pull() -> None:
+        with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                "POST", f"{proxy.url}/api/pull", json={"model": "big:70b"}, timeout=60) as reply:
+            for _ in reply.iter_lines():
+                if stop.is_set():
+                    return
+
+    threads = [threading.Thread(target=pull, daemon=True) for _ in range(16)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(3)  # the pulls are connected and waiting (their replicas never answer)
+        started = time.monotonic()
+        reply = httpx.get(f"{proxy.url}/api/tags", timeout=60)
+        assert reply.status_code == 200, reply.text[:200]
+        assert time.monotonic() - started < 8  # 10 s and a 502 when the pulls held the pool
+    finally:
+        stop.set()
+        proxy.stop()
+        for replica in replicas:
+            replica.stop()

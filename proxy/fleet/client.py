@@ -6,11 +6,13 @@ mapping of client exceptions to the proxy's errors (`UpstreamConnectFailure`,
 `UpstreamResetBeforeResponseStarted`, `UpstreamResponseTimeout`). Its users: the forwarder's relay, the
 fan-out, health probes, warm-up loads and the tokenizer's `/api/show` fetch.
 
-Three pools, made in one place: the relay's (proxy/fleet/wire.py: forwarded client requests,
-`forwarding.pool_size`, bytes relayed as sent), the data session (aiohttp: the fan-out and the proxy's own
-fetches, at most `DATA_POOL_LIMIT` connections, no automatic decompression) and the control session
-(aiohttp: probes and warm-up loads, unlimited). A probe must never wait behind `pool_size` busy client
-streams: a saturated fleet would look dead and be ejected exactly when it is busiest.
+Four pools, made in one place: the relay's (proxy/fleet/wire.py: forwarded client requests,
+`forwarding.pool_size`, bytes relayed as sent), the data session (aiohttp: the fan-out's listings and the
+proxy's own fetches, at most `DATA_POOL_PER_REPLICA` connections per replica, no automatic
+decompression), the management session (aiohttp: model management fanned out, `pool_size`) and the
+control session (aiohttp: probes and warm-up loads, unlimited). A probe must never wait behind
+`pool_size` busy client streams: a saturated fleet would look dead and be ejected exactly when it is
+busiest.
 """
 
 from __future__ import annotations
@@ -37,14 +39,15 @@ from ..schema import ForwardingConfig
 from ..upstreams import Upstream, UpstreamSet
 from .wire import ConnectFailed, WirePool, WireResponse, exhausted, warn_exhausted
 
-__all__ = ["DATA_POOL_LIMIT", "FleetClient", "ProbeFailed"]
+__all__ = ["DATA_POOL_PER_REPLICA", "FleetClient", "ProbeFailed"]
 
-DATA_POOL_LIMIT = 32
-"""Connections the data pool (fan-out, the proxy's own fetches) holds at most, in use or idle, whatever
-`forwarding.pool_size` says (a lower pool_size lowers it). They come out of the descriptors kept beside
-the client connections and their relays (serving._FD_RESERVE): unbounded, a burst of listings (one
-connection per replica each) ran the process out of descriptors, and new clients were then reset
-unanswered. Fan-out calls are short: past the bound they wait for a connection."""
+DATA_POOL_PER_REPLICA = 8
+"""Connections the data pool (listings, the proxy's own fetches) holds to one replica at most, in use or
+idle (aiohttp reuses an idle connection before it opens another, so a replica's open ones never exceed
+the most in use at once). Unbounded, a burst of listings (one connection per replica each) ran the
+process out of descriptors, and new clients were then reset unanswered. Per replica, not in total: a
+replica that hangs holds only its own share, and the others' answers never wait behind it. These calls
+are short: past the bound they wait for a connection, within their own timeout."""
 
 class ProbeFailed(Exception):
     """A probe got an answer, but not a healthy one."""
@@ -57,20 +60,29 @@ class FleetClient:
         self.upstreams = upstreams
         self.config = config
         self._data: aiohttp.ClientSession | None = None
+        self._manage: aiohttp.ClientSession | None = None
         self._control: aiohttp.ClientSession | None = None
         self._wire: WirePool | None = None
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: the pools live exactly as long as the application."""
         del app
-        connector = aiohttp.TCPConnector(limit=min(self.config.pool_size or DATA_POOL_LIMIT,
-                                                   DATA_POOL_LIMIT),
-                                         keepalive_timeout=self.config.keepalive_s,
-                                         enable_cleanup_closed=True)
+        timeout = aiohttp.ClientTimeout(total=None, connect=None,
+                                        sock_connect=self.config.connect_timeout_s, sock_read=None)
         self._data = self._session(
-            connector=connector, auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None, connect=None,
-                                          sock_connect=self.config.connect_timeout_s, sock_read=None))
+            connector=aiohttp.TCPConnector(limit=self.config.pool_size,
+                                           limit_per_host=DATA_POOL_PER_REPLICA,
+                                           keepalive_timeout=self.config.keepalive_s,
+                                           enable_cleanup_closed=True),
+            auto_decompress=False, timeout=timeout)
+        # Model management (pull, push, create, copy, delete) apart: a streamed pull holds its
+        # connection for minutes, and in the data pool a few of them made every listing wait for one.
+        # Only admins (or tenants allowed to manage) send these.
+        self._manage = self._session(
+            connector=aiohttp.TCPConnector(limit=self.config.pool_size,
+                                           keepalive_timeout=self.config.keepalive_s,
+                                           enable_cleanup_closed=True),
+            auto_decompress=False, timeout=timeout)
         self._control = self._session(connector=aiohttp.TCPConnector(limit=0))
         self._wire = WirePool(limit=self.config.pool_size, keepalive_s=self.config.keepalive_s,
                               connect_timeout_s=self.config.connect_timeout_s)
@@ -79,8 +91,9 @@ class FleetClient:
         finally:
             await self._wire.close()
             await self._data.close()
+            await self._manage.close()
             await self._control.close()
-            self._data = self._control = self._wire = None
+            self._data = self._manage = self._control = self._wire = None
 
     @staticmethod
     def _session(**kwargs: Any) -> aiohttp.ClientSession:
@@ -107,10 +120,13 @@ class FleetClient:
 
     def request(self, upstream: Upstream, method: str, path_qs: str, *,
                 headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
-        """`session.request` on `upstream` (data pool) with its `Host` header: an async context manager
-        for the fan-out's calls, which read the answer themselves and map failures to their summaries."""
-        return self.session.request(method, upstream.target(path_qs),
-                                    headers={**(headers or {}), "Host": upstream.host_header}, **kwargs)
+        """A model-management call on `upstream` (management pool) with its `Host` header: an async
+        context manager for the fan-out's calls, which read the answer themselves and map failures to
+        their summaries."""
+        session = self._manage
+        assert session is not None, "fleet client used outside the application lifecycle"
+        return session.request(method, upstream.target(path_qs),
+                               headers={**(headers or {}), "Host": upstream.host_header}, **kwargs)
 
     @property
     def wire(self) -> WirePool:
