@@ -4,10 +4,10 @@ together never send a replica more than its slots, and the tenant with the least
 them goes next.
 
 What stays per process: the request's deadline and budgets (`queue_timeout_s`, `cold_queue_timeout_s`),
-`max_queue_size` (requests this process keeps waiting per model, those whose ticket is on its way into
-the queue included), placement's replica ranking (a shared grant takes the least loaded replica with a
-free slot) and learning (each process learns from its own requests; what it learns is stored beside the
-leases and is the fleet's limit from then on).
+`max_queue_size` (requests this process keeps waiting per model, counted again once a ticket is
+queued, so that a burst cannot pass it during the enter's round trip), placement's replica ranking (a
+shared grant takes the least loaded replica with a free slot) and learning (each process learns from
+its own requests; what it learns is stored beside the leases and is the fleet's limit from then on).
 
 A request whose ticket Redis loses while it still answers (the queue's keys gone, one call that timed
 out) queues again with a new ticket, within its budget from the first entry (503 `state_unavailable`
@@ -58,10 +58,6 @@ class SharedAdmission:
         """The tickets of this process's requests waiting on the shared queue, per model, oldest first:
         their number is held to max_queue_size, and a full room is shared by push-out, as in one
         process (fairqueue.push_out)."""
-        self.entering: dict[str, int] = {}
-        """Requests of this process whose ticket is on its way into the shared queue (the enter's round
-        trip), per model: they count against max_queue_size with the waiters, or a burst would all
-        pass the check before any of them was queued."""
         self._published: dict[tuple[str, str], int] = {}
         """The learned limits this process stored in Redis, per (model, replica)."""
 
@@ -153,21 +149,12 @@ class SharedAdmission:
                       ticket: Ticket, candidates: list[tuple[str, int]], started: float) -> Grant:
         slots = self.slots
         model = gate.model
-        waiting = len(self.waiters.get(model, ())) + self.entering.get(model, 0)
-        displaced: Ticket | None = None
-        if waiting >= step.config.max_queue_size:
-            displaced = push_out((t for t in self.waiters.get(gate.model, ())
-                                  if t.future is not None and not t.future.done()),
-                                 ticket.tenant, ticket.weight)
-            if displaced is None:
-                gate.rejections["overload"] += 1
-                step.decide(ctx, span, "overload", Overload(
-                    f"the queue for {gate.model} is full ({step.config.max_queue_size} waiting)",
-                    retry_after_s=gate.retry_after_s()), mode="enforce")
+        waiting = len(self.waiters.get(model, ()))
+        displaced = self._room(step, ctx, gate, span, ticket) if waiting >= step.config.max_queue_size \
+            else None
         eligible = step.fleet.eligible(gate.model)
         cold = not waiting and any(u.by_model.get(gate.model) and gate.model not in u.loaded
                                    for u in eligible)
-        self.entering[model] = self.entering.get(model, 0) + 1
         try:
             granted = await slots.enter(ticket, candidates, gate.learning)
         except StateDown:
@@ -175,17 +162,22 @@ class SharedAdmission:
             # than wait for a grant nobody takes.
             slots.spawn(slots.leave(ticket))
             raise
-        finally:
-            # Among the waiters from here on (no await before), or gone.
-            if self.entering[model] > 1:
-                self.entering[model] -= 1
-            else:
-                del self.entering[model]
         if granted is not None:
             span.set_attribute(step.telemetry.names.queue_position, 0)
             step.decide(ctx, span, "admitted")
             return granted
         assert ticket.future is not None
+        # Queued. Counted again now, with no await until the ticket joins the waiters: every request
+        # of a burst passed the first check during the enter's round trip (all of them queued past
+        # max_queue_size), and counting those still entering would refuse requests about to be
+        # granted a free slot. Past the bound, this ticket leaves the queue again.
+        if displaced is None and len(self.waiters.get(model, ())) >= step.config.max_queue_size:
+            try:
+                displaced = self._room(step, ctx, gate, span, ticket)
+            except Overload:
+                if not self._give_back(ticket):
+                    slots.spawn(slots.leave(ticket))
+                raise
         remaining = (ctx.deadline_at - time.monotonic()) if ctx.deadline_at else math.inf
         # From the request's first entry: a ticket entered again (`_entries`) keeps its budget.
         budget = min((step.config.cold_queue_timeout_s if cold else step.config.queue_timeout_s)
@@ -231,6 +223,21 @@ class SharedAdmission:
         slots.counts["granted_queued"] += 1
         step.decide(ctx, span, "queued")
         return granted
+
+    def _room(self, step: BackpressureStep, ctx: RequestContext, gate: ModelGate, span: Any,
+              ticket: Ticket) -> Ticket:
+        """The queue of `gate` is full here: the waiting ticket that gives its place up to `ticket`
+        (push-out, the tenant holding the most), or 503 overload when none does."""
+        displaced = push_out((t for t in self.waiters.get(gate.model, ())
+                              if t.future is not None and not t.future.done()),
+                             ticket.tenant, ticket.weight)
+        if displaced is None:
+            gate.rejections["overload"] += 1
+            step.decide(ctx, span, "overload", Overload(
+                f"the queue for {gate.model} is full ({step.config.max_queue_size} waiting)",
+                retry_after_s=gate.retry_after_s()), mode="enforce")
+            raise AssertionError("unreachable")  # decide raised in enforce mode
+        return displaced
 
     @staticmethod
     def _give_back(ticket: Ticket) -> bool:

@@ -937,3 +937,36 @@ async def test_a_burst_cannot_pass_max_queue_size(tmp: Path, redis_server: Redis
     finally:
         proxy.stop()
         upstream.stop()
+
+
+async def test_a_burst_with_free_slots_is_not_refused(tmp: Path, redis_server: RedisServer) -> None:
+    """The max_queue_size bound must not count requests about to be granted a free slot: with 16 free
+    slots and max_queue_size 4, bursts of 16 concurrent requests wait for nothing, so none is refused
+    (one process never refuses while a slot is free). Counting the requests still on their way into
+    the queue refused 35 of 48."""
+    upstream = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=400, name="free-emu",
+                              extra=["--num-parallel", "16"])
+    proxy = start_proxy(tmp, [{"url": upstream.url, "num_parallel": 16}], {
+        "admin": {"keys": [ADMIN]},
+        "chain": {"backpressure": {"max_in_flight": 16, "max_queue_size": 4, "queue_timeout_s": 60}},
+        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "free:"}},
+        name="queue-free")
+    statuses: Counter[tuple[int, str]] = Counter()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+            body = {"model": MODEL, "prompt": "x", "stream": False, "options": {"num_predict": 20}}
+            assert (await session.post(f"{proxy.url}/api/generate", json={
+                **body, "options": {"num_predict": 1}})).status == 200  # the model is known
+
+            async def one() -> None:
+                async with session.post(f"{proxy.url}/api/generate", json=body) as response:
+                    payload = await response.json(content_type=None)
+                    statuses[(response.status, payload.get("code", "") if response.status != 200
+                              else "")] += 1
+
+            for _ in range(3):
+                await asyncio.gather(*(one() for _ in range(16)))
+        assert statuses == Counter({(200, ""): 48}), statuses
+    finally:
+        proxy.stop()
+        upstream.stop()
