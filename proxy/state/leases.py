@@ -322,6 +322,9 @@ return mine
 """
 
 _MOVE = _PREAMBLE + """
+-- Every script that dispatches prunes first: an expired ticket whose owner the epoch script has
+-- forgotten would read as alive to `gone` and be granted a slot nobody takes.
+prune()
 redis.call('ZREM', lease_key(ARGV[6]), ARGV[5])
 hold(ARGV[5], ARGV[7])
 dispatch()
@@ -348,6 +351,7 @@ return missing
 """
 
 _RESTAMP = _PREAMBLE + """
+prune()
 for i = 5, #ARGV, 2 do
   if redis.call('HEXISTS', TK, ARGV[i]) == 1 then redis.call('HSET', TK, ARGV[i], ARGV[i + 1]) end
 end
