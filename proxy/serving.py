@@ -221,8 +221,13 @@ class EdgeHandler(RequestHandler):
         """Idle between requests: answered at least once, waiting in keep-alive, no byte of a next head
         received. Closing it loses nothing a client sent (HTTP lets either side close such a connection;
         clients retry a request on a reused connection that closes)."""
+        # `_waiter` pending: aiohttp's own test that the loop is parked for the next message. Between a
+        # message's pop and its handler task the other flags still read idle, and closing then would
+        # drop a request already received.
+        waiter = self._waiter
         return (self._request_count > 0 and self._keepalive_handle is not None and self._head_bytes == 0
-                and not self._force_close and self.transport is not None and self.idle)
+                and not self._force_close and self.transport is not None and self.idle
+                and waiter is not None and not waiter.done())
 
     def _peer(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
