@@ -60,6 +60,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _MAX_TRACEPARENT = 512
+# The propagator and TraceState log a WARNING for each malformed `tracestate` member, quoting the
+# client's text, and for an oversized header: one log line of client data per request, on demand.
+# The proxy never edits a TraceState itself, so these loggers only ever speak about what clients sent.
+for _name in ("opentelemetry.trace.span", "opentelemetry.trace.propagation.tracecontext"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 _HEADER_VALUE_LIMIT = 1024
 _SPAN_TEXT_LIMIT = 1024
 

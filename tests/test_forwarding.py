@@ -304,7 +304,7 @@ def test_incoming_trace_is_continued(echo: tuple[ThreadedApp, Server]) -> None:
     assert seen["traceparent"].split("-")[2] != "b7ad6b7169203331"
 
 
-def test_an_oversized_traceparent_is_ignored_without_a_log_line(echo: tuple[ThreadedApp, Server]) -> None:
+def test_a_malformed_trace_header_is_ignored_without_a_log_line(echo: tuple[ThreadedApp, Server]) -> None:
     """A traceparent over 512 characters cannot be valid; OpenTelemetry ignores it but logs a WARNING
     each time, so any client could write a log line per request. The proxy ignores it itself: a
     fresh trace, and nothing logged."""
@@ -314,7 +314,16 @@ def test_an_oversized_traceparent_is_ignored_without_a_log_line(echo: tuple[Thre
                                    headers={"traceparent": "00-" + "a" * 600 + "-b7ad6b7169203331-01"}))
         version, trace_id, _span_id, _flags = seen["traceparent"].split("-")
         assert version == "00" and len(trace_id) == 32 and trace_id != "a" * 32
-    assert "traceparent" not in proxy.log()
+    # A malformed or oversized tracestate beside a valid traceparent: OpenTelemetry logged the
+    # client's text in a WARNING each time.
+    valid = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    for state in ("SECRET-STATE key=v", "x" * 600):
+        seen = _received(httpx.get(f"{proxy.url}/api/tags",
+                                   headers={"traceparent": valid, "tracestate": state}))
+        assert seen["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
+    log = proxy.log()
+    assert "traceparent" not in log and "tracestate" not in log and "SECRET-STATE" not in log
+    assert "w3c" not in log
 
 
 def test_dropped_headers_are_dropped_in_any_spelling(echo: tuple[ThreadedApp, Server]) -> None:
