@@ -398,13 +398,21 @@ LOAD_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mm
 ones `models.<m>.options` makes canonical."""
 
 
+def without_nulls(value: dict[str, Any]) -> dict[str, Any]:
+    """`models.<m>.options` without its null entries: Ollama skips a null option, so a canonical null
+    means no canonical value (written as null into every request, it replaced the client's own value
+    and showed as `num_ctx=8192->None`)."""
+    return {key: item for key, item in value.items() if item is not None} if isinstance(value, dict) \
+        else value
+
+
 def ollama_options(instance: Any, attribute: attrs.Attribute[Any], value: dict[str, Any]) -> None:
     """`models.<m>.options` typed as Ollama types them: the load-time ones are written into every
     request for the model, so a wrong type would fail each of them at the replica instead of being
-    refused here. A null is skipped, as Ollama skips it; other keys are never written, so not checked."""
+    refused here. Nulls are gone already (`without_nulls`); other keys are never written, so not checked."""
     del instance, attribute
     for key, item in value.items():
-        if item is None or key not in LOAD_OPTIONS:
+        if key not in LOAD_OPTIONS:
             continue
         number = isinstance(item, int | float) and not isinstance(item, bool)
         if key in OLLAMA_FLOAT_OPTIONS and not number:
@@ -426,7 +434,7 @@ class ModelConfig:
     """reject (400 prompt_too_long) or truncate (drop the oldest turns / the front of the prompt)."""
     tokenizer: str | None = None
     """Path of the model's SentencePiece `.model` file; else it is built from /api/show (verbose)."""
-    options: dict[str, Any] = attrs.field(factory=dict, validator=ollama_options)
+    options: dict[str, Any] = attrs.field(factory=dict, converter=without_nulls, validator=ollama_options)
     """Canonical load-time options (num_ctx, num_batch, num_gpu, ..., and keep_alive): requests are
     rewritten to these so that no tenant can make Ollama reload the model for everyone."""
     warm_on: tuple[str, ...] = ()
