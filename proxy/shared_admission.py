@@ -149,9 +149,11 @@ class SharedAdmission:
                       ticket: Ticket, candidates: list[tuple[str, int]], started: float) -> Grant:
         slots = self.slots
         model = gate.model
-        waiting = len(self.waiters.get(model, ()))
-        displaced = self._room(step, ctx, gate, span, ticket) if waiting >= step.config.max_queue_size \
-            else None
+        waiting = self._waiting(model)
+        if waiting >= step.config.max_queue_size:
+            # Refused at once when nobody would give a place up, before a round trip to Redis. The
+            # place itself is taken after the enter (others come and go meanwhile).
+            self._room(step, ctx, gate, span, ticket)
         eligible = step.fleet.eligible(gate.model)
         cold = not waiting and any(u.by_model.get(gate.model) and gate.model not in u.loaded
                                    for u in eligible)
@@ -170,13 +172,16 @@ class SharedAdmission:
         # Queued. Counted again now, with no await until the ticket joins the waiters: every request
         # of a burst passed the first check during the enter's round trip (all of them queued past
         # max_queue_size), and counting those still entering would refuse requests about to be
-        # granted a free slot. Past the bound, this ticket leaves the queue again.
-        if displaced is None and len(self.waiters.get(model, ())) >= step.config.max_queue_size:
+        # granted a free slot. Past the bound, a place is taken by push-out or this ticket leaves.
+        displaced: Ticket | None = None
+        if self._waiting(model) >= step.config.max_queue_size:
             try:
                 displaced = self._room(step, ctx, gate, span, ticket)
             except Overload:
-                if not self._give_back(ticket):
-                    slots.spawn(slots.leave(ticket))
+                # Out of `waiting` before the leave task runs: a grant delivered meanwhile is then an
+                # orphan, released with its charge; found waiting, it would be held by nobody.
+                slots.waiting.pop(ticket.id, None)
+                slots.spawn(slots.leave(ticket))
                 raise
         remaining = (ctx.deadline_at - time.monotonic()) if ctx.deadline_at else math.inf
         # From the request's first entry: a ticket entered again (`_entries`) keeps its budget.
@@ -223,6 +228,11 @@ class SharedAdmission:
         slots.counts["granted_queued"] += 1
         step.decide(ctx, span, "queued")
         return granted
+
+    def _waiting(self, model: str) -> int:
+        """This process's requests still waiting for `model` (granted or pushed-out ones whose task
+        has not resumed yet are in the list, not waiting)."""
+        return sum(1 for t in self.waiters.get(model, ()) if t.future is not None and not t.future.done())
 
     def _room(self, step: BackpressureStep, ctx: RequestContext, gate: ModelGate, span: Any,
               ticket: Ticket) -> Ticket:
