@@ -247,7 +247,7 @@ class ForwardingConfig:
     them is bounded by the request's deadline, not by this)."""
     pool_size: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     """Upstream connections kept per proxy process; 0 = unlimited (admission is the chain's job). The
-    fan-out's listings hold at most 8 connections per replica whatever this says."""
+    fan-out's listings hold at most 8 connections per replica and 32 in all, whatever this says."""
     keepalive_s: float = attrs.field(default=30.0, validator=positive)
     """How long an idle upstream connection stays in the pool."""
 

@@ -52,7 +52,7 @@ log = logging.getLogger("proxy.serving")
 _FD_RESERVE = 64
 """File descriptors kept for everything that is not a client connection or its upstream one (listening
 socket, log files, Redis, health probes, tokenizer files, and the fan-out's data pool: at most
-fleet.client.DATA_POOL_PER_REPLICA per replica)."""
+fleet.client.DATA_POOL_LIMIT of them)."""
 
 
 _LINGER_S = 2.0

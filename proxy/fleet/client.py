@@ -8,11 +8,11 @@ fan-out, health probes, warm-up loads and the tokenizer's `/api/show` fetch.
 
 Four pools, made in one place: the relay's (proxy/fleet/wire.py: forwarded client requests,
 `forwarding.pool_size`, bytes relayed as sent), the data session (aiohttp: the fan-out's listings and the
-proxy's own fetches, at most `DATA_POOL_PER_REPLICA` connections per replica, no automatic
-decompression), the management session (aiohttp: model management fanned out, `pool_size`) and the
-control session (aiohttp: probes and warm-up loads, unlimited). A probe must never wait behind
-`pool_size` busy client streams: a saturated fleet would look dead and be ejected exactly when it is
-busiest.
+proxy's own fetches, at most `DATA_POOL_PER_REPLICA` connections per replica and `DATA_POOL_LIMIT` in
+all, no automatic decompression), the management session (aiohttp: model management fanned out,
+`pool_size`) and the control session (aiohttp: probes and warm-up loads, unlimited). A probe must
+never wait behind `pool_size` busy client streams: a saturated fleet would look dead and be ejected
+exactly when it is busiest.
 """
 
 from __future__ import annotations
@@ -39,15 +39,18 @@ from ..schema import ForwardingConfig
 from ..upstreams import Upstream, UpstreamSet
 from .wire import ConnectFailed, WirePool, WireResponse, exhausted, warn_exhausted
 
-__all__ = ["DATA_POOL_PER_REPLICA", "FleetClient", "ProbeFailed"]
+__all__ = ["DATA_POOL_LIMIT", "DATA_POOL_PER_REPLICA", "FleetClient", "ProbeFailed"]
 
 DATA_POOL_PER_REPLICA = 8
-"""Connections the data pool (listings, the proxy's own fetches) holds to one replica at most, in use or
-idle (aiohttp reuses an idle connection before it opens another, so a replica's open ones never exceed
-the most in use at once). Unbounded, a burst of listings (one connection per replica each) ran the
-process out of descriptors, and new clients were then reset unanswered. Per replica, not in total: a
-replica that hangs holds only its own share, and the others' answers never wait behind it. These calls
-are short: past the bound they wait for a connection, within their own timeout."""
+DATA_POOL_LIMIT = 32
+"""Connections the data pool (listings, the proxy's own fetches) holds at most: DATA_POOL_PER_REPLICA
+to one replica, DATA_POOL_LIMIT in all (both in use or idle: aiohttp reuses an idle connection before
+it opens another, so open ones never exceed the most in use at once). Unbounded, a burst of listings
+(one connection per replica each) ran the process out of descriptors, and new clients were then reset
+unanswered; the total fits in the descriptors serving keeps aside (serving._FD_RESERVE) whatever the
+fleet's size. Per replica too: a replica that hangs holds only its own share, and the others' answers
+do not wait behind it. These calls are short: past a bound they wait for a connection, within their
+own timeout."""
 
 class ProbeFailed(Exception):
     """A probe got an answer, but not a healthy one."""
@@ -70,7 +73,8 @@ class FleetClient:
         timeout = aiohttp.ClientTimeout(total=None, connect=None,
                                         sock_connect=self.config.connect_timeout_s, sock_read=None)
         self._data = self._session(
-            connector=aiohttp.TCPConnector(limit=self.config.pool_size,
+            connector=aiohttp.TCPConnector(limit=min(self.config.pool_size or DATA_POOL_LIMIT,
+                                                     DATA_POOL_LIMIT),
                                            limit_per_host=DATA_POOL_PER_REPLICA,
                                            keepalive_timeout=self.config.keepalive_s,
                                            enable_cleanup_closed=True),
