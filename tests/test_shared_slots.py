@@ -903,41 +903,52 @@ async def test_processes_long_dead_are_forgotten(redis_server: RedisServer) -> N
         await failover.close()
 
 
+@contextlib.contextmanager
+def _queue_bound(tmp: Path, redis_url: str, slots: int, name: str, *,
+                 key_prefix: str = "shared:") -> Iterator[tuple[Server, Server]]:
+    """(an emulator with `slots` slots, a proxy in front of it with max_queue_size 5 (4 when the slots
+    are many), tenants a and b, Redis state): the max_queue_size tests' fleet, stopped afterwards."""
+    upstream = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=400, name=f"{name}-emu",
+                              extra=["--num-parallel", str(slots)])
+    proxy = start_proxy(tmp, [{"url": upstream.url, "num_parallel": slots}], {
+        "admin": {"keys": [ADMIN]}, "tenants": TENANTS,
+        "chain": {"backpressure": {"max_in_flight": slots, "max_queue_size": 5 if slots == 1 else 4,
+                                   "queue_timeout_s": 60}},
+        "state": {"backend": "redis", "url": redis_url, "key_prefix": key_prefix}}, name=name)
+    try:
+        yield upstream, proxy
+    finally:
+        proxy.stop()
+        upstream.stop()
+
+
+async def _outcome(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                   key: str | None = None) -> tuple[int, str]:
+    """POST `body` to `url`'s /api/generate: (status, the error's code, "" for a 200)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with session.post(f"{url}/api/generate", json=body, headers=headers) as response:
+        text = await response.text()
+        return response.status, "" if response.status == 200 else json.loads(text).get("code", "")
+
+
 async def test_a_burst_cannot_pass_max_queue_size(tmp: Path, redis_server: RedisServer) -> None:
     """max_queue_size bounds the requests a process keeps waiting per model. It counted the tickets
     whose enter had answered, so a burst all passed the check during the enter's round trip: an
     attack with max_queue_size 5 and 60 concurrent requests on one slot saw all 60 queued, served over
     20 s, where the in-process backend refused 54 at once. A queued ticket is counted again before it
     joins the waiters."""
-    upstream = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=400, name="bound-emu",
-                              extra=["--num-parallel", "1"])
-    proxy = start_proxy(tmp, [{"url": upstream.url, "num_parallel": 1}], {
-        "admin": {"keys": [ADMIN]},
-        "chain": {"backpressure": {"max_in_flight": 1, "max_queue_size": 5, "queue_timeout_s": 60}},
-        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "shared:"}},
-        name="queue-bound")
-    statuses: Counter[tuple[int, str]] = Counter()
-    try:
+    with _queue_bound(tmp, redis_server.url, 1, "queue-bound") as (_, proxy):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
             body = {"model": MODEL, "prompt": "x", "stream": False, "options": {"num_predict": 100}}
-            assert (await session.post(f"{proxy.url}/api/generate", json={
-                **body, "options": {"num_predict": 1}})).status == 200  # the model is known
-
-            async def one() -> None:
-                async with session.post(f"{proxy.url}/api/generate", json=body) as response:
-                    payload = await response.json(content_type=None)
-                    statuses[(response.status, payload.get("code", "") if response.status != 200
-                              else "")] += 1
-
-            await asyncio.gather(*(one() for _ in range(40)))
+            assert await _outcome(session, proxy.url, {**body, "options": {"num_predict": 1}}) \
+                == (200, "")  # the model is known
+            statuses = Counter(await asyncio.gather(*(_outcome(session, proxy.url, body)
+                                                      for _ in range(40))))
         # One running, at most five waiting.
         assert statuses[(200, "")] <= 6, statuses
         assert set(statuses) == {(200, ""), (503, "overload")}, statuses
         await until(lambda: _books(redis_server.url) == {"leases": 0, "tickets": 0},
                     what="empty books")
-    finally:
-        proxy.stop()
-        upstream.stop()
 
 
 async def test_a_burst_with_free_slots_is_not_refused(tmp: Path, redis_server: RedisServer) -> None:
@@ -945,32 +956,16 @@ async def test_a_burst_with_free_slots_is_not_refused(tmp: Path, redis_server: R
     slots and max_queue_size 4, bursts of 16 concurrent requests wait for nothing, so none is refused
     (one process never refuses while a slot is free). Counting the requests still on their way into
     the queue refused 35 of 48."""
-    upstream = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=400, name="free-emu",
-                              extra=["--num-parallel", "16"])
-    proxy = start_proxy(tmp, [{"url": upstream.url, "num_parallel": 16}], {
-        "admin": {"keys": [ADMIN]},
-        "chain": {"backpressure": {"max_in_flight": 16, "max_queue_size": 4, "queue_timeout_s": 60}},
-        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "free:"}},
-        name="queue-free")
     statuses: Counter[tuple[int, str]] = Counter()
-    try:
+    with _queue_bound(tmp, redis_server.url, 16, "queue-free", key_prefix="free:") as (_, proxy):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
             body = {"model": MODEL, "prompt": "x", "stream": False, "options": {"num_predict": 20}}
-            assert (await session.post(f"{proxy.url}/api/generate", json={
-                **body, "options": {"num_predict": 1}})).status == 200  # the model is known
-
-            async def one() -> None:
-                async with session.post(f"{proxy.url}/api/generate", json=body) as response:
-                    payload = await response.json(content_type=None)
-                    statuses[(response.status, payload.get("code", "") if response.status != 200
-                              else "")] += 1
-
+            assert await _outcome(session, proxy.url, {**body, "options": {"num_predict": 1}}) \
+                == (200, "")  # the model is known
             for _ in range(3):
-                await asyncio.gather(*(one() for _ in range(16)))
+                statuses.update(await asyncio.gather(*(_outcome(session, proxy.url, body)
+                                                       for _ in range(16))))
         assert statuses == Counter({(200, ""): 48}), statuses
-    finally:
-        proxy.stop()
-        upstream.stop()
 
 
 async def test_a_second_tenants_burst_cannot_pass_max_queue_size(tmp: Path,
@@ -979,34 +974,19 @@ async def test_a_second_tenants_burst_cannot_pass_max_queue_size(tmp: Path,
     b's requests chose, before its enter, the same waiter of a to push out, and skipped the count
     after it: the first took that place and the other 19 were queued past the bound. After the
     burst nothing is left held or waiting in the process."""
-    upstream = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=400, name="bound2-emu",
-                              extra=["--num-parallel", "1"])
-    proxy = start_proxy(tmp, [{"url": upstream.url, "num_parallel": 1}], {
-        "admin": {"keys": [ADMIN]}, "tenants": TENANTS,
-        "chain": {"backpressure": {"max_in_flight": 1, "max_queue_size": 5, "queue_timeout_s": 60}},
-        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "shared:"}},
-        name="queue-bound-2")
-    statuses: Counter[tuple[int, str]] = Counter()
-    try:
+    with _queue_bound(tmp, redis_server.url, 1, "queue-bound-2") as (upstream, proxy):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
             body = {"model": MODEL, "prompt": "x", "options": {"num_predict": 6}}
-            assert (await session.post(f"{proxy.url}/api/generate", json={
-                **body, "stream": False, "options": {"num_predict": 1}})).status == 200  # known
+            assert await _outcome(session, proxy.url, {
+                **body, "stream": False, "options": {"num_predict": 1}}) == (200, "")  # known
             # Streams of ~2 s (0.3 s a line): the queue cannot drain during the bursts.
             assert (await session.post(f"{upstream.url}/_emulator/faults", json={
                 "slow_drip_s": 0.3, "paths": ["/api/generate"]})).status == 200
-
-            async def one(key: str) -> None:
-                async with session.post(f"{proxy.url}/api/generate", json=body,
-                                        headers={"Authorization": f"Bearer {key}"}) as response:
-                    text = await response.text()
-                    statuses[(response.status, json.loads(text).get("code", "")
-                              if response.status != 200 else "")] += 1
-
-            first = [asyncio.create_task(one("sk-a")) for _ in range(6)]
+            first = [asyncio.create_task(_outcome(session, proxy.url, body, "sk-a")) for _ in range(6)]
             await until(lambda: _shared(proxy)["waiting"] >= 5, timeout_s=30,
                         what="tenant a's five requests waiting")
-            await asyncio.gather(*(one("sk-b") for _ in range(20)), *first)
+            statuses = Counter(await asyncio.gather(
+                *(_outcome(session, proxy.url, body, "sk-b") for _ in range(20)), *first))
         # a's six, and the places b's requests took from a's by push-out: few free up during the
         # burst. On the old code about 25 were served.
         assert statuses[(200, "")] <= 10, statuses
@@ -1015,6 +995,3 @@ async def test_a_second_tenants_burst_cannot_pass_max_queue_size(tmp: Path,
                     what="empty books")
         shared = _shared(proxy)
         assert (shared["waiting"], shared["held"]) == (0, 0), shared
-    finally:
-        proxy.stop()
-        upstream.stop()
