@@ -302,7 +302,13 @@ def _loadgen(args: argparse.Namespace) -> int:
         summary["interrupted"] = {"signal": signal.Signals(caught[0]).name,
                                   "unfinished": sum(1 for r in records if r.outcome == "stopped")}
     print(json.dumps(summary, indent=2))
-    return 128 + caught[0] if caught else 0
+    if caught:
+        return 128 + caught[0]
+    # k6's convention for crossed thresholds: a CI gate (a canary's load step) can tell "the SLOs were
+    # missed" (99) from "loadgen could not run" (2) and "interrupted" (128 + signal).
+    if args.check_slo and not all(summary["slo"].values()):
+        return SLO_MISSED_EXIT
+    return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -318,6 +324,9 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"{args.file}: OK ({len(config.upstreams)} upstream(s), listen {config.server.listen})")
     return 0
 
+
+SLO_MISSED_EXIT = 99
+"""loadgen's exit status with --check-slo when a seed SLO verdict of the whole run is false."""
 
 _MAX_CLIENT_TIMEOUT_S = 3600.0
 """The longest client timeout loadgen takes: a run stops at its last arrival + this + 10 s."""
@@ -422,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     loadgen.add_argument("--timeout-s", type=_client_timeout, default=120.0,
                          help="client timeout per request, seconds (0 < S <= 3600; default 120)")
     loadgen.add_argument("--out", help="write one JSON record per request to this file")
+    loadgen.add_argument("--check-slo", action="store_true",
+                         help=f"exit {SLO_MISSED_EXIT} when the run misses a seed SLO (P95 completion, "
+                              "timeouts, rejections), after printing the figures")
     loadgen.set_defaults(func=_loadgen)
 
     check = commands.add_parser("check-config", help="validate a configuration file without serving")

@@ -232,14 +232,38 @@ def test_an_interrupted_run_stops_at_once_and_reports_what_finished(tmp_path: Pa
 
 
 def test_cli_writes_records(emulator: Server, tmp_path: Path) -> None:
+    """A run that meets the SLOs exits 0, also with --check-slo."""
     out = tmp_path / "records.jsonl"
     result = subprocess.run([sys.executable, "-m", "proxy", "loadgen", "--target", emulator.url,
-                             "--scenario", "smoke", "--seed", "2", "--out", str(out)],
+                             "--scenario", "smoke", "--seed", "2", "--out", str(out), "--check-slo"],
                             capture_output=True, text=True, timeout=120, check=True)
     summary = json.loads(result.stdout)
+    assert all(summary["slo"].values()), summary["slo"]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == summary["overall"]["requests"] == len(plan(scenario("smoke"), 2))
     assert {"tenant", "kind", "ttft_s", "completion_s", "outcome"} <= set(lines[0])
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check-slo", "report-only"])
+def test_check_slo_fails_a_run_that_misses_the_slos(tmp_path: Path, check: bool) -> None:
+    """Against a target that refuses everything (503 with Retry-After), the rejection SLO is missed:
+    with --check-slo loadgen still prints the figures and exits 99 (k6's status for crossed thresholds),
+    without it 0."""
+    async def refuse(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"error": "server busy, please try again.  maximum pending requests "
+                                           "exceeded"}, status=503, headers={"Retry-After": "1"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    with ThreadedApp(app) as target:
+        result = subprocess.run([sys.executable, "-m", "proxy", "loadgen", "--target", target.url,
+                                 "--scenario", "smoke", *(["--check-slo"] if check else [])],
+                                check=False, capture_output=True, text=True, timeout=120)
+    summary = json.loads(result.stdout)
+    assert summary["overall"]["rejection_pct"] == 100.0
+    assert summary["slo"]["rejections_lt_5pct"] is False
+    assert result.returncode == (99 if check else 0), result.stderr
 
 
 def test_statistics() -> None:
