@@ -15,6 +15,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from proxy.errors import RequestPayloadTooLarge
 from proxy.telemetry import otlp_wire
 from proxy.telemetry.histograms import CARDINALITY_LIMIT, HistogramSet
 from proxy.telemetry.shipping import SpanShipper
@@ -95,7 +96,9 @@ def test_a_trace_reads_back_field_by_field() -> None:
     (exception,) = call.events
     recorded = attributes_of(exception)
     assert exception.name == "exception" and recorded["exception.type"] == "ValueError"
-    assert recorded["exception.message"] == "boom" and "ValueError: boom" in recorded["exception.stacktrace"]
+    # Not a ProxyError: its message may quote a client's text, so only the type and frames are kept.
+    assert "exception.message" not in recorded and "boom" not in recorded["exception.stacktrace"]
+    assert recorded["exception.stacktrace"].endswith("ValueError\n")
 
 
 def test_sampling_follows_the_parent_then_the_ratio() -> None:
@@ -329,3 +332,39 @@ def test_cached_list_and_string_attributes_read_back_as_set() -> None:
     assert [list(a["reasons"]) if a.get("reasons") else [] for a in read] == sequence
     assert [a["decision"] for a in read] == [r[0] if r else "none" for r in sequence]
     assert {a["mode"] for a in read} == {"enforce"}
+
+
+def _parse_count(text: str) -> int:
+    return int(text)  # raises with the text quoted: "invalid literal for int() with base 10: '...'"
+
+
+def test_an_exception_on_a_span_keeps_its_frames_but_no_client_text() -> None:
+    """record_exception (also what `use_span` and `start_as_current_span` call for an exception that
+    crosses them) keeps the type and the frames; the message only of a ProxyError, whose contract is a
+    text safe for a client. Any other message may quote what a client sent."""
+    sink = _Sink()
+    tracer = FastTracer(sink, 1.0)
+    secret = "SECRET-PROMPT-TEXT"
+    span = tracer.start_span("plugin.summarize")
+    try:
+        with trace.use_span(span, end_on_exit=True):
+            _parse_count(secret)
+    except ValueError:
+        pass
+    refused = tracer.start_span("sop.limits")
+    refused.record_exception(RequestPayloadTooLarge("request body is larger than 1048576 bytes"))
+    refused.end()
+    _, spans = _decode(sink)
+    by_name = {s.name: s for s in spans}
+    (event,) = by_name["plugin.summarize"].events
+    recorded = attributes_of(event)
+    assert recorded["exception.type"] == "ValueError" and "exception.message" not in recorded
+    assert "_parse_count" in recorded["exception.stacktrace"]  # the frames: where it happened
+    assert secret not in str(recorded) and secret.encode() not in b"".join(sink.spans)
+    status = by_name["plugin.summarize"].status
+    assert status.code == 2 and status.message == "ValueError"  # use_span's "Type: message", cut
+    (event,) = by_name["sop.limits"].events
+    recorded = attributes_of(event)
+    assert recorded["exception.message"] == "request body is larger than 1048576 bytes"
+    assert recorded["exception.stacktrace"].endswith(
+        "RequestPayloadTooLarge: request body is larger than 1048576 bytes\n")

@@ -39,6 +39,7 @@ from opentelemetry.trace import (
 from opentelemetry.util import types
 from opentelemetry.util._decorator import _agnosticcontextmanager
 
+from ..errors import ProxyError
 from ..nextturn import NextTurn
 from . import otlp_wire
 
@@ -63,7 +64,7 @@ class FastSpan(trace.Span):
 
     __slots__ = ("_attributes", "_context", "_end_ns", "_ended", "_events", "_flags", "_kind", "_name",
                  "_parent_id", "_sink", "_span_id", "_start_ns", "_status_code", "_status_message",
-                 "_trace_bytes", "_trace_flags", "_trace_id", "_trace_state")
+                 "_trace_bytes", "_trace_flags", "_trace_id", "_trace_state", "_withheld")
 
     def __init__(self, sink: NextTurn[FastSpan], name: str, trace_id: int, span_id: int,
                  trace_flags: TraceFlags, trace_state: TraceState | None, trace_bytes: bytes,
@@ -128,18 +129,34 @@ class FastSpan(trace.Span):
             code, description = status.status_code, status.description
         else:
             code = status
+        if description is not None and description == getattr(self, "_withheld", None):
+            # `use_span` follows record_exception with set_status(ERROR, "Type: message"): the
+            # message withheld from the event is withheld from the status too.
+            description = description.partition(":")[0]
         self._status_code = _STATUS_CODE[code]
         self._status_message = description if code is StatusCode.ERROR else None
 
     def record_exception(self, exception: BaseException, attributes: types.Attributes = None,
                          timestamp: int | None = None, escaped: bool = False) -> None:
-        # The message and trace are the proxy's own (its exceptions never carry bodies or keys), bounded.
-        stack = "".join(traceback.format_exception(exception))[-_EXCEPTION_TEXT_LIMIT:]
-        self.add_event("exception", {
+        # Only a ProxyError's message is recorded: its contract is a text safe to show a client. Any
+        # other exception's message may quote what a client sent (int('<prompt text>'), a KeyError of a
+        # client's key, a plugin's f-string), and nothing of a request goes on a span: the trace keeps
+        # the type and the frames (file, line, function, source line: the code's, not the request's).
+        safe = isinstance(exception, ProxyError)
+        frames = "".join(traceback.format_tb(exception.__traceback__))
+        head = ("".join(traceback.format_exception_only(exception)) if safe
+                else f"{type(exception).__name__}\n")
+        recorded: dict[str, types.AttributeValue] = {
             "exception.type": type(exception).__qualname__,
-            "exception.message": str(exception)[:_EXCEPTION_TEXT_LIMIT],
-            "exception.stacktrace": stack, "exception.escaped": escaped, **(attributes or {})},
-            timestamp)
+            "exception.stacktrace": ("Traceback (most recent call last):\n" + frames + head
+                                     )[-_EXCEPTION_TEXT_LIMIT:],
+            "exception.escaped": escaped}
+        if safe:
+            recorded["exception.message"] = str(exception)[:_EXCEPTION_TEXT_LIMIT]
+        else:
+            # Set only here (not in __init__: most spans never record an exception); read by getattr.
+            self._withheld = f"{type(exception).__name__}: {exception}"
+        self.add_event("exception", {**recorded, **(attributes or {})}, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
         if self._ended:
