@@ -51,6 +51,15 @@ def positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None
         raise ValueError(f"{attribute.name}: must be > 0")
 
 
+def whole_requests(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """At least 1: a request takes one whole unit of its bucket, and a bucket holds at most its rate
+    per minute, so under 1 no request could ever pass (every one refused with a Retry-After that
+    could never come true)."""
+    del instance
+    if value is not None and value < 1:
+        raise ValueError(f"{attribute.name}: must be >= 1 (a request takes one whole unit)")
+
+
 def non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     del instance
     if value is not None and value < 0:
@@ -353,7 +362,8 @@ class TenantConfig:
     """Queue lane (used by backpressure): interactive is served ahead of bulk."""
     weight: float = attrs.field(default=1.0, validator=positive)
     """Share of capacity relative to other tenants (weighted fair queuing)."""
-    requests_per_minute: float | None = attrs.field(default=None, validator=positive)
+    requests_per_minute: float | None = attrs.field(default=None, validator=whole_requests)
+    """Requests per minute (a bucket holding this many, refilled continuously): at least 1."""
     tokens_per_minute: float | None = attrs.field(default=None, validator=positive)
     """Prompt plus output tokens per minute (reserved before admission, settled after)."""
     max_concurrent: int | None = attrs.field(default=None, validator=positive)
@@ -376,7 +386,7 @@ class AnonymousConfig:
     """Placeholder keys that clients send because their SDK insists on one (the OpenAI SDK with
     `api_key="ollama"`): while `allow` is true they count as no key at all; otherwise they are refused
     like any unknown key. Never a tenant's or admin's key."""
-    requests_per_minute: float | None = attrs.field(default=None, validator=positive)
+    requests_per_minute: float | None = attrs.field(default=None, validator=whole_requests)
     tokens_per_minute: float | None = attrs.field(default=None, validator=positive)
     max_concurrent: int | None = attrs.field(default=None, validator=positive)
     deadline_s: float | None = attrs.field(default=None, validator=positive)

@@ -117,6 +117,11 @@ def test_listen_may_ask_for_any_free_port() -> None:
     ({"chain": {"health": {"mode": "sometimes"}}}, "chain.health.mode: not one of"),
     ({"chain": {"balancer": {"max_retries": True}}}, "chain.balancer.max_retries: expected an integer"),
     ({"chain": {"backpressure": {"max_queue_size": 0}}}, "chain.backpressure.max_queue_size: must be > 0"),
+    # A request takes one whole unit of a bucket holding the rate: under 1, every request got a 429
+    # whose Retry-After (60) never came true.
+    ({"tenants": [{"name": "t", "keys": ["k1"], "requests_per_minute": 0.5}]},
+     "tenants[0].requests_per_minute: must be >= 1"),
+    ({"anonymous": {"requests_per_minute": 0.9}}, "anonymous.requests_per_minute: must be >= 1"),
     ({"models": {"m": {"bogus": 1}}}, "models.m: unknown key(s) bogus"),
     # Reserved tenant names: a tenant called so would share the keyless callers' (or admins') buckets.
     ({"upstreams": [{"url": "http://a:1"}], "tenants": [{"name": "t", "keys": ["k1"]},
