@@ -12,13 +12,13 @@ Open mode: with no tenants and no admin keys configured the proxy is a transpare
 every route stays open, as Ollama itself is. As soon as either is configured, `/system/*` needs an admin
 key and the model-management routes need an admin key or a tenant with `allow_management`.
 
-Always open, whatever the configuration: `/healthz` and `/readyz` (load-balancer and kubelet probes carry
-no key), unless `telemetry.metrics_auth` asks for the admin key `/metrics`, and a browser's CORS preflight
-(`OPTIONS` with `Origin` and `Access-Control-Request-Method`: the Fetch standard sends it without
-credentials, so refusing it keeps every browser client out; the replica answers it by its
-OLLAMA_ORIGINS, and the request that follows needs its key as any other). Placeholder keys
-(`anonymous.keys`, default `ollama`: the OpenAI SDK refuses to run without an api_key, so people pass one)
-count as no key while anonymous access is allowed.
+Always open, whatever the configuration, to GET and HEAD (any other method there would be forwarded to
+the replica): `/healthz` and `/readyz` (load-balancer and kubelet probes carry no key), unless
+`telemetry.metrics_auth` asks for the admin key `/metrics`; and a browser's CORS preflight (`OPTIONS`
+with `Origin` and `Access-Control-Request-Method`: the Fetch standard sends it without credentials, so
+refusing it keeps every browser client out; the replica answers it by its OLLAMA_ORIGINS, and the request
+that follows needs its key as any other). Placeholder keys (`anonymous.keys`, default `ollama`: the OpenAI
+SDK refuses to run without an api_key, so people pass one) count as no key while anonymous access is allowed.
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ from .errors import Forbidden, Unauthorized
 from .ollama import classify
 from .schema import AnonymousConfig, TenantConfig
 
-__all__ = ["ANONYMOUS", "INTERNAL_HEADER", "METRICS_PATH", "PROBE_PATHS", "Identity", "Tenant",
-           "TenantDirectory", "is_management", "is_preflight"]
+__all__ = ["ANONYMOUS", "INTERNAL_HEADER", "METRICS_PATH", "OPEN_METHODS", "PROBE_PATHS", "Identity",
+           "Tenant", "TenantDirectory", "is_management", "is_preflight"]
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_METHODS = frozenset({"GET", "HEAD"})
+"""The methods the proxy answers on its open routes. Any other method there is no probe: it falls through
+to the forwarder like any route the proxy does not serve, so it needs a key like any other request."""
 """Routes that never need a key: an orchestrator's probes must not depend on the keys."""
 METRICS_PATH = "/metrics"
 INTERNAL_HEADER = "X-SOP-Internal"
@@ -142,8 +145,11 @@ class TenantDirectory:
         self.open_mode = not tenants and not admin_keys
         self._by_name = {t.name: t for t in listed}
 
-    def _open_route(self, path: str) -> bool:
-        return path in PROBE_PATHS or (path == METRICS_PATH and not self.metrics_need_admin)
+    def _open_route(self, path: str, method: str) -> bool:
+        # Only the methods the proxy answers there itself: `POST /healthz` would go to the replica,
+        # and a keyless request must not reach it where anonymous access is refused.
+        return method in OPEN_METHODS and (
+            path in PROBE_PATHS or (path == METRICS_PATH and not self.metrics_need_admin))
 
     def identify(self, method: str, path: str, headers: Mapping[str, str]) -> Identity:
         """Who calls, and whether they may call this route; raises Unauthorized or Forbidden."""
@@ -180,7 +186,7 @@ class TenantDirectory:
             return attrs.evolve(caller, key_headers=tuple(dict.fromkeys(recognised)))
         if placeholder:  # beside it, an unknown key is someone else's (forwarded), as with one header
             return Identity(self.anonymous, key_headers=tuple(dict.fromkeys(recognised)))
-        if self.open_mode or self._open_route(path):
+        if self.open_mode or self._open_route(path, method):
             return Identity(self.anonymous, key_headers=tuple(recognised))
         if unknown:
             raise Unauthorized("invalid API key")
@@ -201,7 +207,7 @@ class TenantDirectory:
     def authorize(self, identity: Identity, method: str, path: str, headers: Mapping[str, str]) -> None:
         """May `identity` call this route? Raises Unauthorized (anonymous) or Forbidden (a known caller
         whose role does not allow it)."""
-        if self.open_mode or self._open_route(path):
+        if self.open_mode or self._open_route(path, method):
             return
         if path == METRICS_PATH and not identity.admin:
             raise (Unauthorized("an admin API key is required") if identity.tenant.anonymous

@@ -259,3 +259,20 @@ def test_a_browser_preflight_needs_no_key(guarded: tuple[Server, Server]) -> Non
                       json={"model": "llama3.2", "messages": []}).status_code == 401
     assert httpx.options(f"{proxy.url}/system/queue", headers={
         "Origin": "http://localhost:3000", "Access-Control-Request-Method": "GET"}).status_code == 401
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/healthz"), ("PUT", "/readyz"), ("DELETE", "/healthz"), ("POST", "/metrics"),
+    ("PATCH", "/readyz")])
+def test_a_probe_path_is_open_only_to_the_methods_the_proxy_answers(guarded: tuple[Server, Server],
+                                                                     method: str, path: str) -> None:
+    """The probes answer GET and HEAD; any other method on their paths is forwarded like an unknown
+    route, so without a key (anonymous access refused) it is a 401 and never reaches the replica
+    (which answered its own 404: a keyless request had reached it)."""
+    _, proxy = guarded
+    reply = httpx.request(method, f"{proxy.url}{path}", content=b'{"model":"llama3.2"}')
+    assert reply.status_code == 401, (reply.status_code, reply.text)
+    assert reply.json()["code"] == "unauthorized"
+    # The probes themselves stay open; with a key, the replica's 404 (or, for /metrics, the admin's 403).
+    assert httpx.head(f"{proxy.url}{path}").status_code in (200, 503)
+    assert httpx.request(method, f"{proxy.url}{path}", headers=_auth(TEAM)).status_code in (403, 404)
