@@ -14,6 +14,7 @@ short backoff instead): the header says 60 and `x-should-retry: false` is added;
 
 __all__ = [
     "MAX_RETRY_AFTER_S",
+    "ExpectationFailed",
     "Forbidden",
     "InternalProxyError",
     "InvalidRequest",
@@ -80,6 +81,15 @@ class RequestHeaderFieldsTooLarge(ProxyError):
 
     status = 431
     code = "request_header_fields_too_large"
+    should_retry = False
+
+
+class ExpectationFailed(ProxyError):
+    """An `Expect` header other than `100-continue` (the only expectation HTTP defines): refused before
+    authentication, as Go's net/http refuses it, and the body is not read."""
+
+    status = 417
+    code = "expectation_failed"
     should_retry = False
 
 

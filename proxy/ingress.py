@@ -35,6 +35,7 @@ from .accesslog import AccessLog
 from .context import CONTEXT, DEADLINE_REQUEST_HEADER, RequestContext
 from .cors import OriginPolicy
 from .errors import (
+    ExpectationFailed,
     InternalProxyError,
     InvalidRequest,
     MalformedBody,
@@ -248,8 +249,9 @@ class Ingress:
         return size + 2
 
     def _refusal(self, request: web.BaseRequest) -> ProxyError | None:
-        """The refusal due before anything else, authentication included: a head over the cap, or a
-        target that is neither a path, an absolute http(s) URL, nor `OPTIONS *`; None otherwise."""
+        """The refusal due before anything else, authentication included: a head over the cap, a target
+        that is neither a path, an absolute http(s) URL, nor `OPTIONS *`, or an `Expect` other than
+        `100-continue`; None otherwise."""
         if self.head_bytes(request) > self.max_header_bytes:
             return RequestHeaderFieldsTooLarge(
                 f"request head exceeds server.max_header_bytes ({self.max_header_bytes} bytes)")
@@ -258,14 +260,16 @@ class Ingress:
                 and not (target == "*" and request.method == "OPTIONS")):
             return InvalidRequest("the request target must be a path (origin-form) or an absolute "
                                   "http(s) URL")
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            return ExpectationFailed("only Expect: 100-continue is supported")
         return None
 
     async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: send `100 Continue` only when the request will be read. When it will
-        be refused (head, target, declared size, authentication), send nothing: the middleware answers
-        with the final status without reading the body, and closes the connection."""
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is supported")
+        be refused (head, target, another expectation, declared size, authentication), send nothing:
+        the middleware answers with the final status without reading the body, and closes the
+        connection."""
         if request.version != HttpVersion11:
             return None
         if self._refusal(request) is not None:

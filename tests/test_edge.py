@@ -219,6 +219,28 @@ def test_expect_continue_on_a_forbidden_route_is_refused_without_100(proxy: Serv
     assert b"100 Continue" not in response.raw_head
 
 
+@pytest.mark.parametrize(("path", "openai"), [(b"/api/embed", False), (b"/v1/embeddings", True)])
+def test_an_unknown_expectation_is_a_417_in_the_route_s_shape(proxy: Server, path: bytes,
+                                                              openai: bool) -> None:
+    """`Expect` other than 100-continue: 417 as Go answers it, refused before the key is checked and
+    before the body is read, as the proxy's own JSON error in the route's dialect (it was aiohttp's
+    text/plain, outside every client's error parsing)."""
+    with connect(proxy.port) as sock:
+        sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n"
+                     + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        response = read_response(sock, 5)
+    assert response.status == 417, response.status_line
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    if openai:
+        assert error["code"] == "expectation_failed" and error["message"], error
+    else:
+        assert error == "only Expect: 100-continue is supported"
+        assert response.json()["code"] == "expectation_failed"
+    assert response.headers["x-should-retry"] == "false"
+    _has_edge_headers(proxy, response)
+
+
 @pytest.mark.parametrize("target", [b"/api/generate", b"http://elsewhere.example/api/generate"])
 def test_expect_continue_is_honoured_for_an_admissible_request(proxy: Server, target: bytes) -> None:
     body = b'{"model":"llama3.2","prompt":"hi","stream":false,"options":{"num_predict":2}}'
