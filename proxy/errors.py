@@ -36,6 +36,7 @@ __all__ = [
     "StateUnavailable",
     "TooManySubscribers",
     "Unauthorized",
+    "UnsupportedTransferCoding",
     "UpstreamBusy",
     "UpstreamConnectFailure",
     "UpstreamResetBeforeResponseStarted",
@@ -90,6 +91,16 @@ class ExpectationFailed(ProxyError):
 
     status = 417
     code = "expectation_failed"
+    should_retry = False
+
+
+class UnsupportedTransferCoding(ProxyError):
+    """A request Transfer-Encoding other than `chunked` alone (`gzip, chunked`): 501 as Go's net/http
+    answers it. aiohttp reads only the chunked framing, so the body would reach the replica still
+    coded and with nothing left to say so (Transfer-Encoding is hop-by-hop). The body is not read."""
+
+    status = 501
+    code = "unsupported_transfer_coding"
     should_retry = False
 
 

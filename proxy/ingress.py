@@ -44,6 +44,7 @@ from .errors import (
     RequestPayloadTooLarge,
     RequestTimeout,
     ShuttingDown,
+    UnsupportedTransferCoding,
 )
 from .escaping import escape
 from .ollama import classify, path_model
@@ -250,8 +251,8 @@ class Ingress:
 
     def _refusal(self, request: web.BaseRequest) -> ProxyError | None:
         """The refusal due before anything else, authentication included: a head over the cap, a target
-        that is neither a path, an absolute http(s) URL, nor `OPTIONS *`, or an `Expect` other than
-        `100-continue`; None otherwise."""
+        that is neither a path, an absolute http(s) URL, nor `OPTIONS *`, an `Expect` other than
+        `100-continue`, or a transfer coding other than `chunked`; None otherwise."""
         if self.head_bytes(request) > self.max_header_bytes:
             return RequestHeaderFieldsTooLarge(
                 f"request head exceeds server.max_header_bytes ({self.max_header_bytes} bytes)")
@@ -263,6 +264,11 @@ class Ingress:
         expect = request.headers.get("Expect")
         if expect is not None and expect.lower() != "100-continue":
             return ExpectationFailed("only Expect: 100-continue is supported")
+        # aiohttp refuses several Transfer-Encoding lines and `chunked` anywhere but last; what it
+        # lets through before `chunked` it does not decode.
+        coding = request.headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip(" \t").lower() != "chunked":
+            return UnsupportedTransferCoding("only Transfer-Encoding: chunked is supported")
         return None
 
     async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:

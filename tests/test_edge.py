@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import re
 import socket
@@ -664,6 +665,24 @@ def test_listings_cannot_take_the_descriptors_new_clients_need(emulator: Server,
             assert set(outcomes) == {"HTTP/1.1 200"}, outcomes
     finally:
         second.stop()
+
+
+@pytest.mark.parametrize("path", [b"/api/generate", b"/api/blobs/sha256:" + b"d" * 64, b"/v1/embeddings"])
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"x-custom ,chunked"])
+def test_a_transfer_coding_besides_chunked_is_501(proxy: Server, path: bytes, coding: bytes) -> None:
+    """aiohttp frames `gzip, chunked` by its chunks and leaves the gzip on: the body went on coded,
+    with nothing left to say so (Transfer-Encoding is hop-by-hop). Go's net/http (Ollama) answers 501;
+    so does the proxy, in the route's shape, before reading the body."""
+    body = gzip.compress(b'{"model":"llama3.2","prompt":"hi","stream":false}')
+    with connect(proxy.port) as sock:
+        sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + _auth() + b"Transfer-Encoding: "
+                     + coding + b"\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+        response = read_response(sock, 5)
+    assert response.status == 501, (response.status_line, response.body[:200])
+    error = response.json()["error"]
+    code = error["code"] if path.startswith(b"/v1/") else response.json()["code"]
+    assert code == "unsupported_transfer_coding", response.body
+    _has_edge_headers(proxy, response)
 
 
 def test_too_many_headers_is_431(proxy: Server) -> None:
