@@ -191,6 +191,8 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
     # before the reload event published just above).
     reloader.listeners.append(
         lambda r: telemetry.events.access_changed() if r.outcome == "applied" else None)
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle, name=FORWARD_ROUTE,
+    # Every path, newlines included (`.` stops at one, and a %0A-encoded path is decoded before it is
+    # matched): Ollama answers those itself, not aiohttp's text/plain 404.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", forwarder.handle, name=FORWARD_ROUTE,
                          expect_handler=ingress.expect_handler)
     return app

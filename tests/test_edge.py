@@ -269,6 +269,24 @@ def test_absolute_form_target_is_routed_by_its_path(proxy: Server) -> None:
     assert response.json()["done"] is True
 
 
+@pytest.mark.parametrize("target", [b"/api/nope%0A", b"/api/x%0D%0AX-Injected:%201",
+                                    b"http://elsewhere.example/api/nope%0a"])
+def test_a_target_with_an_encoded_newline_is_forwarded_as_sent(proxy: Server, target: bytes) -> None:
+    """A %0A in the path decodes to a newline, which the forward route's `.*` did not match: aiohttp
+    answered its own text/plain `404: Not Found`. Such a path is the replica's to answer (gin's
+    `404 page not found`), still encoded on its request line, and the log gets no raw newline."""
+    before = len(proxy.log())
+    response = request(proxy.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n" + _auth()
+                       + b"Connection: close\r\n\r\n")
+    assert response.status == 404, response.status_line
+    assert response.body == b"404 page not found", response.body
+    request_id = response.headers["x-request-id"]
+    written = wait_for(lambda: text if request_id in (text := proxy.log()[before:]) else None,
+                       what="the access line")
+    assert "X-Injected" not in written
+    assert not any(line and not line[:4].isdigit() for line in written.splitlines()), written
+
+
 @pytest.mark.parametrize("line", [
     b"CONNECT elsewhere.example:443 HTTP/1.1",
     b"GET * HTTP/1.1",

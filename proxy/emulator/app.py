@@ -327,5 +327,5 @@ def create_emulator_app(settings: EngineSettings | None = None, models: tuple[st
     app = web.Application(client_max_size=1 << 40)
     app[ENGINE] = engine
     app[FAULTS] = faults
-    app.router.add_route("*", "/{tail:.*}", dispatch)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", dispatch)  # `.` stops at a newline (%0A in a path)
     return app
