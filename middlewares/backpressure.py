@@ -749,8 +749,12 @@ class BackpressureStep(Step):
         """A queued request stops waiting (its timer fired, or its client left): out of the queue, or,
         when it was dispatched in the same turn (the slot counted in flight and the tenant charged, but
         the request never resumed to use them), the slot to the next waiter and the charge back:
-        nothing was served. Either way nothing stays held."""
-        if not gate.queue.remove(waiter) and future.done() and not future.cancelled():
+        nothing was served. Either way nothing stays held. A waiter pushed out in that turn (its future
+        holds Overload) was taken out of the queue without being popped: never charged, nothing to give
+        back, and its Overload is not raised here over the cancellation or the timeout."""
+        # Invariant: a waiter's future holds a result only if `pop` dispatched (and charged) it.
+        if (not gate.queue.remove(waiter) and future.done() and not future.cancelled()
+                and future.exception() is None):
             gate.queue.reconcile(tenant, weight, -cost)  # popped, so charged
             granted = future.result()
             if granted is not None:

@@ -16,9 +16,13 @@ import httpx
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
 
+from middlewares.backpressure import BackpressureConfig, BackpressureStep, ModelGate
+from proxy.errors import Overload
 from proxy.fairqueue import FairQueue, Waiter
 from proxy.ollama import model_key
+from proxy.upstreams import Upstream, UpstreamSet
 from tests.support.polling import until
 from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, start_emulator, start_proxy
@@ -402,3 +406,26 @@ async def test_names_no_replica_confirmed_get_no_shared_books(tmp_path: Path,
     finally:
         await asyncio.to_thread(proxy.stop)
         await asyncio.to_thread(emulator.stop)
+
+
+def test_a_pushed_out_waiter_that_leaves_in_the_same_turn_gives_nothing_back() -> None:
+    """A waiter pushed out of a full queue (its future holds Overload) whose client leaves, or whose
+    timer fires, before its task resumes: it was never popped, so never charged and holding no slot.
+    Giving up must neither refund its tenant a charge it never paid nor raise the Overload over the
+    cancellation."""
+    loop = asyncio.new_event_loop()
+    try:
+        fleet = UpstreamSet([Upstream("a", URL("http://127.0.0.1:9"))])
+        gate = ModelGate("llama3.2:latest", fleet, BackpressureConfig())
+        gate.queue.charge("t", 1.0, 100)  # the tenant has been served before
+        before = dict(gate.queue.counters)
+        future: asyncio.Future[Upstream | None] = loop.create_future()
+        waiter = Waiter("t", 1.0, "interactive", 100, future)
+        gate.queue.push(waiter)
+        assert gate.queue.remove(waiter)  # pushed out: taken out without being popped
+        future.set_exception(Overload("pushed out"))
+        BackpressureStep._give_up(gate, waiter, future, "t", 1.0, 100)
+        assert gate.queue.counters == before
+        assert sum(gate.in_flight.values()) == 0
+    finally:
+        loop.close()
