@@ -12,13 +12,14 @@ Open mode: with no tenants and no admin keys configured the proxy is a transpare
 every route stays open, as Ollama itself is. As soon as either is configured, `/system/*` needs an admin
 key and the model-management routes need an admin key or a tenant with `allow_management`.
 
-Always open, whatever the configuration, to GET and HEAD (any other method there would be forwarded to
-the replica): `/healthz` and `/readyz` (load-balancer and kubelet probes carry no key), unless
-`telemetry.metrics_auth` asks for the admin key `/metrics`; and a browser's CORS preflight (`OPTIONS`
-with `Origin` and `Access-Control-Request-Method`: the Fetch standard sends it without credentials, so
-refusing it keeps every browser client out; the replica answers it by its OLLAMA_ORIGINS, and the request
-that follows needs its key as any other). Placeholder keys (`anonymous.keys`, default `ollama`: the OpenAI
-SDK refuses to run without an api_key, so people pass one) count as no key while anonymous access is allowed.
+Always open, whatever the configuration, to GET and HEAD (any other method there needs a key like any route,
+and is then the proxy's 405, see proxy/ingress.py): `/healthz` and `/readyz` (load-balancer and kubelet
+probes carry no key), unless `telemetry.metrics_auth` asks for the admin key `/metrics`; and a browser's
+CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`: the Fetch standard sends it
+without credentials, so refusing it keeps every browser client out; the replica answers it by its
+OLLAMA_ORIGINS, and the request that follows needs its key as any other). Placeholder keys
+(`anonymous.keys`, default `ollama`: the OpenAI SDK refuses to run without an api_key, so people pass one)
+count as no key while anonymous access is allowed.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ __all__ = ["ANONYMOUS", "INTERNAL_HEADER", "METRICS_PATH", "OPEN_METHODS", "PROB
            "Tenant", "TenantDirectory", "is_management", "is_preflight"]
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
-OPEN_METHODS = frozenset({"GET", "HEAD"})
-"""The methods the proxy answers on its open routes. Any other method there is no probe: it falls through
-to the forwarder like any route the proxy does not serve, so it needs a key like any other request."""
 """Routes that never need a key: an orchestrator's probes must not depend on the keys."""
+OPEN_METHODS = frozenset({"GET", "HEAD"})
+"""The methods the proxy answers on its open routes. Any other method there is no probe: it needs a key
+like any other request (and is then refused with 405 by the ingress)."""
 METRICS_PATH = "/metrics"
 INTERNAL_HEADER = "X-SOP-Internal"
 """Carries a plugin sub-request's credential (a per-process secret and the tenant it runs as); removed

@@ -42,6 +42,17 @@ RELOADER = web.AppKey("reloader", Reloader)
 """The application's Reloader (the CLI installs its SIGHUP handler)."""
 
 
+def own_routes(app: web.Application) -> dict[str, tuple[str, ...]]:
+    """The proxy's own paths (every plain route registered before the catch-all) and the methods each
+    answers, sorted."""
+    owned: dict[str, set[str]] = {}
+    for route in app.router.routes():
+        resource = route.resource
+        if route.name != FORWARD_ROUTE and isinstance(resource, web.PlainResource):
+            owned.setdefault(resource.canonical, set()).add(route.method)
+    return {path: tuple(sorted(methods)) for path, methods in owned.items()}
+
+
 def build_state(config: Config, telemetry: Telemetry | None = None) -> StateBackend:
     """The configured state backend: memory, or Redis shared by proxy replicas behind a circuit breaker
     that applies `state.failure_mode` when Redis cannot answer (see state/failover.py)."""
@@ -195,4 +206,5 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
     # matched): Ollama answers those itself, not aiohttp's text/plain 404.
     app.router.add_route("*", r"/{tail:[\s\S]*}", forwarder.handle, name=FORWARD_ROUTE,
                          expect_handler=ingress.expect_handler)
+    ingress.own_routes = own_routes(app)
     return app

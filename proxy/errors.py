@@ -19,6 +19,7 @@ __all__ = [
     "InternalProxyError",
     "InvalidRequest",
     "MalformedBody",
+    "MethodNotAllowed",
     "ModelNotFound",
     "NoHealthyUpstream",
     "OutOfDescriptors",
@@ -67,6 +68,10 @@ class ProxyError(Exception):
         self.message = message
         self.retry_after_s = retry_after_s
 
+    def extra_headers(self) -> dict[str, str]:
+        """Headers of this refusal besides the content type and the retry ones (none by default)."""
+        return {}
+
 
 class RequestPayloadTooLarge(ProxyError):
     """The body is larger than `server.max_body_bytes`."""
@@ -83,6 +88,23 @@ class RequestHeaderFieldsTooLarge(ProxyError):
     status = 431
     code = "request_header_fields_too_large"
     should_retry = False
+
+
+class MethodNotAllowed(ProxyError):
+    """A method the proxy does not answer on one of its own routes (`/healthz`, `/readyz`, `/metrics`,
+    `/system/*`): 405 with `Allow`, as RFC 9110 asks. No replica knows these routes, so forwarding the
+    request (as any other unknown one is) could only reach a replica for nothing."""
+
+    status = 405
+    code = "method_not_allowed"
+    should_retry = False
+
+    def __init__(self, message: str, *, allow: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def extra_headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allow)}
 
 
 class ExpectationFailed(ProxyError):

@@ -30,7 +30,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .access import TenantDirectory
+from .access import TenantDirectory, is_preflight
 from .accesslog import AccessLog
 from .context import CONTEXT, DEADLINE_REQUEST_HEADER, RequestContext
 from .cors import OriginPolicy
@@ -39,6 +39,7 @@ from .errors import (
     InternalProxyError,
     InvalidRequest,
     MalformedBody,
+    MethodNotAllowed,
     ProxyError,
     RequestHeaderFieldsTooLarge,
     RequestPayloadTooLarge,
@@ -158,6 +159,9 @@ class Ingress:
         self._ids = itertools.count(1)
         self.access_log = AccessLog()
         self.origins = OriginPolicy(cors_origins)
+        self.own_routes: dict[str, tuple[str, ...]] = {}
+        """The proxy's own paths and the methods it answers there (`own_routes_of`, set once the routes
+        are registered): another method there is a 405, not forwarded."""
         """server.cors_origins: which browser origins may read the proxy's own answers."""
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}"
 
@@ -308,6 +312,12 @@ class Ingress:
             ctx.identity = self.directory.authenticate(request.path, request.headers, request.method)
             # Set before authorizing, so a refused request is logged under the tenant it came from.
             self.directory.authorize(ctx.identity, request.method, request.path, request.headers)
+            # After authorizing: a caller without a key learns nothing of the admin routes' methods.
+            if (allowed := self.own_routes.get(request.path)) is not None \
+                    and request.method not in allowed \
+                    and not is_preflight(request.method, request.headers):
+                raise MethodNotAllowed(f"{request.path} answers only {', '.join(allowed)}",
+                                       allow=allowed)
             ctx.set_deadline(self.default_deadline_s, request.headers.get(DEADLINE_REQUEST_HEADER))
             if ctx.root_span is not None and not ctx.identity.tenant.anonymous:
                 ctx.root_span.set_attribute(self.telemetry.names.tenant, ctx.identity.tenant.name)

@@ -134,6 +134,7 @@ def render(dialect: str, exc: ProxyError) -> tuple[int, dict[str, str], bytes]:
         headers["x-should-retry"] = "false"
     elif exc.retry_after_s is not None:
         headers.update(retry_headers(exc.retry_after_s))
+    headers.update(exc.extra_headers())
     return exc.status, headers, error_body(dialect, exc.status, exc.code, exc.message,
                                            exc.retry_after_s if exc.should_retry is not False else None)
 

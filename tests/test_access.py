@@ -266,13 +266,37 @@ def test_a_browser_preflight_needs_no_key(guarded: tuple[Server, Server]) -> Non
     ("PATCH", "/readyz")])
 def test_a_probe_path_is_open_only_to_the_methods_the_proxy_answers(guarded: tuple[Server, Server],
                                                                      method: str, path: str) -> None:
-    """The probes answer GET and HEAD; any other method on their paths is forwarded like an unknown
-    route, so without a key (anonymous access refused) it is a 401 and never reaches the replica
-    (which answered its own 404: a keyless request had reached it)."""
+    """The probes answer GET and HEAD; any other method on their paths needs a key like any route, so
+    without one (anonymous access refused) it is a 401 and never reaches the replica (which answered
+    its own 404: a keyless request had reached it). With a key it is the proxy's 405, never forwarded."""
     _, proxy = guarded
     reply = httpx.request(method, f"{proxy.url}{path}", content=b'{"model":"llama3.2"}')
     assert reply.status_code == 401, (reply.status_code, reply.text)
     assert reply.json()["code"] == "unauthorized"
-    # The probes themselves stay open; with a key, the replica's 404 (or, for /metrics, the admin's 403).
+    # The probes themselves stay open; with a key, the proxy's 405 (for /metrics, the admin's 403 first).
     assert httpx.head(f"{proxy.url}{path}").status_code in (200, 503)
-    assert httpx.request(method, f"{proxy.url}{path}", headers=_auth(TEAM)).status_code in (403, 404)
+    keyed = httpx.request(method, f"{proxy.url}{path}", headers=_auth(TEAM))
+    if path == "/metrics":
+        assert keyed.status_code == 403
+        keyed = httpx.request(method, f"{proxy.url}{path}", headers=_auth(ADMIN))
+    assert keyed.status_code == 405, (keyed.status_code, keyed.text)
+    assert keyed.headers["Allow"] == "GET, HEAD"
+    assert keyed.json()["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("POST", "/system/queue", "GET, HEAD"), ("DELETE", "/system/config", "GET, HEAD"),
+    ("PUT", "/system/events", "GET"), ("OPTIONS", "/system/quotas", "GET, HEAD")])
+def test_the_admin_routes_answer_405_to_other_methods(guarded: tuple[Server, Server], method: str,
+                                                      path: str, allow: str) -> None:
+    """No replica knows the proxy's own routes: another method there is the proxy's 405 with Allow (it
+    was forwarded, and the replica answered its 404), and only after the key is checked."""
+    _, proxy = guarded
+    assert httpx.request(method, f"{proxy.url}{path}").status_code == 401
+    reply = httpx.request(method, f"{proxy.url}{path}", headers=_auth(ADMIN))
+    assert reply.status_code == 405, (reply.status_code, reply.text)
+    assert reply.headers["Allow"] == allow
+    assert reply.json() == {"error": f"{path} answers only {allow}", "code": "method_not_allowed"}
+    assert reply.headers["x-should-retry"] == "false"
+    with httpx.stream("GET", f"{proxy.url}{path}", headers=_auth(ADMIN)) as served:  # events: a stream
+        assert served.status_code == 200
