@@ -275,9 +275,18 @@ class Ingress:
             return UnsupportedTransferCoding("only Transfer-Encoding: chunked is supported")
         return None
 
+    def _not_allowed(self, request: web.BaseRequest) -> MethodNotAllowed | None:
+        """The 405 due, once the caller is authorized, to a method the proxy does not answer on one of
+        its own routes (a CORS preflight aside: it goes where it went); None otherwise."""
+        allowed = self.own_routes.get(request.path)
+        if allowed is None or request.method in allowed or is_preflight(request.method, request.headers):
+            return None
+        return MethodNotAllowed(f"{request.path} answers only {', '.join(allowed)}", allow=allowed)
+
     async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: send `100 Continue` only when the request will be read. When it will
-        be refused (head, target, another expectation, declared size, authentication), send nothing:
+        be refused (head, target, another expectation, declared size, authentication, a method the proxy
+        does not answer on its own route), send nothing:
         the middleware answers with the final status without reading the body, and closes the
         connection."""
         if request.version != HttpVersion11:
@@ -291,6 +300,8 @@ class Ingress:
         try:
             self.directory.identify(request.method, request.path, request.headers)
         except ProxyError:
+            return None
+        if self._not_allowed(request) is not None:
             return None
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
@@ -313,11 +324,8 @@ class Ingress:
             # Set before authorizing, so a refused request is logged under the tenant it came from.
             self.directory.authorize(ctx.identity, request.method, request.path, request.headers)
             # After authorizing: a caller without a key learns nothing of the admin routes' methods.
-            if (allowed := self.own_routes.get(request.path)) is not None \
-                    and request.method not in allowed \
-                    and not is_preflight(request.method, request.headers):
-                raise MethodNotAllowed(f"{request.path} answers only {', '.join(allowed)}",
-                                       allow=allowed)
+            if (not_allowed := self._not_allowed(request)) is not None:
+                raise not_allowed
             ctx.set_deadline(self.default_deadline_s, request.headers.get(DEADLINE_REQUEST_HEADER))
             if ctx.root_span is not None and not ctx.identity.tenant.anonymous:
                 ctx.root_span.set_attribute(self.telemetry.names.tenant, ctx.identity.tenant.name)

@@ -220,6 +220,21 @@ def test_expect_continue_on_a_forbidden_route_is_refused_without_100(proxy: Serv
     assert b"100 Continue" not in response.raw_head
 
 
+@pytest.mark.parametrize("path", [b"/healthz", b"/system/queue"])
+def test_expect_continue_on_an_own_route_s_other_method_is_refused_without_100(proxy: Server,
+                                                                               path: bytes) -> None:
+    """A method the proxy does not answer on its own route is its 405, so no `100 Continue` either: the
+    client was invited to send a body the proxy never reads."""
+    with connect(proxy.port) as sock:
+        sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     + f"Authorization: Bearer {ADMIN}\r\n".encode() + b"Content-Length: 10\r\n\r\n")
+        response = read_response(sock, 5)
+    assert response.status == 405, response.status_line
+    assert b"100 Continue" not in response.raw_head + response.body
+    assert response.headers["allow"] == "GET, HEAD"
+    assert response.closed
+
+
 @pytest.mark.parametrize(("path", "openai"), [(b"/api/embed", False), (b"/v1/embeddings", True)])
 def test_an_unknown_expectation_is_a_417_in_the_route_s_shape(proxy: Server, path: bytes,
                                                               openai: bool) -> None:
