@@ -277,11 +277,14 @@ class Ingress:
 
     def _not_allowed(self, request: web.BaseRequest) -> MethodNotAllowed | None:
         """The 405 due, once the caller is authorized, to a method the proxy does not answer on one of
-        its own routes (a CORS preflight aside: it goes where it went); None otherwise."""
-        allowed = self.own_routes.get(request.path)
+        its own routes (a CORS preflight aside: it goes where it went); None otherwise. The path is
+        the one the router matches (`path_safe`: an encoded `/` stays encoded), so a target no own route
+        serves (`/system%2Fqueue`) is forwarded whatever its method, as its GET is."""
+        path = request.rel_url.path_safe
+        allowed = self.own_routes.get(path)
         if allowed is None or request.method in allowed or is_preflight(request.method, request.headers):
             return None
-        return MethodNotAllowed(f"{request.path} answers only {', '.join(allowed)}", allow=allowed)
+        return MethodNotAllowed(f"{path} answers only {', '.join(allowed)}", allow=allowed)
 
     async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: send `100 Continue` only when the request will be read. When it will

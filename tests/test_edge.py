@@ -272,6 +272,20 @@ def test_expect_continue_is_honoured_for_an_admissible_request(proxy: Server, ta
 
 
 # request targets ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+def test_an_encoded_slash_is_no_own_route_whatever_the_method(proxy: Server, method: bytes) -> None:
+    """`/system%2Fqueue` is routed as no own route (aiohttp matches with `%2F` kept): its GET is
+    forwarded, and so is its POST, not a 405 whose Allow names a GET the proxy does not serve there."""
+    response = request(proxy.port, method + b" /system%2Fqueue HTTP/1.1\r\nHost: x\r\n"
+                       + f"Authorization: Bearer {ADMIN}\r\n".encode()
+                       + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    assert response.status == 404, response.status_line  # the replica's
+    assert "allow" not in response.headers
+    assert request(proxy.port, b"POST /heal%74hz HTTP/1.1\r\nHost: x\r\n"
+                   + f"Authorization: Bearer {ADMIN}\r\n".encode()
+                   + b"Content-Length: 0\r\nConnection: close\r\n\r\n").status == 405
+
+
 def test_absolute_form_target_is_routed_by_its_path(proxy: Server) -> None:
     response = request(proxy.port, b"GET http://elsewhere.example/api/tags HTTP/1.1\r\nHost: x\r\n"
                        + _auth() + b"Connection: close\r\n\r\n")
