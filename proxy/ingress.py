@@ -159,10 +159,10 @@ class Ingress:
         self._ids = itertools.count(1)
         self.access_log = AccessLog()
         self.origins = OriginPolicy(cors_origins)
-        self.own_routes: dict[str, tuple[str, ...]] = {}
-        """The proxy's own paths and the methods it answers there (`own_routes_of`, set once the routes
-        are registered): another method there is a 405, not forwarded."""
         """server.cors_origins: which browser origins may read the proxy's own answers."""
+        self.own_routes: dict[str, tuple[str, ...]] = {}
+        """The proxy's own paths and the methods it answers there (app.own_routes, set once the routes
+        are registered): another method there is a 405, not forwarded."""
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}"
 
     def new_context(self, request: web.BaseRequest) -> RequestContext:
