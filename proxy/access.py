@@ -147,8 +147,8 @@ class TenantDirectory:
         self._by_name = {t.name: t for t in listed}
 
     def _open_route(self, path: str, method: str) -> bool:
-        # Only the methods the proxy answers there itself: `POST /healthz` would go to the replica,
-        # and a keyless request must not reach it where anonymous access is refused.
+        # Only the methods the proxy answers there itself: `POST /healthz` needs a key like any route
+        # (then the ingress's 405), so a keyless caller learns nothing where anonymous access is refused.
         return method in OPEN_METHODS and (
             path in PROBE_PATHS or (path == METRICS_PATH and not self.metrics_need_admin))
 
