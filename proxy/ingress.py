@@ -265,8 +265,9 @@ class Ingress:
                 and not (target == "*" and request.method == "OPTIONS")):
             return InvalidRequest("the request target must be a path (origin-form) or an absolute "
                                   "http(s) URL")
+        # An empty Expect is no expectation: Go's net/http ignores it, and aiohttp never asks the route.
         expect = request.headers.get("Expect")
-        if expect is not None and expect.lower() != "100-continue":
+        if expect and expect.lower() != "100-continue":
             return ExpectationFailed("only Expect: 100-continue is supported")
         # aiohttp refuses several Transfer-Encoding lines and `chunked` anywhere but last; what it
         # lets through before `chunked` it does not decode.

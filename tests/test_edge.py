@@ -257,6 +257,15 @@ def test_an_unknown_expectation_is_a_417_in_the_route_s_shape(proxy: Server, pat
     _has_edge_headers(proxy, response)
 
 
+def test_an_empty_expectation_is_none(proxy: Server) -> None:
+    """An empty `Expect` asks for nothing: Go's net/http (so Ollama) serves the request, as the proxy
+    did before it answered other expectations itself (aiohttp skips the expect handler for it)."""
+    response = request(proxy.port, b"GET /api/tags HTTP/1.1\r\nHost: x\r\nExpect: \r\n" + _auth()
+                       + b"Connection: close\r\n\r\n")
+    assert response.status == 200, (response.status_line, response.body)
+    assert "models" in response.json()
+
+
 @pytest.mark.parametrize("target", [b"/api/generate", b"http://elsewhere.example/api/generate"])
 def test_expect_continue_is_honoured_for_an_admissible_request(proxy: Server, target: bytes) -> None:
     body = b'{"model":"llama3.2","prompt":"hi","stream":false,"options":{"num_predict":2}}'
