@@ -117,9 +117,11 @@ class ExpectationFailed(ProxyError):
 
 
 class UnsupportedTransferCoding(ProxyError):
-    """A request Transfer-Encoding other than `chunked` alone (`gzip, chunked`): 501 as Go's net/http
-    answers it. aiohttp reads only the chunked framing, so the body would reach the replica still
-    coded and with nothing left to say so (Transfer-Encoding is hop-by-hop). The body is not read."""
+    """A request Transfer-Encoding with another coding before `chunked` (`gzip, chunked`): 501 as Go's
+    net/http answers it (one not ending in `chunked` never gets here: aiohttp's parser refuses it, a 400
+    `bad_request` as RFC 9112 asks). aiohttp reads only the chunked framing, so the body would reach
+    the replica still coded and with nothing left to say so (Transfer-Encoding is hop-by-hop). The body
+    is not read."""
 
     status = 501
     code = "unsupported_transfer_coding"
