@@ -3,9 +3,10 @@ so a value can neither split a record or a header block nor forge a field of it.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 
-__all__ = ["escape", "escape_char"]
+__all__ = ["escape", "escape_char", "withheld"]
 
 
 def escape_char(char: str) -> str:
@@ -22,3 +23,11 @@ def escape(text: str, limit: int, keep: Callable[[str], bool]) -> str:
     if len(text) > limit:
         out.append("...")
     return "".join(out)
+
+
+def withheld(exc: BaseException) -> str:
+    """`exc` for a log line: its type and its frames (the code's files, lines and source), never its
+    message, which may quote what a client sent (a parser's raw bytes, `int()` of a client's text, a
+    KeyError of its key)."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    return f"{type(exc).__name__} (message withheld)\n{frames}".rstrip("\n")

@@ -47,7 +47,7 @@ from .errors import (
     ShuttingDown,
     UnsupportedTransferCoding,
 )
-from .escaping import escape
+from .escaping import escape, withheld
 from .ollama import classify, path_model
 from .rendering import render
 from .schema import OLLAMA_DEFAULT_ORIGINS
@@ -345,8 +345,9 @@ class Ingress:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("internal error handling %s %s", request.method, ctx.route.template
-                          or "(other)")
+            # Not log.exception: the exception's message may quote what the client sent.
+            log.error("internal error handling %s %s: %s", escape_field(request.method),
+                      ctx.route.template or "(other)", withheld(exc))
             if ctx.root_span is not None:
                 ctx.root_span.record_exception(exc)
             if request.transport is None or request.transport.is_closing():

@@ -18,7 +18,6 @@ import os
 import resource
 import signal
 import sys
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +27,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
-from .escaping import escape
+from .escaping import escape, withheld
 from .rendering import error_body
 
 __all__ = [
@@ -248,8 +247,7 @@ class EdgeHandler(RequestHandler):
             exc_info = sys.exc_info()[1]
         message = str(args[0]) if args else "error"
         if isinstance(exc_info, BaseException):
-            frames = "".join(traceback.format_tb(exc_info.__traceback__))
-            log.error("%s: %s (message withheld)\n%s", message, type(exc_info).__name__, frames)
+            log.error("%s: %s", message, withheld(exc_info))
         else:
             log.error("%s", message)
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.accesslog import AccessLog
+from proxy.escaping import withheld
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s [worker 2] %(message)s"
 _STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
@@ -65,3 +66,20 @@ def test_anything_else_configured_gets_logging_itself(cli_logging: io.StringIO,
     finally:
         logging.getLogger("proxy.access").setLevel(logging.NOTSET)
     assert cli_logging.getvalue().count("\n") == 1 and not caplog.records  # INFO is off: no line
+
+
+def test_an_exception_in_a_log_line_keeps_its_frames_but_no_client_text() -> None:
+    """What the ingress and the edge log for an unexpected exception: its type and where it was raised,
+    never its message, which may quote a client's text (a parser's raw bytes, int() of a field)."""
+    secret = "sk-client-secret-in-a-message"
+
+    def parse_field() -> int:
+        return int(secret)
+
+    try:
+        parse_field()
+    except ValueError as exc:
+        line = withheld(exc)
+    assert secret not in line
+    assert line.startswith("ValueError (message withheld)")
+    assert "parse_field" in line and "return int(secret)" in line
