@@ -733,6 +733,7 @@ class BackpressureStep(Step):
             raise AssertionError("unreachable") from None  # decide raised in enforce mode
         except asyncio.CancelledError:
             self._give_up(gate, waiter, future, tenant, weight, cost)  # the client left
+            self.decide(ctx, span, "cancelled")  # counted: abandoned waits are a load signal too
             raise
         if replica is None:
             gate.queue.reconcile(tenant, weight, -cost)  # popped (and charged) without being served

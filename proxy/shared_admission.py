@@ -219,6 +219,7 @@ class SharedAdmission:
         except asyncio.CancelledError:
             if not self._give_back(ticket):
                 slots.spawn(slots.leave(ticket))
+            step.decide(ctx, span, "cancelled")  # as in the process's own queue
             raise
         except StateDown:
             await slots.leave(ticket)

@@ -23,6 +23,7 @@ from proxy.errors import Overload
 from proxy.fairqueue import FairQueue, Waiter
 from proxy.ollama import model_key
 from proxy.upstreams import Upstream, UpstreamSet
+from tests.support.metrics import metric
 from tests.support.polling import until
 from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, start_emulator, start_proxy
@@ -189,6 +190,7 @@ async def test_leaving_frees_capacity_at_once(tmp: Path) -> None:
             await until(lambda: _queued(proxy, 1, 2), what="one running, two queued")
             leaving.cancel()  # leaves while queued
             await until(lambda: _queued(proxy, 1, 1), what="the cancelled request out of the queue")
+            assert metric(proxy.url, "sop_backpressure_decisions_total", decision="cancelled") == 1
             running.close()  # leaves while running: the queued one gets the slot at once
             status, _, took = await queued
             assert status == 200 and took < 3.0  # generous: a loaded CI machine
