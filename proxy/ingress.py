@@ -290,9 +290,8 @@ class Ingress:
     async def expect_handler(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: send `100 Continue` only when the request will be read. When it will
         be refused (head, target, another expectation, declared size, authentication, a method the proxy
-        does not answer on its own route), send nothing:
-        the middleware answers with the final status without reading the body, and closes the
-        connection."""
+        does not answer on its own route), send nothing: the middleware answers with the final status
+        without reading the body, and closes the connection."""
         if request.version != HttpVersion11:
             return None
         if self._refusal(request) is not None:
