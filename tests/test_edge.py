@@ -55,8 +55,8 @@ def proxy(emulator: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     server.stop()
 
 
-def _auth() -> bytes:
-    return f"Authorization: Bearer {KEY}\r\n".encode()
+def _auth(key: str = KEY) -> bytes:
+    return f"Authorization: Bearer {key}\r\n".encode()
 
 
 def _wait_for_log(server: Server, pattern: str, timeout_s: float = 10.0) -> str:
@@ -227,7 +227,7 @@ def test_expect_continue_on_an_own_route_s_other_method_is_refused_without_100(p
     client was invited to send a body the proxy never reads."""
     with connect(proxy.port) as sock:
         sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                     + f"Authorization: Bearer {ADMIN}\r\n".encode() + b"Content-Length: 10\r\n\r\n")
+                     + _auth(ADMIN) + b"Content-Length: 10\r\n\r\n")
         response = read_response(sock, 5)
     assert response.status == 405, response.status_line
     assert b"100 Continue" not in response.raw_head + response.body
@@ -286,12 +286,12 @@ def test_an_encoded_slash_is_no_own_route_whatever_the_method(proxy: Server, met
     """`/system%2Fqueue` is routed as no own route (aiohttp matches with `%2F` kept): its GET is
     forwarded, and so is its POST, not a 405 whose Allow names a GET the proxy does not serve there."""
     response = request(proxy.port, method + b" /system%2Fqueue HTTP/1.1\r\nHost: x\r\n"
-                       + f"Authorization: Bearer {ADMIN}\r\n".encode()
+                       + _auth(ADMIN)
                        + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
     assert response.status == 404, response.status_line  # the replica's
     assert "allow" not in response.headers
     assert request(proxy.port, b"POST /heal%74hz HTTP/1.1\r\nHost: x\r\n"
-                   + f"Authorization: Bearer {ADMIN}\r\n".encode()
+                   + _auth(ADMIN)
                    + b"Content-Length: 0\r\nConnection: close\r\n\r\n").status == 405
 
 
