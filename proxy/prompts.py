@@ -285,6 +285,10 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 32 else text[:29] + "..."
 
 
+_LOAD_ORDER = tuple(sorted(LOAD_OPTIONS))
+"""The load-time options in a fixed order: the change list reads the same for the same body."""
+
+
 def canonicalize(body: dict[str, Any], canonical: dict[str, Any], strip_others: bool
                  ) -> tuple[dict[str, Any], list[str]]:
     """Rewrite a native body's load-time options (and keep_alive) to the model's canonical values.
@@ -298,7 +302,7 @@ def canonicalize(body: dict[str, Any], canonical: dict[str, Any], strip_others: 
     if options is not None and not isinstance(options, dict):
         return body, changes
     options = dict(options) if isinstance(options, dict) else {}
-    for name in sorted(LOAD_OPTIONS | set(options) & LOAD_OPTIONS):
+    for name in _LOAD_ORDER:
         if name in canonical and name != "keep_alive":
             if name not in options:
                 changes.append(f"{name}=+{canonical[name]}")
