@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from .escaping import escape, withheld
@@ -241,13 +241,27 @@ class EdgeHandler(RequestHandler):
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """aiohttp's exception log, without the exception's message: for parser errors it quotes raw
-        request bytes (headers, keys). The type and the frames are enough to debug."""
+        request bytes (headers, keys). The type and the frames are enough to debug.
+
+        A `RequestPayloadError` here is the client's body failing to decode or frame while aiohttp
+        reads and drops its unread rest after the answer (the request was answered already, a 400
+        when the proxy had read that far): the client's doing, not the proxy's, so INFO without
+        frames, and the connection closes as for any error. At ERROR any client could fill the log
+        and set off alerts with one bad body per request."""
         exc_info = kw.pop("exc_info", None)
         if exc_info is True:
             exc_info = sys.exc_info()[1]
         message = str(args[0]) if args else "error"
-        if isinstance(exc_info, BaseException):
-            log.error("%s: %s", message, withheld(exc_info))
+        if isinstance(exc_info, RequestPayloadError):
+            log.info("dropped the rest of a request body from %s that could not be read (%s)",
+                     escape_field(self._peer()), type(exc_info).__name__)
+            return
+        self._log_error(message, exc_info)
+
+    @staticmethod
+    def _log_error(message: str, exc: BaseException | None) -> None:
+        if isinstance(exc, BaseException):
+            log.error("%s: %s", message, withheld(exc))
         else:
             log.error("%s", message)
 
@@ -262,7 +276,7 @@ class EdgeHandler(RequestHandler):
         # on_response_prepare (aiohttp sends it only for a routed request). The id goes in the log line.
         headers = self._error_headers()
         if status >= 500:
-            self.log_exception("error handling a request", exc_info=exc)
+            self._log_error("error handling a request", exc)  # a 500 is ours, whatever raised it
             code, text = "internal_error", "internal proxy error"
         else:
             if isinstance(exc, LineTooLong) or (

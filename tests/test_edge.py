@@ -767,3 +767,34 @@ def test_a_broken_chunk_after_the_head_is_a_400(proxy: Server, path: bytes, brok
     assert response.closed
     time.sleep(0.2)
     assert "Traceback" not in proxy.log()
+
+
+@pytest.mark.parametrize("path", [b"/v1/chat/completions", b"/v1/embeddings", b"/api/embed"])
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_an_undecodable_body_is_the_client_s_400_and_no_error_in_the_log(proxy: Server, path: bytes,
+                                                                        framing: str) -> None:
+    """A body that does not decode as its Content-Encoding says is the client's mistake: a 400 in the
+    route's shape, the connection closed, and nothing at ERROR level in the log (before, aiohttp's
+    reading of the body's unread rest after the answer raised the decoding error again, and the log
+    had `ERROR ... Unhandled exception: RequestPayloadError` and its frames for every such request, an
+    alert any client could set off)."""
+    before = len(proxy.log())
+    body = b'{"model":"llama3.2","input":"not gzip at all"}'
+    framed = (b"Content-Length: %d\r\n\r\n%b" % (len(body), body) if framing == "length"
+              else b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+    with connect(proxy.port) as sock:
+        sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + _auth()
+                     + b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n" + framed)
+        response = read_response(sock, 10)
+    assert response.status == 400, response.body
+    if path.startswith(b"/v1/"):
+        assert response.json()["error"]["code"] == "invalid_request", response.body
+    else:
+        assert response.json()["code"] == "invalid_request", response.body
+    # The server closed the connection, so whatever it had to log about it is written.
+    assert response.closed
+    request_id = response.headers["x-request-id"]
+    wait_for(lambda: request_id in proxy.log()[before:], what="the request's access-log line")
+    time.sleep(0.2)
+    written = proxy.log()[before:]
+    assert " ERROR " not in written, written
