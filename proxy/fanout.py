@@ -37,6 +37,9 @@ REPLICA_HEADER = "X-Ollama-Replica"
 """Request header naming the one replica a request must go to (admin keys only)."""
 RESULTS_HEADER = "X-Replica-Results"
 _JSON = "application/json; charset=utf-8"
+"""gin's c.JSON, what Ollama's native listings (`/api/tags`, `/api/ps`) answer with."""
+_JSON_OPENAI = "application/json"
+"""What Ollama's /v1 middleware sets on `/v1/models` (no charset; json.Encoder adds the newline)."""
 _READ_TIMEOUT_S = 10.0
 _RETRY_AFTER_S = 5.0
 """A busy replica's 429 or 503 relayed without a (valid) Retry-After: the forwarder's default wait."""
@@ -76,6 +79,7 @@ class FanOut:
         headers = {"Content-Type": _JSON, RESULTS_HEADER: results}
         if scope == "models":
             data = _union([(u, body.get("data")) for u, body in answered], "id")
+            headers["Content-Type"] = _JSON_OPENAI
             return web.Response(body=orjson.dumps({"object": "list", "data": data or None}) + b"\n",
                                 headers=headers)
         entries = _union([(u, body.get("models")) for u, body in answered], "name",

@@ -67,6 +67,21 @@ def test_read_routes_are_merged(fleet: tuple[Server, Server, Server]) -> None:
     assert httpx.get(f"{proxy.url}/api/version").json() == {"version": "0.33.0"}
 
 
+def test_merged_listings_are_framed_as_a_replica_frames_them(fleet: tuple[Server, Server, Server]) -> None:
+    """The merged `/v1/models` and `/api/tags` carry the Content-Type and framing a replica gives the
+    route (Ollama's /v1 middleware writes `application/json` and json.Encoder's newline; gin's
+    `/api/tags` `application/json; charset=utf-8` and none), so a client cannot tell a fleet from one
+    daemon by them (before: the merged /v1/models said `application/json; charset=utf-8`)."""
+    a, _, proxy = fleet
+    auth = {"Authorization": f"Bearer {TENANT}"}
+    for path in ("/v1/models", "/api/tags"):
+        own = httpx.get(f"{a.url}{path}")
+        merged = httpx.get(f"{proxy.url}{path}", headers=auth)
+        assert merged.headers["X-Replica-Results"] == "a=ok, b=ok"
+        assert merged.headers["content-type"] == own.headers["content-type"], path
+        assert merged.content.endswith(b"\n") == own.content.endswith(b"\n"), path
+
+
 def test_management_goes_to_every_replica(fleet: tuple[Server, Server, Server]) -> None:
     a, b, proxy = fleet
     tenant = ollama.Client(host=proxy.url, headers={"Authorization": f"Bearer {TENANT}"})
