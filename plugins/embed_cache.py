@@ -25,7 +25,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from proxy.embeddings import Ask, apportion, parse_ask, read_answer, render, respond, to_base64
 from proxy.errors import DeadlinePassed
 from proxy.ollama import Usage
-from proxy.plugin import Plugin, PluginConfig, PluginServices
+from proxy.plugin import Plugin, PluginConfig, PluginServices, shadowing
 from proxy.schema import redis_url
 
 if TYPE_CHECKING:
@@ -329,6 +329,17 @@ class EmbedCache(Plugin):
             self._pending[id(ctx)] = (ask, keys, digest)
             decide("miss")
             return None
+        if shadowing():
+            # The merged answer would be discarded and the whole request served upstream: fetching
+            # the misses first would have the replica embed them twice, and charge the caller twice.
+            # Say what would have happened, and cache the whole answer as it goes by, as for a miss.
+            # The stand-in answer only tells the chain that this one would have been answered here
+            # (X-Shadow-Decision); shadow mode discards it unsent.
+            self.hits += hits
+            self.misses += misses
+            self._pending[id(ctx)] = (ask, keys, digest)
+            decide("partial")
+            return web.Response(status=200)
         answer = await self._fetch_misses(ask, keys, digest, found, ctx)
         if answer is None:
             self.misses += len(keys)

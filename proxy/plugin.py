@@ -33,6 +33,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
 from importlib import import_module, metadata
 from pkgutil import iter_modules
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
@@ -68,10 +69,23 @@ __all__ = [
     "ResponseObserver",
     "Subrequests",
     "discover",
+    "shadowing",
     "structure_plugins",
 ]
 
 log = logging.getLogger("proxy.plugin")
+
+_SHADOWING: ContextVar[bool] = ContextVar("sop_plugin_shadowing", default=False)
+"""Set around a plugin's request phase: whether what it does there will be discarded (see shadowing)."""
+
+
+def shadowing() -> bool:
+    """Whether the plugin request phase running now is in shadow mode (its mode, or a `rollout` canary
+    that only shadows this tenant): its rewrite and answer will be discarded and the request served
+    as it came. A plugin never needs this to be correct; one whose answer costs work upstream (a
+    sub-request) should skip that work here and decide what it would have done, since the replica
+    would then do it twice and the tenant would pay twice for an answer nobody gets."""
+    return _SHADOWING.get()
 
 ENTRY_POINT_GROUP = "shared_ollama_proxy.plugins"
 SLOTS = ("before_limits", "before_backpressure")
@@ -556,6 +570,7 @@ class PluginStep:
         """The plugin's request phase, a CancelledError nobody asked this request for turned into
         StrayCancellation (a failure, fail-open like any other): let through, it would end the
         request as if the client had left, without a response."""
+        shadowed = _SHADOWING.set(self.mode_of(ctx) == "shadow")
         try:
             return await self.plugin.on_request(request, ctx, decide)
         except asyncio.CancelledError:
@@ -563,6 +578,8 @@ class PluginStep:
             if task is None or task.cancelling():
                 raise  # the client left, the deadline's bound or the stop sequence
             raise StrayCancellation() from None
+        finally:
+            _SHADOWING.reset(shadowed)
 
     @staticmethod
     def _restore(ctx: RequestContext, body: bytes | None, parsed: Any, *,

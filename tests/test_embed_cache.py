@@ -403,6 +403,49 @@ def test_a_shadow_hit_leaves_the_request_accounted_as_the_forwarder_serves_it(tm
         proxy.stop()
 
 
+def test_a_shadow_partial_hit_sends_nothing_upstream_of_its_own(tmp_path: Path, emulator: Server) -> None:
+    """In shadow mode a partial hit's answer would be discarded and the whole request served upstream:
+    sending its misses first (a sub-request, as the caller when `tenant` is unset) had the replica embed
+    them twice and charged the caller for both (before: two upstream calls, the misses' tokens charged
+    twice). It reports `partial`, sends nothing of its own, and caches the whole answer as a miss does."""
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "admin": {"keys": ["sk-embed-admin"]},
+        "tenants": [{"name": "meter", "keys": ["sk-embed-meter"], "tokens_per_minute": 1200}],
+        "chain": {"health": {"probe_interval_s": 0.5}},
+        "models": {MODEL: {"options": {"num_ctx": 2048}}},
+        "plugins": [{"name": "embed_cache", "mode": "shadow"}]}, name="cache-shadow-partial")
+    headers = {"Authorization": "Bearer sk-embed-meter"}
+
+    def remaining() -> float:
+        quotas = httpx.get(f"{proxy.url}/system/quotas", timeout=5,
+                           headers={"Authorization": "Bearer sk-embed-admin"}).json()
+        return float(quotas["tenants"]["meter"]["tokens_per_minute"]["remaining"])
+
+    try:
+        cached = " ".join(f"kept{i}" for i in range(40))
+        deadline = time.monotonic() + 20
+        while (reply := httpx.post(f"{proxy.url}/api/embed", json={"model": MODEL, "input": cached},
+                                   headers=headers, timeout=30)
+               ).headers.get("x-shadow-decision") != "embed_cache=hit":
+            assert reply.status_code == 200 and time.monotonic() < deadline, reply.headers
+            time.sleep(0.3)
+        body = {"model": MODEL, "input": [cached, " ".join(f"new{i}" for i in range(40))]}
+        wait_for(lambda: remaining() >= 1199, 20, "a full bucket")
+        calls, before = _embed_calls(emulator), time.monotonic()
+        reply = httpx.post(f"{proxy.url}/api/embed", json=body, headers=headers, timeout=30)
+        spent, elapsed = 1200 - remaining(), time.monotonic() - before
+        assert reply.status_code == 200 and reply.headers["x-shadow-decision"] == "embed_cache=partial"
+        assert _embed_calls(emulator) == calls + 1  # the request itself, and nothing else
+        # Charged the request's own count once (less what refilled meanwhile: 20 tokens a second).
+        prompt = int(reply.json()["prompt_eval_count"])
+        assert prompt - 20 * elapsed - 2 <= spent <= prompt + 2, (spent, prompt)
+        # Its answer was cached as it went by: the same request is now a whole hit.
+        again = httpx.post(f"{proxy.url}/api/embed", json=body, headers=headers, timeout=30)
+        assert again.headers["x-shadow-decision"] == "embed_cache=hit"
+    finally:
+        proxy.stop()
+
+
 def test_config_is_validated_with_the_key_path() -> None:
     with pytest.raises(PluginError, match=r"plugins\[0\]\.max_bytes: must be > 0"):
         structure_plugins([{"name": "embed_cache", "max_bytes": 0}])
