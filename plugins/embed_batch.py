@@ -31,7 +31,7 @@ from proxy.embeddings import Answer, Ask, apportion, parse_ask, read_answer, ren
 from proxy.errors import DeadlinePassed
 from proxy.offload import OFFLOAD_BYTES, off_loop
 from proxy.ollama import Usage
-from proxy.plugin import Plugin, PluginConfig, PluginServices
+from proxy.plugin import Plugin, PluginConfig, PluginServices, shadowing
 from proxy.tokens import Tokenizer
 
 if TYPE_CHECKING:
@@ -77,13 +77,19 @@ class EmbedBatchConfig(PluginConfig):
 @attrs.define
 class _Waiter:
     ask: Ask
-    future: asyncio.Future[tuple[list[bytes], int, int, int] | None]
+    future: asyncio.Future[tuple[list[bytes], int, int, int] | int | None]
+    """Its vectors, tokens, batch size and duration; None: go on alone; an int (shadow mode only):
+    the number of requests its batch would have held, nothing having been sent for it."""
     counts: dict[str, int] | None = None
     """Each distinct input's token count by the model's own tokenizer (None: only the estimate)."""
     sent: bool = False
     """Its inputs went upstream in a batch: the replica works for it whether it stays or not."""
     batch: _Sent | None = None
     """The batch it went upstream in (once sent)."""
+    shadow: bool = False
+    """The plugin shadows this request: it meets the others of its window (which says what would have
+    happened) but its inputs are not sent, since its answer would be discarded and the request served
+    upstream by itself all the same (the replica would embed them twice)."""
 
 
 @attrs.define
@@ -174,7 +180,7 @@ class EmbedBatch(Plugin):
             return None
         started = time.monotonic()
         counts = await self._count(ask.model, texts, size)
-        waiter = _Waiter(ask, asyncio.get_running_loop().create_future(), counts)
+        waiter = _Waiter(ask, asyncio.get_running_loop().create_future(), counts, shadow=shadowing())
         self._join(waiter, texts, size)
         # Cancelled here (the client left) or past the request's deadline: the future is cancelled and
         # the batch leaves its inputs out if it has not gone yet; nothing is held meanwhile. If it had
@@ -195,6 +201,12 @@ class EmbedBatch(Plugin):
         if result is None:
             decide("alone")
             return None
+        if isinstance(result, int):
+            decide("batched")
+            ctx.response_headers["X-Embed-Batch"] = f"requests={result}"
+            # A stand-in for the answer it would have had, which tells the chain it would have
+            # answered (X-Shadow-Decision); shadow mode discards it unsent.
+            return web.Response(status=200)
         vectors, tokens, requests, total_duration_ns = result
         del total_duration_ns
         self.requests += 1
@@ -256,6 +268,14 @@ class EmbedBatch(Plugin):
             batch.timer.cancel()
             batch.timer = None
         live = [waiter for waiter in batch.waiters if not waiter.future.done()]
+        if len(live) <= 1:
+            for waiter in live:
+                waiter.future.set_result(None)
+            return
+        for waiter in live:
+            if waiter.shadow:  # would have gone with the others; its request goes upstream alone
+                waiter.future.set_result(len(live))
+        live = [waiter for waiter in live if not waiter.shadow]
         if len(live) <= 1:
             for waiter in live:
                 waiter.future.set_result(None)

@@ -401,3 +401,29 @@ def test_a_batch_whose_requests_all_left_is_cancelled(tmp_path: Path) -> None:
     finally:
         proxy.stop()
         emulator.stop()
+
+
+def test_in_shadow_mode_a_batch_is_reported_and_nothing_is_sent_for_it(tmp_path: Path,
+                                                                      emulator: Server) -> None:
+    """Shadowed, the batch's answers would be discarded and every request served upstream by itself:
+    sending the batch as well had the replica embed every input twice (before: one call more than
+    requests, the batch's). Each request is told it would have been batched, and only the requests
+    themselves go upstream."""
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "tenants": [{"name": "a", "keys": [KEYS["a"]]}],
+        "models": {MODEL: {"options": {"num_ctx": 2048}}},
+        "plugins": [{"name": "embed_batch", "window_s": 0.5, "mode": "shadow"}]}, name="batch-shadow")
+    try:
+        requests = [("a", "/api/embed", {"model": MODEL, "input": [f"shadowed {i}", "shared"]})
+                    for i in range(3)]
+        calls = _calls(emulator)
+        replies = asyncio.run(_send(proxy, requests))
+        assert [r.status_code for r in replies] == [200] * 3, [r.text for r in replies]
+        assert [r.headers.get("x-shadow-decision") for r in replies] == ["embed_batch=batched"] * 3
+        assert all("x-embed-batch" not in r.headers for r in replies)
+        assert _calls(emulator) == calls + 3  # the three requests, and no batch besides
+        for (_, path, body), reply in zip(requests, replies, strict=True):  # served as they came
+            assert orjson.loads(reply.content)["embeddings"] == \
+                orjson.loads(_direct(emulator, path, body).content)["embeddings"]
+    finally:
+        proxy.stop()
