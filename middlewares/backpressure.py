@@ -45,6 +45,7 @@ from proxy.placement import Placement, Placing
 from proxy.prompts import request_cost
 from proxy.schema import Mode, RolloutConfig, positive, ratio
 from proxy.telemetry import semconv
+from proxy.telemetry.metrics import DURATION_BUCKETS_S
 from proxy.telemetry.setup import Telemetry
 from proxy.upstreams import Upstream, UpstreamSet
 
@@ -504,7 +505,8 @@ class BackpressureStep(Step):
         meter = telemetry.meter
         self.wait_histogram = meter.create_histogram(
             telemetry.names.metric_queue_wait, unit="s",
-            description="Time requests waited in the proxy's queue before getting a slot.")
+            description="Time requests waited in the proxy's queue before getting a slot.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
         meter.create_observable_gauge(
             telemetry.names.metric_queue_depth, callbacks=[self._observe_depth],
             unit="{request}", description="Requests waiting, per model and lane.")

@@ -38,6 +38,7 @@ from proxy.ollama import model_key
 from proxy.prompts import canonicalize, count_prompt, int_option, truncate_prompt
 from proxy.schema import Mode, ModelConfig, PromptPolicy, RolloutConfig, positive
 from proxy.telemetry import semconv
+from proxy.telemetry.metrics import COUNT_BUCKETS_S
 from proxy.telemetry.setup import Telemetry
 from proxy.tokens import Tokenizer, TokenizerRegistry
 from proxy.upstreams import DEFAULT_NUM_CTX, UpstreamSet
@@ -110,7 +111,8 @@ class LimitsStep(Step):
             description="Responses whose prompt_eval_count shows Ollama silently truncated the prompt.")
         self.count_seconds = telemetry.meter.create_histogram(
             telemetry.names.metric_limits_count_duration, unit="s",
-            description="Time spent counting prompt tokens.")
+            description="Time spent counting prompt tokens.",
+            explicit_bucket_boundaries_advisory=COUNT_BUCKETS_S)
 
     def reconfigure(self, config: LimitsConfig, models: dict[str, ModelConfig] | None = None) -> None:
         super().reconfigure(config)

@@ -146,6 +146,28 @@ def test_prometheus_metrics(proxy: Server) -> None:
     assert {"/api/chat", "/api/generate", "/api/embed"} <= routes
 
 
+def test_every_seconds_histogram_has_buckets_in_seconds(proxy: Server) -> None:
+    """A `*_seconds` histogram created without bucket advice got the SDK's default boundaries, which are
+    milliseconds (0, 5, 10, ... 10000): every queue wait and token count then fell in `le="5"`, and the
+    dashboard's P95 queue wait read ~4.75 s for waits of a few milliseconds."""
+    client = ollama.Client(host=proxy.url)
+    client.chat(model="llama3.2", messages=[{"role": "user", "content": "hello"}])
+    text = httpx.get(f"{proxy.url}/metrics").text
+    checked = set()
+    for family in text_string_to_metric_families(text):
+        if family.type != "histogram" or not family.name.endswith("_seconds"):
+            continue
+        bounds = {float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")}
+        finite = sorted(b for b in bounds if b != float("inf"))
+        if not finite:
+            continue
+        checked.add(family.name)
+        assert finite[0] < 0.1 and finite[-1] <= 300, (family.name, finite)
+    # The two that had the default boundaries, besides those of the HTTP and GenAI conventions.
+    assert {"sop_queue_wait_seconds", "sop_limits_count_duration_seconds",
+            "http_server_request_duration_seconds"} <= checked
+
+
 def test_chain_steps_have_their_own_spans(tmp: Path, upstream: Server) -> None:
     """limits and quotas each emit one INTERNAL span, a sibling under the root SERVER span, ended before
     the upstream CLIENT span starts; a rejection marks its step's span with error.type."""

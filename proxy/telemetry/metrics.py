@@ -1,7 +1,9 @@
 """The proxy's metric instruments, created once per process from a Meter.
 
 Duration histograms use the GenAI/HTTP semconv bucket advice: seconds with boundaries that reach minutes,
-because a completion of 45 s is normal here.
+because a completion of 45 s is normal here. Every histogram in seconds gets boundaries in seconds
+(`DURATION_BUCKETS_S`, `COUNT_BUCKETS_S`): without advice the SDK's defaults are milliseconds (0, 5, 10,
+... 10000), which would put nearly every sample in the `le="5"` bucket.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from . import semconv
 
-__all__ = ["DURATION_BUCKETS_S", "TOKEN_BUCKETS", "ProxyMetrics"]
+__all__ = ["COUNT_BUCKETS_S", "DURATION_BUCKETS_S", "TOKEN_BUCKETS", "ProxyMetrics"]
 
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90,
                       120, 180, 300)
+COUNT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                   2.5)
+"""Work the proxy does itself (counting a prompt's tokens): from a tenth of a millisecond to seconds."""
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 
 
