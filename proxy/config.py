@@ -288,8 +288,29 @@ def structure(data: Mapping[str, Any]) -> Config:
         raise ConfigError(str(exc)) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error: PyYAML keeps
+    the last silently, so a second `tenants:` or `admin:` block appended to a file would drop the first
+    one's keys and tenants without a word. Keys brought in by a merge (`<<: *defaults`) may still be
+    overridden: only the keys written in the mapping itself are compared."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                # The key's name as written (bounded); never the value, which may be a secret.
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {str(key)[:60]!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read `path` (or the defaults when None), validate it, then apply environment overrides."""
+    """Read `path` (or the defaults when None), validate it, then apply environment overrides. A key
+    written twice in one mapping is refused."""
     data: Any = {}
     if path is not None:
         try:
@@ -300,7 +321,7 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
             # Where, never the bytes around it (they may be part of a key).
             raise ConfigError(f"{path}: not UTF-8 text (an invalid byte at offset {exc.start})") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_StrictLoader) or {}  # a SafeLoader: no Python objects
         except yaml.YAMLError as exc:
             # Where and what, never the offending line itself: it may hold a key (this message is logged
             # and shown by /system/config when a reload is refused).

@@ -328,3 +328,35 @@ def test_numbers_past_what_the_socket_layer_takes_are_refused(key: str) -> None:
     with pytest.raises(ConfigError, match=rf"server\.{key}: must be at most 2147483647"):
         structure({"server": {key: 3_000_000_000}})
     assert getattr(structure({"server": {key: 2**31 - 1}}).server, key) == 2**31 - 1
+
+
+def test_a_key_written_twice_is_refused_with_its_line(tmp_path: Path) -> None:
+    # PyYAML keeps the last of two equal keys: a second `admin:` block appended to the file silently
+    # took the first one's keys away (check-config said OK, serve and a reload applied it).
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("admin: {keys: [sk-first-secret]}\n"
+                     "tenants: [{name: a, keys: [sk-a], requests_per_minute: 5, requests_per_minute: 9}]\n"
+                     "admin: {keys: [sk-second-secret]}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(twice)
+    assert "line 3, column 1: duplicate key 'admin'" in str(error.value)
+    assert "secret" not in str(error.value).replace(str(twice), "")
+    twice.write_text("tenants: [{name: a, keys: [sk-a], requests_per_minute: 5, requests_per_minute: 9}]\n")
+    with pytest.raises(ConfigError, match=r"line 1, column 59: duplicate key 'requests_per_minute'"):
+        load_config(twice)
+    twice.write_text("admin: {keys: [sk-first-secret]}\nadmin: {keys: [sk-second-secret]}\n")
+    checked = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(twice)],
+                             capture_output=True, text=True, check=False)
+    assert checked.returncode == 1 and "line 2, column 1: duplicate key 'admin'" in checked.stderr
+    assert "sk-" not in checked.stderr
+    served = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(twice)],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert served.returncode == 2 and "duplicate key 'admin'" in served.stderr
+    # A merge (`<<: *defaults`) may still be overridden by a key of the mapping itself.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("models:\n  a: &base {max_prompt_tokens: 5, prompt_policy: reject}\n"
+                      "  b:\n    <<: *base\n    max_prompt_tokens: 7\n")
+    models = load_config(merged).models
+    assert models["a"].max_prompt_tokens == 5 and models["b"].max_prompt_tokens == 7
+    assert models["b"].prompt_policy == "reject"
+
