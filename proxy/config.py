@@ -288,6 +288,13 @@ def structure(data: Mapping[str, Any]) -> Config:
         raise ConfigError(str(exc)) from None
 
 
+MAX_VALUES = 200_000
+"""The most values (mappings, lists and scalars, counted as often as aliases repeat them) a configuration
+file may hold. Far above any real fleet's file; a few lines of nested aliases (`&a [x, x, ...]`,
+`&b [*a, *a, ...]`) expand to billions, which loading takes lazily but `/system/config` and a reload's
+comparison would write out in full."""
+
+
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key written twice in one mapping is an error: PyYAML keeps
     the last silently, so a second `tenants:` or `admin:` block appended to a file would drop the first
@@ -308,9 +315,27 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _check_size(data: Any, limit: int = MAX_VALUES) -> None:
+    """Raise ValueError when `data` holds more than `limit` values once aliases are expanded; stops
+    counting at the limit, so a bomb costs no more than a file at the limit."""
+    count = 0
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            raise ValueError(f"the file holds more than {limit} values once its YAML aliases are "
+                             "expanded; write the repeated parts out instead")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            stack.extend(item.keys())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read `path` (or the defaults when None), validate it, then apply environment overrides. A key
-    written twice in one mapping is refused."""
+    written twice in one mapping, or a file whose aliases expand past `MAX_VALUES`, is refused."""
     data: Any = {}
     if path is not None:
         try:
@@ -331,6 +356,10 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
             raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+        try:
+            _check_size(data)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     config = structure(data)
     return apply_environment(config, os.environ if environ is None else environ)
 

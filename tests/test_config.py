@@ -360,3 +360,17 @@ def test_a_key_written_twice_is_refused_with_its_line(tmp_path: Path) -> None:
     assert models["a"].max_prompt_tokens == 5 and models["b"].max_prompt_tokens == 7
     assert models["b"].prompt_policy == "reject"
 
+
+def test_nested_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
+    # A 600-byte file of nested aliases (9**8 strings once expanded) passed check-config and started;
+    # GET /system/config and any reload (which compares configurations as plain data) then wrote it out
+    # in full: gigabytes. Sharing a few parts (above) still loads.
+    lines = ["models:", "  llama3.2:", "    options:", "      a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"      a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"more than 200000 values once its YAML aliases are expanded"):
+        load_config(bomb)
+    checked = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(bomb)],
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert checked.returncode == 1 and "YAML aliases" in checked.stderr
