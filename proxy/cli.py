@@ -319,7 +319,11 @@ def _check_config(args: argparse.Namespace) -> int:
         # What `serve` loads from the files the configuration names: the same checks, offline.
         load_tokenizer_files({name: m.tokenizer for name, m in config.models.items() if m.tokenizer})
     except (ConfigError, TokenizerFileError) as exc:
-        print(f"{args.file}: {exc}", file=sys.stderr)
+        # What the loader says about the file itself (unreadable, not YAML) starts with its path
+        # already; a key's problem does not.
+        message = str(exc)
+        print(message if message.startswith(f"{args.file}: ") else f"{args.file}: {message}",
+              file=sys.stderr)
         return 1
     print(f"{args.file}: OK ({len(config.upstreams)} upstream(s), listen {config.server.listen})")
     return 0

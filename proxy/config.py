@@ -341,7 +341,7 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
         except UnicodeDecodeError as exc:
             # Where, never the bytes around it (they may be part of a key).
             raise ConfigError(f"{path}: not UTF-8 text (an invalid byte at offset {exc.start})") from None

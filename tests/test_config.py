@@ -196,8 +196,14 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert "server.max_body_bytes: must be > 0" in refused.stderr
     broken = tmp_path / "broken.yaml"
     broken.write_text("server: [\n")
-    assert subprocess.run([sys.executable, "-m", "proxy", "check-config", str(broken)],
-                          capture_output=True, check=False).returncode == 1
+    missing = tmp_path / "missing.yaml"
+    # Each names the file once (it said `broken.yaml: broken.yaml: invalid YAML ...`).
+    for path, message in ((broken, "invalid YAML at line 2, column 1"),
+                          (missing, "cannot be read (No such file or directory)")):
+        refused = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(path)],
+                                 capture_output=True, text=True, check=False)
+        assert refused.returncode == 1
+        assert refused.stderr.startswith(f"{path}: {message}") and refused.stderr.count(str(path)) == 1
 
 
 def test_serve_refuses_a_bad_file(tmp_path: Path) -> None:
