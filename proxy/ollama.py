@@ -228,8 +228,10 @@ _ROUTE_TABLE: tuple[tuple[tuple[str, ...], str, RouteInfo], ...] = (
 """Every route Ollama registers (reference §2), one row per method: the only list of Ollama paths in the
 proxy core."""
 
-PROXY_ROUTES = ("/metrics", "/healthz", "/readyz")
-"""The proxy's own routes (proxy/system.py), named in `http.route` like Ollama's."""
+PROXY_ROUTES = ("/metrics", "/healthz", "/readyz", "/system/config", "/system/quotas", "/system/queue",
+                "/system/profile", "/system/events")
+"""The proxy's own routes (proxy/system.py, proxy/events.py), named in `http.route`, span names and the
+access log like Ollama's. Exact paths: another path under `/system/` is forwarded, and stays unnamed."""
 
 _TEMPLATE_PREFIXES = {"/api/blobs/": "/api/blobs/{digest}", "/v1/models/": "/v1/models/{model}",
                       "/api/user/keys/": "/api/user/keys/{encodedKey}"}

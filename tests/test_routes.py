@@ -95,7 +95,7 @@ def test_unknown_paths_have_no_template_but_keep_the_prefix_dialect() -> None:
     assert classify("POST", "/api/nope").template is None
     assert classify("POST", "/api/nope").dialect == "ollama"
     assert classify("POST", "/v1/nope").dialect == "openai"
-    assert classify("GET", "/system/queue").template is None
+    assert classify("GET", "/system/nope").template is None  # forwarded: not one of the proxy's routes
     for path in PROXY_ROUTES:
         assert classify("GET", path).template == path
 

@@ -168,6 +168,34 @@ def test_every_seconds_histogram_has_buckets_in_seconds(proxy: Server) -> None:
             "http_server_request_duration_seconds"} <= checked
 
 
+def test_the_proxy_s_own_routes_are_named_in_metrics_and_the_access_log(tmp: Path,
+                                                                           upstream: Server) -> None:
+    """`/system/*` were unnamed: their access lines read `"GET (other)"` and their durations (an events
+    stream's whole life among them) went to `http_route=""` with the unknown paths forwarded to Ollama."""
+    proxy = start_proxy(tmp, [upstream.url], {"admin": {"keys": ["own-routes-admin"]}}, name="own-routes")
+    try:
+        admin = {"Authorization": "Bearer own-routes-admin"}
+        paths = ["/system/config", "/system/quotas", "/system/queue", "/system/profile"]
+        for path in paths:
+            assert httpx.get(f"{proxy.url}{path}", headers=admin).status_code == 200
+        with httpx.stream("GET", f"{proxy.url}/system/events", headers=admin) as events:
+            assert events.status_code == 200
+        assert httpx.get(f"{proxy.url}/system/nope", headers=admin).status_code == 404  # Ollama's
+        routes = {s.labels.get("http_route") for f in text_string_to_metric_families(
+            httpx.get(f"{proxy.url}/metrics").text) if f.name == "http_server_request_duration_seconds"
+                  for s in f.samples}
+        assert {*paths, "/system/events"} <= routes
+        assert "/system/nope" not in routes  # not an own route: forwarded, unnamed
+        deadline = time.monotonic() + 5
+        while '"GET /system/events"' not in proxy.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for path in paths:
+            assert f'"GET {path}" 200' in proxy.log()
+        assert '"GET /system/events" 499 client_disconnect' in proxy.log()  # the reader left
+    finally:
+        proxy.stop()
+
+
 def test_chain_steps_have_their_own_spans(tmp: Path, upstream: Server) -> None:
     """limits and quotas each emit one INTERNAL span, a sibling under the root SERVER span, ended before
     the upstream CLIENT span starts; a rejection marks its step's span with error.type."""
