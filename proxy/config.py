@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -151,15 +152,25 @@ def _strict_bool(value: Any, _: Any) -> bool:
     return value
 
 
+_EXPONENT_TEXT = re.compile(r"[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+")
+"""What YAML 1.1 (PyYAML) reads as a string although it looks like a number: an exponent without a dot
+in the mantissa or without a sign (`1e3`, `5e7`, `1.5e9`); `1.0e+3` is a float."""
+
+
 def _strict_int(value: Any, _: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {type(value).__name__}")
+        hint = " (YAML reads an exponent such as 1e3 as text: write the digits out)" \
+            if isinstance(value, str) and _EXPONENT_TEXT.fullmatch(value) else ""
+        raise TypeError(f"expected an integer, got {type(value).__name__}{hint}")
     return value
 
 
 def _strict_float(value: Any, _: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"expected a number, got {type(value).__name__}")
+        # The value itself is never quoted (a key pasted into the wrong field must not be logged).
+        hint = (" (YAML reads an exponent without a dot and a sign, such as 1e3, as text: write 1.0e+3 "
+                "or the digits)") if isinstance(value, str) and _EXPONENT_TEXT.fullmatch(value) else ""
+        raise TypeError(f"expected a number, got {type(value).__name__}{hint}")
     if not math.isfinite(value):
         raise TypeError("expected a finite number")
     return float(value)

@@ -380,3 +380,23 @@ def test_nested_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
     checked = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(bomb)],
                              capture_output=True, text=True, timeout=30, check=False)
     assert checked.returncode == 1 and "YAML aliases" in checked.stderr
+
+
+@pytest.mark.parametrize("text,message", [
+    ("chain: {limits: {deadline_s: 1e3}}\n",
+     "chain.limits.deadline_s: expected a number, got str (YAML reads an exponent without a dot and "
+     "a sign, such as 1e3, as text: write 1.0e+3 or the digits)"),
+    ("server: {max_body_bytes: 5e7}\n",
+     "server.max_body_bytes: expected an integer, got str (YAML reads an exponent such as 1e3 as "
+     "text: write the digits out)"),
+])
+def test_a_number_yaml_reads_as_text_says_how_to_write_it(tmp_path: Path, text: str, message: str) -> None:
+    # PyYAML (YAML 1.1) reads `1e3` as the string "1e3": "expected a number, got str" for what the
+    # operator sees as a number sent them looking for quotes that are not there.
+    config = tmp_path / "exponent.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(config)
+    assert message in str(error.value)
+    with pytest.raises(ConfigError, match=r"expected a number, got str$"):
+        structure({"chain": {"limits": {"deadline_s": "soon"}}})  # text that is no number: no hint
