@@ -306,6 +306,25 @@ file may hold. Far above any real fleet's file; a few lines of nested aliases (`
 comparison would write out in full."""
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A key written twice in one mapping (its message is ours: it names the key, a config name)."""
+
+
+_QUOTED = re.compile(r"'([^']*)'")
+
+
+def _withhold_tokens(problem: str) -> str:
+    """`problem` (PyYAML's) without what it quotes that may be part of a key: the token it stopped at
+    (a tag `!abc`, an alias `*abc`). A character (`'\\t'`, `'}'`) and a token's name (`'<stream end>'`)
+    stay: they help and cannot be a key. Quotes are taken in pairs, left to right."""
+
+    def keep(match: re.Match[str]) -> str:
+        text = match.group(1)
+        return match.group(0) if len(text) <= 2 or re.fullmatch(r"<[a-z ]+>", text) else "(withheld)"
+
+    return _QUOTED.sub(keep, problem)
+
+
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key written twice in one mapping is an error: PyYAML keeps
     the last silently, so a second `tenants:` or `admin:` block appended to a file would drop the first
@@ -320,8 +339,7 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node)
             if key in seen:
                 # The key's name as written (bounded); never the value, which may be a secret.
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {str(key)[:60]!r}", key_node.start_mark)
+                raise _DuplicateKey(None, None, f"duplicate key {str(key)[:60]!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -364,6 +382,10 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(exc, "problem", None) or type(exc).__name__
+            if not isinstance(exc, _DuplicateKey):
+                # An unquoted key starting with `!` or `*` is a tag or an alias to YAML, and PyYAML
+                # quotes it whole.
+                problem = _withhold_tokens(problem)
             raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")

@@ -400,3 +400,27 @@ def test_a_number_yaml_reads_as_text_says_how_to_write_it(tmp_path: Path, text: 
     assert message in str(error.value)
     with pytest.raises(ConfigError, match=r"expected a number, got str$"):
         structure({"chain": {"limits": {"deadline_s": "soon"}}})  # text that is no number: no hint
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("admin:\n  keys:\n    - !sk-live-9f8e7d6c\n",
+     "could not determine a constructor for the tag (withheld)"),
+    ("admin:\n  keys:\n    - *sk-live-9f8e7d6c\n", "found undefined alias (withheld)"),
+])
+def test_yaml_errors_never_quote_a_token_that_may_be_a_key(tmp_path: Path, text: str, problem: str) -> None:
+    # An unquoted key starting with `!` or `*` is a tag or an alias to YAML, and PyYAML's message
+    # quoted it whole: into check-config's output, the reload's ERROR line and /system/config.
+    config = tmp_path / "token.yaml"
+    config.write_text(text)
+    checked = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(config)],
+                             capture_output=True, text=True, check=False)
+    assert checked.returncode == 1
+    assert f"{config}: invalid YAML at line 3, column 7: {problem}" in checked.stderr
+    assert "9f8e7d6c" not in checked.stderr
+    # What helps and cannot be a key is still said: a character, a token's name.
+    config.write_text("server:\n\tlisten: x\n")
+    with pytest.raises(ConfigError, match=r"found character '\\t' that cannot start any token"):
+        load_config(config)
+    config.write_text("admin: {keys: [a}\n")
+    with pytest.raises(ConfigError, match=r"expected ',' or '\]', but got '}'"):
+        load_config(config)
