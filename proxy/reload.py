@@ -268,11 +268,12 @@ class Reloader:
         restart = tuple(k for k in changed if k.split(".", 1)[0] in RESTART_ONLY)
         applied = attrs.evolve(new, **{section: getattr(self.config, section) for section in RESTART_ONLY})
         live = tuple(k for k in changed if k not in restart)
-        self.digest = before
         # What the file says and the process does not: only a restart applies it (until the file goes
-        # back to the running values).
-        self.restart_required = tuple(changed_keys(applied, new))
+        # back to the running values). Like the digest, it describes the file being served, so both
+        # are recorded only once this file is in force: a refused apply leaves the last one's.
+        restart_required = tuple(changed_keys(applied, new))
         if not live:
+            self.digest, self.restart_required = before, restart_required
             self.refused = False
             log.info("configuration reload (%s): nothing to apply; still version %d", trigger,
                      self.version)
@@ -290,6 +291,7 @@ class Reloader:
                 return self._refuse(trigger, now, f"unexpected {type(exc).__name__} while applying")
             return self._refuse(trigger, now, str(exc))
         self.config = applied
+        self.digest, self.restart_required = before, restart_required
         self.version += 1
         self.refused = False
         log.info("configuration version %d applied (%s): changed %s%s", self.version, trigger,

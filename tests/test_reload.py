@@ -401,3 +401,37 @@ def test_a_file_caught_mid_write_is_never_applied(emulators: tuple[Server, Serve
         assert httpx.get(keyless, timeout=10).status_code == 401
     finally:
         proxy.stop()
+
+
+def test_a_reload_refused_while_applying_leaves_the_served_file_s_digest(
+        emulators: tuple[Server, Server], tmp_path: Path) -> None:
+    """A file that loads but cannot be applied (here a model's tokenizer file that is not one) is
+    refused whole: `/system/config` still describes the file in force, its sha256 and what waits for a
+    restart, not the refused one's."""
+    one, _ = emulators
+    proxy = start_proxy(tmp_path, [one.url], {"server": {"config_watch_s": 0}}, name="reload-apply")
+    assert proxy.config_path is not None
+    try:
+        _write(proxy.config_path, _config([one], keys=[KEY_A], watch_s=0))
+        proxy.process.send_signal(signal.SIGHUP)
+        served = wait_for(lambda: (c := _system_config(proxy))["version"] == 2 and c,
+                          what="the first reload")
+        assert served["restart_required"] == [] and served["sha256"]
+        broken = tmp_path / "broken.model"
+        broken.write_bytes(b"not a sentencepiece model")
+        _write(proxy.config_path, _config(
+            [one], keys=[KEY_B], watch_s=0, server={"listen": "127.0.0.1:1"},
+            models={"llama3.2": {"tokenizer": str(broken)}}))
+        proxy.process.send_signal(signal.SIGHUP)
+        config = wait_for(lambda: (c := _system_config(proxy))["last_reload"]["outcome"] == "refused"
+                          and c, what="the refused reload")
+        assert "tokenizer" in config["last_reload"]["error"]
+        assert config["refused"] is True
+        assert config["version"] == 2
+        assert config["sha256"] == served["sha256"]  # the file in force, not the refused one
+        assert config["restart_required"] == []  # the refused file's listen waits for nothing
+        assert _metric(proxy, "sop_config_restart_required") == 0
+        headers_a = {"Authorization": f"Bearer {KEY_A}"}
+        assert httpx.get(f"{proxy.url}/api/tags", headers=headers_a, timeout=10).status_code == 200
+    finally:
+        proxy.stop()
