@@ -213,7 +213,10 @@ class TenantDirectory:
         if path == METRICS_PATH and not identity.admin:
             raise (Unauthorized("an admin API key is required") if identity.tenant.anonymous
                    else Forbidden("this route needs an admin API key"))
-        if path == "/system/queue" and not identity.tenant.anonymous:
+        if path == "/system/queue":
+            if identity.tenant.anonymous:
+                raise Unauthorized("an API key is required: a tenant's key shows its own requests in "
+                                   "the queue, an admin key the whole queue")
             return  # a tenant may look at its own place in the queue
         if path.startswith("/system/") and not identity.admin:
             raise (Unauthorized("an admin API key is required") if identity.tenant.anonymous

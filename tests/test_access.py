@@ -132,6 +132,12 @@ def test_probes_never_need_a_key_and_metrics_are_open_by_default(
             assert reply.json()["status"] in ("ok", "ready", "no healthy upstream")
     assert httpx.get(f"{proxy.url}/metrics").status_code == 200
     assert httpx.get(f"{proxy.url}/system/queue").status_code == 401  # the admin routes still need one
+    keyless = httpx.get(f"{proxy.url}/system/config")
+    assert keyless.status_code == 401 and "admin API key" in keyless.json()["error"]
+    # A tenant's key opens /system/queue (its own requests): the refusal says so, not "admin only".
+    queue = httpx.get(f"{proxy.url}/system/queue")
+    assert "tenant's key" in queue.json()["error"], queue.text
+    assert httpx.get(f"{proxy.url}/system/queue", headers=_auth(TEAM)).status_code == 200
 
 
 async def test_metrics_behind_the_admin_key(aiohttp_client: Any, aiohttp_server: Any,
