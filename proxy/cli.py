@@ -87,6 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         STOP,
         bound_port,
         fit_connections,
+        port_file_problem,
         raise_nofile_limit,
         run_until_signalled,
         start_site,
@@ -111,6 +112,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.workers < 1:
         print("shared-ollama-proxy: --workers must be at least 1", file=sys.stderr)
+        return 2
+    problem = port_file_problem(args.port_file)
+    if problem is not None:
+        print(f"shared-ollama-proxy: --port-file {problem}", file=sys.stderr)
         return 2
     worker = args.worker_index is not None
     if args.workers > 1 and not worker:
@@ -189,9 +194,13 @@ def _emulate(args: argparse.Namespace) -> int:
     from .emulator.engine import EngineSettings
     from .emulator.faults import ListenerControl
     from .emulator.profile import ProfileSet, load_profile
-    from .serving import ProxyRunner, run_until_signalled, write_port_file
+    from .serving import ProxyRunner, port_file_problem, run_until_signalled, write_port_file
 
     host, port = parse_listen(args.listen)
+    problem = port_file_problem(args.port_file)
+    if problem is not None:
+        print(f"shared-ollama-proxy emulate: --port-file {problem}", file=sys.stderr)
+        return 2
     try:
         profiles = load_profile(args.profile) if args.profile else ProfileSet()
     except (OSError, ValueError, TypeError) as exc:

@@ -402,6 +402,20 @@ def bound_port(runner: web.BaseRunner) -> int:
     raise RuntimeError("the runner is not listening on a TCP port")
 
 
+def port_file_problem(path: str | None) -> str | None:
+    """Why `write_port_file(path, ...)` would fail, checked before the server binds (None: it would
+    not, or no port file was asked for): the port file is written once listening, and a server that
+    binds, starts serving and then dies over a missing directory leaves its caller nothing to go on."""
+    if not path:
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"{path}: its directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"{path}: its directory {directory} is not writable"
+    return None
+
+
 def write_port_file(path: str, port: int) -> None:
     """Write `port` (decimal, then a newline) to `path` atomically, once the server is listening: a
     reader that sees the file sees the whole number, and a connection to that port is accepted.
