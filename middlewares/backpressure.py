@@ -390,7 +390,7 @@ class ModelGate:
 
     def move(self, old: Upstream, new: Upstream) -> None:
         """A request holding a slot on `old` goes to `new` instead (the balancer retried)."""
-        self.in_flight[old.name] = max(0, self.in_flight[old.name] - 1)
+        self._slot_freed(old.name)
         self.in_flight[new.name] += 1
         self.dispatch()
 
@@ -398,7 +398,7 @@ class ModelGate:
                 lease: SlotLease | None = None, usage: Usage | None = None) -> None:
         """A request on `replica` finished (any way): free its slot, learn, and dispatch. `lease` and
         `usage` (what Ollama reported) feed learned parallelism."""
-        self.in_flight[replica.name] = max(0, self.in_flight[replica.name] - 1)
+        self._slot_freed(replica.name)
         self.completions.append(time.monotonic())
         self.service_s = service_s if self.service_s is None else 0.8 * self.service_s + 0.2 * service_s
         if lease is not None:
@@ -417,8 +417,20 @@ class ModelGate:
     def give_back(self, replica: Upstream) -> None:
         """A slot handed to a request that never used it (it gave up in the same turn): free it for the
         next waiter. Nothing is learned: no request ran, so no service time or completion is counted."""
-        self.in_flight[replica.name] = max(0, self.in_flight[replica.name] - 1)
+        self._slot_freed(replica.name)
         self.dispatch()
+
+    def _slot_freed(self, name: str) -> None:
+        """One slot of replica `name` freed. A replica a reload removed (or renamed) leaves the books
+        with its last request: its entry would otherwise stay in /system/queue and in the in-flight
+        gauge, at 0, until another reload."""
+        count = self.in_flight[name] - 1
+        if count > 0:
+            self.in_flight[name] = count
+        elif any(upstream.name == name for upstream in self.fleet):
+            self.in_flight[name] = 0
+        else:
+            del self.in_flight[name]
 
     def _adapt(self, name: str, per_token_s: float) -> None:
         """Gradient limiter: shrink while per-token latency exceeds the no-load baseline by more than the

@@ -179,6 +179,14 @@ async def test_reload_under_load_drops_nothing_and_a_bad_file_changes_nothing(
         # The removed replica finishes what it serves, then gets nothing more.
         await until(lambda: not _system_config(proxy)["draining_upstreams"], timeout_s=60,
                     what="the removed replica to drain")
+        # Drained, it leaves the books: /system/queue and the in-flight gauge name only replica one.
+        kept = {f"127.0.0.1:{one.port}"}  # a replica's name by default: its host and port
+        async with httpx.AsyncClient(headers=ADMIN_HEADERS, timeout=10) as admin:
+            queue = (await admin.get(f"{proxy.url}/system/queue")).json()
+            metrics = (await admin.get(f"{proxy.url}/metrics")).text
+        assert {name for model in queue["models"].values() for name in model["in_flight"]} <= kept
+        gauge = [line for line in metrics.splitlines() if line.startswith("sop_upstream_in_flight{")]
+        assert gauge and all(any(f'"{name}"' in line for name in kept) for line in gauge), gauge
         served_two = two.stats()
         served_one = one.stats()
 
