@@ -331,17 +331,30 @@ class _StrictLoader(yaml.SafeLoader):
     one's keys and tenants without a word. Keys brought in by a merge (`<<: *defaults`) may still be
     overridden: only the keys written in the mapping itself are compared."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node)
-            if key in seen:
-                # The key's name as written (bounded); never the value, which may be a secret.
-                raise _DuplicateKey(None, None, f"duplicate key {str(key)[:60]!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._flattened: set[int] = set()
+        """The mappings whose own keys were compared (by id: the document's nodes live as long as the
+        loader)."""
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Checked here, the first time a mapping is flattened, not in construct_mapping: flattening
+        # rewrites node.value in place, the merged keys first, and a mapping merged elsewhere (`<<: *a`)
+        # may be flattened before it is constructed itself (PyYAML constructs level by level), so its
+        # own override of a key it merges would then read as that key written twice.
+        if id(node) not in self._flattened:
+            self._flattened.add(id(node))
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    # The key's name as written (bounded); never the value, which may be a secret.
+                    raise _DuplicateKey(None, None, f"duplicate key {str(key)[:60]!r}",
+                                        key_node.start_mark)
+                seen.add(key)
+        super().flatten_mapping(node)
 
 
 def _check_size(data: Any, limit: int = MAX_VALUES) -> None:

@@ -380,6 +380,24 @@ def test_a_key_written_twice_is_refused_with_its_line(tmp_path: Path) -> None:
     assert models["b"].prompt_policy == "reject"
 
 
+def test_a_merged_mapping_may_override_what_it_merges_itself(tmp_path: Path) -> None:
+    # `chain.limits` merges defaults and overrides one, and `anonymous` (a level above, so constructed
+    # first) merges `chain.limits`: PyYAML flattened the limits in place for `anonymous` before building
+    # them, and the merged key next to the override read as one key written twice.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("chain:\n  limits: &limits\n    <<: {deadline_s: 60.0, max_prompt_tokens: 4096}\n"
+                      "    max_prompt_tokens: 8192\n"
+                      "anonymous:\n  <<: *limits\n  requests_per_minute: 60\n")
+    config = load_config(merged)
+    assert config.chain.limits.max_prompt_tokens == 8192 and config.chain.limits.deadline_s == 60.0
+    assert config.anonymous.max_prompt_tokens == 8192 and config.anonymous.requests_per_minute == 60
+    # A key written twice in a mapping that is only ever merged is still refused.
+    merged.write_text("chain:\n  limits: {deadline_s: 60.0}\n"
+                      "anonymous:\n  <<: {max_prompt_tokens: 1, max_prompt_tokens: 2}\n")
+    with pytest.raises(ConfigError, match=r"line 4, column 30: duplicate key 'max_prompt_tokens'"):
+        load_config(merged)
+
+
 def test_nested_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
     # A 600-byte file of nested aliases (9**8 strings once expanded) passed check-config and started;
     # GET /system/config and any reload (which compares configurations as plain data) then wrote it out
