@@ -310,7 +310,9 @@ class _DuplicateKey(yaml.constructor.ConstructorError):
     """A key written twice in one mapping (its message is ours: it names the key, a config name)."""
 
 
-_QUOTED = re.compile(r"'([^']*)'")
+_QUOTED = re.compile(r"'((?:[^'\\]|\\.)*)'" r'|"((?:[^"\\]|\\.)*)"')
+"""A Python repr as PyYAML's messages quote: in single quotes, or in double quotes when the text holds a
+single one (a tag may: `!sk-live'9f8e`), with backslash escapes."""
 
 
 def _withhold_tokens(problem: str) -> str:
@@ -319,7 +321,7 @@ def _withhold_tokens(problem: str) -> str:
     stay: they help and cannot be a key. Quotes are taken in pairs, left to right."""
 
     def keep(match: re.Match[str]) -> str:
-        text = match.group(1)
+        text = match.group(1) if match.group(1) is not None else match.group(2)
         return match.group(0) if len(text) <= 2 or re.fullmatch(r"<[a-z ]+>", text) else "(withheld)"
 
     return _QUOTED.sub(keep, problem)
