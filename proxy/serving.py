@@ -405,7 +405,8 @@ def bound_port(runner: web.BaseRunner) -> int:
 def port_file_problem(path: str | None) -> str | None:
     """Why `write_port_file(path, ...)` would fail, checked before the server binds (None: it would
     not, or no port file was asked for): the port file is written once listening, and a server that
-    binds, starts serving and then dies over a missing directory leaves its caller nothing to go on."""
+    binds, starts serving and then dies over a missing directory (or a path that is one) leaves its
+    caller nothing to go on."""
     if not path:
         return None
     directory = os.path.dirname(os.path.abspath(path))
@@ -413,6 +414,8 @@ def port_file_problem(path: str | None) -> str | None:
         return f"{path}: its directory {directory} does not exist"
     if not os.access(directory, os.W_OK | os.X_OK):
         return f"{path}: its directory {directory} is not writable"
+    if os.path.isdir(path):  # the file is renamed onto the path, which a directory refuses
+        return f"{path}: is a directory"
     return None
 
 

@@ -209,14 +209,17 @@ def test_check_config_command(tmp_path: Path) -> None:
 def test_a_port_file_that_cannot_be_written_is_refused_before_listening(tmp_path: Path) -> None:
     """`--port-file` in a directory that does not exist: exit 2 with the reason, before binding (it
     used to bind, serve, then die with a traceback when it came to write the file)."""
-    port_file = tmp_path / "absent" / "proxy.port"
-    for command in (["serve", "--upstream", "http://127.0.0.1:9"], ["emulate"]):
-        result = subprocess.run([sys.executable, "-m", "proxy", *command, "--listen", "127.0.0.1:0",
-                                 "--port-file", str(port_file)],
-                                capture_output=True, text=True, timeout=30, check=False)
-        assert result.returncode == 2, (command, result.stderr[-500:])
-        assert "--port-file" in result.stderr and "does not exist" in result.stderr
-        assert "Traceback" not in result.stderr and "listening" not in result.stderr
+    # A path that is a directory as well: the port file is renamed onto it, which failed the same way.
+    (tmp_path / "a-directory").mkdir()
+    for port_file, reason in ((tmp_path / "absent" / "proxy.port", "does not exist"),
+                              (tmp_path / "a-directory", "is a directory")):
+        for command in (["serve", "--upstream", "http://127.0.0.1:9"], ["emulate"]):
+            result = subprocess.run([sys.executable, "-m", "proxy", *command, "--listen", "127.0.0.1:0",
+                                     "--port-file", str(port_file)],
+                                    capture_output=True, text=True, timeout=30, check=False)
+            assert result.returncode == 2, (command, result.stderr[-500:])
+            assert "--port-file" in result.stderr and reason in result.stderr
+            assert "Traceback" not in result.stderr and "listening" not in result.stderr
 
 
 def test_serve_refuses_a_bad_file(tmp_path: Path) -> None:
