@@ -84,8 +84,8 @@ class SummarizeHistoryConfig(PluginConfig):
     summary_max_tokens: int = attrs.field(default=256, validator=positive)
     """The summary's length limit (the small model's num_predict)."""
     time_budget_s: float = attrs.field(default=2.0, validator=positive)
-    """How long a request waits for a summary not in the cache; then it is trimmed, and the summary is
-    finished in the background for the next turn."""
+    """How long a request waits for a summary not in the cache (never past its deadline); then it is
+    trimmed, and the summary is finished in the background for the next turn."""
     summary_timeout_s: float = attrs.field(default=120.0, validator=positive)
     """The longest a summary may take, background included."""
     max_background_jobs: int = attrs.field(default=4, validator=positive)
@@ -367,7 +367,8 @@ class SummarizeHistory(Plugin):
         The longest cached prefix is used when the prompt then fits (`fits(pieces, summary)`): the
         prefix earlier turns of the conversation were sent with, byte-identical. Otherwise a summary
         of every summarizable piece is written (from the longest cached summary and the pieces after
-        it, when there is one), waited for at most `time_budget_s`."""
+        it, when there is one), waited for at most `time_budget_s` and never past the request's deadline
+        (then the request is trimmed and the summary goes on in the background)."""
         cached = await self.store.get_many(plan.keys)
         last = len(plan.keys)
         base = next((k for k in range(last - 1, -1, -1) if cached[k] is not None), None)
@@ -397,7 +398,13 @@ class SummarizeHistory(Plugin):
                 self._write(key, source, tenant, plan.limit_tokens))
             self.jobs[key] = task
             task.add_done_callback(lambda _t: self.jobs.pop(key, None))
-        done, _ = await asyncio.wait({task}, timeout=self.config.time_budget_s)
+        wait_s = self.config.time_budget_s
+        if ctx.deadline_at is not None:
+            # A deadline shorter than the time budget (X-Deadline-S) bounds the wait: past it the
+            # plugin runner cuts this phase off a second late and answers 504, where falling back to
+            # the trim leaves the answer to the forwarder's deadline and keeps the summary going.
+            wait_s = min(wait_s, max(0.0, ctx.deadline_at - time.monotonic()))
+        done, _ = await asyncio.wait({task}, timeout=wait_s)
         if not done:
             self._fallback(ctx, "timeout")  # the task goes on: the next turn finds it cached
             return None

@@ -458,3 +458,32 @@ def test_a_large_chat_is_counted_off_the_event_loop(tmp_path: Path, emulator: Se
         assert worst < 0.8, worst  # stalled for 1.25-1.45 s per request on the event loop
     finally:
         proxy.stop()
+
+
+def test_a_deadline_shorter_than_the_time_budget_bounds_the_wait_for_a_summary(tmp_path: Path) -> None:
+    """A client's X-Deadline-S below `time_budget_s`: the request stops waiting for its summary at its
+    deadline and falls back to the trim (the forwarder then answers the deadline's 504 at once), and the
+    summary goes on in the background. (Before: the plugin runner cut the wait off a second past the
+    deadline, the 504 came that late and no fallback was counted.)"""
+    slow = start_emulator(tmp_path, name="summary-deadline", decode_tokens_per_s=20, load_s=0)
+    proxy = _proxy(tmp_path, slow, "summary-deadline",
+                   [_plugin(time_budget_s=30, summary_max_tokens=60)])
+    try:
+        messages = _history(10)
+        started = time.monotonic()
+        reply = httpx.post(f"{proxy.url}/api/chat", timeout=30,
+                           headers={"Authorization": f"Bearer {KEY}", "X-Deadline-S": "1"},
+                           json={"model": "llama3.2", "messages": messages, "stream": False})
+        elapsed = time.monotonic() - started
+        assert reply.status_code == 504, reply.text
+        assert reply.json()["code"] == "upstream_response_timeout"
+        assert "in plugin" not in reply.json()["error"]
+        assert elapsed < 1.8, elapsed  # the runner's cut-off comes a whole second after the deadline
+        assert metric(proxy.url, "sop_summarize_history_fallbacks_total", reason="timeout") == 1
+        # The summary the request stopped waiting for is finished and cached for the next turn.
+        _poll(lambda: "tenant=summaries" in proxy.log())
+        later = _chat(proxy, messages)
+        assert _header(later, "x-history-summarized")["cached"] == 1
+    finally:
+        proxy.stop()
+        slow.stop()
