@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,7 +57,8 @@ class RelevanceConfig:
     keep: int = attrs.field(default=2, validator=positive)
     """How many of the most relevant older turns to keep, each only if it fits the budget."""
     timeout_s: float = attrs.field(default=5.0, validator=positive)
-    """How long to wait for the embeddings; then the trim goes on by recency alone."""
+    """How long to wait for the embeddings (never past the request's deadline); then the trim goes on
+    by recency alone."""
     cache_max_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=positive)
     """Memory for cached turn embeddings (keyed by the model, its digest and a hash of the text)."""
     cache_scope: str = attrs.field(default="tenant", validator=attrs.validators.in_(("tenant", "shared")))
@@ -210,7 +212,8 @@ class TrimHistory(Plugin):
                     texts: Sequence[str]) -> list[Sequence[float]] | None:
         """Embeddings of `texts` (cached by model, digest and text hash, and the caller's tenant under
         `cache_scope: tenant`; the misses in one /api/embed sub-request through the chain), or None
-        when the fleet did not give them in time."""
+        when the fleet did not give them in time (`timeout_s`, and never past the request's
+        deadline)."""
         assert self.vectors is not None
         digest = self.services.model_digest(relevance.model) or ""
         scope = ctx.tenant.name if relevance.cache_scope == "tenant" else ""
@@ -222,9 +225,17 @@ class TrimHistory(Plugin):
             out.append(array("d", cached) if cached is not None else None)
         missing = [i for i, vector in enumerate(out) if vector is None]
         if missing:
+            timeout_s = relevance.timeout_s
+            if ctx.deadline_at is not None:
+                # A deadline shorter than the timeout (X-Deadline-S) bounds the wait: past it the
+                # plugin runner cuts this phase off a second late and answers 504, where trimming by
+                # recency leaves the answer to the forwarder's deadline.
+                timeout_s = min(timeout_s, ctx.deadline_at - time.monotonic())
+                if timeout_s <= 0:
+                    return None
             status, answer = await self.services.subrequests.post_json(
                 "/api/embed", {"model": relevance.model, "input": [texts[i] for i in missing]},
-                tenant=self.config.tenant or ctx.tenant.name, timeout_s=relevance.timeout_s)
+                tenant=self.config.tenant or ctx.tenant.name, timeout_s=timeout_s)
             embeddings = answer.get("embeddings") if isinstance(answer, dict) else None
             if status != 200 or not isinstance(embeddings, list) or len(embeddings) != len(missing):
                 log.info("trim_history: no embeddings for relevance (status %s); trimming by recency",

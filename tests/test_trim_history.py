@@ -5,6 +5,7 @@ relevance by embeddings computed on the fleet and cached, and a small chat costs
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -293,4 +294,30 @@ def test_relevance_embeddings_are_cached_per_tenant_unless_shared(tmp_path: Path
         assert chat(KEY) == 0  # cached for its own tenant
         assert chat("sk-trim-other") == (1 if scope == "tenant" else 0)
     finally:
+        proxy.stop()
+
+
+def test_a_deadline_shorter_than_the_relevance_timeout_bounds_the_wait_for_embeddings(
+        tmp_path: Path, emulator: Server) -> None:
+    """A client's X-Deadline-S below `relevance.timeout_s`, embeddings that never come: the trim stops
+    waiting for them at the request's deadline and goes on by recency (the forwarder then answers the
+    deadline's 504 at once). (Before: the plugin runner cut the wait off a second past the deadline, a
+    late 504 'in plugin trim_history'.)"""
+    proxy = _proxy(tmp_path, emulator, {"budget_tokens": BUDGET, "relevance": {
+        "model": "nomic-embed-text", "keep": 1, "timeout_s": 30}}, "trim-relevance-deadline")
+    try:
+        hang = httpx.post(f"{emulator.url}/_emulator/faults",
+                          json={"hang_before_headers": True, "count": 1, "paths": ["/api/embed"]})
+        assert hang.status_code == 200, hang.text
+        started = time.monotonic()
+        reply = httpx.post(f"{proxy.url}/api/chat", timeout=30,
+                           headers={"Authorization": f"Bearer {KEY}", "X-Deadline-S": "1"},
+                           json={"model": "llama3.2", "messages": _history(12), "stream": False})
+        elapsed = time.monotonic() - started
+        assert reply.status_code == 504, reply.text
+        assert reply.json()["code"] == "upstream_response_timeout"
+        assert "in plugin" not in reply.json()["error"]
+        assert elapsed < 1.8, elapsed  # the runner's cut-off comes a whole second after the deadline
+    finally:
+        httpx.delete(f"{emulator.url}/_emulator/faults")
         proxy.stop()
