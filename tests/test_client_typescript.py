@@ -132,7 +132,17 @@ def test_chunk_text_matches_python() -> None:
 
 RETRY_AFTER = ["5", " 5\t", "5.5", ".5", "0", "-0", "-1", "99999", "1e3", "1e400", "+5", "0x10", "0b11",
                "0o7", "1_000", "nan", "inf", "Infinity", "", "  ", "garbage", "soon 3", "5 seconds", "1,2",
-               "3\u00a0", "Thu, 01 Jan 2026 00:00:30 GMT", "Wed, 31 Dec 2025 23:59:00 GMT"]
+               "3\u00a0", "Thu, 01 Jan 2026 00:00:30 GMT", "Wed, 31 Dec 2025 23:59:00 GMT",
+               # RFC 9110's other two date forms (two-digit years around the 50-year pivot), and dates
+               # each parser once read its own way: zones, no zone, lowercase, 31 Feb, second 60, year 0
+               "Thursday, 01-Jan-26 00:00:30 GMT", "Friday, 01-Jan-76 00:00:30 GMT",
+               "Saturday, 01-Jan-77 00:00:30 GMT", "Thu Jan  1 00:00:30 2026", "Thu Jan 01 00:00:30 2026",
+               "Thu, 01 Jan 2026 00:00:30 +0000", "Thu, 01 Jan 2026 00:00:30 UTC",
+               "Thu, 01 Jan 2026 00:00:30 -0100", "Thu, 01 Jan 2026 00:00:30 EST",
+               "Thu, 01 Jan 2026 00:00:30", "Thu, 1 Jan 2026 00:00:30 GMT", "01 Jan 2026 00:00:30 GMT",
+               "thu, 01 jan 2026 00:00:30 gmt", "Thu, 31 Feb 2026 00:00:30 GMT",
+               "Thu, 01 Jan 2026 00:00:60 GMT", "Thu, 01 Jan 2026 24:00:00 GMT",
+               "Sat, 01 Jan 0000 00:00:00 GMT", "Thu, 01 Jan 0099 00:00:30 GMT"]
 SERVICE_LIMITS = [
     "v=1; max_body_bytes=100; max_prompt_tokens=4096.0; deadline_s=0.5; requests_per_minute=600",
     "v=2; max_body_bytes=100", "v=+1; a=1", "v= 1; a=1", "v=01; a=1", "v=1.0; a=1", "v=-1; a=1",

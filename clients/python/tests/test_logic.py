@@ -28,6 +28,19 @@ def test_server_delay_prefers_milliseconds_then_seconds_then_dates() -> None:
                           now) == 30.0
     assert server_delay_s({"retry-after": format_datetime(now - timedelta(seconds=30), usegmt=True)},
                           now) == 0.0
+    # RFC 9110's three date forms, and only those (the TypeScript helper's grammar: both wait alike)
+    for form in ("Thu, 01 Jan 2026 00:00:30 GMT", "Thursday, 01-Jan-26 00:00:30 GMT",
+                 "Thu Jan  1 00:00:30 2026"):
+        assert server_delay_s({"retry-after": form}, now) == 30.0, form
+    in_2076 = (datetime(2076, 1, 1, 0, 0, 30, tzinfo=UTC) - now).total_seconds()
+    assert server_delay_s({"retry-after": "Friday, 01-Jan-76 00:00:30 GMT"}, now) == in_2076
+    # 2077 is over 50 years on: 1977, a past date
+    assert server_delay_s({"retry-after": "Saturday, 01-Jan-77 00:00:30 GMT"}, now) == 0.0
+    for bad in ("Thu, 01 Jan 2026 00:00:30 +0000", "Thu, 01 Jan 2026 00:00:30 EST",
+                "Thu, 01 Jan 2026 00:00:30", "Thu, 1 Jan 2026 00:00:30 GMT", "thu, 01 jan 2026 00:00:30 gmt",
+                "Thu, 31 Feb 2026 00:00:30 GMT", "Thu, 01 Jan 2026 00:00:60 GMT",
+                "Sat, 01 Jan 0000 00:00:00 GMT", "Thu, 01 Jan \u0662026 00:00:30 GMT"):
+        assert server_delay_s({"retry-after": bad}, now) is None, bad
     for bad in ("", "nan", "inf", "-1", "tomorrow", "0x10", "0b11", "1_000", "\u0663", "3\u00a0"):
         assert server_delay_s({"retry-after": bad}) is None, bad
     assert server_delay_s({"retry-after": " 1e1\t"}) == 10.0 and server_delay_s({"retry-after": ".5"}) == 0.5

@@ -29,11 +29,54 @@ export function serverDelayS(headers, nowMs = Date.now()) {
   if (seconds === null) return null;
   const value = decimal(seconds);
   if (value !== null) return value >= 0 ? value : null;
-  // Only an HTTP date (RFC 9110's IMF-fixdate, what servers send): V8's Date.parse reads garbage such
-  // as "soon 3" as a date in 2001, a wait of 0, which would make every client retry at once.
-  if (!IMF_FIXDATE.test(stripOws(seconds))) return null;
-  const when = Date.parse(seconds);
-  return Number.isNaN(when) ? null : Math.max(0, (when - nowMs) / 1000);
+  const when = httpDateMs(seconds, nowMs);
+  return when === null ? null : Math.max(0, (when - nowMs) / 1000);
+}
+
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+const MONTH = `(${MONTHS.join("|")})`;
+const TIME = "([0-9]{2}):([0-9]{2}):([0-9]{2})";
+const IMF_FIXDATE = new RegExp(`^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), ([0-9]{2}) ${MONTH} ([0-9]{4}) ${TIME} GMT$`);
+const RFC850_DATE = new RegExp(
+  `^(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), ([0-9]{2})-${MONTH}-([0-9]{2}) ${TIME} GMT$`);
+const ASCTIME_DATE = new RegExp(`^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) ${MONTH} ([0-9]{2}| [0-9]) ${TIME} ([0-9]{4})$`);
+
+/** `text` as an HTTP date in milliseconds since the epoch, else null: exactly RFC 9110's three forms
+ * (IMF-fixdate, the obsolete RFC 850 form, asctime), case-sensitive, a real calendar day and time (no
+ * 31 Feb, no second 60; the weekday is not checked); a two-digit year is the one in this century, or the
+ * last, if that would be more than 50 years after `nowMs`'s year. The Python helper's `http_date`
+ * grammar: V8's Date.parse reads garbage such as "soon 3" as a date in 2001 (a wait of 0: every client
+ * back at once), rolls 31 Feb over into March and reads zones and forms Python's parser read otherwise.
+ * @param {string} text @param {number} nowMs @returns {number | null} */
+function httpDateMs(text, nowMs) {
+  const stripped = stripOws(text);
+  let match;
+  /** @type {string[]} */
+  let fields;
+  if ((match = IMF_FIXDATE.exec(stripped))) {
+    const [, day, month, year, ...time] = match;
+    fields = [year, month, day, ...time];
+  } else if ((match = RFC850_DATE.exec(stripped))) {
+    const [, day, month, short, ...time] = match;
+    const thisYear = new Date(nowMs).getUTCFullYear();
+    const century = Math.floor(thisYear / 100) * 100;
+    const year = century + Number(short) - (century + Number(short) > thisYear + 50 ? 100 : 0);
+    fields = [String(year), month, day, ...time];
+  } else if ((match = ASCTIME_DATE.exec(stripped))) {
+    const [, month, day, hour, minute, second, year] = match;
+    fields = [year, month, day, hour, minute, second];
+  } else {
+    return null;
+  }
+  const [year, month, day, hour, minute, second] = fields.map((f, i) => (i === 1 ? MONTHS.indexOf(f) : Number(f)));
+  const date = new Date(0);
+  date.setUTCFullYear(year, month, day);  // not Date.UTC, which reads years 0-99 as 1900-1999
+  date.setUTCHours(hour, minute, second, 0);
+  // Date rolls 31 Feb over into March and second 60 into the next minute: only an exact round trip is a date.
+  const exact = year >= 1 && date.getUTCFullYear() === year && date.getUTCMonth() === month
+    && date.getUTCDate() === day && date.getUTCHours() === hour && date.getUTCMinutes() === minute
+    && date.getUTCSeconds() === second;
+  return exact ? date.getTime() : null;
 }
 
 const DECIMAL = /^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$/;
@@ -52,7 +95,6 @@ function decimal(text) {
   return Number.isFinite(value) ? value : null;
 }
 
-const IMF_FIXDATE = /^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d{2}:\d{2}:\d{2} GMT$/;
 
 /** Seconds to wait before attempt `attempt + 1`, or `null` when the answer must not be retried;
  * `response` null means the connection failed. Attempts and budget are checked by the caller.

@@ -229,6 +229,15 @@ test("server delays and chunking", () => {
   for (const garbage of ["soon 3", "1 2", "Tomorrow 5"]) {
     assert.equal(serverDelayS(new Headers({ "retry-after": garbage })), null, garbage);
   }
+  // RFC 9110's three date forms and only those (the Python helper's grammar): no other zone, no 31 Feb.
+  const newYear = Date.UTC(2026, 0, 1);
+  for (const form of ["Thu, 01 Jan 2026 00:00:30 GMT", "Thursday, 01-Jan-26 00:00:30 GMT", "Thu Jan  1 00:00:30 2026"]) {
+    assert.equal(serverDelayS(new Headers({ "retry-after": form }), newYear), 30, form);
+  }
+  for (const bad of ["Thu, 01 Jan 2026 00:00:30 +0000", "Thu, 01 Jan 2026 00:00:30", "Thu, 31 Feb 2026 00:00:30 GMT",
+    "Thu, 01 Jan 2026 00:00:60 GMT", "Sat, 01 Jan 0000 00:00:00 GMT"]) {
+    assert.equal(serverDelayS(new Headers({ "retry-after": bad }), newYear), null, bad);
+  }
   // The Python helper's number grammar: no hexadecimal, binary or octal, no NBSP padding.
   for (const bad of ["0x10", "0b11", "0o7", "1_000", "3\u00a0", "Infinity"]) {
     assert.equal(serverDelayS(new Headers({ "retry-after": bad })), null, bad);

@@ -8,10 +8,10 @@ transport=RetryTransport())`, `ollama.AsyncClient(..., transport=AsyncRetryTrans
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -22,7 +22,8 @@ import httpx
 
 from shared_ollama_client.limits import ServiceLimits, decimal, limits
 
-__all__ = ["AsyncRetryTransport", "RetryPolicy", "RetryTransport", "retry_delay", "server_delay_s"]
+__all__ = ["AsyncRetryTransport", "RetryPolicy", "RetryTransport", "http_date", "retry_delay",
+           "server_delay_s"]
 
 log = logging.getLogger("shared_ollama_client")
 
@@ -93,8 +94,8 @@ _PROXY_RETRY_AFTER_CAP_S = 60.0
 def server_delay_s(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
     """The wait the server asked for, in seconds: `retry-after-ms` first, else `Retry-After` (seconds or
     an HTTP date, a date in the past meaning 0). None when neither is present or parseable. Numbers are
-    read with `decimal`'s grammar, the TypeScript helper's too, so both wait alike (`0x10` or `1_000`
-    is no number to either)."""
+    read with `decimal`'s grammar and dates with `http_date`'s, the TypeScript helper's too, so both wait
+    alike (`0x10` or `1_000` is no number to either, `Thu, 01 Jan 2026 00:00:30 +0000` no date)."""
     milliseconds = headers.get("retry-after-ms")
     if milliseconds is not None:
         value = decimal(milliseconds)
@@ -106,13 +107,46 @@ def server_delay_s(headers: Mapping[str, str], now: datetime | None = None) -> f
     value = decimal(seconds)
     if value is not None:
         return value if value >= 0 else None
-    try:
-        when = email.utils.parsedate_to_datetime(seconds.strip(" \t"))
-    except (TypeError, ValueError, IndexError):
+    now = now or datetime.now(UTC)
+    when = http_date(seconds, now)
+    return None if when is None else max(0.0, (when - now).total_seconds())
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTH = "(" + "|".join(_MONTHS) + ")"
+_TIME = "([0-9]{2}):([0-9]{2}):([0-9]{2})"
+_DAY = "(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_IMF_FIXDATE = re.compile(rf"{_DAY}, ([0-9]{{2}}) {_MONTH} ([0-9]{{4}}) {_TIME} GMT")
+_RFC850_DATE = re.compile(
+    rf"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), ([0-9]{{2}})-{_MONTH}-([0-9]{{2}}) "
+    rf"{_TIME} GMT")
+_ASCTIME_DATE = re.compile(rf"{_DAY} {_MONTH} ([0-9]{{2}}| [0-9]) {_TIME} ([0-9]{{4}})")
+
+
+def http_date(text: str, now: datetime) -> datetime | None:
+    """`text` (padded with spaces or tabs at most) as an HTTP date, else None: exactly RFC 9110's three
+    forms (IMF-fixdate `Sun, 06 Nov 1994 08:49:37 GMT`, the obsolete `Sunday, 06-Nov-94 08:49:37 GMT` and
+    asctime `Sun Nov  6 08:49:37 1994`), case-sensitive, always UTC, a real calendar day and time (no
+    31 Feb, no second 60; the weekday is not checked). A two-digit year is the one in this century, or
+    the last, if that would be more than 50 years after `now`'s year. The TypeScript helper's grammar
+    too: `email.utils` also reads `+0100`, `EST`, no zone at all, a lowercase month and a single-digit
+    day, which V8's parser reads otherwise or not at all, so the two helpers waited differently."""
+    text = text.strip(" \t")
+    if match := _IMF_FIXDATE.fullmatch(text):
+        day, month, year, hour, minute, second = match.groups()
+    elif match := _RFC850_DATE.fullmatch(text):
+        day, month, short, hour, minute, second = match.groups()
+        century = now.year // 100 * 100
+        year = str(century + int(short) - (100 if century + int(short) > now.year + 50 else 0))
+    elif match := _ASCTIME_DATE.fullmatch(text):
+        month, day, hour, minute, second, year = match.groups()
+    else:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    try:
+        return datetime(int(year), _MONTHS.index(month) + 1, int(day), int(hour), int(minute), int(second),
+                        tzinfo=UTC)
+    except ValueError:  # 31 Feb, 24:00:00, second 60, year 0
+        return None
 
 
 def retry_delay(policy: RetryPolicy, attempt: int, status: int | None,
