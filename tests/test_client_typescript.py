@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from shared_ollama_client import chunk_text, parse_limits, server_delay_s
+from shared_ollama_client import RetryPolicy, chunk_text, parse_limits, retry_delay, server_delay_s
 
 from tests.support.servers import Server, start_emulator, start_proxy
 
@@ -189,6 +190,37 @@ def test_header_parsing_matches_python() -> None:
             limits["version"], limits["understood"], limits["raw"]), value
         assert {name: getattr(parsed, name) for name in _TS_NAMES.values()
                 if getattr(parsed, name) is not None} == typed, value
+
+
+
+SHOULD_RETRY = ["true", "false", " TRUE\t", "False", "", "yes", "false\u0085", "\u001cfalse", "false\u00a0",
+                "true\u0085", "\u001ftrue", "\u00a0true", "tru e"]
+
+
+def test_should_retry_header_read_alike() -> None:
+    """`x-should-retry` decides alike in both languages: only spaces and tabs are padding (Python's
+    strip() also took NEL and \\x1c-\\x1f, JavaScript's trim() NBSP but not those), so a server's
+    `false` or `true` cannot mean one thing to one helper and another to the other."""
+    node = _node()
+    statuses = [429, 500]
+    script = ("import { retryDelay } from 'shared-ollama-client';"
+              "let input = ''; for await (const c of process.stdin) input += c;"
+              "const { values, statuses } = JSON.parse(input);"
+              "const policy = { maxAttempts: 5, maxTotalS: 120, maxRetryAfterS: 60, backoffBaseS: 0.5,"
+              " backoffMaxS: 8, retryAfterJitter: 0.1, statuses: [429, 502, 503, 504],"
+              " maxTimeoutRetries: 1 };"
+              "console.log(JSON.stringify(values.map((v) => statuses.map((status) => retryDelay(policy, 1,"
+              " new Response(null, { status, headers: { 'x-should-retry': v } }), () => 0.5) !== null))));")
+    _installed(PACKAGE, "ollama")
+    done = subprocess.run([node, "--input-type=module", "-e", script], cwd=PACKAGE, check=False,
+                          input=json.dumps({"values": SHOULD_RETRY, "statuses": statuses}),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for value, from_node in zip(SHOULD_RETRY, json.loads(done.stdout), strict=True):
+        headers = {"x-should-retry": value}
+        python = [retry_delay(RetryPolicy(), 1, status, headers, random.Random(1)) is not None
+                  for status in statuses]
+        assert python == from_node, repr(value)
 
 
 # --- the TypeScript examples, against an emulated fleet behind the proxy ---------------------------

@@ -106,7 +106,8 @@ const PROXY_RETRY_AFTER_CAP_S = 60;
 export function retryDelay(policy, attempt, response, random = Math.random) {
   let server = null;
   if (response !== null) {
-    const should = (response.headers.get("x-should-retry") ?? "").trim().toLowerCase();
+    // Only HTTP's spaces and tabs are padding (trim() would also take NBSP, which Python's helper keeps).
+    const should = stripOws(response.headers.get("x-should-retry") ?? "").toLowerCase();
     const forced = should === "true" && response.status >= 400; // the OpenAI SDKs' rule
     if (!policy.statuses.includes(response.status) && !forced) return null;
     server = serverDelayS(response.headers);

@@ -159,7 +159,9 @@ def retry_delay(policy: RetryPolicy, attempt: int, status: int | None,
     server: float | None = None
     if status is not None:
         assert headers is not None
-        should = headers.get("x-should-retry", "").strip().lower()
+        # Only HTTP's spaces and tabs are padding: strip() would also take NEL and \x1c-\x1f, which
+        # JavaScript's trim() keeps, so `false\x85` would stop one helper and not the other.
+        should = headers.get("x-should-retry", "").strip(" \t").lower()
         forced = should == "true" and status >= 400  # the OpenAI SDKs' rule, for errors only
         if status not in policy.statuses and not forced:
             return None
