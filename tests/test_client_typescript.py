@@ -21,7 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from shared_ollama_client import RetryPolicy, chunk_text, parse_limits, retry_delay, server_delay_s
+from shared_ollama_client import (
+    RetryPolicy,
+    chunk_text,
+    estimate_tokens,
+    parse_limits,
+    retry_delay,
+    server_delay_s,
+)
 
 from tests.support.servers import Server, start_emulator, start_proxy
 
@@ -129,6 +136,26 @@ def test_chunk_text_matches_python() -> None:
     from_python = [chunk_text(text, max_tokens, overlap) for max_tokens, overlap in cases]
     assert from_node == from_python
     assert all(len(chunks) > 3 for chunks in from_python)
+
+
+def test_chunking_whitespace_matches_python() -> None:
+    """Whitespace is Unicode's White_Space in both languages: a file's byte-order mark is a character
+    to both (JavaScript's `\\s` and trim() took it as space, Python kept it), and \\x1c-\\x1f and NEL
+    are whitespace to both or neither (Python's split() and strip() took \\x1c-\\x1f, JavaScript not)."""
+    node = _node()
+    texts = ["\ufeffHello world. This is a test.\n\nSecond paragraph here.",
+             "alpha\x1cbeta gamma. delta\x85epsilon.\n\n\x1fend\x1e", "one\u200btwo\u3000three. x\u00a0y z",
+             "\ufeff\n\n\ufeff", "a\u2028b\u2029c\u202fd\u205fe\u1680f"]
+    script = ("import { chunkText, estimateTokens } from 'shared-ollama-client';"
+              "let input = ''; for await (const c of process.stdin) input += c;"
+              "console.log(JSON.stringify(JSON.parse(input).map((t) =>"
+              " [estimateTokens(t), chunkText(t, { maxTokens: 4 })])));")
+    _installed(PACKAGE, "ollama")
+    done = subprocess.run([node, "--input-type=module", "-e", script], cwd=PACKAGE, check=False,
+                          input=json.dumps(texts), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for text, from_node in zip(texts, json.loads(done.stdout), strict=True):
+        assert [estimate_tokens(text), chunk_text(text, 4)] == from_node, repr(text)
 
 
 RETRY_AFTER = ["5", " 5\t", "5.5", ".5", "0", "-0", "-1", "99999", "1e3", "1e400", "+5", "0x10", "0b11",

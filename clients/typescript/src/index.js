@@ -227,9 +227,14 @@ export function retryingFetch(options = {}) {
 }
 
 export const BYTES_PER_TOKEN_ESTIMATE = 3;
-const PIECE = /([\p{L}\p{N}_]+)|(\s+)|[^\p{L}\p{N}_\s]/gu;
-const PARAGRAPH = /\n[ \t\r\f\v]*\n\s*/;
-const SENTENCE = /(?<=[.!?])\s+|(?<=[\u3002\uff01\uff1f])\s*/;
+// Whitespace is Unicode's White_Space, as in the Python package (`\s` and trim() would also take a
+// byte-order mark, U+FEFF, and Python's own \x1c-\x1f: the two would cut the same text differently).
+const PIECE = /([\p{L}\p{N}_]+)|(\p{White_Space}+)|[^\p{L}\p{N}_\p{White_Space}]/gu;
+const PARAGRAPH = /\n[ \t\r\f\v]*\n\p{White_Space}*/u;
+const SENTENCE = /(?<=[.!?])\p{White_Space}+|(?<=[\u3002\uff01\uff1f])\p{White_Space}*/u;
+const SPACES = /\p{White_Space}+/u;
+/** @param {string} text */
+const stripWs = (text) => text.replace(/^\p{White_Space}+|\p{White_Space}+$/gu, "");
 const encoder = new TextEncoder();
 
 /** The same over-estimate as the Python package: a word is ceil(UTF-8 bytes / 3) tokens, any other
@@ -269,7 +274,7 @@ function splitLongWord(word, max, count) {
 
 /** @param {string} sentence @param {number} max @param {(s: string) => number} count */
 function packWords(sentence, max, count) {
-  const words = sentence.trim().split(/\s+/).filter(Boolean)
+  const words = stripWs(sentence).split(SPACES).filter(Boolean)
     .flatMap((w) => (count(w) <= max ? [w] : splitLongWord(w, max, count)));
   const pieces = [];
   let current = "";
@@ -296,13 +301,13 @@ export function chunkText(text, { maxTokens, overlap = 0, countTokens = estimate
   const count = countTokens;
   /** @type {Unit[]} */
   const units = [];
-  for (const rawParagraph of text.trim().split(PARAGRAPH)) {
-    const paragraph = rawParagraph.trim();
+  for (const rawParagraph of stripWs(text).split(PARAGRAPH)) {
+    const paragraph = stripWs(rawParagraph);
     if (!paragraph) continue;
     /** @type {string[]} */
     let pieces = [paragraph];
     if (count(paragraph) > maxTokens) {
-      pieces = paragraph.split(SENTENCE).map((s) => s.trim()).filter(Boolean)
+      pieces = paragraph.split(SENTENCE).map(stripWs).filter(Boolean)
         .flatMap((s) => (count(s) <= maxTokens ? [s] : packWords(s, maxTokens, count)));
     }
     pieces.forEach((piece, i) => units.push([piece, i === 0 ? "\n\n" : " "]));

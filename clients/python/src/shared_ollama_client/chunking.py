@@ -18,9 +18,16 @@ and one or fewer per CJK character (3 bytes), so the estimate over-counts prose 
 chunks sized by it fit. It can under-count long runs of random letters and digits (hashes, base64): for
 such data, or for exact sizes, pass the model's tokenizer as `count_tokens`."""
 
-_PIECE = re.compile(r"\w+|\s+|[^\w\s]")
-_PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n\s*")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|(?<=[\u3002\uff01\uff1f])\s*")
+_WHITESPACE = ("\t\n\v\f\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+               + "\u2028\u2029\u202f\u205f\u3000")
+"""Unicode's White_Space, JavaScript's `\\p{White_Space}`: the only whitespace here, so the TypeScript
+helper cuts the same text the same way (Python's `\\s`, isspace() and strip() also take \\x1c-\\x1f,
+JavaScript's `\\s` and trim() a byte-order mark, U+FEFF)."""
+_WS = f"[{re.escape(_WHITESPACE)}]"
+_PIECE = re.compile(rf"\w+|{_WS}+|[^\w{re.escape(_WHITESPACE)}]")
+_PARAGRAPH = re.compile(rf"\n[ \t\r\f\v]*\n{_WS}*")
+_SENTENCE = re.compile(rf"(?<=[.!?]){_WS}+|(?<=[\u3002\uff01\uff1f]){_WS}*")
+_SPACES = re.compile(rf"{_WS}+")
 
 Counter = Callable[[str], int]
 _Unit = tuple[str, str]  # (text, separator put before it when it follows another unit in a chunk)
@@ -32,7 +39,7 @@ def estimate_tokens(text: str) -> int:
     total = 0
     for match in _PIECE.finditer(text):
         piece = match.group()
-        if piece[0].isspace():
+        if piece[0] in _WHITESPACE:
             total += len(piece) > 1
         elif piece[0].isalnum() or piece[0] == "_":
             total += math.ceil(len(piece.encode("utf-8")) / BYTES_PER_TOKEN_ESTIMATE)
@@ -64,7 +71,7 @@ def _split_long_word(word: str, max_tokens: int, count: Counter) -> list[str]:
 
 def _pack_words(sentence: str, max_tokens: int, count: Counter) -> list[str]:
     words: list[str] = []
-    for word in sentence.split():
+    for word in filter(None, _SPACES.split(sentence)):
         words.extend([word] if count(word) <= max_tokens else _split_long_word(word, max_tokens, count))
     pieces: list[str] = []
     current = ""
@@ -84,8 +91,8 @@ def _units(text: str, max_tokens: int, count: Counter) -> list[_Unit]:
     """The document as the largest pieces that each fit: whole paragraphs, else their sentences, else
     runs of words."""
     units: list[_Unit] = []
-    for raw_paragraph in _PARAGRAPH.split(text.strip()):
-        paragraph = raw_paragraph.strip()
+    for raw_paragraph in _PARAGRAPH.split(text.strip(_WHITESPACE)):
+        paragraph = raw_paragraph.strip(_WHITESPACE)
         if not paragraph:
             continue
         if count(paragraph) <= max_tokens:
@@ -93,7 +100,7 @@ def _units(text: str, max_tokens: int, count: Counter) -> list[_Unit]:
         else:
             pieces = []
             for raw_sentence in _SENTENCE.split(paragraph):
-                sentence = raw_sentence.strip()
+                sentence = raw_sentence.strip(_WHITESPACE)
                 if not sentence:
                     continue
                 pieces.extend([sentence] if count(sentence) <= max_tokens
