@@ -110,6 +110,14 @@ def test_limits_parsing_is_versioned_and_bounded() -> None:
                          "requests_per_minute=+600")
     assert other is not None and (other.max_body_bytes, other.max_prompt_tokens) == (None, None)
     assert (other.deadline_s, other.requests_per_minute) == (15.0, 600.0)
+    # over 4096 characters: the part the bound cuts through is dropped, not read as a smaller number
+    long = "v=1; " + "junk; " * 679 + "max_body_bytes=33554432"
+    assert len(long) == 4102
+    cut = parse_limits(long)
+    assert cut is not None and cut.max_body_bytes is None
+    kept = parse_limits("v=1; max_body_bytes=7; " + "j" * 5000)
+    assert kept is not None and kept.max_body_bytes == 7
+    assert parse_limits("v=" + "1" * 5000) is None
     fraction = parse_limits("v=1; max_body_bytes=1.9; max_prompt_tokens=4096.0")
     assert fraction is not None and (fraction.max_body_bytes, fraction.max_prompt_tokens) == (None, 4096)
     for version in ("v=+1", "v= 1", "v=-1", "v=1_0", "v=\u0661", "v=1234567890123456"):

@@ -343,9 +343,12 @@ const V1_KEYS = Object.freeze({ max_body_bytes: "maxBodyBytes", max_prompt_token
 
 /** Parse an `X-Service-Limits` value (`v=1; key=value; ...`); null without an integer `v=` first.
  * Bounded (4096 characters, 64 keys) and malformed parts skipped: the header comes from the network.
+ * Past 4096 characters the part the bound cuts through is dropped (`max_body_bytes=33554432` cut to
+ * `max_body_bytes=33` would be a wrong limit), as in the Python helper.
  * @param {string} value @returns {import("./index.d.ts").ServiceLimits | null} */
 export function parseServiceLimits(value) {
   const parts = value.slice(0, 4096).split(";").map(stripOws);
+  if (value.length > 4096) parts.pop();
   if (!parts[0]?.startsWith("v=") || !/^[0-9]{1,15}$/.test(parts[0].slice(2))) return null;
   const version = Number(parts[0].slice(2));
   /** @type {Record<string, string>} */

@@ -271,6 +271,12 @@ test("X-Service-Limits parsing is versioned and bounded", async () => {
   assert.deepEqual(parseServiceLimits("v=1; max_body_bytes=0x10; max_prompt_tokens=1.9; deadline_s=1.5e1; " +
     "requests_per_minute=+600"), { version: 1, understood: true, deadlineS: 15, requestsPerMinute: 600,
     raw: { max_body_bytes: "0x10", max_prompt_tokens: "1.9", deadline_s: "1.5e1", requests_per_minute: "+600" } });
+  // A header over 4096 characters: the part the bound cuts through is dropped, not read as a smaller number.
+  const long = `v=1; ${"junk; ".repeat(679)}max_body_bytes=33554432`;
+  assert.equal(long.length, 4102);
+  assert.equal(parseServiceLimits(long).maxBodyBytes, undefined);
+  assert.equal(parseServiceLimits(`v=1; max_body_bytes=7; ${"j".repeat(5000)}`).maxBodyBytes, 7);
+  assert.equal(parseServiceLimits(`v=${"1".repeat(5000)}`), null);
   for (const version of ["v=+1", "v= 1", "v=-1", "v=1_0", "v=1234567890123456"]) {
     assert.equal(parseServiceLimits(`${version}; max_body_bytes=1`), null, version);
   }

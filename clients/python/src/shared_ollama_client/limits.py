@@ -95,8 +95,12 @@ class ServiceLimits:
 
 def parse_limits(value: str) -> ServiceLimits | None:
     """Parse a header value; None when it has no integer `v=` first. Malformed parts are skipped and the
-    input is bounded (4096 characters, 64 keys): the header comes from the network."""
+    input is bounded (4096 characters, 64 keys): the header comes from the network. Past 4096 characters
+    the part the bound cuts through is dropped: `max_body_bytes=33554432` cut to `max_body_bytes=33`
+    would be a wrong limit, not a shorter header."""
     parts = [p.strip(_OWS) for p in value[:_MAX_HEADER_CHARS].split(";")]
+    if len(value) > _MAX_HEADER_CHARS:
+        parts.pop()
     if not parts or not parts[0].startswith("v=") or not _VERSION.fullmatch(parts[0][2:]):
         return None
     version = int(parts[0][2:])
