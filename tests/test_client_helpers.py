@@ -652,6 +652,12 @@ async def test_async_helpers(limited: Server, long_queue_of_one: Server, long_an
     batched = await aembed_documents(aclient, "nomic-embed-text", chunks, batch_size=3, concurrency=2)
     single = [(await aclient.embed(model="nomic-embed-text", input=c)).embeddings[0] for c in chunks]
     assert [[round(v, 6) for v in e] for e in batched] == [[round(v, 6) for v in e] for e in single]
+    # A failure is raised as itself, as embed_documents raises it (not an ExceptionGroup that
+    # `except ollama.ResponseError` misses).
+    with pytest.raises(ollama.ResponseError):
+        await aembed_documents(aclient, "no-such-embedder", chunks, batch_size=3, concurrency=2)
+    with pytest.raises(ollama.ResponseError):
+        embed_documents(proxy_client(limited, "ollama"), "no-such-embedder", chunks, batch_size=3)
 
     before = long_answers.stats()["cancelled"]
     streaming = ollama.AsyncClient(host=long_queue_of_one.url, transport=AsyncRetryTransport())

@@ -83,6 +83,11 @@ async def aembed_documents(client: Any, model: str, chunks: Sequence[str], batch
         async with gate:
             return await _aembed_one(client, model, batch, options)
 
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(one(batch)) for batch in batches]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(batch)) for batch in batches]
+    except ExceptionGroup as failed:
+        # The first failure itself, as embed_documents raises it: a TaskGroup wraps it in a group that
+        # `except ollama.ResponseError` (or httpx.HTTPStatusError) does not catch.
+        raise failed.exceptions[0] from None
     return [vector for task in tasks for vector in task.result()]
