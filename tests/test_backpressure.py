@@ -113,6 +113,9 @@ async def test_queue_timeout_and_early_refusal(tmp: Path, slow: Server) -> None:
     proxy = await asyncio.to_thread(_proxy, tmp, slow, "bp-timeout", queue_timeout_s=0.3)
     try:
         async with aiohttp.ClientSession() as session:
+            # The model loaded first: a request waiting on a load gets cold_queue_timeout_s, not
+            # queue_timeout_s (run alone, this test would otherwise find the model cold).
+            assert (await _generate(session, proxy, CHAT))[0] == 200
             first = asyncio.ensure_future(_generate(session, proxy, CHAT))
             await until(lambda: _queued(proxy, 1, 0), what="the first request running")
             status, _, took = await _generate(session, proxy, CHAT)
