@@ -531,3 +531,26 @@ def test_a_restart_command_that_leaves_its_daemon_running_ends_when_it_exits(tmp
         a.stop()
         if pidfile.exists():
             os.kill(int(pidfile.read_text()), signal.SIGTERM)
+
+
+def test_a_healthy_replica_shows_no_reason_once_its_failures_are_over(tmp: Path) -> None:
+    """`/system/profile`'s `reason` says why a replica is in its state: a failure below the ejection
+    threshold is shown while it counts, and gone once a request or a probe went through (before, a
+    healthy replica kept showing `HTTP 502` or `probe failed (...)` for good)."""
+    a = start_emulator(tmp, name="reason-a")
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}], {"chain": {"health": FAST}}, name="reason")
+    try:
+        wait_for(lambda: status(proxy, "a") == "healthy", what="a healthy")
+        httpx.post(f"{a.url}/_emulator/faults", json={"status": 502, "count": 1}).raise_for_status()
+        assert httpx.post(f"{proxy.url}/api/generate", json=BODY, timeout=30).status_code == 502
+        # The probe sent right after the failure succeeds: the run of failures is over.
+        wait_for(lambda: profile(proxy)["replicas"]["a"]["consecutive_failures"] == 0,
+                 what="a's failure run over")
+        view = profile(proxy)["replicas"]["a"]
+        assert (view["status"], view["reason"]) == ("healthy", None), view
+        assert httpx.post(f"{proxy.url}/api/generate", json=BODY, timeout=30).status_code == 200
+        view = profile(proxy)["replicas"]["a"]
+        assert (view["status"], view["reason"]) == ("healthy", None), view
+    finally:
+        proxy.stop()
+        a.stop()

@@ -254,8 +254,7 @@ class FleetHealth:
     # state transitions -------------------------------------------------------------------------------
     def _success(self, upstream: Upstream) -> None:
         now = time.monotonic()
-        upstream.consecutive_failures = 0
-        upstream.suspect = False
+        self.success(upstream)
         status = upstream.status
         if status == "ejected" and now < upstream.ejected_until:
             return  # still backing off; half-open once it expires
@@ -315,9 +314,14 @@ class FleetHealth:
         self._eject(upstream, reason)
 
     def success(self, upstream: Upstream) -> None:
-        """A real request on `upstream` went through: the failure run is over."""
+        """A real request on `upstream` (or a probe) went through: the failure run is over, and a
+        healthy replica's `reason` (the last failure, shown in `/system/profile`) with it."""
         upstream.consecutive_failures = 0
         upstream.suspect = False
+        if upstream.status == "healthy":
+            # `failure` records why below the ejection threshold too; once a call went through that
+            # reason is history, and a healthy replica showing it for good reads as a failing one.
+            upstream.reason = ""
 
     def observe(self, upstream: Upstream, outcome: str, status: int, model: str | None = None,
                 request: int | None = None) -> None:
