@@ -27,6 +27,7 @@ from proxy.fleet.health import FleetHealth
 from proxy.telemetry.setup import build_telemetry
 from proxy.upstreams import Upstream, UpstreamSet
 from tests.support.metrics import metric
+from tests.support.otlp_receiver import OtlpReceiver, attributes_of
 from tests.support.polling import until
 from tests.support.servers import Server, start_emulator, start_proxy
 from tests.support.threaded import ThreadedApp
@@ -554,3 +555,27 @@ def test_a_healthy_replica_shows_no_reason_once_its_failures_are_over(tmp: Path)
     finally:
         proxy.stop()
         a.stop()
+
+
+def test_the_restart_span_says_why_the_replica_was_restarted(tmp: Path) -> None:
+    """The `sop.health.restart` span's `sop.health.reason` is the failure that triggered the restart
+    (before: always `restart command running`, the status text set just before the span started)."""
+    a = start_emulator(tmp, name="why-a")
+    with OtlpReceiver() as receiver:
+        proxy = start_proxy(tmp, [{"url": a.url, "name": "a",
+                                   "restart_command": f"{sys.executable} -c pass"}],
+                            {"chain": {"health": {**FAST, "restart_after_failures": 2,
+                                                  "restart_min_interval_s": 60}},
+                             "telemetry": {"otlp_endpoint": receiver.url,
+                                           "otlp_protocol": "http/protobuf"}}, name="why")
+        try:
+            wait_for(lambda: status(proxy, "a") == "healthy", what="a healthy")
+            a.kill()
+            wait_for(lambda: any(s.name == "sop.health.restart" for s in receiver.spans()), 20,
+                     "the restart span exported")
+            span = next(s for s in receiver.spans() if s.name == "sop.health.restart")
+            reason = attributes_of(span)["sop.health.reason"]
+            assert reason.startswith("probe failed"), reason
+        finally:
+            proxy.stop()
+            a.stop()

@@ -441,12 +441,13 @@ class FleetHealth:
         if last is not None and time.monotonic() - last < self.config.restart_min_interval_s:
             return
         self.last_restart[upstream.name] = time.monotonic()
+        why = upstream.reason  # `_set` below replaces it with the restart's own status text
         self._set(upstream, "restarting", "restart command running")
         self._restarting.add(upstream.name)
         upstream.returning = True  # the queue waits for it meanwhile (cold budget)
         code: int | None = None
         try:
-            code = await self.restart(upstream, command)
+            code = await self.restart(upstream, command, why)
         finally:
             self._restarting.discard(upstream.name)
             if code == 0:
@@ -462,16 +463,17 @@ class FleetHealth:
                 upstream.returning = False
                 self.upstreams.changed()  # waiters held for it decide again (health's 503)
 
-    async def restart(self, upstream: Upstream, command: str) -> int | None:
+    async def restart(self, upstream: Upstream, command: str, why: str = "") -> int | None:
         """Run `command` for `upstream` (fields substituted per argument, no shell); log its output and
-        record a span. Returns the exit code (None when it had to be killed)."""
+        record a span whose `health.reason` is `why` (the failure that called for the restart).
+        Returns the exit code (None when it had to be killed)."""
         fields = {"name": upstream.name, "url": str(upstream.url), "host": upstream.url.host or "",
                   "port": str(upstream.url.port or "")}
         argv = restart_fields(command, **fields)  # checked when the configuration was loaded
         names = self.telemetry.names
         span = self.telemetry.tracer.start_span(
             names.health_restart_span, kind=SpanKind.INTERNAL,
-            attributes={names.upstream_name: upstream.name, names.health_reason: upstream.reason})
+            attributes={names.upstream_name: upstream.name, names.health_reason: why})
         code: int | None = None
         started = time.monotonic()
         try:
