@@ -9,6 +9,7 @@ application; passive reports (a request's outcome on a replica) go there too, no
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -17,11 +18,12 @@ from aiohttp import web
 from proxy.chain import Handler, Step
 from proxy.context import RequestContext
 from proxy.errors import NoHealthyUpstream
+from proxy.fanout import REPLICA_HEADER, fleet_scope
 from proxy.fleet.health import FleetHealth
 from proxy.schema import Mode, RolloutConfig, positive, ratio
 from proxy.telemetry import semconv
 from proxy.telemetry.setup import Telemetry
-from proxy.upstreams import UpstreamSet
+from proxy.upstreams import Upstream, UpstreamSet
 
 __all__ = ["HealthConfig", "HealthStep"]
 
@@ -82,12 +84,13 @@ class HealthStep(Step):
         self.config = config
 
     # the step ----------------------------------------------------------------------------------------
-    def retry_after_s(self, model: str | None) -> float:
-        """When a replica for `model` may serve again: the soonest backoff expiry or next probe."""
+    def retry_after_s(self, model: str | None, without: Sequence[Upstream] = ()) -> float:
+        """When a replica for `model` may serve again: the soonest backoff expiry or next probe, among
+        the replicas that may serve it but those `without` it (serving, but lacking the model)."""
         now = time.monotonic()
         times = []
         for upstream in self.upstreams:
-            if not self.upstreams.allows(upstream, model):
+            if not self.upstreams.allows(upstream, model) or upstream in without:
                 continue
             when = max(upstream.next_probe_at, upstream.ejected_until if upstream.status == "ejected"
                        else 0.0)
@@ -100,10 +103,20 @@ class HealthStep(Step):
         attributes = {semconv.ATTR_GEN_AI_REQUEST_MODEL: semconv.request_model(model)} if model else {}
         with self.span(**attributes) as span:
             candidates = self.upstreams.eligible(model)
+            absent: Sequence[Upstream] = ()
+            if model and request.headers.get(REPLICA_HEADER) is None \
+                    and fleet_scope(request.method, request.path) is None \
+                    and self.upstreams.held_only_out_of_service(model):
+                # Only replicas out of service have it: a serving one would answer 404 "model not
+                # found", which clients take as final (or pull the model). It exists: 503, retry.
+                # Management (pull, create, delete: fanned out) and a named replica go on as asked.
+                absent, candidates = candidates, []
             for upstream in self.upstreams:
                 if upstream in candidates and upstream.serving:
                     continue
                 reason = self.upstreams.why_not(upstream, model)
+                if reason is None and upstream in absent:
+                    reason = "model_absent"
                 if reason is None and self.mode_of(ctx) == "shadow" and not upstream.serving:
                     reason = f"shadow_{upstream.status}"
                 if reason is not None:
@@ -119,7 +132,7 @@ class HealthStep(Step):
                     f"no healthy replica can serve {model or 'this request'} now"
                     + (f" ({'; '.join(f'{n}: {r}' for n, r in ctx.health.dropped.items())})"
                        if ctx.health.dropped else ""),
-                    retry_after_s=self.retry_after_s(model)))
+                    retry_after_s=self.retry_after_s(model, absent)))
             else:
                 self.decide(ctx, span, "healthy")
             ctx.health.replicas = candidates

@@ -293,6 +293,18 @@ class UpstreamSet:
         self._eligible[model] = serving
         return serving
 
+    def held_only_out_of_service(self, model: str) -> bool:
+        """Is `model` known only on replicas out of service now (ejected, restarting...)? True when one
+        that may serve it has it on disk or loaded, and every serving one that may serve it has a
+        known listing without it (so it would answer 404 "model not found"). A listing is at most
+        a few probes old: a model added to a replica behind the proxy's back counts once listed."""
+        key = model_key(model)
+        allowed = [u for u in self.upstreams if self.allows(u, model)]
+        if any(self.is_serving(u) and (u.models is None or key in u.models or key in u.loaded)
+               for u in allowed):
+            return False
+        return any(key in u.loaded or (u.models is not None and key in u.models) for u in allowed)
+
     def coming_back(self, model: str | None) -> bool:
         """Is a replica that may serve `model` coming back: its restart command or its pre-warming is
         running right now, or its restart command succeeded and the probes have not decided yet? (Not

@@ -579,3 +579,49 @@ def test_the_restart_span_says_why_the_replica_was_restarted(tmp: Path) -> None:
         finally:
             proxy.stop()
             a.stop()
+
+
+def test_a_model_only_an_ejected_replica_has_is_a_503_not_another_replica_s_404(tmp: Path) -> None:
+    """A model on the disk of an out-of-service replica only is `503 no_healthy_upstream` with
+    `Retry-After` (retry later: it exists), on every route that names it (before: sent to a serving
+    replica without it, a `404 model not found`, on which a client gives up or pulls the model)."""
+    a = start_emulator(tmp, name="absent-a")
+    b = start_emulator(tmp, name="absent-b")
+    httpx.post(f"{a.url}/api/copy", json={"source": "llama3.2", "destination": "onlya"}).raise_for_status()
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"chain": {"health": {**FAST, "base_ejection_s": 30.0}}}, name="absent")
+    try:
+        wait_for(lambda: "onlya:latest" in (profile(proxy)["replicas"]["a"]["models_on_disk"] or []),
+                 what="onlya seen on a's disk")
+        body = {**BODY, "model": "onlya"}
+        assert httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30).status_code == 200
+        a.kill()
+        wait_for(lambda: status(proxy, "a") == "ejected", what="a ejected by its probes")
+        for reply in (httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30),
+                      httpx.post(f"{proxy.url}/api/show", json={"model": "onlya"}, timeout=30),
+                      httpx.post(f"{proxy.url}/api/embed", json={"model": "onlya", "input": "x"},
+                                 timeout=30)):
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["code"] == "no_healthy_upstream"
+            assert "a: ejected" in reply.json()["error"] and "b: model_absent" in reply.json()["error"]
+            assert 20 <= int(reply.headers["Retry-After"]) <= 31  # a's backoff, not b's next probe
+        v1 = httpx.post(f"{proxy.url}/v1/chat/completions",
+                        json={"model": "onlya", "messages": [{"role": "user", "content": "x"}]}, timeout=30)
+        assert v1.status_code == 503 and v1.json()["error"]["code"] == "no_healthy_upstream"
+        # What b has, and names no replica has at all, are unchanged: served, and b's own 404.
+        assert httpx.post(f"{proxy.url}/api/generate", json=BODY, timeout=30).status_code == 200
+        assert httpx.post(f"{proxy.url}/api/generate", json={**BODY, "model": "nosuch"},
+                          timeout=30).status_code == 404
+        # A replica named by an admin, and management, still go where they are sent: creating the
+        # model on b makes it b's to serve.
+        named = httpx.post(f"{proxy.url}/api/generate", json=body, headers={"X-Ollama-Replica": "b"},
+                           timeout=30)
+        assert named.status_code == 404
+        created = httpx.post(f"{proxy.url}/api/create", json={"model": "onlya", "from": "llama3.2",
+                                                               "stream": False}, timeout=30)
+        assert created.status_code == 200, created.text
+        assert httpx.post(f"{proxy.url}/api/generate", json=body, timeout=30).status_code == 200
+        assert httpx.get(f"{proxy.url}/system/queue").json()["models"]["onlya:latest"]["queued"] == 0
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
