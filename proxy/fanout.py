@@ -5,9 +5,11 @@ Read routes are merged: `GET /api/tags` and `GET /v1/models` are the union over 
 (`pull`, `create`, `push`, `copy`, `delete`) go to every replica; the answer keeps Ollama's shape and adds
 the per-replica results: a `replica` key on streamed progress lines and a final summary line
 (`{"status": "success", "replicas": {...}}` or `{"error": ..., "replicas": {...}}`), a `replicas` object in
-JSON bodies, and an `X-Replica-Results` header everywhere. A replica that is not serving is reported as
-skipped. An admin sends a request to a single replica with the `X-Ollama-Replica` header instead (the
-balancer forwards it byte for byte). With one replica nothing is merged: every route is relayed as is.
+JSON bodies, and an `X-Replica-Results` header everywhere. A streamed call every replica refuses
+before any progress is one JSON error under Ollama's status, as a call without `stream` is. A
+replica that is not serving is reported as skipped. An admin sends a request to a single replica
+with the `X-Ollama-Replica` header instead (the balancer forwards it byte for byte). With one replica
+nothing is merged: every route is relayed as is.
 
 Blob uploads (`/api/blobs/...`) are not fanned out: `create` from uploaded files needs the replica named.
 """
@@ -44,6 +46,8 @@ _READ_TIMEOUT_S = 10.0
 _RETRY_AFTER_S = 5.0
 """A busy replica's 429 or 503 relayed without a (valid) Retry-After: the forwarder's default wait."""
 _BUSY = frozenset({429, 503})
+_REFUSAL_BYTES = 64 * 1024
+"""What is read of a replica's refusal of a streamed management call (Ollama's is one line)."""
 
 
 def fleet_scope(method: str, path: str) -> str | None:
@@ -142,6 +146,15 @@ class FanOut:
                 return 502, orjson.dumps({"error": f"cannot reach replica: {type(exc).__name__}"}), None
 
         answers = await asyncio.gather(*(call(u) for u in live))
+        return self._one_answer(request, ctx, live, answers, skipped)
+
+    @staticmethod
+    def _one_answer(request: web.Request, ctx: RequestContext, live: Sequence[Upstream],
+                    answers: Sequence[tuple[int, bytes, float | None]],
+                    skipped: dict[str, str]) -> web.Response:
+        """The one answer for every replica's (status, body, asked wait), in `live`'s order: Ollama's
+        404 when no replica has the model, its empty 200 for copy and delete done where the model was,
+        else a JSON body with the results per replica under the first failure's status."""
         results: dict[str, Any] = {}
         failures: list[tuple[str, int, str, float | None]] = []
         for upstream, (status, body, told) in zip(live, answers, strict=True):
@@ -183,9 +196,15 @@ class FanOut:
         """Streamed progress from every replica, each line tagged with its replica, then a summary."""
         lines: asyncio.Queue[tuple[str, dict[str, Any] | None]] = asyncio.Queue()
         results: dict[str, Any] = {}
+        loop = asyncio.get_running_loop()
+        # Per replica: its refusal (status, body, asked wait) when it answered an error status instead
+        # of progress, else None (it streams, or could not be reached).
+        heads: dict[str, asyncio.Future[tuple[int, bytes, float | None] | None]] = {
+            u.name: loop.create_future() for u in live}
 
         async def follow(upstream: Upstream) -> None:
             last: dict[str, Any] = {}
+            head = heads[upstream.name]
             try:
                 async with self.fleet.request(
                         upstream, request.method, request.raw_path, data=ctx.body or b"",
@@ -193,30 +212,58 @@ class FanOut:
                         timeout=aiohttp.ClientTimeout(  # replaces the session's: connect kept
                             sock_read=self.idle_timeout_s,
                             sock_connect=self.fleet.config.connect_timeout_s)) as reply:
-                    async for raw in reply.content:
-                        if not raw.strip():
-                            continue
-                        try:
-                            line = orjson.loads(raw)
-                        except orjson.JSONDecodeError:
-                            continue
-                        if isinstance(line, dict):
-                            last = line
-                            await lines.put((upstream.name, line))
-                    if reply.status != 200 and "error" not in last:
-                        last = {"error": f"HTTP {reply.status}"}
+                    if reply.status != 200:
+                        # A refusal is one short JSON body: this replica's status and body if every
+                        # replica refuses, an error line in the stream if another one streams.
+                        body = b""
+                        while len(body) < _REFUSAL_BYTES and (
+                                chunk := await reply.content.read(_REFUSAL_BYTES - len(body))):
+                            body += chunk  # read(n) returns what has arrived: up to the end or n
+                        told = told_wait_s(reply.headers) if reply.status in _BUSY else None
+                        head.set_result((reply.status, body, told))
+                        last = {"error": _error_text(body) or f"HTTP {reply.status}"}
+                        await lines.put((upstream.name, last))
+                    else:
+                        head.set_result(None)
+                        async for raw in reply.content:
+                            if not raw.strip():
+                                continue
+                            try:
+                                line = orjson.loads(raw)
+                            except orjson.JSONDecodeError:
+                                continue
+                            if isinstance(line, dict):
+                                last = line
+                                await lines.put((upstream.name, line))
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 last = {"error": f"replica connection failed ({type(exc).__name__})"}
                 await lines.put((upstream.name, last))
+            finally:
+                if not head.done():
+                    head.set_result(None)
             results[upstream.name] = "success" if last.get("status") == "success" else \
                 str(last.get("error") or "ended without success")
             await lines.put((upstream.name, None))
 
-        response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-ndjson"})
-        ctx.status = 200
-        await response.prepare(request)
         tasks = [asyncio.create_task(follow(u)) for u in live]
         try:
+            # Ollama refuses a call it cannot start (a push of a missing model, a create without
+            # `from`, a busy daemon) with a status and one JSON body, not a 200 stream: when every
+            # replica refused, the fleet answers as `_manage_once` does, with the status clients read
+            # (and Retry-After on a 429 or 503) (before: a 200 stream of error lines).
+            refusals = await asyncio.gather(*heads.values())
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        if all(refusal is not None for refusal in refusals):
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+            return self._one_answer(request, ctx, live, [r for r in refusals if r is not None], skipped)
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-ndjson"})
+        ctx.status = 200
+        try:
+            await response.prepare(request)
             remaining = len(tasks)
             while remaining:
                 name, line = await lines.get()

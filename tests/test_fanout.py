@@ -175,6 +175,38 @@ def test_a_busy_fleet_answer_relays_the_replicas_own_wait(
         assert "x-should-retry" not in answer.headers
 
 
+def test_a_streamed_call_every_replica_refuses_keeps_ollamas_status(
+        fleet: tuple[Server, Server, Server]) -> None:
+    """A streamed push, create or pull that every replica refuses before any progress (a missing model
+    to push, a create naming no source, a busy daemon) is answered as one Ollama answers it: with its
+    status, which the official client reads, the results per replica, and Retry-After on a 503
+    (before: a 200 stream of error lines, which the client read as status -1, its wait lost). A
+    refusal beside a replica that streams stays an error line of the stream."""
+    a, b, proxy = fleet
+    manager = {"Authorization": f"Bearer {MANAGER}"}
+    ops = ollama.Client(host=proxy.url, headers=manager)
+    own = ollama.Client(host=a.url)
+    for call in (lambda c: list(c.push("no-such-model", stream=True)),
+                 lambda c: list(c.create("mine", stream=True))):
+        with pytest.raises(ollama.ResponseError) as direct:
+            call(own)
+        with pytest.raises(ollama.ResponseError) as fanned:
+            call(ops)
+        assert (fanned.value.status_code, direct.value.status_code) == (400, 400)
+        assert direct.value.error in fanned.value.error
+    httpx.post(f"{a.url}/_emulator/faults", timeout=5, json={"status": 503, "paths": ["/api/pull"]})
+    with httpx.stream("POST", f"{proxy.url}/api/pull", json={"model": "llama3.2"}, headers=manager,
+                      timeout=30) as stream:
+        assert stream.status_code == 200
+        lines = [json.loads(line) for line in stream.iter_lines() if line]
+    assert [line["replica"] for line in lines[:-1] if "error" in line] == ["a"]
+    assert lines[-1]["replicas"]["b"] == "success" and lines[-1]["replicas"]["a"] != "success"
+    httpx.post(f"{b.url}/_emulator/faults", timeout=5, json={"status": 503, "paths": ["/api/pull"]})
+    busy = httpx.post(f"{proxy.url}/api/pull", json={"model": "llama3.2"}, headers=manager, timeout=30)
+    assert busy.status_code == 503, busy.text
+    assert busy.headers["Retry-After"] == "5" and set(busy.json()["replicas"]) == {"a", "b"}
+
+
 @pytest.mark.parametrize("odd", [
     {"models": 5},
     {"models": [{"name": ["x"], "model": {"a": 1}, "modified_at": 5}, "text", None]},
