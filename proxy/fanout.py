@@ -257,8 +257,9 @@ class FanOut:
                 task.cancel()
             raise
         if all(refusal is not None for refusal in refusals):
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*tasks, return_exceptions=True)
+            # Each has only its last line to queue. A client that leaves meanwhile cancels this wait
+            # (and the tasks with it): its CancelledError goes on up, nothing is answered.
+            await asyncio.gather(*tasks, return_exceptions=True)
             return self._one_answer(request, ctx, live, [r for r in refusals if r is not None], skipped)
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-ndjson"})
         ctx.status = 200
