@@ -167,6 +167,41 @@ async def test_two_proxies_keep_the_slots_and_share_fairly(tmp: Path, emulator: 
         await asyncio.gather(asyncio.to_thread(first.stop), asyncio.to_thread(second.stop))
 
 
+async def test_a_tenant_joining_a_flood_is_served_next_not_behind_its_estimates(
+        tmp: Path, redis_server: RedisServer) -> None:
+    """Tenant a floods one slot with 12 requests (reserved at 256 output tokens each, served with 20);
+    tenant b arrives once a's first request runs and must get the next slot, as in one process
+    (fairqueue.FairQueue._lift). Lifted to a's counter with its running request's estimate in it,
+    b waited behind every a request served while that estimate was refunded: ~8 of them (4 s)."""
+    emulator = start_emulator(tmp, fixed_clock=False, decode_tokens_per_s=40, output_tokens="20,20",
+                              name="join-emu", extra=["--num-parallel", "1"])
+    proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": emulator.url, "num_parallel": 1}], {
+        "admin": {"keys": [ADMIN]}, "tenants": TENANTS,
+        "chain": {"backpressure": {"max_in_flight": 1, "queue_timeout_s": 60}},
+        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "shared:"}},
+        name="join")
+    body = {"model": MODEL, "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            async def send(tenant: str) -> tuple[int, float]:
+                async with session.post(f"{proxy.url}/api/chat", json=body,
+                                        headers={"Authorization": f"Bearer sk-{tenant}"}) as response:
+                    await response.read()
+                    return response.status, float(response.headers.get("X-Queue-Wait-Ms", "nan"))
+
+            flood = [asyncio.ensure_future(send("a")) for _ in range(12)]
+            await asyncio.sleep(0.6)  # a's first request runs (~0.5 s each), the rest wait
+            status, waited_ms = await send("b")
+            results = await asyncio.gather(*flood)
+        assert status == 200 and all(s == 200 for s, _ in results), (status, results)
+        # The slot frees within one service (~0.5 s): b takes it, or the one after at worst.
+        assert waited_ms < 1300, waited_ms
+        await until(lambda: _books(redis_server.url) == {"leases": 0, "tickets": 0},
+                    what="empty books after the load")
+    finally:
+        await asyncio.gather(asyncio.to_thread(proxy.stop), asyncio.to_thread(emulator.stop))
+
+
 async def test_a_killed_proxys_slots_return_after_the_lease_ttl(tmp: Path, emulator: Server,
                                                                  redis_server: RedisServer) -> None:
     """The first proxy holds every slot with long streams and is SIGKILLed: its leases stay in Redis

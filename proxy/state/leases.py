@@ -24,7 +24,9 @@ the outcomes mean for a request; this module only keeps the shared books). Invar
   except every `1/bulk_share`-th dispatch), then the backlogged tenant with the smallest shared counter,
   then first come first served within the tenant. A grant charges the tenant `cost / weight`; the real
   cost is settled at release. A tenant that becomes backlogged is lifted to the smallest counter of
-  those waiting, or to the counter of the tenant served last when nobody waits (VTC's rule). So when
+  those waiting, or to the counter of the tenant served last when nobody waits (VTC's rule), each
+  without the charges of its grants not released yet (`<base>:pend`; a running request's estimate is
+  mostly refunded at its release, as in fairqueue.FairQueue._lift). So when
   both of two tenants are backlogged, on any processes, each gets an equal share of the dispatches.
 - Delivery: a grant for a ticket of the calling process is in the script's answer; one for another
   process is published on that process's channel. Both are kept under `<base>:grant:<ticket>` (until
@@ -59,6 +61,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+
+from proxy.fairqueue import _UNSETTLED_HORIZON_S
 
 from .failover import FailoverState
 
@@ -121,18 +125,48 @@ local function prune()
     if raw then unqueue(tk, cjson.decode(raw)) else redis.call('ZREM', EXP, tk) end
   end
 end
+local PEND = base .. ':pend'
+local PEND_AT = base .. ':pend:at'
+local PEND_SUM = base .. ':pend:sum'
+local function pending(tk, tn, share)
+  -- A grant's charge, unsettled until its release (or leave) trues it up: `lift` leaves it out.
+  -- Summed per tenant as it goes, so that a lift costs the same with 10,000 requests running.
+  redis.call('HSET', PEND, tk, cjson.encode({tn, share}))
+  redis.call('ZADD', PEND_AT, now, tk)
+  redis.call('HINCRBYFLOAT', PEND_SUM, tn, share)
+  for _, k in ipairs({PEND, PEND_AT, PEND_SUM}) do redis.call('PEXPIRE', k, IDLE) end
+end
+local function settle_pending(tk)
+  local raw = redis.call('HGET', PEND, tk)
+  if raw then
+    local p = cjson.decode(raw)
+    redis.call('HDEL', PEND, tk)
+    redis.call('ZREM', PEND_AT, tk)
+    redis.call('HINCRBYFLOAT', PEND_SUM, p[1], -p[2])
+  end
+end
+local function unsettled(tn)
+  -- `tn`'s charges of grants not settled yet (its requests still running). One past the horizon
+  -- (fairqueue's, in ms) counts as served: its release was lost (the lease expired).
+  for _, tk in ipairs(redis.call('ZRANGEBYSCORE', PEND_AT, '-inf', now - UNSETTLED_MS)) do
+    settle_pending(tk)
+  end
+  return math.max(0, tonumber(redis.call('HGET', PEND_SUM, tn) or '0'))
+end
 local function lift(tn)
+  -- The floor is what the waiting tenants (or the one served last) were served for certain: a running
+  -- request's estimate is mostly refunded at its release, and a counter lifted to it would put the
+  -- newcomer behind every request the flood gets served meanwhile (fairqueue.FairQueue._lift).
   local floor = nil
   for _, l in ipairs(LANES) do
-    local first = redis.call('ZRANGE', lane_key(l), 0, 0, 'WITHSCORES')
-    if first[2] then
-      local s = tonumber(first[2])
+    for _, w in ipairs(redis.call('ZRANGE', lane_key(l), 0, -1)) do
+      local s = counter(w) - unsettled(w)
       if floor == nil or s < floor then floor = s end
     end
   end
   if floor == nil then
     local last = redis.call('HGET', META, 'last')
-    floor = last and counter(last) or 0
+    floor = last and (counter(last) - unsettled(last)) or 0
   end
   if counter(tn) < floor then redis.call('HSET', VTC, tn, tostring(floor)) end
 end
@@ -226,6 +260,7 @@ local function dispatch()
           unqueue(tk, d)
           hold(tk, r)
           charge(d.t, d.s)
+          pending(tk, d.t, d.s)
           redis.call('HSET', META, 'last', d.t)
           redis.call('HINCRBY', META, 'n', 1)
           local grant = {tk, r, h + 1, now, d.t, tostring(d.s)}
@@ -246,7 +281,8 @@ end
 local function touch()
   for _, k in ipairs({TK, EXP, META, base .. ':seq'}) do redis.call('PEXPIRE', k, IDLE) end
 end
-""".replace("HOLD_MS", str(_HOLD_MS)).replace("ALIVE_MS", str(_ALIVE_MS))
+""".replace("HOLD_MS", str(_HOLD_MS)).replace("ALIVE_MS", str(_ALIVE_MS)).replace(
+    "UNSETTLED_MS", str(int(_UNSETTLED_HORIZON_S * 1000)))
 
 _ENTER = _PREAMBLE + """
 prune()
@@ -261,6 +297,7 @@ if tk ~= '' then
       lift(d.t)
       hold(tk, r)
       charge(d.t, d.s)
+      pending(tk, d.t, d.s)
       redis.call('HSET', META, 'last', d.t)
       redis.call('HINCRBY', META, 'n', 1)
       redis.call('PEXPIRE', META, IDLE)
@@ -290,6 +327,7 @@ return mine
 _RELEASE = _PREAMBLE + """
 prune()
 redis.call('DEL', grant_key(ARGV[5]))
+settle_pending(ARGV[5])
 local removed = redis.call('ZREM', lease_key(ARGV[6]), ARGV[5])
 local delta = tonumber(ARGV[8])
 if removed == 1 and delta ~= 0 then charge(ARGV[7], delta) end
@@ -300,6 +338,7 @@ return mine
 _LEAVE = _PREAMBLE + """
 prune()
 local tk = ARGV[5]
+settle_pending(tk)
 local raw = redis.call('HGET', TK, tk)
 if raw then
   unqueue(tk, cjson.decode(raw))
