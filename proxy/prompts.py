@@ -58,12 +58,15 @@ Responses `function_call_output.output` and `function_call.arguments`, OpenAI `r
 
 
 def _field(item: dict[str, Any], key: str) -> Any:
-    """`item[key]`, the key matched without regard to case when it is not there as written: Go's JSON
-    decoder fills struct fields so, and a prompt must not escape counting by its spelling."""
+    """`item[key]` (`key` lower-case ASCII), matched as Go's JSON decoder matches struct fields when it
+    is not there as written: without regard to case, and with the non-ASCII letters Go folds onto ASCII
+    ones (`\u0131nput` is `input`, `th\u0131n\u212aing` is `thinking`: Anthropic's content blocks are
+    a struct), so a prompt cannot escape counting by its spelling."""
     value = item.get(key)
     if value is None and item:
+        folded = key.upper()
         for name, candidate in item.items():
-            if name.lower() == key:
+            if isinstance(name, str) and gojson.go_fold(name) == folded:
                 return candidate
     return value
 

@@ -265,10 +265,17 @@ def test_rewritten_bodies_keep_what_go_would_read() -> None:
 
 def test_go_folds_non_ascii_letters_onto_field_names(proxy: Server) -> None:
     """Go matches `\\u0131nput` (dotless i) to `input` and `\\u017fystem` (long s) to `system`: so does
-    the chain."""
+    the chain, at the top level and inside an Anthropic content block (a Go struct)."""
     embed = '{"model":"nomic-embed-text","\u0131nput":"%s"}'.encode().replace(b"%s", LONG)
     response = _post(proxy, "/api/embed", embed)
     assert response.status_code == 400 and response.json()["code"] == "prompt_too_long"
+    tool_use = ('{"model":"llama3.2","max_tokens":5,"messages":[{"role":"assistant","content":[{"type":'
+                '"tool_use","id":"t1","name":"f","\u0131nput":{"q":"%s"}}]},{"role":"user","content":"hi"}]}'
+                ).encode().replace(b"%s", LONG)
+    response = _post(proxy, "/v1/messages", tool_use)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert "more than the limit" in response.json()["error"]["message"]
     assert gojson.go_fold("\u0131nput") == gojson.go_fold("INPUT")
     assert gojson.go_fold("\u212aeep_alive") == gojson.go_fold("keep_alive")
     assert gojson.go_fold("stre\u00e4m") != gojson.go_fold("stream")

@@ -42,6 +42,10 @@ BODIES: list[tuple[str, str, Any]] = [
     ("/v1/messages", "thinking block", {"model": "m", "max_tokens": 10, "messages": [
         {"role": "assistant", "content": [{"type": "thinking", "thinking": "{x}", "signature": "s"}]}]}),
     ("/v1/messages", "a key in another case", _anthropic([{"type": "text", "Text": "{x}"}])),
+    ("/v1/messages", "a key with a letter Go folds", {"model": "m", "max_tokens": 10, "messages": [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f",
+                                           "\u0131nput": {"query": "{x}"}},
+                                          {"type": "thinking", "th\u0131n\u212aing": "{x}"}]}]}),
     ("/v1/responses", "function_call_output", {"model": "m", "input": [
         {"type": "function_call_output", "call_id": "c", "output": "{x}"}]}),
     ("/v1/responses", "function_call arguments", {"model": "m", "input": [
