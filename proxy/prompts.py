@@ -52,9 +52,11 @@ class PromptCount:
     largest: int
 
 
-_PART_TEXT = ("text", "thinking", "output", "arguments", "refusal")
+_PART_TEXT = ("text", "thinking", "output", "arguments", "refusal", "encrypted_content")
 """Content-part fields whose string Ollama renders into the prompt: text blocks, Anthropic `thinking`,
-Responses `function_call_output.output` and `function_call.arguments`, OpenAI `refusal`."""
+Responses `function_call_output.output` and `function_call.arguments`, OpenAI `refusal`, and a
+Responses `reasoning` item's `encrypted_content` (Ollama makes it the next assistant turn's thinking,
+or a turn of its own)."""
 
 
 def _field(item: dict[str, Any], key: str) -> Any:

@@ -281,6 +281,16 @@ def test_go_folds_non_ascii_letters_onto_field_names(proxy: Server) -> None:
     assert gojson.go_fold("stre\u00e4m") != gojson.go_fold("stream")
 
 
+def test_a_responses_reasoning_item_counts_toward_the_prompt_limit(proxy: Server) -> None:
+    """Ollama renders a Responses `reasoning` item's `encrypted_content` as an assistant turn's
+    thinking: ~200 tokens there are refused under the limit of 50 (they were not counted)."""
+    body = (b'{"model":"llama3.2","input":[{"type":"reasoning","summary":[],"encrypted_content":"%s"},'
+            b'{"role":"user","content":"hi"}]}').replace(b"%s", LONG)
+    response = _post(proxy, "/v1/responses", body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "prompt_too_long"
+
+
 @pytest.mark.parametrize("path", ["/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
                                   "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                                   "/v1/messages"])

@@ -50,6 +50,9 @@ BODIES: list[tuple[str, str, Any]] = [
         {"type": "function_call_output", "call_id": "c", "output": "{x}"}]}),
     ("/v1/responses", "function_call arguments", {"model": "m", "input": [
         {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{x}"}]}),
+    ("/v1/responses", "reasoning encrypted_content", {"model": "m", "input": [
+        {"type": "reasoning", "summary": [], "encrypted_content": "{x}"},
+        {"role": "user", "content": "hi"}]}),
     ("/v1/responses", "an item's Content", {"model": "m", "input": [
         {"Role": "user", "Content": [{"type": "input_text", "text": "{x}"}]}]}),
     ("/v1/chat/completions", "tool message with parts", {"model": "m", "messages": [
