@@ -111,8 +111,17 @@ class Supervisor:
     # -- the port ------------------------------------------------------------------------------------
 
     def _reserve(self) -> int:
-        """Bind (not listen) the address with SO_REUSEPORT and keep it: the port for every worker."""
+        """Bind (not listen) the address with SO_REUSEPORT and keep it: the port for every worker.
+        Raises OSError (EADDRINUSE) when anything else holds the address, another `serve --workers`
+        included: the address is first bound once without SO_REUSEPORT, because a bind with it alone
+        succeeds beside another process's SO_REUSEPORT sockets of the same user, and the kernel would
+        then spread the connections over both instances (an old one still running, say)."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR only lets the port's TIME_WAIT connections (a previous run's) be.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((self.host, self.port))
+            self.port = int(probe.getsockname()[1])  # port 0: the one the system picked
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

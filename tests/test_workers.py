@@ -92,6 +92,28 @@ def test_workers_need_shared_state(tmp: Path, emulator: Server) -> None:
     assert "--workers N (N > 1) needs state.backend: redis" in result.stderr
 
 
+def test_workers_refuse_a_port_another_supervisor_serves(tmp: Path, emulator: Server,
+                                                         redis_server: RedisServer) -> None:
+    """A second `serve --workers 2` on the port of one running exits 2 (before: its SO_REUSEPORT
+    sockets joined the first one's and the kernel spread connections over both instances)."""
+    state = {"backend": "redis", "url": redis_server.url, "key_prefix": "taken:"}
+    first = _workers(tmp, "taken-first", _config(tmp, "taken-first", emulator, state))
+    try:
+        config = _config(tmp, "taken-second", emulator, state)
+        data = yaml.safe_load(config.read_text())
+        data["server"]["listen"] = f"127.0.0.1:{first.port}"
+        config.write_text(yaml.safe_dump(data))
+        result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(config),
+                                 "--workers", "2"], capture_output=True, text=True, timeout=60,
+                                check=False)
+        assert result.returncode == 2, result.stderr
+        assert f"cannot bind 127.0.0.1:{first.port}" in result.stderr
+        assert "worker 1 started" not in result.stderr
+        assert _generate(first) == 200
+    finally:
+        first.stop()
+
+
 def test_workers_serve_reload_restart_and_stop(tmp: Path, emulator: Server,
                                                redis_server: RedisServer) -> None:
     config = _config(tmp, "redis", emulator, {"backend": "redis", "url": redis_server.url,
