@@ -206,8 +206,13 @@ class Supervisor:
             for worker in self.workers:
                 self._start(worker)
             if not self._wait_listening():
+                # A stop asked for while starting is a stop by signal (exit 0, as for a single
+                # `serve`, whose unit a `systemctl stop` must not leave failed), not a failed start.
+                signalled = any(signum != signal.SIGHUP for signum in tuple(self._signals))
+                if signalled:
+                    log.info("stopping during start-up: SIGTERM to every worker")
                 self._stop()
-                return 2
+                return 0 if signalled else 2
             if self.port_file:
                 from .serving import write_port_file
 

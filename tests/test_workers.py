@@ -114,6 +114,43 @@ def test_workers_refuse_a_port_another_supervisor_serves(tmp: Path, emulator: Se
         first.stop()
 
 
+def test_a_stop_during_start_up_is_a_stop_by_signal(tmp: Path, emulator: Server,
+                                                    redis_server: RedisServer) -> None:
+    """SIGTERM to the supervisor before its workers listen stops them and exits 0, as a stop after
+    does (before: exit 2, "the workers could not start", leaving a stopped systemd unit failed). The
+    workers are frozen from their start until the SIGTERM, so it surely comes before they listen."""
+    config = _config(tmp, "stop-start", emulator,
+                     {"backend": "redis", "url": redis_server.url, "key_prefix": "stopstart:"})
+    log_path = tmp / "stop-start.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config),
+                                    "--workers", "2"], stdout=log, stderr=log)
+    workers: list[int] = []
+    try:
+        def frozen() -> bool:
+            for pid in map(int, re.findall(r"worker \d+ started \(pid (\d+)\)", log_path.read_text())):
+                if pid not in workers:
+                    os.kill(pid, signal.SIGSTOP)
+                    workers.append(pid)
+            return len(workers) == 2
+
+        wait_for(frozen, timeout_s=30, what="both workers started")
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping during start-up" in log_path.read_text(), what="the stop")
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        assert process.wait(60) == 0
+        assert "workers listening" not in log_path.read_text()
+        assert not any(_alive(pid) for pid in workers)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
 def test_workers_serve_reload_restart_and_stop(tmp: Path, emulator: Server,
                                                redis_server: RedisServer) -> None:
     config = _config(tmp, "redis", emulator, {"backend": "redis", "url": redis_server.url,
