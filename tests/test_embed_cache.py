@@ -343,6 +343,37 @@ def test_the_memory_store_is_bounded_in_bytes_with_lru() -> None:
     assert len(store) == 3
 
 
+METER_HEADERS = {"Authorization": "Bearer sk-embed-meter"}
+
+
+def _metered_shadow_proxy(tmp: Path, emulator: Server, name: str) -> Server:
+    """embed_cache in shadow mode, for tenant `meter` (1,200 tokens a minute: 20 refill a second)."""
+    return start_proxy(tmp, [emulator.url], {
+        "admin": {"keys": ["sk-embed-admin"]},
+        "tenants": [{"name": "meter", "keys": ["sk-embed-meter"], "tokens_per_minute": 1200}],
+        "chain": {"health": {"probe_interval_s": 0.5}},
+        "models": {MODEL: {"options": {"num_ctx": 2048}}},
+        "plugins": [{"name": "embed_cache", "mode": "shadow"}]}, name=name)
+
+
+def _meter_remaining(proxy: Server) -> float:
+    """Tokens left in tenant `meter`'s minute, as /system/quotas says."""
+    quotas = httpx.get(f"{proxy.url}/system/quotas", timeout=5,
+                       headers={"Authorization": "Bearer sk-embed-admin"}).json()
+    return float(quotas["tenants"]["meter"]["tokens_per_minute"]["remaining"])
+
+
+def _embed_until_shadow_hit(proxy: Server, body: dict[str, Any]) -> httpx.Response:
+    """Send `body` as tenant `meter` until the shadowed cache reports a hit for it (its first answer is
+    cached once the replica's digest is known); that reply."""
+    deadline = time.monotonic() + 20
+    while (reply := httpx.post(f"{proxy.url}/api/embed", json=body, headers=METER_HEADERS, timeout=30)
+           ).headers.get("x-shadow-decision") != "embed_cache=hit":
+        assert reply.status_code == 200 and time.monotonic() < deadline, reply.headers
+        time.sleep(0.3)
+    return reply
+
+
 def test_shadow_mode_reports_the_hit_and_goes_upstream(tmp_path: Path, emulator: Server) -> None:
     proxy = _proxy(tmp_path, emulator, "cache-shadow", mode="shadow")
     try:
@@ -366,35 +397,20 @@ def test_a_shadow_hit_leaves_the_request_accounted_as_the_forwarder_serves_it(tm
     recorded (a first byte, complete, 0 tokens) goes with it. Before, it stayed: a request whose
     deadline passed after the replica had it (504) was charged the discarded answer's 0 tokens instead
     of its prompt, and its access line said in_tokens=0."""
-    proxy = start_proxy(tmp_path, [emulator.url], {
-        "admin": {"keys": ["sk-embed-admin"]},
-        "tenants": [{"name": "meter", "keys": ["sk-embed-meter"], "tokens_per_minute": 1200}],
-        "chain": {"health": {"probe_interval_s": 0.5}},
-        "models": {MODEL: {"options": {"num_ctx": 2048}}},
-        "plugins": [{"name": "embed_cache", "mode": "shadow"}]}, name="cache-shadow-charge")
-    headers = {"Authorization": "Bearer sk-embed-meter"}
-
-    def remaining() -> float:
-        quotas = httpx.get(f"{proxy.url}/system/quotas", timeout=5,
-                           headers={"Authorization": "Bearer sk-embed-admin"}).json()
-        return float(quotas["tenants"]["meter"]["tokens_per_minute"]["remaining"])
-
+    proxy = _metered_shadow_proxy(tmp_path, emulator, "cache-shadow-charge")
+    headers = METER_HEADERS
     try:
         body = {"model": MODEL, "input": " ".join(f"word{i}" for i in range(40))}
-        deadline = time.monotonic() + 20
-        while (reply := httpx.post(f"{proxy.url}/api/embed", json=body, headers=headers, timeout=30)
-               ).headers.get("x-shadow-decision") != "embed_cache=hit":
-            assert reply.status_code == 200 and time.monotonic() < deadline, reply.headers
-            time.sleep(0.3)
+        reply = _embed_until_shadow_hit(proxy, body)
         prompt = int(reply.json()["prompt_eval_count"])
         assert httpx.post(f"{emulator.url}/_emulator/faults", timeout=5, json={
             "hang_before_headers": True, "count": 1, "paths": ["/api/embed"]}).status_code == 200
-        before = remaining()
+        before = _meter_remaining(proxy)
         reply = httpx.post(f"{proxy.url}/api/embed", json=body, timeout=30,
                            headers={**headers, "X-Deadline-S": "1"})
         assert reply.status_code == 504 and reply.headers["x-shadow-decision"] == "embed_cache=hit"
         # Its prompt, less what refilled meanwhile (20 a second).
-        assert before - remaining() >= prompt - 60, (before, prompt)
+        assert before - _meter_remaining(proxy) >= prompt - 60, (before, prompt)
         line = wait_for(lambda: next((line for line in proxy.log().splitlines()
                                       if '"POST /api/embed" 504' in line), None), 10, "the 504's line")
         assert "in_tokens=0" not in line
@@ -408,32 +424,16 @@ def test_a_shadow_partial_hit_sends_nothing_upstream_of_its_own(tmp_path: Path, 
     sending its misses first (a sub-request, as the caller when `tenant` is unset) had the replica embed
     them twice and charged the caller for both (before: two upstream calls, the misses' tokens charged
     twice). It reports `partial`, sends nothing of its own, and caches the whole answer as a miss does."""
-    proxy = start_proxy(tmp_path, [emulator.url], {
-        "admin": {"keys": ["sk-embed-admin"]},
-        "tenants": [{"name": "meter", "keys": ["sk-embed-meter"], "tokens_per_minute": 1200}],
-        "chain": {"health": {"probe_interval_s": 0.5}},
-        "models": {MODEL: {"options": {"num_ctx": 2048}}},
-        "plugins": [{"name": "embed_cache", "mode": "shadow"}]}, name="cache-shadow-partial")
-    headers = {"Authorization": "Bearer sk-embed-meter"}
-
-    def remaining() -> float:
-        quotas = httpx.get(f"{proxy.url}/system/quotas", timeout=5,
-                           headers={"Authorization": "Bearer sk-embed-admin"}).json()
-        return float(quotas["tenants"]["meter"]["tokens_per_minute"]["remaining"])
-
+    proxy = _metered_shadow_proxy(tmp_path, emulator, "cache-shadow-partial")
+    headers = METER_HEADERS
     try:
         cached = " ".join(f"kept{i}" for i in range(40))
-        deadline = time.monotonic() + 20
-        while (reply := httpx.post(f"{proxy.url}/api/embed", json={"model": MODEL, "input": cached},
-                                   headers=headers, timeout=30)
-               ).headers.get("x-shadow-decision") != "embed_cache=hit":
-            assert reply.status_code == 200 and time.monotonic() < deadline, reply.headers
-            time.sleep(0.3)
+        _embed_until_shadow_hit(proxy, {"model": MODEL, "input": cached})
         body = {"model": MODEL, "input": [cached, " ".join(f"new{i}" for i in range(40))]}
-        wait_for(lambda: remaining() >= 1199, 20, "a full bucket")
+        wait_for(lambda: _meter_remaining(proxy) >= 1199, 20, "a full bucket")
         calls, before = _embed_calls(emulator), time.monotonic()
         reply = httpx.post(f"{proxy.url}/api/embed", json=body, headers=headers, timeout=30)
-        spent, elapsed = 1200 - remaining(), time.monotonic() - before
+        spent, elapsed = 1200 - _meter_remaining(proxy), time.monotonic() - before
         assert reply.status_code == 200 and reply.headers["x-shadow-decision"] == "embed_cache=partial"
         assert _embed_calls(emulator) == calls + 1  # the request itself, and nothing else
         # Charged the request's own count once (less what refilled meanwhile: 20 tokens a second).
