@@ -146,17 +146,19 @@ local function settle_pending(tk)
   end
 end
 local function unsettled(tn)
-  -- `tn`'s charges of grants not settled yet (its requests still running). One past the horizon
-  -- (fairqueue's, in ms) counts as served: its release was lost (the lease expired).
-  for _, tk in ipairs(redis.call('ZRANGEBYSCORE', PEND_AT, '-inf', now - UNSETTLED_MS)) do
-    settle_pending(tk)
-  end
+  -- `tn`'s charges of grants not settled yet (its requests still running); `lift` first settles
+  -- the stale ones.
   return math.max(0, tonumber(redis.call('HGET', PEND_SUM, tn) or '0'))
 end
 local function lift(tn)
   -- The floor is what the waiting tenants (or the one served last) were served for certain: a running
   -- request's estimate is mostly refunded at its release, and a counter lifted to it would put the
   -- newcomer behind every request the flood gets served meanwhile (fairqueue.FairQueue._lift).
+  -- A charge past the horizon (fairqueue's, in ms) counts as served: its release was lost (the lease
+  -- expired). Settled once here, not again for each tenant read below.
+  for _, tk in ipairs(redis.call('ZRANGEBYSCORE', PEND_AT, '-inf', now - UNSETTLED_MS)) do
+    settle_pending(tk)
+  end
   local floor = nil
   for _, l in ipairs(LANES) do
     for _, w in ipairs(redis.call('ZRANGE', lane_key(l), 0, -1)) do
