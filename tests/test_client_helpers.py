@@ -631,6 +631,33 @@ def test_embed_documents_batches_in_order(limited: Server, fast: Server) -> None
         assert embed_documents(plain, "nomic-embed-text", chunks[:3], batch_size=2) == batched[:3]
 
 
+def test_embed_documents_starts_nothing_after_a_failure(limited: Server) -> None:
+    """A failed batch stops the batches not yet started, even while an earlier batch is still running
+    (the caller's client is real; only its first call is held until the second has failed)."""
+    real = proxy_client(limited, "ollama")
+    failed = threading.Event()
+    calls: list[str] = []
+
+    class Caller:
+        def embed(self, model: str, input: list[str], **options: Any) -> Any:
+            calls.append(input[0])
+            if input[0] == "chunk-0":  # the slow first batch
+                failed.wait(30)
+                time.sleep(2.0)  # before: every other batch started in this time
+                return real.embed(model=model, input=input, **options)
+            if input[0] == "chunk-1":
+                try:
+                    return real.embed(model="no-such-embedder", input=input, **options)
+                finally:
+                    failed.set()
+            return real.embed(model=model, input=input, **options)
+
+    chunks = [f"chunk-{i}" for i in range(30)]
+    with pytest.raises(ollama.ResponseError):
+        embed_documents(Caller(), "nomic-embed-text", chunks, batch_size=1, concurrency=2)
+    assert failed.is_set() and len(calls) < 10, len(calls)
+
+
 def test_leaving_a_stream_early_cancels_upstream(long_queue_of_one: Server, long_answers: Server) -> None:
     c = ollama.Client(host=long_queue_of_one.url, transport=RetryTransport())
     before = long_answers.stats()["cancelled"]

@@ -80,6 +80,9 @@ def test_retry_decision() -> None:
         assert (retry_delay(policy, 40, None, None, rng) or 0) <= 8.0  # capped
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
+    for count in ({"max_attempts": 2.5}, {"max_attempts": True}, {"max_timeout_retries": 0.5}):
+        with pytest.raises(ValueError, match="whole number"):
+            RetryPolicy(**count)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         RetryPolicy(max_total_s=float("nan"))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import httpx
@@ -48,7 +48,8 @@ def embed_documents(client: Any, model: str, chunks: Sequence[str], batch_size: 
     `client` is an `ollama.Client` (anything with `.embed(model=, input=)`) or an `httpx.Client` whose
     base URL is the service. Chunks go `batch_size` to a call, at most `concurrency` calls at once
     (threads); `options` (`truncate`, `keep_alive`, `dimensions`, `options`) go into each call. The first
-    failure is raised once in-flight calls end, and calls not yet started are not made.
+    failure is raised once in-flight calls end, and calls not yet started when it came are not made
+    (whichever batch it came from: a slow first batch does not let the rest start behind a failure).
     """
     batches = _batches(chunks, batch_size, concurrency)
     if not batches:
@@ -57,6 +58,13 @@ def embed_documents(client: Any, model: str, chunks: Sequence[str], batch_size: 
         futures: list[Future[list[list[float]]]] = [
             pool.submit(_embed_one, client, model, batch, options) for batch in batches]
         try:
+            # Woken by the first failure, not by the batches in order: waiting on futures[0] first
+            # let every later batch start after batch 1 had already failed.
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:
+                failure = future.exception() if future.done() and not future.cancelled() else None
+                if failure is not None:
+                    raise failure
             return [vector for future in futures for vector in future.result()]
         finally:
             for future in futures:

@@ -75,6 +75,11 @@ class RetryPolicy:
     the timeout was there to shed."""
 
     def __post_init__(self) -> None:
+        # Counts are whole numbers, as the TypeScript helper requires: 2.5 attempts would silently mean 3.
+        for name in ("max_attempts", "max_timeout_retries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         if self.max_timeout_retries < 0:
