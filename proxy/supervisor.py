@@ -195,14 +195,16 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers and supervise them until a signal stops them; the exit status."""
+        # Everything inside the try: the scratch directory (made in __init__) goes on every exit,
+        # a refused bind included.
         try:
-            self.port = self._reserve()
-        except OSError as exc:
-            log.error("cannot bind %s: %s", self._listen_arg(), exc)
-            return 2
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
-        try:
+            try:
+                self.port = self._reserve()
+            except OSError as exc:
+                log.error("cannot bind %s: %s", self._listen_arg(), exc)
+                return 2
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, self._on_signal)
             for worker in self.workers:
                 self._start(worker)
             if not self._wait_listening():

@@ -103,12 +103,15 @@ def test_workers_refuse_a_port_another_supervisor_serves(tmp: Path, emulator: Se
         data = yaml.safe_load(config.read_text())
         data["server"]["listen"] = f"127.0.0.1:{first.port}"
         config.write_text(yaml.safe_dump(data))
+        scratch = tmp / "taken-second-tmp"
+        scratch.mkdir()
         result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(config),
                                  "--workers", "2"], capture_output=True, text=True, timeout=60,
-                                check=False)
+                                check=False, env={**os.environ, "TMPDIR": str(scratch)})
         assert result.returncode == 2, result.stderr
         assert f"cannot bind 127.0.0.1:{first.port}" in result.stderr
         assert "worker 1 started" not in result.stderr
+        assert list(scratch.iterdir()) == []  # before: its workers' scratch directory stayed behind
         assert _generate(first) == 200
     finally:
         first.stop()
