@@ -86,6 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .serving import (
         STOP,
         bound_port,
+        cannot_bind,
         fit_connections,
         port_file_problem,
         raise_nofile_limit,
@@ -155,11 +156,16 @@ def _serve(args: argparse.Namespace) -> int:
             worker_metrics = app[WORKER_METRICS] = WorkerMetrics(
                 Path(args.worker_peers), args.worker_index, telemetry.registry,
                 prefix=config.telemetry.metric_prefix)
-        runner = await start_site(app, host, port, backlog=server.backlog,
-                                  header_timeout_s=server.header_timeout_s,
-                                  keepalive_timeout_s=server.keepalive_timeout_s,
-                                  max_header_bytes=server.max_header_bytes,
-                                  max_connections=max_connections, reuse_port=worker)
+        try:
+            runner = await start_site(app, host, port, backlog=server.backlog,
+                                      header_timeout_s=server.header_timeout_s,
+                                      keepalive_timeout_s=server.keepalive_timeout_s,
+                                      max_header_bytes=server.max_header_bytes,
+                                      max_connections=max_connections, reuse_port=worker)
+        except OSError as exc:
+            telemetry.shutdown()
+            print(f"shared-ollama-proxy: {cannot_bind(host, port, exc)}", file=sys.stderr)
+            raise SystemExit(2) from None
         actual = bound_port(runner)
         if worker_metrics is not None:
             await worker_metrics.start()  # before the port file: a scrape then finds it
@@ -194,7 +200,7 @@ def _emulate(args: argparse.Namespace) -> int:
     from .emulator.engine import EngineSettings
     from .emulator.faults import ListenerControl
     from .emulator.profile import ProfileSet, load_profile
-    from .serving import ProxyRunner, port_file_problem, run_until_signalled, write_port_file
+    from .serving import ProxyRunner, cannot_bind, port_file_problem, run_until_signalled, write_port_file
 
     host, port = parse_listen(args.listen)
     problem = port_file_problem(args.port_file)
@@ -244,7 +250,12 @@ def _emulate(args: argparse.Namespace) -> int:
         await runner.setup()
         control = ListenerControl(runner, host, port)
         app[LISTENER] = control
-        await control.start()
+        try:
+            await control.start()
+        except OSError as exc:
+            await runner.cleanup()
+            print(f"shared-ollama-proxy emulate: {cannot_bind(host, port, exc)}", file=sys.stderr)
+            raise SystemExit(2) from None
         def ready() -> None:
             if args.port_file:
                 write_port_file(args.port_file, control.port)
@@ -259,9 +270,13 @@ def _emulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DemoBindError, run_demo
 
-    _run(run_demo(args.listen, args.replica_ports, args.decode_tokens_per_s))
+    try:
+        _run(run_demo(args.listen, args.replica_ports, args.decode_tokens_per_s))
+    except DemoBindError as exc:
+        print(f"shared-ollama-proxy demo: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -430,9 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.set_defaults(func=_emulate)
 
     demo = commands.add_parser("demo", help="two emulated replicas and the proxy in front, in one process")
-    demo.add_argument("--listen", default="127.0.0.1:11435")
-    demo.add_argument("--replica-ports", default="11501,11502")
-    demo.add_argument("--decode-tokens-per-s", type=float, default=25.0)
+    demo.add_argument("--listen", default="127.0.0.1:11435",
+                      help="the proxy's HOST:PORT (default 127.0.0.1:11435; port 0: any free one)")
+    demo.add_argument("--replica-ports", default="11501,11502",
+                      help="comma-separated ports of the emulated replicas on 127.0.0.1 (default "
+                           "11501,11502; 0: any free one)")
+    demo.add_argument("--decode-tokens-per-s", type=float, default=25.0,
+                      help="the replicas' single-stream token rate (default 25)")
     demo.set_defaults(func=_demo)
 
     loadgen = commands.add_parser("loadgen", help="open-loop load against a loopback target")

@@ -38,6 +38,7 @@ __all__ = [
     "HeadDeadlineHandler",
     "ProxyRunner",
     "bound_port",
+    "cannot_bind",
     "escape_field",
     "fit_connections",
     "raise_nofile_limit",
@@ -389,8 +390,19 @@ async def start_site(app: web.Application, host: str, port: int, *, backlog: int
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=True,
                        reuse_port=reuse_port or None)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()  # the application started (its background tasks): stop it again
+        raise
     return runner
+
+
+def cannot_bind(host: str, port: int, exc: OSError) -> str:
+    """The one line `serve`, `emulate` and `demo` print (then exit 2, as the supervisor of `serve
+    --workers` does) when their listen address cannot be bound: taken by another process, not an
+    address of this host, or a port the user may not bind. A traceback would bury the reason."""
+    return f"cannot bind {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}"
 
 
 def bound_port(runner: web.BaseRunner) -> int:

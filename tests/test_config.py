@@ -3,6 +3,7 @@ path, environment overrides apply, and `check-config` validates without serving.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import typing
@@ -220,6 +221,24 @@ def test_a_port_file_that_cannot_be_written_is_refused_before_listening(tmp_path
             assert result.returncode == 2, (command, result.stderr[-500:])
             assert "--port-file" in result.stderr and reason in result.stderr
             assert "Traceback" not in result.stderr and "listening" not in result.stderr
+
+
+def test_an_address_that_cannot_be_bound_is_one_line_and_exit_2() -> None:
+    """serve, emulate and demo on a port another process holds: `cannot bind HOST:PORT: <reason>` and
+    exit 2, as `serve --workers N` says it (they used to die with an OSError traceback, exit 1)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for command in (["serve", "--upstream", "http://127.0.0.1:9", "--listen", f"127.0.0.1:{port}"],
+                        ["emulate", "--listen", f"127.0.0.1:{port}"],
+                        ["demo", "--listen", f"127.0.0.1:{port}", "--replica-ports", "0,0"],
+                        ["demo", "--listen", "127.0.0.1:0", "--replica-ports", f"0,{port}"]):
+            result = subprocess.run([sys.executable, "-m", "proxy", *command],
+                                    capture_output=True, text=True, timeout=30, check=False)
+            assert result.returncode == 2, (command, result.stderr[-800:])
+            assert f"cannot bind 127.0.0.1:{port}: Address already in use" in result.stderr, command
+            assert "Traceback" not in result.stderr and "is running" not in result.stdout, command
 
 
 def test_serve_refuses_a_bad_file(tmp_path: Path) -> None:
