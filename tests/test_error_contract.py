@@ -19,8 +19,10 @@ from tests.support.servers import Server, free_port, start_emulator, start_proxy
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ADMIN, FREE, TEAM = "sk-contract-admin", "sk-contract-free", "sk-contract-team"
-EXTRA_CODES = {"too_many_connections": "503", "upstream_reset_after_response_started": "(stream)"}
-"""Codes written outside the ProxyError tree: the edge's raw refusal and the mid-stream record."""
+EXTRA_CODES = {"too_many_connections": "503", "upstream_reset_after_response_started": "(stream)",
+               "bad_request": "400"}
+"""Codes written outside the ProxyError tree: the edge's raw refusals (a connection past the cap, a
+head aiohttp cannot parse) and the mid-stream record."""
 
 
 def _all_errors() -> dict[str, int]:
