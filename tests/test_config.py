@@ -16,6 +16,7 @@ import yaml
 from proxy.config import Config, ConfigError, ModelConfig, TenantConfig, load_config, structure
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "config.example.yaml"
+PLUGINS_DOC = Path(__file__).resolve().parent.parent / "docs" / "PLUGINS.md"
 
 
 def _type_keys(cls: type, prefix: str = "") -> set[str]:
@@ -58,6 +59,49 @@ def test_example_lists_every_key_with_its_default() -> None:
     assert loaded.tenants[0] == TenantConfig(name="example-team", keys=("sk-example-change-me",))
     assert loaded.models["llama3.2"] == ModelConfig()
     assert _yaml_keys(yaml.safe_load(EXAMPLE.read_text())) == _type_keys(Config)
+
+
+def _plugin_samples() -> list[tuple[str, str]]:
+    """The `plugins:` samples operators copy: each indented block of docs/PLUGINS.md that starts with
+    `plugins:`, and the commented-out plugin entries of the example file, uncommented."""
+    samples: list[tuple[str, str]] = []
+    lines = PLUGINS_DOC.read_text(encoding="utf-8").splitlines()
+    for index, line in enumerate(lines):
+        if line.strip() == "plugins:" or line.strip().startswith("plugins:  "):
+            indent = len(line) - len(line.lstrip())
+            if indent < 4 or (index and lines[index - 1].strip()):
+                continue
+            block = []
+            for follow in lines[index:]:
+                if follow.strip() and len(follow) - len(follow.lstrip()) < indent:
+                    break
+                block.append(follow[indent:])
+            samples.append((f"docs/PLUGINS.md:{index + 1}", "\n".join(block)))
+    commented = EXAMPLE.read_text(encoding="utf-8").split("\nplugins: []\n", 1)[1].splitlines()
+    assert all(line.startswith("# ") for line in commented), "uncommenting is deleting each line's '# '"
+    samples.append(("deploy/config.example.yaml (commented plugins)",
+                    "\n".join(line[2:] for line in commented)))
+    return samples
+
+
+def test_every_documented_plugin_sample_loads(tmp_path: Path) -> None:
+    """Each plugin sample the docs show is a valid configuration as written (with the system tenants
+    it names configured); `max_messages`, the third-party example of PLUGINS.md, needs its package."""
+    samples = _plugin_samples()
+    assert len(samples) >= 6, [where for where, _ in samples]
+    for where, text in samples:
+        data = yaml.safe_load(text)
+        entries = [e for e in data["plugins"] if e["name"] != "max_messages"]
+        assert entries, where
+        names = {e.get("tenant") for e in entries} - {None, "anonymous"}
+        config = {**data, "tenants": [{"name": n, "keys": [f"sk-{n}"]} for n in sorted(names)],
+                  "plugins": entries}  # any other key the sample holds is checked too
+        path = tmp_path / "sample.yaml"
+        path.write_text(yaml.safe_dump(config))
+        loaded = load_config(path, environ={})
+        assert [p["name"] for p in loaded.plugins] == [e["name"] for e in entries], where
+    built_ins = ["trim_history", "summarize_history", "embed_cache", "embed_batch"]
+    assert [e["name"] for e in yaml.safe_load(samples[-1][1])["plugins"]] == built_ins
 
 
 def test_model_options_check_only_what_is_written() -> None:
