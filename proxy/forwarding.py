@@ -44,6 +44,7 @@ from .errors import (
     RequestTimeout,
     ShuttingDown,
     UpstreamBusy,
+    UpstreamConnectFailure,
     UpstreamResetBeforeResponseStarted,
     UpstreamResponseTimeout,
 )
@@ -233,6 +234,12 @@ class Forwarder:
                     and not (isinstance(exc, asyncio.CancelledError) and self.stop is not None
                              and self.stop.ending(ctx.request_id))):
                 exchange.abandoned = True
+            raise
+        except (UpstreamConnectFailure, UpstreamResetBeforeResponseStarted, UpstreamResponseTimeout) as exc:
+            # A replica that failed before answering (the balancer may retry elsewhere; a deadline
+            # that passed is the request's, caught above): counted per replica and error type, as the
+            # mid-stream failures are, where operators look for the 502/504s.
+            self._count_upstream_error(upstream.name, exc.code)
             raise
         finally:
             self._finish(ctx, span, started)
@@ -424,6 +431,12 @@ class Forwarder:
             await response.write_eof()
         return response
 
+    def _count_upstream_error(self, upstream_name: str, code: str) -> None:
+        """`sop_upstream_errors_total`, by `error.type` (the error code) and replica (a configured
+        name, so the label set stays bounded)."""
+        self.telemetry.metrics.upstream_errors.add(1, {
+            semconv.ATTR_ERROR_TYPE: code, self.telemetry.names.upstream_name: upstream_name})
+
     async def _fail_mid_stream(self, request: web.Request, response: web.StreamResponse,
                                ctx: RequestContext, code: str, message: str, mid_record: bool) -> None:
         """End a response whose headers are already sent: a final error record, or an abort (a body
@@ -431,7 +444,7 @@ class Forwarder:
         onto it would be one unparseable line; a broken connection is the clearer error)."""
         ctx.outcome = code
         if code != ShuttingDown.code:  # the proxy's own stop is not an upstream failure
-            self.telemetry.metrics.upstream_errors.add(1, {semconv.ATTR_ERROR_TYPE: code})
+            self._count_upstream_error(ctx.exchange.upstream_name or "", code)
             log.warning("upstream %s failed mid-response: %s", ctx.exchange.upstream_name, code)
         record = stream_error_record(response.headers.get("Content-Type", ""), message, code,
                                      ctx.route.dialect)

@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import itertools
 import json
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -99,10 +100,21 @@ async def test_disconnect_while_waiting_for_headers_cancels_upstream(
     assert took < 5.0  # generous for a loaded machine; not cancelling would never get there
 
 
+def _upstream_errors(proxy: Server) -> dict[tuple[str, str], float]:
+    """`sop_upstream_errors_total` by (error type, replica), as a scrape of /metrics shows it."""
+    found: dict[tuple[str, str], float] = {}
+    for line in httpx.get(f"{proxy.url}/metrics").text.splitlines():
+        if line.startswith("sop_upstream_errors_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            found[(labels["error_type"], labels["sop_upstream_name"])] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
 def test_unreachable_upstream_is_502_with_code(tmp: Path) -> None:
     # Without health checks the forwarder meets the refused connection itself (with them, the replica is
     # out after its first failed probe and the answer is health's 503, tested in test_health.py).
-    proxy = start_proxy(tmp, [f"http://127.0.0.1:{free_port()}"], {"chain": {"health": {"mode": "off"}}},
+    port = free_port()
+    proxy = start_proxy(tmp, [f"http://127.0.0.1:{port}"], {"chain": {"health": {"mode": "off"}}},
                         name="unreachable")
     try:
         response = httpx.post(f"{proxy.url}/api/chat", json={"model": "llama3.2", "messages": []})
@@ -112,6 +124,10 @@ def test_unreachable_upstream_is_502_with_code(tmp: Path) -> None:
         assert "cannot connect" in response.json()["error"]
         v1 = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "m", "messages": []})
         assert v1.status_code == 502 and v1.json()["error"]["code"] == "upstream_connect_failure"
+        # Counted where docs/OPERATIONS.md sends operators: by error type and replica (it counted only
+        # failures after the first byte, without the replica).
+        errors = _upstream_errors(proxy)
+        assert errors.get(("upstream_connect_failure", f"127.0.0.1:{port}"), 0) >= 2, errors
     finally:
         proxy.stop()
 
@@ -125,6 +141,8 @@ def test_first_byte_timeout_is_504(tmp: Path) -> None:
         assert response.status_code == 504
         assert response.json()["code"] == "upstream_response_timeout"
         _wait_for(lambda: emulator.stats()["cancelled"] == 1)
+        name = emulator.url.removeprefix("http://")
+        assert _upstream_errors(proxy) == {("upstream_response_timeout", name): 1.0}
     finally:
         proxy.stop()
         emulator.stop()
@@ -140,6 +158,8 @@ def test_idle_gap_timeout_ends_stream_with_error_line(tmp: Path) -> None:
             lines = [json.loads(line) for line in response.iter_lines()]
         assert lines[-1]["code"] == "upstream_response_timeout" and "error" in lines[-1]
         assert not any(line.get("done") for line in lines)
+        name = emulator.url.removeprefix("http://")
+        assert _upstream_errors(proxy) == {("upstream_response_timeout", name): 1.0}
     finally:
         proxy.stop()
         emulator.stop()

@@ -54,7 +54,8 @@ class ProxyMetrics:
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
         self.upstream_errors = meter.create_counter(
             names.metric_upstream_errors, unit="{error}",
-            description="Upstream failures by error.type (connect, timeout, reset, mid-stream).")
+            description="Upstream failures by error.type (connect, reset or timeout before the "
+                        "answer; failure mid-stream) and replica.")
 
     def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
         del options
