@@ -26,8 +26,8 @@ class DemoBindError(Exception):
 
 async def run_demo(listen: str, replica_ports: str, decode_tokens_per_s: float) -> None:
     """Serve the demo until SIGINT/SIGTERM. A port 0 (in `listen` or `replica_ports`) is any free
-    one, and what is printed names the ports bound. An address that cannot be bound raises OSError
-    (after stopping what had started)."""
+    one, and what is printed names the ports bound. An address that cannot be bound raises
+    DemoBindError (after stopping what had started)."""
     host, port = parse_listen(listen)
     ports = [int(p) for p in replica_ports.split(",") if p.strip()]
     runners: list[ProxyRunner] = []
