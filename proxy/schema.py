@@ -234,7 +234,8 @@ class UpstreamConfig:
     num_parallel: int = attrs.field(default=1, validator=positive)
     """The replica's OLLAMA_NUM_PARALLEL (slots per loaded model)."""
     weight: int = attrs.field(default=1, validator=positive)
-    """Relative share of traffic."""
+    """Relative share of traffic in round-robin order (`chain.balancer.mode: off`); the balancer's
+    placement (`enforce`, the default) chooses by residency and load and does not read it."""
     restart_command: str | None = attrs.field(default=None,
                                               validator=attrs.validators.optional(valid_restart_command))
     """Command the health step runs to restart this replica once it is down or stuck, e.g.
