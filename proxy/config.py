@@ -280,6 +280,11 @@ def structure(data: Mapping[str, Any]) -> Config:
         for field in attrs.fields(ChainConfig):
             for tenant in getattr(config.chain, field.name).rollout.tenants:
                 check_tenant(f"chain.{field.name}.rollout.tenants", tenant, rollout_known)
+        if config.telemetry.metrics_need_admin and not config.admin.keys:
+            # Without an admin key /metrics would stay open (no tenants either: the open pass-through)
+            # or answer nobody: either way not what the operator who asked for it meant.
+            raise ValueError("telemetry.metrics_auth: puts /metrics behind the admin key, but admin.keys "
+                             "is empty (with no key configured /metrics would stay open)")
         if config.plugins:
             from .plugin import structure_plugins
 

@@ -329,6 +329,19 @@ def test_config_is_typed_strictly(data: dict[str, object], message: str) -> None
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize("data", [
+    {"telemetry": {"metrics_auth": "admin"}},
+    {"telemetry": {"metrics_auth": True}, "tenants": [{"name": "a", "keys": ["k"]}]},
+])
+def test_metrics_behind_the_admin_key_needs_an_admin_key(data: dict[str, object]) -> None:
+    """`metrics_auth: admin` with no admin key is refused (before: accepted, and /metrics stayed open
+    where no key was configured at all, the open pass-through, or answered 401 to everybody)."""
+    with pytest.raises(ConfigError) as error:
+        structure(data)
+    assert str(error.value).startswith("telemetry.metrics_auth: puts /metrics behind the admin key, but "
+                                       "admin.keys is empty")
+
+
 def test_strict_errors_never_echo_a_key() -> None:
     with pytest.raises(ConfigError) as error:
         structure({"admin": {"keys": "sk-secret-root"}})
@@ -341,7 +354,8 @@ def test_typed_values_that_are_right_still_load() -> None:
                         "state": {"backend": "redis", "failure_mode": "closed"}})
     assert config.admin.keys == ("root",) and config.anonymous.allow is False
     assert config.telemetry.metrics_need_admin and config.server.body_timeout_s == 5.0
-    assert structure({"telemetry": {"metrics_auth": True}}).telemetry.metrics_need_admin
+    assert structure({"telemetry": {"metrics_auth": True},
+                      "admin": {"keys": ["root"]}}).telemetry.metrics_need_admin
     assert not structure({}).telemetry.metrics_need_admin
     assert structure({}).anonymous.keys == ("ollama",)
 
