@@ -5,6 +5,8 @@ Request phase, for inference routes:
   the model's configured values, other load-time options removed, so no tenant makes Ollama reload a
   model for everyone; every change is reported in `X-Options-Rewritten` and on the span. A model with
   no configured num_ctx gets the context it is loaded with (/api/ps), else Ollama's default (4096);
+- context guard: the limit is also at most the context the request runs with, minus one (Ollama cuts a
+  prompt of num_ctx tokens or more; an embedding input fits the whole context);
 - prompt limit: the prompt is counted with the model's own tokenizer (proxy/tokens.py) against the
   smallest of the tenant's, the model's and the chain's `max_prompt_tokens`; policy `reject` answers 400
   `prompt_too_long` with both numbers, `truncate` keeps the system prompt and the newest turns that fit
@@ -176,10 +178,13 @@ class LimitsStep(Step):
             if ctx.route.dialect == "ollama":  # native options; /v1 bodies have none
                 body = self._canonical_options(ctx, span, body, model, model_config)
             context = self._context_tokens(ctx, body, model)
-            if context is not None and context < limit:
-                # Ollama runs the request with this context whatever the configured limit says (on /v1
-                # it ignores options.num_ctx): past it the prompt would be cut, so that is the limit.
-                limit = context
+            # Ollama runs the request with this context whatever the configured limit says (on /v1 it
+            # ignores options.num_ctx), and cuts a prompt of `context` tokens or more (not only a longer
+            # one: llm/llama_server.go), so the longest prompt it evaluates whole is the limit. An
+            # embedding input is cut only past the context (its BOS and EOS included, as counted).
+            fits = context if ctx.route.prompt_shape == "embed" else context - 1 if context else None
+            if fits is not None and fits < limit:
+                limit = fits
                 ctx.service_limits["max_prompt_tokens"] = limit
                 span.set_attribute(self.telemetry.names.limits_max_prompt_tokens, limit)
             ctx.prompt.context_tokens = context

@@ -1,10 +1,12 @@
-"""The context guard in `limits`: the effective prompt limit is the context the model runs with (on /v1,
-where Ollama ignores options.num_ctx, the context it is loaded with); Ollama's silent truncation of a
+"""The context guard in `limits`: the effective prompt limit is at most the context the model runs with
+minus one (Ollama cuts a prompt of num_ctx tokens or more; on /v1, where Ollama ignores options.num_ctx,
+the context it is loaded with); Ollama's silent truncation of a
 non-streaming answer is reported in X-Prompt-Truncated-Upstream; `upstream_truncation: refuse` makes
 Ollama answer 400 instead of cutting. Against a real proxy and an emulator whose context is small."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.emulator.vocabulary import default_vocabulary
 from tests.support.metrics import metric
 from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
@@ -49,12 +52,12 @@ def test_v1_requests_are_limited_by_the_loaded_context(tmp_path: Path, emulator:
         short = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30, json={
             "model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert short.status_code == 200
-        assert f"max_prompt_tokens={CONTEXT}" in short.headers["x-service-limits"]
+        assert f"max_prompt_tokens={CONTEXT - 1};" in short.headers["x-service-limits"]
         refused = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30, json={
             "model": "llama3.2", "messages": [{"role": "user", "content": LONG}]})
         assert refused.status_code == 400, refused.text
         assert refused.json()["error"]["code"] == "prompt_too_long"
-        assert f"limit of {CONTEXT} tokens" in refused.json()["error"]["message"]
+        assert f"limit of {CONTEXT - 1} tokens" in refused.json()["error"]["message"]
     finally:
         proxy.stop()
 
@@ -98,7 +101,7 @@ def test_refuse_makes_ollama_answer_400_instead_of_cutting(tmp_path: Path, emula
         proxy.stop()
 
 
-@pytest.mark.parametrize(("num_ctx", "context"), [(128.0, 128), (200.9, 200)])
+@pytest.mark.parametrize(("num_ctx", "context"), [(128.0, 128), (200.9, 200)])  # limit: context - 1
 def test_a_num_ctx_sent_as_a_float_is_the_context_too(tmp_path: Path, emulator: Server,
                                                       num_ctx: float, context: int) -> None:
     # Without the canonical rewrite, the client's num_ctx is what Ollama runs with; Go reads a JSON
@@ -112,12 +115,71 @@ def test_a_num_ctx_sent_as_a_float_is_the_context_too(tmp_path: Path, emulator: 
             "options": {"num_ctx": num_ctx, "num_predict": 2}})
         assert refused.status_code == 400, (refused.status_code, refused.text[:200])
         assert refused.json()["code"] == "prompt_too_long"
-        assert f"limit of {context} tokens" in refused.json()["error"]
-        assert f"max_prompt_tokens={context};" in refused.headers["x-service-limits"]
+        assert f"limit of {context - 1} tokens" in refused.json()["error"]
+        assert f"max_prompt_tokens={context - 1};" in refused.headers["x-service-limits"]
         fits = httpx.post(f"{proxy.url}/api/generate", timeout=30, json={
             "model": "llama3.2", "prompt": "hi", "stream": False,
             "options": {"num_ctx": num_ctx, "num_predict": 2}})
         assert fits.status_code == 200, fits.text
-        assert f"max_prompt_tokens={context};" in fits.headers["x-service-limits"]
+        assert f"max_prompt_tokens={context - 1};" in fits.headers["x-service-limits"]
+    finally:
+        proxy.stop()
+
+
+def _exactly(tokens: int, frame: int = 4) -> str:
+    """A prompt that renders to exactly `tokens` tokens with its `frame` (a generate prompt's: BOS and
+    the 3 of the assistant header; an embedding input's: BOS and EOS, 2), counted with the emulator's
+    own vocabulary."""
+    vocabulary = default_vocabulary()
+    text = ""
+    for i in itertools.count():
+        longer = f"{text} w{i}" if text else f"w{i}"
+        if vocabulary.count(longer) + frame > tokens:
+            break
+        text = longer
+    for filler in itertools.cycle("abcdefgh"):  # one character at a time up to the exact count
+        if vocabulary.count(text) + frame == tokens:
+            return text
+        text += filler
+    raise AssertionError("unreachable")
+
+
+def test_a_prompt_as_long_as_the_context_is_refused_not_cut(tmp_path: Path, emulator: Server) -> None:
+    # Ollama cuts a prompt of num_ctx tokens or more (it keeps about half the context), not only one
+    # longer than num_ctx: the guard's limit is num_ctx - 1. It admitted a prompt of exactly num_ctx
+    # tokens, which the replica then evaluated as 128 tokens out of 256.
+    proxy = _proxy(tmp_path, emulator, "guard-exact", strip_load_options=False)
+    try:
+        options = {"num_ctx": CONTEXT, "num_predict": 2}
+        refused = httpx.post(f"{proxy.url}/api/generate", timeout=30, json={
+            "model": "llama3.2", "prompt": _exactly(CONTEXT), "stream": False, "options": options})
+        assert refused.status_code == 400, (refused.status_code, refused.text[:200])
+        assert refused.json()["code"] == "prompt_too_long"
+        assert refused.json()["error"].startswith(f"prompt is {CONTEXT} tokens, more than the limit of "
+                                                  f"{CONTEXT - 1} tokens")
+        assert f"max_prompt_tokens={CONTEXT - 1};" in refused.headers["x-service-limits"]
+        fits = httpx.post(f"{proxy.url}/api/generate", timeout=30, json={
+            "model": "llama3.2", "prompt": _exactly(CONTEXT - 1), "stream": False, "options": options})
+        assert fits.status_code == 200, fits.text
+        assert fits.json()["prompt_eval_count"] == CONTEXT - 1  # evaluated whole, not cut
+        assert "x-prompt-truncated-upstream" not in fits.headers
+    finally:
+        proxy.stop()
+
+
+def test_an_embedding_input_as_long_as_the_context_is_embedded_whole(tmp_path: Path,
+                                                                    emulator: Server) -> None:
+    # An embedding input fits when it and its BOS and EOS fit the context (Ollama cuts, or with
+    # `truncate: false` refuses, only a longer one): the guard's num_ctx - 1 is for prompts to generate.
+    proxy = _proxy(tmp_path, emulator, "guard-embed", strip_load_options=False)
+    try:
+        body = {"model": "nomic-embed-text", "truncate": False, "options": {"num_ctx": CONTEXT}}
+        whole = httpx.post(f"{proxy.url}/api/embed", timeout=30,
+                           json={**body, "input": _exactly(CONTEXT, frame=2)})
+        assert whole.status_code == 200, whole.text[:200]
+        assert f"max_prompt_tokens={CONTEXT};" in whole.headers["x-service-limits"]
+        refused = httpx.post(f"{proxy.url}/api/embed", timeout=30,
+                             json={**body, "input": _exactly(CONTEXT + 1, frame=2)})
+        assert refused.status_code == 400 and refused.json()["code"] == "prompt_too_long", refused.text
     finally:
         proxy.stop()

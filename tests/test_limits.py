@@ -236,14 +236,15 @@ def test_shadow_mode_reports_and_lets_through(tmp: Path, emulator: Server) -> No
 def test_silent_truncation_is_detected(tmp: Path, emulator: Server) -> None:
     """A prompt under our limit but over the model's canonical context: Ollama cuts it silently
     (prompt_eval_count drops); the proxy notices and counts it."""
-    # Enforced, the context is the limit (the context guard): 512 tokens, whatever max_prompt_tokens says.
+    # Enforced, the context bounds the limit (the context guard): 511 tokens (Ollama cuts a prompt of
+    # num_ctx tokens or more), whatever max_prompt_tokens says.
     guarded = start_proxy(tmp, [emulator.url], {"chain": {"limits": {"max_prompt_tokens": 8000}},
                                                 "models": {"qwen3": {"options": {"num_ctx": 512}}}},
                           name="guarded")
     try:
         refused = httpx.post(f"{guarded.url}/api/generate", json={
             "model": "qwen3", "prompt": _words(900), "stream": False, "think": False})
-        assert refused.status_code == 400 and "limit of 512 tokens" in refused.json()["error"]
+        assert refused.status_code == 400 and "limit of 511 tokens" in refused.json()["error"]
     finally:
         guarded.stop()
     # In shadow the prompt reaches Ollama, which cuts it silently; the proxy notices and says so.
