@@ -16,6 +16,7 @@ Request phase, for inference routes:
 - bodies: what Ollama's Go decoder refuses is answered with its 400 here, and an inference body that is
   not an object or names no model is refused (fail closed; no model is answered with the route's own
   404 or 400, as Ollama's handler answers it): nothing the chain cannot read goes through.
+A model no replica lists (`UpstreamSet.tracks`) gets no prompt limit: the replica's own 404 answers it.
 The deadline and the body checks apply in every mode, `off` included (`runs_when_off`): `off` drops the
 prompt and option limits only. Every response carries `X-Service-Limits` (v=1). Response phase: when
 Ollama's `prompt_eval_count` is well below our count, it truncated the prompt silently: a span event
@@ -172,6 +173,13 @@ class LimitsStep(Step):
         ctx.service_limits.update(max_prompt_tokens=limit, deadline_s=deadline_s)
         if ctx.route.operation is None or not isinstance(body, dict) or not model:
             self.record(ctx, "not_applicable")
+            return await handler(request)
+        if self.upstreams is not None and not self.upstreams.tracks(model):
+            # No replica lists the model: Ollama answers its own 404 `model not found` without reading
+            # the prompt. A prompt_too_long counted with the estimate would tell a client who misspelt
+            # the name to shorten a prompt (and not to retry) instead.
+            self.record(ctx, "unknown_model",
+                        **{semconv.ATTR_GEN_AI_REQUEST_MODEL: semconv.request_model(model)})
             return await handler(request)
         with self.span(**{semconv.ATTR_GEN_AI_REQUEST_MODEL: semconv.request_model(model),
                                self.telemetry.names.limits_max_prompt_tokens: limit}) as span:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
 
 SHORT, CAPPED = "sk-short-deadline", "sk-capped-prompt"
@@ -93,6 +94,26 @@ def test_reject_is_ollama_shaped_with_service_limits(limited: Server) -> None:
     small = httpx.post(f"{limited.url}/api/embed", json={
         "model": "nomic-embed-text", "input": ["short", _words(100)]})
     assert small.status_code == 200
+
+
+@pytest.mark.parametrize(("path", "body", "error"), [
+    ("/api/generate", {"prompt": _words(400), "stream": False}, {"error": "model 'no-such-model' not found"}),
+    ("/api/chat", {"messages": [{"role": "user", "content": _words(400)}], "stream": False},
+     {"error": "model 'no-such-model' not found"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": _words(400)}]},
+     {"error": {"message": "model 'no-such-model' not found", "type": "not_found_error", "param": None,
+                "code": None}}),
+])
+def test_a_model_the_fleet_lacks_is_not_found_whatever_its_prompt(limited: Server, path: str,
+                                                                  body: dict[str, object],
+                                                                  error: dict[str, object]) -> None:
+    # Ollama answers 404 for a model it does not have, without reading the prompt; the proxy counted the
+    # prompt with its estimate first and answered 400 prompt_too_long ("shorten it, do not retry") for a
+    # misspelt model name. The replica's own 404 now reaches the client, as for a short prompt.
+    wait_for(lambda: httpx.get(f"{limited.url}/api/tags").json()["models"], 20, "the fleet's listing")
+    answer = httpx.post(limited.url + path, json={"model": "no-such-model", **body}, timeout=30)
+    assert (answer.status_code, answer.json()) == (404, error), answer.text[:200]
+    assert "max_prompt_tokens=300" in answer.headers["x-service-limits"]
 
 
 def test_tenant_limit_is_the_smallest(limited: Server) -> None:
