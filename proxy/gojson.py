@@ -7,7 +7,8 @@ body the proxy cannot read but Ollama can would skip every limit of the chain:
 - numbers out of float64's range (`1e400`) are kept as `BigNumber` with their original text: Go skips them
   in fields it does not know and refuses them where it decodes them (`check_numbers`);
 - the first JSON value is the body (json.Decoder stops there: bytes after it are never read);
-- duplicate keys: the last one wins; struct fields match case-insensitively (`MODEL`, `\u017fystem`), so the
+- duplicate keys: the last one wins, except that a map field written twice (`options`) merges the
+  two maps as Go does; struct fields match case-insensitively (`MODEL`, `\u017fystem`), so the
   fields the chain reads are looked up the way Go matches them (`request_view`);
 - NaN, Infinity, comments, single quotes, control characters in strings, a BOM: refused with Go's error
   text (`GoJSONError`), which Ollama answers with 400.
@@ -265,19 +266,55 @@ def _needs_fold(value: dict[str, Any], exact: frozenset[str], folds: dict[str, s
     return any(key not in exact and go_fold(key) in folds for key in value)
 
 
-def _struct(value: dict[str, Any], folds: dict[str, str]) -> dict[str, Any]:
+MAP_FIELDS = frozenset({"options"})
+"""Top-level fields that are maps to Ollama (`Options map[string]any`): Go decodes a key that comes again
+into the map it already holds, keeping its entries ("Unmarshal reuses the existing map, keeping
+existing entries"), so `"options":{"num_ctx":1},"options":{}` has num_ctx 1 for Ollama."""
+
+
+def _key_spelling(name: str) -> bytes:
+    """A regex for every spelling of the key `name` (lower-case ASCII) that Go matches to the field in
+    a JSON text: any case, each letter possibly a \\u escape, and the non-ASCII letters Go folds onto
+    ASCII ones (`_SPECIAL_FOLDS`), raw or escaped. Case-insensitive: a few more match, never fewer."""
+    parts = []
+    for letter in name:
+        spellings = [re.escape(letter.encode()), rb"\\u00%02x" % ord(letter),
+                     rb"\\u00%02x" % ord(letter.upper())]
+        for special, folded in _SPECIAL_FOLDS.items():
+            if folded == letter.upper():
+                spellings += [re.escape(special.encode()), rb"\\u%04x" % ord(special)]
+        parts.append(b"(?:" + b"|".join(spellings) + b")")
+    return b'"' + b"".join(parts) + rb'"[ \t\r\n]*:'
+
+
+_MAP_KEYS = re.compile(b"|".join(_key_spelling(name) for name in sorted(MAP_FIELDS)), re.IGNORECASE)
+
+
+def _map_field_twice(data: bytes) -> bool:
+    """May `data` write a map field (MAP_FIELDS) more than once? A key spelling found twice anywhere
+    (also inside strings: then the slow reading finds once, at some cost and no harm)."""
+    found = _MAP_KEYS.finditer(data)
+    return next(found, None) is not None and next(found, None) is not None
+
+
+def _struct(value: dict[str, Any], folds: dict[str, str],
+            maps: frozenset[str] = frozenset()) -> dict[str, Any]:
     pairs: Iterable[tuple[str, Any]] = value.pairs if isinstance(value, _Object) else value.items()
     out: dict[str, Any] = {}
     for key, item in pairs:
         name = folds.get(go_fold(key), key)
-        out.pop(name, None)  # a later case variant is the value Go keeps
-        out[name] = item
+        previous = out.pop(name, None)  # a later case variant is the value Go keeps,
+        if name in maps and isinstance(previous, dict) and isinstance(item, dict):
+            out[name] = {**previous, **item}  # merged into it when the field is a map (MAP_FIELDS)
+        else:
+            out[name] = item
     return out
 
 
 def request_view(value: Any, data: bytes, slow: bool) -> Any:
     """The body as Ollama's structs see it: top-level and message fields under their canonical names,
-    whatever case the client used (Go matches them case-insensitively; the last variant wins).
+    whatever case the client used (Go matches them case-insensitively; the last variant wins, or, for
+    a map field written twice, the maps merge: MAP_FIELDS).
 
     Costs a set lookup per key when every key is already canonical (the usual case). When one is not and
     `value` came from orjson, `data` is decoded again to learn the order of the variants.
@@ -288,13 +325,16 @@ def request_view(value: Any, data: bytes, slow: bool) -> Any:
     top = _needs_fold(value, TOP_FIELDS, _TOP_FOLDS)
     inner = isinstance(messages, list) and any(
         isinstance(m, dict) and _needs_fold(m, MESSAGE_FIELDS, _MESSAGE_FOLDS) for m in messages)
-    if not top and not inner and not slow:
+    # orjson keeps only the last of keys written alike ("options" twice, or once escaped): the raw
+    # text tells whether a map field may be one of them.
+    twice = "options" in value and _map_field_twice(data)
+    if not top and not inner and not slow and not twice:
         return value
     if not slow:
         value = slow_loads(data)
     if not isinstance(value, dict):
         return value
-    view = _struct(value, _TOP_FOLDS)
+    view = _struct(value, _TOP_FOLDS, MAP_FIELDS)
     messages = view.get("messages")
     if isinstance(messages, list):
         view["messages"] = [_struct(m, _MESSAGE_FOLDS) if isinstance(m, dict) else m for m in messages]

@@ -464,3 +464,18 @@ def test_a_minus_sign_without_digits_is_gos_numeric_literal_error(proxy: Server,
         gojson.loads(body)
     assert str(error.value) == text
     assert _post(proxy, "/api/generate", body).json()["error"] == text
+
+
+@pytest.mark.parametrize("second", [b'"options"', b'"OPTIONS"', b'"\\u006fption\\u0073"',
+                                    b'"option\xc5\xbf"'])
+def test_options_written_twice_are_merged_as_go_merges_a_map(proxy: Server, second: bytes) -> None:
+    """`options` is a map to Ollama (map[string]any), and Go decodes a key that comes again into the
+    map it already holds, keeping its entries ("Unmarshal reuses the existing map, keeping existing
+    entries"): Ollama runs with num_ctx 100000 here. The proxy kept only the last object, saw no
+    num_ctx, and passed the body on untouched: one tenant could reload a shared model at will."""
+    body = (b'{"model":"llama3.2","prompt":"hi","stream":false,"options":{"num_ctx":100000},'
+            + second + b':{"num_predict":2}}')
+    response = _post(proxy, "/api/generate", body)
+    assert response.status_code == 200, response.text[:200]
+    assert response.headers.get("x-options-rewritten") == "num_ctx=100000->4096"
+    assert response.json()["eval_count"] <= 2  # the later object's entries hold too

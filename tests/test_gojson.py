@@ -127,3 +127,15 @@ def test_a_deep_value_too_large_to_open_is_refused_as_a_bad_request() -> None:
         proxy_gojson.dumps(value)
     assert isinstance(raised.value, InvalidRequest) and raised.value.status == 400
     assert raised.value.code == "invalid_request"
+
+
+@pytest.mark.parametrize(("raw", "options"), [
+    (b'{"options":{"num_ctx":1,"seed":2},"options":{"seed":3}}', {"num_ctx": 1, "seed": 3}),
+    (b'{"options":{"num_ctx":1},"Options":{"seed":3}}', {"num_ctx": 1, "seed": 3}),
+    (b'{"options":{"num_ctx":1},"\\u006fptions" :{"seed":3}}', {"num_ctx": 1, "seed": 3}),
+    (b'{"options":{"num_ctx":1},"options":null}', None),  # null sets the map to nil
+    (b'{"options":{"num_ctx":1},"x":"\\"options\\":"}', {"num_ctx": 1}),  # a lookalike in a string
+])
+def test_a_map_field_written_twice_merges_as_in_go(raw: bytes, options: object) -> None:
+    value, slow = proxy_gojson.loads(raw)
+    assert proxy_gojson.request_view(value, raw, slow)["options"] == options
