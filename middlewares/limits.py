@@ -313,6 +313,12 @@ class LimitsStep(Step):
                     ctx.prompt.tokens = recount.total
                     self.decide(ctx, span, decision or "summarized")
                     return
+                rewritten = ctx.json()
+                if decision and isinstance(rewritten, dict):
+                    # Its cut stands, and its header says so: truncation goes on from there, so that
+                    # the headers together say what reaches the replica (cutting the client's body
+                    # again threw the trim away and left its header claiming it).
+                    body = rewritten
             elif mode != "enforce":
                 ctx.response_headers.add("X-Shadow-Decision", f"{self.name}=summarize")
                 self.decide(ctx, span, "shadow_summarize")

@@ -7,6 +7,7 @@ sub-request's GenAI CLIENT span under it."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -487,3 +488,26 @@ def test_a_deadline_shorter_than_the_time_budget_bounds_the_wait_for_a_summary(t
     finally:
         proxy.stop()
         slow.stop()
+
+
+def test_a_trim_that_does_not_fit_is_truncated_further_not_replaced(tmp_path: Path,
+                                                                   emulator: Server) -> None:
+    """The turns kept verbatim (keep_last_turns) are over the limit by themselves: the summarizer trims
+    what it may (X-History-Trimmed) and limits truncates on from there. It truncated the client's own
+    body again instead, so the trim was thrown away while its header stayed: the two headers claimed
+    more turns dropped than the chat had."""
+    long_turns = [{"role": "user" if i % 2 == 0 else "assistant",
+                   "content": f"turn {i}: " + "lorem ipsum dolor sit amet " * 20} for i in range(8)]
+    messages = [SYSTEM, *long_turns, {"role": "user", "content": "And what should I wear?"}]
+    limits = {"chain": {"limits": {"max_prompt_tokens": BUDGET, "prompt_policy": "summarize"}}}
+    proxy = _proxy(tmp_path, emulator, "summary-limits-trim",
+                   [_plugin(budget_tokens=None, keep_last_turns=4)], **limits)
+    try:
+        reply = _chat(proxy, messages)
+        trimmed = _header(reply, "x-history-trimmed")["turns"]
+        truncated = re.fullmatch(r"dropped (\d+) oldest message\(s\)", reply.headers["x-prompt-truncated"])
+        assert truncated is not None and trimmed >= 1, reply.headers
+        assert trimmed + int(truncated.group(1)) <= len(long_turns), reply.headers
+        assert reply.json()["prompt_eval_count"] <= BUDGET
+    finally:
+        proxy.stop()
