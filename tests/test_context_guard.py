@@ -183,3 +183,24 @@ def test_an_embedding_input_as_long_as_the_context_is_embedded_whole(tmp_path: P
         assert refused.status_code == 400 and refused.json()["code"] == "prompt_too_long", refused.text
     finally:
         proxy.stop()
+
+
+COMPAT = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "max_tokens": 2},
+     "prompt_tokens"),
+    ("/v1/completions", {"prompt": LONG, "max_tokens": 2}, "prompt_tokens"),
+    ("/v1/responses", {"input": LONG, "max_output_tokens": 16}, "input_tokens"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": LONG}], "max_tokens": 2}, "input_tokens"),
+]
+"""Over-long prompts on the compatibility routes, and the usage field that counts the prompt evaluated."""
+
+
+@pytest.mark.parametrize(("path", "body", "usage"), COMPAT)
+def test_the_emulators_compatibility_routes_cut_an_over_long_prompt_as_ollama_does(
+        emulator: Server, path: str, body: dict[str, Any], usage: str) -> None:
+    # Ollama runs these routes through its chat and generate handlers, so an over-long prompt is cut as
+    # on /api/chat (about half the context evaluated); the emulator evaluated all of it, past its
+    # context.
+    direct = httpx.post(f"{emulator.url}{path}", timeout=30, json={"model": "llama3.2", **body})
+    assert direct.status_code == 200, direct.text
+    assert direct.json()["usage"][usage] <= CONTEXT // 2 + 2

@@ -60,10 +60,11 @@ class AnthropicRoutes:
                 if isinstance(m, dict)]
         if body.get("system"):
             flat.insert(0, {"role": "system", "content": content_text(body.get("system"))})
-        prompt_tokens = engine.count_chat(flat)
+        options = {"num_predict": max_tokens}
+        # Ollama runs this on its chat handler: an over-long prompt is cut as on /api/chat.
+        prompt_tokens = engine.fit_chat(flat, engine.num_ctx_for(entry, options), True)
         result = RunResult()
-        tokens = engine.generate(entry, engine.render_chat(flat), prompt_tokens,
-                                 {"num_predict": max_tokens}, None, result)
+        tokens = engine.generate(entry, engine.render_chat(flat), prompt_tokens, options, None, result)
         ident = "msg_" + hashlib.sha256(f"msg{self.request_id()}".encode()).hexdigest()[:24]
         if body.get("stream") is True:
             response = await wire.start_stream(request, wire.CT_SSE, _SSE_HEADERS)

@@ -77,8 +77,10 @@ class OpenAIRoutes:
         entry = self._entry(model, "completion")
         engine = self.engine
         result = RunResult()
-        tokens = engine.generate(entry, engine.render_chat(flat), engine.count_chat(flat),
-                                 self._options(body), None, result)
+        options = self._options(body)
+        # Ollama runs this on its chat handler: an over-long prompt is cut as on /api/chat.
+        prompt_tokens = engine.fit_chat(flat, engine.num_ctx_for(entry, options), True)
+        tokens = engine.generate(entry, engine.render_chat(flat), prompt_tokens, options, None, result)
         ident = self._id("chatcmpl")
         created = engine.now_ns() // 1_000_000_000
         base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -98,8 +100,8 @@ class OpenAIRoutes:
                 response = await wire.start_stream(request, wire.CT_SSE)
             await response.write(_event({**base, "choices": [
                 {"index": 0, "delta": {}, "finish_reason": _finish(result.done_reason)}]}))
-            options = body.get("stream_options")
-            if isinstance(options, dict) and options.get("include_usage"):
+            stream_options = body.get("stream_options")
+            if isinstance(stream_options, dict) and stream_options.get("include_usage"):
                 await response.write(_event({**base, "choices": [], "usage": _usage(result)}))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
@@ -123,12 +125,15 @@ class OpenAIRoutes:
         entry = self._entry(model, "completion")
         engine = self.engine
         result = RunResult()
-        tokens = engine.generate(entry, prompt, engine.count_prompt(prompt),
-                                 self._options(body), None, result)
+        options = self._options(body)
+        # Ollama runs this on its generate handler: an over-long prompt is cut as on /api/generate.
+        prompt_tokens = engine.fit_tokens(engine.count_prompt(prompt), engine.num_ctx_for(entry, options),
+                                          True)
+        tokens = engine.generate(entry, prompt, prompt_tokens, options, None, result)
         ident = self._id("cmpl")
         if body.get("stream") is True:
-            options = body.get("stream_options")
-            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            stream_options = body.get("stream_options")
+            include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
             response = await wire.start_stream(request, wire.CT_SSE)
             pending: str | None = None
 
@@ -216,8 +221,8 @@ class OpenAIRoutes:
         if isinstance(body.get("max_output_tokens"), int):
             options["num_predict"] = body["max_output_tokens"]
         result = RunResult()
-        tokens = engine.generate(entry, engine.render_chat(messages), engine.count_chat(messages), options,
-                                 None, result)
+        prompt_tokens = engine.fit_chat(messages, engine.num_ctx_for(entry, options), True)  # as /api/chat
+        tokens = engine.generate(entry, engine.render_chat(messages), prompt_tokens, options, None, result)
         response_id, message_id = self._id("resp").replace("-", "_"), self._id("msg").replace("-", "_")
         created = engine.now_ns() // 10**9
 
