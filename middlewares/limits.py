@@ -75,7 +75,9 @@ class LimitsConfig:
 Summarizer = Callable[[RequestContext, dict[str, Any], Tokenizer, int], Awaitable[str | None]]
 """Makes a prompt fit a limit (rewriting ctx's body); returns its decision, None when it changed nothing."""
 
-_PROMPT_EVAL = re.compile(rb'"prompt_eval_count":(\d+)')
+_PROMPT_EVAL = re.compile(rb'"(?:prompt_eval_count|prompt_tokens|input_tokens)":(\d+)')
+"""The prompt tokens Ollama evaluated, as each dialect's answer names them: `prompt_eval_count` (native),
+`usage.prompt_tokens` (OpenAI chat and completions), `usage.input_tokens` (Responses, Anthropic)."""
 DEADLINE_HEADER = DEADLINE_REQUEST_HEADER
 """Kept here for existing imports; ingress reads it (proxy/ingress.py)."""
 _GO_TYPES = {str: "string", bool: "bool", int: "number", float: "number", list: "array", dict: "object"}
@@ -251,8 +253,9 @@ class LimitsStep(Step):
         return not certain and evaluated + tolerance < counted
 
     def _report_before_headers(self, ctx: RequestContext, first_chunk: bytes) -> None:
-        """A non-streaming answer is whole in its first chunk (usually): its prompt_eval_count tells,
-        before the headers go out, whether Ollama cut the prompt: say so in X-Prompt-Truncated-Upstream."""
+        """A non-streaming answer is whole in its first chunk (usually): its count of the prompt
+        evaluated (`_PROMPT_EVAL`, in every dialect) tells, before the headers go out, whether Ollama cut
+        the prompt: say so in X-Prompt-Truncated-Upstream."""
         found = _PROMPT_EVAL.findall(first_chunk[-4096:])
         if found and self._truncated_upstream(ctx, int(found[-1]), certain=True):
             ctx.response_headers["X-Prompt-Truncated-Upstream"] = (

@@ -204,3 +204,19 @@ def test_the_emulators_compatibility_routes_cut_an_over_long_prompt_as_ollama_do
     direct = httpx.post(f"{emulator.url}{path}", timeout=30, json={"model": "llama3.2", **body})
     assert direct.status_code == 200, direct.text
     assert direct.json()["usage"][usage] <= CONTEXT // 2 + 2
+
+
+@pytest.mark.parametrize(("path", "body", "usage"), COMPAT)
+def test_a_silent_cut_is_reported_on_the_compatibility_routes_too(
+        tmp_path: Path, emulator: Server, path: str, body: dict[str, Any], usage: str) -> None:
+    # Their answers count the prompt in `usage` (prompt_tokens, input_tokens), not prompt_eval_count:
+    # the report read only the native field, so no /v1 answer ever said its prompt was cut.
+    proxy = _proxy(tmp_path, emulator, "guard-v1-report", mode="shadow")
+    try:
+        _loaded(proxy, emulator)
+        answer = httpx.post(f"{proxy.url}{path}", timeout=30, json={"model": "llama3.2", **body})
+        assert answer.status_code == 200, answer.text
+        evaluated = answer.json()["usage"][usage]
+        assert answer.headers.get("x-prompt-truncated-upstream", "").endswith(f"; evaluated={evaluated}")
+    finally:
+        proxy.stop()
