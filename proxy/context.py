@@ -270,7 +270,9 @@ class RequestContext:
             if self.body:
                 try:
                     value, slow = gojson.loads(self.body)
-                    view = gojson.request_view(value, self.body, slow)
+                    # OpenAI's messages are plain structs to Ollama (gojson.REUSED_ELEMENTS).
+                    reused = gojson.REUSED_ELEMENTS if self.route.dialect == "openai" else frozenset()
+                    view = gojson.request_view(value, self.body, slow, reused)
                     if slow:
                         gojson.check_numbers(view, self.route.go_struct,
                                              native=self.route.dialect == "ollama")

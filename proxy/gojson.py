@@ -8,7 +8,8 @@ body the proxy cannot read but Ollama can would skip every limit of the chain:
   in fields it does not know and refuses them where it decodes them (`check_numbers`);
 - the first JSON value is the body (json.Decoder stops there: bytes after it are never read);
 - duplicate keys: the last one wins, except that a map field written twice (`options`) merges the
-  two maps as Go does; struct fields match case-insensitively (`MODEL`, `\u017fystem`), so the
+  two maps as Go does, and an array of plain structs written twice (OpenAI's `messages`) is read into
+  the earlier array's elements; struct fields match case-insensitively (`MODEL`, `\u017fystem`), so the
   fields the chain reads are looked up the way Go matches them (`request_view`);
 - NaN, Infinity, comments, single quotes, control characters in strings, a BOM: refused with Go's error
   text (`GoJSONError`), which Ollama answers with 400.
@@ -31,8 +32,8 @@ import orjson
 
 from .errors import InvalidRequest
 
-__all__ = ["BigNumber", "GoJSONError", "RewriteTooLarge", "check_numbers", "dumps", "go_fold", "loads",
-           "request_view"]
+__all__ = ["MAP_FIELDS", "REUSED_ELEMENTS", "BigNumber", "GoJSONError", "RewriteTooLarge", "check_numbers",
+           "dumps", "go_fold", "loads", "request_view"]
 
 _WHITESPACE = b" \t\r\n"
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -287,18 +288,37 @@ def _key_spelling(name: str) -> bytes:
     return b'"' + b"".join(parts) + rb'"[ \t\r\n]*:'
 
 
-_MAP_KEYS = re.compile(b"|".join(_key_spelling(name) for name in sorted(MAP_FIELDS)), re.IGNORECASE)
+REUSED_ELEMENTS = frozenset({"messages"})
+"""Top-level fields that are slices of plain structs on the OpenAI routes (`[]openai.Message`, which has
+no UnmarshalJSON of its own, unlike the native api.Message): Go decodes an array that comes again into
+the elements it already holds, so a field a later element leaves out keeps the earlier element's value
+(golang/go#21092)."""
+_TWICE_KEYS = {name: re.compile(_key_spelling(name), re.IGNORECASE)
+               for name in sorted(MAP_FIELDS | REUSED_ELEMENTS)}
 
 
-def _map_field_twice(data: bytes) -> bool:
-    """May `data` write a map field (MAP_FIELDS) more than once? A key spelling found twice anywhere
-    (also inside strings: then the slow reading finds once, at some cost and no harm)."""
-    found = _MAP_KEYS.finditer(data)
+def _written_twice(data: bytes, name: str) -> bool:
+    """May `data` write the field `name` (MAP_FIELDS, REUSED_ELEMENTS) more than once? A key spelling
+    found twice anywhere (also inside strings: then the slow reading finds once, at some cost and no
+    harm)."""
+    found = _TWICE_KEYS[name].finditer(data)
     return next(found, None) is not None and next(found, None) is not None
 
 
-def _struct(value: dict[str, Any], folds: dict[str, str],
-            maps: frozenset[str] = frozenset()) -> dict[str, Any]:
+def _into_elements(previous: list[Any], item: list[Any]) -> list[Any]:
+    """`item` decoded as Go decodes an array into a slice of structs that holds `previous`: element i
+    of both objects is one struct, its fields assigned in document order (the earlier ones first)."""
+    return [_Object([*_pairs(previous[i]), *_pairs(new)])
+            if i < len(previous) and isinstance(previous[i], dict) and isinstance(new, dict) else new
+            for i, new in enumerate(item)]
+
+
+def _pairs(value: dict[str, Any]) -> list[tuple[str, Any]]:
+    return list(value.pairs) if isinstance(value, _Object) else list(value.items())
+
+
+def _struct(value: dict[str, Any], folds: dict[str, str], maps: frozenset[str] = frozenset(),
+            elements: frozenset[str] = frozenset()) -> dict[str, Any]:
     pairs: Iterable[tuple[str, Any]] = value.pairs if isinstance(value, _Object) else value.items()
     out: dict[str, Any] = {}
     for key, item in pairs:
@@ -306,15 +326,19 @@ def _struct(value: dict[str, Any], folds: dict[str, str],
         previous = out.pop(name, None)  # a later case variant is the value Go keeps,
         if name in maps and isinstance(previous, dict) and isinstance(item, dict):
             out[name] = {**previous, **item}  # merged into it when the field is a map (MAP_FIELDS)
+        elif name in elements and isinstance(previous, list) and isinstance(item, list):
+            out[name] = _into_elements(previous, item)  # or decoded into its elements
         else:
             out[name] = item
     return out
 
 
-def request_view(value: Any, data: bytes, slow: bool) -> Any:
+def request_view(value: Any, data: bytes, slow: bool, reused: frozenset[str] = frozenset()) -> Any:
     """The body as Ollama's structs see it: top-level and message fields under their canonical names,
     whatever case the client used (Go matches them case-insensitively; the last variant wins, or, for
-    a map field written twice, the maps merge: MAP_FIELDS).
+    a map field written twice, the maps merge: MAP_FIELDS; and in a field of `reused`, a subset of
+    REUSED_ELEMENTS that the route's struct decodes that way, a later array is read into the earlier
+    one's elements).
 
     Costs a set lookup per key when every key is already canonical (the usual case). When one is not and
     `value` came from orjson, `data` is decoded again to learn the order of the variants.
@@ -327,14 +351,14 @@ def request_view(value: Any, data: bytes, slow: bool) -> Any:
         isinstance(m, dict) and _needs_fold(m, MESSAGE_FIELDS, _MESSAGE_FOLDS) for m in messages)
     # orjson keeps only the last of keys written alike ("options" twice, or once escaped): the raw
     # text tells whether a map field may be one of them.
-    twice = "options" in value and _map_field_twice(data)
+    twice = any(name in value and _written_twice(data, name) for name in MAP_FIELDS | reused)
     if not top and not inner and not slow and not twice:
         return value
     if not slow:
         value = slow_loads(data)
     if not isinstance(value, dict):
         return value
-    view = _struct(value, _TOP_FOLDS, MAP_FIELDS)
+    view = _struct(value, _TOP_FOLDS, MAP_FIELDS, reused)
     messages = view.get("messages")
     if isinstance(messages, list):
         view["messages"] = [_struct(m, _MESSAGE_FOLDS) if isinstance(m, dict) else m for m in messages]

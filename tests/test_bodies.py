@@ -479,3 +479,17 @@ def test_options_written_twice_are_merged_as_go_merges_a_map(proxy: Server, seco
     assert response.status_code == 200, response.text[:200]
     assert response.headers.get("x-options-rewritten") == "num_ctx=100000->4096"
     assert response.json()["eval_count"] <= 2  # the later object's entries hold too
+
+
+@pytest.mark.parametrize("second", [b'"messages"', b'"Messages"', b'"me\\u0073sages"'])
+def test_openai_messages_written_twice_are_read_into_the_first_ones(proxy: Server, second: bytes) -> None:
+    """Ollama's /v1/chat/completions decodes into `[]openai.Message`, a plain struct: Go decodes the
+    elements of an array that comes again into the elements it already holds, so a field the later
+    element leaves out keeps the earlier value (golang/go#21092). Ollama renders the first `content`
+    here; the proxy counted only the later array (a few tokens), so a prompt of any size went past the
+    limit."""
+    body = (b'{"model":"llama3.2","messages":[{"role":"user","content":"%s"}],' + second
+            + b':[{"role":"user"}]}').replace(b"%s", LONG)
+    response = _post(proxy, "/v1/chat/completions", body)
+    assert response.status_code == 400, response.text[:200]
+    assert response.json()["error"]["code"] == "prompt_too_long"

@@ -139,3 +139,15 @@ def test_a_deep_value_too_large_to_open_is_refused_as_a_bad_request() -> None:
 def test_a_map_field_written_twice_merges_as_in_go(raw: bytes, options: object) -> None:
     value, slow = proxy_gojson.loads(raw)
     assert proxy_gojson.request_view(value, raw, slow)["options"] == options
+
+
+def test_openai_messages_written_twice_are_read_into_the_earlier_elements() -> None:
+    """[]openai.Message is a slice of plain structs: a later array is decoded into the elements already
+    there (fields it leaves out keep their values, elements past its length are cut); the native
+    api.Message replaces each element whole (its UnmarshalJSON), so native views keep the last array."""
+    raw = (b'{"messages":[{"role":"user","content":"long","name":"a"},{"role":"user","content":"x"}],'
+           b'"Messages":[{"ROLE":"assistant"}]}')
+    value, slow = proxy_gojson.loads(raw)
+    openai = proxy_gojson.request_view(value, raw, slow, proxy_gojson.REUSED_ELEMENTS)
+    assert openai["messages"] == [{"role": "assistant", "content": "long", "name": "a"}]
+    assert proxy_gojson.request_view(value, raw, slow)["messages"] == [{"role": "assistant"}]
