@@ -8,9 +8,10 @@ body the proxy cannot read but Ollama can would skip every limit of the chain:
   in fields it does not know and refuses them where it decodes them (`check_numbers`);
 - the first JSON value is the body (json.Decoder stops there: bytes after it are never read);
 - duplicate keys: the last one wins, except that a map field written twice (`options`) merges the
-  two maps as Go does, and an array of plain structs written twice (OpenAI's `messages`) is read into
-  the earlier array's elements; struct fields match case-insensitively (`MODEL`, `\u017fystem`), so the
-  fields the chain reads are looked up the way Go matches them (`request_view`);
+  two maps as Go does, and an array of plain structs written twice (OpenAI's and Anthropic's
+  `messages`) is read into the earlier array's elements; struct fields match case-insensitively
+  (`MODEL`, `\u017fystem`), so the fields the chain reads are looked up the way Go matches them
+  (`request_view`);
 - NaN, Infinity, comments, single quotes, control characters in strings, a BOM: refused with Go's error
   text (`GoJSONError`), which Ollama answers with 400.
 
@@ -289,8 +290,9 @@ def _key_spelling(name: str) -> bytes:
 
 
 REUSED_ELEMENTS = frozenset({"messages"})
-"""Top-level fields that are slices of plain structs on the OpenAI routes (`[]openai.Message`, which has
-no UnmarshalJSON of its own, unlike the native api.Message): Go decodes an array that comes again into
+"""Top-level fields that are slices of plain structs on the OpenAI and Anthropic routes
+(`[]openai.Message`, `[]anthropic.MessageParam`: no UnmarshalJSON of their own, unlike the native
+api.Message): Go decodes an array that comes again into
 the elements it already holds, so a field a later element leaves out keeps the earlier element's value
 (golang/go#21092)."""
 _TWICE_KEYS = {name: re.compile(_key_spelling(name), re.IGNORECASE)

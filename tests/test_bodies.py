@@ -493,3 +493,12 @@ def test_openai_messages_written_twice_are_read_into_the_first_ones(proxy: Serve
     response = _post(proxy, "/v1/chat/completions", body)
     assert response.status_code == 400, response.text[:200]
     assert response.json()["error"]["code"] == "prompt_too_long"
+
+
+def test_anthropic_messages_written_twice_are_read_into_the_first_ones(proxy: Server) -> None:
+    """/v1/messages decodes into `[]anthropic.MessageParam`, a plain struct too: the same reading."""
+    body = (b'{"model":"llama3.2","max_tokens":2,"messages":[{"role":"user","content":"%s"}],'
+            b'"messages":[{"role":"user"}]}').replace(b"%s", LONG)
+    response = _post(proxy, "/v1/messages", body)
+    assert response.status_code == 400, response.text[:200]
+    assert response.json()["error"]["message"].startswith("prompt is ")
