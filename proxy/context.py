@@ -270,9 +270,9 @@ class RequestContext:
             if self.body:
                 try:
                     value, slow = gojson.loads(self.body)
-                    # OpenAI's and Anthropic's messages are plain structs to Ollama (REUSED_ELEMENTS).
-                    reused = (gojson.REUSED_ELEMENTS if self.route.dialect in ("openai", "anthropic")
-                              else frozenset())
+                    # OpenAI's and Anthropic's messages (and Anthropic's tools) are plain structs to
+                    # Ollama (gojson.REUSED_ELEMENTS).
+                    reused = gojson.REUSED_ELEMENTS.get(self.route.dialect, frozenset())
                     view = gojson.request_view(value, self.body, slow, reused)
                     if slow:
                         gojson.check_numbers(view, self.route.go_struct,

@@ -289,14 +289,14 @@ def _key_spelling(name: str) -> bytes:
     return b'"' + b"".join(parts) + rb'"[ \t\r\n]*:'
 
 
-REUSED_ELEMENTS = frozenset({"messages"})
-"""Top-level fields that are slices of plain structs on the OpenAI and Anthropic routes
-(`[]openai.Message`, `[]anthropic.MessageParam`: no UnmarshalJSON of their own, unlike the native
+REUSED_ELEMENTS = {"openai": frozenset({"messages"}), "anthropic": frozenset({"messages", "tools"})}
+"""Top-level fields that are slices of plain structs, by the dialect of the route (`[]openai.Message`,
+`[]anthropic.MessageParam`, `[]anthropic.Tool`: no UnmarshalJSON of their own, unlike the native
 api.Message): Go decodes an array that comes again into
 the elements it already holds, so a field a later element leaves out keeps the earlier element's value
 (golang/go#21092)."""
 _TWICE_KEYS = {name: re.compile(_key_spelling(name), re.IGNORECASE)
-               for name in sorted(MAP_FIELDS | REUSED_ELEMENTS)}
+               for name in sorted(MAP_FIELDS.union(*REUSED_ELEMENTS.values()))}
 
 
 def _written_twice(data: bytes, name: str) -> bool:
@@ -338,9 +338,8 @@ def _struct(value: dict[str, Any], folds: dict[str, str], maps: frozenset[str] =
 def request_view(value: Any, data: bytes, slow: bool, reused: frozenset[str] = frozenset()) -> Any:
     """The body as Ollama's structs see it: top-level and message fields under their canonical names,
     whatever case the client used (Go matches them case-insensitively; the last variant wins, or, for
-    a map field written twice, the maps merge: MAP_FIELDS; and in a field of `reused`, a subset of
-    REUSED_ELEMENTS that the route's struct decodes that way, a later array is read into the earlier
-    one's elements).
+    a map field written twice, the maps merge: MAP_FIELDS; and in a field of `reused`, the route's
+    dialect's REUSED_ELEMENTS, a later array is read into the earlier one's elements).
 
     Costs a set lookup per key when every key is already canonical (the usual case). When one is not and
     `value` came from orjson, `data` is decoded again to learn the order of the variants.

@@ -502,3 +502,14 @@ def test_anthropic_messages_written_twice_are_read_into_the_first_ones(proxy: Se
     response = _post(proxy, "/v1/messages", body)
     assert response.status_code == 400, response.text[:200]
     assert response.json()["error"]["message"].startswith("prompt is ")
+
+
+def test_anthropic_tools_written_twice_are_read_into_the_first_ones(proxy: Server) -> None:
+    """`[]anthropic.Tool` is a plain struct as well: a later `tools` array that leaves out the
+    description keeps the earlier one, which Ollama renders into the prompt."""
+    body = (b'{"model":"llama3.2","max_tokens":2,"messages":[{"role":"user","content":"hi"}],'
+            b'"tools":[{"name":"lookup","description":"%s"}],"tools":[{"name":"lookup"}]}'
+            ).replace(b"%s", LONG)
+    response = _post(proxy, "/v1/messages", body)
+    assert response.status_code == 400, response.text[:200]
+    assert response.json()["error"]["message"].startswith("prompt is ")

@@ -148,6 +148,6 @@ def test_openai_messages_written_twice_are_read_into_the_earlier_elements() -> N
     raw = (b'{"messages":[{"role":"user","content":"long","name":"a"},{"role":"user","content":"x"}],'
            b'"Messages":[{"ROLE":"assistant"}]}')
     value, slow = proxy_gojson.loads(raw)
-    openai = proxy_gojson.request_view(value, raw, slow, proxy_gojson.REUSED_ELEMENTS)
+    openai = proxy_gojson.request_view(value, raw, slow, proxy_gojson.REUSED_ELEMENTS["openai"])
     assert openai["messages"] == [{"role": "assistant", "content": "long", "name": "a"}]
     assert proxy_gojson.request_view(value, raw, slow)["messages"] == [{"role": "assistant"}]
