@@ -224,9 +224,17 @@ class Forwarder:
         exchange.sent = False  # this attempt's (the balancer may retry after a failed one)
         span = self._start_client_span(ctx, request, upstream)
         started = time.monotonic()
+        # How this attempt failed before it could set `ctx.outcome` (an error raised before the first
+        # byte, the client leaving): the CLIENT span and the GenAI duration record it as an error.
+        failure: str | None = None
         try:
             return await self._exchange(request, ctx, upstream, span, started)
         except (asyncio.CancelledError, DeadlinePassed) as exc:
+            if isinstance(exc, DeadlinePassed):
+                failure = exc.code
+            else:
+                stopping = self.stop is not None and self.stop.ending(ctx.request_id)
+                failure = ShuttingDown.code if stopping else "client_disconnect"
             # The client left, or its request's deadline passed (not the stop sequence's doing, nor a
             # replica too slow for its first-byte timeout). Sent and unanswered: the replica worked
             # for it, and quotas and the fair queue charge the prompt.
@@ -236,13 +244,17 @@ class Forwarder:
                 exchange.abandoned = True
             raise
         except (UpstreamConnectFailure, UpstreamResetBeforeResponseStarted, UpstreamResponseTimeout) as exc:
+            failure = exc.code
             # A replica that failed before answering (the balancer may retry elsewhere; a deadline
             # that passed is the request's, caught above): counted per replica and error type, as the
             # mid-stream failures are, where operators look for the 502/504s.
             self._count_upstream_error(upstream.name, exc.code)
             raise
+        except ProxyError as exc:
+            failure = exc.code
+            raise
         finally:
-            self._finish(ctx, span, started)
+            self._finish(ctx, span, started, failure)
 
     async def _exchange(self, request: web.Request, ctx: RequestContext, upstream: Upstream,
                         span: Span, started: float) -> web.StreamResponse:
@@ -486,8 +498,9 @@ class Forwarder:
                 observers.remove(observer)
                 log.warning("a response observer failed (%s) and was dropped", type(exc).__name__)
 
-    def _finish(self, ctx: RequestContext, span: Span, started: float) -> None:
-        """Close the CLIENT span and record GenAI metrics once the last byte is out (or the request died)."""
+    def _finish(self, ctx: RequestContext, span: Span, started: float, failure: str | None = None) -> None:
+        """Close the CLIENT span and record GenAI metrics once the last byte is out (or the request died:
+        `failure` is the error type of an attempt that ended before `ctx.outcome` could say so)."""
         usage = ctx.exchange.usage
         if usage is not None:
             if usage.response_model:
@@ -507,7 +520,7 @@ class Forwarder:
             if (usage.load_duration_ns or 0) >= semconv.COLD_LOAD_THRESHOLD_NS:
                 span.add_event(semconv.COLD_LOAD_EVENT,
                                {semconv.ATTR_OLLAMA_LOAD_DURATION: usage.load_duration_ns or 0})
-        error_type = None if ctx.outcome == "ok" else ctx.outcome
+        error_type = ctx.outcome if ctx.outcome != "ok" else failure
         if error_type is None and ctx.status >= 500:
             error_type = str(ctx.status)
         if error_type is not None:

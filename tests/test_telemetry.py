@@ -18,6 +18,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.otlp_receiver import OtlpReceiver, attributes_of
+from tests.support.polling import wait_for
 from tests.support.servers import Server, start_emulator, start_proxy
 
 
@@ -381,3 +382,32 @@ def test_control_characters_a_client_sends_reach_spans_escaped(tmp: Path, upstre
     for span in spans:
         for value in attributes_of(span).values():
             assert not isinstance(value, str) or value.isprintable(), (span.name, value)
+
+
+def test_an_attempt_failed_before_its_first_byte_is_an_error_in_the_genai_duration(tmp_path: Path) -> None:
+    """`gen_ai.client.operation.duration` carries `error.type` for an operation that ended in error (the
+    GenAI conventions): a replica silent until the deadline (504) and a client that left before the first
+    byte are recorded with their error, not among the successful operations."""
+    emulator = start_emulator(tmp_path)
+    proxy = start_proxy(tmp_path, [{"url": emulator.url, "name": "replica-a"}])
+    body = {"model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        assert httpx.post(f"{emulator.url}/_emulator/faults", json={"hang_before_headers": True, "count": 2},
+                          timeout=5).status_code == 200
+        silent = httpx.post(f"{proxy.url}/api/chat", json=body, headers={"X-Deadline-S": "1"}, timeout=30)
+        assert silent.status_code == 504
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{proxy.url}/api/chat", json=body, timeout=1)
+
+        def errors() -> dict[str, float]:
+            found: dict[str, float] = {}
+            for family in text_string_to_metric_families(httpx.get(f"{proxy.url}/metrics", timeout=5).text):
+                for sample in family.samples:
+                    if sample.name == "gen_ai_client_operation_duration_seconds_count":
+                        found[sample.labels.get("error_type", "")] = sample.value
+            return found
+        expected = {"upstream_response_timeout": 1.0, "client_disconnect": 1.0}
+        wait_for(lambda: errors() == expected, 10, f"the two failed operations recorded as {expected}")
+    finally:
+        proxy.stop()
+        emulator.stop()
