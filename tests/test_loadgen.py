@@ -135,6 +135,33 @@ def test_a_deadline_the_proxy_enforces_counts_as_a_timeout(tmp_path: Path) -> No
     assert summary["overall"]["completion_p95_s"] < 10  # the answers' own times
 
 
+def test_a_queue_timeout_counts_as_a_timeout_and_a_rejection(tmp_path: Path) -> None:
+    """A request that waited `queue_timeout_s` for a slot gets 503 `queue_timeout`: the proxy's rules count
+    it in both the timeouts ratio and the rejections ratio (docs/OPERATIONS.md, Timeouts), and so does
+    loadgen, so `--check-slo` and the alerts judge the same run alike."""
+    emulator = start_emulator(tmp_path, name="queue-emu", decode_tokens_per_s=20.0, load_s=0,
+                              output_tokens="40,40")  # ~2 s an answer
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "tenants": [{"name": "alpha", "keys": ["sk-alpha"]}],
+        "chain": {"backpressure": {"max_in_flight": 1, "queue_timeout_s": 0.5}}}, name="queue-proxy")
+    chat = next(p for p in plan(scenario("smoke"), 1) if p.tenant == "alpha" and p.kind == "chat")
+    planned = [attrs.evolve(chat, index=0, at_s=0.0), attrs.evolve(chat, index=1, at_s=0.2)]
+    try:
+        # Loaded first: a request waiting on a model load has the longer cold_queue_timeout_s.
+        warm = httpx.post(f"{proxy.url}/api/chat", headers={"Authorization": "Bearer sk-alpha"}, timeout=30,
+                          json={**chat.body, "stream": False})
+        assert warm.status_code == 200
+        records = asyncio.run(run_plan(proxy.url, planned, timeout_s=30))
+        assert metric(proxy.url, "http_server_request_duration_seconds_count",
+                      error_type="queue_timeout") == 1
+    finally:
+        proxy.stop()
+        emulator.stop()
+    assert [(r.status, r.outcome) for r in records] == [(200, "ok"), (503, "rejected")]
+    overall = summarize(records, 1.0, timeout_s=30)["overall"]
+    assert (overall["timeout_pct"], overall["rejection_pct"]) == (50.0, 50.0)
+
+
 def test_loopback_only() -> None:
     assert_loopback("http://127.0.0.1:1")
     assert_loopback("http://[::1]:1")

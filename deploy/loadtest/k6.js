@@ -19,7 +19,7 @@ const WORDS = ('retrieval chunk index vector passage answer source policy contra
   'release customer region quarter revenue support deployment security onboarding').split(' ');
 
 // The SLOs: rejections the proxy answers itself (429/503) < 5 %, timeouts (504, a stream the proxy's
-// deadline ended, or no answer) < 1 %,
+// deadline ended, a 503 queue_timeout, or no answer) < 1 %,
 // P95 completion < 45 s. TTFT is the time to the first byte of a streamed answer.
 const rejected = new Rate('sop_rejected');
 const timedOut = new Rate('sop_timed_out');
@@ -79,13 +79,19 @@ function cutByDeadline(response) {
   return DEADLINE_LINE.test(lines[lines.length - 1]);
 }
 
+// The proxy's 503 for a request that waited queue_timeout_s for a slot: a rejection and a timeout, as
+// its SLO rules count it.
+const QUEUE_TIMEOUT = /"code"\s*:\s*"queue_timeout"/;
+
 function send(path, body, variable, stream) {
   const response = http.post(`${HOST}${path}`, JSON.stringify(body),
     { headers: headers(variable), timeout: '120s', tags: { name: path } });
   const isRejected = response.status === 429 || response.status === 503;
   const isCut = cutByDeadline(response);
   rejected.add(isRejected);
-  timedOut.add(response.status === 504 || response.status === 0 || isCut);
+  const queueTimeout = response.status === 503 && typeof response.body === 'string'
+    && QUEUE_TIMEOUT.test(response.body);
+  timedOut.add(response.status === 504 || response.status === 0 || isCut || queueTimeout);
   if (response.status === 200 && !isCut) {
     completion.add(response.timings.duration, { route: path });
     if (stream) ttft.add(response.timings.waiting, { route: path });

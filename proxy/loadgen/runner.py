@@ -28,7 +28,8 @@ from .workload import Planned
 if TYPE_CHECKING:
     from .retrying import Retrying
 
-__all__ = ["REFUSALS", "Record", "assert_loopback", "classify", "read_body", "read_counts", "run_plan"]
+__all__ = ["QUEUE_TIMEOUT", "REFUSALS", "Record", "assert_loopback", "classify", "read_body", "read_counts",
+           "run_plan"]
 
 REFUSALS = (429, 503)
 """Statuses that are a refusal (the service says: not now)."""
@@ -37,6 +38,11 @@ _TAIL_BYTES = 4096
 """The end of a body kept to read its final record (outcome and counts) from."""
 _DEADLINE_LINE = re.compile(rb'"code"\s*:\s*"upstream_response_timeout"')
 """The proxy's last line of a stream its deadline cut (README: Deadlines)."""
+_QUEUE_TIMEOUT = re.compile(rb'"code"\s*:\s*"queue_timeout"')
+"""The proxy's 503 for a request that waited `queue_timeout_s` for a slot (native and /v1 error shapes)."""
+QUEUE_TIMEOUT = "queue_timeout"
+"""`Record.error` of a refusal that is also a timeout: the proxy's rules count a 503 `queue_timeout` in the
+timeouts ratio as well as in the rejections ratio (docs/OPERATIONS.md, Timeouts)."""
 _COUNTS = {name: re.compile(rb'"' + name.encode() + rb'":(\d+)') for name in (
     "prompt_eval_count", "eval_count", "load_duration")}
 
@@ -53,7 +59,8 @@ class Record:
     outcome: str = "pending"
     """ok, rejected (429/503), timeout (the client gave up, or the answer says a deadline passed: a 504, or
     a stream ending in an `upstream_response_timeout` line, as the proxy's timeouts SLO counts them),
-    error (other status, reset, error line), stopped (the run was interrupted before it finished)."""
+    error (other status, reset, error line), stopped (the run was interrupted before it finished). A
+    503 `queue_timeout` is rejected with `error` QUEUE_TIMEOUT: the timeouts figure counts it too."""
     ttft_s: float | None = None
     """Time to the first body byte of the response (the first token of a stream)."""
     completion_s: float | None = None
@@ -131,6 +138,8 @@ def classify(record: Record, tail: bytes) -> None:
     would say 0 % here."""
     if record.status in REFUSALS:
         record.outcome = "rejected"
+        if _QUEUE_TIMEOUT.search(tail):
+            record.error = QUEUE_TIMEOUT
     elif record.status == 504:
         record.outcome = "timeout"
         record.error = tail[-200:].decode("utf-8", "replace")

@@ -1,10 +1,13 @@
 """Summaries of a load run and the seed SLOs: P95 completion < 45 s, timeouts < 1 %, rejections < 5 %.
 
-Percentiles are nearest-rank over the requests that completed. Goodput counts requests that succeeded
-within the completion SLO, per second of the scenario. Jain's fairness index is taken over the tenants'
-satisfaction (the share of each tenant's requests served within the SLO): 1.0 when every tenant is served
-equally well, 1/n when one tenant gets everything; `jain_tokens` takes it over the tokens (prompt +
-output) each tenant was served, the measure for tenants that all wanted more than they got.
+Timeouts are the requests the client gave up on, those whose deadline passed at the proxy (504, a stream
+ending in `upstream_response_timeout`) and its 503 `queue_timeout` refusals (also rejections), as the
+proxy's SLO rules count them. Percentiles are nearest-rank over the requests that completed. Goodput
+counts requests that succeeded within the completion SLO, per second of the scenario. Jain's fairness
+index is taken over the tenants' satisfaction (the share of each tenant's requests served within the
+SLO): 1.0 when every tenant is served equally well, 1/n when one tenant gets everything; `jain_tokens`
+takes it over the tokens (prompt + output) each tenant was served, the measure for tenants that all
+wanted more than they got.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .runner import Record
+from .runner import QUEUE_TIMEOUT, Record
 
 __all__ = ["SLO", "jain", "percentile", "slo_verdicts", "summarize"]
 
@@ -56,6 +59,10 @@ def _group(records: Sequence[Record], duration_s: float, timeout_s: float) -> di
     def pct(outcome: str) -> float:
         return 100.0 * sum(1 for r in records if r.outcome == outcome) / total if total else 0.0
 
+    # A 503 queue_timeout is a rejection and a timeout, as the proxy's SLO rules count it.
+    timeouts = sum(1 for r in records if r.outcome == "timeout"
+                   or (r.outcome == "rejected" and r.error == QUEUE_TIMEOUT))
+
     return {
         "requests": total,
         "ok": len(done),
@@ -65,7 +72,8 @@ def _group(records: Sequence[Record], duration_s: float, timeout_s: float) -> di
         "completion_p50_s": percentile(completions, 50),
         "completion_p95_s": percentile(completions, 95),
         "completion_p99_s": percentile(completions, 99),
-        "timeout_pct": pct("timeout"), "rejection_pct": pct("rejected"), "error_pct": pct("error"),
+        "timeout_pct": 100.0 * timeouts / total if total else 0.0, "rejection_pct": pct("rejected"),
+        "error_pct": pct("error"),
         "goodput_rps": len(good) / duration_s if duration_s else 0.0,
         "satisfaction": len(good) / total if total else 0.0,
         "output_tokens": sum(r.output_tokens or 0 for r in done),
