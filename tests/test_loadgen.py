@@ -293,6 +293,31 @@ def test_check_slo_fails_a_run_that_misses_the_slos(tmp_path: Path, check: bool)
     assert result.returncode == (99 if check else 0), result.stderr
 
 
+def test_check_slo_fails_a_run_whose_requests_fail(tmp_path: Path) -> None:
+    """Failures (a replica's 500 here) are completions that never came: with 2 of the smoke run's
+    requests failing and the rest answered at once, the completion SLO is missed and --check-slo exits
+    99 (before: P95 over the answers alone passed, whatever share failed). A client error (4xx) counts
+    in no SLO."""
+    emulator = start_emulator(tmp_path, name="failing-emu")
+    try:
+        httpx.post(f"{emulator.url}/_emulator/faults", json={"status": 500, "count": 2}).raise_for_status()
+        result = subprocess.run([sys.executable, "-m", "proxy", "loadgen", "--target", emulator.url,
+                                 "--scenario", "smoke", "--seed", "2", "--check-slo"],
+                                check=False, capture_output=True, text=True, timeout=120)
+    finally:
+        emulator.stop()
+    overall = json.loads(result.stdout)["overall"]
+    assert overall["failed_pct"] > 5 and overall["ok"] == overall["requests"] - 2, overall
+    assert overall["completion_p95_s"] < 45 and overall["slo_completion_p95_s"] is None
+    assert result.returncode == 99, result.stderr
+    records = [Record(i, "a", "chat", 0.0, 200, "ok", 0.1, 1.0) for i in range(19)]
+    client_error = Record(19, "a", "chat", 0.0, 400, "error")
+    assert all(summarize([*records, client_error], 10.0)["slo"].values())
+    reset = Record(19, "a", "chat", 0.0, 0, "error")  # no answer at all: a failure
+    assert not summarize([*records, reset, attrs.evolve(reset, index=20)], 10.0)["slo"][
+        "p95_completion_lt_45s"]
+
+
 def test_statistics() -> None:
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
     assert percentile([float(i) for i in range(1, 101)], 95) == 95.0

@@ -20,7 +20,7 @@ const WORDS = ('retrieval chunk index vector passage answer source policy contra
 
 // The SLOs: rejections the proxy answers itself (429/503) < 5 %, timeouts (504, a stream the proxy's
 // deadline ended, a 503 queue_timeout, or no answer) < 1 %,
-// P95 completion < 45 s. TTFT is the time to the first byte of a streamed answer.
+// P95 completion < 45 s (a failure counts as a completion that missed it). TTFT is the time to the first byte of a streamed answer.
 const rejected = new Rate('sop_rejected');
 const timedOut = new Rate('sop_timed_out');
 const completion = new Trend('sop_completion', true);
@@ -79,6 +79,13 @@ function cutByDeadline(response) {
   return DEADLINE_LINE.test(lines[lines.length - 1]);
 }
 
+// Any other error line ending a 200 stream (the replica failed mid-way): a failure.
+function failedInStream(response) {
+  if (typeof response.body !== 'string') return false;
+  const lines = response.body.trimEnd().split('\n');
+  return /^\s*(data: )?\{"error"/.test(lines[lines.length - 1]);
+}
+
 // The proxy's 503 for a request that waited queue_timeout_s for a slot: a rejection and a timeout, as
 // its SLO rules count it.
 const QUEUE_TIMEOUT = /"code"\s*:\s*"queue_timeout"/;
@@ -92,9 +99,15 @@ function send(path, body, variable, stream) {
   const queueTimeout = response.status === 503 && typeof response.body === 'string'
     && QUEUE_TIMEOUT.test(response.body);
   timedOut.add(response.status === 504 || response.status === 0 || isCut || queueTimeout);
-  if (response.status === 200 && !isCut) {
+  if (response.status === 200 && !isCut && !failedInStream(response)) {
     completion.add(response.timings.duration, { route: path });
     if (stream) ttft.add(response.timings.waiting, { route: path });
+  } else if ((response.status >= 500 && response.status !== 503 && response.status !== 504)
+             || (response.status === 200 && !isCut)) {
+    // A failure (a 5xx other than the refusal and the timeout, a stream ended by an error line) never
+    // completed: a completion slower than 45 s, the client's whole timeout, as loadgen and the rules
+    // count it.
+    completion.add(120000, { route: path });
   }
   if (isRejected) {
     // Honour Retry-After, as the Ollama SDKs' users should.
