@@ -71,12 +71,17 @@ def build_state(config: Config, telemetry: Telemetry | None = None) -> StateBack
     return MemoryState()
 
 
-def _refusing_all(state: StateBackend) -> str | None:
+async def _refusing_all(state: StateBackend) -> str | None:
     """With `failure_mode: closed` and Redis out, every request gets 503 state_unavailable: the
-    process is not ready (an outer load balancer sends the traffic to a proxy that can serve)."""
+    process is not ready (an outer load balancer sends the traffic to a proxy that can serve). Asked
+    of Redis when no call has answered lately (`FailoverState.verify`): an idle process would
+    otherwise stay ready through a whole outage, and its first requests be refused."""
     from .state.failover import FailoverState
 
-    if isinstance(state, FailoverState) and state.degraded and state.failure_mode == "closed":
+    if not isinstance(state, FailoverState) or state.failure_mode != "closed":
+        return None
+    await state.verify()
+    if state.degraded:
         return "shared state unavailable (state.failure_mode: closed)"
     return None
 

@@ -4,7 +4,7 @@ configured; see proxy/access.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -25,7 +25,7 @@ __all__ = ["add_system_routes"]
 
 def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: UpstreamSet,
                       directory: TenantDirectory, steps: dict[str, Step], reloader: Reloader,
-                      refusing_all: Callable[[], str | None] = lambda: None) -> None:
+                      refusing_all: Callable[[], Awaitable[str | None]] | None = None) -> None:
     """Register the proxy's own routes on `app` (before the catch-all forwarder). `refusing_all` says
     why every request is being refused right now (None: it is not), for /readyz."""
 
@@ -53,7 +53,7 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
         del request
         statuses = {u.name: u.status for u in upstreams}
         # First: while every request is refused (closed mode without Redis), no canary makes it ready.
-        why = refusing_all()
+        why = await refusing_all() if refusing_all is not None else None
         if why is not None:
             return web.json_response({"status": why, "upstreams": statuses}, status=503)
         if not upstreams.eligible(None):

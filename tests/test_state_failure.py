@@ -270,6 +270,49 @@ async def test_start_with_redis_unreachable(tmp: Path, emulator: Server) -> None
     assert "state degraded" in open_proxy.log() and "state degraded" in closed_proxy.log()
 
 
+async def test_an_idle_closed_mode_proxy_is_not_ready_while_redis_is_out(tmp: Path, emulator: Server,
+                                                                           redis_server: RedisServer
+                                                                           ) -> None:
+    """`/readyz` is what keeps a closed-mode proxy out of its load balancer while it would refuse every
+    request. A process learns of an outage from a Redis call failing, and an idle one makes none: it
+    answered 200 `ready` (and `sop_state_degraded` 0) for as long as Redis was out, so the balancer
+    sent it traffic and the first requests were refused. Now a readiness check with no Redis answer
+    for `retry_interval_s` asks Redis (one probe, through the breaker)."""
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "idle-closed",
+                                    failure_mode="closed")
+    try:
+        async with _session() as session:
+            # Started with Redis answering, and no request yet: nothing calls Redis from now on (a
+            # request's lease renewals and settle would, and tell of the outage themselves).
+            async with session.get(f"{proxy.url}/readyz") as ready:
+                assert ready.status == 200
+            await asyncio.to_thread(redis_server.kill)
+            deadline = time.monotonic() + 5
+            while True:  # no request meanwhile: only the probes of /readyz may tell
+                async with session.get(f"{proxy.url}/readyz") as ready:
+                    if ready.status == 503:
+                        assert "shared state" in (await ready.json())["status"]
+                        break
+                    assert ready.status == 200
+                assert time.monotonic() < deadline, "/readyz stayed ready with Redis out"
+                await asyncio.sleep(0.2)
+            assert await asyncio.to_thread(metric, proxy.url, DEGRADED) == 1
+            await asyncio.to_thread(redis_server.restart)
+            deadline = time.monotonic() + 10
+            while True:
+                async with session.get(f"{proxy.url}/readyz") as ready:
+                    if ready.status == 200:
+                        break
+                assert time.monotonic() < deadline, "/readyz never ready again"
+                await asyncio.sleep(0.2)
+            assert (await _generate(session, proxy.url))[0] == 200
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    log = proxy.log()
+    _one_transition(log)
+    assert "Traceback" not in log
+
+
 async def test_client_leaving_during_a_frozen_lease_call_leaks_no_lease(
         tmp: Path, emulator: Server, redis_server: RedisServer) -> None:
     # The lease command reaches a frozen Redis, the client leaves while the proxy waits for the answer,

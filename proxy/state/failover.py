@@ -92,6 +92,8 @@ class FailoverState(StateBackend):
         self._local_leases: set[tuple[str, str]] = set()
         self._pending_releases: dict[tuple[str, str], None] = {}
         self._probe: asyncio.Task[None] | None = None
+        self._verifying: asyncio.Task[None] | None = None
+        """The probe `verify` runs, shared by its concurrent callers."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._calls = 0
         """Redis calls in flight (close() lets them finish); `_quiet` is set whenever none is."""
@@ -122,6 +124,22 @@ class FailoverState(StateBackend):
 
     async def start(self) -> None:
         """Check Redis once at start-up; unreachable means starting degraded (see the class doc)."""
+        with contextlib.suppress(_Down):
+            await self._remote("probe", self.remote.probe)
+
+    async def verify(self) -> None:
+        """Make `degraded` current before it is reported (/readyz): a process learns of an outage only
+        from a call that fails, so an idle one would say Redis answers for as long as it is out. When
+        no call has answered for `retry_interval_s` (and the circuit is closed), one probe through the
+        breaker (a failure opens it, logged as any); callers meanwhile share it. Never raises; bounded
+        by `timeout_s`, and at most one probe per `retry_interval_s` of idleness."""
+        if self.degraded or self._closing or time.monotonic() - self._last_success < self.retry_interval_s:
+            return
+        if self._verifying is None or self._verifying.done():
+            self._verifying = asyncio.get_running_loop().create_task(self._verify())
+        await asyncio.shield(self._verifying)
+
+    async def _verify(self) -> None:
         with contextlib.suppress(_Down):
             await self._remote("probe", self.remote.probe)
 
@@ -362,7 +380,7 @@ class FailoverState(StateBackend):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout_s + 0.1):
                     await self._quiet.wait()
-        for task in [*self._tasks, *([self._probe] if self._probe is not None else [])]:
+        for task in [*self._tasks, *(t for t in (self._probe, self._verifying) if t is not None)]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
