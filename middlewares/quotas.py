@@ -41,7 +41,7 @@ from aiohttp import web
 from proxy.access import Tenant
 from proxy.chain import Handler, Step
 from proxy.context import RequestContext, plain_number
-from proxy.errors import ProxyError, QuotaExceeded, RateLimited, RequestExceedsQuota
+from proxy.errors import DeadlinePassed, ProxyError, QuotaExceeded, RateLimited, RequestExceedsQuota
 from proxy.ollama import classify
 from proxy.prompts import request_cost
 from proxy.schema import Mode, RolloutConfig, positive
@@ -175,7 +175,11 @@ class QuotasStep(Step):
                     admission = await self.state.admit(lease, buckets)
                 else:
                     admit = asyncio.ensure_future(self.state.admit(lease, buckets))
-                    admission = await asyncio.shield(admit)
+                    # Within the request's deadline, too: a Redis that hangs holds each call up to
+                    # `state.socket_timeout_s`, which may be longer than what the client asked for.
+                    async with asyncio.timeout(None if ctx.deadline_at is None
+                                               else max(0.0, ctx.deadline_at - time.monotonic())):
+                        admission = await asyncio.shield(admit)
                 # Held only when admitted: a refusal holds nothing (the lease part may say "grantable").
                 leased = admission.ok and admission.lease is not None
                 self._admission_headers(ctx, tenant, admission)
@@ -187,10 +191,11 @@ class QuotasStep(Step):
             except ProxyError as error:
                 # Refused before admit or by it: admit is all or nothing, so nothing is held.
                 self.decide(ctx, span, "rejected", error)  # raises in enforce mode
-            except BaseException:
-                # Cancelled (the client left) during the state call: a lease may have been granted
-                # without our knowing, so the holder is released whatever `leased` says, after the
-                # admit's answer is in. Sent earlier, the release could overtake the admit (another
+            except BaseException as exc:
+                # Cancelled (the client left), or past the request's deadline, during the state call:
+                # a lease may have been granted without our knowing, so the holder is released
+                # whatever `leased` says, after the admit's answer is in. Sent earlier, the release
+                # could overtake the admit (another
                 # pipelined connection, or the script still queued) and the grant nobody waits for
                 # would stay in flight until its TTL ran out.
                 # Also when the admit has just landed: its answer may not have reached us (a
@@ -202,6 +207,11 @@ class QuotasStep(Step):
                     self._spawn(self._abandoned(admit, tenant, lease_key, holder, refund))
                 elif tenant.max_concurrent is not None:
                     await asyncio.shield(self._release_lease(tenant, lease_key, holder))
+                if isinstance(exc, TimeoutError) and admit is not None:
+                    # The deadline's answer, as when it passes before the replica answers.
+                    raise DeadlinePassed(
+                        f"the request's deadline of {ctx.deadline_s}s passed before its quotas could "
+                        "be checked (the shared state did not answer)") from None
                 raise
         if leased:
             self._hold(lease_key, holder)

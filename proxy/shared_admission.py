@@ -158,12 +158,23 @@ class SharedAdmission:
         cold = not waiting and any(u.by_model.get(gate.model) and gate.model not in u.loaded
                                    for u in eligible)
         try:
-            granted = await slots.enter(ticket, candidates, gate.learning)
+            # Within the request's deadline, too: a Redis that hangs holds the call up to
+            # `state.socket_timeout_s`, which may be longer than what the client asked for (a
+            # cancelled enter gives back what the script grants once its answer is in).
+            async with asyncio.timeout(None if ctx.deadline_at is None
+                                       else max(0.0, ctx.deadline_at - time.monotonic())):
+                granted = await slots.enter(ticket, candidates, gate.learning)
         except StateDown:
             # The script may have run (a call that timed out): its queued ticket leaves, rather
             # than wait for a grant nobody takes.
             slots.spawn(slots.leave(ticket))
             raise
+        except TimeoutError:
+            gate.rejections["queue_timeout"] += 1
+            step.decide(ctx, span, "queue_timeout", QueueTimeout(
+                f"no slot for {gate.model} within the request's deadline (the shared state did not "
+                "answer)", retry_after_s=gate.retry_after_s()), mode="enforce")
+            raise AssertionError("unreachable") from None  # decide raised in enforce mode
         if granted is not None:
             span.set_attribute(step.telemetry.names.queue_position, 0)
             step.decide(ctx, span, "admitted")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import orjson
 import pytest
 import redis
@@ -311,6 +312,65 @@ async def test_an_idle_closed_mode_proxy_is_not_ready_while_redis_is_out(tmp: Pa
     log = proxy.log()
     _one_transition(log)
     assert "Traceback" not in log
+
+
+async def test_a_frozen_redis_holds_no_request_past_its_deadline(tmp: Path, emulator: Server,
+                                                                 redis_server: RedisServer) -> None:
+    """A Redis call may take `state.socket_timeout_s` (raised for a slow Redis) before it counts as
+    failed; a request whose deadline (`X-Deadline-S`) is shorter was held that long by a frozen Redis
+    (5 s for a deadline of 1 s), in the quotas' admission and in the shared slots' entry alike. Now
+    each waits within the deadline: 504 from quotas (as a deadline passing before the replica
+    answers), 503 `queue_timeout` from the slots' queue; what Redis grants them once it runs again
+    is given back."""
+    proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": emulator.url, "num_parallel": 16}], {
+        "admin": {"keys": [ADMIN]},
+        "tenants": [_tenant(max_concurrent=4), {"name": "free", "keys": ["sk-free"]}],
+        "chain": {"backpressure": {"max_in_flight": 2, "queue_timeout_s": 30}},
+        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "deadline:",
+                  "retry_interval_s": 0.5, "socket_timeout_s": 5.0}}, "deadline")
+    books = redis.Redis.from_url(redis_server.url)
+
+    async def ask(session: aiohttp.ClientSession, key: str) -> tuple[int, dict[str, Any], str | None,
+                                                                       float]:
+        started = time.monotonic()
+        async with session.post(f"{proxy.url}/api/generate", json=_body(1),
+                                headers={"Authorization": f"Bearer {key}", "X-Deadline-S": "1"}
+                                ) as response:
+            body = await response.json(content_type=None)
+            return response.status, body, response.headers.get("Retry-After"), \
+                time.monotonic() - started
+
+    def empty() -> bool:
+        slots = [k for k in books.scan_iter("deadline:slots:*:lease:*") if books.zcard(k)]
+        queued = [k for k in books.scan_iter("deadline:slots:*:exp") if books.zcard(k)]
+        return not books.zcard("deadline:lease:inflight:team") and not slots and not queued
+
+    try:
+        async with _session() as session:
+            assert [(await ask(session, key))[0] for key in (KEY, "sk-free")] == [200, 200]
+            await asyncio.to_thread(redis_server.pause)
+            try:
+                quota, slot = await asyncio.gather(ask(session, KEY), ask(session, "sk-free"))
+            finally:
+                await asyncio.to_thread(redis_server.resume)
+            assert quota[0] == 504 and quota[1]["code"] == "upstream_response_timeout", quota
+            assert "deadline of 1.0s" in quota[1]["error"]
+            assert slot[0] == 503 and slot[1]["code"] == "queue_timeout" and slot[2], slot
+            assert quota[3] < 3.0 and slot[3] < 3.0, (quota, slot)  # not the 5 s of socket_timeout_s
+            await asyncio.to_thread(wait_for, empty, 15, "the grants of the late calls given back")
+
+            def quiet() -> bool:
+                shared = httpx.get(f"{proxy.url}/system/queue", timeout=5,
+                                   headers={"Authorization": f"Bearer {ADMIN}"}).json()["shared"]
+                return shared["held"] == shared["waiting"] == shared["pending_releases"] == 0
+
+            await asyncio.to_thread(wait_for, quiet, 15, "nothing held in the proxy")
+            await _poll_metric(proxy.url, DEGRADED, 0)
+            assert [(await ask(session, key))[0] for key in (KEY, "sk-free")] == [200, 200]
+    finally:
+        books.close()
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
 
 
 async def test_client_leaving_during_a_frozen_lease_call_leaks_no_lease(
