@@ -618,6 +618,51 @@ async def test_a_lease_redis_lost_is_restored_within_a_tick(redis_server: RedisS
         await failover.close()
 
 
+async def test_a_slot_taken_locally_in_an_outage_shorter_than_a_tick_is_added_within_a_tick(
+        redis_server: RedisServer) -> None:
+    """An outage shorter than the 0.5 s tick (`retry_interval_s` 0.05, Redis dropping the
+    connections once, its books kept): a request admitted through the process's own gate meanwhile
+    held a slot Redis did not know of. No tick saw the breaker open, so the process took itself for
+    restored: it admitted through Redis again at once, and the slot reached Redis only with the next
+    renewal (a third of the TTL: 4.7 s), the replica holding one more request than its slots until
+    then. Now a slot taken locally keeps the process on its own gate until a tick has added it."""
+    from proxy.state.failover import FailoverState
+    from proxy.state.leases import SharedSlots, StateDown, Ticket
+    from proxy.state.redis import RedisState
+
+    failover = FailoverState(RedisState(redis_server.url, "blip:"), timeout_s=0.5,
+                             retry_interval_s=0.05)
+    await failover.start()
+    slots = SharedSlots(failover, redis_server.url, "blip:", 15.0)
+    await slots.start()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    base = slots.base(MODEL)
+    try:
+        for _ in range(3):
+            client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            with pytest.raises(StateDown):  # the connection dropped: the breaker opens
+                await slots.enter(Ticket(slots, base, "a", 1.0, "interactive", 1.0), [("r", 1)],
+                                  False)
+            assert failover.degraded
+            local = Ticket(slots, base, "a", 1.0, "interactive", 1.0)
+            slots.hold_local(local, "r")  # what admission does with `failure_mode: open`
+            await until(lambda: not failover.degraded, timeout_s=5, what="the breaker closed")
+            started = time.monotonic()
+            # Until the slot is in Redis, admission keeps to this process's gate.
+            assert slots.degraded or client.zscore(f"{base}:lease:r", local.id) is not None
+            await until(lambda lease=local.id: client.zscore(f"{base}:lease:r", lease) is not None,
+                        timeout_s=8, what="the local slot added to Redis")
+            assert time.monotonic() - started < 2.0
+            await until(lambda: not slots.degraded, timeout_s=2, what="admitting through Redis")
+            local.release(0.0)
+            await until(lambda lease=local.id: client.zscore(f"{base}:lease:r", lease) is None,
+                        timeout_s=5, what="the slot given back")
+    finally:
+        client.close()
+        await slots.close()
+        await failover.close()
+
+
 async def test_after_redis_lost_the_books_nothing_is_granted_before_running_leases_are_back(
         redis_server: RedisServer) -> None:
     """Two processes; the first holds the only slot. Redis loses the books (FLUSHALL here; a restart

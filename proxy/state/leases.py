@@ -707,6 +707,9 @@ class SharedSlots:
         ticket.replica = replica
         self.held[ticket.id] = ticket
         self._local_count += 1
+        # Redis lacks it until a tick adds it: `degraded` until then, also when the outage began and
+        # ended between two ticks (a `retry_interval_s` shorter than a tick), which no tick saw.
+        self._restored = False
 
     async def leave(self, ticket: Ticket) -> None:
         """`ticket` stops waiting (timeout, client gone): out of the queue, and a grant it got meanwhile
