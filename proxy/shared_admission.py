@@ -220,7 +220,11 @@ class SharedAdmission:
             raise AssertionError("unreachable") from None  # decide raised in enforce mode
         except TimeoutError:
             if not self._give_back(ticket):
-                await slots.leave(ticket)
+                # Not awaited: with Redis hanging, the leave's call takes up to socket_timeout_s, and
+                # the answer is due now (the budget may be the request's deadline). Out of `waiting`
+                # at once: a grant delivered meanwhile is an orphan, released with its charge.
+                slots.waiting.pop(ticket.id, None)
+                slots.spawn(slots.leave(ticket))
             gate.rejections["queue_timeout"] += 1
             step.decide(ctx, span, "queue_timeout", QueueTimeout(
                 f"no slot for {gate.model} within {budget:.0f}s (waiting for "

@@ -373,6 +373,65 @@ async def test_a_frozen_redis_holds_no_request_past_its_deadline(tmp: Path, emul
     assert "Traceback" not in proxy.log()
 
 
+async def test_a_queued_request_gets_its_queue_timeout_on_time_while_redis_hangs(
+        tmp: Path, emulator: Server, redis_server: RedisServer) -> None:
+    """A request waiting in the shared slots' queue when Redis freezes: its wait ends at its deadline
+    (`X-Deadline-S` 1.5 here) with 503 `queue_timeout`, but the proxy first waited for its ticket's
+    leave, a Redis call of up to `state.socket_timeout_s` (5 s): the answer came at 6.5 s. The leave
+    now goes on in the background; the ticket is out of Redis once it answers again."""
+    proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": emulator.url, "num_parallel": 16}], {
+        "admin": {"keys": [ADMIN]},
+        "tenants": [{"name": "free", "keys": ["sk-free"]}],
+        "chain": {"backpressure": {"max_in_flight": 2, "queue_timeout_s": 30}},
+        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "queued:",
+                  "retry_interval_s": 0.5, "socket_timeout_s": 5.0}}, "queued")
+    books = redis.Redis.from_url(redis_server.url)
+    headers = {"Authorization": "Bearer sk-free"}
+
+    def shared() -> dict[str, Any]:
+        return dict(httpx.get(f"{proxy.url}/system/queue", timeout=5,
+                              headers={"Authorization": f"Bearer {ADMIN}"}).json()["shared"])
+
+    def tickets() -> int:
+        return sum(int(books.zcard(k)) for k in books.scan_iter("queued:slots:*:exp"))
+
+    try:
+        async with _session() as session:
+            running = [asyncio.ensure_future(session.post(f"{proxy.url}/api/generate",
+                                                          json=_body(150), headers=headers))
+                       for _ in range(2)]  # both slots, ~3 s each
+            await asyncio.to_thread(wait_for, lambda: shared()["held"] == 2, 10, "both slots held")
+            started = time.monotonic()
+            queued = asyncio.ensure_future(session.post(
+                f"{proxy.url}/api/generate", json=_body(1),
+                headers={**headers, "X-Deadline-S": "1.5"}))
+            await asyncio.to_thread(wait_for, lambda: shared()["waiting"] == 1 and tickets() == 1, 10,
+                                    "the request queued in Redis")
+            await asyncio.to_thread(redis_server.pause)
+            try:
+                response = await queued
+                elapsed = time.monotonic() - started
+                body = await response.json(content_type=None)
+            finally:
+                await asyncio.to_thread(redis_server.resume)
+            assert response.status == 503 and body["code"] == "queue_timeout", body
+            assert elapsed < 3.0, elapsed  # its deadline, not the deadline plus a Redis timeout
+            for answer in running:
+                async with await answer as done:
+                    assert done.status == 200
+            await asyncio.to_thread(wait_for, lambda: tickets() == 0, 15, "the ticket out of Redis")
+
+            def quiet() -> bool:
+                books_here = shared()
+                return books_here["held"] == books_here["waiting"] == books_here["pending_releases"] == 0
+
+            await asyncio.to_thread(wait_for, quiet, 15, "nothing held in the proxy")
+    finally:
+        books.close()
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
 async def test_client_leaving_during_a_frozen_lease_call_leaks_no_lease(
         tmp: Path, emulator: Server, redis_server: RedisServer) -> None:
     # The lease command reaches a frozen Redis, the client leaves while the proxy waits for the answer,
