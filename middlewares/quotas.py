@@ -71,6 +71,9 @@ _EWMA_ALPHA = 0.2
 _RENEW_BATCH = 500
 _EPOCH_CHECK_S = 0.5
 """While leases are held, how often the state's epoch is read (renewed at once when it changed)."""
+_SETTLE_PAST_DEADLINE_S = 0.1
+"""How long an answer waits for its request's settle once the deadline has passed (a Redis that
+answers takes far less; one that hangs is not waited for longer)."""
 
 
 def is_exempt(method: str, path: str) -> bool:
@@ -101,7 +104,8 @@ class QuotasStep(Step):
         self._held: dict[str, str] = {}
         """holder -> lease key of every concurrency lease held by a request in flight here."""
         self._background: set[asyncio.Task[None]] = set()
-        """Settles waiting for the answer of an admit whose client left (`_abandoned`)."""
+        """Settles waiting for the answer of an admit whose client left (`_abandoned`), and settles
+        that outlived their request's deadline."""
         self._renewer: asyncio.Task[None] | None = None
         self._epoch: str | None = None
         """The state's epoch as last read (`_state_lost`)."""
@@ -231,8 +235,19 @@ class QuotasStep(Step):
             if self._local_state:
                 await self._settle(ctx, tenant, holder, leased, reserved, refund_request)
             else:
-                await asyncio.shield(self._settle(ctx, tenant, holder, leased, reserved,
-                                                  refund_request))
+                # Shielded: it runs to its end whatever becomes of the request. The answer (an error
+                # is rendered after this) waits for it within the request's deadline only: a Redis
+                # that hangs holds a call up to `state.socket_timeout_s`, and past the deadline the
+                # settle finishes in the background.
+                settle = asyncio.ensure_future(self._settle(ctx, tenant, holder, leased, reserved,
+                                                            refund_request))
+                self._background.add(settle)
+                settle.add_done_callback(self._background.discard)
+                remaining = None if ctx.deadline_at is None else max(
+                    _SETTLE_PAST_DEADLINE_S, ctx.deadline_at - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await asyncio.shield(settle)
             self._observe_duration(tenant, time.monotonic() - started)
 
     def _admission_headers(self, ctx: RequestContext, tenant: Tenant, admission: Admission) -> None:

@@ -373,20 +373,23 @@ async def test_a_frozen_redis_holds_no_request_past_its_deadline(tmp: Path, emul
     assert "Traceback" not in proxy.log()
 
 
+@pytest.mark.parametrize("key", ["sk-free", KEY], ids=["no-quotas", "quotas"])
 async def test_a_queued_request_gets_its_queue_timeout_on_time_while_redis_hangs(
-        tmp: Path, emulator: Server, redis_server: RedisServer) -> None:
+        tmp: Path, emulator: Server, redis_server: RedisServer, key: str) -> None:
     """A request waiting in the shared slots' queue when Redis freezes: its wait ends at its deadline
     (`X-Deadline-S` 1.5 here) with 503 `queue_timeout`, but the proxy first waited for its ticket's
     leave, a Redis call of up to `state.socket_timeout_s` (5 s): the answer came at 6.5 s. The leave
-    now goes on in the background; the ticket is out of Redis once it answers again."""
+    now goes on in the background; the ticket is out of Redis once it answers again. For a tenant
+    with quotas, the refusal also waited for the request's settle (the same 5 s): the answer now
+    waits for it only within the deadline, and the lease comes back once Redis answers."""
     proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": emulator.url, "num_parallel": 16}], {
         "admin": {"keys": [ADMIN]},
-        "tenants": [{"name": "free", "keys": ["sk-free"]}],
+        "tenants": [{"name": "free", "keys": ["sk-free"]}, _tenant(max_concurrent=4)],
         "chain": {"backpressure": {"max_in_flight": 2, "queue_timeout_s": 30}},
         "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "queued:",
                   "retry_interval_s": 0.5, "socket_timeout_s": 5.0}}, "queued")
     books = redis.Redis.from_url(redis_server.url)
-    headers = {"Authorization": "Bearer sk-free"}
+    headers = {"Authorization": f"Bearer {key}"}
 
     def shared() -> dict[str, Any]:
         return dict(httpx.get(f"{proxy.url}/system/queue", timeout=5,
@@ -420,6 +423,8 @@ async def test_a_queued_request_gets_its_queue_timeout_on_time_while_redis_hangs
                 async with await answer as done:
                     assert done.status == 200
             await asyncio.to_thread(wait_for, lambda: tickets() == 0, 15, "the ticket out of Redis")
+            await asyncio.to_thread(wait_for, lambda: not books.zcard("queued:lease:inflight:team"), 15,
+                                    "the tenant's leases back")
 
             def quiet() -> bool:
                 books_here = shared()
