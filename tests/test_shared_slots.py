@@ -637,13 +637,27 @@ async def test_a_slot_taken_locally_in_an_outage_shorter_than_a_tick_is_added_wi
     await slots.start()
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     base = slots.base(MODEL)
+    async def outage() -> None:
+        """Redis drops this process's connections while a call is on its way: the breaker opens
+        (tried again when the client had already reconnected before the call)."""
+        for _ in range(20):
+            client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            probe = Ticket(slots, base, "a", 1.0, "interactive", 1.0)
+            try:
+                grant = await slots.enter(probe, [("r", 5)], False)
+            except StateDown:
+                slots.spawn(slots.leave(probe))  # as admission does: the script may have run
+                if failover.degraded:
+                    return
+                continue
+            assert grant is not None
+            slots.granted(probe, grant)
+            probe.release(0.0)
+        raise AssertionError("the breaker never opened")
+
     try:
         for _ in range(3):
-            client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-            with pytest.raises(StateDown):  # the connection dropped: the breaker opens
-                await slots.enter(Ticket(slots, base, "a", 1.0, "interactive", 1.0), [("r", 1)],
-                                  False)
-            assert failover.degraded
+            await outage()
             local = Ticket(slots, base, "a", 1.0, "interactive", 1.0)
             slots.hold_local(local, "r")  # what admission does with `failure_mode: open`
             await until(lambda: not failover.degraded, timeout_s=5, what="the breaker closed")
@@ -655,8 +669,8 @@ async def test_a_slot_taken_locally_in_an_outage_shorter_than_a_tick_is_added_wi
             assert time.monotonic() - started < 2.0
             await until(lambda: not slots.degraded, timeout_s=2, what="admitting through Redis")
             local.release(0.0)
-            await until(lambda lease=local.id: client.zscore(f"{base}:lease:r", lease) is None,
-                        timeout_s=5, what="the slot given back")
+            await until(lambda: not client.zcard(f"{base}:lease:r"), timeout_s=5,
+                        what="the slots given back")
     finally:
         client.close()
         await slots.close()
