@@ -71,11 +71,13 @@ def build_state(config: Config, telemetry: Telemetry | None = None) -> StateBack
     return MemoryState()
 
 
-async def _refusing_all(state: StateBackend) -> str | None:
+async def _refusing_all(state: StateBackend, shared: SharedAdmission | None) -> str | None:
     """With `failure_mode: closed` and Redis out, every request gets 503 state_unavailable: the
     process is not ready (an outer load balancer sends the traffic to a proxy that can serve). Asked
     of Redis when no call has answered lately (`FailoverState.verify`): an idle process would
-    otherwise stay ready through a whole outage, and its first requests be refused."""
+    otherwise stay ready through a whole outage, and its first requests be refused. Also while Redis
+    answers again but the slots this process holds are not back in its books yet (the next tick adds
+    them): until then its shared admission refuses the same way (`SharedSlots.degraded`)."""
     from .state.failover import FailoverState
 
     if not isinstance(state, FailoverState) or state.failure_mode != "closed":
@@ -83,6 +85,9 @@ async def _refusing_all(state: StateBackend) -> str | None:
     await state.verify()
     if state.degraded:
         return "shared state unavailable (state.failure_mode: closed)"
+    if shared is not None and shared.slots.degraded:
+        return "shared state recovering: this process's slots are not back in Redis yet " \
+               "(state.failure_mode: closed)"
     return None
 
 
@@ -198,7 +203,7 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
     app[RELOADER] = reloader
     app.cleanup_ctx.append(reloader.lifecycle)
     add_system_routes(app, telemetry, upstreams, directory, steps, reloader,
-                      refusing_all=lambda: _refusing_all(state))
+                      refusing_all=lambda: _refusing_all(state, shared))
     telemetry.events.add_route(app, upstreams, steps, directory)  # GET /system/events
     reloader.listeners.append(
         lambda r: telemetry.events.reload(r.version, r.outcome != "refused", changed=r.changed,

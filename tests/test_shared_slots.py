@@ -290,6 +290,47 @@ async def test_redis_killed_under_load_follows_the_failure_mode(tmp: Path, emula
 
 
 
+async def test_closed_mode_is_ready_only_once_it_admits_through_redis_again(
+        tmp: Path, emulator: Server, redis_server: RedisServer) -> None:
+    """`failure_mode: closed`, a request running through an outage in which Redis lost its books
+    (killed, restarted empty). Redis answers again, but the process refuses new requests with 503
+    `state_unavailable` until its next tick has added the running request's slot back: /readyz said
+    200 meanwhile, and a request sent as soon as it did was refused (4 times in 6). /readyz now
+    stays 503 until the process admits through Redis again."""
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "ready-closed",
+                                    failure_mode="closed")
+    body = {"model": MODEL, "prompt": "hello", "stream": False, "options": {"num_predict": 600}}
+    short = {**body, "options": {"num_predict": 1}}
+    headers = {"Authorization": "Bearer sk-a"}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            for _ in range(3):
+                running = asyncio.ensure_future(session.post(f"{proxy.url}/api/generate", json=body,
+                                                             headers=headers))
+                await until(lambda: _shared(proxy)["held"] == 1, what="the long request running")
+                await asyncio.to_thread(redis_server.kill)
+                async with session.post(f"{proxy.url}/api/generate", json=short,
+                                        headers=headers) as refused:
+                    assert refused.status == 503  # the breaker opens: closed mode refuses
+                await asyncio.to_thread(redis_server.restart)
+                deadline = time.monotonic() + 15
+                while True:
+                    async with session.get(f"{proxy.url}/readyz") as ready:
+                        if ready.status == 200:
+                            break
+                    assert time.monotonic() < deadline, "never ready again"
+                    await asyncio.sleep(0.01)
+                async with session.post(f"{proxy.url}/api/generate", json=short,
+                                        headers=headers) as answer:
+                    payload = await answer.json(content_type=None)
+                    assert answer.status == 200, payload  # ready means served
+                async with await running as done:
+                    assert done.status == 200
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
 def test_clients_that_leave_during_the_admission_round_trip_leave_no_slot_taken(
         tmp: Path, redis_server: RedisServer) -> None:
     """A client that resets its connection while the proxy's slot script runs in Redis: the script
