@@ -94,6 +94,8 @@ class Exchange:
     """The upstream call as it happened. Writer: the forwarder."""
 
     upstream_name: str | None = None
+    status: int = 0
+    """The status of the replica's answer being relayed (0: none relayed)."""
     first_byte_at: float | None = None
     bytes_out: int = 0
     usage: Usage | None = None
@@ -179,7 +181,8 @@ class RequestContext:
 
     def served_tokens(self) -> int:
         """Tokens the request was served, what quotas and the fair queue settle by: 0 when nothing came
-        back (refused, failed, or the client left before its request reached a replica), except the
+        back (refused, failed, or the client left before its request reached a replica) or the replica
+        answered an error status without counts (it refused or failed), except the
         prompt when the client left, or its deadline passed, after it did (`Exchange.abandoned`:
         otherwise leaving, or a deadline lowered with X-Deadline-S, just before the first byte, again
         and again, would have the fleet evaluate prompts for free and keep the tenant first in the fair
@@ -196,6 +199,10 @@ class RequestContext:
             counted = (usage.input_tokens or 0) + (usage.output_tokens or 0)
             if exchange.complete:
                 return counted
+        if counted is None and exchange.status >= 400:
+            # The replica's own refusal or failure (503 server busy, a runner's 500, a 400): an error
+            # body, not output, and nothing to charge, as for a replica that could not be reached.
+            return 0
         generated = exchange.records_out if self.route.operation in _GENERATING else 0
         return max(counted or 0, (self.prompt.tokens or 0) + generated)
 

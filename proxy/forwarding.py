@@ -345,7 +345,7 @@ class Forwarder:
                                 raise TimeoutError
                             chunk = await upstream_response.readany()
                             if not response.prepared:
-                                ctx.status = upstream_response.status
+                                ctx.status = ctx.exchange.status = upstream_response.status
                                 span.set_attribute(semconv.ATTR_HTTP_STATUS, upstream_response.status)
                                 for hook in ctx.header_hooks:
                                     hook(ctx, chunk)

@@ -23,7 +23,7 @@ from proxy.state.failover import FailoverState
 from proxy.state.memory import MemoryState
 from proxy.state.redis import RedisState
 from tests.support.metrics import metric
-from tests.support.polling import until
+from tests.support.polling import until, wait_for
 from tests.support.redis_server import RedisServer
 from tests.support.servers import Server, free_port, start_emulator, start_proxy
 
@@ -242,6 +242,32 @@ async def test_client_gone_before_its_request_reached_a_replica_gets_everything_
     finally:
         await asyncio.to_thread(proxy.stop)
         await asyncio.to_thread(slow.stop)
+
+
+@pytest.mark.parametrize("fault", [
+    {"status": 503},  # Ollama's "server busy": its queue was full, nothing was done
+    {"status": 500, "message": "llama runner process has terminated: exit status 2"},
+], ids=["busy", "runner_error"])
+def test_a_replica_that_refuses_or_fails_charges_nothing(tmp: Path, fault: dict[str, Any]) -> None:
+    """A replica's own error answer (relayed whole, with no counts) produced nothing: the whole
+    reservation comes back, as for a replica that could not be reached (before: the prompt was charged,
+    as if the client had left a replica working for it)."""
+    failing = start_emulator(tmp, fixed_clock=False, name="refusing")
+    proxy = start_proxy(tmp, [failing.url], {
+        "admin": {"keys": [ADMIN]}, "tenants": [*TENANTS, PROMPT_TENANT]}, name="refused")
+    try:
+        httpx.post(f"{failing.url}/_emulator/faults", json=fault).raise_for_status()
+        answer = httpx.post(f"{proxy.url}/api/generate", headers=_auth(PROMPT_KEY), timeout=10,
+                            json={"model": "llama3.2", "prompt": LONG_PROMPT, "stream": False,
+                                  "options": {"num_predict": 200}})
+        assert answer.status_code == fault["status"], answer.text
+        # Settled right after the answer went out; ~150 of prompt were kept before (a refill of that
+        # takes ~20 s).
+        wait_for(lambda: _quotas(proxy)["prompt"]["tokens_per_minute"]["remaining"] >= 399, 3,
+                 "the whole reservation back")
+    finally:
+        proxy.stop()
+        failing.stop()
 
 
 def test_shadow_mode(tmp: Path, emulator: Server) -> None:
