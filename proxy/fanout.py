@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 
 from .context import RequestContext
-from .errors import UpstreamConnectFailure
+from .errors import DeadlinePassed, UpstreamConnectFailure
 from .fleet.client import FleetClient
 from .ollama import classify
 from .rendering import retry_headers, told_wait_s
@@ -72,10 +72,19 @@ class FanOut:
         if scope == "manage":
             return await self._manage(request, ctx, targets)
         serving = [u for u in targets if self.upstreams.is_serving(u)]
+        # The request's deadline bounds the listing as it bounds one replica's answer through the
+        # forwarder: a replica silent past it is left out of the merge (as past _READ_TIMEOUT_S).
+        timeout_s = _READ_TIMEOUT_S
+        if ctx.deadline_at is not None:
+            timeout_s = min(timeout_s, ctx.deadline_at - time.monotonic())
         replies = await asyncio.gather(*(
-            self.fleet.fetch_json(request.path, upstream=u, timeout_s=_READ_TIMEOUT_S) for u in serving))
+            self.fleet.fetch_json(request.path, upstream=u, timeout_s=max(timeout_s, 0.001))
+            for u in serving))
         answered = [(u, body) for u, body in zip(serving, replies, strict=True) if body is not None]
         if not answered:
+            if ctx.deadline_at is not None and time.monotonic() >= ctx.deadline_at:
+                raise DeadlinePassed(f"the request's deadline of {ctx.service_limits.get('deadline_s')}s "
+                                     f"passed before any replica answered {request.path}")
             raise UpstreamConnectFailure(f"no replica answered {request.path}")
         results = ", ".join(f"{u.name}={'ok' if body is not None else 'failed'}"
                             for u, body in zip(serving, replies, strict=True))

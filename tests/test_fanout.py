@@ -273,6 +273,43 @@ def test_management_fanned_out_to_a_replica_that_never_answers_ends_at_the_deadl
             server.stop()
 
 
+def test_merged_listings_end_at_the_requests_deadline(tmp: Path) -> None:
+    """A replica that accepts `GET /api/tags` (or `/api/ps`, `/v1/models`) and never answers: the merged
+    listing is the others' when the request's deadline passes (X-Deadline-S, or the tenant's), and a
+    504 when no replica answered by then, as the forwarder answers with one replica (before: the
+    listing waited the fan-out's own 10 s whatever the deadline, and was a 502)."""
+    a = start_emulator(tmp, name="fan-late-a")
+    b = start_emulator(tmp, name="fan-late-b")
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"chain": {"health": {"probe_interval_s": 60}}}, name="fan-late")
+    try:
+        for replica in (a, b):  # the start-up probes have read both listings: both serve
+            for _ in range(100):
+                if replica.stats()["requests"].get("GET /api/tags"):
+                    break
+                time.sleep(0.05)
+        hung = ["/api/tags", "/api/ps", "/v1/models"]
+        httpx.post(f"{b.url}/_emulator/faults", timeout=5,
+                   json={"hang_before_headers": True, "paths": hung}).raise_for_status()
+        for path in hung:
+            started = time.monotonic()
+            answer = httpx.get(f"{proxy.url}{path}", headers={"X-Deadline-S": "1"}, timeout=30)
+            assert time.monotonic() - started < 3, path
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["X-Replica-Results"] == "a=ok, b=failed"
+        httpx.post(f"{a.url}/_emulator/faults", timeout=5,
+                   json={"hang_before_headers": True, "paths": hung}).raise_for_status()
+        started = time.monotonic()
+        answer = httpx.get(f"{proxy.url}/api/tags", headers={"X-Deadline-S": "1"}, timeout=30)
+        assert time.monotonic() - started < 3
+        assert answer.status_code == 504, answer.text
+        assert answer.json()["code"] == "upstream_response_timeout"
+        assert answer.headers["x-should-retry"] == "false"
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
+
+
 def test_management_fanned_out_to_an_unreachable_replica_is_a_502_not_a_deadline(tmp: Path) -> None:
     """A replica whose connect times out (a listening socket whose accept queue is full: the kernel
     drops the SYNs) is unreachable, a 502 like a refused connect. aiohttp's connect timeout is also a
