@@ -210,12 +210,17 @@ class FanOut:
         # of progress, else None (it streams, or could not be reached).
         heads: dict[str, asyncio.Future[tuple[int, bytes, float | None] | None]] = {
             u.name: loop.create_future() for u in live}
+        # The request's deadline bounds every replica's stream, as in _manage_once and the forwarder:
+        # without it a replica that accepted the call and never answered held back the others'
+        # progress (the stream waits for every head) until the idle timeout.
+        remaining = ctx.deadline_at - time.monotonic() if ctx.deadline_at is not None else None
 
         async def follow(upstream: Upstream) -> None:
             last: dict[str, Any] = {}
             head = heads[upstream.name]
+            bound = asyncio.timeout(remaining)
             try:
-                async with self.fleet.request(
+                async with bound, self.fleet.request(
                         upstream, request.method, request.raw_path, data=ctx.body or b"",
                         headers=self._headers(request),
                         timeout=aiohttp.ClientTimeout(  # replaces the session's: connect kept
@@ -245,7 +250,13 @@ class FanOut:
                                 last = line
                                 await lines.put((upstream.name, line))
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                last = {"error": f"replica connection failed ({type(exc).__name__})"}
+                if bound.expired():  # the deadline's own expiry (a connect timeout is the 502 below)
+                    text = f"no answer within the request's deadline of {ctx.deadline_s:g}s"
+                    if not head.done():  # no head by then: this replica's answer is a 504
+                        head.set_result((504, orjson.dumps({"error": text}), None))
+                    last = {"error": text}
+                else:
+                    last = {"error": f"replica connection failed ({type(exc).__name__})"}
                 await lines.put((upstream.name, last))
             finally:
                 if not head.done():

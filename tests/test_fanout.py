@@ -310,6 +310,42 @@ def test_merged_listings_end_at_the_requests_deadline(tmp: Path) -> None:
             server.stop()
 
 
+def test_streamed_management_fanned_out_to_a_replica_that_never_answers_ends_at_the_deadline(
+        tmp: Path) -> None:
+    """The same for a streamed pull: the replica that accepts it and never answers is reported failed
+    at the request's deadline, after the others' progress; every replica silent is a 504 then (before:
+    the stream waited for every replica's head, up to the 120 s idle timeout, sending nothing)."""
+    a = start_emulator(tmp, name="fan-hang-stream-a")
+    b = start_emulator(tmp, name="fan-hang-stream-b")
+    proxy = start_proxy(tmp, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+                        {"admin": {"keys": [ADMIN]}, "chain": {"limits": {"deadline_s": 2}}},
+                        name="fan-hang-stream")
+    try:
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        httpx.post(f"{b.url}/_emulator/faults", timeout=5,
+                   json={"hang_before_headers": True, "paths": ["/api/pull"]}).raise_for_status()
+        started = time.monotonic()
+        answer = httpx.post(f"{proxy.url}/api/pull", json={"model": "llama3.2"}, headers=admin,
+                            timeout=60)
+        assert time.monotonic() - started < 10
+        assert answer.status_code == 200, answer.text
+        lines = [json.loads(line) for line in answer.text.splitlines()]
+        assert any(line.get("replica") == "a" and line.get("status") == "success" for line in lines)
+        results = lines[-1]["replicas"]
+        assert results["a"] == "success" and "deadline" in results["b"], lines[-1]
+        httpx.post(f"{a.url}/_emulator/faults", timeout=5,
+                   json={"hang_before_headers": True, "paths": ["/api/pull"]}).raise_for_status()
+        started = time.monotonic()
+        answer = httpx.post(f"{proxy.url}/api/pull", json={"model": "llama3.2"}, headers=admin,
+                            timeout=60)
+        assert time.monotonic() - started < 10
+        assert answer.status_code == 504, answer.text
+        assert all("deadline" in r for r in answer.json()["replicas"].values())
+    finally:
+        for server in (proxy, a, b):
+            server.stop()
+
+
 def test_management_fanned_out_to_an_unreachable_replica_is_a_502_not_a_deadline(tmp: Path) -> None:
     """A replica whose connect times out (a listening socket whose accept queue is full: the kernel
     drops the SYNs) is unreachable, a 502 like a refused connect. aiohttp's connect timeout is also a
