@@ -353,6 +353,14 @@ class EmbedCache(Plugin):
         decide("partial")
         return answer
 
+    def _abandoned(self, ctx: RequestContext) -> None:
+        """The request was given up (its client left, or its deadline passed) while its misses'
+        sub-request was under way: with `tenant` set it is charged its prompt, as a request the
+        forwarder had sent is (the sub-request, a system tenant's, is not the caller's); without
+        `tenant` the sub-request, the caller's own, is charged when it is abandoned."""
+        if self.config.tenant is not None:
+            ctx.exchange.abandoned = True
+
     async def _fetch_misses(self, ask: Ask, keys: list[bytes], digest: str,
                             found: dict[bytes, tuple[bytes, int]],
                             ctx: RequestContext) -> web.StreamResponse | None:
@@ -369,23 +377,24 @@ class EmbedCache(Plugin):
         # call: 504 when it passes (not the sub-request's own bound, and then a queue that finds the
         # deadline gone).
         remaining = None if ctx.deadline_at is None else ctx.deadline_at - time.monotonic()
-        if remaining is None or remaining >= self.config.timeout_s:
-            status, raw = await call
-        else:
-            try:
-                if remaining <= 0:  # gone already: nothing was sent, nothing is charged
-                    call.close()
+        try:
+            if remaining is None or remaining >= self.config.timeout_s:
+                status, raw = await call
+            else:
+                try:
+                    if remaining <= 0:  # gone already: nothing was sent, nothing is charged
+                        call.close()
+                        raise DeadlinePassed(f"the request's deadline of "
+                                             f"{ctx.service_limits.get('deadline_s')}s passed")
+                    status, raw = await asyncio.wait_for(call, remaining)
+                except TimeoutError:
+                    self._abandoned(ctx)
                     raise DeadlinePassed(f"the request's deadline of "
-                                         f"{ctx.service_limits.get('deadline_s')}s passed")
-                status, raw = await asyncio.wait_for(call, remaining)
-            except TimeoutError:
-                if self.config.tenant is not None:
-                    # Charged as a request the forwarder had sent is (the sub-request, a system
-                    # tenant's, is not the caller's); without `tenant` the sub-request, the caller's
-                    # own, is charged when it is abandoned.
-                    ctx.exchange.abandoned = True
-                raise DeadlinePassed(f"the request's deadline of {ctx.service_limits.get('deadline_s')}s "
-                                     "passed (waiting for the embeddings not cached)") from None
+                                         f"{ctx.service_limits.get('deadline_s')}s passed (waiting for "
+                                         "the embeddings not cached)") from None
+        except asyncio.CancelledError:  # the client left while its misses were upstream
+            self._abandoned(ctx)
+            raise
         upstream = read_answer("/api/embed", raw) if status == 200 else None
         if upstream is None or len(upstream.vectors) != len(missing):
             return None

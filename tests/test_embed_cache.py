@@ -346,6 +346,48 @@ def test_the_memory_store_is_bounded_in_bytes_with_lru() -> None:
 METER_HEADERS = {"Authorization": "Bearer sk-embed-meter"}
 
 
+def test_a_client_gone_while_its_misses_are_upstream_pays_its_prompt(tmp_path: Path,
+                                                                     emulator: Server) -> None:
+    """With `tenant` set, the misses' sub-request is the system tenant's: a client that leaves while
+    it is upstream is charged its prompt, as when its deadline passes there and as a client that
+    leaves a request the forwarder had sent (before: nothing, so a partly cached request given up
+    just before its answer had its misses embedded for free)."""
+    proxy = start_proxy(tmp_path, [emulator.url], {
+        "admin": {"keys": ["sk-embed-admin"]},
+        "tenants": [{"name": "meter", "keys": ["sk-embed-meter"], "tokens_per_minute": 1200},
+                    {"name": "system", "keys": [SYSTEM]}],
+        "chain": {"health": {"probe_interval_s": 0.5}},
+        "models": {MODEL: {"options": {"num_ctx": 2048}}},
+        "plugins": [{"name": "embed_cache", "tenant": "system"}]}, name="cache-gone")
+    meter = {"Authorization": "Bearer sk-embed-meter"}
+
+    def remaining() -> float:
+        quotas = httpx.get(f"{proxy.url}/system/quotas", timeout=5,
+                           headers={"Authorization": "Bearer sk-embed-admin"}).json()
+        return float(quotas["tenants"]["meter"]["tokens_per_minute"]["remaining"])
+
+    try:
+        deadline = time.monotonic() + 20
+        while "x-embed-cache" not in httpx.post(f"{proxy.url}/api/embed", headers=meter, timeout=30,
+                                                json={"model": MODEL, "input": "cached"}).headers:
+            assert time.monotonic() < deadline, proxy.log()[-2000:]
+            time.sleep(0.2)
+        assert httpx.post(f"{emulator.url}/_emulator/faults", timeout=5, json={
+            "hang_before_headers": True, "count": 1, "paths": ["/api/embed"]}).status_code == 200
+        wait_for(lambda: remaining() >= 1199, 10, "the warm-up's tokens refilled")
+        with pytest.raises(httpx.TimeoutException):  # gone while the misses are upstream
+            httpx.post(f"{proxy.url}/api/embed", headers=meter, timeout=1, json={
+                "model": MODEL, "input": ["cached", " ".join(["hello"] * 150)]})
+        wait_for(lambda: any('"POST /api/embed" 499' in line and "tenant=system" in line
+                             for line in proxy.log().splitlines()), 10, "the sub-request cancelled")
+        time.sleep(0.3)  # settled once the plugin has unwound
+        # The prompt's ~450 tokens kept (less 20 a second refilled since); nothing charged: ~1,200.
+        assert 1200 - remaining() >= 200, remaining()
+    finally:
+        httpx.delete(f"{emulator.url}/_emulator/faults", timeout=5)
+        proxy.stop()
+
+
 def _metered_shadow_proxy(tmp: Path, emulator: Server, name: str) -> Server:
     """embed_cache in shadow mode, for tenant `meter` (1,200 tokens a minute: 20 refill a second)."""
     return start_proxy(tmp, [emulator.url], {
