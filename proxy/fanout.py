@@ -251,9 +251,11 @@ class FanOut:
                                 await lines.put((upstream.name, line))
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 if bound.expired():  # the deadline's own expiry (a connect timeout is the 502 below)
-                    text = f"no answer within the request's deadline of {ctx.deadline_s:g}s"
                     if not head.done():  # no head by then: this replica's answer is a 504
+                        text = f"no answer within the request's deadline of {ctx.deadline_s:g}s"
                         head.set_result((504, orjson.dumps({"error": text}), None))
+                    else:  # cut mid-stream, as the forwarder cuts one replica's stream
+                        text = f"the request's deadline of {ctx.deadline_s:g}s passed"
                     last = {"error": text}
                 else:
                     last = {"error": f"replica connection failed ({type(exc).__name__})"}

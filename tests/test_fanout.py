@@ -341,6 +341,15 @@ def test_streamed_management_fanned_out_to_a_replica_that_never_answers_ends_at_
         assert time.monotonic() - started < 10
         assert answer.status_code == 504, answer.text
         assert all("deadline" in r for r in answer.json()["replicas"].values())
+        # A replica still streaming progress at the deadline is cut there, as the forwarder cuts one.
+        for replica in (a, b):
+            httpx.delete(f"{replica.url}/_emulator/faults", timeout=5)
+        httpx.post(f"{a.url}/_emulator/faults", timeout=5,
+                   json={"slow_drip_s": 0.7, "paths": ["/api/pull"]}).raise_for_status()
+        answer = httpx.post(f"{proxy.url}/api/pull", json={"model": "llama3.2"}, headers=admin,
+                            timeout=60)
+        results = [json.loads(line) for line in answer.text.splitlines()][-1]["replicas"]
+        assert results == {"a": "the request's deadline of 2s passed", "b": "success"}, results
     finally:
         for server in (proxy, a, b):
             server.stop()
