@@ -71,6 +71,16 @@ def build_state(config: Config, telemetry: Telemetry | None = None) -> StateBack
     return MemoryState()
 
 
+async def _verify_state(state: StateBackend) -> None:
+    """Before a scrape: a Redis-backed state that has not heard from Redis for `retry_interval_s`
+    asks it (`FailoverState.verify`, bounded), so `sop_state_degraded` and the SOPStateDegraded alert
+    see an outage also in an idle process, in either failure mode."""
+    from .state.failover import FailoverState
+
+    if isinstance(state, FailoverState):
+        await state.verify()
+
+
 async def _refusing_all(state: StateBackend, shared: SharedAdmission | None) -> str | None:
     """With `failure_mode: closed` and Redis out, every request gets 503 state_unavailable: the
     process is not ready (an outer load balancer sends the traffic to a proxy that can serve). Asked
@@ -203,7 +213,8 @@ def build_app(config: Config, telemetry: Telemetry, *, config_path: str | None =
     app[RELOADER] = reloader
     app.cleanup_ctx.append(reloader.lifecycle)
     add_system_routes(app, telemetry, upstreams, directory, steps, reloader,
-                      refusing_all=lambda: _refusing_all(state, shared))
+                      refusing_all=lambda: _refusing_all(state, shared),
+                      before_scrape=lambda: _verify_state(state))
     telemetry.events.add_route(app, upstreams, steps, directory)  # GET /system/events
     reloader.listeners.append(
         lambda r: telemetry.events.reload(r.version, r.outcome != "refused", changed=r.changed,

@@ -25,9 +25,12 @@ __all__ = ["add_system_routes"]
 
 def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: UpstreamSet,
                       directory: TenantDirectory, steps: dict[str, Step], reloader: Reloader,
-                      refusing_all: Callable[[], Awaitable[str | None]] | None = None) -> None:
+                      refusing_all: Callable[[], Awaitable[str | None]] | None = None,
+                      before_scrape: Callable[[], Awaitable[None]] | None = None) -> None:
     """Register the proxy's own routes on `app` (before the catch-all forwarder). `refusing_all` says
-    why every request is being refused right now (None: it is not), for /readyz."""
+    why every request is being refused right now (None: it is not), for /readyz; `before_scrape` makes
+    what /metrics reports current first (the shared state's `degraded`, which an idle process would
+    otherwise not learn)."""
 
     async def quotas(request: web.Request) -> web.Response:
         """Per-tenant usage and remaining quota, across replicas when the state is shared."""
@@ -39,6 +42,8 @@ def add_system_routes(app: web.Application, telemetry: Telemetry, upstreams: Ups
 
     async def metrics(request: web.Request) -> web.Response:
         """This process's metrics; a worker of `serve --workers` answers with every worker's."""
+        if before_scrape is not None:
+            await before_scrape()
         workers = request.app.get(WORKER_METRICS)
         body = await workers.scrape() if workers is not None else generate_latest(telemetry.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -314,6 +314,31 @@ async def test_an_idle_closed_mode_proxy_is_not_ready_while_redis_is_out(tmp: Pa
     assert "Traceback" not in log
 
 
+async def test_an_idle_open_mode_proxy_reports_the_outage_to_a_scrape(tmp: Path, emulator: Server,
+                                                                     redis_server: RedisServer) -> None:
+    """`sop_state_degraded` (the SOPStateDegraded alert) tells of an outage also in an idle open-mode
+    process: a scrape with no Redis answer for `retry_interval_s` asks Redis first (before: the gauge
+    stayed 0 for the whole outage until a request's call failed, and open mode has no /readyz probe
+    to learn it from)."""
+    proxy = await asyncio.to_thread(_proxy, tmp, emulator, redis_server.url, "idle-open",
+                                    failure_mode="open")
+    try:
+        assert await asyncio.to_thread(metric, proxy.url, DEGRADED) == 0
+        await asyncio.to_thread(redis_server.kill)
+        deadline = time.monotonic() + 10
+        while await asyncio.to_thread(metric, proxy.url, DEGRADED) != 1:  # scrapes only, no request
+            assert time.monotonic() < deadline, "sop_state_degraded stayed 0 with Redis out"
+            await asyncio.sleep(0.2)
+        await asyncio.to_thread(redis_server.restart)
+        deadline = time.monotonic() + 10
+        while await asyncio.to_thread(metric, proxy.url, DEGRADED) != 0:
+            assert time.monotonic() < deadline, "sop_state_degraded stayed 1 with Redis back"
+            await asyncio.sleep(0.2)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    _one_transition(proxy.log())
+
+
 async def test_a_frozen_redis_holds_no_request_past_its_deadline(tmp: Path, emulator: Server,
                                                                  redis_server: RedisServer) -> None:
     """A Redis call may take `state.socket_timeout_s` (raised for a slow Redis) before it counts as
