@@ -105,7 +105,9 @@ class Supervisor:
         self._signals: deque[int] = deque()
         """Signals received, oldest first: appended by the handler at any bytecode of the main
         thread, so read only with popleft() or a one-call copy (tuple()), never iterated."""
-        self._tmp = Path(tempfile.mkdtemp(prefix="sop-workers-"))
+        self._tmp = Path(tempfile.gettempdir()) / f"sop-workers-{secrets.token_hex(8)}"
+        """The workers' scratch directory (port files, peers' metrics): made by `run`, removed as it
+        ends, so a Supervisor that never runs leaves nothing behind."""
         self._socket: socket.socket | None = None
 
     # -- the port ------------------------------------------------------------------------------------
@@ -195,8 +197,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers and supervise them until a signal stops them; the exit status."""
-        # Everything inside the try: the scratch directory (made in __init__) goes on every exit,
-        # a refused bind included.
+        # Private (0700, as mkdtemp makes it); a name taken is an error, never shared.
+        self._tmp.mkdir(mode=0o700)
+        # Everything inside the try: the scratch directory goes on every exit, a refused bind included.
         try:
             try:
                 self.port = self._reserve()

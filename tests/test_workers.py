@@ -361,6 +361,8 @@ def test_the_supervisors_start_survives_a_sighup_storm(tmp_path: Path) -> None:
     from proxy.supervisor import Supervisor
 
     supervisor = Supervisor([], 1, "127.0.0.1", 0)
+    assert not supervisor._tmp.exists()  # made by run(): a Supervisor never run leaves nothing behind
+    supervisor._tmp.mkdir(mode=0o700)  # as run() makes it (this test calls its wait directly)
     previous = signal.signal(signal.SIGHUP, supervisor._on_signal)
     storm = subprocess.Popen([sys.executable, "-c", (
         "import os, signal, sys, time\n"
