@@ -7,7 +7,7 @@ parsing values such as `model`.
 
 from __future__ import annotations
 
-import math
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 DEADLINE_REQUEST_HEADER = "X-Deadline-S"
 """A client may lower its request's deadline with this header (seconds)."""
+_DEADLINE_VALUE = re.compile(r"[ \t]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t]*")
+"""The X-Deadline-S grammar: a plain decimal number of seconds (ASCII digits, an optional fraction),
+optionally surrounded by HTTP's OWS (spaces, tabs). Not Python's float(): it also reads `1_0` as 10,
+`1e1`, `nan`, `inf` and non-ASCII digits, none of which a client of an HTTP API means as a number."""
 
 __all__ = ["CONTEXT", "DEADLINE_REQUEST_HEADER", "Admission", "Candidates", "Exchange", "PromptFacts",
            "RequestContext", "Routing",
@@ -224,13 +228,11 @@ class RequestContext:
 
     def set_deadline(self, default_s: float, asked: str | None) -> None:
         """The request's deadline: the tenant's (else `default_s`), lowered by a client's `X-Deadline-S`
-        value `asked` when it is a positive number below it."""
+        value `asked` when it is a positive number below it (`_DEADLINE_VALUE`; any other value is
+        ignored)."""
         deadline = self.tenant.deadline_s or default_s
-        if asked is not None:
-            try:
-                value = float(asked)
-            except ValueError:
-                value = math.inf
+        if asked is not None and (match := _DEADLINE_VALUE.fullmatch(asked)) is not None:
+            value = float(match[1])
             if 0 < value < deadline:  # a client may lower its deadline, never raise it
                 deadline = value
         self.deadline_s = deadline

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -358,3 +359,37 @@ def test_reload_protection_covers_models_not_configured(tmp: Path) -> None:
     finally:
         proxy.stop()
         replica.stop()
+
+
+def test_x_deadline_s_is_a_plain_decimal_number(tmp: Path, emulator: Server) -> None:
+    """X-Deadline-S is a decimal number of seconds (ASCII digits, an optional fraction, OWS around it);
+    anything else is ignored, the deadline staying the tenant's. (It was read with Python's float():
+    `1_0` lowered the deadline to 10 s, and `1e1`, an Arabic-Indic 5, `nan` and `inf` were numbers too.)"""
+    proxy = start_proxy(tmp, [emulator.url], name="deadline-grammar")
+    body = {"model": "llama3.2", "prompt": "hi", "stream": False}
+    cases: list[tuple[bytes, str]] = [
+        (b"5", "5"), (b"2.5", "2.5"), (b".5", "0.5"), (b"7.", "7"), (b"007", "7"), (b" 5 ", "5"),
+        (b"\t30\t", "30"), (b"600", "120"), (b"0", "120"),
+        (b"1_0", "120"), (b"1e1", "120"), (b"nan", "120"), (b"inf", "120"), (b"-1", "120"),
+        (b"+5", "120"), (b"0x10", "120"), (b"5s", "120"), (b"1 0", "120"), (b"", "120"),
+        ("\u0665".encode(), "120"), (b"\xef\xbc\x95", "120")]  # Arabic-Indic and full-width 5
+    payload = json.dumps(body).encode()
+    try:
+        found = {}
+        for value, _ in cases:
+            # A raw socket: HTTP clients refuse to send OWS around a header value (the server must take it).
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+                client.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                               b"X-Deadline-S:" + value + b"\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+                head = b""
+                while b"\r\n\r\n" not in head and (chunk := client.recv(65536)):
+                    head += chunk
+            assert head.startswith(b"HTTP/1.1 200 "), (value, head)
+            header = re.search(rb"(?im)^x-service-limits: (.*)\r$", head)
+            assert header is not None, head
+            limits = dict(part.split("=", 1) for part in header[1].decode().split("; "))
+            found[value] = limits["deadline_s"]
+        assert found == dict(cases)
+    finally:
+        proxy.stop()
