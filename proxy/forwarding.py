@@ -405,7 +405,7 @@ class Forwarder:
                     if not response.prepared:
                         raise ShuttingDown(message, retry_after_s=1.0) from None
                     await self._fail_mid_stream(request, response, ctx, ShuttingDown.code, message,
-                                                passing)
+                                                passing, replica_failed=False)
                 else:
                     # Which limit the timer was set for, not the clock: asyncio may fire it a hair early.
                     deadline = timer.when() == hard_stop
@@ -414,8 +414,11 @@ class Forwarder:
                     if not response.prepared:
                         raise (DeadlinePassed if deadline else UpstreamResponseTimeout)(
                             f"{reason} (upstream {upstream.name})") from None
+                    # The request's own deadline is not the replica's failure (as before the first
+                    # byte): else any client could charge a replica with errors by asking for tiny
+                    # deadlines. The code stays the timeout's, which the SLO rules count.
                     await self._fail_mid_stream(request, response, ctx, "upstream_response_timeout",
-                                                reason, passing)
+                                                reason, passing, replica_failed=not deadline)
             except ConnectionError as exc:
                 # Either side: UpstreamLost is the replica's connection; anything else (aiohttp's
                 # ClientConnectionResetError, "Cannot write to closing transport") is our write to a
@@ -450,12 +453,16 @@ class Forwarder:
             semconv.ATTR_ERROR_TYPE: code, self.telemetry.names.upstream_name: upstream_name})
 
     async def _fail_mid_stream(self, request: web.Request, response: web.StreamResponse,
-                               ctx: RequestContext, code: str, message: str, mid_record: bool) -> None:
+                               ctx: RequestContext, code: str, message: str, mid_record: bool, *,
+                               replica_failed: bool = True) -> None:
         """End a response whose headers are already sent: a final error record, or an abort (a body
         that cannot carry one, or `mid_record`: part of a record went out, and an error record glued
-        onto it would be one unparseable line; a broken connection is the clearer error)."""
+        onto it would be one unparseable line; a broken connection is the clearer error).
+        `replica_failed`: the replica's doing (reset, silence, a stream ended without its final record),
+        logged and counted in `sop_upstream_errors_total` against it; False for an end that is not
+        (the proxy's stop, the request's own deadline), recorded only as the request's outcome."""
         ctx.outcome = code
-        if code != ShuttingDown.code:  # the proxy's own stop is not an upstream failure
+        if replica_failed:
             self._count_upstream_error(ctx.exchange.upstream_name or "", code)
             log.warning("upstream %s failed mid-response: %s", ctx.exchange.upstream_name, code)
         record = stream_error_record(response.headers.get("Content-Type", ""), message, code,

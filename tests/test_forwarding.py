@@ -18,6 +18,7 @@ import aiohttp
 import httpx
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.servers import Server, free_port, start_emulator, start_proxy
 from tests.support.threaded import ThreadedApp
@@ -211,6 +212,54 @@ def test_a_client_slow_to_read_is_not_an_idle_replica(tmp: Path) -> None:
         errors = [line for line in httpx.get(f"{proxy.url}/metrics").text.splitlines()
                   if line.startswith("sop_upstream_errors_total")]
         assert errors == [], errors
+    finally:
+        proxy.stop()
+        emulator.stop()
+
+
+def test_a_stream_cut_at_the_requests_own_deadline_is_not_the_replicas_failure(tmp: Path) -> None:
+    """A stream the request's own deadline cuts (X-Deadline-S here, or the tenant's deadline_s) ends with
+    the deadline's error record and is recorded as a timeout in the access log and the request metric,
+    but it is not a failure of the replica: no WARNING naming it, nothing in `sop_upstream_errors_total`
+    (as before the first byte). The replica's own idle silence still is its failure. (The deadline was
+    logged as "upstream ... failed mid-response" and counted against the replica: any client could
+    inflate both with tiny deadlines.)"""
+    emulator = start_emulator(tmp, decode_tokens_per_s=20, output_tokens="200,200", fixed_clock=False,
+                              name="long-talker")
+    proxy = start_proxy(tmp, [{"url": emulator.url, "name": "replica-a"}],
+                        {"forwarding": {"idle_timeout_s": 2}}, name="own-deadline")
+    body = {"model": "llama3.2", "prompt": "x"}
+    try:
+        for path, request, sse in (("/api/generate", body, False),
+                                   ("/v1/chat/completions", {"model": "llama3.2", "stream": True,
+                                                             "messages": [{"role": "user", "content": "x"}]},
+                                    True)):
+            with httpx.stream("POST", proxy.url + path, json=request, headers={"X-Deadline-S": "1"},
+                              timeout=20) as response:
+                assert response.status_code == 200
+                lines = [line for line in response.iter_lines() if line]
+            last = json.loads(lines[-1].removeprefix("data: "))
+            error = last["error"] if sse else last
+            assert error["code"] == "upstream_response_timeout", lines[-1]
+            assert "deadline of 1.0s passed" in (error["message"] if sse else error["error"]), lines[-1]
+            assert len(lines) > 3  # the tokens sent before the deadline stay
+        _wait_for(lambda: proxy.log().count('" 200 upstream_response_timeout ') == 2)
+        assert _upstream_errors(proxy) == {}
+        assert "failed mid-response" not in proxy.log()
+        durations = {(s.labels["http_route"], s.labels.get("error_type")) for f in
+                     text_string_to_metric_families(httpx.get(f"{proxy.url}/metrics").text)
+                     if f.name == "http_server_request_duration_seconds" for s in f.samples
+                     if s.name.endswith("_count") and s.labels.get("http_route") != "/metrics"}
+        assert durations == {("/api/generate", "upstream_response_timeout"),
+                             ("/v1/chat/completions", "upstream_response_timeout")}, durations
+        # The replica's own silence mid-stream (its idle timeout) remains its failure.
+        assert httpx.post(f"{emulator.url}/_emulator/faults", json={"hang_after_chunks": 3, "count": 1},
+                          timeout=5).status_code == 200
+        with httpx.stream("POST", f"{proxy.url}/api/generate", json=body, timeout=20) as response:
+            lines = [line for line in response.iter_lines() if line]
+        assert "sent nothing for 2s" in json.loads(lines[-1])["error"], lines[-1]
+        assert _upstream_errors(proxy) == {("upstream_response_timeout", "replica-a"): 1.0}
+        assert "upstream replica-a failed mid-response: upstream_response_timeout" in proxy.log()
     finally:
         proxy.stop()
         emulator.stop()

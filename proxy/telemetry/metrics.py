@@ -55,7 +55,7 @@ class ProxyMetrics:
         self.upstream_errors = meter.create_counter(
             names.metric_upstream_errors, unit="{error}",
             description="Upstream failures by error.type (connect, reset or timeout before the "
-                        "answer; failure mid-stream) and replica.")
+                        "answer; failure mid-stream) and replica; a request's own deadline is not one.")
 
     def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
         del options
