@@ -84,6 +84,9 @@ _GENERATION = frozenset({"chat", "text_completion"})
 """Route operations whose streams end with a final record (`UsageScanner.ended_whole`)."""
 _MAX_HELD_BYTES = 1 << 20
 """The most of an unfinished NDJSON/SSE record the relay holds back (past it, bytes go out as they come)."""
+_LAST_WRITE_WAIT_S = 1.0
+"""How long a stream's final error record may wait for a client that is not reading (a client that reads
+takes it at once); past it the connection is closed, the record still queued for it."""
 _DEFAULT_RETRY_AFTER_S = 5
 """Retry-After for a relayed 429/503 when the upstream sent none and no queue measured a drain (a cloud
 model's usage limit or overload: the proxy cannot see ollama.com's capacity)."""
@@ -467,11 +470,38 @@ class Forwarder:
             log.warning("upstream %s failed mid-response: %s", ctx.exchange.upstream_name, code)
         record = stream_error_record(response.headers.get("Content-Type", ""), message, code,
                                      ctx.route.dialect)
-        if record is not None and response.chunked and not mid_record:
-            await response.write(record)
-            await response.write_eof()
-        elif request.transport is not None:
+        if (record is not None and response.chunked and not mid_record
+                and await self._write_last(response, record)):
+            return
+        if request.transport is not None:
+            # Closing sends what is queued first (the final record, when it was written): a client
+            # that reads nothing gets it whenever it reads, without holding this handler meanwhile.
             request.transport.close()
+
+    @staticmethod
+    async def _write_last(response: web.StreamResponse, record: bytes) -> bool:
+        """Write a stream's final error record and its end; False when the client is not reading (its
+        buffers full): the bytes are queued, but the proxy does not wait past `_LAST_WRITE_WAIT_S`
+        for a client to take them (the stream's end, or the request's deadline, has passed), and
+        the caller closes the connection.
+
+        A client whose buffers were full when the deadline's (or the stop's) timer fired left aiohttp's
+        wait for them cancelled, and aiohttp keeps that cancelled wait until the client reads: the
+        next wait, in `write_eof`, raises CancelledError at once, though nothing cancelled this task.
+        That is told apart from a real cancellation (the client leaving), which is propagated, by
+        the task's pending cancel requests."""
+        task = asyncio.current_task()
+        try:
+            async with asyncio.timeout(_LAST_WRITE_WAIT_S):
+                await response.write(record)
+                await response.write_eof()
+        except TimeoutError:
+            return False
+        except asyncio.CancelledError:
+            if task is None or task.cancelling():
+                raise
+            return False
+        return True
 
     @staticmethod
     def _remaining(ctx: RequestContext) -> float:

@@ -217,6 +217,50 @@ def test_a_client_slow_to_read_is_not_an_idle_replica(tmp: Path) -> None:
         emulator.stop()
 
 
+def test_a_client_slow_to_read_cut_at_its_deadline_is_a_timeout_not_a_disconnect(tmp: Path) -> None:
+    # A client that reads nothing of a large stream (its receive buffer small and full) holds the proxy's
+    # write when its deadline passes: the stream ends there with the deadline's final record, and the
+    # request is recorded as the deadline's timeout. (The deadline's timer cancelled aiohttp's wait for
+    # the client's buffers, that cancelled wait made the final write raise CancelledError at once, and
+    # the request was logged as "499 client_disconnect", though the client never left.)
+    emulator = start_emulator(tmp, decode_tokens_per_s=20000, name="firehose-deadline",
+                              output_tokens="40000,40000", extra=["--context-length", "131072"])
+    proxy = start_proxy(tmp, [{"url": emulator.url, "name": "replica-a"}], name="slow-reader-deadline")
+    body = json.dumps({"model": "llama3.2", "prompt": "x", "options": {"num_predict": 40000}}).encode()
+    try:
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            client.connect(("127.0.0.1", proxy.port))
+            client.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nX-Deadline-S: 3\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            # The request ends at its deadline while the client still reads nothing.
+            _wait_for(lambda: '"POST /api/generate"' in proxy.log(), 20)
+            client.settimeout(20)
+            received = bytearray()
+            while not received.endswith(b"\r\n0\r\n\r\n"):
+                chunk = client.recv(1 << 20)
+                if not chunk:
+                    break
+                received += chunk
+        lines = [json.loads(line) for line in _dechunk(bytes(received)).splitlines()]
+        assert lines[-1]["code"] == "upstream_response_timeout", lines[-1]
+        assert "deadline of 3.0s passed" in lines[-1]["error"]
+        assert not any(line.get("done") for line in lines)
+        access = [line for line in proxy.log().splitlines() if '"POST /api/generate"' in line]
+        assert len(access) == 1 and " 200 upstream_response_timeout " in access[0], access
+        took = re.search(r" ([0-9.]+)s tenant=", access[0])
+        assert took is not None and float(took[1]) < 5, access  # the deadline's 3 s, not the client's read
+        durations = {s.labels.get("error_type") for f in
+                     text_string_to_metric_families(httpx.get(f"{proxy.url}/metrics").text)
+                     if f.name == "http_server_request_duration_seconds" for s in f.samples
+                     if s.name.endswith("_count") and s.labels.get("http_route") == "/api/generate"}
+        assert durations == {"upstream_response_timeout"}, durations
+        _wait_for(lambda: emulator.stats()["active"] == 0)  # the generation was cancelled upstream
+    finally:
+        proxy.stop()
+        emulator.stop()
+
+
 def test_a_stream_cut_at_the_requests_own_deadline_is_not_the_replicas_failure(tmp: Path) -> None:
     """A stream the request's own deadline cuts (X-Deadline-S here, or the tenant's deadline_s) ends with
     the deadline's error record and is recorded as a timeout in the access log and the request metric,
