@@ -331,6 +331,50 @@ async def test_closed_mode_is_ready_only_once_it_admits_through_redis_again(
     assert "Traceback" not in proxy.log()
 
 
+async def test_shadow_requests_of_a_rollout_leave_closed_mode_ready_and_admitting(
+        tmp: Path, emulator: Server, redis_server: RedisServer) -> None:
+    """Backpressure under a `rollout` (tenant a enforced, b in shadow), `failure_mode: closed`, Redis
+    answering throughout. A shadow request takes its slot from the process's own gate; that marked
+    the process as not restored until a tick had added the slot to Redis, as after an outage, so
+    while b's requests kept coming every request of a got 503 state_unavailable and /readyz said
+    503 "shared state recovering", with Redis never out. Only a slot taken in an outage does that."""
+    proxy = await asyncio.to_thread(start_proxy, tmp, [{"url": emulator.url, "num_parallel": SLOTS}], {
+        "admin": {"keys": [ADMIN]},
+        "tenants": TENANTS,
+        "chain": {"backpressure": {"max_in_flight": SLOTS, "max_queue_size": 256,
+                                   "queue_timeout_s": 60,
+                                   "rollout": {"enforce_share": 0, "tenants": ["a"]}}},
+        "state": {"backend": "redis", "url": redis_server.url, "key_prefix": "shared:",
+                  "failure_mode": "closed", "retry_interval_s": 0.5}}, name="shadow-closed")
+    shadow = {"model": MODEL, "prompt": "hello", "stream": False, "options": {"num_predict": 40}}
+    short = {**shadow, "options": {"num_predict": 1}}
+    stop = asyncio.Event()
+
+    async def shadow_client(session: aiohttp.ClientSession) -> None:
+        while not stop.is_set():  # a slot taken locally ~every 0.1 s, well within every tick
+            async with session.post(f"{proxy.url}/api/generate", json=shadow,
+                                    headers={"Authorization": "Bearer sk-b"}) as answer:
+                assert answer.status == 200, await answer.text()
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            clients = [asyncio.ensure_future(shadow_client(session)) for _ in range(2)]
+            try:
+                await until(lambda: _shared(proxy)["held"] >= 1, what="a shadow request running")
+                for _ in range(10):
+                    async with session.get(f"{proxy.url}/readyz") as ready:
+                        assert ready.status == 200, await ready.text()
+                    async with session.post(f"{proxy.url}/api/generate", json=short,
+                                            headers={"Authorization": "Bearer sk-a"}) as answer:
+                        assert answer.status == 200, await answer.text()
+            finally:
+                stop.set()
+                await asyncio.gather(*clients)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+    assert "Traceback" not in proxy.log()
+
+
 def test_clients_that_leave_during_the_admission_round_trip_leave_no_slot_taken(
         tmp: Path, redis_server: RedisServer) -> None:
     """A client that resets its connection while the proxy's slot script runs in Redis: the script

@@ -526,7 +526,7 @@ class SharedSlots:
         self._restored = True
         """False from an outage until the first renewal after it (`degraded`)."""
         self._local_count = 0
-        """Slots taken from this process's own gate so far (`hold_local`)."""
+        """Slots taken from this process's own gate while `degraded` so far (`hold_local`)."""
         self.waiting: dict[str, Ticket] = {}
         """Tickets of this process queued in Redis, by id."""
         self.candidates: dict[str, Callable[[], list[tuple[str, int]]]] = {}
@@ -701,15 +701,22 @@ class SharedSlots:
         self.held[ticket.id] = ticket
 
     def hold_local(self, ticket: Ticket, replica: str) -> None:
-        """`ticket` got a slot from this process's own gate (Redis was down, fail-open): kept here,
-        and added to Redis by the first renewal once it answers."""
+        """`ticket` got a slot from this process's own gate (Redis down, fail-open; or a request the
+        backpressure step takes in shadow): kept here, and added to Redis by a renewal. Taken while
+        `degraded` (the outage, or its slots not yet back in Redis), it keeps `degraded` true until a
+        tick has added it."""
+        outage = self.degraded  # read before this slot joins `held`
         ticket.local = True
         ticket.replica = replica
         self.held[ticket.id] = ticket
-        self._local_count += 1
-        # Redis lacks it until a tick adds it: `degraded` until then, also when the outage began and
-        # ended between two ticks (a `retry_interval_s` shorter than a tick), which no tick saw.
-        self._restored = False
+        if outage:
+            # Redis lacks it until a tick adds it: `degraded` until then, also when the outage began
+            # and ended between two ticks (a `retry_interval_s` shorter than a tick), which no tick
+            # saw. Not for a shadow request's slot while Redis answers and the books are whole:
+            # `degraded` would send every enforced request to this process's gate (closed mode: 503
+            # state_unavailable, /readyz 503) for as long as shadow requests keep coming.
+            self._local_count += 1
+            self._restored = False
 
     async def leave(self, ticket: Ticket) -> None:
         """`ticket` stops waiting (timeout, client gone): out of the queue, and a grant it got meanwhile
