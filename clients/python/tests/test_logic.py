@@ -83,6 +83,8 @@ def test_retry_decision() -> None:
     for count in ({"max_attempts": 2.5}, {"max_attempts": True}, {"max_timeout_retries": 0.5}):
         with pytest.raises(ValueError, match="whole number"):
             RetryPolicy(**count)  # type: ignore[arg-type]
+    whole = RetryPolicy(max_attempts=3.0)  # type: ignore[arg-type]  # a whole number, as in TypeScript
+    assert whole.max_attempts == 3 and isinstance(whole.max_attempts, int)
     with pytest.raises(ValueError):
         RetryPolicy(max_total_s=float("nan"))
 

@@ -75,10 +75,13 @@ class RetryPolicy:
     the timeout was there to shed."""
 
     def __post_init__(self) -> None:
-        # Counts are whole numbers, as the TypeScript helper requires: 2.5 attempts would silently mean 3.
+        # Counts are whole numbers, as the TypeScript helper requires (Number.isInteger: 3.0 is one,
+        # 2.5 is not, where 2.5 attempts would silently mean 3); an integral float is kept as an int.
         for name in ("max_attempts", "max_timeout_retries"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                object.__setattr__(self, name, int(value))  # frozen: the one place it is set
+            elif isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be a whole number")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
