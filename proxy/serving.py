@@ -21,9 +21,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
@@ -97,6 +97,17 @@ def _raw_response(status: int, reason: str, message: str, code: str, *,
     return head.encode("ascii") + body
 
 
+class _UnsupportedHttpVersion(BadHttpMessage):
+    """A request line naming HTTP/2.0 or later as text (505, as Go's net/http answers it)."""
+
+
+class _NoHttpVersion(BadHttpMessage):
+    """A request line of HTTP/0.9 (no version, or `HTTP/0.9`): a malformed request line for Go (400)."""
+
+
+_HTTP_1 = frozenset({HttpVersion10, HttpVersion11})
+
+
 class EdgeHandler(RequestHandler):
     """A RequestHandler with the edge protections of nginx and Envoy that aiohttp lacks.
 
@@ -109,6 +120,10 @@ class EdgeHandler(RequestHandler):
       closed to make room; when there is none, a new one gets 503 and is closed at once.
     - Malformed heads get a JSON 400 (431 for an oversized line or too many headers) and are logged by
       exception type only: aiohttp's own message quotes the offending bytes, which may hold an API key.
+    - HTTP versions: only 1.0 and 1.1 are served. aiohttp's parser accepts `HTTP/2.0` as text and
+      HTTP/0.9's request line, and would answer them with an `HTTP/2.0 200` or `HTTP/0.9 401` status
+      line over HTTP/1 framing (forwarding the request first); they get 505 and 400 instead, as from
+      Go's net/http, and the connection closes.
     """
 
     header_timeout_s: float = 10.0
@@ -170,6 +185,7 @@ class EdgeHandler(RequestHandler):
             self._head_bytes += len(data)
         super().data_received(data)
         if self._request_count != before:
+            self._refuse_versions(self._request_count - before)
             self._disarm()
             self._head_bytes = 0
             body = self._body
@@ -193,6 +209,25 @@ class EdgeHandler(RequestHandler):
                 self._arm()
             if counting and self._head_bytes > self.max_header_bytes:
                 self._refuse_head()
+
+    def _refuse_versions(self, new: int) -> None:
+        """Replace the first of the `new` messages just parsed whose HTTP version is not 1.0 or 1.1 by
+        a parse error (answered in order by `handle_error`, which closes the connection), and drop the
+        messages behind it: they are never answered on a connection that closes."""
+        queued = list(self._messages)
+        for index in range(max(0, len(queued) - new), len(queued)):
+            message, _ = queued[index]
+            if isinstance(message, _ErrInfo) or message.version in _HTTP_1:
+                continue
+            exc: BadHttpMessage
+            if message.version.major >= 2:
+                exc, status = _UnsupportedHttpVersion("unsupported protocol version"), 505
+            else:
+                exc, status = _NoHttpVersion("malformed request line"), 400
+            self._messages.clear()
+            self._messages.extend(queued[:index])
+            self._messages.append((_ErrInfo(status=status, exc=exc, message=exc.message), EMPTY_PAYLOAD))
+            return
 
     def _error_headers(self) -> dict[str, str]:
         return self.error_headers() if self.error_headers is not None else {}
@@ -276,7 +311,11 @@ class EdgeHandler(RequestHandler):
         # X-Service-Limits and X-Request-Id, as on every response: this one never reaches the app's
         # on_response_prepare (aiohttp sends it only for a routed request). The id goes in the log line.
         headers = self._error_headers()
-        if status >= 500:
+        if isinstance(exc, _UnsupportedHttpVersion):
+            status, code, text = 505, "http_version_not_supported", "unsupported protocol version"
+            log.info("refused a request in an unsupported HTTP version from %s (505, request id %s)",
+                     escape_field(request.remote or "-"), headers.get("X-Request-Id", "-"))
+        elif status >= 500:
             self._log_error("error handling a request", exc)  # a 500 is ours, whatever raised it
             code, text = "internal_error", "internal proxy error"
         else:
@@ -284,7 +323,7 @@ class EdgeHandler(RequestHandler):
                     isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc.message)):
                 status, code, text = 431, "request_header_fields_too_large", \
                     "a request header line is too large, or there are too many headers"
-            elif isinstance(exc, BadStatusLine):
+            elif isinstance(exc, (BadStatusLine, _NoHttpVersion)):
                 code, text = "bad_request", "malformed request line"
             else:
                 code, text = "bad_request", "malformed request head"

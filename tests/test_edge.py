@@ -342,6 +342,29 @@ def test_odd_targets_get_a_4xx_never_a_500(proxy: Server, line: bytes) -> None:
     assert response.status != 500
 
 
+@pytest.mark.parametrize(("head", "status", "code"), [
+    (b"GET /api/version HTTP/2.0\r\nHost: x\r\n" + _auth() + b"\r\n", 505, "http_version_not_supported"),
+    (b"POST /api/show HTTP/2.0\r\nHost: x\r\n" + _auth() + b"Content-Length: 20\r\n\r\n"
+     b'{"model":"llama3.2"}', 505, "http_version_not_supported"),
+    (b"GET /api/version HTTP/0.9\r\nHost: x\r\n" + _auth() + b"\r\n", 400, "bad_request"),
+    (b"GET /api/version\r\n\r\n", 400, "bad_request"),  # HTTP/0.9's request line: no version at all
+], ids=["http-2.0", "http-2.0-body", "http-0.9", "no-version"])
+def test_an_http_version_besides_1_0_and_1_1_is_refused_in_http_1(proxy: Server, head: bytes,
+                                                                   status: int, code: str) -> None:
+    """Go's net/http answers HTTP/2.0 sent as text with 505 and a request line without a version with
+    400; either way nothing is forwarded, the answer is an HTTP/1.x response (an `HTTP/2.0 200` or
+    `HTTP/0.9 401` status line over HTTP/1 framing is no response a client or a proxy in front can
+    read), and the connection closes."""
+    sock = connect(proxy.port)
+    with sock:
+        sock.sendall(head)
+        response = read_response(sock)
+    assert response.status_line.startswith(("HTTP/1.0 ", "HTTP/1.1 ")), response.status_line
+    assert response.status == status, response.status_line
+    assert response.json()["code"] == code
+    assert response.closed
+
+
 def test_options_asterisk_is_answered_like_go(proxy: Server) -> None:
     response = request(proxy.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n" + _auth() + b"\r\n")
     assert response.status == 200
