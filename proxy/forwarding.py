@@ -8,7 +8,8 @@ CLIENT span's; `Expect` is answered by the proxy and not passed on. Nothing else
 (proxy/fleet/wire.py adds only the body's framing), so the replica sees what the client sent.
 
 Relay: bytes are written as they arrive (`readany`), never decoded, re-encoded or compressed; the response
-keeps the upstream's framing (Content-Length when it sent one, chunked otherwise). The response headers
+keeps the upstream's framing (Content-Length when it sent one, chunked otherwise; for an HTTP/1.0 client,
+which knows no chunked coding, delimited by closing the connection). The response headers
 go out with the first body byte, not before: until then nothing has reached the client, so a replica that
 dies or stalls in between is an error the balancer can still retry elsewhere (or a real 502/504).
 Timeouts are by phase: connect, first byte, idle gap between the replica's chunks (not the time a slow
@@ -27,7 +28,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
@@ -313,7 +314,9 @@ class Forwarder:
         if length is not None:
             response.content_length = int(length)
         elif (request.method != "HEAD" and upstream_response.status not in _NO_BODY_STATUSES
-              and upstream_response.status >= 200):
+              and upstream_response.status >= 200 and request.version >= HttpVersion11):
+            # HTTP/1.0 has no chunked coding (aiohttp raises on it): a 1.0 client's body is delimited
+            # by the connection's close instead, as Go's net/http answers it.
             response.enable_chunked_encoding()
         scanner = UsageScanner()
         # A record stream (NDJSON, SSE) is relayed whole records at a time: the end of a chunk that
@@ -470,8 +473,11 @@ class Forwarder:
             log.warning("upstream %s failed mid-response: %s", ctx.exchange.upstream_name, code)
         record = stream_error_record(response.headers.get("Content-Type", ""), message, code,
                                      ctx.route.dialect)
-        if (record is not None and response.chunked and not mid_record
-                and await self._write_last(response, record)):
+        # The record can end a chunked body, or one delimited by the close (an HTTP/1.0 client's);
+        # never one whose Content-Length is already sent.
+        delimited = response.chunked or (response.content_length is None
+                                         and request.version < HttpVersion11)
+        if record is not None and delimited and not mid_record and await self._write_last(response, record):
             return
         if request.transport is not None:
             # Closing sends what is queued first (the final record, when it was written): a client

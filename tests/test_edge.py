@@ -295,6 +295,42 @@ def test_an_encoded_slash_is_no_own_route_whatever_the_method(proxy: Server, met
                    + b"Content-Length: 0\r\nConnection: close\r\n\r\n").status == 405
 
 
+@pytest.mark.parametrize(("path", "body", "last"), [
+    (b"/api/generate", b'{"model":"llama3.2","prompt":"hi","options":{"num_predict":3}}', b'"done":true'),
+    (b"/v1/chat/completions", b'{"model":"llama3.2","stream":true,"max_tokens":3,'
+     b'"messages":[{"role":"user","content":"hi"}]}', b"data: [DONE]"),
+])
+def test_an_http_1_0_client_gets_a_stream_delimited_by_the_close(proxy: Server, path: bytes, body: bytes,
+                                                                  last: bytes) -> None:
+    """HTTP/1.0 has no chunked coding: a relayed stream (the replica's answer has no Content-Length)
+    reaches an HTTP/1.0 client as the raw records, ended by closing the connection, as Go's net/http
+    answers a 1.0 client."""
+    head = b"POST " + path + b" HTTP/1.0\r\n" + _auth() + b"Content-Length: %d\r\n\r\n" % len(body)
+    response = request(proxy.port, head + body)
+    assert response.status_line.startswith("HTTP/1.0 200"), (response.status_line, response.body[:200])
+    assert "transfer-encoding" not in response.headers and "content-length" not in response.headers
+    assert response.closed
+    assert last in response.body.rstrip().splitlines()[-1], response.body[-200:]
+
+
+def test_an_http_1_0_stream_cut_by_the_replica_ends_with_the_error_record(emulator: Server,
+                                                                          proxy: Server) -> None:
+    """A close-delimited stream can end with the final error record as a chunked one does: the HTTP/1.0
+    client reads why its stream ended, not a close that looks like the end of the answer."""
+    httpx.post(f"{emulator.url}/_emulator/faults", json={"reset_after_chunks": 2, "count": 1})
+    try:
+        body = b'{"model":"llama3.2","prompt":"hi","options":{"num_predict":20}}'
+        response = request(proxy.port, b"POST /api/generate HTTP/1.0\r\n" + _auth()
+                           + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    finally:
+        httpx.delete(f"{emulator.url}/_emulator/faults")
+    assert response.status_line.startswith("HTTP/1.0 200"), response.status_line
+    assert response.closed
+    last = json.loads(response.body.rstrip().splitlines()[-1])
+    assert "error" in last and last.get("code", "").startswith("upstream_"), response.body[-300:]
+    assert b'"done":true' not in response.body
+
+
 def test_absolute_form_target_is_routed_by_its_path(proxy: Server) -> None:
     response = request(proxy.port, b"GET http://elsewhere.example/api/tags HTTP/1.1\r\nHost: x\r\n"
                        + _auth() + b"Connection: close\r\n\r\n")
