@@ -210,6 +210,16 @@ class EdgeHandler(RequestHandler):
             if counting and self._head_bytes > self.max_header_bytes:
                 self._refuse_head()
 
+    async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's, and the version check for the requests it parses itself: those that followed a
+        request asking to upgrade, which aiohttp holds back until that request is answered."""
+        before = self._request_count
+        result = await super().finish_response(request, resp, start_time)
+        if self._request_count != before:
+            self._refuse_versions(self._request_count - before)
+        return result
+
     def _refuse_versions(self, new: int) -> None:
         """Replace the first of the `new` messages just parsed whose HTTP version is not 1.0 or 1.1 by
         a parse error (answered in order by `handle_error`, which closes the connection), and drop the

@@ -401,6 +401,22 @@ def test_an_http_version_besides_1_0_and_1_1_is_refused_in_http_1(proxy: Server,
     assert response.closed
 
 
+def test_an_http_2_request_behind_a_declined_upgrade_is_refused_too(proxy: Server) -> None:
+    """aiohttp parses what follows a request asking to upgrade (to a websocket; the proxy declines: the
+    replica answers it as a plain request) only once that request is answered: the version check holds
+    for those requests as well."""
+    upgrade = (b"GET /api/version HTTP/1.1\r\nHost: x\r\n" + _auth()
+               + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    data = b""
+    with connect(proxy.port) as sock:
+        sock.sendall(upgrade + b"GET /api/version HTTP/2.0\r\nHost: x\r\n" + _auth() + b"\r\n")
+        with contextlib.suppress(TimeoutError):  # read until the proxy closes the connection
+            while chunk := sock.recv(65536):
+                data += chunk
+    assert re.findall(rb"HTTP/\d\.\d \d{3}", data) == [b"HTTP/1.1 200", b"HTTP/1.0 505"], data
+    assert data.endswith(b'"code":"http_version_not_supported"}'), data[-200:]
+
+
 def test_options_asterisk_is_answered_like_go(proxy: Server) -> None:
     response = request(proxy.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n" + _auth() + b"\r\n")
     assert response.status == 200
