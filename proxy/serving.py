@@ -111,8 +111,9 @@ _HTTP_1 = frozenset({HttpVersion10, HttpVersion11})
 class EdgeHandler(RequestHandler):
     """A RequestHandler with the edge protections of nginx and Envoy that aiohttp lacks.
 
-    - Head deadline: armed when the connection opens and whenever bytes arrive while no request is being
-      handled; disarmed as soon as the parser produced a complete request message.
+    - Head deadline: armed when the connection opens, whenever bytes arrive while no request is being
+      handled, and when a request is answered while the next head has begun; disarmed as soon as the
+      parser produced a complete request message.
     - Head size: bytes are counted while a head is being received (not while a body is); past
       `max_header_bytes` without a complete head the client gets 431 and the connection closes. A head
       that completes inside one read is measured exactly by ingress instead (`Ingress.head_bytes`).
@@ -213,11 +214,16 @@ class EdgeHandler(RequestHandler):
     async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
         """aiohttp's, and the version check for the requests it parses itself: those that followed a
-        request asking to upgrade, which aiohttp holds back until that request is answered."""
+        request asking to upgrade, which aiohttp holds back until that request is answered. Then the
+        head deadline for a head that began while this request was being answered (pipelined, or sent
+        during a stream): it could not run then (it would have cut the answer short), and without it
+        such a head could stay unfinished until the keep-alive timeout."""
         before = self._request_count
         result = await super().finish_response(request, resp, start_time)
         if self._request_count != before:
             self._refuse_versions(self._request_count - before)
+        elif self._head_bytes > 0 and not self._messages:
+            self._arm()
         return result
 
     def _refuse_versions(self, new: int) -> None:

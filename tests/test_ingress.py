@@ -138,3 +138,37 @@ def test_a_refused_expectation_carries_the_proxys_headers(guarded: tuple[Server,
     assert request_id
     wait_for(lambda: f"{request_id} " in proxy.log(), what="the 417's access line")
 
+
+
+def test_a_head_started_behind_a_request_must_arrive_in_time_too(tmp_path: Path) -> None:
+    """A head whose first bytes came while the request before it was being answered (pipelined, or sent
+    during a stream) gets `header_timeout_s` from the end of that answer: it was held until the
+    keep-alive timeout instead, 75 s, and such a connection is no idle one the connection cap may take
+    back, so a few cheap requests could hold the proxy's connections that long."""
+    emulator = start_emulator(tmp_path, name="pipelined-emu", decode_tokens_per_s=50)
+    proxy = start_proxy(tmp_path, [emulator.url], {"server": {"header_timeout_s": 1.0}},
+                        name="pipelined-guard")
+    try:
+        body = b'{"model":"llama3.2","prompt":"hi","options":{"num_predict":25}}'
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                         % len(body) + body)
+            sock.settimeout(10)
+            data = sock.recv(65536)
+            assert data.startswith(b"HTTP/1.1 200"), data[:200]
+            sock.sendall(b"GET /api/vers")  # the next head starts while the stream runs, then stops
+            while not data.endswith(b"\r\n0\r\n\r\n"):  # the stream's last chunk
+                chunk = sock.recv(65536)
+                assert chunk, data[-200:]
+                data += chunk
+            answered = time.monotonic()
+            sock.settimeout(5)
+            try:
+                closed = sock.recv(65536) == b""
+            except TimeoutError:
+                closed = False
+            waited = time.monotonic() - answered
+        assert closed and waited < 3.0, f"the unfinished head was held {waited:.1f}s"
+    finally:
+        proxy.stop()
+        emulator.stop()
