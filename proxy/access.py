@@ -112,7 +112,9 @@ def _keys_from(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     getall = getattr(headers, "getall", None)
     keys = []
     for line in getall("Authorization", ()) if getall else [headers.get("Authorization", "")]:
-        if line[:7].lower() == "bearer " and (key := line[7:].strip()):
+        # The scheme, case-insensitive, then whitespace: RFC 9110 asks for one space, but a tab or
+        # several must not turn a tenant's key into no key (anonymous, and the key relayed upstream).
+        if line[:6].lower() == "bearer" and line[6:7] in (" ", "\t") and (key := line[7:].strip()):
             keys.append(("Authorization", key))
     for line in getall("X-API-Key", ()) if getall else [headers.get("X-API-Key", "")]:
         if key := line.strip():

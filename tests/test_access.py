@@ -184,6 +184,10 @@ def test_a_key_in_either_header_identifies_and_neither_reaches_the_replica(tmp_p
             ([("Authorization", "Bearer not-ours"), ("Authorization", f"Bearer {TEAM}"),
               ("X-API-Key", ""), ("X-API-Key", admin)], "t"),
             ([("Authorization", "Bearer ollama"), ("X-API-Key", "")], "anonymous"),
+            # Whitespace after the scheme may be a tab or several (before: a tab made the tenant's key
+            # no key, and with anonymous allowed the request ran anonymous with the key relayed).
+            ([("Authorization", f"Bearer\t{TEAM}")], "t"),
+            ([("Authorization", f"bearer  {TEAM}")], "t"),
         ]
         try:
             for headers, _ in cases:
