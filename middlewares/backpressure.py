@@ -778,13 +778,17 @@ class BackpressureStep(Step):
 
     def _shadow(self, ctx: RequestContext, gate: ModelGate, span: Any, cost: float) -> Upstream:
         """Shadow mode: report that the request would have waited (or been refused), let it through."""
-        full = len(gate.queue) >= self.config.max_queue_size
+        eligible = self.fleet.eligible(gate.model) or list(self.fleet)
+        # Shadowed requests never wait: those in flight beyond the replicas' slots are the ones enforce
+        # would have queued, so they fill the queue the decision reads (else a canary's shadowed
+        # tenants reported `queue` for ever and never `overload`, whatever the burst).
+        beyond = sum(gate.in_flight[u.name] for u in eligible) - sum(gate.limit(u) for u in eligible)
+        full = len(gate.queue) + max(0.0, beyond) >= self.config.max_queue_size
         error = Overload("the queue would be full", retry_after_s=gate.retry_after_s()) if full else None
         if error is None:
             ctx.response_headers.add("X-Shadow-Decision", f"{self.name}=queue")
         self.decide(ctx, span, "shadow_queue" if error is None else "overload", error)
-        replica = min(self.fleet.eligible(gate.model) or list(self.fleet),
-                      key=lambda u: gate.in_flight[u.name])
+        replica = min(eligible, key=lambda u: gate.in_flight[u.name])
         gate.in_flight[replica.name] += 1
         gate.queue.charge(ctx.tenant.name, ctx.tenant.weight, cost)
         return replica

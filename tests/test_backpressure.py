@@ -295,6 +295,22 @@ async def test_shadow_mode_reports_and_never_waits(tmp: Path, slow: Server) -> N
         await asyncio.to_thread(proxy.stop)
 
 
+async def test_shadow_mode_reports_overload_past_the_queue_it_would_hold(tmp: Path, slow: Server) -> None:
+    """Shadowed requests never wait, so those running beyond the slots are the queue enforce would hold:
+    with one slot and `max_queue_size: 1`, five at once are one admitted, one that would queue and
+    three that would be refused (before: every shadowed one reported `queue`, never `overload`)."""
+    proxy = await asyncio.to_thread(_proxy, tmp, slow, "bp-shadow-full", mode="shadow", max_queue_size=1)
+    try:
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(*(_generate(session, proxy, CHAT) for _ in range(5)))
+        assert [r[0] for r in results] == [200] * 5
+        shadowed = sorted(str(r[1].get("X-Shadow-Decision")) for r in results)
+        assert shadowed == ["None"] + ["backpressure=overload"] * 3 + ["backpressure=queue"], shadowed
+        await asyncio.to_thread(_settled, proxy, slow)
+    finally:
+        await asyncio.to_thread(proxy.stop)
+
+
 async def test_admission_follows_capacity_not_recent_demand(tmp: Path) -> None:
     """After a quiet spell the recent completion rate is tiny; a burst the replica can serve within the
     deadline must still be admitted, because the estimate divides by capacity (slots / service time)."""
