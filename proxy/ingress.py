@@ -139,6 +139,10 @@ async def add_context_headers(request: web.Request, response: web.StreamResponse
     stop = request.app.get(STOP)
     if stop is not None and stop.stopping:
         response.force_close()
+        # aiohttp chose the Connection header before this hook runs: force_close alone closes the
+        # connection after the response without saying so, and a client pooling it would send its
+        # next request into the close.
+        response.headers["Connection"] = "close"
 
 
 class Ingress:

@@ -168,6 +168,31 @@ def test_sigterm_stops_accepting_at_once(slow_emulator: Server, tmp_path: Path) 
     proxy.stop()
 
 
+def test_a_response_sent_while_stopping_says_connection_close(slow_emulator: Server,
+                                                               tmp_path: Path) -> None:
+    """A request in flight when SIGTERM comes and answered within the grace period (a 200 whose headers
+    go out after the signal) says `Connection: close`, as the README promises, so that a client does
+    not send its next request on a connection the proxy closes after this response."""
+    proxy = _proxy(tmp_path, slow_emulator)
+    native = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "short",
+                                                  "stream": False, "options": {"num_predict": 20}})
+    openai = Reader(f"{proxy.url}/v1/chat/completions", {
+        "model": "llama3.2", "stream": False, "max_tokens": 20,
+        "messages": [{"role": "user", "content": "short"}]})
+    for reader in (native, openai):
+        reader.start()
+    wait_for(lambda: _gate(proxy)[0] == 2, what="both requests in flight")
+    proxy.process.send_signal(signal.SIGTERM)  # about 1 s before either answer is ready
+    for reader in (native, openai):
+        reader.join(GRACE_S + 10)
+        assert reader.status == 200 and reader.error is None, reader.lines
+        assert reader.headers is not None and reader.headers.get("connection") == "close", \
+            dict(reader.headers or {})
+    assert json.loads(native.lines[-1])["done"] is True
+    assert proxy.process.wait(GRACE_S + 20) == 0
+    proxy.stop()
+
+
 def test_requests_without_a_response_yet_get_503_shutting_down(slow_emulator: Server,
                                                                tmp_path: Path) -> None:
     """One slot, held by a stream: a second request waits in the proxy's queue and gets 503
