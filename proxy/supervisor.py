@@ -22,7 +22,8 @@ proxy uses N cores. The supervisor serves nothing itself. Contract:
 - Metrics: each worker serves its own metrics on a Unix socket in the supervisor's private directory
   (`--worker-peers`), so a scrape landing on any worker answers with every worker's series
   (proxy/telemetry/workers.py).
-- Exit: 0 after a stop by signal, 1 when workers keep dying, 2 when the workers could not start.
+- Exit: 0 after a stop by signal (a worker that died during it is logged, not counted), 1 when workers
+  keep dying, 2 when the workers could not start.
 Worker log lines carry `[worker i]`, the supervisor's `[supervisor]`.
 """
 
@@ -299,6 +300,7 @@ class Supervisor:
     def _finish(self) -> int:
         """Wait for the workers to stop (a further signal is forwarded); kill what outlives the grace."""
         deadline = time.monotonic() + self.grace_s + _KILL_AFTER_S
+        killed = False
         while any(w.process is not None and w.process.poll() is None for w in self.workers):
             while self._signals:
                 if self._signals.popleft() != signal.SIGHUP:
@@ -306,12 +308,20 @@ class Supervisor:
             if time.monotonic() > deadline:
                 log.warning("stopping: killing workers still running after %.0fs", self.grace_s)
                 self._send(signal.SIGKILL)
+                killed = True
                 break
             time.sleep(_POLL_S)
         for worker in self.workers:
             if worker.process is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     worker.process.wait(5)
+                status = worker.process.returncode
+                # A graceful stop exits 0. Anything else (the OOM killer, a crash mid-drain) cut the
+                # requests that worker held without their final record: say so, once per worker (the
+                # workers this loop killed itself are already reported above).
+                if status not in (0, None) and not killed:
+                    log.warning("worker %d exited with status %s while stopping: the requests it "
+                                "still held were cut", worker.index, status)
         log.info("stopped")
         return 0
 

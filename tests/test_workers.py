@@ -154,6 +154,35 @@ def test_a_stop_during_start_up_is_a_stop_by_signal(tmp: Path, emulator: Server,
             process.wait(30)
 
 
+def test_a_worker_that_dies_while_stopping_is_logged(tmp: Path, emulator: Server,
+                                                    redis_server: RedisServer) -> None:
+    """A worker killed during the graceful stop (the OOM killer, a crash mid-drain) cut whatever it
+    still served: the supervisor says so in one line naming the worker and its status, and still
+    exits 0 for the stop by signal (before: only "stopped", as if every worker had drained). Worker 1
+    is frozen before the SIGTERM so that it is surely still stopping when it is killed."""
+    config = _config(tmp, "die-stopping", emulator,
+                     {"backend": "redis", "url": redis_server.url, "key_prefix": "diestop:"})
+    server = _workers(tmp, "die-stopping", config)
+    first = 0
+    try:
+        first = _pids(server)[1][0]
+        os.kill(first, signal.SIGSTOP)
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "[worker 2] stopping" in server.log() or "stopped" in server.log(),
+                 what="the stop under way")
+        os.kill(first, signal.SIGKILL)
+        assert server.process.wait(30) == 0
+        lines = [line for line in server.log().splitlines() if "while stopping" in line]
+        assert len(lines) == 1 and "worker 1 exited with status -9 while stopping" in lines[0], \
+            server.log()
+        assert "Traceback" not in server.log()
+    finally:
+        if first:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(first, signal.SIGKILL)
+        server.stop()
+
+
 def test_workers_serve_reload_restart_and_stop(tmp: Path, emulator: Server,
                                                redis_server: RedisServer) -> None:
     config = _config(tmp, "redis", emulator, {"backend": "redis", "url": redis_server.url,
