@@ -268,6 +268,13 @@ class EdgeHandler(RequestHandler):
         return not self._request_in_progress and not self._messages
 
     @property
+    def mid_head(self) -> bool:
+        """Some bytes of a request head have arrived, not all of it, and no request is being handled:
+        the client has begun a request (what a graceful stop lets finish)."""
+        return self.idle and self._head_bytes > 0 and self.transport is not None \
+            and not self._force_close
+
+    @property
     def reusable(self) -> bool:
         """Idle between requests: answered at least once, waiting in keep-alive, no byte of a next head
         received. Closing it loses nothing a client sent (HTTP lets either side close such a connection;
@@ -612,7 +619,11 @@ async def _drain(runner: ProxyRunner, stop: GracefulStop, grace_s: float) -> Non
     if server is not None:
         for connection in server.connections:
             # Idle keep-alive connections close now (their clients reconnect elsewhere instead of
-            # sending a request no one will read); busy ones after their response.
+            # sending a request no one will read); busy ones after their response. A head still
+            # arriving is a request in flight: it is left to complete and is answered (with
+            # `Connection: close`), or cut by the head deadline or at the end of the grace period.
+            if isinstance(connection, EdgeHandler) and connection.mid_head:
+                continue
             if isinstance(connection, EdgeHandler) and connection.idle:
                 connection.force_close()
             else:

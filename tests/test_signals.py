@@ -193,6 +193,37 @@ def test_a_response_sent_while_stopping_says_connection_close(slow_emulator: Ser
     proxy.stop()
 
 
+def test_a_head_half_received_at_sigterm_is_answered(slow_emulator: Server, tmp_path: Path) -> None:
+    """A client whose request head is arriving when SIGTERM comes (its request line sent, the rest of
+    the head not yet) has a request in flight: once the head is complete it is answered, with
+    `Connection: close` (before: the connection was closed with the idle ones, and the client got no
+    response at all). A connection with no byte of a request still closes at once."""
+    proxy = _proxy(tmp_path, slow_emulator)
+    stream = Reader(f"{proxy.url}/api/generate", {"model": "llama3.2", "prompt": "keep going"})
+    stream.start()  # keeps the proxy in its grace period
+    assert stream.started.wait(20)
+    body = json.dumps({"model": "llama3.2", "prompt": "hi", "stream": False,
+                       "options": {"num_predict": 3}}).encode()
+    half = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    half.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\n")
+    empty = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    time.sleep(0.3)  # both connections accepted and the half head read (nothing shows it outside)
+    proxy.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: "no longer accepting connections" in proxy.log(), what="the stop")
+    empty.settimeout(GRACE_S * 0.5)
+    assert empty.recv(1) == b""
+    half.sendall(b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    answer = read_response(half)
+    assert answer.status == 200, answer.raw_head
+    assert answer.json()["done"] is True and answer.headers.get("connection") == "close"
+    half.close()
+    empty.close()
+    proxy.process.wait(GRACE_S + 20)
+    stream.join(10)
+    assert json.loads(stream.lines[-1])["code"] == "shutting_down"
+    proxy.stop()
+
+
 def test_requests_without_a_response_yet_get_503_shutting_down(slow_emulator: Server,
                                                                tmp_path: Path) -> None:
     """One slot, held by a stream: a second request waits in the proxy's queue and gets 503
