@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.streams import EMPTY_PAYLOAD, EmptyStreamReader, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
@@ -108,6 +108,11 @@ class _NoHttpVersion(BadHttpMessage):
 _HTTP_1 = frozenset({HttpVersion10, HttpVersion11})
 
 
+def _raw_bytes(body: StreamReader | None) -> int:
+    """The bytes of a request body received so far, as sent (before any Content-Encoding is undone)."""
+    return 0 if body is None or isinstance(body, EmptyStreamReader) else body.total_raw_bytes
+
+
 class EdgeHandler(RequestHandler):
     """A RequestHandler with the edge protections of nginx and Envoy that aiohttp lacks.
 
@@ -137,6 +142,8 @@ class EdgeHandler(RequestHandler):
         """Bytes of the head being received; -1 while a request body is being received."""
         self._body: StreamReader | None = None
         """The body being received, if any."""
+        self._body_chunked = False
+        """Whether that body is in chunked coding (its end is then found by its blank line)."""
         self._counted = False
 
     def _arm(self) -> None:
@@ -182,6 +189,8 @@ class EdgeHandler(RequestHandler):
         before = self._request_count
         idle = self._waiter is not None and not self._messages
         counting = self._head_bytes >= 0
+        body = self._body
+        body_before = _raw_bytes(body)
         if counting:
             self._head_bytes += len(data)
         super().data_received(data)
@@ -189,7 +198,6 @@ class EdgeHandler(RequestHandler):
             self._refuse_versions(self._request_count - before)
             self._disarm()
             self._head_bytes = 0
-            body = self._body
             if body is not None and not body.is_eof() and any(
                     isinstance(message, _ErrInfo) for message, _ in self._messages):
                 # The parser failed inside the body being received (bad chunk framing): aiohttp
@@ -199,17 +207,53 @@ class EdgeHandler(RequestHandler):
                 body.feed_eof()  # nothing more will come: no lingering read of it either
             self._body = None
             if self._messages:
-                payload = self._messages[-1][1]
+                message, payload = self._messages[-1]
                 if not payload.is_eof():
                     # A body follows: its bytes are not head bytes. Count again once it has ended.
                     self._head_bytes = -1
                     self._body = payload
+                    self._body_chunked = not isinstance(message, _ErrInfo) and message.chunked
                     payload.on_eof(self._body_done)
+                elif not isinstance(message, _ErrInfo):
+                    self._head_bytes = self._unparsed(data, message, payload,
+                                                      whole=self._request_count - before == 1
+                                                      and counting and body is None)
         else:
+            if body is not None and body.is_eof() and self._body is None and self._head_bytes == 0:
+                # This read ended the body: what follows it is the next head's beginning.
+                self._head_bytes = self._after_body(data, self._body_chunked,
+                                                    _raw_bytes(body) - body_before)
             if idle:
                 self._arm()
             if counting and self._head_bytes > self.max_header_bytes:
                 self._refuse_head()
+
+    @staticmethod
+    def _unparsed(data: bytes, message: Any, payload: StreamReader, *, whole: bool) -> int:
+        """How many bytes of `data`, the read that completed `message` (the last request parsed, its
+        body, if any, complete as well), follow it: the next head's beginning, which the parser holds
+        and which must get its deadline once this request is answered. Exact for a request without
+        a body or with a chunked one (the read then ends in the head's or the body's blank line, which
+        no unfinished head contains); for a Content-Length body only when `whole`, the read holding
+        just this request from its first byte. 0 when it cannot be told (the keep-alive timeout then
+        bounds that head, as before)."""
+        size = _raw_bytes(payload)
+        if message.chunked or not size:
+            end = data.rfind(b"\r\n\r\n")
+            return len(data) - end - 4 if end >= 0 else 0
+        if not whole:
+            return 0
+        end = data.find(b"\r\n\r\n")
+        return max(0, len(data) - end - 4 - size) if end >= 0 else 0
+
+    @staticmethod
+    def _after_body(data: bytes, chunked: bool, body_bytes: int) -> int:
+        """How many bytes of `data`, the read that ended a request body begun in an earlier read (of
+        which it held `body_bytes`, as sent), follow that body (see `_unparsed`)."""
+        if chunked:
+            end = data.rfind(b"\r\n\r\n")
+            return len(data) - end - 4 if end >= 0 else 0
+        return max(0, len(data) - body_bytes)
 
     async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:

@@ -172,3 +172,39 @@ def test_a_head_started_behind_a_request_must_arrive_in_time_too(tmp_path: Path)
     finally:
         proxy.stop()
         emulator.stop()
+
+
+_SHOW = b'{"model":"llama3.2"}'
+
+
+@pytest.mark.parametrize("sent", [
+    [b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\nGET /api/vers"],
+    [b"POST /api/show HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(_SHOW), _SHOW)
+     + b"GET /api/vers"],
+    [b"POST /api/show HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(_SHOW), _SHOW[:5]),
+     _SHOW[5:] + b"GET /api/vers"],
+    [b"POST /api/show HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+     b"%x\r\n%s\r\n0\r\n\r\nGET /api/vers" % (len(_SHOW), _SHOW)],
+], ids=["pipelined-in-one-read", "after-a-body-in-one-read", "after-a-body-read-later",
+        "after-a-chunked-body"])
+def test_a_head_begun_in_the_read_that_ended_a_request_must_arrive_in_time(
+        guarded: tuple[Server, Server], sent: list[bytes]) -> None:
+    """The next head's first bytes in the same read as the end of the request before it (its head,
+    or its body) start the head deadline as well: they were not counted, and the unfinished head was
+    held until the keep-alive timeout, 75 s."""
+    _, proxy = guarded
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        for data in sent:
+            sock.sendall(data)
+            time.sleep(0.05)
+        sock.settimeout(10)
+        received = b""
+        started = time.monotonic()
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+        waited = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    assert waited < 5.0, f"the unfinished head was held {waited:.1f}s"
