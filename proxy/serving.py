@@ -205,19 +205,7 @@ class EdgeHandler(RequestHandler):
                 # will never be parsed. Fail the body now, so it is answered at once.
                 body.set_exception(BadHttpMessage("malformed request body"))
                 body.feed_eof()  # nothing more will come: no lingering read of it either
-            self._body = None
-            if self._messages:
-                message, payload = self._messages[-1]
-                if not payload.is_eof():
-                    # A body follows: its bytes are not head bytes. Count again once it has ended.
-                    self._head_bytes = -1
-                    self._body = payload
-                    self._body_chunked = not isinstance(message, _ErrInfo) and message.chunked
-                    payload.on_eof(self._body_done)
-                elif not isinstance(message, _ErrInfo):
-                    self._head_bytes = self._unparsed(data, message, payload,
-                                                      whole=self._request_count - before == 1
-                                                      and counting and body is None)
+            self._track(data, whole=self._request_count - before == 1 and counting and body is None)
         else:
             if body is not None and body.is_eof() and self._body is None and self._head_bytes == 0:
                 # This read ended the body: what follows it is the next head's beginning.
@@ -227,6 +215,22 @@ class EdgeHandler(RequestHandler):
                 self._arm()
             if counting and self._head_bytes > self.max_header_bytes:
                 self._refuse_head()
+
+    def _track(self, data: bytes, *, whole: bool) -> None:
+        """Start counting again after `data` completed requests: the next head's bytes (`_unparsed`),
+        or none while the last request's body is still coming."""
+        self._head_bytes = 0
+        self._body = None
+        if self._messages:
+            message, payload = self._messages[-1]
+            if not payload.is_eof():
+                # A body follows: its bytes are not head bytes. Count again once it has ended.
+                self._head_bytes = -1
+                self._body = payload
+                self._body_chunked = not isinstance(message, _ErrInfo) and message.chunked
+                payload.on_eof(self._body_done)
+            elif not isinstance(message, _ErrInfo):
+                self._head_bytes = self._unparsed(data, message, payload, whole=whole)
 
     @staticmethod
     def _unparsed(data: bytes, message: Any, payload: StreamReader, *, whole: bool) -> int:
@@ -263,9 +267,13 @@ class EdgeHandler(RequestHandler):
         during a stream): it could not run then (it would have cut the answer short), and without it
         such a head could stay unfinished until the keep-alive timeout."""
         before = self._request_count
+        tail = self._message_tail if self._upgraded else b""
         result = await super().finish_response(request, resp, start_time)
         if self._request_count != before:
             self._refuse_versions(self._request_count - before)
+            # What was counted while the tail waited covered these requests (their bodies too): the
+            # count starts again from what the parser holds after them.
+            self._track(tail, whole=self._request_count - before == 1)
         elif self._head_bytes > 0 and not self._messages:
             self._arm()
         return result

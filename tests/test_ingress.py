@@ -208,3 +208,41 @@ def test_a_head_begun_in_the_read_that_ended_a_request_must_arrive_in_time(
         waited = time.monotonic() - started
     assert received.startswith(b"HTTP/1.1 200"), received[:200]
     assert waited < 5.0, f"the unfinished head was held {waited:.1f}s"
+
+
+def test_requests_pipelined_behind_a_declined_upgrade_leave_an_idle_connection_idle(
+        tmp_path: Path) -> None:
+    """aiohttp holds what follows a request asking to upgrade (the proxy declines: the replica answers
+    it as a plain request) and parses it once that request is answered. Those bytes are whole requests
+    here, not an unfinished head: once all are answered the connection is an idle keep-alive one,
+    not cut at `header_timeout_s` (before: the bytes counted while they waited were taken for an
+    unfinished head, and the connection closed 1 s after the last answer)."""
+    emulator = start_emulator(tmp_path, name="upgrade-emu", decode_tokens_per_s=50)
+    proxy = start_proxy(tmp_path, [emulator.url], {"server": {"header_timeout_s": 1.0}},
+                        name="upgrade-guard")
+    body = b'{"model":"llama3.2","prompt":"hi","options":{"num_predict":25}}'
+    upgrade = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    show = b'{"model":"llama3.2"}'
+    follower = b"POST /api/show HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(show), show)
+    try:
+        for sent in ([upgrade + follower], [upgrade, follower]):  # in one write; during the stream
+            with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+                for data in sent:
+                    sock.sendall(data)
+                    time.sleep(0.1)
+                sock.settimeout(10)
+                received = b""
+                while received.count(b"HTTP/1.1 200") < 2 or not received.endswith(b"}"):
+                    chunk = sock.recv(65536)
+                    assert chunk, received[-300:]
+                    received += chunk
+                sock.settimeout(2.5)  # past header_timeout_s, well within the keep-alive timeout
+                try:
+                    closed = sock.recv(65536) == b""
+                except TimeoutError:
+                    closed = False
+            assert not closed, f"an idle keep-alive connection was closed ({len(sent)} writes)"
+    finally:
+        proxy.stop()
+        emulator.stop()
