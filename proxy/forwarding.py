@@ -88,6 +88,9 @@ _MAX_HELD_BYTES = 1 << 20
 _LAST_WRITE_WAIT_S = 1.0
 """How long a stream's final error record may wait for a client that is not reading (a client that reads
 takes it at once); past it the connection is closed, the record still queued for it."""
+_CLOSE_GRACE_S = 5.0
+"""How long a connection closed mid-stream (`Forwarder._fail_mid_stream`) may wait for its client to take
+what is still queued for it; past it the connection is dropped (a no-op when it is already gone)."""
 _DEFAULT_RETRY_AFTER_S = 5
 """Retry-After for a relayed 429/503 when the upstream sent none and no queue measured a drain (a cloud
 model's usage limit or overload: the proxy cannot see ollama.com's capacity)."""
@@ -479,17 +482,22 @@ class Forwarder:
                                          and request.version < HttpVersion11)
         if record is not None and delimited and not mid_record and await self._write_last(response, record):
             return
-        if request.transport is not None:
+        transport = request.transport
+        if transport is not None:
             # Closing sends what is queued first (the final record, when it was written): a client
-            # that reads nothing gets it whenever it reads, without holding this handler meanwhile.
-            request.transport.close()
+            # that reads nothing gets it if it reads within `_CLOSE_GRACE_S`, without holding this
+            # handler meanwhile. asyncio's close waits for the queue to drain, without bound: past the
+            # grace the connection is dropped, else a client that never reads kept it (its slot under
+            # server.max_connections, a file descriptor) for as long as it stayed connected.
+            transport.close()
+            asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, transport.abort)
 
     @staticmethod
     async def _write_last(response: web.StreamResponse, record: bytes) -> bool:
         """Write a stream's final error record and its end; False when the client is not reading (its
         buffers full): the bytes are queued, but the proxy does not wait past `_LAST_WRITE_WAIT_S`
         for a client to take them (the stream's end, or the request's deadline, has passed), and
-        the caller closes the connection.
+        the caller closes the connection (dropped past `_CLOSE_GRACE_S`).
 
         A client whose buffers were full when the deadline's (or the stop's) timer fired left aiohttp's
         wait for them cancelled, and aiohttp keeps that cancelled wait until the client reads: the

@@ -261,6 +261,37 @@ def test_a_client_slow_to_read_cut_at_its_deadline_is_a_timeout_not_a_disconnect
         emulator.stop()
 
 
+def test_a_client_that_never_reads_does_not_keep_its_connection_after_the_cut(tmp: Path) -> None:
+    # A client that reads nothing, its stream cut at its deadline: the connection is closed behind the
+    # final record, and asyncio's close waits for the client to take what is queued. The close is
+    # bounded: once the grace passes the connection is dropped, giving back its slot under
+    # server.max_connections (before: held, with its file descriptor, for as long as the client
+    # stayed connected without reading; with max_connections 1 every later client got 503).
+    emulator = start_emulator(tmp, decode_tokens_per_s=20000, name="firehose-never-reads",
+                              output_tokens="40000,40000", extra=["--context-length", "131072"])
+    proxy = start_proxy(tmp, [{"url": emulator.url, "name": "replica-a"}],
+                        {"server": {"max_connections": 1}}, name="never-reads")
+    body = json.dumps({"model": "llama3.2", "prompt": "x", "options": {"num_predict": 40000}}).encode()
+
+    def version_answered() -> bool:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+    try:
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            client.connect(("127.0.0.1", proxy.port))
+            client.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nX-Deadline-S: 2\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            _wait_for(lambda: '"POST /api/generate"' in proxy.log(), 20)
+            assert not version_answered()  # the cap's one connection is still this client's
+            _wait_for(version_answered, 20)  # the grace, 5 s, then the slot is free again
+    finally:
+        proxy.stop()
+        emulator.stop()
+
+
 def test_a_stream_cut_at_the_requests_own_deadline_is_not_the_replicas_failure(tmp: Path) -> None:
     """A stream the request's own deadline cuts (X-Deadline-S here, or the tenant's deadline_s) ends with
     the deadline's error record and is recorded as a timeout in the access log and the request metric,
