@@ -317,10 +317,15 @@ class Forwarder:
         if length is not None:
             response.content_length = int(length)
         elif (request.method != "HEAD" and upstream_response.status not in _NO_BODY_STATUSES
-              and upstream_response.status >= 200 and request.version >= HttpVersion11):
-            # HTTP/1.0 has no chunked coding (aiohttp raises on it): a 1.0 client's body is delimited
-            # by the connection's close instead, as Go's net/http answers it.
-            response.enable_chunked_encoding()
+              and upstream_response.status >= 200):
+            if request.version >= HttpVersion11:
+                response.enable_chunked_encoding()
+            else:
+                # HTTP/1.0 has no chunked coding (aiohttp raises on it): a 1.0 client's body is
+                # delimited by the connection's close instead, as Go's net/http answers it. Said
+                # here: aiohttp drops only the header for it, and kept a connection the client asked
+                # to keep alive open after the body, the client waiting for an end that never came.
+                response.force_close()
         scanner = UsageScanner()
         # A record stream (NDJSON, SSE) is relayed whole records at a time: the end of a chunk that
         # splits a record waits for the rest, so a stream cut mid-record ends at a record boundary and

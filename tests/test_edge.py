@@ -300,15 +300,20 @@ def test_an_encoded_slash_is_no_own_route_whatever_the_method(proxy: Server, met
     (b"/v1/chat/completions", b'{"model":"llama3.2","stream":true,"max_tokens":3,'
      b'"messages":[{"role":"user","content":"hi"}]}', b"data: [DONE]"),
 ])
+@pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n"], ids=["plain", "keep-alive"])
 def test_an_http_1_0_client_gets_a_stream_delimited_by_the_close(proxy: Server, path: bytes, body: bytes,
-                                                                  last: bytes) -> None:
+                                                                  last: bytes, connection: bytes) -> None:
     """HTTP/1.0 has no chunked coding: a relayed stream (the replica's answer has no Content-Length)
     reaches an HTTP/1.0 client as the raw records, ended by closing the connection, as Go's net/http
-    answers a 1.0 client."""
-    head = b"POST " + path + b" HTTP/1.0\r\n" + _auth() + b"Content-Length: %d\r\n\r\n" % len(body)
-    response = request(proxy.port, head + body)
+    answers a 1.0 client; a client asking to keep the connection alive is told it closes (before: it
+    was kept open, aiohttp's keep-alive left as asked, and the client waited for the stream's end
+    until the keep-alive timeout)."""
+    head = (b"POST " + path + b" HTTP/1.0\r\n" + _auth() + connection
+            + b"Content-Length: %d\r\n\r\n" % len(body))
+    response = request(proxy.port, head + body, timeout_s=5.0)
     assert response.status_line.startswith("HTTP/1.0 200"), (response.status_line, response.body[:200])
     assert "transfer-encoding" not in response.headers and "content-length" not in response.headers
+    assert response.headers.get("connection", "close") == "close"
     assert response.closed
     assert last in response.body.rstrip().splitlines()[-1], response.body[-200:]
 
