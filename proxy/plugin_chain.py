@@ -93,8 +93,9 @@ class PluginChain:
         return next((s.plugin for s in self.steps if s.plugin.name == name), None)
 
     async def replace(self, entries: Sequence[tuple[type[Plugin], PluginConfig]]) -> list[str]:
-        """Build and start what `entries` adds or changes, then return the names of what changed; the
-        caller makes it current with `commit` (in the same synchronous stretch as the rest of a reload).
+        """Build and start what `entries` adds or changes, then return what changed, one entry per
+        plugin name: `name (added)`, `name (rebuilt)` or `name (removed)`; the caller makes it current
+        with `commit` (in the same synchronous stretch as the rest of a reload).
         Raises when a new plugin cannot be built or started (the reload is refused; nothing is bound)."""
         reusable = list(self.steps)
         plan: list[PluginStep] = []
@@ -118,8 +119,10 @@ class PluginChain:
                 await self._stop(step)
             raise
         self._pending = tuple(plan)
-        changed = [s.plugin.name for s in started] + [s.plugin.name for s in reusable]  # new or dropped
-        return sorted(set(changed))
+        built = {s.plugin.name for s in started}
+        dropped = {s.plugin.name for s in reusable}  # not reused: replaced by a rebuilt one, or gone
+        return sorted(f"{name} ({'rebuilt' if name in dropped else 'added'})" for name in built) + \
+            sorted(f"{name} (removed)" for name in dropped - built)
 
     def commit(self) -> None:
         """Make the plugins `replace` prepared current; retire the ones it dropped."""

@@ -295,7 +295,7 @@ class Reloader:
         self.version += 1
         self.refused = False
         log.info("configuration version %d applied (%s): changed %s%s", self.version, trigger,
-                 ", ".join(live), f"; plugins rebuilt: {', '.join(rebuilt)}" if rebuilt else "")
+                 ", ".join(live), f"; plugins: {', '.join(rebuilt)}" if rebuilt else "")
         self._log_restart(restart)
         return ReloadResult("applied", self.version, trigger, now, live, self.restart_required)
 

@@ -270,6 +270,7 @@ def test_sighup_applies_keys_plugins_and_modes_and_says_what_needs_a_restart(
                           what="the SIGHUP reload")
         assert config["last_reload"]["trigger"] == "sighup"
         assert config["restart_required"] == ["server.listen"]
+        assert "; plugins: trim_history (added)" in proxy.log()
         assert "server.listen" not in config["last_reload"]["changed"]
         assert config["config"]["server"]["listen"] == "127.0.0.1:0"  # the running value
         assert _metric(proxy, "sop_config_restart_required") == 1
@@ -290,6 +291,7 @@ def test_sighup_applies_keys_plugins_and_modes_and_says_what_needs_a_restart(
         config = wait_for(lambda: (c := _system_config(proxy))["version"] > version and c,
                           what="the plugin reload")
         assert config["restart_required"] == []
+        assert "; plugins: trim_history (rebuilt)" in proxy.log()
         again = httpx.post(f"{proxy.url}/api/chat", headers=headers_b, json=long_chat, timeout=30)
         assert again.headers.get("X-History-Trimmed", "").startswith("turns=")
         assert _metric(proxy, "sop_plugin_trim_history_decisions_total", decision="trimmed") \
@@ -302,6 +304,8 @@ def test_sighup_applies_keys_plugins_and_modes_and_says_what_needs_a_restart(
         version = config["version"]
         proxy.process.send_signal(signal.SIGHUP)
         wait_for(lambda: _system_config(proxy)["version"] > version, what="the plugin removal")
+        # Before: "plugins rebuilt: trim_history" for a plugin that was removed.
+        assert "; plugins: trim_history (removed)" in proxy.log()
         plain = httpx.post(f"{proxy.url}/api/chat", headers=headers_b, json=long_chat, timeout=30)
         assert plain.status_code == 200 and "X-History-Trimmed" not in plain.headers
         assert "limits=prompt_too_long" in plain.headers.get("X-Shadow-Decision", "")
