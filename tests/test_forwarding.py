@@ -178,33 +178,53 @@ def _dechunk(raw: bytes) -> bytes:
         at = end + 2 + size + 2
 
 
+_FIREHOSE_BODY = json.dumps({"model": "llama3.2", "prompt": "x", "options": {"num_predict": 40000}}).encode()
+"""A 40,000-token generation: more than the socket buffers between the proxy and a client hold."""
+
+
+def _firehose(tmp: Path, name: str) -> Server:
+    """An emulator that answers `_FIREHOSE_BODY` with 40,000 tokens as fast as it can."""
+    return start_emulator(tmp, decode_tokens_per_s=20000, name=name, output_tokens="40000,40000",
+                          extra=["--context-length", "131072"])
+
+
+def _post_without_reading(client: socket.socket, port: int, deadline_s: int | None = None) -> None:
+    """Send `_FIREHOSE_BODY` to the proxy on `client`, whose receive buffer is made small (2 KiB), and
+    read nothing: the proxy's writes to it soon wait on the client."""
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    client.connect(("127.0.0.1", port))
+    deadline = b"X-Deadline-S: %d\r\n" % deadline_s if deadline_s is not None else b""
+    client.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + deadline
+                   + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(_FIREHOSE_BODY)
+                   + _FIREHOSE_BODY)
+
+
+def _read_chunked_to_end(client: socket.socket) -> bytes:
+    """Everything `client` receives until its chunked response ends (or the connection does)."""
+    client.settimeout(20)
+    received = bytearray()
+    while not received.endswith(b"\r\n0\r\n\r\n"):
+        chunk = client.recv(1 << 20)
+        if not chunk:
+            break
+        received += chunk
+    return bytes(received)
+
+
 def test_a_client_slow_to_read_is_not_an_idle_replica(tmp: Path) -> None:
     # The idle limit is the replica's silence. A client that stops reading a large stream for a while
     # (its receive buffer small and full) holds the proxy's write; the replica is not silent, and the
     # stream must come out whole once the client reads again. (It was cut with "upstream sent nothing
     # for 0.5s" and counted as the replica's gateway failure.) The idle limit is 1.5 s, not less: a
     # loaded machine may starve the emulator between two chunks for a fraction of a second.
-    emulator = start_emulator(tmp, decode_tokens_per_s=20000, name="firehose",
-                              output_tokens="40000,40000", extra=["--context-length", "131072"])
+    emulator = _firehose(tmp, "firehose")
     proxy = start_proxy(tmp, [emulator.url], {"forwarding": {"idle_timeout_s": 1.5}},
                         name="slow-reader")
-    body = json.dumps({"model": "llama3.2", "prompt": "x",
-                       "options": {"num_predict": 40000}}).encode()
     try:
         with socket.socket() as client:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-            client.connect(("127.0.0.1", proxy.port))
-            client.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            _post_without_reading(client, proxy.port)
             time.sleep(6.0)  # four idle limits without reading a byte
-            client.settimeout(20)
-            received = bytearray()
-            while not received.endswith(b"\r\n0\r\n\r\n"):
-                chunk = client.recv(1 << 20)
-                if not chunk:
-                    break
-                received += chunk
-        raw = bytes(received)
+            raw = _read_chunked_to_end(client)
         lines = [json.loads(line) for line in _dechunk(raw).splitlines()]
         assert not any("error" in line for line in lines), lines[-1]
         assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 40000
@@ -223,26 +243,15 @@ def test_a_client_slow_to_read_cut_at_its_deadline_is_a_timeout_not_a_disconnect
     # request is recorded as the deadline's timeout. (The deadline's timer cancelled aiohttp's wait for
     # the client's buffers, that cancelled wait made the final write raise CancelledError at once, and
     # the request was logged as "499 client_disconnect", though the client never left.)
-    emulator = start_emulator(tmp, decode_tokens_per_s=20000, name="firehose-deadline",
-                              output_tokens="40000,40000", extra=["--context-length", "131072"])
+    emulator = _firehose(tmp, "firehose-deadline")
     proxy = start_proxy(tmp, [{"url": emulator.url, "name": "replica-a"}], name="slow-reader-deadline")
-    body = json.dumps({"model": "llama3.2", "prompt": "x", "options": {"num_predict": 40000}}).encode()
     try:
         with socket.socket() as client:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-            client.connect(("127.0.0.1", proxy.port))
-            client.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nX-Deadline-S: 3\r\n"
-                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            _post_without_reading(client, proxy.port, deadline_s=3)
             # The request ends at its deadline while the client still reads nothing.
             _wait_for(lambda: '"POST /api/generate"' in proxy.log(), 20)
-            client.settimeout(20)
-            received = bytearray()
-            while not received.endswith(b"\r\n0\r\n\r\n"):
-                chunk = client.recv(1 << 20)
-                if not chunk:
-                    break
-                received += chunk
-        lines = [json.loads(line) for line in _dechunk(bytes(received)).splitlines()]
+            raw = _read_chunked_to_end(client)
+        lines = [json.loads(line) for line in _dechunk(raw).splitlines()]
         assert lines[-1]["code"] == "upstream_response_timeout", lines[-1]
         assert "deadline of 3.0s passed" in lines[-1]["error"]
         assert not any(line.get("done") for line in lines)
@@ -268,11 +277,9 @@ def test_a_client_that_never_reads_does_not_keep_its_connection_after_the_cut(tm
     # bounded: once the grace passes the connection is dropped, giving back its slot under
     # server.max_connections (before: held, with its file descriptor, for as long as the client
     # stayed connected without reading; with max_connections 1 every later client got 503).
-    emulator = start_emulator(tmp, decode_tokens_per_s=20000, name="firehose-never-reads",
-                              output_tokens="40000,40000", extra=["--context-length", "131072"])
+    emulator = _firehose(tmp, "firehose-never-reads")
     proxy = start_proxy(tmp, [{"url": emulator.url, "name": "replica-a"}],
                         {"server": {"max_connections": 1}}, name="never-reads")
-    body = json.dumps({"model": "llama3.2", "prompt": "x", "options": {"num_predict": 40000}}).encode()
 
     def version_answered() -> bool:
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
@@ -281,10 +288,7 @@ def test_a_client_that_never_reads_does_not_keep_its_connection_after_the_cut(tm
 
     try:
         with socket.socket() as client:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-            client.connect(("127.0.0.1", proxy.port))
-            client.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nX-Deadline-S: 2\r\n"
-                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            _post_without_reading(client, proxy.port, deadline_s=2)
             _wait_for(lambda: '"POST /api/generate"' in proxy.log(), 20)
             assert not version_answered()  # the cap's one connection is still this client's
             _wait_for(version_answered, 20)  # the grace, 5 s, then the slot is free again
