@@ -87,6 +87,15 @@ def _poll(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def _timed_out_then_cached(proxy: Server, messages: list[dict[str, Any]]) -> None:
+    """After a request that fell back on the trim for want of time: the fallback is counted once, and
+    the summary it stopped waiting for is finished in the background and cached for the next turn."""
+    assert metric(proxy.url, "sop_summarize_history_fallbacks_total", reason="timeout") == 1
+    _poll(lambda: "tenant=summaries" in proxy.log())
+    later = _chat(proxy, messages)
+    assert _header(later, "x-history-summarized")["cached"] == 1
+
+
 def test_the_oldest_turns_become_one_cached_summary_and_the_next_turn_reuses_it(
         tmp_path: Path, emulator: Server) -> None:
     proxy = _proxy(tmp_path, emulator, "summary", [_plugin()])
@@ -135,11 +144,7 @@ def test_a_slow_summary_falls_back_to_trimming_and_finishes_in_the_background(
         assert "x-history-summarized" not in first.headers
         assert _header(first, "x-history-trimmed")["turns"] > 0
         assert first.json()["prompt_eval_count"] <= BUDGET
-        assert metric(proxy.url, "sop_summarize_history_fallbacks_total", reason="timeout") == 1
-        # The summary is finished in the background; a later turn finds it in the cache.
-        _poll(lambda: 'tenant=summaries' in proxy.log())
-        later = _chat(proxy, messages)
-        assert _header(later, "x-history-summarized")["cached"] == 1
+        _timed_out_then_cached(proxy, messages)
     finally:
         proxy.stop()
         slow.stop()
@@ -480,11 +485,7 @@ def test_a_deadline_shorter_than_the_time_budget_bounds_the_wait_for_a_summary(t
         assert reply.json()["code"] == "upstream_response_timeout"
         assert "in plugin" not in reply.json()["error"]
         assert elapsed < 1.8, elapsed  # the runner's cut-off comes a whole second after the deadline
-        assert metric(proxy.url, "sop_summarize_history_fallbacks_total", reason="timeout") == 1
-        # The summary the request stopped waiting for is finished and cached for the next turn.
-        _poll(lambda: "tenant=summaries" in proxy.log())
-        later = _chat(proxy, messages)
-        assert _header(later, "x-history-summarized")["cached"] == 1
+        _timed_out_then_cached(proxy, messages)
     finally:
         proxy.stop()
         slow.stop()
